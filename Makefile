@@ -1,0 +1,64 @@
+# jetmoe.c — build, test, bench. See README.md.
+# -march=native: a source build is tuned for the machine it is built on.
+CC      ?= gcc
+BUILD   ?= build
+OPT     ?= -O3 -march=native
+SAN     ?=
+CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) $(SAN) -g -Wall -Wextra -Wshadow -fopenmp -Iinclude -Isrc
+BLASDIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
+# The OpenMP build of OpenBLAS, so BLAS threads and our OpenMP loops share one pool.
+LDLIBS  += $(SAN) -L$(BLASDIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLASDIR) -lcjson -lm -fopenmp
+PY      := /usr/bin/python3
+
+SRC     := $(wildcard src/*.c src/ops/*.c)
+HDR     := $(wildcard include/*.h src/*.h src/ops/*.h)
+OBJ     := $(SRC:%.c=$(BUILD)/%.o)
+TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c))
+BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
+
+.PHONY: all setup test test-asan bench demo clean
+all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
+ifeq ($(BUILD),build)
+all: jetmoe
+jetmoe: $(BUILD)/jetmoe
+	cp $< $@
+endif
+
+$(BUILD)/%.o: %.c $(HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libjetmoe.a: $(OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/jetmoe: cli/jetmoe.c $(BUILD)/libjetmoe.a
+	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libjetmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libjetmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+
+# Installs the Debian packages the project needs when they are missing (idempotent).
+setup:
+	@sh scripts/setup.sh
+
+test: setup
+	@$(MAKE) --no-print-directory all
+	@$(PY) tests/run_tests.py --build build
+
+# The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, in its own build tree.
+test-asan: setup
+	@$(MAKE) --no-print-directory BUILD=build-asan OPT="-O1 -march=native -fno-omit-frame-pointer" \
+	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined" all
+	@$(PY) tests/run_tests.py --build build-asan
+
+bench: setup all
+	@$(PY) bench/run_bench.py
+
+clean:
+	rm -rf build build-asan jetmoe

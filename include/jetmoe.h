@@ -1,0 +1,122 @@
+/* jetmoe.h — the one public header of libjetmoe.
+ *
+ * JetMoE: a decoder-only transformer whose every layer has a Mixture of
+ * Attention heads (MoA) and a Mixture of MLP experts (MoE). The exact math
+ * is ../shared/docs/jetmoe-spec.md; this header is the library's contract.
+ *
+ * Conventions: every fallible call returns jm_status and, on failure, fills
+ * the caller's jm_error with one line that names the file, tensor or field.
+ * Handles are opaque and owned by the caller (free with the matching _free).
+ * There is no global mutable state. */
+#ifndef JETMOE_H
+#define JETMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    JM_OK = 0,
+    JM_ERR_IO,      /* open/read/write/mmap failed */
+    JM_ERR_FORMAT,  /* malformed file (safetensors, JSON, ...) */
+    JM_ERR_CONFIG,  /* a config field is missing, mistyped or out of range */
+    JM_ERR_SHAPE,   /* a tensor is missing, extra or has the wrong shape */
+    JM_ERR_ARG,     /* a bad argument from the caller (e.g. token id out of range) */
+    JM_ERR_NOMEM,   /* allocation failed or a size overflowed */
+} jm_status;
+
+typedef struct {
+    char msg[512];
+} jm_error;
+
+const char *jm_status_name(jm_status s);
+
+/* ---- configuration (HF config.json) ---------------------------------- */
+
+typedef struct {
+    int vocab_size;          /* HF: vocab_size */
+    int hidden_size;         /* HF: hidden_size (H) */
+    int num_layers;          /* HF: num_hidden_layers (L) */
+    int num_kv_heads;        /* HF: num_key_value_heads (Hkv) */
+    int head_dim;            /* HF: kv_channels, alias head_dim (D) */
+    int intermediate_size;   /* HF: intermediate_size; authors: ffn_hidden_size (F) */
+    int num_experts;         /* HF: num_local_experts; authors: moe_num_experts (E) */
+    int top_k;               /* HF: num_experts_per_tok; authors: moe_top_k (k) */
+    int max_position_embeddings;
+    int tie_word_embeddings; /* 0 or 1 */
+    int bos_token_id, eos_token_id;
+    double rope_theta;
+    double rms_norm_eps;
+    double aux_loss_coef;    /* HF: aux_loss_coef */
+    double z_loss_coef;      /* authors' recipe: 0.001 (not an HF field; kept in our config.json) */
+    double initializer_range;
+    char activation_function[16]; /* only "silu" is supported */
+} jm_config;
+
+/* JetMoE-8B's values: the defaults for any field config.json leaves out. */
+void jm_config_default(jm_config *c);
+jm_status jm_config_validate(const jm_config *c, jm_error *err);
+jm_status jm_config_load(const char *path, jm_config *c, jm_error *err);
+jm_status jm_config_parse(const char *json, size_t len, const char *name, jm_config *c, jm_error *err);
+/* Writes the HF spelling, atomically. */
+jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err);
+
+/* Parameter counts: total, and active per token (k of E experts in both blocks). */
+int64_t jm_config_num_params(const jm_config *c);
+int64_t jm_config_active_params(const jm_config *c);
+
+/* ---- model ----------------------------------------------------------- */
+
+typedef struct jm_model jm_model;
+
+/* Loads an HF checkpoint directory: config.json plus model.safetensors or
+ * model.safetensors.index.json + shards. F32/BF16/F16 are converted to fp32. */
+jm_status jm_model_load(const char *dir, jm_model **out, jm_error *err);
+/* A fresh model initialised as the spec says (N(0, initializer_range), norms 1, biases 0). */
+jm_status jm_model_create(const jm_config *c, uint64_t seed, jm_model **out, jm_error *err);
+/* Writes config.json + model.safetensors (F32) into dir, atomically. */
+jm_status jm_model_save(const jm_model *m, const char *dir, jm_error *err);
+void jm_model_free(jm_model *m);
+const jm_config *jm_model_config(const jm_model *m);
+
+/* The parameter table, in checkpoint order, with HF names. */
+typedef struct {
+    char name[96];
+    int ndim;
+    int64_t shape[3];
+    int64_t numel;
+    float *data;             /* points into the model's parameter arena */
+} jm_param;
+int jm_model_num_params(const jm_model *m);
+const jm_param *jm_model_param(const jm_model *m, int i);
+
+/* ---- forward --------------------------------------------------------- */
+
+typedef struct {
+    double loss;      /* mean cross-entropy over predicted positions */
+    double aux_loss;  /* sum over the 2L routers of the switch load-balancing loss */
+    double z_loss;    /* sum over the 2L routers of mean (logsumexp z)^2 */
+} jm_losses;
+
+/* Runs B sequences of T tokens each (tokens is B*T ids, row-major).
+ * logits (optional) receives B*T*vocab floats. losses (optional) receives
+ * the three training losses; with T == 1 there is nothing to predict and
+ * loss is 0. Activation memory is planned once per (B, T) and reused. */
+jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T,
+                     float *logits, jm_losses *losses, jm_error *err);
+
+/* After jm_forward: the experts each router chose, in router order.
+ * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the
+ * next forward), or NULL when the arguments are out of range. */
+const int32_t *jm_routing(const jm_model *m, int layer, int block);
+
+/* Threads used by the library's OpenMP loops and BLAS (0 = all cores). */
+void jm_set_threads(int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
