@@ -93,6 +93,30 @@ typedef struct {
 int jm_model_num_params(const jm_model *m);
 const jm_param *jm_model_param(const jm_model *m, int i);
 
+/* A checkpoint's tensors as stored, for `jetmoe info`. */
+typedef struct {
+    char name[96];
+    char dtype[8];     /* "F32", "BF16", ... */
+    int ndim;
+    int64_t shape[8];
+    char file[256];    /* the (shard) file that holds it */
+} jm_tensor_info;
+
+/* Validates a checkpoint directory against its config.json — every tensor
+ * present, known and of the right shape and a float dtype — without loading
+ * the weights. *tensors (malloc'd, caller frees) lists what is stored. */
+jm_status jm_checkpoint_inspect(const char *dir, jm_config *c, jm_tensor_info **tensors, int *n, jm_error *err);
+
+/* Writes named tensors to a safetensors file, atomically. dtype: "F32" or "I32". */
+typedef struct {
+    const char *name;
+    const char *dtype;
+    int ndim;
+    int64_t shape[8];
+    const void *data;
+} jm_tensor_out;
+jm_status jm_save_tensors(const char *path, const jm_tensor_out *t, int n, jm_error *err);
+
 /* ---- forward --------------------------------------------------------- */
 
 typedef struct {
@@ -101,12 +125,16 @@ typedef struct {
     double z_loss;    /* sum over the 2L routers of mean (logsumexp z)^2 */
 } jm_losses;
 
-/* Runs B sequences of T tokens each (tokens is B*T ids, row-major).
- * logits (optional) receives B*T*vocab floats. losses (optional) receives
- * the three training losses; with T == 1 there is nothing to predict and
- * loss is 0. Activation memory is planned once per (B, T) and reused. */
+/* Runs B sequences of T tokens each (tokens is B*T ids, row-major), each
+ * sequence starting at position 0. losses (optional) receives the three
+ * training losses; with T == 1 there is nothing to predict and loss is 0.
+ * Activation memory is planned once per (B, T) and reused. */
 jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T,
-                     float *logits, jm_losses *losses, jm_error *err);
+                     jm_losses *losses, jm_error *err);
+
+/* After jm_forward: the logits, B*T rows of vocab floats, valid until the
+ * next forward or jm_model_free. */
+const float *jm_logits(const jm_model *m);
 
 /* After jm_forward: the experts each router chose, in router order.
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the

@@ -1,0 +1,568 @@
+/* model.c — JetMoE parameters, activations and the forward pass.
+ *
+ * Parameters live in one fp32 arena, activations in another, each carved
+ * into named pointers once (llm.c style). jm_forward is a straight walk
+ * through the spec: embed -> per layer [norm -> MoA -> residual -> norm ->
+ * MoE -> residual] -> norm -> logits -> losses. */
+#include "internal.h"
+#include "ops/ops.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+typedef struct {
+    float *ln1, *kv_proj, *moa_router, *moa_in, *moa_out, *moa_bias;
+    float *ln2, *moe_router, *moe_in, *moe_out, *moe_bias;
+} layer_params;
+
+/* What one layer keeps from its forward for the backward pass. */
+typedef struct {
+    float *x;             /* (N,H) the layer's input (residual stream) */
+    float *a, *rstd1;     /* (N,H), (N) normed input to MoA */
+    float *kv;            /* (N,2A) shared keys (after RoPE) and values */
+    float *moa_z, *moa_gate;
+    int32_t *moa_idx, *moa_sorted, *moa_pos;
+    int64_t *moa_off;     /* (E+1) */
+    float *q;             /* (N,k,A) queries after RoPE, pair order */
+    float *att, *att_lse; /* (N,k,A) attention output, (N,k*Hkv) softmax normalisers */
+    float *x_mid;         /* (N,H) residual after MoA */
+    float *b, *rstd2;     /* (N,H), (N) normed input to MoE */
+    float *moe_z, *moe_gate;
+    int32_t *moe_idx, *moe_sorted, *moe_pos;
+    int64_t *moe_off;
+    float *u, *h;         /* (N*k,2F), (N*k,F) expert hidden, sorted order */
+} layer_acts;
+
+struct jm_model {
+    jm_config cfg;
+    int nparams;
+    jm_param *params;
+    float *param_mem;
+    int64_t param_numel;
+    layer_params *lp;
+    float *embed, *norm, *lm_head;
+
+    int B, T;         /* the shape the activation arena is planned for */
+    void *act_mem;
+    layer_acts *la;
+    float *x_out, *hf, *rstdf, *logits; /* final residual, normed, (N), (N,V) */
+    int32_t *targets;
+    float *xs, *ys;   /* dispatch scratch, (N*k, max width) */
+    float *att_scratch, *rope_cos, *rope_sin;
+    int att_threads;
+    double aux_loss, z_loss;
+};
+
+/* ---- parameter table ---- */
+
+static void add_param(jm_param *p, int *n, float ***slot, float **target, const char *name, int ndim, int64_t d0,
+                      int64_t d1, int64_t d2)
+{
+    jm_param *q = &p[*n];
+    snprintf(q->name, sizeof q->name, "%s", name);
+    q->ndim = ndim;
+    q->shape[0] = d0;
+    q->shape[1] = d1;
+    q->shape[2] = d2;
+    q->numel = d0 * (ndim > 1 ? d1 : 1) * (ndim > 2 ? d2 : 1);
+    slot[*n] = target;
+    (*n)++;
+}
+
+/* Lists every parameter in checkpoint order with its HF name and shape, and
+ * where its pointer goes; then (when alloc) carves them from one arena. */
+static jm_status build_params(jm_model *m, int alloc, jm_error *err)
+{
+    const jm_config *c = &m->cfg;
+    const int L = c->num_layers;
+    const int64_t H = c->hidden_size, V = c->vocab_size, E = c->num_experts, F = c->intermediate_size;
+    const int64_t A = (int64_t)c->num_kv_heads * c->head_dim;
+    int cap = 3 + 11 * L;
+    m->params = calloc((size_t)cap, sizeof *m->params);
+    m->lp = calloc((size_t)L, sizeof *m->lp);
+    float ***slot = calloc((size_t)cap, sizeof *slot);
+    if (!m->params || !m->lp || !slot) {
+        free(slot);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the parameter table");
+    }
+    int n = 0;
+    char name[96];
+    add_param(m->params, &n, slot, &m->embed, "model.embed_tokens.weight", 2, V, H, 0);
+    for (int i = 0; i < L; i++) {
+        layer_params *l = &m->lp[i];
+#define P(field, suffix, ndim, d0, d1, d2)                                  \
+    snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);           \
+    add_param(m->params, &n, slot, &l->field, name, ndim, d0, d1, d2)
+        P(ln1, "input_layernorm.weight", 1, H, 0, 0);
+        P(kv_proj, "self_attention.kv_proj.weight", 2, 2 * A, H, 0);
+        P(moa_router, "self_attention.experts.router.layer.weight", 2, E, H, 0);
+        P(moa_in, "self_attention.experts.input_linear.weight", 3, E, A, H);
+        P(moa_out, "self_attention.experts.output_linear.weight", 3, E, H, A);
+        P(moa_bias, "self_attention.experts.bias", 1, H, 0, 0);
+        P(ln2, "post_attention_layernorm.weight", 1, H, 0, 0);
+        P(moe_router, "mlp.router.layer.weight", 2, E, H, 0);
+        P(moe_in, "mlp.input_linear.weight", 3, E, 2 * F, H);
+        P(moe_out, "mlp.output_linear.weight", 3, E, H, F);
+        P(moe_bias, "mlp.bias", 1, H, 0, 0);
+#undef P
+    }
+    add_param(m->params, &n, slot, &m->norm, "model.norm.weight", 1, H, 0, 0);
+    if (!c->tie_word_embeddings) add_param(m->params, &n, slot, &m->lm_head, "lm_head.weight", 2, V, H, 0);
+    m->nparams = n;
+    if (!alloc) {
+        free(slot);
+        return JM_OK;
+    }
+
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += (m->params[i].numel + 15) & ~(int64_t)15; /* 64-byte aligned starts */
+    if ((uint64_t)total > SIZE_MAX / sizeof(float)) {
+        free(slot);
+        return jm_fail(err, JM_ERR_NOMEM, "model too large for this machine (%lld parameters)", (long long)total);
+    }
+    m->param_mem = aligned_alloc(64, (size_t)total * sizeof(float));
+    if (!m->param_mem) {
+        free(slot);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.1f GB for %lld parameters", total * 4.0 / 1e9,
+                       (long long)total);
+    }
+    m->param_numel = total;
+    float *p = m->param_mem;
+    for (int i = 0; i < n; i++) {
+        m->params[i].data = p;
+        *slot[i] = p;
+        p += (m->params[i].numel + 15) & ~(int64_t)15;
+    }
+    if (c->tie_word_embeddings) m->lm_head = m->embed;
+    free(slot);
+    return JM_OK;
+}
+
+static jm_status model_new(const jm_config *c, int alloc, jm_model **out, jm_error *err)
+{
+    *out = NULL;
+    jm_status s = jm_config_validate(c, err);
+    if (s) return s;
+    jm_model *m = calloc(1, sizeof *m);
+    if (!m) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the model");
+    m->cfg = *c;
+    if ((s = build_params(m, alloc, err))) {
+        jm_model_free(m);
+        return s;
+    }
+    *out = m;
+    return JM_OK;
+}
+
+void jm_model_free(jm_model *m)
+{
+    if (!m) return;
+    free(m->params);
+    free(m->lp);
+    free(m->param_mem);
+    free(m->la);
+    free(m->act_mem);
+    free(m);
+}
+
+const jm_config *jm_model_config(const jm_model *m) { return &m->cfg; }
+int jm_model_num_params(const jm_model *m) { return m->nparams; }
+const jm_param *jm_model_param(const jm_model *m, int i)
+{
+    return i >= 0 && i < m->nparams ? &m->params[i] : NULL;
+}
+const float *jm_logits(const jm_model *m) { return m->logits; }
+
+const int32_t *jm_routing(const jm_model *m, int layer, int block)
+{
+    if (!m->la || layer < 0 || layer >= m->cfg.num_layers || block < 0 || block > 1) return NULL;
+    return block == 0 ? m->la[layer].moa_idx : m->la[layer].moe_idx;
+}
+
+void jm_set_threads(int n)
+{
+    if (n <= 0) n = omp_get_num_procs();
+    omp_set_num_threads(n);
+    openblas_set_num_threads(n);
+}
+
+/* ---- initialisation (spec, "Initialisation") ---- */
+
+/* splitmix64 + Box-Muller: a small, seedable generator with no global state */
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static double uniform01(uint64_t *s) { return ((splitmix(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+jm_status jm_model_create(const jm_config *c, uint64_t seed, jm_model **out, jm_error *err)
+{
+    jm_status s = model_new(c, 1, out, err);
+    if (s) return s;
+    jm_model *m = *out;
+    uint64_t rng = seed;
+    for (int i = 0; i < m->nparams; i++) {
+        jm_param *p = &m->params[i];
+        if (p->ndim == 1) { /* norms 1, biases 0 */
+            float v = strstr(p->name, "bias") ? 0.0f : 1.0f;
+            for (int64_t j = 0; j < p->numel; j++) p->data[j] = v;
+            continue;
+        }
+        for (int64_t j = 0; j < p->numel; j += 2) {
+            double r = sqrt(-2.0 * log(uniform01(&rng))), th = 2.0 * M_PI * uniform01(&rng);
+            p->data[j] = (float)(c->initializer_range * r * cos(th));
+            if (j + 1 < p->numel) p->data[j + 1] = (float)(c->initializer_range * r * sin(th));
+        }
+    }
+    return JM_OK;
+}
+
+/* ---- checkpoints ---- */
+
+static int param_index(const jm_model *m, const char *name)
+{
+    for (int i = 0; i < m->nparams; i++)
+        if (strcmp(m->params[i].name, name) == 0) return i;
+    return -1;
+}
+
+static void shape_str(char *buf, size_t n, int ndim, const int64_t *shape)
+{
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (int d = 0; d < ndim && o < n; d++) o += (size_t)snprintf(buf + o, n - o, d ? ", %lld" : "%lld", (long long)shape[d]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+/* Checks the stored tensors against the parameter table; with convert, also
+ * reads them into the arena as fp32. */
+static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, int convert, jm_error *err)
+{
+    jm_status s;
+    /* every tensor in the files must be one of ours */
+    for (int f = 0; f < set->nfiles; f++)
+        for (int t = 0; t < set->files[f].n; t++) {
+            const char *name = set->files[f].t[t].name;
+            if (param_index(m, name) >= 0) continue;
+            if (m->cfg.tie_word_embeddings && strcmp(name, "lm_head.weight") == 0) continue; /* tied: HF ignores it too */
+            return jm_fail(err, JM_ERR_SHAPE, "%s: unexpected tensor %s (not a JetMoE parameter for this config)",
+                           set->files[f].path, name);
+        }
+    for (int i = 0; i < m->nparams; i++) {
+        jm_param *p = &m->params[i];
+        const char *file = NULL;
+        const st_tensor *t = st_set_find(set, p->name, &file);
+        if (!t) return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s is missing", dir, p->name);
+        int same = t->ndim == p->ndim;
+        for (int d = 0; same && d < p->ndim; d++) same = t->shape[d] == p->shape[d];
+        if (!same) {
+            char got[128], want[128];
+            shape_str(got, sizeof got, t->ndim, t->shape);
+            shape_str(want, sizeof want, p->ndim, p->shape);
+            return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s has shape %s, expected %s from config.json", file,
+                           p->name, got, want);
+        }
+        if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
+            return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s has dtype %s; weights must be F32, BF16 or F16", file,
+                           p->name, st_dtype_name(t->dtype));
+        if (convert && (s = st_to_f32(t, p->data, err))) return s;
+    }
+    return JM_OK;
+}
+
+/* Opens dir's config and tensors and matches them; alloc/convert as above. */
+static jm_status open_checkpoint(const char *dir, int load, jm_model **out, st_set *set, jm_error *err)
+{
+    *out = NULL;
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
+        return jm_fail(err, JM_ERR_ARG, "%s: path too long", dir);
+    jm_config c;
+    jm_status s = jm_config_load(path, &c, err);
+    if (s) return s;
+    if ((s = st_set_open(dir, set, err))) return s;
+    jm_model *m;
+    if ((s = model_new(&c, load, &m, err))) {
+        st_set_close(set);
+        return s;
+    }
+    if ((s = match_tensors(m, set, dir, load, err))) {
+        jm_model_free(m);
+        st_set_close(set);
+        return s;
+    }
+    *out = m;
+    return JM_OK;
+}
+
+jm_status jm_model_load(const char *dir, jm_model **out, jm_error *err)
+{
+    st_set set;
+    jm_status s = open_checkpoint(dir, 1, out, &set, err);
+    if (!s) st_set_close(&set);
+    return s;
+}
+
+jm_status jm_checkpoint_inspect(const char *dir, jm_config *c, jm_tensor_info **tensors, int *n, jm_error *err)
+{
+    *tensors = NULL;
+    *n = 0;
+    st_set set;
+    jm_model *m;
+    jm_status s = open_checkpoint(dir, 0, &m, &set, err);
+    if (s) return s;
+    *c = m->cfg;
+    jm_model_free(m);
+    int total = 0;
+    for (int f = 0; f < set.nfiles; f++) total += set.files[f].n;
+    jm_tensor_info *ti = calloc(total ? (size_t)total : 1, sizeof *ti);
+    if (!ti) {
+        st_set_close(&set);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the tensor list");
+    }
+    int i = 0;
+    for (int f = 0; f < set.nfiles; f++) {
+        const char *base = strrchr(set.files[f].path, '/');
+        base = base ? base + 1 : set.files[f].path;
+        for (int t = 0; t < set.files[f].n; t++, i++) {
+            const st_tensor *st = &set.files[f].t[t];
+            snprintf(ti[i].name, sizeof ti[i].name, "%s", st->name);
+            snprintf(ti[i].dtype, sizeof ti[i].dtype, "%s", st_dtype_name(st->dtype));
+            snprintf(ti[i].file, sizeof ti[i].file, "%.255s", base);
+            ti[i].ndim = st->ndim;
+            memcpy(ti[i].shape, st->shape, sizeof ti[i].shape);
+        }
+    }
+    st_set_close(&set);
+    *tensors = ti;
+    *n = total;
+    return JM_OK;
+}
+
+jm_status jm_save_tensors(const char *path, const jm_tensor_out *t, int n, jm_error *err)
+{
+    st_out *o = calloc(n > 0 ? (size_t)n : 1, sizeof *o);
+    if (!o) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the tensor list");
+    jm_status s = JM_OK;
+    for (int i = 0; i < n && !s; i++) {
+        o[i].name = t[i].name;
+        o[i].ndim = t[i].ndim;
+        o[i].data = t[i].data;
+        memcpy(o[i].shape, t[i].shape, sizeof t[i].shape);
+        if (strcmp(t[i].dtype, "F32") == 0)
+            o[i].dtype = ST_F32;
+        else if (strcmp(t[i].dtype, "I32") == 0)
+            o[i].dtype = ST_I32;
+        else
+            s = jm_fail(err, JM_ERR_ARG, "%s: tensor %s: unsupported dtype %s", path, t[i].name, t[i].dtype);
+    }
+    if (!s) s = st_write(path, o, n, NULL, NULL, 0, err);
+    free(o);
+    return s;
+}
+
+jm_status jm_model_save(const jm_model *m, const char *dir, jm_error *err)
+{
+    jm_status s = jm_mkdir_p(dir, err);
+    if (s) return s;
+    st_out *t = calloc((size_t)m->nparams, sizeof *t);
+    if (!t) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the tensor list");
+    for (int i = 0; i < m->nparams; i++) {
+        const jm_param *p = &m->params[i];
+        t[i].name = p->name;
+        t[i].dtype = ST_F32;
+        t[i].ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) t[i].shape[d] = p->shape[d];
+        t[i].data = p->data;
+    }
+    char path[4096];
+    static const char *const meta_k[] = {"format"}, *const meta_v[] = {"pt"}; /* what HF loaders expect */
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    s = st_write(path, t, m->nparams, meta_k, meta_v, 1, err);
+    free(t);
+    if (s) return s;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    return jm_config_save(path, &m->cfg, err);
+}
+
+/* ---- activations ---- */
+
+/* Two passes over the same plan: with base == NULL it only measures. */
+static void *carve(char *base, size_t *off, size_t bytes)
+{
+    void *p = base ? base + *off : NULL;
+    *off += (bytes + 63) & ~(size_t)63;
+    return p;
+}
+
+static size_t plan_acts(jm_model *m, char *base, int B, int T)
+{
+    const jm_config *c = &m->cfg;
+    const size_t N = (size_t)B * T, H = c->hidden_size, V = c->vocab_size, E = c->num_experts, k = c->top_k;
+    const size_t A = (size_t)c->num_kv_heads * c->head_dim, F = c->intermediate_size, Nk = N * k;
+    const size_t f = sizeof(float), i32 = sizeof(int32_t), i64 = sizeof(int64_t);
+    size_t off = 0;
+    for (int l = 0; l < c->num_layers; l++) {
+        layer_acts *a = base ? &m->la[l] : &(layer_acts){0};
+        a->x = carve(base, &off, N * H * f);
+        a->a = carve(base, &off, N * H * f);
+        a->rstd1 = carve(base, &off, N * f);
+        a->kv = carve(base, &off, N * 2 * A * f);
+        a->moa_z = carve(base, &off, N * E * f);
+        a->moa_gate = carve(base, &off, Nk * f);
+        a->moa_idx = carve(base, &off, Nk * i32);
+        a->moa_sorted = carve(base, &off, Nk * i32);
+        a->moa_pos = carve(base, &off, Nk * i32);
+        a->moa_off = carve(base, &off, (E + 1) * i64);
+        a->q = carve(base, &off, Nk * A * f);
+        a->att = carve(base, &off, Nk * A * f);
+        a->att_lse = carve(base, &off, N * k * c->num_kv_heads * f);
+        a->x_mid = carve(base, &off, N * H * f);
+        a->b = carve(base, &off, N * H * f);
+        a->rstd2 = carve(base, &off, N * f);
+        a->moe_z = carve(base, &off, N * E * f);
+        a->moe_gate = carve(base, &off, Nk * f);
+        a->moe_idx = carve(base, &off, Nk * i32);
+        a->moe_sorted = carve(base, &off, Nk * i32);
+        a->moe_pos = carve(base, &off, Nk * i32);
+        a->moe_off = carve(base, &off, (E + 1) * i64);
+        a->u = carve(base, &off, Nk * 2 * F * f);
+        a->h = carve(base, &off, Nk * F * f);
+    }
+    size_t wide = H > A ? H : A;
+    wide = wide > 2 * F ? wide : 2 * F;
+    m->x_out = carve(base, &off, N * H * f);
+    m->hf = carve(base, &off, N * H * f);
+    m->rstdf = carve(base, &off, N * f);
+    m->logits = carve(base, &off, N * V * f);
+    m->targets = carve(base, &off, N * i32);
+    m->xs = carve(base, &off, Nk * wide * f);
+    m->ys = carve(base, &off, Nk * wide * f);
+    m->att_threads = omp_get_max_threads();
+    m->att_scratch = carve(base, &off, (size_t)m->att_threads * attention_scratch_floats(T) * f);
+    m->rope_cos = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
+    m->rope_sin = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
+    return off;
+}
+
+static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
+{
+    if (m->act_mem && m->B == B && m->T == T && m->att_threads >= omp_get_max_threads()) return JM_OK;
+    free(m->act_mem);
+    free(m->la);
+    m->act_mem = NULL;
+    m->la = NULL;
+    m->B = m->T = 0;
+    size_t bytes = plan_acts(m, NULL, B, T);
+    m->la = calloc((size_t)m->cfg.num_layers, sizeof *m->la);
+    m->act_mem = aligned_alloc(64, bytes);
+    if (!m->la || !m->act_mem)
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB of activations for batch %d x %d tokens",
+                       bytes / 1e9, B, T);
+    plan_acts(m, m->act_mem, B, T);
+    m->B = B;
+    m->T = T;
+    return JM_OK;
+}
+
+/* ---- forward ---- */
+
+/* MoA (spec, "MoA"): shared K/V, per-slot expert queries, causal attention,
+ * per-slot expert output projections weighted by the gates. */
+static void moa_forward(jm_model *m, const layer_params *p, layer_acts *a, int B, int T)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t N = (int64_t)B * T, H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
+    const int E = c->num_experts, k = c->top_k;
+
+    matmul_forward(a->kv, a->a, p->kv_proj, N, H, 2 * A, 0);
+    router_forward(a->moa_z, a->moa_idx, a->moa_gate, a->a, p->moa_router, N, (int)H, E, k);
+    dispatch_build(a->moa_sorted, a->moa_pos, a->moa_off, a->moa_idx, N, k, E);
+
+    dispatch_gather(m->xs, a->a, a->moa_sorted, N * k, k, H, 0);
+    experts_forward(m->ys, m->xs, p->moa_in, a->moa_off, E, H, A);
+    dispatch_scatter(a->q, m->ys, a->moa_sorted, N * k, A);
+
+    rope_forward(a->q, N, T, k * c->num_kv_heads, c->head_dim, k * A, m->rope_cos, m->rope_sin);
+    rope_forward(a->kv, N, T, c->num_kv_heads, c->head_dim, 2 * A, m->rope_cos, m->rope_sin);
+    attention_forward(a->att, a->att_lse, a->q, a->kv, m->att_scratch, B, T, k, c->num_kv_heads, c->head_dim);
+
+    dispatch_gather(m->xs, a->att, a->moa_sorted, N * k, k, A, 1);
+    experts_forward(m->ys, m->xs, p->moa_out, a->moa_off, E, A, H);
+    combine_forward(a->x_mid, a->x, m->ys, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
+}
+
+/* MoE (spec, "MoE"): top-k SiLU-GLU experts, gate-weighted, plus bias. */
+static void moe_forward(jm_model *m, const layer_params *p, layer_acts *a, float *x_out, int64_t N)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, F = c->intermediate_size;
+    const int E = c->num_experts, k = c->top_k;
+
+    router_forward(a->moe_z, a->moe_idx, a->moe_gate, a->b, p->moe_router, N, (int)H, E, k);
+    dispatch_build(a->moe_sorted, a->moe_pos, a->moe_off, a->moe_idx, N, k, E);
+    dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
+    experts_forward(a->u, m->xs, p->moe_in, a->moe_off, E, H, 2 * F);
+    swiglu_forward(a->h, a->u, N * k, F);
+    experts_forward(m->ys, a->h, p->moe_out, a->moe_off, E, F, H);
+    combine_forward(x_out, a->x_mid, m->ys, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
+}
+
+jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses *losses, jm_error *err)
+{
+    const jm_config *c = &m->cfg;
+    if (B < 1 || T < 1) return jm_fail(err, JM_ERR_ARG, "batch %d x %d: need at least one token", B, T);
+    if (T > c->max_position_embeddings)
+        return jm_fail(err, JM_ERR_ARG, "sequence of %d tokens exceeds max_position_embeddings = %d", T,
+                       c->max_position_embeddings);
+    const int64_t N = (int64_t)B * T, H = c->hidden_size, V = c->vocab_size;
+    for (int64_t t = 0; t < N; t++)
+        if (tokens[t] < 0 || tokens[t] >= V)
+            return jm_fail(err, JM_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
+                           tokens[t], (long long)t, (long long)V);
+    jm_status s = ensure_acts(m, B, T, err);
+    if (s) return s;
+    rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
+
+    const float eps = (float)c->rms_norm_eps;
+    double aux = 0.0, zl = 0.0;
+    embedding_forward(m->la[0].x, tokens, m->embed, N, H);
+    for (int l = 0; l < c->num_layers; l++) {
+        const layer_params *p = &m->lp[l];
+        layer_acts *a = &m->la[l];
+        float *x_next = l + 1 < c->num_layers ? m->la[l + 1].x : m->x_out;
+        double sw, zr;
+
+        rmsnorm_forward(a->a, a->rstd1, a->x, p->ln1, N, H, eps);
+        moa_forward(m, p, a, B, T);
+        router_losses(&sw, &zr, a->moa_z, a->moa_idx, N, c->num_experts, c->top_k);
+        aux += sw;
+        zl += zr;
+
+        rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, N, H, eps);
+        moe_forward(m, p, a, x_next, N);
+        router_losses(&sw, &zr, a->moe_z, a->moe_idx, N, c->num_experts, c->top_k);
+        aux += sw;
+        zl += zr;
+    }
+    rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
+    matmul_forward(m->logits, m->hf, m->lm_head, N, H, V, 0);
+
+    /* position t predicts token t+1 of the same sequence; the last predicts nothing */
+    for (int64_t t = 0; t < N; t++) m->targets[t] = (t % T == T - 1) ? -1 : tokens[t + 1];
+    int64_t count;
+    double loss = cross_entropy_forward(m->logits, m->targets, N, V, &count);
+    m->aux_loss = aux;
+    m->z_loss = zl;
+    if (losses) {
+        losses->loss = loss;
+        losses->aux_loss = aux;
+        losses->z_loss = zl;
+    }
+    return JM_OK;
+}

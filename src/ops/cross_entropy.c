@@ -1,0 +1,23 @@
+/* cross_entropy.c — token cross-entropy from logits, fp32 rows, double accumulation. */
+#include "ops.h"
+
+#include <math.h>
+
+double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count)
+{
+    double sum = 0.0;
+    int64_t n = 0;
+#pragma omp parallel for schedule(static) reduction(+ : sum, n)
+    for (int64_t t = 0; t < N; t++) {
+        if (targets[t] < 0) continue; /* masked (no next token, or prompt in fine-tuning) */
+        const float *x = logits + t * V;
+        float mx = x[0];
+        for (int64_t i = 1; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+        double s = 0.0;
+        for (int64_t i = 0; i < V; i++) s += expf(x[i] - mx);
+        sum += (double)mx + log(s) - (double)x[targets[t]];
+        n++;
+    }
+    *count = n;
+    return n ? sum / (double)n : 0.0;
+}

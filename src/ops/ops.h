@@ -1,0 +1,68 @@
+/* ops.h — the model's operations. Each op's file holds its forward (and,
+ * as training lands, its backward) side by side. Shapes in comments:
+ * N = tokens in the batch (B*T), H = hidden, E = experts, k = top-k,
+ * A = Hkv*D (attention width), F = expert FFN width, V = vocab. */
+#ifndef JM_OPS_H
+#define JM_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define JM_MAX_EXPERTS 1024 /* config.c rejects more */
+
+/* matmul.c: out (N,O) = inp (N,C) @ W(O,C)^T  (+ out when accumulate) */
+void matmul_forward(float *out, const float *inp, const float *W, int64_t N, int64_t C, int64_t O, int accumulate);
+
+/* embedding.c: out (N,H) = table[tokens] */
+void embedding_forward(float *out, const int32_t *tokens, const float *table, int64_t N, int64_t H);
+
+/* rmsnorm.c: out (N,H) = inp / sqrt(mean(inp^2) + eps) * w; rstd (N) kept for backward */
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t H, float eps);
+
+/* rope.c: cos/sin tables (T, D/2) for positions 0..T-1, then rotate-half in place
+ * on `rows` rows of `heads` heads of D, row stride `stride` floats; row r has
+ * position r % T. */
+void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta);
+void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
+                  const float *sin_t);
+
+/* attention.c: causal attention for B sequences of T tokens.
+ * q (B*T, k, Hkv, D): query head (j,h) attends with kv head h of kv (B*T, 2*A),
+ * K = first A columns, V = last A. out (B*T, k, Hkv, D); lse (B*T, k*Hkv) keeps
+ * each row's softmax normaliser for backward. scratch: attention_scratch_floats(T) per thread. */
+size_t attention_scratch_floats(int T);
+void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
+                       int k, int Hkv, int D);
+
+/* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
+ * ties to the lower index) and the softmax over the k selected logits. */
+void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const float *Wr, int64_t N, int H,
+                    int E, int k);
+/* The spec's per-router load-balancing (switch) loss and z-loss over N tokens. */
+void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, int64_t N, int E,
+                   int k);
+
+/* experts.c: the grouped dispatch of design.md. The N*k (token, slot) pairs
+ * are sorted by expert (stable); sorted[m] = t*k + j, pos[t*k + j] = m, and
+ * expert e owns rows offsets[e] .. offsets[e+1]-1 of every sorted buffer. */
+void dispatch_build(int32_t *sorted, int32_t *pos, int64_t *offsets, const int32_t *idx, int64_t N, int k, int E);
+/* xs (N*k, C) = rows of x (N, C) in sorted order (row t of x for pair t*k+j);
+ * when per_slot, x is (N*k, C) and pair p reads row p. */
+void dispatch_gather(float *xs, const float *x, const int32_t *sorted, int64_t Nk, int k, int64_t C, int per_slot);
+/* ys (N*k, O) = xs @ W[e]^T for each expert's rows; W (E, O, C). */
+void experts_forward(float *ys, const float *xs, const float *W, const int64_t *offsets, int E, int64_t C,
+                     int64_t O);
+/* out (N,H) = resid + bias + sum_j gate[t,j] * ys[pos[t*k+j]]  (the residual add is fused in) */
+void combine_forward(float *out, const float *resid, const float *ys, const int32_t *pos, const float *gate,
+                     const float *bias, int64_t N, int k, int64_t H);
+/* x (N*k, C) = xs scattered back to pair order: x[sorted[m]] = xs[m] */
+void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t Nk, int64_t C);
+
+/* swiglu.c: h (M,F) = silu(u[:, :F]) * u[:, F:] for u (M, 2F) */
+void swiglu_forward(float *h, const float *u, int64_t M, int64_t F);
+
+/* cross_entropy.c: mean over rows with target >= 0 of logsumexp(logits) - logits[target].
+ * Returns the number of counted rows in *count. */
+double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count);
+
+#endif

@@ -1,0 +1,34 @@
+/* rope.c — rotary position embedding, rotate-half form over the full head dim (spec, "RoPE"). */
+#include "ops.h"
+
+#include <math.h>
+
+void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta)
+{
+    int half = D / 2;
+    for (int p = 0; p < T; p++)
+        for (int i = 0; i < half; i++) {
+            /* angles in double: at long contexts p * inv_freq loses digits in fp32 */
+            double angle = (double)p * pow(theta, -2.0 * i / D);
+            cos_t[(int64_t)p * half + i] = (float)cos(angle);
+            sin_t[(int64_t)p * half + i] = (float)sin(angle);
+        }
+}
+
+void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
+                  const float *sin_t)
+{
+    int half = D / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_t + (r % T) * half, *s = sin_t + (r % T) * half;
+        for (int h = 0; h < heads; h++) {
+            float *v = x + r * stride + (int64_t)h * D;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}

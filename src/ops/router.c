@@ -1,0 +1,59 @@
+/* router.c — top-k gating shared by MoA and MoE, and the two router losses. */
+#include "ops.h"
+
+#include <math.h>
+
+/* z (N,E) = inp (N,H) @ Wr^T; per token the k largest logits in descending
+ * order (ties: lower index first), gates = softmax over those k only. */
+void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const float *Wr, int64_t N, int H,
+                    int E, int k)
+{
+    matmul_forward(z, inp, Wr, N, H, E, 0);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *zt = z + t * E;
+        int32_t *it = idx + t * k;
+        float *gt = gate + t * k;
+        int n = 0;
+        /* insertion into a k-long sorted list; '>' keeps the lower index ahead
+         * on ties, and NaN never displaces a number */
+        for (int e = 0; e < E; e++) {
+            int p = n < k ? n : k;
+            while (p > 0 && (zt[e] > zt[it[p - 1]] || isnan(zt[it[p - 1]]))) p--;
+            if (p >= k) continue;
+            for (int q = (n < k ? n : k - 1); q > p; q--) it[q] = it[q - 1];
+            it[p] = e;
+            if (n < k) n++;
+        }
+        float mx = zt[it[0]], sum = 0.0f;
+        for (int j = 0; j < k; j++) sum += (gt[j] = expf(zt[it[j]] - mx));
+        for (int j = 0; j < k; j++) gt[j] /= sum;
+    }
+}
+
+/* switch = E * sum_e (P_e / sum P) * (f_e / sum f), P_e = sum_t softmax(z_t)_e,
+ * f_e = tokens that chose e; zloss = mean_t logsumexp(z_t)^2  (spec, "Losses"). */
+void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, int64_t N, int E,
+                   int k)
+{
+    double P[JM_MAX_EXPERTS] = {0}, zsum = 0.0;
+    int64_t f[JM_MAX_EXPERTS] = {0};
+    for (int64_t t = 0; t < N; t++) {
+        const float *zt = z + t * E;
+        double mx = zt[0], s = 0.0;
+        for (int e = 1; e < E; e++) mx = zt[e] > mx ? zt[e] : mx;
+        for (int e = 0; e < E; e++) s += exp(zt[e] - mx);
+        double lse = mx + log(s);
+        zsum += lse * lse;
+        for (int e = 0; e < E; e++) P[e] += exp(zt[e] - lse);
+        for (int j = 0; j < k; j++) f[idx[t * k + j]]++;
+    }
+    double Ps = 0.0, fs = 0.0, acc = 0.0;
+    for (int e = 0; e < E; e++) {
+        Ps += P[e];
+        fs += (double)f[e];
+    }
+    for (int e = 0; e < E; e++) acc += (P[e] / Ps) * ((double)f[e] / fs);
+    *switch_loss = N ? E * acc : 0.0;
+    *z_loss = N ? zsum / (double)N : 0.0;
+}

@@ -1,0 +1,17 @@
+/* swiglu.c — the gated linear unit of the MoE experts: the first half of u is activated. */
+#include "ops.h"
+
+#include <math.h>
+
+void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = u + m * 2 * F, *up = gate + F;
+        float *o = h + m * F;
+        for (int64_t i = 0; i < F; i++) {
+            float g = gate[i];
+            o[i] = g / (1.0f + expf(-g)) * up[i];
+        }
+    }
+}

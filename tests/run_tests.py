@@ -1,0 +1,383 @@
+#!/usr/bin/python3
+"""jetmoe.c test driver: C unit tests, golden tests against the independent
+PyTorch reference (tests/ref/jetmoe_ref.py), and bad-input tests of the CLI.
+
+Every check prints `PASS name` or `FAIL name: why`; the last line is
+`N passed, N failed`. Exit status is non-zero when anything failed.
+Usage: run_tests.py [--build build|build-asan] [--only SUBSTRING]
+"""
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REF = os.path.join(ROOT, "tests", "ref", "jetmoe_ref.py")
+PY = "/usr/bin/python3"
+
+
+class Suite:
+    def __init__(self, only):
+        self.passed = 0
+        self.failed = 0
+        self.only = only
+
+    def check(self, name, ok, why=""):
+        if ok:
+            self.passed += 1
+            print(f"PASS {name}", flush=True)
+        else:
+            self.failed += 1
+            print(f"FAIL {name}: {why}", flush=True)
+
+    def wanted(self, name):
+        return self.only is None or self.only in name
+
+
+def read_safetensors(path):
+    """A minimal reader for the dumps (the C side's reader is what is under test)."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    (n,) = struct.unpack("<Q", buf[:8])
+    header = json.loads(buf[8:8 + n])
+    base = 8 + n
+    dtypes = {"F32": np.float32, "I32": np.int32, "F16": np.float16, "I64": np.int64}
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = t["data_offsets"]
+        out[name] = np.frombuffer(buf[base + b:base + e], dtype=dtypes[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def run(cmd, timeout=600, env=None):
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                       errors="replace")
+    return p, time.time() - t0
+
+
+def sanitizer_report(text):
+    return "AddressSanitizer" in text or "runtime error:" in text or "LeakSanitizer" in text
+
+
+# ---------------------------------------------------------------- C unit tests
+
+def c_programs(suite, build):
+    d = os.path.join(ROOT, build, "tests")
+    if not os.path.isdir(d):
+        suite.check("c_tests_built", False, f"{d} missing: run make first")
+        return
+    for prog in sorted(os.listdir(d)):
+        path = os.path.join(d, prog)
+        if not os.access(path, os.X_OK) or not suite.wanted(prog):
+            continue
+        p, secs = run([path], timeout=900)
+        lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
+        for l in lines:
+            print(l, flush=True)
+            if l.startswith("PASS "):
+                suite.passed += 1
+            else:
+                suite.failed += 1
+        bad = p.returncode != 0 or not lines or sanitizer_report(p.stderr)
+        fails = sum(l.startswith("FAIL ") for l in lines)
+        if bad and not fails:
+            suite.check(f"{prog}_exit", False,
+                        f"exit {p.returncode}, {len(lines)} checks; stderr: {p.stderr.strip()[-800:]}")
+        print(f"# {prog}: {len(lines)} checks in {secs:.1f}s", flush=True)
+
+
+# ---------------------------------------------------------------- golden tests
+
+# Configs cover: tiny; odd sizes (hidden 72, head 12); top-1; top-k == E;
+# several layers; untied embeddings; a BF16 and a sharded checkpoint.
+GOLDEN_CONFIGS = {
+    "tiny": dict(cfg=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                          kv_channels=8, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+                 dtype="F32", shards=1),
+    "odd_h72_d12_top1_untied": dict(cfg=dict(vocab_size=97, hidden_size=72, num_hidden_layers=3,
+                                             num_key_value_heads=3, kv_channels=12, intermediate_size=40,
+                                             num_local_experts=5, num_experts_per_tok=1,
+                                             tie_word_embeddings=False, rope_theta=500.0),
+                                    dtype="F32", shards=1),
+    "topk_eq_E_bf16_sharded": dict(cfg=dict(vocab_size=128, hidden_size=48, num_hidden_layers=2,
+                                            num_key_value_heads=2, kv_channels=16, intermediate_size=36,
+                                            num_local_experts=3, num_experts_per_tok=3),
+                                   dtype="BF16", shards=3),
+    "deep6_e8_top2": dict(cfg=dict(vocab_size=256, hidden_size=64, num_hidden_layers=6, num_key_value_heads=4,
+                                   kv_channels=16, intermediate_size=88, num_local_experts=8,
+                                   num_experts_per_tok=2, tie_word_embeddings=False),
+                          dtype="F16", shards=2),
+}
+GOLDEN_LENGTHS = [1, 7, 128]
+
+
+def golden(suite, build, tmp):
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    rng = np.random.default_rng(1234)
+    for name, spec in GOLDEN_CONFIGS.items():
+        if not suite.wanted("golden_" + name):
+            continue
+        ck = os.path.join(tmp, "golden_" + name)
+        p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(spec["cfg"]), "--seed", "7",
+                    "--dtype", spec["dtype"], "--shards", str(spec["shards"])])
+        if p.returncode != 0:
+            suite.check(f"golden_{name}_make", False, p.stderr.strip()[-800:])
+            continue
+        V = spec["cfg"]["vocab_size"]
+        for T in GOLDEN_LENGTHS:
+            test = f"golden_{name}_T{T}"
+            ids = ",".join(str(int(x)) for x in rng.integers(0, V, size=T))
+            ref_dump, c_dump = os.path.join(tmp, test + ".ref.st"), os.path.join(tmp, test + ".c.st")
+            p, _ = run([PY, REF, "forward", ck, "--tokens", ids, "--dump", ref_dump, "--float64"])
+            if p.returncode != 0:
+                suite.check(test, False, "reference failed: " + p.stderr.strip()[-800:])
+                continue
+            p, _ = run([jetmoe, "forward", ck, "--tokens", ids, "--dump", c_dump])
+            if p.returncode != 0 or sanitizer_report(p.stderr):
+                suite.check(test, False, f"jetmoe forward exit {p.returncode}: {p.stderr.strip()[-800:]}")
+                continue
+            ref, got = read_safetensors(ref_dump), read_safetensors(c_dump)
+            problems = compare_dumps(ref, got, spec["cfg"].get("num_hidden_layers", 24))
+            suite.check(test, not problems, "; ".join(problems))
+
+
+def compare_dumps(ref, got, layers):
+    problems = []
+    lr, lg = ref["logits"].astype(np.float64), got["logits"].astype(np.float64)
+    if lr.shape != lg.shape:
+        return [f"logits shape {lg.shape} != {lr.shape}"]
+    err = np.abs(lr - lg).max()
+    scale = np.abs(lr).max()
+    if not err <= 1e-4 * scale:
+        problems.append(f"logits max abs err {err:.3g} > 1e-4 * {scale:.3g}")
+    for key in ("loss", "aux_loss", "z_loss"):
+        r, g = float(ref[key][0]), float(got[key][0])
+        if not abs(r - g) <= 1e-5 * max(abs(r), 1e-30) and not (r == 0 and g == 0):
+            problems.append(f"{key} {g!r} vs reference {r!r} (rel {abs(r - g) / max(abs(r), 1e-30):.2g})")
+    for l in range(layers):
+        for b in ("moa", "moe"):
+            key = f"routing.layers.{l}.{b}"
+            if not np.array_equal(ref[key], got[key]):
+                n = int((ref[key] != got[key]).any(axis=1).sum())
+                problems.append(f"{key}: {n} tokens routed differently")
+    return problems
+
+
+# ---------------------------------------------------------------- bad input
+
+def st_bytes(tensors, header_override=None, meta=None):
+    """Builds a safetensors image: tensors is [(name, dtype, shape, raw bytes)]."""
+    header, off, data = {}, 0, b""
+    if meta is not None:
+        header["__metadata__"] = meta
+    for name, dt, shape, raw in tensors:
+        header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        off += len(raw)
+        data += raw
+    h = json.dumps(header).encode() if header_override is None else header_override
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def bad_inputs(suite, build, tmp):
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    base = os.path.join(tmp, "bad_base")
+    cfg = dict(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_key_value_heads=1, kv_channels=4,
+               intermediate_size=6, num_local_experts=2, num_experts_per_tok=1)
+    p, _ = run([PY, REF, "make", "--out", base, "--config", json.dumps(cfg), "--seed", "1"])
+    if p.returncode != 0:
+        suite.check("bad_input_base", False, p.stderr.strip()[-500:])
+        return
+    with open(os.path.join(base, "model.safetensors"), "rb") as f:
+        good = f.read()
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8:8 + n])
+    data = good[8 + n:]
+    names = [k for k in header if k != "__metadata__"]
+    tensors = [(k, header[k]["dtype"], header[k]["shape"],
+                data[header[k]["data_offsets"][0]:header[k]["data_offsets"][1]]) for k in names]
+
+    def variant(case, st=None, config=None, files=None):
+        d = os.path.join(tmp, "bad_" + case)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        with open(os.path.join(d, "config.json"), "wb") as f:
+            f.write(config if config is not None else json.dumps(cfg).encode())
+        if st is not None:
+            with open(os.path.join(d, "model.safetensors"), "wb") as f:
+                f.write(st)
+        for fname, content in (files or {}).items():
+            with open(os.path.join(d, fname), "wb") as f:
+                f.write(content)
+        return d
+
+    def with_header(mutate):
+        h = json.loads(good[8:8 + n])
+        mutate(h)
+        return st_bytes([], header_override=json.dumps(h).encode()) + data
+
+    def swap(i, key, value):
+        def m(h):
+            h[names[i]][key] = value
+        return m
+
+    emb = names[0]
+    cases = [
+        ("truncated_file", good[:len(good) - 5], None, "past end"),
+        ("header_len_past_eof", struct.pack("<Q", 1 << 40) + good[8:], None, "past end"),
+        ("short_file", good[:5], None, "shorter than"),
+        ("empty_file", b"", None, "shorter than"),
+        ("overlapping_tensors", with_header(lambda h: h[names[1]].update(
+            data_offsets=[h[names[0]]["data_offsets"][0], h[names[0]]["data_offsets"][0] +
+                          h[names[1]]["data_offsets"][1] - h[names[1]]["data_offsets"][0]])), None, "overlap"),
+        ("unknown_dtype", with_header(swap(0, "dtype", "F8_E9M9")), None, "F8_E9M9"),
+        ("shape_vs_bytes", with_header(swap(0, "shape", [16, 9])), None, "shape"),
+        ("negative_dim", with_header(swap(0, "shape", [-16, 8])), None, "shape"),
+        ("non_utf8_header", st_bytes([], header_override=b'{"\xff\xfe": {}}'), None, "UTF-8"),
+        ("bad_json_header", st_bytes([], header_override=b'{"a": [1, 2'), None, "JSON"),
+        ("missing_tensor", st_bytes([t for t in tensors if t[0] != "model.norm.weight"]), None,
+         "model.norm.weight"),
+        ("extra_tensor", st_bytes(tensors + [("model.layers.9.mlp.bias", "F32", [8], b"\0" * 32)]), None,
+         "model.layers.9.mlp.bias"),
+        ("wrong_shape_tensor", st_bytes([(k, d, ([8, 16] if k == emb else s), r) for k, d, s, r in tensors]),
+         None, emb),
+        ("int_dtype_weight", st_bytes([(k, ("I32" if k == emb else d), s, r) for k, d, s, r in tensors]), None,
+         "dtype"),
+        ("offsets_past_data", with_header(swap(len(names) - 1, "data_offsets", [len(data) - 4, len(data) + 60])),
+         None, "past"),
+        ("config_not_json", good, b"{not json", "config.json"),
+        ("config_non_utf8", good, b'{"vocab_size": 16, "x": "\xc3\x28"}', "UTF-8"),
+        ("config_huge_dims", good, json.dumps(dict(cfg, hidden_size=1 << 40)).encode(), "hidden_size"),
+        ("config_topk_gt_experts", good, json.dumps(dict(cfg, num_experts_per_tok=3)).encode(),
+         "num_experts_per_tok"),
+        ("config_string_field", good, json.dumps(dict(cfg, hidden_size="8")).encode(), "hidden_size"),
+        ("config_heads_mismatch", good, json.dumps(dict(cfg, num_attention_heads=5)).encode(),
+         "num_attention_heads"),
+        ("config_negative_vocab", good, json.dumps(dict(cfg, vocab_size=-3)).encode(), "vocab_size"),
+        ("config_alias_conflict", good, json.dumps(dict(cfg, moe_num_experts=4)).encode(), "moe_num_experts"),
+        ("config_missing", None, None, "config.json"),
+        ("no_weights", None, json.dumps(cfg).encode(), "model.safetensors"),
+    ]
+    for case, st, config, expect in cases:
+        test = f"bad_input_{case}"
+        if not suite.wanted(test):
+            continue
+        d = variant(case, st, config)
+        if case == "config_missing":
+            os.remove(os.path.join(d, "config.json"))
+            with open(os.path.join(d, "model.safetensors"), "wb") as f:
+                f.write(good)
+        problems = []
+        for cmd in (["info", d], ["forward", d, "--tokens", "1,2,3"]):
+            p, _ = run([jetmoe] + cmd)
+            err = p.stderr.strip()
+            if p.returncode == 0:
+                problems.append(f"{cmd[0]}: exit 0")
+            elif p.returncode < 0 or sanitizer_report(err):
+                problems.append(f"{cmd[0]}: crashed ({p.returncode}): {err[-400:]}")
+            elif len(err.splitlines()) != 1:
+                problems.append(f"{cmd[0]}: error is not one line: {err[-400:]!r}")
+            elif expect not in err:
+                problems.append(f"{cmd[0]}: error does not name '{expect}': {err!r}")
+        suite.check(test, not problems, "; ".join(problems))
+
+    # Sharded checkpoints: index problems.
+    shard_cases = [
+        ("index_traversal", {"model.safetensors.index.json": json.dumps(
+            {"weight_map": {k: "../model.safetensors" for k in names}}).encode()}, ".."),
+        ("index_missing_shard", {"model.safetensors.index.json": json.dumps(
+            {"weight_map": {k: "model-00001-of-00002.safetensors" for k in names}}).encode()},
+         "model-00001-of-00002.safetensors"),
+        ("index_not_json", {"model.safetensors.index.json": b"[1, 2"}, "index"),
+    ]
+    for case, files, expect in shard_cases:
+        test = f"bad_input_{case}"
+        if not suite.wanted(test):
+            continue
+        d = variant(case, None, None, files)
+        p, _ = run([jetmoe, "info", d])
+        err = p.stderr.strip()
+        ok = p.returncode > 0 and not sanitizer_report(err) and len(err.splitlines()) == 1 and expect in err
+        suite.check(test, ok, f"exit {p.returncode}: {err[-400:]!r}")
+
+    # CLI arguments.
+    cli_cases = [
+        ("token_out_of_vocab", ["forward", base, "--tokens", "1,16"], "outside the vocabulary"),
+        ("token_negative", ["forward", base, "--tokens", "-1"], "outside the vocabulary"),
+        ("token_not_a_number", ["forward", base, "--tokens", "1,x"], "--tokens"),
+        ("token_empty_field", ["forward", base, "--tokens", "1,,2"], "--tokens"),
+        ("token_overflow", ["forward", base, "--tokens", "99999999999999"], "--tokens"),
+        ("unknown_flag", ["forward", base, "--tokens", "1", "--frobnicate"], "--frobnicate"),
+        ("unknown_command", ["frobnicate"], "frobnicate"),
+        ("missing_flag_value", ["forward", base, "--tokens"], "--tokens"),
+        ("too_long_sequence", ["forward", base, "--tokens", ",".join(["1"] * 4097)], "max_position_embeddings"),
+        ("dump_unwritable", ["forward", base, "--tokens", "1", "--dump", "/nonexistent/dir/x.st"], "nonexistent"),
+    ]
+    for case, args, expect in cli_cases:
+        test = f"cli_{case}"
+        if not suite.wanted(test):
+            continue
+        p, _ = run([jetmoe] + args)
+        err = p.stderr.strip()
+        ok = p.returncode > 0 and not sanitizer_report(err) and len(err.splitlines()) == 1 and expect in err
+        suite.check(test, ok, f"exit {p.returncode}: {err[-400:]!r}")
+
+    if suite.wanted("cli_info_ok"):
+        p, _ = run([jetmoe, "info", base])
+        suite.check("cli_info_ok", p.returncode == 0 and "model.embed_tokens.weight" in p.stdout
+                    and "active per token" in p.stdout, p.stderr[-400:])
+
+
+# ---------------------------------------------------------------- reference self-test
+
+def ref_selftest(suite):
+    if not suite.wanted("ref_selftest"):
+        return
+    p, secs = run([PY, REF, "selftest"])
+    lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
+    for l in lines:
+        print(l, flush=True)
+        suite.passed += l.startswith("PASS ")
+        suite.failed += l.startswith("FAIL ")
+    if p.returncode != 0 and not any(l.startswith("FAIL ") for l in lines):
+        suite.check("ref_selftest_exit", False, p.stderr.strip()[-800:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = ap.parse_args()
+    suite = Suite(args.only)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    if "asan" in args.build:
+        os.environ["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0"
+        os.environ["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    tmp = tempfile.mkdtemp(prefix="jetmoe-test-")
+    t0 = time.time()
+    try:
+        c_programs(suite, args.build)
+        ref_selftest(suite)
+        golden(suite, args.build, tmp)
+        bad_inputs(suite, args.build, tmp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"# {time.time() - t0:.0f}s ({args.build})")
+    print(f"{suite.passed} passed, {suite.failed} failed")
+    sys.exit(1 if suite.failed or suite.passed == 0 else 0)
+
+
+if __name__ == "__main__":
+    main()
