@@ -60,5 +60,13 @@ test-asan: setup
 bench: setup all
 	@$(PY) bench/run_bench.py
 
+# The main job on the embedded default. Until pretraining lands (issue 5) it
+# initialises a small JetMoE, validates and describes it, and runs a forward pass.
+demo: setup
+	@$(MAKE) --no-print-directory all
+	./jetmoe init build/demo-model --config data/tiny-config.json --seed 1
+	./jetmoe info build/demo-model | head -12
+	./jetmoe forward build/demo-model --tokens 1,15,27,99,3,42,7,300
+
 clean:
 	rm -rf build build-asan jetmoe

@@ -71,8 +71,9 @@ static int cmd_info(int argc, char **argv)
     printf("experts           %d, top-%d (MoA and MoE)\n", c.num_experts, c.top_k);
     printf("context           %d (rope_theta %g)\n", c.max_position_embeddings, c.rope_theta);
     printf("tied embeddings   %s\n", c.tie_word_embeddings ? "yes" : "no");
-    printf("parameters        %lld total (%.3fB), %lld active per token (%.3fB)\n", (long long)total, total / 1e9,
-           (long long)active, active / 1e9);
+    printf("parameters        %lld total (%.2f%s), %lld active per token (%.2f%s)\n", (long long)total,
+           total >= 1e9 ? total / 1e9 : total / 1e6, total >= 1e9 ? "B" : "M", (long long)active,
+           active >= 1e9 ? active / 1e9 : active / 1e6, active >= 1e9 ? "B" : "M");
     printf("tensors           %d\n", n);
     for (int i = 0; i < n; i++) {
         printf("  %-60s %-5s ", t[i].name, t[i].dtype);
@@ -188,6 +189,42 @@ out:
     return s ? fail("forward", s, &err) : 0;
 }
 
+/* ---- init ---- */
+
+static int cmd_init(int argc, char **argv)
+{
+    const char *out = NULL, *config = NULL;
+    long seed = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--config") == 0 || strcmp(a, "--seed") == 0) {
+            if (i + 1 >= argc) return die("init", "%s needs a value", a);
+            const char *v = argv[++i];
+            if (a[2] == 'c') config = v;
+            else if (parse_int(v, 0, 2147483647L, &seed) != 0)
+                return die("init", "--seed wants a non-negative integer, got '%s'", v);
+        } else if (a[0] == '-') {
+            return die("init", "unknown flag %s (see 'jetmoe help init')", a);
+        } else if (!out) {
+            out = a;
+        } else {
+            return die("init", "unexpected argument %s", a);
+        }
+    }
+    if (!out || !config) return die("init", "%s", "usage: jetmoe init OUT_DIR --config config.json [--seed N]");
+    jm_error err;
+    jm_config c;
+    jm_model *m;
+    jm_status s = jm_config_load(config, &c, &err);
+    if (!s) s = jm_model_create(&c, (uint64_t)seed, &m, &err);
+    if (s) return fail("init", s, &err);
+    s = jm_model_save(m, out, &err);
+    jm_model_free(m);
+    if (s) return fail("init", s, &err);
+    printf("wrote %s: %lld parameters\n", out, (long long)jm_config_num_params(&c));
+    return 0;
+}
+
 /* ---- dispatch ---- */
 
 static int cmd_help(int argc, char **argv);
@@ -203,6 +240,11 @@ static const command commands[] = {
      "writes F32 'logits' (T, vocab), 'loss', 'aux_loss', 'z_loss' (shape [1]) and I32\n"
      "'routing.layers.{i}.moa|moe' (T, k: the experts each router chose) to OUT, atomically.",
      cmd_forward},
+    {"init", "jetmoe init OUT_DIR --config config.json [--seed N]",
+     "Creates a JetMoE initialised as the spec says (weights N(0, initializer_range), norms 1,\n"
+     "biases 0) and writes it as an HF checkpoint (config.json + model.safetensors, F32).\n"
+     "Fields config.json leaves out take JetMoE-8B's values.",
+     cmd_init},
     {"help", "jetmoe help [COMMAND]", "Shows the commands, or one command's usage.", cmd_help},
 };
 #define NCOMMANDS (int)(sizeof commands / sizeof commands[0])

@@ -29,10 +29,10 @@ class Suite:
         self.failed = 0
         self.only = only
 
-    def check(self, name, ok, why=""):
+    def check(self, name, ok, why="", detail=""):
         if ok:
             self.passed += 1
-            print(f"PASS {name}", flush=True)
+            print(f"PASS {name}" + (f" ({detail})" if detail else ""), flush=True)
         else:
             self.failed += 1
             print(f"FAIL {name}: {why}", flush=True)
@@ -147,30 +147,33 @@ def golden(suite, build, tmp):
                 suite.check(test, False, f"jetmoe forward exit {p.returncode}: {p.stderr.strip()[-800:]}")
                 continue
             ref, got = read_safetensors(ref_dump), read_safetensors(c_dump)
-            problems = compare_dumps(ref, got, spec["cfg"].get("num_hidden_layers", 24))
-            suite.check(test, not problems, "; ".join(problems))
+            problems, stats = compare_dumps(ref, got, spec["cfg"].get("num_hidden_layers", 24))
+            suite.check(test, not problems, "; ".join(problems), stats)
 
 
 def compare_dumps(ref, got, layers):
     problems = []
     lr, lg = ref["logits"].astype(np.float64), got["logits"].astype(np.float64)
     if lr.shape != lg.shape:
-        return [f"logits shape {lg.shape} != {lr.shape}"]
+        return [f"logits shape {lg.shape} != {lr.shape}"], ""
     err = np.abs(lr - lg).max()
     scale = np.abs(lr).max()
+    stats = [f"logits err/max {err / scale:.1e}"]
     if not err <= 1e-4 * scale:
         problems.append(f"logits max abs err {err:.3g} > 1e-4 * {scale:.3g}")
     for key in ("loss", "aux_loss", "z_loss"):
         r, g = float(ref[key][0]), float(got[key][0])
-        if not abs(r - g) <= 1e-5 * max(abs(r), 1e-30) and not (r == 0 and g == 0):
-            problems.append(f"{key} {g!r} vs reference {r!r} (rel {abs(r - g) / max(abs(r), 1e-30):.2g})")
+        rel = abs(r - g) / max(abs(r), 1e-30)
+        stats.append(f"{key} rel {rel:.1e}")
+        if not rel <= 1e-5 and not (r == 0 and g == 0):
+            problems.append(f"{key} {g!r} vs reference {r!r} (rel {rel:.2g})")
     for l in range(layers):
         for b in ("moa", "moe"):
             key = f"routing.layers.{l}.{b}"
             if not np.array_equal(ref[key], got[key]):
                 n = int((ref[key] != got[key]).any(axis=1).sum())
                 problems.append(f"{key}: {n} tokens routed differently")
-    return problems
+    return problems, ", ".join(stats)
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,0 +1,53 @@
+#!/usr/bin/python3
+"""Runs the benchmarks and prints ratios: the C model against the PyTorch
+reference on the same config and threads, and against the machine's fp32
+GEMM peak measured in the same run. Prints figures; never passes or fails.
+
+Usage: bench/run_bench.py [--threads 2] [--batch 8] [--seq 256] [--iters 5]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def json_lines(text):
+    return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--build", default="build")
+    a = ap.parse_args()
+    common = ["--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq), "--iters", str(a.iters)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+
+    c = subprocess.run([os.path.join(ROOT, a.build, "bench", "forward")] + common, capture_output=True, text=True,
+                       env=env, check=True)
+    py = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "bench", "forward_ref.py")] + common,
+                        capture_output=True, text=True, env=env, check=True)
+    rows = json_lines(c.stdout) + json_lines(py.stdout)
+    peak = next(r for r in rows if r.get("what") == "gemm_peak")
+    cf = next(r for r in rows if r.get("what") == "forward")
+    pf = next(r for r in rows if r.get("impl") == "pytorch")
+    pt_gflops = cf["gflop_per_iter"] / pf["seconds_per_iter"]
+    print(f"bench/forward  config: vocab 32000, hidden 256, 4 layers, 4 KV heads x 64, FFN 704, 8 experts top-2")
+    print(f"               batch {a.batch} x {a.seq} tokens, {a.threads} threads, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"  fp32 SGEMM peak (2048^3, OpenBLAS): {peak['gflops']:.1f} GFLOP/s")
+    print(f"  C forward:       {cf['tokens_per_s']:9.1f} tokens/s  {cf['gflops']:6.1f} GFLOP/s "
+          f"= {cf['gflops'] / peak['gflops']:.0%} of GEMM peak")
+    print(f"  PyTorch forward: {pf['tokens_per_s']:9.1f} tokens/s  {pt_gflops:6.1f} GFLOP/s "
+          f"= {pt_gflops / peak['gflops']:.0%} of GEMM peak")
+    print(f"  ratio C / PyTorch: {cf['tokens_per_s'] / pf['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
