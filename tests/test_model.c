@@ -156,6 +156,22 @@ static void test_halves(void)
           "f16 conversion");
 }
 
+static void test_expf(void)
+{
+    double worst = 0;
+    float at = 0;
+    for (float x = -87.0f; x < 88.0f; x += 0.000731f) {
+        double e = exp((double)x), r = fabs(jm_expf(x) - e) / e;
+        if (r > worst) {
+            worst = r;
+            at = x;
+        }
+    }
+    check("expf_within_2ulp", worst < 2 * 5.97e-8, "max rel err %.3g at %g", worst, at);
+    check("expf_edges", jm_expf(0.0f) == 1.0f && jm_expf(-INFINITY) < 1e-37f && isnan(jm_expf(NAN)),
+          "exp(0) %g exp(-inf) %g", jm_expf(0.0f), jm_expf(-INFINITY));
+}
+
 static void test_checkpoint_and_batch(const char *tmp)
 {
     jm_config c = tiny_config();
@@ -231,6 +247,7 @@ int main(void)
     test_router();
     test_dispatch();
     test_halves();
+    test_expf();
     test_checkpoint_and_batch(tmp);
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);

@@ -46,10 +46,12 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
                     float *s = S + (int64_t)r * nk;
                     int visible = r0 + r + 1;
                     float mx = s[0];
+#pragma omp simd reduction(max : mx)
                     for (int c = 1; c < visible; c++) mx = s[c] > mx ? s[c] : mx;
                     float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
                     for (int c = 0; c < visible; c++) {
-                        s[c] = expf(s[c] - mx);
+                        s[c] = jm_expf(s[c] - mx);
                         sum += s[c];
                     }
                     float inv = 1.0f / sum;

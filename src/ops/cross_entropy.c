@@ -12,10 +12,12 @@ double cross_entropy_forward(const float *logits, const int32_t *targets, int64_
         if (targets[t] < 0) continue; /* masked (no next token, or prompt in fine-tuning) */
         const float *x = logits + t * V;
         float mx = x[0];
+#pragma omp simd reduction(max : mx)
         for (int64_t i = 1; i < V; i++) mx = x[i] > mx ? x[i] : mx;
-        double s = 0.0;
-        for (int64_t i = 0; i < V; i++) s += expf(x[i] - mx);
-        sum += (double)mx + log(s) - (double)x[targets[t]];
+        float s = 0.0f; /* lane-wise partial sums: each lane adds V/8 terms <= 1 */
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < V; i++) s += jm_expf(x[i] - mx);
+        sum += (double)mx + log((double)s) - (double)x[targets[t]];
         n++;
     }
     *count = n;

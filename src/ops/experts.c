@@ -8,6 +8,7 @@
 #include "ops.h"
 
 #include <cblas.h>
+#include <omp.h>
 #include <string.h>
 
 void dispatch_build(int32_t *sorted, int32_t *pos, int64_t *offsets, const int32_t *idx, int64_t N, int k, int E)
@@ -43,6 +44,11 @@ void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t 
 void experts_forward(float *ys, const float *xs, const float *W, const int64_t *offsets, int E, int64_t C,
                      int64_t O)
 {
+    /* Experts run side by side, one per thread (BLAS goes single-threaded inside
+     * a parallel region): fewer, larger units of work than splitting every
+     * expert's GEMM across the threads. Dynamic, since the loads differ. With
+     * fewer experts than twice the threads, BLAS threads each GEMM instead. */
+#pragma omp parallel for schedule(dynamic, 1) if (E >= 2 * omp_get_max_threads())
     for (int e = 0; e < E; e++) {
         int64_t rows = offsets[e + 1] - offsets[e];
         if (rows == 0) continue;

@@ -10,6 +10,34 @@
 
 #define JM_MAX_EXPERTS 1024 /* config.c rejects more */
 
+#include <string.h>
+
+/* exp(x) for softmax, SiLU and cross-entropy, written by hand because glibc's
+ * expf is a scalar call that stops gcc from vectorising those loops (they were
+ * a quarter of the forward time); this form inlines and vectorises to AVX2.
+ * Cephes' range reduction x = n ln2 + r and degree-6 polynomial: within 2 ulp
+ * of expf on [-87, 88]; inputs outside are clamped (exp(-87) ~ 1.6e-38 stands
+ * in for 0, which no softmax sum or sigmoid can tell apart). */
+static inline float jm_expf(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* matmul.c: out (N,O) = inp (N,C) @ W(O,C)^T  (+ out when accumulate) */
 void matmul_forward(float *out, const float *inp, const float *W, int64_t N, int64_t C, int64_t O, int accumulate);
 

@@ -11,7 +11,7 @@ void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
         float *o = h + m * F;
         for (int64_t i = 0; i < F; i++) {
             float g = gate[i];
-            o[i] = g / (1.0f + expf(-g)) * up[i];
+            o[i] = g / (1.0f + jm_expf(-g)) * up[i];
         }
     }
 }
