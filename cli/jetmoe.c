@@ -37,6 +37,36 @@ static int parse_int(const char *s, long lo, long hi, long *out)
     return 0;
 }
 
+/* Command-line flags: every flag takes one value; anything else not starting
+ * with '-' is the one positional argument. Returns 0, or the exit code after
+ * printing the error. */
+typedef struct {
+    const char *flag;
+    const char **value;
+} flag_spec;
+
+static int parse_args(const char *cmd, int argc, char **argv, const flag_spec *flags, int nflags,
+                      const char **positional)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (a[0] != '-') {
+            if (*positional) return die(cmd, "unexpected argument %s", a);
+            *positional = a;
+            continue;
+        }
+        int f = 0;
+        while (f < nflags && strcmp(a, flags[f].flag) != 0) f++;
+        if (f == nflags) {
+            fprintf(stderr, "jetmoe %s: unknown flag %s (see 'jetmoe help %s')\n", cmd, a, cmd);
+            return 2;
+        }
+        if (i + 1 >= argc) return die(cmd, "%s needs a value", a);
+        *flags[f].value = argv[++i];
+    }
+    return 0;
+}
+
 static void print_shape(FILE *f, int ndim, const int64_t *shape)
 {
     fputc('[', f);
@@ -49,11 +79,8 @@ static void print_shape(FILE *f, int ndim, const int64_t *shape)
 static int cmd_info(int argc, char **argv)
 {
     const char *dir = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (argv[i][0] == '-') return die("info", "unknown flag %s (see 'jetmoe help info')", argv[i]);
-        if (dir) return die("info", "unexpected argument %s", argv[i]);
-        dir = argv[i];
-    }
+    int rc = parse_args("info", argc, argv, NULL, 0, &dir);
+    if (rc) return rc;
     if (!dir) return die("info", "%s", "usage: jetmoe info DIR");
     jm_config c;
     jm_tensor_info *t;
@@ -121,25 +148,13 @@ static int parse_tokens(const char *list, int32_t **out, int *n)
 
 static int cmd_forward(int argc, char **argv)
 {
-    const char *dir = NULL, *tokens = NULL, *dump = NULL;
-    long threads = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "--tokens") == 0 || strcmp(a, "--dump") == 0 || strcmp(a, "--threads") == 0) {
-            if (i + 1 >= argc) return die("forward", "%s needs a value", a);
-            const char *v = argv[++i];
-            if (a[2] == 't' && a[3] == 'o') tokens = v;
-            else if (a[2] == 'd') dump = v;
-            else if (parse_int(v, 0, 4096, &threads) != 0)
-                return die("forward", "--threads wants an integer in [0, 4096], got '%s'", v);
-        } else if (a[0] == '-') {
-            return die("forward", "unknown flag %s (see 'jetmoe help forward')", a);
-        } else if (!dir) {
-            dir = a;
-        } else {
-            return die("forward", "unexpected argument %s", a);
-        }
-    }
+    const char *dir = NULL, *tokens = NULL, *dump = NULL, *threads_arg = "0";
+    const flag_spec flags[] = {{"--tokens", &tokens}, {"--dump", &dump}, {"--threads", &threads_arg}};
+    int rc = parse_args("forward", argc, argv, flags, 3, &dir);
+    if (rc) return rc;
+    long threads;
+    if (parse_int(threads_arg, 0, 4096, &threads) != 0)
+        return die("forward", "--threads wants an integer in [0, 4096], got '%s'", threads_arg);
     if (!dir || !tokens) return die("forward", "%s", "usage: jetmoe forward DIR --tokens 1,5,9 [--dump OUT.safetensors]");
     int32_t *ids;
     int T;
@@ -193,24 +208,13 @@ out:
 
 static int cmd_init(int argc, char **argv)
 {
-    const char *out = NULL, *config = NULL;
-    long seed = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "--config") == 0 || strcmp(a, "--seed") == 0) {
-            if (i + 1 >= argc) return die("init", "%s needs a value", a);
-            const char *v = argv[++i];
-            if (a[2] == 'c') config = v;
-            else if (parse_int(v, 0, 2147483647L, &seed) != 0)
-                return die("init", "--seed wants a non-negative integer, got '%s'", v);
-        } else if (a[0] == '-') {
-            return die("init", "unknown flag %s (see 'jetmoe help init')", a);
-        } else if (!out) {
-            out = a;
-        } else {
-            return die("init", "unexpected argument %s", a);
-        }
-    }
+    const char *out = NULL, *config = NULL, *seed_arg = "1";
+    const flag_spec flags[] = {{"--config", &config}, {"--seed", &seed_arg}};
+    int rc = parse_args("init", argc, argv, flags, 2, &out);
+    if (rc) return rc;
+    long seed;
+    if (parse_int(seed_arg, 0, 2147483647L, &seed) != 0)
+        return die("init", "--seed wants a non-negative integer, got '%s'", seed_arg);
     if (!out || !config) return die("init", "%s", "usage: jetmoe init OUT_DIR --config config.json [--seed N]");
     jm_error err;
     jm_config c;
