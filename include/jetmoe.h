@@ -123,6 +123,7 @@ typedef struct {
     double loss;      /* mean cross-entropy over predicted positions */
     double aux_loss;  /* sum over the 2L routers of the switch load-balancing loss */
     double z_loss;    /* sum over the 2L routers of mean (logsumexp z)^2 */
+    int64_t count;    /* predicted positions the loss averages over */
 } jm_losses;
 
 /* Runs B sequences of T tokens each (tokens is B*T ids, row-major), each
@@ -141,7 +142,9 @@ const float *jm_logits(const jm_model *m);
  * next forward), or NULL when the arguments are out of range. */
 const int32_t *jm_routing(const jm_model *m, int layer, int block);
 
-/* Threads used by the library's OpenMP loops and BLAS (0 = all cores). */
+/* Threads used by the library's OpenMP loops and BLAS (0 = all cores). This
+ * sets the process-wide OpenMP and OpenBLAS thread counts: the one setting
+ * that is not per handle, because those runtimes have no other. */
 void jm_set_threads(int n);
 
 #ifdef __cplusplus

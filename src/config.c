@@ -68,7 +68,8 @@ jm_status jm_config_validate(const jm_config *c, jm_error *err)
     if ((s = check_int("eos_token_id", c->eos_token_id, 0, c->vocab_size - 1, err))) return s;
     if ((s = check_int("tie_word_embeddings", c->tie_word_embeddings, 0, 1, err))) return s;
     if ((s = check_real("rope_theta", c->rope_theta, 1e-6, 1e12, err))) return s;
-    if ((s = check_real("rms_norm_eps", c->rms_norm_eps, 0.0, 1.0, err))) return s;
+    /* eps > 0: an all-zero row (a zeroed padding embedding) must not divide by zero */
+    if ((s = check_real("rms_norm_eps", c->rms_norm_eps, 1e-30, 1.0, err))) return s;
     if ((s = check_real("aux_loss_coef", c->aux_loss_coef, 0.0, 1e6, err))) return s;
     if ((s = check_real("z_loss_coef", c->z_loss_coef, 0.0, 1e6, err))) return s;
     if ((s = check_real("initializer_range", c->initializer_range, 0.0, 1e3, err))) return s;
@@ -125,33 +126,9 @@ static jm_status get_real_field(const cJSON *root, const char *name, const char 
 jm_status jm_config_parse(const char *json, size_t len, const char *file, jm_config *c, jm_error *err)
 {
     jm_config_default(c);
-    for (size_t i = 0; i < len; i++)
-        if (json[i] == 0) return jm_fail(err, JM_ERR_FORMAT, "%s: NUL byte in JSON", file);
-    /* cJSON does not check UTF-8; strings we keep must be valid, so check here. */
-    for (size_t i = 0; i < len;) {
-        unsigned char ch = (unsigned char)json[i];
-        int n = ch < 0x80 ? 1 : (ch >> 5) == 6 ? 2 : (ch >> 4) == 14 ? 3 : (ch >> 3) == 30 ? 4 : 0;
-        if (!n || i + n > len || (n == 2 && ch < 0xc2) || (n == 4 && ch > 0xf4))
-            return jm_fail(err, JM_ERR_FORMAT, "%s: not valid UTF-8 at byte %zu", file, i);
-        for (int k = 1; k < n; k++)
-            if (((unsigned char)json[i + k] >> 6) != 2)
-                return jm_fail(err, JM_ERR_FORMAT, "%s: not valid UTF-8 at byte %zu", file, i);
-        i += n;
-    }
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(json, len, &end, 0);
-    if (!root) {
-        size_t at = end ? (size_t)(end - json) : 0;
-        const char *e = cJSON_GetErrorPtr();
-        if (e && e >= json && e <= json + len) at = (size_t)(e - json);
-        return jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON near byte %zu", file, at);
-    }
-    jm_status s = JM_OK;
-    while (end && end < json + len && (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t')) end++;
-    if (end && end < json + len) {
-        s = jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON: trailing data at byte %zu", file, (size_t)(end - json));
-        goto done;
-    }
+    cJSON *root;
+    jm_status s = jm_json_parse(json, len, file, &root, err);
+    if (s) return s;
     if (!cJSON_IsObject(root)) {
         s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", file);
         goto done;
@@ -184,20 +161,44 @@ jm_status jm_config_parse(const char *json, size_t len, const char *file, jm_con
         }
         snprintf(c->activation_function, sizeof c->activation_function, "%s", j->valuestring);
     }
-    /* rope_theta: top level, or inside rope_parameters (newer transformers). */
+    /* rope_theta: top level, or inside rope_parameters (newer transformers).
+     * Only plain RoPE exists in JetMoE: a scaling scheme we would ignore is an error. */
     const cJSON *rp = cJSON_GetObjectItemCaseSensitive(root, "rope_parameters");
-    if (rp && cJSON_IsObject(rp) &&
-        (s = get_real(cJSON_GetObjectItemCaseSensitive(rp, "rope_theta"), "rope_parameters.rope_theta", file,
-                      &c->rope_theta, err)))
+    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(root, "rope_scaling");
+    if (rs && !cJSON_IsNull(rs)) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field rope_scaling is not supported by JetMoE (only plain RoPE)", file);
         goto done;
-    if ((s = get_real_field(root, "rope_theta", file, &c->rope_theta, err))) goto done;
+    }
+    if (rp && !cJSON_IsNull(rp)) {
+        const cJSON *type = cJSON_IsObject(rp) ? cJSON_GetObjectItemCaseSensitive(rp, "rope_type") : NULL;
+        if (!cJSON_IsObject(rp) || (type && !(cJSON_IsString(type) && strcmp(type->valuestring, "default") == 0))) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field rope_parameters must be an object with rope_type \"default\"",
+                        file);
+            goto done;
+        }
+        if ((s = get_real(cJSON_GetObjectItemCaseSensitive(rp, "rope_theta"), "rope_parameters.rope_theta", file,
+                          &c->rope_theta, err)))
+            goto done;
+    }
+    const cJSON *rt = cJSON_GetObjectItemCaseSensitive(root, "rope_theta");
+    if (rt && !cJSON_IsNull(rt)) {
+        double nested = c->rope_theta, top = nested;
+        if ((s = get_real(rt, "rope_theta", file, &top, err))) goto done;
+        if (rp && !cJSON_IsNull(rp) && cJSON_GetObjectItemCaseSensitive(rp, "rope_theta") && top != nested) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: fields rope_theta and rope_parameters.rope_theta disagree", file);
+            goto done;
+        }
+        c->rope_theta = top;
+    }
     if ((s = get_real_field(root, "rms_norm_eps", file, &c->rms_norm_eps, err))) goto done;
     if ((s = get_real_field(root, "aux_loss_coef", file, &c->aux_loss_coef, err))) goto done;
     if ((s = get_real_field(root, "z_loss_coef", file, &c->z_loss_coef, err))) goto done;
     if ((s = get_real_field(root, "initializer_range", file, &c->initializer_range, err))) goto done;
 
     /* The authors' num_attention_heads is derived in HF; when given it must agree. */
-    int heads = -1;
+    int heads = 0;
+    const cJSON *hj = cJSON_GetObjectItemCaseSensitive(root, "num_attention_heads");
+    int has_heads = hj && !cJSON_IsNull(hj);
     if ((s = get_int(root, "num_attention_heads", NULL, file, &heads, err))) goto done;
     if ((s = jm_config_validate(c, err))) {
         char inner[sizeof err->msg];
@@ -205,7 +206,7 @@ jm_status jm_config_parse(const char *json, size_t len, const char *file, jm_con
         s = jm_fail(err, s, "%s: %s", file, inner);
         goto done;
     }
-    if (heads != -1 && (int64_t)heads != (int64_t)c->num_kv_heads * c->top_k)
+    if (has_heads && (int64_t)heads != (int64_t)c->num_kv_heads * c->top_k)
         s = jm_fail(err, JM_ERR_CONFIG,
                     "%s: field num_attention_heads = %d must equal num_key_value_heads * num_experts_per_tok = %d",
                     file, heads, c->num_kv_heads * c->top_k);

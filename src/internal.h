@@ -15,6 +15,8 @@ jm_status jm_fail(jm_error *err, jm_status s, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
 /* ---- files (util.c) ---- */
+/* Opens a regular file for reading (never blocks on a FIFO); *size from fstat. */
+jm_status jm_open_regular(const char *path, int *fd, size_t *size, jm_error *err);
 /* Reads a whole file into a malloc'd, NUL-terminated buffer (max_len bounds it). */
 jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err);
 
@@ -23,13 +25,18 @@ jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len
 typedef struct {
     FILE *f;
     char path[4096];
-    char tmp[4200];
+    char tmp[4200]; /* "<path>.tmp.XXXXXX" from mkstemp */
 } jm_atomic_file;
 jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err);
 jm_status jm_atomic_write(jm_atomic_file *a, const void *buf, size_t len, jm_error *err);
 jm_status jm_atomic_commit(jm_atomic_file *a, jm_error *err); /* closes; renames on success */
 void jm_atomic_abort(jm_atomic_file *a);                      /* closes and removes the temp */
 jm_status jm_mkdir_p(const char *dir, jm_error *err);
+
+/* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
+ * no duplicate keys in any object. file names the source in messages. */
+struct cJSON;
+jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
 
 /* bf16/f16 <-> f32 */
 float jm_bf16_to_f32(uint16_t h);

@@ -43,6 +43,7 @@ struct jm_model {
     int64_t param_numel;
     layer_params *lp;
     float *embed, *norm, *lm_head;
+    float ***param_slot;  /* where each table entry's pointer goes (build_params) */
 
     int B, T;         /* the shape the activation arena is planned for */
     void *act_mem;
@@ -73,6 +74,8 @@ static void add_param(jm_param *p, int *n, float ***slot, float **target, const 
 
 /* Lists every parameter in checkpoint order with its HF name and shape, and
  * where its pointer goes; then (when alloc) carves them from one arena. */
+static jm_status alloc_params(jm_model *m, jm_error *err);
+
 static jm_status build_params(jm_model *m, int alloc, jm_error *err)
 {
     const jm_config *c = &m->cfg;
@@ -111,20 +114,22 @@ static jm_status build_params(jm_model *m, int alloc, jm_error *err)
     add_param(m->params, &n, slot, &m->norm, "model.norm.weight", 1, H, 0, 0);
     if (!c->tie_word_embeddings) add_param(m->params, &n, slot, &m->lm_head, "lm_head.weight", 2, V, H, 0);
     m->nparams = n;
-    if (!alloc) {
-        free(slot);
-        return JM_OK;
-    }
+    m->param_slot = slot;
+    return alloc ? alloc_params(m, err) : JM_OK;
+}
 
+/* Carves every parameter from one 64-byte aligned fp32 arena. */
+static jm_status alloc_params(jm_model *m, jm_error *err)
+{
+    const int n = m->nparams;
+    float ***slot = m->param_slot;
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += (m->params[i].numel + 15) & ~(int64_t)15; /* 64-byte aligned starts */
     if ((uint64_t)total > SIZE_MAX / sizeof(float)) {
-        free(slot);
         return jm_fail(err, JM_ERR_NOMEM, "model too large for this machine (%lld parameters)", (long long)total);
     }
     m->param_mem = aligned_alloc(64, (size_t)total * sizeof(float));
     if (!m->param_mem) {
-        free(slot);
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.1f GB for %lld parameters", total * 4.0 / 1e9,
                        (long long)total);
     }
@@ -135,8 +140,7 @@ static jm_status build_params(jm_model *m, int alloc, jm_error *err)
         *slot[i] = p;
         p += (m->params[i].numel + 15) & ~(int64_t)15;
     }
-    if (c->tie_word_embeddings) m->lm_head = m->embed;
-    free(slot);
+    if (m->cfg.tie_word_embeddings) m->lm_head = m->embed;
     return JM_OK;
 }
 
@@ -160,6 +164,7 @@ void jm_model_free(jm_model *m)
 {
     if (!m) return;
     free(m->params);
+    free(m->param_slot);
     free(m->lp);
     free(m->param_mem);
     free(m->la);
@@ -270,7 +275,16 @@ static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, 
         if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
             return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s has dtype %s; weights must be F32, BF16 or F16", file,
                            p->name, st_dtype_name(t->dtype));
-        if (convert && (s = st_to_f32(t, p->data, err))) return s;
+        if (!convert) continue;
+        if ((s = st_to_f32(t, p->data, err))) {
+            char inner[sizeof err->msg];
+            snprintf(inner, sizeof inner, "%s", err->msg);
+            return jm_fail(err, s, "%s: %s", file, inner);
+        }
+        for (int64_t j = 0; j < p->numel; j++)
+            if (!isfinite(p->data[j]))
+                return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s holds a non-finite value at element %lld", file,
+                               p->name, (long long)j);
     }
     return JM_OK;
 }
@@ -287,11 +301,10 @@ static jm_status open_checkpoint(const char *dir, int load, jm_model **out, st_s
     if (s) return s;
     if ((s = st_set_open(dir, set, err))) return s;
     jm_model *m;
-    if ((s = model_new(&c, load, &m, err))) {
-        st_set_close(set);
-        return s;
-    }
-    if ((s = match_tensors(m, set, dir, load, err))) {
+    /* shapes are checked before the arena is allocated: a config with huge
+     * dimensions over a small file fails on the mismatch, not on memory */
+    if ((s = model_new(&c, 0, &m, err)) || (s = match_tensors(m, set, dir, 0, err)) ||
+        (load && ((s = alloc_params(m, err)) || (s = match_tensors(m, set, dir, 1, err))))) {
         jm_model_free(m);
         st_set_close(set);
         return s;
@@ -521,6 +534,9 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         return jm_fail(err, JM_ERR_ARG, "sequence of %d tokens exceeds max_position_embeddings = %d", T,
                        c->max_position_embeddings);
     const int64_t N = (int64_t)B * T, H = c->hidden_size, V = c->vocab_size;
+    /* dispatch indices are int32 and BLAS dimensions int: keep every count in range */
+    if (N * c->top_k > INT32_MAX || (int64_t)B * c->top_k * c->num_kv_heads > INT32_MAX)
+        return jm_fail(err, JM_ERR_ARG, "batch %d x %d tokens is too large for one forward pass", B, T);
     for (int64_t t = 0; t < N; t++)
         if (tokens[t] < 0 || tokens[t] >= V)
             return jm_fail(err, JM_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
@@ -563,6 +579,7 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         losses->loss = loss;
         losses->aux_loss = aux;
         losses->z_loss = zl;
+        losses->count = count;
     }
     return JM_OK;
 }

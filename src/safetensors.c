@@ -139,19 +139,10 @@ jm_status st_open(const char *path, st_file *f, jm_error *err)
 {
     memset(f, 0, sizeof *f);
     if (strlen(path) >= sizeof f->path) return jm_fail(err, JM_ERR_ARG, "%s: path too long", path);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0) {
-        jm_status s = jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-        close(fd);
-        return s;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return jm_fail(err, JM_ERR_IO, "%s: not a regular file", path);
-    }
-    size_t len = (size_t)st.st_size;
+    int fd;
+    size_t len;
+    jm_status os = jm_open_regular(path, &fd, &len, err);
+    if (os) return os;
     void *map = NULL;
     if (len > 0) { /* mmap of length 0 fails; st_parse reports the short file */
         map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -804,12 +795,12 @@ static jm_status set_open_index(const char *dir, const char *index_path, st_set 
     size_t len = 0;
     jm_status r = jm_read_file(index_path, ST_MAX_INDEX, &text, &len, err);
     if (r != JM_OK) return r;
-    cJSON *root = cJSON_ParseWithLength(text, len);
+    cJSON *root = NULL;
+    r = jm_json_parse(text, len, index_path, &root, err);
     free(text); /* cJSON copies every string it keeps */
-    if (!root) return jm_fail(err, JM_ERR_FORMAT, "%s: not valid JSON", index_path);
+    if (r != JM_OK) return r;
 
     index_entry *ent = NULL;
-    const char **names = NULL;
     int n = 0;
     const cJSON *wm = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "weight_map") : NULL;
     if (!cJSON_IsObject(root)) {
@@ -840,21 +831,13 @@ static jm_status set_open_index(const char *dir, const char *index_path, st_set 
         goto done;
     }
     ent = malloc((size_t)n * sizeof *ent);
-    names = malloc((size_t)n * sizeof *names);
-    if (!ent || !names) {
+    if (!ent) {
         r = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", index_path);
         goto done;
     }
     n = 0;
-    for (const cJSON *c = wm->child; c; c = c->next) {
-        ent[n] = (index_entry){c->string, c->valuestring, -1};
-        names[n++] = c->string;
-    }
-    const char *dup = find_dup(names, n);
-    if (dup) {
-        r = jm_fail(err, JM_ERR_FORMAT, "%s: weight_map lists tensor '%s' twice", index_path, dup);
-        goto done;
-    }
+    /* (jm_json_parse already rejected duplicate tensor names) */
+    for (const cJSON *c = wm->child; c; c = c->next) ent[n++] = (index_entry){c->string, c->valuestring, -1};
 
     /* Each distinct shard is opened once: sorted by shard, a new name starts a new file. */
     qsort(ent, (size_t)n, sizeof *ent, cmp_entry_shard);
@@ -909,7 +892,6 @@ static jm_status set_open_index(const char *dir, const char *index_path, st_set 
     r = JM_OK;
 done:
     free(ent);
-    free(names);
     cJSON_Delete(root);
     if (r != JM_OK) st_set_close(s);
     return r;

@@ -1,6 +1,7 @@
 /* util.c — errors, whole-file reads, atomic writes, half-precision conversion. */
 #include "internal.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -36,22 +37,40 @@ jm_status jm_fail(jm_error *err, jm_status s, const char *fmt, ...)
     return s;
 }
 
+jm_status jm_open_regular(const char *path, int *fd_out, size_t *size, jm_error *err)
+{
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+     * before we could see that it is not a regular file */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return jm_fail(err, JM_ERR_IO, "%s: not a regular file", path);
+    }
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    *fd_out = fd;
+    *size = (size_t)st.st_size;
+    return JM_OK;
+}
+
 jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(f);
-        return jm_fail(err, JM_ERR_IO, "%s: not a regular file", path);
+    int fd;
+    size_t n;
+    jm_status s = jm_open_regular(path, &fd, &n, err);
+    if (s) return s;
+    if (n > max_len) {
+        close(fd);
+        return jm_fail(err, JM_ERR_FORMAT, "%s: file too large (%zu bytes, limit %zu)", path, n, max_len);
     }
-    if ((uint64_t)st.st_size > max_len) {
-        fclose(f);
-        return jm_fail(err, JM_ERR_FORMAT, "%s: file too large (%lld bytes, limit %zu)", path,
-                       (long long)st.st_size, max_len);
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
     }
-    size_t n = (size_t)st.st_size;
     char *buf = malloc(n + 1);
     if (!buf) {
         fclose(f);
@@ -74,9 +93,23 @@ jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err)
     memset(a, 0, sizeof *a);
     if (strlen(path) >= sizeof a->path) return jm_fail(err, JM_ERR_ARG, "%s: path too long", path);
     snprintf(a->path, sizeof a->path, "%s", path);
-    snprintf(a->tmp, sizeof a->tmp, "%s.tmp.%ld", path, (long)getpid());
-    a->f = fopen(a->tmp, "wb");
-    if (!a->f) return jm_fail(err, JM_ERR_IO, "%s: %s", a->tmp, strerror(errno));
+    /* a fresh, exclusive temp name beside the target (same filesystem, so the
+     * rename is atomic; mkstemp never follows a planted symlink) */
+    snprintf(a->tmp, sizeof a->tmp, "%s.tmp.XXXXXX", path);
+    int fd = mkstemp(a->tmp);
+    if (fd < 0) {
+        jm_status s = jm_fail(err, JM_ERR_IO, "%s: cannot create a temporary file: %s", path, strerror(errno));
+        a->tmp[0] = 0;
+        return s;
+    }
+    fchmod(fd, 0644);
+    a->f = fdopen(fd, "wb");
+    if (!a->f) {
+        close(fd);
+        unlink(a->tmp);
+        a->tmp[0] = 0;
+        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+    }
     return JM_OK;
 }
 
@@ -177,4 +210,97 @@ float jm_f16_to_f32(uint16_t h)
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* ---- JSON ---- */
+
+static bool valid_utf8(const unsigned char *s, size_t len, size_t *bad)
+{
+    for (size_t i = 0; i < len;) {
+        unsigned c = s[i];
+        size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        if (!n || i + n > len || (n == 2 && c < 0xc2) || (n == 4 && c > 0xf4)) goto fail;
+        for (size_t k = 1; k < n; k++)
+            if ((s[i + k] >> 6) != 2) goto fail;
+        if (n == 3) { /* overlong and surrogates */
+            unsigned cp = ((c & 0x0fu) << 12) | ((s[i + 1] & 0x3fu) << 6) | (s[i + 2] & 0x3fu);
+            if (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff)) goto fail;
+        }
+        if (n == 4) {
+            unsigned cp = ((c & 0x07u) << 18) | ((s[i + 1] & 0x3fu) << 12);
+            if (cp < 0x10000 || cp > 0x10ffff) goto fail;
+        }
+        i += n;
+        continue;
+    fail:
+        *bad = i;
+        return false;
+    }
+    return true;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* cJSON keeps every duplicate key; Python's json (and so Hugging Face) keeps
+ * the last. Rather than silently pick one, reject them. Sorting the keys keeps
+ * this O(n log n) for 32000-entry vocabularies. Returns 1 when found (*dup set),
+ * -1 when out of memory. */
+static int duplicate_key(const cJSON *j, const char **dup)
+{
+    size_t n = 0;
+    for (const cJSON *a = j->child; a; a = a->next) {
+        n++;
+        if (a->child) {
+            int r = duplicate_key(a, dup);
+            if (r) return r;
+        }
+    }
+    if (!cJSON_IsObject(j) || n < 2) return 0;
+    const char **keys = malloc(n * sizeof *keys);
+    if (!keys) return -1;
+    n = 0;
+    for (const cJSON *a = j->child; a; a = a->next) keys[n++] = a->string;
+    qsort(keys, n, sizeof *keys, cmp_str);
+    int found = 0;
+    for (size_t i = 1; i < n && !found; i++)
+        if (strcmp(keys[i - 1], keys[i]) == 0) {
+            *dup = keys[i]; /* points into the tree, which outlives this call */
+            found = 1;
+        }
+    free(keys);
+    return found;
+}
+
+jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **out, jm_error *err)
+{
+    *out = NULL;
+    size_t bad = 0;
+    if (memchr(text, 0, len)) return jm_fail(err, JM_ERR_FORMAT, "%s: NUL byte in JSON", file);
+    if (!valid_utf8((const unsigned char *)text, len, &bad))
+        return jm_fail(err, JM_ERR_FORMAT, "%s: not valid UTF-8 at byte %zu", file, bad);
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    if (!root) {
+        size_t at = end && end >= text ? (size_t)(end - text) : 0;
+        return jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON near byte %zu", file, at);
+    }
+    while (end < text + len && (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t')) end++;
+    if (end < text + len) {
+        cJSON_Delete(root);
+        return jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON: trailing data at byte %zu", file,
+                       (size_t)(end - text));
+    }
+    const char *dup = NULL;
+    int d = duplicate_key(root, &dup);
+    if (d) {
+        jm_status s = d < 0 ? jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", file)
+                            : jm_fail(err, JM_ERR_FORMAT, "%s: duplicate key \"%s\"", file, dup);
+        cJSON_Delete(root);
+        return s;
+    }
+    *out = root;
+    return JM_OK;
 }

@@ -268,6 +268,12 @@ def bad_inputs(suite, build, tmp):
          "num_attention_heads"),
         ("config_negative_vocab", good, json.dumps(dict(cfg, vocab_size=-3)).encode(), "vocab_size"),
         ("config_alias_conflict", good, json.dumps(dict(cfg, moe_num_experts=4)).encode(), "moe_num_experts"),
+        ("config_duplicate_key", good, (json.dumps(cfg)[:-1] + ', "num_experts_per_tok": 2}').encode(),
+         "duplicate key"),
+        ("config_rope_scaling", good, json.dumps(dict(cfg, rope_scaling={"type": "linear", "factor": 4})).encode(),
+         "rope_scaling"),
+        ("nan_weight", st_bytes([(k, d, s, (struct.pack("<f", float("nan")) + r[4:]) if k == emb else r)
+                                 for k, d, s, r in tensors]), None, "non-finite"),
         ("config_missing", None, None, "config.json"),
         ("no_weights", None, json.dumps(cfg).encode(), "model.safetensors"),
     ]
@@ -281,7 +287,10 @@ def bad_inputs(suite, build, tmp):
             with open(os.path.join(d, "model.safetensors"), "wb") as f:
                 f.write(good)
         problems = []
-        for cmd in (["info", d], ["forward", d, "--tokens", "1,2,3"]):
+        cmds = [["info", d], ["forward", d, "--tokens", "1,2,3"]]
+        if case == "nan_weight":
+            cmds = cmds[1:]  # info validates structure without reading values
+        for cmd in cmds:
             p, _ = run([jetmoe] + cmd)
             err = p.stderr.strip()
             if p.returncode == 0:
@@ -293,6 +302,17 @@ def bad_inputs(suite, build, tmp):
             elif expect not in err:
                 problems.append(f"{cmd[0]}: error does not name '{expect}': {err!r}")
         suite.check(test, not problems, "; ".join(problems))
+
+    # Special files must not hang the loader (a FIFO blocks an ordinary open).
+    if suite.wanted("bad_input_fifo"):
+        d = variant("fifo", None, None)
+        os.mkfifo(os.path.join(d, "model.safetensors"))
+        try:
+            p, _ = run([jetmoe, "info", d], timeout=30)
+            err = p.stderr.strip()
+            suite.check("bad_input_fifo", p.returncode > 0 and "not a regular file" in err, f"{p.returncode}: {err!r}")
+        except subprocess.TimeoutExpired:
+            suite.check("bad_input_fifo", False, "jetmoe info hung on a FIFO")
 
     # Sharded checkpoints: index problems.
     shard_cases = [

@@ -87,6 +87,13 @@ static void test_config(const char *tmp)
         {"{\"eos_token_id\": 40000}", "eos_token_id"},
         {"[1, 2]", "object"},
         {"{\"a\": 1} trailing", "JSON"},
+        {"{\"num_experts_per_tok\": 2, \"num_experts_per_tok\": 4}", "duplicate key \"num_experts_per_tok\""},
+        {"{\"rope_scaling\": {\"type\": \"linear\", \"factor\": 2}}", "rope_scaling"},
+        {"{\"rope_theta\": 100, \"rope_parameters\": {\"rope_theta\": 200}}", "disagree"},
+        {"{\"rope_parameters\": {\"rope_type\": \"yarn\"}}", "rope_type"},
+        {"{\"rms_norm_eps\": 0}", "rms_norm_eps"},
+        {"{\"num_attention_heads\": -1}", "num_attention_heads"},
+        {"{\"vocab_size\": 1e300}", "vocab_size"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char name[64];
