@@ -142,6 +142,65 @@ const float *jm_logits(const jm_model *m);
  * next forward), or NULL when the arguments are out of range. */
 const int32_t *jm_routing(const jm_model *m, int layer, int block);
 
+/* ---- tokenizer (SentencePiece BPE, Llama-2 family) ---------------------- */
+
+typedef struct jm_tokenizer jm_tokenizer;
+
+/* Loads tokenizer.model (SentencePiece protobuf) or HF tokenizer.json; given a
+ * directory, loads tokenizer.model or else tokenizer.json from it, and the chat
+ * template from its tokenizer_config.json when present. */
+jm_status jm_tokenizer_load(const char *path, jm_tokenizer **out, jm_error *err);
+void jm_tokenizer_free(jm_tokenizer *t);
+int jm_tokenizer_vocab_size(const jm_tokenizer *t);
+int jm_tokenizer_bos_id(const jm_tokenizer *t); /* -1 when the model has none */
+int jm_tokenizer_eos_id(const jm_tokenizer *t);
+int jm_tokenizer_unk_id(const jm_tokenizer *t);
+const char *jm_tokenizer_piece(const jm_tokenizer *t, int id); /* NULL when out of range */
+
+/* Text (len bytes, any bytes) -> ids exactly as spm_encode --output_format=id:
+ * the model's normalisation, no BOS/EOS. *ids is malloc'd (caller frees). */
+jm_status jm_tokenizer_encode(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n,
+                              jm_error *err);
+/* Ids -> text exactly as spm_decode --input_format=id. *text is malloc'd and
+ * NUL-terminated; an id outside the vocabulary is an error. */
+jm_status jm_tokenizer_decode(const jm_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len,
+                              jm_error *err);
+/* Writes the equivalent HF tokenizer.json, atomically. */
+jm_status jm_tokenizer_save_json(const jm_tokenizer *t, const char *path, jm_error *err);
+
+/* Trains a tokenizer with Debian's spm_train, Llama-style (BPE, byte fallback,
+ * split digits, identity normalisation, unk=0 bos=1 eos=2), and writes
+ * tokenizer.model, tokenizer.json and tokenizer_config.json (with the chat
+ * template) into out_dir. */
+typedef struct {
+    const char *const *inputs; /* text files */
+    int ninputs;
+    int vocab_size;
+    const char *out_dir;
+    int byte_fallback;         /* 1 (Llama) or 0 */
+    int threads;               /* 0 = all cores */
+    int64_t max_sentences;     /* input_sentence_size; 0 = spm_train's default */
+} jm_tokenizer_train_opts;
+jm_status jm_tokenizer_train(const jm_tokenizer_train_opts *o, jm_error *err);
+
+/* ---- chat template ----------------------------------------------------- */
+
+typedef struct {
+    const char *role;    /* "system", "user" or "assistant" */
+    const char *content;
+} jm_chat_message;
+
+/* Renders a conversation with the tokenizer's chat template (from
+ * tokenizer_config.json, else JetMoE-chat's Zephyr format):
+ * <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n{reply}</s>\n
+ * and, with add_generation_prompt, a final <|assistant|>\n. *text is malloc'd. */
+jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
+                         char **text, jm_error *err);
+/* The same as token ids: BOS first, the EOS token string rendered by the
+ * template becomes the EOS id, the text between is encoded. *ids is malloc'd. */
+jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
+                         int32_t **ids, size_t *n_ids, jm_error *err);
+
 /* Threads used by the library's OpenMP loops and BLAS (0 = all cores). This
  * sets the process-wide OpenMP and OpenBLAS thread counts: the one setting
  * that is not per handle, because those runtimes have no other. */
