@@ -89,6 +89,7 @@ typedef struct {
     int64_t shape[3];
     int64_t numel;
     float *data;             /* points into the model's parameter arena */
+    float *grad;             /* its gradient (NULL until the first jm_backward / jm_zero_grad) */
 } jm_param;
 int jm_model_num_params(const jm_model *m);
 const jm_param *jm_model_param(const jm_model *m, int i);
@@ -136,6 +137,13 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T,
 /* After jm_forward: the logits, B*T rows of vocab floats, valid until the
  * next forward or jm_model_free. */
 const float *jm_logits(const jm_model *m);
+
+/* Gradients of loss_total = loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+ * (coefficients from the config) for the batch of the last jm_forward, ADDED
+ * to each jm_param.grad (so micro-batches accumulate; jm_zero_grad clears).
+ * Consumes the forward's activations: jm_logits is invalid afterwards. */
+jm_status jm_backward(jm_model *m, jm_error *err);
+jm_status jm_zero_grad(jm_model *m, jm_error *err);
 
 /* After jm_forward: the experts each router chose, in router order.
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the

@@ -33,7 +33,19 @@ typedef struct {
     int32_t *moe_idx, *moe_sorted, *moe_pos;
     int64_t *moe_off;
     float *u, *h;         /* (N*k,2F), (N*k,F) expert hidden, sorted order */
+    float *moa_y, *moe_y; /* (N*k,H) each expert's output before the gates, sorted order */
 } layer_acts;
+
+/* Gradient scratch for jm_backward, planned beside the activations. */
+typedef struct {
+    float *dres;          /* (N,H) gradient of the residual stream, updated in place layer by layer */
+    float *dnorm;         /* (N,H) gradient of a normed block input (a or b) */
+    float *dys, *dxs;     /* (N*k, wide) sorted-order gradients */
+    float *dh, *du;       /* (N*k,F), (N*k,2F) */
+    float *dq, *datt;     /* (N,k,A) pair order */
+    float *dkv;           /* (N,2A) */
+    float *dz, *dgate;    /* (N,E), (N*k) */
+} grad_scratch;
 
 struct jm_model {
     jm_config cfg;
@@ -49,11 +61,15 @@ struct jm_model {
     void *act_mem;
     layer_acts *la;
     float *x_out, *hf, *rstdf, *logits; /* final residual, normed, (N), (N,V) */
-    int32_t *targets;
+    int32_t *targets, *tokens;
     float *xs, *ys;   /* dispatch scratch, (N*k, max width) */
+    grad_scratch g;
+    float *grad_mem;  /* gradients, laid out like param_mem (jm_param.grad) */
     float *att_scratch, *rope_cos, *rope_sin;
     int att_threads;
     double aux_loss, z_loss;
+    int64_t loss_count;
+    int fwd_valid;    /* activations hold a completed forward (jm_backward needs one) */
 };
 
 /* ---- parameter table ---- */
@@ -169,6 +185,7 @@ void jm_model_free(jm_model *m)
     free(m->param_mem);
     free(m->la);
     free(m->act_mem);
+    free(m->grad_mem);
     free(m);
 }
 
@@ -446,6 +463,8 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
         a->moe_off = carve(base, &off, (E + 1) * i64);
         a->u = carve(base, &off, Nk * 2 * F * f);
         a->h = carve(base, &off, Nk * F * f);
+        a->moa_y = carve(base, &off, Nk * H * f);
+        a->moe_y = carve(base, &off, Nk * H * f);
     }
     size_t wide = H > A ? H : A;
     wide = wide > 2 * F ? wide : 2 * F;
@@ -454,6 +473,19 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
     m->rstdf = carve(base, &off, N * f);
     m->logits = carve(base, &off, N * V * f);
     m->targets = carve(base, &off, N * i32);
+    m->tokens = carve(base, &off, N * i32);
+    grad_scratch *g = base ? &m->g : &(grad_scratch){0};
+    g->dres = carve(base, &off, N * H * f);
+    g->dnorm = carve(base, &off, N * H * f);
+    g->dys = carve(base, &off, Nk * wide * f);
+    g->dxs = carve(base, &off, Nk * wide * f);
+    g->dh = carve(base, &off, Nk * F * f);
+    g->du = carve(base, &off, Nk * 2 * F * f);
+    g->dq = carve(base, &off, Nk * A * f);
+    g->datt = carve(base, &off, Nk * A * f);
+    g->dkv = carve(base, &off, N * 2 * A * f);
+    g->dz = carve(base, &off, N * E * f);
+    g->dgate = carve(base, &off, Nk * f);
     m->xs = carve(base, &off, Nk * wide * f);
     m->ys = carve(base, &off, Nk * wide * f);
     m->att_threads = omp_get_max_threads();
@@ -506,8 +538,8 @@ static void moa_forward(jm_model *m, const layer_params *p, layer_acts *a, int B
     attention_forward(a->att, a->att_lse, a->q, a->kv, m->att_scratch, B, T, k, c->num_kv_heads, c->head_dim);
 
     dispatch_gather(m->xs, a->att, a->moa_sorted, N * k, k, A, 1);
-    experts_forward(m->ys, m->xs, p->moa_out, a->moa_off, E, A, H);
-    combine_forward(a->x_mid, a->x, m->ys, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
+    experts_forward(a->moa_y, m->xs, p->moa_out, a->moa_off, E, A, H);
+    combine_forward(a->x_mid, a->x, a->moa_y, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
 }
 
 /* MoE (spec, "MoE"): top-k SiLU-GLU experts, gate-weighted, plus bias. */
@@ -522,8 +554,8 @@ static void moe_forward(jm_model *m, const layer_params *p, layer_acts *a, float
     dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
     experts_forward(a->u, m->xs, p->moe_in, a->moe_off, E, H, 2 * F);
     swiglu_forward(a->h, a->u, N * k, F);
-    experts_forward(m->ys, a->h, p->moe_out, a->moe_off, E, F, H);
-    combine_forward(x_out, a->x_mid, m->ys, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
+    experts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H);
+    combine_forward(x_out, a->x_mid, a->moe_y, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
 }
 
 jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses *losses, jm_error *err)
@@ -541,6 +573,7 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         if (tokens[t] < 0 || tokens[t] >= V)
             return jm_fail(err, JM_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
                            tokens[t], (long long)t, (long long)V);
+    m->fwd_valid = 0;
     jm_status s = ensure_acts(m, B, T, err);
     if (s) return s;
     rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
@@ -571,15 +604,119 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
 
     /* position t predicts token t+1 of the same sequence; the last predicts nothing */
     for (int64_t t = 0; t < N; t++) m->targets[t] = (t % T == T - 1) ? -1 : tokens[t + 1];
+    memcpy(m->tokens, tokens, (size_t)N * sizeof *tokens);
     int64_t count;
     double loss = cross_entropy_forward(m->logits, m->targets, N, V, &count);
     m->aux_loss = aux;
     m->z_loss = zl;
+    m->loss_count = count;
+    m->fwd_valid = 1;
     if (losses) {
         losses->loss = loss;
         losses->aux_loss = aux;
         losses->z_loss = zl;
         losses->count = count;
     }
+    return JM_OK;
+}
+
+/* ---- backward ---- */
+
+static jm_status ensure_grads(jm_model *m, jm_error *err)
+{
+    if (m->grad_mem) return JM_OK;
+    m->grad_mem = aligned_alloc(64, (size_t)m->param_numel * sizeof(float));
+    if (!m->grad_mem)
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB of gradients", m->param_numel * 4.0 / 1e9);
+    memset(m->grad_mem, 0, (size_t)m->param_numel * sizeof(float));
+    for (int i = 0; i < m->nparams; i++) m->params[i].grad = m->grad_mem + (m->params[i].data - m->param_mem);
+    return JM_OK;
+}
+
+jm_status jm_zero_grad(jm_model *m, jm_error *err)
+{
+    jm_status s = ensure_grads(m, err);
+    if (!s) memset(m->grad_mem, 0, (size_t)m->param_numel * sizeof(float));
+    return s;
+}
+
+/* The gradient of a parameter in the grad arena, found by its data pointer. */
+static float *grad_of(const jm_model *m, const float *param)
+{
+    return m->grad_mem + (param - m->param_mem);
+}
+
+/* MoE backward: dres holds d loss / d (layer output); on return it holds
+ * d loss / d x_mid (residual path plus the norm path into the experts). */
+static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int64_t N, double aux_w, double zl_w)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, F = c->intermediate_size;
+    const int E = c->num_experts, k = c->top_k;
+    grad_scratch *g = &m->g;
+
+    combine_backward(g->dys, g->dgate, grad_of(m, p->moe_bias), g->dres, a->moe_y, a->moe_pos, a->moe_gate, N, k, H);
+    experts_backward(g->dh, grad_of(m, p->moe_out), g->dys, a->h, p->moe_out, a->moe_off, E, F, H);
+    swiglu_backward(g->du, g->dh, a->u, N * k, F);
+    dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
+    experts_backward(g->dxs, grad_of(m, p->moe_in), g->du, m->xs, p->moe_in, a->moe_off, E, H, 2 * F);
+    dispatch_gather_backward(g->dnorm, g->dxs, a->moe_pos, N, k, H, 0, 0);
+    router_backward(g->dz, g->dgate, a->moe_z, a->moe_idx, a->moe_gate, N, E, k, aux_w, zl_w);
+    matmul_backward(g->dnorm, grad_of(m, p->moe_router), g->dz, a->b, p->moe_router, N, H, E, 1);
+    rmsnorm_backward(g->dres, grad_of(m, p->ln2), g->dnorm, a->x_mid, p->ln2, a->rstd2, N, H);
+}
+
+/* MoA backward: dres holds d loss / d x_mid; on return d loss / d x (layer input). */
+static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int B, int T, double aux_w, double zl_w)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t N = (int64_t)B * T, H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
+    const int E = c->num_experts, k = c->top_k;
+    grad_scratch *g = &m->g;
+
+    combine_backward(g->dys, g->dgate, grad_of(m, p->moa_bias), g->dres, a->moa_y, a->moa_pos, a->moa_gate, N, k, H);
+    dispatch_gather(m->xs, a->att, a->moa_sorted, N * k, k, A, 1);
+    experts_backward(g->dxs, grad_of(m, p->moa_out), g->dys, m->xs, p->moa_out, a->moa_off, E, A, H);
+    dispatch_scatter(g->datt, g->dxs, a->moa_sorted, N * k, A);
+
+    memset(g->dkv, 0, (size_t)N * 2 * A * sizeof(float));
+    attention_backward(g->dq, g->dkv, g->datt, a->att, a->att_lse, a->q, a->kv, m->att_scratch, B, T, k,
+                       c->num_kv_heads, c->head_dim);
+    rope_backward(g->dq, N, T, k * c->num_kv_heads, c->head_dim, k * A, m->rope_cos, m->rope_sin);
+    rope_backward(g->dkv, N, T, c->num_kv_heads, c->head_dim, 2 * A, m->rope_cos, m->rope_sin);
+
+    dispatch_gather(g->dys, g->dq, a->moa_sorted, N * k, k, A, 1);
+    dispatch_gather(m->xs, a->a, a->moa_sorted, N * k, k, H, 0);
+    experts_backward(g->dxs, grad_of(m, p->moa_in), g->dys, m->xs, p->moa_in, a->moa_off, E, H, A);
+    dispatch_gather_backward(g->dnorm, g->dxs, a->moa_pos, N, k, H, 0, 0);
+    matmul_backward(g->dnorm, grad_of(m, p->kv_proj), g->dkv, a->a, p->kv_proj, N, H, 2 * A, 1);
+    router_backward(g->dz, g->dgate, a->moa_z, a->moa_idx, a->moa_gate, N, E, k, aux_w, zl_w);
+    matmul_backward(g->dnorm, grad_of(m, p->moa_router), g->dz, a->a, p->moa_router, N, H, E, 1);
+    rmsnorm_backward(g->dres, grad_of(m, p->ln1), g->dnorm, a->x, p->ln1, a->rstd1, N, H);
+}
+
+jm_status jm_backward(jm_model *m, jm_error *err)
+{
+    if (!m->fwd_valid) return jm_fail(err, JM_ERR_ARG, "jm_backward needs a completed jm_forward first");
+    jm_status s = ensure_grads(m, err);
+    if (s) return s;
+    const jm_config *c = &m->cfg;
+    const int B = m->B, T = m->T;
+    const int64_t N = (int64_t)B * T, H = c->hidden_size, V = c->vocab_size;
+    grad_scratch *g = &m->g;
+    m->fwd_valid = 0; /* the logits become their gradient below */
+
+    /* d loss / d logits, in place; then through the lm_head and the final norm */
+    float scale = m->loss_count ? 1.0f / (float)m->loss_count : 0.0f;
+    cross_entropy_backward(m->logits, m->logits, m->targets, N, V, scale);
+    matmul_backward(g->dnorm, grad_of(m, m->lm_head), m->logits, m->hf, m->lm_head, N, H, V, 0);
+    memset(g->dres, 0, (size_t)N * H * sizeof(float));
+    rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
+
+    for (int l = c->num_layers - 1; l >= 0; l--) {
+        moe_backward(m, &m->lp[l], &m->la[l], N, c->aux_loss_coef, c->z_loss_coef);
+        moa_backward(m, &m->lp[l], &m->la[l], B, T, c->aux_loss_coef, c->z_loss_coef);
+    }
+    embedding_backward(grad_of(m, m->embed), g->dres, m->tokens, N, H);
     return JM_OK;
 }

@@ -16,7 +16,7 @@
 
 size_t attention_scratch_floats(int T)
 {
-    return (size_t)ATT_BLOCK * (size_t)T;
+    return 2 * (size_t)ATT_BLOCK * (size_t)T; /* scores, and in backward their gradient */
 }
 
 void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
@@ -61,6 +61,68 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
                 }
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, S, nk, V, (int)kvs, 0.0f,
                             O + (int64_t)r0 * qs, (int)qs);
+            }
+        }
+    }
+}
+
+/* Backward, recomputing each block's probabilities from the saved row
+ * normalisers (lse) instead of storing T x T matrices:
+ *   P = exp(scale * Q K^T - lse) (causal), O = P V
+ *   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dO * O))
+ *   dQ = scale * dS K;  dK += scale * dS^T Q
+ * One task per (sequence, kv head) covering its k query slots, since all of
+ * them write the same dK/dV rows. dkv (B*T, 2A) must be zeroed by the caller;
+ * dq (B*T, k, A) is overwritten. */
+void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
+                        const float *q, const float *kv, float *scratch, int B, int T, int k, int Hkv, int D)
+{
+    const int64_t A = (int64_t)Hkv * D;
+    const int64_t qs = k * A, kvs = 2 * A;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int tasks = B * Hkv;
+#pragma omp parallel
+    {
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(T);
+        float *dP = S + (size_t)ATT_BLOCK * T;
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < tasks; task++) {
+            int b = task / Hkv, h = task % Hkv;
+            int64_t row0 = (int64_t)b * T;
+            const float *K = kv + row0 * kvs + (int64_t)h * D, *V = K + A;
+            float *dK = dkv + row0 * kvs + (int64_t)h * D, *dV = dK + A;
+            for (int j = 0; j < k; j++) {
+                int64_t off = row0 * qs + (int64_t)j * A + (int64_t)h * D;
+                const float *Q = q + off, *O = out + off, *dO = dout + off;
+                float *dQ = dq + off;
+                for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+                    int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
+                    int nk = r0 + rb;
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs,
+                                (int)qs, K, (int)kvs, 0.0f, S, nk);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, 1.0f, dO + (int64_t)r0 * qs,
+                                (int)qs, V, (int)kvs, 0.0f, dP, nk);
+                    for (int r = 0; r < rb; r++) {
+                        int64_t row = r0 + r;
+                        float *s = S + (int64_t)r * nk, *dp = dP + (int64_t)r * nk;
+                        const float *o = O + row * qs, *go = dO + row * qs;
+                        float l = lse[(row0 + row) * k * Hkv + j * Hkv + h], di = 0.0f;
+                        for (int d = 0; d < D; d++) di += o[d] * go[d];
+                        int visible = (int)row + 1;
+                        for (int c = 0; c < visible; c++) {
+                            s[c] = jm_expf(s[c] - l);
+                            dp[c] = s[c] * (dp[c] - di) * scale; /* dS, with the scale folded in */
+                        }
+                        for (int c = visible; c < nk; c++) s[c] = dp[c] = 0.0f;
+                    }
+                    /* dV += P^T dO;  dQ = dS K;  dK += dS^T Q */
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, rb, 1.0f, S, nk,
+                                dO + (int64_t)r0 * qs, (int)qs, 1.0f, dV, (int)kvs);
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, dP, nk, K, (int)kvs,
+                                0.0f, dQ + (int64_t)r0 * qs, (int)qs);
+                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, nk, D, rb, 1.0f, dP, nk,
+                                Q + (int64_t)r0 * qs, (int)qs, 1.0f, dK, (int)kvs);
+                }
             }
         }
     }

@@ -23,3 +23,32 @@ double cross_entropy_forward(const float *logits, const int32_t *targets, int64_
     *count = n;
     return n ? sum / (double)n : 0.0;
 }
+
+/* dlogits = scale * (softmax(logits) - onehot(target)) per counted row, 0 for
+ * masked rows. dlogits may alias logits (the forward's logits are consumed). */
+void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int64_t N, int64_t V,
+                            float scale)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *x = logits + t * V;
+        float *d = dlogits + t * V;
+        if (targets[t] < 0) {
+            for (int64_t i = 0; i < V; i++) d[i] = 0.0f;
+            continue;
+        }
+        float mx = x[0];
+#pragma omp simd reduction(max : mx)
+        for (int64_t i = 1; i < V; i++) mx = x[i] > mx ? x[i] : mx;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < V; i++) {
+            d[i] = jm_expf(x[i] - mx);
+            s += d[i];
+        }
+        float inv = scale / s;
+#pragma omp simd
+        for (int64_t i = 0; i < V; i++) d[i] *= inv;
+        d[targets[t]] -= scale;
+    }
+}

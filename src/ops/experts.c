@@ -73,3 +73,65 @@ void combine_forward(float *out, const float *resid, const float *ys, const int3
         }
     }
 }
+
+/* Backward of experts_forward: per expert, dxs = dys @ W[e];  dW[e] += dys^T @ xs. */
+void experts_backward(float *dxs, float *dW, const float *dys, const float *xs, const float *W,
+                      const int64_t *offsets, int E, int64_t C, int64_t O)
+{
+#pragma omp parallel for schedule(dynamic, 1) if (E >= 2 * omp_get_max_threads())
+    for (int e = 0; e < E; e++) {
+        int64_t rows = offsets[e + 1] - offsets[e];
+        if (rows == 0) continue;
+        const float *dy = dys + offsets[e] * O, *x = xs + offsets[e] * C, *w = W + (int64_t)e * O * C;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)C, (int)O, 1.0f, dy, (int)O, w,
+                    (int)C, 0.0f, dxs + offsets[e] * C, (int)C);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)O, (int)C, (int)rows, 1.0f, dy, (int)O, x,
+                    (int)C, 1.0f, dW + (int64_t)e * O * C, (int)C);
+    }
+}
+
+/* Backward of combine_forward (the residual's gradient passes through unchanged,
+ * the caller adds it): dys[pos[t,j]] = gate[t,j] * dout[t];
+ * dgate[t,j] = <dout[t], ys[pos[t,j]]>;  dbias += sum_t dout[t]. */
+void combine_backward(float *dys, float *dgate, float *dbias, const float *dout, const float *ys,
+                      const int32_t *pos, const float *gate, int64_t N, int k, int64_t H)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *g = dout + t * H;
+        for (int j = 0; j < k; j++) {
+            int64_t m = pos[t * k + j];
+            const float *y = ys + m * H;
+            float *dy = dys + m * H, w = gate[t * k + j], dot = 0.0f;
+            for (int64_t i = 0; i < H; i++) {
+                dy[i] = w * g[i];
+                dot += g[i] * y[i];
+            }
+            dgate[t * k + j] = dot;
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < H; i++) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < N; t++) acc += dout[t * H + i];
+        dbias[i] += acc;
+    }
+}
+
+/* Backward of dispatch_gather: dx (N or N*k rows, C) (+)= the sorted rows back
+ * in pair order; with per_slot == 0 the k slots of a token add up into its row.
+ * Per destination row, so no two threads write the same row. */
+void dispatch_gather_backward(float *dx, const float *dxs, const int32_t *pos, int64_t N, int k, int64_t C,
+                              int per_slot, int accumulate)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++)
+        for (int j = 0; j < k; j++) {
+            const float *src = dxs + (int64_t)pos[t * k + j] * C;
+            float *d = dx + (per_slot ? t * k + j : t) * C;
+            if (!accumulate && (per_slot || j == 0))
+                memcpy(d, src, (size_t)C * sizeof(float));
+            else
+                for (int64_t i = 0; i < C; i++) d[i] += src[i];
+        }
+}

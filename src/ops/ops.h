@@ -43,11 +43,17 @@ static inline float jm_expf(float x)
 /* matmul.c: out (N,O) = inp (N,C) @ W(O,C)^T  (+ out when accumulate) */
 void matmul_forward(float *out, const float *inp, const float *W, int64_t N, int64_t C, int64_t O, int accumulate);
 
+void matmul_backward(float *dinp, float *dW, const float *dout, const float *inp, const float *W, int64_t N,
+                     int64_t C, int64_t O, int accumulate);
+
 /* embedding.c: out (N,H) = table[tokens] */
 void embedding_forward(float *out, const int32_t *tokens, const float *table, int64_t N, int64_t H);
+void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int64_t N, int64_t H);
 
 /* rmsnorm.c: out (N,H) = inp / sqrt(mean(inp^2) + eps) * w; rstd (N) kept for backward */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t H, float eps);
+void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, const float *rstd,
+                      int64_t N, int64_t H);
 
 /* rope.c: cos/sin tables (T, D/2) for positions 0..T-1, then rotate-half in place
  * on `rows` rows of `heads` heads of D, row stride `stride` floats; row r has
@@ -55,6 +61,8 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
 void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta);
 void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
                   const float *sin_t);
+void rope_backward(float *dx, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
+                   const float *sin_t);
 
 /* attention.c: causal attention for B sequences of T tokens.
  * q (B*T, k, Hkv, D): query head (j,h) attends with kv head h of kv (B*T, 2*A),
@@ -63,6 +71,8 @@ void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t strid
 size_t attention_scratch_floats(int T);
 void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
                        int k, int Hkv, int D);
+void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
+                        const float *q, const float *kv, float *scratch, int B, int T, int k, int Hkv, int D);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
  * ties to the lower index) and the softmax over the k selected logits. */
@@ -71,6 +81,10 @@ void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const
 /* The spec's per-router load-balancing (switch) loss and z-loss over N tokens. */
 void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, int64_t N, int E,
                    int k);
+/* dz (N,E) from the gates' gradient and the aux_w-weighted switch loss and
+ * zl_w-weighted z-loss. */
+void router_backward(float *dz, const float *dgate, const float *z, const int32_t *idx, const float *gate,
+                     int64_t N, int E, int k, double aux_w, double zl_w);
 
 /* experts.c: the grouped dispatch of design.md. The N*k (token, slot) pairs
  * are sorted by expert (stable); sorted[m] = t*k + j, pos[t*k + j] = m, and
@@ -87,12 +101,21 @@ void combine_forward(float *out, const float *resid, const float *ys, const int3
                      const float *bias, int64_t N, int k, int64_t H);
 /* x (N*k, C) = xs scattered back to pair order: x[sorted[m]] = xs[m] */
 void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t Nk, int64_t C);
+void experts_backward(float *dxs, float *dW, const float *dys, const float *xs, const float *W,
+                      const int64_t *offsets, int E, int64_t C, int64_t O);
+void combine_backward(float *dys, float *dgate, float *dbias, const float *dout, const float *ys,
+                      const int32_t *pos, const float *gate, int64_t N, int k, int64_t H);
+void dispatch_gather_backward(float *dx, const float *dxs, const int32_t *pos, int64_t N, int k, int64_t C,
+                              int per_slot, int accumulate);
 
 /* swiglu.c: h (M,F) = silu(u[:, :F]) * u[:, F:] for u (M, 2F) */
 void swiglu_forward(float *h, const float *u, int64_t M, int64_t F);
+void swiglu_backward(float *du, const float *dh, const float *u, int64_t M, int64_t F);
 
 /* cross_entropy.c: mean over rows with target >= 0 of logsumexp(logits) - logits[target].
  * Returns the number of counted rows in *count. */
 double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count);
+void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int64_t N, int64_t V,
+                            float scale);
 
 #endif

@@ -16,3 +16,26 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
         if (rstd) rstd[t] = r;
     }
 }
+
+/* out = x * r * w with r = (mean(x^2) + eps)^-1/2:
+ * dx += r * (dout*w) - x * r^3 / H * sum_i(dout_i * w_i * x_i);  dw += sum_t dout * x * r.
+ * dinp is accumulated: the normed input also feeds the residual stream. */
+void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w, const float *rstd,
+                      int64_t N, int64_t H)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *x = inp + t * H, *g = dout + t * H;
+        float *dx = dinp + t * H, r = rstd[t], dot = 0.0f;
+        for (int64_t i = 0; i < H; i++) dot += g[i] * w[i] * x[i];
+        float c = dot * r * r * r / (float)H;
+        for (int64_t i = 0; i < H; i++) dx[i] += r * g[i] * w[i] - c * x[i];
+    }
+    /* columns in parallel: each dw[i] is a sum over tokens, no races */
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < H; i++) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < N; t++) acc += dout[t * H + i] * inp[t * H + i] * rstd[t];
+        dw[i] += acc;
+    }
+}

@@ -32,3 +32,22 @@ void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t strid
         }
     }
 }
+
+/* The rotation is orthogonal: the gradient rotates back by -angle, in place. */
+void rope_backward(float *dx, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
+                   const float *sin_t)
+{
+    int half = D / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos_t + (r % T) * half, *s = sin_t + (r % T) * half;
+        for (int h = 0; h < heads; h++) {
+            float *v = dx + r * stride + (int64_t)h * D;
+            for (int i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] + b * s[i];
+                v[i + half] = b * c[i] - a * s[i];
+            }
+        }
+    }
+}

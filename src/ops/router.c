@@ -57,3 +57,36 @@ void router_losses(double *switch_loss, double *z_loss, const float *z, const in
     *switch_loss = N ? E * acc : 0.0;
     *z_loss = N ? zsum / (double)N : 0.0;
 }
+
+/* dz (N,E) of  sum_t <dgate_t, gate_t>  +  aux_w * switch  +  zl_w * zloss.
+ * Gates: g = softmax over the k selected logits, so dz_sel = g * (dg - <g, dg>).
+ * Switch loss: f_e (counts) carries no gradient; through P_e = sum_t p_t,e and
+ * the softmax Jacobian, dz_t = aux_w * p_t * (v - <p_t, v>) with
+ * v_e = E f_e / (sum f * sum P)  (the sum P term adds the same constant to
+ * every v_e, which the Jacobian removes). z-loss: dz_t = zl_w * 2 lse_t / N * p_t. */
+void router_backward(float *dz, const float *dgate, const float *z, const int32_t *idx, const float *gate,
+                     int64_t N, int E, int k, double aux_w, double zl_w)
+{
+    double f[JM_MAX_EXPERTS] = {0}, v[JM_MAX_EXPERTS];
+    for (int64_t p = 0; p < N * k; p++) f[idx[p]] += 1.0;
+    for (int e = 0; e < E; e++) v[e] = (double)E * f[e] / ((double)N * k * (double)N);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < N; t++) {
+        const float *zt = z + t * E;
+        float *d = dz + t * E;
+        double mx = zt[0], s = 0.0, pv = 0.0, p[JM_MAX_EXPERTS];
+        for (int e = 1; e < E; e++) mx = zt[e] > mx ? zt[e] : mx;
+        for (int e = 0; e < E; e++) s += (p[e] = exp(zt[e] - mx));
+        for (int e = 0; e < E; e++) {
+            p[e] /= s;
+            pv += p[e] * v[e];
+        }
+        double lse = mx + log(s);
+        for (int e = 0; e < E; e++)
+            d[e] = (float)(aux_w * p[e] * (v[e] - pv) + zl_w * 2.0 * lse / (double)N * p[e]);
+        const float *g = gate + t * k, *dg = dgate + t * k;
+        double gdg = 0.0;
+        for (int j = 0; j < k; j++) gdg += (double)g[j] * dg[j];
+        for (int j = 0; j < k; j++) d[idx[t * k + j]] += (float)(g[j] * (dg[j] - gdg));
+    }
+}

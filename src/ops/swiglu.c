@@ -15,3 +15,18 @@ void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
         }
     }
 }
+
+/* h = silu(g) * up:  dup = dh * silu(g);  dg = dh * up * sig(g) * (1 + g * (1 - sig(g))). */
+void swiglu_backward(float *du, const float *dh, const float *u, int64_t M, int64_t F)
+{
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = u + m * 2 * F, *up = gate + F, *d = dh + m * F;
+        float *dg = du + m * 2 * F, *dup = dg + F;
+        for (int64_t i = 0; i < F; i++) {
+            float g = gate[i], sig = 1.0f / (1.0f + jm_expf(-g));
+            dup[i] = d[i] * g * sig;
+            dg[i] = d[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+        }
+    }
+}

@@ -20,7 +20,7 @@ Module API
 CLI
   jetmoe_ref.py make --out DIR [--config JSON] [--seed S] [--dtype F32|BF16|F16]
                      [--shards N] [--no-perturb]
-  jetmoe_ref.py forward DIR --tokens 1,5,9 --dump OUT.safetensors [--float64]
+  jetmoe_ref.py forward DIR --tokens 1,5,9 --dump OUT.safetensors [--float64] [--backward]
                      [--labels 1,-100,...]
   jetmoe_ref.py selftest
 """
@@ -956,10 +956,20 @@ def _cmd_forward(args):
         if labels.shape != tokens.shape:
             raise SystemExit("forward: --labels must have the shape of --tokens")
     dt = torch.float64 if args.float64 else torch.float32
-    with torch.no_grad():
-        o = forward(cfg, params, tokens, labels=labels, dtype=dt)
+    if args.backward:
+        # gradients of loss_total w.r.t. every parameter, computed in dt
+        leaf = {n: p.to(dt).detach().requires_grad_(True) for n, p in params.items()}
+        o = forward(cfg, leaf, tokens, labels=labels, dtype=dt)
+        o["loss_total"].backward()
+        o = {kx: (v.detach() if torch.is_tensor(v) else v) for kx, v in o.items()}
+    else:
+        with torch.no_grad():
+            o = forward(cfg, params, tokens, labels=labels, dtype=dt)
     B, T = tokens.shape
     out = {}
+    if args.backward:
+        for n, p in leaf.items():
+            out["grad." + n] = (p.grad if p.grad is not None else torch.zeros_like(p)).float()
     lg = o["logits"].float()
     out["logits"] = lg[0] if B == 1 else lg
     for kx in ("loss", "aux_loss", "z_loss", "loss_total"):
@@ -970,7 +980,7 @@ def _cmd_forward(args):
         out["routing.layers.%d.moe" % i] = im.reshape(shp).to(torch.int32)
         out["router_logits.layers.%d.moa" % i] = za.float().reshape(shp)
         out["router_logits.layers.%d.moe" % i] = zm.float().reshape(shp)
-    write_safetensors(args.dump, {kx: v.numpy() for kx, v in out.items()})
+    write_safetensors(args.dump, {kx: v.detach().numpy() for kx, v in out.items()})
     if args.verbose:
         print("loss %.6f aux %.6f z %.6f total %.6f" % tuple(
             float(o[kx]) for kx in ("loss", "aux_loss", "z_loss", "loss_total")))
@@ -997,6 +1007,8 @@ def main(argv=None):
     f.add_argument("--labels", default="", help="like --tokens; -100 = ignored (write --labels=-100,...)")
     f.add_argument("--dump", required=True)
     f.add_argument("--float64", action="store_true")
+    f.add_argument("--backward", action="store_true",
+                   help="also dump grad.<name> of loss_total for every parameter")
     f.add_argument("-v", "--verbose", action="store_true")
     sub.add_parser("selftest", help="internal consistency checks")
     args = ap.parse_args(argv)
