@@ -1,0 +1,91 @@
+/* data.h — token shards and the mixture sampler (data.c), used by the
+ * training loop (train.c) and `jetmoe prepare`. */
+#ifndef JM_DATA_H
+#define JM_DATA_H
+
+#include "internal.h"
+
+/* Token shard file (*.bin), little-endian:
+ *   offset 0  char[8]  magic "JMTOKENS"
+ *          8  u32      version (1)
+ *         12  u32      bytes per token: 2 (u16, vocab <= 65536) or 4 (u32)
+ *         16  u64      token count n
+ *         24  u32      vocab size the ids were made with
+ *         28  u32      EOS id (separates documents)
+ *         32  u8[32]   zero (reserved)
+ *         64  tokens   n * bytes-per-token
+ * Documents are concatenated, each followed by EOS. */
+#define JM_SHARD_MAGIC "JMTOKENS"
+#define JM_SHARD_HEADER 64
+
+typedef struct {
+    void *map;
+    size_t map_len;
+    int bytes_per_token;
+    uint64_t n;
+    uint32_t vocab_size, eos_id;
+    const uint8_t *tokens;
+    char path[4096];
+} jm_shard;
+
+jm_status jm_shard_open(const char *path, jm_shard *s, jm_error *err);
+void jm_shard_close(jm_shard *s);
+static inline uint32_t jm_shard_token(const jm_shard *s, uint64_t i)
+{
+    if (s->bytes_per_token == 2) return (uint32_t)s->tokens[2 * i] | (uint32_t)s->tokens[2 * i + 1] << 8;
+    const uint8_t *p = s->tokens + 4 * i;
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+/* Writes ids as a shard, atomically. */
+jm_status jm_shard_write(const char *path, const int32_t *ids, uint64_t n, uint32_t vocab_size, uint32_t eos_id,
+                         jm_error *err);
+
+/* The mixture sampler: named sources, each a directory of shards (read in
+ * file-name order as one stream). Each draw takes the next seq_len
+ * consecutive tokens of one source (wrapping around at its end), choosing the
+ * source whose realised share lags its weight the most (deterministic, and
+ * exact in the long run; ties go to the lower index). The seed offsets each
+ * source's starting position. Its whole state is a few numbers per source
+ * (jm_sampler_state), saved in checkpoints so a resumed run draws exactly
+ * what the uninterrupted run would have. */
+typedef struct jm_sampler jm_sampler;
+
+jm_status jm_sampler_open(const char *const *names, const char *const *dirs, int nsources, int seq_len,
+                          uint64_t seed, uint32_t vocab_size, jm_sampler **out, jm_error *err);
+void jm_sampler_free(jm_sampler *s);
+/* Weights per source (>= 0, at least one > 0; normalised inside). Changing
+ * the mixture (a new phase) keeps positions and restarts the share accounting. */
+jm_status jm_sampler_set_mixture(jm_sampler *s, const double *weights, jm_error *err);
+/* Fills tokens[0 .. seq_len-1]; *source gets the source index. */
+void jm_sampler_next(jm_sampler *s, int32_t *tokens, int *source);
+int jm_sampler_num_sources(const jm_sampler *s);
+uint64_t jm_sampler_source_tokens(const jm_sampler *s, int i); /* tokens available in source i */
+
+/* Cursor state as plain numbers, for the trainer's checkpoint: per source
+ * (position, drawn sequences since the mixture was set, total drawn tokens). */
+typedef struct {
+    int nsources;
+    uint64_t *position, *drawn, *total;
+} jm_sampler_state;
+jm_status jm_sampler_get_state(const jm_sampler *s, jm_sampler_state *st, jm_error *err); /* arrays malloc'd */
+jm_status jm_sampler_set_state(jm_sampler *s, const jm_sampler_state *st, jm_error *err);
+void jm_sampler_state_free(jm_sampler_state *st);
+
+/* `jetmoe prepare`: tokenizes text files (.txt/.md and anything else as text),
+ * JSONL (.jsonl: a "text" field per line) and source code into shards of at
+ * most shard_tokens tokens under out_dir (out_dir/shard_00000.bin, ...), with
+ * a progress line on stderr. Documents: a JSONL record, or a whole text/code
+ * file (a .txt file's blank-line-separated paragraphs are NOT split: one file
+ * = one document). Runs on `threads` threads; output is identical for any
+ * thread count. */
+typedef struct {
+    const char *tokenizer;      /* tokenizer.model / tokenizer.json / directory */
+    const char *const *inputs;  /* files or directories (walked recursively, sorted) */
+    int ninputs;
+    const char *out_dir;
+    uint64_t shard_tokens;      /* 0 = 100M */
+    int threads;                /* 0 = all cores */
+} jm_prepare_opts;
+jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_error *err);
+
+#endif
