@@ -150,6 +150,83 @@ jm_status jm_zero_grad(jm_model *m, jm_error *err);
  * next forward), or NULL when the arguments are out of range. */
 const int32_t *jm_routing(const jm_model *m, int layer, int block);
 
+/* ---- optimizer ------------------------------------------------------- */
+
+typedef struct {
+    double lr;           /* peak learning rate (the schedule scales it) */
+    double beta1, beta2, eps;
+    double weight_decay; /* decoupled; not applied to norms and biases */
+    double grad_clip;    /* global gradient-norm clip, 0 = off */
+} jm_adamw_config;
+
+typedef struct jm_optimizer jm_optimizer;
+jm_status jm_optimizer_create(const jm_model *m, const jm_adamw_config *c, jm_optimizer **out, jm_error *err);
+void jm_optimizer_free(jm_optimizer *o);
+/* One AdamW update of every parameter from its .grad, at learning rate lr. */
+jm_status jm_optimizer_step(jm_optimizer *o, jm_model *m, double lr, jm_error *err);
+int64_t jm_optimizer_steps(const jm_optimizer *o);
+/* Direct access to the state (step counter, first and second moments) for checkpoints. */
+void jm_optimizer_state(jm_optimizer *o, int64_t **step, float **m, float **v, int64_t *numel);
+double jm_grad_norm(const jm_model *m);         /* global L2 norm of all gradients */
+void jm_scale_grads(jm_model *m, float scale);
+
+typedef enum { JM_SCHEDULE_CONSTANT, JM_SCHEDULE_WSD, JM_SCHEDULE_COSINE } jm_schedule_type;
+typedef struct {
+    jm_schedule_type type;
+    double peak_lr, min_lr_ratio;
+    int64_t warmup_steps, total_steps, decay_steps; /* decay_steps: WSD's final decay phase */
+} jm_schedule;
+/* The learning rate for update number step + 1 (step counts from 0): linear
+ * warmup, then constant | WSD (stable, exponential decay to the floor over the
+ * last decay_steps) | cosine to the floor. */
+double jm_schedule_lr(const jm_schedule *s, int64_t step);
+
+/* ---- data ------------------------------------------------------------ */
+
+/* `jetmoe prepare`: tokenizes text files (.txt/.md and anything else as text),
+ * JSONL (.jsonl: a "text" field per line) and source code into shards of at
+ * most shard_tokens tokens under out_dir (out_dir/shard_00000.bin, ...), with
+ * a progress line on stderr. Documents: a JSONL record, or a whole text/code
+ * file (a .txt file's blank-line-separated paragraphs are NOT split: one file
+ * = one document). Runs on `threads` threads; output is identical for any
+ * thread count. */
+typedef struct {
+    const char *tokenizer;      /* tokenizer.model / tokenizer.json / directory */
+    const char *const *inputs;  /* files or directories (walked recursively, sorted) */
+    int ninputs;
+    const char *out_dir;
+    uint64_t shard_tokens;      /* 0 = 100M */
+    int threads;                /* 0 = all cores */
+} jm_prepare_opts;
+jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_error *err);
+
+/* ---- training -------------------------------------------------------- */
+
+/* A recipe (JSON): the model config, data sources and mixture phases,
+ * sequence length, batch, optimizer and schedule. Documented in README.md. */
+typedef struct jm_recipe jm_recipe;
+jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err);
+void jm_recipe_free(jm_recipe *r);
+const jm_config *jm_recipe_model(const jm_recipe *r);
+int64_t jm_recipe_total_steps(const jm_recipe *r);
+
+typedef struct {
+    const char *recipe;          /* recipe.json */
+    const char *out_dir;         /* run directory */
+    int resume;                  /* continue from out_dir's latest checkpoint */
+    int64_t stop_after;          /* > 0: save and stop after this many steps in total (tests) */
+    const volatile int *stop;    /* set asynchronously (SIGINT/SIGTERM): save and return */
+    int quiet;                   /* no progress line */
+} jm_train_opts;
+/* Pretrains as the recipe says. On a stop request it writes a checkpoint and
+ * returns JM_OK with *stopped = 1. */
+jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err);
+
+/* Mean cross-entropy of the model over up to max_tokens tokens of the shards
+ * in dir, in windows of seq_len (perplexity = exp of it). */
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, double *loss,
+                         int64_t *tokens, jm_error *err);
+
 /* ---- tokenizer (SentencePiece BPE, Llama-2 family) ---------------------- */
 
 typedef struct jm_tokenizer jm_tokenizer;

@@ -71,21 +71,6 @@ jm_status jm_sampler_get_state(const jm_sampler *s, jm_sampler_state *st, jm_err
 jm_status jm_sampler_set_state(jm_sampler *s, const jm_sampler_state *st, jm_error *err);
 void jm_sampler_state_free(jm_sampler_state *st);
 
-/* `jetmoe prepare`: tokenizes text files (.txt/.md and anything else as text),
- * JSONL (.jsonl: a "text" field per line) and source code into shards of at
- * most shard_tokens tokens under out_dir (out_dir/shard_00000.bin, ...), with
- * a progress line on stderr. Documents: a JSONL record, or a whole text/code
- * file (a .txt file's blank-line-separated paragraphs are NOT split: one file
- * = one document). Runs on `threads` threads; output is identical for any
- * thread count. */
-typedef struct {
-    const char *tokenizer;      /* tokenizer.model / tokenizer.json / directory */
-    const char *const *inputs;  /* files or directories (walked recursively, sorted) */
-    int ninputs;
-    const char *out_dir;
-    uint64_t shard_tokens;      /* 0 = 100M */
-    int threads;                /* 0 = all cores */
-} jm_prepare_opts;
-jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_error *err);
+/* jm_prepare (`jetmoe prepare`) is declared in include/jetmoe.h and implemented in data.c. */
 
 #endif

@@ -1,0 +1,808 @@
+/* train.c — the training loop: recipe, mixture phases, AdamW with the
+ * schedule, gradient accumulation, metrics, checkpoints and exact resume.
+ *
+ * A run directory holds:
+ *   recipe.json                 the resolved recipe (what the run used)
+ *   metrics.jsonl               one JSON line per logged step
+ *   loss.svg                    loss and expert-load plot
+ *   checkpoints/step_N/         config.json + model.safetensors (HF) + trainer_state.safetensors
+ *   checkpoints/latest          "step_N" of the newest complete checkpoint
+ * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
+ * a crash leaves the previous checkpoint as it was. */
+#include "data.h"
+#include "internal.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_SOURCES 64
+#define MAX_PHASES 16
+
+typedef struct {
+    char name[64];
+    int64_t steps;
+    double weights[MAX_SOURCES];
+} phase;
+
+struct jm_recipe {
+    jm_config model;
+    char tokenizer[4096];
+    int nsources;
+    char source_name[MAX_SOURCES][64];
+    char source_dir[MAX_SOURCES][4096];
+    char heldout[4096];
+    int nphases;
+    phase phases[MAX_PHASES];
+    int seq_len, batch_size, grad_accum;
+    jm_adamw_config adamw;
+    jm_schedule schedule;
+    uint64_t seed;
+    int64_t checkpoint_every, log_every, eval_tokens;
+    char *text;    /* the recipe as written, saved into the run directory */
+    uint64_t hash; /* of the text: a resume with another recipe is refused */
+};
+
+/* ---- recipe ---- */
+
+static uint64_t fnv1a(const char *s, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return h;
+}
+
+static jm_status get_num(const cJSON *o, const char *key, const char *file, double lo, double hi, int required,
+                         double *out, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", file, key) : JM_OK;
+    if (!cJSON_IsNumber(j) || !isfinite(j->valuedouble) || j->valuedouble < lo || j->valuedouble > hi)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a number in [%g, %g]", file, key, lo, hi);
+    *out = j->valuedouble;
+    return JM_OK;
+}
+
+static jm_status get_str(const cJSON *o, const char *key, const char *file, char *out, size_t cap, int required,
+                         jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", file, key) : JM_OK;
+    if (!cJSON_IsString(j) || strlen(j->valuestring) >= cap || !j->valuestring[0])
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a non-empty string", file, key);
+    snprintf(out, cap, "%s", j->valuestring);
+    return JM_OK;
+}
+
+static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
+{
+    cJSON *root;
+    jm_status s = jm_json_parse(r->text, strlen(r->text), file, &root, err);
+    if (s) return s;
+    double v;
+    char key[160];
+    if (!cJSON_IsObject(root)) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: expected a JSON object", file);
+        goto done;
+    }
+    /* model: an HF config object, validated like config.json */
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+    if (!cJSON_IsObject(model)) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field model must be an object of config.json fields", file);
+        goto done;
+    }
+    char *mtext = cJSON_PrintUnformatted(model);
+    snprintf(key, sizeof key, "%s: model", file);
+    s = mtext ? jm_config_parse(mtext, strlen(mtext), key, &r->model, err) : jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    cJSON_free(mtext);
+    if (s) goto done;
+    if ((s = get_str(root, "tokenizer", file, r->tokenizer, sizeof r->tokenizer, 0, err))) goto done;
+    if ((s = get_str(root, "heldout", file, r->heldout, sizeof r->heldout, 0, err))) goto done;
+
+    const cJSON *src = cJSON_GetObjectItemCaseSensitive(root, "sources");
+    if (!cJSON_IsObject(src) || !src->child) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field sources must map source names to shard directories", file);
+        goto done;
+    }
+    for (const cJSON *c = src->child; c; c = c->next) {
+        if (r->nsources == MAX_SOURCES) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: more than %d sources", file, MAX_SOURCES);
+            goto done;
+        }
+        if (!cJSON_IsString(c) || strlen(c->string) >= 64 || strlen(c->valuestring) >= 4096 || !c->string[0]) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: sources.%s must be a directory path", file, c->string);
+            goto done;
+        }
+        snprintf(r->source_name[r->nsources], 64, "%s", c->string);
+        snprintf(r->source_dir[r->nsources], 4096, "%s", c->valuestring);
+        r->nsources++;
+    }
+
+    const cJSON *ph = cJSON_GetObjectItemCaseSensitive(root, "phases");
+    if (!cJSON_IsArray(ph) || !ph->child) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field phases must be a non-empty array", file);
+        goto done;
+    }
+    int64_t total = 0;
+    for (const cJSON *c = ph->child; c; c = c->next) {
+        if (r->nphases == MAX_PHASES || !cJSON_IsObject(c)) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: phases must be at most %d objects", file, MAX_PHASES);
+            goto done;
+        }
+        phase *p = &r->phases[r->nphases];
+        snprintf(key, sizeof key, "%s: phases[%d]", file, r->nphases);
+        snprintf(p->name, sizeof p->name, "phase%d", r->nphases + 1);
+        if ((s = get_str(c, "name", key, p->name, sizeof p->name, 0, err))) goto done;
+        if ((s = get_num(c, "steps", key, 1, 1e9, 1, &v, err))) goto done;
+        p->steps = (int64_t)v;
+        const cJSON *mix = cJSON_GetObjectItemCaseSensitive(c, "mixture");
+        if (!cJSON_IsObject(mix)) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field mixture must map source names to weights", key);
+            goto done;
+        }
+        double sum = 0;
+        for (const cJSON *w = mix->child; w; w = w->next) {
+            int i = 0;
+            while (i < r->nsources && strcmp(r->source_name[i], w->string) != 0) i++;
+            if (i == r->nsources) {
+                s = jm_fail(err, JM_ERR_CONFIG, "%s: mixture names unknown source %s", key, w->string);
+                goto done;
+            }
+            if (!cJSON_IsNumber(w) || !(w->valuedouble >= 0) || !isfinite(w->valuedouble)) {
+                s = jm_fail(err, JM_ERR_CONFIG, "%s: mixture weight of %s must be >= 0", key, w->string);
+                goto done;
+            }
+            p->weights[i] = w->valuedouble;
+            sum += w->valuedouble;
+        }
+        if (!(sum > 0)) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: mixture weights must not all be 0", key);
+            goto done;
+        }
+        total += p->steps;
+        r->nphases++;
+    }
+
+    if ((s = get_num(root, "seq_len", file, 2, r->model.max_position_embeddings, 1, &v, err))) goto done;
+    r->seq_len = (int)v;
+    if ((s = get_num(root, "batch_size", file, 1, 65536, 1, &v, err))) goto done;
+    r->batch_size = (int)v;
+    v = 1;
+    if ((s = get_num(root, "grad_accum", file, 1, 65536, 0, &v, err))) goto done;
+    r->grad_accum = (int)v;
+
+    /* optimizer: the JetMoE report's AdamW settings as defaults */
+    r->adamw = (jm_adamw_config){5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0};
+    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(root, "optimizer");
+    if (opt) {
+        snprintf(key, sizeof key, "%s: optimizer", file);
+        if ((s = get_num(opt, "lr", key, 0, 10, 0, &r->adamw.lr, err)) ||
+            (s = get_num(opt, "beta1", key, 0, 0.999999, 0, &r->adamw.beta1, err)) ||
+            (s = get_num(opt, "beta2", key, 0, 0.999999, 0, &r->adamw.beta2, err)) ||
+            (s = get_num(opt, "eps", key, 1e-30, 1, 0, &r->adamw.eps, err)) ||
+            (s = get_num(opt, "weight_decay", key, 0, 10, 0, &r->adamw.weight_decay, err)) ||
+            (s = get_num(opt, "grad_clip", key, 0, 1e9, 0, &r->adamw.grad_clip, err)))
+            goto done;
+    }
+    r->schedule = (jm_schedule){JM_SCHEDULE_WSD, r->adamw.lr, 0.1, 0, total, 0};
+    const cJSON *sch = cJSON_GetObjectItemCaseSensitive(root, "schedule");
+    if (sch) {
+        snprintf(key, sizeof key, "%s: schedule", file);
+        char type[16] = "wsd";
+        if ((s = get_str(sch, "type", key, type, sizeof type, 0, err))) goto done;
+        if (strcmp(type, "wsd") == 0) r->schedule.type = JM_SCHEDULE_WSD;
+        else if (strcmp(type, "cosine") == 0) r->schedule.type = JM_SCHEDULE_COSINE;
+        else if (strcmp(type, "constant") == 0) r->schedule.type = JM_SCHEDULE_CONSTANT;
+        else {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: type must be wsd, cosine or constant, not %s", key, type);
+            goto done;
+        }
+        v = 0;
+        if ((s = get_num(sch, "warmup_steps", key, 0, (double)total, 0, &v, err))) goto done;
+        r->schedule.warmup_steps = (int64_t)v;
+        /* WSD's decay defaults to the last phase: the paper decays during phase 2 */
+        v = r->nphases > 1 ? (double)r->phases[r->nphases - 1].steps : 0;
+        if ((s = get_num(sch, "decay_steps", key, 0, (double)total, 0, &v, err))) goto done;
+        r->schedule.decay_steps = (int64_t)v;
+        if ((s = get_num(sch, "min_lr_ratio", key, 0, 1, 0, &r->schedule.min_lr_ratio, err))) goto done;
+    }
+    if ((s = get_num(root, "aux_loss_coef", file, 0, 1e6, 0, &r->model.aux_loss_coef, err))) goto done;
+    if ((s = get_num(root, "z_loss_coef", file, 0, 1e6, 0, &r->model.z_loss_coef, err))) goto done;
+    v = 1234;
+    if ((s = get_num(root, "seed", file, 0, 9007199254740991.0, 0, &v, err))) goto done;
+    r->seed = (uint64_t)v;
+    v = 100;
+    if ((s = get_num(root, "checkpoint_every", file, 1, 1e9, 0, &v, err))) goto done;
+    r->checkpoint_every = (int64_t)v;
+    v = 10;
+    if ((s = get_num(root, "log_every", file, 1, 1e9, 0, &v, err))) goto done;
+    r->log_every = (int64_t)v;
+    v = 65536;
+    if ((s = get_num(root, "eval_tokens", file, 0, 1e12, 0, &v, err))) goto done;
+    r->eval_tokens = (int64_t)v;
+done:
+    cJSON_Delete(root);
+    return s;
+}
+
+jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err)
+{
+    *out = NULL;
+    jm_recipe *r = calloc(1, sizeof *r);
+    if (!r) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    size_t len;
+    jm_status s = jm_read_file(path, 1 << 20, &r->text, &len, err);
+    if (!s) s = parse_recipe(r, path, err);
+    if (s) {
+        jm_recipe_free(r);
+        return s;
+    }
+    r->hash = fnv1a(r->text, len);
+    *out = r;
+    return JM_OK;
+}
+
+void jm_recipe_free(jm_recipe *r)
+{
+    if (!r) return;
+    free(r->text);
+    free(r);
+}
+
+const jm_config *jm_recipe_model(const jm_recipe *r) { return &r->model; }
+int64_t jm_recipe_total_steps(const jm_recipe *r) { return r->schedule.total_steps; }
+
+/* ---- trainer state ---- */
+
+typedef struct {
+    jm_recipe *r;
+    jm_model *m;
+    jm_optimizer *opt;
+    jm_sampler *sampler;
+    int64_t step;          /* completed optimizer steps */
+    int phase;             /* index of the phase whose mixture is set */
+    char dir[4096];
+} trainer;
+
+static int phase_of(const jm_recipe *r, int64_t step)
+{
+    int64_t end = 0;
+    for (int p = 0; p < r->nphases; p++) {
+        end += r->phases[p].steps;
+        if (step < end) return p;
+    }
+    return r->nphases - 1;
+}
+
+static jm_status save_trainer_state(trainer *t, const char *path, jm_error *err)
+{
+    int64_t *stepp, numel;
+    float *m, *v;
+    jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
+    jm_sampler_state ss;
+    jm_status s = jm_sampler_get_state(t->sampler, &ss, err);
+    if (s) return s;
+    int64_t step = t->step;
+    uint64_t hash = t->r->hash;
+    int64_t S = ss.nsources;
+    st_out o[] = {
+        {"step", ST_I64, 1, {1}, &step},
+        {"recipe_hash", ST_U64, 1, {1}, &hash},
+        {"adamw.step", ST_I64, 1, {1}, stepp},
+        {"adamw.m", ST_F32, 1, {numel}, m},
+        {"adamw.v", ST_F32, 1, {numel}, v},
+        {"sampler.position", ST_U64, 1, {S}, ss.position},
+        {"sampler.drawn", ST_U64, 1, {S}, ss.drawn},
+        {"sampler.total", ST_U64, 1, {S}, ss.total},
+    };
+    s = st_write(path, o, (int)(sizeof o / sizeof o[0]), NULL, NULL, 0, err);
+    jm_sampler_state_free(&ss);
+    return s;
+}
+
+/* Copies a tensor of the expected dtype and element count out of a state file. */
+static jm_status state_tensor(const st_file *f, const char *name, st_dtype dt, int64_t numel, void *out,
+                              jm_error *err)
+{
+    const st_tensor *t = st_find(f, name);
+    if (!t || t->dtype != dt || t->numel != numel)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s missing or of the wrong type/size", f->path, name);
+    memcpy(out, t->data, (size_t)numel * st_dtype_size(dt));
+    return JM_OK;
+}
+
+static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
+{
+    st_file f;
+    jm_status s = st_open(path, &f, err);
+    if (s) return s;
+    int64_t *stepp, numel, step;
+    float *m, *v;
+    uint64_t hash;
+    jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
+    int S = jm_sampler_num_sources(t->sampler);
+    jm_sampler_state ss = {S, calloc((size_t)S, 8), calloc((size_t)S, 8), calloc((size_t)S, 8)};
+    if (!ss.position || !ss.drawn || !ss.total) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    if (!s) s = state_tensor(&f, "step", ST_I64, 1, &step, err);
+    if (!s) s = state_tensor(&f, "recipe_hash", ST_U64, 1, &hash, err);
+    if (!s && hash != t->r->hash)
+        s = jm_fail(err, JM_ERR_ARG, "%s: the run was made with another recipe; resume with the same recipe", path);
+    if (!s) s = state_tensor(&f, "adamw.step", ST_I64, 1, stepp, err);
+    if (!s) s = state_tensor(&f, "adamw.m", ST_F32, numel, m, err);
+    if (!s) s = state_tensor(&f, "adamw.v", ST_F32, numel, v, err);
+    if (!s) s = state_tensor(&f, "sampler.position", ST_U64, S, ss.position, err);
+    if (!s) s = state_tensor(&f, "sampler.drawn", ST_U64, S, ss.drawn, err);
+    if (!s) s = state_tensor(&f, "sampler.total", ST_U64, S, ss.total, err);
+    if (!s) {
+        t->step = step;
+        t->phase = phase_of(t->r, step);
+        s = jm_sampler_set_mixture(t->sampler, t->r->phases[t->phase].weights, err);
+        if (!s) s = jm_sampler_set_state(t->sampler, &ss, err);
+    }
+    jm_sampler_state_free(&ss);
+    st_close(&f);
+    return s;
+}
+
+static void remove_tree(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[8192];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path); /* checkpoint directories hold only files */
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+static void fsync_path(const char *path)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+/* Writes checkpoints/step_N (model + trainer state) and points `latest` at it. */
+static jm_status save_checkpoint(trainer *t, jm_error *err)
+{
+    char ck[4200], tmp[4300], final[4300], path[8192];
+    snprintf(ck, sizeof ck, "%s/checkpoints", t->dir);
+    jm_status s = jm_mkdir_p(ck, err);
+    if (s) return s;
+    snprintf(tmp, sizeof tmp, "%s/step_%lld.tmp.XXXXXX", ck, (long long)t->step);
+    if (!mkdtemp(tmp)) return jm_fail(err, JM_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    s = jm_model_save(t->m, tmp, err);
+    snprintf(path, sizeof path, "%s/trainer_state.safetensors", tmp);
+    if (!s) s = save_trainer_state(t, path, err);
+    if (s) {
+        remove_tree(tmp);
+        return s;
+    }
+    fsync_path(tmp);
+    snprintf(final, sizeof final, "%s/step_%lld", ck, (long long)t->step);
+    remove_tree(final); /* a checkpoint of this step from an earlier, interrupted run */
+    if (rename(tmp, final) != 0) {
+        s = jm_fail(err, JM_ERR_IO, "%s: %s", final, strerror(errno));
+        remove_tree(tmp);
+        return s;
+    }
+    fsync_path(ck);
+    jm_atomic_file a;
+    char name[64];
+    int n = snprintf(name, sizeof name, "step_%lld\n", (long long)t->step);
+    snprintf(path, sizeof path, "%s/latest", ck);
+    if ((s = jm_atomic_open(&a, path, err))) return s;
+    if ((s = jm_atomic_write(&a, name, (size_t)n, err))) {
+        jm_atomic_abort(&a);
+        return s;
+    }
+    if ((s = jm_atomic_commit(&a, err))) return s;
+    /* keep the two newest checkpoints: the latest, and one before it */
+    DIR *d = opendir(ck);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            long long st;
+            char rest[8];
+            if (sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1 && st < t->step - t->r->checkpoint_every) {
+                snprintf(path, sizeof path, "%s/%s", ck, e->d_name);
+                remove_tree(path);
+            }
+        }
+        closedir(d);
+    }
+    return JM_OK;
+}
+
+/* ---- metrics, progress and plot ---- */
+
+/* Keeps metrics.jsonl lines up to step (a resumed run rewrites what follows). */
+static jm_status truncate_metrics(const char *path, int64_t step, jm_error *err)
+{
+    char *text;
+    size_t len;
+    if (access(path, F_OK) != 0) return JM_OK;
+    jm_status s = jm_read_file(path, (size_t)1 << 30, &text, &len, err);
+    if (s) return s;
+    jm_atomic_file a;
+    if ((s = jm_atomic_open(&a, path, err))) {
+        free(text);
+        return s;
+    }
+    for (char *line = text; *line && !s;) {
+        char *nl = strchr(line, '\n');
+        size_t n = nl ? (size_t)(nl - line + 1) : strlen(line);
+        long long st = -1;
+        if (sscanf(line, "{\"step\":%lld", &st) == 1 && st <= step) s = jm_atomic_write(&a, line, n, err);
+        line += n;
+    }
+    free(text);
+    if (s) {
+        jm_atomic_abort(&a);
+        return s;
+    }
+    return jm_atomic_commit(&a, err);
+}
+
+static void format_eta(char *buf, size_t n, double secs)
+{
+    if (!(secs >= 0) || secs > 1e7) snprintf(buf, n, "--");
+    else if (secs >= 3600) snprintf(buf, n, "%dh%02dm", (int)(secs / 3600), (int)fmod(secs / 60, 60));
+    else snprintf(buf, n, "%dm%02ds", (int)(secs / 60), (int)fmod(secs, 60));
+}
+
+/* An SVG of the loss and of the least-loaded expert's share of its fair
+ * load (1 = perfectly balanced), drawn from metrics.jsonl. */
+static void write_plot(const char *dir)
+{
+    char path[4200], *text;
+    size_t len;
+    jm_error err;
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    if (jm_read_file(path, (size_t)1 << 30, &text, &len, &err)) return;
+    size_t cap = 1024, n = 0;
+    double *st = malloc(cap * sizeof *st), *lo = malloc(cap * sizeof *lo), *bal = malloc(cap * sizeof *bal);
+    for (char *line = text; line && *line && st && lo && bal;) {
+        char *nl = strchr(line, '\n');
+        if (nl) *nl = 0;
+        cJSON *j = cJSON_Parse(line);
+        const cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "step"), *l = cJSON_GetObjectItemCaseSensitive(j, "loss");
+        const cJSON *b = cJSON_GetObjectItemCaseSensitive(j, "min_expert_share");
+        if (cJSON_IsNumber(s) && cJSON_IsNumber(l)) {
+            if (n == cap) {
+                cap *= 2;
+                st = realloc(st, cap * sizeof *st);
+                lo = realloc(lo, cap * sizeof *lo);
+                bal = realloc(bal, cap * sizeof *bal);
+                if (!st || !lo || !bal) break;
+            }
+            st[n] = s->valuedouble;
+            lo[n] = l->valuedouble;
+            bal[n++] = cJSON_IsNumber(b) ? b->valuedouble : 1.0;
+        }
+        cJSON_Delete(j);
+        line = nl ? nl + 1 : NULL;
+    }
+    free(text);
+    snprintf(path, sizeof path, "%s/loss.svg", dir);
+    FILE *f = n >= 2 && st && lo && bal ? fopen(path, "w") : NULL;
+    if (f) {
+        double x0 = st[0], x1 = st[n - 1], y0 = 1e30, y1 = -1e30;
+        for (size_t i = 0; i < n; i++) {
+            y0 = fmin(y0, lo[i]);
+            y1 = fmax(y1, lo[i]);
+        }
+        if (y1 - y0 < 1e-9) y1 = y0 + 1;
+        const double W = 640, H = 360, L = 50, R = 60, T = 30, B = 40;
+        fprintf(f, "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' "
+                   "font-size='12'>\n<rect width='100%%' height='100%%' fill='white'/>\n", W, H);
+        fprintf(f, "<text x='%g' y='18'>training loss (blue, left axis) and min expert share of fair load "
+                   "(orange, right axis 0..1)</text>\n", L);
+        fprintf(f, "<rect x='%g' y='%g' width='%g' height='%g' fill='none' stroke='#999'/>\n", L, T, W - L - R,
+                H - T - B);
+        fprintf(f, "<text x='%g' y='%g'>%.2f</text><text x='%g' y='%g'>%.2f</text>\n", 4.0, T + 10, y1, 4.0,
+                H - B, y0);
+        fprintf(f, "<text x='%g' y='%g'>step %.0f</text><text x='%g' y='%g' text-anchor='end'>step %.0f</text>\n",
+                L, H - B + 16, x0, W - R, H - B + 16, x1);
+        for (int pass = 0; pass < 2; pass++) {
+            fprintf(f, "<polyline fill='none' stroke='%s' stroke-width='1.5' points='", pass ? "#e67e22" : "#2c7fb8");
+            for (size_t i = 0; i < n; i++) {
+                double x = L + (st[i] - x0) / (x1 - x0 > 0 ? x1 - x0 : 1) * (W - L - R);
+                double v = pass ? fmin(fmax(bal[i], 0), 1) : (lo[i] - y0) / (y1 - y0);
+                fprintf(f, "%.1f,%.1f ", x, H - B - v * (H - T - B));
+            }
+            fprintf(f, "'/>\n");
+        }
+        fprintf(f, "</svg>\n");
+        fclose(f);
+    }
+    free(st);
+    free(lo);
+    free(bal);
+}
+
+/* ---- evaluation ---- */
+
+static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, double *loss,
+                         int64_t *tokens, jm_error *err)
+{
+    *loss = 0;
+    *tokens = 0;
+    DIR *d = opendir(dir);
+    if (!d) return jm_fail(err, JM_ERR_IO, "%s: %s", dir, strerror(errno));
+    char *names[4096];
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < 4096) {
+        size_t l = strlen(e->d_name);
+        if (l > 4 && strcmp(e->d_name + l - 4, ".bin") == 0) names[n++] = strdup(e->d_name);
+    }
+    closedir(d);
+    qsort(names, (size_t)n, sizeof *names, cmp_names);
+    const int B = 4;
+    int32_t *buf = malloc(sizeof(int32_t) * (size_t)B * seq_len);
+    double sum = 0;
+    int64_t count = 0;
+    int filled = 0;
+    jm_status s = buf ? JM_OK : jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n && !s && (max_tokens <= 0 || count < max_tokens); i++) {
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        jm_shard sh;
+        if ((s = jm_shard_open(path, &sh, err))) break;
+        if (sh.vocab_size > (uint32_t)jm_model_config(m)->vocab_size)
+            s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", path, sh.vocab_size,
+                        jm_model_config(m)->vocab_size);
+        for (uint64_t p = 0; !s && p + (uint64_t)seq_len <= sh.n && (max_tokens <= 0 || count < max_tokens);
+             p += (uint64_t)seq_len) {
+            for (int j = 0; j < seq_len; j++) buf[filled * seq_len + j] = (int32_t)jm_shard_token(&sh, p + j);
+            if (++filled < B) continue;
+            jm_losses L;
+            if ((s = jm_forward(m, buf, B, seq_len, &L, err))) break;
+            sum += L.loss * (double)L.count;
+            count += L.count;
+            filled = 0;
+        }
+        jm_shard_close(&sh);
+    }
+    if (!s && filled > 0) {
+        jm_losses L;
+        if (!(s = jm_forward(m, buf, filled, seq_len, &L, err))) {
+            sum += L.loss * (double)L.count;
+            count += L.count;
+        }
+    }
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(buf);
+    if (!s && count == 0) s = jm_fail(err, JM_ERR_ARG, "%s: no shard holds a full window of %d tokens", dir, seq_len);
+    if (s) return s;
+    *loss = sum / (double)count;
+    *tokens = count;
+    return JM_OK;
+}
+
+/* ---- the loop ---- */
+
+static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
+{
+    jm_recipe *r = t->r;
+    const char *names[MAX_SOURCES], *dirs[MAX_SOURCES];
+    for (int i = 0; i < r->nsources; i++) {
+        names[i] = r->source_name[i];
+        dirs[i] = r->source_dir[i];
+    }
+    jm_status s = jm_sampler_open(names, dirs, r->nsources, r->seq_len, r->seed, (uint32_t)r->model.vocab_size,
+                                  &t->sampler, err);
+    if (s) return s;
+    char path[4400], latest[64] = "";
+    snprintf(path, sizeof path, "%s/checkpoints/latest", o->out_dir);
+    if (o->resume) {
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(latest, sizeof latest, f)) {
+            if (f) fclose(f);
+            return jm_fail(err, JM_ERR_ARG, "%s: no checkpoint to resume from", path);
+        }
+        fclose(f);
+        latest[strcspn(latest, "\n")] = 0;
+        snprintf(path, sizeof path, "%s/checkpoints/%s", o->out_dir, latest);
+        if ((s = jm_model_load(path, &t->m, err))) return s;
+        const jm_config *c = jm_model_config(t->m);
+        if (c->vocab_size != r->model.vocab_size || c->hidden_size != r->model.hidden_size ||
+            c->num_layers != r->model.num_layers)
+            return jm_fail(err, JM_ERR_ARG, "%s: checkpoint does not match the recipe's model", path);
+    } else if ((s = jm_model_create(&r->model, r->seed, &t->m, err))) {
+        return s;
+    }
+    if ((s = jm_optimizer_create(t->m, &r->adamw, &t->opt, err))) return s;
+    if ((s = jm_zero_grad(t->m, err))) return s;
+    if (o->resume) {
+        char state[4500];
+        snprintf(state, sizeof state, "%s/trainer_state.safetensors", path);
+        if ((s = load_trainer_state(t, state, err))) return s;
+    } else {
+        t->phase = 0;
+        if ((s = jm_sampler_set_mixture(t->sampler, r->phases[0].weights, err))) return s;
+    }
+    return JM_OK;
+}
+
+static void close_trainer(trainer *t)
+{
+    jm_sampler_free(t->sampler);
+    jm_optimizer_free(t->opt);
+    jm_model_free(t->m);
+}
+
+/* Share of routed slots per expert for one router, as a fraction of the fair share. */
+static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
+{
+    for (int e = 0; e < E; e++) share[e] = 0;
+    for (int64_t i = 0; i < n; i++) share[idx[i]] += 1;
+    for (int e = 0; e < E; e++) share[e] = n ? share[e] * E / (double)n : 0;
+}
+
+jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
+{
+    *stopped = 0;
+    trainer t = {0};
+    snprintf(t.dir, sizeof t.dir, "%s", o->out_dir);
+    jm_status s = jm_recipe_load(o->recipe, &t.r, err);
+    if (s) return s;
+    jm_recipe *r = t.r;
+    const jm_config *c = &r->model;
+    char path[4400];
+    FILE *metrics = NULL;
+    int32_t *batch = NULL;
+    double *share = NULL;
+    if ((s = jm_mkdir_p(o->out_dir, err))) goto done;
+    if ((s = open_trainer(&t, o, err))) goto done;
+
+    /* the recipe the run used, beside its results */
+    snprintf(path, sizeof path, "%s/recipe.json", o->out_dir);
+    jm_atomic_file a;
+    if ((s = jm_atomic_open(&a, path, err))) goto done;
+    if ((s = jm_atomic_write(&a, r->text, strlen(r->text), err))) {
+        jm_atomic_abort(&a);
+        goto done;
+    }
+    if ((s = jm_atomic_commit(&a, err))) goto done;
+    snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
+    if (o->resume) {
+        if ((s = truncate_metrics(path, t.step, err))) goto done;
+    } else {
+        unlink(path);
+    }
+    metrics = fopen(path, "a");
+    if (!metrics) {
+        s = jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+        goto done;
+    }
+
+    const int B = r->batch_size, T = r->seq_len, L = c->num_layers, E = c->num_experts;
+    const int64_t total = r->schedule.total_steps, tokens_per_step = (int64_t)B * T * r->grad_accum;
+    batch = malloc(sizeof(int32_t) * (size_t)B * T);
+    share = malloc(sizeof(double) * (size_t)E);
+    if (!batch || !share) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    const int tty = isatty(2) && !o->quiet;
+    const int64_t first = t.step;
+    double t0 = omp_get_wtime(), last_log = t0;
+    if (!o->quiet)
+        fprintf(stderr, "pretrain: %lld parameters, %lld steps of %lld tokens, %s %lld\n",
+                (long long)jm_config_num_params(c), (long long)total, (long long)tokens_per_step,
+                o->resume ? "resuming at step" : "from step", (long long)t.step);
+    while (t.step < total) {
+        if (o->stop && *o->stop) {
+            *stopped = 1;
+            break;
+        }
+        int ph = phase_of(r, t.step);
+        if (ph != t.phase) {
+            t.phase = ph;
+            if ((s = jm_sampler_set_mixture(t.sampler, r->phases[ph].weights, err))) goto done;
+        }
+        double loss = 0, aux = 0, zl = 0;
+        for (int micro = 0; micro < r->grad_accum; micro++) {
+            for (int b = 0; b < B; b++) {
+                int src;
+                jm_sampler_next(t.sampler, batch + (size_t)b * T, &src);
+            }
+            jm_losses Ls;
+            if ((s = jm_forward(t.m, batch, B, T, &Ls, err))) goto done;
+            loss += Ls.loss / r->grad_accum;
+            aux += Ls.aux_loss / r->grad_accum;
+            zl += Ls.z_loss / r->grad_accum;
+            if (micro == r->grad_accum - 1 && (t.step + 1) % r->log_every == 0) {
+                /* expert load of this batch, before backward consumes nothing it needs */
+                fprintf(metrics, "{\"step\":%lld", (long long)(t.step + 1));
+                double worst = 1e30;
+                for (int blk = 0; blk < 2; blk++) {
+                    fprintf(metrics, ",\"%s_load\":[", blk ? "moe" : "moa");
+                    for (int l = 0; l < L; l++) {
+                        expert_load(jm_routing(t.m, l, blk), (int64_t)B * T * c->top_k, E, share);
+                        fprintf(metrics, "%s[", l ? "," : "");
+                        for (int e = 0; e < E; e++) {
+                            fprintf(metrics, "%s%.4f", e ? "," : "", share[e]);
+                            worst = fmin(worst, share[e]);
+                        }
+                        fprintf(metrics, "]");
+                    }
+                    fprintf(metrics, "]");
+                }
+                fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
+            }
+            if ((s = jm_backward(t.m, err))) goto done;
+        }
+        if (r->grad_accum > 1) jm_scale_grads(t.m, 1.0f / (float)r->grad_accum);
+        double gnorm = jm_grad_norm(t.m);
+        if (r->adamw.grad_clip > 0 && gnorm > r->adamw.grad_clip)
+            jm_scale_grads(t.m, (float)(r->adamw.grad_clip / (gnorm + 1e-6))); /* as torch's clip_grad_norm_ */
+        double lr = jm_schedule_lr(&r->schedule, t.step);
+        if ((s = jm_optimizer_step(t.opt, t.m, lr, err))) goto done;
+        if ((s = jm_zero_grad(t.m, err))) goto done;
+        t.step++;
+
+        double now = omp_get_wtime(), rate = (double)(t.step - first) * tokens_per_step / (now - t0);
+        if (t.step % r->log_every == 0) {
+            fprintf(metrics, ",\"phase\":\"%s\",\"loss\":%.6f,\"aux_loss\":%.6f,\"z_loss\":%.6f,\"lr\":%.6g,"
+                             "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f,\"tokens\":%lld}\n",
+                    r->phases[t.phase].name, loss, aux, zl, lr, gnorm, rate, (long long)(t.step * tokens_per_step));
+            fflush(metrics);
+        }
+        char eta[32];
+        format_eta(eta, sizeof eta, (double)(total - t.step) * tokens_per_step / rate);
+        if (tty) {
+            int width = 24, done_w = (int)((double)t.step / total * width);
+            fprintf(stderr, "\r[%.*s%*s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s   ", done_w,
+                    "########################", width - done_w, "", (long long)t.step, (long long)total, loss, rate,
+                    eta);
+        } else if (!o->quiet && (now - last_log > 10 || t.step == total || t.step % r->log_every == 0)) {
+            fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  ETA %s\n", (long long)t.step,
+                    (long long)total, loss, lr, rate, eta);
+            last_log = now;
+        }
+        if (t.step % r->checkpoint_every == 0 || t.step == total) {
+            if ((s = save_checkpoint(&t, err))) goto done;
+        }
+        if (o->stop_after > 0 && t.step >= o->stop_after && t.step < total) {
+            *stopped = 1;
+            break;
+        }
+    }
+    if (tty) fputc('\n', stderr);
+    if (*stopped && t.step % r->checkpoint_every != 0 && (s = save_checkpoint(&t, err))) goto done;
+    if (*stopped && !o->quiet) fprintf(stderr, "pretrain: stopped at step %lld; continue with --resume\n", (long long)t.step);
+    if (!*stopped && r->heldout[0]) {
+        double hl;
+        int64_t ht;
+        if ((s = jm_eval_shards(t.m, r->heldout, T, r->eval_tokens, &hl, &ht, err))) goto done;
+        fprintf(stderr, "held-out: %lld tokens, loss %.4f, perplexity %.2f\n", (long long)ht, hl, exp(hl));
+        fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld}\n",
+                (long long)t.step, hl, exp(hl), (long long)ht);
+    }
+done:
+    if (metrics) fclose(metrics);
+    write_plot(o->out_dir);
+    free(batch);
+    free(share);
+    close_trainer(&t);
+    jm_recipe_free(t.r);
+    return s;
+}
