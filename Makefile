@@ -15,7 +15,7 @@ PY      := /usr/bin/python3
 SRC     := $(wildcard src/*.c src/ops/*.c)
 HDR     := $(wildcard include/*.h src/*.h src/ops/*.h)
 OBJ     := $(SRC:%.c=$(BUILD)/%.o)
-TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c))
+TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
 
 .PHONY: all setup test test-asan bench demo clean

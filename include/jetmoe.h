@@ -150,6 +150,22 @@ jm_status jm_zero_grad(jm_model *m, jm_error *err);
  * next forward), or NULL when the arguments are out of range. */
 const int32_t *jm_routing(const jm_model *m, int layer, int block);
 
+/* ---- generation ------------------------------------------------------ */
+
+typedef struct {
+    double temperature;  /* > 0 */
+    int top_k;           /* 0 = off */
+    double top_p;        /* (0, 1]; 1 = off */
+    uint64_t seed;
+    int max_new;         /* tokens to generate at most */
+    int greedy;          /* argmax, ignores the rest */
+} jm_sample_opts;
+jm_status jm_sample_validate(const jm_sample_opts *o, jm_error *err);
+/* Generates after the prompt until EOS, max_new tokens, or on_token (called
+ * with each new id; may be NULL) returns non-zero. out holds max_new ids. */
+jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
+                      int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err);
+
 /* ---- optimizer ------------------------------------------------------- */
 
 typedef struct {
@@ -221,6 +237,17 @@ typedef struct {
 /* Pretrains as the recipe says. On a stop request it writes a checkpoint and
  * returns JM_OK with *stopped = 1. */
 jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err);
+
+/* One optimizer step on accum micro-batches of B x T tokens (tokens holds
+ * accum*B*T ids): forward, backward (gradients averaged over micro-batches),
+ * global-norm clip, AdamW at lr, zero the gradients. load (optional, 2*L*E)
+ * receives each router's expert load of the last micro-batch as a fraction
+ * of the fair share (MoA layers first). */
+typedef struct {
+    double loss, aux_loss, z_loss, grad_norm; /* grad_norm before clipping */
+} jm_step_stats;
+jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, int B, int T, int accum, double lr,
+                        double grad_clip, double *load, jm_step_stats *st, jm_error *err);
 
 /* Mean cross-entropy of the model over up to max_tokens tokens of the shards
  * in dir, in windows of seq_len (perplexity = exp of it). */

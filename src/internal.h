@@ -32,6 +32,7 @@ jm_status jm_atomic_write(jm_atomic_file *a, const void *buf, size_t len, jm_err
 jm_status jm_atomic_commit(jm_atomic_file *a, jm_error *err); /* closes; renames on success */
 void jm_atomic_abort(jm_atomic_file *a);                      /* closes and removes the temp */
 jm_status jm_mkdir_p(const char *dir, jm_error *err);
+jm_status jm_copy_file(const char *src, const char *dst, jm_error *err); /* atomic at dst */
 
 /* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
  * no duplicate keys in any object. file names the source in messages. */
@@ -42,6 +43,10 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, struct c
 float jm_bf16_to_f32(uint16_t h);
 uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float jm_f16_to_f32(uint16_t h);
+
+/* ---- sampling (generate.c) ---- */
+/* One token from a row of V logits; scratch holds V (float, int32) pairs. */
+int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch);
 
 /* ---- safetensors (safetensors.c) ---- */
 typedef enum {

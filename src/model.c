@@ -59,6 +59,7 @@ struct jm_model {
 
     int B, T;         /* the shape the activation arena is planned for */
     void *act_mem;
+    size_t act_cap;   /* its size in bytes */
     layer_acts *la;
     float *x_out, *hf, *rstdf, *logits; /* final residual, normed, (N), (N,V) */
     int32_t *targets, *tokens;
@@ -498,17 +499,21 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
 static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
 {
     if (m->act_mem && m->B == B && m->T == T && m->att_threads >= omp_get_max_threads()) return JM_OK;
-    free(m->act_mem);
-    free(m->la);
-    m->act_mem = NULL;
-    m->la = NULL;
-    m->B = m->T = 0;
+    m->fwd_valid = 0;
     size_t bytes = plan_acts(m, NULL, B, T);
-    m->la = calloc((size_t)m->cfg.num_layers, sizeof *m->la);
-    m->act_mem = aligned_alloc(64, bytes);
-    if (!m->la || !m->act_mem)
-        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB of activations for batch %d x %d tokens",
-                       bytes / 1e9, B, T);
+    if (!m->act_mem || bytes > m->act_cap) { /* grow; a smaller batch re-carves the same block */
+        free(m->act_mem);
+        free(m->la);
+        m->act_mem = NULL;
+        m->B = m->T = 0;
+        m->act_cap = 0;
+        m->la = calloc((size_t)m->cfg.num_layers, sizeof *m->la);
+        m->act_mem = aligned_alloc(64, bytes);
+        if (!m->la || !m->act_mem)
+            return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB of activations for batch %d x %d tokens",
+                           bytes / 1e9, B, T);
+        m->act_cap = bytes;
+    }
     plan_acts(m, m->act_mem, B, T);
     m->B = B;
     m->T = T;

@@ -387,6 +387,14 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
     s = jm_model_save(t->m, tmp, err);
     snprintf(path, sizeof path, "%s/trainer_state.safetensors", tmp);
     if (!s) s = save_trainer_state(t, path, err);
+    /* the tokenizer travels with the weights, as in any HF model directory */
+    static const char *const tok_files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
+    for (int i = 0; i < 3 && !s && t->r->tokenizer[0]; i++) {
+        char src[8192], dst[8192];
+        snprintf(src, sizeof src, "%s/%s", t->r->tokenizer, tok_files[i]);
+        snprintf(dst, sizeof dst, "%s/%s", tmp, tok_files[i]);
+        if (access(src, R_OK) == 0) s = jm_copy_file(src, dst, err);
+    }
     if (s) {
         remove_tree(tmp);
         return s;
@@ -656,6 +664,33 @@ static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
     for (int e = 0; e < E; e++) share[e] = n ? share[e] * E / (double)n : 0;
 }
 
+jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, int B, int T, int accum, double lr,
+                        double grad_clip, double *load, jm_step_stats *st, jm_error *err)
+{
+    const jm_config *c = jm_model_config(m);
+    memset(st, 0, sizeof *st);
+    jm_status s;
+    for (int micro = 0; micro < accum; micro++) {
+        jm_losses Ls;
+        if ((s = jm_forward(m, tokens + (size_t)micro * B * T, B, T, &Ls, err))) return s;
+        st->loss += Ls.loss / accum;
+        st->aux_loss += Ls.aux_loss / accum;
+        st->z_loss += Ls.z_loss / accum;
+        if (load && micro == accum - 1) /* expert load of the last micro-batch */
+            for (int blk = 0; blk < 2; blk++)
+                for (int l = 0; l < c->num_layers; l++)
+                    expert_load(jm_routing(m, l, blk), (int64_t)B * T * c->top_k, c->num_experts,
+                                load + ((size_t)blk * c->num_layers + l) * c->num_experts);
+        if ((s = jm_backward(m, err))) return s;
+    }
+    if (accum > 1) jm_scale_grads(m, 1.0f / (float)accum);
+    st->grad_norm = jm_grad_norm(m);
+    if (grad_clip > 0 && st->grad_norm > grad_clip)
+        jm_scale_grads(m, (float)(grad_clip / (st->grad_norm + 1e-6))); /* as torch's clip_grad_norm_ */
+    if ((s = jm_optimizer_step(opt, m, lr, err))) return s;
+    return jm_zero_grad(m, err);
+}
+
 jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
 {
     *stopped = 0;
@@ -668,7 +703,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     char path[4400];
     FILE *metrics = NULL;
     int32_t *batch = NULL;
-    double *share = NULL;
+    double *load = NULL;
     if ((s = jm_mkdir_p(o->out_dir, err))) goto done;
     if ((s = open_trainer(&t, o, err))) goto done;
 
@@ -695,9 +730,9 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
 
     const int B = r->batch_size, T = r->seq_len, L = c->num_layers, E = c->num_experts;
     const int64_t total = r->schedule.total_steps, tokens_per_step = (int64_t)B * T * r->grad_accum;
-    batch = malloc(sizeof(int32_t) * (size_t)B * T);
-    share = malloc(sizeof(double) * (size_t)E);
-    if (!batch || !share) {
+    batch = malloc(sizeof(int32_t) * (size_t)B * T * r->grad_accum);
+    load = malloc(sizeof(double) * 2 * (size_t)L * E);
+    if (!batch || !load) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
     }
@@ -718,45 +753,35 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
             t.phase = ph;
             if ((s = jm_sampler_set_mixture(t.sampler, r->phases[ph].weights, err))) goto done;
         }
-        double loss = 0, aux = 0, zl = 0;
-        for (int micro = 0; micro < r->grad_accum; micro++) {
-            for (int b = 0; b < B; b++) {
-                int src;
-                jm_sampler_next(t.sampler, batch + (size_t)b * T, &src);
-            }
-            jm_losses Ls;
-            if ((s = jm_forward(t.m, batch, B, T, &Ls, err))) goto done;
-            loss += Ls.loss / r->grad_accum;
-            aux += Ls.aux_loss / r->grad_accum;
-            zl += Ls.z_loss / r->grad_accum;
-            if (micro == r->grad_accum - 1 && (t.step + 1) % r->log_every == 0) {
-                /* expert load of this batch, before backward consumes nothing it needs */
-                fprintf(metrics, "{\"step\":%lld", (long long)(t.step + 1));
-                double worst = 1e30;
-                for (int blk = 0; blk < 2; blk++) {
-                    fprintf(metrics, ",\"%s_load\":[", blk ? "moe" : "moa");
-                    for (int l = 0; l < L; l++) {
-                        expert_load(jm_routing(t.m, l, blk), (int64_t)B * T * c->top_k, E, share);
-                        fprintf(metrics, "%s[", l ? "," : "");
-                        for (int e = 0; e < E; e++) {
-                            fprintf(metrics, "%s%.4f", e ? "," : "", share[e]);
-                            worst = fmin(worst, share[e]);
-                        }
-                        fprintf(metrics, "]");
+        for (int64_t i = 0; i < (int64_t)B * r->grad_accum; i++) {
+            int src;
+            jm_sampler_next(t.sampler, batch + (size_t)i * T, &src);
+        }
+        const int log_now = (t.step + 1) % r->log_every == 0;
+        double lr = jm_schedule_lr(&r->schedule, t.step);
+        jm_step_stats st;
+        if ((s = jm_train_step(t.m, t.opt, batch, B, T, r->grad_accum, lr, r->adamw.grad_clip, log_now ? load : NULL,
+                               &st, err)))
+            goto done;
+        double loss = st.loss, aux = st.aux_loss, zl = st.z_loss, gnorm = st.grad_norm;
+        if (log_now) {
+            fprintf(metrics, "{\"step\":%lld", (long long)(t.step + 1));
+            double worst = 1e30;
+            for (int blk = 0; blk < 2; blk++) {
+                fprintf(metrics, ",\"%s_load\":[", blk ? "moe" : "moa");
+                for (int l = 0; l < L; l++) {
+                    fprintf(metrics, "%s[", l ? "," : "");
+                    for (int e = 0; e < E; e++) {
+                        double v = load[((size_t)blk * L + l) * E + e];
+                        fprintf(metrics, "%s%.4f", e ? "," : "", v);
+                        worst = fmin(worst, v);
                     }
                     fprintf(metrics, "]");
                 }
-                fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
+                fprintf(metrics, "]");
             }
-            if ((s = jm_backward(t.m, err))) goto done;
+            fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
         }
-        if (r->grad_accum > 1) jm_scale_grads(t.m, 1.0f / (float)r->grad_accum);
-        double gnorm = jm_grad_norm(t.m);
-        if (r->adamw.grad_clip > 0 && gnorm > r->adamw.grad_clip)
-            jm_scale_grads(t.m, (float)(r->adamw.grad_clip / (gnorm + 1e-6))); /* as torch's clip_grad_norm_ */
-        double lr = jm_schedule_lr(&r->schedule, t.step);
-        if ((s = jm_optimizer_step(t.opt, t.m, lr, err))) goto done;
-        if ((s = jm_zero_grad(t.m, err))) goto done;
         t.step++;
 
         double now = omp_get_wtime(), rate = (double)(t.step - first) * tokens_per_step / (now - t0);
@@ -801,7 +826,7 @@ done:
     if (metrics) fclose(metrics);
     write_plot(o->out_dir);
     free(batch);
-    free(share);
+    free(load);
     close_trainer(&t);
     jm_recipe_free(t.r);
     return s;

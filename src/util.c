@@ -304,3 +304,20 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
     *out = root;
     return JM_OK;
 }
+
+jm_status jm_copy_file(const char *src, const char *dst, jm_error *err)
+{
+    char *buf;
+    size_t len;
+    jm_status s = jm_read_file(src, (size_t)1 << 30, &buf, &len, err);
+    if (s) return s;
+    jm_atomic_file a;
+    if (!(s = jm_atomic_open(&a, dst, err))) {
+        if ((s = jm_atomic_write(&a, buf, len, err)))
+            jm_atomic_abort(&a);
+        else
+            s = jm_atomic_commit(&a, err);
+    }
+    free(buf);
+    return s;
+}

@@ -987,6 +987,60 @@ def _cmd_forward(args):
     return 0
 
 
+def schedule_lr(kind, step, peak, warmup, total, decay, min_ratio):
+    """The recipe's schedule, restated from the README: linear warmup to the
+    peak over `warmup` updates, then constant / WSD (exponential decay to
+    peak*min_ratio over the last `decay` updates) / cosine to peak*min_ratio."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    if kind == "cosine":
+        span = total - warmup
+        t = min(1.0, (step - warmup) / span) if span > 0 else 1.0
+        lo = peak * min_ratio
+        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * t))
+    start = total - decay
+    if decay <= 0 or step < start:
+        return peak
+    t = min(1.0, (step - start + 1) / decay)
+    return peak * min_ratio ** t
+
+
+def _cmd_train(args):
+    """N AdamW steps from a checkpoint on given batches (torch.optim.AdamW,
+    no weight decay on 1-D parameters, clip_grad_norm_), dumping per-step
+    losses and the final weights."""
+    cfg, params = load_checkpoint(args.dir)
+    batches = torch.from_numpy(read_safetensors(args.batches)["tokens"].astype(np.int64))
+    steps, accum = batches.shape[0], batches.shape[1]
+    leaf = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    decay = [p for n, p in leaf.items() if p.dim() >= 2]
+    no_decay = [p for n, p in leaf.items() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    rows = []
+    for i in range(steps):
+        lr = schedule_lr(args.schedule, i, args.lr, args.warmup, steps, args.decay, args.min_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad()
+        acc = [0.0, 0.0, 0.0]
+        for j in range(accum):
+            o = forward(cfg, leaf, batches[i, j])
+            (o["loss_total"] / accum).backward()
+            acc = [a + float(o[k]) / accum for a, k in zip(acc, ("loss", "aux_loss", "z_loss"))]
+        gn = torch.nn.utils.clip_grad_norm_(list(leaf.values()), args.clip if args.clip > 0 else float("inf"))
+        opt.step()
+        rows.append(acc + [float(gn), lr])
+    out = {"steps": np.array(rows, dtype=np.float32)}
+    for n, p in leaf.items():
+        out[n] = p.detach().float().numpy()
+    write_safetensors(args.dump, out)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="jetmoe_ref.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1010,6 +1064,14 @@ def main(argv=None):
     f.add_argument("--backward", action="store_true",
                    help="also dump grad.<name> of loss_total for every parameter")
     f.add_argument("-v", "--verbose", action="store_true")
+    tr = sub.add_parser("train", help="N AdamW steps on given batches; dump losses and weights")
+    tr.add_argument("dir")
+    tr.add_argument("--batches", required=True, help="safetensors with I32 tokens (steps, accum, B, T)")
+    tr.add_argument("--dump", required=True)
+    for name, default in (("lr", 1e-3), ("warmup", 0), ("decay", 0), ("min_ratio", 0.1), ("beta1", 0.9),
+                          ("beta2", 0.95), ("eps", 1e-8), ("wd", 0.1), ("clip", 1.0)):
+        tr.add_argument("--" + name, type=type(default), default=default)
+    tr.add_argument("--schedule", choices=("wsd", "cosine", "constant"), default="wsd")
     sub.add_parser("selftest", help="internal consistency checks")
     args = ap.parse_args(argv)
     try:
@@ -1017,6 +1079,8 @@ def main(argv=None):
             return _cmd_make(args)
         if args.cmd == "forward":
             return _cmd_forward(args)
+        if args.cmd == "train":
+            return _cmd_train(args)
         return 0 if selftest() else 1
     except (ConfigError, ValueError, FileNotFoundError) as ex:
         print("jetmoe_ref: %s" % ex, file=sys.stderr)
