@@ -3,9 +3,13 @@
 #include "jetmoe.h"
 
 #include <errno.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/types.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct {
     const char *name, *usage, *help;
@@ -37,12 +41,14 @@ static int parse_int(const char *s, long lo, long hi, long *out)
     return 0;
 }
 
-/* Command-line flags: every flag takes one value; anything else not starting
- * with '-' is the one positional argument. Returns 0, or the exit code after
- * printing the error. */
+/* Command-line flags: a flag with a value pointer takes one value, one with
+ * only a switch pointer takes none; anything else not starting with '-' is
+ * the one positional argument. Returns 0, or the exit code after printing
+ * the error. */
 typedef struct {
     const char *flag;
     const char **value;
+    int *on;
 } flag_spec;
 
 static int parse_args(const char *cmd, int argc, char **argv, const flag_spec *flags, int nflags,
@@ -60,6 +66,10 @@ static int parse_args(const char *cmd, int argc, char **argv, const flag_spec *f
         if (f == nflags) {
             fprintf(stderr, "jetmoe %s: unknown flag %s (see 'jetmoe help %s')\n", cmd, a, cmd);
             return 2;
+        }
+        if (!flags[f].value) {
+            *flags[f].on = 1;
+            continue;
         }
         if (i + 1 >= argc) return die(cmd, "%s needs a value", a);
         *flags[f].value = argv[++i];
@@ -149,8 +159,12 @@ static int parse_tokens(const char *list, int32_t **out, int *n)
 static int cmd_forward(int argc, char **argv)
 {
     const char *dir = NULL, *tokens = NULL, *dump = NULL, *threads_arg = "0";
-    const flag_spec flags[] = {{"--tokens", &tokens}, {"--dump", &dump}, {"--threads", &threads_arg}};
-    int rc = parse_args("forward", argc, argv, flags, 3, &dir);
+    int backward = 0;
+    const flag_spec flags[] = {{"--tokens", &tokens, NULL},
+                               {"--dump", &dump, NULL},
+                               {"--threads", &threads_arg, NULL},
+                               {"--backward", NULL, &backward}};
+    int rc = parse_args("forward", argc, argv, flags, 4, &dir);
     if (rc) return rc;
     long threads;
     if (parse_int(threads_arg, 0, 4096, &threads) != 0)
@@ -164,6 +178,7 @@ static int cmd_forward(int argc, char **argv)
 
     jm_error err;
     jm_model *m;
+    float *logits = NULL;
     jm_status s = jm_model_load(dir, &m, &err);
     if (s) {
         free(ids);
@@ -173,10 +188,20 @@ static int cmd_forward(int argc, char **argv)
     if ((s = jm_forward(m, ids, 1, T, &L, &err))) goto out;
     const jm_config *c = jm_model_config(m);
     printf("tokens %d  loss %.6f  aux_loss %.6f  z_loss %.6f\n", T, L.loss, L.aux_loss, L.z_loss);
+    if (dump && backward) { /* the backward pass consumes the forward's logits: keep a copy */
+        size_t bytes = (size_t)T * c->vocab_size * sizeof(float);
+        if (!(logits = malloc(bytes))) {
+            s = JM_ERR_NOMEM;
+            snprintf(err.msg, sizeof err.msg, "out of memory");
+            goto out;
+        }
+        memcpy(logits, jm_logits(m), bytes);
+    }
+    if (backward && ((s = jm_zero_grad(m, &err)) || (s = jm_backward(m, &err)))) goto out;
     if (dump) {
-        int nl = c->num_layers, nt = 4 + 2 * nl;
+        int nl = c->num_layers, np = backward ? jm_model_num_params(m) : 0, nt = 4 + 2 * nl + np;
         jm_tensor_out *t = calloc((size_t)nt, sizeof *t);
-        char (*names)[64] = calloc((size_t)nl * 2, sizeof *names);
+        char (*names)[112] = calloc((size_t)nl * 2 + (size_t)np, sizeof *names);
         float scal[3] = {(float)L.loss, (float)L.aux_loss, (float)L.z_loss};
         if (!t || !names) {
             free(t);
@@ -185,20 +210,27 @@ static int cmd_forward(int argc, char **argv)
             snprintf(err.msg, sizeof err.msg, "out of memory");
             goto out;
         }
-        t[0] = (jm_tensor_out){"logits", "F32", 2, {T, c->vocab_size}, jm_logits(m)};
+        t[0] = (jm_tensor_out){"logits", "F32", 2, {T, c->vocab_size}, logits ? logits : jm_logits(m)};
         t[1] = (jm_tensor_out){"loss", "F32", 1, {1}, &scal[0]};
         t[2] = (jm_tensor_out){"aux_loss", "F32", 1, {1}, &scal[1]};
         t[3] = (jm_tensor_out){"z_loss", "F32", 1, {1}, &scal[2]};
         for (int l = 0; l < nl; l++)
             for (int b = 0; b < 2; b++) {
-                snprintf(names[2 * l + b], 64, "routing.layers.%d.%s", l, b ? "moe" : "moa");
+                snprintf(names[2 * l + b], sizeof names[0], "routing.layers.%d.%s", l, b ? "moe" : "moa");
                 t[4 + 2 * l + b] = (jm_tensor_out){names[2 * l + b], "I32", 2, {T, c->top_k}, jm_routing(m, l, b)};
             }
+        for (int i = 0; i < np; i++) {
+            const jm_param *p = jm_model_param(m, i);
+            char *name = names[2 * nl + i];
+            snprintf(name, sizeof names[0], "grad.%s", p->name);
+            t[4 + 2 * nl + i] = (jm_tensor_out){name, "F32", p->ndim, {p->shape[0], p->shape[1], p->shape[2]}, p->grad};
+        }
         s = jm_save_tensors(dump, t, nt, &err);
         free(t);
         free(names);
     }
 out:
+    free(logits);
     jm_model_free(m);
     free(ids);
     return s ? fail("forward", s, &err) : 0;
@@ -209,7 +241,7 @@ out:
 static int cmd_init(int argc, char **argv)
 {
     const char *out = NULL, *config = NULL, *seed_arg = "1";
-    const flag_spec flags[] = {{"--config", &config}, {"--seed", &seed_arg}};
+    const flag_spec flags[] = {{"--config", &config, NULL}, {"--seed", &seed_arg, NULL}};
     int rc = parse_args("init", argc, argv, flags, 2, &out);
     if (rc) return rc;
     long seed;
@@ -229,6 +261,364 @@ static int cmd_init(int argc, char **argv)
     return 0;
 }
 
+/* ---- tokenizer ---- */
+
+/* encode/decode read stdin line by line, like spm_encode/spm_decode: one
+ * output line per input line, the '\n' itself not part of the input. */
+static int tokenizer_encode(const jm_tokenizer *t)
+{
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    jm_error err;
+    int rc = 0;
+    while ((len = getline(&line, &cap, stdin)) >= 0) {
+        if (len > 0 && line[len - 1] == '\n') len--;
+        int32_t *ids;
+        size_t n;
+        jm_status s = jm_tokenizer_encode(t, line, (size_t)len, &ids, &n, &err);
+        if (s) {
+            rc = fail("tokenizer encode", s, &err);
+            break;
+        }
+        for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        putchar('\n');
+        free(ids);
+    }
+    free(line);
+    return rc;
+}
+
+static int tokenizer_decode(const jm_tokenizer *t)
+{
+    char *line = NULL;
+    size_t cap = 0, lineno = 0, idcap = 0;
+    int32_t *ids = NULL;
+    ssize_t len;
+    jm_error err;
+    int rc = 0;
+    while (rc == 0 && (len = getline(&line, &cap, stdin)) >= 0) {
+        lineno++;
+        size_t n = 0;
+        char *p = line;
+        for (;;) {
+            while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+            if (!*p) break;
+            char *end;
+            errno = 0;
+            long v = strtol(p, &end, 10);
+            if (end == p || errno || v < INT32_MIN || v > INT32_MAX || (*end && *end != ' ' && *end != '\t' &&
+                                                                    *end != '\n' && *end != '\r')) {
+                fprintf(stderr, "jetmoe tokenizer decode: line %zu: not a token id: '%.20s'\n", lineno, p);
+                rc = 2;
+                break;
+            }
+            if (n == idcap) {
+                idcap = idcap ? 2 * idcap : 256;
+                int32_t *grown = realloc(ids, idcap * sizeof *ids);
+                if (!grown) {
+                    fprintf(stderr, "jetmoe tokenizer decode: out of memory\n");
+                    rc = 1;
+                    break;
+                }
+                ids = grown;
+            }
+            ids[n++] = (int32_t)v;
+            p = end;
+        }
+        if (rc) break;
+        char *text;
+        size_t tlen;
+        jm_status s = jm_tokenizer_decode(t, ids, n, &text, &tlen, &err);
+        if (s) {
+            fprintf(stderr, "jetmoe tokenizer decode: line %zu: %s\n", lineno, err.msg);
+            rc = 1;
+            break;
+        }
+        fwrite(text, 1, tlen, stdout);
+        putchar('\n');
+        free(text);
+    }
+    free(ids);
+    free(line);
+    return rc;
+}
+
+/* Splits "a,b,c" in place into at most max pointers. */
+static int split_list(char *s, const char **out, int max)
+{
+    int n = 0;
+    for (char *p = s; n < max;) {
+        out[n++] = p;
+        p = strchr(p, ',');
+        if (!p) break;
+        *p++ = 0;
+    }
+    return n;
+}
+
+static int cmd_tokenizer(int argc, char **argv)
+{
+    const char *sub = argc > 1 ? argv[1] : NULL;
+    if (!sub || sub[0] == '-')
+        return die("tokenizer", "%s", "usage: jetmoe tokenizer encode|decode --model FILE, or train (see 'jetmoe help tokenizer')");
+    if (strcmp(sub, "encode") == 0 || strcmp(sub, "decode") == 0) {
+        const char *model = NULL, *extra = NULL;
+        const flag_spec flags[] = {{"--model", &model, NULL}};
+        int rc = parse_args("tokenizer", argc - 1, argv + 1, flags, 1, &extra);
+        if (rc) return rc;
+        if (extra) return die("tokenizer", "unexpected argument %s", extra);
+        if (!model) return die("tokenizer", "%s", "--model FILE is required (tokenizer.model or tokenizer.json)");
+        jm_tokenizer *t;
+        jm_error err;
+        jm_status s = jm_tokenizer_load(model, &t, &err);
+        if (s) return fail("tokenizer", s, &err);
+        static char outbuf[1 << 16];
+        setvbuf(stdout, outbuf, _IOFBF, sizeof outbuf);
+        rc = sub[0] == 'e' ? tokenizer_encode(t) : tokenizer_decode(t);
+        jm_tokenizer_free(t);
+        if (fflush(stdout) != 0) return die("tokenizer", "%s", "write to stdout failed");
+        return rc;
+    }
+    if (strcmp(sub, "train") == 0) {
+        const char *input = NULL, *vocab = NULL, *out = NULL, *bf = "1", *threads = "0", *maxs = "0", *extra = NULL;
+        const flag_spec flags[] = {{"--input", &input, NULL},       {"--vocab-size", &vocab, NULL},
+                                   {"--out", &out, NULL},           {"--byte-fallback", &bf, NULL},
+                                   {"--threads", &threads, NULL},   {"--max-sentences", &maxs, NULL}};
+        int rc = parse_args("tokenizer", argc - 1, argv + 1, flags, 6, &extra);
+        if (rc) return rc;
+        if (extra) return die("tokenizer", "unexpected argument %s", extra);
+        if (!input || !vocab || !out)
+            return die("tokenizer", "%s", "usage: jetmoe tokenizer train --input F1,F2 --vocab-size N --out DIR");
+        long v, b, th, ms;
+        if (parse_int(vocab, 1, 1L << 24, &v)) return die("tokenizer", "--vocab-size wants a positive integer, got '%s'", vocab);
+        if (parse_int(bf, 0, 1, &b)) return die("tokenizer", "--byte-fallback wants 0 or 1, got '%s'", bf);
+        if (parse_int(threads, 0, 4096, &th)) return die("tokenizer", "--threads wants an integer, got '%s'", threads);
+        if (parse_int(maxs, 0, 2000000000L, &ms)) return die("tokenizer", "--max-sentences wants an integer, got '%s'", maxs);
+        char *list = strdup(input);
+        const char *files[256];
+        int nf = list ? split_list(list, files, 256) : 0;
+        jm_tokenizer_train_opts o = {files, nf, (int)v, out, (int)b, (int)th, ms};
+        jm_error err;
+        jm_status s = jm_tokenizer_train(&o, &err);
+        free(list);
+        if (s) return fail("tokenizer train", s, &err);
+        printf("wrote %s/tokenizer.model, tokenizer.json, tokenizer_config.json (vocab %ld)\n", out, v);
+        return 0;
+    }
+    return die("tokenizer", "unknown subcommand %s (encode, decode or train)", sub);
+}
+
+/* ---- pretrain ---- */
+
+/* Set by SIGINT/SIGTERM; the trainer polls it between steps, saves and returns.
+ * (The one piece of process state a signal handler needs.) */
+static volatile int stop_requested;
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+static int cmd_pretrain(int argc, char **argv)
+{
+    const char *recipe = NULL, *out = NULL, *threads = "0", *stop_after = "0", *extra = NULL;
+    int resume = 0, quiet = 0;
+    const flag_spec flags[] = {{"--recipe", &recipe, NULL},         {"--out", &out, NULL},
+                               {"--threads", &threads, NULL},       {"--stop-after", &stop_after, NULL},
+                               {"--resume", NULL, &resume},         {"--quiet", NULL, &quiet}};
+    int rc = parse_args("pretrain", argc, argv, flags, 6, &extra);
+    if (rc) return rc;
+    if (extra) return die("pretrain", "unexpected argument %s", extra);
+    if (!recipe || !out) return die("pretrain", "%s", "usage: jetmoe pretrain --recipe R --out RUN_DIR [--resume]");
+    long th, sa;
+    if (parse_int(threads, 0, 4096, &th)) return die("pretrain", "--threads wants an integer, got '%s'", threads);
+    if (parse_int(stop_after, 0, 2000000000L, &sa)) return die("pretrain", "--stop-after wants an integer, got '%s'", stop_after);
+    jm_set_threads((int)th);
+    struct sigaction sa_int = {0};
+    sa_int.sa_handler = on_signal;
+    sigaction(SIGINT, &sa_int, NULL);
+    sigaction(SIGTERM, &sa_int, NULL);
+    jm_train_opts o = {recipe, out, resume, sa, &stop_requested, quiet};
+    int stopped;
+    jm_error err;
+    jm_status s = jm_pretrain(&o, &stopped, &err);
+    if (s) return fail("pretrain", s, &err);
+    return stopped && stop_requested ? 130 : 0;
+}
+
+/* ---- prepare ---- */
+
+static int cmd_prepare(int argc, char **argv)
+{
+    const char *tok = NULL, *input = NULL, *out = NULL, *threads = "0", *shard = "0", *extra = NULL;
+    const flag_spec flags[] = {{"--tokenizer", &tok, NULL},  {"--input", &input, NULL}, {"--out", &out, NULL},
+                               {"--threads", &threads, NULL}, {"--shard-tokens", &shard, NULL}};
+    int rc = parse_args("prepare", argc, argv, flags, 5, &extra);
+    if (rc) return rc;
+    if (extra) return die("prepare", "unexpected argument %s", extra);
+    if (!tok || !input || !out)
+        return die("prepare", "%s", "usage: jetmoe prepare --tokenizer T --input F1,DIR2,... --out SHARD_DIR");
+    long th, st;
+    if (parse_int(threads, 0, 4096, &th)) return die("prepare", "--threads wants an integer, got '%s'", threads);
+    if (parse_int(shard, 0, 2000000000L, &st)) return die("prepare", "--shard-tokens wants an integer, got '%s'", shard);
+    char *list = strdup(input);
+    const char *files[4096];
+    int nf = list ? split_list(list, files, 4096) : 0;
+    jm_set_threads((int)th);
+    jm_prepare_opts o = {tok, files, nf, out, (uint64_t)st, (int)th};
+    uint64_t n = 0;
+    jm_error err;
+    jm_status s = jm_prepare(&o, &n, &err);
+    free(list);
+    if (s) return fail("prepare", s, &err);
+    printf("wrote %llu tokens to %s\n", (unsigned long long)n, out);
+    return 0;
+}
+
+/* ---- generate ---- */
+
+typedef struct {
+    const jm_tokenizer *tok;
+    int32_t *ids;
+    int n;
+    size_t printed; /* bytes of the decoded continuation already on stdout */
+    int ids_only;
+} stream_ctx;
+
+/* Streams the continuation: decode everything generated so far and print the
+ * new bytes, holding back an incomplete UTF-8 character (byte-fallback pieces
+ * arrive one byte at a time). */
+static int stream_token(void *p, int32_t id)
+{
+    stream_ctx *c = p;
+    c->ids[c->n++] = id;
+    if (c->ids_only) {
+        printf(c->n > 1 ? " %d" : "%d", id); /* (ids_only: the buffer holds only new ids) */
+        fflush(stdout);
+        return 0;
+    }
+    char *text;
+    size_t len;
+    jm_error err;
+    if (!c->tok || jm_tokenizer_decode(c->tok, c->ids, (size_t)c->n, &text, &len, &err)) return 0;
+    if (!(len >= 3 && memcmp(text + len - 3, "\xef\xbf\xbd", 3) == 0) && len > c->printed) {
+        fwrite(text + c->printed, 1, len - c->printed, stdout);
+        fflush(stdout);
+        c->printed = len;
+    }
+    free(text);
+    return 0;
+}
+
+static int parse_real(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) return -1;
+    *out = v;
+    return 0;
+}
+
+static int cmd_generate(int argc, char **argv)
+{
+    const char *dir = NULL, *prompt = NULL, *tokens = NULL, *tokpath = NULL, *max_new = "64", *temp = "0.8",
+               *topk = "0", *topp = "0.95", *seed = "1", *threads = "0";
+    int greedy = 0, ids_only = 0;
+    const flag_spec flags[] = {{"--prompt", &prompt, NULL},    {"--tokens", &tokens, NULL},
+                               {"--tokenizer", &tokpath, NULL}, {"--max-new", &max_new, NULL},
+                               {"--temperature", &temp, NULL},  {"--top-k", &topk, NULL},
+                               {"--top-p", &topp, NULL},        {"--seed", &seed, NULL},
+                               {"--threads", &threads, NULL},   {"--greedy", NULL, &greedy},
+                               {"--ids", NULL, &ids_only}};
+    int rc = parse_args("generate", argc, argv, flags, 11, &dir);
+    if (rc) return rc;
+    if (!dir || (!prompt == !tokens))
+        return die("generate", "%s", "usage: jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N]");
+    long mn, tk, sd, th;
+    double t, tp;
+    if (parse_int(max_new, 1, 1 << 20, &mn)) return die("generate", "--max-new wants a positive integer, got '%s'", max_new);
+    if (parse_int(topk, 0, 1 << 24, &tk)) return die("generate", "--top-k wants an integer >= 0, got '%s'", topk);
+    if (parse_int(seed, 0, 2147483647L, &sd)) return die("generate", "--seed wants an integer >= 0, got '%s'", seed);
+    if (parse_int(threads, 0, 4096, &th)) return die("generate", "--threads wants an integer, got '%s'", threads);
+    if (parse_real(temp, 1e-6, 100, &t)) return die("generate", "--temperature wants a number in (0, 100], got '%s'", temp);
+    if (parse_real(topp, 1e-9, 1, &tp)) return die("generate", "--top-p wants a number in (0, 1], got '%s'", topp);
+    jm_set_threads((int)th);
+
+    jm_error err;
+    jm_tokenizer *tok = NULL;
+    jm_model *m = NULL;
+    int32_t *ids = NULL, *out = NULL;
+    int n = 0;
+    jm_status s = JM_OK;
+    if (prompt || !ids_only) {
+        s = jm_tokenizer_load(tokpath ? tokpath : dir, &tok, &err);
+        if (s) return fail("generate", s, &err);
+    }
+    if (prompt) {
+        size_t k;
+        int32_t *enc;
+        if ((s = jm_tokenizer_encode(tok, prompt, strlen(prompt), &enc, &k, &err))) goto out;
+        ids = malloc(sizeof(int32_t) * (k + 1));
+        if (!ids) {
+            free(enc);
+            s = JM_ERR_NOMEM;
+            snprintf(err.msg, sizeof err.msg, "out of memory");
+            goto out;
+        }
+        int bos = jm_tokenizer_bos_id(tok);
+        if (bos >= 0) ids[n++] = bos;
+        memcpy(ids + n, enc, k * sizeof *enc);
+        n += (int)k;
+        free(enc);
+    } else if (parse_tokens(tokens, &ids, &n) != 0) {
+        jm_tokenizer_free(tok);
+        return die("generate", "--tokens wants comma-separated integers, got '%s'", tokens);
+    }
+    if ((s = jm_model_load(dir, &m, &err))) goto out;
+    if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
+                 jm_tokenizer_vocab_size(tok), jm_model_config(m)->vocab_size);
+        goto out;
+    }
+    out = malloc(sizeof(int32_t) * (size_t)mn);
+    /* the stream decodes prompt + continuation together, so the first new
+     * piece keeps its leading space; the prompt itself is printed first */
+    stream_ctx ctx = {tok, malloc(sizeof(int32_t) * ((size_t)mn + (size_t)n)), 0, 0, ids_only};
+    if (ctx.ids && !ids_only) {
+        memcpy(ctx.ids, ids, sizeof(int32_t) * (size_t)n);
+        ctx.n = n;
+        char *text;
+        size_t len;
+        if (!jm_tokenizer_decode(tok, ids, (size_t)n, &text, &len, &err)) {
+            fwrite(text, 1, len, stdout);
+            ctx.printed = len;
+            free(text);
+        }
+    }
+    jm_sample_opts so = {t, (int)tk, tp, (uint64_t)sd, (int)mn, greedy};
+    int n_out = 0;
+    if (!out || !ctx.ids) {
+        free(ctx.ids);
+        s = JM_ERR_NOMEM;
+        snprintf(err.msg, sizeof err.msg, "out of memory");
+        goto out;
+    }
+    double t0 = (double)clock();
+    s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
+    putchar('\n');
+    fprintf(stderr, "[%d prompt tokens, %d generated, %.2f s cpu]\n", n, n_out, ((double)clock() - t0) / CLOCKS_PER_SEC);
+    free(ctx.ids);
+out:
+    free(out);
+    free(ids);
+    jm_model_free(m);
+    jm_tokenizer_free(tok);
+    return s ? fail("generate", s, &err) : 0;
+}
+
 /* ---- dispatch ---- */
 
 static int cmd_help(int argc, char **argv);
@@ -239,16 +629,44 @@ static const command commands[] = {
      "without loading it, and prints the config, total and active-per-token parameter counts\n"
      "and the tensor table.",
      cmd_info},
-    {"forward", "jetmoe forward DIR --tokens 1,5,9,... [--dump OUT.safetensors] [--threads N]",
+    {"forward", "jetmoe forward DIR --tokens 1,5,9,... [--dump OUT.safetensors] [--backward] [--threads N]",
      "Runs the model (fp32) on one sequence of token ids and prints the losses. With --dump,\n"
      "writes F32 'logits' (T, vocab), 'loss', 'aux_loss', 'z_loss' (shape [1]) and I32\n"
-     "'routing.layers.{i}.moa|moe' (T, k: the experts each router chose) to OUT, atomically.",
+     "'routing.layers.{i}.moa|moe' (T, k: the experts each router chose) to OUT, atomically.\n"
+     "With --backward, also 'grad.<HF tensor name>' for every parameter: the gradient of\n"
+     "loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss.",
      cmd_forward},
     {"init", "jetmoe init OUT_DIR --config config.json [--seed N]",
      "Creates a JetMoE initialised as the spec says (weights N(0, initializer_range), norms 1,\n"
      "biases 0) and writes it as an HF checkpoint (config.json + model.safetensors, F32).\n"
      "Fields config.json leaves out take JetMoE-8B's values.",
      cmd_init},
+    {"tokenizer",
+     "jetmoe tokenizer encode|decode --model FILE   |   jetmoe tokenizer train --input F1,F2 --vocab-size N --out DIR",
+     "encode: reads stdin; each line becomes one line of space-separated token ids, exactly as\n"
+     "  spm_encode --output_format=id (the model's normalisation, no BOS/EOS).\n"
+     "decode: reads lines of ids and prints the text, exactly as spm_decode --input_format=id.\n"
+     "  --model takes tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face).\n"
+     "train: runs Debian's spm_train with Llama-2 settings (BPE, byte fallback, split digits,\n"
+     "  identity normalisation, unk=0 bos=1 eos=2) and writes DIR/tokenizer.model, tokenizer.json\n"
+     "  and tokenizer_config.json (with the chat template).\n"
+     "  Options: --byte-fallback 0|1 (default 1), --threads N, --max-sentences N.",
+     cmd_tokenizer},
+    {"prepare", "jetmoe prepare --tokenizer T --input FILES_OR_DIRS --out SHARD_DIR [--threads N]",
+     "Tokenizes text (.txt and other text files), JSONL (.jsonl: a \"text\" field per line) and source\n"
+     "code into token shards (see README: shard format); each document is followed by EOS.\n"
+     "Directories are walked recursively in name order; the output is the same for any --threads.",
+     cmd_prepare},
+    {"pretrain", "jetmoe pretrain --recipe R --out RUN_DIR [--resume] [--threads N]",
+     "Pretrains a JetMoE as the recipe says (mixture phases, AdamW, warmup-stable-decay schedule,\n"
+     "load-balancing and z losses). Writes RUN_DIR/metrics.jsonl, loss.svg and checkpoints in HF\n"
+     "format with trainer state; SIGINT/SIGTERM save and exit; --resume continues bit-exactly.",
+     cmd_pretrain},
+    {"generate", "jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N] [--temperature T] [--top-k K] "
+                 "[--top-p P] [--seed S] [--greedy] [--ids]",
+     "Continues a prompt with the model in DIR (its tokenizer files, or --tokenizer PATH), streaming\n"
+     "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt.",
+     cmd_generate},
     {"help", "jetmoe help [COMMAND]", "Shows the commands, or one command's usage.", cmd_help},
 };
 #define NCOMMANDS (int)(sizeof commands / sizeof commands[0])

@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, "tests", "ref", "jetmoe_ref.py")
 PY = "/usr/bin/python3"
@@ -78,8 +81,8 @@ def c_programs(suite, build):
         return
     for prog in sorted(os.listdir(d)):
         path = os.path.join(d, prog)
-        if not os.access(path, os.X_OK) or not suite.wanted(prog):
-            continue
+        if not prog.startswith(("test_", "fuzz_")) or not os.access(path, os.X_OK) or not suite.wanted(prog):
+            continue  # tool_* programs are helpers of the Python-driven tests
         p, secs = run([path], timeout=900)
         lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
         for l in lines:
@@ -174,6 +177,123 @@ def compare_dumps(ref, got, layers):
                 n = int((ref[key] != got[key]).any(axis=1).sum())
                 problems.append(f"{key}: {n} tokens routed differently")
     return problems, ", ".join(stats)
+
+
+# ---------------------------------------------------------------- gradients and training
+
+GRAD_CONFIGS = ["tiny", "odd_h72_d12_top1_untied", "topk_eq_E_bf16_sharded", "deep6_e8_top2"]
+
+
+def gradients(suite, build, tmp):
+    """Every parameter's gradient of loss + aux + z losses vs the reference
+    (float64), norm-wise relative error <= 1e-4."""
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    rng = np.random.default_rng(99)
+    for name in GRAD_CONFIGS:
+        test = f"grad_{name}"
+        if not suite.wanted(test):
+            continue
+        spec = GOLDEN_CONFIGS[name]
+        ck = os.path.join(tmp, "grad_" + name)
+        p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(spec["cfg"]), "--seed", "11",
+                    "--dtype", spec["dtype"], "--shards", str(spec["shards"])])
+        if p.returncode != 0:
+            suite.check(test, False, "reference make failed: " + p.stderr.strip()[-500:])
+            continue
+        ids = ",".join(str(int(x)) for x in rng.integers(0, spec["cfg"]["vocab_size"], size=96))
+        ref_dump, c_dump = os.path.join(tmp, test + ".ref.st"), os.path.join(tmp, test + ".c.st")
+        p, _ = run([PY, REF, "forward", ck, "--tokens", ids, "--dump", ref_dump, "--float64", "--backward"])
+        if p.returncode != 0:
+            suite.check(test, False, "reference failed: " + p.stderr.strip()[-500:])
+            continue
+        p, _ = run([jetmoe, "forward", ck, "--tokens", ids, "--dump", c_dump, "--backward"])
+        if p.returncode != 0 or sanitizer_report(p.stderr):
+            suite.check(test, False, f"jetmoe forward --backward exit {p.returncode}: {p.stderr.strip()[-500:]}")
+            continue
+        ref, got = read_safetensors(ref_dump), read_safetensors(c_dump)
+        grads = [k for k in ref if k.startswith("grad.")]
+        worst, worst_name, problems = 0.0, "", []
+        for k in grads:
+            if k not in got:
+                problems.append(f"{k} missing")
+                continue
+            a, b = ref[k].astype(np.float64), got[k].astype(np.float64)
+            rel = np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
+            if not np.linalg.norm(a) > 0:
+                problems.append(f"{k}: reference gradient is zero (test would not see a bug)")
+            if rel > worst:
+                worst, worst_name = rel, k
+        if worst > 1e-4:
+            problems.append(f"{worst_name}: relative error {worst:.2e} > 1e-4")
+        suite.check(test, not problems and len(grads) > 0, "; ".join(problems[:5]),
+                    f"{len(grads)} gradients, worst {worst:.1e} ({worst_name})")
+
+
+def training_steps(suite, build, tmp):
+    """10 AdamW steps with warmup + WSD decay + clipping, from the same init and
+    batches: per-step losses and final weights within 1e-4 of the reference."""
+    test = "train_10_adamw_steps_vs_reference"
+    if not suite.wanted(test):
+        return
+    tool = os.path.join(ROOT, build, "tests", "tool_train_steps")
+    spec = GOLDEN_CONFIGS["odd_h72_d12_top1_untied"]
+    ck = os.path.join(tmp, "train_ref")
+    cfg = dict(spec["cfg"], num_experts_per_tok=2)
+    p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(cfg), "--seed", "5", "--no-perturb"])
+    if p.returncode != 0:
+        suite.check(test, False, "reference make failed: " + p.stderr.strip()[-500:])
+        return
+    # learnable batches (arithmetic runs with a few strides), so the loss can fall in 10 steps
+    rng = np.random.default_rng(5)
+    start = rng.integers(0, cfg["vocab_size"], size=(10, 2, 2, 1))
+    stride = rng.integers(1, 4, size=(10, 2, 2, 1))
+    toks = (start + stride * np.arange(24)) % cfg["vocab_size"]
+    batches = os.path.join(tmp, "train_batches.st")
+    write_st(batches, {"tokens": toks.astype(np.int32)})
+    hp = dict(lr=5e-3, warmup=3, decay=4, min_ratio=0.1, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.1, clip=0.5)
+    ref_dump, c_dump = os.path.join(tmp, "train.ref.st"), os.path.join(tmp, "train.c.st")
+    p, _ = run([PY, REF, "train", ck, "--batches", batches, "--dump", ref_dump, "--schedule", "wsd"] +
+               [a for k, v in hp.items() for a in ("--" + k, str(v))])
+    if p.returncode != 0:
+        suite.check(test, False, "reference train failed: " + p.stderr.strip()[-500:])
+        return
+    p, _ = run([tool, ck, batches, c_dump] + [str(hp[k]) for k in
+               ("lr", "warmup", "decay", "min_ratio", "beta1", "beta2", "eps", "wd", "clip")] + ["wsd"])
+    if p.returncode != 0 or sanitizer_report(p.stderr):
+        suite.check(test, False, f"tool_train_steps exit {p.returncode}: {p.stderr.strip()[-500:]}")
+        return
+    ref, got = read_safetensors(ref_dump), read_safetensors(c_dump)
+    loss_err = float(np.abs(ref["steps"][:, 0] - got["steps"][:, 0]).max())
+    lr_err = float(np.abs(ref["steps"][:, 4] - got["steps"][:, 4]).max())
+    w_err = max(float(np.abs(ref[k] - got[k]).max()) for k in ref if k != "steps")
+    clipped = int((ref["steps"][:, 3] > hp["clip"]).sum())
+    fell = float(ref["steps"][0, 0] - ref["steps"][-1, 0])
+    problems = []
+    if loss_err > 1e-4:
+        problems.append(f"loss differs by {loss_err:.2e}")
+    if lr_err > 1e-9:
+        problems.append(f"schedule differs by {lr_err:.2e}")
+    if w_err > 1e-4:
+        problems.append(f"weights differ by {w_err:.2e}")
+    if clipped == 0 or fell <= 0:
+        problems.append(f"test too weak: {clipped} steps clipped, loss fell {fell:.3f}")
+    suite.check(test, not problems, "; ".join(problems),
+                f"loss err {loss_err:.1e}, weight err {w_err:.1e}, {clipped} clipped steps, loss "
+                f"{ref['steps'][0, 0]:.3f} -> {ref['steps'][-1, 0]:.3f}")
+
+
+def write_st(path, tensors):
+    header, off, blobs = {}, 0, []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        dt = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32"}[a.dtype]
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+        blobs.append(a.tobytes())
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 # ---------------------------------------------------------------- bad input
@@ -393,7 +513,10 @@ def main():
         c_programs(suite, args.build)
         ref_selftest(suite)
         golden(suite, args.build, tmp)
+        gradients(suite, args.build, tmp)
+        training_steps(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
+        tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1702 @@
+/* chat.c — chat templates: tokenizer_config.json, a small Jinja2 interpreter,
+ * and conversation -> text -> token ids.
+ *
+ * Hugging Face keeps a model's chat format as a Jinja2 template in
+ * tokenizer_config.json and renders it with `messages`, `add_generation_prompt`
+ * and the special token strings. We interpret the part of Jinja2 that chat
+ * templates use (Zephyr/JetMoE, Llama-2, ChatML, Mistral, Gemma, Vicuna ...),
+ * in the environment transformers' apply_chat_template uses: trim_blocks and
+ * lstrip_blocks on, {% break %}/{% continue %} available, the template's one
+ * trailing newline dropped, \r\n and \r read as \n.
+ *
+ * Supported:
+ *   text, {{ expr }}, {# comments #}, whitespace control {%- -%} {{- -}} {#- -#}
+ *   and {%+ +%};
+ *   {% if %}/{% elif %}/{% else %}/{% endif %}; {% for x in expr %} ...
+ *   [{% else %}] {% endfor %} with loop.index, index0, first, last, length,
+ *   revindex, revindex0, previtem, nextitem; {% set name = expr %};
+ *   {% break %}, {% continue %}.
+ *   Expressions: 'strings' and "strings" (Python escapes), integers,
+ *   true/false/none (any case Jinja accepts), [lists], variables, x.attr,
+ *   x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in, not in,
+ *   and, or, not, a if c else b, x is [not] defined/undefined/none/string/
+ *   number/integer/boolean/true/false/mapping/sequence/iterable/odd/even;
+ *   filters trim, length, count, upper, lower, first, last, default (d),
+ *   string; string methods strip, lstrip, rstrip, upper, lower, startswith,
+ *   endswith, split, replace; dict.get; raise_exception(msg).
+ * Values: undefined, none, bool, int, string, list, dict (the Python/Jinja
+ * semantics: truthiness, True == 1, code-point string indexing, Python
+ * repr() when a list is printed). Undefined behaves as Jinja's default: it
+ * prints as "", tests false and iterates as empty, but using it in
+ * arithmetic or reading an attribute of it is an error, as in Jinja.
+ * Not supported (an error naming the construct and its line/column): macros,
+ * call blocks, namespace(), {% set %} blocks, tuple unpacking, loop filters,
+ * keyword arguments, floats, dict literals, '/' and '**', other filters,
+ * tests and methods. Case mapping and strip() know ASCII only.
+ * Everything is bounded: template nesting depth, evaluation steps, memory
+ * and output size, so a hostile template fails cleanly. */
+#include "tokenizer.h"
+
+#include <cjson/cJSON.h>
+#include <ctype.h>
+#include <stdint.h>
+#include <string.h>
+
+/* the built-in JetMoE-chat (Zephyr) template, as HF's tokenizer_config.json spells it (tokenizer_train.c) */
+extern const char jm_default_chat_template[];
+
+#define CONFIG_MAX_BYTES ((size_t)64 << 20)
+#define OUT_MAX ((size_t)64 << 20)    /* rendered text; far beyond any context window */
+#define ARENA_MAX ((size_t)256 << 20) /* parse tree and intermediate values */
+#define STEPS_MAX 10000000ull         /* statements + expressions evaluated */
+#define DEPTH_MAX 200                 /* nesting of blocks, expressions and values */
+#define CHUNK ((size_t)64 << 10)
+
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
+                        const char *bos, const char *eos, char **text, jm_error *err);
+
+/* ---- tokenizer_config.json ---- */
+
+/* eos_token/bos_token: a string, or {"content": string, ...} as older configs
+ * (AddedToken dicts) have it. null or absent: *out stays NULL. */
+static jm_status config_token(const cJSON *root, const char *key, const char *path, char **out, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!j || cJSON_IsNull(j)) return JM_OK;
+    if (cJSON_IsObject(j)) j = cJSON_GetObjectItemCaseSensitive(j, "content");
+    if (!cJSON_IsString(j))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: %s must be a string or {\"content\": string}", path, key);
+    if (!j->valuestring[0]) return jm_fail(err, JM_ERR_CONFIG, "%s: %s is empty", path, key);
+    if (!(*out = strdup(j->valuestring))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
+    return JM_OK;
+}
+
+/* chat_template: a string, or a list of {"name", "template"} of which we use "default". */
+static jm_status config_template(const cJSON *root, const char *path, char **out, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
+    if (!j || cJSON_IsNull(j)) return JM_OK;
+    if (cJSON_IsArray(j)) {
+        const cJSON *pick = NULL;
+        int i = 0;
+        for (const cJSON *e = j->child; e; e = e->next, i++) {
+            const cJSON *name = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "name") : NULL;
+            const cJSON *tpl = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "template") : NULL;
+            if (!cJSON_IsString(name) || !cJSON_IsString(tpl))
+                return jm_fail(err, JM_ERR_CONFIG,
+                               "%s: chat_template[%d] must be {\"name\": string, \"template\": string}", path, i);
+            if (strcmp(name->valuestring, "default") == 0) pick = tpl;
+        }
+        if (!pick) return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template list has no \"default\" entry", path);
+        j = pick;
+    }
+    if (!cJSON_IsString(j))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template must be a string or a list of {name, template}",
+                       path);
+    if (!(*out = strdup(j->valuestring))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
+    return JM_OK;
+}
+
+jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err)
+{
+    char *buf = NULL, *tpl = NULL, *eos = NULL, *bos = NULL;
+    size_t len = 0;
+    cJSON *root = NULL;
+    jm_status s = jm_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
+    if (!s) s = jm_json_parse(buf, len, path, &root, err);
+    if (!s && !cJSON_IsObject(root)) s = jm_fail(err, JM_ERR_CONFIG, "%s: not a JSON object", path);
+    if (!s) s = config_template(root, path, &tpl, err);
+    if (!s) s = config_token(root, "eos_token", path, &eos, err);
+    if (!s) s = config_token(root, "bos_token", path, &bos, err);
+    cJSON_Delete(root);
+    free(buf);
+    if (s) { /* all or nothing: the tokenizer keeps what it had */
+        free(tpl), free(eos), free(bos);
+        return s;
+    }
+    if (tpl) free(t->chat_template), t->chat_template = tpl;
+    if (eos) free(t->eos_token), t->eos_token = eos;
+    if (bos) free(t->bos_token), t->bos_token = bos;
+    return JM_OK;
+}
+
+/* ---- rendering and encoding ---- */
+
+/* The strings templates see as eos_token/bos_token: tokenizer_config.json's,
+ * else the model's own pieces. Without a tokenizer: Llama's </s> and <s>. */
+static const char *eos_string(const jm_tokenizer *t)
+{
+    if (t && t->eos_token) return t->eos_token;
+    const char *p = t && t->eos_id >= 0 ? jm_tokenizer_piece(t, t->eos_id) : NULL;
+    return p ? p : "</s>";
+}
+
+static const char *bos_string(const jm_tokenizer *t)
+{
+    if (!t) return "<s>";
+    if (t->bos_token) return t->bos_token;
+    return t->bos_id >= 0 ? jm_tokenizer_piece(t, t->bos_id) : NULL; /* NULL: undefined in the template */
+}
+
+/* t may be NULL: the default template with </s> and <s>. */
+jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
+                         char **text, jm_error *err)
+{
+    *text = NULL;
+    if (n < 0 || (n > 0 && !msgs)) return jm_fail(err, JM_ERR_ARG, "chat: bad message list (n = %d)", n);
+    for (int i = 0; i < n; i++) {
+        const char *r = msgs[i].role;
+        if (!r || (strcmp(r, "system") && strcmp(r, "user") && strcmp(r, "assistant")))
+            return jm_fail(err, JM_ERR_ARG,
+                           "chat: message %d has role \"%.40s\" (expected system, user or assistant)", i,
+                           r ? r : "(null)");
+        if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
+    }
+    const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
+    return render(tmpl, msgs, n, add_generation_prompt != 0, bos_string(t), eos_string(t), text, err);
+}
+
+typedef struct {
+    const char *s;
+    size_t len;
+    int32_t id;
+    size_t next; /* its next occurrence in the text; text length: none; SIZE_MAX: not searched yet */
+} special;
+
+static jm_status push_ids(int32_t **ids, size_t *n, size_t *cap, const int32_t *add, size_t k, jm_error *err)
+{
+    if (*n + k > *cap) {
+        size_t c = (*n + k) * 2 + 16;
+        int32_t *p = realloc(*ids, c * sizeof *p);
+        if (!p) return jm_fail(err, JM_ERR_NOMEM, "chat: out of memory for %zu ids", c);
+        *ids = p, *cap = c;
+    }
+    memcpy(*ids + *n, add, k * sizeof *add);
+    *n += k;
+    return JM_OK;
+}
+
+/* Rendered text -> ids the way transformers tokenizes a rendered template:
+ * the special token strings the template wrote (EOS, and BOS when a template
+ * such as Llama-2's writes bos_token itself) become their ids, and the text
+ * between them is encoded on its own. So a message whose content contains
+ * "</s>" gets an EOS id there too, as in HF.
+ *
+ * Dummy prefix: each piece of text is encoded with jm_tokenizer_encode, that
+ * is as spm_encode does, with the model's add_dummy_prefix. After a special
+ * token that gives "▁" first: "</s>\n<|user|>" -> </s> ▁ <0x0A> < | user | >
+ * (29871 13 ... with Llama's vocabulary). That is what transformers does by
+ * default for Llama-family tokenizers: LlamaTokenizer with legacy=True (the
+ * default when tokenizer_config.json does not say "legacy": false) encodes
+ * each piece between special tokens with sp_model.encode, dummy prefix
+ * included, and LlamaTokenizerFast's Prepend("▁") normalizer does the same.
+ * Only legacy=False leaves the prefix out (</s> <0x0A> ...). Our sft and chat
+ * both encode through here, so training and inference agree either way.
+ *
+ * BOS: ids start with the BOS id (as HF's tokenizer(text) with its default
+ * add_special_tokens=True does after rendering, which is how Zephyr-style SFT
+ * data is tokenized) unless the template already wrote bos_token first. */
+jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
+                         int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    *ids = NULL, *n_ids = 0;
+    if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
+    char *text = NULL;
+    jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
+    if (s) return s;
+    size_t len = strlen(text), nid = 0, cap = 0;
+    int32_t *out = NULL;
+
+    special sp[2];
+    int nsp = 0;
+    bool bos_written = false;
+    const char *const names[2] = {"eos_token", "bos_token"}, *strs[2] = {eos_string(t), bos_string(t)};
+    for (int i = 0; i < 2; i++) {
+        if (!strs[i] || !strs[i][0]) continue;
+        size_t sl = strlen(strs[i]);
+        int id = tk_find(t, strs[i], sl);
+        if (id < 0 && (i == 0 ? t->eos_token : t->bos_token)) { /* only our "</s>" fallback may be absent */
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: %s \"%.40s\" is not in the vocabulary", t->source, names[i],
+                        strs[i]);
+            goto done;
+        }
+        if (id < 0) continue;
+        sp[nsp++] = (special){strs[i], sl, id, SIZE_MAX};
+        if (i == 1) bos_written = strncmp(text, strs[i], sl) == 0;
+    }
+    if (t->bos_id >= 0 && !bos_written && (s = push_ids(&out, &nid, &cap, &(int32_t){t->bos_id}, 1, err))) goto done;
+
+    for (size_t p = 0; p < len;) {
+        special *hit = NULL;
+        for (int i = 0; i < nsp; i++) {
+            if (sp[i].next == SIZE_MAX || sp[i].next < p) { /* stale: each occurrence is searched for once */
+                const char *f = memmem(text + p, len - p, sp[i].s, sp[i].len);
+                sp[i].next = f ? (size_t)(f - text) : len;
+            }
+            bool first = !hit || sp[i].next < hit->next || (sp[i].next == hit->next && sp[i].len > hit->len);
+            if (sp[i].next < len && first) hit = &sp[i];
+        }
+        size_t q = hit ? hit->next : len;
+        if (q > p) {
+            int32_t *seg = NULL;
+            size_t k = 0;
+            s = jm_tokenizer_encode(t, text + p, q - p, &seg, &k, err);
+            if (!s) s = push_ids(&out, &nid, &cap, seg, k, err);
+            free(seg);
+            if (s) goto done;
+        }
+        if (!hit) break;
+        if ((s = push_ids(&out, &nid, &cap, &hit->id, 1, err))) goto done;
+        p = q + hit->len;
+    }
+done:
+    free(text);
+    if (s) {
+        free(out);
+        return s;
+    }
+    *ids = out, *n_ids = nid;
+    return JM_OK;
+}
+
+/* ==== the Jinja2 subset ==== */
+
+typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP } vkind;
+
+typedef struct value value;
+struct value {
+    vkind k;
+    int64_t i;      /* bool, int; loop: index0 */
+    const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by */
+    size_t n;       /* str: bytes; list: items; dict: pairs; loop: length */
+    const value *a; /* list: items; dict: key, value, key, value ...; loop: the items */
+};
+
+typedef struct binding {
+    const char *name;
+    size_t len;
+    value v;
+    const struct binding *up;
+} binding;
+
+enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, /* statements */
+       E_LIT, E_NAME, E_LIST, E_ATTR, E_ITEM, E_SLICE, E_CALL, E_FILTER, E_TEST,
+       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN };
+
+typedef struct node node;
+struct node {
+    int kind, op;    /* E_BIN: operator; E_TEST: 1 when negated */
+    size_t pos;      /* byte offset in the template, for messages */
+    const char *name; /* variable, attribute, filter, test or loop variable name; S_TEXT: the text */
+    size_t len;
+    value lit;
+    /* operands; S_IF: cond, then, else; S_FOR: iterable, body, else; E_SLICE: obj, start, stop, step */
+    node *a, *b, *c, *d;
+    node *next;      /* statement lists; argument lists (in b) and list items (in a) */
+};
+
+enum { T_END, T_NAME, T_INT, T_STR, T_OP };
+enum { OP_EQ = 256, OP_NE, OP_LE, OP_GE, OP_FLOORDIV, OP_POW, OP_IN, OP_NOTIN };
+
+typedef struct {
+    int kind, op;
+    size_t pos;
+    const char *s; /* name, or decoded string */
+    size_t n;
+    int64_t i;
+} tok;
+
+typedef struct chunk {
+    struct chunk *next;
+    size_t used, cap;
+    max_align_t data[];
+} chunk;
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+} sbuf;
+
+typedef struct {
+    char *src; /* the template, newlines normalised */
+    size_t len;
+    size_t pos;      /* template scanner */
+    bool line_start; /* the last tag ended a line (for lstrip_blocks) */
+    size_t p, end;   /* expression lexer, within one tag */
+    tok t;
+    int depth, loops;
+    chunk *mem;
+    size_t mem_total;
+    sbuf out;
+    uint64_t steps;
+    jm_status st;
+    jm_error *err;
+} jx;
+
+enum { X_ERR = -1, X_OK, X_BREAK, X_CONTINUE };
+
+__attribute__((format(printf, 4, 5)))
+static bool fail(jx *x, size_t pos, jm_status s, const char *fmt, ...)
+{
+    if (x->st) return false; /* the first error is the one to report */
+    char msg[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    x->st = s;
+    if (pos == SIZE_MAX) {
+        jm_fail(x->err, s, "chat template: %s", msg);
+        return false;
+    }
+    int line = 1, col = 1;
+    for (size_t i = 0; i < pos && i < x->len; i++) {
+        if (x->src[i] == '\n') line++, col = 1;
+        else col++;
+    }
+    jm_fail(x->err, s, "chat template line %d col %d: %s", line, col, msg);
+    return false;
+}
+
+/* Zeroed memory that lives until the rendering ends. */
+static void *alloc(jx *x, size_t n)
+{
+    n = n > ARENA_MAX ? ARENA_MAX + 1 : (n + 15) & ~(size_t)15;
+    chunk *c = x->mem;
+    if (!c || c->cap - c->used < n) {
+        size_t cap = n > CHUNK ? n : CHUNK;
+        if (x->mem_total + cap > ARENA_MAX || !(c = calloc(1, sizeof *c + cap))) {
+            fail(x, SIZE_MAX, JM_ERR_NOMEM, "needs more than %zu MiB of memory", ARENA_MAX >> 20);
+            return NULL;
+        }
+        c->cap = cap, c->next = x->mem, x->mem = c;
+        x->mem_total += cap;
+    }
+    void *p = (char *)c->data + c->used;
+    c->used += n;
+    return p;
+}
+
+static bool put(jx *x, sbuf *b, const char *s, size_t n)
+{
+    if (n > OUT_MAX - b->n) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = (b->n + n + 1) * 2;
+        char *p = realloc(b->p, cap);
+        if (!p) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "out of memory");
+        b->p = p, b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+    return true;
+}
+
+static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+static bool eq_name(const char *s, size_t n, const char *lit) { return strlen(lit) == n && memcmp(s, lit, n) == 0; }
+
+static value str_val(const char *s, size_t n) { return (value){.k = V_STR, .s = s, .n = n}; }
+
+static const char *type_name(const value *v)
+{
+    static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext"};
+    return names[v->k];
+}
+
+/* ---- template scanner: text and tags, with Jinja's whitespace control ---- */
+
+enum { P_EOF, P_TEXT, P_VAR, P_BLOCK };
+typedef struct {
+    int kind;
+    size_t a, b, pos; /* content span; where the piece starts */
+} piece;
+
+/* Index of the '}' / '%' / '#' that closes a tag opened with k, content from i; len when none.
+ * Inside {{ }} and {% %} a closer within a string literal does not count. */
+static size_t find_close(const char *s, size_t len, size_t i, char k)
+{
+    char c = k == '{' ? '}' : k;
+    for (; i + 1 < len; i++) {
+        if (k != '#' && (s[i] == '\'' || s[i] == '"')) {
+            char q = s[i];
+            for (i++; i < len && s[i] != q; i++)
+                if (s[i] == '\\') i++;
+            if (i >= len) return len;
+        } else if (s[i] == c && s[i + 1] == '}') {
+            return i;
+        }
+    }
+    return len;
+}
+
+static bool next_piece(jx *x, piece *pc)
+{
+    const char *s = x->src;
+    size_t len = x->len;
+    for (;;) {
+        size_t p = x->pos, q = p;
+        if (p >= len) {
+            pc->kind = P_EOF;
+            return true;
+        }
+        while (q < len && !(s[q] == '{' && (s[q + 1] == '{' || s[q + 1] == '%' || s[q + 1] == '#'))) q++;
+        if (q > p) { /* text: trimmed for the tag that follows it */
+            size_t e = q;
+            if (q < len && s[q + 2] == '-') {
+                while (e > p && is_space(s[e - 1])) e--;
+            } else if (q < len && s[q + 1] != '{' && s[q + 2] != '+') {
+                /* lstrip_blocks: a block tag alone on its line takes the indentation with it */
+                size_t l = e;
+                while (l > p && s[l - 1] != '\n' && is_space(s[l - 1])) l--;
+                if (l > p ? s[l - 1] == '\n' : x->line_start) e = l;
+            }
+            *pc = (piece){P_TEXT, p, e, p};
+            x->pos = q;
+            return true;
+        }
+        char k = s[p + 1];
+        size_t a = p + 2;
+        if (s[a] == '-' || s[a] == '+') a++; /* {{+ is accepted and means nothing, as in Jinja */
+        size_t e = find_close(s, len, a, k);
+        if (e >= len)
+            return fail(x, p, JM_ERR_FORMAT, "unterminated %s",
+                        k == '{' ? "{{ ... }}" : k == '%' ? "{% ... %}" : "comment {# ... #}");
+        char rm = e > a && (s[e - 1] == '-' || (s[e - 1] == '+' && k != '{')) ? s[e - 1] : 0;
+        size_t after = e + 2;
+        if (rm == '-') {
+            while (after < len && is_space(s[after])) after++;
+        } else if (k != '{' && rm != '+' && after < len && s[after] == '\n') {
+            after++; /* trim_blocks */
+        }
+        x->line_start = s[after - 1] == '\n';
+        x->pos = after;
+        if (k == '#') continue;
+        *pc = (piece){k == '{' ? P_VAR : P_BLOCK, a, rm ? e - 1 : e, p};
+        return true;
+    }
+}
+
+/* ---- expression lexer ---- */
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static size_t put_utf8(char *o, uint32_t c)
+{
+    size_t n = c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4;
+    static const unsigned char lead[] = {0, 0, 0xc0, 0xe0, 0xf0};
+    for (size_t k = n - 1; k > 0; k--, c >>= 6) o[k] = (char)(0x80 | (c & 0x3f));
+    o[0] = (char)(lead[n] | c);
+    return n;
+}
+
+/* A string literal at s[p] (the quote), decoded with Python's escapes; *end after the closing quote. */
+static bool lex_string(jx *x, size_t p, tok *t, size_t *end)
+{
+    const char *s = x->src;
+    char q = s[p];
+    char *o = alloc(x, x->end - p + 1); /* decoding never grows the text */
+    if (!o) return false;
+    size_t n = 0, i = p + 1;
+    for (; i < x->end && s[i] != q; i++) {
+        if (s[i] != '\\') {
+            o[n++] = s[i];
+            continue;
+        }
+        static const char esc[] = "nrtabfv\\'\"", val[] = "\n\r\t\a\b\f\v\\'\"";
+        char c = s[++i];
+        const char *simple = c ? strchr(esc, c) : NULL;
+        if (simple) {
+            o[n++] = val[simple - esc];
+        } else if (c == '\n') { /* a line continuation */
+        } else if (c == 'x' || c == 'u' || c == 'U') {
+            int digits = c == 'x' ? 2 : c == 'u' ? 4 : 8;
+            uint32_t cp = 0;
+            for (int k = 0; k < digits; k++) {
+                int h = i + 1 + k < x->end ? hexval(s[i + 1 + k]) : -1;
+                if (h < 0) return fail(x, i - 1, JM_ERR_FORMAT, "bad \\%c escape in a string", c);
+                cp = cp << 4 | (uint32_t)h;
+            }
+            if (cp == 0 || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+                return fail(x, i - 1, JM_ERR_FORMAT, "unsupported character U+%04X in a string escape", (unsigned)cp);
+            n += put_utf8(o + n, cp);
+            i += (size_t)digits;
+        } else if (c >= '0' && c <= '7') {
+            return fail(x, i - 1, JM_ERR_FORMAT, "octal escapes are not supported");
+        } else { /* Python keeps unknown escapes as written */
+            o[n++] = '\\';
+            i--;
+        }
+    }
+    if (i >= x->end) return fail(x, p, JM_ERR_FORMAT, "unterminated string");
+    t->kind = T_STR, t->s = o, t->n = n;
+    *end = i + 1;
+    return true;
+}
+
+/* Reads the next token of the current tag into x->t. */
+static bool lex(jx *x)
+{
+    const char *s = x->src;
+    size_t p = x->p;
+    while (p < x->end && is_space(s[p])) p++;
+    tok *t = &x->t;
+    *t = (tok){.kind = T_END, .pos = p};
+    if (p >= x->end) return x->p = p, true;
+    unsigned char c = (unsigned char)s[p];
+    if (isalpha(c) || c == '_') {
+        size_t e = p;
+        while (e < x->end && (isalnum((unsigned char)s[e]) || s[e] == '_')) e++;
+        t->kind = T_NAME, t->s = s + p, t->n = e - p;
+        x->p = e;
+    } else if (isdigit(c)) {
+        size_t e = p;
+        int64_t v = 0;
+        for (; e < x->end && isdigit((unsigned char)s[e]); e++)
+            if (__builtin_mul_overflow(v, 10, &v) || __builtin_add_overflow(v, s[e] - '0', &v))
+                return fail(x, p, JM_ERR_FORMAT, "integer literal too large");
+        if (e < x->end && (s[e] == '.' || s[e] == 'e' || s[e] == 'E' || s[e] == '_'))
+            return fail(x, p, JM_ERR_FORMAT, "float literals are not supported");
+        if (s[p] == '0' && e > p + 1) return fail(x, p, JM_ERR_FORMAT, "integer literal with a leading zero");
+        t->kind = T_INT, t->i = v;
+        x->p = e;
+    } else if (c == '\'' || c == '"') {
+        if (!lex_string(x, p, t, &x->p)) return false;
+    } else {
+        static const char two[][3] = {"==", "!=", "<=", ">=", "//", "**"};
+        t->kind = T_OP;
+        for (int k = 0; k < 6; k++)
+            if (p + 1 < x->end && s[p] == two[k][0] && s[p + 1] == two[k][1]) {
+                t->op = OP_EQ + k;
+                x->p = p + 2;
+                return true;
+            }
+        if (!strchr("()[].,:|+-*/%~<>=", c) || !c)
+            return fail(x, p, JM_ERR_FORMAT,
+                        c >= 0x20 && c < 0x7f ? "unsupported character '%c'" : "unsupported byte 0x%02x", c);
+        t->op = c;
+        x->p = p + 1;
+    }
+    return true;
+}
+
+/* ---- parser ---- */
+
+static bool is_kw(const tok *t, const char *kw) { return t->kind == T_NAME && eq_name(t->s, t->n, kw); }
+static bool is_op(const tok *t, int op) { return t->kind == T_OP && t->op == op; }
+
+/* The current token as written, for messages. */
+static int tok_len(const jx *x) { return (int)(x->p - x->t.pos < 40 ? x->p - x->t.pos : 40); }
+
+static bool expect_op(jx *x, int op, const char *what)
+{
+    if (is_op(&x->t, op)) return lex(x);
+    return fail(x, x->t.pos, JM_ERR_FORMAT, "expected %s, found '%.*s'", what, tok_len(x), x->src + x->t.pos);
+}
+
+static bool expect_end(jx *x)
+{
+    if (x->t.kind == T_END) return true;
+    return fail(x, x->t.pos, JM_ERR_FORMAT, "unexpected '%.*s'", tok_len(x), x->src + x->t.pos);
+}
+
+static node *mk(jx *x, int kind, size_t pos)
+{
+    node *n = alloc(x, sizeof *n);
+    if (n) n->kind = kind, n->pos = pos;
+    return n;
+}
+
+static node *mk2(jx *x, int kind, int op, size_t pos, node *a, node *b)
+{
+    node *n = a && b ? mk(x, kind, pos) : NULL;
+    if (n) n->op = op, n->a = a, n->b = b;
+    return n;
+}
+
+static bool enter(jx *x, size_t pos)
+{
+    if (++x->depth > DEPTH_MAX) return fail(x, pos, JM_ERR_FORMAT, "nested more than %d deep", DEPTH_MAX);
+    return true;
+}
+
+static node *expr(jx *x);
+static node *or_expr(jx *x);
+
+/* Comma-separated expressions up to `close`; the opening bracket is consumed. */
+static bool expr_list(jx *x, int close, node **head)
+{
+    node **tail = head;
+    while (!is_op(&x->t, close)) {
+        node *e = expr(x);
+        if (!e) return false;
+        if (is_op(&x->t, '=')) return fail(x, x->t.pos, JM_ERR_FORMAT, "keyword arguments are not supported");
+        *tail = e, tail = &e->next;
+        if (!is_op(&x->t, ',')) break;
+        if (!lex(x)) return false;
+    }
+    return expect_op(x, close, close == ')' ? "')'" : "']'");
+}
+
+static node *primary(jx *x)
+{
+    tok t = x->t;
+    node *n = mk(x, E_LIT, t.pos);
+    if (!n || !lex(x)) return NULL;
+    static const char *const reserved[] = {"and", "or", "not", "in", "is", "if", "else"};
+    if (t.kind == T_NAME) {
+        if (is_kw(&t, "true") || is_kw(&t, "True") || is_kw(&t, "false") || is_kw(&t, "False"))
+            n->lit = (value){.k = V_BOOL, .i = t.s[0] == 't' || t.s[0] == 'T'};
+        else if (is_kw(&t, "none") || is_kw(&t, "None"))
+            n->lit.k = V_NONE;
+        else
+            n->kind = E_NAME, n->name = t.s, n->len = t.n;
+        for (int k = 0; k < 7; k++)
+            if (is_kw(&t, reserved[k])) return fail(x, t.pos, JM_ERR_FORMAT, "unexpected '%s'", reserved[k]), NULL;
+    } else if (t.kind == T_INT) {
+        n->lit = (value){.k = V_INT, .i = t.i};
+    } else if (t.kind == T_STR) {
+        n->lit = str_val(t.s, t.n);
+        while (x->t.kind == T_STR) { /* 'a' 'b' is 'ab', as in Python */
+            char *s = alloc(x, n->lit.n + x->t.n);
+            if (!s) return NULL;
+            memcpy(s, n->lit.s, n->lit.n), memcpy(s + n->lit.n, x->t.s, x->t.n);
+            n->lit = str_val(s, n->lit.n + x->t.n);
+            if (!lex(x)) return NULL;
+        }
+    } else if (is_op(&t, '(')) {
+        node *e = expr(x);
+        if (e && is_op(&x->t, ',')) return fail(x, x->t.pos, JM_ERR_FORMAT, "tuples are not supported"), NULL;
+        return e && expect_op(x, ')', "')'") ? e : NULL;
+    } else if (is_op(&t, '[')) {
+        n->kind = E_LIST;
+        if (!expr_list(x, ']', &n->a)) return NULL;
+    } else if (t.kind == T_END) {
+        return fail(x, t.pos, JM_ERR_FORMAT, "expected an expression before the end of the tag"), NULL;
+    } else {
+        return fail(x, t.pos, JM_ERR_FORMAT, "expected an expression, found '%c'", x->src[t.pos]), NULL;
+    }
+    return n;
+}
+
+/* x.name, x[i], x[a:b:c], x(args) */
+static node *postfix(jx *x, node *n)
+{
+    while (n) {
+        tok t = x->t;
+        if (is_op(&t, '.')) {
+            if (!lex(x)) return NULL;
+            if (x->t.kind != T_NAME)
+                return fail(x, x->t.pos, JM_ERR_FORMAT, "expected an attribute name after '.'"), NULL;
+            node *m = mk(x, E_ATTR, t.pos);
+            if (!m) return NULL;
+            m->a = n, m->name = x->t.s, m->len = x->t.n, n = m;
+            if (!lex(x)) return NULL;
+        } else if (is_op(&t, '[')) {
+            node *m = mk(x, E_ITEM, t.pos), **part[3];
+            if (!m || !lex(x)) return NULL;
+            m->a = n, part[0] = &m->b, part[1] = &m->c, part[2] = &m->d;
+            for (int k = 0; k < 3; k++) {
+                if (!is_op(&x->t, ':') && !is_op(&x->t, ']') && !(*part[k] = expr(x))) return NULL;
+                if (k == 2 || !is_op(&x->t, ':')) break;
+                m->kind = E_SLICE;
+                if (!lex(x)) return NULL;
+            }
+            if (m->kind == E_ITEM && !m->b) return fail(x, t.pos, JM_ERR_FORMAT, "empty subscript"), NULL;
+            if (!expect_op(x, ']', "']'")) return NULL;
+            n = m;
+        } else if (is_op(&t, '(')) {
+            node *m = mk(x, E_CALL, t.pos);
+            if (!m || !lex(x) || !expr_list(x, ')', &m->b)) return NULL;
+            m->a = n, n = m;
+        } else {
+            break;
+        }
+    }
+    return n;
+}
+
+/* x | filter(args), x is [not] test */
+static node *filters(jx *x, node *n)
+{
+    while (n && (is_op(&x->t, '|') || is_kw(&x->t, "is"))) {
+        bool filter = is_op(&x->t, '|');
+        node *m = mk(x, filter ? E_FILTER : E_TEST, x->t.pos);
+        if (!m || !lex(x)) return NULL;
+        if (!filter && is_kw(&x->t, "not")) {
+            m->op = 1;
+            if (!lex(x)) return NULL;
+        }
+        if (x->t.kind != T_NAME)
+            return fail(x, x->t.pos, JM_ERR_FORMAT, "expected a %s name", filter ? "filter" : "test"), NULL;
+        m->a = n, m->name = x->t.s, m->len = x->t.n, n = m;
+        if (!lex(x)) return NULL;
+        if (is_op(&x->t, '(')) {
+            if (!filter) return fail(x, x->t.pos, JM_ERR_FORMAT, "tests with arguments are not supported"), NULL;
+            if (!lex(x) || !expr_list(x, ')', &m->b)) return NULL;
+        }
+    }
+    return n;
+}
+
+/* Jinja binds - tighter than filters (-1|abs is abs(-1)) and filters tighter than any binary operator. */
+static node *unary(jx *x, bool with_filter)
+{
+    if (!enter(x, x->t.pos)) return NULL;
+    node *n;
+    tok t = x->t;
+    if (is_op(&t, '-') || is_op(&t, '+')) {
+        if (!lex(x)) return NULL;
+        n = unary(x, false);
+        n = mk2(x, E_NEG, t.op, t.pos, n, n);
+    } else {
+        n = postfix(x, primary(x));
+    }
+    if (with_filter) n = filters(x, n);
+    x->depth--;
+    return n;
+}
+
+static bool is_mul(const tok *t)
+{
+    int op = t->kind == T_OP ? t->op : 0;
+    return op == '*' || op == '/' || op == '%' || op == OP_FLOORDIV || op == OP_POW;
+}
+
+static node *mul_expr(jx *x)
+{
+    node *n = unary(x, true);
+    while (n && is_mul(&x->t)) {
+        tok t = x->t;
+        n = lex(x) ? mk2(x, E_BIN, t.op, t.pos, n, unary(x, true)) : NULL;
+    }
+    return n;
+}
+
+static node *concat_expr(jx *x)
+{
+    node *n = mul_expr(x);
+    while (n && is_op(&x->t, '~')) {
+        tok t = x->t;
+        n = lex(x) ? mk2(x, E_BIN, '~', t.pos, n, mul_expr(x)) : NULL;
+    }
+    return n;
+}
+
+static node *add_expr(jx *x)
+{
+    node *n = concat_expr(x);
+    while (n && (is_op(&x->t, '+') || is_op(&x->t, '-'))) {
+        tok t = x->t;
+        n = lex(x) ? mk2(x, E_BIN, t.op, t.pos, n, concat_expr(x)) : NULL;
+    }
+    return n;
+}
+
+/* a < b < c is (a < b) and (b < c), as in Python */
+static node *compare(jx *x)
+{
+    node *left = add_expr(x), *all = NULL;
+    while (left) {
+        tok t = x->t;
+        int op = t.kind != T_OP ? 0 : t.op;
+        if (op != OP_EQ && op != OP_NE && op != OP_LE && op != OP_GE && op != '<' && op != '>') op = 0;
+        if (is_kw(&t, "in")) op = OP_IN;
+        if (is_kw(&t, "not")) op = OP_NOTIN;
+        if (!op) break;
+        if (!lex(x)) return NULL;
+        if (op == OP_NOTIN) {
+            if (!is_kw(&x->t, "in")) return fail(x, x->t.pos, JM_ERR_FORMAT, "expected 'in' after 'not'"), NULL;
+            if (!lex(x)) return NULL;
+        }
+        node *right = add_expr(x), *c = mk2(x, E_BIN, op, t.pos, left, right);
+        if (!c) return NULL;
+        all = all ? mk2(x, E_AND, 0, t.pos, all, c) : c;
+        left = right;
+    }
+    return all ? all : left;
+}
+
+static node *not_expr(jx *x)
+{
+    if (!is_kw(&x->t, "not")) return compare(x);
+    size_t pos = x->t.pos;
+    if (!enter(x, pos) || !lex(x)) return NULL;
+    node *a = not_expr(x);
+    x->depth--;
+    return mk2(x, E_NOT, 0, pos, a, a);
+}
+
+static node *and_expr(jx *x)
+{
+    node *n = not_expr(x);
+    while (n && is_kw(&x->t, "and")) {
+        size_t pos = x->t.pos;
+        n = lex(x) ? mk2(x, E_AND, 0, pos, n, not_expr(x)) : NULL;
+    }
+    return n;
+}
+
+static node *or_expr(jx *x)
+{
+    node *n = and_expr(x);
+    while (n && is_kw(&x->t, "or")) {
+        size_t pos = x->t.pos;
+        n = lex(x) ? mk2(x, E_OR, 0, pos, n, and_expr(x)) : NULL;
+    }
+    return n;
+}
+
+/* a if cond [else b] */
+static node *expr(jx *x)
+{
+    if (!enter(x, x->t.pos)) return NULL;
+    node *n = or_expr(x);
+    while (n && is_kw(&x->t, "if")) {
+        node *m = mk(x, E_COND, x->t.pos);
+        if (!m || !lex(x) || !(m->b = or_expr(x))) return NULL;
+        m->a = n, n = m;
+        if (is_kw(&x->t, "else") && (!lex(x) || !(m->c = expr(x)))) return NULL;
+    }
+    x->depth--;
+    return n;
+}
+
+/* ---- statements ---- */
+
+static bool body(jx *x, const char *const *ends, node **out, tok *stop);
+
+static bool expect_name(jx *x, const char *what)
+{
+    if (x->t.kind != T_NAME) return fail(x, x->t.pos, JM_ERR_FORMAT, "expected %s", what);
+    return true;
+}
+
+/* After the keyword that closed a body: {% endif %} and the like take nothing more. */
+static bool end_tag(jx *x, const tok *stop, const char *want, const char *opened, size_t pos)
+{
+    if (stop->kind == T_END)
+        return fail(x, pos, JM_ERR_FORMAT, "unterminated {%% %s %%}: no {%% %s %%}", opened, want);
+    return lex(x) && expect_end(x);
+}
+
+static node *if_stmt(jx *x, size_t pos)
+{
+    static const char *const ends[] = {"elif", "else", "endif", NULL}, *const endif[] = {"endif", NULL};
+    node *n = mk(x, S_IF, pos), *cur = n;
+    tok stop;
+    if (!n || !lex(x) || !(n->a = or_expr(x)) || !expect_end(x)) return NULL;
+    for (;;) {
+        if (!body(x, ends, &cur->b, &stop)) return NULL;
+        if (!is_kw(&stop, "elif")) break;
+        node *m = mk(x, S_IF, stop.pos); /* elif: an if in the else branch */
+        if (!m || !lex(x) || !(m->a = or_expr(x)) || !expect_end(x)) return NULL;
+        cur->c = m, cur = m;
+    }
+    if (is_kw(&stop, "else") && (!lex(x) || !expect_end(x) || !body(x, endif, &cur->c, &stop))) return NULL;
+    return end_tag(x, &stop, "endif", "if", pos) ? n : NULL;
+}
+
+static node *for_stmt(jx *x, size_t pos)
+{
+    static const char *const ends[] = {"else", "endfor", NULL}, *const endfor[] = {"endfor", NULL};
+    node *n = mk(x, S_FOR, pos);
+    tok stop;
+    if (!n || !lex(x) || !expect_name(x, "a loop variable")) return NULL;
+    n->name = x->t.s, n->len = x->t.n;
+    if (!lex(x)) return NULL;
+    if (is_op(&x->t, ',')) return fail(x, x->t.pos, JM_ERR_FORMAT, "unpacking in for loops is not supported"), NULL;
+    if (!is_kw(&x->t, "in")) return fail(x, x->t.pos, JM_ERR_FORMAT, "expected 'in'"), NULL;
+    if (!lex(x) || !(n->a = or_expr(x))) return NULL;
+    if (is_kw(&x->t, "if") || is_kw(&x->t, "recursive"))
+        return fail(x, x->t.pos, JM_ERR_FORMAT, "'%.*s' in a for loop is not supported", tok_len(x),
+                    x->src + x->t.pos), NULL;
+    if (!expect_end(x)) return NULL;
+    x->loops++;
+    bool ok = body(x, ends, &n->b, &stop);
+    x->loops--;
+    if (!ok) return NULL;
+    if (is_kw(&stop, "else") && (!lex(x) || !expect_end(x) || !body(x, endfor, &n->c, &stop))) return NULL;
+    return end_tag(x, &stop, "endfor", "for", pos) ? n : NULL;
+}
+
+static node *statement(jx *x, size_t pos)
+{
+    tok t = x->t;
+    if (is_kw(&t, "if")) return if_stmt(x, pos);
+    if (is_kw(&t, "for")) return for_stmt(x, pos);
+    if (is_kw(&t, "set")) {
+        node *n = mk(x, S_SET, pos);
+        if (!n || !lex(x) || !expect_name(x, "a variable name after 'set'")) return NULL;
+        n->name = x->t.s, n->len = x->t.n;
+        if (!lex(x)) return NULL;
+        if (x->t.kind == T_END) return fail(x, pos, JM_ERR_FORMAT, "{%% set %%} blocks are not supported"), NULL;
+        if (is_op(&x->t, '.') || is_op(&x->t, ','))
+            return fail(x, x->t.pos, JM_ERR_FORMAT, "only {%% set name = value %%} is supported"), NULL;
+        if (!expect_op(x, '=', "'='") || !(n->a = expr(x)) || !expect_end(x)) return NULL;
+        return n;
+    }
+    if (is_kw(&t, "break") || is_kw(&t, "continue")) {
+        if (!x->loops) return fail(x, pos, JM_ERR_FORMAT, "'%.*s' outside a loop", (int)t.n, t.s), NULL;
+        node *n = mk(x, t.s[0] == 'b' ? S_BREAK : S_CONTINUE, pos);
+        return n && lex(x) && expect_end(x) ? n : NULL;
+    }
+    static const char *const closers[] = {"elif", "else", "endif", "endfor"};
+    for (int k = 0; k < 4; k++)
+        if (is_kw(&t, closers[k])) return fail(x, pos, JM_ERR_FORMAT, "unexpected {%% %s %%}", closers[k]), NULL;
+    return fail(x, pos, JM_ERR_FORMAT, "unsupported tag {%% %.*s %%}", (int)(t.n < 40 ? t.n : 40), t.s), NULL;
+}
+
+/* Statements up to a block tag whose keyword is in ends (then *stop is that
+ * keyword, the rest of its tag unread) or the end of the template (T_END). */
+static bool body(jx *x, const char *const *ends, node **out, tok *stop)
+{
+    node **tail = out;
+    *out = NULL;
+    if (!enter(x, x->pos)) return false;
+    for (;;) {
+        piece pc = {0};
+        node *n;
+        if (!next_piece(x, &pc)) return false;
+        if (pc.kind == P_EOF) {
+            *stop = (tok){.kind = T_END, .pos = x->len};
+            break;
+        }
+        if (pc.kind == P_TEXT) {
+            if (pc.b == pc.a) continue;
+            if (!(n = mk(x, S_TEXT, pc.pos))) return false;
+            n->name = x->src + pc.a, n->len = pc.b - pc.a;
+        } else {
+            x->p = pc.a, x->end = pc.b;
+            if (!lex(x)) return false;
+            if (pc.kind == P_VAR) {
+                if (!(n = mk(x, S_OUT, pc.pos)) || !(n->a = expr(x))) return false;
+                if (is_op(&x->t, ',')) return fail(x, x->t.pos, JM_ERR_FORMAT, "tuples are not supported");
+                if (!expect_end(x)) return false;
+            } else {
+                if (!expect_name(x, "a statement keyword")) return false;
+                bool end = false;
+                for (int k = 0; ends && ends[k] && !end; k++) end = is_kw(&x->t, ends[k]);
+                if (end) {
+                    *stop = x->t;
+                    break;
+                }
+                if (!(n = statement(x, pc.pos))) return false;
+            }
+        }
+        *tail = n, tail = &n->next;
+    }
+    x->depth--;
+    return true;
+}
+
+/* ---- values ---- */
+
+static bool truthy(const value *v)
+{
+    switch (v->k) {
+    case V_BOOL:
+    case V_INT: return v->i != 0;
+    case V_STR:
+    case V_LIST:
+    case V_DICT: return v->n != 0;
+    case V_LOOP: return true;
+    default: return false;
+    }
+}
+
+static bool numeric(const value *v) { return v->k == V_INT || v->k == V_BOOL; }
+
+static size_t cp_count(const char *s, size_t n)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < n; i++) c += ((unsigned char)s[i] & 0xc0) != 0x80;
+    return c;
+}
+
+/* Byte offsets of a string's code points, plus its length: Python indexes strings by code point. */
+static size_t *cp_offsets(jx *x, const value *v, size_t *count)
+{
+    size_t n = cp_count(v->s, v->n), k = 0;
+    size_t *off = alloc(x, (n + 1) * sizeof *off);
+    if (!off) return NULL;
+    for (size_t i = 0; i < v->n; i++)
+        if (((unsigned char)v->s[i] & 0xc0) != 0x80) off[k++] = i;
+    off[k] = v->n;
+    *count = n;
+    return off;
+}
+
+static void repr_str(jx *x, sbuf *b, const value *v)
+{
+    /* Python's repr: single quotes unless the text has ' and no " */
+    char q = memchr(v->s, '\'', v->n) && !memchr(v->s, '"', v->n) ? '"' : '\'';
+    put(x, b, &q, 1);
+    for (size_t i = 0; i < v->n; i++) {
+        unsigned char c = (unsigned char)v->s[i];
+        char e[5] = {'\\', (char)c, 0};
+        if (c == '\n' || c == '\r' || c == '\t') e[1] = c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
+        else if (c < 0x20 || c == 0x7f) snprintf(e + 1, 4, "x%02x", c);
+        if (c == '\\' || c == (unsigned char)q || c < 0x20 || c == 0x7f) put(x, b, e, strlen(e));
+        else put(x, b, v->s + i, 1);
+    }
+    put(x, b, &q, 1);
+}
+
+/* How Jinja prints a value: str() at the top, repr() inside lists and dicts. */
+static bool write_val(jx *x, sbuf *b, const value *v, bool repr, int depth)
+{
+    char num[32];
+    if (depth > DEPTH_MAX) return fail(x, SIZE_MAX, JM_ERR_FORMAT, "value nested more than %d deep", DEPTH_MAX);
+    switch (v->k) {
+    case V_UNDEF: return repr ? put(x, b, "Undefined", 9) : true;
+    case V_NONE: return put(x, b, "None", 4);
+    case V_BOOL: return v->i ? put(x, b, "True", 4) : put(x, b, "False", 5);
+    case V_INT: return put(x, b, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)v->i));
+    case V_STR:
+        if (!repr) return put(x, b, v->s, v->n);
+        repr_str(x, b, v);
+        return !x->st;
+    case V_LOOP:
+        return put(x, b, num, (size_t)snprintf(num, sizeof num, "<LoopContext %lld/%zu>", (long long)v->i + 1, v->n));
+    case V_LIST:
+    case V_DICT: {
+        bool list = v->k == V_LIST;
+        put(x, b, list ? "[" : "{", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            if (i) put(x, b, ", ", 2);
+            if (!list && (!write_val(x, b, &v->a[2 * i], true, depth + 1) || !put(x, b, ": ", 2))) return false;
+            if (!write_val(x, b, &v->a[list ? i : 2 * i + 1], true, depth + 1)) return false;
+        }
+        return put(x, b, list ? "]" : "}", 1);
+    }
+    }
+    return true;
+}
+
+/* v as a string, in place ({{ }}, ~, filters that take text). */
+static bool to_str(jx *x, value *v)
+{
+    if (v->k == V_STR) return true;
+    sbuf b = {0};
+    bool ok = write_val(x, &b, v, false, 0);
+    char *s = ok && b.n ? alloc(x, b.n) : NULL;
+    if (s) memcpy(s, b.p, b.n);
+    free(b.p);
+    if (!ok || (b.n && !s)) return false;
+    *v = str_val(s ? s : "", b.n);
+    return true;
+}
+
+static const value *dict_get(const value *d, const char *key, size_t n)
+{
+    for (size_t i = 0; i < d->n; i++) {
+        const value *k = &d->a[2 * i];
+        if (k->k == V_STR && k->n == n && memcmp(k->s, key, n) == 0) return k + 1;
+    }
+    return NULL;
+}
+
+static bool eq(const value *a, const value *b, int depth)
+{
+    if (numeric(a) && numeric(b)) return a->i == b->i;
+    if (a->k != b->k || depth > DEPTH_MAX) return false;
+    switch (a->k) {
+    case V_STR: return a->n == b->n && memcmp(a->s, b->s, a->n) == 0;
+    case V_LIST:
+        if (a->n != b->n) return false;
+        for (size_t i = 0; i < a->n; i++)
+            if (!eq(&a->a[i], &b->a[i], depth + 1)) return false;
+        return true;
+    case V_DICT:
+        if (a->n != b->n) return false;
+        for (size_t i = 0; i < a->n; i++) {
+            const value *k = &a->a[2 * i], *w = k->k == V_STR ? dict_get(b, k->s, k->n) : NULL;
+            if (!w || !eq(&a->a[2 * i + 1], w, depth + 1)) return false;
+        }
+        return true;
+    case V_LOOP: return a == b;
+    default: return true; /* none, undefined */
+    }
+}
+
+
+static value undefined(const char *name, size_t n) { return (value){.k = V_UNDEF, .s = name, .n = n}; }
+
+static bool is_undefined(jx *x, const value *v, size_t pos)
+{
+    if (v->k != V_UNDEF) return false;
+    return !fail(x, pos, JM_ERR_FORMAT, "'%.*s' is undefined", (int)(v->n < 60 ? v->n : 60), v->s ? v->s : "value");
+}
+
+/* obj.name and obj['name']: Jinja's lenient lookup, undefined when absent */
+static bool get_attr(jx *x, const value *obj, const char *name, size_t n, size_t pos, value *out)
+{
+    if (is_undefined(x, obj, pos)) return false;
+    *out = undefined(name, n);
+    if (obj->k == V_DICT) {
+        const value *v = dict_get(obj, name, n);
+        if (v) *out = *v;
+    } else if (obj->k == V_LOOP) {
+        int64_t i = obj->i, len = (int64_t)obj->n;
+        static const char *const attrs[] = {"index", "index0", "first", "last", "length", "revindex", "revindex0"};
+        const int64_t vals[] = {i + 1, i, i == 0, i == len - 1, len, len - i, len - i - 1};
+        for (int k = 0; k < 7; k++)
+            if (eq_name(name, n, attrs[k])) *out = (value){.k = k == 2 || k == 3 ? V_BOOL : V_INT, .i = vals[k]};
+        if (eq_name(name, n, "previtem") && i > 0) *out = obj->a[i - 1];
+        if (eq_name(name, n, "nextitem") && i + 1 < len) *out = obj->a[i + 1];
+    }
+    return true;
+}
+
+static bool get_item(jx *x, const value *obj, const value *key, size_t pos, value *out)
+{
+    if (is_undefined(x, obj, pos)) return false;
+    if (key->k == V_STR && (obj->k == V_DICT || obj->k == V_LOOP)) return get_attr(x, obj, key->s, key->n, pos, out);
+    *out = undefined("item", 4);
+    if (!numeric(key) || (obj->k != V_LIST && obj->k != V_STR)) return true;
+    char *name = alloc(x, 48); /* names the missing element if it is used */
+    if (!name) return false;
+    *out = undefined(name, (size_t)snprintf(name, 48, "index %lld", (long long)key->i));
+    size_t count = obj->n, *off = NULL;
+    if (obj->k == V_STR && !(off = cp_offsets(x, obj, &count))) return false;
+    int64_t i = key->i < 0 ? key->i + (int64_t)count : key->i;
+    if (i < 0 || i >= (int64_t)count) return true;
+    *out = off ? str_val(obj->s + off[i], off[i + 1] - off[i]) : obj->a[i];
+    return true;
+}
+
+/* obj[start:stop:step] with Python's rules for omitted and negative bounds */
+static bool get_slice(jx *x, const value *obj, const value *bound, size_t pos, value *out)
+{
+    if (is_undefined(x, obj, pos)) return false;
+    if (obj->k != V_LIST && obj->k != V_STR) return fail(x, pos, JM_ERR_FORMAT, "cannot slice a %s", type_name(obj));
+    int64_t v[3];
+    for (int k = 0; k < 3; k++) {
+        if (bound[k].k != V_NONE && !numeric(&bound[k]))
+            return fail(x, pos, JM_ERR_FORMAT, "slice bounds must be integers, not %s", type_name(&bound[k]));
+        v[k] = numeric(&bound[k]) ? bound[k].i : INT64_MIN;
+    }
+    size_t count = obj->n, *off = NULL;
+    if (obj->k == V_STR && !(off = cp_offsets(x, obj, &count))) return false;
+    int64_t len = (int64_t)count, step = v[2] == INT64_MIN ? 1 : v[2], lim[2], cnt;
+    if (step == 0) return fail(x, pos, JM_ERR_FORMAT, "slice step cannot be zero");
+    for (int k = 0; k < 2; k++) {
+        int64_t lo = step > 0 ? 0 : -1, hi = step > 0 ? len : len - 1, b = v[k];
+        if (b == INT64_MIN) lim[k] = (k == 0) == (step > 0) ? lo : hi;
+        else if (b < 0) lim[k] = b + len < lo ? lo : b + len;
+        else lim[k] = b > hi ? hi : b;
+    }
+    if (step > 0) cnt = lim[1] > lim[0] ? (lim[1] - lim[0] + step - 1) / step : 0;
+    else cnt = lim[0] > lim[1] ? (lim[0] - lim[1] - step - 1) / -step : 0;
+    if (off) {
+        char *s = alloc(x, obj->n + 1);
+        size_t n = 0;
+        if (!s) return false;
+        for (int64_t k = 0, i = lim[0]; k < cnt; k++, i += step)
+            memcpy(s + n, obj->s + off[i], off[i + 1] - off[i]), n += off[i + 1] - off[i];
+        *out = str_val(s, n);
+        return true;
+    }
+    value *items = alloc(x, (size_t)cnt * sizeof *items + 1);
+    if (!items) return false;
+    for (int64_t k = 0, i = lim[0]; k < cnt; k++, i += step) items[k] = obj->a[i];
+    *out = (value){.k = V_LIST, .a = items, .n = (size_t)cnt};
+    return true;
+}
+
+static bool concat(jx *x, const value *a, const value *b, value *out)
+{
+    char *s = alloc(x, a->n + b->n + 1);
+    if (!s) return false;
+    memcpy(s, a->s, a->n), memcpy(s + a->n, b->s, b->n);
+    *out = str_val(s, a->n + b->n);
+    return true;
+}
+
+static bool contains(jx *x, const value *hay, const value *v, size_t pos, bool *out)
+{
+    *out = false;
+    if (hay->k == V_STR) {
+        if (v->k != V_STR) return fail(x, pos, JM_ERR_FORMAT, "'in <string>' needs a string, not %s", type_name(v));
+        *out = v->n == 0 || memmem(hay->s, hay->n, v->s, v->n) != NULL;
+    } else if (hay->k == V_LIST || hay->k == V_DICT) {
+        size_t stride = hay->k == V_DICT ? 2 : 1;
+        for (size_t i = 0; i < hay->n && !*out; i++) *out = eq(&hay->a[i * stride], v, 0);
+    } else if (hay->k != V_UNDEF) { /* undefined iterates as empty */
+        return fail(x, pos, JM_ERR_FORMAT, "'in' needs a string, list or dict, not %s", type_name(hay));
+    }
+    return true;
+}
+
+static bool binop(jx *x, const node *e, value *a, value *b, value *out)
+{
+    int op = e->op;
+    if (op == OP_EQ || op == OP_NE) {
+        *out = (value){.k = V_BOOL, .i = eq(a, b, 0) == (op == OP_EQ)};
+        return true;
+    }
+    if (op == OP_IN || op == OP_NOTIN) {
+        bool in;
+        if (!contains(x, b, a, e->pos, &in)) return false;
+        *out = (value){.k = V_BOOL, .i = in == (op == OP_IN)};
+        return true;
+    }
+    if (op == '~') return to_str(x, a) && to_str(x, b) && concat(x, a, b, out);
+    if (is_undefined(x, a, e->pos) || is_undefined(x, b, e->pos)) return false;
+    static const char *const names[] = {"==", "!=", "<=", ">=", "//", "**"};
+    char one[2] = {(char)op, 0};
+    const char *name = op >= 256 ? names[op - 256] : one;
+    if (op == '<' || op == '>' || op == OP_LE || op == OP_GE) {
+        int c;
+        if (numeric(a) && numeric(b)) c = (a->i > b->i) - (a->i < b->i);
+        else if (a->k == V_STR && b->k == V_STR) { /* UTF-8 byte order is code point order */
+            c = memcmp(a->s, b->s, a->n < b->n ? a->n : b->n);
+            if (!c) c = (a->n > b->n) - (a->n < b->n);
+        } else {
+            return fail(x, e->pos, JM_ERR_FORMAT, "'%s' not supported between %s and %s", name, type_name(a),
+                        type_name(b));
+        }
+        bool r = op == '<' ? c < 0 : op == '>' ? c > 0 : op == OP_LE ? c <= 0 : c >= 0;
+        *out = (value){.k = V_BOOL, .i = r};
+        return true;
+    }
+    if (op == '+' && a->k == V_STR && b->k == V_STR) return concat(x, a, b, out);
+    if (op == '+' && a->k == V_LIST && b->k == V_LIST) {
+        value *items = alloc(x, (a->n + b->n) * sizeof *items + 1);
+        if (!items) return false;
+        memcpy(items, a->a, a->n * sizeof *items), memcpy(items + a->n, b->a, b->n * sizeof *items);
+        *out = (value){.k = V_LIST, .a = items, .n = a->n + b->n};
+        return true;
+    }
+    if (op == '*' && ((a->k == V_STR && numeric(b)) || (numeric(a) && b->k == V_STR))) {
+        const value *s = a->k == V_STR ? a : b;
+        int64_t times = a->k == V_STR ? b->i : a->i;
+        size_t n = times > 0 ? (size_t)times : 0;
+        if (s->n && n > OUT_MAX / s->n) return fail(x, e->pos, JM_ERR_NOMEM, "string repetition too large");
+        char *r = alloc(x, s->n * n + 1);
+        if (!r) return false;
+        for (size_t i = 0; i < n; i++) memcpy(r + i * s->n, s->s, s->n);
+        *out = str_val(r, s->n * n);
+        return true;
+    }
+    if (numeric(a) && numeric(b) && op != '/' && op != OP_POW) {
+        int64_t r = 0, p = a->i, q = b->i;
+        bool over = false;
+        if (op == '+') over = __builtin_add_overflow(p, q, &r);
+        else if (op == '-') over = __builtin_sub_overflow(p, q, &r);
+        else if (op == '*') over = __builtin_mul_overflow(p, q, &r);
+        else { /* // and %, rounding toward minus infinity as Python does */
+            if (q == 0) return fail(x, e->pos, JM_ERR_FORMAT, "division by zero");
+            if (p == INT64_MIN && q == -1) over = true;
+            else {
+                int64_t d = p / q, m = p % q;
+                if (m != 0 && (m < 0) != (q < 0)) d--, m += q;
+                r = op == '%' ? m : d;
+            }
+        }
+        if (over) return fail(x, e->pos, JM_ERR_FORMAT, "integer overflow in '%s'", name);
+        *out = (value){.k = V_INT, .i = r};
+        return true;
+    }
+    if (op == '/' || op == OP_POW)
+        return fail(x, e->pos, JM_ERR_FORMAT, "'%s' is not supported (no floats); use '//'", name);
+    if (op == '%' && a->k == V_STR) return fail(x, e->pos, JM_ERR_FORMAT, "'%%' string formatting is not supported");
+    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported operand types for %s: %s and %s", name, type_name(a),
+                type_name(b));
+}
+
+/* ---- filters, tests, methods, functions ---- */
+
+static bool eval(jx *x, const node *e, const binding *sc, value *out);
+
+/* Evaluates an argument list into v[0..max); returns the count, -1 on error. */
+static int eval_args(jx *x, const node *args, const binding *sc, value *v, int max, const char *fn, size_t fnlen)
+{
+    int n = 0;
+    for (; args; args = args->next, n++) {
+        if (n == max)
+            return fail(x, args->pos, JM_ERR_FORMAT, "too many arguments to '%.*s'", (int)fnlen, fn) ? -1 : -1;
+        if (!eval(x, args, sc, &v[n])) return -1;
+    }
+    return n;
+}
+
+static bool need_str(jx *x, const value *v, size_t pos, const char *what)
+{
+    if (v->k == V_STR) return true;
+    return fail(x, pos, JM_ERR_FORMAT, "%s needs a string, not %s", what, type_name(v));
+}
+
+/* str.strip/lstrip/rstrip and the trim filter: whitespace, or the ASCII characters in chars */
+static bool strip(jx *x, value *v, const value *chars, int sides, size_t pos)
+{
+    if (chars && chars->k != V_NONE) {
+        if (!need_str(x, chars, pos, "strip()")) return false;
+        for (size_t i = 0; i < chars->n; i++)
+            if ((unsigned char)chars->s[i] >= 0x80)
+                return fail(x, pos, JM_ERR_FORMAT, "strip() of non-ASCII characters is not supported");
+    }
+    const char *set = chars && chars->k == V_STR ? chars->s : NULL;
+    size_t a = 0, b = v->n, ns = set ? chars->n : 0;
+    while ((sides & 1) && a < b && (set ? memchr(set, v->s[a], ns) != NULL : is_space(v->s[a]))) a++;
+    while ((sides & 2) && b > a && (set ? memchr(set, v->s[b - 1], ns) != NULL : is_space(v->s[b - 1]))) b--;
+    *v = str_val(v->s + a, b - a);
+    return true;
+}
+
+static bool change_case(jx *x, value *v, bool upper)
+{
+    char *s = alloc(x, v->n + 1);
+    if (!s) return false;
+    for (size_t i = 0; i < v->n; i++) {
+        unsigned char c = (unsigned char)v->s[i];
+        s[i] = (char)(upper ? toupper(c) : tolower(c));
+    }
+    *v = str_val(s, v->n);
+    return true;
+}
+
+static bool length(jx *x, const value *v, size_t pos, value *out)
+{
+    if (v->k != V_STR && v->k != V_LIST && v->k != V_DICT && v->k != V_UNDEF)
+        return fail(x, pos, JM_ERR_FORMAT, "%s has no length", type_name(v));
+    *out = (value){.k = V_INT, .i = v->k == V_UNDEF ? 0 : (int64_t)(v->k == V_STR ? cp_count(v->s, v->n) : v->n)};
+    return true;
+}
+
+static bool filter(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v, arg[2];
+    const char *f = e->name;
+    size_t fl = e->len;
+    int na;
+    if (!eval(x, e->a, sc, &v) || (na = eval_args(x, e->b, sc, arg, 2, f, fl)) < 0) return false;
+    int max_args = eq_name(f, fl, "default") || eq_name(f, fl, "d") ? 2 : eq_name(f, fl, "trim") ? 1 : 0;
+    if (na > max_args) return fail(x, e->pos, JM_ERR_FORMAT, "too many arguments to filter '%.*s'", (int)fl, f);
+    *out = v;
+    if (eq_name(f, fl, "trim")) return to_str(x, out) && strip(x, out, na ? &arg[0] : NULL, 3, e->pos);
+    if (eq_name(f, fl, "upper") || eq_name(f, fl, "lower")) return to_str(x, out) && change_case(x, out, f[0] == 'u');
+    if (eq_name(f, fl, "string")) return to_str(x, out);
+    if (eq_name(f, fl, "length") || eq_name(f, fl, "count")) return length(x, &v, e->pos, out);
+    if (eq_name(f, fl, "default") || eq_name(f, fl, "d")) {
+        if (v.k == V_UNDEF || (na > 1 && truthy(&arg[1]) && !truthy(&v))) *out = na ? arg[0] : str_val("", 0);
+        return true;
+    }
+    if (eq_name(f, fl, "first") || eq_name(f, fl, "last")) {
+        if (v.k == V_UNDEF) return true;
+        if (v.k != V_LIST && v.k != V_STR)
+            return fail(x, e->pos, JM_ERR_FORMAT, "'%.*s' of a %s", (int)fl, f, type_name(&v));
+        value i = {.k = V_INT, .i = f[0] == 'f' ? 0 : -1};
+        return get_item(x, &v, &i, e->pos, out);
+    }
+    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported filter '%.*s'", (int)(fl < 40 ? fl : 40), f);
+}
+
+static bool test(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v;
+    if (!eval(x, e->a, sc, &v)) return false;
+    static const char *const names[] = {"defined", "undefined", "none", "string", "number",
+                                        "integer", "boolean", "true", "false", "mapping",
+                                        "sequence", "iterable", "odd", "even"};
+    bool r[] = {v.k != V_UNDEF, v.k == V_UNDEF, v.k == V_NONE, v.k == V_STR, numeric(&v),
+                v.k == V_INT, v.k == V_BOOL, v.k == V_BOOL && v.i, v.k == V_BOOL && !v.i, v.k == V_DICT,
+                v.k == V_STR || v.k == V_LIST || v.k == V_DICT, v.k == V_STR || v.k == V_LIST || v.k == V_DICT,
+                v.k == V_INT && (v.i & 1), v.k == V_INT && !(v.i & 1)};
+    for (int k = 0; k < 14; k++)
+        if (eq_name(e->name, e->len, names[k])) {
+            *out = (value){.k = V_BOOL, .i = r[k] != (e->op == 1)};
+            return true;
+        }
+    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported test 'is %.*s'", (int)(e->len < 40 ? e->len : 40), e->name);
+}
+
+/* str.split(sep) and str.split() */
+static bool split(jx *x, const value *s, const value *sep, size_t pos, value *out)
+{
+    if (sep && !need_str(x, sep, pos, "split()")) return false;
+    if (sep && !sep->n) return fail(x, pos, JM_ERR_FORMAT, "split() with an empty separator");
+    value *items = alloc(x, (s->n + 1) * sizeof *items);
+    size_t n = 0, i = 0;
+    if (!items) return false;
+    while (i <= s->n) {
+        if (!sep) { /* runs of whitespace separate, and there are no empty parts */
+            while (i < s->n && is_space(s->s[i])) i++;
+            if (i == s->n) break;
+        }
+        size_t j = i;
+        const char *f = sep ? memmem(s->s + i, s->n - i, sep->s, sep->n) : NULL;
+        if (sep) j = f ? (size_t)(f - s->s) : s->n;
+        else while (j < s->n && !is_space(s->s[j])) j++;
+        items[n++] = str_val(s->s + i, j - i);
+        i = j + (sep ? sep->n : 0);
+        if (sep && !f) break;
+    }
+    *out = (value){.k = V_LIST, .a = items, .n = n};
+    return true;
+}
+
+static bool replace(jx *x, const value *s, const value *from, const value *to, size_t pos, value *out)
+{
+    if (!need_str(x, from, pos, "replace()") || !need_str(x, to, pos, "replace()")) return false;
+    if (!from->n) return fail(x, pos, JM_ERR_FORMAT, "replace() of an empty string is not supported");
+    sbuf b = {0};
+    for (size_t i = 0; i < s->n;) {
+        const char *f = memmem(s->s + i, s->n - i, from->s, from->n);
+        size_t j = f ? (size_t)(f - s->s) : s->n;
+        put(x, &b, s->s + i, j - i);
+        if (f) put(x, &b, to->s, to->n);
+        i = j + (f ? from->n : 0);
+    }
+    char *r = !x->st && b.n ? alloc(x, b.n) : NULL;
+    if (r) memcpy(r, b.p, b.n);
+    free(b.p);
+    *out = str_val(r ? r : "", r ? b.n : 0);
+    return !x->st;
+}
+
+static bool call(jx *x, const node *e, const binding *sc, value *out)
+{
+    const node *f = e->a;
+    value arg[2], obj;
+    int na;
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "raise_exception")) {
+        if ((na = eval_args(x, e->b, sc, arg, 1, f->name, f->len)) < 0 || (na && !to_str(x, &arg[0]))) return false;
+        /* the template's own refusal of the input: a caller error, reported verbatim */
+        x->st = JM_ERR_ARG;
+        jm_fail(x->err, JM_ERR_ARG, "chat template: %.*s", na ? (int)(arg[0].n < 400 ? arg[0].n : 400) : 9,
+                na ? arg[0].s : "exception");
+        return false;
+    }
+    if (f->kind == E_NAME)
+        return fail(x, e->pos, JM_ERR_FORMAT, "unsupported function call '%.*s'", (int)(f->len < 40 ? f->len : 40),
+                    f->name);
+    if (f->kind != E_ATTR) return fail(x, e->pos, JM_ERR_FORMAT, "unsupported call");
+    const char *m = f->name;
+    size_t ml = f->len;
+    if (!eval(x, f->a, sc, &obj) || (na = eval_args(x, e->b, sc, arg, 2, m, ml)) < 0 || is_undefined(x, &obj, e->pos))
+        return false;
+    if (obj.k == V_STR) {
+        /* name, fewest and most arguments */
+        static const struct { const char *name; int min, max; } methods[] = {
+            {"strip", 0, 1}, {"lstrip", 0, 1}, {"rstrip", 0, 1}, {"upper", 0, 0}, {"lower", 0, 0},
+            {"startswith", 1, 1}, {"endswith", 1, 1}, {"split", 0, 1}, {"replace", 2, 2}};
+        int k = 0;
+        while (k < 9 && !eq_name(m, ml, methods[k].name)) k++;
+        if (k == 9) goto unsupported;
+        if (na < methods[k].min || na > methods[k].max) goto bad_args;
+        *out = obj;
+        if (eq_name(m, ml, "strip")) return strip(x, out, na ? &arg[0] : NULL, 3, e->pos);
+        if (eq_name(m, ml, "lstrip")) return strip(x, out, na ? &arg[0] : NULL, 1, e->pos);
+        if (eq_name(m, ml, "rstrip")) return strip(x, out, na ? &arg[0] : NULL, 2, e->pos);
+        if (eq_name(m, ml, "upper") || eq_name(m, ml, "lower")) return change_case(x, out, m[0] == 'u');
+        if (eq_name(m, ml, "split")) return split(x, &obj, na && arg[0].k != V_NONE ? &arg[0] : NULL, e->pos, out);
+        if (eq_name(m, ml, "replace")) return replace(x, &obj, &arg[0], &arg[1], e->pos, out);
+        if (eq_name(m, ml, "startswith") || eq_name(m, ml, "endswith")) {
+            if (!need_str(x, &arg[0], e->pos, "startswith()/endswith()")) return false;
+            size_t n = arg[0].n;
+            bool r = n <= obj.n && memcmp(obj.s + (m[0] == 's' ? 0 : obj.n - n), arg[0].s, n) == 0;
+            *out = (value){.k = V_BOOL, .i = r};
+            return true;
+        }
+    } else if (obj.k == V_DICT && eq_name(m, ml, "get")) {
+        if (na < 1) goto bad_args;
+        const value *v = arg[0].k == V_STR ? dict_get(&obj, arg[0].s, arg[0].n) : NULL;
+        *out = v ? *v : na > 1 ? arg[1] : (value){.k = V_NONE};
+        return true;
+    }
+unsupported:
+    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported method %s.%.*s()", type_name(&obj), (int)(ml < 40 ? ml : 40),
+                m);
+bad_args:
+    return fail(x, e->pos, JM_ERR_FORMAT, "wrong number of arguments to %.*s()", (int)(ml < 40 ? ml : 40), m);
+}
+
+/* ---- evaluation ---- */
+
+static bool step(jx *x, size_t pos)
+{
+    if (++x->steps <= STEPS_MAX) return true;
+    return fail(x, pos, JM_ERR_FORMAT, "template runs too long (over %llu steps)", STEPS_MAX);
+}
+
+static bool eval(jx *x, const node *e, const binding *sc, value *out)
+{
+    value a, b, bound[3];
+    if (!step(x, e->pos)) return false;
+    switch (e->kind) {
+    case E_LIT: *out = e->lit; return true;
+    case E_NAME:
+        for (; sc; sc = sc->up)
+            if (sc->len == e->len && memcmp(sc->name, e->name, e->len) == 0) return *out = sc->v, true;
+        *out = undefined(e->name, e->len);
+        return true;
+    case E_LIST: {
+        size_t n = 0, i = 0;
+        for (const node *p = e->a; p; p = p->next) n++;
+        value *items = alloc(x, n * sizeof *items + 1);
+        if (!items) return false;
+        for (const node *p = e->a; p; p = p->next)
+            if (!eval(x, p, sc, &items[i++])) return false;
+        *out = (value){.k = V_LIST, .a = items, .n = n};
+        return true;
+    }
+    case E_ATTR: return eval(x, e->a, sc, &a) && get_attr(x, &a, e->name, e->len, e->pos, out);
+    case E_ITEM: return eval(x, e->a, sc, &a) && eval(x, e->b, sc, &b) && get_item(x, &a, &b, e->pos, out);
+    case E_SLICE: {
+        const node *part[3] = {e->b, e->c, e->d};
+        for (int k = 0; k < 3; k++) {
+            bound[k] = (value){.k = V_NONE};
+            if (part[k] && !eval(x, part[k], sc, &bound[k])) return false;
+        }
+        return eval(x, e->a, sc, &a) && get_slice(x, &a, bound, e->pos, out);
+    }
+    case E_CALL: return call(x, e, sc, out);
+    case E_FILTER: return filter(x, e, sc, out);
+    case E_TEST: return test(x, e, sc, out);
+    case E_NOT:
+        if (!eval(x, e->a, sc, &a)) return false;
+        *out = (value){.k = V_BOOL, .i = !truthy(&a)};
+        return true;
+    case E_NEG: /* and unary + */
+        if (!eval(x, e->a, sc, &a) || is_undefined(x, &a, e->pos)) return false;
+        if (!numeric(&a) || a.i == INT64_MIN)
+            return fail(x, e->pos, JM_ERR_FORMAT, "bad operand for unary %c: %s", e->op, type_name(&a));
+        *out = (value){.k = V_INT, .i = e->op == '-' ? -a.i : a.i};
+        return true;
+    case E_AND:
+    case E_OR: /* Python's: the deciding operand itself */
+        if (!eval(x, e->a, sc, out)) return false;
+        return truthy(out) == (e->kind == E_AND) ? eval(x, e->b, sc, out) : true;
+    case E_COND:
+        if (!eval(x, e->b, sc, &a)) return false;
+        if (truthy(&a)) return eval(x, e->a, sc, out);
+        if (e->c) return eval(x, e->c, sc, out);
+        *out = undefined("if-expression", 13);
+        return true;
+    case E_BIN: return eval(x, e->a, sc, &a) && eval(x, e->b, sc, &b) && binop(x, e, &a, &b, out);
+    }
+    return fail(x, e->pos, JM_ERR_FORMAT, "internal: bad expression node %d", e->kind);
+}
+
+static int exec(jx *x, const node *s, const binding **sc);
+
+static int exec_for(jx *x, const node *s, const binding *sc)
+{
+    value seq;
+    if (!eval(x, s->a, sc, &seq)) return X_ERR;
+    const value *items = seq.a;
+    size_t n = seq.k == V_UNDEF ? 0 : seq.n; /* undefined iterates as empty, as in Jinja */
+    if (seq.k == V_STR || seq.k == V_DICT) { /* a string's characters; a dict's keys */
+        size_t *off = NULL;
+        if (seq.k == V_STR && !(off = cp_offsets(x, &seq, &n))) return X_ERR;
+        value *v = alloc(x, n * sizeof *v + 1);
+        if (!v) return X_ERR;
+        for (size_t i = 0; i < n; i++) v[i] = off ? str_val(seq.s + off[i], off[i + 1] - off[i]) : seq.a[2 * i];
+        items = v;
+    } else if (seq.k != V_LIST && seq.k != V_UNDEF) {
+        return fail(x, s->pos, JM_ERR_FORMAT, "cannot loop over %s", type_name(&seq)) ? X_ERR : X_ERR;
+    }
+    if (n == 0) return s->c ? exec(x, s->c, &sc) : X_OK;
+    for (size_t i = 0; i < n; i++) {
+        /* a fresh scope each iteration: what {% set %} does inside stays inside, as in Jinja */
+        binding var = {s->name, s->len, items[i], sc};
+        binding loop = {"loop", 4, {.k = V_LOOP, .i = (int64_t)i, .n = n, .a = items}, &var};
+        const binding *inner = &loop;
+        int r = exec(x, s->b, &inner);
+        if (r == X_ERR) return r;
+        if (r == X_BREAK) break;
+    }
+    return X_OK;
+}
+
+/* Runs a statement list; {% set %} adds to *sc. */
+static int exec(jx *x, const node *s, const binding **sc)
+{
+    for (; s; s = s->next) {
+        value v;
+        int r = X_OK;
+        if (!step(x, s->pos)) return X_ERR;
+        switch (s->kind) {
+        case S_TEXT:
+            if (!put(x, &x->out, s->name, s->len)) return X_ERR;
+            break;
+        case S_OUT:
+            if (!eval(x, s->a, *sc, &v) || !to_str(x, &v) || !put(x, &x->out, v.s, v.n)) return X_ERR;
+            break;
+        case S_IF:
+            if (!eval(x, s->a, *sc, &v)) return X_ERR;
+            r = exec(x, truthy(&v) ? s->b : s->c, sc);
+            break;
+        case S_FOR: r = exec_for(x, s, *sc); break;
+        case S_SET: {
+            binding *b = alloc(x, sizeof *b);
+            if (!b || !eval(x, s->a, *sc, &b->v)) return X_ERR;
+            b->name = s->name, b->len = s->len, b->up = *sc;
+            *sc = b;
+            break;
+        }
+        case S_BREAK: return X_BREAK;
+        case S_CONTINUE: return X_CONTINUE;
+        }
+        if (r != X_OK) return r;
+    }
+    return X_OK;
+}
+
+/* ---- rendering ---- */
+
+static binding *bind(jx *x, const binding *up, const char *name, value v)
+{
+    binding *b = alloc(x, sizeof *b);
+    if (b) *b = (binding){name, strlen(name), v, up};
+    return b;
+}
+
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
+                        const char *bos, const char *eos, char **text, jm_error *err)
+{
+    jx x = {.err = err, .line_start = true};
+    size_t tl = strlen(tmpl);
+    node *prog = NULL;
+    tok stop;
+    /* Jinja reads \r\n and \r as \n and drops one trailing newline */
+    if ((x.src = alloc(&x, tl + 1))) {
+        for (size_t i = 0; i < tl; i++) {
+            x.src[x.len++] = tmpl[i] == '\r' ? '\n' : tmpl[i];
+            if (tmpl[i] == '\r' && tmpl[i + 1] == '\n') i++;
+        }
+        if (x.len && x.src[x.len - 1] == '\n') x.len--;
+        x.src[x.len] = 0;
+    }
+    if (x.src && body(&x, NULL, &prog, &stop)) {
+        value *list = alloc(&x, (size_t)n * sizeof *list + 1);
+        const binding *sc = NULL;
+        for (int i = 0; list && i < n; i++) {
+            value *kv = alloc(&x, 4 * sizeof *kv);
+            if (!kv) break;
+            kv[0] = str_val("role", 4), kv[1] = str_val(msgs[i].role, strlen(msgs[i].role));
+            kv[2] = str_val("content", 7), kv[3] = str_val(msgs[i].content, strlen(msgs[i].content));
+            list[i] = (value){.k = V_DICT, .a = kv, .n = 2};
+        }
+        if (!x.st) sc = bind(&x, sc, "messages", (value){.k = V_LIST, .a = list, .n = (size_t)n});
+        if (sc) sc = bind(&x, sc, "add_generation_prompt", (value){.k = V_BOOL, .i = add_generation_prompt});
+        if (sc && eos) sc = bind(&x, sc, "eos_token", str_val(eos, strlen(eos)));
+        if (sc && bos) sc = bind(&x, sc, "bos_token", str_val(bos, strlen(bos)));
+        if (sc) exec(&x, prog, &sc);
+    }
+    if (!x.st) put(&x, &x.out, "", 0); /* an empty rendering is still a string */
+    for (chunk *c = x.mem, *next; c; c = next) next = c->next, free(c);
+    if (x.st) {
+        free(x.out.p);
+        return x.st;
+    }
+    *text = x.out.p;
+    return JM_OK;
+}
