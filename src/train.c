@@ -354,7 +354,10 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
 static void remove_tree(const char *dir)
 {
     DIR *d = opendir(dir);
-    if (!d) return;
+    if (!d) { /* a plain file (e.g. a stale temp of `latest`) */
+        unlink(dir);
+        return;
+    }
     struct dirent *e;
     char path[8192];
     while ((e = readdir(d))) {
@@ -425,7 +428,9 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         while ((e = readdir(d))) {
             long long st;
             char rest[8];
-            if (sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1 && st < t->step - t->r->checkpoint_every) {
+            int stale_tmp = strstr(e->d_name, ".tmp.") != NULL; /* left by a run killed mid-write */
+            if (stale_tmp ||
+                (sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1 && st < t->step - t->r->checkpoint_every)) {
                 snprintf(path, sizeof path, "%s/%s", ck, e->d_name);
                 remove_tree(path);
             }

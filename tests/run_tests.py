@@ -296,6 +296,122 @@ def write_st(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+# ---------------------------------------------------------------- training runs: resume, signals, crashes
+
+def training_runs(suite, build, tmp):
+    """End to end through the CLI: tokenizer train -> prepare -> pretrain.
+    20 steps straight == 10 steps, stop, resume 10 (losses and weights bit-identical);
+    SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
+    if not suite.wanted("pretrain"):
+        return
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    d = os.path.join(tmp, "pretrain")
+    os.makedirs(os.path.join(d, "text", "prose"))
+    os.makedirs(os.path.join(d, "text", "code"))
+    lic = "/usr/share/common-licenses"
+    prose = "".join(open(os.path.join(lic, f), errors="replace").read() for f in sorted(os.listdir(lic))
+                    if os.path.isfile(os.path.join(lic, f)))[:300000]
+    with open(os.path.join(d, "text", "prose", "licenses.txt"), "w") as f:
+        f.write(prose)
+    with open(os.path.join(d, "text", "code", "code.py"), "w") as f:
+        f.write(open(os.path.abspath(__file__)).read() + open(REF).read())
+    steps = [([jetmoe, "tokenizer", "train", "--input", os.path.join(d, "text", "prose", "licenses.txt") + "," +
+               os.path.join(d, "text", "code", "code.py"), "--vocab-size", "400", "--out", os.path.join(d, "tok")]),
+             ([jetmoe, "prepare", "--tokenizer", os.path.join(d, "tok"), "--input", os.path.join(d, "text", "prose"),
+               "--out", os.path.join(d, "shards", "prose")]),
+             ([jetmoe, "prepare", "--tokenizer", os.path.join(d, "tok"), "--input", os.path.join(d, "text", "code"),
+               "--out", os.path.join(d, "shards", "code")])]
+    for cmd in steps:
+        p, _ = run(cmd)
+        if p.returncode != 0:
+            suite.check("pretrain_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
+            return
+    recipe = {
+        "model": dict(vocab_size=400, hidden_size=48, num_hidden_layers=2, num_key_value_heads=2, kv_channels=12,
+                      intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+        "tokenizer": os.path.join(d, "tok"),
+        "sources": {"prose": os.path.join(d, "shards", "prose"), "code": os.path.join(d, "shards", "code")},
+        "heldout": os.path.join(d, "shards", "code"),
+        "phases": [{"name": "p1", "steps": 12, "mixture": {"prose": 0.7, "code": 0.3}},
+                   {"name": "p2", "steps": 8, "mixture": {"prose": 0.2, "code": 0.8}}],
+        "seq_len": 32, "batch_size": 4, "grad_accum": 2, "optimizer": {"lr": 3e-3},
+        "schedule": {"type": "wsd", "warmup_steps": 3}, "seed": 3, "checkpoint_every": 5, "log_every": 1,
+        "eval_tokens": 2048}
+    rpath = os.path.join(d, "recipe.json")
+    with open(rpath, "w") as f:
+        json.dump(recipe, f)
+
+    def pretrain(out, *extra):
+        return run([jetmoe, "pretrain", "--recipe", rpath, "--out", out] + list(extra))[0]
+
+    def losses(out):
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(l)["loss"] for l in f if '"loss"' in l]
+
+    def weights(out, step):
+        with open(os.path.join(out, "checkpoints", f"step_{step}", "model.safetensors"), "rb") as f:
+            return f.read()
+
+    a, b = os.path.join(d, "run_a"), os.path.join(d, "run_b")
+    p = pretrain(a)
+    if p.returncode != 0:
+        suite.check("pretrain_run", False, p.stderr.strip()[-500:])
+        return
+    la = losses(a)
+    suite.check("pretrain_run", len(la) == 20 and la[-1] < la[0] and "perplexity" in p.stderr and
+                os.path.exists(os.path.join(a, "loss.svg")), f"losses {la}; {p.stderr[-300:]}",
+                f"loss {la[0]:.3f} -> {la[-1]:.3f}")
+    p1, p2 = pretrain(b, "--stop-after", "10"), pretrain(b, "--resume")
+    lb = losses(b)
+    same_w = p1.returncode == 0 and p2.returncode == 0 and weights(a, 20) == weights(b, 20)
+    suite.check("pretrain_resume_bit_exact", same_w and la == lb,
+                f"exit {p1.returncode}/{p2.returncode}; losses equal {la == lb}; weights equal {same_w}; "
+                f"{p2.stderr.strip()[-300:]}", "20 steps == 10 + resume 10: losses and weights identical")
+
+    # SIGINT: saves where it is, exits 130; resuming finishes with the same weights.
+    c = os.path.join(d, "run_c")
+    proc = subprocess.Popen([jetmoe, "pretrain", "--recipe", rpath, "--out", c], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    proc.send_signal(2)
+    _, err = proc.communicate(timeout=120)
+    stopped = proc.returncode == 130
+    p2 = pretrain(c, "--resume")
+    ok = p2.returncode == 0 and weights(a, 20) == weights(c, 20)
+    suite.check("pretrain_sigint_saves_and_resumes", (stopped or proc.returncode == 0) and ok,
+                f"exit {proc.returncode} then {p2.returncode}; {err.decode(errors='replace')[-300:]}",
+                "stopped by SIGINT" if stopped else "finished before the signal")
+
+    # SIGKILL at several moments (checkpoint every step, so most kills land in or near a write):
+    # the latest checkpoint always loads and resuming completes.
+    recipe_k = dict(recipe, checkpoint_every=1)
+    rk = os.path.join(d, "recipe_k.json")
+    with open(rk, "w") as f:
+        json.dump(recipe_k, f)
+    problems = []
+    for i, delay in enumerate((0.3, 0.6, 0.9, 1.3, 1.8)):
+        k = os.path.join(d, f"run_k{i}")
+        proc = subprocess.Popen([jetmoe, "pretrain", "--recipe", rk, "--out", k], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        latest = os.path.join(k, "checkpoints", "latest")
+        if not os.path.exists(latest):
+            continue  # killed before the first checkpoint: nothing was promised
+        step = open(latest).read().strip()
+        p, _ = run([jetmoe, "forward", os.path.join(k, "checkpoints", step), "--tokens", "1,2,3"])
+        if p.returncode != 0:
+            problems.append(f"kill {i}: {step} does not load: {p.stderr.strip()[-200:]}")
+            continue
+        p, _ = run([jetmoe, "pretrain", "--recipe", rk, "--out", k, "--resume", "--quiet"])
+        if p.returncode != 0:
+            problems.append(f"kill {i}: resume failed: {p.stderr.strip()[-200:]}")
+        elif weights(k, 20) != weights(a, 20):  # checkpointing does not change the math
+            problems.append(f"kill {i}: resumed from {step}, final weights differ from the straight run")
+    suite.check("pretrain_sigkill_leaves_checkpoint_intact", not problems, "; ".join(problems))
+
+
 # ---------------------------------------------------------------- bad input
 
 def st_bytes(tensors, header_override=None, meta=None):
@@ -515,6 +631,7 @@ def main():
         golden(suite, args.build, tmp)
         gradients(suite, args.build, tmp)
         training_steps(suite, args.build, tmp)
+        training_runs(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
     finally:
