@@ -721,7 +721,13 @@ static node *postfix(jx *x, node *n)
     return n;
 }
 
-/* x | filter(args), x is [not] test */
+static const char *const filter_names[] = {"trim", "length", "count", "upper", "lower", "first", "last",
+                                           "default", "d", "string", NULL};
+static const char *const test_names[] = {"defined", "undefined", "none", "string", "number",
+                                         "integer", "boolean", "true", "false", "mapping",
+                                         "sequence", "iterable", "odd", "even", NULL};
+
+/* x | filter(args), x is [not] test. Unknown names fail here, as Jinja fails them when compiling. */
 static node *filters(jx *x, node *n)
 {
     while (n && (is_op(&x->t, '|') || is_kw(&x->t, "is"))) {
@@ -735,6 +741,11 @@ static node *filters(jx *x, node *n)
         if (x->t.kind != T_NAME)
             return fail(x, x->t.pos, JM_ERR_FORMAT, "expected a %s name", filter ? "filter" : "test"), NULL;
         m->a = n, m->name = x->t.s, m->len = x->t.n, n = m;
+        const char *const *known = filter ? filter_names : test_names;
+        while (*known && !is_kw(&x->t, *known)) known++;
+        if (!*known)
+            return fail(x, x->t.pos, JM_ERR_FORMAT, "unsupported %s '%.*s'", filter ? "filter" : "test",
+                        (int)(m->len < 40 ? m->len : 40), m->name), NULL;
         if (!lex(x)) return NULL;
         if (is_op(&x->t, '(')) {
             if (!filter) return fail(x, x->t.pos, JM_ERR_FORMAT, "tests with arguments are not supported"), NULL;
@@ -1395,26 +1406,24 @@ static bool filter(jx *x, const node *e, const binding *sc, value *out)
         value i = {.k = V_INT, .i = f[0] == 'f' ? 0 : -1};
         return get_item(x, &v, &i, e->pos, out);
     }
-    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported filter '%.*s'", (int)(fl < 40 ? fl : 40), f);
+    return fail(x, e->pos, JM_ERR_FORMAT, "internal: filter '%.*s'", (int)(fl < 40 ? fl : 40), f);
 }
 
 static bool test(jx *x, const node *e, const binding *sc, value *out)
 {
     value v;
     if (!eval(x, e->a, sc, &v)) return false;
-    static const char *const names[] = {"defined", "undefined", "none", "string", "number",
-                                        "integer", "boolean", "true", "false", "mapping",
-                                        "sequence", "iterable", "odd", "even"};
-    bool r[] = {v.k != V_UNDEF, v.k == V_UNDEF, v.k == V_NONE, v.k == V_STR, numeric(&v),
-                v.k == V_INT, v.k == V_BOOL, v.k == V_BOOL && v.i, v.k == V_BOOL && !v.i, v.k == V_DICT,
-                v.k == V_STR || v.k == V_LIST || v.k == V_DICT, v.k == V_STR || v.k == V_LIST || v.k == V_DICT,
-                v.k == V_INT && (v.i & 1), v.k == V_INT && !(v.i & 1)};
-    for (int k = 0; k < 14; k++)
-        if (eq_name(e->name, e->len, names[k])) {
+    bool seq = v.k == V_STR || v.k == V_LIST || v.k == V_DICT;
+    const bool r[] = {/* in test_names' order */
+                      v.k != V_UNDEF, v.k == V_UNDEF, v.k == V_NONE, v.k == V_STR, numeric(&v),
+                      v.k == V_INT, v.k == V_BOOL, v.k == V_BOOL && v.i, v.k == V_BOOL && !v.i, v.k == V_DICT,
+                      seq, seq, v.k == V_INT && (v.i & 1), v.k == V_INT && !(v.i & 1)};
+    for (int k = 0; test_names[k]; k++)
+        if (eq_name(e->name, e->len, test_names[k])) {
             *out = (value){.k = V_BOOL, .i = r[k] != (e->op == 1)};
             return true;
         }
-    return fail(x, e->pos, JM_ERR_FORMAT, "unsupported test 'is %.*s'", (int)(e->len < 40 ? e->len : 40), e->name);
+    return fail(x, e->pos, JM_ERR_FORMAT, "internal: test '%.*s'", (int)(e->len < 40 ? e->len : 40), e->name);
 }
 
 /* str.split(sep) and str.split() */
