@@ -1,12 +1,15 @@
 #!/usr/bin/python3
-"""Benchmark peer: forward throughput of the PyTorch reference (tests/ref/jetmoe_ref.py).
+"""Benchmark peer: forward (or training-step) throughput of the PyTorch reference
+(tests/ref/jetmoe_ref.py).
 
-  python3 bench/forward_ref.py --threads 2 --batch 8 --seq 256 [--config JSON]
+  python3 bench/forward_ref.py --threads 2 --batch 8 --seq 256 [--train] [--config JSON]
                                [--iters N] [--warmup N] [--seed S] [--json]
 
 Builds a random model in memory (spec init), runs warmup + timed full forward
-passes under torch.no_grad() (logits and the three losses) and prints one JSON
-line {"impl":"pytorch","tokens_per_s":...,"seconds_per_iter":...,...}.
+passes under torch.no_grad() (logits and the three losses) — or with --train,
+full training steps (forward, backward of loss_total, grad-norm clip, AdamW
+without decay on 1-D parameters) — and prints one JSON line
+{"impl":"pytorch","what":"forward"|"train","tokens_per_s":...,"seconds_per_iter":...,...}.
 """
 
 import argparse
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
+    ap.add_argument("--train", action="store_true", help="time training steps instead of forwards")
     args = ap.parse_args()
 
     # Debian's torch calls the system BLAS (libblas.so.3 -> OpenBLAS, pthread
@@ -56,17 +60,33 @@ def main():
     g = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq), generator=g)
 
-    with torch.no_grad():
-        for _ in range(max(0, args.warmup)):
-            ref.forward(cfg, params, tokens)
-        times = []
-        for _ in range(max(1, args.iters)):
-            t0 = time.perf_counter()
-            out = ref.forward(cfg, params, tokens)
-            float(out["loss_total"])
-            times.append(time.perf_counter() - t0)
+    if args.train:
+        params = {n: p.requires_grad_(True) for n, p in params.items()}
+        opt = torch.optim.AdamW([{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=5e-4, betas=(0.9, 0.95), eps=1e-8)
+
+        def step():
+            opt.zero_grad()
+            o = ref.forward(cfg, params, tokens)
+            o["loss_total"].backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            return o
+    else:
+        def step():
+            with torch.no_grad():
+                return ref.forward(cfg, params, tokens)
+    for _ in range(max(0, args.warmup)):
+        step()
+    times = []
+    for _ in range(max(1, args.iters)):
+        t0 = time.perf_counter()
+        out = step()
+        float(out["loss_total"])
+        times.append(time.perf_counter() - t0)
     sec = sorted(times)[len(times) // 2]  # median
-    res = {"impl": "pytorch", "tokens_per_s": args.batch * args.seq / sec,
+    res = {"impl": "pytorch", "what": "train" if args.train else "forward", "tokens_per_s": args.batch * args.seq / sec,
            "seconds_per_iter": sec, "threads": args.threads, "batch": args.batch,
            "seq": args.seq, "iters": len(times), "torch": torch.__version__}
     if not args.json:

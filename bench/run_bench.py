@@ -23,30 +23,36 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--build", default="build")
+    ap.add_argument("--only", choices=("forward", "train"), default=None)
     a = ap.parse_args()
     common = ["--threads", str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq), "--iters", str(a.iters)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
 
-    c = subprocess.run([os.path.join(ROOT, a.build, "bench", "forward")] + common, capture_output=True, text=True,
-                       env=env, check=True)
-    py = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "bench", "forward_ref.py")] + common,
-                        capture_output=True, text=True, env=env, check=True)
-    rows = json_lines(c.stdout) + json_lines(py.stdout)
-    peak = next(r for r in rows if r.get("what") == "gemm_peak")
-    cf = next(r for r in rows if r.get("what") == "forward")
-    pf = next(r for r in rows if r.get("impl") == "pytorch")
-    pt_gflops = cf["gflop_per_iter"] / pf["seconds_per_iter"]
-    print(f"bench/forward  config: vocab 32000, hidden 256, 4 layers, 4 KV heads x 64, FFN 704, 8 experts top-2")
-    print(f"               batch {a.batch} x {a.seq} tokens, {a.threads} threads, "
+    print(f"config: vocab 32000, hidden 256, 4 layers, 4 KV heads x 64, FFN 704, 8 experts top-2; "
+          f"batch {a.batch} x {a.seq} tokens, {a.threads} threads, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
-    print(f"  fp32 SGEMM peak (2048^3, OpenBLAS): {peak['gflops']:.1f} GFLOP/s")
-    print(f"  C forward:       {cf['tokens_per_s']:9.1f} tokens/s  {cf['gflops']:6.1f} GFLOP/s "
-          f"= {cf['gflops'] / peak['gflops']:.0%} of GEMM peak")
-    print(f"  PyTorch forward: {pf['tokens_per_s']:9.1f} tokens/s  {pt_gflops:6.1f} GFLOP/s "
-          f"= {pt_gflops / peak['gflops']:.0%} of GEMM peak")
-    print(f"  ratio C / PyTorch: {cf['tokens_per_s'] / pf['tokens_per_s']:.2f}x")
+    for what in ("forward", "train"):
+        if a.only and a.only != what:
+            continue
+        c = subprocess.run([os.path.join(ROOT, a.build, "bench", what)] + common, capture_output=True, text=True,
+                           env=env, check=True)
+        py = subprocess.run(["/usr/bin/python3", os.path.join(ROOT, "bench", "forward_ref.py")] + common +
+                            (["--train"] if what == "train" else []), capture_output=True, text=True, env=env,
+                            check=True)
+        rows = json_lines(c.stdout) + json_lines(py.stdout)
+        peak = next(r for r in rows if r.get("what") == "gemm_peak")
+        cf = next(r for r in rows if r.get("impl") == "c" and r.get("what") == what)
+        pf = next(r for r in rows if r.get("impl") == "pytorch")
+        pt_gflops = cf["gflop_per_iter"] / pf["seconds_per_iter"]
+        print(f"bench/{what}:")
+        print(f"  fp32 SGEMM peak (2048^3, OpenBLAS, same process): {peak['gflops']:.1f} GFLOP/s")
+        print(f"  C       {cf['tokens_per_s']:9.1f} tokens/s  {cf['gflops']:6.1f} GFLOP/s "
+              f"= {cf['gflops'] / peak['gflops']:.0%} of GEMM peak")
+        print(f"  PyTorch {pf['tokens_per_s']:9.1f} tokens/s  {pt_gflops:6.1f} GFLOP/s "
+              f"= {pt_gflops / peak['gflops']:.0%} of GEMM peak")
+        print(f"  ratio C / PyTorch: {cf['tokens_per_s'] / pf['tokens_per_s']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
