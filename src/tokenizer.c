@@ -915,7 +915,8 @@ static bool put_ws(const norm_spec *ns, tk_buf *b)
 static bool normalize(const norm_spec *ns, const uint8_t *in, size_t len, tk_buf *b)
 {
     b->n = 0;
-    if (!buf_reserve(b, 1)) return false;
+    /* identity normalisation grows text at most 3x (space -> U+2581, bad byte -> U+FFFD) */
+    if (!buf_reserve(b, 3 * len + 6)) return false;
     if (len == 0) return true;
     size_t pos = 0;
     const char *r;
@@ -928,8 +929,6 @@ static bool normalize(const norm_spec *ns, const uint8_t *in, size_t len, tk_buf
         }
     }
     if (pos == len) return true;
-    /* identity normalisation grows text at most 3x (space -> U+2581, bad byte -> U+FFFD) */
-    if (!buf_reserve(b, 3 * (len - pos) + 6)) return false;
     if (!ns->ws_suffix && ns->add_dummy_prefix && !put_ws(ns, b)) return false;
     bool prev_space = ns->remove_extra_whitespaces;
     while (pos < len) {
@@ -1225,13 +1224,16 @@ typedef struct {
     const jm_tokenizer *t;
     const tk_core *c;
     const uint8_t *text; /* normalised text */
-    /* the current segment's symbols (character index) */
+    /* the current segment's symbols (character index) and its candidate
+     * heap, carved from one block: a segment of k symbols pushes at most
+     * 3(k - 1) candidates (k - 1 pairs, then two per merge) */
+    void *block;
+    size_t cap; /* symbols */
     uint32_t *start, *len;
     int32_t *prev, *next, *sym; /* sym: symbol id (piece, pseudo or -1) */
     uint8_t *frozen;
-    size_t cap;
     tk_cand *heap;
-    size_t nheap, heap_cap;
+    size_t nheap;
     int32_t *rev;          /* UNUSED piece id -> left length of its last candidate, -1 none */
     uint32_t *stack;       /* resegmentation: (offset, length) pairs */
     size_t stack_cap;
@@ -1250,15 +1252,8 @@ static bool cand_before(const tk_cand *a, const tk_cand *b)
     return a->score > b->score || (a->score == b->score && a->left < b->left);
 }
 
-static bool heap_push(bpe_state *st, tk_cand c)
+static void heap_push(bpe_state *st, tk_cand c)
 {
-    if (st->nheap == st->heap_cap) {
-        size_t cap = st->heap_cap ? 2 * st->heap_cap : 256;
-        tk_cand *h = realloc(st->heap, cap * sizeof *h);
-        if (!h) return st->oom = true, false;
-        st->heap = h;
-        st->heap_cap = cap;
-    }
     tk_cand *h = st->heap;
     size_t i = st->nheap++;
     while (i > 0) {
@@ -1268,7 +1263,6 @@ static bool heap_push(bpe_state *st, tk_cand c)
         i = p;
     }
     h[i] = c;
-    return true;
 }
 
 static tk_cand heap_pop(bpe_state *st)
@@ -1299,7 +1293,7 @@ static void maybe_push(bpe_state *st, int32_t l, int32_t r)
     if (!m) return;
     const jm_tokenizer *t = st->t;
     if (t->use_merges && (a >= t->n || b >= t->n || !tk_merge_allowed(t, a, b))) return;
-    if (!heap_push(st, (tk_cand){m->score, l, m->id, st->len[l] + st->len[r]})) return;
+    heap_push(st, (tk_cand){m->score, l, m->id, st->len[l] + st->len[r]});
     /* the split SentencePiece resegments an UNUSED piece into: the last one seen */
     if (st->rev && t->type[m->id] == TK_UNUSED) st->rev[m->id] = (int32_t)st->len[l];
 }
@@ -1453,24 +1447,34 @@ static void encode_segment(bpe_state *st, const uint8_t *seg, int32_t k, uint32_
     }
 }
 
-static bool grow_symbols(bpe_state *st, size_t need)
+/* Room for need symbols (keeping the first keep), in one block. */
+static bool grow_symbols(bpe_state *st, size_t need, size_t keep)
 {
     if (need <= st->cap) return true;
-    size_t cap = st->cap ? st->cap : 256;
+    size_t cap = st->cap ? st->cap : 64;
     while (cap < need) cap *= 2;
-    uint32_t *a = realloc(st->start, cap * sizeof *a);
-    if (a) st->start = a;
-    uint32_t *b = realloc(st->len, cap * sizeof *b);
-    if (b) st->len = b;
-    int32_t *c = realloc(st->prev, cap * sizeof *c);
-    if (c) st->prev = c;
-    int32_t *d = realloc(st->next, cap * sizeof *d);
-    if (d) st->next = d;
-    int32_t *e = realloc(st->sym, cap * sizeof *e);
-    if (e) st->sym = e;
-    uint8_t *f = realloc(st->frozen, cap);
-    if (f) st->frozen = f;
-    if (!a || !b || !c || !d || !e || !f) return false;
+    /* per symbol: five 4-byte arrays, three heap entries, one flag byte */
+    char *b = malloc(cap * (5 * sizeof(uint32_t) + 3 * sizeof(tk_cand) + 1));
+    if (!b) return false;
+    tk_cand *heap = (tk_cand *)b;
+    uint32_t *start = (uint32_t *)(heap + 3 * cap), *len = start + cap;
+    int32_t *prev = (int32_t *)(len + cap), *next = prev + cap, *sym = next + cap;
+    uint8_t *frozen = (uint8_t *)(sym + cap);
+    if (keep) {
+        memcpy(start, st->start, keep * sizeof *start);
+        memcpy(len, st->len, keep * sizeof *len);
+        memcpy(sym, st->sym, keep * sizeof *sym);
+        memcpy(frozen, st->frozen, keep);
+    }
+    free(st->block);
+    st->block = b;
+    st->heap = heap;
+    st->start = start;
+    st->len = len;
+    st->prev = prev;
+    st->next = next;
+    st->sym = sym;
+    st->frozen = frozen;
     st->cap = cap;
     return true;
 }
@@ -1492,7 +1496,8 @@ static jm_status encode_text(const jm_tokenizer *t, const char *text, size_t len
     }
     st.text = (const uint8_t *)norm.p;
     st.ids = malloc((n ? n : 1) * sizeof *st.ids);
-    if (!st.ids) goto nomem;
+    /* a short text in one allocation; a long one grows to its longest segment */
+    if (!st.ids || !grow_symbols(&st, n < 4096 ? n + 1 : 4096, 0)) goto nomem;
     if (c->has_unused) {
         st.rev = malloc((size_t)t->n * sizeof *st.rev);
         if (!st.rev) goto nomem;
@@ -1529,7 +1534,7 @@ static jm_status encode_text(const jm_tokenizer *t, const char *text, size_t len
                 seg = pos;
             }
         }
-        if (!grow_symbols(&st, (size_t)k + 1)) goto nomem;
+        if (!grow_symbols(&st, (size_t)k + 1, (size_t)k)) goto nomem;
         st.start[k] = (uint32_t)(pos - seg);
         st.len[k] = L;
         st.sym[k] = sym;
@@ -1550,13 +1555,7 @@ nomem:
     s = jm_fail(err, JM_ERR_NOMEM, "encode: out of memory (%zu bytes of input)", len);
 done:
     free(norm.p);
-    free(st.start);
-    free(st.len);
-    free(st.prev);
-    free(st.next);
-    free(st.sym);
-    free(st.frozen);
-    free(st.heap);
+    free(st.block);
     free(st.rev);
     free(st.stack);
     free(st.ids);
