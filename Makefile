@@ -62,13 +62,25 @@ test-asan: setup
 bench: setup all
 	@$(PY) bench/run_bench.py
 
-# The main job on the embedded default. Until pretraining lands (issue 5) it
-# initialises a small JetMoE, validates and describes it, and runs a forward pass.
-demo: setup
+# The main job on the embedded default: build the bundled corpus from Debian
+# packages + generators, train a tokenizer, shard the mixture, pretrain a small
+# JetMoE (~10 minutes on 2 cores), report held-out perplexity, and generate.
+DEMO := build/demo
+demo:
+	@sh scripts/setup.sh demo
 	@$(MAKE) --no-print-directory all
-	./jetmoe init build/demo-model --config data/tiny-config.json --seed 1
-	./jetmoe info build/demo-model | head -12
-	./jetmoe forward build/demo-model --tokens 1,15,27,99,3,42,7,300
+	$(PY) data/build_corpus.py --out build/corpus
+	./jetmoe tokenizer train --input build/corpus/tokenizer_sample.txt --vocab-size 8000 --out $(DEMO)/tokenizer
+	for k in prose code math chat heldout; do \
+	  ./jetmoe prepare --tokenizer $(DEMO)/tokenizer --input build/corpus/$$k --out $(DEMO)/shards/$$k || exit 1; \
+	done
+	rm -rf $(DEMO)/run  # a fresh run each time (use 'jetmoe pretrain --resume' to continue one)
+	./jetmoe pretrain --recipe data/recipe-demo.json --out $(DEMO)/run
+	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
+	  --prompt "Once upon a time" --max-new 60 --temperature 0.8 --top-p 0.9 --seed 1
+	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
+	  --prompt "def fibonacci(n):" --max-new 60 --temperature 0.7 --seed 1
+	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/)"
 
 clean:
 	rm -rf build build-asan jetmoe

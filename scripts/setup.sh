@@ -1,9 +1,15 @@
 #!/bin/sh
 # Installs the Debian packages jetmoe.c needs, only those missing (idempotent).
-# Run as root on Debian 12; `make demo` and `make test` call it.
+# Run as root on Debian 12; `make test` calls it, `make demo` calls it with
+# "demo" to add the packages the bundled corpus is read from (data/README.md).
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libdnnl-dev \
 libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
+if [ "$1" = demo ]; then
+    # prose: Jane Austen's novels (public domain; the R package's data file is
+    # read directly, R itself is never run) and the Jargon File; chat word lists
+    PKGS="$PKGS r-cran-janeaustenr jargon-text wamerican"
+fi
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

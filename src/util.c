@@ -308,7 +308,7 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
 jm_status jm_copy_file(const char *src, const char *dst, jm_error *err)
 {
     char *buf;
-    size_t len;
+    size_t len = 0;
     jm_status s = jm_read_file(src, (size_t)1 << 30, &buf, &len, err);
     if (s) return s;
     jm_atomic_file a;
