@@ -30,9 +30,11 @@
  * prints as "", tests false and iterates as empty, but using it in
  * arithmetic or reading an attribute of it is an error, as in Jinja.
  * Not supported (an error naming the construct and its line/column): macros,
- * call blocks, namespace(), {% set %} blocks, tuple unpacking, loop filters,
- * keyword arguments, floats, dict literals, '/' and '**', other filters,
- * tests and methods. Case mapping and strip() know ASCII only.
+ * call blocks, namespace(), {% set %} blocks, tuples and unpacking, loop
+ * filters, keyword arguments, test arguments, floats, dict literals, '/',
+ * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
+ * them when compiling), tests and methods. Case mapping and strip() know
+ * ASCII only.
  * Everything is bounded: template nesting depth, evaluation steps, memory
  * and output size, so a hostile template fails cleanly. */
 #include "tokenizer.h"
@@ -379,6 +381,7 @@ static void *alloc(jx *x, size_t n)
 
 static bool put(jx *x, sbuf *b, const char *s, size_t n)
 {
+    if (x->st) return false;
     if (n > OUT_MAX - b->n) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
     if (b->n + n + 1 > b->cap) {
         size_t cap = (b->n + n + 1) * 2;
@@ -562,7 +565,7 @@ static bool lex(jx *x)
                 return fail(x, p, JM_ERR_FORMAT, "integer literal too large");
         if (e < x->end && (s[e] == '.' || s[e] == 'e' || s[e] == 'E' || s[e] == '_'))
             return fail(x, p, JM_ERR_FORMAT, "float literals are not supported");
-        if (s[p] == '0' && e > p + 1) return fail(x, p, JM_ERR_FORMAT, "integer literal with a leading zero");
+        if (s[p] == '0' && v != 0) return fail(x, p, JM_ERR_FORMAT, "integer literal with a leading zero");
         t->kind = T_INT, t->i = v;
         x->p = e;
     } else if (c == '\'' || c == '"') {
@@ -1113,6 +1116,8 @@ static const value *dict_get(const value *d, const char *key, size_t n)
     return NULL;
 }
 
+/* Python's ==. Values nested deeper than DEPTH_MAX (only a long chain of
+ * {% set %}s can build them) compare unequal rather than recurse further. */
 static bool eq(const value *a, const value *b, int depth)
 {
     if (numeric(a) && numeric(b)) return a->i == b->i;

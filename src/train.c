@@ -609,6 +609,39 @@ jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_
     return JM_OK;
 }
 
+/* Entropy (nats/token) of the unigram distribution of all training sources'
+ * tokens: the loss a model that ignores context would reach. */
+static double unigram_entropy(const jm_recipe *r)
+{
+    int64_t V = r->model.vocab_size, n = 0;
+    int64_t *count = calloc((size_t)V, sizeof *count);
+    if (!count) return NAN;
+    for (int i = 0; i < r->nsources; i++) {
+        DIR *d = opendir(r->source_dir[i]);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            size_t l = strlen(e->d_name);
+            if (l < 5 || strcmp(e->d_name + l - 4, ".bin") != 0) continue;
+            char path[8192];
+            jm_shard sh;
+            jm_error err;
+            snprintf(path, sizeof path, "%s/%s", r->source_dir[i], e->d_name);
+            if (jm_shard_open(path, &sh, &err)) continue;
+            for (uint64_t j = 0; j < sh.n; j++) {
+                uint32_t tok = jm_shard_token(&sh, j);
+                if (tok < (uint64_t)V) count[tok]++, n++;
+            }
+            jm_shard_close(&sh);
+        }
+        if (d) closedir(d);
+    }
+    double h = 0;
+    for (int64_t v = 0; v < V; v++)
+        if (count[v]) h -= (double)count[v] / n * log((double)count[v] / n);
+    free(count);
+    return h;
+}
+
 /* ---- the loop ---- */
 
 static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
@@ -742,6 +775,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         goto done;
     }
     const int tty = isatty(2) && !o->quiet;
+    double last_min_share = NAN;
     const int64_t first = t.step;
     double t0 = omp_get_wtime(), last_log = t0;
     if (!o->quiet)
@@ -786,6 +820,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
                 fprintf(metrics, "]");
             }
             fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
+            last_min_share = worst;
         }
         t.step++;
 
@@ -823,9 +858,14 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         double hl;
         int64_t ht;
         if ((s = jm_eval_shards(t.m, r->heldout, T, r->eval_tokens, &hl, &ht, err))) goto done;
-        fprintf(stderr, "held-out: %lld tokens, loss %.4f, perplexity %.2f\n", (long long)ht, hl, exp(hl));
-        fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld}\n",
-                (long long)t.step, hl, exp(hl), (long long)ht);
+        double h1 = unigram_entropy(r);
+        fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
+                        "training sources: %.4f nats/token)\n", (long long)ht, hl, exp(hl), h1);
+        fprintf(stderr, "expert load at the last logged step: the least-used expert of any router got %.0f%% of "
+                        "its fair share\n", 100 * last_min_share);
+        fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld,"
+                         "\"unigram_entropy\":%.6f,\"final_min_expert_share\":%.4f}\n",
+                (long long)t.step, hl, exp(hl), (long long)ht, h1, last_min_share);
     }
 done:
     if (metrics) fclose(metrics);
