@@ -273,6 +273,12 @@ const char *jm_tokenizer_piece(const jm_tokenizer *t, int id); /* NULL when out 
  * the model's normalisation, no BOS/EOS. *ids is malloc'd (caller frees). */
 jm_status jm_tokenizer_encode(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n,
                               jm_error *err);
+/* Like jm_tokenizer_encode, but the EOS and BOS token strings ("</s>", "<s>")
+ * in the text become their ids, as Hugging Face tokenizes special tokens;
+ * each stretch of text between them is encoded on its own (with the dummy
+ * prefix, as transformers' Llama tokenizers do by default). */
+jm_status jm_tokenizer_encode_special(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids,
+                                      size_t *n_ids, jm_error *err);
 /* Ids -> text exactly as spm_decode --input_format=id. *text is malloc'd and
  * NUL-terminated; an id outside the vocabulary is an error. */
 jm_status jm_tokenizer_decode(const jm_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len,

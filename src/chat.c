@@ -198,20 +198,15 @@ static jm_status push_ids(int32_t **ids, size_t *n, size_t *cap, const int32_t *
  * BOS: ids start with the BOS id (as HF's tokenizer(text) with its default
  * add_special_tokens=True does after rendering, which is how Zephyr-style SFT
  * data is tokenized) unless the template already wrote bos_token first. */
-jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
-                         int32_t **ids, size_t *n_ids, jm_error *err)
+jm_status jm_tokenizer_encode_special(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids,
+                                      size_t *n_ids, jm_error *err)
 {
     *ids = NULL, *n_ids = 0;
-    if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
-    char *text = NULL;
-    jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
-    if (s) return s;
-    size_t len = strlen(text), nid = 0, cap = 0;
+    size_t nid = 0, cap = 0;
     int32_t *out = NULL;
-
+    jm_status s = JM_OK;
     special sp[2];
     int nsp = 0;
-    bool bos_written = false;
     const char *const names[2] = {"eos_token", "bos_token"}, *strs[2] = {eos_string(t), bos_string(t)};
     for (int i = 0; i < 2; i++) {
         if (!strs[i] || !strs[i][0]) continue;
@@ -224,10 +219,7 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
         }
         if (id < 0) continue;
         sp[nsp++] = (special){strs[i], sl, id, SIZE_MAX};
-        if (i == 1) bos_written = strncmp(text, strs[i], sl) == 0;
     }
-    if (t->bos_id >= 0 && !bos_written && (s = push_ids(&out, &nid, &cap, &(int32_t){t->bos_id}, 1, err))) goto done;
-
     for (size_t p = 0; p < len;) {
         special *hit = NULL;
         for (int i = 0; i < nsp; i++) {
@@ -251,6 +243,35 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
         if ((s = push_ids(&out, &nid, &cap, &hit->id, 1, err))) goto done;
         p = q + hit->len;
     }
+done:
+    if (s) {
+        free(out);
+        return s;
+    }
+    *ids = out, *n_ids = nid;
+    return JM_OK;
+}
+
+jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
+                         int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    *ids = NULL, *n_ids = 0;
+    if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
+    char *text = NULL;
+    jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
+    if (s) return s;
+    size_t len = strlen(text), nid = 0, cap = 0;
+    int32_t *out = NULL;
+
+    /* BOS first, unless the template wrote it itself (Llama-2's does) */
+    const char *bos = bos_string(t);
+    bool bos_written = bos && bos[0] && strncmp(text, bos, strlen(bos)) == 0 && tk_find(t, bos, strlen(bos)) >= 0;
+    if (t->bos_id >= 0 && !bos_written && (s = push_ids(&out, &nid, &cap, &(int32_t){t->bos_id}, 1, err))) goto done;
+    int32_t *body = NULL;
+    size_t nb = 0;
+    if ((s = jm_tokenizer_encode_special(t, text, len, &body, &nb, err))) goto done;
+    s = push_ids(&out, &nid, &cap, body, nb, err);
+    free(body);
 done:
     free(text);
     if (s) {

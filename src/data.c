@@ -1006,7 +1006,11 @@ static void encode_doc(const jm_tokenizer *tok, const file_list *fl, doc *d)
                            cJSON_IsObject(root) ? "no \"text\" string field" : "not a JSON object");
     } else if (text->valuestring[0] == 0) {
         d->len = 0; /* "text": "" is an empty document: skipped like a blank line */
-    } else if (jm_tokenizer_encode(tok, text->valuestring, strlen(text->valuestring), &d->ids, &d->n, &e)) {
+    } else if (jm_tokenizer_encode_special(tok, text->valuestring, strlen(text->valuestring), &d->ids, &d->n, &e)) {
+        /* JSONL records are tokenized as Hugging Face does, special tokens
+         * included: a chat record's "</s>" turn ends become EOS ids, as in
+         * jm_chat_encode. Text and code files stay plain text ("</s>" is an
+         * HTML tag there). */
         d->error = fmt_dup("%s:%" PRIu64 ": %s", file, d->line, e.msg);
     }
     cJSON_Delete(root);

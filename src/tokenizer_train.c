@@ -241,7 +241,7 @@ static jm_status save_config(const char *path, jm_error *err)
               cJSON_AddStringToObject(c, "unk_token", "<unk>") && cJSON_AddNullToObject(c, "pad_token") &&
               cJSON_AddNumberToObject(c, "model_max_length", MODEL_MAX_LENGTH) &&
               cJSON_AddStringToObject(c, "tokenizer_class", "LlamaTokenizer") &&
-              cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces") && cJSON_AddFalseToObject(c, "legacy") &&
+              cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces") && cJSON_AddTrueToObject(c, "legacy") /* a special token is followed by a dummy prefix, as jm_chat_encode does */ &&
               cJSON_AddStringToObject(c, "chat_template", jm_default_chat_template);
     char *text = ok ? cJSON_Print(c) : NULL;
     cJSON_Delete(c);

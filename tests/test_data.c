@@ -628,6 +628,7 @@ static const char *JSONL =
 typedef struct {
     const char *text;
     size_t len;
+    int jsonl; /* JSONL records are encoded with special tokens ("</s>" -> EOS id) */
 } doc_ref;
 
 static bool train_tokenizer(const char *dir, char *model, size_t model_len)
@@ -717,11 +718,11 @@ static void test_prepare(const char *root)
     snprintf(p, sizeof p, "%s/.git", in), mkdir_or_die(p);
     snprintf(p, sizeof p, "%s/.git/config", in), write_text(p, "hidden dir\n");
     doc_ref docs[] = {
-        {PROSE, strlen(PROSE)},
-        {"Question: Tom has 3 apples and buys 4 more. How many?\nAnswer: 3 + 4 = 7\n#### 7", 0},
-        {"caf\xc3\xa9 na\xc3\xafve \xe2\x98\x83 \xf0\x9f\x98\x80 \t tabs", 0},
-        {"<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n", 0},
-        {CODE, strlen(CODE)},
+        {PROSE, strlen(PROSE), 0},
+        {"Question: Tom has 3 apples and buys 4 more. How many?\nAnswer: 3 + 4 = 7\n#### 7", 0, 1},
+        {"caf\xc3\xa9 na\xc3\xafve \xe2\x98\x83 \xf0\x9f\x98\x80 \t tabs", 0, 1},
+        {"<|user|>\nHi!</s>\n<|assistant|>\nHello.</s>\n", 0, 1},
+        {CODE, strlen(CODE), 0},
     };
     int ndocs = (int)(sizeof docs / sizeof docs[0]);
     uint64_t nexp = 0;
@@ -731,7 +732,8 @@ static void test_prepare(const char *root)
         if (!docs[i].len) docs[i].len = strlen(docs[i].text);
         int32_t *ids;
         size_t n;
-        enc_ok = jm_tokenizer_encode(tok, docs[i].text, docs[i].len, &ids, &n, &err) == JM_OK;
+        enc_ok = (docs[i].jsonl ? jm_tokenizer_encode_special(tok, docs[i].text, docs[i].len, &ids, &n, &err)
+                                : jm_tokenizer_encode(tok, docs[i].text, docs[i].len, &ids, &n, &err)) == JM_OK;
         if (!enc_ok) break;
         expect = realloc(expect, (nexp + n + 1) * sizeof *expect);
         memcpy(expect + nexp, ids, n * sizeof *ids);
@@ -772,9 +774,10 @@ static void test_prepare(const char *root)
           "; first difference at %" PRIu64, n1, w1, nexp, first_diff);
     uint64_t neos = 0;
     for (uint64_t i = 0; t1 && i < n1; i++) neos += t1[i] == (int32_t)eos;
-    check(t1 && neos == (uint64_t)ndocs && n1 && t1[n1 - 1] == (int32_t)eos &&
+    /* one EOS after every document, plus the chat record's two "</s>" turn ends */
+    check(t1 && neos == (uint64_t)ndocs + 2 && n1 && t1[n1 - 1] == (int32_t)eos &&
               eos == (uint32_t)jm_tokenizer_eos_id(tok),
-          "prepare_eos_after_every_document", "%" PRIu64 " EOS for %d documents", neos, ndocs);
+          "prepare_eos_after_every_document", "%" PRIu64 " EOS for %d documents + 2 turn ends", neos, ndocs);
     free(t1);
     free(t2);
 
