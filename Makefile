@@ -77,9 +77,11 @@ demo:
 	rm -rf $(DEMO)/run  # a fresh run each time (use 'jetmoe pretrain --resume' to continue one)
 	./jetmoe pretrain --recipe data/recipe-demo.json --out $(DEMO)/run
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
-	  --prompt "Once upon a time" --max-new 60 --temperature 0.8 --top-p 0.9 --seed 1
-	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
-	  --prompt "def fibonacci(n):" --max-new 60 --temperature 0.7 --seed 1
+	  --prompt "It is a truth universally acknowledged" --max-new 60 --temperature 0.8 --top-p 0.9 --seed 1
+	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --max-new 60 --greedy \
+	  --prompt "$$(printf 'Question: Anna has 12 apples and buys 7 more. How many apples does she have now?\nAnswer:')"
+	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --max-new 40 --greedy \
+	  --prompt "$$(printf '<|user|>\nWhat is 25%% of 80?</s>\n<|assistant|>\n')"
 	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/)"
 
 clean:

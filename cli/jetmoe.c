@@ -559,7 +559,8 @@ static int cmd_generate(int argc, char **argv)
     if (prompt) {
         size_t k;
         int32_t *enc;
-        if ((s = jm_tokenizer_encode(tok, prompt, strlen(prompt), &enc, &k, &err))) goto out;
+        /* special tokens in the prompt ("</s>" ending a chat turn) become their ids */
+        if ((s = jm_tokenizer_encode_special(tok, prompt, strlen(prompt), &enc, &k, &err))) goto out;
         ids = malloc(sizeof(int32_t) * (k + 1));
         if (!ids) {
             free(enc);
@@ -665,7 +666,8 @@ static const command commands[] = {
     {"generate", "jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N] [--temperature T] [--top-k K] "
                  "[--top-p P] [--seed S] [--greedy] [--ids]",
      "Continues a prompt with the model in DIR (its tokenizer files, or --tokenizer PATH), streaming\n"
-     "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt.",
+     "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt,\n"
+     "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids.",
      cmd_generate},
     {"help", "jetmoe help [COMMAND]", "Shows the commands, or one command's usage.", cmd_help},
 };
