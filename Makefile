@@ -61,6 +61,7 @@ test-asan: setup
 
 bench: setup all
 	@$(PY) bench/run_bench.py
+	@$(PY) bench/tokenizer.py
 
 # The main job on the embedded default: build the bundled corpus from Debian
 # packages + generators, train a tokenizer, shard the mixture, pretrain a small

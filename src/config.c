@@ -257,17 +257,8 @@ jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err)
     cJSON_AddNumberToObject(o, "bos_token_id", c->bos_token_id);
     cJSON_AddNumberToObject(o, "eos_token_id", c->eos_token_id);
     cJSON_AddStringToObject(o, "torch_dtype", "float32");
-    char *text = cJSON_Print(o);
+    s = jm_write_json(path, o, err);
     cJSON_Delete(o);
-    if (!text) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
-    jm_atomic_file a;
-    if (!(s = jm_atomic_open(&a, path, err))) {
-        if ((s = jm_atomic_write(&a, text, strlen(text), err)) || (s = jm_atomic_write(&a, "\n", 1, err)))
-            jm_atomic_abort(&a);
-        else
-            s = jm_atomic_commit(&a, err);
-    }
-    cJSON_free(text);
     return s;
 }
 

@@ -38,6 +38,9 @@ jm_status jm_copy_file(const char *src, const char *dst, jm_error *err); /* atom
  * no duplicate keys in any object. file names the source in messages. */
 struct cJSON;
 jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
+/* Writes root as indented JSON plus a final newline, atomically; root may be NULL
+ * (a tree that could not be built for lack of memory), which fails as out of memory. */
+jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *err);
 
 /* bf16/f16 <-> f32 */
 float jm_bf16_to_f32(uint16_t h);

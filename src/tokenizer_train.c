@@ -243,18 +243,8 @@ static jm_status save_config(const char *path, jm_error *err)
               cJSON_AddStringToObject(c, "tokenizer_class", "LlamaTokenizer") &&
               cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces") && cJSON_AddTrueToObject(c, "legacy") /* a special token is followed by a dummy prefix, as jm_chat_encode does */ &&
               cJSON_AddStringToObject(c, "chat_template", jm_default_chat_template);
-    char *text = ok ? cJSON_Print(c) : NULL;
+    jm_status s = jm_write_json(path, ok ? c : NULL, err);
     cJSON_Delete(c);
-    if (!text) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
-    jm_atomic_file a;
-    jm_status s = jm_atomic_open(&a, path, err);
-    if (!s) {
-        if ((s = jm_atomic_write(&a, text, strlen(text), err)) || (s = jm_atomic_write(&a, "\n", 1, err)))
-            jm_atomic_abort(&a);
-        else
-            s = jm_atomic_commit(&a, err);
-    }
-    cJSON_free(text);
     return s;
 }
 

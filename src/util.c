@@ -305,6 +305,22 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
     return JM_OK;
 }
 
+jm_status jm_write_json(const char *path, const cJSON *root, jm_error *err)
+{
+    char *text = root ? cJSON_Print(root) : NULL;
+    if (!text) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
+    jm_atomic_file a;
+    jm_status s = jm_atomic_open(&a, path, err);
+    if (!s) {
+        if ((s = jm_atomic_write(&a, text, strlen(text), err)) || (s = jm_atomic_write(&a, "\n", 1, err)))
+            jm_atomic_abort(&a);
+        else
+            s = jm_atomic_commit(&a, err);
+    }
+    cJSON_free(text);
+    return s;
+}
+
 jm_status jm_copy_file(const char *src, const char *dst, jm_error *err)
 {
     char *buf;

@@ -20,28 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
+from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, "tests", "ref", "jetmoe_ref.py")
 PY = "/usr/bin/python3"
-
-
-class Suite:
-    def __init__(self, only):
-        self.passed = 0
-        self.failed = 0
-        self.only = only
-
-    def check(self, name, ok, why="", detail=""):
-        if ok:
-            self.passed += 1
-            print(f"PASS {name}" + (f" ({detail})" if detail else ""), flush=True)
-        else:
-            self.failed += 1
-            print(f"FAIL {name}: {why}", flush=True)
-
-    def wanted(self, name):
-        return self.only is None or self.only in name
 
 
 def read_safetensors(path):
@@ -68,10 +51,6 @@ def run(cmd, timeout=600, env=None):
     return p, time.time() - t0
 
 
-def sanitizer_report(text):
-    return "AddressSanitizer" in text or "runtime error:" in text or "LeakSanitizer" in text
-
-
 # ---------------------------------------------------------------- C unit tests
 
 def c_programs(suite, build):
@@ -84,13 +63,7 @@ def c_programs(suite, build):
         if not prog.startswith(("test_", "fuzz_")) or not os.access(path, os.X_OK) or not suite.wanted(prog):
             continue  # tool_* programs are helpers of the Python-driven tests
         p, secs = run([path], timeout=900)
-        lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
-        for l in lines:
-            print(l, flush=True)
-            if l.startswith("PASS "):
-                suite.passed += 1
-            else:
-                suite.failed += 1
+        lines = suite.relay(p.stdout)
         bad = p.returncode != 0 or not lines or sanitizer_report(p.stderr)
         fails = sum(l.startswith("FAIL ") for l in lines)
         if bad and not fails:
@@ -607,11 +580,7 @@ def ref_selftest(suite):
     if not suite.wanted("ref_selftest"):
         return
     p, secs = run([PY, REF, "selftest"])
-    lines = [l for l in p.stdout.splitlines() if l.startswith(("PASS ", "FAIL "))]
-    for l in lines:
-        print(l, flush=True)
-        suite.passed += l.startswith("PASS ")
-        suite.failed += l.startswith("FAIL ")
+    lines = suite.relay(p.stdout)
     if p.returncode != 0 and not any(l.startswith("FAIL ") for l in lines):
         suite.check("ref_selftest_exit", False, p.stderr.strip()[-800:])
 

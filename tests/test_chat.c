@@ -7,32 +7,11 @@
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
 #include "tokenizer.h"
+#include "harness.h"
 
-#include <ftw.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static int n_fail; /* test harness only; the library has no mutable globals */
-
-__attribute__((format(printf, 3, 4)))
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-    if (ok) {
-        printf("PASS %s\n", name);
-        return true;
-    }
-    char why[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    for (char *p = why; *p; p++)
-        if (*p == '\n') *p = '|'; /* one line per check */
-    printf("FAIL %s: %s\n", name, why);
-    n_fail++;
-    return false;
-}
 
 /* A tokenizer with only what rendering reads: the template and the special strings. */
 static jm_tokenizer fake(const char *tmpl)
@@ -346,16 +325,6 @@ static void test_real_templates(void)
 
 /* ---- tokenizer_config.json ---- */
 
-static void write_text(const char *path, const char *s)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f || fwrite(s, 1, strlen(s), f) != strlen(s)) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-}
-
 static void test_config(const char *dir)
 {
     char path[4200];
@@ -547,12 +516,6 @@ static void test_encode_with(const char *name, const char *model_path)
     jm_tokenizer_free(t);
 }
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
 static void test_encode(const char *dir)
 {
     char corpus[256], cmd[2048], model[256];
@@ -602,14 +565,9 @@ int main(void)
     test_real_templates();
 
     char dir[] = "/tmp/jm_test_chat_XXXXXX";
-    if (!mkdtemp(dir)) {
-        fprintf(stderr, "mkdtemp failed\n");
-        return 2;
-    }
+    temp_dir(dir);
     test_config(dir);
     test_encode(dir);
-    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-
-    printf("%s: %d failed\n", n_fail ? "FAILED" : "ok", n_fail);
-    return n_fail ? 1 : 0;
+    temp_dir_done(dir);
+    return exit_status();
 }

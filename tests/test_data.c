@@ -4,70 +4,17 @@
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
 #include "data.h"
+#include "harness.h"
 
 #include <cjson/cJSON.h>
-#include <dirent.h>
-#include <ftw.h>
 #include <inttypes.h>
 #include <math.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 /* paths here are short mkdtemp names; gcc cannot know that */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
-
-static int n_fail; /* test harness only; the library has no mutable globals */
-
-__attribute__((format(printf, 3, 4)))
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-    char why[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    if (ok) {
-        printf("PASS %s\n", name);
-        return true;
-    }
-    printf("FAIL %s: %s\n", name, why);
-    n_fail++;
-    return false;
-}
-
-/* A PASS line with a detail in parentheses, as run_tests.py prints them. */
-__attribute__((format(printf, 3, 4)))
-static bool check_detail(bool ok, const char *name, const char *fmt, ...)
-{
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (ok) printf("PASS %s (%s)\n", name, msg);
-    else printf("FAIL %s: %s\n", name, msg);
-    n_fail += !ok;
-    return ok;
-}
-
-/* ---- file helpers ---- */
-
-static void write_bytes(const char *path, const void *p, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f || (n && fwrite(p, 1, n, f) != n)) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-}
-
-static void write_text(const char *path, const char *s)
-{
-    write_bytes(path, s, strlen(s));
-}
 
 static void mkdir_or_die(const char *path)
 {
@@ -75,36 +22,6 @@ static void mkdir_or_die(const char *path)
         fprintf(stderr, "cannot mkdir %s\n", path);
         exit(2);
     }
-}
-
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static void rm_rf(const char *dir)
-{
-    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-static char *slurp(const char *path, size_t *n)
-{
-    char *buf = NULL;
-    if (jm_read_file(path, (size_t)1 << 30, &buf, n, NULL)) return NULL;
-    return buf;
-}
-
-/* Entries of dir whose name contains sub (e.g. ".tmp." or ".prepare."). */
-static int count_entries(const char *dir, const char *sub)
-{
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    for (struct dirent *e; (e = readdir(d));)
-        if (strstr(e->d_name, sub)) n++;
-    closedir(d);
-    return n;
 }
 
 static uint64_t rng_next(uint64_t *s)
@@ -315,8 +232,7 @@ static jm_sampler *open_fixture(const fixture *fx, int seq_len, uint64_t seed, c
     jm_error err = {{0}};
     if (jm_sampler_open(fx->names, fx->dptr, 4, seq_len, seed, V, &s, &err) ||
         (w && jm_sampler_set_mixture(s, w, &err))) {
-        printf("FAIL sampler_open: %s\n", err.msg);
-        n_fail++;
+        check(false, "sampler_open", "%s", err.msg);
         jm_sampler_free(s);
         return NULL;
     }
@@ -674,16 +590,6 @@ static int32_t *read_shards(const char *dir, uint64_t *n, int *nshards, uint32_t
     return out;
 }
 
-static bool same_file(const char *a, const char *b)
-{
-    size_t na, nb;
-    char *x = slurp(a, &na), *y = slurp(b, &nb);
-    bool same = x && y && na == nb && memcmp(x, y, na) == 0;
-    free(x);
-    free(y);
-    return same;
-}
-
 static jm_status run_prepare(const char *tok, const char *const *inputs, int n, const char *out, uint64_t shard,
                              int threads, uint64_t *written, jm_error *err)
 {
@@ -881,10 +787,7 @@ done:
 int main(void)
 {
     char root[] = "/tmp/jm_test_data_XXXXXX";
-    if (!mkdtemp(root)) {
-        printf("FAIL setup: mkdtemp failed\n");
-        return 1;
-    }
+    temp_dir(root);
     char d[600];
     snprintf(d, sizeof d, "%s/shards", root);
     mkdir_or_die(d);
@@ -908,7 +811,6 @@ int main(void)
     mkdir_or_die(d);
     test_prepare(d);
 
-    if (n_fail == 0) rm_rf(root);
-    else printf("# files kept in %s\n", root);
-    return n_fail ? 1 : 0;
+    temp_dir_done(root);
+    return exit_status();
 }

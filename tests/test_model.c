@@ -4,27 +4,11 @@
  * Prints `PASS name` / `FAIL name: why`; exits 1 on any failure. */
 #include "internal.h"
 #include "ops/ops.h"
+#include "harness.h"
 
 #include <math.h>
 #include <string.h>
 #include <unistd.h>
-
-static int failures;
-
-static void check(const char *name, int ok, const char *fmt, ...)
-{
-    if (ok) {
-        printf("PASS %s\n", name);
-        return;
-    }
-    failures++;
-    printf("FAIL %s: ", name);
-    va_list ap;
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-}
 
 static jm_config tiny_config(void)
 {
@@ -52,26 +36,26 @@ static void test_config(const char *tmp)
                           "\"num_attention_heads\": 2, \"rope_parameters\": {\"rope_theta\": 500.0}, "
                           "\"tie_word_embeddings\": false, \"some_unknown_field\": [1, 2]}";
     jm_status s = jm_config_parse(authors, strlen(authors), "authors.json", &c, &err);
-    check("config_authors_spelling", s == JM_OK && c.intermediate_size == 96 && c.num_experts == 4 && c.top_k == 1 &&
-                                         c.head_dim == 8 && c.rope_theta == 500.0 && !c.tie_word_embeddings,
-          "status %d: %s", s, err.msg);
-    check("config_defaults_are_8b", s == JM_OK && c.num_layers == 24 && c.max_position_embeddings == 4096 &&
-                                        c.rms_norm_eps == 1e-6 && c.aux_loss_coef == 0.01 && c.z_loss_coef == 0.001,
-          "layers %d", c.num_layers);
+    check(s == JM_OK && c.intermediate_size == 96 && c.num_experts == 4 && c.top_k == 1 && c.head_dim == 8 &&
+              c.rope_theta == 500.0 && !c.tie_word_embeddings,
+          "config_authors_spelling", "status %d: %s", s, err.msg);
+    check(s == JM_OK && c.num_layers == 24 && c.max_position_embeddings == 4096 && c.rms_norm_eps == 1e-6 &&
+              c.aux_loss_coef == 0.01 && c.z_loss_coef == 0.001,
+          "config_defaults_are_8b", "layers %d", c.num_layers);
 
     jm_config d;
     jm_config_default(&d);
-    check("config_8b_param_count", jm_config_num_params(&d) > 8400000000LL && jm_config_num_params(&d) < 8600000000LL &&
-                                       jm_config_active_params(&d) > 2100000000LL &&
-                                       jm_config_active_params(&d) < 2400000000LL,
-          "total %lld active %lld", (long long)jm_config_num_params(&d), (long long)jm_config_active_params(&d));
+    check(jm_config_num_params(&d) > 8400000000LL && jm_config_num_params(&d) < 8600000000LL &&
+              jm_config_active_params(&d) > 2100000000LL && jm_config_active_params(&d) < 2400000000LL,
+          "config_8b_param_count", "total %lld active %lld", (long long)jm_config_num_params(&d),
+          (long long)jm_config_active_params(&d));
 
     char path[512];
     snprintf(path, sizeof path, "%s/config.json", tmp);
     jm_config e;
     s = jm_config_save(path, &c, &err);
     jm_status s2 = s ? s : jm_config_load(path, &e, &err);
-    check("config_save_load_roundtrip", s2 == JM_OK && memcmp(&c, &e, sizeof c) == 0, "%s", err.msg);
+    check(s2 == JM_OK && memcmp(&c, &e, sizeof c) == 0, "config_save_load_roundtrip", "%s", err.msg);
 
     struct {
         const char *json, *expect;
@@ -100,7 +84,7 @@ static void test_config(const char *tmp)
         snprintf(name, sizeof name, "config_rejects_%zu", i);
         err.msg[0] = 0;
         s = jm_config_parse(bad[i].json, strlen(bad[i].json), "bad.json", &c, &err);
-        check(name, s != JM_OK && strstr(err.msg, bad[i].expect) && strstr(err.msg, "bad.json"),
+        check(s != JM_OK && strstr(err.msg, bad[i].expect) && strstr(err.msg, "bad.json"), name,
               "%s -> status %d, message '%s'", bad[i].json, s, err.msg);
     }
 }
@@ -113,23 +97,22 @@ static void test_router(void)
     float z[5], gate[3];
     int32_t idx[3];
     router_forward(z, idx, gate, x, Wr, 1, 1, 5, 3);
-    check("router_topk_ties_lower_index_first", idx[0] == 1 && idx[1] == 3 && idx[2] == 4, "got %d %d %d", idx[0],
+    check(idx[0] == 1 && idx[1] == 3 && idx[2] == 4, "router_topk_ties_lower_index_first", "got %d %d %d", idx[0],
           idx[1], idx[2]);
     double e0 = exp(0.0), e2 = exp(-0.5), s = 2 * e0 + e2;
-    check("router_gates_softmax_over_selected",
-          fabs(gate[0] - e0 / s) < 1e-6 && fabs(gate[1] - e0 / s) < 1e-6 && fabs(gate[2] - e2 / s) < 1e-6,
-          "gates %g %g %g", gate[0], gate[1], gate[2]);
+    check(fabs(gate[0] - e0 / s) < 1e-6 && fabs(gate[1] - e0 / s) < 1e-6 && fabs(gate[2] - e2 / s) < 1e-6,
+          "router_gates_softmax_over_selected", "gates %g %g %g", gate[0], gate[1], gate[2]);
 
     /* uniform logits, perfectly balanced choices -> switch loss exactly 1 */
     float zu[4 * 2] = {0};
     int32_t iu[4] = {0, 1, 0, 1};
     double sw, zl;
     router_losses(&sw, &zl, zu, iu, 4, 2, 1);
-    check("router_switch_loss_balanced_is_one", fabs(sw - 1.0) < 1e-12 && fabs(zl - log(2.0) * log(2.0)) < 1e-12,
+    check(fabs(sw - 1.0) < 1e-12 && fabs(zl - log(2.0) * log(2.0)) < 1e-12, "router_switch_loss_balanced_is_one",
           "switch %g z %g", sw, zl);
     int32_t ic[4] = {0, 0, 0, 0};
     router_losses(&sw, &zl, zu, ic, 4, 2, 1);
-    check("router_switch_loss_collapsed", fabs(sw - 1.0) < 1e-12, "switch %g", sw); /* P uniform: E*0.5*1 = 1 */
+    check(fabs(sw - 1.0) < 1e-12, "router_switch_loss_collapsed", "switch %g", sw); /* P uniform: E*0.5*1 = 1 */
 }
 
 static void test_dispatch(void)
@@ -146,21 +129,20 @@ static void test_dispatch(void)
             ok &= idx[sorted[m]] == e;
             if (m > off[e]) ok &= sorted[m] > sorted[m - 1]; /* stable */
         }
-    check("dispatch_sorted_by_expert_stable", ok, "offsets %lld %lld %lld %lld", (long long)off[0],
-          (long long)off[1], (long long)off[2], (long long)off[3]);
+    check(ok, "dispatch_sorted_by_expert_stable", "offsets %lld %lld %lld %lld", (long long)off[0], (long long)off[1],
+          (long long)off[2], (long long)off[3]);
 }
 
 static void test_halves(void)
 {
-    check("bf16_roundtrip", jm_bf16_to_f32(jm_f32_to_bf16(1.0f)) == 1.0f &&
-                                jm_bf16_to_f32(jm_f32_to_bf16(-2.5f)) == -2.5f &&
-                                jm_f32_to_bf16(1.0f + 1.0f / 256) == jm_f32_to_bf16(1.0f) && /* ties to even */
-                                isnan(jm_bf16_to_f32(jm_f32_to_bf16(NAN))),
-          "bf16 conversion");
-    check("f16_values", jm_f16_to_f32(0x3c00) == 1.0f && jm_f16_to_f32(0xc000) == -2.0f &&
-                            jm_f16_to_f32(0x0001) == ldexpf(1.0f, -24) && isinf(jm_f16_to_f32(0x7c00)) &&
-                            jm_f16_to_f32(0x7bff) == 65504.0f && jm_f16_to_f32(0x0200) == ldexpf(1.0f, -15),
-          "f16 conversion");
+    check(jm_bf16_to_f32(jm_f32_to_bf16(1.0f)) == 1.0f && jm_bf16_to_f32(jm_f32_to_bf16(-2.5f)) == -2.5f &&
+              jm_f32_to_bf16(1.0f + 1.0f / 256) == jm_f32_to_bf16(1.0f) && /* ties to even */
+              isnan(jm_bf16_to_f32(jm_f32_to_bf16(NAN))),
+          "bf16_roundtrip", "bf16 conversion");
+    check(jm_f16_to_f32(0x3c00) == 1.0f && jm_f16_to_f32(0xc000) == -2.0f &&
+              jm_f16_to_f32(0x0001) == ldexpf(1.0f, -24) && isinf(jm_f16_to_f32(0x7c00)) &&
+              jm_f16_to_f32(0x7bff) == 65504.0f && jm_f16_to_f32(0x0200) == ldexpf(1.0f, -15),
+          "f16_values", "f16 conversion");
 }
 
 static void test_expf(void)
@@ -174,8 +156,8 @@ static void test_expf(void)
             at = x;
         }
     }
-    check("expf_within_2ulp", worst < 2 * 5.97e-8, "max rel err %.3g at %g", worst, at);
-    check("expf_edges", jm_expf(0.0f) == 1.0f && jm_expf(-INFINITY) < 1e-37f && isnan(jm_expf(NAN)),
+    check(worst < 2 * 5.97e-8, "expf_within_2ulp", "max rel err %.3g at %g", worst, at);
+    check(jm_expf(0.0f) == 1.0f && jm_expf(-INFINITY) < 1e-37f && isnan(jm_expf(NAN)), "expf_edges",
           "exp(0) %g exp(-inf) %g", jm_expf(0.0f), jm_expf(-INFINITY));
 }
 
@@ -185,7 +167,7 @@ static void test_checkpoint_and_batch(const char *tmp)
     jm_model *m = NULL, *r = NULL;
     jm_error err = {{0}};
     jm_status s = jm_model_create(&c, 42, &m, &err);
-    check("model_create", s == JM_OK, "%s", err.msg);
+    check(s == JM_OK, "model_create", "%s", err.msg);
     if (s) return;
     char dir[512];
     snprintf(dir, sizeof dir, "%s/ckpt", tmp);
@@ -197,7 +179,7 @@ static void test_checkpoint_and_batch(const char *tmp)
         same = strcmp(a->name, b->name) == 0 && a->numel == b->numel &&
                memcmp(a->data, b->data, (size_t)a->numel * sizeof(float)) == 0;
     }
-    check("model_save_load_bit_exact", same, "%s", err.msg);
+    check(same, "model_save_load_bit_exact", "%s", err.msg);
 
     /* Two sequences in one batch give each sequence's logits as if run alone
      * (the router losses are batch statistics, so only logits are compared). */
@@ -214,7 +196,7 @@ static void test_checkpoint_and_batch(const char *tmp)
         for (int i = 0; !s && i < T * c.vocab_size; i++)
             maxdiff = fmax(maxdiff, fabs(both[b * T * c.vocab_size + i] - jm_logits(m)[i]));
     }
-    check("forward_batch_matches_single", s == JM_OK && maxdiff < 1e-5, "status %d (%s), max diff %g", s, err.msg,
+    check(s == JM_OK && maxdiff < 1e-5, "forward_batch_matches_single", "status %d (%s), max diff %g", s, err.msg,
           maxdiff);
 
     /* causality: changing the last token changes nothing before it */
@@ -231,12 +213,12 @@ static void test_checkpoint_and_batch(const char *tmp)
         if (i < (T - 1) * c.vocab_size) early = fmax(early, d);
         else last = fmax(last, d);
     }
-    check("forward_causal", s == JM_OK && early < 1e-6 && last > 1e-3, "status %d, change before %g, at last %g", s,
+    check(s == JM_OK && early < 1e-6 && last > 1e-3, "forward_causal", "status %d, change before %g, at last %g", s,
           early, last);
 
     int32_t badtok[2] = {1, 50};
     s = jm_forward(m, badtok, 1, 2, NULL, &err);
-    check("forward_rejects_out_of_vocab", s == JM_ERR_ARG && strstr(err.msg, "50"), "status %d: %s", s, err.msg);
+    check(s == JM_ERR_ARG && strstr(err.msg, "50"), "forward_rejects_out_of_vocab", "status %d: %s", s, err.msg);
     free(both);
     free(before);
     jm_model_free(m);
@@ -246,18 +228,13 @@ static void test_checkpoint_and_batch(const char *tmp)
 int main(void)
 {
     char tmp[] = "/tmp/jetmoe-test-model-XXXXXX";
-    if (!mkdtemp(tmp)) {
-        printf("FAIL mkdtemp\n");
-        return 1;
-    }
+    temp_dir(tmp);
     test_config(tmp);
     test_router();
     test_dispatch();
     test_halves();
     test_expf();
     test_checkpoint_and_batch(tmp);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-    if (system(cmd) != 0) printf("# could not remove %s\n", tmp);
-    return failures ? 1 : 0;
+    temp_dir_done(tmp);
+    return exit_status();
 }

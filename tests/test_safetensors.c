@@ -1,72 +1,12 @@
 /* test_safetensors.c — round trip, malformed files, sharded sets, atomic writes.
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
 #include "internal.h"
+#include "harness.h"
 
-#include <dirent.h>
-#include <ftw.h>
 #include <math.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static int n_fail; /* test harness only; the library has no mutable globals */
-
-__attribute__((format(printf, 3, 4)))
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-    if (ok) {
-        printf("PASS %s\n", name);
-        return true;
-    }
-    char why[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    printf("FAIL %s: %s\n", name, why);
-    n_fail++;
-    return false;
-}
-
-/* ---- file helpers ---- */
-
-static void write_bytes(const char *path, const void *p, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f || (n && fwrite(p, 1, n, f) != n)) {
-        fprintf(stderr, "cannot write %s\n", path);
-        exit(2);
-    }
-    fclose(f);
-}
-
-static void write_text(const char *path, const char *s)
-{
-    write_bytes(path, s, strlen(s));
-}
-
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static void rm_rf(const char *dir)
-{
-    nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
-
-/* Number of entries in dir whose name contains ".tmp." (left-over atomic-write temps). */
-static int count_temps(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d) return -1;
-    int n = 0;
-    for (struct dirent *e; (e = readdir(d));)
-        if (strstr(e->d_name, ".tmp.")) n++;
-    closedir(d);
-    return n;
-}
 
 /* A safetensors image: u64 length of json, json, then data_len bytes of a counting pattern. */
 typedef struct {
@@ -375,8 +315,8 @@ static void test_round_trip(const char *dir)
     jm_error err = {{0}};
     jm_status s = st_write(path, out, n, mk, mv, 2, &err);
     if (!check(s == JM_OK, "roundtrip_write", "%s", err.msg)) return;
-    check(count_temps(dir) == 0, "atomic_write_no_temp_left", "%d temp files in %s", count_temps(dir),
-          dir);
+    check(count_entries(dir, ".tmp.") == 0, "atomic_write_no_temp_left", "%d temp files in %s",
+          count_entries(dir, ".tmp."), dir);
 
     /* The raw header: aligned data, metadata first, keys in the given order, plain integers. */
     char *raw = NULL;
@@ -480,7 +420,7 @@ static void test_round_trip(const char *dir)
     bool ok = s == JM_OK && st_open(path, &f, &err) == JM_OK;
     check(ok && f.n == 1 && f.n_meta == 0 && st_find(&f, "only"), "overwrite_replaces", "%s", err.msg);
     if (ok) st_close(&f);
-    check(count_temps(dir) == 0, "overwrite_no_temp_left", "temp files left in %s", dir);
+    check(count_entries(dir, ".tmp.") == 0, "overwrite_no_temp_left", "temp files left in %s", dir);
 }
 
 /* ---- writer argument checks ---- */
@@ -498,7 +438,7 @@ static void expect_write_error(const char *dir, const char *name, const st_out *
     else if (!strstr(err.msg, want_msg))
         check(false, name, "message lacks \"%s\": %s", want_msg, err.msg);
     else
-        check(access(path, F_OK) != 0 && count_temps(dir) == 0, name, "a file was left behind");
+        check(access(path, F_OK) != 0 && count_entries(dir, ".tmp.") == 0, name, "a file was left behind");
 }
 
 static void test_write_errors(const char *dir)
@@ -697,15 +637,12 @@ static void test_sets(const char *root)
 int main(void)
 {
     char root[] = "/tmp/jm_test_st_XXXXXX";
-    if (!mkdtemp(root)) {
-        perror("mkdtemp");
-        return 2;
-    }
+    temp_dir(root);
     test_good();
     test_malformed(root);
     test_round_trip(root);
     test_write_errors(root);
     test_sets(root);
-    rm_rf(root);
-    return n_fail ? 1 : 0;
+    temp_dir_done(root);
+    return exit_status();
 }

@@ -7,30 +7,11 @@
  * ../shared/fixtures/llama2-tokenizer/tokenizer.model (or $JM_LLAMA_TOKENIZER);
  * without it those checks are skipped with a "# skip" line. */
 #include "tokenizer.h"
+#include "harness.h"
 
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
-
-static int n_fail; /* test harness only; the library has no mutable globals */
-
-__attribute__((format(printf, 3, 4)))
-static bool check(bool ok, const char *name, const char *fmt, ...)
-{
-    if (ok) {
-        printf("PASS %s\n", name);
-        return true;
-    }
-    char why[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    printf("FAIL %s: %s\n", name, why);
-    n_fail++;
-    return false;
-}
 
 /* xorshift64*: deterministic inputs for the random checks */
 static uint64_t rnd(uint64_t *s)
@@ -39,13 +20,6 @@ static uint64_t rnd(uint64_t *s)
     *s ^= *s << 25;
     *s ^= *s >> 27;
     return *s * 0x2545f4914f6cdd1dull;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 /* Strict UTF-8 (no overlongs, surrogates or values past U+10FFFF). */
@@ -834,5 +808,5 @@ int main(void)
         test_llama_dir(path);
         free(model);
     }
-    return n_fail ? 1 : 0;
+    return exit_status();
 }

@@ -8,42 +8,17 @@
  * Run from the repository root. Prints `PASS name` / `FAIL name: why`;
  * exits 1 on any failure. */
 #include "tokenizer.h"
+#include "harness.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 extern const char jm_default_chat_template[];
 
 #define LLAMA2 "../shared/fixtures/llama2-tokenizer/tokenizer.model"
-
-static int failures;
-
-static void check(const char *name, int ok, const char *fmt, ...)
-{
-    if (ok) {
-        printf("PASS %s\n", name);
-        return;
-    }
-    failures++;
-    printf("FAIL %s: ", name);
-    va_list ap;
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    printf("\n");
-    fflush(stdout);
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint32_t rnd(uint32_t n)
@@ -52,22 +27,6 @@ static uint32_t rnd(uint32_t n)
     rng_state ^= rng_state >> 7;
     rng_state ^= rng_state << 17;
     return (uint32_t)((rng_state >> 11) % n);
-}
-
-static bool write_file(const char *path, const char *s, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f) return false;
-    bool ok = fwrite(s, 1, n, f) == n;
-    return fclose(f) == 0 && ok;
-}
-
-static char *read_all(const char *path, size_t *n)
-{
-    char *buf = NULL;
-    jm_error err;
-    if (jm_read_file(path, (size_t)1 << 30, &buf, n, &err)) return NULL;
-    return buf;
 }
 
 static bool file_exists(const char *path)
@@ -219,20 +178,10 @@ static bool same_vocab(const jm_tokenizer *a, const jm_tokenizer *b, bool scores
     return true;
 }
 
-static bool same_files(const char *p, const char *q)
-{
-    size_t n, m;
-    char *a = read_all(p, &n), *b = read_all(q, &m);
-    bool same = a && b && n == m && memcmp(a, b, n) == 0;
-    free(a);
-    free(b);
-    return same;
-}
-
 static int count_merges(const char *path)
 {
     size_t n;
-    char *text = read_all(path, &n);
+    char *text = slurp(path, &n);
     cJSON *root = text ? cJSON_ParseWithLength(text, n) : NULL;
     free(text);
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "model"), "merges");
@@ -255,7 +204,7 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
     jm_status s = jm_tokenizer_train(&o, &err);
     double secs = now() - t0;
     snprintf(name, sizeof name, "train_v%d_bf%d", vocab, byte_fallback);
-    check(name, s == JM_OK, "status %d: %s", s, err.msg);
+    check(s == JM_OK, name, "status %d: %s", s, err.msg);
     if (s) return;
     printf("# %s: %.2fs\n", name, secs);
 
@@ -271,7 +220,7 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
         if (e->d_name[0] != '.' || strstr(e->d_name, "tokenizer-train")) extra++;
     if (d) closedir(d);
     snprintf(name, sizeof name, "train_v%d_bf%d_files", vocab, byte_fallback);
-    check(name, all && extra == 3, "three files expected, %d entries in %s", extra, out);
+    check(all && extra == 3, name, "three files expected, %d entries in %s", extra, out);
 
     jm_tokenizer *m = NULL, *j = NULL;
     snprintf(path, sizeof path, "%s/tokenizer.model", out);
@@ -281,21 +230,21 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
         s = jm_tokenizer_load(path, &j, &err);
     }
     snprintf(name, sizeof name, "train_v%d_bf%d_load_both", vocab, byte_fallback);
-    check(name, s == JM_OK, "%s", err.msg);
+    check(s == JM_OK, name, "%s", err.msg);
     if (s) goto done;
     int nbytes = 0;
     for (int i = 0; i < m->n; i++) nbytes += m->type[i] == TK_BYTE;
     snprintf(name, sizeof name, "train_v%d_bf%d_model", vocab, byte_fallback);
-    check(name, m->n == vocab && nbytes == (byte_fallback ? 256 : 0) && m->unk_id == 0 && m->bos_id == 1 &&
-                    m->eos_id == 2 && m->pad_id == -1 && m->add_dummy_prefix && !m->remove_extra_whitespaces,
-          "n %d, %d byte pieces, unk/bos/eos/pad %d/%d/%d/%d", m->n, nbytes, m->unk_id, m->bos_id, m->eos_id,
+    check(m->n == vocab && nbytes == (byte_fallback ? 256 : 0) && m->unk_id == 0 && m->bos_id == 1 && m->eos_id == 2 &&
+              m->pad_id == -1 && m->add_dummy_prefix && !m->remove_extra_whitespaces,
+          name, "n %d, %d byte pieces, unk/bos/eos/pad %d/%d/%d/%d", m->n, nbytes, m->unk_id, m->bos_id, m->eos_id,
           m->pad_id);
     /* for spm_train's models the merge-rank rule gives back the scores exactly */
     snprintf(name, sizeof name, "train_v%d_bf%d_json_vocab", vocab, byte_fallback);
-    check(name, same_vocab(m, j, true, why, sizeof why), "%s", why);
+    check(same_vocab(m, j, true, why, sizeof why), name, "%s", why);
     snprintf(name, sizeof name, "train_v%d_bf%d_json_encode", vocab, byte_fallback);
     int texts = compare_encodings(m, j, why, sizeof why);
-    check(name, texts > 0, "%s", why);
+    check(texts > 0, name, "%s", why);
 
     /* save -> load -> save */
     char a[4300], b[4300];
@@ -307,7 +256,7 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
     if (!s) s = jm_tokenizer_save_json(k, b, &err);
     snprintf(name, sizeof name, "train_v%d_bf%d_roundtrip", vocab, byte_fallback);
     snprintf(path, sizeof path, "%s/tokenizer.json", out);
-    check(name, s == JM_OK && same_files(a, b) && same_files(a, path), "%s", s ? err.msg : "files differ");
+    check(s == JM_OK && same_file(a, b) && same_file(a, path), name, "%s", s ? err.msg : "files differ");
     jm_tokenizer_free(k);
 
     /* the directory loads (tokenizer.model + tokenizer_config.json) */
@@ -316,14 +265,14 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
     snprintf(name, sizeof name, "train_v%d_bf%d_config", vocab, byte_fallback);
     snprintf(path, sizeof path, "%s/tokenizer_config.json", out);
     size_t n;
-    char *text = read_all(path, &n);
+    char *text = slurp(path, &n);
     cJSON *cfg = text ? cJSON_ParseWithLength(text, n) : NULL;
     const cJSON *tpl = cJSON_GetObjectItemCaseSensitive(cfg, "chat_template");
     bool ok = s == JM_OK && cJSON_IsString(tpl) && strcmp(tpl->valuestring, jm_default_chat_template) == 0 &&
               cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cfg, "add_bos_token")) &&
               cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(cfg, "pad_token")) &&
               dir->chat_template && strcmp(dir->chat_template, jm_default_chat_template) == 0;
-    check(name, ok, "%s", s ? err.msg : "tokenizer_config.json content");
+    check(ok, name, "%s", s ? err.msg : "tokenizer_config.json content");
     cJSON_Delete(cfg);
     free(text);
     jm_tokenizer_free(dir);
@@ -339,7 +288,7 @@ static void test_train_errors(const char *tmp, const char *corpus)
     snprintf(missing, sizeof missing, "%s/no_such_corpus.txt", tmp);
     snprintf(under_file, sizeof under_file, "%s/sub", corpus); /* a directory under a regular file */
     snprintf(tiny, sizeof tiny, "%s/tiny.txt", tmp);
-    write_file(tiny, "just a few words here\nand some more there\n", 41);
+    write_bytes(tiny, "just a few words here\nand some more there\n", 41);
     const char *good[] = {corpus}, *bad[] = {missing}, *dir[] = {tmp}, *small[] = {tiny};
     /* each case changes one option of a good set */
     const struct {
@@ -362,10 +311,10 @@ static void test_train_errors(const char *tmp, const char *corpus)
                                      .byte_fallback = 1, .threads = 1};
         jm_error err = {{0}};
         jm_status s = jm_tokenizer_train(&o, &err);
-        check(cases[i].name, s != JM_OK && strstr(err.msg, cases[i].want), "status %d, message \"%s\" (want \"%s\")",
-              s, err.msg, cases[i].want);
+        check(s != JM_OK && strstr(err.msg, cases[i].want), cases[i].name, "status %d, message \"%s\" (want \"%s\")", s,
+              err.msg, cases[i].want);
     }
-    check("train_error_left_nothing", !file_exists(out) || rmdir(out) == 0, "%s is not empty", out);
+    check(!file_exists(out) || rmdir(out) == 0, "train_error_left_nothing", "%s is not empty", out);
 }
 
 /* ---------------------------------------------------------- malformed files */
@@ -403,7 +352,7 @@ static void expect_json_error(const char *name, const char *from, const char *to
     jm_tokenizer *t = NULL;
     jm_error err = {{0}};
     jm_status s = load_variant(from, to, &t, &err);
-    check(name, s != JM_OK && !t && strstr(err.msg, want) && strstr(err.msg, "t.json"),
+    check(s != JM_OK && !t && strstr(err.msg, want) && strstr(err.msg, "t.json"), name,
           "status %d, message \"%s\" (want \"%s\")", s, err.msg, want);
     jm_tokenizer_free(t);
 }
@@ -413,26 +362,24 @@ static void test_json_variants(void)
     jm_tokenizer *t = NULL;
     jm_error err = {{0}};
     jm_status s = load_variant(NULL, NULL, &t, &err);
-    check("json_base_loads", s == JM_OK && t->n == 9 && t->type[0] == TK_UNKNOWN && t->type[1] == TK_CONTROL &&
-                                 t->type[4] == TK_NORMAL && t->bos_id == 1 && t->eos_id == 2 && t->add_dummy_prefix &&
-                                 t->use_merges && tk_merge_allowed(t, 4, 5) && !tk_merge_allowed(t, 5, 4) &&
-                                 t->score[6] == 0.0f && t->score[7] == -1.0f && t->score[3] < t->score[7],
-          "status %d: %s", s, err.msg);
+    check(s == JM_OK && t->n == 9 && t->type[0] == TK_UNKNOWN && t->type[1] == TK_CONTROL && t->type[4] == TK_NORMAL &&
+              t->bos_id == 1 && t->eos_id == 2 && t->add_dummy_prefix && t->use_merges && tk_merge_allowed(t, 4, 5) &&
+              !tk_merge_allowed(t, 5, 4) && t->score[6] == 0.0f && t->score[7] == -1.0f && t->score[3] < t->score[7],
+          "json_base_loads", "status %d: %s", s, err.msg);
     if (!s) {
         int32_t *ids = NULL;
         size_t n = 0;
         s = jm_tokenizer_encode(t, "ab abc c", 8, &ids, &n, &err);
         /* ▁ab ▁ab c ▁ c: "▁ab" via a+b then ▁+ab; no merge makes "▁c" */
         int32_t want[] = {7, 7, 8, 3, 8};
-        check("json_base_encodes", s == JM_OK && n == 5 && memcmp(ids, want, sizeof want) == 0, "%zu ids", n);
+        check(s == JM_OK && n == 5 && memcmp(ids, want, sizeof want) == 0, "json_base_encodes", "%zu ids", n);
         free(ids);
     }
     jm_tokenizer_free(t);
 
     /* accepted spellings */
     s = load_variant("[\"a b\", \"\xe2\x96\x81 ab\"]", "[[\"a\", \"b\"], [\"\xe2\x96\x81\", \"ab\"]]", &t, &err);
-    check("json_merges_as_pairs", s == JM_OK && tk_merge_allowed(t, 4, 5) && tk_merge_allowed(t, 3, 6), "%s",
-          err.msg);
+    check(s == JM_OK && tk_merge_allowed(t, 4, 5) && tk_merge_allowed(t, 3, 6), "json_merges_as_pairs", "%s", err.msg);
     jm_tokenizer_free(t);
     const char *metaspace_first = "\"normalizer\": null, \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": "
                                   "\"\xe2\x96\x81\", \"prepend_scheme\": \"first\", \"split\": false},";
@@ -441,24 +388,23 @@ static void test_json_variants(void)
     char span[1024];
     snprintf(span, sizeof span, "%.*s", (int)(norm_to - norm_from), norm_from);
     s = load_variant(span, metaspace_first, &t, &err);
-    check("json_metaspace_first", s == JM_OK && t->add_dummy_prefix && t->escape_whitespaces, "%s", err.msg);
+    check(s == JM_OK && t->add_dummy_prefix && t->escape_whitespaces, "json_metaspace_first", "%s", err.msg);
     jm_tokenizer_free(t);
     char never[1024];
     snprintf(never, sizeof never, "%s", metaspace_first);
     memcpy(strstr(never, "first"), "never", 5);
     s = load_variant(span, never, &t, &err);
-    check("json_metaspace_never", s == JM_OK && !t->add_dummy_prefix, "%s", err.msg);
+    check(s == JM_OK && !t->add_dummy_prefix, "json_metaspace_never", "%s", err.msg);
     jm_tokenizer_free(t);
     s = load_variant("{\"type\": \"Prepend\", \"prepend\": \"\xe2\x96\x81\"},", "", &t, &err);
-    check("json_no_prepend", s == JM_OK && !t->add_dummy_prefix, "%s", err.msg);
+    check(s == JM_OK && !t->add_dummy_prefix, "json_no_prepend", "%s", err.msg);
     jm_tokenizer_free(t);
     s = load_variant("{\"id\": 2, \"content\": \"</s>\", \"special\": true}",
                      "{\"id\": 2, \"content\": \"</s>\", \"special\": true}, {\"id\": 9, \"content\": \"<|user|>\", "
                      "\"special\": false}, {\"id\": 10, \"content\": \"<pad>\", \"special\": true}",
                      &t, &err);
-    check("json_added_beyond_vocab", s == JM_OK && t->n == 11 && t->type[9] == TK_USER_DEFINED &&
-                                         t->type[10] == TK_CONTROL && t->pad_id == 10,
-          "%s", err.msg);
+    check(s == JM_OK && t->n == 11 && t->type[9] == TK_USER_DEFINED && t->type[10] == TK_CONTROL && t->pad_id == 10,
+          "json_added_beyond_vocab", "%s", err.msg);
     jm_tokenizer_free(t);
 
     /* malformed: each names the field */
@@ -536,19 +482,18 @@ static void test_escaping(const char *tmp)
     if (!s) s = jm_tokenizer_load(a, &u, &err);
     if (!s) s = jm_tokenizer_save_json(u, b, &err);
     char why[512] = "";
-    check("json_escaping_roundtrip", s == JM_OK && same_vocab(t, u, false, why, sizeof why) && same_files(a, b),
+    check(s == JM_OK && same_vocab(t, u, false, why, sizeof why) && same_file(a, b), "json_escaping_roundtrip",
           "%s %s", s ? err.msg : "", why);
     size_t len;
-    char *text = s ? NULL : read_all(a, &len);
-    check("json_escaping_spelling", text && strstr(text, "\"\\u0001\": 5") && strstr(text, "\"\\t\": 6") &&
-                                        strstr(text, "\"\\n\": 7") && strstr(text, "\"\\u001f\": 8") &&
-                                        strstr(text, "\"a\\\"b\\\\c\": 12") && strstr(text, "\"\\\"\": 3"),
-          "unexpected escapes in %s", a);
+    char *text = s ? NULL : slurp(a, &len);
+    check(text && strstr(text, "\"\\u0001\": 5") && strstr(text, "\"\\t\": 6") && strstr(text, "\"\\n\": 7") &&
+              strstr(text, "\"\\u001f\": 8") && strstr(text, "\"a\\\"b\\\\c\": 12") && strstr(text, "\"\\\"\": 3"),
+          "json_escaping_spelling", "unexpected escapes in %s", a);
     free(text);
     /* what the format cannot say */
     t->remove_extra_whitespaces = true;
     s = jm_tokenizer_save_json(t, a, &err);
-    check("json_save_rejects_extra_ws", s != JM_OK && strstr(err.msg, "remove_extra_whitespaces"), "%s", err.msg);
+    check(s != JM_OK && strstr(err.msg, "remove_extra_whitespaces"), "json_save_rejects_extra_ws", "%s", err.msg);
     jm_tokenizer_free(t);
     jm_tokenizer_free(u);
 }
@@ -573,53 +518,33 @@ static void test_llama2(const char *tmp)
     t0 = now();
     if (!s) s = jm_tokenizer_load(a, &j, &err);
     t_load = now() - t0;
-    check("llama2_json_convert", s == JM_OK, "%s", err.msg);
+    check(s == JM_OK, "llama2_json_convert", "%s", err.msg);
     if (s) goto done;
     printf("# llama2: save_json %.3fs, load json %.3fs\n", t_save, t_load);
     /* transformers' converter gives 61249 merges for this model, the count
      * in meta-llama/Llama-2-7b-hf's tokenizer.json */
     int merges = count_merges(a);
-    check("llama2_json_merges", merges == 61249, "%d merges", merges);
-    check("llama2_json_save_fast", t_save < 3.0, "%.2fs to write tokenizer.json", t_save);
-    check("llama2_json_vocab", same_vocab(m, j, false, why, sizeof why), "%s", why);
+    check(merges == 61249, "llama2_json_merges", "%d merges", merges);
+    check(t_save < 3.0, "llama2_json_save_fast", "%.2fs to write tokenizer.json", t_save);
+    check(same_vocab(m, j, false, why, sizeof why), "llama2_json_vocab", "%s", why);
     int texts = compare_encodings(m, j, why, sizeof why);
-    check("llama2_json_encode", texts > 0, "%s", why);
+    check(texts > 0, "llama2_json_encode", "%s", why);
     s = jm_tokenizer_save_json(j, b, &err);
     if (!s) s = jm_tokenizer_load(b, &k, &err);
-    check("llama2_json_roundtrip", s == JM_OK && same_files(a, b), "%s", s ? err.msg : "files differ");
+    check(s == JM_OK && same_file(a, b), "llama2_json_roundtrip", "%s", s ? err.msg : "files differ");
 done:
     jm_tokenizer_free(m);
     jm_tokenizer_free(j);
     jm_tokenizer_free(k);
 }
 
-static void remove_tree(const char *path)
-{
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    char sub[4400];
-    for (struct dirent *e; (e = readdir(d));) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
-        remove_tree(sub);
-    }
-    closedir(d);
-    rmdir(path);
-}
-
 int main(void)
 {
     char tmp[] = "/tmp/jm-test-tokjson-XXXXXX";
-    if (!mkdtemp(tmp)) {
-        printf("FAIL setup: mkdtemp\n");
-        return 1;
-    }
+    temp_dir(tmp);
     char corpus[4200];
     snprintf(corpus, sizeof corpus, "%s/corpus.txt", tmp);
-    check("corpus", make_corpus(corpus, 400000), "cannot write %s", corpus);
+    check(make_corpus(corpus, 400000), "corpus", "cannot write %s", corpus);
 
     test_json_variants();
     test_escaping(tmp);
@@ -628,6 +553,6 @@ int main(void)
     test_train_errors(tmp, corpus);
     test_llama2(tmp);
 
-    remove_tree(tmp);
-    return failures ? 1 : 0;
+    temp_dir_done(tmp);
+    return exit_status();
 }

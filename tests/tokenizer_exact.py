@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tokenizer_corpus  # noqa: E402
+from testlib import Suite, sanitizer_report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA2 = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "llama2-tokenizer", "tokenizer.model")
@@ -67,10 +68,6 @@ def run_bytes(cmd, data, timeout=TIMEOUT):
     except subprocess.TimeoutExpired:
         return None, b"", f"timed out after {timeout}s", time.time() - t0
     return p.returncode, p.stdout, p.stderr.decode("utf-8", "replace"), time.time() - t0
-
-
-def sanitizer_report(text):
-    return "AddressSanitizer" in text or "runtime error:" in text or "LeakSanitizer" in text
 
 
 def proc_problem(name, rc, err):
@@ -413,21 +410,7 @@ def main():
     ap.add_argument("--seed", type=int, default=tokenizer_corpus.SEED)
     a = ap.parse_args()
 
-    class Suite:
-        passed = failed = 0
-
-        def check(self, name, ok, why="", detail=""):
-            if ok:
-                self.passed += 1
-                print(f"PASS {name}" + (f" ({detail})" if detail else ""), flush=True)
-            else:
-                self.failed += 1
-                print(f"FAIL {name}: {why}", flush=True)
-
-        def wanted(self, name):
-            return a.only is None or a.only in name
-
-    s = Suite()
+    s = Suite(a.only)
     tmp = tempfile.mkdtemp(prefix="jetmoe-tok-")
     try:
         run(s, a.jetmoe, tmp, seed=a.seed)
