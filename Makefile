@@ -37,11 +37,11 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 $(BUILD)/jetmoe: cli/jetmoe.c $(BUILD)/libjetmoe.a
 	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libjetmoe.a
+$(BUILD)/tests/%: tests/%.c tests/harness.h $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
-$(BUILD)/bench/%: bench/%.c $(BUILD)/libjetmoe.a
+$(BUILD)/bench/%: bench/%.c bench/common.h $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
