@@ -145,6 +145,17 @@ const float *jm_logits(const jm_model *m);
 jm_status jm_backward(jm_model *m, jm_error *err);
 jm_status jm_zero_grad(jm_model *m, jm_error *err);
 
+/* Decoding with a KV cache. jm_infer runs n new tokens at positions
+ * pos .. pos+n-1 (pos <= the cached length: a smaller pos rewinds, keeping the
+ * prefix) and gives the last token's logits (vocab floats, valid until the
+ * next call). Prefill is batched GEMMs; the cache holds K (after RoPE) and V,
+ * 2*Hkv*D floats per token per layer. The context defaults to
+ * max_position_embeddings; jm_set_context sizes it (and empties it). */
+jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err);
+jm_status jm_set_context(jm_model *m, int ctx, jm_error *err);
+int jm_context(const jm_model *m);
+int jm_cached(const jm_model *m);
+
 /* After jm_forward: the experts each router chose, in router order.
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the
  * next forward), or NULL when the arguments are out of range. */

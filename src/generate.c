@@ -90,9 +90,10 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     jm_status s = jm_sample_validate(o, err);
     if (s) return s;
     if (n_prompt < 1) return jm_fail(err, JM_ERR_ARG, "empty prompt: give at least one token");
-    if (n_prompt + o->max_new > c->max_position_embeddings)
+    int context = jm_context(m) ? jm_context(m) : c->max_position_embeddings;
+    if ((int64_t)n_prompt + o->max_new > context)
         return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens + %d new exceeds the context of %d", n_prompt, o->max_new,
-                       c->max_position_embeddings);
+                       context);
     const int V = c->vocab_size;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n_prompt + o->max_new));
     void *scratch = malloc(sizeof(prob_id) * (size_t)V);
@@ -104,15 +105,17 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     memcpy(seq, prompt, sizeof(int32_t) * (size_t)n_prompt);
     uint64_t rng = o->seed;
     int n = n_prompt;
-    /* Without a KV cache every step reruns the whole sequence: fine for the
-     * small models of the demo; the cached decoder replaces this loop. */
-    for (int i = 0; i < o->max_new; i++) {
-        if ((s = jm_forward(m, seq, 1, n, NULL, err))) break;
-        int32_t id = jm_sample(jm_logits(m) + (size_t)(n - 1) * V, V, o, &rng, scratch);
-        seq[n++] = id;
-        out[(*n_out)++] = id;
-        if (id == c->eos_token_id) break;
-        if (on_token && on_token(ctx, id)) break;
+    const float *logits;
+    /* prefill the prompt in one batched pass, then one cached step per token */
+    if (!(s = jm_infer(m, seq, n, 0, &logits, err))) {
+        for (int i = 0; i < o->max_new; i++) {
+            int32_t id = jm_sample(logits, V, o, &rng, scratch);
+            seq[n++] = id;
+            out[(*n_out)++] = id;
+            if (on_token && on_token(ctx, id)) break; /* EOS too: --ids shows it */
+            if (id == c->eos_token_id) break;
+            if (i + 1 < o->max_new && (s = jm_infer(m, &id, 1, n - 1, &logits, err))) break;
+        }
     }
     free(seq);
     free(scratch);

@@ -47,8 +47,22 @@ typedef struct {
     float *dz, *dgate;    /* (N,E), (N*k) */
 } grad_scratch;
 
+/* The decoder: a KV cache and a small arena for the tokens of one call, whose
+ * activations every layer reuses (nothing is kept for a backward pass). */
+typedef struct {
+    int ctx, len;           /* cache capacity and cached positions */
+    float *kv;              /* (L, ctx, 2A): K after RoPE, then V, per position */
+    float *rope_cos, *rope_sin; /* (ctx, D/2) */
+    int n_cap, att_threads; /* tokens per call the arena is planned for */
+    void *mem;
+    size_t cap;
+    layer_acts a;           /* shared by every layer */
+    float *x0, *x1, *hf, *logits, *xs, *ys, *att_scratch;
+} decoder;
+
 struct jm_model {
     jm_config cfg;
+    decoder dec;
     int nparams;
     jm_param *params;
     float *param_mem;
@@ -187,6 +201,10 @@ void jm_model_free(jm_model *m)
     free(m->la);
     free(m->act_mem);
     free(m->grad_mem);
+    free(m->dec.kv);
+    free(m->dec.rope_cos);
+    free(m->dec.rope_sin);
+    free(m->dec.mem);
     free(m);
 }
 
@@ -431,44 +449,61 @@ static void *carve(char *base, size_t *off, size_t bytes)
     return p;
 }
 
+/* One layer's activations for N tokens (a->x is the caller's). */
+static void plan_layer(const jm_config *c, layer_acts *a, char *base, size_t *offp, size_t N)
+{
+    const size_t H = c->hidden_size, E = c->num_experts, k = c->top_k;
+    const size_t A = (size_t)c->num_kv_heads * c->head_dim, F = c->intermediate_size, Nk = N * k;
+    const size_t f = sizeof(float), i32 = sizeof(int32_t), i64 = sizeof(int64_t);
+    size_t off = *offp;
+    a->a = carve(base, &off, N * H * f);
+    a->rstd1 = carve(base, &off, N * f);
+    a->kv = carve(base, &off, N * 2 * A * f);
+    a->moa_z = carve(base, &off, N * E * f);
+    a->moa_gate = carve(base, &off, Nk * f);
+    a->moa_idx = carve(base, &off, Nk * i32);
+    a->moa_sorted = carve(base, &off, Nk * i32);
+    a->moa_pos = carve(base, &off, Nk * i32);
+    a->moa_off = carve(base, &off, (E + 1) * i64);
+    a->q = carve(base, &off, Nk * A * f);
+    a->att = carve(base, &off, Nk * A * f);
+    a->att_lse = carve(base, &off, N * k * c->num_kv_heads * f);
+    a->x_mid = carve(base, &off, N * H * f);
+    a->b = carve(base, &off, N * H * f);
+    a->rstd2 = carve(base, &off, N * f);
+    a->moe_z = carve(base, &off, N * E * f);
+    a->moe_gate = carve(base, &off, Nk * f);
+    a->moe_idx = carve(base, &off, Nk * i32);
+    a->moe_sorted = carve(base, &off, Nk * i32);
+    a->moe_pos = carve(base, &off, Nk * i32);
+    a->moe_off = carve(base, &off, (E + 1) * i64);
+    a->u = carve(base, &off, Nk * 2 * F * f);
+    a->h = carve(base, &off, Nk * F * f);
+    a->moa_y = carve(base, &off, Nk * H * f);
+    a->moe_y = carve(base, &off, Nk * H * f);
+    *offp = off;
+}
+
+static size_t wide_width(const jm_config *c)
+{
+    size_t H = c->hidden_size, A = (size_t)c->num_kv_heads * c->head_dim, F = c->intermediate_size;
+    size_t wide = H > A ? H : A;
+    return wide > 2 * F ? wide : 2 * F;
+}
+
 static size_t plan_acts(jm_model *m, char *base, int B, int T)
 {
     const jm_config *c = &m->cfg;
     const size_t N = (size_t)B * T, H = c->hidden_size, V = c->vocab_size, E = c->num_experts, k = c->top_k;
     const size_t A = (size_t)c->num_kv_heads * c->head_dim, F = c->intermediate_size, Nk = N * k;
-    const size_t f = sizeof(float), i32 = sizeof(int32_t), i64 = sizeof(int64_t);
+    const size_t f = sizeof(float), i32 = sizeof(int32_t);
     size_t off = 0;
     for (int l = 0; l < c->num_layers; l++) {
         layer_acts *a = base ? &m->la[l] : &(layer_acts){0};
         a->x = carve(base, &off, N * H * f);
-        a->a = carve(base, &off, N * H * f);
-        a->rstd1 = carve(base, &off, N * f);
-        a->kv = carve(base, &off, N * 2 * A * f);
-        a->moa_z = carve(base, &off, N * E * f);
-        a->moa_gate = carve(base, &off, Nk * f);
-        a->moa_idx = carve(base, &off, Nk * i32);
-        a->moa_sorted = carve(base, &off, Nk * i32);
-        a->moa_pos = carve(base, &off, Nk * i32);
-        a->moa_off = carve(base, &off, (E + 1) * i64);
-        a->q = carve(base, &off, Nk * A * f);
-        a->att = carve(base, &off, Nk * A * f);
-        a->att_lse = carve(base, &off, N * k * c->num_kv_heads * f);
-        a->x_mid = carve(base, &off, N * H * f);
-        a->b = carve(base, &off, N * H * f);
-        a->rstd2 = carve(base, &off, N * f);
-        a->moe_z = carve(base, &off, N * E * f);
-        a->moe_gate = carve(base, &off, Nk * f);
-        a->moe_idx = carve(base, &off, Nk * i32);
-        a->moe_sorted = carve(base, &off, Nk * i32);
-        a->moe_pos = carve(base, &off, Nk * i32);
-        a->moe_off = carve(base, &off, (E + 1) * i64);
-        a->u = carve(base, &off, Nk * 2 * F * f);
-        a->h = carve(base, &off, Nk * F * f);
-        a->moa_y = carve(base, &off, Nk * H * f);
-        a->moe_y = carve(base, &off, Nk * H * f);
+        plan_layer(c, a, base, &off, N);
     }
-    size_t wide = H > A ? H : A;
-    wide = wide > 2 * F ? wide : 2 * F;
+    const size_t wide = wide_width(c);
     m->x_out = carve(base, &off, N * H * f);
     m->hf = carve(base, &off, N * H * f);
     m->rstdf = carve(base, &off, N * f);
@@ -522,42 +557,53 @@ static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
 
 /* ---- forward ---- */
 
+/* What the block forwards borrow: dispatch/attention scratch and RoPE tables
+ * covering every position they see (the training arena's or the decoder's). */
+typedef struct {
+    float *xs, *ys, *att_scratch;
+    const float *rope_cos, *rope_sin;
+} fwd_scratch;
+
 /* MoA (spec, "MoA"): shared K/V, per-slot expert queries, causal attention,
- * per-slot expert output projections weighted by the gates. */
-static void moa_forward(jm_model *m, const layer_params *p, layer_acts *a, int B, int T)
+ * per-slot expert output projections weighted by the gates. The new tokens'
+ * keys and values go to rows p0 .. p0+T-1 of kv (per sequence, Tk = p0 + T
+ * rows): a->kv in training (p0 = 0), the layer's KV cache when decoding. */
+static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_params *p, layer_acts *a, int B,
+                        int T, float *kv, int p0)
 {
-    const jm_config *c = &m->cfg;
     const int64_t N = (int64_t)B * T, H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const int E = c->num_experts, k = c->top_k;
+    float *kv_new = kv + (int64_t)p0 * 2 * A; /* B == 1 whenever p0 > 0 */
 
-    matmul_forward(a->kv, a->a, p->kv_proj, N, H, 2 * A, 0);
+    matmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, 0);
     router_forward(a->moa_z, a->moa_idx, a->moa_gate, a->a, p->moa_router, N, (int)H, E, k);
     dispatch_build(a->moa_sorted, a->moa_pos, a->moa_off, a->moa_idx, N, k, E);
 
-    dispatch_gather(m->xs, a->a, a->moa_sorted, N * k, k, H, 0);
-    experts_forward(m->ys, m->xs, p->moa_in, a->moa_off, E, H, A);
-    dispatch_scatter(a->q, m->ys, a->moa_sorted, N * k, A);
+    dispatch_gather(S->xs, a->a, a->moa_sorted, N * k, k, H, 0);
+    experts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A);
+    dispatch_scatter(a->q, S->ys, a->moa_sorted, N * k, A);
 
-    rope_forward(a->q, N, T, k * c->num_kv_heads, c->head_dim, k * A, m->rope_cos, m->rope_sin);
-    rope_forward(a->kv, N, T, c->num_kv_heads, c->head_dim, 2 * A, m->rope_cos, m->rope_sin);
-    attention_forward(a->att, a->att_lse, a->q, a->kv, m->att_scratch, B, T, k, c->num_kv_heads, c->head_dim);
+    rope_forward(a->q, N, T, p0, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
+    rope_forward(kv_new, N, T, p0, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
+    attention_forward(a->att, a->att_lse, a->q, kv, S->att_scratch, B, T, p0 + T, k, c->num_kv_heads,
+                      c->head_dim);
 
-    dispatch_gather(m->xs, a->att, a->moa_sorted, N * k, k, A, 1);
-    experts_forward(a->moa_y, m->xs, p->moa_out, a->moa_off, E, A, H);
+    dispatch_gather(S->xs, a->att, a->moa_sorted, N * k, k, A, 1);
+    experts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H);
     combine_forward(a->x_mid, a->x, a->moa_y, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
 }
 
 /* MoE (spec, "MoE"): top-k SiLU-GLU experts, gate-weighted, plus bias. */
-static void moe_forward(jm_model *m, const layer_params *p, layer_acts *a, float *x_out, int64_t N)
+static void moe_forward(const jm_config *c, const fwd_scratch *S, const layer_params *p, layer_acts *a,
+                        float *x_out, int64_t N)
 {
-    const jm_config *c = &m->cfg;
     const int64_t H = c->hidden_size, F = c->intermediate_size;
     const int E = c->num_experts, k = c->top_k;
 
     router_forward(a->moe_z, a->moe_idx, a->moe_gate, a->b, p->moe_router, N, (int)H, E, k);
     dispatch_build(a->moe_sorted, a->moe_pos, a->moe_off, a->moe_idx, N, k, E);
-    dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
-    experts_forward(a->u, m->xs, p->moe_in, a->moe_off, E, H, 2 * F);
+    dispatch_gather(S->xs, a->b, a->moe_sorted, N * k, k, H, 0);
+    experts_forward(a->u, S->xs, p->moe_in, a->moe_off, E, H, 2 * F);
     swiglu_forward(a->h, a->u, N * k, F);
     experts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H);
     combine_forward(x_out, a->x_mid, a->moe_y, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
@@ -584,6 +630,7 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
     rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
 
     const float eps = (float)c->rms_norm_eps;
+    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin};
     double aux = 0.0, zl = 0.0;
     embedding_forward(m->la[0].x, tokens, m->embed, N, H);
     for (int l = 0; l < c->num_layers; l++) {
@@ -593,13 +640,13 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         double sw, zr;
 
         rmsnorm_forward(a->a, a->rstd1, a->x, p->ln1, N, H, eps);
-        moa_forward(m, p, a, B, T);
+        moa_forward(c, &S, p, a, B, T, a->kv, 0);
         router_losses(&sw, &zr, a->moa_z, a->moa_idx, N, c->num_experts, c->top_k);
         aux += sw;
         zl += zr;
 
         rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, N, H, eps);
-        moe_forward(m, p, a, x_next, N);
+        moe_forward(c, &S, p, a, x_next, N);
         router_losses(&sw, &zr, a->moe_z, a->moe_idx, N, c->num_experts, c->top_k);
         aux += sw;
         zl += zr;
@@ -622,6 +669,109 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         losses->z_loss = zl;
         losses->count = count;
     }
+    return JM_OK;
+}
+
+/* ---- decoding with a KV cache ---- */
+
+jm_status jm_set_context(jm_model *m, int ctx, jm_error *err)
+{
+    if (ctx < 1 || ctx > m->cfg.max_position_embeddings)
+        return jm_fail(err, JM_ERR_ARG, "context %d must be in [1, max_position_embeddings = %d]", ctx,
+                       m->cfg.max_position_embeddings);
+    decoder *d = &m->dec;
+    free(d->kv);
+    free(d->rope_cos);
+    free(d->rope_sin);
+    d->kv = d->rope_cos = d->rope_sin = NULL;
+    d->ctx = d->len = 0;
+    const jm_config *c = &m->cfg;
+    size_t A = (size_t)c->num_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
+    size_t bytes = (size_t)c->num_layers * ctx * 2 * A * sizeof(float);
+    d->kv = malloc(bytes);
+    d->rope_cos = malloc((size_t)ctx * half * sizeof(float));
+    d->rope_sin = malloc((size_t)ctx * half * sizeof(float));
+    if (!d->kv || !d->rope_cos || !d->rope_sin)
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate a %.2f GB KV cache for %d positions", bytes / 1e9, ctx);
+    rope_tables(d->rope_cos, d->rope_sin, ctx, c->head_dim, c->rope_theta);
+    d->ctx = ctx;
+    return JM_OK;
+}
+
+int jm_context(const jm_model *m) { return m->dec.ctx; }
+int jm_cached(const jm_model *m) { return m->dec.len; }
+
+/* The decoder's arena for up to n tokens per call (grows, never shrinks). */
+static jm_status ensure_decoder(jm_model *m, int n, jm_error *err)
+{
+    decoder *d = &m->dec;
+    if (d->mem && n <= d->n_cap && d->att_threads >= omp_get_max_threads()) return JM_OK;
+    const jm_config *c = &m->cfg;
+    const size_t N = (size_t)n, H = c->hidden_size, V = c->vocab_size, k = c->top_k, f = sizeof(float);
+    for (int pass = 0; pass < 2; pass++) {
+        char *base = pass ? d->mem : NULL;
+        size_t off = 0;
+        layer_acts a = {0};
+        plan_layer(c, &a, base, &off, N);
+        float *x0 = carve(base, &off, N * H * f), *x1 = carve(base, &off, N * H * f);
+        float *hf = carve(base, &off, H * f), *logits = carve(base, &off, V * f);
+        float *xs = carve(base, &off, N * k * wide_width(c) * f), *ys = carve(base, &off, N * k * wide_width(c) * f);
+        int threads = omp_get_max_threads();
+        float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx) * f);
+        if (!pass) {
+            free(d->mem);
+            d->mem = aligned_alloc(64, off);
+            if (!d->mem) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for decoding", off / 1e9);
+            d->cap = off;
+        } else {
+            d->a = a;
+            d->x0 = x0, d->x1 = x1, d->hf = hf, d->logits = logits, d->xs = xs, d->ys = ys, d->att_scratch = att;
+            d->att_threads = threads;
+            d->n_cap = n;
+        }
+    }
+    return JM_OK;
+}
+
+jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err)
+{
+    const jm_config *c = &m->cfg;
+    decoder *d = &m->dec;
+    jm_status s;
+    if (!d->kv && (s = jm_set_context(m, c->max_position_embeddings, err))) return s;
+    if (n < 1) return jm_fail(err, JM_ERR_ARG, "no tokens to process");
+    if (pos < 0 || pos > d->len)
+        return jm_fail(err, JM_ERR_ARG, "position %d is past the %d cached tokens", pos, d->len);
+    if ((int64_t)pos + n > d->ctx)
+        return jm_fail(err, JM_ERR_ARG, "%d + %d tokens exceed the context of %d", pos, n, d->ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
+            return jm_fail(err, JM_ERR_ARG, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i],
+                           pos + i, c->vocab_size);
+    if ((s = ensure_decoder(m, n, err))) return s;
+
+    const int64_t H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
+    const float eps = (float)c->rms_norm_eps;
+    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin};
+    layer_acts *a = &d->a;
+    float *x = d->x0, *x_next = d->x1;
+    embedding_forward(x, tokens, m->embed, n, H);
+    for (int l = 0; l < c->num_layers; l++) {
+        const layer_params *p = &m->lp[l];
+        a->x = x;
+        rmsnorm_forward(a->a, a->rstd1, x, p->ln1, n, H, eps);
+        moa_forward(c, &S, p, a, 1, n, d->kv + (int64_t)l * d->ctx * 2 * A, pos);
+        rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, n, H, eps);
+        moe_forward(c, &S, p, a, x_next, n);
+        float *t = x;
+        x = x_next;
+        x_next = t;
+    }
+    /* only the last position's logits: prefill never pays for the others */
+    rmsnorm_forward(d->hf, NULL, x + (int64_t)(n - 1) * H, m->norm, 1, H, eps);
+    matmul_forward(d->logits, d->hf, m->lm_head, 1, H, c->vocab_size, 0);
+    d->len = pos + n;
+    *logits = d->logits;
     return JM_OK;
 }
 

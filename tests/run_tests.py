@@ -269,6 +269,32 @@ def write_st(path, tensors):
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+# ---------------------------------------------------------------- generation
+
+def generation(suite, build, tmp):
+    """Greedy generation with the KV cache == the reference's greedy decode
+    without a cache, 64 tokens, on two configs."""
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    for name in ("odd_h72_d12_top1_untied", "deep6_e8_top2"):
+        test = f"generate_greedy_{name}"
+        if not suite.wanted(test):
+            continue
+        spec = GOLDEN_CONFIGS[name]
+        cfg = dict(spec["cfg"], eos_token_id=spec["cfg"]["vocab_size"] - 1)  # rarely hit: the test runs long
+        ck = os.path.join(tmp, "gen_" + name)
+        p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(cfg), "--seed", "21"])
+        if p.returncode != 0:
+            suite.check(test, False, "reference make failed: " + p.stderr.strip()[-300:])
+            continue
+        prompt = "1,7,3,11,5"
+        p, _ = run([PY, REF, "generate", ck, "--tokens", prompt, "--max-new", "64", "--float64"])
+        q, _ = run([jetmoe, "generate", ck, "--tokens", prompt, "--greedy", "--ids", "--max-new", "64"])
+        ref_ids, c_ids = p.stdout.split(), q.stdout.split()
+        ok = p.returncode == 0 and q.returncode == 0 and not sanitizer_report(q.stderr) and ref_ids == c_ids
+        suite.check(test, ok and len(ref_ids) >= 16, f"exit {p.returncode}/{q.returncode}; ref {ref_ids[:20]} "
+                    f"c {c_ids[:20]}; {q.stderr.strip()[-200:]}", f"{len(c_ids)} tokens identical")
+
+
 # ---------------------------------------------------------------- training runs: resume, signals, crashes
 
 def training_runs(suite, build, tmp):
@@ -604,6 +630,7 @@ def main():
         golden(suite, args.build, tmp)
         gradients(suite, args.build, tmp)
         training_steps(suite, args.build, tmp)
+        generation(suite, args.build, tmp)
         training_runs(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)

@@ -216,6 +216,31 @@ static void test_checkpoint_and_batch(const char *tmp)
     check(s == JM_OK && early < 1e-6 && last > 1e-3, "forward_causal", "status %d, change before %g, at last %g", s,
           early, last);
 
+    /* KV cache: a prefill of 5 tokens then single steps give the logits the
+     * full forward gives at every position; rewinding re-uses the prefix */
+    {
+        const int V = c.vocab_size;
+        float *full = malloc(sizeof(float) * T * V);
+        s = jm_forward(m, toks, 1, T, NULL, &err);
+        if (!s) memcpy(full, jm_logits(m), sizeof(float) * T * V);
+        double worst = 0, scale = 0;
+        const float *lg;
+        for (int i = 0; i < T * V; i++) scale = fmax(scale, fabs(full[i]));
+        if (!s) s = jm_infer(m, toks, 5, 0, &lg, &err);
+        for (int i = 0; !s && i < V; i++) worst = fmax(worst, fabs(lg[i] - full[4 * V + i]));
+        for (int t = 5; !s && t < T; t++) {
+            s = jm_infer(m, toks + t, 1, t, &lg, &err);
+            for (int i = 0; !s && i < V; i++) worst = fmax(worst, fabs(lg[i] - full[t * V + i]));
+        }
+        if (!s) s = jm_infer(m, toks + 3, T - 3, 3, &lg, &err); /* rewind to position 3 */
+        for (int i = 0; !s && i < V; i++) worst = fmax(worst, fabs(lg[i] - full[(T - 1) * V + i]));
+        check(s == JM_OK && worst <= 1e-4 * scale, "kv_cache_logits_equal_full_forward",
+              "status %d (%s), max diff %g vs max |logit| %g", s, err.msg, worst, scale);
+        s = jm_infer(m, toks, 2, jm_cached(m) + 1, &lg, &err);
+        check(s == JM_ERR_ARG, "kv_cache_rejects_gap", "status %d", s);
+        free(full);
+    }
+
     int32_t badtok[2] = {1, 50};
     s = jm_forward(m, badtok, 1, 2, NULL, &err);
     check(s == JM_ERR_ARG && strstr(err.msg, "50"), "forward_rejects_out_of_vocab", "status %d: %s", s, err.msg);

@@ -57,20 +57,21 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
 
 /* rope.c: cos/sin tables (T, D/2) for positions 0..T-1, then rotate-half in place
  * on `rows` rows of `heads` heads of D, row stride `stride` floats; row r has
- * position r % T. */
+ * position pos0 + r % T (the tables must cover it). */
 void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta);
-void rope_forward(float *x, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
+void rope_forward(float *x, int64_t rows, int T, int pos0, int heads, int D, int64_t stride, const float *cos_t,
                   const float *sin_t);
 void rope_backward(float *dx, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
                    const float *sin_t);
 
-/* attention.c: causal attention for B sequences of T tokens.
- * q (B*T, k, Hkv, D): query head (j,h) attends with kv head h of kv (B*T, 2*A),
- * K = first A columns, V = last A. out (B*T, k, Hkv, D); lse (B*T, k*Hkv) keeps
- * each row's softmax normaliser for backward. scratch: attention_scratch_floats(T) per thread. */
+/* attention.c: causal attention for B sequences of T query tokens over Tk >= T
+ * keys each (the first Tk - T from a cache). q (B*T, k, Hkv, D): query head
+ * (j,h) attends with kv head h of kv (B*Tk, 2*A), K = first A columns, V = last
+ * A. out (B*T, k, Hkv, D); lse (B*T, k*Hkv) keeps each row's softmax normaliser
+ * for backward (which needs Tk == T). scratch: attention_scratch_floats(Tk) per thread. */
 size_t attention_scratch_floats(int T);
 void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
-                       int k, int Hkv, int D);
+                       int Tk, int k, int Hkv, int D);
 void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
                         const float *q, const float *kv, float *scratch, int B, int T, int k, int Hkv, int D);
 

@@ -1041,6 +1041,25 @@ def _cmd_train(args):
     return 0
 
 
+def _cmd_generate(args):
+    """Greedy decoding without a cache: rerun the whole sequence, take the
+    argmax (lowest id on ties) of the last position, stop at EOS."""
+    cfg, params = load_checkpoint(args.dir)
+    seq = _parse_ints(args.tokens)
+    out = []
+    dt = torch.float64 if args.float64 else torch.float32
+    with torch.no_grad():
+        for _ in range(args.max_new):
+            logits = forward(cfg, params, torch.tensor([seq], dtype=torch.long), dtype=dt)["logits"][0, -1]
+            best = int(torch.nonzero(logits == logits.max())[0])
+            seq.append(best)
+            out.append(best)
+            if best == cfg["eos_token_id"]:
+                break
+    print(" ".join(str(t) for t in out))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="jetmoe_ref.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1072,6 +1091,11 @@ def main(argv=None):
                           ("beta2", 0.95), ("eps", 1e-8), ("wd", 0.1), ("clip", 1.0)):
         tr.add_argument("--" + name, type=type(default), default=default)
     tr.add_argument("--schedule", choices=("wsd", "cosine", "constant"), default="wsd")
+    gn = sub.add_parser("generate", help="greedy decoding without a KV cache; prints the new ids")
+    gn.add_argument("dir")
+    gn.add_argument("--tokens", required=True)
+    gn.add_argument("--max-new", type=int, default=64)
+    gn.add_argument("--float64", action="store_true")
     sub.add_parser("selftest", help="internal consistency checks")
     args = ap.parse_args(argv)
     try:
@@ -1081,6 +1105,8 @@ def main(argv=None):
             return _cmd_forward(args)
         if args.cmd == "train":
             return _cmd_train(args)
+        if args.cmd == "generate":
+            return _cmd_generate(args)
         return 0 if selftest() else 1
     except (ConfigError, ValueError, FileNotFoundError) as ex:
         print("jetmoe_ref: %s" % ex, file=sys.stderr)
