@@ -620,6 +620,125 @@ out:
     return s ? fail("generate", s, &err) : 0;
 }
 
+/* ---- chat ---- */
+
+/* An interactive conversation in the tokenizer's chat template. Each turn
+ * re-renders the whole history, keeps the KV cache for the prefix it shares
+ * with what is already cached, and prefills only the rest. */
+static int cmd_chat(int argc, char **argv)
+{
+    const char *dir = NULL, *system = NULL, *max_new = "256", *temp = "0.7", *topp = "0.9", *seed = "1",
+               *threads = "0";
+    int greedy = 0;
+    const flag_spec flags[] = {{"--system", &system, NULL},     {"--max-new", &max_new, NULL},
+                               {"--temperature", &temp, NULL},  {"--top-p", &topp, NULL},
+                               {"--seed", &seed, NULL},         {"--threads", &threads, NULL},
+                               {"--greedy", NULL, &greedy}};
+    int rc = parse_args("chat", argc, argv, flags, 7, &dir);
+    if (rc) return rc;
+    if (!dir) return die("chat", "%s", "usage: jetmoe chat DIR [--system TEXT] [--max-new N] [--temperature T]");
+    long mn, sd, th;
+    double t, tp;
+    if (parse_int(max_new, 1, 1 << 20, &mn)) return die("chat", "--max-new wants a positive integer, got '%s'", max_new);
+    if (parse_int(seed, 0, 2147483647L, &sd)) return die("chat", "--seed wants an integer >= 0, got '%s'", seed);
+    if (parse_int(threads, 0, 4096, &th)) return die("chat", "--threads wants an integer, got '%s'", threads);
+    if (parse_real(temp, 1e-6, 100, &t)) return die("chat", "--temperature wants a number in (0, 100], got '%s'", temp);
+    if (parse_real(topp, 1e-9, 1, &tp)) return die("chat", "--top-p wants a number in (0, 1], got '%s'", topp);
+    jm_set_threads((int)th);
+    jm_error err;
+    jm_tokenizer *tok = NULL;
+    jm_model *m = NULL;
+    jm_status s = jm_tokenizer_load(dir, &tok, &err);
+    if (!s) s = jm_model_load(dir, &m, &err);
+    if (s) {
+        jm_tokenizer_free(tok);
+        return fail("chat", s, &err);
+    }
+    const int V = jm_model_config(m)->vocab_size, ctx = jm_model_config(m)->max_position_embeddings;
+    const int eos = jm_tokenizer_eos_id(tok);
+    jm_chat_message hist[512];
+    char *owned[512];
+    int nh = 0, ncached = 0;
+    int32_t *cached = malloc(sizeof(int32_t) * (size_t)ctx), *reply = malloc(sizeof(int32_t) * (size_t)mn);
+    float *probs = malloc(8 * (size_t)V); /* sampling scratch: V (float, int32) pairs */
+    if (system) hist[nh] = (jm_chat_message){"system", system}, owned[nh++] = NULL;
+    jm_sample_opts so = {t, 0, tp, (uint64_t)sd, (int)mn, greedy};
+    uint64_t rng = (uint64_t)sd;
+    int tty = isatty(0);
+    char *line = NULL;
+    size_t cap = 0;
+    fprintf(stderr, "jetmoe chat: /reset clears the history, /exit quits (context %d tokens)\n", ctx);
+    while (cached && reply && probs) {
+        if (tty) fputs("> ", stderr);
+        ssize_t len = getline(&line, &cap, stdin);
+        if (len < 0) break;
+        if (len && line[len - 1] == '\n') line[--len] = 0;
+        if (strcmp(line, "/exit") == 0) break;
+        if (strcmp(line, "/reset") == 0) {
+            for (int i = 0; i < nh; i++) free(owned[i]);
+            nh = system ? 1 : 0;
+            fprintf(stderr, "(history cleared)\n");
+            continue;
+        }
+        if (!len) continue;
+        if (nh + 2 > 512) {
+            fprintf(stderr, "(history full: /reset to start again)\n");
+            continue;
+        }
+        owned[nh] = strdup(line);
+        hist[nh] = (jm_chat_message){"user", owned[nh]};
+        nh++;
+        int32_t *ids;
+        size_t n;
+        if ((s = jm_chat_encode(tok, hist, nh, 1, &ids, &n, &err))) break;
+        if ((long)n + 1 >= ctx) {
+            fprintf(stderr, "(the conversation fills the context of %d tokens: /reset to start again)\n", ctx);
+            free(ids);
+            free(owned[--nh]);
+            continue;
+        }
+        /* reuse the cached prefix; always recompute at least the last token */
+        int same = 0;
+        while (same < ncached && same < (int)n - 1 && cached[same] == ids[same]) same++;
+        const float *logits;
+        if ((s = jm_infer(m, ids + same, (int)n - same, same, &logits, &err))) {
+            free(ids);
+            break;
+        }
+        memcpy(cached, ids, n * sizeof *ids);
+        ncached = (int)n;
+        free(ids);
+        int nr = 0, limit = (int)mn < ctx - ncached ? (int)mn : ctx - ncached;
+        stream_ctx sc = {tok, reply, 0, 0, 0};
+        while (nr < limit) {
+            int32_t id = jm_sample(logits, V, &so, &rng, probs);
+            if (id == eos) break;
+            stream_token(&sc, id);
+            nr = sc.n;
+            cached[ncached++] = id;
+            if (nr >= limit || (s = jm_infer(m, &id, 1, ncached - 1, &logits, &err))) break;
+        }
+        if (s) break;
+        putchar('\n');
+        fflush(stdout);
+        if (nr >= limit) fprintf(stderr, "(reply cut at %d tokens)\n", nr);
+        char *text;
+        size_t tl;
+        if ((s = jm_tokenizer_decode(tok, reply, (size_t)nr, &text, &tl, &err))) break;
+        owned[nh] = text;
+        hist[nh] = (jm_chat_message){"assistant", text};
+        nh++;
+    }
+    for (int i = 0; i < nh; i++) free(owned[i]);
+    free(line);
+    free(cached);
+    free(reply);
+    free(probs);
+    jm_model_free(m);
+    jm_tokenizer_free(tok);
+    return s ? fail("chat", s, &err) : 0;
+}
+
 /* ---- dispatch ---- */
 
 static int cmd_help(int argc, char **argv);
@@ -669,6 +788,10 @@ static const command commands[] = {
      "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt,\n"
      "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids.",
      cmd_generate},
+    {"chat", "jetmoe chat DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--seed S] [--greedy]",
+     "Talks with the model in DIR in its chat template (JetMoE-chat's by default), streaming each\n"
+     "reply; the KV cache keeps the conversation. /reset clears the history, /exit quits.",
+     cmd_chat},
     {"help", "jetmoe help [COMMAND]", "Shows the commands, or one command's usage.", cmd_help},
 };
 #define NCOMMANDS (int)(sizeof commands / sizeof commands[0])

@@ -172,6 +172,9 @@ typedef struct {
     int greedy;          /* argmax, ignores the rest */
 } jm_sample_opts;
 jm_status jm_sample_validate(const jm_sample_opts *o, jm_error *err);
+/* One token from a row of V logits; *rng is the caller's generator state,
+ * scratch holds V (float, int32) pairs. */
+int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch);
 /* Generates after the prompt until EOS, max_new tokens, or on_token (called
  * with each new id; may be NULL) returns non-zero. out holds max_new ids. */
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,

@@ -47,10 +47,6 @@ float jm_bf16_to_f32(uint16_t h);
 uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float jm_f16_to_f32(uint16_t h);
 
-/* ---- sampling (generate.c) ---- */
-/* One token from a row of V logits; scratch holds V (float, int32) pairs. */
-int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch);
-
 /* ---- safetensors (safetensors.c) ---- */
 typedef enum {
     ST_BOOL, ST_U8, ST_I8, ST_I16, ST_U16, ST_F16, ST_BF16, ST_I32, ST_U32, ST_F32,

@@ -367,6 +367,16 @@ def training_runs(suite, build, tmp):
                 f"exit {p1.returncode}/{p2.returncode}; losses equal {la == lb}; weights equal {same_w}; "
                 f"{p2.stderr.strip()[-300:]}", "20 steps == 10 + resume 10: losses and weights identical")
 
+    # chat on the trained model: a few turns, /reset, and a turn too long for its 64-token context
+    ck = os.path.join(a, "checkpoints", "step_20")
+    script = "hello there\nand again\n/reset\n" + "word " * 80 + "\nshort\n/exit\n"
+    q = subprocess.run([jetmoe, "chat", ck, "--greedy", "--max-new", "8"], input=script, capture_output=True,
+                       text=True, timeout=120)
+    suite.check("chat_repl_turns_reset_and_full_context",
+                q.returncode == 0 and "(history cleared)" in q.stderr and "fills the context" in q.stderr and
+                q.stdout.count("\n") >= 2 and not sanitizer_report(q.stderr),
+                f"exit {q.returncode}: stdout {q.stdout[-200:]!r} stderr {q.stderr[-300:]!r}")
+
     # SIGINT: saves where it is, exits 130; resuming finishes with the same weights.
     c = os.path.join(d, "run_c")
     proc = subprocess.Popen([jetmoe, "pretrain", "--recipe", rpath, "--out", c], stdout=subprocess.PIPE,
