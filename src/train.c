@@ -741,7 +741,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     char path[4400];
     FILE *metrics = NULL;
     int32_t *batch = NULL;
-    double *load = NULL;
+    double *load = NULL, *tail = NULL;
     if ((s = jm_mkdir_p(o->out_dir, err))) goto done;
     if ((s = open_trainer(&t, o, err))) goto done;
 
@@ -770,12 +770,14 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     const int64_t total = r->schedule.total_steps, tokens_per_step = (int64_t)B * T * r->grad_accum;
     batch = malloc(sizeof(int32_t) * (size_t)B * T * r->grad_accum);
     load = malloc(sizeof(double) * 2 * (size_t)L * E);
-    if (!batch || !load) {
+    tail = calloc(2 * (size_t)L * E, sizeof(double));
+    if (!batch || !load || !tail) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
     }
     const int tty = isatty(2) && !o->quiet;
     double last_min_share = NAN;
+    int n_tail = 0; /* logged steps among the last ten logs, whose expert load is averaged */
     const int64_t first = t.step;
     double t0 = omp_get_wtime(), last_log = t0;
     if (!o->quiet)
@@ -821,6 +823,10 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
             }
             fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
             last_min_share = worst;
+            if (total - (t.step + 1) < 10 * r->log_every) {
+                for (size_t i = 0; i < 2 * (size_t)L * E; i++) tail[i] += load[i];
+                n_tail++;
+            }
         }
         t.step++;
 
@@ -861,17 +867,22 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         double h1 = unigram_entropy(r);
         fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
                         "training sources: %.4f nats/token)\n", (long long)ht, hl, exp(hl), h1);
-        fprintf(stderr, "expert load at the last logged step: the least-used expert of any router got %.0f%% of "
-                        "its fair share\n", 100 * last_min_share);
+        double tail_min = NAN;
+        for (size_t i = 0; n_tail && i < 2 * (size_t)L * E; i++)
+            tail_min = i ? fmin(tail_min, tail[i] / n_tail) : tail[i] / n_tail;
+        fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair share "
+                        "(last logged batch), %.0f%% (mean over the last %d logged batches)\n",
+                100 * last_min_share, 100 * tail_min, n_tail);
         fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld,"
-                         "\"unigram_entropy\":%.6f,\"final_min_expert_share\":%.4f}\n",
-                (long long)t.step, hl, exp(hl), (long long)ht, h1, last_min_share);
+                         "\"unigram_entropy\":%.6f,\"final_min_expert_share\":%.4f,\"tail_min_expert_share\":%.4f}\n",
+                (long long)t.step, hl, exp(hl), (long long)ht, h1, last_min_share, tail_min);
     }
 done:
     if (metrics) fclose(metrics);
     write_plot(o->out_dir);
     free(batch);
     free(load);
+    free(tail);
     close_trainer(&t);
     jm_recipe_free(t.r);
     return s;
