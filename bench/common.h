@@ -76,4 +76,36 @@ static int bench_args(int argc, char **argv, const char *name, int *threads, int
     return 0;
 }
 
+/* Times iters calls of step (after one warm-up call, which also plans the
+ * arenas) and prints the GEMM peak and the result as JSON lines. flops is the
+ * work of one call. Returns non-zero when a step fails. */
+static int bench_run(const char *what, int (*step)(void *ctx), void *ctx, int iters, double flops, int threads,
+                     int B, int T, const double *loss)
+{
+    double peak = gemm_peak_gflops(2048, 3);
+    if (step(ctx)) return 1;
+    double best = 1e30, total = 0;
+    for (int i = 0; i < iters; i++) {
+        double t0 = now();
+        if (step(ctx)) return 1;
+        double t = now() - t0;
+        total += t;
+        best = t < best ? t : best;
+    }
+    double mean = total / iters;
+    printf("{\"impl\":\"c\",\"what\":\"gemm_peak\",\"n\":2048,\"gflops\":%.2f,\"threads\":%d}\n", peak, threads);
+    printf("{\"impl\":\"c\",\"what\":\"%s\",\"tokens_per_s\":%.1f,\"seconds_per_iter\":%.5f,\"best_s\":%.5f,"
+           "\"gflops\":%.2f,\"gflop_per_iter\":%.3f,\"threads\":%d,\"batch\":%d,\"seq\":%d,\"loss\":%.4f}\n",
+           what, B * T / mean, mean, best, flops / mean / 1e9, flops / 1e9, threads, B, T, *loss);
+    return 0;
+}
+
+/* Deterministic token ids spread over the vocabulary. */
+static int32_t *bench_tokens(int n, int vocab)
+{
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)n);
+    for (int i = 0; tok && i < n; i++) tok[i] = (int32_t)((i * 2654435761u) % (unsigned)vocab);
+    return tok;
+}
+
 #endif

@@ -4,6 +4,24 @@
  * with the PyTorch reference. Not a test. */
 #include "common.h"
 
+typedef struct {
+    jm_model *m;
+    jm_optimizer *opt;
+    const int32_t *tok;
+    int B, T;
+    double loss;
+    jm_error err;
+} train_ctx;
+
+static int train_step(void *p)
+{
+    train_ctx *c = p;
+    jm_step_stats st;
+    if (jm_train_step(c->m, c->opt, c->tok, c->B, c->T, 1, 5e-4, 1.0, NULL, &st, &c->err)) return 1;
+    c->loss = st.loss;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int threads = 2, B = 8, T = 256, iters = 4;
@@ -11,38 +29,19 @@ int main(int argc, char **argv)
     jm_set_threads(threads);
     jm_config c;
     bench_config(&c);
-    jm_model *m;
-    jm_optimizer *opt;
-    jm_error err;
     jm_adamw_config ac = {5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0};
-    if (jm_model_create(&c, 1, &m, &err) || jm_optimizer_create(m, &ac, &opt, &err) || jm_zero_grad(m, &err)) {
-        fprintf(stderr, "bench/train: %s\n", err.msg);
-        return 1;
-    }
-    int32_t *tok = malloc(sizeof(int32_t) * B * T);
-    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)((i * 2654435761u) % (unsigned)c.vocab_size);
-    double peak = gemm_peak_gflops(2048, 3);
-    jm_step_stats st;
-    if (jm_train_step(m, opt, tok, B, T, 1, 5e-4, 1.0, NULL, &st, &err)) { /* warm-up */
-        fprintf(stderr, "bench/train: %s\n", err.msg);
-        return 1;
-    }
-    double best = 1e30, total = 0;
-    for (int i = 0; i < iters; i++) {
-        double t0 = now();
-        jm_train_step(m, opt, tok, B, T, 1, 5e-4, 1.0, NULL, &st, &err);
-        double t = now() - t0;
-        total += t;
-        best = t < best ? t : best;
-    }
+    train_ctx ctx = {.B = B, .T = T};
+    int32_t *tok = bench_tokens(B * T, c.vocab_size);
+    ctx.tok = tok;
     /* model FLOPs: the backward costs twice the forward's products */
-    double mean = total / iters, flops = 3.0 * forward_flops(&c, B, T);
-    printf("{\"impl\":\"c\",\"what\":\"gemm_peak\",\"n\":2048,\"gflops\":%.2f,\"threads\":%d}\n", peak, threads);
-    printf("{\"impl\":\"c\",\"what\":\"train\",\"tokens_per_s\":%.1f,\"seconds_per_iter\":%.5f,\"best_s\":%.5f,"
-           "\"gflops\":%.2f,\"gflop_per_iter\":%.3f,\"threads\":%d,\"batch\":%d,\"seq\":%d,\"loss\":%.4f}\n",
-           B * T / mean, mean, best, flops / mean / 1e9, flops / 1e9, threads, B, T, st.loss);
+    if (!tok || jm_model_create(&c, 1, &ctx.m, &ctx.err) || jm_optimizer_create(ctx.m, &ac, &ctx.opt, &ctx.err) ||
+        jm_zero_grad(ctx.m, &ctx.err) ||
+        bench_run("train", train_step, &ctx, iters, 3.0 * forward_flops(&c, B, T), threads, B, T, &ctx.loss)) {
+        fprintf(stderr, "bench/train: %s\n", tok ? ctx.err.msg : "out of memory");
+        return 1;
+    }
     free(tok);
-    jm_optimizer_free(opt);
-    jm_model_free(m);
+    jm_optimizer_free(ctx.opt);
+    jm_model_free(ctx.m);
     return 0;
 }

@@ -48,15 +48,8 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
                 for (int r = 0; r < rb; r++) {
                     float *s = S + (int64_t)r * nk;
                     int visible = p0 + r0 + r + 1;
-                    float mx = s[0];
-#pragma omp simd reduction(max : mx)
-                    for (int c = 1; c < visible; c++) mx = s[c] > mx ? s[c] : mx;
-                    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                    for (int c = 0; c < visible; c++) {
-                        s[c] = jm_expf(s[c] - mx);
-                        sum += s[c];
-                    }
+                    float mx = row_max(s, visible);
+                    float sum = exp_shift_sum(s, s, visible, mx);
                     float inv = 1.0f / sum;
                     for (int c = 0; c < visible; c++) s[c] *= inv;
                     for (int c = visible; c < nk; c++) s[c] = 0.0f;

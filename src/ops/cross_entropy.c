@@ -11,12 +11,7 @@ double cross_entropy_forward(const float *logits, const int32_t *targets, int64_
     for (int64_t t = 0; t < N; t++) {
         if (targets[t] < 0) continue; /* masked (no next token, or prompt in fine-tuning) */
         const float *x = logits + t * V;
-        float mx = x[0];
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 1; i < V; i++) mx = x[i] > mx ? x[i] : mx;
-        float s = 0.0f; /* lane-wise partial sums: each lane adds V/8 terms <= 1 */
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < V; i++) s += jm_expf(x[i] - mx);
+        float mx = row_max(x, V), s = exp_shift_sum(NULL, x, V, mx);
         sum += (double)mx + log((double)s) - (double)x[targets[t]];
         n++;
     }
@@ -37,15 +32,7 @@ void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *
             for (int64_t i = 0; i < V; i++) d[i] = 0.0f;
             continue;
         }
-        float mx = x[0];
-#pragma omp simd reduction(max : mx)
-        for (int64_t i = 1; i < V; i++) mx = x[i] > mx ? x[i] : mx;
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < V; i++) {
-            d[i] = jm_expf(x[i] - mx);
-            s += d[i];
-        }
+        float mx = row_max(x, V), s = exp_shift_sum(d, x, V, mx);
         float inv = scale / s;
 #pragma omp simd
         for (int64_t i = 0; i < V; i++) d[i] *= inv;

@@ -40,6 +40,33 @@ static inline float jm_expf(float x)
     return x == x ? p * scale : x;
 }
 
+/* Row helpers of the softmax-shaped loops (attention, cross-entropy): the
+ * max, and y = exp(x - mx) with its sum (y may be x, or NULL for the sum only).
+ * Lane-wise partial sums: each adds at most n/8 terms <= 1. */
+static inline float row_max(const float *x, int64_t n)
+{
+    float mx = x[0];
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    return mx;
+}
+
+static inline float exp_shift_sum(float *y, const float *x, int64_t n, float mx)
+{
+    float s = 0.0f;
+    if (y) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < n; i++) {
+            y[i] = jm_expf(x[i] - mx);
+            s += y[i];
+        }
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < n; i++) s += jm_expf(x[i] - mx);
+    }
+    return s;
+}
+
 /* matmul.c: out (N,O) = inp (N,C) @ W(O,C)^T  (+ out when accumulate) */
 void matmul_forward(float *out, const float *inp, const float *W, int64_t N, int64_t C, int64_t O, int accumulate);
 
