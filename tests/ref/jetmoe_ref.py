@@ -446,11 +446,19 @@ def router_losses(z, idx, E):
 
 
 def _groups(idx, E):
-    """Flat (token*k + slot) positions sorted by expert, and per-expert counts."""
+    """Per expert with any pairs: (e, pos, tok) where pos are the flat
+    (token*k + slot) pair indices routed to e and tok their token rows."""
+    k = idx.shape[-1]
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True)[1]
     counts = torch.bincount(flat, minlength=E).tolist()
-    return order, counts
+    start = 0
+    for e in range(E):
+        c = counts[e]
+        if c:
+            pos = order[start:start + c]
+            yield e, pos, torch.div(pos, k, rounding_mode="floor")
+        start += c
 
 
 def moe(a, idx, gates, w_in, w_out, bias):
@@ -458,17 +466,9 @@ def moe(a, idx, gates, w_in, w_out, bias):
     N, k = idx.shape
     E, twoF = w_in.shape[0], w_in.shape[1]
     Fw = twoF // 2
-    order, counts = _groups(idx, E)
     gflat = gates.reshape(-1)
     out = torch.zeros(N, a.shape[1], dtype=a.dtype)
-    start = 0
-    for e in range(E):
-        c = counts[e]
-        if c == 0:
-            continue
-        pos = order[start:start + c]
-        start += c
-        tok = torch.div(pos, k, rounding_mode="floor")
+    for e, pos, tok in _groups(idx, E):
         u = a.index_select(0, tok) @ w_in[e].t()
         h = F.silu(u[:, :Fw]) * u[:, Fw:]
         y = (h @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
@@ -482,22 +482,13 @@ def moa(a, B, T, idx, gates, kv_w, w_in, w_out, bias, Hkv, D, cos, sin):
     N, k = idx.shape
     E = w_in.shape[0]
     HD = Hkv * D
-    order, counts = _groups(idx, E)
     kv = a @ kv_w.t()
     K = kv[:, :HD].reshape(B, T, Hkv, D)
     V = kv[:, HD:].reshape(B, T, Hkv, D)
     # queries, grouped per expert, then put back in (token, slot) order
-    qs, start = [], 0
-    for e in range(E):
-        c = counts[e]
-        if c == 0:
-            continue
-        pos = order[start:start + c]
-        start += c
-        tok = torch.div(pos, k, rounding_mode="floor")
-        qs.append(a.index_select(0, tok) @ w_in[e].t())
-    inv = torch.argsort(order)
-    Q = torch.cat(qs, 0).index_select(0, inv)          # (N*k, HD), row n*k+j
+    Q = torch.zeros(N * k, HD, dtype=a.dtype)          # (N*k, HD), row n*k+j
+    for e, pos, tok in _groups(idx, E):
+        Q = Q.index_copy(0, pos, a.index_select(0, tok) @ w_in[e].t())
     Q = Q.reshape(B, T, k, Hkv, D)
     Q = apply_rope(Q, cos[None, :, None, None, :], sin[None, :, None, None, :])
     K = apply_rope(K, cos[None, :, None, :], sin[None, :, None, :])
@@ -514,14 +505,7 @@ def moa(a, B, T, idx, gates, kv_w, w_in, w_out, bias, Hkv, D, cos, sin):
     O = O.reshape(B, Hkv, k, T, D).permute(0, 3, 2, 1, 4).reshape(N * k, HD)
     out = torch.zeros(N, a.shape[1], dtype=a.dtype)
     gflat = gates.reshape(-1)
-    start = 0
-    for e in range(E):
-        c = counts[e]
-        if c == 0:
-            continue
-        pos = order[start:start + c]
-        start += c
-        tok = torch.div(pos, k, rounding_mode="floor")
+    for e, pos, tok in _groups(idx, E):
         y = (O.index_select(0, pos) @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
         out.index_add_(0, tok, y)
     return out + bias
