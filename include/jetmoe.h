@@ -75,6 +75,13 @@ typedef struct jm_model jm_model;
 /* Loads an HF checkpoint directory: config.json plus model.safetensors or
  * model.safetensors.index.json + shards. F32/BF16/F16 are converted to fp32. */
 jm_status jm_model_load(const char *dir, jm_model **out, jm_error *err);
+/* Opens a checkpoint for inference (generate, chat, eval): the weight
+ * matrices are used in place from the file mapping - F32, BF16, or the Q8/Q4
+ * blocks jm_quantize writes - so an 8B model needs no fp32 copy. Norms,
+ * biases and routers (small, and the routers decide everything downstream)
+ * become fp32; an F16 matrix is converted to fp32. Such a model runs
+ * jm_forward, jm_infer and jm_generate; jm_backward refuses it. */
+jm_status jm_model_open(const char *dir, jm_model **out, jm_error *err);
 /* A fresh model initialised as the spec says (N(0, initializer_range), norms 1, biases 0). */
 jm_status jm_model_create(const jm_config *c, uint64_t seed, jm_model **out, jm_error *err);
 /* Writes config.json + model.safetensors (F32) into dir, atomically. */
@@ -155,6 +162,27 @@ jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const flo
 jm_status jm_set_context(jm_model *m, int ctx, jm_error *err);
 int jm_context(const jm_model *m);
 int jm_cached(const jm_model *m);
+
+/* Bytes of weights one decoded token reads, at the dtypes held: its
+ * embedding row; per layer both norms, both routers, the shared KV projection,
+ * k attention experts' query and output projections, k MLP experts, the two
+ * biases; the final norm and the lm_head. The numerator of the decode roofline. */
+int64_t jm_active_weight_bytes(const jm_model *m);
+/* The dtype of the expert matrices: "f32", "bf16", "q8", "q4" (or "mixed"). */
+const char *jm_model_weight_type(const jm_model *m);
+/* Kernels for BF16/Q8/Q4 products: "auto" (the best this CPU runs: AVX2+FMA+F16C),
+ * "avx2", or "portable" (plain C, any CPU). An unsupported choice is an error. */
+jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err);
+const char *jm_kernels(const jm_model *m);
+
+/* Writes a quantized copy of checkpoint dir into out_dir: every weight matrix
+ * whose input width is a multiple of 32 (all of JetMoE-8B's) as blocks of 32
+ * values with one F16 scale each - int8 for bits = 8 (tensor dtype I8), int4
+ * for bits = 4 (two per byte, U8) - next to "<name>_scale"; routers, norms
+ * and biases keep their dtype. Sharded (<= 2 GB per file, with an index) and
+ * atomic per file; config.json and tokenizer files are copied. Reads through
+ * jm_model_open, so an 8B BF16 input needs no fp32 copy. */
+jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *err);
 
 /* After jm_forward: the experts each router chose, in router order.
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the

@@ -46,6 +46,7 @@ jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *er
 float jm_bf16_to_f32(uint16_t h);
 uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float jm_f16_to_f32(uint16_t h);
+uint16_t jm_f32_to_f16(float f); /* round to nearest even */
 
 /* ---- safetensors (safetensors.c) ---- */
 typedef enum {

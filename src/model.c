@@ -12,9 +12,12 @@
 #include <omp.h>
 #include <string.h>
 
+/* Weight matrices are views of the weights as stored (wview: fp32 in the
+ * arena for training, BF16/Q8/Q4 in the file mapping for inference); norms,
+ * biases and routers are always fp32. */
 typedef struct {
-    float *ln1, *kv_proj, *moa_router, *moa_in, *moa_out, *moa_bias;
-    float *ln2, *moe_router, *moe_in, *moe_out, *moe_bias;
+    float *ln1, *moa_router, *moa_bias, *ln2, *moe_router, *moe_bias;
+    wview kv_proj, moa_in, moa_out, moe_in, moe_out;
 } layer_params;
 
 /* What one layer keeps from its forward for the backward pass. */
@@ -58,7 +61,14 @@ typedef struct {
     size_t cap;
     layer_acts a;           /* shared by every layer */
     float *x0, *x1, *hf, *logits, *xs, *ys, *att_scratch;
+    void *wscratch;         /* stored-weight products (qmatmul.c) */
 } decoder;
+
+/* A parameter's place in the model: an fp32 vector (or router), or a matrix view. */
+typedef struct {
+    float **f;
+    wview *w;
+} param_slot;
 
 struct jm_model {
     jm_config cfg;
@@ -68,8 +78,13 @@ struct jm_model {
     float *param_mem;
     int64_t param_numel;
     layer_params *lp;
-    float *embed, *norm, *lm_head;
-    float ***param_slot;  /* where each table entry's pointer goes (build_params) */
+    wview embed, lm_head;
+    float *norm;
+    param_slot *slot;     /* where each table entry's pointer goes (build_params) */
+    st_set map;           /* jm_model_open: the mapped files the views point into */
+    int mapped;           /* some weights live in the mapping: inference only */
+    int stored;           /* some matrix is not fp32: products need wscratch */
+    const wkernels *kern; /* BF16/Q8/Q4 dot kernels */
 
     int B, T;         /* the shape the activation arena is planned for */
     void *act_mem;
@@ -81,6 +96,7 @@ struct jm_model {
     grad_scratch g;
     float *grad_mem;  /* gradients, laid out like param_mem (jm_param.grad) */
     float *att_scratch, *rope_cos, *rope_sin;
+    void *wscratch;
     int att_threads;
     double aux_loss, z_loss;
     int64_t loss_count;
@@ -89,7 +105,7 @@ struct jm_model {
 
 /* ---- parameter table ---- */
 
-static void add_param(jm_param *p, int *n, float ***slot, float **target, const char *name, int ndim, int64_t d0,
+static void add_param(jm_param *p, int *n, param_slot *slot, param_slot target, const char *name, int ndim, int64_t d0,
                       int64_t d1, int64_t d2)
 {
     jm_param *q = &p[*n];
@@ -105,7 +121,7 @@ static void add_param(jm_param *p, int *n, float ***slot, float **target, const 
 
 /* Lists every parameter in checkpoint order with its HF name and shape, and
  * where its pointer goes; then (when alloc) carves them from one arena. */
-static jm_status alloc_params(jm_model *m, jm_error *err);
+static jm_status alloc_params(jm_model *m, const char *need, jm_error *err);
 
 static jm_status build_params(jm_model *m, int alloc, jm_error *err)
 {
@@ -116,50 +132,57 @@ static jm_status build_params(jm_model *m, int alloc, jm_error *err)
     int cap = 3 + 11 * L;
     m->params = calloc((size_t)cap, sizeof *m->params);
     m->lp = calloc((size_t)L, sizeof *m->lp);
-    float ***slot = calloc((size_t)cap, sizeof *slot);
+    param_slot *slot = calloc((size_t)cap, sizeof *slot);
     if (!m->params || !m->lp || !slot) {
         free(slot);
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the parameter table");
     }
     int n = 0;
     char name[96];
-    add_param(m->params, &n, slot, &m->embed, "model.embed_tokens.weight", 2, V, H, 0);
+    add_param(m->params, &n, slot, (param_slot){NULL, &m->embed}, "model.embed_tokens.weight", 2, V, H, 0);
     for (int i = 0; i < L; i++) {
         layer_params *l = &m->lp[i];
-#define P(field, suffix, ndim, d0, d1, d2)                                  \
+#define P(slot_, suffix, ndim, d0, d1, d2)                                  \
     snprintf(name, sizeof name, "model.layers.%d.%s", i, suffix);           \
-    add_param(m->params, &n, slot, &l->field, name, ndim, d0, d1, d2)
-        P(ln1, "input_layernorm.weight", 1, H, 0, 0);
-        P(kv_proj, "self_attention.kv_proj.weight", 2, 2 * A, H, 0);
-        P(moa_router, "self_attention.experts.router.layer.weight", 2, E, H, 0);
-        P(moa_in, "self_attention.experts.input_linear.weight", 3, E, A, H);
-        P(moa_out, "self_attention.experts.output_linear.weight", 3, E, H, A);
-        P(moa_bias, "self_attention.experts.bias", 1, H, 0, 0);
-        P(ln2, "post_attention_layernorm.weight", 1, H, 0, 0);
-        P(moe_router, "mlp.router.layer.weight", 2, E, H, 0);
-        P(moe_in, "mlp.input_linear.weight", 3, E, 2 * F, H);
-        P(moe_out, "mlp.output_linear.weight", 3, E, H, F);
-        P(moe_bias, "mlp.bias", 1, H, 0, 0);
+    add_param(m->params, &n, slot, slot_, name, ndim, d0, d1, d2)
+#define F32(field) ((param_slot){&l->field, NULL})
+#define MAT(field) ((param_slot){NULL, &l->field})
+        P(F32(ln1), "input_layernorm.weight", 1, H, 0, 0);
+        P(MAT(kv_proj), "self_attention.kv_proj.weight", 2, 2 * A, H, 0);
+        P(F32(moa_router), "self_attention.experts.router.layer.weight", 2, E, H, 0);
+        P(MAT(moa_in), "self_attention.experts.input_linear.weight", 3, E, A, H);
+        P(MAT(moa_out), "self_attention.experts.output_linear.weight", 3, E, H, A);
+        P(F32(moa_bias), "self_attention.experts.bias", 1, H, 0, 0);
+        P(F32(ln2), "post_attention_layernorm.weight", 1, H, 0, 0);
+        P(F32(moe_router), "mlp.router.layer.weight", 2, E, H, 0);
+        P(MAT(moe_in), "mlp.input_linear.weight", 3, E, 2 * F, H);
+        P(MAT(moe_out), "mlp.output_linear.weight", 3, E, H, F);
+        P(F32(moe_bias), "mlp.bias", 1, H, 0, 0);
 #undef P
+#undef F32
+#undef MAT
     }
-    add_param(m->params, &n, slot, &m->norm, "model.norm.weight", 1, H, 0, 0);
-    if (!c->tie_word_embeddings) add_param(m->params, &n, slot, &m->lm_head, "lm_head.weight", 2, V, H, 0);
+    add_param(m->params, &n, slot, (param_slot){&m->norm, NULL}, "model.norm.weight", 1, H, 0, 0);
+    if (!c->tie_word_embeddings)
+        add_param(m->params, &n, slot, (param_slot){NULL, &m->lm_head}, "lm_head.weight", 2, V, H, 0);
     m->nparams = n;
-    m->param_slot = slot;
-    return alloc ? alloc_params(m, err) : JM_OK;
+    m->slot = slot;
+    return alloc ? alloc_params(m, NULL, err) : JM_OK;
 }
 
-/* Carves every parameter from one 64-byte aligned fp32 arena. */
-static jm_status alloc_params(jm_model *m, jm_error *err)
+/* Carves the parameters from one 64-byte aligned fp32 arena: all of them, or
+ * those with need[i] (jm_model_open: the rest stay in the mapping). */
+static jm_status alloc_params(jm_model *m, const char *need, jm_error *err)
 {
     const int n = m->nparams;
-    float ***slot = m->param_slot;
+    const param_slot *slot = m->slot;
     int64_t total = 0;
-    for (int i = 0; i < n; i++) total += (m->params[i].numel + 15) & ~(int64_t)15; /* 64-byte aligned starts */
+    for (int i = 0; i < n; i++)
+        if (!need || need[i]) total += (m->params[i].numel + 15) & ~(int64_t)15; /* 64-byte aligned starts */
     if ((uint64_t)total > SIZE_MAX / sizeof(float)) {
         return jm_fail(err, JM_ERR_NOMEM, "model too large for this machine (%lld parameters)", (long long)total);
     }
-    m->param_mem = aligned_alloc(64, (size_t)total * sizeof(float));
+    m->param_mem = aligned_alloc(64, (size_t)(total ? total : 16) * sizeof(float));
     if (!m->param_mem) {
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.1f GB for %lld parameters", total * 4.0 / 1e9,
                        (long long)total);
@@ -167,8 +190,12 @@ static jm_status alloc_params(jm_model *m, jm_error *err)
     m->param_numel = total;
     float *p = m->param_mem;
     for (int i = 0; i < n; i++) {
+        if (need && !need[i]) continue;
         m->params[i].data = p;
-        *slot[i] = p;
+        if (slot[i].f)
+            *slot[i].f = p;
+        else
+            *slot[i].w = wview_f32(p);
         p += (m->params[i].numel + 15) & ~(int64_t)15;
     }
     if (m->cfg.tie_word_embeddings) m->lm_head = m->embed;
@@ -183,6 +210,7 @@ static jm_status model_new(const jm_config *c, int alloc, jm_model **out, jm_err
     jm_model *m = calloc(1, sizeof *m);
     if (!m) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the model");
     m->cfg = *c;
+    m->kern = wkernels_get("auto");
     if ((s = build_params(m, alloc, err))) {
         jm_model_free(m);
         return s;
@@ -195,7 +223,8 @@ void jm_model_free(jm_model *m)
 {
     if (!m) return;
     free(m->params);
-    free(m->param_slot);
+    free(m->slot);
+    st_set_close(&m->map);
     free(m->lp);
     free(m->param_mem);
     free(m->la);
@@ -280,53 +309,179 @@ static void shape_str(char *buf, size_t n, int ndim, const int64_t *shape)
     if (o < n) snprintf(buf + o, n - o, "]");
 }
 
-/* Checks the stored tensors against the parameter table; with convert, also
- * reads them into the arena as fp32. */
-static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, int convert, jm_error *err)
+/* How a parameter is stored: F32/BF16/F16 as its shape says, or quantized by
+ * jm_quantize - Q8 (I8, same shape) or Q4 (U8, last dimension halved) with
+ * "<name>_scale" (F16, last dimension C/32) beside it. */
+typedef enum { STORED_F32, STORED_BF16, STORED_F16, STORED_Q8, STORED_Q4 } stored_kind;
+
+typedef struct {
+    stored_kind kind;
+    const st_tensor *t, *scale;
+    const char *file;
+} stored;
+
+static int same_shape(const st_tensor *t, int ndim, const int64_t *shape)
 {
-    jm_status s;
-    /* every tensor in the files must be one of ours */
+    if (t->ndim != ndim) return 0;
+    for (int d = 0; d < ndim; d++)
+        if (t->shape[d] != shape[d]) return 0;
+    return 1;
+}
+
+static jm_status shape_error(const char *file, const char *name, const st_tensor *t, int ndim, const int64_t *want,
+                             jm_error *err)
+{
+    char got[128], exp[128];
+    shape_str(got, sizeof got, t->ndim, t->shape);
+    shape_str(exp, sizeof exp, ndim, want);
+    return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s has shape %s, expected %s from config.json", file, name, got, exp);
+}
+
+static jm_status find_stored(const st_set *set, const char *dir, const jm_param *p, stored *st, jm_error *err)
+{
+    memset(st, 0, sizeof *st);
+    const st_tensor *t = st_set_find(set, p->name, &st->file);
+    if (!t) return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s is missing", dir, p->name);
+    st->t = t;
+    int64_t want[3] = {p->shape[0], p->shape[1], p->shape[2]};
+    const int64_t C = p->shape[p->ndim - 1];
+    switch (t->dtype) {
+    case ST_F32: st->kind = STORED_F32; break;
+    case ST_BF16: st->kind = STORED_BF16; break;
+    case ST_F16: st->kind = STORED_F16; break;
+    case ST_I8: st->kind = STORED_Q8; break;
+    case ST_U8: st->kind = STORED_Q4; break;
+    default:
+        return jm_fail(err, JM_ERR_FORMAT,
+                       "%s: tensor %s has dtype %s; weights must be F32, BF16, F16, or I8/U8 from jetmoe quantize",
+                       st->file, p->name, st_dtype_name(t->dtype));
+    }
+    if (st->kind < STORED_Q8) return same_shape(t, p->ndim, want) ? JM_OK : shape_error(st->file, p->name, t, p->ndim, want, err);
+
+    if (p->ndim < 2 || C % QBLOCK)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s is %s, but only matrices with a multiple of %d inputs are "
+                       "stored quantized", st->file, p->name, st_dtype_name(t->dtype), QBLOCK);
+    if (st->kind == STORED_Q4) want[p->ndim - 1] = C / 2;
+    if (!same_shape(t, p->ndim, want)) return shape_error(st->file, p->name, t, p->ndim, want, err);
+    char sname[128];
+    snprintf(sname, sizeof sname, "%s_scale", p->name);
+    const char *sfile;
+    const st_tensor *sc = st_set_find(set, sname, &sfile);
+    if (!sc)
+        return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s is %s (quantized) but its scales %s are missing", st->file,
+                       p->name, st_dtype_name(t->dtype), sname);
+    want[p->ndim - 1] = C / QBLOCK;
+    if (sc->dtype != ST_F16)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s has dtype %s, expected F16", sfile, sname,
+                       st_dtype_name(sc->dtype));
+    if (!same_shape(sc, p->ndim, want)) return shape_error(sfile, sname, sc, p->ndim, want, err);
+    /* a scale that is not finite would make every weight of its block garbage */
+    for (int64_t i = 0; i < sc->numel; i++)
+        if ((((sc->data[2 * i + 1] << 8) | sc->data[2 * i]) & 0x7c00) == 0x7c00)
+            return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s holds a non-finite scale at element %lld", sfile, sname,
+                           (long long)i);
+    st->scale = sc;
+    return JM_OK;
+}
+
+/* The view of a parameter stored as BF16/Q8/Q4, or F32 aligned for SGEMM, in
+ * place in the mapping; 0 when it has to be converted to fp32 instead. */
+static int view_in_place(const stored *st, wview *w)
+{
+    switch (st->kind) {
+    case STORED_F32:
+        if ((uintptr_t)st->t->data % sizeof(float)) return 0;
+        *w = (wview){WT_F32, st->t->data, NULL};
+        return 1;
+    case STORED_BF16: *w = (wview){WT_BF16, st->t->data, NULL}; return 1;
+    case STORED_Q8: *w = (wview){WT_Q8, st->t->data, st->scale->data}; return 1;
+    case STORED_Q4: *w = (wview){WT_Q4, st->t->data, st->scale->data}; return 1;
+    default: return 0;
+    }
+}
+
+/* Reads a stored parameter into its fp32 storage and checks every value. */
+static jm_status convert_param(const jm_param *p, const stored *st, jm_error *err)
+{
+    wview w;
+    if (st->kind >= STORED_Q8 && view_in_place(st, &w)) {
+        const int64_t C = p->shape[p->ndim - 1];
+        dequant_rows(p->data, w, 0, p->numel / C, C);
+    } else {
+        jm_status s = st_to_f32(st->t, p->data, err);
+        if (s) {
+            char inner[sizeof err->msg];
+            snprintf(inner, sizeof inner, "%s", err->msg);
+            return jm_fail(err, s, "%s: %s", st->file, inner);
+        }
+    }
+    for (int64_t j = 0; j < p->numel; j++)
+        if (!isfinite(p->data[j]))
+            return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s holds a non-finite value at element %lld", st->file,
+                           p->name, (long long)j);
+    return JM_OK;
+}
+
+/* Every tensor in the files must be a parameter or the scales of a quantized one. */
+static jm_status check_extra(const jm_model *m, const st_set *set, jm_error *err)
+{
     for (int f = 0; f < set->nfiles; f++)
         for (int t = 0; t < set->files[f].n; t++) {
             const char *name = set->files[f].t[t].name;
             if (param_index(m, name) >= 0) continue;
             if (m->cfg.tie_word_embeddings && strcmp(name, "lm_head.weight") == 0) continue; /* tied: HF ignores it too */
+            size_t len = strlen(name);
+            if (len > 6 && strcmp(name + len - 6, "_scale") == 0) {
+                char base[128];
+                snprintf(base, sizeof base, "%.*s", (int)(len - 6), name);
+                const st_tensor *b = param_index(m, base) >= 0 ? st_set_find(set, base, NULL) : NULL;
+                if (b && (b->dtype == ST_I8 || b->dtype == ST_U8)) continue;
+            }
             return jm_fail(err, JM_ERR_SHAPE, "%s: unexpected tensor %s (not a JetMoE parameter for this config)",
                            set->files[f].path, name);
         }
-    for (int i = 0; i < m->nparams; i++) {
-        jm_param *p = &m->params[i];
-        const char *file = NULL;
-        const st_tensor *t = st_set_find(set, p->name, &file);
-        if (!t) return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s is missing", dir, p->name);
-        int same = t->ndim == p->ndim;
-        for (int d = 0; same && d < p->ndim; d++) same = t->shape[d] == p->shape[d];
-        if (!same) {
-            char got[128], want[128];
-            shape_str(got, sizeof got, t->ndim, t->shape);
-            shape_str(want, sizeof want, p->ndim, p->shape);
-            return jm_fail(err, JM_ERR_SHAPE, "%s: tensor %s has shape %s, expected %s from config.json", file,
-                           p->name, got, want);
-        }
-        if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
-            return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s has dtype %s; weights must be F32, BF16 or F16", file,
-                           p->name, st_dtype_name(t->dtype));
-        if (!convert) continue;
-        if ((s = st_to_f32(t, p->data, err))) {
-            char inner[sizeof err->msg];
-            snprintf(inner, sizeof inner, "%s", err->msg);
-            return jm_fail(err, s, "%s: %s", file, inner);
-        }
-        for (int64_t j = 0; j < p->numel; j++)
-            if (!isfinite(p->data[j]))
-                return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s holds a non-finite value at element %lld", file,
-                               p->name, (long long)j);
-    }
     return JM_OK;
 }
 
-/* Opens dir's config and tensors and matches them; alloc/convert as above. */
-static jm_status open_checkpoint(const char *dir, int load, jm_model **out, st_set *set, jm_error *err)
+typedef enum { OPEN_CHECK, OPEN_FP32, OPEN_MAPPED } open_mode;
+
+/* Matches the stored tensors to the parameter table; then OPEN_FP32 reads all
+ * of them into the fp32 arena, OPEN_MAPPED points the matrices it can into the
+ * mapping and converts the rest (vectors, routers, F16, unaligned F32). */
+static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, open_mode mode, jm_error *err)
+{
+    jm_status s = check_extra(m, set, err);
+    if (s) return s;
+    stored *st = calloc((size_t)m->nparams, sizeof *st);
+    char *need = calloc((size_t)m->nparams, 1);
+    if (!st || !need) {
+        free(st);
+        free(need);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the tensor table");
+    }
+    wview w;
+    for (int i = 0; i < m->nparams && !s; i++) {
+        s = find_stored(set, dir, &m->params[i], &st[i], err);
+        need[i] = mode == OPEN_FP32 || m->slot[i].f || !view_in_place(&st[i], &w);
+    }
+    if (!s && mode != OPEN_CHECK) s = alloc_params(m, need, err);
+    for (int i = 0; i < m->nparams && !s && mode != OPEN_CHECK; i++) {
+        if (need[i]) {
+            s = convert_param(&m->params[i], &st[i], err);
+        } else {
+            view_in_place(&st[i], m->slot[i].w);
+            m->mapped = 1;
+            if (m->slot[i].w->type != WT_F32) m->stored = 1;
+        }
+    }
+    if (!s && m->cfg.tie_word_embeddings) m->lm_head = m->embed;
+    free(st);
+    free(need);
+    return s;
+}
+
+/* Opens dir's config and tensors and matches them (see match_tensors). */
+static jm_status open_checkpoint(const char *dir, open_mode mode, jm_model **out, st_set *set, jm_error *err)
 {
     *out = NULL;
     char path[4096];
@@ -339,8 +494,7 @@ static jm_status open_checkpoint(const char *dir, int load, jm_model **out, st_s
     jm_model *m;
     /* shapes are checked before the arena is allocated: a config with huge
      * dimensions over a small file fails on the mismatch, not on memory */
-    if ((s = model_new(&c, 0, &m, err)) || (s = match_tensors(m, set, dir, 0, err)) ||
-        (load && ((s = alloc_params(m, err)) || (s = match_tensors(m, set, dir, 1, err))))) {
+    if ((s = model_new(&c, 0, &m, err)) || (s = match_tensors(m, set, dir, mode, err))) {
         jm_model_free(m);
         st_set_close(set);
         return s;
@@ -352,9 +506,21 @@ static jm_status open_checkpoint(const char *dir, int load, jm_model **out, st_s
 jm_status jm_model_load(const char *dir, jm_model **out, jm_error *err)
 {
     st_set set;
-    jm_status s = open_checkpoint(dir, 1, out, &set, err);
+    jm_status s = open_checkpoint(dir, OPEN_FP32, out, &set, err);
     if (!s) st_set_close(&set);
     return s;
+}
+
+jm_status jm_model_open(const char *dir, jm_model **out, jm_error *err)
+{
+    st_set set;
+    jm_status s = open_checkpoint(dir, OPEN_MAPPED, out, &set, err);
+    if (s) return s;
+    if ((*out)->mapped)
+        (*out)->map = set; /* the views point into it: it lives as long as the model */
+    else
+        st_set_close(&set);
+    return JM_OK;
 }
 
 jm_status jm_checkpoint_inspect(const char *dir, jm_config *c, jm_tensor_info **tensors, int *n, jm_error *err)
@@ -363,7 +529,7 @@ jm_status jm_checkpoint_inspect(const char *dir, jm_config *c, jm_tensor_info **
     *n = 0;
     st_set set;
     jm_model *m;
-    jm_status s = open_checkpoint(dir, 0, &m, &set, err);
+    jm_status s = open_checkpoint(dir, OPEN_CHECK, &m, &set, err);
     if (s) return s;
     *c = m->cfg;
     jm_model_free(m);
@@ -417,6 +583,9 @@ jm_status jm_save_tensors(const char *path, const jm_tensor_out *t, int n, jm_er
 
 jm_status jm_model_save(const jm_model *m, const char *dir, jm_error *err)
 {
+    if (m->mapped)
+        return jm_fail(err, JM_ERR_ARG, "%s: a model opened for inference keeps its weights in its checkpoint "
+                       "file; jm_model_save needs jm_model_load", dir);
     jm_status s = jm_mkdir_p(dir, err);
     if (s) return s;
     st_out *t = calloc((size_t)m->nparams, sizeof *t);
@@ -526,6 +695,7 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
     m->ys = carve(base, &off, Nk * wide * f);
     m->att_threads = omp_get_max_threads();
     m->att_scratch = carve(base, &off, (size_t)m->att_threads * attention_scratch_floats(T) * f);
+    m->wscratch = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)Nk, (int64_t)wide, m->att_threads)) : NULL;
     m->rope_cos = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
     m->rope_sin = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
     return off;
@@ -562,6 +732,8 @@ static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
 typedef struct {
     float *xs, *ys, *att_scratch;
     const float *rope_cos, *rope_sin;
+    const wkernels *K; /* and what products with stored (BF16/Q8/Q4) weights use */
+    void *wscratch;
 } fwd_scratch;
 
 /* MoA (spec, "MoA"): shared K/V, per-slot expert queries, causal attention,
@@ -575,12 +747,12 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     const int E = c->num_experts, k = c->top_k;
     float *kv_new = kv + (int64_t)p0 * 2 * A; /* B == 1 whenever p0 > 0 */
 
-    matmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, 0);
+    wmatmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, S->K, S->wscratch);
     router_forward(a->moa_z, a->moa_idx, a->moa_gate, a->a, p->moa_router, N, (int)H, E, k);
     dispatch_build(a->moa_sorted, a->moa_pos, a->moa_off, a->moa_idx, N, k, E);
 
     dispatch_gather(S->xs, a->a, a->moa_sorted, N * k, k, H, 0);
-    experts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A);
+    wexperts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A, S->K, S->wscratch);
     dispatch_scatter(a->q, S->ys, a->moa_sorted, N * k, A);
 
     rope_forward(a->q, N, T, p0, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
@@ -589,7 +761,7 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
                       c->head_dim);
 
     dispatch_gather(S->xs, a->att, a->moa_sorted, N * k, k, A, 1);
-    experts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H);
+    wexperts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H, S->K, S->wscratch);
     combine_forward(a->x_mid, a->x, a->moa_y, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
 }
 
@@ -603,9 +775,9 @@ static void moe_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     router_forward(a->moe_z, a->moe_idx, a->moe_gate, a->b, p->moe_router, N, (int)H, E, k);
     dispatch_build(a->moe_sorted, a->moe_pos, a->moe_off, a->moe_idx, N, k, E);
     dispatch_gather(S->xs, a->b, a->moe_sorted, N * k, k, H, 0);
-    experts_forward(a->u, S->xs, p->moe_in, a->moe_off, E, H, 2 * F);
+    wexperts_forward(a->u, S->xs, p->moe_in, a->moe_off, E, H, 2 * F, S->K, S->wscratch);
     swiglu_forward(a->h, a->u, N * k, F);
-    experts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H);
+    wexperts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H, S->K, S->wscratch);
     combine_forward(x_out, a->x_mid, a->moe_y, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
 }
 
@@ -630,7 +802,7 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
     rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
 
     const float eps = (float)c->rms_norm_eps;
-    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin};
+    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch};
     double aux = 0.0, zl = 0.0;
     embedding_forward(m->la[0].x, tokens, m->embed, N, H);
     for (int l = 0; l < c->num_layers; l++) {
@@ -652,7 +824,7 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
         zl += zr;
     }
     rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
-    matmul_forward(m->logits, m->hf, m->lm_head, N, H, V, 0);
+    wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch);
 
     /* position t predicts token t+1 of the same sequence; the last predicts nothing */
     for (int64_t t = 0; t < N; t++) m->targets[t] = (t % T == T - 1) ? -1 : tokens[t + 1];
@@ -718,6 +890,8 @@ static jm_status ensure_decoder(jm_model *m, int n, jm_error *err)
         float *xs = carve(base, &off, N * k * wide_width(c) * f), *ys = carve(base, &off, N * k * wide_width(c) * f);
         int threads = omp_get_max_threads();
         float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx) * f);
+        void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads))
+                             : NULL;
         if (!pass) {
             free(d->mem);
             d->mem = aligned_alloc(64, off);
@@ -727,6 +901,7 @@ static jm_status ensure_decoder(jm_model *m, int n, jm_error *err)
             d->a = a;
             d->x0 = x0, d->x1 = x1, d->hf = hf, d->logits = logits, d->xs = xs, d->ys = ys, d->att_scratch = att;
             d->att_threads = threads;
+            d->wscratch = ws;
             d->n_cap = n;
         }
     }
@@ -752,7 +927,7 @@ jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const flo
 
     const int64_t H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const float eps = (float)c->rms_norm_eps;
-    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin};
+    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch};
     layer_acts *a = &d->a;
     float *x = d->x0, *x_next = d->x1;
     embedding_forward(x, tokens, m->embed, n, H);
@@ -769,16 +944,31 @@ jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const flo
     }
     /* only the last position's logits: prefill never pays for the others */
     rmsnorm_forward(d->hf, NULL, x + (int64_t)(n - 1) * H, m->norm, 1, H, eps);
-    matmul_forward(d->logits, d->hf, m->lm_head, 1, H, c->vocab_size, 0);
+    wmatmul_forward(d->logits, d->hf, m->lm_head, 1, H, c->vocab_size, m->kern, d->wscratch);
     d->len = pos + n;
+    /* in-place weights are not scanned at open (it would read all 17 GB of an
+     * 8B model before the first token); bad ones show up here */
+    for (int i = 0; i < c->vocab_size; i++)
+        if (!isfinite(d->logits[i])) {
+            d->len = pos; /* the cache holds garbage past here */
+            return jm_fail(err, JM_ERR_FORMAT, "the logits at position %d are not finite: the checkpoint's weights "
+                           "hold NaN or infinity", pos + n - 1);
+        }
     *logits = d->logits;
     return JM_OK;
 }
 
 /* ---- backward ---- */
 
+static jm_status not_trainable(jm_error *err)
+{
+    return jm_fail(err, JM_ERR_ARG, "this model was opened for inference (weights used in place from the checkpoint "
+                   "file); training needs jm_model_load");
+}
+
 static jm_status ensure_grads(jm_model *m, jm_error *err)
 {
+    if (m->mapped) return not_trainable(err);
     if (m->grad_mem) return JM_OK;
     m->grad_mem = aligned_alloc(64, (size_t)m->param_numel * sizeof(float));
     if (!m->grad_mem)
@@ -801,6 +991,9 @@ static float *grad_of(const jm_model *m, const float *param)
     return m->grad_mem + (param - m->param_mem);
 }
 
+/* Training has every matrix in the fp32 arena (jm_backward refuses the rest). */
+static const float *f32(wview w) { return w.data; }
+
 /* MoE backward: dres holds d loss / d (layer output); on return it holds
  * d loss / d x_mid (residual path plus the norm path into the experts). */
 static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int64_t N, double aux_w, double zl_w)
@@ -811,10 +1004,10 @@ static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int6
     grad_scratch *g = &m->g;
 
     combine_backward(g->dys, g->dgate, grad_of(m, p->moe_bias), g->dres, a->moe_y, a->moe_pos, a->moe_gate, N, k, H);
-    experts_backward(g->dh, grad_of(m, p->moe_out), g->dys, a->h, p->moe_out, a->moe_off, E, F, H);
+    experts_backward(g->dh, grad_of(m, f32(p->moe_out)), g->dys, a->h, f32(p->moe_out), a->moe_off, E, F, H);
     swiglu_backward(g->du, g->dh, a->u, N * k, F);
     dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
-    experts_backward(g->dxs, grad_of(m, p->moe_in), g->du, m->xs, p->moe_in, a->moe_off, E, H, 2 * F);
+    experts_backward(g->dxs, grad_of(m, f32(p->moe_in)), g->du, m->xs, f32(p->moe_in), a->moe_off, E, H, 2 * F);
     dispatch_gather_backward(g->dnorm, g->dxs, a->moe_pos, N, k, H, 0, 0);
     router_backward(g->dz, g->dgate, a->moe_z, a->moe_idx, a->moe_gate, N, E, k, aux_w, zl_w);
     matmul_backward(g->dnorm, grad_of(m, p->moe_router), g->dz, a->b, p->moe_router, N, H, E, 1);
@@ -831,7 +1024,7 @@ static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int 
 
     combine_backward(g->dys, g->dgate, grad_of(m, p->moa_bias), g->dres, a->moa_y, a->moa_pos, a->moa_gate, N, k, H);
     dispatch_gather(m->xs, a->att, a->moa_sorted, N * k, k, A, 1);
-    experts_backward(g->dxs, grad_of(m, p->moa_out), g->dys, m->xs, p->moa_out, a->moa_off, E, A, H);
+    experts_backward(g->dxs, grad_of(m, f32(p->moa_out)), g->dys, m->xs, f32(p->moa_out), a->moa_off, E, A, H);
     dispatch_scatter(g->datt, g->dxs, a->moa_sorted, N * k, A);
 
     memset(g->dkv, 0, (size_t)N * 2 * A * sizeof(float));
@@ -842,9 +1035,9 @@ static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int 
 
     dispatch_gather(g->dys, g->dq, a->moa_sorted, N * k, k, A, 1);
     dispatch_gather(m->xs, a->a, a->moa_sorted, N * k, k, H, 0);
-    experts_backward(g->dxs, grad_of(m, p->moa_in), g->dys, m->xs, p->moa_in, a->moa_off, E, H, A);
+    experts_backward(g->dxs, grad_of(m, f32(p->moa_in)), g->dys, m->xs, f32(p->moa_in), a->moa_off, E, H, A);
     dispatch_gather_backward(g->dnorm, g->dxs, a->moa_pos, N, k, H, 0, 0);
-    matmul_backward(g->dnorm, grad_of(m, p->kv_proj), g->dkv, a->a, p->kv_proj, N, H, 2 * A, 1);
+    matmul_backward(g->dnorm, grad_of(m, f32(p->kv_proj)), g->dkv, a->a, f32(p->kv_proj), N, H, 2 * A, 1);
     router_backward(g->dz, g->dgate, a->moa_z, a->moa_idx, a->moa_gate, N, E, k, aux_w, zl_w);
     matmul_backward(g->dnorm, grad_of(m, p->moa_router), g->dz, a->a, p->moa_router, N, H, E, 1);
     rmsnorm_backward(g->dres, grad_of(m, p->ln1), g->dnorm, a->x, p->ln1, a->rstd1, N, H);
@@ -852,6 +1045,7 @@ static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int 
 
 jm_status jm_backward(jm_model *m, jm_error *err)
 {
+    if (m->mapped) return not_trainable(err);
     if (!m->fwd_valid) return jm_fail(err, JM_ERR_ARG, "jm_backward needs a completed jm_forward first");
     jm_status s = ensure_grads(m, err);
     if (s) return s;
@@ -864,7 +1058,7 @@ jm_status jm_backward(jm_model *m, jm_error *err)
     /* d loss / d logits, in place; then through the lm_head and the final norm */
     float scale = m->loss_count ? 1.0f / (float)m->loss_count : 0.0f;
     cross_entropy_backward(m->logits, m->logits, m->targets, N, V, scale);
-    matmul_backward(g->dnorm, grad_of(m, m->lm_head), m->logits, m->hf, m->lm_head, N, H, V, 0);
+    matmul_backward(g->dnorm, grad_of(m, f32(m->lm_head)), m->logits, m->hf, f32(m->lm_head), N, H, V, 0);
     memset(g->dres, 0, (size_t)N * H * sizeof(float));
     rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
 
@@ -872,6 +1066,56 @@ jm_status jm_backward(jm_model *m, jm_error *err)
         moe_backward(m, &m->lp[l], &m->la[l], N, c->aux_loss_coef, c->z_loss_coef);
         moa_backward(m, &m->lp[l], &m->la[l], B, T, c->aux_loss_coef, c->z_loss_coef);
     }
-    embedding_backward(grad_of(m, m->embed), g->dres, m->tokens, N, H);
+    embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
     return JM_OK;
+}
+
+/* ---- inference weights ---- */
+
+jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
+{
+    const wkernels *k = wkernels_get(name);
+    if (!k)
+        return jm_fail(err, JM_ERR_ARG, "kernels '%s': %s", name,
+                       strcmp(name, "avx2") == 0 ? "this CPU lacks AVX2, FMA or F16C"
+                                                 : "unknown (use auto, avx2 or portable)");
+    m->kern = k;
+    return JM_OK;
+}
+
+const char *jm_kernels(const jm_model *m) { return m->kern->name; }
+
+/* Bytes of `rows` rows of C inputs as held (Q8/Q4 with their F16 scales). */
+static int64_t view_bytes(wview w, int64_t rows, int64_t C)
+{
+    return rows * (wtype_row_bytes(w.type, C) + (w.scales ? 2 * (C / QBLOCK) : 0));
+}
+
+int64_t jm_active_weight_bytes(const jm_model *m)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, E = c->num_experts, k = c->top_k, F = c->intermediate_size;
+    const int64_t A = (int64_t)c->num_kv_heads * c->head_dim, f = sizeof(float);
+    int64_t bytes = view_bytes(m->embed, 1, H) + H * f + view_bytes(m->lm_head, c->vocab_size, H);
+    for (int l = 0; l < c->num_layers; l++) {
+        const layer_params *p = &m->lp[l];
+        bytes += 4 * H * f + 2 * E * H * f; /* norms, biases, routers */
+        bytes += view_bytes(p->kv_proj, 2 * A, H);
+        bytes += k * (view_bytes(p->moa_in, A, H) + view_bytes(p->moa_out, H, A));
+        bytes += k * (view_bytes(p->moe_in, 2 * F, H) + view_bytes(p->moe_out, H, F));
+    }
+    return bytes;
+}
+
+const char *jm_model_weight_type(const jm_model *m)
+{
+    static const char *const names[] = {"f32", "bf16", "q8", "q4"};
+    wtype t = m->lp[0].moe_in.type;
+    for (int l = 0; l < m->cfg.num_layers; l++) {
+        const layer_params *p = &m->lp[l];
+        if (p->kv_proj.type != t || p->moa_in.type != t || p->moa_out.type != t || p->moe_in.type != t ||
+            p->moe_out.type != t)
+            return "mixed";
+    }
+    return names[t];
 }

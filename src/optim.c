@@ -30,6 +30,10 @@ jm_status jm_optimizer_create(const jm_model *model, const jm_adamw_config *c, j
     if (!(c->lr >= 0) || !(c->beta1 >= 0 && c->beta1 < 1) || !(c->beta2 >= 0 && c->beta2 < 1) || !(c->eps > 0) ||
         !(c->weight_decay >= 0) || !(c->grad_clip >= 0))
         return jm_fail(err, JM_ERR_CONFIG, "optimizer: lr, betas in [0,1), eps > 0, weight_decay and grad_clip >= 0");
+    for (int i = 0; i < jm_model_num_params(model); i++)
+        if (!jm_model_param(model, i)->data)
+            return jm_fail(err, JM_ERR_ARG, "optimizer: parameter %s has no fp32 copy (the model was opened for "
+                           "inference); training needs jm_model_load", jm_model_param(model, i)->name);
     jm_optimizer *o = calloc(1, sizeof *o);
     if (!o) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the optimizer");
     o->cfg = *c;

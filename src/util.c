@@ -212,6 +212,28 @@ float jm_f16_to_f32(uint16_t h)
     return f;
 }
 
+/* Round to nearest even; overflow becomes infinity, NaN stays NaN, tiny
+ * values become F16 subnormals or zero. */
+uint16_t jm_f32_to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504 */
+    if (a < 0x38800000u) { /* below 2^-14: subnormal, in units of 2^-24 */
+        if (a < 0x33000000u) return (uint16_t)sign; /* below half the smallest subnormal */
+        uint32_t man = (a & 0x7fffffu) | 0x800000u;
+        int shift = 126 - (int)(a >> 23); /* 14 .. 24: the 24-bit significand in units of 2^-24 */
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((a >> 13) - ((127 - 15) << 10)), rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
+
 /* ---- JSON ---- */
 
 static bool valid_utf8(const unsigned char *s, size_t len, size_t *bad)

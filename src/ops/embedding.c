@@ -4,11 +4,11 @@
 #include <omp.h>
 #include <string.h>
 
-void embedding_forward(float *out, const int32_t *tokens, const float *table, int64_t N, int64_t H)
+/* The table as stored (fp32 when training; BF16/Q8/Q4 rows are dequantized). */
+void embedding_forward(float *out, const int32_t *tokens, wview table, int64_t N, int64_t H)
 {
 #pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < N; t++)
-        memcpy(out + t * H, table + (int64_t)tokens[t] * H, (size_t)H * sizeof(float));
+    for (int64_t t = 0; t < N; t++) dequant_rows(out + t * H, table, tokens[t], 1, H);
 }
 
 /* dtable[tokens[t]] += dout[t]. Threads own disjoint column ranges, so

@@ -73,8 +73,9 @@ void matmul_forward(float *out, const float *inp, const float *W, int64_t N, int
 void matmul_backward(float *dinp, float *dW, const float *dout, const float *inp, const float *W, int64_t N,
                      int64_t C, int64_t O, int accumulate);
 
-/* embedding.c: out (N,H) = table[tokens] */
-void embedding_forward(float *out, const int32_t *tokens, const float *table, int64_t N, int64_t H);
+/* embedding.c: out (N,H) = table[tokens] (a stored table: see wview below) */
+typedef struct wview wview;
+void embedding_forward(float *out, const int32_t *tokens, wview table, int64_t N, int64_t H);
 void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int64_t N, int64_t H);
 
 /* rmsnorm.c: out (N,H) = inp / sqrt(mean(inp^2) + eps) * w; rstd (N) kept for backward */
@@ -145,5 +146,64 @@ void swiglu_backward(float *du, const float *dh, const float *u, int64_t M, int6
 double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count);
 void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int64_t N, int64_t V,
                             float scale);
+
+/* ---- weights as stored for inference (qmatmul.c) ----
+ * A matrix of rows x C inputs (or a stack of E expert matrices, one after
+ * another) in the dtype the checkpoint holds it:
+ *   WT_F32, WT_BF16  row-major;
+ *   WT_Q8            int8 row-major, and one F16 scale per block of 32 inputs
+ *                    (rows x C/32 scales): w = scale * q;
+ *   WT_Q4            per block of 32 inputs 16 bytes: byte j holds element j
+ *                    in its low nibble and element j + 16 in its high one,
+ *                    w = scale * (nibble - 8); scales as Q8.
+ * Scales are read as bytes: a mapped file promises no alignment. */
+typedef enum { WT_F32, WT_BF16, WT_Q8, WT_Q4 } wtype;
+#define QBLOCK 32
+struct wview {
+    wtype type;
+    const void *data;
+    const uint8_t *scales; /* Q8/Q4: little-endian F16, C/32 per row */
+};
+
+static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL}; }
+/* Bytes of one row of C inputs (data only; Q8/Q4 add 2*C/32 bytes of scales). */
+int64_t wtype_row_bytes(wtype t, int64_t C);
+/* The view `rows` rows further on (expert e of a stack: rows = e * O). */
+wview wview_rows(wview w, int64_t rows, int64_t C);
+/* out (nrows, C) fp32 = rows row0 .. row0+nrows-1 of W. */
+void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
+/* Blockwise quantization of one row (C % 32 == 0); returns the largest
+ * |w - dequantized| (for the quantizer's report and its tests). */
+float quantize_row_q8(int8_t *q, uint8_t *scales, const float *w, int64_t C);
+float quantize_row_q4(uint8_t *q, uint8_t *scales, const float *w, int64_t C);
+/* An activation row as int8 blocks of 32 with fp32 scales (xs: C/32). */
+void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
+
+/* The dot products the products below are made of, one weight row by one
+ * input row. A table per instruction set, chosen at run time. */
+typedef struct {
+    const char *name;
+    float (*dot_bf16)(const uint8_t *w, const float *x, int64_t C);
+    float (*dot_q8)(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C);
+    float (*dot_q4)(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C);
+} wkernels;
+/* "auto" (the best this CPU runs), "avx2" or "portable"; NULL when this CPU
+ * (or this build) cannot run the named set. */
+const wkernels *wkernels_get(const char *name);
+
+/* Products with stored weights. Up to WSMALL_N input rows take the dot
+ * kernels above (decode: reading the weights once is the whole cost; Q8/Q4
+ * multiply int8 activations, as their inputs are quantized per block of 32);
+ * more rows dequantize tiles of WTILE weight rows to fp32 for SGEMM (prefill).
+ * scratch: wmatmul_scratch_bytes(rows, C). */
+#define WSMALL_N 8
+#define WTILE 64
+size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads);
+/* out (N,O) = inp (N,C) @ W^T */
+void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
+                     void *scratch);
+/* experts_forward with stored weights: ys (N*k,O) = xs @ W[e]^T per expert's rows. */
+void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offsets, int E, int64_t C, int64_t O,
+                      const wkernels *K, void *scratch);
 
 #endif
