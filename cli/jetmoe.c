@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
 
 typedef struct {
@@ -481,34 +482,63 @@ static int cmd_prepare(int argc, char **argv)
 typedef struct {
     const jm_tokenizer *tok;
     int32_t *ids;
-    int n;
-    size_t printed; /* bytes of the decoded continuation already on stdout */
+    int n, n_prompt;   /* ids holds the prompt (n_prompt ids, none with ids_only) and what followed */
+    size_t printed;    /* bytes of the decoded text already on stdout */
+    size_t prompt_len; /* bytes of it that are the prompt */
     int ids_only;
+    const char *stop;  /* a stop string (NULL: none) */
+    int stopped;
 } stream_ctx;
 
 /* Streams the continuation: decode everything generated so far and print the
  * new bytes, holding back an incomplete UTF-8 character (byte-fallback pieces
- * arrive one byte at a time). */
+ * arrive one byte at a time) and anything that may be the start of the stop
+ * string. Returns 1 (stop) once the continuation contains the stop string,
+ * printing only what comes before it; final (after the last token) prints
+ * what was held back. */
+static int stream_emit(stream_ctx *c, int final)
+{
+    char *text = NULL;
+    size_t len;
+    jm_error err;
+    if (!c->tok) return 0;
+    /* with ids_only, ids holds only the continuation: there is no prompt to skip */
+    if (jm_tokenizer_decode(c->tok, c->ids, (size_t)c->n, &text, &len, &err)) return 0;
+    size_t upto = len;
+    if (c->stop && *c->stop && len > c->prompt_len) {
+        char *hit = memmem(text + c->prompt_len, len - c->prompt_len, c->stop, strlen(c->stop));
+        if (hit) {
+            upto = (size_t)(hit - text);
+            c->stopped = 1;
+        } else if (!final) {
+            size_t hold = strlen(c->stop) - 1; /* a partial match can only be this long */
+            upto = len - c->prompt_len > hold ? len - hold : c->prompt_len;
+        }
+    }
+    if (!final && !c->stopped && len >= 3 && memcmp(text + len - 3, "\xef\xbf\xbd", 3) == 0 && upto == len)
+        upto = c->printed; /* an incomplete character: wait for its next byte */
+    if (!c->ids_only && upto > c->printed) {
+        fwrite(text + c->printed, 1, upto - c->printed, stdout);
+        fflush(stdout);
+        c->printed = upto;
+    }
+    free(text);
+    return c->stopped;
+}
+
 static int stream_token(void *p, int32_t id)
 {
     stream_ctx *c = p;
     c->ids[c->n++] = id;
     if (c->ids_only) {
-        printf(c->n > 1 ? " %d" : "%d", id); /* (ids_only: the buffer holds only new ids) */
-        fflush(stdout);
-        return 0;
+        int stop = c->stop ? stream_emit(c, 0) : 0;
+        if (!stop) {
+            printf(c->n > 1 ? " %d" : "%d", id);
+            fflush(stdout);
+        }
+        return stop;
     }
-    char *text;
-    size_t len;
-    jm_error err;
-    if (!c->tok || jm_tokenizer_decode(c->tok, c->ids, (size_t)c->n, &text, &len, &err)) return 0;
-    if (!(len >= 3 && memcmp(text + len - 3, "\xef\xbf\xbd", 3) == 0) && len > c->printed) {
-        fwrite(text + c->printed, 1, len - c->printed, stdout);
-        fflush(stdout);
-        c->printed = len;
-    }
-    free(text);
-    return 0;
+    return stream_emit(c, 0);
 }
 
 static int parse_real(const char *s, double lo, double hi, double *out)
@@ -521,18 +551,30 @@ static int parse_real(const char *s, double lo, double hi, double *out)
     return 0;
 }
 
+/* jm_model_open (weights in place from the mapping) with the chosen kernels. */
+static jm_status open_model(const char *dir, const char *kernels, jm_model **m, jm_error *err)
+{
+    jm_status s = jm_model_open(dir, m, err);
+    if (!s && (s = jm_set_kernels(*m, kernels, err))) {
+        jm_model_free(*m);
+        *m = NULL;
+    }
+    return s;
+}
+
 static int cmd_generate(int argc, char **argv)
 {
     const char *dir = NULL, *prompt = NULL, *tokens = NULL, *tokpath = NULL, *max_new = "64", *temp = "0.8",
-               *topk = "0", *topp = "0.95", *seed = "1", *threads = "0";
+               *topk = "0", *topp = "0.95", *seed = "1", *threads = "0", *stop = NULL, *kernels = "auto";
     int greedy = 0, ids_only = 0;
     const flag_spec flags[] = {{"--prompt", &prompt, NULL},    {"--tokens", &tokens, NULL},
                                {"--tokenizer", &tokpath, NULL}, {"--max-new", &max_new, NULL},
                                {"--temperature", &temp, NULL},  {"--top-k", &topk, NULL},
                                {"--top-p", &topp, NULL},        {"--seed", &seed, NULL},
                                {"--threads", &threads, NULL},   {"--greedy", NULL, &greedy},
-                               {"--ids", NULL, &ids_only}};
-    int rc = parse_args("generate", argc, argv, flags, 11, &dir);
+                               {"--ids", NULL, &ids_only},      {"--stop", &stop, NULL},
+                               {"--kernels", &kernels, NULL}};
+    int rc = parse_args("generate", argc, argv, flags, 13, &dir);
     if (rc) return rc;
     if (!dir || (!prompt == !tokens))
         return die("generate", "%s", "usage: jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N]");
@@ -552,7 +594,8 @@ static int cmd_generate(int argc, char **argv)
     int32_t *ids = NULL, *out = NULL;
     int n = 0;
     jm_status s = JM_OK;
-    if (prompt || !ids_only) {
+    if (stop && !*stop) return die("generate", "%s", "--stop wants a non-empty string");
+    if (prompt || !ids_only || stop) {
         s = jm_tokenizer_load(tokpath ? tokpath : dir, &tok, &err);
         if (s) return fail("generate", s, &err);
     }
@@ -577,7 +620,7 @@ static int cmd_generate(int argc, char **argv)
         jm_tokenizer_free(tok);
         return die("generate", "--tokens wants comma-separated integers, got '%s'", tokens);
     }
-    if ((s = jm_model_load(dir, &m, &err))) goto out;
+    if ((s = open_model(dir, kernels, &m, &err))) goto out;
     if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
         s = JM_ERR_ARG;
         snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
@@ -587,15 +630,15 @@ static int cmd_generate(int argc, char **argv)
     out = malloc(sizeof(int32_t) * (size_t)mn);
     /* the stream decodes prompt + continuation together, so the first new
      * piece keeps its leading space; the prompt itself is printed first */
-    stream_ctx ctx = {tok, malloc(sizeof(int32_t) * ((size_t)mn + (size_t)n)), 0, 0, ids_only};
+    stream_ctx ctx = {tok, malloc(sizeof(int32_t) * ((size_t)mn + (size_t)n)), 0, 0, 0, 0, ids_only, stop, 0};
     if (ctx.ids && !ids_only) {
         memcpy(ctx.ids, ids, sizeof(int32_t) * (size_t)n);
-        ctx.n = n;
+        ctx.n = ctx.n_prompt = n;
         char *text;
         size_t len;
         if (!jm_tokenizer_decode(tok, ids, (size_t)n, &text, &len, &err)) {
             fwrite(text, 1, len, stdout);
-            ctx.printed = len;
+            ctx.printed = ctx.prompt_len = len;
             free(text);
         }
     }
@@ -607,10 +650,22 @@ static int cmd_generate(int argc, char **argv)
         snprintf(err.msg, sizeof err.msg, "out of memory");
         goto out;
     }
-    double t0 = (double)clock();
+    /* a prompt that leaves less room than --max-new generates to the end of the context */
+    const int context = jm_model_config(m)->max_position_embeddings;
+    if (n < context && n + so.max_new > context) {
+        fprintf(stderr, "jetmoe generate: note: %d prompt tokens leave room for %d new in the context of %d\n", n,
+                context - n, context);
+        so.max_new = context - n;
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
+    if (!s && !ctx.stopped && !ids_only) stream_emit(&ctx, 1);
     putchar('\n');
-    fprintf(stderr, "[%d prompt tokens, %d generated, %.2f s cpu]\n", n, n_out, ((double)clock() - t0) / CLOCKS_PER_SEC);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    fprintf(stderr, "[%d prompt tokens, %d generated%s, %.2f s, %s weights, %s kernels]\n", n, n_out,
+            ctx.stopped ? " (stop string)" : "", secs, jm_model_weight_type(m), jm_kernels(m));
     free(ctx.ids);
 out:
     free(out);
@@ -628,13 +683,13 @@ out:
 static int cmd_chat(int argc, char **argv)
 {
     const char *dir = NULL, *system = NULL, *max_new = "256", *temp = "0.7", *topp = "0.9", *seed = "1",
-               *threads = "0";
+               *threads = "0", *kernels = "auto";
     int greedy = 0;
     const flag_spec flags[] = {{"--system", &system, NULL},     {"--max-new", &max_new, NULL},
                                {"--temperature", &temp, NULL},  {"--top-p", &topp, NULL},
                                {"--seed", &seed, NULL},         {"--threads", &threads, NULL},
-                               {"--greedy", NULL, &greedy}};
-    int rc = parse_args("chat", argc, argv, flags, 7, &dir);
+                               {"--greedy", NULL, &greedy},     {"--kernels", &kernels, NULL}};
+    int rc = parse_args("chat", argc, argv, flags, 8, &dir);
     if (rc) return rc;
     if (!dir) return die("chat", "%s", "usage: jetmoe chat DIR [--system TEXT] [--max-new N] [--temperature T]");
     long mn, sd, th;
@@ -649,7 +704,7 @@ static int cmd_chat(int argc, char **argv)
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(dir, &tok, &err);
-    if (!s) s = jm_model_load(dir, &m, &err);
+    if (!s) s = open_model(dir, kernels, &m, &err);
     if (s) {
         jm_tokenizer_free(tok);
         return fail("chat", s, &err);
@@ -709,7 +764,7 @@ static int cmd_chat(int argc, char **argv)
         ncached = (int)n;
         free(ids);
         int nr = 0, limit = (int)mn < ctx - ncached ? (int)mn : ctx - ncached;
-        stream_ctx sc = {tok, reply, 0, 0, 0};
+        stream_ctx sc = {.tok = tok, .ids = reply};
         while (nr < limit) {
             int32_t id = jm_sample(logits, V, &so, &rng, probs);
             if (id == eos) break;
@@ -737,6 +792,68 @@ static int cmd_chat(int argc, char **argv)
     jm_model_free(m);
     jm_tokenizer_free(tok);
     return s ? fail("chat", s, &err) : 0;
+}
+
+/* ---- eval, quantize ---- */
+
+static int cmd_eval(int argc, char **argv)
+{
+    const char *dir = NULL, *data = NULL, *seq = "256", *max_tokens = "0", *threads = "0", *kernels = "auto";
+    int decode = 0;
+    const flag_spec flags[] = {{"--data", &data, NULL},          {"--seq-len", &seq, NULL},
+                               {"--max-tokens", &max_tokens, NULL}, {"--threads", &threads, NULL},
+                               {"--kernels", &kernels, NULL},   {"--decode", NULL, &decode}};
+    int rc = parse_args("eval", argc, argv, flags, 6, &dir);
+    if (rc) return rc;
+    if (!dir || !data) return die("eval", "%s", "usage: jetmoe eval DIR --data SHARD_DIR [--seq-len N] [--max-tokens N]");
+    long T, mt, th;
+    if (parse_int(seq, 2, 1 << 20, &T)) return die("eval", "--seq-len wants an integer >= 2, got '%s'", seq);
+    if (parse_int(max_tokens, 0, 1L << 40, &mt)) return die("eval", "--max-tokens wants an integer >= 0, got '%s'", max_tokens);
+    if (parse_int(threads, 0, 4096, &th)) return die("eval", "--threads wants an integer, got '%s'", threads);
+    jm_set_threads((int)th);
+    jm_error err;
+    jm_model *m;
+    jm_status s = open_model(dir, kernels, &m, &err);
+    if (s) return fail("eval", s, &err);
+    if (T > jm_model_config(m)->max_position_embeddings) {
+        jm_model_free(m);
+        return die("eval", "--seq-len is longer than the model's context (%s)", seq);
+    }
+    double loss;
+    int64_t n;
+    if (decode && (s = jm_set_context(m, (int)T, &err))) {
+        jm_model_free(m);
+        return fail("eval", s, &err);
+    }
+    s = jm_eval_shards(m, data, (int)T, mt, decode, &loss, &n, &err);
+    if (!s && n == 0) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "%s: no window of %ld tokens to evaluate", data, T);
+    }
+    if (!s)
+        printf("{\"loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %lld, \"weights\": \"%s\", \"path\": \"%s\"}\n",
+               loss, exp(loss), (long long)n, jm_model_weight_type(m), decode ? "decode" : "batched");
+    jm_model_free(m);
+    return s ? fail("eval", s, &err) : 0;
+}
+
+static int cmd_quantize(int argc, char **argv)
+{
+    const char *dir = NULL, *to = NULL, *out = NULL, *threads = "0";
+    const flag_spec flags[] = {{"--to", &to, NULL}, {"--out", &out, NULL}, {"--threads", &threads, NULL}};
+    int rc = parse_args("quantize", argc, argv, flags, 3, &dir);
+    if (rc) return rc;
+    if (!dir || !to || !out) return die("quantize", "%s", "usage: jetmoe quantize DIR --to q8|q4 --out OUT_DIR");
+    int bits = strcmp(to, "q8") == 0 ? 8 : strcmp(to, "q4") == 0 ? 4 : 0;
+    if (!bits) return die("quantize", "--to wants q8 or q4, got '%s'", to);
+    long th;
+    if (parse_int(threads, 0, 4096, &th)) return die("quantize", "--threads wants an integer, got '%s'", threads);
+    jm_set_threads((int)th);
+    jm_error err;
+    jm_status s = jm_quantize(dir, out, bits, &err);
+    if (s) return fail("quantize", s, &err);
+    fprintf(stderr, "jetmoe quantize: wrote %s (%s)\n", out, to);
+    return 0;
 }
 
 /* ---- dispatch ---- */
@@ -783,15 +900,27 @@ static const command commands[] = {
      "format with trainer state; SIGINT/SIGTERM save and exit; --resume continues bit-exactly.",
      cmd_pretrain},
     {"generate", "jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N] [--temperature T] [--top-k K] "
-                 "[--top-p P] [--seed S] [--greedy] [--ids]",
+                 "[--top-p P] [--seed S] [--greedy] [--ids] [--stop STR] [--threads N] [--kernels K]",
      "Continues a prompt with the model in DIR (its tokenizer files, or --tokenizer PATH), streaming\n"
      "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt,\n"
-     "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids.",
+     "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids. Generation ends at EOS,\n"
+     "--max-new, the end of the context, or the --stop string (not printed). Weights are used as\n"
+     "stored (F32, BF16, Q8, Q4); --kernels auto|avx2|portable picks the BF16/Q8/Q4 kernels.",
      cmd_generate},
     {"chat", "jetmoe chat DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--seed S] [--greedy]",
      "Talks with the model in DIR in its chat template (JetMoE-chat's by default), streaming each\n"
      "reply; the KV cache keeps the conversation. /reset clears the history, /exit quits.",
      cmd_chat},
+    {"eval", "jetmoe eval DIR --data SHARD_DIR [--seq-len 256] [--max-tokens N] [--decode] [--threads N] [--kernels K]",
+     "Held-out loss and perplexity of the model in DIR (F32, BF16, Q8 or Q4 weights) on the token\n"
+     "shards of 'jetmoe prepare', in windows of --seq-len tokens (--max-tokens 0 = all). One JSON line.\n"
+     "--decode runs each window a token at a time through the KV cache, as generation does.",
+     cmd_eval},
+    {"quantize", "jetmoe quantize DIR --to q8|q4 --out OUT_DIR",
+     "Writes a copy of the checkpoint with every weight matrix as blocks of 32 int8 (q8) or int4 (q4)\n"
+     "values with an F16 scale each (routers, norms and biases as stored); every command loads it.\n"
+     "Reads the input in place, so a BF16 8B checkpoint needs no fp32 copy.",
+     cmd_quantize},
     {"help", "jetmoe help [COMMAND]", "Shows the commands, or one command's usage.", cmd_help},
 };
 #define NCOMMANDS (int)(sizeof commands / sizeof commands[0])

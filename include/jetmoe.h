@@ -292,8 +292,10 @@ jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, i
                         double grad_clip, double *load, jm_step_stats *st, jm_error *err);
 
 /* Mean cross-entropy of the model over up to max_tokens tokens of the shards
- * in dir, in windows of seq_len (perplexity = exp of it). */
-jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, double *loss,
+ * in dir, in windows of seq_len (perplexity = exp of it): batched jm_forward
+ * passes, or with decode one cached jm_infer step per token, which is what
+ * generation computes (for Q8/Q4, int8 activations in the products). */
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, int decode, double *loss,
                          int64_t *tokens, jm_error *err);
 
 /* ---- tokenizer (SentencePiece BPE, Llama-2 family) ---------------------- */

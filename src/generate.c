@@ -91,6 +91,9 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     if (s) return s;
     if (n_prompt < 1) return jm_fail(err, JM_ERR_ARG, "empty prompt: give at least one token");
     int context = jm_context(m) ? jm_context(m) : c->max_position_embeddings;
+    if (n_prompt >= context)
+        return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens does not fit the context of %d (it must leave room for "
+                       "at least one new token)", n_prompt, context);
     if ((int64_t)n_prompt + o->max_new > context)
         return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens + %d new exceeds the context of %d", n_prompt, o->max_new,
                        context);

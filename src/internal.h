@@ -110,4 +110,9 @@ void st_set_close(st_set *s);
 /* Finds a tensor across the set; *file (optional) gets its file's path. */
 const st_tensor *st_set_find(const st_set *s, const char *name, const char **file);
 
+/* ---- model internals shared with quantize.c (model.c) ---- */
+struct wview;
+/* Parameter i's weight-matrix view as held (0 for norms, biases and routers). */
+int model_param_view(const jm_model *m, int i, struct wview *w);
+
 #endif

@@ -1119,3 +1119,11 @@ const char *jm_model_weight_type(const jm_model *m)
     }
     return names[t];
 }
+
+/* For quantize.c: parameter i's matrix view (0 for vectors and routers). */
+int model_param_view(const jm_model *m, int i, wview *w)
+{
+    if (i < 0 || i >= m->nparams || !m->slot[i].w) return 0;
+    *w = *m->slot[i].w;
+    return 1;
+}

@@ -551,7 +551,26 @@ static void write_plot(const char *dir)
 
 static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
-jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, double *loss,
+/* The decode path's loss on one window: one cached jm_infer step per token,
+ * adding -log p(next token) from each step's logits. */
+static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum, int64_t *count, jm_error *err)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    for (int t = 0; t + 1 < T; t++) {
+        const float *logits;
+        jm_status s = jm_infer(m, &w[t], 1, t, &logits, err);
+        if (s) return s;
+        float mx = logits[0];
+        for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
+        double z = 0;
+        for (int i = 0; i < V; i++) z += exp((double)logits[i] - mx);
+        *sum += log(z) + mx - logits[w[t + 1]];
+        (*count)++;
+    }
+    return JM_OK;
+}
+
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, int decode, double *loss,
                          int64_t *tokens, jm_error *err)
 {
     *loss = 0;
@@ -584,6 +603,10 @@ jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_
         for (uint64_t p = 0; !s && p + (uint64_t)seq_len <= sh.n && (max_tokens <= 0 || count < max_tokens);
              p += (uint64_t)seq_len) {
             for (int j = 0; j < seq_len; j++) buf[filled * seq_len + j] = (int32_t)jm_shard_token(&sh, p + j);
+            if (decode) {
+                if ((s = decode_window(m, buf, seq_len, &sum, &count, err))) break;
+                continue;
+            }
             if (++filled < B) continue;
             jm_losses L;
             if ((s = jm_forward(m, buf, B, seq_len, &L, err))) break;
@@ -863,7 +886,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     if (!*stopped && r->heldout[0]) {
         double hl;
         int64_t ht;
-        if ((s = jm_eval_shards(t.m, r->heldout, T, r->eval_tokens, &hl, &ht, err))) goto done;
+        if ((s = jm_eval_shards(t.m, r->heldout, T, r->eval_tokens, 0, &hl, &ht, err))) goto done;
         double h1 = unigram_entropy(r);
         fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
                         "training sources: %.4f nats/token)\n", (long long)ht, hl, exp(hl), h1);

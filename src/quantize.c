@@ -1,0 +1,205 @@
+/* quantize.c — `jetmoe quantize`: a checkpoint's weight matrices as blocks of
+ * 32 int8 (Q8) or int4 (Q4) values with one F16 scale each.
+ *
+ * Format (read back by model.c's find_stored): the matrix keeps its HF name,
+ * as dtype I8 with its own shape (Q8) or U8 with the last dimension halved
+ * (Q4: two values per byte, see qmatmul.c), and "<name>_scale" holds the F16
+ * scales, last dimension C/32. Every file's __metadata__ says
+ * jetmoe.quant = q8|q4 and jetmoe.quant_block = 32. Routers, norms and
+ * biases are copied as stored: they are a sliver of the bytes, and a router
+ * that flips its choice changes everything after it.
+ *
+ * The input is opened with jm_model_open, so an 8B BF16 checkpoint is read
+ * through its mapping a row at a time; output goes out in shards of at most
+ * 2 GB, each quantized, written (atomically) and freed before the next. */
+#include "internal.h"
+#include "ops/ops.h"
+
+#include <cjson/cJSON.h>
+#include <omp.h>
+#include <string.h>
+#include <unistd.h>
+
+#define SHARD_BYTES (2000ull << 20)
+
+typedef struct {
+    const jm_param *p;
+    int quantize;            /* else copied as stored */
+    wview w;                 /* the matrix as held (quantize) */
+    const st_tensor *src;    /* the stored tensor (copy) */
+    uint64_t bytes;          /* in the output, scales included */
+    int shard;
+} plan_entry;
+
+static jm_status quantize_tensor(const plan_entry *e, int bits, void **q, uint8_t **scales, jm_error *err)
+{
+    const jm_param *p = e->p;
+    const int64_t C = p->shape[p->ndim - 1], rows = p->numel / C, nb = C / QBLOCK;
+    const int64_t row_bytes = bits == 8 ? C : C / 2;
+    *q = malloc((size_t)(rows * row_bytes));
+    *scales = malloc((size_t)(rows * nb * 2));
+    int threads = omp_get_max_threads();
+    float *buf = malloc((size_t)threads * C * sizeof(float));
+    if (!*q || !*scales || !buf) {
+        free(buf);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB to quantize %s", rows * row_bytes / 1e9, p->name);
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = buf + (int64_t)omp_get_thread_num() * C;
+        dequant_rows(row, e->w, r, 1, C);
+        if (bits == 8)
+            quantize_row_q8((int8_t *)*q + r * C, *scales + r * nb * 2, row, C);
+        else
+            quantize_row_q4((uint8_t *)*q + r * C / 2, *scales + r * nb * 2, row, C);
+    }
+    free(buf);
+    return JM_OK;
+}
+
+/* Writes the tensors of one shard. */
+static jm_status write_shard(const char *path, const plan_entry *plan, int n, int shard, int bits, jm_error *err)
+{
+    int cap = 0;
+    for (int i = 0; i < n; i++) cap += plan[i].shard == shard ? 2 : 0;
+    st_out *out = calloc((size_t)cap + 1, sizeof *out);
+    void **owned = calloc((size_t)cap + 1, sizeof *owned);
+    char (*names)[128] = calloc((size_t)cap + 1, sizeof *names);
+    jm_status s = out && owned && names ? JM_OK : jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    int k = 0;
+    for (int i = 0; i < n && !s; i++) {
+        const plan_entry *e = &plan[i];
+        if (e->shard != shard) continue;
+        const jm_param *p = e->p;
+        st_out *o = &out[k];
+        o->name = p->name;
+        o->ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) o->shape[d] = p->shape[d];
+        if (!e->quantize) {
+            o->dtype = e->src->dtype;
+            o->data = e->src->data;
+            k++;
+            continue;
+        }
+        void *q;
+        uint8_t *sc;
+        s = quantize_tensor(e, bits, &q, &sc, err);
+        owned[k] = q;
+        owned[k + 1] = sc;
+        if (s) break;
+        const int64_t C = p->shape[p->ndim - 1];
+        o->dtype = bits == 8 ? ST_I8 : ST_U8;
+        if (bits == 4) o->shape[p->ndim - 1] = C / 2;
+        o->data = q;
+        st_out *so = &out[k + 1];
+        snprintf(names[k + 1], sizeof names[k + 1], "%s_scale", p->name);
+        so->name = names[k + 1];
+        so->dtype = ST_F16;
+        so->ndim = p->ndim;
+        for (int d = 0; d < p->ndim; d++) so->shape[d] = p->shape[d];
+        so->shape[p->ndim - 1] = C / QBLOCK;
+        so->data = sc;
+        k += 2;
+    }
+    if (!s) {
+        static const char *const keys[] = {"format", "jetmoe.quant", "jetmoe.quant_block"};
+        const char *vals[] = {"pt", bits == 8 ? "q8" : "q4", "32"};
+        s = st_write(path, out, k, keys, vals, 3, err);
+    }
+    for (int i = 0; i < cap; i++) free(owned ? owned[i] : NULL);
+    free(owned);
+    free(out);
+    free(names);
+    return s;
+}
+
+static jm_status write_index(const char *out_dir, const plan_entry *plan, int n, int nshards, uint64_t total,
+                             jm_error *err)
+{
+    cJSON *root = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(root, "metadata"),
+          *map = cJSON_AddObjectToObject(root, "weight_map");
+    if (meta) cJSON_AddNumberToObject(meta, "total_size", (double)total);
+    char file[64], name[128];
+    for (int i = 0; i < n && map; i++) {
+        snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", plan[i].shard + 1, nshards);
+        cJSON_AddStringToObject(map, plan[i].p->name, file);
+        if (plan[i].quantize) {
+            snprintf(name, sizeof name, "%s_scale", plan[i].p->name);
+            cJSON_AddStringToObject(map, name, file);
+        }
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", out_dir);
+    jm_status s = jm_write_json(path, map ? root : NULL, err);
+    cJSON_Delete(root);
+    return s;
+}
+
+/* config.json and the tokenizer files travel with the weights. */
+static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error *err)
+{
+    static const char *const files[] = {"config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                        "special_tokens_map.json", "generation_config.json"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char src[4200], dst[4200];
+        snprintf(src, sizeof src, "%s/%s", dir, files[i]);
+        snprintf(dst, sizeof dst, "%s/%s", out_dir, files[i]);
+        if (i > 0 && access(src, F_OK) != 0) continue;
+        jm_status s = jm_copy_file(src, dst, err);
+        if (s) return s;
+    }
+    return JM_OK;
+}
+
+jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *err)
+{
+    if (bits != 8 && bits != 4) return jm_fail(err, JM_ERR_ARG, "quantize: bits must be 8 or 4, got %d", bits);
+    char a[4096], b[4096];
+    if (realpath(dir, a) && realpath(out_dir, b) && strcmp(a, b) == 0)
+        return jm_fail(err, JM_ERR_ARG, "quantize: the output directory %s is the input", out_dir);
+    jm_model *m;
+    jm_status s = jm_model_open(dir, &m, err);
+    if (s) return s;
+    st_set set; /* the stored bytes of what is copied as is */
+    if ((s = st_set_open(dir, &set, err))) {
+        jm_model_free(m);
+        return s;
+    }
+    const int n = jm_model_num_params(m);
+    plan_entry *plan = calloc((size_t)n, sizeof *plan);
+    if (!plan) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    uint64_t total = 0, in_shard = 0;
+    int shard = 0;
+    for (int i = 0; i < n && !s; i++) {
+        plan_entry *e = &plan[i];
+        e->p = jm_model_param(m, i);
+        const int64_t C = e->p->shape[e->p->ndim - 1];
+        e->quantize = model_param_view(m, i, &e->w) && C % QBLOCK == 0;
+        if (e->quantize) {
+            e->bytes = (uint64_t)(e->p->numel / C) * ((bits == 8 ? C : C / 2) + 2 * (C / QBLOCK));
+        } else {
+            e->src = st_set_find(&set, e->p->name, NULL);
+            e->bytes = e->src->end - e->src->begin;
+        }
+        if (in_shard > 0 && in_shard + e->bytes > SHARD_BYTES) shard++, in_shard = 0;
+        e->shard = shard;
+        in_shard += e->bytes;
+        total += e->bytes;
+    }
+    const int nshards = shard + 1;
+    if (!s) s = jm_mkdir_p(out_dir, err);
+    /* a stale single file would win over the index (st_set_open's precedence) */
+    char path[4200];
+    snprintf(path, sizeof path, "%s/model.safetensors", out_dir);
+    if (!s && nshards > 1) unlink(path);
+    for (int k = 0; k < nshards && !s; k++) {
+        if (nshards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", out_dir, k + 1, nshards);
+        s = write_shard(path, plan, n, k, bits, err);
+    }
+    if (!s && nshards > 1) s = write_index(out_dir, plan, n, nshards, total, err);
+    if (!s) s = copy_side_files(dir, out_dir, err);
+    free(plan);
+    st_set_close(&set);
+    jm_model_free(m);
+    return s;
+}
