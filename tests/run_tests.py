@@ -295,6 +295,135 @@ def generation(suite, build, tmp):
                     f"c {c_ids[:20]}; {q.stderr.strip()[-200:]}", f"{len(c_ids)} tokens identical")
 
 
+# ---------------------------------------------------------------- quantized checkpoints
+
+def read_raw_st(path):
+    """name -> (dtype, shape, raw bytes, metadata) of any safetensors file."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    (n,) = struct.unpack("<Q", buf[:8])
+    header = json.loads(buf[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    return {k: (t["dtype"], t["shape"], buf[8 + n + t["data_offsets"][0]:8 + n + t["data_offsets"][1]])
+            for k, t in header.items()}, meta
+
+
+def dequantize_numpy(dtype, shape, raw, scale_raw):
+    """The documented block formats, decoded independently of the C reader:
+    Q8 = int8 values, Q4 = two nibbles per byte (byte j of a 32-block holds
+    element j low and j+16 high, value = nibble - 8); one F16 scale per 32."""
+    scales = np.frombuffer(scale_raw, dtype=np.float16).astype(np.float32).reshape(-1)
+    if dtype == "I8":
+        q = np.frombuffer(raw, dtype=np.int8).astype(np.float32).reshape(-1, 32)
+    else:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 16)
+        q = np.concatenate([(b & 15).astype(np.float32) - 8, (b >> 4).astype(np.float32) - 8], axis=1)
+    w = q * scales[:, None]
+    return w.reshape(shape[:-1] + [shape[-1] * (2 if dtype == "U8" else 1)])
+
+
+def quantized(suite, build, tmp):
+    """jetmoe quantize: the files decode (in numpy, from the documented layout)
+    to weights within the format's error bound, and the C forward on them
+    equals the PyTorch reference run on those decoded weights."""
+    if not suite.wanted("quant"):
+        return
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    cfg = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+               intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    ck = os.path.join(tmp, "quant_f32")
+    p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(cfg), "--seed", "5", "--dtype", "BF16"])
+    if p.returncode != 0:
+        suite.check("quant_setup", False, p.stderr.strip()[-500:])
+        return
+    orig, _ = read_raw_st(os.path.join(ck, "model.safetensors"))
+    ids = "3,17,90,4,4,61,29,0,77,12"
+    for bits in ("q8", "q4"):
+        out = os.path.join(tmp, "quant_" + bits)
+        p, _ = run([jetmoe, "quantize", ck, "--to", bits, "--out", out])
+        if p.returncode != 0 or sanitizer_report(p.stderr):
+            suite.check(f"quant_{bits}_write", False, f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
+            continue
+        got, meta = read_raw_st(os.path.join(out, "model.safetensors"))
+        decoded, worst, kinds = {}, 0.0, set()
+        for name, (dt, shape, raw) in orig.items():
+            w0 = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+            w0 = w0.view(np.float32).reshape(shape)
+            qdt, qshape, qraw = got[name]
+            kinds.add(qdt)
+            if qdt in ("I8", "U8"):
+                sdt, sshape, sraw = got[name + "_scale"]
+                w = dequantize_numpy(qdt, qshape, qraw, sraw)
+                step = np.repeat(np.abs(np.frombuffer(sraw, dtype=np.float16).astype(np.float32)), 32).reshape(shape)
+                bound = step * (0.5 if qdt == "I8" else 1.0) * 1.0001
+                worst = max(worst, float(np.max(np.abs(w - w0) / np.maximum(bound, 1e-30))))
+            else:
+                w = w0
+            decoded[name] = w
+        want = "I8" if bits == "q8" else "U8"
+        suite.check(f"quant_{bits}_file_format", want in kinds and meta.get("jetmoe.quant") == bits and worst <= 1.0,
+                    f"dtypes {sorted(kinds)}, metadata {meta}, worst error {worst:.3f} of the bound",
+                    f"decoded in numpy: worst error {worst:.3f} of the format's bound")
+        # the reference on the numpy-decoded weights vs the C forward on the quantized files
+        dec = os.path.join(tmp, "quant_dec_" + bits)
+        os.makedirs(dec, exist_ok=True)
+        shutil.copy(os.path.join(ck, "config.json"), dec)
+        write_st(os.path.join(dec, "model.safetensors"), {k: v.astype(np.float32) for k, v in decoded.items()})
+        rdump, cdump = os.path.join(tmp, f"quant_{bits}.ref.st"), os.path.join(tmp, f"quant_{bits}.c.st")
+        p, _ = run([PY, REF, "forward", dec, "--tokens", ids, "--dump", rdump, "--float64"])
+        q, _ = run([jetmoe, "forward", out, "--tokens", ids, "--dump", cdump])
+        if p.returncode != 0 or q.returncode != 0:
+            suite.check(f"quant_{bits}_forward_vs_reference", False,
+                        f"exit {p.returncode}/{q.returncode}: {p.stderr[-200:]} {q.stderr[-200:]}")
+            continue
+        problems, stats = compare_dumps(read_safetensors(rdump), read_safetensors(cdump), 2)
+        suite.check(f"quant_{bits}_forward_vs_reference", not problems, "; ".join(problems), stats)
+        # generate on the file in place: runs, and is deterministic
+        g = [run([jetmoe, "generate", out, "--tokens", ids, "--greedy", "--ids", "--max-new", "16"])[0]
+             for _ in range(2)]
+        suite.check(f"quant_{bits}_generate", all(x.returncode == 0 and not sanitizer_report(x.stderr) for x in g)
+                    and g[0].stdout == g[1].stdout and len(g[0].stdout.split()) == 16,
+                    f"exit {g[0].returncode}: {g[0].stderr[-300:]}; {g[0].stdout!r} vs {g[1].stdout!r}")
+
+    # malformed quantized checkpoints: clear errors from every command that loads them
+    q8 = os.path.join(tmp, "quant_q8")
+    if not os.path.exists(os.path.join(q8, "model.safetensors")):
+        return
+    tensors, meta = read_raw_st(os.path.join(q8, "model.safetensors"))
+    lst = [(k, v[0], v[1], v[2]) for k, v in tensors.items()]
+    W = "model.layers.0.mlp.input_linear.weight"
+
+    def edit(fn):
+        return [t for t in (fn(*x) for x in lst) if t is not None]
+    inf_scale = np.full(tensors[W + "_scale"][1], np.inf, dtype=np.float16).tobytes()
+    cases = [
+        ("scale_missing", edit(lambda k, d, s, r: None if k == W + "_scale" else (k, d, s, r)), "_scale are missing"),
+        ("scale_not_f16", edit(lambda k, d, s, r: (k, "BF16", s, r) if k == W + "_scale" else (k, d, s, r)),
+         "expected F16"),
+        ("scale_wrong_shape", edit(lambda k, d, s, r: (k, d, [s[0], s[1] * 2, s[2] // 2], r)
+                                   if k == W + "_scale" else (k, d, s, r)), "has shape"),
+        ("scale_infinite", edit(lambda k, d, s, r: (k, d, s, inf_scale) if k == W + "_scale" else (k, d, s, r)),
+         "non-finite scale"),
+        ("q4_wrong_width", edit(lambda k, d, s, r: (k, "U8", s, r) if k == W else (k, d, s, r)), "has shape"),
+        ("quantized_norm", edit(lambda k, d, s, r: (k, "I8", s, r[:int(np.prod(s))])
+                                if k == "model.norm.weight" else (k, d, s, r)), "only matrices"),
+        ("stray_scale", lst + [("model.norm.weight_scale", "F16", [2], b"\0" * 4)], "unexpected tensor"),
+    ]
+    for case, ts, expect in cases:
+        d = os.path.join(tmp, "quant_bad_" + case)
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(os.path.join(q8, "config.json"), d)
+        with open(os.path.join(d, "model.safetensors"), "wb") as f:
+            f.write(st_bytes(ts, meta=meta))
+        bad = []
+        for args in (["info", d], ["forward", d, "--tokens", "1,2"], ["generate", d, "--tokens", "1", "--ids"]):
+            p, _ = run([jetmoe] + args)
+            err = p.stderr.strip()
+            if not (p.returncode > 0 and not sanitizer_report(err) and expect in err and len(err.splitlines()) == 1):
+                bad.append(f"{args[0]}: exit {p.returncode}: {err[-300:]!r}")
+        suite.check(f"bad_input_quant_{case}", not bad, "; ".join(bad))
+
+
 # ---------------------------------------------------------------- training runs: resume, signals, crashes
 
 def training_runs(suite, build, tmp):
@@ -641,6 +770,7 @@ def main():
         gradients(suite, args.build, tmp)
         training_steps(suite, args.build, tmp)
         generation(suite, args.build, tmp)
+        quantized(suite, args.build, tmp)
         training_runs(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)

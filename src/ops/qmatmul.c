@@ -110,6 +110,7 @@ float quantize_row_q8(int8_t *q, uint8_t *scales, const float *w, int64_t C)
         float amax = 0.0f;
         for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(x[i]));
         uint16_t h = jm_f32_to_f16(amax / 127.0f);
+        if (jm_f16_to_f32(h) * 127.0f < amax) h++; /* rounded down: the next F16 up, so nothing clamps */
         float d = jm_f16_to_f32(h), inv = d > 0 ? 1.0f / d : 0.0f;
         put_scale(scales + 2 * b, h);
         for (int i = 0; i < QBLOCK; i++) {
@@ -133,6 +134,7 @@ float quantize_row_q4(uint8_t *q, uint8_t *scales, const float *w, int64_t C)
         for (int i = 0; i < QBLOCK; i++)
             if (fabsf(x[i]) > fabsf(m)) m = x[i];
         uint16_t h = jm_f32_to_f16(m / -8.0f);
+        if (fabsf(jm_f16_to_f32(h)) * 8.0f < fabsf(m)) h++; /* as in Q8: never let the extreme clamp */
         float d = jm_f16_to_f32(h), inv = d != 0 ? 1.0f / d : 0.0f;
         put_scale(scales + 2 * b, h);
         uint8_t *qb = q + b * (QBLOCK / 2);
