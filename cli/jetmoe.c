@@ -627,6 +627,19 @@ static int cmd_generate(int argc, char **argv)
                  jm_tokenizer_vocab_size(tok), jm_model_config(m)->vocab_size);
         goto out;
     }
+    /* a prompt that leaves less room than --max-new generates to the end of the context */
+    const int context = jm_model_config(m)->max_position_embeddings;
+    if (n >= context) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "the prompt of %d tokens does not fit the context of %d (it must leave "
+                 "room for at least one new token)", n, context);
+        goto out;
+    }
+    if (n + mn > context) {
+        fprintf(stderr, "jetmoe generate: note: %d prompt tokens leave room for %d new in the context of %d\n", n,
+                context - n, context);
+        mn = context - n;
+    }
     out = malloc(sizeof(int32_t) * (size_t)mn);
     /* the stream decodes prompt + continuation together, so the first new
      * piece keeps its leading space; the prompt itself is printed first */
@@ -650,18 +663,15 @@ static int cmd_generate(int argc, char **argv)
         snprintf(err.msg, sizeof err.msg, "out of memory");
         goto out;
     }
-    /* a prompt that leaves less room than --max-new generates to the end of the context */
-    const int context = jm_model_config(m)->max_position_embeddings;
-    if (n < context && n + so.max_new > context) {
-        fprintf(stderr, "jetmoe generate: note: %d prompt tokens leave room for %d new in the context of %d\n", n,
-                context - n, context);
-        so.max_new = context - n;
-    }
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
     if (!s && !ctx.stopped && !ids_only) stream_emit(&ctx, 1);
     putchar('\n');
+    if (s) {
+        free(ctx.ids);
+        goto out;
+    }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     fprintf(stderr, "[%d prompt tokens, %d generated%s, %.2f s, %s weights, %s kernels]\n", n, n_out,

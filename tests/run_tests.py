@@ -455,7 +455,7 @@ def training_runs(suite, build, tmp):
             suite.check("pretrain_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
             return
     recipe = {
-        "model": dict(vocab_size=400, hidden_size=48, num_hidden_layers=2, num_key_value_heads=2, kv_channels=12,
+        "model": dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
         "tokenizer": os.path.join(d, "tok"),
         "sources": {"prose": os.path.join(d, "shards", "prose"), "code": os.path.join(d, "shards", "code")},
@@ -505,6 +505,77 @@ def training_runs(suite, build, tmp):
                 q.returncode == 0 and "(history cleared)" in q.stderr and "fills the context" in q.stderr and
                 q.stdout.count("\n") >= 2 and not sanitizer_report(q.stderr),
                 f"exit {q.returncode}: stdout {q.stdout[-200:]!r} stderr {q.stderr[-300:]!r}")
+
+    # the trained model quantized: held-out perplexity, batched and through the decode path
+    ppl, problems = {}, []
+    for bits in ("f32", "q8", "q4"):
+        qd = ck if bits == "f32" else os.path.join(d, "ck_" + bits)
+        if bits != "f32":
+            p, _ = run([jetmoe, "quantize", ck, "--to", bits, "--out", qd])
+            if p.returncode != 0:
+                problems.append(f"quantize {bits}: {p.stderr.strip()[-200:]}")
+                continue
+        for path in ("batched", "decode"):
+            p, _ = run([jetmoe, "eval", qd, "--data", os.path.join(d, "shards", "code"), "--seq-len", "32",
+                        "--max-tokens", "4096"] + (["--decode"] if path == "decode" else []))
+            if p.returncode != 0 or sanitizer_report(p.stderr):
+                problems.append(f"eval {bits} {path}: {p.stderr.strip()[-200:]}")
+            else:
+                ppl[bits, path] = json.loads(p.stdout)["perplexity"]
+    rel = {(b, path): ppl[b, path] / ppl["f32", path] - 1 for b, path in ppl if b != "f32" and ("f32", path) in ppl}
+    ok = not problems and len(rel) == 4 and all(abs(r) <= (0.005 if b == "q8" else 0.05) for (b, _), r in rel.items())
+    suite.check("quantized_perplexity_trained_model", ok, f"{problems} {ppl}",
+                "fp32 ppl %.3f; q8 %+.3f%%/%+.3f%%, q4 %+.3f%%/%+.3f%% (batched/decode)" % (
+                    ppl.get(("f32", "batched"), 0), *[100 * rel.get(k, 0) for k in (
+                        ("q8", "batched"), ("q8", "decode"), ("q4", "batched"), ("q4", "decode"))]))
+
+    # generate's inputs: clear errors, or defined behaviour, never a crash (the suite runs under ASan too)
+    gen = [jetmoe, "generate", ck, "--greedy"]
+    bad_args = [
+        (["--prompt", "word " * 200], "does not fit the context"),
+        (["--tokens", ""], "--tokens"),
+        (["--prompt", "hi", "--temperature", "0"], "--temperature"),
+        (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
+        (["--prompt", "hi", "--temperature", "nan"], "--temperature"),
+        (["--prompt", "hi", "--temperature", "inf"], "--temperature"),
+        (["--prompt", "hi", "--top-p", "0"], "--top-p"),
+        (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["--prompt", "hi", "--top-k", "-1"], "--top-k"),
+        (["--prompt", "hi", "--max-new", "0"], "--max-new"),
+        (["--prompt", "hi", "--seed", "x"], "--seed"),
+        (["--prompt", "hi", "--stop", ""], "--stop"),
+        (["--prompt", "hi", "--kernels", "avx1024"], "kernels"),
+        (["--prompt", "hi", "--threads", "-2"], "--threads"),
+        (["--prompt", "hi", "--tokens", "1"], "usage"),
+    ]
+    problems = []
+    for args, expect in bad_args:
+        p, _ = run([jetmoe, "generate", ck] + args)
+        err = p.stderr.strip()
+        if not (p.returncode > 0 and expect in err and len(err.splitlines()) == 1 and not sanitizer_report(err)):
+            problems.append(f"{args[-2:]}: exit {p.returncode}: {err[-200:]!r}")
+    suite.check("generate_bad_arguments", not problems, "; ".join(problems), f"{len(bad_args)} cases")
+
+    defined = []
+    p, _ = run(gen + ["--prompt", "", "--max-new", "5", "--ids"])  # empty text: BOS alone is the prompt
+    defined.append(("empty_prompt", p.returncode == 0 and len(p.stdout.split()) >= 1, p))
+    q = subprocess.run(gen + ["--prompt", b"caf\xc3 \xff\xfe\x80 ok", "--max-new", "5"], capture_output=True,
+                       timeout=120)  # invalid UTF-8 encodes as spm does (U+FFFD / bytes)
+    q.stderr = q.stderr.decode(errors="replace")
+    defined.append(("invalid_utf8_prompt", q.returncode == 0, q))
+    p, _ = run(gen + ["--prompt", "the", "--max-new", "1000", "--ids"])  # runs to the end of the context
+    defined.append(("max_new_past_context", p.returncode == 0 and "leave room" in p.stderr and
+                    len(p.stdout.split()) <= 63, p))
+    p, _ = run(gen + ["--prompt", "the", "--max-new", "40", "--stop", " "])  # stops before the first space
+    defined.append(("stop_string", p.returncode == 0 and (" " not in p.stdout.rstrip("\n")[3:] or
+                                                         "stop string" in p.stderr), p))
+    p1, _ = run(gen + ["--prompt", "the", "--max-new", "12", "--ids", "--threads", "1"])
+    p2, _ = run(gen + ["--prompt", "the", "--max-new", "12", "--ids", "--kernels", "portable"])
+    defined.append(("threads_and_kernels", p1.returncode == 0 and p2.returncode == 0 and p1.stdout == p2.stdout, p1))
+    bad = [f"{name}: exit {x.returncode}: {x.stdout[-100:]!r} {x.stderr[-200:]!r}" for name, ok, x in defined
+           if not ok or sanitizer_report(x.stderr)]
+    suite.check("generate_defined_behaviour", not bad, "; ".join(bad),
+                "empty prompt, invalid UTF-8, --max-new past the context, --stop, --threads 1, --kernels portable")
 
     # SIGINT: saves where it is, exits 130; resuming finishes with the same weights.
     c = os.path.join(d, "run_c")
