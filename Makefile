@@ -18,7 +18,7 @@ OBJ     := $(SRC:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
 
-.PHONY: all setup test test-asan bench demo clean
+.PHONY: all setup test test-asan bench bench-8b demo clean
 all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
 ifeq ($(BUILD),build)
 all: jetmoe
@@ -59,9 +59,14 @@ test-asan: setup
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined" all
 	@$(PY) tests/run_tests.py --build build-asan
 
+# bench-8b: decode on the JetMoE-8B layout (writes ~30 GB under build/synthetic-8b on first use).
 bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
+	@$(PY) bench/decode.py --skip-8b
+
+bench-8b: setup all
+	@$(PY) bench/decode.py
 
 # The main job on the embedded default: build the bundled corpus from Debian
 # packages + generators, train a tokenizer, shard the mixture, pretrain a small

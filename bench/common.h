@@ -11,10 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static double now(void) { return omp_get_wtime(); }
+static inline double now(void) { return omp_get_wtime(); }
 
 /* Best-of-reps SGEMM rate at a size large enough to reach the kernel's peak. */
-static double gemm_peak_gflops(int n, int reps)
+static inline double gemm_peak_gflops(int n, int reps)
 {
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n), *c = malloc(sizeof(float) * n * n);
     for (int i = 0; i < n * n; i++) {
@@ -36,7 +36,7 @@ static double gemm_peak_gflops(int n, int reps)
 
 /* Multiply-add FLOPs of one forward over B x T tokens (causal attention counts
  * only the visible keys). */
-static double forward_flops(const jm_config *c, int B, int T)
+static inline double forward_flops(const jm_config *c, int B, int T)
 {
     double H = c->hidden_size, V = c->vocab_size, E = c->num_experts, k = c->top_k;
     double A = (double)c->num_kv_heads * c->head_dim, F = c->intermediate_size, N = (double)B * T;
@@ -46,7 +46,7 @@ static double forward_flops(const jm_config *c, int B, int T)
 }
 
 /* vocab 32000, hidden 256, 4 layers, 4 KV heads of 64, expert FFN 704, 8 experts top-2 */
-static void bench_config(jm_config *c)
+static inline void bench_config(jm_config *c)
 {
     jm_config_default(c);
     c->vocab_size = 32000;
@@ -61,7 +61,7 @@ static void bench_config(jm_config *c)
 }
 
 /* --threads N --batch B --seq T --iters I */
-static int bench_args(int argc, char **argv, const char *name, int *threads, int *B, int *T, int *iters)
+static inline int bench_args(int argc, char **argv, const char *name, int *threads, int *B, int *T, int *iters)
 {
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads")) *threads = atoi(argv[i + 1]);
@@ -79,7 +79,7 @@ static int bench_args(int argc, char **argv, const char *name, int *threads, int
 /* Times iters calls of step (after one warm-up call, which also plans the
  * arenas) and prints the GEMM peak and the result as JSON lines. flops is the
  * work of one call. Returns non-zero when a step fails. */
-static int bench_run(const char *what, int (*step)(void *ctx), void *ctx, int iters, double flops, int threads,
+static inline int bench_run(const char *what, int (*step)(void *ctx), void *ctx, int iters, double flops, int threads,
                      int B, int T, const double *loss)
 {
     double peak = gemm_peak_gflops(2048, 3);
@@ -101,7 +101,7 @@ static int bench_run(const char *what, int (*step)(void *ctx), void *ctx, int it
 }
 
 /* Deterministic token ids spread over the vocabulary. */
-static int32_t *bench_tokens(int n, int vocab)
+static inline int32_t *bench_tokens(int n, int vocab)
 {
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)n);
     for (int i = 0; tok && i < n; i++) tok[i] = (int32_t)((i * 2654435761u) % (unsigned)vocab);

@@ -23,6 +23,14 @@ BENCH_DEFAULT = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4
                  "num_local_experts": 8, "num_experts_per_tok": 2}
 
 
+def size_thread_pools(threads):
+    """Sizes the OpenMP/OpenBLAS pools before torch loads (see main for why)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -42,10 +50,7 @@ def main():
     # and libgomp workers fight over the cores (every small op then costs ~8 ms on a
     # 2-vCPU VM); passive OpenMP waiting + a short OpenBLAS spin measured ~1.7x
     # faster at 2 threads. Both can be overridden from the environment.
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    size_thread_pools(args.threads)
     global torch, ref
     import torch
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "ref"))

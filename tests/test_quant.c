@@ -100,7 +100,7 @@ static double ref_dot(wview w, const float *x, int64_t C, double *mag)
     dequant_rows(wd, w, 0, 1, C);
     if (w.type == WT_Q8 || w.type == WT_Q4) { /* the kernel multiplies int8 activations */
         int8_t *xq = malloc((size_t)C);
-        float *xs = malloc((size_t)(C / 32) * sizeof *xs);
+        float *xs = malloc((size_t)(2 * (C / 32)) * sizeof *xs);
         quantize_act_q8(xq, xs, x, C);
         for (int64_t i = 0; i < C; i++) xd[i] = xs[i / 32] * xq[i];
         free(xq);
@@ -123,7 +123,7 @@ static double kernel_dot(const wkernels *K, wview w, const float *x, int64_t C)
 {
     if (w.type == WT_BF16) return K->dot_bf16(w.data, x, C);
     int8_t *xq = malloc((size_t)C);
-    float *xs = malloc((size_t)(C / 32) * sizeof *xs);
+    float *xs = malloc((size_t)(2 * (C / 32)) * sizeof *xs);
     quantize_act_q8(xq, xs, x, C);
     double v = w.type == WT_Q8 ? K->dot_q8(w.data, w.scales, xq, xs, C) : K->dot_q4(w.data, w.scales, xq, xs, C);
     free(xq);
@@ -207,7 +207,7 @@ static void ref_matmul(float *out, const float *x, wview W, int64_t N, int64_t C
 {
     float *row = malloc((size_t)C * sizeof *row), *xd = malloc((size_t)(N * C) * sizeof *xd);
     int8_t *xq = malloc((size_t)C);
-    float *xs = malloc((size_t)(C / 32 + 1) * sizeof *xs);
+    float *xs = malloc((size_t)(2 * (C / 32) + 1) * sizeof *xs);
     for (int64_t r = 0; r < N; r++) {
         if (int8_act) {
             quantize_act_q8(xq, xs, x + r * C, C);

@@ -52,8 +52,7 @@ void experts_forward(float *ys, const float *xs, const float *W, const int64_t *
     for (int e = 0; e < E; e++) {
         int64_t rows = offsets[e + 1] - offsets[e];
         if (rows == 0) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rows, (int)O, (int)C, 1.0f, xs + offsets[e] * C,
-                    (int)C, W + (int64_t)e * O * C, (int)C, 0.0f, ys + offsets[e] * O, (int)O);
+        matmul_forward(ys + offsets[e] * O, xs + offsets[e] * C, W + (int64_t)e * O * C, rows, C, O, 0);
     }
 }
 

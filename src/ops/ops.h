@@ -176,7 +176,9 @@ void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
  * |w - dequantized| (for the quantizer's report and its tests). */
 float quantize_row_q8(int8_t *q, uint8_t *scales, const float *w, int64_t C);
 float quantize_row_q4(uint8_t *q, uint8_t *scales, const float *w, int64_t C);
-/* An activation row as int8 blocks of 32 with fp32 scales (xs: C/32). */
+/* An activation row as int8 blocks of 32: xq (C), and xs (2*C/32): the fp32
+ * block scales, then each block's scale times its sum of values (the Q4
+ * kernels take the -8 offset off through it). */
 void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
 
 /* The dot products the products below are made of, one weight row by one
