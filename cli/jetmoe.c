@@ -613,7 +613,7 @@ static int cmd_generate(int argc, char **argv)
         }
         int bos = jm_tokenizer_bos_id(tok);
         if (bos >= 0) ids[n++] = bos;
-        memcpy(ids + n, enc, k * sizeof *enc);
+        if (k) memcpy(ids + n, enc, k * sizeof *enc); /* enc may be NULL when the text is empty */
         n += (int)k;
         free(enc);
     } else if (parse_tokens(tokens, &ids, &n) != 0) {

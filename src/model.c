@@ -462,7 +462,7 @@ static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, 
     wview w;
     for (int i = 0; i < m->nparams && !s; i++) {
         s = find_stored(set, dir, &m->params[i], &st[i], err);
-        need[i] = mode == OPEN_FP32 || m->slot[i].f || !view_in_place(&st[i], &w);
+        need[i] = !s && (mode == OPEN_FP32 || m->slot[i].f || !view_in_place(&st[i], &w));
     }
     if (!s && mode != OPEN_CHECK) s = alloc_params(m, need, err);
     for (int i = 0; i < m->nparams && !s && mode != OPEN_CHECK; i++) {
