@@ -342,7 +342,10 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     if (!s) s = state_tensor(&f, "sampler.total", ST_U64, S, ss.total, err);
     if (!s) {
         t->step = step;
-        t->phase = phase_of(t->r, step);
+        /* the sampler's counts belong to the phase of the last step taken; at a
+         * phase boundary the loop then switches (and resets them) as a straight
+         * run does */
+        t->phase = phase_of(t->r, step > 0 ? step - 1 : 0);
         s = jm_sampler_set_mixture(t->sampler, t->r->phases[t->phase].weights, err);
         if (!s) s = jm_sampler_set_state(t->sampler, &ss, err);
     }

@@ -495,6 +495,13 @@ def training_runs(suite, build, tmp):
     suite.check("pretrain_resume_bit_exact", same_w and la == lb,
                 f"exit {p1.returncode}/{p2.returncode}; losses equal {la == lb}; weights equal {same_w}; "
                 f"{p2.stderr.strip()[-300:]}", "20 steps == 10 + resume 10: losses and weights identical")
+    # stopping exactly at the phase boundary (phase 1 is 12 steps): the new mixture starts afresh
+    e = os.path.join(d, "run_e")
+    p1, p2 = pretrain(e, "--stop-after", "12"), pretrain(e, "--resume")
+    suite.check("pretrain_resume_at_phase_boundary", p1.returncode == 0 and p2.returncode == 0 and
+                weights(a, 20) == weights(e, 20) and losses(e) == la,
+                f"exit {p1.returncode}/{p2.returncode}; {p2.stderr.strip()[-300:]}",
+                "12 + resume 8 == 20 steps straight")
 
     # chat on the trained model: a few turns, /reset, and a turn too long for its 64-token context
     ck = os.path.join(a, "checkpoints", "step_20")

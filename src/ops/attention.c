@@ -43,8 +43,13 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
             for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
                 int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
                 int nk = p0 + r0 + rb; /* keys 0 .. nk-1 are visible to some row of the block */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs,
-                            (int)qs, K, (int)kvs, 0.0f, S, nk);
+                /* one query row (decoding): GEMV, several times faster than a one-row GEMM in OpenBLAS */
+                if (rb == 1)
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, K, (int)kvs, Q + (int64_t)r0 * qs, 1,
+                                0.0f, S, 1);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs,
+                                (int)qs, K, (int)kvs, 0.0f, S, nk);
                 for (int r = 0; r < rb; r++) {
                     float *s = S + (int64_t)r * nk;
                     int visible = p0 + r0 + r + 1;
@@ -55,8 +60,12 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
                     for (int c = visible; c < nk; c++) s[c] = 0.0f;
                     lse[(row0 + r0 + r) * k * Hkv + j * Hkv + h] = mx + logf(sum);
                 }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, S, nk, V, (int)kvs, 0.0f,
-                            O + (int64_t)r0 * qs, (int)qs);
+                if (rb == 1)
+                    cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, V, (int)kvs, S, 1, 0.0f, O + (int64_t)r0 * qs,
+                                1);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, S, nk, V, (int)kvs, 0.0f,
+                                O + (int64_t)r0 * qs, (int)qs);
             }
         }
     }
