@@ -479,66 +479,39 @@ static int cmd_prepare(int argc, char **argv)
 
 /* ---- generate ---- */
 
+/* What generate's and chat's token callback writes to: the text stream, or
+ * the ids alone (still watched for the stop string). */
 typedef struct {
-    const jm_tokenizer *tok;
-    int32_t *ids;
-    int n, n_prompt;   /* ids holds the prompt (n_prompt ids, none with ids_only) and what followed */
-    size_t printed;    /* bytes of the decoded text already on stdout */
-    size_t prompt_len; /* bytes of it that are the prompt */
-    int ids_only;
-    const char *stop;  /* a stop string (NULL: none) */
+    jm_text_stream *text;
+    int ids_only, n;
     int stopped;
 } stream_ctx;
-
-/* Streams the continuation: decode everything generated so far and print the
- * new bytes, holding back an incomplete UTF-8 character (byte-fallback pieces
- * arrive one byte at a time) and anything that may be the start of the stop
- * string. Returns 1 (stop) once the continuation contains the stop string,
- * printing only what comes before it; final (after the last token) prints
- * what was held back. */
-static int stream_emit(stream_ctx *c, int final)
-{
-    char *text = NULL;
-    size_t len;
-    jm_error err;
-    if (!c->tok) return 0;
-    /* with ids_only, ids holds only the continuation: there is no prompt to skip */
-    if (jm_tokenizer_decode(c->tok, c->ids, (size_t)c->n, &text, &len, &err)) return 0;
-    size_t upto = len;
-    if (c->stop && *c->stop && len > c->prompt_len) {
-        char *hit = memmem(text + c->prompt_len, len - c->prompt_len, c->stop, strlen(c->stop));
-        if (hit) {
-            upto = (size_t)(hit - text);
-            c->stopped = 1;
-        } else if (!final) {
-            size_t hold = strlen(c->stop) - 1; /* a partial match can only be this long */
-            upto = len - c->prompt_len > hold ? len - hold : c->prompt_len;
-        }
-    }
-    if (!final && !c->stopped && len >= 3 && memcmp(text + len - 3, "\xef\xbf\xbd", 3) == 0 && upto == len)
-        upto = c->printed; /* an incomplete character: wait for its next byte */
-    if (!c->ids_only && upto > c->printed) {
-        fwrite(text + c->printed, 1, upto - c->printed, stdout);
-        fflush(stdout);
-        c->printed = upto;
-    }
-    free(text);
-    return c->stopped;
-}
 
 static int stream_token(void *p, int32_t id)
 {
     stream_ctx *c = p;
-    c->ids[c->n++] = id;
+    const char *bytes = "";
+    size_t len = 0;
+    jm_error err;
+    int r = c->text ? jm_text_stream_push(c->text, id, &bytes, &len, &err) : 0;
+    if (r < 0) r = 0; /* a piece that cannot be decoded prints nothing; generation goes on */
+    if (r == 1) c->stopped = 1;
     if (c->ids_only) {
-        int stop = c->stop ? stream_emit(c, 0) : 0;
-        if (!stop) {
-            printf(c->n > 1 ? " %d" : "%d", id);
-            fflush(stdout);
-        }
-        return stop;
+        if (!c->stopped) printf(c->n++ ? " %d" : "%d", id);
+    } else {
+        fwrite(bytes, 1, len, stdout);
     }
-    return stream_emit(c, 0);
+    fflush(stdout);
+    return c->stopped;
+}
+
+static void stream_flush(stream_ctx *c)
+{
+    const char *bytes;
+    size_t len;
+    if (!c->text || c->ids_only || c->stopped) return;
+    jm_text_stream_flush(c->text, &bytes, &len);
+    fwrite(bytes, 1, len, stdout);
 }
 
 static int parse_real(const char *s, double lo, double hi, double *out)
@@ -588,6 +561,7 @@ static int cmd_generate(int argc, char **argv)
     if (parse_real(topp, 1e-9, 1, &tp)) return die("generate", "--top-p wants a number in (0, 1], got '%s'", topp);
     jm_set_threads((int)th);
 
+    stream_ctx ctx = {NULL, ids_only, 0, 0}; /* before any goto out */
     jm_error err;
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
@@ -643,22 +617,20 @@ static int cmd_generate(int argc, char **argv)
     out = malloc(sizeof(int32_t) * (size_t)mn);
     /* the stream decodes prompt + continuation together, so the first new
      * piece keeps its leading space; the prompt itself is printed first */
-    stream_ctx ctx = {tok, malloc(sizeof(int32_t) * ((size_t)mn + (size_t)n)), 0, 0, 0, 0, ids_only, stop, 0};
-    if (ctx.ids && !ids_only) {
-        memcpy(ctx.ids, ids, sizeof(int32_t) * (size_t)n);
-        ctx.n = ctx.n_prompt = n;
-        char *text;
-        size_t len;
-        if (!jm_tokenizer_decode(tok, ids, (size_t)n, &text, &len, &err)) {
+    if (tok && (ids_only ? stop != NULL : 1)) {
+        /* with --ids the stop string is looked for in the continuation alone */
+        if ((s = jm_text_stream_new(tok, ids, ids_only ? 0 : (size_t)n, stop, &ctx.text, &err))) goto out;
+        if (!ids_only) {
+            char *text;
+            size_t len;
+            if ((s = jm_tokenizer_decode(tok, ids, (size_t)n, &text, &len, &err))) goto out;
             fwrite(text, 1, len, stdout);
-            ctx.printed = ctx.prompt_len = len;
             free(text);
         }
     }
     jm_sample_opts so = {t, (int)tk, tp, (uint64_t)sd, (int)mn, greedy};
     int n_out = 0;
-    if (!out || !ctx.ids) {
-        free(ctx.ids);
+    if (!out) {
         s = JM_ERR_NOMEM;
         snprintf(err.msg, sizeof err.msg, "out of memory");
         goto out;
@@ -666,18 +638,15 @@ static int cmd_generate(int argc, char **argv)
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
-    if (!s && !ctx.stopped && !ids_only) stream_emit(&ctx, 1);
+    if (!s) stream_flush(&ctx);
     putchar('\n');
-    if (s) {
-        free(ctx.ids);
-        goto out;
-    }
+    if (s) goto out;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     fprintf(stderr, "[%d prompt tokens, %d generated%s, %.2f s, %s weights, %s kernels]\n", n, n_out,
             ctx.stopped ? " (stop string)" : "", secs, jm_model_weight_type(m), jm_kernels(m));
-    free(ctx.ids);
 out:
+    jm_text_stream_free(ctx.text);
     free(out);
     free(ids);
     jm_model_free(m);
@@ -774,15 +743,18 @@ static int cmd_chat(int argc, char **argv)
         ncached = (int)n;
         free(ids);
         int nr = 0, limit = (int)mn < ctx - ncached ? (int)mn : ctx - ncached;
-        stream_ctx sc = {.tok = tok, .ids = reply};
+        stream_ctx sc = {NULL, 0, 0, 0};
+        if ((s = jm_text_stream_new(tok, NULL, 0, NULL, &sc.text, &err))) break;
         while (nr < limit) {
             int32_t id = jm_sample(logits, V, &so, &rng, probs);
             if (id == eos) break;
             stream_token(&sc, id);
-            nr = sc.n;
+            reply[nr++] = id;
             cached[ncached++] = id;
             if (nr >= limit || (s = jm_infer(m, &id, 1, ncached - 1, &logits, &err))) break;
         }
+        if (!s) stream_flush(&sc);
+        jm_text_stream_free(sc.text);
         if (s) break;
         putchar('\n');
         fflush(stdout);

@@ -124,3 +124,110 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     free(scratch);
     return s;
 }
+
+/* ---- streaming text ---- */
+
+/* Decoding the whole sequence again at each token is what keeps the text
+ * exact (SentencePiece's leading-space and byte-fallback rules look at
+ * neighbours); the decode of a few hundred ids costs microseconds. */
+struct jm_text_stream {
+    const jm_tokenizer *tok;
+    int32_t *ids;
+    size_t n, cap;
+    size_t prompt_len;    /* bytes of the decoded prompt */
+    size_t given;         /* bytes handed out so far (from prompt_len) */
+    char *stop;           /* NULL: none */
+    int stopped;
+    char *text;           /* the latest decode */
+};
+
+jm_status jm_text_stream_new(const jm_tokenizer *t, const int32_t *prompt, size_t n_prompt, const char *stop,
+                             jm_text_stream **out, jm_error *err)
+{
+    *out = NULL;
+    jm_text_stream *s = calloc(1, sizeof *s);
+    if (!s) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    s->tok = t;
+    s->cap = n_prompt + 64;
+    s->ids = malloc(s->cap * sizeof *s->ids);
+    s->stop = stop && *stop ? strdup(stop) : NULL;
+    if (!s->ids || (stop && *stop && !s->stop)) {
+        jm_text_stream_free(s);
+        return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    }
+    if (n_prompt) memcpy(s->ids, prompt, n_prompt * sizeof *prompt);
+    s->n = n_prompt;
+    size_t len;
+    jm_status st = jm_tokenizer_decode(t, s->ids, s->n, &s->text, &len, err);
+    if (st) {
+        jm_text_stream_free(s);
+        return st;
+    }
+    s->prompt_len = s->given = len;
+    *out = s;
+    return JM_OK;
+}
+
+void jm_text_stream_free(jm_text_stream *s)
+{
+    if (!s) return;
+    free(s->ids);
+    free(s->stop);
+    free(s->text);
+    free(s);
+}
+
+/* Hands out the decoded bytes that can no longer change: not a trailing run
+ * of U+FFFD (a character whose bytes are still arriving decodes as one per
+ * byte until it is whole), not a tail that may be the start of the stop
+ * string, nothing from the stop string on. */
+static void stream_take(jm_text_stream *s, size_t len, int final, const char **out, size_t *n)
+{
+    const size_t p = s->prompt_len;
+    size_t stable = len, upto;
+    if (!final)
+        while (stable >= p + 3 && memcmp(s->text + stable - 3, "\xef\xbf\xbd", 3) == 0) stable -= 3;
+    char *hit = s->stop && len > p ? memmem(s->text + p, len - p, s->stop, strlen(s->stop)) : NULL;
+    if (hit) {
+        upto = (size_t)(hit - s->text);
+        s->stopped = 1;
+    } else if (s->stop && !final) {
+        /* a match still to come starts within strlen - 1 bytes of the stable end */
+        size_t hold = strlen(s->stop) - 1;
+        upto = stable - p > hold ? stable - hold : p;
+    } else {
+        upto = stable;
+    }
+    *out = s->text + s->given;
+    *n = upto > s->given ? upto - s->given : 0;
+    if (upto > s->given) s->given = upto;
+}
+
+int jm_text_stream_push(jm_text_stream *s, int32_t id, const char **text, size_t *len, jm_error *err)
+{
+    *text = "";
+    *len = 0;
+    if (s->stopped) return 1;
+    if (s->n == s->cap) {
+        int32_t *p = realloc(s->ids, 2 * s->cap * sizeof *p);
+        if (!p) return jm_fail(err, JM_ERR_NOMEM, "out of memory"), -1;
+        s->ids = p;
+        s->cap *= 2;
+    }
+    s->ids[s->n++] = id;
+    char *t;
+    size_t n;
+    if (jm_tokenizer_decode(s->tok, s->ids, s->n, &t, &n, err)) {
+        s->n--;
+        return -1;
+    }
+    free(s->text);
+    s->text = t;
+    stream_take(s, n, 0, text, len);
+    return s->stopped;
+}
+
+void jm_text_stream_flush(jm_text_stream *s, const char **text, size_t *len)
+{
+    stream_take(s, strlen(s->text), 1, text, len);
+}

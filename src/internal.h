@@ -33,6 +33,8 @@ jm_status jm_atomic_commit(jm_atomic_file *a, jm_error *err); /* closes; renames
 void jm_atomic_abort(jm_atomic_file *a);                      /* closes and removes the temp */
 jm_status jm_mkdir_p(const char *dir, jm_error *err);
 jm_status jm_copy_file(const char *src, const char *dst, jm_error *err); /* atomic at dst */
+void jm_remove_dir(const char *dir);   /* a directory of plain files (or a plain file) */
+void jm_fsync_path(const char *path); /* best effort: a file or directory */
 
 /* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
  * no duplicate keys in any object. file names the source in messages. */

@@ -462,6 +462,9 @@ static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, 
     wview w;
     for (int i = 0; i < m->nparams && !s; i++) {
         s = find_stored(set, dir, &m->params[i], &st[i], err);
+        if (!s && m->slot[i].f && st[i].kind >= STORED_Q8) /* what jm_quantize leaves as stored */
+            s = jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s is quantized, but routers stay as stored (F32/BF16/F16)",
+                        st[i].file, m->params[i].name);
         need[i] = !s && (mode == OPEN_FP32 || m->slot[i].f || !view_in_place(&st[i], &w));
     }
     if (!s && mode != OPEN_CHECK) s = alloc_params(m, need, err);
@@ -857,6 +860,7 @@ jm_status jm_set_context(jm_model *m, int ctx, jm_error *err)
     free(d->rope_sin);
     d->kv = d->rope_cos = d->rope_sin = NULL;
     d->ctx = d->len = 0;
+    d->n_cap = 0; /* the arena's attention scratch is sized by the context: plan it again */
     const jm_config *c = &m->cfg;
     size_t A = (size_t)c->num_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
     size_t bytes = (size_t)c->num_layers * ctx * 2 * A * sizeof(float);

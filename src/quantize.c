@@ -11,13 +11,18 @@
  *
  * The input is opened with jm_model_open, so an 8B BF16 checkpoint is read
  * through its mapping a row at a time; output goes out in shards of at most
- * 2 GB, each quantized, written (atomically) and freed before the next. */
+ * 2 GB, each quantized, written and freed before the next, into a new
+ * directory that takes out_dir's place at the end. */
 #include "internal.h"
 #include "ops/ops.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #define SHARD_BYTES (2000ull << 20)
@@ -44,16 +49,38 @@ static jm_status quantize_tensor(const plan_entry *e, int bits, void **q, uint8_
         free(buf);
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB to quantize %s", rows * row_bytes / 1e9, p->name);
     }
+    /* the first row holding a non-finite value, or whose scales overflow F16 */
+    int64_t bad_value = -1, bad_scale = -1;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float *row = buf + (int64_t)omp_get_thread_num() * C;
         dequant_rows(row, e->w, r, 1, C);
+        int finite = 1;
+        for (int64_t i = 0; i < C; i++) finite &= isfinite(row[i]) != 0;
+        if (!finite) {
+#pragma omp critical
+            if (bad_value < 0 || r < bad_value) bad_value = r;
+            continue;
+        }
+        uint8_t *sc = *scales + r * nb * 2;
         if (bits == 8)
-            quantize_row_q8((int8_t *)*q + r * C, *scales + r * nb * 2, row, C);
+            quantize_row_q8((int8_t *)*q + r * C, sc, row, C);
         else
-            quantize_row_q4((uint8_t *)*q + r * C / 2, *scales + r * nb * 2, row, C);
+            quantize_row_q4((uint8_t *)*q + r * C / 2, sc, row, C);
+        for (int64_t b = 0; b < nb; b++)
+            if ((sc[2 * b + 1] & 0x7c) == 0x7c) { /* exponent all ones: the scale is infinite */
+#pragma omp critical
+                if (bad_scale < 0 || r < bad_scale) bad_scale = r;
+                break;
+            }
     }
     free(buf);
+    if (bad_value >= 0)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: row %lld holds a non-finite value; nothing to quantize it to",
+                       p->name, (long long)bad_value);
+    if (bad_scale >= 0)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: row %lld has values too large for an F16 block scale (|w| > %g)",
+                       p->name, (long long)bad_scale, bits == 8 ? 65504.0 * 127 : 65504.0 * 8);
     return JM_OK;
 }
 
@@ -128,7 +155,7 @@ static jm_status write_index(const char *out_dir, const plan_entry *plan, int n,
             cJSON_AddStringToObject(map, name, file);
         }
     }
-    char path[4200];
+    char path[4400];
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", out_dir);
     jm_status s = jm_write_json(path, map ? root : NULL, err);
     cJSON_Delete(root);
@@ -141,7 +168,7 @@ static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error 
     static const char *const files[] = {"config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                                         "special_tokens_map.json", "generation_config.json"};
     for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
-        char src[4200], dst[4200];
+        char src[4400], dst[4400];
         snprintf(src, sizeof src, "%s/%s", dir, files[i]);
         snprintf(dst, sizeof dst, "%s/%s", out_dir, files[i]);
         if (i > 0 && access(src, F_OK) != 0) continue;
@@ -151,9 +178,28 @@ static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error 
     return JM_OK;
 }
 
+/* Puts the finished directory tmp in place of out_dir: an atomic exchange
+ * when out_dir exists (then the old one is removed), else a rename. */
+static jm_status replace_dir(const char *tmp, const char *out_dir, jm_error *err)
+{
+    jm_fsync_path(tmp);
+    if (renameat2(AT_FDCWD, tmp, AT_FDCWD, out_dir, RENAME_EXCHANGE) == 0) {
+        jm_remove_dir(tmp); /* now the old output */
+    } else if (errno == ENOENT) {
+        if (rename(tmp, out_dir) != 0) return jm_fail(err, JM_ERR_IO, "%s: %s", out_dir, strerror(errno));
+    } else {
+        return jm_fail(err, JM_ERR_IO, "%s: cannot replace it: %s", out_dir, strerror(errno));
+    }
+    char parent[4200];
+    snprintf(parent, sizeof parent, "%s/..", out_dir);
+    jm_fsync_path(parent);
+    return JM_OK;
+}
+
 jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *err)
 {
     if (bits != 8 && bits != 4) return jm_fail(err, JM_ERR_ARG, "quantize: bits must be 8 or 4, got %d", bits);
+    if (strlen(out_dir) > 4000 || strlen(dir) > 4000) return jm_fail(err, JM_ERR_ARG, "quantize: path too long");
     char a[4096], b[4096];
     if (realpath(dir, a) && realpath(out_dir, b) && strcmp(a, b) == 0)
         return jm_fail(err, JM_ERR_ARG, "quantize: the output directory %s is the input", out_dir);
@@ -187,17 +233,22 @@ jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *
         total += e->bytes;
     }
     const int nshards = shard + 1;
-    if (!s) s = jm_mkdir_p(out_dir, err);
-    /* a stale single file would win over the index (st_set_open's precedence) */
-    char path[4200];
-    snprintf(path, sizeof path, "%s/model.safetensors", out_dir);
-    if (!s && nshards > 1) unlink(path);
+    /* everything goes into a fresh directory beside out_dir, which then takes
+     * out_dir's place: no mix with an earlier output's files, and a failure
+     * part-way leaves out_dir as it was */
+    char tmp[4200], path[4300];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", out_dir, (long)getpid());
+    jm_remove_dir(tmp);
+    if (!s) s = jm_mkdir_p(tmp, err);
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
     for (int k = 0; k < nshards && !s; k++) {
-        if (nshards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", out_dir, k + 1, nshards);
+        if (nshards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", tmp, k + 1, nshards);
         s = write_shard(path, plan, n, k, bits, err);
     }
-    if (!s && nshards > 1) s = write_index(out_dir, plan, n, nshards, total, err);
-    if (!s) s = copy_side_files(dir, out_dir, err);
+    if (!s && nshards > 1) s = write_index(tmp, plan, n, nshards, total, err);
+    if (!s) s = copy_side_files(dir, tmp, err);
+    if (!s) s = replace_dir(tmp, out_dir, err);
+    if (s) jm_remove_dir(tmp);
     free(plan);
     st_set_close(&set);
     jm_model_free(m);

@@ -354,33 +354,6 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     return s;
 }
 
-static void remove_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d) { /* a plain file (e.g. a stale temp of `latest`) */
-        unlink(dir);
-        return;
-    }
-    struct dirent *e;
-    char path[8192];
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        unlink(path); /* checkpoint directories hold only files */
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
-static void fsync_path(const char *path)
-{
-    int fd = open(path, O_RDONLY);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-}
-
 /* Writes checkpoints/step_N (model + trainer state) and points `latest` at it. */
 static jm_status save_checkpoint(trainer *t, jm_error *err)
 {
@@ -402,18 +375,18 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         if (access(src, R_OK) == 0) s = jm_copy_file(src, dst, err);
     }
     if (s) {
-        remove_tree(tmp);
+        jm_remove_dir(tmp);
         return s;
     }
-    fsync_path(tmp);
+    jm_fsync_path(tmp);
     snprintf(final, sizeof final, "%s/step_%lld", ck, (long long)t->step);
-    remove_tree(final); /* a checkpoint of this step from an earlier, interrupted run */
+    jm_remove_dir(final); /* a checkpoint of this step from an earlier, interrupted run */
     if (rename(tmp, final) != 0) {
         s = jm_fail(err, JM_ERR_IO, "%s: %s", final, strerror(errno));
-        remove_tree(tmp);
+        jm_remove_dir(tmp);
         return s;
     }
-    fsync_path(ck);
+    jm_fsync_path(ck);
     jm_atomic_file a;
     char name[64];
     int n = snprintf(name, sizeof name, "step_%lld\n", (long long)t->step);
@@ -435,7 +408,7 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
             if (stale_tmp ||
                 (sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1 && st < t->step - t->r->checkpoint_every)) {
                 snprintf(path, sizeof path, "%s/%s", ck, e->d_name);
-                remove_tree(path);
+                jm_remove_dir(path);
             }
         }
         closedir(d);

@@ -2,6 +2,7 @@
 #include "internal.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
@@ -232,6 +233,34 @@ uint16_t jm_f32_to_f16(float f)
     uint32_t h = ((a >> 13) - ((127 - 15) << 10)), rem = a & 0x1fffu;
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++;
     return (uint16_t)(sign | h);
+}
+
+/* Removes a directory of plain files (a checkpoint), or a plain file. */
+void jm_remove_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) { /* a plain file (e.g. a stale temp of `latest`) */
+        unlink(dir);
+        return;
+    }
+    struct dirent *e;
+    char path[8192];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+void jm_fsync_path(const char *path)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
 }
 
 /* ---- JSON ---- */

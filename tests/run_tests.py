@@ -573,16 +573,86 @@ def training_runs(suite, build, tmp):
     p, _ = run(gen + ["--prompt", "the", "--max-new", "1000", "--ids"])  # runs to the end of the context
     defined.append(("max_new_past_context", p.returncode == 0 and "leave room" in p.stderr and
                     len(p.stdout.split()) <= 63, p))
-    p, _ = run(gen + ["--prompt", "the", "--max-new", "40", "--stop", " "])  # stops before the first space
-    defined.append(("stop_string", p.returncode == 0 and (" " not in p.stdout.rstrip("\n")[3:] or
-                                                         "stop string" in p.stderr), p))
-    p1, _ = run(gen + ["--prompt", "the", "--max-new", "12", "--ids", "--threads", "1"])
-    p2, _ = run(gen + ["--prompt", "the", "--max-new", "12", "--ids", "--kernels", "portable"])
-    defined.append(("threads_and_kernels", p1.returncode == 0 and p2.returncode == 0 and p1.stdout == p2.stdout, p1))
+    # the q8 model, so that the kernel choice matters: same ids with 1 thread and with the portable kernels
+    gq = [jetmoe, "generate", os.path.join(d, "ck_q8"), "--greedy", "--prompt", "the", "--max-new", "12", "--ids"]
+    p0, _ = run(gq)
+    p1, _ = run(gq + ["--threads", "1"])
+    p2, _ = run(gq + ["--kernels", "portable"])
+    defined.append(("threads_and_kernels", p0.returncode == 0 and p1.stdout == p0.stdout == p2.stdout and
+                    len(p0.stdout.split()) == 12, p1))
     bad = [f"{name}: exit {x.returncode}: {x.stdout[-100:]!r} {x.stderr[-200:]!r}" for name, ok, x in defined
            if not ok or sanitizer_report(x.stderr)]
     suite.check("generate_defined_behaviour", not bad, "; ".join(bad),
-                "empty prompt, invalid UTF-8, --max-new past the context, --stop, --threads 1, --kernels portable")
+                "empty prompt, invalid UTF-8, --max-new past the context, --threads 1, --kernels portable")
+
+    # streaming: hot sampling over a byte-fallback vocabulary emits partial UTF-8 characters; the streamed
+    # text must be exactly the decode of prompt + generated ids, with and without a stop string held back,
+    # and a stop string must cut the continuation right before its first occurrence
+    hot = [jetmoe, "generate", ck, "--prompt", "café 日本", "--temperature", "3", "--seed", "5", "--max-new", "48"]
+    pi = subprocess.run(hot + ["--ids"], capture_output=True, timeout=120)
+    ids = pi.stdout.decode().split()
+    enc = subprocess.run([jetmoe, "tokenizer", "encode", "--model", os.path.join(d, "tok")], capture_output=True,
+                         input="café 日本\n".encode(), timeout=60)
+    prompt_ids = ["1"] + enc.stdout.decode().split()
+    dec = subprocess.run([jetmoe, "tokenizer", "decode", "--model", os.path.join(d, "tok")], capture_output=True,
+                         input=(" ".join(prompt_ids + ids) + "\n").encode(), timeout=60)
+    full = dec.stdout[:-1]  # text of prompt + continuation
+    prompt_text = subprocess.run([jetmoe, "tokenizer", "decode", "--model", os.path.join(d, "tok")],
+                                 capture_output=True, input=(" ".join(prompt_ids) + "\n").encode(),
+                                 timeout=60).stdout[:-1]
+    cont = full[len(prompt_text):]
+    problems = []
+    if pi.returncode != 0 or len(ids) < 10 or not cont or all(b < 128 for b in cont):
+        problems.append(f"setup: exit {pi.returncode}, {len(ids)} ids, continuation {cont[:60]!r}")
+    for extra in ([], ["--stop", "\x01zzq"]):  # a stop that never matches: 3 bytes held back at each step
+        q = subprocess.run(hot + extra, capture_output=True, timeout=120)
+        if q.returncode != 0 or q.stdout != full + b"\n":
+            problems.append(f"stream {extra}: exit {q.returncode}: {q.stdout[-80:]!r} vs {full[-80:]!r}")
+    # a stop string taken from the continuation itself (2+ bytes, starting past its first bytes)
+    stop = None
+    for i in range(3, len(cont) - 2):
+        try:
+            cand = cont[i:i + 3].decode()
+        except UnicodeDecodeError:
+            continue
+        if "\ufffd" not in cand and "\x00" not in cand and not cand.startswith("-"):
+            stop = cand
+            break
+    if stop is None:
+        problems.append(f"no stop string to take from {cont[:80]!r}")
+    else:
+        q = subprocess.run(hot + ["--stop", stop], capture_output=True, timeout=120)
+        want = full[:len(prompt_text) + cont.index(stop.encode())] + b"\n"
+        if q.returncode != 0 or q.stdout != want or b"stop string" not in q.stderr:
+            problems.append(f"stop {stop!r}: exit {q.returncode}: {q.stdout[-80:]!r} vs {want[-80:]!r}")
+    suite.check("generate_streaming_and_stop_string", not problems, "; ".join(problems),
+                f"{len(ids)} sampled tokens, non-ASCII continuation; stop {stop!r}")
+
+    # the stream itself on a scripted continuation whose CJK characters arrive as byte-fallback pieces,
+    # one byte per token: what it hands out must add up to the exact text, whatever the stop string holds back
+    tool = os.path.join(ROOT, build, "tests", "tool_stream")
+    def encode(text):
+        return subprocess.run([jetmoe, "tokenizer", "encode", "--model", os.path.join(d, "tok")], capture_output=True,
+                              input=(text + "\n").encode(), timeout=60).stdout.decode().split()
+    def decode(ids):
+        return subprocess.run([jetmoe, "tokenizer", "decode", "--model", os.path.join(d, "tok")], capture_output=True,
+                              input=(" ".join(ids) + "\n").encode(), timeout=60).stdout[:-1]
+    p_ids, c_ids = ["1"] + encode("hi"), encode("x café 日本語 end")
+    ptext = decode(p_ids)
+    cont = decode(p_ids + c_ids)[len(ptext):]
+    problems = []
+    if cont.count(b"\xe6") < 1 or len(c_ids) < 10:
+        problems.append(f"setup: continuation {cont!r} from {len(c_ids)} ids")
+    cases = [(None, cont, False), ("ZZ", cont, False), ("ZZZZZZZ", cont, False), ("日本", cont[:cont.index("日本".encode())], True),
+             ("本語 e", cont[:cont.index("本語".encode())], True), (" end", cont[:cont.index(b" end")], True)]
+    for stop, want, stops in cases:
+        q = subprocess.run([tool, os.path.join(d, "tok"), ",".join(p_ids), ",".join(c_ids)] + ([stop] if stop else []),
+                           capture_output=True, timeout=60)
+        if q.returncode != 0 or q.stdout != want or ((b"stopped" in q.stderr) != stops) or sanitizer_report(
+                q.stderr.decode(errors="replace")):
+            problems.append(f"stop {stop!r}: exit {q.returncode}: {q.stdout!r} vs {want!r} {q.stderr[-200:]!r}")
+    suite.check("text_stream_holds_back_partial_characters", not problems, "; ".join(problems),
+                f"{len(c_ids)} ids, {len(cases)} stop strings")
 
     # SIGINT: saves where it is, exits 130; resuming finishes with the same weights.
     c = os.path.join(d, "run_c")

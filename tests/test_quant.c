@@ -10,6 +10,7 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <unistd.h>
 
 static uint64_t rng_state = 12345;
 static float frand(void) /* uniform in [-1, 1) */
@@ -272,7 +273,7 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
 
 static void test_products(void)
 {
-    const int64_t C = 96, O = 150; /* O not a multiple of the tile */
+    const int64_t C = 288, O = 150; /* 9 blocks: the SIMD main loop and a tail; O not a multiple of the tile */
     const int threads = omp_get_max_threads();
     static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
     static const char *names[] = {"bf16", "q8", "q4"};
@@ -288,7 +289,9 @@ static void test_products(void)
             uint8_t *sc;
             wview W = random_matrix(types[ti], O, C, &data, &sc);
             double worst = 0;
-            for (int64_t N = 1; N <= 20; N += 9) { /* 1, 10 (tiles), 19 */
+            static const int64_t Ns[] = {1, 3, 8, 9, 19}; /* dot kernels up to WSMALL_N rows, then tiles */
+            for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++) {
+                const int64_t N = Ns[ni];
                 float *x = malloc((size_t)(N * C) * 4), *got = malloc((size_t)(N * O) * 4),
                       *want = malloc((size_t)(N * O) * 4);
                 for (int64_t i = 0; i < N * C; i++) x[i] = frand();
@@ -300,7 +303,7 @@ static void test_products(void)
             }
             char name[64];
             snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kern[ki]);
-            check_detail(worst < 1e-5, name, "N = 1, 10, 19: worst %.2e of max |out|", worst);
+            check_detail(worst < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst);
             free(data), free(sc);
         }
     }
@@ -339,7 +342,7 @@ static jm_config quant_config(void)
     jm_config c;
     jm_config_default(&c);
     c.vocab_size = 300;
-    c.hidden_size = 64;
+    c.hidden_size = 256; /* 8 blocks of 32: the SIMD kernels' main loop; A = 32 and F = 96 take the tails */
     c.num_layers = 2;
     c.num_kv_heads = 2;
     c.head_dim = 16;
@@ -437,11 +440,34 @@ static void test_models(const char *tmp)
                      tol[i], rm);
 
         /* a batched forward on the mapped model (tiles, and dot kernels for
-         * experts with few rows) against the fp32 forward */
+         * experts with few rows) against the fp32 forward. With int8
+         * activations a router near a tie may choose another expert at some
+         * position, which attention then carries to every later position:
+         * nearly all routing choices must agree, and every position before the
+         * first that differs must agree in its logits */
         s = jm_forward(mo, tok, 1, T, NULL, &err);
-        r = s ? 1 : rms_rel(jm_logits(mo), jm_logits(ml), (int64_t)T * V);
+        int agree = 0, total = 0, first_flip = T;
+        for (int l = 0; l < c.num_layers && !s; l++)
+            for (int blk = 0; blk < 2; blk++) {
+                const int32_t *a = jm_routing(mo, l, blk), *b = jm_routing(ml, l, blk);
+                for (int t = 0; t < T; t++, total++) { /* as sets: near-equal gates may swap order */
+                    int same = 1;
+                    for (int j = 0; j < c.top_k; j++) {
+                        int found = 0;
+                        for (int i2 = 0; i2 < c.top_k; i2++) found |= a[t * c.top_k + j] == b[t * c.top_k + i2];
+                        same &= found;
+                    }
+                    agree += same;
+                    if (!same && t < first_flip) first_flip = t;
+                }
+            }
+        double worst = 0;
+        for (int t = 0; t < first_flip && !s; t++)
+            worst = fmax(worst, rms_rel(jm_logits(mo) + (size_t)t * V, jm_logits(ml) + (size_t)t * V, V));
         snprintf(name, sizeof name, "model_%s_batched_in_place_vs_fp32", types[i]);
-        check_detail(r < tol[i], name, "all logits: rms %.2e of rms logit", r);
+        check_detail(s == JM_OK && worst < tol[i] && agree >= total * 9 / 10 && (i > 0 || agree == total), name,
+                     "routing agrees on %d of %d choices; positions before the first difference (%d): worst "
+                     "logits rms %.2e", agree, total, first_flip, worst);
 
         /* portable kernels give the same model as the SIMD ones */
         if (wkernels_get("avx2")) {
@@ -480,6 +506,66 @@ static void test_models(const char *tmp)
     free(dec), free(dec2), free(fwd);
 }
 
+/* A BF16 checkpoint of quant_config with one weight of moe_in replaced by v. */
+static jm_status bf16_with(const char *dir, float v, jm_error *err)
+{
+    jm_config c = quant_config();
+    jm_model *m = NULL;
+    jm_status s = jm_model_create(&c, 3, &m, err);
+    for (int i = 0; !s && i < jm_model_num_params(m); i++)
+        if (strstr(jm_model_param(m, i)->name, "layers.1.mlp.input_linear")) jm_model_param(m, i)->data[77] = v;
+    if (!s) s = save_bf16(m, dir, err);
+    jm_model_free(m);
+    return s;
+}
+
+static void test_quantize_refuses(const char *tmp)
+{
+    char src[512], dst[512];
+    snprintf(src, sizeof src, "%s/bad_src", tmp);
+    snprintf(dst, sizeof dst, "%s/bad_dst", tmp);
+    const struct {
+        float v;
+        int bits;
+        const char *expect;
+    } cases[] = {{NAN, 8, "non-finite"}, {INFINITY, 4, "non-finite"}, {1e7f, 8, "too large"}, {6e5f, 4, "too large"}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        jm_error err = {{0}};
+        jm_status s = bf16_with(src, cases[i].v, &err);
+        if (!s) s = jm_quantize(src, dst, cases[i].bits, &err);
+        char name[64];
+        snprintf(name, sizeof name, "quantize_refuses_%s_q%d", i < 2 ? "nonfinite" : "huge", cases[i].bits);
+        check(s == JM_ERR_FORMAT && strstr(err.msg, cases[i].expect) && strstr(err.msg, "input_linear") &&
+                  access(dst, F_OK) != 0,
+              name, "status %d: %s", s, err.msg);
+    }
+}
+
+/* Growing the context after decoding must re-plan the decoder's scratch. */
+static void test_context_regrow(void)
+{
+    jm_config c = quant_config();
+    jm_error err = {{0}};
+    jm_model *m = NULL;
+    enum { T = 40 };
+    int32_t tok[T];
+    for (int i = 0; i < T; i++) tok[i] = (i * 37 + 5) % c.vocab_size;
+    const float *lg = NULL;
+    jm_status s = jm_model_create(&c, 9, &m, &err);
+    if (!s) s = jm_set_context(m, 4, &err);
+    if (!s) s = jm_infer(m, tok, 4, 0, &lg, &err);
+    if (!s) s = jm_set_context(m, 64, &err);
+    for (int t = 0; t < T && !s; t++) s = jm_infer(m, &tok[t], 1, t, &lg, &err);
+    float *dec = malloc((size_t)c.vocab_size * sizeof *dec);
+    if (!s) memcpy(dec, lg, (size_t)c.vocab_size * sizeof *dec);
+    if (!s) s = jm_forward(m, tok, 1, T, NULL, &err);
+    double r = s ? 1 : max_rel(dec, jm_logits(m) + (size_t)(T - 1) * c.vocab_size, c.vocab_size);
+    check_detail(s == JM_OK && r < 1e-4, "set_context_regrow_then_decode", "status %d %s; logits %.2e of max", s,
+                 err.msg, r);
+    free(dec);
+    jm_model_free(m);
+}
+
 int main(void)
 {
     char tmp[] = "/tmp/jm_test_quant_XXXXXX";
@@ -489,6 +575,8 @@ int main(void)
     test_kernels();
     test_products();
     test_models(tmp);
+    test_quantize_refuses(tmp);
+    test_context_regrow();
     temp_dir_done(tmp);
     return exit_status();
 }

@@ -215,6 +215,9 @@ static const wkernels kernels_portable = {"portable", dot_bf16_c, dot_q8_c, dot_
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096 /* ahead of the stream: measured best of 256..8192 here */
 #endif
+/* The address PREFETCH_BYTES on (past the end near a row's end: a prefetch
+ * never faults, and going through an integer keeps the arithmetic defined). */
+static inline const char *ahead(const void *p) { return (const char *)((uintptr_t)p + PREFETCH_BYTES); }
 
 AVX2 static inline float hsum8(__m256 v)
 {
@@ -235,7 +238,7 @@ AVX2 static float dot_bf16_avx2(const uint8_t *w, const float *x, int64_t C)
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t i = 0;
     for (; i + 32 <= C; i += 32) {
-        _mm_prefetch((const char *)(w + 2 * i + PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch(ahead(w + 2 * i), _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(bf16x8(w + 2 * i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 32), _mm256_loadu_ps(x + i + 16), a2);
@@ -290,7 +293,7 @@ AVX2 static float dot_q8_avx2(const int8_t *w, const uint8_t *ws, const int8_t *
         float s[8];
         _mm256_storeu_ps(s, scales8(ws, xs, b));
         for (int j = 0; j < 8; j += 2) {
-            _mm_prefetch((const char *)(w + (b + j) * 32 + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch(ahead(w + (b + j) * 32), _MM_HINT_T0);
             __m256i p0 = block_q8(w + (b + j) * 32, xq + (b + j) * 32);
             __m256i p1 = block_q8(w + (b + j + 1) * 32, xq + (b + j + 1) * 32);
             acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j]), _mm256_cvtepi32_ps(p0), acc0);
@@ -315,8 +318,8 @@ AVX2 static float dot_q4_avx2(const uint8_t *w, const uint8_t *ws, const int8_t 
         float s[8];
         _mm256_storeu_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(xs + b)));
         off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xsum + b), off);
-        _mm_prefetch((const char *)(w + b * 16 + PREFETCH_BYTES), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + b * 16 + 64 + PREFETCH_BYTES), _MM_HINT_T0);
+        _mm_prefetch(ahead(w + b * 16), _MM_HINT_T0);
+        _mm_prefetch(ahead(w + b * 16 + 64), _MM_HINT_T0);
         for (int j = 0; j < 8; j += 2) {
             __m256i p0 = block_q4(w + (b + j) * 16, xq + (b + j) * 32);
             __m256i p1 = block_q4(w + (b + j + 1) * 16, xq + (b + j + 1) * 32);
