@@ -43,14 +43,16 @@ static int parse_int(const char *s, long lo, long hi, long *out)
 }
 
 /* Command-line flags: a flag with a value pointer takes one value, one with
- * only a switch pointer takes none; anything else not starting with '-' is
+ * only a switch pointer takes none, one with both takes a value each time it
+ * is given (up to MAX_REPEAT); anything else not starting with '-' is
  * the one positional argument. Returns 0, or the exit code after printing
  * the error. */
 typedef struct {
     const char *flag;
     const char **value;
-    int *on;
+    int *on; /* with value too: the flag may repeat, value is an array of MAX_REPEAT, *on its fill */
 } flag_spec;
+#define MAX_REPEAT 16
 
 static int parse_args(const char *cmd, int argc, char **argv, const flag_spec *flags, int nflags,
                       const char **positional)
@@ -73,6 +75,11 @@ static int parse_args(const char *cmd, int argc, char **argv, const flag_spec *f
             continue;
         }
         if (i + 1 >= argc) return die(cmd, "%s needs a value", a);
+        if (flags[f].on) {
+            if (*flags[f].on == MAX_REPEAT) return die(cmd, "%s given too many times", a);
+            flags[f].value[(*flags[f].on)++] = argv[++i];
+            continue;
+        }
         *flags[f].value = argv[++i];
     }
     return 0;
@@ -538,14 +545,14 @@ static jm_status open_model(const char *dir, const char *kernels, jm_model **m, 
 static int cmd_generate(int argc, char **argv)
 {
     const char *dir = NULL, *prompt = NULL, *tokens = NULL, *tokpath = NULL, *max_new = "64", *temp = "0.8",
-               *topk = "0", *topp = "0.95", *seed = "1", *threads = "0", *stop = NULL, *kernels = "auto";
-    int greedy = 0, ids_only = 0;
+               *topk = "0", *topp = "0.95", *seed = "1", *threads = "0", *stop[MAX_REPEAT], *kernels = "auto";
+    int greedy = 0, ids_only = 0, nstop = 0;
     const flag_spec flags[] = {{"--prompt", &prompt, NULL},    {"--tokens", &tokens, NULL},
                                {"--tokenizer", &tokpath, NULL}, {"--max-new", &max_new, NULL},
                                {"--temperature", &temp, NULL},  {"--top-k", &topk, NULL},
                                {"--top-p", &topp, NULL},        {"--seed", &seed, NULL},
                                {"--threads", &threads, NULL},   {"--greedy", NULL, &greedy},
-                               {"--ids", NULL, &ids_only},      {"--stop", &stop, NULL},
+                               {"--ids", NULL, &ids_only},      {"--stop", stop, &nstop},
                                {"--kernels", &kernels, NULL}};
     int rc = parse_args("generate", argc, argv, flags, 13, &dir);
     if (rc) return rc;
@@ -568,8 +575,9 @@ static int cmd_generate(int argc, char **argv)
     int32_t *ids = NULL, *out = NULL;
     int n = 0;
     jm_status s = JM_OK;
-    if (stop && !*stop) return die("generate", "%s", "--stop wants a non-empty string");
-    if (prompt || !ids_only || stop) {
+    for (int i = 0; i < nstop; i++)
+        if (!*stop[i]) return die("generate", "%s", "--stop wants a non-empty string");
+    if (prompt || !ids_only || nstop) {
         s = jm_tokenizer_load(tokpath ? tokpath : dir, &tok, &err);
         if (s) return fail("generate", s, &err);
     }
@@ -617,9 +625,9 @@ static int cmd_generate(int argc, char **argv)
     out = malloc(sizeof(int32_t) * (size_t)mn);
     /* the stream decodes prompt + continuation together, so the first new
      * piece keeps its leading space; the prompt itself is printed first */
-    if (tok && (ids_only ? stop != NULL : 1)) {
-        /* with --ids the stop string is looked for in the continuation alone */
-        if ((s = jm_text_stream_new(tok, ids, ids_only ? 0 : (size_t)n, stop, &ctx.text, &err))) goto out;
+    if (tok && (ids_only ? nstop > 0 : 1)) {
+        /* with --ids the stop strings are looked for in the continuation alone */
+        if ((s = jm_text_stream_new(tok, ids, ids_only ? 0 : (size_t)n, stop, nstop, &ctx.text, &err))) goto out;
         if (!ids_only) {
             char *text;
             size_t len;
@@ -744,7 +752,7 @@ static int cmd_chat(int argc, char **argv)
         free(ids);
         int nr = 0, limit = (int)mn < ctx - ncached ? (int)mn : ctx - ncached;
         stream_ctx sc = {NULL, 0, 0, 0};
-        if ((s = jm_text_stream_new(tok, NULL, 0, NULL, &sc.text, &err))) break;
+        if ((s = jm_text_stream_new(tok, NULL, 0, NULL, 0, &sc.text, &err))) break;
         while (nr < limit) {
             int32_t id = jm_sample(logits, V, &so, &rng, probs);
             if (id == eos) break;
@@ -882,11 +890,11 @@ static const command commands[] = {
      "format with trainer state; SIGINT/SIGTERM save and exit; --resume continues bit-exactly.",
      cmd_pretrain},
     {"generate", "jetmoe generate DIR --prompt TEXT | --tokens IDS [--max-new N] [--temperature T] [--top-k K] "
-                 "[--top-p P] [--seed S] [--greedy] [--ids] [--stop STR] [--threads N] [--kernels K]",
+                 "[--top-p P] [--seed S] [--greedy] [--ids] [--stop STR]... [--threads N] [--kernels K]",
      "Continues a prompt with the model in DIR (its tokenizer files, or --tokenizer PATH), streaming\n"
      "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt,\n"
      "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids. Generation ends at EOS,\n"
-     "--max-new, the end of the context, or the --stop string (not printed). Weights are used as\n"
+     "--max-new, the end of the context, or a --stop string (not printed; up to 16). Weights are used as\n"
      "stored (F32, BF16, Q8, Q4); --kernels auto|avx2|portable picks the BF16/Q8/Q4 kernels.",
      cmd_generate},
     {"chat", "jetmoe chat DIR [--system TEXT] [--max-new N] [--temperature T] [--top-p P] [--seed S] [--greedy]",

@@ -212,13 +212,14 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
  * sequence decoded again; text and len receive the new bytes that can no longer
  * change (valid until the next call): a character whose bytes are still
  * arriving, and a tail that may begin the stop string, are held back. Push
- * returns 1 once the continuation holds the stop string (the bytes before
- * it have been given; none after), 0 to go on, -1 on error. Flush gives what
+ * returns 1 once the continuation holds one of the nstop stop strings (the
+ * bytes before the earliest have been given; none after), 0 to go on, -1 on
+ * error. Flush gives what
  * was held back at the end. The prompt's own text is not streamed. */
 typedef struct jm_text_stream jm_text_stream;
 typedef struct jm_tokenizer jm_tokenizer;
-jm_status jm_text_stream_new(const jm_tokenizer *t, const int32_t *prompt, size_t n_prompt, const char *stop,
-                             jm_text_stream **out, jm_error *err);
+jm_status jm_text_stream_new(const jm_tokenizer *t, const int32_t *prompt, size_t n_prompt, const char *const *stop,
+                             int nstop, jm_text_stream **out, jm_error *err);
 int jm_text_stream_push(jm_text_stream *s, int32_t id, const char **text, size_t *len, jm_error *err);
 void jm_text_stream_flush(jm_text_stream *s, const char **text, size_t *len);
 void jm_text_stream_free(jm_text_stream *s);

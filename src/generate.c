@@ -136,22 +136,33 @@ struct jm_text_stream {
     size_t n, cap;
     size_t prompt_len;    /* bytes of the decoded prompt */
     size_t given;         /* bytes handed out so far (from prompt_len) */
-    char *stop;           /* NULL: none */
+    char **stop;          /* nstop stop strings */
+    int nstop;
+    size_t hold;          /* the longest stop string's length - 1 */
     int stopped;
     char *text;           /* the latest decode */
 };
 
-jm_status jm_text_stream_new(const jm_tokenizer *t, const int32_t *prompt, size_t n_prompt, const char *stop,
-                             jm_text_stream **out, jm_error *err)
+jm_status jm_text_stream_new(const jm_tokenizer *t, const int32_t *prompt, size_t n_prompt, const char *const *stop,
+                             int nstop, jm_text_stream **out, jm_error *err)
 {
     *out = NULL;
+    for (int i = 0; i < nstop; i++)
+        if (!stop[i] || !*stop[i]) return jm_fail(err, JM_ERR_ARG, "stop string %d is empty", i + 1);
     jm_text_stream *s = calloc(1, sizeof *s);
     if (!s) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     s->tok = t;
     s->cap = n_prompt + 64;
     s->ids = malloc(s->cap * sizeof *s->ids);
-    s->stop = stop && *stop ? strdup(stop) : NULL;
-    if (!s->ids || (stop && *stop && !s->stop)) {
+    s->stop = calloc(nstop > 0 ? (size_t)nstop : 1, sizeof *s->stop);
+    int ok = s->ids && s->stop;
+    for (int i = 0; ok && i < nstop; i++) {
+        ok = (s->stop[i] = strdup(stop[i])) != NULL;
+        s->nstop = i + 1;
+        size_t h = strlen(stop[i]) - 1;
+        s->hold = h > s->hold ? h : s->hold;
+    }
+    if (!ok) {
         jm_text_stream_free(s);
         return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     }
@@ -172,6 +183,7 @@ void jm_text_stream_free(jm_text_stream *s)
 {
     if (!s) return;
     free(s->ids);
+    for (int i = 0; i < s->nstop; i++) free(s->stop[i]);
     free(s->stop);
     free(s->text);
     free(s);
@@ -187,14 +199,17 @@ static void stream_take(jm_text_stream *s, size_t len, int final, const char **o
     size_t stable = len, upto;
     if (!final)
         while (stable >= p + 3 && memcmp(s->text + stable - 3, "\xef\xbf\xbd", 3) == 0) stable -= 3;
-    char *hit = s->stop && len > p ? memmem(s->text + p, len - p, s->stop, strlen(s->stop)) : NULL;
+    char *hit = NULL; /* the earliest occurrence of any stop string */
+    for (int i = 0; i < s->nstop && len > p; i++) {
+        char *h = memmem(s->text + p, len - p, s->stop[i], strlen(s->stop[i]));
+        if (h && (!hit || h < hit)) hit = h;
+    }
     if (hit) {
         upto = (size_t)(hit - s->text);
         s->stopped = 1;
-    } else if (s->stop && !final) {
-        /* a match still to come starts within strlen - 1 bytes of the stable end */
-        size_t hold = strlen(s->stop) - 1;
-        upto = stable - p > hold ? stable - hold : p;
+    } else if (s->nstop && !final) {
+        /* a match still to come starts within (its length - 1) bytes of the stable end */
+        upto = stable - p > s->hold ? stable - s->hold : p;
     } else {
         upto = stable;
     }

@@ -551,6 +551,7 @@ def training_runs(suite, build, tmp):
         (["--prompt", "hi", "--max-new", "0"], "--max-new"),
         (["--prompt", "hi", "--seed", "x"], "--seed"),
         (["--prompt", "hi", "--stop", ""], "--stop"),
+        (["--prompt", "hi"] + ["--stop", "x"] * 17, "too many times"),
         (["--prompt", "hi", "--kernels", "avx1024"], "kernels"),
         (["--prompt", "hi", "--threads", "-2"], "--threads"),
         (["--prompt", "hi", "--tokens", "1"], "usage"),
@@ -644,9 +645,11 @@ def training_runs(suite, build, tmp):
     if cont.count(b"\xe6") < 1 or len(c_ids) < 10:
         problems.append(f"setup: continuation {cont!r} from {len(c_ids)} ids")
     cases = [(None, cont, False), ("ZZ", cont, False), ("ZZZZZZZ", cont, False), ("日本", cont[:cont.index("日本".encode())], True),
-             ("本語 e", cont[:cont.index("本語".encode())], True), (" end", cont[:cont.index(b" end")], True)]
+             ("本語 e", cont[:cont.index("本語".encode())], True), (" end", cont[:cont.index(b" end")], True),
+             ((" end", "ZZ", "日本"), cont[:cont.index("日本".encode())], True)]  # several: the earliest wins
     for stop, want, stops in cases:
-        q = subprocess.run([tool, os.path.join(d, "tok"), ",".join(p_ids), ",".join(c_ids)] + ([stop] if stop else []),
+        stop_args = [] if not stop else [stop] if isinstance(stop, str) else list(stop)
+        q = subprocess.run([tool, os.path.join(d, "tok"), ",".join(p_ids), ",".join(c_ids)] + stop_args,
                            capture_output=True, timeout=60)
         if q.returncode != 0 or q.stdout != want or ((b"stopped" in q.stderr) != stops) or sanitizer_report(
                 q.stderr.decode(errors="replace")):

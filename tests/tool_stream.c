@@ -2,7 +2,7 @@
  * continuation ids one at a time after the prompt ids and writes exactly the
  * bytes the stream hands out (then the flush) to stdout; "stopped" on stderr
  * when the stop string ended it.
- *     tool_stream TOKENIZER PROMPT_IDS CONT_IDS [STOP]     (ids comma-separated) */
+ *     tool_stream TOKENIZER PROMPT_IDS CONT_IDS [STOP...]     (ids comma-separated) */
 #include "jetmoe.h"
 
 #include <stdio.h>
@@ -19,7 +19,7 @@ static int parse_ids(char *s, int32_t *out, int cap)
 int main(int argc, char **argv)
 {
     if (argc < 4) {
-        fprintf(stderr, "usage: tool_stream TOKENIZER PROMPT_IDS CONT_IDS [STOP]\n");
+        fprintf(stderr, "usage: tool_stream TOKENIZER PROMPT_IDS CONT_IDS [STOP...]\n");
         return 2;
     }
     static int32_t prompt[4096], cont[4096];
@@ -27,7 +27,7 @@ int main(int argc, char **argv)
     jm_error err;
     jm_tokenizer *tok;
     jm_text_stream *s;
-    if (jm_tokenizer_load(argv[1], &tok, &err) || jm_text_stream_new(tok, prompt, (size_t)np, argc > 4 ? argv[4] : NULL, &s, &err)) {
+    if (jm_tokenizer_load(argv[1], &tok, &err) || jm_text_stream_new(tok, prompt, (size_t)np, (const char *const *)argv + 4, argc - 4, &s, &err)) {
         fprintf(stderr, "%s\n", err.msg);
         return 1;
     }
