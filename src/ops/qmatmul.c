@@ -362,10 +362,12 @@ const wkernels *wkernels_get(const char *name)
 
 /* Scratch: int8 copies of up to `rows` input rows with their block scales,
  * then one WTILE x C fp32 tile per thread. */
+static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
 size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads)
 {
-    size_t act = (size_t)rows * C + (size_t)rows * 2 * (C / QBLOCK) * sizeof(float);
-    return ((act + 63) & ~(size_t)63) + (size_t)threads * WTILE * C * sizeof(float) + 64;
+    size_t act = round64((size_t)rows * C) + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
+    return act + (size_t)threads * WTILE * C * sizeof(float);
 }
 
 typedef struct {
@@ -377,10 +379,10 @@ typedef struct {
 static wscratch carve_scratch(void *scratch, int64_t rows, int64_t C)
 {
     wscratch s;
+    size_t q = round64((size_t)rows * C), act = q + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
     s.xq = scratch;
-    s.xs = (float *)((char *)scratch + rows * C);
-    size_t act = (size_t)rows * C + (size_t)rows * 2 * (C / QBLOCK) * sizeof(float);
-    s.tiles = (float *)((char *)scratch + ((act + 63) & ~(size_t)63));
+    s.xs = (float *)((char *)scratch + q); /* 64-byte aligned, as every region */
+    s.tiles = (float *)((char *)scratch + act);
     return s;
 }
 
