@@ -70,7 +70,8 @@ bench-8b: setup all
 
 # The main job on the embedded default: build the bundled corpus from Debian
 # packages + generators, train a tokenizer, shard the mixture, pretrain a small
-# JetMoE (~10 minutes on 2 cores), report held-out perplexity, and generate.
+# JetMoE (~10 minutes on 2 cores), report held-out perplexity, generate, and
+# quantize it to int4 (perplexity and a generation from the q4 copy).
 DEMO := build/demo
 demo:
 	@sh scripts/setup.sh demo
@@ -88,7 +89,12 @@ demo:
 	  --prompt "$$(printf 'Question: Anna has 12 apples and buys 7 more. How many apples does she have now?\nAnswer:')"
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --max-new 40 --greedy \
 	  --prompt "$$(printf '<|user|>\nWhat is 25%% of 80?</s>\n<|assistant|>\n')"
-	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/)"
+	@# the inference formats: the trained model as int4 blocks, its held-out perplexity beside fp32's, and a generation
+	./jetmoe quantize $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --to q4 --out $(DEMO)/q4
+	./jetmoe eval $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --data $(DEMO)/shards/heldout --max-tokens 20000
+	./jetmoe eval $(DEMO)/q4 --data $(DEMO)/shards/heldout --max-tokens 20000
+	./jetmoe generate $(DEMO)/q4 --prompt "It is a truth universally acknowledged" --max-new 40 --greedy
+	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/); int4 copy: $(DEMO)/q4"
 
 clean:
 	rm -rf build build-asan jetmoe
