@@ -11,6 +11,7 @@
  * a crash leaves the previous checkpoint as it was. */
 #include "data.h"
 #include "internal.h"
+#include "ops/ops.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -528,7 +529,7 @@ static void write_plot(const char *dir)
 static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* The decode path's loss on one window: one cached jm_infer step per token,
- * adding -log p(next token) from each step's logits. */
+ * adding the cross-entropy of the next token under each step's logits. */
 static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum, int64_t *count, jm_error *err)
 {
     const int V = jm_model_config(m)->vocab_size;
@@ -536,12 +537,9 @@ static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum
         const float *logits;
         jm_status s = jm_infer(m, &w[t], 1, t, &logits, err);
         if (s) return s;
-        float mx = logits[0];
-        for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
-        double z = 0;
-        for (int i = 0; i < V; i++) z += exp((double)logits[i] - mx);
-        *sum += log(z) + mx - logits[w[t + 1]];
-        (*count)++;
+        int64_t n;
+        *sum += cross_entropy_forward(logits, &w[t + 1], 1, V, &n);
+        *count += n;
     }
     return JM_OK;
 }

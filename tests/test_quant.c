@@ -132,24 +132,22 @@ static double kernel_dot(const wkernels *K, wview w, const float *x, int64_t C)
     return v;
 }
 
-/* A random row of C weights in type t (buffers the caller frees). */
-static wview random_row(wtype t, int64_t C, void **data, uint8_t **scales, float amp)
+/* rows x C random weights of amplitude amp in type t (buffers the caller frees). */
+static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_t **scales, float amp)
 {
+    *data = malloc((size_t)(rows * C * 4));
+    *scales = malloc((size_t)(rows * (C / 32) * 2 + 2));
     float *w = malloc((size_t)C * sizeof *w);
-    for (int64_t i = 0; i < C; i++) w[i] = amp * frand();
-    *scales = malloc((size_t)(C / 32 * 2 + 2));
-    *data = malloc((size_t)(2 * C));
-    if (t == WT_BF16)
-        for (int64_t i = 0; i < C; i++) {
-            uint16_t h = jm_f32_to_bf16(w[i]);
-            memcpy((uint8_t *)*data + 2 * i, &h, 2);
-        }
-    else if (t == WT_Q8)
-        quantize_row_q8(*data, *scales, w, C);
-    else
-        quantize_row_q4(*data, *scales, w, C);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < C; i++) w[i] = amp * frand();
+        if (t == WT_F32) memcpy((float *)*data + r * C, w, (size_t)C * 4);
+        if (t == WT_BF16)
+            for (int64_t i = 0; i < C; i++) ((uint16_t *)*data)[r * C + i] = jm_f32_to_bf16(w[i]);
+        if (t == WT_Q8) quantize_row_q8((int8_t *)*data + r * C, *scales + r * (C / 32) * 2, w, C);
+        if (t == WT_Q4) quantize_row_q4((uint8_t *)*data + r * C / 2, *scales + r * (C / 32) * 2, w, C);
+    }
     free(w);
-    return (wview){t, *data, t == WT_BF16 ? NULL : *scales};
+    return (wview){t, *data, t == WT_Q8 || t == WT_Q4 ? *scales : NULL};
 }
 
 static void test_kernels(void)
@@ -167,7 +165,7 @@ static void test_kernels(void)
                 int64_t C = sizes[si] + (types[ti] == WT_BF16 ? rep % 7 : 0); /* bf16 tails too */
                 void *data;
                 uint8_t *sc;
-                wview w = random_row(types[ti], C, &data, &sc, rep % 2 ? 0.02f : 3.0f);
+                wview w = random_matrix(types[ti], 1, C, &data, &sc, rep % 2 ? 0.02f : 3.0f);
                 float *x = malloc((size_t)C * sizeof *x);
                 for (int64_t i = 0; i < C; i++) x[i] = frand() * (i % 97 == 0 ? 20.0f : 1.0f);
                 double mag, want = ref_dot(w, x, C, &mag);
@@ -253,24 +251,6 @@ static double max_rel(const float *a, const float *b, int64_t n)
     return d / m;
 }
 
-/* A stack of E matrices (O x C) of type t, from random fp32 weights. */
-static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_t **scales)
-{
-    *data = malloc((size_t)(rows * C * 4));
-    *scales = malloc((size_t)(rows * (C / 32) * 2 + 2));
-    float *w = malloc((size_t)C * sizeof *w);
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t i = 0; i < C; i++) w[i] = 0.1f * frand();
-        if (t == WT_F32) memcpy((float *)*data + r * C, w, (size_t)C * 4);
-        if (t == WT_BF16)
-            for (int64_t i = 0; i < C; i++) ((uint16_t *)*data)[r * C + i] = jm_f32_to_bf16(w[i]);
-        if (t == WT_Q8) quantize_row_q8((int8_t *)*data + r * C, *scales + r * (C / 32) * 2, w, C);
-        if (t == WT_Q4) quantize_row_q4((uint8_t *)*data + r * C / 2, *scales + r * (C / 32) * 2, w, C);
-    }
-    free(w);
-    return (wview){t, *data, t == WT_Q8 || t == WT_Q4 ? *scales : NULL};
-}
-
 static void test_products(void)
 {
     const int64_t C = 288, O = 150; /* 9 blocks: the SIMD main loop and a tail; O not a multiple of the tile */
@@ -287,7 +267,7 @@ static void test_products(void)
         for (int ti = 0; ti < 3; ti++) {
             void *data;
             uint8_t *sc;
-            wview W = random_matrix(types[ti], O, C, &data, &sc);
+            wview W = random_matrix(types[ti], O, C, &data, &sc, 0.1f);
             double worst = 0;
             static const int64_t Ns[] = {1, 3, 8, 9, 19}; /* dot kernels up to WSMALL_N rows, then tiles */
             for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++) {
@@ -314,7 +294,7 @@ static void test_products(void)
     for (int ti = 0; ti < 3; ti++) {
         void *data;
         uint8_t *sc;
-        wview W = random_matrix(types[ti], E * O, C, &data, &sc);
+        wview W = random_matrix(types[ti], E * O, C, &data, &sc, 0.1f);
         const int64_t Nk = offsets[E];
         float *xs = malloc((size_t)(Nk * C) * 4), *ys = malloc((size_t)(Nk * O) * 4),
               *want = malloc((size_t)(Nk * O) * 4);

@@ -201,7 +201,7 @@ const wkernels *wkernels_get(const char *name);
 #define WSMALL_N 8
 #define WTILE 64
 size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads);
-/* out (N,O) = inp (N,C) @ W^T */
+/* out (N,O) = inp (N,C) @ W^T (wexperts_forward with one expert) */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
                      void *scratch);
 /* experts_forward with stored weights: ys (N*k,O) = xs @ W[e]^T per expert's rows. */

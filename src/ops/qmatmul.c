@@ -419,29 +419,12 @@ static void gemm_tile(float *out, int64_t ldo, const float *x, int64_t n, wview 
 
 static int is_int8(wtype t) { return t == WT_Q8 || t == WT_Q4; }
 
+/* A single matrix is a group of one expert owning every row. */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
                      void *scratch)
 {
-    if (N == 0 || O == 0) return;
-    if (W.type == WT_F32) {
-        matmul_forward(out, inp, W.data, N, C, O, 0);
-        return;
-    }
-    wscratch s = carve_scratch(scratch, N <= WSMALL_N ? N : 0, C);
-    const int64_t ntiles = (O + WTILE - 1) / WTILE;
-    if (N <= WSMALL_N) {
-        if (is_int8(W.type))
-            for (int64_t r = 0; r < N; r++) quantize_act_q8(s.xq + r * C, s.xs + r * 2 * (C / QBLOCK), inp + r * C, C);
-#pragma omp parallel for schedule(static)
-        for (int64_t t = 0; t < ntiles; t++) {
-            int64_t o1 = (t + 1) * WTILE < O ? (t + 1) * WTILE : O;
-            dot_rows(out, O, inp, s.xq, s.xs, N, W, t * WTILE, o1, C, K);
-        }
-        return;
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < ntiles; t++)
-        gemm_tile(out, O, inp, N, W, t * WTILE, O, C, s.tiles + (int64_t)omp_get_thread_num() * WTILE * C);
+    const int64_t offsets[2] = {0, N};
+    wexperts_forward(out, inp, W, offsets, 1, C, O, K, scratch);
 }
 
 void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offsets, int E, int64_t C, int64_t O,
