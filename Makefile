@@ -12,8 +12,9 @@ BLASDIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
 LDLIBS  += $(SAN) -L$(BLASDIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLASDIR) -lcjson -lm -fopenmp
 PY      := /usr/bin/python3
 
-SRC     := $(wildcard src/*.c src/ops/*.c)
-HDR     := $(wildcard include/*.h src/*.h src/ops/*.h)
+# src/ is grouped by subsystem ("rooms", see README: Layout): src/ROOM/*.c and src/model/ops/*.c.
+SRC     := $(wildcard src/*/*.c src/*/*/*.c)
+HDR     := $(wildcard include/*.h src/*/*.h src/*/*/*.h)
 OBJ     := $(SRC:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))

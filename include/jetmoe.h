@@ -72,6 +72,14 @@ int64_t jm_config_active_params(const jm_config *c);
 
 typedef struct jm_model jm_model;
 
+/* The model directory (config.json + *.safetensors) a user means by path: the
+ * directory itself; a training run or its checkpoints/ folder (its newest
+ * checkpoint, named by checkpoints/latest, which must say "step_N"); or the
+ * checkpoints/latest file. A file such as model.safetensors or config.json is
+ * an error that says a directory is expected. The loaders below resolve
+ * their dir argument this way too. */
+jm_status jm_checkpoint_resolve(const char *path, char *out, size_t cap, jm_error *err);
+
 /* Loads an HF checkpoint directory: config.json plus model.safetensors or
  * model.safetensors.index.json + shards. F32/BF16/F16 are converted to fp32. */
 jm_status jm_model_load(const char *dir, jm_model **out, jm_error *err);

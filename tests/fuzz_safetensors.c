@@ -8,7 +8,7 @@
  *
  * Usage: fuzz_safetensors [iterations [seed]]   (defaults: 20000, 0x5eed)
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
-#include "internal.h"
+#include "base/safetensors.h"
 
 #include <string.h>
 

@@ -10,7 +10,7 @@
 #ifndef JM_TEST_HARNESS_H
 #define JM_TEST_HARNESS_H
 
-#include "internal.h"
+#include "base/safetensors.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -19,6 +19,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_layout  # noqa: E402  (tests/check_layout.py)
+import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
@@ -513,6 +515,9 @@ def training_runs(suite, build, tmp):
                 q.stdout.count("\n") >= 2 and not sanitizer_report(q.stderr),
                 f"exit {q.returncode}: stdout {q.stdout[-200:]!r} stderr {q.stderr[-300:]!r}")
 
+    # every way of naming the run's checkpoint, and the wrong ones (tests/checkpoint_paths.py)
+    checkpoint_paths.run(suite, jetmoe, a, d)
+
     # the trained model quantized: held-out perplexity, batched and through the decode path
     ppl, problems = {}, []
     for bits in ("f32", "q8", "q4"):
@@ -915,6 +920,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="jetmoe-test-")
     t0 = time.time()
     try:
+        check_layout.run(suite, args.build)
         c_programs(suite, args.build)
         ref_selftest(suite)
         golden(suite, args.build, tmp)

@@ -6,7 +6,7 @@
  * environment transformers uses (trim_blocks, lstrip_blocks, loopcontrols).
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "harness.h"
 
 #include <string.h>

@@ -3,7 +3,7 @@
  * prepare (thread-count independence, documents and EOS, JSONL errors).
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
-#include "data.h"
+#include "train/data.h"
 #include "harness.h"
 
 #include <cjson/cJSON.h>

@@ -2,8 +2,8 @@
  * batching. Golden values against PyTorch live in run_tests.py; these test
  * the pieces and properties a golden test cannot isolate.
  * Prints `PASS name` / `FAIL name: why`; exits 1 on any failure. */
-#include "internal.h"
-#include "ops/ops.h"
+#include "base/safetensors.h"
+#include "model/ops/ops.h"
 #include "harness.h"
 
 #include <math.h>

@@ -3,8 +3,8 @@
  * against the portable one), the tiled products, and whole models opened in
  * place (BF16, Q8, Q4) against the fp32 path.
  * Prints `PASS name` / `FAIL name: why`; exits 1 on any failure. */
-#include "internal.h"
-#include "ops/ops.h"
+#include "base/safetensors.h"
+#include "model/ops/ops.h"
 #include "harness.h"
 
 #include <math.h>

@@ -1,6 +1,6 @@
 /* test_safetensors.c — round trip, malformed files, sharded sets, atomic writes.
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
-#include "internal.h"
+#include "base/safetensors.h"
 #include "harness.h"
 
 #include <math.h>

@@ -6,7 +6,7 @@
  * failed. Run from the repository root: the Llama-2 model is read from
  * ../shared/fixtures/llama2-tokenizer/tokenizer.model (or $JM_LLAMA_TOKENIZER);
  * without it those checks are skipped with a "# skip" line. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "harness.h"
 
 #include <string.h>

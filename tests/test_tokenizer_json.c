@@ -7,7 +7,7 @@
  * spm_encode over a large corpus is tests/tokenizer_exact.py.)
  * Run from the repository root. Prints `PASS name` / `FAIL name: why`;
  * exits 1 on any failure. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 #include "harness.h"
 
 #include <cjson/cJSON.h>
@@ -363,7 +363,7 @@ static void test_json_variants(void)
     jm_error err = {{0}};
     jm_status s = load_variant(NULL, NULL, &t, &err);
     check(s == JM_OK && t->n == 9 && t->type[0] == TK_UNKNOWN && t->type[1] == TK_CONTROL && t->type[4] == TK_NORMAL &&
-              t->bos_id == 1 && t->eos_id == 2 && t->add_dummy_prefix && t->use_merges && tk_merge_allowed(t, 4, 5) &&
+              t->bos_id == 1 && t->eos_id == 2 && t->add_dummy_prefix && t->merges && tk_merge_allowed(t, 4, 5) &&
               !tk_merge_allowed(t, 5, 4) && t->score[6] == 0.0f && t->score[7] == -1.0f && t->score[3] < t->score[7],
           "json_base_loads", "status %d: %s", s, err.msg);
     if (!s) {

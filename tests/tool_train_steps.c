@@ -5,7 +5,7 @@
  *   tool_train_steps CKPT BATCHES.safetensors OUT.safetensors lr warmup decay min_ratio
  *                    beta1 beta2 eps wd clip schedule(wsd|cosine|constant)
  * BATCHES holds I32 "tokens" of shape (steps, accum, B, T). */
-#include "internal.h"
+#include "base/safetensors.h"
 
 #include <string.h>
 

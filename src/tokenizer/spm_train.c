@@ -1,4 +1,4 @@
-/* tokenizer_train.c — jm_tokenizer_train: a Llama-2-style SentencePiece BPE
+/* spm_train.c — jm_tokenizer_train: a Llama-2-style SentencePiece BPE
  * tokenizer, trained by Debian's spm_train and written as tokenizer.model,
  * tokenizer.json and tokenizer_config.json.
  *
@@ -7,7 +7,7 @@
  * pipe: we turn it into a progress line and keep the last lines for the error
  * message. Only a model that loads is moved into place; tokenizer.vocab (a
  * listing of pieces and scores that tokenizer.json supersedes) is dropped. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -21,22 +21,9 @@
 
 extern char **environ;
 
-/* JetMoE-chat's (Zephyr) format as an HF chat template:
- *   <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n{reply}</s>\n
- * and, with add_generation_prompt, <|assistant|>\n. chat.c renders it when a
- * tokenizer has no template of its own. */
-const char jm_default_chat_template[] =
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}";
-
 #define MIN_VOCAB 100
 #define MAX_VOCAB 1000000
 #define META_PIECES 3     /* <unk> <s> </s> */
-#define MODEL_MAX_LENGTH 4096 /* HF: max_position_embeddings of JetMoE-8B */
 #define TAIL_LINES 8
 
 /* What we follow of spm_train's log: the last lines (for errors) and the
@@ -57,7 +44,6 @@ typedef struct {
 static jm_status check_opts(const jm_tokenizer_train_opts *o, jm_error *err);
 static jm_status run_spm_train(const jm_tokenizer_train_opts *o, const char *tmp, jm_error *err);
 static jm_status install(const jm_tokenizer_train_opts *o, const char *tmp, jm_error *err);
-static jm_status save_config(const char *path, jm_error *err);
 static void log_feed(spm_log *lg, const char *buf, size_t n);
 static void log_line(spm_log *lg, const char *s);
 static void show_progress(spm_log *lg, int done, bool final);
@@ -222,29 +208,12 @@ static jm_status install(const jm_tokenizer_train_opts *o, const char *tmp, jm_e
     jm_tokenizer_free(t);
     if (!s) {
         snprintf(path, sizeof path, "%s/tokenizer_config.json", o->out_dir);
-        s = save_config(path, err);
+        s = tk_save_config(path, err);
     }
     if (!s) {
         snprintf(path, sizeof path, "%s/tokenizer.model", o->out_dir);
         if (rename(model, path) != 0) s = jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
     }
-    return s;
-}
-
-/* What transformers needs to load the directory as a LlamaTokenizer(Fast),
- * with JetMoE-chat's template. */
-static jm_status save_config(const char *path, jm_error *err)
-{
-    cJSON *c = cJSON_CreateObject();
-    bool ok = c && cJSON_AddTrueToObject(c, "add_bos_token") && cJSON_AddFalseToObject(c, "add_eos_token") &&
-              cJSON_AddStringToObject(c, "bos_token", "<s>") && cJSON_AddStringToObject(c, "eos_token", "</s>") &&
-              cJSON_AddStringToObject(c, "unk_token", "<unk>") && cJSON_AddNullToObject(c, "pad_token") &&
-              cJSON_AddNumberToObject(c, "model_max_length", MODEL_MAX_LENGTH) &&
-              cJSON_AddStringToObject(c, "tokenizer_class", "LlamaTokenizer") &&
-              cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces") && cJSON_AddTrueToObject(c, "legacy") /* a special token is followed by a dummy prefix, as jm_chat_encode does */ &&
-              cJSON_AddStringToObject(c, "chat_template", jm_default_chat_template);
-    jm_status s = jm_write_json(path, ok ? c : NULL, err);
-    cJSON_Delete(c);
     return s;
 }
 

@@ -5,7 +5,7 @@
  * parameter first, then the bias-corrected Adam step. Norm weights and biases
  * (every 1-D parameter) get no weight decay. State (m, v) is fp32 in one
  * arena laid out like the parameters. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <math.h>
 #include <string.h>

@@ -4,8 +4,9 @@
  * into named pointers once (llm.c style). jm_forward is a straight walk
  * through the spec: embed -> per layer [norm -> MoA -> residual -> norm ->
  * MoE -> residual] -> norm -> logits -> losses. */
-#include "internal.h"
-#include "ops/ops.h"
+#include "base/safetensors.h"
+#include "model/model.h"
+#include "model/ops/ops.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -484,15 +485,15 @@ static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, 
 }
 
 /* Opens dir's config and tensors and matches them (see match_tensors). */
-static jm_status open_checkpoint(const char *dir, open_mode mode, jm_model **out, st_set *set, jm_error *err)
+static jm_status open_checkpoint(const char *where, open_mode mode, jm_model **out, st_set *set, jm_error *err)
 {
     *out = NULL;
-    char path[4096];
-    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path)
-        return jm_fail(err, JM_ERR_ARG, "%s: path too long", dir);
-    jm_config c;
-    jm_status s = jm_config_load(path, &c, err);
+    char dir[4096], path[4200];
+    jm_status s = jm_checkpoint_resolve(where, dir, sizeof dir, err);
     if (s) return s;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    jm_config c;
+    if ((s = jm_config_load(path, &c, err))) return s;
     if ((s = st_set_open(dir, set, err))) return s;
     jm_model *m;
     /* shapes are checked before the arena is allocated: a config with huge

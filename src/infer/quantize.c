@@ -13,8 +13,9 @@
  * through its mapping a row at a time; output goes out in shards of at most
  * 2 GB, each quantized, written and freed before the next, into a new
  * directory that takes out_dir's place at the end. */
-#include "internal.h"
-#include "ops/ops.h"
+#include "base/safetensors.h"
+#include "model/model.h"
+#include "model/ops/ops.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

@@ -15,7 +15,7 @@
  * (AVX-512 BF16/VNNI versions would slot into the same table; this machine
  * has no AVX-512 to test them on, so there are none yet.) */
 #include "ops.h"
-#include "internal.h"
+#include "base/base.h"
 
 #include <cblas.h>
 #include <math.h>

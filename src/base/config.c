@@ -3,7 +3,7 @@
  * Reads both the Hugging Face spelling and the JetMoE authors' spelling of
  * each field (spec, "Configuration"); writes the HF one. A field that is
  * absent takes JetMoE-8B's value. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>

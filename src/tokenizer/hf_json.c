@@ -1,9 +1,8 @@
-/* tokenizer_json.c — Hugging Face tokenizer.json for SentencePiece BPE models
- * of the Llama-2 family: tk_load_json reads one, jm_tokenizer_save_json writes
- * one, and tk_merge_allowed answers the encoder from the loaded merge table.
- * (Training with spm_train is tokenizer_train.c.)
+/* hf_json.c — Hugging Face tokenizer.json for SentencePiece BPE models of
+ * the Llama-2 family: tk_load_json reads one into the core's representation,
+ * jm_tokenizer_save_json writes one. (Training with spm_train is spm_train.c.)
  *
- * The encoder is SentencePiece's (tokenizer.c): at each step it merges the
+ * The encoder is SentencePiece's (core.c): at each step it merges the
  * adjacent pair whose concatenation has the highest score, the leftmost on
  * ties. tokenizer.json has no scores, only merges ranked by position, so
  * loading has to turn ranks back into scores:
@@ -22,26 +21,14 @@
  * id), the rule returns exactly the .model's scores.
  *
  * The merge list also restricts which pairs may merge (HF's BPE merges only
- * listed pairs); the core asks tk_merge_allowed. A converted file lists every
+ * listed pairs): the list is handed to the core as a tk_merges. A converted file lists every
  * split of every piece, so for those the restriction changes nothing. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-
-/* The merge table: an open-addressing set of (left id, right id) pairs, plus
- * the list in file order so that saving writes it back unchanged. */
-typedef struct {
-    uint64_t *key;   /* ((left + 1) << 32 | (right + 1)); 0 = empty slot */
-    uint32_t *rank;  /* position in the list; top bit set = usable by the encoder */
-    uint32_t mask;   /* slots - 1, a power of two minus one */
-    int32_t *pairs;  /* 2 * n ids, file order */
-    size_t n;
-} merge_table;
-
-#define USABLE 0x80000000u
 
 /* The vocabulary while it is being checked, before the tokenizer exists:
  * pieces by id and a string -> id hash (tk_find needs a finished tokenizer). */
@@ -78,7 +65,7 @@ static jm_status steps(const cJSON *j, const char *what, const char *list_key, c
                        const cJSON **first, int *count, jm_error *err);
 static jm_status merge_parts(const cJSON *e, const char *name, size_t i, const char **l, size_t *ll, const char **r,
                              size_t *rl, jm_error *err);
-static jm_status read_merges(const cJSON *model, const char *name, const vocab_table *v, merge_table **out,
+static jm_status read_merges(const cJSON *model, const char *name, const vocab_table *v, tk_merges **out,
                              float *score, jm_error *err);
 static int vocab_find(const vocab_table *v, const char *s, size_t len);
 static uint32_t str_hash(const char *s, size_t len);
@@ -91,10 +78,6 @@ static bool replace_is(const cJSON *j, const char *from, const char *to);
 static int64_t json_index(const cJSON *j, int64_t max);
 static bool has_escaped_nul(const char *s, size_t len);
 static bool byte_piece(const char *s, size_t len);
-static uint64_t mix64(uint64_t x);
-static uint64_t pair_key(int a, int b);
-static uint32_t merge_slot(const merge_table *m, uint64_t key);
-static void merge_table_free(merge_table *m);
 static jm_status check_expressible(const jm_tokenizer *t, jm_error *err);
 static void put_added_tokens(outbuf *b, const jm_tokenizer *t);
 static void put_normalizer(outbuf *b, const jm_tokenizer *t);
@@ -118,7 +101,7 @@ jm_status tk_load_json(const char *text, size_t len, const char *name, jm_tokeni
     *out = NULL;
     cJSON *root = NULL;
     vocab_table v = {0};
-    merge_table *merges = NULL;
+    tk_merges *merges = NULL;
     float *score = NULL;
     jm_tokenizer *t = NULL;
     jm_status s = jm_json_parse(text, len, name, &root, err);
@@ -155,12 +138,11 @@ jm_status tk_load_json(const char *text, size_t len, const char *name, jm_tokeni
     t->pad_id = vocab_find(&v, "<pad>", 5);
     if ((s = tk_finish(t, err))) goto done;
     t->merges = merges;
-    t->use_merges = true;
     merges = NULL;
     *out = t;
     t = NULL;
 done:
-    merge_table_free(merges);
+    tk_merges_free(merges);
     jm_tokenizer_free(t);
     free(score);
     vocab_free(&v);
@@ -198,20 +180,6 @@ jm_status jm_tokenizer_save_json(const jm_tokenizer *t, const char *path, jm_err
     }
     free(b.p);
     return s;
-}
-
-bool tk_merge_allowed(const jm_tokenizer *t, int a, int b)
-{
-    const merge_table *m = t->merges;
-    if (!m || a < 0 || b < 0) return false;
-    uint32_t i = merge_slot(m, pair_key(a, b));
-    return m->key[i] && (m->rank[i] & USABLE);
-}
-
-void tk_free_merges(jm_tokenizer *t)
-{
-    merge_table_free(t->merges);
-    t->merges = NULL;
 }
 
 /* ------------------------------------------------------------------ loading */
@@ -507,27 +475,19 @@ static jm_status merge_parts(const cJSON *e, const char *name, size_t i, const c
 }
 
 /* model.merges -> the merge table, and the scores it implies (see the top). */
-static jm_status read_merges(const cJSON *model, const char *name, const vocab_table *v, merge_table **out,
+static jm_status read_merges(const cJSON *model, const char *name, const vocab_table *v, tk_merges **out,
                              float *score, jm_error *err)
 {
     const cJSON *merges = field(model, "merges");
     if (!is_null_or_absent(merges) && !cJSON_IsArray(merges))
         return jm_fail(err, JM_ERR_FORMAT, "%s: model.merges: not an array", name);
     size_t n = cJSON_IsArray(merges) ? (size_t)cJSON_GetArraySize(merges) : 0;
-    merge_table *m = calloc(1, sizeof *m);
+    tk_merges *m = tk_merges_new(n);
     int32_t *order = malloc((size_t)v->n * sizeof *order); /* piece -> its rank among merge results */
     char *cat = NULL;
     size_t cat_cap = 0;
-    uint32_t slots = 16;
-    while (slots < 2 * n + 16) slots <<= 1;
-    if (m) {
-        m->key = calloc(slots, sizeof *m->key);
-        m->rank = calloc(slots, sizeof *m->rank);
-        m->pairs = malloc((2 * n + 1) * sizeof *m->pairs);
-        m->mask = slots - 1;
-    }
     jm_status s = JM_OK;
-    if (!m || !m->key || !m->rank || !m->pairs || !order) {
+    if (!m || !order) {
         s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %zu merges", name, n);
         goto done;
     }
@@ -561,24 +521,18 @@ static jm_status read_merges(const cJSON *model, const char *name, const vocab_t
                         name, i, (int)(ll + rl), cat);
             goto done;
         }
-        uint64_t key = pair_key(a, b);
-        uint32_t slot = merge_slot(m, key);
-        if (m->key[slot]) {
-            s = jm_fail(err, JM_ERR_FORMAT, "%s: model.merges[%zu]: \"%.*s\" \"%.*s\" repeats merges[%u]", name, i,
-                        (int)ll, l, (int)rl, r, m->rank[slot] & ~USABLE);
-            goto done;
-        }
         /* SentencePiece only ever merges normal pieces into a normal piece:
          * special and byte pieces are never formed, user-defined ones are
          * matched whole before BPE starts */
         bool usable = v->type[a] == TK_NORMAL && v->type[b] == TK_NORMAL && v->type[c] == TK_NORMAL;
-        m->key[slot] = key;
-        m->rank[slot] = (uint32_t)i | (usable ? USABLE : 0);
-        m->pairs[2 * i] = a;
-        m->pairs[2 * i + 1] = b;
+        int64_t earlier = tk_merges_add(m, a, b, usable);
+        if (earlier >= 0) {
+            s = jm_fail(err, JM_ERR_FORMAT, "%s: model.merges[%zu]: \"%.*s\" \"%.*s\" repeats merges[%lld]", name, i,
+                        (int)ll, l, (int)rl, r, (long long)earlier);
+            goto done;
+        }
         if (usable && order[c] < 0) order[c] = next++;
     }
-    m->n = n;
     for (int id = 0; id < v->n; id++) {
         if (v->type[id] != TK_NORMAL) {
             score[id] = 0.0f;
@@ -591,7 +545,7 @@ done:
     free(order);
     free(cat);
     if (s) {
-        merge_table_free(m);
+        tk_merges_free(m);
         m = NULL;
     }
     *out = m;
@@ -681,38 +635,6 @@ static bool byte_piece(const char *s, size_t len)
 }
 
 /* ------------------------------------------------------------ the merge table */
-
-static uint64_t mix64(uint64_t x)
-{
-    /* splitmix64's finaliser: ids are small and sequential, so spread them */
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static uint64_t pair_key(int a, int b)
-{
-    return ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1);
-}
-
-/* Slot of key, or of the empty slot where it would go. */
-static uint32_t merge_slot(const merge_table *m, uint64_t key)
-{
-    uint32_t i = (uint32_t)mix64(key) & m->mask;
-    while (m->key[i] && m->key[i] != key) i = (i + 1) & m->mask;
-    return i;
-}
-
-static void merge_table_free(merge_table *m)
-{
-    if (!m) return;
-    free(m->key);
-    free(m->rank);
-    free(m->pairs);
-    free(m);
-}
 
 /* ------------------------------------------------------------------ saving */
 
@@ -841,10 +763,14 @@ static jm_status put_model(outbuf *b, const jm_tokenizer *t, jm_error *err)
         puts_(b, id + 1 < t->n ? ",\n" : "\n");
     }
     puts_(b, "    },\n    \"merges\": [\n");
-    const merge_table *m = t->use_merges ? t->merges : NULL;
-    if (m) {
+    if (t->merges) {
         /* loaded from tokenizer.json: write the list back as it was */
-        for (size_t i = 0; i < m->n; i++) put_merge(b, t, m->pairs[2 * i], m->pairs[2 * i + 1], i + 1 == m->n);
+        size_t n = tk_merges_count(t->merges);
+        for (size_t i = 0; i < n; i++) {
+            int l, r;
+            tk_merges_get(t->merges, i, &l, &r);
+            put_merge(b, t, l, r, i + 1 == n);
+        }
     } else {
         merge_rec *gen = NULL;
         size_t n = 0;

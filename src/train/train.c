@@ -10,8 +10,8 @@
  * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
  * a crash leaves the previous checkpoint as it was. */
 #include "data.h"
-#include "internal.h"
-#include "ops/ops.h"
+#include "base/safetensors.h"
+#include "model/ops/ops.h"
 
 #include <cjson/cJSON.h>
 #include <dirent.h>

@@ -3,7 +3,7 @@
  * Sampling follows the usual order: temperature, then top-k, then top-p
  * (nucleus) over the renormalised distribution; greedy takes the argmax
  * (lowest id on ties). The generator is seeded per call: no hidden state. */
-#include "internal.h"
+#include "base/base.h"
 
 #include <math.h>
 #include <string.h>

@@ -1,5 +1,5 @@
-/* tokenizer.c — the tokenizer core: loading SentencePiece tokenizer.model
- * files, the normaliser, BPE encoding and decoding.
+/* core.c — the tokenizer core: the pieces and their index, the normaliser,
+ * BPE encoding (plain, and with special-token strings) and decoding.
  *
  * The reference is SentencePiece 0.1.97 (Debian's spm_encode/spm_decode) on
  * BPE models; each step says which part of it it reproduces:
@@ -7,16 +7,16 @@
  *   bpe_model.cc               -> merge_segment(), emit_resegmented()
  *   sentencepiece_processor.cc -> emit_id() (byte fallback, <unk> runs), decode_ids()
  *   model_interface.cc         -> tk_finish()'s checks
- * Loading HF tokenizer.json is tokenizer_json.c's; chat templates are chat.c's. */
-#include "tokenizer.h"
+ * The core knows no file format: the loaders above it (spm_model.c for
+ * tokenizer.model, hf_json.c for tokenizer.json, tokenizer_config.c; load.c
+ * picks one) build a jm_tokenizer with tk_alloc/tk_set_piece/tk_finish. */
+#include "tokenizer/tokenizer.h"
 
 #include <errno.h>
 #include <math.h>
 #include <string.h>
 #include <sys/stat.h>
 
-#define TK_MAX_FILE (64u << 20)       /* largest tokenizer file we read */
-#define TK_MAX_PIECES (1 << 24)       /* far beyond any real vocabulary */
 #define TK_MAX_INPUT ((size_t)1 << 30) /* bytes per encode call; keeps offsets in 32 bits */
 
 #define SPACE_SYMBOL "\xe2\x96\x81"       /* U+2581, what an escaped space becomes */
@@ -39,16 +39,8 @@ typedef struct {
     float score;  /* its score, here to save a lookup */
 } tk_pair;
 
-/* t->priv: what the core derives from the pieces, plus the few proto fields
- * that struct jm_tokenizer has no place for. */
+/* t->priv: what the core derives from the pieces. */
 typedef struct {
-    char *unk_surface; /* TrainerSpec.unk_surface when the model sets it, else NULL */
-    size_t unk_surface_len;
-    /* DenormalizerSpec: applied to decoded text when it has a charsmap */
-    uint8_t *denorm_charsmap;
-    size_t denorm_charsmap_len;
-    bool denorm_add_dummy_prefix, denorm_remove_extra_whitespaces, denorm_escape_whitespaces;
-
     uint32_t *slot_hash;    /* beside t->slots: the full hash of each slot's piece */
 
     /* built by build_encoder_index (see the BPE section) */
@@ -68,8 +60,6 @@ typedef struct {
 
 #define PAIR_BITS 20 /* 2^20-bit filter: 128 KiB, a few % false positives on 32k pieces */
 
-static jm_status load_file(const char *path, jm_tokenizer **out, jm_error *err);
-static bool set_special_tokens(jm_tokenizer *t);
 static jm_status encode_text(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n,
                              jm_error *err);
 static jm_status decode_ids(const jm_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len,
@@ -80,47 +70,10 @@ static void quote(char *out, size_t cap, const char *s, size_t len);
  * Public API
  * ====================================================================== */
 
-jm_status jm_tokenizer_load(const char *path, jm_tokenizer **out, jm_error *err)
-{
-    *out = NULL;
-    struct stat st;
-    if (stat(path, &st) != 0) return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    jm_tokenizer *t = NULL;
-    jm_status s;
-    if (S_ISDIR(st.st_mode)) {
-        char file[4200];
-        snprintf(file, sizeof file, "%s/tokenizer.model", path);
-        if (stat(file, &st) != 0) {
-            snprintf(file, sizeof file, "%s/tokenizer.json", path);
-            if (stat(file, &st) != 0)
-                return jm_fail(err, JM_ERR_IO, "%s: has neither tokenizer.model nor tokenizer.json", path);
-        }
-        s = load_file(file, &t, err);
-        if (s) return s;
-        snprintf(file, sizeof file, "%s/tokenizer_config.json", path);
-        if (stat(file, &st) == 0) {
-            s = tk_load_config(t, file, err);
-            if (s) {
-                jm_tokenizer_free(t);
-                return s;
-            }
-        }
-    } else {
-        s = load_file(path, &t, err);
-        if (s) return s;
-    }
-    if (!set_special_tokens(t)) {
-        jm_tokenizer_free(t);
-        return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
-    }
-    *out = t;
-    return JM_OK;
-}
-
 void jm_tokenizer_free(jm_tokenizer *t)
 {
     if (!t) return;
-    if (t->merges) tk_free_merges(t);
+    tk_merges_free(t->merges);
     if (t->piece)
         for (int i = 0; i < t->n; i++) free(t->piece[i]);
     free(t->piece);
@@ -131,11 +84,11 @@ void jm_tokenizer_free(jm_tokenizer *t)
     free(t->chat_template);
     free(t->eos_token);
     free(t->bos_token);
+    free(t->unk_surface);
+    free(t->denorm_charsmap);
     free(t->slots);
     tk_core *c = t->priv;
     if (c) {
-        free(c->unk_surface);
-        free(c->denorm_charsmap);
         free(c->pair_bits);
         free(c->slot_hash);
         free(c->char_key);
@@ -177,32 +130,6 @@ jm_status jm_tokenizer_decode(const jm_tokenizer *t, const int32_t *ids, size_t 
             return jm_fail(err, JM_ERR_ARG, "decode: token id %d (position %zu) is outside the vocabulary [0, %d)",
                            (int)ids[i], i, t->n);
     return decode_ids(t, ids, n, text, len, err);
-}
-
-/* Decides the format by content: JSON starts with '{', a ModelProto never
- * does (its first byte is a field tag, 0x0a for pieces). */
-static jm_status load_file(const char *path, jm_tokenizer **out, jm_error *err)
-{
-    char *buf;
-    size_t len;
-    jm_status s = jm_read_file(path, TK_MAX_FILE, &buf, &len, err);
-    if (s) return s;
-    size_t i = 0;
-    while (i < len && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' || buf[i] == '\r')) i++;
-    if (i < len && buf[i] == '{')
-        s = tk_load_json(buf, len, path, out, err);
-    else
-        s = tk_load_model_proto((const uint8_t *)buf, len, path, out, err);
-    free(buf);
-    return s;
-}
-
-/* Templates refer to the BOS/EOS strings; default them to the pieces' text. */
-static bool set_special_tokens(jm_tokenizer *t)
-{
-    if (!t->eos_token && t->eos_id >= 0 && !(t->eos_token = strdup(t->piece[t->eos_id]))) return false;
-    if (!t->bos_token && t->bos_id >= 0 && !(t->bos_token = strdup(t->piece[t->bos_id]))) return false;
-    return true;
 }
 
 /* ======================================================================
@@ -419,306 +346,209 @@ jm_status tk_finish(jm_tokenizer *t, jm_error *err)
     jm_status s;
     if (t->charsmap_len && (s = check_charsmap(t->charsmap, t->charsmap_len, t->source, "normalizer", err)))
         return s;
-    if (c->denorm_charsmap_len &&
-        (s = check_charsmap(c->denorm_charsmap, c->denorm_charsmap_len, t->source, "denormalizer", err)))
+    if (t->denorm_charsmap_len &&
+        (s = check_charsmap(t->denorm_charsmap, t->denorm_charsmap_len, t->source, "denormalizer", err)))
         return s;
 
     return build_encoder_index(t, err);
 }
 
 /* ======================================================================
- * tokenizer.model: the protobuf wire format of sentencepiece_model.proto
+ * Special-token strings in text (as transformers tokenizes them)
  * ====================================================================== */
 
-typedef struct {
-    const uint8_t *base, *p, *end;
-} pb_reader;
+/* The strings templates see as eos_token/bos_token: tokenizer_config.json's,
+ * else the model's own pieces. Without a tokenizer: Llama's </s> and <s>. */
+const char *tk_eos_string(const jm_tokenizer *t)
+{
+    if (t && t->eos_token) return t->eos_token;
+    const char *p = t && t->eos_id >= 0 ? jm_tokenizer_piece(t, t->eos_id) : NULL;
+    return p ? p : "</s>";
+}
+
+const char *tk_bos_string(const jm_tokenizer *t)
+{
+    if (!t) return "<s>";
+    if (t->bos_token) return t->bos_token;
+    return t->bos_id >= 0 ? jm_tokenizer_piece(t, t->bos_id) : NULL; /* NULL: undefined in the template */
+}
 
 typedef struct {
-    uint32_t field;
-    int wt;              /* 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32 */
-    uint64_t v;          /* varint or fixed value */
-    const uint8_t *data; /* wt 2: the payload */
+    const char *s;
     size_t len;
-} pb_field;
+    int32_t id;
+    size_t next; /* its next occurrence in the text; text length: none; SIZE_MAX: not searched yet */
+} special;
 
-/* The message being read, for an error: msg, or msg[index] for a piece. */
-static const char *where_of(char *buf, size_t cap, const char *msg, int index)
+static jm_status push_ids(int32_t **ids, size_t *n, size_t *cap, const int32_t *add, size_t k, jm_error *err)
 {
-    if (index < 0) return msg;
-    snprintf(buf, cap, "%s[%d]", msg, index);
-    return buf;
-}
-
-/* Reads one field. 1 = a field, 0 = end of the message, -1 = malformed (err
- * filled, naming the file and the message). */
-static int pb_next(pb_reader *r, pb_field *f, const char *name, const char *msg, int index, jm_error *err)
-{
-    char where[48];
-    if (r->p == r->end) return 0;
-    size_t at = (size_t)(r->p - r->base);
-    uint64_t vals[2] = {0, 0};
-    for (int k = 0; k < 2; k++) {
-        /* k = 0: the tag; k = 1: a varint value or a length */
-        if (k == 1 && (f->wt != 0 && f->wt != 2)) break;
-        uint64_t v = 0;
-        int i = 0;
-        for (;; i++) {
-            if (i == 10) {
-                jm_fail(err, JM_ERR_FORMAT, "%s: %s: varint longer than 10 bytes at byte %zu", name, where_of(where, sizeof where, msg, index),
-                        (size_t)(r->p - r->base));
-                return -1;
-            }
-            if (r->p == r->end) {
-                jm_fail(err, JM_ERR_FORMAT, "%s: %s: truncated varint at byte %zu", name, where_of(where, sizeof where, msg, index),
-                        (size_t)(r->p - r->base));
-                return -1;
-            }
-            uint8_t b = *r->p++;
-            v |= (uint64_t)(b & 0x7f) << (7 * i);
-            if (!(b & 0x80)) break;
-        }
-        vals[k] = v;
-        if (k == 0) {
-            f->field = (uint32_t)(v >> 3);
-            f->wt = (int)(v & 7);
-            if ((v >> 3) == 0 || (v >> 3) > 0x1fffffff) {
-                jm_fail(err, JM_ERR_FORMAT, "%s: %s: invalid field number %llu at byte %zu", name, where_of(where, sizeof where, msg, index),
-                        (unsigned long long)(v >> 3), at);
-                return -1;
-            }
-            if (f->wt != 0 && f->wt != 1 && f->wt != 2 && f->wt != 5) {
-                jm_fail(err, JM_ERR_FORMAT, "%s: %s: field %u has unsupported wire type %d at byte %zu", name,
-                        where_of(where, sizeof where, msg, index), f->field, f->wt, at);
-                return -1;
-            }
-        }
+    if (*n + k > *cap) {
+        size_t c = (*n + k) * 2 + 16;
+        int32_t *p = realloc(*ids, c * sizeof *p);
+        if (!p) return jm_fail(err, JM_ERR_NOMEM, "chat: out of memory for %zu ids", c);
+        *ids = p, *cap = c;
     }
-    size_t left = (size_t)(r->end - r->p);
-    switch (f->wt) {
-    case 0:
-        f->v = vals[1];
-        break;
-    case 1:
-    case 5: {
-        size_t n = f->wt == 1 ? 8 : 4;
-        if (left < n) {
-            jm_fail(err, JM_ERR_FORMAT, "%s: %s: field %u: fixed%zu value runs past the end (byte %zu)", name,
-                    where_of(where, sizeof where, msg, index), f->field, n * 8, at);
-            return -1;
-        }
-        f->v = 0;
-        for (size_t i = 0; i < n; i++) f->v |= (uint64_t)r->p[i] << (8 * i);
-        r->p += n;
-        break;
-    }
-    case 2:
-        if (vals[1] > left) {
-            jm_fail(err, JM_ERR_FORMAT, "%s: %s: field %u: length %llu runs past the end (%zu bytes left, byte %zu)",
-                    name, where_of(where, sizeof where, msg, index), f->field, (unsigned long long)vals[1], left, at);
-            return -1;
-        }
-        f->data = r->p;
-        f->len = (size_t)vals[1];
-        r->p += f->len;
-        break;
-    }
-    return 1;
-}
-
-static float pb_float(uint64_t v)
-{
-    uint32_t u = (uint32_t)v;
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
-typedef struct {
-    int model_type; /* UNIGRAM = 1 (the default), BPE = 2, WORD = 3, CHAR = 4 */
-    bool byte_fallback, ws_suffix;
-    int unk_id, bos_id, eos_id, pad_id;
-    const uint8_t *unk_surface;
-    size_t unk_surface_len;
-    bool has_unk_surface;
-} pb_trainer;
-
-typedef struct {
-    const uint8_t *name, *charsmap;
-    size_t name_len, charsmap_len;
-    bool add_dummy_prefix, remove_extra_whitespaces, escape_whitespaces;
-} pb_normalizer;
-
-/* Field numbers are sentencepiece_model.proto's. A field seen twice keeps the
- * last value, and a field with an unexpected wire type is skipped, as
- * protobuf does; so does an enum value the schema does not know. */
-static int parse_trainer(const uint8_t *d, size_t len, pb_trainer *tr, const char *name, jm_error *err)
-{
-    pb_reader r = {d, d, d + len};
-    pb_field f = {0};
-    int rc;
-    while ((rc = pb_next(&r, &f, name, "TrainerSpec", -1, err)) > 0) {
-        if (f.wt == 0) {
-            switch (f.field) {
-            case 3: if (f.v >= 1 && f.v <= 4) tr->model_type = (int)f.v; break;
-            case 24: tr->ws_suffix = f.v != 0; break;
-            case 35: tr->byte_fallback = f.v != 0; break;
-            case 40: tr->unk_id = (int32_t)(uint32_t)f.v; break; /* int32: low 32 bits */
-            case 41: tr->bos_id = (int32_t)(uint32_t)f.v; break;
-            case 42: tr->eos_id = (int32_t)(uint32_t)f.v; break;
-            case 43: tr->pad_id = (int32_t)(uint32_t)f.v; break;
-            }
-        } else if (f.wt == 2 && f.field == 44) {
-            tr->unk_surface = f.data;
-            tr->unk_surface_len = f.len;
-            tr->has_unk_surface = true;
-        }
-    }
-    return rc;
-}
-
-static int parse_normalizer(const uint8_t *d, size_t len, pb_normalizer *ns, const char *name, const char *what,
-                            jm_error *err)
-{
-    pb_reader r = {d, d, d + len};
-    pb_field f = {0};
-    int rc;
-    while ((rc = pb_next(&r, &f, name, what, -1, err)) > 0) {
-        if (f.wt == 2 && f.field == 1) {
-            ns->name = f.data;
-            ns->name_len = f.len;
-        } else if (f.wt == 2 && f.field == 2) {
-            ns->charsmap = f.data;
-            ns->charsmap_len = f.len;
-        } else if (f.wt == 0 && f.field == 3) {
-            ns->add_dummy_prefix = f.v != 0;
-        } else if (f.wt == 0 && f.field == 4) {
-            ns->remove_extra_whitespaces = f.v != 0;
-        } else if (f.wt == 0 && f.field == 5) {
-            ns->escape_whitespaces = f.v != 0;
-        }
-    }
-    return rc;
-}
-
-jm_status tk_load_model_proto(const uint8_t *buf, size_t len, const char *name, jm_tokenizer **out, jm_error *err)
-{
-    *out = NULL;
-    /* defaults from sentencepiece_model.proto */
-    pb_trainer tr = {.model_type = 1, .unk_id = 0, .bos_id = 1, .eos_id = 2, .pad_id = -1};
-    pb_normalizer ns = {.add_dummy_prefix = true, .remove_extra_whitespaces = true, .escape_whitespaces = true};
-    pb_normalizer dn = ns;
-    bool has_dn = false;
-
-    /* pass 1: the specs, and the number of pieces (ModelProto.pieces = 1) */
-    pb_reader r = {buf, buf, buf + len};
-    pb_field f = {0};
-    int rc;
-    long npieces = 0;
-    while ((rc = pb_next(&r, &f, name, "ModelProto", -1, err)) > 0) {
-        if (f.wt != 2) continue;
-        if (f.field == 1) {
-            npieces++;
-        } else if (f.field == 2) {
-            if (parse_trainer(f.data, f.len, &tr, name, err) < 0) return JM_ERR_FORMAT;
-        } else if (f.field == 3) {
-            if (parse_normalizer(f.data, f.len, &ns, name, "NormalizerSpec", err) < 0) return JM_ERR_FORMAT;
-        } else if (f.field == 5) {
-            if (parse_normalizer(f.data, f.len, &dn, name, "DenormalizerSpec", err) < 0) return JM_ERR_FORMAT;
-            has_dn = true;
-        }
-        /* 4 = self_test_data: SentencePiece runs it at load; we do not */
-    }
-    if (rc < 0) return JM_ERR_FORMAT;
-    static const char *const model_types[] = {"?", "UNIGRAM", "BPE", "WORD", "CHAR"};
-    if (tr.model_type != 2)
-        return jm_fail(err, JM_ERR_FORMAT, "%s: model_type is %s; only BPE models are supported", name,
-                       model_types[tr.model_type]);
-    if (npieces == 0) return jm_fail(err, JM_ERR_FORMAT, "%s: not a SentencePiece model (no pieces)", name);
-    if (npieces > TK_MAX_PIECES)
-        return jm_fail(err, JM_ERR_FORMAT, "%s: %ld pieces is more than the %d we accept", name, npieces,
-                       TK_MAX_PIECES);
-
-    jm_tokenizer *t;
-    jm_status s = tk_alloc(&t, (int)npieces, name, err);
-    if (s) return s;
-
-    /* pass 2: the pieces */
-    r.p = buf;
-    int id = 0;
-    while ((rc = pb_next(&r, &f, name, "ModelProto", -1, err)) > 0) {
-        if (f.field == 1 && f.wt == 2) {
-            /* SentencePiece { piece = 1; score = 2; type = 3 [default NORMAL] } */
-            pb_reader pr = {f.data, f.data, f.data + f.len};
-            pb_field g = {0};
-            const uint8_t *ps = NULL;
-            size_t plen = 0;
-            float score = 0;
-            int type = TK_NORMAL;
-            while ((rc = pb_next(&pr, &g, name, "pieces", id, err)) > 0) {
-                if (g.field == 1 && g.wt == 2) {
-                    ps = g.data;
-                    plen = g.len;
-                } else if (g.field == 2 && g.wt == 5) {
-                    score = pb_float(g.v);
-                } else if (g.field == 3 && g.wt == 0 && g.v >= TK_NORMAL && g.v <= TK_BYTE) {
-                    type = (int)g.v;
-                }
-            }
-            if (rc < 0) goto fail_format;
-            if ((s = tk_set_piece(t, id, (const char *)ps, plen, score, (tk_type)type, err))) goto fail;
-            id++;
-        }
-    }
-    if (rc < 0) goto fail_format;
-
-    t->byte_fallback = tr.byte_fallback;
-    t->treat_whitespace_as_suffix = tr.ws_suffix;
-    /* SentencePiece encodes with the piece of type UNKNOWN whatever unk_id says;
-     * tk_finish takes it from there */
-    t->unk_id = -1;
-    t->bos_id = tr.bos_id;
-    t->eos_id = tr.eos_id;
-    t->pad_id = tr.pad_id;
-    t->add_dummy_prefix = ns.add_dummy_prefix;
-    t->remove_extra_whitespaces = ns.remove_extra_whitespaces;
-    t->escape_whitespaces = ns.escape_whitespaces;
-    size_t nl = ns.name_len < sizeof t->normalizer_name - 1 ? ns.name_len : sizeof t->normalizer_name - 1;
-    if (nl) memcpy(t->normalizer_name, ns.name, nl);
-    t->normalizer_name[nl] = 0;
-    tk_core *c = t->priv;
-    if (ns.charsmap_len) {
-        if (!(t->charsmap = malloc(ns.charsmap_len))) goto fail_nomem;
-        memcpy(t->charsmap, ns.charsmap, ns.charsmap_len);
-        t->charsmap_len = ns.charsmap_len;
-    }
-    /* SentencePiece builds a denormaliser only when it has a charsmap */
-    if (has_dn && dn.charsmap_len) {
-        if (!(c->denorm_charsmap = malloc(dn.charsmap_len))) goto fail_nomem;
-        memcpy(c->denorm_charsmap, dn.charsmap, dn.charsmap_len);
-        c->denorm_charsmap_len = dn.charsmap_len;
-        c->denorm_add_dummy_prefix = dn.add_dummy_prefix;
-        c->denorm_remove_extra_whitespaces = dn.remove_extra_whitespaces;
-        c->denorm_escape_whitespaces = dn.escape_whitespaces;
-    }
-    if (tr.has_unk_surface) {
-        if (!(c->unk_surface = malloc(tr.unk_surface_len + 1))) goto fail_nomem;
-        if (tr.unk_surface_len) memcpy(c->unk_surface, tr.unk_surface, tr.unk_surface_len);
-        c->unk_surface[tr.unk_surface_len] = 0;
-        c->unk_surface_len = tr.unk_surface_len;
-    }
-    if ((s = tk_finish(t, err))) goto fail;
-    *out = t;
+    memcpy(*ids + *n, add, k * sizeof *add);
+    *n += k;
     return JM_OK;
+}
 
-fail_nomem:
-    s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", name);
-    goto fail;
-fail_format:
-    s = JM_ERR_FORMAT;
-fail:
-    jm_tokenizer_free(t);
-    return s;
+/* Rendered text -> ids the way transformers tokenizes a rendered template:
+ * the special token strings the template wrote (EOS, and BOS when a template
+ * such as Llama-2's writes bos_token itself) become their ids, and the text
+ * between them is encoded on its own. So a message whose content contains
+ * "</s>" gets an EOS id there too, as in HF.
+ *
+ * Dummy prefix: each piece of text is encoded with jm_tokenizer_encode, that
+ * is as spm_encode does, with the model's add_dummy_prefix. After a special
+ * token that gives "▁" first: "</s>\n<|user|>" -> </s> ▁ <0x0A> < | user | >
+ * (29871 13 ... with Llama's vocabulary). That is what transformers does by
+ * default for Llama-family tokenizers: LlamaTokenizer with legacy=True (the
+ * default when tokenizer_config.json does not say "legacy": false) encodes
+ * each piece between special tokens with sp_model.encode, dummy prefix
+ * included, and LlamaTokenizerFast's Prepend("▁") normalizer does the same.
+ * Only legacy=False leaves the prefix out (</s> <0x0A> ...). Our sft and chat
+ * both encode through here, so training and inference agree either way.
+ *
+ * BOS: ids start with the BOS id (as HF's tokenizer(text) with its default
+ * add_special_tokens=True does after rendering, which is how Zephyr-style SFT
+ * data is tokenized) unless the template already wrote bos_token first. */
+jm_status jm_tokenizer_encode_special(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids,
+                                      size_t *n_ids, jm_error *err)
+{
+    *ids = NULL, *n_ids = 0;
+    size_t nid = 0, cap = 0;
+    int32_t *out = NULL;
+    jm_status s = JM_OK;
+    special sp[2];
+    int nsp = 0;
+    const char *const names[2] = {"eos_token", "bos_token"}, *strs[2] = {tk_eos_string(t), tk_bos_string(t)};
+    for (int i = 0; i < 2; i++) {
+        if (!strs[i] || !strs[i][0]) continue;
+        size_t sl = strlen(strs[i]);
+        int id = tk_find(t, strs[i], sl);
+        if (id < 0 && (i == 0 ? t->eos_token : t->bos_token)) { /* only our "</s>" fallback may be absent */
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: %s \"%.40s\" is not in the vocabulary", t->source, names[i],
+                        strs[i]);
+            goto done;
+        }
+        if (id < 0) continue;
+        sp[nsp++] = (special){strs[i], sl, id, SIZE_MAX};
+    }
+    for (size_t p = 0; p < len;) {
+        special *hit = NULL;
+        for (int i = 0; i < nsp; i++) {
+            if (sp[i].next == SIZE_MAX || sp[i].next < p) { /* stale: each occurrence is searched for once */
+                const char *f = memmem(text + p, len - p, sp[i].s, sp[i].len);
+                sp[i].next = f ? (size_t)(f - text) : len;
+            }
+            bool first = !hit || sp[i].next < hit->next || (sp[i].next == hit->next && sp[i].len > hit->len);
+            if (sp[i].next < len && first) hit = &sp[i];
+        }
+        size_t q = hit ? hit->next : len;
+        if (q > p) {
+            int32_t *seg = NULL;
+            size_t k = 0;
+            s = jm_tokenizer_encode(t, text + p, q - p, &seg, &k, err);
+            if (!s) s = push_ids(&out, &nid, &cap, seg, k, err);
+            free(seg);
+            if (s) goto done;
+        }
+        if (!hit) break;
+        if ((s = push_ids(&out, &nid, &cap, &hit->id, 1, err))) goto done;
+        p = q + hit->len;
+    }
+done:
+    if (s) {
+        free(out);
+        return s;
+    }
+    *ids = out, *n_ids = nid;
+    return JM_OK;
+}
+
+/* ======================================================================
+ * Explicit merge list (HF tokenizer.json's model.merges)
+ * ====================================================================== */
+
+/* An open-addressing set of (left id, right id) pairs, plus the list in its
+ * original order so that a writer can give it back unchanged. */
+struct tk_merges {
+    uint64_t *key;  /* ((left + 1) << 32 | (right + 1)); 0 = empty slot */
+    uint32_t *rank; /* position in the list; top bit set = usable by the encoder */
+    uint32_t mask;  /* slots - 1 */
+    int32_t *pairs; /* 2 * n ids, in order */
+    size_t n, cap;
+};
+
+#define MERGE_USABLE 0x80000000u
+
+static uint64_t merge_key(int a, int b) { return ((uint64_t)(uint32_t)(a + 1) << 32) | (uint32_t)(b + 1); }
+
+/* Slot of key, or of the empty slot where it would go. */
+static uint32_t merge_slot(const tk_merges *m, uint64_t key)
+{
+    uint32_t i = (uint32_t)mix64(key) & m->mask;
+    while (m->key[i] && m->key[i] != key) i = (i + 1) & m->mask;
+    return i;
+}
+
+tk_merges *tk_merges_new(size_t cap)
+{
+    if (cap > TK_MAX_MERGES) return NULL;
+    tk_merges *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    uint32_t slots = 16;
+    while (slots < 2 * cap + 16) slots <<= 1;
+    m->key = calloc(slots, sizeof *m->key);
+    m->rank = calloc(slots, sizeof *m->rank);
+    m->pairs = malloc((2 * cap + 1) * sizeof *m->pairs);
+    m->mask = slots - 1;
+    m->cap = cap;
+    if (!m->key || !m->rank || !m->pairs) {
+        tk_merges_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+int64_t tk_merges_add(tk_merges *m, int a, int b, bool usable)
+{
+    if (m->n == m->cap) return INT64_MAX;
+    uint64_t key = merge_key(a, b);
+    uint32_t slot = merge_slot(m, key);
+    if (m->key[slot]) return m->rank[slot] & ~MERGE_USABLE;
+    m->key[slot] = key;
+    m->rank[slot] = (uint32_t)m->n | (usable ? MERGE_USABLE : 0);
+    m->pairs[2 * m->n] = a;
+    m->pairs[2 * m->n + 1] = b;
+    m->n++;
+    return -1;
+}
+
+size_t tk_merges_count(const tk_merges *m) { return m ? m->n : 0; }
+
+void tk_merges_get(const tk_merges *m, size_t i, int *a, int *b)
+{
+    *a = m->pairs[2 * i];
+    *b = m->pairs[2 * i + 1];
+}
+
+void tk_merges_free(tk_merges *m)
+{
+    if (!m) return;
+    free(m->key);
+    free(m->rank);
+    free(m->pairs);
+    free(m);
+}
+
+bool tk_merge_allowed(const jm_tokenizer *t, int a, int b)
+{
+    const tk_merges *m = t->merges;
+    if (!m || a < 0 || b < 0 || a >= t->n || b >= t->n) return false;
+    uint32_t i = merge_slot(m, merge_key(a, b));
+    return m->key[i] && (m->rank[i] & MERGE_USABLE);
 }
 
 /* ======================================================================
@@ -1282,7 +1112,7 @@ static tk_cand heap_pop(bpe_state *st)
 }
 
 /* MaybeAddNewSymbolPair: neighbours l and r become a candidate when their
- * concatenation is a mergeable piece (and, with tokenizer.json merges, a
+ * concatenation is a mergeable piece (and, with an explicit merge list, a
  * listed merge). */
 static void maybe_push(bpe_state *st, int32_t l, int32_t r)
 {
@@ -1292,7 +1122,7 @@ static void maybe_push(bpe_state *st, int32_t l, int32_t r)
     const tk_pair *m = pair_find(st->c, a, b);
     if (!m) return;
     const jm_tokenizer *t = st->t;
-    if (t->use_merges && (a >= t->n || b >= t->n || !tk_merge_allowed(t, a, b))) return;
+    if (t->merges && !tk_merge_allowed(t, a, b)) return;
     heap_push(st, (tk_cand){m->score, l, m->id, st->len[l] + st->len[r]});
     /* the split SentencePiece resegments an UNUSED piece into: the last one seen */
     if (st->rev && t->type[m->id] == TK_UNUSED) st->rev[m->id] = (int32_t)st->len[l];
@@ -1591,10 +1421,9 @@ static bool flush_bytes(tk_buf *out, const uint8_t *b, size_t n)
 static jm_status decode_ids(const jm_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len_out,
                             jm_error *err)
 {
-    const tk_core *c = t->priv;
     tk_buf out = {0}, bytes = {0};
-    const char *unk = c->unk_surface ? c->unk_surface : DEFAULT_UNK_SURFACE;
-    size_t unk_len = c->unk_surface ? c->unk_surface_len : strlen(DEFAULT_UNK_SURFACE);
+    const char *unk = t->unk_surface ? t->unk_surface : DEFAULT_UNK_SURFACE;
+    size_t unk_len = t->unk_surface ? t->unk_surface_len : strlen(DEFAULT_UNK_SURFACE);
     /* The space the normaliser put in front is dropped: the U+2581 that starts
      * the first piece with visible text. With remove_extra_whitespaces every
      * leading U+2581-led piece loses it, as the normaliser never kept a
@@ -1641,12 +1470,12 @@ static jm_status decode_ids(const jm_tokenizer *t, const int32_t *ids, size_t n,
     if (bytes.n && !flush_bytes(&out, (const uint8_t *)bytes.p, bytes.n)) goto nomem;
     free(bytes.p);
     bytes.p = NULL;
-    if (c->denorm_charsmap_len) {
+    if (t->denorm_charsmap_len) {
         norm_spec dn;
-        charsmap_spec(&dn, c->denorm_charsmap, c->denorm_charsmap_len);
-        dn.add_dummy_prefix = c->denorm_add_dummy_prefix;
-        dn.remove_extra_whitespaces = c->denorm_remove_extra_whitespaces;
-        dn.escape_whitespaces = c->denorm_escape_whitespaces;
+        charsmap_spec(&dn, t->denorm_charsmap, t->denorm_charsmap_len);
+        dn.add_dummy_prefix = t->denorm_add_dummy_prefix;
+        dn.remove_extra_whitespaces = t->denorm_remove_extra_whitespaces;
+        dn.escape_whitespaces = t->denorm_escape_whitespaces;
         dn.ws_suffix = false;
         dn.user = NULL;
         tk_buf d = {0};

@@ -9,7 +9,7 @@
  * the tensors must tile the data section exactly (no overlaps, holes or trailing bytes), as the
  * reference implementation (huggingface/safetensors) requires. f->t is kept sorted by name so
  * lookups are a binary search. */
-#include "internal.h"
+#include "base/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

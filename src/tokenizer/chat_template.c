@@ -1,5 +1,6 @@
-/* chat.c — chat templates: tokenizer_config.json, a small Jinja2 interpreter,
- * and conversation -> text -> token ids.
+/* chat_template.c — chat templates: a small Jinja2 interpreter, and
+ * conversation -> text -> token ids. (tokenizer_config.json, where a
+ * template comes from, is tokenizer_config.c's.)
  *
  * Hugging Face keeps a model's chat format as a Jinja2 template in
  * tokenizer_config.json and renders it with `messages`, `add_generation_prompt`
@@ -37,17 +38,26 @@
  * ASCII only.
  * Everything is bounded: template nesting depth, evaluation steps, memory
  * and output size, so a hostile template fails cleanly. */
-#include "tokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <ctype.h>
 #include <stdint.h>
 #include <string.h>
 
-/* the built-in JetMoE-chat (Zephyr) template, as HF's tokenizer_config.json spells it (tokenizer_train.c) */
-extern const char jm_default_chat_template[];
 
-#define CONFIG_MAX_BYTES ((size_t)64 << 20)
+/* JetMoE-chat's (Zephyr) format as an HF chat template:
+ *   <|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n{reply}</s>\n
+ * and, with add_generation_prompt, <|assistant|>\n: rendered when a tokenizer
+ * has no template of its own. */
+const char jm_default_chat_template[] =
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}";
+
 #define OUT_MAX ((size_t)64 << 20)    /* rendered text; far beyond any context window */
 #define ARENA_MAX ((size_t)256 << 20) /* parse tree and intermediate values */
 #define STEPS_MAX 10000000ull         /* statements + expressions evaluated */
@@ -57,88 +67,7 @@ extern const char jm_default_chat_template[];
 static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
                         const char *bos, const char *eos, char **text, jm_error *err);
 
-/* ---- tokenizer_config.json ---- */
-
-/* eos_token/bos_token: a string, or {"content": string, ...} as older configs
- * (AddedToken dicts) have it. null or absent: *out stays NULL. */
-static jm_status config_token(const cJSON *root, const char *key, const char *path, char **out, jm_error *err)
-{
-    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, key);
-    if (!j || cJSON_IsNull(j)) return JM_OK;
-    if (cJSON_IsObject(j)) j = cJSON_GetObjectItemCaseSensitive(j, "content");
-    if (!cJSON_IsString(j))
-        return jm_fail(err, JM_ERR_CONFIG, "%s: %s must be a string or {\"content\": string}", path, key);
-    if (!j->valuestring[0]) return jm_fail(err, JM_ERR_CONFIG, "%s: %s is empty", path, key);
-    if (!(*out = strdup(j->valuestring))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
-    return JM_OK;
-}
-
-/* chat_template: a string, or a list of {"name", "template"} of which we use "default". */
-static jm_status config_template(const cJSON *root, const char *path, char **out, jm_error *err)
-{
-    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
-    if (!j || cJSON_IsNull(j)) return JM_OK;
-    if (cJSON_IsArray(j)) {
-        const cJSON *pick = NULL;
-        int i = 0;
-        for (const cJSON *e = j->child; e; e = e->next, i++) {
-            const cJSON *name = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "name") : NULL;
-            const cJSON *tpl = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "template") : NULL;
-            if (!cJSON_IsString(name) || !cJSON_IsString(tpl))
-                return jm_fail(err, JM_ERR_CONFIG,
-                               "%s: chat_template[%d] must be {\"name\": string, \"template\": string}", path, i);
-            if (strcmp(name->valuestring, "default") == 0) pick = tpl;
-        }
-        if (!pick) return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template list has no \"default\" entry", path);
-        j = pick;
-    }
-    if (!cJSON_IsString(j))
-        return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template must be a string or a list of {name, template}",
-                       path);
-    if (!(*out = strdup(j->valuestring))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
-    return JM_OK;
-}
-
-jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err)
-{
-    char *buf = NULL, *tpl = NULL, *eos = NULL, *bos = NULL;
-    size_t len = 0;
-    cJSON *root = NULL;
-    jm_status s = jm_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
-    if (!s) s = jm_json_parse(buf, len, path, &root, err);
-    if (!s && !cJSON_IsObject(root)) s = jm_fail(err, JM_ERR_CONFIG, "%s: not a JSON object", path);
-    if (!s) s = config_template(root, path, &tpl, err);
-    if (!s) s = config_token(root, "eos_token", path, &eos, err);
-    if (!s) s = config_token(root, "bos_token", path, &bos, err);
-    cJSON_Delete(root);
-    free(buf);
-    if (s) { /* all or nothing: the tokenizer keeps what it had */
-        free(tpl), free(eos), free(bos);
-        return s;
-    }
-    if (tpl) free(t->chat_template), t->chat_template = tpl;
-    if (eos) free(t->eos_token), t->eos_token = eos;
-    if (bos) free(t->bos_token), t->bos_token = bos;
-    return JM_OK;
-}
-
 /* ---- rendering and encoding ---- */
-
-/* The strings templates see as eos_token/bos_token: tokenizer_config.json's,
- * else the model's own pieces. Without a tokenizer: Llama's </s> and <s>. */
-static const char *eos_string(const jm_tokenizer *t)
-{
-    if (t && t->eos_token) return t->eos_token;
-    const char *p = t && t->eos_id >= 0 ? jm_tokenizer_piece(t, t->eos_id) : NULL;
-    return p ? p : "</s>";
-}
-
-static const char *bos_string(const jm_tokenizer *t)
-{
-    if (!t) return "<s>";
-    if (t->bos_token) return t->bos_token;
-    return t->bos_id >= 0 ? jm_tokenizer_piece(t, t->bos_id) : NULL; /* NULL: undefined in the template */
-}
 
 /* t may be NULL: the default template with </s> and <s>. */
 jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
@@ -155,101 +84,7 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
-    return render(tmpl, msgs, n, add_generation_prompt != 0, bos_string(t), eos_string(t), text, err);
-}
-
-typedef struct {
-    const char *s;
-    size_t len;
-    int32_t id;
-    size_t next; /* its next occurrence in the text; text length: none; SIZE_MAX: not searched yet */
-} special;
-
-static jm_status push_ids(int32_t **ids, size_t *n, size_t *cap, const int32_t *add, size_t k, jm_error *err)
-{
-    if (*n + k > *cap) {
-        size_t c = (*n + k) * 2 + 16;
-        int32_t *p = realloc(*ids, c * sizeof *p);
-        if (!p) return jm_fail(err, JM_ERR_NOMEM, "chat: out of memory for %zu ids", c);
-        *ids = p, *cap = c;
-    }
-    memcpy(*ids + *n, add, k * sizeof *add);
-    *n += k;
-    return JM_OK;
-}
-
-/* Rendered text -> ids the way transformers tokenizes a rendered template:
- * the special token strings the template wrote (EOS, and BOS when a template
- * such as Llama-2's writes bos_token itself) become their ids, and the text
- * between them is encoded on its own. So a message whose content contains
- * "</s>" gets an EOS id there too, as in HF.
- *
- * Dummy prefix: each piece of text is encoded with jm_tokenizer_encode, that
- * is as spm_encode does, with the model's add_dummy_prefix. After a special
- * token that gives "▁" first: "</s>\n<|user|>" -> </s> ▁ <0x0A> < | user | >
- * (29871 13 ... with Llama's vocabulary). That is what transformers does by
- * default for Llama-family tokenizers: LlamaTokenizer with legacy=True (the
- * default when tokenizer_config.json does not say "legacy": false) encodes
- * each piece between special tokens with sp_model.encode, dummy prefix
- * included, and LlamaTokenizerFast's Prepend("▁") normalizer does the same.
- * Only legacy=False leaves the prefix out (</s> <0x0A> ...). Our sft and chat
- * both encode through here, so training and inference agree either way.
- *
- * BOS: ids start with the BOS id (as HF's tokenizer(text) with its default
- * add_special_tokens=True does after rendering, which is how Zephyr-style SFT
- * data is tokenized) unless the template already wrote bos_token first. */
-jm_status jm_tokenizer_encode_special(const jm_tokenizer *t, const char *text, size_t len, int32_t **ids,
-                                      size_t *n_ids, jm_error *err)
-{
-    *ids = NULL, *n_ids = 0;
-    size_t nid = 0, cap = 0;
-    int32_t *out = NULL;
-    jm_status s = JM_OK;
-    special sp[2];
-    int nsp = 0;
-    const char *const names[2] = {"eos_token", "bos_token"}, *strs[2] = {eos_string(t), bos_string(t)};
-    for (int i = 0; i < 2; i++) {
-        if (!strs[i] || !strs[i][0]) continue;
-        size_t sl = strlen(strs[i]);
-        int id = tk_find(t, strs[i], sl);
-        if (id < 0 && (i == 0 ? t->eos_token : t->bos_token)) { /* only our "</s>" fallback may be absent */
-            s = jm_fail(err, JM_ERR_CONFIG, "%s: %s \"%.40s\" is not in the vocabulary", t->source, names[i],
-                        strs[i]);
-            goto done;
-        }
-        if (id < 0) continue;
-        sp[nsp++] = (special){strs[i], sl, id, SIZE_MAX};
-    }
-    for (size_t p = 0; p < len;) {
-        special *hit = NULL;
-        for (int i = 0; i < nsp; i++) {
-            if (sp[i].next == SIZE_MAX || sp[i].next < p) { /* stale: each occurrence is searched for once */
-                const char *f = memmem(text + p, len - p, sp[i].s, sp[i].len);
-                sp[i].next = f ? (size_t)(f - text) : len;
-            }
-            bool first = !hit || sp[i].next < hit->next || (sp[i].next == hit->next && sp[i].len > hit->len);
-            if (sp[i].next < len && first) hit = &sp[i];
-        }
-        size_t q = hit ? hit->next : len;
-        if (q > p) {
-            int32_t *seg = NULL;
-            size_t k = 0;
-            s = jm_tokenizer_encode(t, text + p, q - p, &seg, &k, err);
-            if (!s) s = push_ids(&out, &nid, &cap, seg, k, err);
-            free(seg);
-            if (s) goto done;
-        }
-        if (!hit) break;
-        if ((s = push_ids(&out, &nid, &cap, &hit->id, 1, err))) goto done;
-        p = q + hit->len;
-    }
-done:
-    if (s) {
-        free(out);
-        return s;
-    }
-    *ids = out, *n_ids = nid;
-    return JM_OK;
+    return render(tmpl, msgs, n, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
 }
 
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
@@ -260,25 +95,24 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
     char *text = NULL;
     jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
     if (s) return s;
-    size_t len = strlen(text), nid = 0, cap = 0;
-    int32_t *out = NULL;
-
-    /* BOS first, unless the template wrote it itself (Llama-2's does) */
-    const char *bos = bos_string(t);
-    bool bos_written = bos && bos[0] && strncmp(text, bos, strlen(bos)) == 0 && tk_find(t, bos, strlen(bos)) >= 0;
-    if (t->bos_id >= 0 && !bos_written && (s = push_ids(&out, &nid, &cap, &(int32_t){t->bos_id}, 1, err))) goto done;
     int32_t *body = NULL;
     size_t nb = 0;
-    if ((s = jm_tokenizer_encode_special(t, text, len, &body, &nb, err))) goto done;
-    s = push_ids(&out, &nid, &cap, body, nb, err);
-    free(body);
-done:
+    s = jm_tokenizer_encode_special(t, text, strlen(text), &body, &nb, err);
+    /* BOS first, unless the template wrote it itself (Llama-2's does) */
+    const char *bos = tk_bos_string(t);
+    bool bos_written = bos && bos[0] && strncmp(text, bos, strlen(bos)) == 0 && tk_find(t, bos, strlen(bos)) >= 0;
     free(text);
-    if (s) {
-        free(out);
-        return s;
+    if (s) return s;
+    size_t nbos = t->bos_id >= 0 && !bos_written;
+    int32_t *out = malloc((nb + nbos + 1) * sizeof *out);
+    if (!out) {
+        free(body);
+        return jm_fail(err, JM_ERR_NOMEM, "chat: out of memory for %zu ids", nb + nbos);
     }
-    *ids = out, *n_ids = nid;
+    if (nbos) out[0] = t->bos_id;
+    if (nb) memcpy(out + nbos, body, nb * sizeof *body);
+    free(body);
+    *ids = out, *n_ids = nb + nbos;
     return JM_OK;
 }
 

@@ -3,7 +3,7 @@
 #ifndef JM_DATA_H
 #define JM_DATA_H
 
-#include "internal.h"
+#include "base/base.h"
 
 /* Token shard file (*.bin), little-endian:
  *   offset 0  char[8]  magic "JMTOKENS"

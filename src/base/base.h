@@ -1,0 +1,58 @@
+/* base.h — the base room's declarations shared by every other room: errors,
+ * files, JSON, half-precision conversion. Not installed; the public contract
+ * is include/jetmoe.h. */
+#ifndef JM_BASE_H
+#define JM_BASE_H
+
+#include "jetmoe.h"
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- errors (error.c) ---- */
+/* Fills err (may be NULL) with a printf-style message and returns s. */
+jm_status jm_fail(jm_error *err, jm_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---- files (file.c) ---- */
+/* Opens a regular file for reading (never blocks on a FIFO); *size from fstat. */
+jm_status jm_open_regular(const char *path, int *fd, size_t *size, jm_error *err);
+/* Reads a whole file into a malloc'd, NUL-terminated buffer (max_len bounds it). */
+jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err);
+
+/* Atomic writes: write to "<path>.tmp.<pid>", fsync, rename over path, fsync the directory.
+ * A crash at any point leaves either the old file or the new one, never a mix. */
+typedef struct {
+    FILE *f;
+    char path[4096];
+    char tmp[4200]; /* "<path>.tmp.XXXXXX" from mkstemp */
+} jm_atomic_file;
+jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err);
+jm_status jm_atomic_write(jm_atomic_file *a, const void *buf, size_t len, jm_error *err);
+jm_status jm_atomic_commit(jm_atomic_file *a, jm_error *err); /* closes; renames on success */
+void jm_atomic_abort(jm_atomic_file *a);                      /* closes and removes the temp */
+jm_status jm_mkdir_p(const char *dir, jm_error *err);
+jm_status jm_copy_file(const char *src, const char *dst, jm_error *err); /* atomic at dst */
+void jm_remove_dir(const char *dir);   /* a directory of plain files (or a plain file) */
+void jm_fsync_path(const char *path); /* best effort: a file or directory */
+/* A run's checkpoints/latest -> "<ckpt_dir>/step_N" in out; only the exact
+ * form step_N is accepted, and it must be a directory (checkpoint_dir.c). */
+jm_status jm_read_latest(const char *ckpt_dir, char *out, size_t cap, jm_error *err);
+
+/* ---- JSON (json.c) ---- */
+/* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
+ * no duplicate keys in any object. file names the source in messages. */
+struct cJSON;
+jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
+/* Writes root as indented JSON plus a final newline, atomically; root may be NULL
+ * (a tree that could not be built for lack of memory), which fails as out of memory. */
+jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *err);
+
+/* ---- bf16/f16 <-> f32 (half.c) ---- */
+float jm_bf16_to_f32(uint16_t h);
+uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
+float jm_f16_to_f32(uint16_t h);
+uint16_t jm_f32_to_f16(float f); /* round to nearest even */
+
+#endif
