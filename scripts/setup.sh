@@ -2,8 +2,15 @@
 # Installs the Debian packages jetmoe.c needs, only those missing (idempotent).
 # Run as root on Debian 12; `make test` calls it, `make demo` calls it with
 # "demo" to add the packages the bundled corpus is read from (data/README.md).
+#
+# Used by: build-essential (the build), libopenblas-dev + libopenblas0-openmp
+# (cblas.h and the OpenMP libopenblas the Makefile links), libcjson-dev
+# (-lcjson), sentencepiece (spm_train/spm_encode, the tokenizer tests'
+# reference), python3 + python3-numpy + python3-torch (the test runner, the
+# PyTorch reference, the benches). libopenmpi-dev and openmpi-bin are for the
+# multi-process work that comes next: nothing builds against them yet.
 set -e
-PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libdnnl-dev \
+PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev \
 libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
 if [ "$1" = demo ]; then
     # prose: Jane Austen's novels (public domain; the R package's data file is
