@@ -159,7 +159,7 @@ def build(a, out):
     summary["heldout"] = held.summary()
     info = {
         "seed": a.seed,
-        "packages": {p: ds.package_version(p) for p in PACKAGES},
+        "packages": {p: ds.package_version(p, a.debs) for p in PACKAGES},
         "python_stdlib": os.path.dirname(ds.sysconfig.get_paths()["stdlib"] + "/"),
         "kinds": summary,
     }

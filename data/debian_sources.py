@@ -37,25 +37,38 @@ def stable_hash(s):
     return int.from_bytes(hashlib.sha1(s.encode("utf-8")).digest()[:8], "big")
 
 
-def package_version(pkg):
-    p = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True)
-    return p.stdout.strip() if p.returncode == 0 else None
+def package_version(pkg, debs_dir=None):
+    """The installed version, else the version of its .deb in debs_dir (as
+    "VERSION (.deb)": that is the file the readers fall back to), else None."""
+    p = subprocess.run(["dpkg-query", "-W", "-f=${Status} ${Version}", pkg], capture_output=True, text=True)
+    if p.returncode == 0 and p.stdout.startswith("install ok installed "):
+        return p.stdout.split()[-1]
+    for deb in _debs(debs_dir, pkg):
+        p = subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True)
+        if p.returncode == 0:
+            return p.stdout.strip() + " (.deb)"
+    return None
+
+
+def _debs(debs_dir, pkg):
+    """The downloaded pkg_*.deb files (apt-get download) in debs_dir, in name order."""
+    if not debs_dir or not os.path.isdir(debs_dir):
+        return []
+    return [os.path.join(debs_dir, n) for n in sorted(os.listdir(debs_dir))
+            if n.startswith(pkg + "_") and n.endswith(".deb")]
 
 
 def _from_deb(debs_dir, pkg, member):
     """The bytes of one file inside a downloaded pkg_*.deb (apt-get download), or None."""
-    if not debs_dir or not os.path.isdir(debs_dir):
-        return None
-    for name in sorted(os.listdir(debs_dir)):
-        if name.startswith(pkg + "_") and name.endswith(".deb"):
-            p = subprocess.run(["dpkg-deb", "--fsys-tarfile", os.path.join(debs_dir, name)], capture_output=True)
-            if p.returncode != 0:
-                continue
-            with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf:
-                try:
-                    return tf.extractfile("." + member).read()
-                except KeyError:
-                    return None
+    for deb in _debs(debs_dir, pkg):
+        p = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], capture_output=True)
+        if p.returncode != 0:
+            continue
+        with tarfile.open(fileobj=io.BytesIO(p.stdout)) as tf:
+            try:
+                return tf.extractfile("." + member).read()
+            except KeyError:
+                return None
     return None
 
 
@@ -65,8 +78,9 @@ def _read(path, pkg, debs_dir):
             return f.read()
     data = _from_deb(debs_dir, pkg, path)
     if data is None:
-        raise Missing(f"{path} not found: install the Debian package {pkg} (make setup), "
-                      f"or put its .deb (apt-get download {pkg}) in {debs_dir or 'a --debs directory'}")
+        raise Missing(f"{path} not found: install the Debian package {pkg}, or put its .deb "
+                      f"(apt-get download {pkg}) in {debs_dir or 'a --debs directory'} "
+                      f"('sh scripts/setup.sh demo' does whichever of the two the demo uses)")
     return data
 
 

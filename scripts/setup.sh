@@ -1,25 +1,62 @@
 #!/bin/sh
 # Installs the Debian packages jetmoe.c needs, only those missing (idempotent).
 # Run as root on Debian 12; `make test` calls it, `make demo` calls it with
-# "demo" to add the packages the bundled corpus is read from (data/README.md).
+# "demo" to add what the bundled corpus is read from (data/README.md).
+#
+# Used by: build-essential (the build), libopenblas-dev + libopenblas0-openmp
+# (cblas.h and the OpenMP libopenblas the Makefile links), libcjson-dev
+# (-lcjson), sentencepiece (spm_train/spm_encode, the tokenizer tests'
+# reference), python3 + python3-numpy + python3-torch (the test runner, the
+# PyTorch reference, the benches). libopenmpi-dev and openmpi-bin are for the
+# multi-process work that comes next: nothing builds against them yet.
 set -e
-PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libdnnl-dev \
+PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev \
 libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
 if [ "$1" = demo ]; then
-    # prose: Jane Austen's novels (public domain; the R package's data file is
-    # read directly, R itself is never run) and the Jargon File; chat word lists
-    PKGS="$PKGS r-cran-janeaustenr jargon-text wamerican"
+    # prose: the Jargon File; chat: the word list. Jane Austen's novels are
+    # fetched below as a .deb, not installed.
+    PKGS="$PKGS jargon-text wamerican"
 fi
+how="make setup"
+[ "$1" = demo ] && how="sh scripts/setup.sh demo"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
-[ -z "$missing" ] && exit 0
-if [ "$(id -u)" != 0 ]; then
-    echo "setup: missing Debian packages:$missing (run 'make setup' as root)" >&2
-    exit 1
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages:$missing (run '$how' as root)" >&2
+        exit 1
+    fi
+    echo "setup: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q || true
+    apt-get install -y -q --no-install-recommends $missing
 fi
-echo "setup: installing$missing"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -q || true
-apt-get install -y -q --no-install-recommends $missing
+[ "$1" = demo ] || exit 0
+
+# Jane Austen's novels: data/build_corpus.py reads one data file out of the
+# r-cran-janeaustenr .deb. Installing the package would pull in R (r-base-core
+# and 11 more packages: 49 MB installed on top of the packages above) that
+# nothing here runs, so the .deb (1.6 MB) is only downloaded, into build/debs,
+# where build_corpus.py looks (--debs). apt-get download checks it against the
+# signed package index, as an install would. Where the package is installed
+# anyway, build_corpus.py reads the installed file.
+pkg=r-cran-janeaustenr
+dpkg-query -W -f='${Status}' $pkg 2>/dev/null | grep -q "install ok installed" && exit 0
+debs="$(cd "$(dirname "$0")/.." && pwd)/build/debs"
+ls "$debs/${pkg}_"*.deb >/dev/null 2>&1 && exit 0
+mkdir -p "$debs"
+echo "setup: downloading $pkg's .deb into build/debs (read, not installed)"
+# as root, apt would download as the _apt user, who may not write to build/
+sandbox=""
+[ "$(id -u)" = 0 ] && sandbox="-o APT::Sandbox::User=root"
+if ! (cd "$debs" && apt-get download -q $sandbox $pkg); then
+    # an index from before the last 'apt-get update' may name a version the mirror no longer has
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: could not download $pkg (run '$how' as root to refresh the package index)" >&2
+        exit 1
+    fi
+    apt-get update -q
+    (cd "$debs" && apt-get download -q $sandbox $pkg)
+fi
