@@ -36,6 +36,12 @@ jm_status jm_mkdir_p(const char *dir, jm_error *err);
 jm_status jm_copy_file(const char *src, const char *dst, jm_error *err); /* atomic at dst */
 void jm_remove_dir(const char *dir);   /* a directory of plain files (or a plain file) */
 void jm_fsync_path(const char *path); /* best effort: a file or directory */
+/* Entries of dir except hidden ones (names starting with '.'), sorted bytewise
+ * so every run, file system and locale sees the same order; free with jm_free_names. */
+jm_status jm_list_dir(const char *dir, char ***names, int *n, jm_error *err);
+void jm_free_names(char **names, int n);
+/* "dir/name" (one '/' between), malloc'd; NULL when out of memory. */
+char *jm_path_join(const char *dir, const char *name);
 /* A run's checkpoints/latest -> "<ckpt_dir>/step_N" in out; only the exact
  * form step_N is accepted, and it must be a directory (checkpoint_dir.c). */
 jm_status jm_read_latest(const char *ckpt_dir, char *out, size_t cap, jm_error *err);

@@ -189,3 +189,58 @@ jm_status jm_copy_file(const char *src, const char *dst, jm_error *err)
     free(buf);
     return s;
 }
+
+char *jm_path_join(const char *dir, const char *name)
+{
+    size_t a = strlen(dir), b = strlen(name);
+    char *p = malloc(a + b + 2);
+    if (!p) return NULL;
+    memcpy(p, dir, a);
+    size_t k = a;
+    if (a && dir[a - 1] != '/') p[k++] = '/';
+    memcpy(p + k, name, b + 1);
+    return p;
+}
+
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* Entries of dir except hidden ones ("." and ".." included), sorted bytewise
+ * so every run, file system and locale sees the same order. */
+jm_status jm_list_dir(const char *dir, char ***names, int *n, jm_error *err)
+{
+    *names = NULL;
+    *n = 0;
+    DIR *d = opendir(dir);
+    if (!d) return jm_fail(err, JM_ERR_IO, "%s: %s", dir, strerror(errno));
+    char **v = NULL;
+    int cnt = 0, cap = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.') continue;
+        if (cnt == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **nv = realloc(v, (size_t)cap * sizeof *nv);
+            if (!nv) goto oom;
+            v = nv;
+        }
+        if (!(v[cnt] = strdup(e->d_name))) goto oom;
+        cnt++;
+    }
+    closedir(d);
+    if (cnt) qsort(v, (size_t)cnt, sizeof *v, cmp_name);
+    *names = v;
+    *n = cnt;
+    return JM_OK;
+oom:
+    closedir(d);
+    jm_free_names(v, cnt);
+    return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory listing the directory", dir);
+}
+
+void jm_free_names(char **names, int n)
+{
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+}

@@ -1,5 +1,5 @@
 /* data.h — token shards and the mixture sampler (data.c), used by the
- * training loop (train.c) and `jetmoe prepare`. */
+ * training loop (train.c) and `jetmoe prepare` (prepare.c). */
 #ifndef JM_DATA_H
 #define JM_DATA_H
 
@@ -36,6 +36,20 @@ static inline uint32_t jm_shard_token(const jm_shard *s, uint64_t i)
     const uint8_t *p = s->tokens + 4 * i;
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
+/* A shard written as a stream: the header first with a zero count, the ids
+ * after it, the count patched in before the atomic rename, so no shard is
+ * ever held in memory. Ids are checked against the vocabulary as they come. */
+typedef struct {
+    jm_atomic_file a;
+    int bytes_per_token;
+    uint32_t vocab_size, eos_id;
+    uint64_t n;
+} jm_shard_writer;
+jm_status jm_shard_writer_open(jm_shard_writer *w, const char *path, uint32_t vocab_size, uint32_t eos_id,
+                               jm_error *err);
+jm_status jm_shard_writer_put(jm_shard_writer *w, const int32_t *ids, uint64_t n, jm_error *err);
+jm_status jm_shard_writer_commit(jm_shard_writer *w, jm_error *err); /* on error the temp file is gone */
+
 /* Writes ids as a shard, atomically. */
 jm_status jm_shard_write(const char *path, const int32_t *ids, uint64_t n, uint32_t vocab_size, uint32_t eos_id,
                          jm_error *err);
@@ -71,6 +85,6 @@ jm_status jm_sampler_get_state(const jm_sampler *s, jm_sampler_state *st, jm_err
 jm_status jm_sampler_set_state(jm_sampler *s, const jm_sampler_state *st, jm_error *err);
 void jm_sampler_state_free(jm_sampler_state *st);
 
-/* jm_prepare (`jetmoe prepare`) is declared in include/jetmoe.h and implemented in data.c. */
+/* jm_prepare (`jetmoe prepare`) is declared in include/jetmoe.h and implemented in prepare.c. */
 
 #endif
