@@ -351,9 +351,10 @@ static int run_chat(const cli_command *self, int argc, char **argv)
             free(owned[--nh]);
             continue;
         }
-        /* reuse the cached prefix; always recompute at least the last token */
+        /* reuse the cached prefix (a reply cut at --max-new left its last token out of the
+         * KV cache); always recompute at least the last token */
         int same = 0;
-        while (same < ncached && same < (int)n - 1 && cached[same] == ids[same]) same++;
+        while (same < ncached && same < jm_cached(m) && same < (int)n - 1 && cached[same] == ids[same]) same++;
         const float *logits;
         stream_ctx sc = {0};
         const double t0 = now();

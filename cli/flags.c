@@ -115,16 +115,18 @@ int cli_parse(const cli_command *c, int argc, char **argv, void *opts, const cha
         const cli_flag *f = find_flag(c, a, &value);
         if (!f) return cli_error(c, "unknown flag %s (see 'jetmoe %s --help')", a, c->name);
         given[f - c->flags] = 1;
+        char spelled[64]; /* as the user wrote it, without "=value" */
+        snprintf(spelled, sizeof spelled, "%.*s", value ? (int)(value - 1 - a) : (int)strlen(a), a);
         if (f->kind == FLAG_BOOL) {
-            if (value) return cli_error(c, "%.*s takes no value", (int)(strchr(a, '=') - a), a);
-            set_value(c, f, a, NULL, opts);
+            if (value) return cli_error(c, "%s takes no value", spelled);
+            set_value(c, f, spelled, NULL, opts);
             continue;
         }
         if (!value) {
-            if (i + 1 >= argc) return cli_error(c, "%s needs a value", a);
+            if (i + 1 >= argc) return cli_error(c, "%s needs a value", spelled);
             value = argv[++i];
         }
-        int rc = set_value(c, f, a, value, opts);
+        int rc = set_value(c, f, spelled, value, opts);
         if (rc) return rc;
     }
     char what[128];
