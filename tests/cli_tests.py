@@ -11,7 +11,8 @@
   cli_version                      --version / version: the version and the build flags
   then on a tiny model (`jetmoe tokenizer train` + `jetmoe init`, in tmp):
   cli_aliases_match_long_forms, cli_temperature_zero_is_greedy, cli_random_seed_printed_and_reproducible,
-  cli_timing_line_on_its_own_line, cli_chat_top_k_stop_and_timing, cli_repetition_penalty_matches_numpy
+  cli_timing_line_on_its_own_line, cli_chat_top_k_stop_and_timing, cli_chat_turn_after_a_cut_reply,
+  cli_repetition_penalty_matches_numpy
   (greedy ids with the penalty == numpy's penalty + argmax on the logits of `jetmoe forward`),
   cli_repetition_penalty_breaks_greedy_loop, cli_info_weight_format
 
@@ -52,6 +53,12 @@ EXPECTED_FLAGS = {
     "help": ["--flags"],
     "version": [],
 }
+# The checks that need the tiny model.
+MODEL_CHECKS = ["cli_aliases_match_long_forms", "cli_temperature_zero_is_greedy",
+                "cli_random_seed_printed_and_reproducible", "cli_timing_line_on_its_own_line",
+                "cli_chat_top_k_stop_and_timing", "cli_chat_turn_after_a_cut_reply",
+                "cli_repetition_penalty_matches_numpy", "cli_repetition_penalty_breaks_greedy_loop",
+                "cli_info_weight_format"]
 TIMING = re.compile(r"prompt: (\d+) tokens, ([\d.]+|-) tok/s \| generation: (\d+) tokens, ([\d.]+|-) tok/s \| "
                     r"(\w+) weights, (\w+) kernels")
 
@@ -73,8 +80,7 @@ def run(suite, jetmoe, tmp):
     version(suite, jm)
     if commands is not None and suite.wanted("cli_flag_tables_all_listed"):
         source_tables(suite, jm, commands)
-    if any(suite.wanted(n) for n in ("cli_aliases", "cli_temperature", "cli_random_seed", "cli_timing", "cli_chat",
-                                     "cli_repetition", "cli_info")):
+    if any(suite.wanted(n) for n in MODEL_CHECKS):
         model = tiny_model(suite, jm, os.path.join(tmp, "cli"))
         if model:
             with_model(suite, jm, crashed, model, tmp)
@@ -305,8 +311,14 @@ def with_model(suite, jm, crashed, model, tmp):
                                 f"{first[:first.index(stop)]!r}; {c.stderr[-200:]!r}")
         suite.check("cli_chat_top_k_stop_and_timing", not problems, "; ".join(problems),
                     f"--top-k 1 == --temp 0; --stop {stop!r}")
+    if suite.wanted("cli_chat_turn_after_a_cut_reply"):
+        # greedy on the untrained model: a reply of one token repeated, cut at -n, re-encodes to the very ids
+        # cached, whose last never went through the model; the next turn must not reuse it
+        p = jm("chat", model, "--threads", "1", "-n", "12", "--greedy", stdin="hello there\nwhat is it\n")
+        suite.check("cli_chat_turn_after_a_cut_reply", p.returncode == 0 and p.stderr.count("reply cut") == 2 and
+                    len(TIMING.findall(p.stderr)) == 2 and not crashed(p), f"exit {p.returncode}: {p.stderr[-300:]!r}")
 
-    if suite.wanted("cli_repetition_penalty"):
+    if any(suite.wanted(n) for n in MODEL_CHECKS if n.startswith("cli_repetition_penalty")):
         repetition_penalty(suite, jm, crashed, model, tmp)
     if suite.wanted("cli_info_weight_format"):
         info_weight_format(suite, jm, model, tmp)
