@@ -309,7 +309,6 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     const int V = jm_model_config(m)->vocab_size, ctx = jm_model_config(m)->max_position_embeddings;
     const int eos = jm_tokenizer_eos_id(tok);
     jm_sample_opts so = sample_opts(&o, (int)o.max_new);
-    const int penalise = so.repetition_penalty != 1 && so.repeat_last_n != 0;
     jm_chat_message hist[512];
     char *owned[512];
     int nh = 0, ncached = 0;
@@ -368,11 +367,9 @@ static int run_chat(const cli_command *self, int argc, char **argv)
         int nr = 0, limit = (int)o.max_new < ctx - ncached ? (int)o.max_new : ctx - ncached;
         if ((s = jm_text_stream_new(tok, NULL, 0, o.stop.v, o.stop.n, &sc.text, &err))) break;
         while (nr < limit) {
-            if (penalise) { /* over the last repeat_last_n tokens of the conversation */
-                int w = so.repeat_last_n < 0 || so.repeat_last_n > ncached ? ncached : so.repeat_last_n;
-                jm_apply_repetition_penalty(logits, penalised, V, cached + ncached - w, w, so.repetition_penalty);
-            }
-            int32_t id = jm_sample(penalise ? penalised : logits, V, &so, &rng, probs);
+            /* the penalty's window is the conversation's last tokens */
+            const float *row = jm_apply_repetition_penalty(logits, penalised, V, cached, ncached, &so);
+            int32_t id = jm_sample(row, V, &so, &rng, probs);
             if (stream_token(&sc, id) || id == eos) break; /* a stop string, or the end of the turn */
             reply[nr++] = id;
             cached[ncached++] = id;

@@ -56,7 +56,8 @@ static void dtype_counts(const jm_tensor_info *t, int n, char *buf, size_t cap)
 static int shape_text(char *buf, size_t cap, int ndim, const int64_t *shape)
 {
     int len = snprintf(buf, cap, "[");
-    for (int d = 0; d < ndim; d++) len += snprintf(buf + len, cap - (size_t)len, d ? ", %lld" : "%lld", (long long)shape[d]);
+    for (int d = 0; d < ndim; d++)
+        len += snprintf(buf + len, cap - (size_t)len, d ? ", %lld" : "%lld", (long long)shape[d]);
     return len + snprintf(buf + len, cap - (size_t)len, "]");
 }
 

@@ -183,7 +183,8 @@ static void details(char *buf, size_t cap, const cli_flag *f)
     }
     const char *sep = len ? ", " : "";
     if (f->required) snprintf(buf + len, cap - (size_t)len, "%srequired", sep);
-    else if (f->kind == FLAG_LIST) snprintf(buf + len, cap - (size_t)len, "%srepeatable, up to %d", sep, CLI_MAX_REPEAT);
+    else if (f->kind == FLAG_LIST)
+        snprintf(buf + len, cap - (size_t)len, "%srepeatable, up to %d", sep, CLI_MAX_REPEAT);
     else if (f->def) snprintf(buf + len, cap - (size_t)len, "%sdefault %s", sep, f->def);
 }
 

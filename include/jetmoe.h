@@ -206,15 +206,17 @@ typedef struct {
 jm_status jm_sample_validate(const jm_sample_opts *o, jm_error *err);
 /* One token from a row of V logits; *rng is the caller's generator state,
  * scratch holds V (float, int32) pairs. The repetition penalty is not applied
- * here: pass logits through jm_apply_repetition_penalty first. */
+ * here: pass the logits through jm_apply_repetition_penalty first. */
 int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch);
 /* The repetition penalty (HF RepetitionPenaltyLogitsProcessor, llama.cpp
- * repeat_penalty): out = logits, except that each distinct id in recent[0..n)
- * has its logit divided by penalty when positive and multiplied by it when
- * negative (once, however often it occurs; ids outside [0, V) are ignored).
- * out must not alias logits. */
-void jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *recent, int n,
-                                 double penalty);
+ * repeat_penalty) of o, for the token after seq[0..n) (prompt + generated):
+ * returns logits itself when the penalty is off, else out (V floats, not
+ * aliasing logits) holding the logits with each distinct id among the last
+ * o->repeat_last_n of seq penalised once: a positive logit divided by
+ * o->repetition_penalty, a negative one multiplied (ids outside [0, V) are
+ * ignored). */
+const float *jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *seq, int n,
+                                         const jm_sample_opts *o);
 /* Generates after the prompt until EOS, max_new tokens, or on_token (called
  * with each new id; may be NULL) returns non-zero. out holds max_new ids.
  * Applies the repetition penalty over the last repeat_last_n tokens. */

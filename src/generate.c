@@ -89,16 +89,20 @@ int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t 
 
 /* Writing to a copy makes a repeated id idempotent: its logit is computed
  * from the original each time, so it is penalised once. */
-void jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *recent, int n,
-                                 double penalty)
+const float *jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *seq, int n,
+                                         const jm_sample_opts *o)
 {
+    const double r = o->repetition_penalty;
+    if (r == 0 || r == 1 || o->repeat_last_n == 0) return logits; /* 0: left unset */
+    int w = o->repeat_last_n < 0 || o->repeat_last_n > n ? n : o->repeat_last_n;
     memcpy(out, logits, sizeof(float) * (size_t)V);
-    for (int i = 0; i < n; i++) {
-        int32_t id = recent[i];
+    for (int i = n - w; i < n; i++) {
+        int32_t id = seq[i];
         if (id < 0 || id >= V) continue;
         float x = logits[id];
-        out[id] = x > 0 ? (float)(x / penalty) : (float)(x * penalty);
+        out[id] = x > 0 ? (float)(x / r) : (float)(x * r);
     }
+    return out;
 }
 
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
@@ -119,9 +123,8 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     const int V = c->vocab_size;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n_prompt + o->max_new));
     void *scratch = malloc(sizeof(prob_id) * (size_t)V);
-    const int penalise = o->repetition_penalty > 0 && o->repetition_penalty != 1 && o->repeat_last_n != 0;
-    float *penalised = penalise ? malloc(sizeof(float) * (size_t)V) : NULL;
-    if (!seq || !scratch || (penalise && !penalised)) {
+    float *penalised = malloc(sizeof(float) * (size_t)V);
+    if (!seq || !scratch || !penalised) {
         free(seq);
         free(scratch);
         free(penalised);
@@ -134,11 +137,7 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     /* prefill the prompt in one batched pass, then one cached step per token */
     if (!(s = jm_infer(m, seq, n, 0, &logits, err))) {
         for (int i = 0; i < o->max_new; i++) {
-            if (penalise) {
-                int w = o->repeat_last_n < 0 || o->repeat_last_n > n ? n : o->repeat_last_n;
-                jm_apply_repetition_penalty(logits, penalised, V, seq + n - w, w, o->repetition_penalty);
-            }
-            int32_t id = jm_sample(penalise ? penalised : logits, V, o, &rng, scratch);
+            int32_t id = jm_sample(jm_apply_repetition_penalty(logits, penalised, V, seq, n, o), V, o, &rng, scratch);
             seq[n++] = id;
             out[(*n_out)++] = id;
             if (on_token && on_token(ctx, id)) break; /* EOS too: --ids shows it */

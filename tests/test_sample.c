@@ -1,56 +1,78 @@
 /* test_sample.c — the repetition penalty and temperature 0, against values
  * computed by hand from the HF / llama.cpp definition: for each distinct id
- * among the recent tokens, a positive logit is divided by the penalty and a
- * negative one multiplied by it; other logits are untouched.
+ * among the last repeat_last_n tokens, a positive logit is divided by the
+ * penalty and a negative one multiplied by it; other logits are untouched.
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. */
 #include "harness.h"
 
 #include <math.h>
 
+static jm_sample_opts penalty(double r, int last_n)
+{
+    return (jm_sample_opts){.temperature = 0, .top_p = 1, .max_new = 1, .repetition_penalty = r,
+                            .repeat_last_n = last_n};
+}
+
 static void penalty_by_hand(void)
 {
     const float logits[6] = {2.0f, -1.5f, 0.0f, 3.0f, -4.0f, 1.0f};
     /* ids 0 and 1 twice (penalised once), 4 once, 9 and -1 outside the vocabulary */
-    const int32_t recent[7] = {0, 1, 0, 4, 1, 9, -1};
+    const int32_t seq[7] = {0, 1, 0, 4, 1, 9, -1};
     const float want[6] = {2.0f / 1.25f, -1.5f * 1.25f, 0.0f, 3.0f, -4.0f * 1.25f, 1.0f};
     float out[6];
-    jm_apply_repetition_penalty(logits, out, 6, recent, 7, 1.25);
+    jm_sample_opts o = penalty(1.25, -1);
+    const float *got = jm_apply_repetition_penalty(logits, out, 6, seq, 7, &o);
     int bad = -1;
     for (int i = 0; i < 6; i++)
-        if (out[i] != want[i]) bad = i;
-    check(bad < 0, "repetition_penalty_by_hand", "logit %d: %g, want %g", bad, bad < 0 ? 0 : out[bad],
+        if (got[i] != want[i]) bad = i;
+    check(got == out && bad < 0, "repetition_penalty_by_hand", "logit %d: %g, want %g", bad, bad < 0 ? 0 : got[bad],
           bad < 0 ? 0 : want[bad]);
 
-    /* a penalty below 1 favours repetition: the same rule */
-    jm_apply_repetition_penalty(logits, out, 6, recent, 1, 0.5);
-    check(out[0] == 4.0f && out[1] == -1.5f && out[3] == 3.0f, "repetition_penalty_below_one",
-          "%g %g %g", out[0], out[1], out[3]);
+    /* the window: the last 5 tokens (0, 4, 1, 9, -1) penalise 0, 1 and 4, the last 4 only 4 and 1,
+     * the last 2 (9, -1) nothing */
+    o = penalty(2.0, 5);
+    got = jm_apply_repetition_penalty(logits, out, 6, seq, 7, &o);
+    int five = got[0] == 1.0f && got[1] == -3.0f && got[4] == -8.0f && got[3] == 3.0f;
+    o = penalty(2.0, 4);
+    got = jm_apply_repetition_penalty(logits, out, 6, seq, 7, &o);
+    int four = got[0] == 2.0f && got[1] == -3.0f && got[4] == -8.0f;
+    o = penalty(2.0, 2);
+    got = jm_apply_repetition_penalty(logits, out, 6, seq, 7, &o);
+    int two = memcmp(got, logits, sizeof logits) == 0;
+    o = penalty(2.0, 100); /* longer than the sequence: all of it */
+    got = jm_apply_repetition_penalty(logits, out, 6, seq, 3, &o);
+    int longer = got[0] == 1.0f && got[1] == -3.0f && got[4] == -4.0f;
+    check(five && four && two && longer, "repetition_penalty_window",
+          "last 5 %d, last 4 %d, last 2 %d, longer than the sequence %d", five, four, two, longer);
 
-    /* penalty 1 and an empty window are plain copies */
-    jm_apply_repetition_penalty(logits, out, 6, recent, 7, 1.0);
-    int same = memcmp(out, logits, sizeof out) == 0;
-    jm_apply_repetition_penalty(logits, out, 6, recent, 0, 3.0);
-    check(same && memcmp(out, logits, sizeof out) == 0, "repetition_penalty_off", "penalty 1 or no recent tokens "
-          "changed the logits");
+    /* a penalty below 1 favours repetition: the same rule */
+    o = penalty(0.5, 1);
+    got = jm_apply_repetition_penalty(logits, out, 6, seq, 1, &o);
+    check(got[0] == 4.0f && got[1] == -1.5f && got[3] == 3.0f, "repetition_penalty_below_one", "%g %g %g", got[0],
+          got[1], got[3]);
+
+    /* off: penalty 1, 0 (unset) or a window of 0 give the logits themselves, not a copy */
+    jm_sample_opts off[3] = {penalty(1.0, 64), penalty(0, 64), penalty(3.0, 0)};
+    int same = 1;
+    for (int i = 0; i < 3; i++) same &= jm_apply_repetition_penalty(logits, out, 6, seq, 7, &off[i]) == logits;
+    check(same, "repetition_penalty_off", "penalty 1, 0 or window 0 did not return the logits");
 }
 
 /* The penalty changes greedy's choice exactly when the hand computation says. */
 static void penalty_in_sampling(void)
 {
     const float logits[4] = {1.0f, 2.4f, 2.0f, -0.5f};
-    const int32_t recent[2] = {1, 3};
-    float out[4];
+    const int32_t seq[2] = {1, 3};
+    float out[4], scratch[8];
     uint64_t rng = 1;
-    float scratch[8];
-    jm_sample_opts o = {.temperature = 0, .top_p = 1, .max_new = 1};
+    jm_sample_opts o = penalty(1, 64), strong = penalty(1.3, 64), mild = penalty(1.1, 64);
     int32_t plain = jm_sample(logits, 4, &o, &rng, scratch);
-    jm_apply_repetition_penalty(logits, out, 4, recent, 2, 1.3); /* 2.4 / 1.3 = 1.846 < 2.0 */
-    int32_t pen = jm_sample(out, 4, &o, &rng, scratch);
-    jm_apply_repetition_penalty(logits, out, 4, recent, 2, 1.1); /* 2.4 / 1.1 = 2.18 > 2.0 */
-    int32_t mild = jm_sample(out, 4, &o, &rng, scratch);
-    check(plain == 1 && pen == 2 && mild == 1, "repetition_penalty_changes_greedy_choice",
-          "argmax %d, with 1.3: %d (want 2), with 1.1: %d (want 1)", plain, pen, mild);
+    /* 2.4 / 1.3 = 1.846 < 2.0; 2.4 / 1.1 = 2.18 > 2.0 */
+    int32_t a = jm_sample(jm_apply_repetition_penalty(logits, out, 4, seq, 2, &strong), 4, &strong, &rng, scratch);
+    int32_t b = jm_sample(jm_apply_repetition_penalty(logits, out, 4, seq, 2, &mild), 4, &mild, &rng, scratch);
+    check(plain == 1 && a == 2 && b == 1, "repetition_penalty_changes_greedy_choice",
+          "argmax %d, with 1.3: %d (want 2), with 1.1: %d (want 1)", plain, a, b);
 }
 
 /* Temperature 0 is greedy (llama.cpp, HF): the argmax, without touching the generator. */
