@@ -15,6 +15,36 @@ const cli_command cmd_info = {
     "mixed), total and active-per-token parameter counts and the tensor table.",
     NULL, 0, run_info};
 
+static int is_scale(const char *name)
+{
+    size_t len = strlen(name);
+    return len > 6 && strcmp(name + len - 6, "_scale") == 0;
+}
+
+/* "12 U8, 9 F32; 12 *_scale": the tensors per dtype, in order of first
+ * appearance, then the block scales of the quantized ones */
+static void dtype_counts(const jm_tensor_info *t, int n, char *buf, size_t cap)
+{
+    size_t len = 0;
+    int scales = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n; i++) {
+        if (is_scale(t[i].name)) {
+            scales++;
+            continue;
+        }
+        int first = 1, count = 0;
+        for (int j = 0; j < n; j++)
+            if (!is_scale(t[j].name) && strcmp(t[j].dtype, t[i].dtype) == 0) {
+                first &= j >= i;
+                count++;
+            }
+        if (first && len < cap)
+            len += (size_t)snprintf(buf + len, cap - len, "%s%d %s", len ? ", " : "", count, t[i].dtype);
+    }
+    if (scales && len < cap) snprintf(buf + len, cap - len, "; %d *_scale", scales);
+}
+
 /* The weight format, from the matrices' dtypes: q8 (I8 blocks) or q4 (U8) when
  * the checkpoint holds quantized matrices (with F16 "*_scale" beside them;
  * routers keep their float dtype), else the one float dtype; "mixed" otherwise. */
@@ -23,8 +53,7 @@ static const char *weight_format(const jm_tensor_info *t, int n)
     const char *quant = NULL, *fl = NULL;
     int mixed = 0;
     for (int i = 0; i < n; i++) {
-        size_t len = strlen(t[i].name);
-        if (t[i].ndim < 2 || (len > 6 && strcmp(t[i].name + len - 6, "_scale") == 0)) continue;
+        if (t[i].ndim < 2 || is_scale(t[i].name)) continue;
         int q = strcmp(t[i].dtype, "I8") == 0 || strcmp(t[i].dtype, "U8") == 0;
         const char **seen = q ? &quant : &fl;
         if (*seen && strcmp(*seen, t[i].dtype) != 0) mixed = 1;
@@ -34,23 +63,6 @@ static const char *weight_format(const jm_tensor_info *t, int n)
     const char *d = quant ? quant : fl;
     return strcmp(d, "I8") == 0 ? "q8" : strcmp(d, "U8") == 0 ? "q4" : strcmp(d, "F32") == 0 ? "f32"
            : strcmp(d, "BF16") == 0 ? "bf16" : strcmp(d, "F16") == 0 ? "f16" : "mixed";
-}
-
-/* "12 U8, 12 F16, 9 F32": the tensors per dtype, in order of first appearance */
-static void dtype_counts(const jm_tensor_info *t, int n, char *buf, size_t cap)
-{
-    size_t len = 0;
-    buf[0] = 0;
-    for (int i = 0; i < n; i++) {
-        int first = 1, count = 0;
-        for (int j = 0; j < n; j++)
-            if (strcmp(t[j].dtype, t[i].dtype) == 0) {
-                first &= j >= i;
-                count++;
-            }
-        if (first && len < cap)
-            len += (size_t)snprintf(buf + len, cap - len, "%s%d %s", len ? ", " : "", count, t[i].dtype);
-    }
 }
 
 static int shape_text(char *buf, size_t cap, int ndim, const int64_t *shape)
