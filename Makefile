@@ -35,8 +35,11 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(BUILD)/jetmoe: cli/jetmoe.c $(BUILD)/libjetmoe.a
-	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+# The CLI, one file per command family; `jetmoe --version` reports the build from these.
+CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"$(SAN)"' \
+             -DJM_BUILD_BLAS='"OpenBLAS, OpenMP build ($(BLASDIR))"'
+$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
+	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
 $(BUILD)/tests/%: tests/%.c tests/harness.h $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)

@@ -18,6 +18,8 @@
 extern "C" {
 #endif
 
+#define JM_VERSION "0.1.0"
+
 typedef enum {
     JM_OK = 0,
     JM_ERR_IO,      /* open/read/write/mmap failed */
@@ -200,19 +202,32 @@ const int32_t *jm_routing(const jm_model *m, int layer, int block);
 /* ---- generation ------------------------------------------------------ */
 
 typedef struct {
-    double temperature;  /* > 0 */
+    double temperature;  /* [0, 100]; 0 = greedy */
     int top_k;           /* 0 = off */
     double top_p;        /* (0, 1]; 1 = off */
     uint64_t seed;
     int max_new;         /* tokens to generate at most */
     int greedy;          /* argmax, ignores the rest */
+    double repetition_penalty; /* > 0; 1 (or 0, left unset) = off. HF / llama.cpp semantics */
+    int repeat_last_n;   /* the penalty's window: the last N tokens, prompt included; -1 = all, 0 = off */
 } jm_sample_opts;
 jm_status jm_sample_validate(const jm_sample_opts *o, jm_error *err);
 /* One token from a row of V logits; *rng is the caller's generator state,
- * scratch holds V (float, int32) pairs. */
+ * scratch holds V (float, int32) pairs. The repetition penalty is not applied
+ * here: pass the logits through jm_apply_repetition_penalty first. */
 int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch);
+/* The repetition penalty (HF RepetitionPenaltyLogitsProcessor, llama.cpp
+ * repeat_penalty) of o, for the token after seq[0..n) (prompt + generated):
+ * returns logits itself when the penalty is off, else out (V floats, not
+ * aliasing logits) holding the logits with each distinct id among the last
+ * o->repeat_last_n of seq penalised once: a positive logit divided by
+ * o->repetition_penalty, a negative one multiplied (ids outside [0, V) are
+ * ignored). */
+const float *jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *seq, int n,
+                                         const jm_sample_opts *o);
 /* Generates after the prompt until EOS, max_new tokens, or on_token (called
- * with each new id; may be NULL) returns non-zero. out holds max_new ids. */
+ * with each new id; may be NULL) returns non-zero. out holds max_new ids.
+ * Applies the repetition penalty over the last repeat_last_n tokens. */
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
                       int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err);
 

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_layout  # noqa: E402  (tests/check_layout.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
+import cli_tests  # noqa: E402  (tests/cli_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
@@ -546,7 +547,7 @@ def training_runs(suite, build, tmp):
     bad_args = [
         (["--prompt", "word " * 200], "does not fit the context"),
         (["--tokens", ""], "--tokens"),
-        (["--prompt", "hi", "--temperature", "0"], "--temperature"),
+        (["--prompt", "hi", "--temperature", "100.5"], "--temperature"),  # 0 is valid: greedy
         (["--prompt", "hi", "--temperature", "-1"], "--temperature"),
         (["--prompt", "hi", "--temperature", "nan"], "--temperature"),
         (["--prompt", "hi", "--temperature", "inf"], "--temperature"),
@@ -607,12 +608,14 @@ def training_runs(suite, build, tmp):
                                  capture_output=True, input=(" ".join(prompt_ids) + "\n").encode(),
                                  timeout=60).stdout[:-1]
     cont = full[len(prompt_text):]
+    def line_end(text):  # generate ends its output with a newline when the text does not
+        return text if text.endswith(b"\n") else text + b"\n"
     problems = []
     if pi.returncode != 0 or len(ids) < 10 or not cont or all(b < 128 for b in cont):
         problems.append(f"setup: exit {pi.returncode}, {len(ids)} ids, continuation {cont[:60]!r}")
     for extra in ([], ["--stop", "\x01zzq"]):  # a stop that never matches: 3 bytes held back at each step
         q = subprocess.run(hot + extra, capture_output=True, timeout=120)
-        if q.returncode != 0 or q.stdout != full + b"\n":
+        if q.returncode != 0 or q.stdout != line_end(full):
             problems.append(f"stream {extra}: exit {q.returncode}: {q.stdout[-80:]!r} vs {full[-80:]!r}")
     # a stop string taken from the continuation itself (2+ bytes, starting past its first bytes)
     stop = None
@@ -628,7 +631,7 @@ def training_runs(suite, build, tmp):
         problems.append(f"no stop string to take from {cont[:80]!r}")
     else:
         q = subprocess.run(hot + ["--stop", stop], capture_output=True, timeout=120)
-        want = full[:len(prompt_text) + cont.index(stop.encode())] + b"\n"
+        want = line_end(full[:len(prompt_text) + cont.index(stop.encode())])
         if q.returncode != 0 or q.stdout != want or b"stop string" not in q.stderr:
             problems.append(f"stop {stop!r}: exit {q.returncode}: {q.stdout[-80:]!r} vs {want[-80:]!r}")
     suite.check("generate_streaming_and_stop_string", not problems, "; ".join(problems),
@@ -931,6 +934,7 @@ def main():
         training_runs(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
+        cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,8 @@
 /* generate.c — sampling and the generation loop.
  *
- * Sampling follows the usual order: temperature, then top-k, then top-p
- * (nucleus) over the renormalised distribution; greedy takes the argmax
+ * Sampling follows the usual order: the repetition penalty (on a copy of the
+ * logits), temperature, then top-k, then top-p (nucleus) over the
+ * renormalised distribution; greedy (or temperature 0) takes the argmax
  * (lowest id on ties). The generator is seeded per call: no hidden state. */
 #include "base/base.h"
 
@@ -30,17 +31,21 @@ static uint64_t next_u64(uint64_t *s)
 
 jm_status jm_sample_validate(const jm_sample_opts *o, jm_error *err)
 {
-    if (!o->greedy && !(o->temperature > 0 && o->temperature <= 100))
-        return jm_fail(err, JM_ERR_ARG, "temperature %g must be in (0, 100] (or use greedy)", o->temperature);
+    if (!o->greedy && !(o->temperature >= 0 && o->temperature <= 100))
+        return jm_fail(err, JM_ERR_ARG, "temperature %g must be in [0, 100] (0 = greedy)", o->temperature);
     if (o->top_k < 0) return jm_fail(err, JM_ERR_ARG, "top-k %d must be >= 0 (0 = off)", o->top_k);
     if (!(o->top_p > 0 && o->top_p <= 1)) return jm_fail(err, JM_ERR_ARG, "top-p %g must be in (0, 1]", o->top_p);
+    if (!(o->repetition_penalty >= 0) || isinf(o->repetition_penalty))
+        return jm_fail(err, JM_ERR_ARG, "repetition penalty %g must be > 0 (1 = off)", o->repetition_penalty);
+    if (o->repeat_last_n < -1)
+        return jm_fail(err, JM_ERR_ARG, "repeat_last_n %d must be >= -1 (-1 = all)", o->repeat_last_n);
     return JM_OK;
 }
 
 /* Picks the next token from one row of logits. scratch holds V prob_id. */
 int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t *rng, void *scratch)
 {
-    if (o->greedy) {
+    if (o->greedy || o->temperature == 0) {
         int32_t best = 0;
         for (int i = 1; i < V; i++)
             if (logits[i] > logits[best]) best = i;
@@ -82,6 +87,24 @@ int32_t jm_sample(const float *logits, int V, const jm_sample_opts *o, uint64_t 
     return pi[n - 1].id;
 }
 
+/* Writing to a copy makes a repeated id idempotent: its logit is computed
+ * from the original each time, so it is penalised once. */
+const float *jm_apply_repetition_penalty(const float *logits, float *out, int V, const int32_t *seq, int n,
+                                         const jm_sample_opts *o)
+{
+    const double r = o->repetition_penalty;
+    if (r == 0 || r == 1 || o->repeat_last_n == 0) return logits; /* 0: left unset */
+    int w = o->repeat_last_n < 0 || o->repeat_last_n > n ? n : o->repeat_last_n;
+    memcpy(out, logits, sizeof(float) * (size_t)V);
+    for (int i = n - w; i < n; i++) {
+        int32_t id = seq[i];
+        if (id < 0 || id >= V) continue;
+        float x = logits[id];
+        out[id] = x > 0 ? (float)(x / r) : (float)(x * r);
+    }
+    return out;
+}
+
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
                       int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err)
 {
@@ -100,9 +123,11 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     const int V = c->vocab_size;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n_prompt + o->max_new));
     void *scratch = malloc(sizeof(prob_id) * (size_t)V);
-    if (!seq || !scratch) {
+    float *penalised = malloc(sizeof(float) * (size_t)V);
+    if (!seq || !scratch || !penalised) {
         free(seq);
         free(scratch);
+        free(penalised);
         return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     }
     memcpy(seq, prompt, sizeof(int32_t) * (size_t)n_prompt);
@@ -112,7 +137,7 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     /* prefill the prompt in one batched pass, then one cached step per token */
     if (!(s = jm_infer(m, seq, n, 0, &logits, err))) {
         for (int i = 0; i < o->max_new; i++) {
-            int32_t id = jm_sample(logits, V, o, &rng, scratch);
+            int32_t id = jm_sample(jm_apply_repetition_penalty(logits, penalised, V, seq, n, o), V, o, &rng, scratch);
             seq[n++] = id;
             out[(*n_out)++] = id;
             if (on_token && on_token(ctx, id)) break; /* EOS too: --ids shows it */
@@ -122,6 +147,7 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
     }
     free(seq);
     free(scratch);
+    free(penalised);
     return s;
 }
 

@@ -1,0 +1,241 @@
+/* cmd_data.c — the commands on text and tokens: tokenizer encode, decode and
+ * train; prepare (text -> token shards). */
+#include "flags.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+/* ---- tokenizer encode, tokenizer decode ---- */
+
+typedef struct {
+    const char *model;
+} codec_opts;
+
+static const cli_flag codec_flags[] = {
+    {"--model", {NULL}, FLAG_STR, offsetof(codec_opts, model), .required = 1, .meta = "FILE",
+     .help = "tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face), or the directory holding it"},
+};
+
+static int run_codec(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_tokenizer_encode = {
+    "tokenizer encode", NULL, "stdin text -> token ids, a line each (like spm_encode)",
+    "Reads stdin; each line becomes one line of space-separated token ids, exactly as\n"
+    "spm_encode --output_format=id (the model's normalisation, no BOS/EOS).",
+    codec_flags, (int)(sizeof codec_flags / sizeof codec_flags[0]), run_codec};
+
+const cli_command cmd_tokenizer_decode = {
+    "tokenizer decode", NULL, "stdin token ids -> text, a line each (like spm_decode)",
+    "Reads lines of space-separated token ids and prints each line's text, exactly as\n"
+    "spm_decode --input_format=id.",
+    codec_flags, (int)(sizeof codec_flags / sizeof codec_flags[0]), run_codec};
+
+/* encode/decode read stdin line by line, like spm_encode/spm_decode: one
+ * output line per input line, the '\n' itself not part of the input. */
+static int encode_lines(const cli_command *self, const jm_tokenizer *t)
+{
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    jm_error err;
+    int rc = 0;
+    while ((len = getline(&line, &cap, stdin)) >= 0) {
+        if (len > 0 && line[len - 1] == '\n') len--;
+        int32_t *ids;
+        size_t n;
+        jm_status s = jm_tokenizer_encode(t, line, (size_t)len, &ids, &n, &err);
+        if (s) {
+            rc = cli_fail(self, s, &err);
+            break;
+        }
+        for (size_t i = 0; i < n; i++) printf(i ? " %d" : "%d", ids[i]);
+        putchar('\n');
+        free(ids);
+    }
+    free(line);
+    return rc;
+}
+
+static int decode_lines(const cli_command *self, const jm_tokenizer *t)
+{
+    char *line = NULL;
+    size_t cap = 0, lineno = 0, idcap = 0;
+    int32_t *ids = NULL;
+    ssize_t len;
+    jm_error err;
+    int rc = 0;
+    while (rc == 0 && (len = getline(&line, &cap, stdin)) >= 0) {
+        lineno++;
+        size_t n = 0;
+        char *p = line;
+        for (;;) {
+            while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+            if (!*p) break;
+            char *end;
+            errno = 0;
+            long v = strtol(p, &end, 10);
+            if (end == p || errno || v < INT32_MIN || v > INT32_MAX || (*end && *end != ' ' && *end != '\t' &&
+                                                                    *end != '\n' && *end != '\r')) {
+                rc = cli_error(self, "line %zu: not a token id: '%.20s'", lineno, p);
+                break;
+            }
+            if (n == idcap) {
+                idcap = idcap ? 2 * idcap : 256;
+                int32_t *grown = realloc(ids, idcap * sizeof *ids);
+                if (!grown) {
+                    cli_error(self, "out of memory");
+                    rc = 1;
+                    break;
+                }
+                ids = grown;
+            }
+            ids[n++] = (int32_t)v;
+            p = end;
+        }
+        if (rc) break;
+        char *text;
+        size_t tlen;
+        jm_status s = jm_tokenizer_decode(t, ids, n, &text, &tlen, &err);
+        if (s) {
+            cli_error(self, "line %zu: %s", lineno, err.msg);
+            rc = 1;
+            break;
+        }
+        fwrite(text, 1, tlen, stdout);
+        putchar('\n');
+        free(text);
+    }
+    free(ids);
+    free(line);
+    return rc;
+}
+
+static int run_codec(const cli_command *self, int argc, char **argv)
+{
+    codec_opts o = {0};
+    int rc = cli_parse(self, argc, argv, &o, NULL);
+    if (rc != CLI_RUN) return rc;
+    jm_tokenizer *t;
+    jm_error err;
+    jm_status s = jm_tokenizer_load(o.model, &t, &err);
+    if (s) return cli_fail(self, s, &err);
+    static char outbuf[1 << 16]; /* stdout's buffer: a whole corpus goes through it */
+    setvbuf(stdout, outbuf, _IOFBF, sizeof outbuf);
+    rc = self == &cmd_tokenizer_encode ? encode_lines(self, t) : decode_lines(self, t);
+    jm_tokenizer_free(t);
+    if (fflush(stdout) != 0) return cli_error(self, "write to stdout failed");
+    return rc;
+}
+
+/* Splits "a,b,c" in place into at most max pointers. */
+static int split_list(char *s, const char **out, int max)
+{
+    int n = 0;
+    for (char *p = s; n < max;) {
+        out[n++] = p;
+        p = strchr(p, ',');
+        if (!p) break;
+        *p++ = 0;
+    }
+    return n;
+}
+
+/* ---- tokenizer train ---- */
+
+typedef struct {
+    const char *input, *out;
+    int64_t vocab_size, byte_fallback, threads, max_sentences;
+} train_tok_opts;
+
+static const cli_flag train_tok_flags[] = {
+    {"--input", {NULL}, FLAG_STR, offsetof(train_tok_opts, input), .required = 1, .meta = "F1,F2,...",
+     .help = "the training text files"},
+    {"--vocab-size", {NULL}, FLAG_INT, offsetof(train_tok_opts, vocab_size), NULL, 1, 1 << 24, .required = 1,
+     .meta = "N", .help = "pieces in the vocabulary"},
+    {"--out", {NULL}, FLAG_STR, offsetof(train_tok_opts, out), .required = 1, .meta = "DIR",
+     .help = "where tokenizer.model, tokenizer.json and tokenizer_config.json go"},
+    {"--byte-fallback", {NULL}, FLAG_INT, offsetof(train_tok_opts, byte_fallback), "1", 0, 1, .meta = "0|1",
+     .help = "unknown characters as UTF-8 byte pieces (Llama's choice)"},
+    {"--threads", {NULL}, FLAG_INT, offsetof(train_tok_opts, threads), "0", 0, 4096, .meta = "N",
+     .help = "spm_train's threads, 0 = all cores"},
+    {"--max-sentences", {NULL}, FLAG_INT, offsetof(train_tok_opts, max_sentences), "0", 0, 2000000000,
+     .meta = "N", .help = "sentences spm_train samples (input_sentence_size), 0 = its default"},
+};
+
+static int run_train_tok(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_tokenizer_train = {
+    "tokenizer train", NULL, "train a Llama-style BPE tokenizer with spm_train",
+    "Runs Debian's spm_train with Llama-2 settings (BPE, byte fallback, split digits, identity\n"
+    "normalisation, unk=0 bos=1 eos=2) and writes DIR/tokenizer.model, tokenizer.json and\n"
+    "tokenizer_config.json (with the chat template).",
+    train_tok_flags, (int)(sizeof train_tok_flags / sizeof train_tok_flags[0]), run_train_tok};
+
+static int run_train_tok(const cli_command *self, int argc, char **argv)
+{
+    train_tok_opts o = {0};
+    int rc = cli_parse(self, argc, argv, &o, NULL);
+    if (rc != CLI_RUN) return rc;
+    char *list = strdup(o.input);
+    const char *files[256];
+    int nf = list ? split_list(list, files, 256) : 0;
+    jm_tokenizer_train_opts to = {files, nf, (int)o.vocab_size, o.out, (int)o.byte_fallback, (int)o.threads,
+                                  o.max_sentences};
+    jm_error err;
+    jm_status s = jm_tokenizer_train(&to, &err);
+    free(list);
+    if (s) return cli_fail(self, s, &err);
+    printf("wrote %s/tokenizer.model, tokenizer.json, tokenizer_config.json (vocab %lld)\n", o.out,
+           (long long)o.vocab_size);
+    return 0;
+}
+
+/* ---- prepare ---- */
+
+typedef struct {
+    const char *tokenizer, *input, *out;
+    int64_t threads, shard_tokens;
+} prepare_opts;
+
+static const cli_flag prepare_flags[] = {
+    {"--tokenizer", {NULL}, FLAG_STR, offsetof(prepare_opts, tokenizer), .required = 1, .meta = "T",
+     .help = "the tokenizer (a directory, tokenizer.model or tokenizer.json)"},
+    {"--input", {NULL}, FLAG_STR, offsetof(prepare_opts, input), .required = 1, .meta = "F1,DIR2,...",
+     .help = "text files and directories (walked recursively, in name order)"},
+    {"--out", {NULL}, FLAG_STR, offsetof(prepare_opts, out), .required = 1, .meta = "SHARD_DIR",
+     .help = "where the token shards go"},
+    {"--threads", {NULL}, FLAG_INT, offsetof(prepare_opts, threads), "0", 0, 4096, .meta = "N",
+     .help = "threads, 0 = all cores (the output is the same for any)"},
+    {"--shard-tokens", {NULL}, FLAG_INT, offsetof(prepare_opts, shard_tokens), "0", 0, 2000000000, .meta = "N",
+     .help = "tokens per shard file, 0 = 100M"},
+};
+
+static int run_prepare(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_prepare = {
+    "prepare", NULL, "tokenize text, JSONL and code into token shards",
+    "Tokenizes text (.txt and other text files), JSONL (.jsonl: a \"text\" field per line) and source\n"
+    "code into token shards (see README: shard format); each document is followed by EOS.\n"
+    "Directories are walked recursively in name order; the output is the same for any --threads.",
+    prepare_flags, (int)(sizeof prepare_flags / sizeof prepare_flags[0]), run_prepare};
+
+static int run_prepare(const cli_command *self, int argc, char **argv)
+{
+    prepare_opts o = {0};
+    int rc = cli_parse(self, argc, argv, &o, NULL);
+    if (rc != CLI_RUN) return rc;
+    char *list = strdup(o.input);
+    const char *files[4096];
+    int nf = list ? split_list(list, files, 4096) : 0;
+    jm_set_threads((int)o.threads);
+    jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads};
+    uint64_t n = 0;
+    jm_error err;
+    jm_status s = jm_prepare(&po, &n, &err);
+    free(list);
+    if (s) return cli_fail(self, s, &err);
+    printf("wrote %llu tokens to %s\n", (unsigned long long)n, o.out);
+    return 0;
+}

@@ -1,0 +1,471 @@
+/* cmd_infer.c — the commands that run a model for inference: generate, chat, eval. */
+#include "flags.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+/* The flags of generate and chat: generate's prompt or chat's system message,
+ * and the sampling flags both take. */
+typedef struct {
+    const char *prompt, *tokens, *tokenizer, *system, *kernels;
+    int ids, greedy, quiet;
+    int64_t max_new, top_k, seed, repeat_last_n, threads;
+    double temperature, top_p, repeat_penalty;
+    cli_list stop;
+} infer_opts;
+
+/* The sampling flags, in both tables; the defaults that differ are the arguments. */
+#define SAMPLING_FLAGS(MAX_NEW, TEMPERATURE, TOP_P)                                                              \
+    {"--max-new", {"-n"}, FLAG_INT, offsetof(infer_opts, max_new), MAX_NEW, 1, 1 << 20, .meta = "N",              \
+     .help = "new tokens at most"},                                      \
+    {"--temperature", {"--temp"}, FLAG_REAL, offsetof(infer_opts, temperature), TEMPERATURE, 0, 100, .meta = "T", \
+     .help = "sampling temperature, 0 = greedy"},                                                                  \
+    {"--top-k", {NULL}, FLAG_INT, offsetof(infer_opts, top_k), "0", 0, 1 << 24, .meta = "K",                      \
+     .help = "sample among the K most likely tokens, 0 = all"},                                                \
+    {"--top-p", {NULL}, FLAG_REAL, offsetof(infer_opts, top_p), TOP_P, 0, 1, .open_lo = 1, .meta = "P",           \
+     .help = "nucleus: sample among the most likely tokens holding mass P"},                          \
+    {"--seed", {NULL}, FLAG_INT, offsetof(infer_opts, seed), NULL, 0, 2147483647, .meta = "S",                    \
+     .help = "sampling seed; random when not given (printed to stderr)"},                            \
+    {"--greedy", {NULL}, FLAG_BOOL, offsetof(infer_opts, greedy), .help = "always the most likely token"},         \
+    {"--repeat-penalty", {"--repetition-penalty"}, FLAG_REAL, offsetof(infer_opts, repeat_penalty), "1", 0, 100,  \
+     .open_lo = 1, .meta = "R",                                                                                    \
+     .help = "penalise the tokens of the last --repeat-last-n, 1 = off"},            \
+    {"--repeat-last-n", {NULL}, FLAG_INT, offsetof(infer_opts, repeat_last_n), "64", -1, 1 << 20, .meta = "N",    \
+     .help = "the repetition penalty's window, prompt included; -1 = all, 0 = off"},                             \
+    {"--stop", {NULL}, FLAG_LIST, offsetof(infer_opts, stop), .meta = "STR",                                      \
+     .help = "end the text before this string (not printed)"},                     \
+    {"--threads", {NULL}, FLAG_INT, offsetof(infer_opts, threads), "0", 0, 4096, .meta = "N",                     \
+     .help = "threads, 0 = all cores"},                                                                            \
+    {"--kernels", {NULL}, FLAG_STR, offsetof(infer_opts, kernels), "auto", .meta = "auto|avx2|portable",          \
+     .help = "the BF16/Q8/Q4 product kernels"},                                                                    \
+    {"--quiet", {NULL}, FLAG_BOOL, offsetof(infer_opts, quiet), .help = "no timing line on stderr"}
+
+/* What generate's and chat's token callback writes to: the text stream, or
+ * the ids alone (still watched for the stop strings); and when tokens came. */
+typedef struct {
+    jm_text_stream *text;
+    int ids_only, n;   /* n: ids printed */
+    int stopped;
+    char last;         /* the last byte written to stdout */
+    int ntok;          /* tokens sampled */
+    double t_first, t_last; /* when the first (it ends the prefill) and the latest came */
+} stream_ctx;
+
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void write_out(stream_ctx *c, const char *bytes, size_t len)
+{
+    fwrite(bytes, 1, len, stdout);
+    if (len) c->last = bytes[len - 1];
+}
+
+static int stream_token(void *p, int32_t id)
+{
+    stream_ctx *c = p;
+    c->t_last = now();
+    if (!c->ntok++) c->t_first = c->t_last;
+    const char *bytes = "";
+    size_t len = 0;
+    jm_error err;
+    int r = c->text ? jm_text_stream_push(c->text, id, &bytes, &len, &err) : 0;
+    if (r < 0) r = 0; /* a piece that cannot be decoded prints nothing; generation goes on */
+    if (r == 1) c->stopped = 1;
+    if (c->ids_only) {
+        char buf[16];
+        if (!c->stopped) write_out(c, buf, (size_t)snprintf(buf, sizeof buf, c->n++ ? " %d" : "%d", id));
+    } else {
+        write_out(c, bytes, len);
+    }
+    fflush(stdout);
+    return c->stopped;
+}
+
+static void stream_flush(stream_ctx *c)
+{
+    const char *bytes;
+    size_t len;
+    if (!c->text || c->ids_only || c->stopped) return;
+    jm_text_stream_flush(c->text, &bytes, &len);
+    write_out(c, bytes, len);
+}
+
+/* As llama.cpp reports it: the prompt's rate (prefill) apart from the
+ * generation's. The first token arrives with the prefill; the ntok - 1 after
+ * it are one decode step each. */
+static void print_timing(const jm_model *m, const stream_ctx *c, int n_prompt, double t0)
+{
+    double prefill = c->t_first - t0, decode = c->t_last - c->t_first;
+    fprintf(stderr, "prompt: %d tokens, ", n_prompt);
+    if (c->ntok && prefill > 0) fprintf(stderr, "%.1f tok/s", n_prompt / prefill);
+    else fputs("- tok/s", stderr);
+    fprintf(stderr, " | generation: %d tokens, ", c->ntok);
+    if (c->ntok > 1 && decode > 0) fprintf(stderr, "%.1f tok/s", (c->ntok - 1) / decode);
+    else fputs("- tok/s", stderr);
+    fprintf(stderr, " | %s weights, %s kernels%s\n", jm_model_weight_type(m), jm_kernels(m),
+            c->stopped ? " | ended at a stop string" : "");
+}
+
+/* The library's sampling options from the flags. Without --seed the seed is
+ * random, and printed when it matters so that the run can be repeated. */
+static jm_sample_opts sample_opts(const infer_opts *o, int max_new)
+{
+    uint64_t seed = (uint64_t)o->seed;
+    if (o->seed < 0) {
+        uint32_t r;
+        if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) r = (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16);
+        seed = r & 0x7fffffff;
+        if (!o->greedy && o->temperature > 0) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed);
+    }
+    return (jm_sample_opts){.temperature = o->temperature, .top_k = (int)o->top_k, .top_p = o->top_p,
+                            .seed = seed, .max_new = max_new, .greedy = o->greedy,
+                            .repetition_penalty = o->repeat_penalty, .repeat_last_n = (int)o->repeat_last_n};
+}
+
+/* jm_model_open (weights in place from the mapping) with the chosen kernels. */
+static jm_status open_model(const char *dir, const char *kernels, jm_model **m, jm_error *err)
+{
+    jm_status s = jm_model_open(dir, m, err);
+    if (!s && (s = jm_set_kernels(*m, kernels, err))) {
+        jm_model_free(*m);
+        *m = NULL;
+    }
+    return s;
+}
+
+/* ---- generate ---- */
+
+static const cli_flag generate_flags[] = {
+    {"--prompt", {"-p"}, FLAG_STR, offsetof(infer_opts, prompt), .meta = "TEXT",
+     .help = "the text to continue (BOS is prepended); this or --tokens"},
+    {"--tokens", {NULL}, FLAG_STR, offsetof(infer_opts, tokens), .meta = "IDS",
+     .help = "the prompt as comma-separated token ids"},
+    {"--tokenizer", {NULL}, FLAG_STR, offsetof(infer_opts, tokenizer), .meta = "PATH",
+     .help = "the tokenizer, when it is not in DIR"},
+    {"--ids", {NULL}, FLAG_BOOL, offsetof(infer_opts, ids), .help = "print the new token ids, not the text"},
+    SAMPLING_FLAGS("64", "0.8", "0.95"),
+};
+
+static int run_generate(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_generate = {
+    "generate", "DIR", "continue a prompt, streaming the text",
+    "Continues a prompt with the model in DIR (its tokenizer files, or --tokenizer PATH), streaming\n"
+    "the text to stdout; --ids prints the generated token ids instead. BOS is prepended to --prompt,\n"
+    "and the EOS/BOS strings in it (\"</s>\", \"<s>\") become their token ids. Generation ends at EOS,\n"
+    "--max-new, the end of the context, or a --stop string (the earliest of several). The repetition\n"
+    "penalty (HF, llama.cpp) divides the positive logits of the tokens seen in the window and\n"
+    "multiplies the negative ones. Weights are used as stored (F32, BF16, Q8, Q4). Then a line on\n"
+    "stderr: prompt and generation tokens and rates, weights, kernels.",
+    generate_flags, (int)(sizeof generate_flags / sizeof generate_flags[0]), run_generate};
+
+static int run_generate(const cli_command *self, int argc, char **argv)
+{
+    infer_opts o = {.seed = -1};
+    const char *dir;
+    int rc = cli_parse(self, argc, argv, &o, &dir);
+    if (rc != CLI_RUN) return rc;
+    if (!o.prompt == !o.tokens)
+        return cli_error(self, "give --prompt or --tokens, one of them; usage: jetmoe generate DIR --prompt TEXT "
+                         "| --tokens IDS [options]");
+    for (int i = 0; i < o.stop.n; i++)
+        if (!*o.stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
+    jm_set_threads((int)o.threads);
+
+    stream_ctx ctx = {.ids_only = o.ids}; /* before any goto out */
+    jm_error err;
+    jm_tokenizer *tok = NULL;
+    jm_model *m = NULL;
+    int32_t *ids = NULL, *out = NULL;
+    int n = 0;
+    jm_status s = JM_OK;
+    if (o.prompt || !o.ids || o.stop.n) {
+        s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err);
+        if (s) return cli_fail(self, s, &err);
+    }
+    if (o.prompt) {
+        size_t k;
+        int32_t *enc;
+        /* special tokens in the prompt ("</s>" ending a chat turn) become their ids */
+        if ((s = jm_tokenizer_encode_special(tok, o.prompt, strlen(o.prompt), &enc, &k, &err))) goto out;
+        ids = malloc(sizeof(int32_t) * (k + 1));
+        if (!ids) {
+            free(enc);
+            s = JM_ERR_NOMEM;
+            snprintf(err.msg, sizeof err.msg, "out of memory");
+            goto out;
+        }
+        int bos = jm_tokenizer_bos_id(tok);
+        if (bos >= 0) ids[n++] = bos;
+        if (k) memcpy(ids + n, enc, k * sizeof *enc); /* enc may be NULL when the text is empty */
+        n += (int)k;
+        free(enc);
+    } else if (cli_parse_ids(o.tokens, &ids, &n) != 0) {
+        jm_tokenizer_free(tok);
+        return cli_error(self, "--tokens wants comma-separated integers, got '%s'", o.tokens);
+    }
+    if ((s = open_model(dir, o.kernels, &m, &err))) goto out;
+    if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
+                 jm_tokenizer_vocab_size(tok), jm_model_config(m)->vocab_size);
+        goto out;
+    }
+    /* a prompt that leaves less room than --max-new generates to the end of the context */
+    const int context = jm_model_config(m)->max_position_embeddings;
+    int max_new = (int)o.max_new;
+    if (n >= context) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "the prompt of %d tokens does not fit the context of %d (it must leave "
+                 "room for at least one new token)", n, context);
+        goto out;
+    }
+    if (n + max_new > context) {
+        fprintf(stderr, "jetmoe generate: note: %d prompt tokens leave room for %d new in the context of %d\n", n,
+                context - n, context);
+        max_new = context - n;
+    }
+    if (!(out = malloc(sizeof(int32_t) * (size_t)max_new))) {
+        s = JM_ERR_NOMEM;
+        snprintf(err.msg, sizeof err.msg, "out of memory");
+        goto out;
+    }
+    /* the stream decodes prompt + continuation together, so the first new
+     * piece keeps its leading space; the prompt itself is printed first */
+    if (tok && (o.ids ? o.stop.n > 0 : 1)) {
+        /* with --ids the stop strings are looked for in the continuation alone */
+        if ((s = jm_text_stream_new(tok, ids, o.ids ? 0 : (size_t)n, o.stop.v, o.stop.n, &ctx.text, &err))) goto out;
+        if (!o.ids) {
+            char *text;
+            size_t len;
+            if ((s = jm_tokenizer_decode(tok, ids, (size_t)n, &text, &len, &err))) goto out;
+            write_out(&ctx, text, len);
+            free(text);
+        }
+    }
+    jm_sample_opts so = sample_opts(&o, max_new);
+    int n_out = 0;
+    const double t0 = now();
+    s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
+    if (!s) stream_flush(&ctx);
+    if (ctx.last != '\n') putchar('\n'); /* the timing line starts a line of its own */
+    fflush(stdout);
+    if (!s && !o.quiet) print_timing(m, &ctx, n, t0);
+out:
+    jm_text_stream_free(ctx.text);
+    free(out);
+    free(ids);
+    jm_model_free(m);
+    jm_tokenizer_free(tok);
+    return s ? cli_fail(self, s, &err) : 0;
+}
+
+/* ---- chat ---- */
+
+static const cli_flag chat_flags[] = {
+    {"--system", {NULL}, FLAG_STR, offsetof(infer_opts, system), .meta = "TEXT",
+     .help = "the system message the conversation starts with"},
+    SAMPLING_FLAGS("256", "0.7", "0.9"),
+};
+
+static int run_chat(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_chat = {
+    "chat", "DIR", "talk with the model in its chat template",
+    "Talks with the model in DIR in its chat template (JetMoE-chat's by default), streaming each\n"
+    "reply; the KV cache keeps the conversation. /reset clears the history, /exit quits. After\n"
+    "each reply a line on stderr gives its prompt and generation tokens and rates (not with --quiet).",
+    chat_flags, (int)(sizeof chat_flags / sizeof chat_flags[0]), run_chat};
+
+/* An interactive conversation in the tokenizer's chat template. Each turn
+ * re-renders the whole history, keeps the KV cache for the prefix it shares
+ * with what is already cached, and prefills only the rest. */
+static int run_chat(const cli_command *self, int argc, char **argv)
+{
+    infer_opts o = {.seed = -1};
+    const char *dir;
+    int rc = cli_parse(self, argc, argv, &o, &dir);
+    if (rc != CLI_RUN) return rc;
+    for (int i = 0; i < o.stop.n; i++)
+        if (!*o.stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
+    jm_set_threads((int)o.threads);
+    jm_error err;
+    jm_tokenizer *tok = NULL;
+    jm_model *m = NULL;
+    jm_status s = jm_tokenizer_load(dir, &tok, &err);
+    if (!s) s = open_model(dir, o.kernels, &m, &err);
+    if (s) {
+        jm_tokenizer_free(tok);
+        return cli_fail(self, s, &err);
+    }
+    const int V = jm_model_config(m)->vocab_size, ctx = jm_model_config(m)->max_position_embeddings;
+    const int eos = jm_tokenizer_eos_id(tok);
+    jm_sample_opts so = sample_opts(&o, (int)o.max_new);
+    jm_chat_message hist[512];
+    char *owned[512];
+    int nh = 0, ncached = 0;
+    int32_t *cached = malloc(sizeof(int32_t) * (size_t)ctx), *reply = malloc(sizeof(int32_t) * (size_t)o.max_new);
+    float *probs = malloc(8 * (size_t)V); /* sampling scratch: V (float, int32) pairs */
+    float *penalised = malloc(sizeof(float) * (size_t)V); /* the logits after the repetition penalty */
+    if (o.system) hist[nh] = (jm_chat_message){"system", o.system}, owned[nh++] = NULL;
+    uint64_t rng = so.seed;
+    int tty = isatty(0);
+    char *line = NULL;
+    size_t cap = 0;
+    fprintf(stderr, "jetmoe chat: /reset clears the history, /exit quits (context %d tokens)\n", ctx);
+    while (cached && reply && probs && penalised) {
+        if (tty) fputs("> ", stderr);
+        ssize_t len = getline(&line, &cap, stdin);
+        if (len < 0) break;
+        if (len && line[len - 1] == '\n') line[--len] = 0;
+        if (strcmp(line, "/exit") == 0) break;
+        if (strcmp(line, "/reset") == 0) {
+            for (int i = 0; i < nh; i++) free(owned[i]);
+            nh = o.system ? 1 : 0;
+            fprintf(stderr, "(history cleared)\n");
+            continue;
+        }
+        if (!len) continue;
+        if (nh + 2 > 512) {
+            fprintf(stderr, "(history full: /reset to start again)\n");
+            continue;
+        }
+        owned[nh] = strdup(line);
+        hist[nh] = (jm_chat_message){"user", owned[nh]};
+        nh++;
+        int32_t *ids;
+        size_t n;
+        if ((s = jm_chat_encode(tok, hist, nh, 1, &ids, &n, &err))) break;
+        if ((long)n + 1 >= ctx) {
+            fprintf(stderr, "(the conversation fills the context of %d tokens: /reset to start again)\n", ctx);
+            free(ids);
+            free(owned[--nh]);
+            continue;
+        }
+        /* reuse the cached prefix (a reply cut at --max-new left its last token out of the
+         * KV cache); always recompute at least the last token */
+        int same = 0;
+        while (same < ncached && same < jm_cached(m) && same < (int)n - 1 && cached[same] == ids[same]) same++;
+        const float *logits;
+        stream_ctx sc = {0};
+        const double t0 = now();
+        if ((s = jm_infer(m, ids + same, (int)n - same, same, &logits, &err))) {
+            free(ids);
+            break;
+        }
+        memcpy(cached, ids, n * sizeof *ids);
+        ncached = (int)n;
+        free(ids);
+        int nr = 0, limit = (int)o.max_new < ctx - ncached ? (int)o.max_new : ctx - ncached;
+        if ((s = jm_text_stream_new(tok, NULL, 0, o.stop.v, o.stop.n, &sc.text, &err))) break;
+        while (nr < limit) {
+            /* the penalty's window is the conversation's last tokens */
+            const float *row = jm_apply_repetition_penalty(logits, penalised, V, cached, ncached, &so);
+            int32_t id = jm_sample(row, V, &so, &rng, probs);
+            if (stream_token(&sc, id) || id == eos) break; /* a stop string, or the end of the turn */
+            reply[nr++] = id;
+            cached[ncached++] = id;
+            if (nr >= limit || (s = jm_infer(m, &id, 1, ncached - 1, &logits, &err))) break;
+        }
+        if (!s) stream_flush(&sc);
+        jm_text_stream_free(sc.text);
+        if (s) break;
+        putchar('\n');
+        fflush(stdout);
+        if (nr >= limit) fprintf(stderr, "(reply cut at %d tokens)\n", nr);
+        if (!o.quiet) print_timing(m, &sc, (int)n - same, t0);
+        char *text;
+        size_t tl;
+        if ((s = jm_tokenizer_decode(tok, reply, (size_t)nr, &text, &tl, &err))) break;
+        for (int i = 0; sc.stopped && i < o.stop.n; i++) { /* the history holds what was shown */
+            char *hit = strstr(text, o.stop.v[i]);
+            if (hit) *hit = 0;
+        }
+        owned[nh] = text;
+        hist[nh] = (jm_chat_message){"assistant", text};
+        nh++;
+    }
+    for (int i = 0; i < nh; i++) free(owned[i]);
+    free(line);
+    free(cached);
+    free(reply);
+    free(probs);
+    free(penalised);
+    jm_model_free(m);
+    jm_tokenizer_free(tok);
+    return s ? cli_fail(self, s, &err) : 0;
+}
+
+/* ---- eval ---- */
+
+typedef struct {
+    const char *data, *kernels;
+    int64_t seq_len, max_tokens, threads;
+    int decode;
+} eval_opts;
+
+static const cli_flag eval_flags[] = {
+    {"--data", {NULL}, FLAG_STR, offsetof(eval_opts, data), .required = 1, .meta = "SHARD_DIR",
+     .help = "token shards of 'jetmoe prepare'"},
+    {"--seq-len", {NULL}, FLAG_INT, offsetof(eval_opts, seq_len), "256", 2, 1 << 20, .meta = "N",
+     .help = "tokens per window (at most the model's context)"},
+    {"--max-tokens", {NULL}, FLAG_INT, offsetof(eval_opts, max_tokens), "0", 0, 1099511627776.0, .meta = "N",
+     .help = "tokens to score at most, 0 = all"},
+    {"--decode", {NULL}, FLAG_BOOL, offsetof(eval_opts, decode),
+     .help = "score a token at a time through the KV cache, as generation runs"},
+    {"--threads", {NULL}, FLAG_INT, offsetof(eval_opts, threads), "0", 0, 4096, .meta = "N",
+     .help = "threads, 0 = all cores"},
+    {"--kernels", {NULL}, FLAG_STR, offsetof(eval_opts, kernels), "auto", .meta = "auto|avx2|portable",
+     .help = "the BF16/Q8/Q4 product kernels"},
+};
+
+static int run_eval(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_eval = {
+    "eval", "DIR", "held-out loss and perplexity (batched, or token by token)",
+    "Held-out loss and perplexity of the model in DIR (F32, BF16, Q8 or Q4 weights) on the token\n"
+    "shards of 'jetmoe prepare', in windows of --seq-len tokens. One JSON line.",
+    eval_flags, (int)(sizeof eval_flags / sizeof eval_flags[0]), run_eval};
+
+static int run_eval(const cli_command *self, int argc, char **argv)
+{
+    eval_opts o = {0};
+    const char *dir;
+    int rc = cli_parse(self, argc, argv, &o, &dir);
+    if (rc != CLI_RUN) return rc;
+    jm_set_threads((int)o.threads);
+    jm_error err;
+    jm_model *m;
+    jm_status s = open_model(dir, o.kernels, &m, &err);
+    if (s) return cli_fail(self, s, &err);
+    const int T = (int)o.seq_len;
+    if (T > jm_model_config(m)->max_position_embeddings) {
+        int ctx = jm_model_config(m)->max_position_embeddings;
+        jm_model_free(m);
+        return cli_error(self, "--seq-len %d is longer than the model's context (%d)", T, ctx);
+    }
+    double loss;
+    int64_t n;
+    if (o.decode && (s = jm_set_context(m, T, &err))) {
+        jm_model_free(m);
+        return cli_fail(self, s, &err);
+    }
+    s = jm_eval_shards(m, o.data, T, o.max_tokens, o.decode, &loss, &n, &err);
+    if (!s && n == 0) {
+        s = JM_ERR_ARG;
+        snprintf(err.msg, sizeof err.msg, "%s: no window of %d tokens to evaluate", o.data, T);
+    }
+    if (!s)
+        printf("{\"loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %lld, \"weights\": \"%s\", \"path\": \"%s\"}\n",
+               loss, exp(loss), (long long)n, jm_model_weight_type(m), o.decode ? "decode" : "batched");
+    jm_model_free(m);
+    return s ? cli_fail(self, s, &err) : 0;
+}

@@ -1,0 +1,87 @@
+/* flags.h — the CLI's commands and their typed flag tables.
+ *
+ * Each command is a cli_command: its name ("generate", or "tokenizer encode"
+ * for a subcommand), its positional argument, a paragraph of help, and a
+ * table of cli_flag. A flag's value lands in the command's own options struct
+ * at the flag's offset, typed by its kind; the parser checks types and ranges,
+ * so every command says the same thing the same way ("--threads wants an
+ * integer in [0, 4096], got '-1'"), and the usage text is generated from the
+ * same table, defaults included. A default is written as it would be typed
+ * and goes through the same parser: what --help shows is what runs. */
+#ifndef JM_CLI_FLAGS_H
+#define JM_CLI_FLAGS_H
+
+#include "jetmoe.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#define CLI_MAX_REPEAT 16 /* a repeatable flag's values at most */
+#define CLI_RUN (-1)      /* cli_parse: go on and run (any other value is the exit code) */
+
+typedef enum {
+    FLAG_STR,  /* const char * */
+    FLAG_INT,  /* int64_t in [lo, hi] */
+    FLAG_REAL, /* double in [lo, hi], or (lo, hi] with open_lo */
+    FLAG_BOOL, /* int: 1 when given; takes no value */
+    FLAG_LIST, /* cli_list: a string each time the flag is given */
+} flag_kind;
+
+typedef struct {
+    const char *v[CLI_MAX_REPEAT];
+    int n;
+} cli_list;
+
+typedef struct {
+    const char *name;       /* "--max-new" */
+    const char *alias[2];   /* other spellings ("-n"), or NULL */
+    flag_kind kind;
+    size_t offset;          /* of the value in the command's options struct */
+    const char *def;        /* the default as typed, or NULL: none (the help says what happens) */
+    double lo, hi;          /* FLAG_INT, FLAG_REAL: the range */
+    int open_lo;            /* FLAG_REAL: lo itself excluded */
+    int required;
+    const char *meta;       /* the value's name in the usage: "N", "TEXT" */
+    const char *help;       /* one line */
+} cli_flag;
+
+typedef struct cli_command cli_command;
+struct cli_command {
+    const char *name;       /* "generate", "tokenizer encode" */
+    const char *positional; /* "DIR" (then required), or NULL: none */
+    const char *summary;    /* one line, for 'jetmoe help' */
+    const char *about;      /* the paragraph under the usage */
+    const cli_flag *flags;
+    int nflags;
+    int (*run)(const cli_command *self, int argc, char **argv);
+};
+
+/* Parses argv[1..argc) (argv[0] is the command's last word) into opts and
+ * *positional: applies the defaults, then the arguments. -h/--help anywhere
+ * prints the usage to stdout and returns 0; an error prints one line to stderr
+ * and returns 2; otherwise CLI_RUN. */
+int cli_parse(const cli_command *c, int argc, char **argv, void *opts, const char **positional);
+
+/* The usage text, all of it generated from the table: synopsis, about, flags. */
+void cli_usage(FILE *f, const cli_command *c);
+/* "jetmoe init OUT_DIR --config FILE [options]" */
+void cli_synopsis(FILE *f, const cli_command *c);
+/* Every spelling the parser accepts, one a line (for tests: 'jetmoe help --flags CMD'). */
+void cli_list_flags(FILE *f, const cli_command *c);
+
+/* The uniform one-line errors: "jetmoe CMD: <message>" (exit 2: the
+ * arguments) and "jetmoe CMD: <status>: <library message>" (exit 1). */
+__attribute__((format(printf, 2, 3))) int cli_error(const cli_command *c, const char *fmt, ...);
+int cli_fail(const cli_command *c, jm_status s, const jm_error *err);
+
+/* "1,5,9" -> ids (malloc'd); -1 unless every field is an int32. */
+int cli_parse_ids(const char *list, int32_t **out, int *n);
+
+/* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c). */
+extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
+extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
+extern const cli_command cmd_pretrain;
+extern const cli_command cmd_generate, cmd_chat, cmd_eval;
+
+#endif
