@@ -36,10 +36,11 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 	ar rcs $@ $^
 
 # The CLI, one file per command family; `jetmoe --version` reports the build from these.
+# libedit: line editing in the chat REPL (cli/line_input.c).
 CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"$(SAN)"' \
              -DJM_BUILD_BLAS='"OpenBLAS, OpenMP build ($(BLASDIR))"'
 $(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
-	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
 
 $(BUILD)/tests/%: tests/%.c tests/harness.h $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)

@@ -1,7 +1,9 @@
 /* cmd_infer.c — the commands that run a model for inference: generate, chat, eval. */
 #include "flags.h"
+#include "line_input.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -170,9 +172,11 @@ const cli_command cmd_generate = {
 static int run_generate(const cli_command *self, int argc, char **argv)
 {
     infer_opts o = {.seed = -1};
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, &o, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     if (!o.prompt == !o.tokens)
         return cli_error(self, "give --prompt or --tokens, one of them; usage: jetmoe generate DIR --prompt TEXT "
                          "| --tokens IDS [options]");
@@ -272,7 +276,7 @@ out:
 
 static const cli_flag chat_flags[] = {
     {"--system", {NULL}, FLAG_STR, offsetof(infer_opts, system), .meta = "TEXT",
-     .help = "the system message the conversation starts with"},
+     .help = "the system message the conversation starts with (kept when old turns are dropped)"},
     SAMPLING_FLAGS("256", "0.7", "0.9"),
 };
 
@@ -281,9 +285,99 @@ static int run_chat(const cli_command *self, int argc, char **argv);
 const cli_command cmd_chat = {
     "chat", "DIR", "talk with the model in its chat template",
     "Talks with the model in DIR in its chat template (JetMoE-chat's by default), streaming each\n"
-    "reply; the KV cache keeps the conversation. /reset clears the history, /exit quits. After\n"
-    "each reply a line on stderr gives its prompt and generation tokens and rates (not with --quiet).",
+    "reply; the KV cache keeps the conversation. On a terminal the line can be edited (arrows,\n"
+    "Home/End, Ctrl-R searches the history). Ctrl-C stops a reply (or clears the line), Ctrl-D quits.\n"
+    "When the conversation no longer fits the context, the oldest turns are dropped (never the\n"
+    "system message) and a note says so. Commands: /help, /reset, /history, /exit. After each reply\n"
+    "a line on stderr gives its prompt and generation tokens and rates (not with --quiet).",
     chat_flags, (int)(sizeof chat_flags / sizeof chat_flags[0]), run_chat};
+
+static const char chat_help[] =
+    "  /help     this list\n"
+    "  /reset    start a new conversation (the --system message stays)\n"
+    "  /history  print the conversation so far\n"
+    "  /exit     quit (also /quit, or Ctrl-D)\n"
+    "  Ctrl-C stops a reply; the part shown stays in the conversation.\n";
+
+/* Set by SIGINT: stops the reply being generated, or abandons the line being
+ * typed. (The one piece of process state a signal handler needs.) */
+static volatile sig_atomic_t chat_interrupted;
+static void on_chat_sigint(int sig)
+{
+    (void)sig;
+    chat_interrupted = 1;
+}
+
+#define CHAT_MAX_MESSAGES 512
+
+/* The conversation; msg[0 .. keep) (the system message) is never dropped. */
+typedef struct {
+    jm_chat_message msg[CHAT_MAX_MESSAGES];
+    char *owned[CHAT_MAX_MESSAGES]; /* what to free, NULL for --system's */
+    int n, keep;
+} chat_history;
+
+static void history_drop(chat_history *h, int at, int count)
+{
+    for (int i = at; i < at + count; i++) free(h->owned[i]);
+    memmove(h->msg + at, h->msg + at + count, (size_t)(h->n - at - count) * sizeof *h->msg);
+    memmove(h->owned + at, h->owned + at + count, (size_t)(h->n - at - count) * sizeof *h->owned);
+    h->n -= count;
+}
+
+/* Takes ownership of text (may be NULL: out of memory). */
+static int history_add(chat_history *h, const char *role, char *text)
+{
+    if (!text || h->n == CHAT_MAX_MESSAGES) {
+        free(text);
+        return -1;
+    }
+    h->owned[h->n] = text;
+    h->msg[h->n++] = (jm_chat_message){role, text};
+    return 0;
+}
+
+/* The conversation as ids, with room for `reserve` reply tokens: while it does
+ * not fit, the oldest exchange (a user message and the reply to it) after the
+ * kept messages is dropped; the newest message is never dropped. *dropped
+ * counts the messages that went. */
+static jm_status chat_fit(const jm_tokenizer *tok, chat_history *h, int ctx, int reserve, int32_t **ids, size_t *n,
+                          int *dropped, jm_error *err)
+{
+    *dropped = 0;
+    for (;;) {
+        jm_status s = jm_chat_encode(tok, h->msg, h->n, 1, ids, n, err);
+        if (s || (long)*n + reserve <= ctx || h->n - h->keep <= 1) return s;
+        free(*ids);
+        *ids = NULL;
+        int k = h->n - h->keep >= 3 && strcmp(h->msg[h->keep + 1].role, "assistant") == 0 ? 2 : 1;
+        history_drop(h, h->keep, k);
+        *dropped += k;
+    }
+}
+
+/* What a line typed at the prompt asks for. */
+typedef enum { LINE_MESSAGE, LINE_EMPTY, LINE_HANDLED, LINE_EXIT } line_kind;
+
+static line_kind chat_command(const char *line, chat_history *h)
+{
+    if (!line[0]) return LINE_EMPTY;
+    /* a command is '/' and a word alone; "/usr/bin is ..." is a message */
+    if (line[0] != '/' || strcspn(line + 1, " /\t") != strlen(line + 1) || !line[1]) return LINE_MESSAGE;
+    if (!strcmp(line, "/exit") || !strcmp(line, "/quit")) return LINE_EXIT;
+    if (!strcmp(line, "/help")) {
+        fputs(chat_help, stderr);
+    } else if (!strcmp(line, "/reset")) {
+        history_drop(h, h->keep, h->n - h->keep);
+        fprintf(stderr, "(history cleared)\n");
+    } else if (!strcmp(line, "/history")) {
+        for (int i = 0; i < h->n; i++) printf("[%s]\n%s\n", h->msg[i].role, h->msg[i].content);
+        fflush(stdout);
+    } else {
+        fprintf(stderr, "(unknown command %s: /help lists them)\n", line);
+    }
+    return LINE_HANDLED;
+}
 
 /* An interactive conversation in the tokenizer's chat template. Each turn
  * re-renders the whole history, keeps the KV cache for the prefix it shares
@@ -291,9 +385,11 @@ const cli_command cmd_chat = {
 static int run_chat(const cli_command *self, int argc, char **argv)
 {
     infer_opts o = {.seed = -1};
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, &o, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     for (int i = 0; i < o.stop.n; i++)
         if (!*o.stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
     jm_set_threads((int)o.threads);
@@ -308,46 +404,58 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     }
     const int V = jm_model_config(m)->vocab_size, ctx = jm_model_config(m)->max_position_embeddings;
     const int eos = jm_tokenizer_eos_id(tok);
+    /* the reply's room: what --max-new asks, at most half the context */
+    const int reserve = (int)o.max_new < ctx / 2 ? (int)o.max_new : ctx / 2;
     jm_sample_opts so = sample_opts(&o, (int)o.max_new);
-    jm_chat_message hist[512];
-    char *owned[512];
-    int nh = 0, ncached = 0;
+    chat_history *h = calloc(1, sizeof *h);
+    int ncached = 0;
     int32_t *cached = malloc(sizeof(int32_t) * (size_t)ctx), *reply = malloc(sizeof(int32_t) * (size_t)o.max_new);
     float *probs = malloc(8 * (size_t)V); /* sampling scratch: V (float, int32) pairs */
     float *penalised = malloc(sizeof(float) * (size_t)V); /* the logits after the repetition penalty */
-    if (o.system) hist[nh] = (jm_chat_message){"system", o.system}, owned[nh++] = NULL;
+    line_input *in = line_input_open("> ");
+    if (h && o.system) h->msg[h->n++] = (jm_chat_message){"system", o.system}, h->keep = 1;
     uint64_t rng = so.seed;
-    int tty = isatty(0);
-    char *line = NULL;
-    size_t cap = 0;
-    fprintf(stderr, "jetmoe chat: /reset clears the history, /exit quits (context %d tokens)\n", ctx);
-    while (cached && reply && probs && penalised) {
-        if (tty) fputs("> ", stderr);
-        ssize_t len = getline(&line, &cap, stdin);
-        if (len < 0) break;
-        if (len && line[len - 1] == '\n') line[--len] = 0;
-        if (strcmp(line, "/exit") == 0) break;
-        if (strcmp(line, "/reset") == 0) {
-            for (int i = 0; i < nh; i++) free(owned[i]);
-            nh = o.system ? 1 : 0;
-            fprintf(stderr, "(history cleared)\n");
+    struct sigaction sa = {0}, old_sa;
+    sa.sa_handler = on_chat_sigint; /* no SA_RESTART: a read it interrupts returns */
+    sigaction(SIGINT, &sa, &old_sa);
+    fprintf(stderr, "jetmoe chat: /help for commands, Ctrl-C stops a reply, Ctrl-D quits (context %d tokens)\n",
+            ctx);
+    if (!h || !cached || !reply || !probs || !penalised || !in) {
+        s = JM_ERR_NOMEM;
+        snprintf(err.msg, sizeof err.msg, "out of memory");
+    }
+    while (!s) {
+        int intr;
+        chat_interrupted = 0;
+        const char *line = line_input_read(in, &intr);
+        if (!line) {
+            if (line_input_is_tty(in)) fputc('\n', stderr); /* Ctrl-D: the shell's prompt on a line of its own */
+            break;
+        }
+        if (intr) { /* Ctrl-C at the prompt abandons the line */
+            if (line_input_is_tty(in)) fputc('\n', stderr);
             continue;
         }
-        if (!len) continue;
-        if (nh + 2 > 512) {
-            fprintf(stderr, "(history full: /reset to start again)\n");
+        line_kind kind = chat_command(line, h);
+        if (kind == LINE_EXIT) break;
+        if (kind != LINE_MESSAGE) continue;
+        if (history_add(h, "user", strdup(line)) != 0) {
+            fprintf(stderr, "(the conversation has %d messages, the most it holds: /reset to start again)\n",
+                    CHAT_MAX_MESSAGES);
             continue;
         }
-        owned[nh] = strdup(line);
-        hist[nh] = (jm_chat_message){"user", owned[nh]};
-        nh++;
         int32_t *ids;
         size_t n;
-        if ((s = jm_chat_encode(tok, hist, nh, 1, &ids, &n, &err))) break;
+        int dropped;
+        if ((s = chat_fit(tok, h, ctx, reserve, &ids, &n, &dropped, &err))) break;
+        if (dropped)
+            fprintf(stderr, "(dropped the %d oldest message%s to fit the context of %d tokens)\n", dropped,
+                    dropped > 1 ? "s" : "", ctx);
         if ((long)n + 1 >= ctx) {
-            fprintf(stderr, "(the conversation fills the context of %d tokens: /reset to start again)\n", ctx);
+            fprintf(stderr, "(the message does not fit the context of %d tokens%s: shorten it)\n", ctx,
+                    h->keep ? " beside the system message" : "");
             free(ids);
-            free(owned[--nh]);
+            history_drop(h, h->n - 1, 1);
             continue;
         }
         /* reuse the cached prefix (a reply cut at --max-new left its last token out of the
@@ -366,7 +474,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
         free(ids);
         int nr = 0, limit = (int)o.max_new < ctx - ncached ? (int)o.max_new : ctx - ncached;
         if ((s = jm_text_stream_new(tok, NULL, 0, o.stop.v, o.stop.n, &sc.text, &err))) break;
-        while (nr < limit) {
+        while (nr < limit && !chat_interrupted) {
             /* the penalty's window is the conversation's last tokens */
             const float *row = jm_apply_repetition_penalty(logits, penalised, V, cached, ncached, &so);
             int32_t id = jm_sample(row, V, &so, &rng, probs);
@@ -380,7 +488,8 @@ static int run_chat(const cli_command *self, int argc, char **argv)
         if (s) break;
         putchar('\n');
         fflush(stdout);
-        if (nr >= limit) fprintf(stderr, "(reply cut at %d tokens)\n", nr);
+        if (chat_interrupted) fprintf(stderr, "(stopped)\n");
+        else if (nr >= limit) fprintf(stderr, "(reply cut at %d tokens)\n", nr);
         if (!o.quiet) print_timing(m, &sc, (int)n - same, t0);
         char *text;
         size_t tl;
@@ -389,12 +498,16 @@ static int run_chat(const cli_command *self, int argc, char **argv)
             char *hit = strstr(text, o.stop.v[i]);
             if (hit) *hit = 0;
         }
-        owned[nh] = text;
-        hist[nh] = (jm_chat_message){"assistant", text};
-        nh++;
+        if (history_add(h, "assistant", text) != 0) {
+            fprintf(stderr, "(the conversation has %d messages, the most it holds: /reset to start again)\n",
+                    CHAT_MAX_MESSAGES);
+            history_drop(h, h->n - 1, 1);
+        }
     }
-    for (int i = 0; i < nh; i++) free(owned[i]);
-    free(line);
+    sigaction(SIGINT, &old_sa, NULL);
+    if (h) history_drop(h, 0, h->n);
+    free(h);
+    line_input_close(in);
     free(cached);
     free(reply);
     free(probs);
@@ -438,9 +551,11 @@ const cli_command cmd_eval = {
 static int run_eval(const cli_command *self, int argc, char **argv)
 {
     eval_opts o = {0};
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, &o, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     jm_set_threads((int)o.threads);
     jm_error err;
     jm_model *m;

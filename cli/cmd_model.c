@@ -75,9 +75,11 @@ static int shape_text(char *buf, size_t cap, int ndim, const int64_t *shape)
 
 static int run_info(const cli_command *self, int argc, char **argv)
 {
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, NULL, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, NULL, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     jm_config c;
     jm_tensor_info *t;
     int n;
@@ -151,9 +153,11 @@ const cli_command cmd_forward = {
 static int run_forward(const cli_command *self, int argc, char **argv)
 {
     forward_opts o = {0};
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, &o, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     int32_t *ids;
     int T;
     if (cli_parse_ids(o.tokens, &ids, &T) != 0)
@@ -290,9 +294,11 @@ const cli_command cmd_quantize = {
 static int run_quantize(const cli_command *self, int argc, char **argv)
 {
     quantize_opts o = {0};
-    const char *dir;
-    int rc = cli_parse(self, argc, argv, &o, &dir);
+    const char *path;
+    char dir[4096];
+    int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
+    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     int bits = strcmp(o.to, "q8") == 0 ? 8 : strcmp(o.to, "q4") == 0 ? 4 : 0;
     if (!bits) return cli_error(self, "--to wants q8 or q4, got '%s'", o.to);
     jm_set_threads((int)o.threads);

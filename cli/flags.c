@@ -264,3 +264,12 @@ int cli_parse_ids(const char *list, int32_t **out, int *n)
     *n = k;
     return 0;
 }
+
+int cli_model_dir(const cli_command *c, const char *path, char *out, size_t cap)
+{
+    jm_error err;
+    jm_status s = jm_checkpoint_resolve(path, out, cap, &err);
+    if (s) return cli_fail(c, s, &err);
+    if (strcmp(out, path) != 0) fprintf(stderr, "jetmoe %s: using %s\n", c->name, out);
+    return CLI_RUN;
+}

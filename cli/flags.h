@@ -75,6 +75,11 @@ void cli_list_flags(FILE *f, const cli_command *c);
 __attribute__((format(printf, 2, 3))) int cli_error(const cli_command *c, const char *fmt, ...);
 int cli_fail(const cli_command *c, jm_status s, const jm_error *err);
 
+/* The model directory a user means by path: the directory, a training run or
+ * its checkpoints/latest (jm_checkpoint_resolve); a run is announced on stderr
+ * ("using RUN/checkpoints/step_N"). Returns CLI_RUN, or the exit code after the error. */
+int cli_model_dir(const cli_command *c, const char *path, char *out, size_t cap);
+
 /* "1,5,9" -> ids (malloc'd); -1 unless every field is an int32. */
 int cli_parse_ids(const char *list, int32_t **out, int *n);
 

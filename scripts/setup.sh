@@ -5,12 +5,12 @@
 #
 # Used by: build-essential (the build), libopenblas-dev + libopenblas0-openmp
 # (cblas.h and the OpenMP libopenblas the Makefile links), libcjson-dev
-# (-lcjson), sentencepiece (spm_train/spm_encode, the tokenizer tests'
-# reference), python3 + python3-numpy + python3-torch (the test runner, the
+# (-lcjson), libedit-dev (line editing in `jetmoe chat`), sentencepiece
+# (spm_train/spm_encode, the tokenizer tests' reference), python3 + python3-numpy + python3-torch (the test runner, the
 # PyTorch reference, the benches). libopenmpi-dev and openmpi-bin are for the
 # multi-process work that comes next: nothing builds against them yet.
 set -e
-PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev \
+PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
 libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
 if [ "$1" = demo ]; then
     # prose: the Jargon File; chat: the word list. Jane Austen's novels are

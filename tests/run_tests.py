@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_layout  # noqa: E402  (tests/check_layout.py)
+import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
@@ -512,9 +513,12 @@ def training_runs(suite, build, tmp):
     q = subprocess.run([jetmoe, "chat", ck, "--greedy", "--max-new", "8"], input=script, capture_output=True,
                        text=True, timeout=120)
     suite.check("chat_repl_turns_reset_and_full_context",
-                q.returncode == 0 and "(history cleared)" in q.stderr and "fills the context" in q.stderr and
+                q.returncode == 0 and "(history cleared)" in q.stderr and "does not fit the context" in q.stderr and
                 q.stdout.count("\n") >= 2 and not sanitizer_report(q.stderr),
                 f"exit {q.returncode}: stdout {q.stdout[-200:]!r} stderr {q.stderr[-300:]!r}")
+
+    # the REPL through a pseudo-terminal, and a conversation longer than the context (tests/chat_repl_tests.py)
+    chat_repl_tests.run(suite, jetmoe, ck, d)
 
     # every way of naming the run's checkpoint, and the wrong ones (tests/checkpoint_paths.py)
     checkpoint_paths.run(suite, jetmoe, a, d)
