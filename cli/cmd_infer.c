@@ -132,6 +132,20 @@ static jm_sample_opts sample_opts(const infer_opts *o, int max_new)
                             .repetition_penalty = o->repeat_penalty, .repeat_last_n = (int)o->repeat_last_n};
 }
 
+/* generate's and chat's arguments: parsed, the model directory resolved, the
+ * stop strings checked, the thread count set. CLI_RUN or the exit code. */
+static int infer_args(const cli_command *self, int argc, char **argv, infer_opts *o, char *dir, size_t cap)
+{
+    *o = (infer_opts){.seed = -1};
+    const char *path;
+    int rc = cli_parse(self, argc, argv, o, &path);
+    if (rc != CLI_RUN || (rc = cli_model_dir(self, path, dir, cap)) != CLI_RUN) return rc;
+    for (int i = 0; i < o->stop.n; i++)
+        if (!*o->stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
+    jm_set_threads((int)o->threads);
+    return CLI_RUN;
+}
+
 /* jm_model_open (weights in place from the mapping) with the chosen kernels. */
 static jm_status open_model(const char *dir, const char *kernels, jm_model **m, jm_error *err)
 {
@@ -171,18 +185,13 @@ const cli_command cmd_generate = {
 
 static int run_generate(const cli_command *self, int argc, char **argv)
 {
-    infer_opts o = {.seed = -1};
-    const char *path;
+    infer_opts o;
     char dir[4096];
-    int rc = cli_parse(self, argc, argv, &o, &path);
+    int rc = infer_args(self, argc, argv, &o, dir, sizeof dir);
     if (rc != CLI_RUN) return rc;
-    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
     if (!o.prompt == !o.tokens)
         return cli_error(self, "give --prompt or --tokens, one of them; usage: jetmoe generate DIR --prompt TEXT "
                          "| --tokens IDS [options]");
-    for (int i = 0; i < o.stop.n; i++)
-        if (!*o.stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
-    jm_set_threads((int)o.threads);
 
     stream_ctx ctx = {.ids_only = o.ids}; /* before any goto out */
     jm_error err;
@@ -384,15 +393,10 @@ static line_kind chat_command(const char *line, chat_history *h)
  * with what is already cached, and prefills only the rest. */
 static int run_chat(const cli_command *self, int argc, char **argv)
 {
-    infer_opts o = {.seed = -1};
-    const char *path;
+    infer_opts o;
     char dir[4096];
-    int rc = cli_parse(self, argc, argv, &o, &path);
+    int rc = infer_args(self, argc, argv, &o, dir, sizeof dir);
     if (rc != CLI_RUN) return rc;
-    if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
-    for (int i = 0; i < o.stop.n; i++)
-        if (!*o.stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
-    jm_set_threads((int)o.threads);
     jm_error err;
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
