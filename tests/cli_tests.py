@@ -78,7 +78,7 @@ def run(suite, jetmoe, tmp):
     commands = help_and_flags(suite, jm, crashed)
     range_errors(suite, jm)
     version(suite, jm)
-    if commands is not None and suite.wanted("cli_flag_tables_all_listed"):
+    if commands is not None and (suite.wanted("cli_flag_tables_all_listed") or suite.wanted("cli_readme_flags_exist")):
         source_tables(suite, jm, commands)
     if any(suite.wanted(n) for n in MODEL_CHECKS):
         model = tiny_model(suite, jm, os.path.join(tmp, "cli"))
@@ -142,9 +142,19 @@ def source_tables(suite, jm, commands):
     for cmd in commands:
         listed.update(jm("help", "--flags", *cmd.split()).stdout.split())
     listed -= {"-h", "--help"}
-    suite.check("cli_flag_tables_all_listed", in_source and in_source == listed,
-                f"only in the source: {sorted(in_source - listed)}; only listed: {sorted(listed - in_source)}",
-                f"{len(in_source)} spellings in {len(commands)} commands")
+    if suite.wanted("cli_flag_tables_all_listed"):
+        suite.check("cli_flag_tables_all_listed", in_source and in_source == listed,
+                    f"only in the source: {sorted(in_source - listed)}; only listed: {sorted(listed - in_source)}",
+                    f"{len(in_source)} spellings in {len(commands)} commands")
+    # the README names no flag the parser does not take (its CLI section is the user's first stop)
+    if suite.wanted("cli_readme_flags_exist"):
+        readme = open(os.path.join(ROOT, "README.md")).read()
+        section = readme[readme.index("## The CLI"):readme.index("### Inference weights")]
+        named = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", section))
+        unknown = sorted(named - listed - {"-h", "--help", "--version", "--flag"})
+        suite.check("cli_readme_flags_exist", len(named) > 20 and not unknown,
+                    f"README names flags no command takes: {unknown}",
+                    f"{len(named)} flags named in README's CLI section, all in the tables")
 
 
 def range_errors(suite, jm):
