@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
+import train_tests  # noqa: E402  (tests/train_tests.py)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -426,14 +427,9 @@ def quantized(suite, build, tmp):
 
 # ---------------------------------------------------------------- training runs: resume, signals, crashes
 
-def training_runs(suite, build, tmp):
-    """End to end through the CLI: tokenizer train -> prepare -> pretrain.
-    20 steps straight == 10 steps, stop, resume 10 (losses and weights bit-identical);
-    SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
-    if not suite.wanted("pretrain"):
-        return
-    jetmoe = os.path.join(ROOT, build, "jetmoe")
-    d = os.path.join(tmp, "pretrain")
+def pretrain_fixture(suite, jetmoe, d, check):
+    """A tokenizer (vocab 400) and two token sources under d, and the recipe of a tiny 20-step run over
+    them (two phases, 12 + 8 steps); None, with a failed check named check, if a step fails."""
     os.makedirs(os.path.join(d, "text", "prose"))
     os.makedirs(os.path.join(d, "text", "code"))
     lic = "/usr/share/common-licenses"
@@ -452,8 +448,8 @@ def training_runs(suite, build, tmp):
     for cmd in steps:
         p, _ = run(cmd)
         if p.returncode != 0:
-            suite.check("pretrain_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
-            return
+            suite.check(check, False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
+            return None
     recipe = {
         "model": dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
@@ -465,6 +461,20 @@ def training_runs(suite, build, tmp):
         "seq_len": 32, "batch_size": 4, "grad_accum": 2, "optimizer": {"lr": 3e-3},
         "schedule": {"type": "wsd", "warmup_steps": 3}, "seed": 3, "checkpoint_every": 5, "log_every": 1,
         "eval_tokens": 2048}
+    return recipe
+
+
+def training_runs(suite, build, tmp):
+    """End to end through the CLI: tokenizer train -> prepare -> pretrain.
+    20 steps straight == 10 steps, stop, resume 10 (losses and weights bit-identical);
+    SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
+    if not suite.wanted("pretrain"):
+        return
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    d = os.path.join(tmp, "pretrain")
+    recipe = pretrain_fixture(suite, jetmoe, d, "pretrain_setup")
+    if recipe is None:
+        return
     rpath = os.path.join(d, "recipe.json")
     with open(rpath, "w") as f:
         json.dump(recipe, f)
@@ -923,6 +933,7 @@ def main():
         generation(suite, args.build, tmp)
         quantized(suite, args.build, tmp)
         training_runs(suite, args.build, tmp)
+        train_tests.run(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
     finally:
