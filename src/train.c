@@ -3,9 +3,10 @@
  *
  * A run directory holds:
  *   recipe.json                 the resolved recipe (what the run used)
- *   metrics.jsonl               one JSON line per logged step
- *   loss.svg                    loss and expert-load plot
+ *   metrics.jsonl               one JSON line per logged step and per held-out evaluation
+ *   loss.svg                    loss, held-out loss, learning rate and expert load over the steps
  *   checkpoints/step_N/         config.json + model.safetensors (HF) + trainer_state.safetensors
+ *                               + the tokenizer files; the two newest are kept
  *   checkpoints/latest          "step_N" of the newest complete checkpoint
  * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
  * a crash leaves the previous checkpoint as it was. */
