@@ -714,27 +714,27 @@ static void write_plot(const char *dir, const jm_recipe *r)
         polyline(f, "loss-raw", "stroke='#2c7fb8' stroke-opacity='0.3' stroke-width='1'", &ax, &pl, loss.x, loss.y,
                  loss.n);
         polyline(f, "loss-ema", "stroke='#2c7fb8' stroke-width='2'", &ax, &pl, loss.x, ema, loss.n);
-        if (isfinite(unigram))
+        if (isfinite(unigram)) /* labelled at the right, where the loss has fallen below it */
             fprintf(f, "<line class='unigram' x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#888' "
-                       "stroke-dasharray='2 3'/><text x='%.2f' y='%.2f' font-size='10' fill='#666'>unigram entropy "
-                       "of the training data %.2f</text>\n", ax.left, ax.left + ax.width, py(&pl, unigram),
-                    py(&pl, unigram), ax.left + 6, py(&pl, unigram) - 4, unigram);
+                       "stroke-dasharray='2 3'/><text x='%.2f' y='%.2f' font-size='10' fill='#666' "
+                       "text-anchor='end'>unigram entropy of the training data %.2f</text>\n", ax.left,
+                    ax.left + ax.width, py(&pl, unigram), py(&pl, unigram), ax.left + ax.width - 4,
+                    py(&pl, unigram) - 4, unigram);
         for (size_t i = 0; i < held.n; i++)
             fprintf(f, "<circle class='heldout' data-step='%.0f' cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/>\n",
                     held.x[i], px(&ax, held.x[i]), py(&pl, held.y[i]));
-        if (held.n)
-            fprintf(f, "<text x='%.2f' y='%.2f' text-anchor='end' fill='#d95f02'>held-out %.3f (ppl %.1f)</text>\n",
-                    px(&ax, held.x[held.n - 1]) - 6, py(&pl, held.y[held.n - 1]) - 8, held.y[held.n - 1],
-                    exp(held.y[held.n - 1]));
-        double lx = ax.left + ax.width - 170, ly = pl.top + 16;
+        double lx = ax.left + ax.width - 262, ly = pl.top + 16;
         fprintf(f, "<g font-size='11'><line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#2c7fb8' "
                    "stroke-opacity='0.3'/><text x='%.2f' y='%.2f'>training loss (logged steps)</text>\n",
                 lx, lx + 20, ly, ly, lx + 26, ly + 4);
         fprintf(f, "<line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#2c7fb8' stroke-width='2'/>"
                    "<text x='%.2f' y='%.2f'>its moving average (EMA)</text>\n",
                 lx, lx + 20, ly + 16, ly + 16, lx + 26, ly + 20);
-        fprintf(f, "<circle cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/><text x='%.2f' y='%.2f'>held-out loss</text>"
-                   "</g>\n", lx + 10, ly + 32, lx + 26, ly + 36);
+        fprintf(f, "<circle cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/><text x='%.2f' y='%.2f'>held-out loss",
+                lx + 10, ly + 32, lx + 26, ly + 36);
+        if (held.n)
+            fprintf(f, " (step %.0f: %.3f, ppl %.1f)", held.x[held.n - 1], held.y[held.n - 1], exp(held.y[held.n - 1]));
+        fprintf(f, "</text></g>\n");
 
         polyline(f, "lr", "stroke='#1b9e77' stroke-width='1.5'", &ax, &pr, lr.x, lr.y, lr.n);
         polyline(f, "expert-load", "stroke='#e67e22' stroke-width='1.5'", &ax, &pb, bal.x, bal.y, bal.n);

@@ -427,9 +427,12 @@ def quantized(suite, build, tmp):
 
 # ---------------------------------------------------------------- training runs: resume, signals, crashes
 
-def pretrain_fixture(suite, jetmoe, d, check):
-    """A tokenizer (vocab 400) and two token sources under d, and the recipe of a tiny 20-step run over
-    them (two phases, 12 + 8 steps); None, with a failed check named check, if a step fails."""
+def pretrain_fixture(suite, build, tmp, name):
+    """A tokenizer (vocab 400) and two token sources under tmp/name, and the recipe of a tiny 20-step run
+    over them (two phases, 12 + 8 steps): (jetmoe, that directory, recipe), or None with a failed check
+    name_setup if a step fails."""
+    jetmoe = os.path.join(ROOT, build, "jetmoe")
+    d = os.path.join(tmp, name)
     os.makedirs(os.path.join(d, "text", "prose"))
     os.makedirs(os.path.join(d, "text", "code"))
     lic = "/usr/share/common-licenses"
@@ -448,7 +451,7 @@ def pretrain_fixture(suite, jetmoe, d, check):
     for cmd in steps:
         p, _ = run(cmd)
         if p.returncode != 0:
-            suite.check(check, False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
+            suite.check(f"{name}_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
             return None
     recipe = {
         "model": dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
@@ -461,7 +464,7 @@ def pretrain_fixture(suite, jetmoe, d, check):
         "seq_len": 32, "batch_size": 4, "grad_accum": 2, "optimizer": {"lr": 3e-3},
         "schedule": {"type": "wsd", "warmup_steps": 3}, "seed": 3, "checkpoint_every": 5, "log_every": 1,
         "eval_tokens": 2048}
-    return recipe
+    return jetmoe, d, recipe
 
 
 def training_runs(suite, build, tmp):
@@ -470,11 +473,10 @@ def training_runs(suite, build, tmp):
     SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
     if not suite.wanted("pretrain"):
         return
-    jetmoe = os.path.join(ROOT, build, "jetmoe")
-    d = os.path.join(tmp, "pretrain")
-    recipe = pretrain_fixture(suite, jetmoe, d, "pretrain_setup")
-    if recipe is None:
+    fixture = pretrain_fixture(suite, build, tmp, "pretrain")
+    if fixture is None:
         return
+    jetmoe, d, recipe = fixture
     rpath = os.path.join(d, "recipe.json")
     with open(rpath, "w") as f:
         json.dump(recipe, f)

@@ -10,7 +10,7 @@ import math
 import os
 import xml.etree.ElementTree as ET
 
-from run_tests import ROOT, pretrain_fixture
+from run_tests import pretrain_fixture
 from run_tests import run as run_cmd
 
 CHECKS = ("train_eval_every_records", "train_eval_does_not_change_training", "train_eval_every_resume_bit_exact",
@@ -43,11 +43,10 @@ def points(el):
 def run(suite, build, tmp):
     if not any(suite.wanted(n) for n in CHECKS):
         return
-    jetmoe = os.path.join(ROOT, build, "jetmoe")
-    d = os.path.join(tmp, "train")
-    recipe = pretrain_fixture(suite, jetmoe, d, "train_setup")
-    if recipe is None:
+    fixture = pretrain_fixture(suite, build, tmp, "train")
+    if fixture is None:
         return
+    jetmoe, d, recipe = fixture
     total = sum(p["steps"] for p in recipe["phases"])
     tokens_per_step = recipe["batch_size"] * recipe["seq_len"] * recipe["grad_accum"]
 
