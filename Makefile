@@ -78,6 +78,7 @@ bench-8b: setup all
 # JetMoE (~10 minutes on 2 cores), report held-out perplexity, generate, and
 # quantize it to int4 (perplexity and a generation from the q4 copy).
 DEMO := build/demo
+DEMO_EVAL := 20000# held-out tokens scored: eval_tokens in data/recipe-demo.json
 demo:
 	@sh scripts/setup.sh demo
 	@$(MAKE) --no-print-directory all
@@ -96,8 +97,11 @@ demo:
 	  --prompt "$$(printf '<|user|>\nWhat is 25%% of 80?</s>\n<|assistant|>\n')"
 	@# the inference formats: the trained model as int4 blocks, its held-out perplexity beside fp32's, and a generation
 	./jetmoe quantize $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --to q4 --out $(DEMO)/q4
-	./jetmoe eval $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --data $(DEMO)/shards/heldout --max-tokens 20000
-	./jetmoe eval $(DEMO)/q4 --data $(DEMO)/shards/heldout --max-tokens 20000
+	@echo "== held-out perplexity of the final checkpoint read back from disk, on the first $(DEMO_EVAL) held-out tokens:"
+	@echo "== the tokens the trainer scored above (recipe eval_tokens), so the two numbers agree"
+	./jetmoe eval $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --data $(DEMO)/shards/heldout --max-tokens $(DEMO_EVAL)
+	@echo "== the same tokens through the int4 copy: the difference from the line above is what quantization costs"
+	./jetmoe eval $(DEMO)/q4 --data $(DEMO)/shards/heldout --max-tokens $(DEMO_EVAL)
 	./jetmoe generate $(DEMO)/q4 --prompt "It is a truth universally acknowledged" --max-new 40 --greedy
 	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/); int4 copy: $(DEMO)/q4"
 

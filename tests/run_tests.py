@@ -24,6 +24,7 @@ import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
+import train_tests  # noqa: E402  (tests/train_tests.py)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -430,14 +431,12 @@ def quantized(suite, build, tmp):
 
 # ---------------------------------------------------------------- training runs: resume, signals, crashes
 
-def training_runs(suite, build, tmp):
-    """End to end through the CLI: tokenizer train -> prepare -> pretrain.
-    20 steps straight == 10 steps, stop, resume 10 (losses and weights bit-identical);
-    SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
-    if not suite.wanted("pretrain"):
-        return
+def pretrain_fixture(suite, build, tmp, name):
+    """A tokenizer (vocab 400) and two token sources under tmp/name, and the recipe of a tiny 20-step run
+    over them (two phases, 12 + 8 steps): (jetmoe, that directory, recipe), or None with a failed check
+    name_setup if a step fails."""
     jetmoe = os.path.join(ROOT, build, "jetmoe")
-    d = os.path.join(tmp, "pretrain")
+    d = os.path.join(tmp, name)
     os.makedirs(os.path.join(d, "text", "prose"))
     os.makedirs(os.path.join(d, "text", "code"))
     lic = "/usr/share/common-licenses"
@@ -456,8 +455,8 @@ def training_runs(suite, build, tmp):
     for cmd in steps:
         p, _ = run(cmd)
         if p.returncode != 0:
-            suite.check("pretrain_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
-            return
+            suite.check(f"{name}_setup", False, f"{' '.join(cmd[1:3])}: {p.stderr.strip()[-500:]}")
+            return None
     recipe = {
         "model": dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
@@ -469,6 +468,19 @@ def training_runs(suite, build, tmp):
         "seq_len": 32, "batch_size": 4, "grad_accum": 2, "optimizer": {"lr": 3e-3},
         "schedule": {"type": "wsd", "warmup_steps": 3}, "seed": 3, "checkpoint_every": 5, "log_every": 1,
         "eval_tokens": 2048}
+    return jetmoe, d, recipe
+
+
+def training_runs(suite, build, tmp):
+    """End to end through the CLI: tokenizer train -> prepare -> pretrain.
+    20 steps straight == 10 steps, stop, resume 10 (losses and weights bit-identical);
+    SIGINT saves and resumes exactly; SIGKILL (also mid-checkpoint) leaves a loadable checkpoint."""
+    if not suite.wanted("pretrain"):
+        return
+    fixture = pretrain_fixture(suite, build, tmp, "pretrain")
+    if fixture is None:
+        return
+    jetmoe, d, recipe = fixture
     rpath = os.path.join(d, "recipe.json")
     with open(rpath, "w") as f:
         json.dump(recipe, f)
@@ -936,6 +948,7 @@ def main():
         generation(suite, args.build, tmp)
         quantized(suite, args.build, tmp)
         training_runs(suite, args.build, tmp)
+        train_tests.run(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)

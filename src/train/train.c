@@ -3,9 +3,10 @@
  *
  * A run directory holds:
  *   recipe.json                 the resolved recipe (what the run used)
- *   metrics.jsonl               one JSON line per logged step
- *   loss.svg                    loss and expert-load plot
+ *   metrics.jsonl               one JSON line per logged step and per held-out evaluation
+ *   loss.svg                    loss, held-out loss, learning rate and expert load over the steps
  *   checkpoints/step_N/         config.json + model.safetensors (HF) + trainer_state.safetensors
+ *                               + the tokenizer files; the two newest are kept
  *   checkpoints/latest          "step_N" of the newest complete checkpoint
  * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
  * a crash leaves the previous checkpoint as it was. */
@@ -47,6 +48,7 @@ struct jm_recipe {
     jm_schedule schedule;
     uint64_t seed;
     int64_t checkpoint_every, log_every, eval_tokens;
+    int64_t eval_every; /* held-out loss every this many steps (0: only at the end) */
     char *text;    /* the recipe as written, saved into the run directory */
     uint64_t hash; /* of the text: a resume with another recipe is refused */
 };
@@ -228,6 +230,18 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
     v = 65536;
     if ((s = get_num(root, "eval_tokens", file, 0, 1e12, 0, &v, err))) goto done;
     r->eval_tokens = (int64_t)v;
+    v = 0;
+    if ((s = get_num(root, "eval_every", file, 0, 1e9, 0, &v, err))) goto done;
+    if (v != floor(v)) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field eval_every must be a whole number of steps, not %g", file, v);
+        goto done;
+    }
+    r->eval_every = (int64_t)v;
+    if (r->eval_every > 0 && !r->heldout[0]) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field eval_every needs heldout, the shard directory to evaluate on",
+                    file);
+        goto done;
+    }
 done:
     cJSON_Delete(root);
     return s;
@@ -355,6 +369,34 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     return s;
 }
 
+/* Copies a tokenizer_config.json with model_max_length set to the model's
+ * context (spm-trained tokenizers say 4096, Llama-2's) and every other field kept. */
+static jm_status copy_tokenizer_config(const char *src, const char *dst, int max_len, jm_error *err)
+{
+    char *text;
+    size_t len;
+    cJSON *root;
+    jm_status s = jm_read_file(src, 1 << 24, &text, &len, err);
+    if (s) return s;
+    s = jm_json_parse(text, len, src, &root, err);
+    free(text);
+    if (s) return s;
+    cJSON *n = cJSON_IsObject(root) ? cJSON_CreateNumber(max_len) : NULL;
+    if (!cJSON_IsObject(root))
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", src);
+    else if (!n)
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
+    else if (cJSON_GetObjectItemCaseSensitive(root, "model_max_length")
+                 ? !cJSON_ReplaceItemInObjectCaseSensitive(root, "model_max_length", n)
+                 : !cJSON_AddItemToObject(root, "model_max_length", n)) {
+        cJSON_Delete(n);
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
+    }
+    if (!s) s = jm_write_json(dst, root, err);
+    cJSON_Delete(root);
+    return s;
+}
+
 /* Writes checkpoints/step_N (model + trainer state) and points `latest` at it. */
 static jm_status save_checkpoint(trainer *t, jm_error *err)
 {
@@ -373,7 +415,9 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         char src[8192], dst[8192];
         snprintf(src, sizeof src, "%s/%s", t->r->tokenizer, tok_files[i]);
         snprintf(dst, sizeof dst, "%s/%s", tmp, tok_files[i]);
-        if (access(src, R_OK) == 0) s = jm_copy_file(src, dst, err);
+        if (access(src, R_OK) != 0) continue;
+        s = i == 2 ? copy_tokenizer_config(src, dst, jm_model_config(t->m)->max_position_embeddings, err)
+                   : jm_copy_file(src, dst, err);
     }
     if (s) {
         jm_remove_dir(tmp);
@@ -398,29 +442,35 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         return s;
     }
     if ((s = jm_atomic_commit(&a, err))) return s;
-    /* keep the two newest checkpoints: the latest, and one before it */
-    DIR *d = opendir(ck);
-    if (d) {
+    /* keep the two newest checkpoints: this one and the newest of an earlier
+     * step. Older step_N go, as do *.tmp.* left by a killed run; later steps
+     * (only a fresh run over an old run's directory has them) stay until this
+     * run rewrites them. */
+    long long prev = -1, st;
+    char rest[8];
+    for (int pass = 0; pass < 2; pass++) {
+        DIR *d = opendir(ck);
         struct dirent *e;
-        while ((e = readdir(d))) {
-            long long st;
-            char rest[8];
-            int stale_tmp = strstr(e->d_name, ".tmp.") != NULL; /* left by a run killed mid-write */
-            if (stale_tmp ||
-                (sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1 && st < t->step - t->r->checkpoint_every)) {
+        while (d && (e = readdir(d))) {
+            int stale_tmp = strstr(e->d_name, ".tmp.") != NULL;
+            int is_step = sscanf(e->d_name, "step_%lld%7s", &st, rest) == 1;
+            if (pass == 0 && is_step && st < t->step && st > prev) prev = st;
+            if (pass == 1 && (stale_tmp || (is_step && st < prev))) {
                 snprintf(path, sizeof path, "%s/%s", ck, e->d_name);
                 jm_remove_dir(path);
             }
         }
-        closedir(d);
+        if (d) closedir(d);
     }
     return JM_OK;
 }
 
 /* ---- metrics, progress and plot ---- */
 
-/* Keeps metrics.jsonl lines up to step (a resumed run rewrites what follows). */
-static jm_status truncate_metrics(const char *path, int64_t step, jm_error *err)
+/* Keeps metrics.jsonl lines up to step (a resumed run rewrites what follows),
+ * but not a held-out record at the final step: resuming a finished run
+ * evaluates again and would repeat it. */
+static jm_status truncate_metrics(const char *path, int64_t step, int64_t final_step, jm_error *err)
 {
     char *text;
     size_t len;
@@ -436,7 +486,9 @@ static jm_status truncate_metrics(const char *path, int64_t step, jm_error *err)
         char *nl = strchr(line, '\n');
         size_t n = nl ? (size_t)(nl - line + 1) : strlen(line);
         long long st = -1;
-        if (sscanf(line, "{\"step\":%lld", &st) == 1 && st <= step) s = jm_atomic_write(&a, line, n, err);
+        int keep = sscanf(line, "{\"step\":%lld", &st) == 1 && st <= step;
+        if (keep && st == final_step && memmem(line, n, "\"heldout_loss\"", 14)) keep = 0;
+        if (keep) s = jm_atomic_write(&a, line, n, err);
         line += n;
     }
     free(text);
@@ -454,74 +506,256 @@ static void format_eta(char *buf, size_t n, double secs)
     else snprintf(buf, n, "%dm%02ds", (int)(secs / 60), (int)fmod(secs, 60));
 }
 
-/* An SVG of the loss and of the least-loaded expert's share of its fair
- * load (1 = perfectly balanced), drawn from metrics.jsonl. */
-static void write_plot(const char *dir)
+/* ---- the plot ---- */
+
+typedef struct {
+    double *x, *y;
+    size_t n, cap;
+} series;
+
+static int series_push(series *s, double x, double y)
+{
+    if (s->n == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 256;
+        double *nx = realloc(s->x, cap * sizeof *nx);
+        if (!nx) return -1;
+        s->x = nx;
+        double *ny = realloc(s->y, cap * sizeof *ny);
+        if (!ny) return -1;
+        s->y = ny;
+        s->cap = cap;
+    }
+    s->x[s->n] = x;
+    s->y[s->n++] = y;
+    return 0;
+}
+
+static void series_free(series *s)
+{
+    free(s->x);
+    free(s->y);
+}
+
+/* Where things go: every panel shares the x axis (optimizer steps 0..total). */
+typedef struct {
+    double left, width, total;
+} x_axis;
+typedef struct {
+    double top, height, lo, hi; /* hi maps to top, lo to top + height */
+} panel;
+
+static double px(const x_axis *a, double step) { return a->left + step / a->total * a->width; }
+static double py(const panel *p, double v)
+{
+    double f = (v - p->lo) / (p->hi - p->lo);
+    return p->top + p->height * (1 - fmin(fmax(f, 0), 1));
+}
+
+/* A round tick spacing (1, 2 or 5 x 10^k) giving about n ticks over span. */
+static double tick_step(double span, int n)
+{
+    double raw = span / n, p = pow(10, floor(log10(raw))), f = raw / p;
+    return (f < 1.5 ? 1 : f < 3.5 ? 2 : f < 7.5 ? 5 : 10) * p;
+}
+
+static void format_count(char *buf, size_t n, double v)
+{
+    if (v >= 1e9) snprintf(buf, n, "%.3gB", v / 1e9);
+    else if (v >= 1e6) snprintf(buf, n, "%.3gM", v / 1e6);
+    else if (v >= 1e3) snprintf(buf, n, "%.3gk", v / 1e3);
+    else snprintf(buf, n, "%.0f", v);
+}
+
+static void svg_escaped(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '<') fputs("&lt;", f);
+        else if (*s == '>') fputs("&gt;", f);
+        else if (*s == '&') fputs("&amp;", f);
+        else if (*s == '\'') fputs("&apos;", f);
+        else if (*s == '"') fputs("&quot;", f);
+        else fputc(*s, f);
+    }
+}
+
+static void polyline(FILE *f, const char *cls, const char *style, const x_axis *a, const panel *p, const double *x,
+                     const double *y, size_t n)
+{
+    fprintf(f, "<polyline class='%s' fill='none' %s points='", cls, style);
+    for (size_t i = 0; i < n; i++) fprintf(f, "%.2f,%.2f ", px(a, x[i]), py(p, y[i]));
+    fprintf(f, "'/>\n");
+}
+
+/* The panel's frame, its y-axis title (rotated, at the left) and n_ticks labelled ticks. */
+static void panel_frame(FILE *f, const char *name, const char *title, const x_axis *a, const panel *p,
+                        const double *ticks, int n_ticks, int grid)
+{
+    fprintf(f, "<rect class='panel' data-panel='%s' x='%.2f' y='%.2f' width='%.2f' height='%.2f' fill='none' "
+               "stroke='#999'/>\n", name, a->left, p->top, a->width, p->height);
+    double cy = p->top + p->height / 2;
+    fprintf(f, "<text x='14' y='%.1f' transform='rotate(-90 14 %.1f)' text-anchor='middle'>%s</text>\n", cy, cy,
+            title);
+    for (int i = 0; i < n_ticks; i++) {
+        double y = py(p, ticks[i]);
+        if (grid)
+            fprintf(f, "<line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#eee'/>\n", a->left, a->left + a->width,
+                    y, y);
+        fprintf(f, "<line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#999'/>"
+                   "<text x='%.2f' y='%.2f' text-anchor='end' font-size='10'>%.3g</text>\n",
+                a->left - 4, a->left, y, y, a->left - 6, y + 3.5, ticks[i]);
+    }
+}
+
+/* loss.svg from metrics.jsonl and the recipe: training loss (raw, faint, and
+ * its EMA), held-out loss, the unigram entropy, the learning rate and the
+ * least-loaded expert's share of its fair load (1 = balanced), over the steps,
+ * with the phase boundaries. Best effort: a plot is never worth failing a run. */
+static void write_plot(const char *dir, const jm_recipe *r)
 {
     char path[4200], *text;
     size_t len;
     jm_error err;
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
     if (jm_read_file(path, (size_t)1 << 30, &text, &len, &err)) return;
-    size_t cap = 1024, n = 0;
-    double *st = malloc(cap * sizeof *st), *lo = malloc(cap * sizeof *lo), *bal = malloc(cap * sizeof *bal);
-    for (char *line = text; line && *line && st && lo && bal;) {
+    series loss = {0}, bal = {0}, held = {0};
+    double unigram = NAN;
+    int oom = 0;
+    for (char *line = text; line && *line && !oom;) {
         char *nl = strchr(line, '\n');
         if (nl) *nl = 0;
         cJSON *j = cJSON_Parse(line);
-        const cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "step"), *l = cJSON_GetObjectItemCaseSensitive(j, "loss");
+        const cJSON *st = cJSON_GetObjectItemCaseSensitive(j, "step"), *l = cJSON_GetObjectItemCaseSensitive(j, "loss");
         const cJSON *b = cJSON_GetObjectItemCaseSensitive(j, "min_expert_share");
-        if (cJSON_IsNumber(s) && cJSON_IsNumber(l)) {
-            if (n == cap) {
-                cap *= 2;
-                st = realloc(st, cap * sizeof *st);
-                lo = realloc(lo, cap * sizeof *lo);
-                bal = realloc(bal, cap * sizeof *bal);
-                if (!st || !lo || !bal) break;
-            }
-            st[n] = s->valuedouble;
-            lo[n] = l->valuedouble;
-            bal[n++] = cJSON_IsNumber(b) ? b->valuedouble : 1.0;
-        }
+        const cJSON *h = cJSON_GetObjectItemCaseSensitive(j, "heldout_loss");
+        const cJSON *u = cJSON_GetObjectItemCaseSensitive(j, "unigram_entropy");
+        if (cJSON_IsNumber(st) && cJSON_IsNumber(l))
+            oom |= series_push(&loss, st->valuedouble, l->valuedouble) ||
+                   series_push(&bal, st->valuedouble, cJSON_IsNumber(b) ? b->valuedouble : 1.0);
+        if (cJSON_IsNumber(st) && cJSON_IsNumber(h)) oom |= series_push(&held, st->valuedouble, h->valuedouble);
+        if (cJSON_IsNumber(u)) unigram = u->valuedouble;
         cJSON_Delete(j);
         line = nl ? nl + 1 : NULL;
     }
     free(text);
-    snprintf(path, sizeof path, "%s/loss.svg", dir);
-    FILE *f = n >= 2 && st && lo && bal ? fopen(path, "w") : NULL;
+    const int64_t total = r->schedule.total_steps;
+    const double tokens_per_step = (double)r->batch_size * r->seq_len * r->grad_accum;
+    /* the schedule's learning rate at every step (at most ~1000 samples): step s ran at lr(s - 1) */
+    series lr = {0};
+    double lr_max = 0;
+    const int64_t inc = total / 1000 + 1;
+    for (int64_t s = 1; s <= total && !oom; s = s < total && s + inc > total ? total : s + inc) {
+        double v = jm_schedule_lr(&r->schedule, s - 1);
+        lr_max = fmax(lr_max, v);
+        oom |= series_push(&lr, (double)s, v);
+    }
+    double *ema = loss.n && !oom ? malloc(loss.n * sizeof *ema) : NULL;
+    char *svg = NULL;
+    size_t svg_len = 0;
+    FILE *f = ema ? open_memstream(&svg, &svg_len) : NULL;
     if (f) {
-        double x0 = st[0], x1 = st[n - 1], y0 = 1e30, y1 = -1e30;
-        for (size_t i = 0; i < n; i++) {
-            y0 = fmin(y0, lo[i]);
-            y1 = fmax(y1, lo[i]);
+        /* EMA with bias correction, spanning about a tenth of the logged points */
+        double beta = 1 - 2 / (fmax(2.0, loss.n / 10.0) + 1), m = 0, lo = 1e30, hi = -1e30;
+        for (size_t i = 0; i < loss.n; i++) {
+            m = beta * m + (1 - beta) * loss.y[i];
+            ema[i] = m / (1 - pow(beta, (double)(i + 1)));
+            lo = fmin(lo, loss.y[i]);
+            hi = fmax(hi, loss.y[i]);
         }
-        if (y1 - y0 < 1e-9) y1 = y0 + 1;
-        const double W = 640, H = 360, L = 50, R = 60, T = 30, B = 40;
+        for (size_t i = 0; i < held.n; i++) lo = fmin(lo, held.y[i]), hi = fmax(hi, held.y[i]);
+        if (isfinite(unigram)) lo = fmin(lo, unigram), hi = fmax(hi, unigram);
+        if (hi - lo < 1e-9) hi = lo + 1;
+        double pad = 0.04 * (hi - lo);
+        const double W = 800, H = 610;
+        const x_axis ax = {70, W - 70 - 24, total > 0 ? (double)total : 1};
+        const panel pl = {48, 300, lo - pad, hi + pad}, pr = {372, 80, 0, lr_max > 0 ? lr_max : 1},
+                    pb = {476, 70, 0, 1};
         fprintf(f, "<svg xmlns='http://www.w3.org/2000/svg' width='%g' height='%g' font-family='sans-serif' "
                    "font-size='12'>\n<rect width='100%%' height='100%%' fill='white'/>\n", W, H);
-        fprintf(f, "<text x='%g' y='18'>training loss (blue, left axis) and min expert share of fair load "
-                   "(orange, right axis 0..1)</text>\n", L);
-        fprintf(f, "<rect x='%g' y='%g' width='%g' height='%g' fill='none' stroke='#999'/>\n", L, T, W - L - R,
-                H - T - B);
-        fprintf(f, "<text x='%g' y='%g'>%.2f</text><text x='%g' y='%g'>%.2f</text>\n", 4.0, T + 10, y1, 4.0,
-                H - B, y0);
-        fprintf(f, "<text x='%g' y='%g'>step %.0f</text><text x='%g' y='%g' text-anchor='end'>step %.0f</text>\n",
-                L, H - B + 16, x0, W - R, H - B + 16, x1);
-        for (int pass = 0; pass < 2; pass++) {
-            fprintf(f, "<polyline fill='none' stroke='%s' stroke-width='1.5' points='", pass ? "#e67e22" : "#2c7fb8");
-            for (size_t i = 0; i < n; i++) {
-                double x = L + (st[i] - x0) / (x1 - x0 > 0 ? x1 - x0 : 1) * (W - L - R);
-                double v = pass ? fmin(fmax(bal[i], 0), 1) : (lo[i] - y0) / (y1 - y0);
-                fprintf(f, "%.1f,%.1f ", x, H - B - v * (H - T - B));
-            }
-            fprintf(f, "'/>\n");
+        fprintf(f, "<text x='%g' y='20' font-size='14'>training loss, held-out loss, learning rate and expert load"
+                   "</text>\n", ax.left);
+        double ticks[64];
+        int nt = 0;
+        double ts = tick_step(pl.hi - pl.lo, 5);
+        for (double v = ceil(pl.lo / ts) * ts; v <= pl.hi && nt < 64; v += ts) ticks[nt++] = v;
+        panel_frame(f, "loss", "loss (nats/token)", &ax, &pl, ticks, nt, 1);
+        const double lr_ticks[] = {0, pr.hi / 2, pr.hi}, bal_ticks[] = {0, 0.5, 1};
+        panel_frame(f, "lr", "learning rate", &ax, &pr, lr_ticks, 3, 1);
+        panel_frame(f, "expert-load", "min expert share", &ax, &pb, bal_ticks, 3, 1);
+
+        /* x axis: steps, and tokens seen beneath them */
+        double bottom = pb.top + pb.height, xs = tick_step(ax.total, 8);
+        for (double v = 0; v <= ax.total + 1e-9; v += xs) {
+            char tok[32];
+            format_count(tok, sizeof tok, v * tokens_per_step);
+            fprintf(f, "<line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#999'/>"
+                       "<text x='%.2f' y='%.2f' text-anchor='middle'>%.0f</text>"
+                       "<text x='%.2f' y='%.2f' text-anchor='middle' font-size='10' fill='#666'>%s</text>\n",
+                    px(&ax, v), px(&ax, v), bottom, bottom + 4, px(&ax, v), bottom + 17, v, px(&ax, v), bottom + 30,
+                    tok);
         }
+        fprintf(f, "<text x='%.2f' y='%.2f' text-anchor='middle'>optimizer step (grey: tokens seen, %.0f per step)"
+                   "</text>\n", ax.left + ax.width / 2, bottom + 50, tokens_per_step);
+
+        /* phases: a dashed line where each one after the first begins, names above */
+        int64_t start = 0;
+        for (int p = 0; p < r->nphases; p++) {
+            double x = px(&ax, (double)start);
+            if (p > 0)
+                fprintf(f, "<line class='phase-boundary' data-step='%lld' x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' "
+                           "stroke='#555' stroke-dasharray='4 3'/>\n", (long long)start, x, x, pl.top - 12, bottom);
+            fprintf(f, "<text class='phase-name' data-step='%lld' x='%.2f' y='%.2f' fill='#555'>", (long long)start,
+                    x + 4, pl.top - 4);
+            svg_escaped(f, r->phases[p].name);
+            fprintf(f, "</text>\n");
+            start += r->phases[p].steps;
+        }
+
+        /* loss panel: raw faint, EMA solid, held-out points, unigram entropy dashed */
+        polyline(f, "loss-raw", "stroke='#2c7fb8' stroke-opacity='0.3' stroke-width='1'", &ax, &pl, loss.x, loss.y,
+                 loss.n);
+        polyline(f, "loss-ema", "stroke='#2c7fb8' stroke-width='2'", &ax, &pl, loss.x, ema, loss.n);
+        if (isfinite(unigram)) /* labelled at the right, where the loss has fallen below it */
+            fprintf(f, "<line class='unigram' x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#888' "
+                       "stroke-dasharray='2 3'/><text x='%.2f' y='%.2f' font-size='10' fill='#666' "
+                       "text-anchor='end'>unigram entropy of the training data %.2f</text>\n", ax.left,
+                    ax.left + ax.width, py(&pl, unigram), py(&pl, unigram), ax.left + ax.width - 4,
+                    py(&pl, unigram) - 4, unigram);
+        for (size_t i = 0; i < held.n; i++)
+            fprintf(f, "<circle class='heldout' data-step='%.0f' cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/>\n",
+                    held.x[i], px(&ax, held.x[i]), py(&pl, held.y[i]));
+        double lx = ax.left + ax.width - 262, ly = pl.top + 16;
+        fprintf(f, "<g font-size='11'><line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#2c7fb8' "
+                   "stroke-opacity='0.3'/><text x='%.2f' y='%.2f'>training loss (logged steps)</text>\n",
+                lx, lx + 20, ly, ly, lx + 26, ly + 4);
+        fprintf(f, "<line x1='%.2f' x2='%.2f' y1='%.2f' y2='%.2f' stroke='#2c7fb8' stroke-width='2'/>"
+                   "<text x='%.2f' y='%.2f'>its moving average (EMA)</text>\n",
+                lx, lx + 20, ly + 16, ly + 16, lx + 26, ly + 20);
+        fprintf(f, "<circle cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/><text x='%.2f' y='%.2f'>held-out loss",
+                lx + 10, ly + 32, lx + 26, ly + 36);
+        if (held.n)
+            fprintf(f, " (step %.0f: %.3f, ppl %.1f)", held.x[held.n - 1], held.y[held.n - 1], exp(held.y[held.n - 1]));
+        fprintf(f, "</text></g>\n");
+
+        polyline(f, "lr", "stroke='#1b9e77' stroke-width='1.5'", &ax, &pr, lr.x, lr.y, lr.n);
+        polyline(f, "expert-load", "stroke='#e67e22' stroke-width='1.5'", &ax, &pb, bal.x, bal.y, bal.n);
+        fprintf(f, "<text x='%.2f' y='%.2f' font-size='10' fill='#666' text-anchor='end'>least-loaded expert of any "
+                   "router, share of its fair load (1 = balanced)</text>\n", ax.left + ax.width - 4, pb.top + 12);
         fprintf(f, "</svg>\n");
-        fclose(f);
+        if (fclose(f) == 0) {
+            jm_atomic_file a;
+            snprintf(path, sizeof path, "%s/loss.svg", dir);
+            if (!jm_atomic_open(&a, path, &err)) {
+                if (jm_atomic_write(&a, svg, svg_len, &err)) jm_atomic_abort(&a);
+                else jm_atomic_commit(&a, &err);
+            }
+        }
+        free(svg);
     }
-    free(st);
-    free(lo);
-    free(bal);
+    free(ema);
+    series_free(&loss);
+    series_free(&bal);
+    series_free(&held);
+    series_free(&lr);
 }
 
 /* ---- evaluation ---- */
@@ -684,6 +918,33 @@ static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
     return JM_OK;
 }
 
+/* Held-out loss on the first eval_tokens tokens of the recipe's heldout shards.
+ * A forward pass only: no gradient, optimizer or sampler state is touched, so
+ * a run evaluates (or resumes) to the same weights as one that does not. */
+static jm_status eval_heldout(trainer *t, double *loss, int64_t *tokens, double *secs, jm_error *err)
+{
+    double t0 = omp_get_wtime();
+    jm_status s = jm_eval_shards(t->m, t->r->heldout, t->r->seq_len, t->r->eval_tokens, 0, loss, tokens, err);
+    *secs = omp_get_wtime() - t0;
+    return s;
+}
+
+/* ,"key":v in a metrics record; null when v is not a number (JSON has no NaN) */
+static void json_number(FILE *f, const char *key, double v)
+{
+    if (isfinite(v)) fprintf(f, ",\"%s\":%.6g", key, v);
+    else fprintf(f, ",\"%s\":null", key);
+}
+
+/* The fields every held-out record of metrics.jsonl has; the caller closes the object. */
+static void write_heldout(FILE *metrics, const trainer *t, double loss, int64_t tokens, double secs)
+{
+    const jm_recipe *r = t->r;
+    fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld,"
+                     "\"tokens\":%lld,\"eval_seconds\":%.2f", (long long)t->step, loss, exp(loss), (long long)tokens,
+            (long long)(t->step * r->batch_size * r->seq_len * r->grad_accum), secs);
+}
+
 static void close_trainer(trainer *t)
 {
     jm_sampler_free(t->sampler);
@@ -753,7 +1014,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     if ((s = jm_atomic_commit(&a, err))) goto done;
     snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
     if (o->resume) {
-        if ((s = truncate_metrics(path, t.step, err))) goto done;
+        if ((s = truncate_metrics(path, t.step, r->schedule.total_steps, err))) goto done;
     } else {
         unlink(path);
     }
@@ -776,7 +1037,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     double last_min_share = NAN;
     int n_tail = 0; /* logged steps among the last ten logs, whose expert load is averaged */
     const int64_t first = t.step;
-    double t0 = omp_get_wtime(), last_log = t0;
+    double t0 = omp_get_wtime(), last_log = t0, eval_secs = 0; /* time spent on held-out evaluation */
     if (!o->quiet)
         fprintf(stderr, "pretrain: %lld parameters, %lld steps of %lld tokens, %s %lld\n",
                 (long long)jm_config_num_params(c), (long long)total, (long long)tokens_per_step,
@@ -827,7 +1088,9 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         }
         t.step++;
 
-        double now = omp_get_wtime(), rate = (double)(t.step - first) * tokens_per_step / (now - t0);
+        /* tokens/s of training alone; the ETA counts the evaluations too */
+        double now = omp_get_wtime(), rate = (double)(t.step - first) * tokens_per_step / (now - t0 - eval_secs);
+        double wall_rate = (double)(t.step - first) * tokens_per_step / (now - t0);
         if (t.step % r->log_every == 0) {
             fprintf(metrics, ",\"phase\":\"%s\",\"loss\":%.6f,\"aux_loss\":%.6f,\"z_loss\":%.6f,\"lr\":%.6g,"
                              "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f,\"tokens\":%lld}\n",
@@ -835,7 +1098,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
             fflush(metrics);
         }
         char eta[32];
-        format_eta(eta, sizeof eta, (double)(total - t.step) * tokens_per_step / rate);
+        format_eta(eta, sizeof eta, (double)(total - t.step) * tokens_per_step / wall_rate);
         if (tty) {
             int width = 24, done_w = (int)((double)t.step / total * width);
             fprintf(stderr, "\r[%.*s%*s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s   ", done_w,
@@ -845,6 +1108,20 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
             fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  ETA %s\n", (long long)t.step,
                     (long long)total, loss, lr, rate, eta);
             last_log = now;
+        }
+        /* before the checkpoint of the same step, so a resume from it does not repeat it;
+         * the final step's evaluation is the one after the loop */
+        if (r->eval_every > 0 && t.step % r->eval_every == 0 && t.step < total) {
+            double hl, secs;
+            int64_t ht;
+            if ((s = eval_heldout(&t, &hl, &ht, &secs, err))) goto done;
+            eval_secs += secs;
+            write_heldout(metrics, &t, hl, ht, secs);
+            fprintf(metrics, "}\n");
+            fflush(metrics);
+            if (!o->quiet)
+                fprintf(stderr, "%sstep %lld: held-out loss %.4f, perplexity %.2f (%lld tokens, %.1f s)\n",
+                        tty ? "\n" : "", (long long)t.step, hl, exp(hl), (long long)ht, secs);
         }
         if (t.step % r->checkpoint_every == 0 || t.step == total) {
             if ((s = save_checkpoint(&t, err))) goto done;
@@ -858,25 +1135,28 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     if (*stopped && t.step % r->checkpoint_every != 0 && (s = save_checkpoint(&t, err))) goto done;
     if (*stopped && !o->quiet) fprintf(stderr, "pretrain: stopped at step %lld; continue with --resume\n", (long long)t.step);
     if (!*stopped && r->heldout[0]) {
-        double hl;
+        double hl, secs;
         int64_t ht;
-        if ((s = jm_eval_shards(t.m, r->heldout, T, r->eval_tokens, 0, &hl, &ht, err))) goto done;
+        if ((s = eval_heldout(&t, &hl, &ht, &secs, err))) goto done;
         double h1 = unigram_entropy(r);
         fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
                         "training sources: %.4f nats/token)\n", (long long)ht, hl, exp(hl), h1);
         double tail_min = NAN;
         for (size_t i = 0; n_tail && i < 2 * (size_t)L * E; i++)
             tail_min = i ? fmin(tail_min, tail[i] / n_tail) : tail[i] / n_tail;
-        fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair share "
-                        "(last logged batch), %.0f%% (mean over the last %d logged batches)\n",
-                100 * last_min_share, 100 * tail_min, n_tail);
-        fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld,"
-                         "\"unigram_entropy\":%.6f,\"final_min_expert_share\":%.4f,\"tail_min_expert_share\":%.4f}\n",
-                (long long)t.step, hl, exp(hl), (long long)ht, h1, last_min_share, tail_min);
+        if (n_tail) /* none when a finished run is resumed */
+            fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair "
+                            "share (last logged batch), %.0f%% (mean over the last %d logged batches)\n",
+                    100 * last_min_share, 100 * tail_min, n_tail);
+        write_heldout(metrics, &t, hl, ht, secs);
+        json_number(metrics, "unigram_entropy", h1);
+        json_number(metrics, "final_min_expert_share", last_min_share);
+        json_number(metrics, "tail_min_expert_share", tail_min);
+        fprintf(metrics, "}\n");
     }
 done:
     if (metrics) fclose(metrics);
-    write_plot(o->out_dir);
+    write_plot(o->out_dir, r);
     free(batch);
     free(load);
     free(tail);
