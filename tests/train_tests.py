@@ -8,6 +8,7 @@ in two phases (p1: 12 steps, p2: 8), checkpoint_every 5, log_every 1.
 import json
 import math
 import os
+import struct
 import xml.etree.ElementTree as ET
 
 from run_tests import pretrain_fixture
@@ -15,7 +16,7 @@ from run_tests import run as run_cmd
 
 CHECKS = ("train_eval_every_records", "train_eval_does_not_change_training", "train_eval_every_resume_bit_exact",
           "train_checkpoint_retention", "train_resume_finished_run_no_duplicate_eval", "train_eval_every_validation",
-          "train_checkpoint_tokenizer_config", "train_plot_svg")
+          "train_checkpoint_tokenizer_config", "train_plot_svg", "train_eval_windows_spread")
 SVG = "{http://www.w3.org/2000/svg}"
 EVAL_EVERY = 4
 
@@ -267,3 +268,43 @@ def run(suite, build, tmp):
     suite.check("train_plot_svg", not problems, "; ".join(problems),
                 f"3 panels, boundary at step {starts[1:]}, {len(circles)} held-out points, lr on "
                 f"{len(ratios)} steps")
+
+    eval_windows_spread(suite, jetmoe, os.path.join(plain, "checkpoints", f"step_{total}"), d)
+
+
+def write_shard(path, ids, vocab, eos):
+    """A token shard as README's table says (u16 ids)."""
+    hdr = b"JMTOKENS" + struct.pack("<IIQII", 1, 2, len(ids), vocab, eos) + bytes(32)
+    with open(path, "wb") as f:
+        f.write(hdr + struct.pack(f"<{len(ids)}H", *ids))
+
+
+def eval_windows_spread(suite, jetmoe, ck, d):
+    """A capped evaluation scores windows spread over all the shards (floor(i*W/k) of W), not the
+    first ones: `eval --max-tokens` over three shards == an uncapped eval of exactly those windows."""
+    if not suite.wanted("train_eval_windows_spread"):
+        return
+    T, vocab = 16, 400
+    rng = [(i * 7919 + 13) % 397 + 3 for i in range(T * 30)]  # 30 windows of varied ids
+    full, picked = os.path.join(d, "spread_full"), os.path.join(d, "spread_picked")
+    os.makedirs(full), os.makedirs(picked)
+    sizes = (7, 13, 10)  # windows per shard; each shard ends with a partial window that is never scored
+    start = 0
+    for i, n in enumerate(sizes):
+        write_shard(os.path.join(full, f"shard_{i:05d}.bin"), rng[start * T:(start + n) * T] + [2] * 5, vocab, 2)
+        start += n
+    W, k = sum(sizes), 5
+    want = [i * W // k for i in range(k)]  # windows 0, 6, 12, 18, 24: all three shards
+    write_shard(os.path.join(picked, "shard_00000.bin"), [t for w in want for t in rng[w * T:(w + 1) * T]], vocab, 2)
+
+    def ev(data, *extra):
+        p, _ = run_cmd([jetmoe, "eval", ck, "--data", data, "--seq-len", str(T), "--threads", "1"] + list(extra))
+        return json.loads(p.stdout) if p.returncode == 0 else p.stderr.strip()[-300:]
+
+    capped, exact = ev(full, "--max-tokens", str(k * (T - 1))), ev(picked)
+    first = ev(full, "--max-tokens", str(k * (T - 1)), "--decode")
+    ok = isinstance(capped, dict) and isinstance(exact, dict) and isinstance(first, dict) and \
+        capped["tokens"] == exact["tokens"] == k * (T - 1) and capped["loss"] == exact["loss"] and \
+        abs(first["loss"] - exact["loss"]) < 1e-4
+    suite.check("train_eval_windows_spread", ok, f"capped {capped}; the picked windows {exact}; decode {first}",
+                f"{k} of {W} windows over {len(sizes)} shards: {want}")

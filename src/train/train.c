@@ -760,7 +760,6 @@ static void write_plot(const char *dir, const jm_recipe *r)
 
 /* ---- evaluation ---- */
 
-static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 /* The decode path's loss on one window: one cached jm_infer step per token,
  * adding the cross-entropy of the next token under each step's logits. */
@@ -778,60 +777,67 @@ static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum
     return JM_OK;
 }
 
+/* The windows scored are spread evenly over all of dir's shards (window
+ * floor(i * W / k) of the W there are, for i < k), so that a capped
+ * evaluation sees every part of a held-out set made of several kinds of text
+ * one after another, not only the first. Without a cap, k = W: every window. */
 jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, int decode, double *loss,
                          int64_t *tokens, jm_error *err)
 {
     *loss = 0;
     *tokens = 0;
-    DIR *d = opendir(dir);
-    if (!d) return jm_fail(err, JM_ERR_IO, "%s: %s", dir, strerror(errno));
-    char *names[4096];
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) && n < 4096) {
-        size_t l = strlen(e->d_name);
-        if (l > 4 && strcmp(e->d_name + l - 4, ".bin") == 0) names[n++] = strdup(e->d_name);
+    if (seq_len < 2) return jm_fail(err, JM_ERR_ARG, "%s: windows of %d tokens predict nothing", dir, seq_len);
+    char **names;
+    int nnames;
+    jm_status s = jm_list_dir(dir, &names, &nnames, err);
+    if (s) return s;
+    jm_shard *sh = calloc((size_t)nnames + 1, sizeof *sh);
+    int64_t *first = calloc((size_t)nnames + 1, sizeof *first); /* global index of each shard's first window */
+    int nsh = 0;
+    if (!sh || !first) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+    for (int i = 0; i < nnames && !s; i++) {
+        size_t l = strlen(names[i]);
+        if (l <= 4 || strcmp(names[i] + l - 4, ".bin") != 0) continue;
+        char *path = jm_path_join(dir, names[i]);
+        if (!path) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+        else if (!(s = jm_shard_open(path, &sh[nsh], err))) {
+            if (sh[nsh].vocab_size > (uint32_t)jm_model_config(m)->vocab_size)
+                s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", path, sh[nsh].vocab_size,
+                            jm_model_config(m)->vocab_size);
+            first[nsh + 1] = first[nsh] + (int64_t)(sh[nsh].n / (uint64_t)seq_len);
+            nsh++;
+        }
+        free(path);
     }
-    closedir(d);
-    qsort(names, (size_t)n, sizeof *names, cmp_names);
+    jm_free_names(names, nnames);
+    const int64_t W = s ? 0 : first[nsh];
+    int64_t k = W;
+    if (max_tokens > 0 && (max_tokens + seq_len - 2) / (seq_len - 1) < W) k = (max_tokens + seq_len - 2) / (seq_len - 1);
     const int B = 4;
-    int32_t *buf = malloc(sizeof(int32_t) * (size_t)B * seq_len);
+    int32_t *buf = s ? NULL : malloc(sizeof(int32_t) * (size_t)B * seq_len);
+    if (!s && !buf) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
     double sum = 0;
     int64_t count = 0;
-    int filled = 0;
-    jm_status s = buf ? JM_OK : jm_fail(err, JM_ERR_NOMEM, "out of memory");
-    for (int i = 0; i < n && !s && (max_tokens <= 0 || count < max_tokens); i++) {
-        char path[4400];
-        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
-        jm_shard sh;
-        if ((s = jm_shard_open(path, &sh, err))) break;
-        if (sh.vocab_size > (uint32_t)jm_model_config(m)->vocab_size)
-            s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", path, sh.vocab_size,
-                        jm_model_config(m)->vocab_size);
-        for (uint64_t p = 0; !s && p + (uint64_t)seq_len <= sh.n && (max_tokens <= 0 || count < max_tokens);
-             p += (uint64_t)seq_len) {
-            for (int j = 0; j < seq_len; j++) buf[filled * seq_len + j] = (int32_t)jm_shard_token(&sh, p + j);
-            if (decode) {
-                if ((s = decode_window(m, buf, seq_len, &sum, &count, err))) break;
-                continue;
-            }
-            if (++filled < B) continue;
-            jm_losses L;
-            if ((s = jm_forward(m, buf, B, seq_len, &L, err))) break;
-            sum += L.loss * (double)L.count;
-            count += L.count;
-            filled = 0;
+    int filled = 0, f = 0;
+    for (int64_t i = 0; i < k && !s; i++) {
+        const int64_t w = i * (W / k) + i * (W % k) / k; /* floor(i * W / k) without overflow */
+        while (first[f + 1] <= w) f++;
+        const uint64_t p = (uint64_t)(w - first[f]) * (uint64_t)seq_len;
+        for (int j = 0; j < seq_len; j++) buf[filled * seq_len + j] = (int32_t)jm_shard_token(&sh[f], p + j);
+        if (decode) {
+            s = decode_window(m, buf, seq_len, &sum, &count, err);
+            continue;
         }
-        jm_shard_close(&sh);
-    }
-    if (!s && filled > 0) {
+        if (++filled < B && i + 1 < k) continue;
         jm_losses L;
-        if (!(s = jm_forward(m, buf, filled, seq_len, &L, err))) {
-            sum += L.loss * (double)L.count;
-            count += L.count;
-        }
+        if ((s = jm_forward(m, buf, filled, seq_len, &L, err))) break;
+        sum += L.loss * (double)L.count;
+        count += L.count;
+        filled = 0;
     }
-    for (int i = 0; i < n; i++) free(names[i]);
+    for (int i = 0; i < nsh; i++) jm_shard_close(&sh[i]);
+    free(sh);
+    free(first);
     free(buf);
     if (!s && count == 0) s = jm_fail(err, JM_ERR_ARG, "%s: no shard holds a full window of %d tokens", dir, seq_len);
     if (s) return s;
