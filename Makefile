@@ -97,7 +97,7 @@ demo:
 	  --prompt "$$(printf '<|user|>\nWhat is 25%% of 80?</s>\n<|assistant|>\n')"
 	@# the inference formats: the trained model as int4 blocks, its held-out perplexity beside fp32's, and a generation
 	./jetmoe quantize $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --to q4 --out $(DEMO)/q4
-	@echo "== held-out perplexity of the final checkpoint read back from disk, on the first $(DEMO_EVAL) held-out tokens:"
+	@echo "== held-out perplexity of the final checkpoint read back from disk, on $(DEMO_EVAL) held-out tokens spread over the whole held-out set:"
 	@echo "== the tokens the trainer scored above (recipe eval_tokens), so the two numbers agree"
 	./jetmoe eval $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --data $(DEMO)/shards/heldout --max-tokens $(DEMO_EVAL)
 	@echo "== the same tokens through the int4 copy: the difference from the line above is what quantization costs"
