@@ -106,6 +106,8 @@ def link_graph(build):
                 continue
             obj = os.path.join(d, f)
             src = "src/" + os.path.relpath(obj, objdir)[:-2] + ".c"
+            if not os.path.isfile(os.path.join(ROOT, src)):
+                continue  # left in the build tree by a file since moved or removed
             out = subprocess.run(["nm", "-g", obj], capture_output=True, text=True, check=True).stdout
             undef[src]  # every object is a node
             for line in out.splitlines():
