@@ -155,10 +155,12 @@ jm_status jm_output_file(const char *path, const char *const *inputs, int ninput
  * dir: absent or empty, or, with overwrite, a checkpoint jetmoe wrote
  * (config.json and the weights, and nothing but the names jetmoe writes into a
  * model directory); never a directory that is, or holds, an input. It makes a
- * fresh directory beside dir, jm_output_dir_stage(o), to write the model
- * into. Commit puts it in dir's place with one rename (an existing dir is
- * exchanged with it, then removed), so a reader sees the old model or the new
- * one, never a mix; abort removes it. Both free o. */
+ * fresh directory, jm_output_dir_stage(o), to write the model into: beside
+ * dir, or inside it when dir is empty. Commit puts the model in place: a new
+ * dir by one rename; an empty one by moving the files in, config.json last; a
+ * checkpoint by exchanging the two directories in one rename, then removing
+ * the old files. A reader sees the old model or the new one, never a mix;
+ * abort removes the stage. Both free o. */
 typedef struct jm_output_dir jm_output_dir;
 jm_status jm_output_dir_open(const char *dir, const char *const *inputs, int ninputs, int overwrite,
                              jm_output_dir **out, jm_error *err);

@@ -296,10 +296,16 @@ def quantize_out(c, tmp):
         f.write("mine\n")
     c.refused("quantize_refuses_checkpoint_with_foreign_file", q + [out, "--overwrite"], root,
               ["notes.txt", "did not write"])
-    os.makedirs(os.path.join(root, "empty"))
-    c.allowed("quantize_into_empty_dir", q + [os.path.join(root, "empty")], root, ["empty"],
-              lambda: temps(root) + ([] if os.path.exists(os.path.join(root, "empty", "model.safetensors"))
-                                     else ["no model.safetensors in empty/"]))
+    # an empty directory is filled where it is (the same directory: a shell working in it sees the model)
+    empty = os.path.join(root, "empty")
+    os.makedirs(empty)
+    ino = os.stat(empty).st_ino
+
+    def filled():
+        names = sorted(os.listdir(empty))
+        return temps(root) + ([] if os.stat(empty).st_ino == ino else ["empty/ was replaced"]) + (
+            [] if names == ["config.json", "model.safetensors"] else [f"empty/ holds {names}"])
+    c.allowed("quantize_into_empty_dir", q + [empty], root, ["empty"], filled)
 
 
 # ---------------------------------------------------------------- 3. init OUT

@@ -68,9 +68,9 @@ extern const jm_output_set jm_checkpoint_files;
  * prepare, pretrain); the rest of the directory is never touched. Refused: an
  * existing dir that is not a directory; an entry of the set that is or holds
  * one of the inputs, or that fails set->proof (both even with overwrite); any
- * entry of the set present, unless overwrite. *found (may be NULL): how many are. */
+ * entry of the set present, unless overwrite. */
 jm_status jm_output_entries_check(const char *dir, const jm_output_set *set, const char *const *inputs,
-                                  int ninputs, int overwrite, int *found, jm_error *err);
+                                  int ninputs, int overwrite, jm_error *err);
 /* Removes the entries of set found in dir (files, and directories with what
  * they hold), after a jm_output_entries_check with overwrite passed. */
 void jm_output_entries_clear(const char *dir, const jm_output_set *set);

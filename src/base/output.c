@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- the inputs ---- */
@@ -267,11 +268,10 @@ static jm_status existing_dir(const char *dir, bool *exists, jm_error *err)
 }
 
 jm_status jm_output_entries_check(const char *dir, const jm_output_set *set, const char *const *inputs,
-                                  int ninputs, int overwrite, int *found, jm_error *err)
+                                  int ninputs, int overwrite, jm_error *err)
 {
     bool exists;
     int nfound = 0;
-    if (found) *found = 0;
     jm_status s = existing_dir(dir, &exists, err);
     if (s || !exists) return s;
     input_set in;
@@ -300,7 +300,6 @@ jm_status jm_output_entries_check(const char *dir, const jm_output_set *set, con
     if (!s && nfound && !overwrite)
         s = jm_fail(err, JM_ERR_ARG, "%s already holds %s (%s%s); pass --overwrite to replace it", dir, set->what,
                     first, nfound > 1 ? ", ..." : "");
-    if (!s && found) *found = nfound;
     return s;
 }
 
@@ -342,16 +341,38 @@ void jm_output_entries_clear(const char *dir, const jm_output_set *set)
 
 /* ---- a model directory, replaced whole ---- */
 
+/* How the stage takes dir's place at commit. */
+enum { PUT_RENAME, PUT_MOVE_IN, PUT_EXCHANGE };
+
 struct jm_output_dir {
     char dir[4096];   /* where the model goes: the path given, or an existing directory's real path */
-    char stage[4200]; /* "<dir>.tmp.XXXXXX" beside it, being written */
-    int replace;      /* dir exists: exchanged with the stage at commit */
+    char stage[4200]; /* being written: "<dir>.tmp.XXXXXX" beside it, or "<dir>/.tmp.XXXXXX" in an empty one */
+    int put;          /* dir absent: renamed; empty: the files moved into it (the user's directory, its
+                       * inode and a shell's working directory in it, stays); a checkpoint: exchanged */
 };
+
+/* mkdtemp's name, but mkdir's mode (0777 less the umask, as any new
+ * directory; mkdtemp's is 0700): the stage becomes the user's model directory. */
+static int make_stage(char *path)
+{
+    static const char digits[] = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    char *x = path + strlen(path) - 6;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t v = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 20) ^ ((uint64_t)getpid() << 40);
+    for (int tries = 0; tries < 1000; tries++) {
+        v = v * 6364136223846793005ull + 1442695040888963407ull; /* Knuth's LCG step */
+        for (int i = 0; i < 6; i++) x[i] = digits[(v >> (16 + 6 * i)) % 62];
+        if (mkdir(path, 0777) == 0) return 0;
+        if (errno != EEXIST) return -1;
+    }
+    return -1;
+}
 
 /* An existing dir may be replaced when it is empty or a checkpoint jetmoe
  * wrote: every entry (hidden ones too) one of jm_checkpoint_files' names, and
  * config.json with the weights among them. */
-static jm_status check_replaceable(const char *real, const char *dir, int overwrite, jm_error *err)
+static jm_status check_replaceable(const char *real, const char *dir, int overwrite, int *empty, jm_error *err)
 {
     DIR *d = opendir(real);
     if (!d) return jm_fail(err, JM_ERR_IO, "%s: %s", dir, strerror(errno));
@@ -376,6 +397,7 @@ static jm_status check_replaceable(const char *real, const char *dir, int overwr
                     "checkpoint jetmoe wrote is replaced: choose another output directory", dir);
     if (!s && entries && !overwrite)
         s = jm_fail(err, JM_ERR_ARG, "%s holds a checkpoint; pass --overwrite to replace it", dir);
+    *empty = entries == 0;
     return s;
 }
 
@@ -391,19 +413,22 @@ jm_status jm_output_dir_open(const char *dir, const char *const *inputs, int nin
     if (!o) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     memcpy(o->dir, dir, len);
     bool exists;
+    mode_t mode = 0;
     jm_status s = existing_dir(o->dir, &exists, err);
     if (!s && exists) {
         input_set in;
         char *real = realpath(o->dir, NULL);
-        struct stat st;
+        struct stat st = {0};
         if (!real || strlen(real) > 4000) s = jm_fail(err, JM_ERR_IO, "%s: cannot resolve it", o->dir);
         else if (!(s = inputs_collect(&in, inputs, ninputs, err))) {
             if (stat(real, &st) == 0) input_clash(&in, &st, real, o->dir, &s, err);
             inputs_free(&in);
         }
-        if (!s) s = check_replaceable(real, o->dir, overwrite, err);
+        int empty = 0;
+        if (!s) s = check_replaceable(real, o->dir, overwrite, &empty, err);
         if (!s) snprintf(o->dir, sizeof o->dir, "%s", real); /* the exchange works on the directory itself */
-        o->replace = 1;
+        o->put = empty ? PUT_MOVE_IN : PUT_EXCHANGE;
+        mode = st.st_mode & 07777; /* an exchanged directory keeps the permissions it had */
         free(real);
     }
     if (!s && !exists) { /* the stage goes beside it: its parent must exist */
@@ -416,9 +441,11 @@ jm_status jm_output_dir_open(const char *dir, const char *const *inputs, int nin
         }
     }
     if (!s) {
-        snprintf(o->stage, sizeof o->stage, "%s.tmp.XXXXXX", o->dir);
-        if (!mkdtemp(o->stage))
-            s = jm_fail(err, JM_ERR_IO, "%s: cannot create a directory beside it: %s", o->dir, strerror(errno));
+        snprintf(o->stage, sizeof o->stage, o->put == PUT_MOVE_IN ? "%s/.tmp.XXXXXX" : "%s.tmp.XXXXXX", o->dir);
+        if (make_stage(o->stage) != 0)
+            s = jm_fail(err, JM_ERR_IO, "%s: cannot create a directory to write into: %s", o->dir, strerror(errno));
+        else if (o->put == PUT_EXCHANGE)
+            chmod(o->stage, mode);
     }
     if (s) {
         free(o);
@@ -436,15 +463,38 @@ const char *jm_output_dir_stage(const jm_output_dir *o)
 void jm_output_dir_abort(jm_output_dir *o)
 {
     if (!o) return;
-    if (o->stage[0]) jm_remove_dir(o->stage); /* made by mkdtemp and written only by us */
+    if (o->stage[0]) jm_remove_dir(o->stage); /* made by make_stage and written only by us */
     free(o);
+}
+
+/* The stage's files into the empty dir, config.json last: until it is there
+ * the directory is no checkpoint any reader would take. */
+static jm_status move_in(const jm_output_dir *o, jm_error *err)
+{
+    char **names;
+    int n;
+    jm_status s = jm_list_dir(o->stage, &names, &n, err);
+    for (int last = 0; last < 2 && !s; last++)
+        for (int i = 0; i < n && !s; i++) {
+            if ((strcmp(names[i], "config.json") == 0) != last) continue;
+            char *from = jm_path_join(o->stage, names[i]), *to = jm_path_join(o->dir, names[i]);
+            if (!from || !to) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", o->dir);
+            else if (rename(from, to) != 0) s = jm_fail(err, JM_ERR_IO, "%s: %s", to, strerror(errno));
+            free(from);
+            free(to);
+        }
+    jm_free_names(names, n);
+    if (!s) rmdir(o->stage);
+    return s;
 }
 
 jm_status jm_output_dir_commit(jm_output_dir *o, jm_error *err)
 {
     jm_status s = JM_OK;
     jm_fsync_path(o->stage);
-    if (o->replace) {
+    if (o->put == PUT_MOVE_IN) {
+        if (!(s = move_in(o, err))) o->stage[0] = 0;
+    } else if (o->put == PUT_EXCHANGE) {
         if (renameat2(AT_FDCWD, o->stage, AT_FDCWD, o->dir, RENAME_EXCHANGE) != 0) {
             s = jm_fail(err, JM_ERR_IO, "%s: cannot replace it: %s", o->dir, strerror(errno));
         } else { /* the stage now holds the old checkpoint: its files go (only those: anyone else's stay) */
@@ -462,6 +512,7 @@ jm_status jm_output_dir_commit(jm_output_dir *o, jm_error *err)
     }
     char parent[4200];
     snprintf(parent, sizeof parent, "%s/..", o->dir);
+    jm_fsync_path(o->dir);
     jm_fsync_path(parent);
     free(o);
     return JM_OK;

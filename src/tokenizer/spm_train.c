@@ -57,7 +57,8 @@ static const jm_output_set tokenizer_outputs = {"a tokenizer", tokenizer_names, 
 jm_status jm_tokenizer_train(const jm_tokenizer_train_opts *o, jm_error *err)
 {
     jm_status s = check_opts(o, err);
-    if (!s) s = jm_output_entries_check(o->out_dir, &tokenizer_outputs, o->inputs, o->ninputs, o->overwrite, NULL, err);
+    if (!s)
+        s = jm_output_entries_check(o->out_dir, &tokenizer_outputs, o->inputs, o->ninputs, o->overwrite, err);
     if (s || (s = jm_mkdir_p(o->out_dir, err))) return s;
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s/.tokenizer-train.XXXXXX", o->out_dir) >= (int)sizeof tmp - 64)

@@ -106,12 +106,13 @@ jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_erro
     if (tokens_written) *tokens_written = 0;
     if (!o->tokenizer || !o->out_dir || o->ninputs < 1 || !o->inputs)
         return jm_fail(err, JM_ERR_ARG, "prepare: needs a tokenizer, inputs and an output directory");
-    /* a previous prepare's shards are replaced only with overwrite, and nobody else's ever (README: What writes where) */
+    /* an earlier prepare's shards are replaced only with overwrite, nobody else's ever (README: What writes where) */
     const char **reads = malloc(((size_t)o->ninputs + 1) * sizeof *reads);
     if (!reads) return jm_fail(err, JM_ERR_NOMEM, "prepare: out of memory");
     memcpy(reads, o->inputs, (size_t)o->ninputs * sizeof *reads);
     reads[o->ninputs] = o->tokenizer;
-    jm_status chk = jm_output_entries_check(o->out_dir, &prepare_outputs, reads, o->ninputs + 1, o->overwrite, NULL, err);
+    jm_status chk = jm_output_entries_check(o->out_dir, &prepare_outputs, reads, o->ninputs + 1, o->overwrite,
+                                            err);
     free(reads);
     if (chk) return chk;
     int threads = o->threads > 0 ? o->threads : omp_get_num_procs();

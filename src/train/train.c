@@ -1020,7 +1020,7 @@ static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, jm_ou
     if (r->heldout[0]) inputs[n++] = r->heldout;
     for (int i = 0; i < r->nsources; i++) inputs[n++] = r->source_dir[i];
     *set = (jm_output_set){"a training run", run_names, recipe_saved(o->out_dir, r) ? 3 : 4, run_proof};
-    return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, n, o->overwrite, NULL, err);
+    return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, n, o->overwrite, err);
 }
 
 jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
