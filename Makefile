@@ -83,12 +83,13 @@ demo:
 	@sh scripts/setup.sh demo
 	@$(MAKE) --no-print-directory all
 	$(PY) data/build_corpus.py --out build/corpus
-	./jetmoe tokenizer train --input build/corpus/tokenizer_sample.txt --vocab-size 8000 --out $(DEMO)/tokenizer
+	@# --overwrite: a second 'make demo' replaces what the first wrote (README: What writes where)
+	./jetmoe tokenizer train --input build/corpus/tokenizer_sample.txt --vocab-size 8000 --out $(DEMO)/tokenizer --overwrite
 	for k in prose code math chat heldout; do \
-	  ./jetmoe prepare --tokenizer $(DEMO)/tokenizer --input build/corpus/$$k --out $(DEMO)/shards/$$k || exit 1; \
+	  ./jetmoe prepare --tokenizer $(DEMO)/tokenizer --input build/corpus/$$k --out $(DEMO)/shards/$$k --overwrite || exit 1; \
 	done
-	rm -rf $(DEMO)/run  # a fresh run each time (use 'jetmoe pretrain --resume' to continue one)
-	./jetmoe pretrain --recipe data/recipe-demo.json --out $(DEMO)/run
+	@# a fresh run each time: the previous one's checkpoints and metrics go (--resume would continue it)
+	./jetmoe pretrain --recipe data/recipe-demo.json --out $(DEMO)/run --overwrite
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
 	  --prompt "It is a truth universally acknowledged" --max-new 60 --temperature 0.8 --top-p 0.9 --seed 1
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --max-new 60 --greedy \
@@ -96,7 +97,7 @@ demo:
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --max-new 40 --greedy \
 	  --prompt "$$(printf '<|user|>\nWhat is 25%% of 80?</s>\n<|assistant|>\n')"
 	@# the inference formats: the trained model as int4 blocks, its held-out perplexity beside fp32's, and a generation
-	./jetmoe quantize $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --to q4 --out $(DEMO)/q4
+	./jetmoe quantize $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --to q4 --out $(DEMO)/q4 --overwrite
 	@echo "== held-out perplexity of the final checkpoint read back from disk, on $(DEMO_EVAL) held-out tokens spread over the whole held-out set:"
 	@echo "== the tokens the trainer scored above (recipe eval_tokens), so the two numbers agree"
 	./jetmoe eval $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) --data $(DEMO)/shards/heldout --max-tokens $(DEMO_EVAL)

@@ -147,6 +147,7 @@ static int split_list(char *s, const char **out, int max)
 typedef struct {
     const char *input, *out;
     int64_t vocab_size, byte_fallback, threads, max_sentences;
+    int overwrite;
 } train_tok_opts;
 
 static const cli_flag train_tok_flags[] = {
@@ -162,6 +163,8 @@ static const cli_flag train_tok_flags[] = {
      .help = "spm_train's threads, 0 = all cores"},
     {"--max-sentences", {NULL}, FLAG_INT, offsetof(train_tok_opts, max_sentences), "0", 0, 2000000000,
      .meta = "N", .help = "sentences spm_train samples (input_sentence_size), 0 = its default"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(train_tok_opts, overwrite),
+     .help = "replace tokenizer files already in DIR"},
 };
 
 static int run_train_tok(const cli_command *self, int argc, char **argv);
@@ -182,7 +185,7 @@ static int run_train_tok(const cli_command *self, int argc, char **argv)
     const char *files[256];
     int nf = list ? split_list(list, files, 256) : 0;
     jm_tokenizer_train_opts to = {files, nf, (int)o.vocab_size, o.out, (int)o.byte_fallback, (int)o.threads,
-                                  o.max_sentences};
+                                  o.max_sentences, o.overwrite};
     jm_error err;
     jm_status s = jm_tokenizer_train(&to, &err);
     free(list);
@@ -197,6 +200,7 @@ static int run_train_tok(const cli_command *self, int argc, char **argv)
 typedef struct {
     const char *tokenizer, *input, *out;
     int64_t threads, shard_tokens;
+    int overwrite;
 } prepare_opts;
 
 static const cli_flag prepare_flags[] = {
@@ -210,6 +214,8 @@ static const cli_flag prepare_flags[] = {
      .help = "threads, 0 = all cores (the output is the same for any)"},
     {"--shard-tokens", {NULL}, FLAG_INT, offsetof(prepare_opts, shard_tokens), "0", 0, 2000000000, .meta = "N",
      .help = "tokens per shard file, 0 = 100M"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(prepare_opts, overwrite),
+     .help = "replace the shards and manifest of an earlier prepare in SHARD_DIR"},
 };
 
 static int run_prepare(const cli_command *self, int argc, char **argv);
@@ -230,7 +236,7 @@ static int run_prepare(const cli_command *self, int argc, char **argv)
     const char *files[4096];
     int nf = list ? split_list(list, files, 4096) : 0;
     jm_set_threads((int)o.threads);
-    jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads};
+    jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads, o.overwrite};
     uint64_t n = 0;
     jm_error err;
     jm_status s = jm_prepare(&po, &n, &err);

@@ -124,7 +124,7 @@ static int run_info(const cli_command *self, int argc, char **argv)
 
 typedef struct {
     const char *tokens, *dump;
-    int backward;
+    int backward, overwrite;
     int64_t threads;
 } forward_opts;
 
@@ -135,6 +135,8 @@ static const cli_flag forward_flags[] = {
      .help = "write logits, losses and routing (and gradients) there"},
     {"--backward", {NULL}, FLAG_BOOL, offsetof(forward_opts, backward),
      .help = "also run the backward pass (its gradients go to --dump)"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(forward_opts, overwrite),
+     .help = "replace an existing --dump file (never one of the model's own)"},
     {"--threads", {NULL}, FLAG_INT, offsetof(forward_opts, threads), "0", 0, 4096, .meta = "N",
      .help = "threads, 0 = all cores"},
 };
@@ -147,7 +149,9 @@ const cli_command cmd_forward = {
     "writes F32 'logits' (T, vocab), 'loss', 'aux_loss', 'z_loss' (shape [1]) and I32\n"
     "'routing.layers.{i}.moa|moe' (T, k: the experts each router chose) to OUT, atomically.\n"
     "With --backward, also 'grad.<HF tensor name>' for every parameter: the gradient of\n"
-    "loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss.",
+    "loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss. An existing OUT is replaced only\n"
+    "with --overwrite, a file of the model never; a FIFO or /dev/null is written through, a\n"
+    "symlink followed to its file.",
     forward_flags, (int)(sizeof forward_flags / sizeof forward_flags[0]), run_forward};
 
 static int run_forward(const cli_command *self, int argc, char **argv)
@@ -167,7 +171,10 @@ static int run_forward(const cli_command *self, int argc, char **argv)
     jm_error err;
     jm_model *m;
     float *logits = NULL;
-    jm_status s = jm_model_load(dir, &m, &err);
+    char dump[4096]; /* where --dump goes: checked before any work (README: What writes where) */
+    const char *model_dir = dir;
+    jm_status s = o.dump ? jm_output_file(o.dump, &model_dir, 1, o.overwrite, dump, sizeof dump, &err) : JM_OK;
+    if (!s) s = jm_model_load(dir, &m, &err);
     if (s) {
         free(ids);
         return cli_fail(self, s, &err);
@@ -213,7 +220,7 @@ static int run_forward(const cli_command *self, int argc, char **argv)
             snprintf(name, sizeof names[0], "grad.%s", p->name);
             t[4 + 2 * nl + i] = (jm_tensor_out){name, "F32", p->ndim, {p->shape[0], p->shape[1], p->shape[2]}, p->grad};
         }
-        s = jm_save_tensors(o.dump, t, nt, &err);
+        s = jm_save_tensors(dump, t, nt, &err);
         free(t);
         free(names);
     }
@@ -229,6 +236,7 @@ out:
 typedef struct {
     const char *config;
     int64_t seed;
+    int overwrite;
 } init_opts;
 
 static const cli_flag init_flags[] = {
@@ -236,6 +244,8 @@ static const cli_flag init_flags[] = {
      .help = "the model's HF config"},
     {"--seed", {NULL}, FLAG_INT, offsetof(init_opts, seed), "1", 0, 2147483647, .meta = "N",
      .help = "seed of the initial weights"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(init_opts, overwrite),
+     .help = "replace a checkpoint already in OUT_DIR (only one jetmoe wrote)"},
 };
 
 static int run_init(const cli_command *self, int argc, char **argv);
@@ -244,7 +254,8 @@ const cli_command cmd_init = {
     "init", "OUT_DIR", "a freshly initialised model as an HF checkpoint",
     "Creates a JetMoE initialised as the spec says (weights N(0, initializer_range), norms 1,\n"
     "biases 0) and writes it as an HF checkpoint (config.json + model.safetensors, F32).\n"
-    "Fields config.json leaves out take JetMoE-8B's values.",
+    "Fields config.json leaves out take JetMoE-8B's values. OUT_DIR is new or empty, or, with\n"
+    "--overwrite, a checkpoint jetmoe wrote, replaced whole in one rename.",
     init_flags, (int)(sizeof init_flags / sizeof init_flags[0]), run_init};
 
 static int run_init(const cli_command *self, int argc, char **argv)
@@ -255,11 +266,14 @@ static int run_init(const cli_command *self, int argc, char **argv)
     if (rc != CLI_RUN) return rc;
     jm_error err;
     jm_config c;
-    jm_model *m;
+    jm_model *m = NULL;
+    jm_output_dir *od = NULL;
     jm_status s = jm_config_load(o.config, &c, &err);
+    if (!s) s = jm_output_dir_open(out, &o.config, 1, o.overwrite, &od, &err);
     if (!s) s = jm_model_create(&c, (uint64_t)o.seed, &m, &err);
-    if (s) return cli_fail(self, s, &err);
-    s = jm_model_save(m, out, &err);
+    if (!s) s = jm_model_save(m, jm_output_dir_stage(od), &err);
+    if (!s) s = jm_output_dir_commit(od, &err);
+    else jm_output_dir_abort(od);
     jm_model_free(m);
     if (s) return cli_fail(self, s, &err);
     printf("wrote %s: %lld parameters\n", out, (long long)jm_config_num_params(&c));
@@ -271,6 +285,7 @@ static int run_init(const cli_command *self, int argc, char **argv)
 typedef struct {
     const char *to, *out;
     int64_t threads;
+    int overwrite;
 } quantize_opts;
 
 static const cli_flag quantize_flags[] = {
@@ -280,6 +295,8 @@ static const cli_flag quantize_flags[] = {
      .help = "where the quantized checkpoint goes"},
     {"--threads", {NULL}, FLAG_INT, offsetof(quantize_opts, threads), "0", 0, 4096, .meta = "N",
      .help = "threads, 0 = all cores"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(quantize_opts, overwrite),
+     .help = "replace a checkpoint already in OUT_DIR (only one jetmoe wrote)"},
 };
 
 static int run_quantize(const cli_command *self, int argc, char **argv);
@@ -288,7 +305,8 @@ const cli_command cmd_quantize = {
     "quantize", "DIR", "blockwise int8 / int4 copy of a checkpoint",
     "Writes a copy of the checkpoint with every weight matrix as blocks of 32 int8 (q8) or int4 (q4)\n"
     "values with an F16 scale each (routers, norms and biases as stored); every command loads it.\n"
-    "Reads the input in place, so a BF16 8B checkpoint needs no fp32 copy.",
+    "Reads the input in place, so a BF16 8B checkpoint needs no fp32 copy. OUT_DIR is new or empty,\n"
+    "or, with --overwrite, a checkpoint jetmoe wrote (never one holding the input), replaced whole.",
     quantize_flags, (int)(sizeof quantize_flags / sizeof quantize_flags[0]), run_quantize};
 
 static int run_quantize(const cli_command *self, int argc, char **argv)
@@ -303,7 +321,7 @@ static int run_quantize(const cli_command *self, int argc, char **argv)
     if (!bits) return cli_error(self, "--to wants q8 or q4, got '%s'", o.to);
     jm_set_threads((int)o.threads);
     jm_error err;
-    jm_status s = jm_quantize(dir, o.out, bits, &err);
+    jm_status s = jm_quantize(dir, o.out, bits, o.overwrite, &err);
     if (s) return cli_fail(self, s, &err);
     fprintf(stderr, "jetmoe quantize: wrote %s (%s)\n", o.out, o.to);
     return 0;

@@ -5,7 +5,7 @@
 
 typedef struct {
     const char *recipe, *out;
-    int resume, quiet;
+    int resume, quiet, overwrite;
     int64_t threads, stop_after;
 } pretrain_opts;
 
@@ -16,6 +16,8 @@ static const cli_flag pretrain_flags[] = {
      .help = "the run directory: metrics.jsonl, loss.svg, checkpoints/"},
     {"--resume", {NULL}, FLAG_BOOL, offsetof(pretrain_opts, resume),
      .help = "continue the run in RUN_DIR from its latest checkpoint, bit-exactly"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(pretrain_opts, overwrite),
+     .help = "start afresh over a run already in RUN_DIR (its checkpoints and metrics go first)"},
     {"--threads", {NULL}, FLAG_INT, offsetof(pretrain_opts, threads), "0", 0, 4096, .meta = "N",
      .help = "threads, 0 = all cores"},
     {"--stop-after", {NULL}, FLAG_INT, offsetof(pretrain_opts, stop_after), "0", 0, 2000000000, .meta = "N",
@@ -30,7 +32,7 @@ const cli_command cmd_pretrain = {
     "Pretrains a JetMoE as the recipe says (mixture phases, AdamW, warmup-stable-decay schedule,\n"
     "load-balancing and z losses). Writes RUN_DIR/metrics.jsonl, loss.svg and checkpoints in HF\n"
     "format with trainer state; SIGINT/SIGTERM save and exit (status 130); --resume continues\n"
-    "bit-exactly.",
+    "bit-exactly. A RUN_DIR that holds a run needs --resume or --overwrite.",
     pretrain_flags, (int)(sizeof pretrain_flags / sizeof pretrain_flags[0]), run_pretrain};
 
 /* Set by SIGINT/SIGTERM; the trainer polls it between steps, saves and returns.
@@ -52,7 +54,7 @@ static int run_pretrain(const cli_command *self, int argc, char **argv)
     sa_int.sa_handler = on_signal;
     sigaction(SIGINT, &sa_int, NULL);
     sigaction(SIGTERM, &sa_int, NULL);
-    jm_train_opts to = {o.recipe, o.out, o.resume, o.stop_after, &stop_requested, o.quiet};
+    jm_train_opts to = {o.recipe, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite};
     int stopped;
     jm_error err;
     jm_status s = jm_pretrain(&to, &stopped, &err);

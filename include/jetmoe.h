@@ -135,6 +135,39 @@ typedef struct {
 } jm_tensor_out;
 jm_status jm_save_tensors(const char *path, const jm_tensor_out *t, int n, jm_error *err);
 
+/* ---- outputs (README: What writes where) ------------------------------ */
+
+/* No command replaces or removes what it did not write. inputs are the paths
+ * a command reads (files, or directories standing for every file under them):
+ * none is ever replaced or removed, even with overwrite. */
+
+/* A file the user named (forward --dump). Nothing at path: it is created. A
+ * regular file: replaced, atomically, only with overwrite. A FIFO or a
+ * character device (/dev/null): written through, never renamed over. A
+ * symlink: followed to the file it names, which is judged the same way and
+ * written atomically where it is (the link stays a link; a link to nothing is
+ * refused). A directory or any other node: refused. target receives the path
+ * to write: path, or the file the link names. */
+jm_status jm_output_file(const char *path, const char *const *inputs, int ninputs, int overwrite, char *target,
+                         size_t cap, jm_error *err);
+
+/* A model directory written whole (init, quantize). jm_output_dir_open checks
+ * dir: absent or empty, or, with overwrite, a checkpoint jetmoe wrote
+ * (config.json and the weights, and nothing but the names jetmoe writes into a
+ * model directory); never a directory that is, or holds, an input. It makes a
+ * fresh directory, jm_output_dir_stage(o), to write the model into: beside
+ * dir, or inside it when dir is empty. Commit puts the model in place: a new
+ * dir by one rename; an empty one by moving the files in, config.json last; a
+ * checkpoint by exchanging the two directories in one rename, then removing
+ * the old files. A reader sees the old model or the new one, never a mix;
+ * abort removes the stage. Both free o. */
+typedef struct jm_output_dir jm_output_dir;
+jm_status jm_output_dir_open(const char *dir, const char *const *inputs, int ninputs, int overwrite,
+                             jm_output_dir **out, jm_error *err);
+const char *jm_output_dir_stage(const jm_output_dir *o);
+jm_status jm_output_dir_commit(jm_output_dir *o, jm_error *err);
+void jm_output_dir_abort(jm_output_dir *o);
+
 /* ---- forward --------------------------------------------------------- */
 
 typedef struct {
@@ -185,14 +218,15 @@ const char *jm_model_weight_type(const jm_model *m);
 jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err);
 const char *jm_kernels(const jm_model *m);
 
-/* Writes a quantized copy of checkpoint dir into out_dir: every weight matrix
+/* Writes a quantized copy of checkpoint dir as out_dir (jm_output_dir_open's
+ * rule: an existing out_dir is replaced only with overwrite): every weight matrix
  * whose input width is a multiple of 32 (all of JetMoE-8B's) as blocks of 32
  * values with one F16 scale each - int8 for bits = 8 (tensor dtype I8), int4
  * for bits = 4 (two per byte, U8) - next to "<name>_scale"; routers, norms
  * and biases keep their dtype. Sharded (<= 2 GB per file, with an index) and
  * atomic per file; config.json and tokenizer files are copied. Reads through
  * jm_model_open, so an 8B BF16 input needs no fp32 copy. */
-jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *err);
+jm_status jm_quantize(const char *dir, const char *out_dir, int bits, int overwrite, jm_error *err);
 
 /* After jm_forward: the experts each router chose, in router order.
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the
@@ -294,6 +328,7 @@ typedef struct {
     const char *out_dir;
     uint64_t shard_tokens;      /* 0 = 100M */
     int threads;                /* 0 = all cores */
+    int overwrite;              /* replace a previous prepare's shards and manifest in out_dir */
 } jm_prepare_opts;
 jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_error *err);
 
@@ -314,6 +349,7 @@ typedef struct {
     int64_t stop_after;          /* > 0: save and stop after this many steps in total (tests) */
     const volatile int *stop;    /* set asynchronously (SIGINT/SIGTERM): save and return */
     int quiet;                   /* no progress line */
+    int overwrite;               /* without resume: replace a run already in out_dir (its results go first) */
 } jm_train_opts;
 /* Pretrains as the recipe says. On a stop request it writes a checkpoint and
  * returns JM_OK with *stopped = 1. */
@@ -381,6 +417,7 @@ typedef struct {
     int byte_fallback;         /* 1 (Llama) or 0 */
     int threads;               /* 0 = all cores */
     int64_t max_sentences;     /* input_sentence_size; 0 = spm_train's default */
+    int overwrite;             /* replace tokenizer files already in out_dir */
 } jm_tokenizer_train_opts;
 jm_status jm_tokenizer_train(const jm_tokenizer_train_opts *o, jm_error *err);
 

@@ -35,13 +35,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Commands and the flags each must keep taking (the generated usage must show them all).
 EXPECTED_FLAGS = {
     "info": [],
-    "forward": ["--tokens", "--dump", "--backward", "--threads"],
-    "init": ["--config", "--seed"],
+    "forward": ["--tokens", "--dump", "--backward", "--overwrite", "--threads"],
+    "init": ["--config", "--seed", "--overwrite"],
     "tokenizer encode": ["--model"],
     "tokenizer decode": ["--model"],
-    "tokenizer train": ["--input", "--vocab-size", "--out", "--byte-fallback", "--threads", "--max-sentences"],
-    "prepare": ["--tokenizer", "--input", "--out", "--threads", "--shard-tokens"],
-    "pretrain": ["--recipe", "--out", "--resume", "--threads", "--stop-after", "--quiet"],
+    "tokenizer train": ["--input", "--vocab-size", "--out", "--byte-fallback", "--threads", "--max-sentences",
+                        "--overwrite"],
+    "prepare": ["--tokenizer", "--input", "--out", "--threads", "--shard-tokens", "--overwrite"],
+    "pretrain": ["--recipe", "--out", "--resume", "--overwrite", "--threads", "--stop-after", "--quiet"],
     "generate": ["--prompt", "-p", "--tokens", "--tokenizer", "--max-new", "-n", "--temperature", "--temp",
                  "--top-k", "--top-p", "--seed", "--greedy", "--ids", "--stop", "--threads", "--kernels",
                  "--repeat-penalty", "--repetition-penalty", "--repeat-last-n"],
@@ -49,7 +50,7 @@ EXPECTED_FLAGS = {
              "--greedy", "--stop", "--threads", "--kernels", "--repeat-penalty", "--repetition-penalty",
              "--repeat-last-n", "--quiet"],
     "eval": ["--data", "--seq-len", "--max-tokens", "--decode", "--threads", "--kernels"],
-    "quantize": ["--to", "--out", "--threads"],
+    "quantize": ["--to", "--out", "--threads", "--overwrite"],
     "help": ["--flags"],
     "version": [],
 }

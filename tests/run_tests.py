@@ -25,6 +25,7 @@ import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 import train_tests  # noqa: E402  (tests/train_tests.py)
+import output_safety_tests  # noqa: E402  (tests/output_safety_tests.py; after train_tests, see its imports)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,6 +103,14 @@ GOLDEN_CONFIGS = {
 GOLDEN_LENGTHS = [1, 7, 128]
 
 
+def reference_model(name, ck):
+    """The reference's checkpoint of GOLDEN_CONFIGS[name] (its dtype and shard count) in ck, seed 7:
+    the finished process (returncode 0 when ck holds it)."""
+    spec = GOLDEN_CONFIGS[name]
+    return run([PY, REF, "make", "--out", ck, "--config", json.dumps(spec["cfg"]), "--seed", "7",
+                "--dtype", spec["dtype"], "--shards", str(spec["shards"])])[0]
+
+
 def golden(suite, build, tmp):
     jetmoe = os.path.join(ROOT, build, "jetmoe")
     rng = np.random.default_rng(1234)
@@ -109,8 +118,7 @@ def golden(suite, build, tmp):
         if not suite.wanted("golden_" + name):
             continue
         ck = os.path.join(tmp, "golden_" + name)
-        p, _ = run([PY, REF, "make", "--out", ck, "--config", json.dumps(spec["cfg"]), "--seed", "7",
-                    "--dtype", spec["dtype"], "--shards", str(spec["shards"])])
+        p = reference_model(name, ck)
         if p.returncode != 0:
             suite.check(f"golden_{name}_make", False, p.stderr.strip()[-800:])
             continue
@@ -952,6 +960,7 @@ def main():
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
+        output_safety_tests.run(suite, args.build, tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

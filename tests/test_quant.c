@@ -382,8 +382,8 @@ static void test_models(const char *tmp)
     jm_status s = jm_model_create(&c, 7, &m, &err);
     if (!s) s = jm_model_save(m, f32dir, &err);
     if (!s) s = save_bf16(m, bf16dir, &err);
-    if (!s) s = jm_quantize(bf16dir, q8dir, 8, &err);
-    if (!s) s = jm_quantize(bf16dir, q4dir, 4, &err);
+    if (!s) s = jm_quantize(bf16dir, q8dir, 8, 0, &err);
+    if (!s) s = jm_quantize(bf16dir, q4dir, 4, 0, &err);
     jm_model_free(m);
     if (!check(s == JM_OK, "quantize_writes_checkpoints", "%s", err.msg)) return;
 
@@ -476,7 +476,7 @@ static void test_models(const char *tmp)
     check_detail(bytes[3] > 0 && bytes[3] < bytes[2] && bytes[2] < bytes[1] && bytes[1] < bytes[0],
                  "active_weight_bytes_by_dtype", "f32 %lld, bf16 %lld, q8 %lld, q4 %lld", (long long)bytes[0],
                  (long long)bytes[1], (long long)bytes[2], (long long)bytes[3]);
-    s = jm_quantize(q8dir, q8dir, 4, &err);
+    s = jm_quantize(q8dir, q8dir, 4, 1, &err);
     check(s == JM_ERR_ARG, "quantize_refuses_in_place", "status %d: %s", s, err.msg);
     jm_model *mo = NULL;
     s = jm_model_open(q8dir, &mo, &err);
@@ -512,7 +512,7 @@ static void test_quantize_refuses(const char *tmp)
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         jm_error err = {{0}};
         jm_status s = bf16_with(src, cases[i].v, &err);
-        if (!s) s = jm_quantize(src, dst, cases[i].bits, &err);
+        if (!s) s = jm_quantize(src, dst, cases[i].bits, 0, &err);
         char name[64];
         snprintf(name, sizeof name, "quantize_refuses_%s_q%d", i < 2 ? "nonfinite" : "huge", cases[i].bits);
         check(s == JM_ERR_FORMAT && strstr(err.msg, cases[i].expect) && strstr(err.msg, "input_linear") &&

@@ -21,12 +21,16 @@ jm_status jm_open_regular(const char *path, int *fd, size_t *size, jm_error *err
 /* Reads a whole file into a malloc'd, NUL-terminated buffer (max_len bounds it). */
 jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err);
 
-/* Atomic writes: write to "<path>.tmp.<pid>", fsync, rename over path, fsync the directory.
- * A crash at any point leaves either the old file or the new one, never a mix. */
+/* Atomic writes: write to "<path>.tmp.XXXXXX", fsync, rename over path, fsync the directory.
+ * A crash at any point leaves either the old file or the new one, never a mix.
+ * A FIFO or character device at path (a reader's pipe, /dev/null) is written
+ * through instead, never renamed over: the node stays what it is; any other
+ * kind of node (a directory, a block device, a socket) is refused. */
 typedef struct {
     FILE *f;
     char path[4096];
-    char tmp[4200]; /* "<path>.tmp.XXXXXX" from mkstemp */
+    char tmp[4200]; /* "<path>.tmp.XXXXXX" from mkstemp; "" when writing through */
+    int through;    /* path is a FIFO or character device, written in place */
 } jm_atomic_file;
 jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err);
 jm_status jm_atomic_write(jm_atomic_file *a, const void *buf, size_t len, jm_error *err);
@@ -45,6 +49,37 @@ char *jm_path_join(const char *dir, const char *name);
 /* A run's checkpoints/latest -> "<ckpt_dir>/step_N" in out; only the exact
  * form step_N is accepted, and it must be a directory (checkpoint_dir.c). */
 jm_status jm_read_latest(const char *ckpt_dir, char *out, size_t cap, jm_error *err);
+
+/* ---- outputs a user names (output.c; README: What writes where) ---- */
+/* The entries a command writes into an output directory, by name ('#' in a
+ * name matches one digit). proof, when not NULL, says whether the existing
+ * entry at path is provably this program's (a shard's magic, a manifest's
+ * format field): only such an entry is replaced or removed, even with overwrite. */
+typedef struct {
+    const char *what;          /* for messages: "a tokenizer", "token shards", "a training run" */
+    const char *const *names;
+    int nnames;
+    int (*proof)(const char *path, const char *name);
+} jm_output_set;
+/* What jetmoe writes into a model directory: config.json, model.safetensors or
+ * its index and shards, the tokenizer files, trainer_state.safetensors. */
+extern const jm_output_set jm_checkpoint_files;
+/* Checks dir before a command writes set's entries into it (tokenizer train,
+ * prepare, pretrain); the rest of the directory is never touched. Refused: an
+ * existing dir that is not a directory; an entry of the set that is or holds
+ * one of the inputs, or that fails set->proof (both even with overwrite); any
+ * entry of the set present, unless overwrite. */
+jm_status jm_output_entries_check(const char *dir, const jm_output_set *set, const char *const *inputs,
+                                  int ninputs, int overwrite, jm_error *err);
+/* Removes the entries of set found in dir (files, and directories with what
+ * they hold), after a jm_output_entries_check with overwrite passed. */
+void jm_output_entries_clear(const char *dir, const jm_output_set *set);
+/* True when every entry of dir (hidden ones included) is one of set's names
+ * or a temporary file of one ("NAME.tmp.XXXXXX"). */
+bool jm_dir_holds_only(const char *dir, const jm_output_set *set);
+/* The proof for a run's checkpoints/ folder: only latest, step_N and
+ * step_N.tmp.XXXXXX checkpoint directories of jm_checkpoint_files (checkpoint_dir.c). */
+int jm_checkpoints_dir_proof(const char *path, const char *name);
 
 /* ---- JSON (json.c) ---- */
 /* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,

@@ -8,6 +8,7 @@
  * run directory can never send a reader (or a resume) outside itself. */
 #include "base/base.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -55,6 +56,31 @@ jm_status jm_read_latest(const char *ckpt_dir, char *out, size_t cap, jm_error *
     if ((s = join(out, cap, ckpt_dir, buf, err))) return s;
     if (!is_dir(out)) return jm_fail(err, JM_ERR_IO, "%s names %s, which is not a directory", path, out);
     return JM_OK;
+}
+
+/* A run's checkpoints/ folder as the trainer leaves it: latest (and its
+ * temporary files), step_N and step_N.tmp.XXXXXX directories that hold only
+ * checkpoint files. A fresh run over an old one (overwrite) removes it whole. */
+int jm_checkpoints_dir_proof(const char *path, const char *name)
+{
+    (void)name;
+    DIR *d = opendir(path);
+    if (!d) return 0;
+    int ok = 1;
+    for (struct dirent *e; ok && (e = readdir(d));) {
+        const char *n = e->d_name, *tmp = strstr(n, ".tmp.");
+        if (!strcmp(n, ".") || !strcmp(n, "..")) continue;
+        size_t base = tmp ? (size_t)(tmp - n) : strlen(n);
+        char p[4400];
+        struct stat st;
+        ok = (!tmp || strlen(tmp) == 11) && (size_t)snprintf(p, sizeof p, "%s/%s", path, n) < sizeof p &&
+             lstat(p, &st) == 0;
+        if (ok && base == 6 && !strncmp(n, "latest", 6)) ok = S_ISREG(st.st_mode);
+        else if (ok && is_step_name(n, base)) ok = S_ISDIR(st.st_mode) && jm_dir_holds_only(p, &jm_checkpoint_files);
+        else ok = 0;
+    }
+    closedir(d);
+    return ok;
 }
 
 jm_status jm_checkpoint_resolve(const char *path, char *out, size_t cap, jm_error *err)

@@ -60,11 +60,36 @@ jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len
     return JM_OK;
 }
 
+/* A FIFO or character device is written in place: renaming over it would
+ * replace the node (as root, /dev/null itself). O_NONBLOCK so that a FIFO
+ * without a reader is an error, not a wait. */
+static jm_status open_through(jm_atomic_file *a, const char *path, mode_t mode, jm_error *err)
+{
+    if (!S_ISFIFO(mode) && !S_ISCHR(mode))
+        return jm_fail(err, JM_ERR_IO, "%s is %s; a file, a FIFO or a character device is written", path,
+                       S_ISDIR(mode) ? "a directory" : S_ISBLK(mode) ? "a block device" : "not a regular file");
+    int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 && errno == ENXIO)
+        return jm_fail(err, JM_ERR_IO, "%s is a FIFO with no reader; start the reader first", path);
+    if (fd < 0) return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    if (!(a->f = fdopen(fd, "wb"))) {
+        close(fd);
+        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+    }
+    a->through = 1;
+    return JM_OK;
+}
+
 jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err)
 {
     memset(a, 0, sizeof *a);
     if (strlen(path) >= sizeof a->path) return jm_fail(err, JM_ERR_ARG, "%s: path too long", path);
     snprintf(a->path, sizeof a->path, "%s", path);
+    struct stat st; /* lstat: a symlink itself is replaced, as any file (jm_output_file follows a user's links) */
+    if (lstat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode))
+        return open_through(a, path, st.st_mode, err);
     /* a fresh, exclusive temp name beside the target (same filesystem, so the
      * rename is atomic; mkstemp never follows a planted symlink) */
     snprintf(a->tmp, sizeof a->tmp, "%s.tmp.XXXXXX", path);
@@ -88,7 +113,7 @@ jm_status jm_atomic_open(jm_atomic_file *a, const char *path, jm_error *err)
 jm_status jm_atomic_write(jm_atomic_file *a, const void *buf, size_t len, jm_error *err)
 {
     if (len && fwrite(buf, 1, len, a->f) != len)
-        return jm_fail(err, JM_ERR_IO, "%s: write failed: %s", a->tmp, strerror(errno));
+        return jm_fail(err, JM_ERR_IO, "%s: write failed: %s", a->through ? a->path : a->tmp, strerror(errno));
     return JM_OK;
 }
 
@@ -112,6 +137,12 @@ static void fsync_dir_of(const char *path)
 
 jm_status jm_atomic_commit(jm_atomic_file *a, jm_error *err)
 {
+    if (a->through) { /* nothing to sync or rename: a pipe or a device */
+        int rc = fflush(a->f);
+        rc |= fclose(a->f);
+        a->f = NULL;
+        return rc ? jm_fail(err, JM_ERR_IO, "%s: write failed: %s", a->path, strerror(errno)) : JM_OK;
+    }
     if (fflush(a->f) != 0 || fsync(fileno(a->f)) != 0) {
         jm_status s = jm_fail(err, JM_ERR_IO, "%s: flush failed: %s", a->tmp, strerror(errno));
         jm_atomic_abort(a);

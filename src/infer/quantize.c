@@ -179,37 +179,27 @@ static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error 
     return JM_OK;
 }
 
-/* Puts the finished directory tmp in place of out_dir: an atomic exchange
- * when out_dir exists (then the old one is removed), else a rename. */
-static jm_status replace_dir(const char *tmp, const char *out_dir, jm_error *err)
-{
-    jm_fsync_path(tmp);
-    if (renameat2(AT_FDCWD, tmp, AT_FDCWD, out_dir, RENAME_EXCHANGE) == 0) {
-        jm_remove_dir(tmp); /* now the old output */
-    } else if (errno == ENOENT) {
-        if (rename(tmp, out_dir) != 0) return jm_fail(err, JM_ERR_IO, "%s: %s", out_dir, strerror(errno));
-    } else {
-        return jm_fail(err, JM_ERR_IO, "%s: cannot replace it: %s", out_dir, strerror(errno));
-    }
-    char parent[4200];
-    snprintf(parent, sizeof parent, "%s/..", out_dir);
-    jm_fsync_path(parent);
-    return JM_OK;
-}
-
-jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *err)
+jm_status jm_quantize(const char *dir, const char *out_dir, int bits, int overwrite, jm_error *err)
 {
     if (bits != 8 && bits != 4) return jm_fail(err, JM_ERR_ARG, "quantize: bits must be 8 or 4, got %d", bits);
     if (strlen(out_dir) > 4000 || strlen(dir) > 4000) return jm_fail(err, JM_ERR_ARG, "quantize: path too long");
-    char a[4096], b[4096];
-    if (realpath(dir, a) && realpath(out_dir, b) && strcmp(a, b) == 0)
-        return jm_fail(err, JM_ERR_ARG, "quantize: the output directory %s is the input", out_dir);
-    jm_model *m;
-    jm_status s = jm_model_open(dir, &m, err);
+    /* everything goes into a fresh directory beside out_dir, which then takes
+     * out_dir's place: no mix with an earlier output's files, a failure part-way
+     * leaves out_dir as it was, and only a checkpoint jetmoe wrote is replaced,
+     * never one holding the input */
+    jm_output_dir *od;
+    jm_status s = jm_output_dir_open(out_dir, &dir, 1, overwrite, &od, err);
     if (s) return s;
+    const char *tmp = jm_output_dir_stage(od);
+    jm_model *m;
+    if ((s = jm_model_open(dir, &m, err))) {
+        jm_output_dir_abort(od);
+        return s;
+    }
     st_set set; /* the stored bytes of what is copied as is */
     if ((s = st_set_open(dir, &set, err))) {
         jm_model_free(m);
+        jm_output_dir_abort(od);
         return s;
     }
     const int n = jm_model_num_params(m);
@@ -234,13 +224,7 @@ jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *
         total += e->bytes;
     }
     const int nshards = shard + 1;
-    /* everything goes into a fresh directory beside out_dir, which then takes
-     * out_dir's place: no mix with an earlier output's files, and a failure
-     * part-way leaves out_dir as it was */
-    char tmp[4200], path[4300];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", out_dir, (long)getpid());
-    jm_remove_dir(tmp);
-    if (!s) s = jm_mkdir_p(tmp, err);
+    char path[4300];
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
     for (int k = 0; k < nshards && !s; k++) {
         if (nshards > 1) snprintf(path, sizeof path, "%s/model-%05d-of-%05d.safetensors", tmp, k + 1, nshards);
@@ -248,8 +232,8 @@ jm_status jm_quantize(const char *dir, const char *out_dir, int bits, jm_error *
     }
     if (!s && nshards > 1) s = write_index(tmp, plan, n, nshards, total, err);
     if (!s) s = copy_side_files(dir, tmp, err);
-    if (!s) s = replace_dir(tmp, out_dir, err);
-    if (s) jm_remove_dir(tmp);
+    if (!s) s = jm_output_dir_commit(od, err);
+    else jm_output_dir_abort(od);
     free(plan);
     st_set_close(&set);
     jm_model_free(m);

@@ -50,9 +50,15 @@ static void show_progress(spm_log *lg, int done, bool final);
 static void log_error(const spm_log *lg, char *out, size_t cap);
 static double now_seconds(void);
 
+/* What it writes into out_dir: replaced only with overwrite, never an input (README: What writes where). */
+static const char *const tokenizer_names[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
+static const jm_output_set tokenizer_outputs = {"a tokenizer", tokenizer_names, 3, NULL};
+
 jm_status jm_tokenizer_train(const jm_tokenizer_train_opts *o, jm_error *err)
 {
     jm_status s = check_opts(o, err);
+    if (!s)
+        s = jm_output_entries_check(o->out_dir, &tokenizer_outputs, o->inputs, o->ninputs, o->overwrite, err);
     if (s || (s = jm_mkdir_p(o->out_dir, err))) return s;
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s/.tokenizer-train.XXXXXX", o->out_dir) >= (int)sizeof tmp - 64)

@@ -92,6 +92,7 @@ static void encode_doc(const jm_tokenizer *tok, const file_list *fl, doc *d);
 static jm_status stream_put(out_stream *os, const int32_t *ids, uint64_t n, jm_error *err);
 static jm_status stream_finish(out_stream *os, jm_error *err);
 static void stream_abort(out_stream *os);
+static const jm_output_set prepare_outputs;
 static void remove_stale_shards(const char *dir, int keep);
 static jm_status move_shards(const char *from, const char *to, int n, jm_error *err);
 static void remove_scratch(const char *dir, int n);
@@ -105,6 +106,15 @@ jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_erro
     if (tokens_written) *tokens_written = 0;
     if (!o->tokenizer || !o->out_dir || o->ninputs < 1 || !o->inputs)
         return jm_fail(err, JM_ERR_ARG, "prepare: needs a tokenizer, inputs and an output directory");
+    /* an earlier prepare's shards are replaced only with overwrite, nobody else's ever (README: What writes where) */
+    const char **reads = malloc(((size_t)o->ninputs + 1) * sizeof *reads);
+    if (!reads) return jm_fail(err, JM_ERR_NOMEM, "prepare: out of memory");
+    memcpy(reads, o->inputs, (size_t)o->ninputs * sizeof *reads);
+    reads[o->ninputs] = o->tokenizer;
+    jm_status chk = jm_output_entries_check(o->out_dir, &prepare_outputs, reads, o->ninputs + 1, o->overwrite,
+                                            err);
+    free(reads);
+    if (chk) return chk;
     int threads = o->threads > 0 ? o->threads : omp_get_num_procs();
     jm_tokenizer *tok = NULL;
     jm_status st = jm_tokenizer_load(o->tokenizer, &tok, err);
@@ -481,8 +491,37 @@ static void stream_abort(out_stream *os)
     os->open = false;
 }
 
+#define MANIFEST_FORMAT "jetmoe.c token shards v1"
+
+/* What prepare writes into its output directory, and the proof that an
+ * existing one is a previous prepare's: a shard's magic, the manifest's format. */
+static int prepare_proof(const char *path, const char *name)
+{
+    if (strcmp(name, "manifest.json") != 0) {
+        char magic[8];
+        FILE *f = fopen(path, "rb");
+        bool ours = f && fread(magic, 1, 8, f) == 8 && memcmp(magic, JM_SHARD_MAGIC, 8) == 0;
+        if (f) fclose(f);
+        return ours;
+    }
+    char *text;
+    size_t len;
+    cJSON *root = NULL;
+    if (jm_read_file(path, (size_t)1 << 28, &text, &len, NULL)) return 0;
+    jm_status s = jm_json_parse(text, len, path, &root, NULL);
+    free(text);
+    const cJSON *format = s ? NULL : cJSON_GetObjectItemCaseSensitive(root, "format");
+    int ours = cJSON_IsString(format) && strcmp(format->valuestring, MANIFEST_FORMAT) == 0;
+    cJSON_Delete(root);
+    return ours;
+}
+
+static const char *const prepare_names[] = {"manifest.json", "shard_#####.bin"};
+static const jm_output_set prepare_outputs = {"token shards", prepare_names, 2, prepare_proof};
+
 /* A re-run with less text must not leave the old run's later shards behind
- * for the sampler to read: remove shard_NNNNN.bin from index `keep` on. */
+ * for the sampler to read: remove shard_NNNNN.bin from index `keep` on (only
+ * token shards: the check before the run refused anything else of that name). */
 static void remove_stale_shards(const char *dir, int keep)
 {
     char **names;
@@ -498,7 +537,7 @@ static void remove_stale_shards(const char *dir, int keep)
         }
         if (ours && idx >= keep) {
             char *p = jm_path_join(dir, s);
-            if (p && unlink(p) == 0) fprintf(stderr, "prepare: removed stale %s\n", p);
+            if (p && prepare_proof(p, s) && unlink(p) == 0) fprintf(stderr, "prepare: removed stale %s\n", p);
             free(p);
         }
     }
@@ -540,7 +579,7 @@ static jm_status write_manifest(const jm_prepare_opts *o, const jm_tokenizer *to
 {
     cJSON *root = cJSON_CreateObject(), *shards = NULL, *files = NULL;
     bool ok = root != NULL;
-    ok = ok && cJSON_AddStringToObject(root, "format", "jetmoe.c token shards v1");
+    ok = ok && cJSON_AddStringToObject(root, "format", MANIFEST_FORMAT);
     ok = ok && cJSON_AddStringToObject(root, "tokenizer", o->tokenizer);
     ok = ok && cJSON_AddNumberToObject(root, "vocab_size", jm_tokenizer_vocab_size(tok));
     ok = ok && cJSON_AddNumberToObject(root, "eos_id", jm_tokenizer_eos_id(tok));

@@ -892,17 +892,12 @@ static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
     jm_status s = jm_sampler_open(names, dirs, r->nsources, r->seq_len, r->seed, (uint32_t)r->model.vocab_size,
                                   &t->sampler, err);
     if (s) return s;
-    char path[4400], latest[64] = "";
-    snprintf(path, sizeof path, "%s/checkpoints/latest", o->out_dir);
-    if (o->resume) {
-        FILE *f = fopen(path, "r");
-        if (!f || !fgets(latest, sizeof latest, f)) {
-            if (f) fclose(f);
-            return jm_fail(err, JM_ERR_ARG, "%s: no checkpoint to resume from", path);
-        }
-        fclose(f);
-        latest[strcspn(latest, "\n")] = 0;
-        snprintf(path, sizeof path, "%s/checkpoints/%s", o->out_dir, latest);
+    char path[4400], ck[4200];
+    if (o->resume) { /* checkpoints/latest names step_N, nothing else: never a path out of the run */
+        snprintf(ck, sizeof ck, "%s/checkpoints", o->out_dir);
+        snprintf(path, sizeof path, "%s/latest", ck);
+        if (access(path, F_OK) != 0) return jm_fail(err, JM_ERR_ARG, "%s: no checkpoint to resume from", path);
+        if ((s = jm_read_latest(ck, path, sizeof path, err))) return s;
         if ((s = jm_model_load(path, &t->m, err))) return s;
         const jm_config *c = jm_model_config(t->m);
         if (c->vocab_size != r->model.vocab_size || c->hidden_size != r->model.hidden_size ||
@@ -993,6 +988,47 @@ jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, i
     return jm_zero_grad(m, err);
 }
 
+/* ---- the run directory ---- */
+
+static const char *const run_names[] = {"metrics.jsonl", "loss.svg", "checkpoints", "recipe.json"};
+
+static int run_proof(const char *path, const char *name)
+{
+    return strcmp(name, "checkpoints") == 0 ? jm_checkpoints_dir_proof(path, name) : 1;
+}
+
+/* dir/recipe.json already holds the recipe's text: it is not rewritten (it
+ * may be the very file the run was started from). */
+static bool recipe_saved(const char *dir, const jm_recipe *r)
+{
+    char path[4200], *text;
+    size_t len;
+    snprintf(path, sizeof path, "%s/recipe.json", dir);
+    if (jm_read_file(path, (size_t)1 << 26, &text, &len, NULL)) return false;
+    bool same = len == strlen(r->text) && memcmp(text, r->text, len) == 0;
+    free(text);
+    return same;
+}
+
+/* A fresh run never lands on an old run's results (README: What writes
+ * where): refused unless overwrite, and then they are removed once the new run
+ * has opened; files of anyone else in the directory stay. --resume continues
+ * the run that is there. *set receives the run's entries. */
+static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, jm_output_set *set, jm_error *err)
+{
+    if (o->resume && o->overwrite)
+        return jm_fail(err, JM_ERR_ARG, "%s: --resume continues the run there, --overwrite replaces it: pass one",
+                       o->out_dir);
+    const char *inputs[MAX_SOURCES + 3];
+    int n = 0;
+    inputs[n++] = o->recipe;
+    if (r->tokenizer[0]) inputs[n++] = r->tokenizer;
+    if (r->heldout[0]) inputs[n++] = r->heldout;
+    for (int i = 0; i < r->nsources; i++) inputs[n++] = r->source_dir[i];
+    *set = (jm_output_set){"a training run", run_names, recipe_saved(o->out_dir, r) ? 3 : 4, run_proof};
+    return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, n, o->overwrite, err);
+}
+
 jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
 {
     *stopped = 0;
@@ -1006,18 +1042,23 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     FILE *metrics = NULL;
     int32_t *batch = NULL;
     double *load = NULL, *tail = NULL;
+    jm_output_set run_set;
+    if ((s = check_run_dir(o, r, &run_set, err))) goto done;
     if ((s = jm_mkdir_p(o->out_dir, err))) goto done;
     if ((s = open_trainer(&t, o, err))) goto done;
+    if (o->overwrite) jm_output_entries_clear(o->out_dir, &run_set); /* the old run's results */
 
     /* the recipe the run used, beside its results */
     snprintf(path, sizeof path, "%s/recipe.json", o->out_dir);
     jm_atomic_file a;
-    if ((s = jm_atomic_open(&a, path, err))) goto done;
-    if ((s = jm_atomic_write(&a, r->text, strlen(r->text), err))) {
-        jm_atomic_abort(&a);
-        goto done;
+    if (!recipe_saved(o->out_dir, r)) {
+        if ((s = jm_atomic_open(&a, path, err))) goto done;
+        if ((s = jm_atomic_write(&a, r->text, strlen(r->text), err))) {
+            jm_atomic_abort(&a);
+            goto done;
+        }
+        if ((s = jm_atomic_commit(&a, err))) goto done;
     }
-    if ((s = jm_atomic_commit(&a, err))) goto done;
     snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
     if (o->resume) {
         if ((s = truncate_metrics(path, t.step, r->schedule.total_steps, err))) goto done;
@@ -1161,8 +1202,10 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         fprintf(metrics, "}\n");
     }
 done:
-    if (metrics) fclose(metrics);
-    write_plot(o->out_dir, r);
+    if (metrics) { /* only a run that started plots: a refused one touches nothing */
+        fclose(metrics);
+        write_plot(o->out_dir, r);
+    }
     free(batch);
     free(load);
     free(tail);
