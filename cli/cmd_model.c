@@ -106,15 +106,18 @@ static int run_info(const cli_command *self, int argc, char **argv)
     /* columns as wide as their longest entry ("..._scale" names are long) */
     int wname = 0, wtype = 0, wshape = 0;
     for (int i = 0; i < n; i++) {
-        int ln = (int)strlen(t[i].name), lt = (int)strlen(t[i].dtype);
+        jm_error name;
+        int ln = (int)strlen(cli_shown(&name, t[i].name)), lt = (int)strlen(t[i].dtype);
         int ls = shape_text(shape, sizeof shape, t[i].ndim, t[i].shape);
         wname = ln > wname ? ln : wname;
         wtype = lt > wtype ? lt : wtype;
         wshape = ls > wshape ? ls : wshape;
     }
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) { /* names come from the file: shown as messages show them */
+        jm_error name, file;
         shape_text(shape, sizeof shape, t[i].ndim, t[i].shape);
-        printf("  %-*s  %-*s  %-*s  %s\n", wname, t[i].name, wtype, t[i].dtype, wshape, shape, t[i].file);
+        printf("  %-*s  %-*s  %-*s  %s\n", wname, cli_shown(&name, t[i].name), wtype, t[i].dtype, wshape, shape,
+               cli_shown(&file, t[i].file));
     }
     free(t);
     return 0;

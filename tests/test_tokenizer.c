@@ -378,7 +378,7 @@ static void test_crafted(void)
         free(b.p);
     }
     b = (bytes){0};
-    expect_error("model_empty_file", &b, "only BPE");
+    expect_error("model_empty_file", &b, "the file is empty (not a SentencePiece model)");
     put(&b, "{\"x\": 1}", 8);
     expect_error("model_json_is_not_protobuf", &b, "ModelProto");
     free(b.p);
