@@ -369,6 +369,14 @@ static void test_crafted(void)
         expect_error(bad[i].name, &b, bad[i].want);
         free(b.p);
     }
+    /* a TrainerSpec and no pieces: not a model at all, whatever model_type defaults to */
+    b = (bytes){0};
+    bytes spec = {0};
+    put_int(&spec, 43, -1);
+    put_len(&b, 2, spec.p, spec.n);
+    free(spec.p);
+    expect_error("model_no_pieces_is_not_a_model", &b, "not a SentencePiece model (no pieces)");
+    free(b.p);
     b = (bytes){0};
     expect_error("model_empty_file", &b, "the file is empty (not a SentencePiece model)");
     put(&b, "{\"x\": 1}", 8);
