@@ -23,6 +23,7 @@ import check_layout  # noqa: E402  (tests/check_layout.py)
 import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
+import input_checks_tests  # noqa: E402  (tests/input_checks_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 import train_tests  # noqa: E402  (tests/train_tests.py)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
@@ -952,6 +953,7 @@ def main():
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
+        input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

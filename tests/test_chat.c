@@ -394,6 +394,23 @@ static void test_config(const char *dir)
                   strcmp(t.chat_template, "D") == 0 && strcmp(t.eos_token, "<|im_end|>") == 0,
               bad[i].name, "status %s, message \"%s\"", jm_status_name(s), err.msg);
     }
+    /* a template's errors, and a template that renders nothing, name the file it came from */
+    write_text(path, "{\"chat_template\": \"x{{ 1 + }}\"}");
+    s = tk_load_config(&t, path, &err);
+    char *text = NULL;
+    jm_status r = s ? s : jm_chat_render(&t, conv3, 1, 0, &text, &err);
+    check(r == JM_ERR_FORMAT && strncmp(err.msg, path, strlen(path)) == 0 && strstr(err.msg, "line 1 col"),
+          "config_template_error_names_file", "status %s: %s", jm_status_name(r), err.msg);
+    write_text(path, "{\"chat_template\": \"{% for m in messages %}{% endfor %}\"}");
+    s = tk_load_config(&t, path, &err);
+    r = s ? s : jm_chat_render(&t, conv3, 2, 1, &text, &err);
+    check(r == JM_ERR_CONFIG && !text && strncmp(err.msg, path, strlen(path)) == 0 &&
+              strstr(err.msg, ": chat_template rendered nothing for 2 messages"),
+          "config_template_renders_nothing_names_file", "status %s: %s", jm_status_name(r), err.msg);
+    free(text);
+    write_text(path, "{\"chat_template\": \"D\"}");
+    if (tk_load_config(&t, path, &err)) exit(2);
+
     snprintf(path, sizeof path, "%s/missing.json", dir);
     s = tk_load_config(&t, path, &err);
     check(s == JM_ERR_IO && strstr(err.msg, "missing.json"), "config_missing_file", "%s", err.msg);

@@ -71,7 +71,10 @@ jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err)
         free(tpl), free(eos), free(bos);
         return s;
     }
-    if (tpl) free(t->chat_template), t->chat_template = tpl;
+    if (tpl) {
+        free(t->chat_template), t->chat_template = tpl;
+        snprintf(t->template_source, sizeof t->template_source, "%s", path);
+    }
     if (eos) free(t->eos_token), t->eos_token = eos;
     if (bos) free(t->bos_token), t->bos_token = bos;
     return JM_OK;
