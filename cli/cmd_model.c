@@ -89,7 +89,7 @@ static int run_info(const cli_command *self, int argc, char **argv)
     int64_t total = jm_config_num_params(&c), active = jm_config_active_params(&c);
     char counts[256], shape[96];
     dtype_counts(t, n, counts, sizeof counts);
-    printf("checkpoint        %s\n", dir);
+    printf("checkpoint        %s\n", cli_shown(&err, dir));
     printf("weights           %s (%s)\n", weight_format(t, n), counts);
     printf("vocab_size        %d\n", c.vocab_size);
     printf("hidden_size       %d\n", c.hidden_size);
