@@ -383,7 +383,8 @@ static line_kind chat_command(const char *line, chat_history *h)
         for (int i = 0; i < h->n; i++) printf("[%s]\n%s\n", h->msg[i].role, h->msg[i].content);
         fflush(stdout);
     } else {
-        fprintf(stderr, "(unknown command %s: /help lists them)\n", line);
+        jm_error e;
+        fprintf(stderr, "(unknown command %s: /help lists them)\n", cli_shown(&e, line));
     }
     return LINE_HANDLED;
 }

@@ -89,7 +89,7 @@ static int run_info(const cli_command *self, int argc, char **argv)
     int64_t total = jm_config_num_params(&c), active = jm_config_active_params(&c);
     char counts[256], shape[96];
     dtype_counts(t, n, counts, sizeof counts);
-    printf("checkpoint        %s\n", dir);
+    printf("checkpoint        %s\n", cli_shown(&err, dir));
     printf("weights           %s (%s)\n", weight_format(t, n), counts);
     printf("vocab_size        %d\n", c.vocab_size);
     printf("hidden_size       %d\n", c.hidden_size);
@@ -106,15 +106,18 @@ static int run_info(const cli_command *self, int argc, char **argv)
     /* columns as wide as their longest entry ("..._scale" names are long) */
     int wname = 0, wtype = 0, wshape = 0;
     for (int i = 0; i < n; i++) {
-        int ln = (int)strlen(t[i].name), lt = (int)strlen(t[i].dtype);
+        jm_error name;
+        int ln = (int)strlen(cli_shown(&name, t[i].name)), lt = (int)strlen(t[i].dtype);
         int ls = shape_text(shape, sizeof shape, t[i].ndim, t[i].shape);
         wname = ln > wname ? ln : wname;
         wtype = lt > wtype ? lt : wtype;
         wshape = ls > wshape ? ls : wshape;
     }
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) { /* names come from the file: shown as messages show them */
+        jm_error name, file;
         shape_text(shape, sizeof shape, t[i].ndim, t[i].shape);
-        printf("  %-*s  %-*s  %-*s  %s\n", wname, t[i].name, wtype, t[i].dtype, wshape, shape, t[i].file);
+        printf("  %-*s  %-*s  %-*s  %s\n", wname, cli_shown(&name, t[i].name), wtype, t[i].dtype, wshape, shape,
+               cli_shown(&file, t[i].file));
     }
     free(t);
     return 0;

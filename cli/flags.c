@@ -223,20 +223,29 @@ void cli_list_flags(FILE *out, const cli_command *c)
 
 /* ---- errors and shared argument formats ---- */
 
+const char *cli_shown(jm_error *e, const char *s)
+{
+    jm_fail(e, JM_OK, "%s", s);
+    return e->msg;
+}
+
 int cli_error(const cli_command *c, const char *fmt, ...)
 {
     va_list ap;
-    fprintf(stderr, "jetmoe %s: ", c->name);
+    char *text = NULL;
+    jm_error e;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    int n = vasprintf(&text, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    fprintf(stderr, "jetmoe %s: %s\n", c->name, n < 0 ? "out of memory" : cli_shown(&e, text));
+    free(n < 0 ? NULL : text);
     return 2;
 }
 
 int cli_fail(const cli_command *c, jm_status s, const jm_error *err)
 {
-    fprintf(stderr, "jetmoe %s: %s: %s\n", c->name, jm_status_name(s), err->msg);
+    jm_error e; /* the library's messages are shown already; the CLI's own ones too, then */
+    fprintf(stderr, "jetmoe %s: %s: %s\n", c->name, jm_status_name(s), cli_shown(&e, err->msg));
     return 1;
 }
 
@@ -270,6 +279,6 @@ int cli_model_dir(const cli_command *c, const char *path, char *out, size_t cap)
     jm_error err;
     jm_status s = jm_checkpoint_resolve(path, out, cap, &err);
     if (s) return cli_fail(c, s, &err);
-    if (strcmp(out, path) != 0) fprintf(stderr, "jetmoe %s: using %s\n", c->name, out);
+    if (strcmp(out, path) != 0) fprintf(stderr, "jetmoe %s: using %s\n", c->name, cli_shown(&err, out));
     return CLI_RUN;
 }

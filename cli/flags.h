@@ -74,6 +74,9 @@ void cli_list_flags(FILE *f, const cli_command *c);
  * arguments) and "jetmoe CMD: <status>: <library message>" (exit 1). */
 __attribute__((format(printf, 2, 3))) int cli_error(const cli_command *c, const char *fmt, ...);
 int cli_fail(const cli_command *c, jm_status s, const jm_error *err);
+/* s as every message shows it (control characters as \xNN, see jm_error), in e->msg: for
+ * text from files, paths and arguments printed outside cli_error/cli_fail. */
+const char *cli_shown(jm_error *e, const char *s);
 
 /* The model directory a user means by path: the directory, a training run or
  * its checkpoints/latest (jm_checkpoint_resolve); a run is announced on stderr

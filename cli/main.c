@@ -185,9 +185,11 @@ int main(int argc, char **argv)
             fprintf(stderr, "jetmoe %s: missing subcommand (%s; see 'jetmoe %s --help')\n", a, subs, a);
             return 2;
         }
-        fprintf(stderr, "jetmoe %s: unknown subcommand '%s' (%s)\n", a, sub, subs);
+        jm_error e;
+        fprintf(stderr, "jetmoe %s: unknown subcommand '%s' (%s)\n", a, cli_shown(&e, sub), subs);
         return 2;
     }
-    fprintf(stderr, "jetmoe: unknown command '%s' (see 'jetmoe help')\n", a);
+    jm_error e;
+    fprintf(stderr, "jetmoe: unknown command '%s' (see 'jetmoe help')\n", cli_shown(&e, a));
     return 2;
 }

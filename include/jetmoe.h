@@ -30,11 +30,17 @@ typedef enum {
     JM_ERR_NOMEM,   /* allocation failed or a size overflowed */
 } jm_status;
 
+/* One line, NUL-terminated. Control characters and bytes that are not UTF-8
+ * (from file content and paths) are shown as \xNN; a message longer than
+ * msg loses its middle ("...") so that its end, the cause, survives. */
 typedef struct {
-    char msg[512];
+    char msg[1024];
 } jm_error;
 
 const char *jm_status_name(jm_status s);
+/* Fills err (may be NULL) with a printf-style message, shown as above, and
+ * returns s: for callers that report their own errors the library's way. */
+jm_status jm_fail(jm_error *err, jm_status s, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* ---- configuration (HF config.json) ---------------------------------- */
 

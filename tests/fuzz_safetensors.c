@@ -6,31 +6,18 @@
  * read past the end. Accepted images must satisfy the reader's promises (ranges in bounds, exact
  * tiling, unique sorted names); rejected ones must carry a one-line message naming the file.
  *
- * Usage: fuzz_safetensors [iterations [seed]]   (defaults: 20000, 0x5eed)
+ * Usage: fuzz_safetensors [iterations [seed]]   (defaults: FUZZ_ITERATIONS, 0x5eed)
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
 #include "base/safetensors.h"
+#include "fuzz.h"
 
 #include <string.h>
 
 #define FUZZ_NAME "fuzz.safetensors"
+#define FUZZ_ITERATIONS 60000 /* about 3 s under ASan + UBSan */
 #define MAX_IMAGE 8192
 
-typedef struct {
-    uint64_t s;
-} rng;
-
-static uint64_t rnd(rng *r) /* xorshift64* */
-{
-    r->s ^= r->s >> 12;
-    r->s ^= r->s << 25;
-    r->s ^= r->s >> 27;
-    return r->s * 2685821657736338717ull;
-}
-
-static size_t below(rng *r, size_t n) /* uniform enough in [0, n); n > 0 */
-{
-    return (size_t)(rnd(r) % n);
-}
+typedef uint64_t rng; /* the state of fuzz.h's rnd */
 
 /* ---- the image being mutated ---- */
 
@@ -323,29 +310,6 @@ static const char *verify(const uint8_t *buf, size_t len, const st_file *f, char
     return bad;
 }
 
-/* Error messages with numbers, quoted names and parenthesised details blanked, to count how many kinds of error the
- * fuzzer reached. */
-static void message_shape(const char *msg, char *out, size_t cap)
-{
-    const char *p = msg;
-    if (strncmp(p, FUZZ_NAME ": ", strlen(FUZZ_NAME) + 2) == 0) p += strlen(FUZZ_NAME) + 2;
-    size_t k = 0;
-    while (*p && *p != '(' && k + 2 < cap) { /* details in parentheses vary too much */
-        if (*p >= '0' && *p <= '9') {
-            while (*p >= '0' && *p <= '9') p++;
-            out[k++] = '#';
-        } else if (*p == '\'' || *p == '"') {
-            char q = *p++;
-            while (*p && *p != q) p++;
-            if (*p) p++;
-            out[k++] = 'Q';
-        } else {
-            out[k++] = *p++;
-        }
-    }
-    out[k] = 0;
-}
-
 /* ---- the seed ---- */
 
 static void make_seed(image *im)
@@ -369,9 +333,9 @@ static void make_seed(image *im)
 
 int main(int argc, char **argv)
 {
-    long iters = argc > 1 ? strtol(argv[1], NULL, 0) : 20000;
+    long iters = argc > 1 ? strtol(argv[1], NULL, 0) : FUZZ_ITERATIONS;
     uint64_t seed = argc > 2 ? strtoull(argv[2], NULL, 0) : 0x5eed;
-    rng r = {seed ? seed : 1};
+    rng r = seed ? seed : 1;
     int fails = 0;
 
     static image seed_img, im; /* static: large, and main runs once */
@@ -388,8 +352,7 @@ int main(int argc, char **argv)
 
     long accepted = 0, rejected = 0;
     char first_bad[600] = "";
-    char shapes[128][80];
-    int n_shapes = 0;
+    static fz_shapes shapes;
     for (long it = 0; it < iters; it++) {
         im = seed_img;
         int n_mut = 1 + (int)below(&r, 3);
@@ -415,11 +378,7 @@ int main(int argc, char **argv)
                 snprintf(first_bad, sizeof first_bad, "iteration %ld: bad rejection: %.400s", it,
                          err.msg);
             fails += !ok_msg;
-            char shape[80];
-            message_shape(err.msg, shape, sizeof shape);
-            int k = 0;
-            while (k < n_shapes && strcmp(shapes[k], shape) != 0) k++;
-            if (k == n_shapes && n_shapes < 128) strcpy(shapes[n_shapes++], shape);
+            fz_shapes_add(&shapes, err.msg, FUZZ_NAME ": ");
         }
         free(buf);
     }
@@ -437,13 +396,13 @@ int main(int argc, char **argv)
                accepted, rejected);
     }
     /* The validation is deep only if mutations reach many different checks. */
-    if (n_shapes >= 20) {
-        printf("PASS fuzz_safetensors_error_variety (%d kinds of error reached)\n", n_shapes);
+    if (shapes.n >= 20) {
+        printf("PASS fuzz_safetensors_error_variety (%d kinds of error reached)\n", shapes.n);
     } else {
-        printf("FAIL fuzz_safetensors_error_variety: only %d kinds of error reached\n", n_shapes);
+        printf("FAIL fuzz_safetensors_error_variety: only %d kinds of error reached\n", shapes.n);
         n_fail++;
     }
     if (getenv("JM_FUZZ_VERBOSE"))
-        for (int k = 0; k < n_shapes; k++) printf("  %s\n", shapes[k]);
+        for (int k = 0; k < shapes.n; k++) printf("  %s\n", shapes.shape[k]);
     return n_fail ? 1 : 0;
 }

@@ -263,6 +263,19 @@ static void test_bounds(void)
                  conv3, 3, JM_ERR_NOMEM, "output exceeds");
 }
 
+/* A template that renders no text for a conversation would hand the model none of it. */
+static void test_renders_nothing(void)
+{
+    render_fails("render_nothing_comment", "{# all of it a comment #}", conv3, 3, JM_ERR_CONFIG,
+                 "chat_template rendered nothing for 3 messages");
+    render_fails("render_nothing_false_branch", "{% if false %}{{ messages }}{% endif %}", conv3 + 1, 1,
+                 JM_ERR_CONFIG, "rendered nothing for 1 message");
+    render_fails("render_nothing_whitespace_control", "{%- for m in messages -%}{%- endfor -%}", conv3, 2,
+                 JM_ERR_CONFIG, "rendered nothing");
+    /* no messages: nothing to lose */
+    render_is("render_nothing_no_messages", "{# nothing #}", NULL, 0, 1, "");
+}
+
 /* ---- real-world templates from Hugging Face tokenizer_config.json files ---- */
 
 /* meta-llama/Llama-2-7b-chat-hf */
@@ -364,6 +377,13 @@ static void test_config(const char *dir)
         {"config_bos_object_without_content", "{\"bos_token\": {\"id\": 1}}", "bos_token must be a string", JM_ERR_CONFIG},
         {"config_eos_empty", "{\"eos_token\": \"\"}", "eos_token is empty", JM_ERR_CONFIG},
         {"config_duplicate_key", "{\"eos_token\": \"a\", \"eos_token\": \"b\"}", "duplicate key", JM_ERR_FORMAT},
+        /* a template that renders nothing would drop every message without a word */
+        {"config_template_empty", "{\"chat_template\": \"\"}", "chat_template is empty", JM_ERR_CONFIG},
+        {"config_template_list_default_empty",
+         "{\"chat_template\": [{\"name\": \"rag\", \"template\": \"R\"}, {\"name\": \"default\", \"template\": \"\"}]}",
+         "chat_template is empty", JM_ERR_CONFIG},
+        {"config_template_nul", "{\"chat_template\": \"{{ eos_token }}\\u0000{{ x }}\"}", "\\u0000 (NUL)", JM_ERR_FORMAT},
+        {"config_eos_nul", "{\"eos_token\": \"</s>\\u0000\"}", "\\u0000 (NUL)", JM_ERR_FORMAT},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         write_text(path, bad[i].json);
@@ -374,6 +394,23 @@ static void test_config(const char *dir)
                   strcmp(t.chat_template, "D") == 0 && strcmp(t.eos_token, "<|im_end|>") == 0,
               bad[i].name, "status %s, message \"%s\"", jm_status_name(s), err.msg);
     }
+    /* a template's errors, and a template that renders nothing, name the file it came from */
+    write_text(path, "{\"chat_template\": \"x{{ 1 + }}\"}");
+    s = tk_load_config(&t, path, &err);
+    char *text = NULL;
+    jm_status r = s ? s : jm_chat_render(&t, conv3, 1, 0, &text, &err);
+    check(r == JM_ERR_FORMAT && strncmp(err.msg, path, strlen(path)) == 0 && strstr(err.msg, "line 1 col"),
+          "config_template_error_names_file", "status %s: %s", jm_status_name(r), err.msg);
+    write_text(path, "{\"chat_template\": \"{% for m in messages %}{% endfor %}\"}");
+    s = tk_load_config(&t, path, &err);
+    r = s ? s : jm_chat_render(&t, conv3, 2, 1, &text, &err);
+    check(r == JM_ERR_CONFIG && !text && strncmp(err.msg, path, strlen(path)) == 0 &&
+              strstr(err.msg, ": chat_template rendered nothing for 2 messages"),
+          "config_template_renders_nothing_names_file", "status %s: %s", jm_status_name(r), err.msg);
+    free(text);
+    write_text(path, "{\"chat_template\": \"D\"}");
+    if (tk_load_config(&t, path, &err)) exit(2);
+
     snprintf(path, sizeof path, "%s/missing.json", dir);
     s = tk_load_config(&t, path, &err);
     check(s == JM_ERR_IO && strstr(err.msg, "missing.json"), "config_missing_file", "%s", err.msg);
@@ -502,11 +539,27 @@ static void test_encode_with(const char *name, const char *model_path)
     check(eos_count == 2, label, "%zu EOS ids, want 2", eos_count);
     free(ids);
 
+    /* segments that encode to no ids at all (spaces, with remove_extra_whitespaces):
+     * only the EOS ids remain, and nothing is copied from a NULL list (UBSan) */
+    const jm_chat_message spaces[] = {{"user", "   "}, {"assistant", "  "}};
+    char *old_tmpl = t->chat_template;
+    bool old_ws = t->remove_extra_whitespaces;
+    t->chat_template = "{{ '  ' }}{% for m in messages %}{{ m['content'] + eos_token + '   ' }}{% endfor %}";
+    t->remove_extra_whitespaces = true;
+    ids = NULL;
+    jm_status s = jm_chat_encode(t, spaces, 2, 0, &ids, &n, &err);
+    snprintf(label, sizeof label, "%s_empty_segments", name);
+    check(!s && n == 3 && ids[0] == jm_tokenizer_bos_id(t) && ids[1] == jm_tokenizer_eos_id(t) &&
+              ids[2] == jm_tokenizer_eos_id(t),
+          label, "%s; %zu ids, want BOS EOS EOS", s ? err.msg : "ok", n);
+    free(ids);
+    t->chat_template = old_tmpl, t->remove_extra_whitespaces = old_ws;
+
     /* a template that writes bos_token itself (Llama-2's) gets one BOS, not two */
     free(t->chat_template);
     t->chat_template = strdup(llama2_tmpl);
     ids = NULL;
-    jm_status s = jm_chat_encode(t, conv + 1, 3, 0, &ids, &n, &err);
+    s = jm_chat_encode(t, conv + 1, 3, 0, &ids, &n, &err);
     size_t bos_count = 0;
     for (size_t i = 0; !s && i < n; i++) bos_count += ids[i] == jm_tokenizer_bos_id(t);
     snprintf(label, sizeof label, "%s_llama2_template_bos", name);
@@ -562,6 +615,7 @@ int main(void)
     test_default_template();
     test_jinja();
     test_bounds();
+    test_renders_nothing();
     test_real_templates();
 
     char dir[] = "/tmp/jm_test_chat_XXXXXX";

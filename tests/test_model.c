@@ -43,6 +43,14 @@ static void test_config(const char *tmp)
               c.aux_loss_coef == 0.01 && c.z_loss_coef == 0.001,
           "config_defaults_are_8b", "layers %d", c.num_layers);
 
+    /* "jetmoe" (what HF's JetMoeConfig and jetmoe/jetmoe-8b say), null and absent are JetMoE */
+    static const char *const ours[] = {"{\"model_type\": \"jetmoe\"}", "{\"model_type\": null}", "{}"};
+    for (int i = 0; i < 3; i++) {
+        s = jm_config_parse(ours[i], strlen(ours[i]), "ours.json", &c, &err);
+        check(s == JM_OK, i == 0 ? "config_model_type_jetmoe" : i == 1 ? "config_model_type_null" : "config_model_type_absent",
+              "%s: %s", ours[i], err.msg);
+    }
+
     jm_config d;
     jm_config_default(&d);
     check(jm_config_num_params(&d) > 8400000000LL && jm_config_num_params(&d) < 8600000000LL &&
@@ -78,6 +86,14 @@ static void test_config(const char *tmp)
         {"{\"rms_norm_eps\": 0}", "rms_norm_eps"},
         {"{\"num_attention_heads\": -1}", "num_attention_heads"},
         {"{\"vocab_size\": 1e300}", "vocab_size"},
+        /* another architecture's config is not read as JetMoE's */
+        {"{\"model_type\": \"llama\"}", "field model_type is \"llama\"; only \"jetmoe\""},
+        {"{\"model_type\": \"JetMoE\"}", "field model_type is \"JetMoE\""},
+        {"{\"model_type\": \"\"}", "field model_type is \"\""},
+        {"{\"model_type\": 5}", "field model_type must be the string \"jetmoe\""},
+        {"{\"model_type\": [\"jetmoe\"]}", "field model_type must be the string"},
+        {"{\"model_type\": \"jetmoe\\u0000llama\"}", "\\u0000 (NUL)"},
+        {"{\"activation_function\": \"silu\\u0000gelu\"}", "\\u0000 (NUL)"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char name[64];

@@ -521,6 +521,96 @@ static void test_quantize_refuses(const char *tmp)
     }
 }
 
+/* dst: a copy of the checkpoint in src whose model.safetensors header has its
+ * first `from` replaced by `to` (the length prefix follows). */
+static bool copy_with_header_edit(const char *src, const char *dst, const char *from, const char *to)
+{
+    char a[4200], b[4200];
+    size_t n;
+    mkdir(dst, 0755);
+    snprintf(a, sizeof a, "%s/config.json", src), snprintf(b, sizeof b, "%s/config.json", dst);
+    char *text = slurp(a, &n);
+    if (!text) return false;
+    write_bytes(b, text, n);
+    free(text);
+    snprintf(a, sizeof a, "%s/model.safetensors", src), snprintf(b, sizeof b, "%s/model.safetensors", dst);
+    uint8_t *f = (uint8_t *)slurp(a, &n);
+    uint64_t h = 0;
+    for (int i = 7; f && i >= 0; i--) h = h << 8 | f[i];
+    char *at = f ? memmem(f + 8, h, from, strlen(from)) : NULL;
+    if (!at) {
+        free(f);
+        return false;
+    }
+    size_t head = (size_t)((uint8_t *)at - f), nf = strlen(from), nt = strlen(to);
+    uint8_t *out = malloc(n - nf + nt);
+    memcpy(out, f, head), memcpy(out + head, to, nt), memcpy(out + head + nt, f + head + nf, n - head - nf);
+    h = h - nf + nt;
+    for (int i = 0; i < 8; i++) out[i] = (uint8_t)(h >> (8 * i));
+    write_bytes(b, out, n - nf + nt);
+    free(f), free(out);
+    return true;
+}
+
+/* jm_quantize's metadata must be what the reader knows: each way of opening
+ * refuses a file that says otherwise, naming the file and the key, and
+ * changes nothing on disk. */
+static void test_quant_metadata(const char *tmp)
+{
+    char src[512], dst[600];
+    snprintf(src, sizeof src, "%s/q8", tmp); /* written by test_models */
+    static const struct {
+        const char *name, *from, *to, *want;
+    } cases[] = {
+        {"quant_meta_control", "\"jetmoe.quant\":\"q8\"", "\"jetmoe.quant\":\"q8\"", NULL}, /* unchanged: opens */
+        {"quant_meta_q3", "\"jetmoe.quant\":\"q8\"", "\"jetmoe.quant\":\"q3\"", "metadata jetmoe.quant is \"q3\"; expected \"q8\" or \"q4\""},
+        {"quant_meta_empty", "\"jetmoe.quant\":\"q8\"", "\"jetmoe.quant\":\"\"", "metadata jetmoe.quant is \"\""},
+        {"quant_meta_control_char", "\"jetmoe.quant\":\"q8\"", "\"jetmoe.quant\":\"q\\u001b8\"",
+         "metadata jetmoe.quant is \"q\\x1b8\""},
+        {"quant_meta_block_abc", "\"jetmoe.quant_block\":\"32\"", "\"jetmoe.quant_block\":\"abc\"",
+         "metadata jetmoe.quant_block is \"abc\"; expected \"32\""},
+        {"quant_meta_block_64", "\"jetmoe.quant_block\":\"32\"", "\"jetmoe.quant_block\":\"64\"",
+         "metadata jetmoe.quant_block is \"64\""},
+        {"quant_meta_block_032", "\"jetmoe.quant_block\":\"32\"", "\"jetmoe.quant_block\":\"032\"",
+         "metadata jetmoe.quant_block is \"032\""},
+        {"quant_meta_q4_over_int8", "\"jetmoe.quant\":\"q8\"", "\"jetmoe.quant\":\"q4\"",
+         "is I8, but metadata jetmoe.quant is \"q4\""},
+        {"quant_meta_no_block", ",\"jetmoe.quant_block\":\"32\"", "", "metadata has jetmoe.quant but not jetmoe.quant_block"},
+        {"quant_meta_no_quant", "\"jetmoe.quant\":\"q8\",", "", "metadata has jetmoe.quant_block but not jetmoe.quant"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        snprintf(dst, sizeof dst, "%s/%s", tmp, cases[i].name);
+        if (!copy_with_header_edit(src, dst, cases[i].from, cases[i].to)) {
+            check(false, cases[i].name, "cannot find %s in %s/model.safetensors", cases[i].from, src);
+            continue;
+        }
+        char file[700], before[700];
+        snprintf(file, sizeof file, "%s/model.safetensors", dst);
+        snprintf(before, sizeof before, "%s/before.safetensors", tmp);
+        size_t n;
+        char *bytes = slurp(file, &n);
+        write_bytes(before, bytes, n);
+        free(bytes);
+        jm_model *m = NULL;
+        jm_config c;
+        jm_tensor_info *ti = NULL;
+        int nt = 0;
+        jm_error e[3] = {{{0}}, {{0}}, {{0}}};
+        jm_status s[3] = {jm_model_open(dst, &m, &e[0]), JM_OK, JM_OK};
+        jm_model_free(m), m = NULL;
+        s[1] = jm_model_load(dst, &m, &e[1]);
+        jm_model_free(m), m = NULL;
+        s[2] = jm_checkpoint_inspect(dst, &c, &ti, &nt, &e[2]);
+        free(ti);
+        bool ok = same_file(file, before);
+        for (int k = 0; k < 3; k++)
+            ok = ok && (cases[i].want ? s[k] == JM_ERR_FORMAT && strstr(e[k].msg, file) && strstr(e[k].msg, cases[i].want)
+                                      : s[k] == JM_OK);
+        check(ok, cases[i].name, "open: %s %s | load: %s | inspect: %s", jm_status_name(s[0]), e[0].msg, e[1].msg,
+              e[2].msg);
+    }
+}
+
 /* Growing the context after decoding must re-plan the decoder's scratch. */
 static void test_context_regrow(void)
 {
@@ -555,6 +645,7 @@ int main(void)
     test_kernels();
     test_products();
     test_models(tmp);
+    test_quant_metadata(tmp);
     test_quantize_refuses(tmp);
     test_context_regrow();
     temp_dir_done(tmp);

@@ -214,6 +214,19 @@ static void test_malformed(const char *dir)
     expect_bad(dir, "nul_in_header", im.p, im.len, JM_ERR_FORMAT, "NUL byte in header at offset 3");
     free(im.p);
 
+    /* an escaped NUL would end the name early in C: refused wherever it is, never cut */
+    expect_bad_json(dir, "nul_escape_in_name",
+                    "{\"model.embed_tokens.weight\\u0000junk\":{\"dtype\":\"U8\",\"shape\":[1],"
+                    "\"data_offsets\":[0,1]}}", 1, "\\u0000 (NUL) at byte 27");
+    expect_bad_json(dir, "nul_escape_alone", "{\"\\u0000\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+                    1, "\\u0000");
+    expect_bad_json(dir, "nul_escape_in_metadata_key", "{\"__metadata__\":{\"format\\u0000x\":\"pt\"}}", 0,
+                    "\\u0000");
+    expect_bad_json(dir, "nul_escape_in_metadata_value", "{\"__metadata__\":{\"jetmoe.quant\":\"q8\\u0000junk\"}}",
+                    0, "\\u0000");
+    expect_bad_json(dir, "nul_escape_in_dtype", "{\"a\":{\"dtype\":\"U8\\u0000\",\"shape\":[1],\"data_offsets\":[0,1]}}",
+                    1, "\\u0000");
+
     snprintf(path, sizeof path, "%s/does-not-exist.safetensors", dir);
     s = st_open(path, &f, &err);
     check(s == JM_ERR_IO && strstr(err.msg, "does-not-exist"), "bad_missing_file", "status %s: %s",
@@ -265,6 +278,18 @@ static void test_good(void)
                 "{\"caf\xc3\xa9 \\u00e9 \\\"q\\\" \xf0\x9f\x98\x80\":{\"dtype\":\"BOOL\",\"shape\":[1],"
                 "\"data_offsets\":[0,1]}}",
                 1, 1);
+    /* names the JSON escapes are kept whole: a backslash then "u0000", control characters */
+    const char *kept = "{\"a\\\\u0000b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+                       "\"c\\u0001\\u001fd\\n\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[1,2]}}";
+    image im = make_image(kept, strlen(kept), 2);
+    st_file f;
+    jm_error err = {{0}};
+    jm_status s = st_parse(im.p, im.len, "kept", &f, &err);
+    check(s == JM_OK && f.n == 2 && st_find(&f, "a\\u0000b") && st_find(&f, "c\x01\x1f" "d\n") &&
+              !st_find(&f, "a") && !st_find(&f, "c"),
+          "good_escaped_names_kept_whole", "%s", s ? err.msg : "names cut or changed");
+    if (!s) st_close(&f);
+    free(im.p);
     expect_good("good_integral_exponent", /* 2e0 is the integer 2 */
                 "{\"a\":{\"dtype\":\"F32\",\"shape\":[2e0],\"data_offsets\":[0,8]}}", 8, 1);
 }
@@ -585,6 +610,12 @@ static void test_sets(const char *root)
                      JM_ERR_FORMAT, "entry for tensor 'a' is not a string");
     expect_set_error(root, "set_weight_map_empty", "{\"weight_map\":{}}", JM_ERR_FORMAT,
                      "lists no tensors");
+    expect_set_error(root, "set_weight_map_nul_in_name",
+                     "{\"weight_map\":{\"a\\u0000x\":\"" SHARD1 "\",\"b\":\"" SHARD1 "\",\"c\":\"" SHARD2 "\"}}",
+                     JM_ERR_FORMAT, "\\u0000 (NUL)");
+    expect_set_error(root, "set_weight_map_nul_in_shard",
+                     "{\"weight_map\":{\"a\":\"" SHARD1 "\\u0000x\",\"b\":\"" SHARD1 "\",\"c\":\"" SHARD2 "\"}}",
+                     JM_ERR_FORMAT, "\\u0000 (NUL)");
     expect_set_error(root, "set_weight_map_duplicate",
                      "{\"weight_map\":{\"a\":\"" SHARD1 "\",\"a\":\"" SHARD1 "\"}}", JM_ERR_FORMAT,
                      "duplicate key \"a\"");

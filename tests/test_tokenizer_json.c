@@ -458,6 +458,63 @@ static void test_json_variants(void)
     expect_json_error("json_bad_not_object", BASE, "[1, 2]", "not a JSON object");
 }
 
+/* jm_tokenizer_load picks the format by content, then by name: an empty file
+ * is called empty, a byte order mark before '{' is JSON, and a *.json that is
+ * not JSON is reported as JSON, not as a broken protobuf. */
+static void test_file_formats(const char *tmp)
+{
+    char path[4200], dir[4200];
+    jm_tokenizer *t = NULL, *u = NULL;
+    jm_error err = {{0}};
+    snprintf(path, sizeof path, "%s/plain.json", tmp);
+    write_text(path, BASE);
+    jm_status s = jm_tokenizer_load(path, &t, &err);
+    check(s == JM_OK, "load_json_plain", "%s", err.msg);
+
+    static const char *const prefixes[] = {"\xef\xbb\xbf", "\xef\xbb\xbf \n\t", " \r\n"};
+    for (int i = 0; i < 3; i++) {
+        char *text = malloc(strlen(BASE) + 16), name[64];
+        snprintf(text, strlen(BASE) + 16, "%s%s", prefixes[i], BASE);
+        snprintf(path, sizeof path, "%s/prefixed%d.model", tmp, i); /* content decides, not the name */
+        write_text(path, text);
+        free(text);
+        s = jm_tokenizer_load(path, &u, &err);
+        int32_t *a = NULL, *b = NULL;
+        size_t na = 0, nb = 0;
+        bool same = !s && t && !jm_tokenizer_encode(t, "ab abc c", 8, &a, &na, &err) &&
+                    !jm_tokenizer_encode(u, "ab abc c", 8, &b, &nb, &err) && na == nb && !memcmp(a, b, na * sizeof *a);
+        snprintf(name, sizeof name, "load_json_%s", i == 0 ? "bom" : i == 1 ? "bom_and_whitespace" : "whitespace");
+        check(same, name, "%s", s ? err.msg : "encodes differently");
+        free(a), free(b);
+        jm_tokenizer_free(u);
+        u = NULL;
+    }
+    jm_tokenizer_free(t);
+
+    static const struct {
+        const char *name, *file, *content, *want;
+    } bad[] = {
+        {"load_empty_model", "empty/tokenizer.model", "", "tokenizer.model: the file is empty (not a SentencePiece model)"},
+        {"load_empty_json", "empty2/tokenizer.json", "", "tokenizer.json: the file is empty (not a tokenizer.json)"},
+        {"load_bom_only_json", "bom/tokenizer.json", "\xef\xbb\xbf", "tokenizer.json: malformed JSON near byte"},
+        {"load_json_name_not_json", "junk/tokenizer.json", "x\x05hello", "tokenizer.json: malformed JSON near byte 0"},
+        {"load_text_as_model", "text/tokenizer.model", "hello world\n", "tokenizer.model: ModelProto: field 13"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(dir, sizeof dir, "%s/%.*s", tmp, (int)(strchr(bad[i].file, '/') - bad[i].file), bad[i].file);
+        mkdir(dir, 0755);
+        snprintf(path, sizeof path, "%s/%s", tmp, bad[i].file);
+        write_text(path, bad[i].content);
+        t = NULL;
+        err.msg[0] = 0;
+        s = jm_tokenizer_load(dir, &t, &err); /* the directory, as every command passes it */
+        check(s == JM_ERR_FORMAT && !t && strstr(err.msg, bad[i].want) && strstr(err.msg, dir) &&
+                  !strstr(err.msg, "UNIGRAM"),
+              bad[i].name, "status %s: %s", jm_status_name(s), err.msg);
+        jm_tokenizer_free(t);
+    }
+}
+
 /* Pieces that need escaping survive save -> load -> save. */
 static void test_escaping(const char *tmp)
 {
@@ -547,6 +604,7 @@ int main(void)
     check(make_corpus(corpus, 400000), "corpus", "cannot write %s", corpus);
 
     test_json_variants();
+    test_file_formats(tmp);
     test_escaping(tmp);
     test_trained(tmp, corpus, 1000, 1);
     test_trained(tmp, corpus, 600, 0);

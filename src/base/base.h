@@ -11,9 +11,9 @@
 #include <stdlib.h>
 
 /* ---- errors (error.c) ---- */
-/* Fills err (may be NULL) with a printf-style message and returns s. */
-jm_status jm_fail(jm_error *err, jm_status s, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+/* jm_fail is in jetmoe.h. The length (1-4) of the well-formed UTF-8 character
+ * at s (n bytes left), or 0: no overlongs, surrogates or code points past U+10FFFF. */
+size_t jm_utf8_char(const uint8_t *s, size_t n);
 
 /* ---- files (file.c) ---- */
 /* Opens a regular file for reading (never blocks on a FIFO); *size from fstat. */
@@ -86,6 +86,9 @@ int jm_checkpoints_dir_proof(const char *path, const char *name);
  * no duplicate keys in any object. file names the source in messages. */
 struct cJSON;
 jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
+/* cJSON ends a string at an escaped NUL (\u0000) without a word, which would
+ * silently shorten a name or a value: refuses valid JSON text that has one. */
+jm_status jm_json_no_nul(const char *text, size_t len, const char *file, jm_error *err);
 /* Writes root as indented JSON plus a final newline, atomically; root may be NULL
  * (a tree that could not be built for lack of memory), which fails as out of memory. */
 jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *err);

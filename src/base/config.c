@@ -133,6 +133,17 @@ jm_status jm_config_parse(const char *json, size_t len, const char *file, jm_con
         s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", file);
         goto done;
     }
+    if ((s = jm_json_no_nul(json, len, file, err))) goto done;
+    /* HF: JetMoeConfig.model_type; absent is fine (the authors' configs), anything else is another architecture */
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
+    if (mt && !cJSON_IsNull(mt) && !(cJSON_IsString(mt) && strcmp(mt->valuestring, "jetmoe") == 0)) {
+        if (cJSON_IsString(mt))
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field model_type is \"%.64s\"; only \"jetmoe\" models are supported",
+                        file, mt->valuestring);
+        else
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field model_type must be the string \"jetmoe\"", file);
+        goto done;
+    }
     if ((s = get_int(root, "vocab_size", NULL, file, &c->vocab_size, err))) goto done;
     if ((s = get_int(root, "hidden_size", NULL, file, &c->hidden_size, err))) goto done;
     if ((s = get_int(root, "num_hidden_layers", NULL, file, &c->num_layers, err))) goto done;

@@ -95,6 +95,20 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
     return JM_OK;
 }
 
+jm_status jm_json_no_nul(const char *text, size_t len, const char *file, jm_error *err)
+{
+    bool in_string = false;
+    for (size_t i = 0; i < len; i++) {
+        if (text[i] == '"') in_string = !in_string;
+        if (!in_string || text[i] != '\\') continue;
+        if (i + 5 < len && text[i + 1] == 'u' && memcmp(text + i + 2, "0000", 4) == 0)
+            return jm_fail(err, JM_ERR_FORMAT, "%s: a string holds \\u0000 (NUL) at byte %zu of the JSON; names "
+                           "and values cannot hold NUL", file, i);
+        i++; /* the escaped character: "\\u0000" is a backslash and "u0000" */
+    }
+    return JM_OK;
+}
+
 jm_status jm_write_json(const char *path, const cJSON *root, jm_error *err)
 {
     char *text = root ? cJSON_Print(root) : NULL;

@@ -127,6 +127,12 @@ jm_status st_parse(const uint8_t *buf, size_t len, const char *name, st_file *f,
         cJSON_Delete(root);
         return jm_fail(err, JM_ERR_FORMAT, "%s: header is not a JSON object", name);
     }
+    /* cJSON would end a name at an escaped NUL: "emb\u0000junk" would load as "emb" */
+    jm_status nul = jm_json_no_nul((const char *)hdr, (size_t)n, name, err);
+    if (nul) {
+        cJSON_Delete(root);
+        return nul;
+    }
 
     uint64_t data_len = (uint64_t)len - 8 - n;
     jm_status s = parse_header(root, buf + 8 + n, data_len, name, f, err);
@@ -564,30 +570,9 @@ static jm_status check_tiling(const st_file *f, uint64_t data_len, const char *n
  * overlong forms, UTF-16 surrogates, code points past U+10FFFF and truncated sequences. */
 static size_t utf8_check(const uint8_t *s, size_t n)
 {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t k;       /* continuation bytes */
-        uint8_t lo = 0x80, hi = 0xbf; /* allowed range of the first continuation byte */
-        if (c >= 0xc2 && c <= 0xdf) k = 1;
-        else if (c == 0xe0) { k = 2; lo = 0xa0; }              /* overlong below U+0800 */
-        else if ((c >= 0xe1 && c <= 0xec) || c == 0xee || c == 0xef) k = 2;
-        else if (c == 0xed) { k = 2; hi = 0x9f; }              /* surrogates D800-DFFF */
-        else if (c == 0xf0) { k = 3; lo = 0x90; }              /* overlong below U+10000 */
-        else if (c >= 0xf1 && c <= 0xf3) k = 3;
-        else if (c == 0xf4) { k = 3; hi = 0x8f; }              /* past U+10FFFF */
-        else return i;                                         /* 80-C1, F5-FF */
-        if (k > n - i - 1) return i;                           /* truncated */
-        if (s[i + 1] < lo || s[i + 1] > hi) return i;
-        for (size_t j = 2; j <= k; j++)
-            if (s[i + j] < 0x80 || s[i + j] > 0xbf) return i;
-        i += k + 1;
-    }
-    return n;
+    size_t i = 0, k;
+    while (i < n && (k = jm_utf8_char(s + i, n - i))) i += k;
+    return i;
 }
 
 /* A JSON integer in [0, 2^53]. On failure writes the reason (e.g. "is negative (-1)") to why. */
@@ -797,6 +782,7 @@ static jm_status set_open_index(const char *dir, const char *index_path, st_set 
     if (r != JM_OK) return r;
     cJSON *root = NULL;
     r = jm_json_parse(text, len, index_path, &root, err);
+    if (r == JM_OK && (r = jm_json_no_nul(text, len, index_path, err))) cJSON_Delete(root);
     free(text); /* cJSON copies every string it keeps */
     if (r != JM_OK) return r;
 

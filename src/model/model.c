@@ -423,6 +423,31 @@ static jm_status convert_param(const jm_param *p, const stored *st, jm_error *er
     return JM_OK;
 }
 
+/* jm_quantize's metadata, jetmoe.quant = q8|q4 and jetmoe.quant_block = 32:
+ * a file that has it must say both, with values we know, and hold no
+ * quantized tensor of the other kind. (A file without it is read by dtype.) */
+static jm_status check_quant_meta(const st_file *f, jm_error *err)
+{
+    const char *q = st_meta(f, "jetmoe.quant"), *b = st_meta(f, "jetmoe.quant_block");
+    char block[16];
+    snprintf(block, sizeof block, "%d", QBLOCK);
+    if (q && strcmp(q, "q8") != 0 && strcmp(q, "q4") != 0)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: metadata jetmoe.quant is \"%.40s\"; expected \"q8\" or \"q4\"",
+                       f->path, q);
+    if (b && strcmp(b, block) != 0)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: metadata jetmoe.quant_block is \"%.40s\"; expected \"%s\"", f->path,
+                       b, block);
+    if (!q != !b)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: metadata has %s but not %s", f->path,
+                       q ? "jetmoe.quant" : "jetmoe.quant_block", q ? "jetmoe.quant_block" : "jetmoe.quant");
+    st_dtype other = q && strcmp(q, "q8") == 0 ? ST_U8 : ST_I8;
+    for (int i = 0; q && i < f->n; i++)
+        if (f->t[i].dtype == other)
+            return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s is %s, but metadata jetmoe.quant is \"%s\"", f->path,
+                           f->t[i].name, st_dtype_name(other), q);
+    return JM_OK;
+}
+
 /* Every tensor in the files must be a parameter or the scales of a quantized one. */
 static jm_status check_extra(const jm_model *m, const st_set *set, jm_error *err)
 {
@@ -451,7 +476,9 @@ typedef enum { OPEN_CHECK, OPEN_FP32, OPEN_MAPPED } open_mode;
  * mapping and converts the rest (vectors, routers, F16, unaligned F32). */
 static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, open_mode mode, jm_error *err)
 {
-    jm_status s = check_extra(m, set, err);
+    jm_status s = JM_OK;
+    for (int f = 0; f < set->nfiles && !s; f++) s = check_quant_meta(&set->files[f], err);
+    if (!s) s = check_extra(m, set, err);
     if (s) return s;
     stored *st = calloc((size_t)m->nparams, sizeof *st);
     char *need = calloc((size_t)m->nparams, 1);

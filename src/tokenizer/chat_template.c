@@ -84,7 +84,18 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
-    return render(tmpl, msgs, n, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
+    const char *from = t && t->chat_template && t->template_source[0] ? t->template_source : NULL;
+    jm_status s = render(tmpl, msgs, n, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
+    if (s && from) { /* the file the template came from, before where in it */
+        char inner[sizeof err->msg];
+        snprintf(inner, sizeof inner, "%s", err->msg);
+        jm_fail(err, s, "%s: %s", from, inner);
+    } else if (!s && n > 0 && !(*text)[0]) { /* the model would see none of the conversation */
+        free(*text), *text = NULL;
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: chat_template rendered nothing for %d message%s", from ? from : "chat", n,
+                    n == 1 ? "" : "s");
+    }
+    return s;
 }
 
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,

@@ -382,6 +382,7 @@ typedef struct {
 
 static jm_status push_ids(int32_t **ids, size_t *n, size_t *cap, const int32_t *add, size_t k, jm_error *err)
 {
+    if (k == 0) return JM_OK; /* a segment may encode to nothing (add is then NULL) */
     if (*n + k > *cap) {
         size_t c = (*n + k) * 2 + 16;
         int32_t *p = realloc(*ids, c * sizeof *p);

@@ -76,7 +76,6 @@ static bool is_string(const cJSON *j, const char *s);
 static const char *type_of(const cJSON *j);
 static bool replace_is(const cJSON *j, const char *from, const char *to);
 static int64_t json_index(const cJSON *j, int64_t max);
-static bool has_escaped_nul(const char *s, size_t len);
 static bool byte_piece(const char *s, size_t len);
 static jm_status check_expressible(const jm_tokenizer *t, jm_error *err);
 static void put_added_tokens(outbuf *b, const jm_tokenizer *t);
@@ -110,9 +109,7 @@ jm_status tk_load_json(const char *text, size_t len, const char *name, jm_tokeni
     const cJSON *model = field(root, "model");
     if (!cJSON_IsObject(root)) {
         s = jm_fail(err, JM_ERR_FORMAT, "%s: not a JSON object", name);
-    } else if (has_escaped_nul(text, len)) {
-        s = jm_fail(err, JM_ERR_FORMAT, "%s: a string contains \\u0000 (pieces cannot hold NUL)", name);
-    } else if (!cJSON_IsObject(model)) {
+    } else if (!(s = jm_json_no_nul(text, len, name, err)) && !cJSON_IsObject(model)) {
         s = jm_fail(err, JM_ERR_FORMAT, "%s: model: missing or not an object", name);
     }
     if (s || (s = check_model_options(model, name, &byte_fallback, err)) ||
@@ -611,19 +608,6 @@ static int64_t json_index(const cJSON *j, int64_t max)
     double d = j->valuedouble;
     if (!isfinite(d) || d < 0 || d > (double)max || d != floor(d)) return -1;
     return (int64_t)d;
-}
-
-/* cJSON stops a string at an escaped NUL (\u0000) without telling us, which
- * would silently shorten a piece. JSON is already known valid here, so every
- * backslash starts an escape. */
-static bool has_escaped_nul(const char *s, size_t len)
-{
-    for (size_t i = 0; i + 1 < len; i++) {
-        if (s[i] != '\\') continue;
-        if (s[i + 1] == 'u' && i + 5 < len && memcmp(s + i + 2, "0000", 4) == 0) return true;
-        i++; /* skip the escaped character, so "\\u0000" is not misread */
-    }
-    return false;
 }
 
 static bool byte_piece(const char *s, size_t len)

@@ -56,18 +56,25 @@ jm_status jm_tokenizer_load(const char *path, jm_tokenizer **out, jm_error *err)
     return JM_OK;
 }
 
-/* Decides the format by content: JSON starts with '{', a ModelProto never
- * does (its first byte is a field tag, 0x0a for pieces). */
+/* Decides the format by content: JSON starts with '{' (after whitespace, or
+ * a UTF-8 byte order mark as Windows editors write), a ModelProto never does
+ * (its first byte is a field tag, 0x0a for pieces). Otherwise the name
+ * decides: "*.json" is reported as JSON, anything else as protobuf. */
 static jm_status load_file(const char *path, jm_tokenizer **out, jm_error *err)
 {
     char *buf;
     size_t len;
     jm_status s = jm_read_file(path, TK_MAX_FILE, &buf, &len, err);
     if (s) return s;
-    size_t i = 0;
+    size_t bom = len >= 3 && memcmp(buf, "\xef\xbb\xbf", 3) == 0 ? 3 : 0, i = bom;
     while (i < len && (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n' || buf[i] == '\r')) i++;
-    if (i < len && buf[i] == '{')
-        s = tk_load_json(buf, len, path, out, err);
+    size_t plen = strlen(path);
+    bool json_name = plen >= 5 && strcmp(path + plen - 5, ".json") == 0;
+    if (len == 0)
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: the file is empty (not a %s)", path,
+                    json_name ? "tokenizer.json" : "SentencePiece model");
+    else if ((i < len && buf[i] == '{') || json_name)
+        s = tk_load_json(buf + bom, len - bom, path, out, err);
     else
         s = tk_load_model_proto((const uint8_t *)buf, len, path, out, err);
     free(buf);

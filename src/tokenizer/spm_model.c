@@ -181,6 +181,7 @@ static int parse_normalizer(const uint8_t *d, size_t len, pb_normalizer *ns, con
 jm_status tk_load_model_proto(const uint8_t *buf, size_t len, const char *name, jm_tokenizer **out, jm_error *err)
 {
     *out = NULL;
+    if (len == 0) return jm_fail(err, JM_ERR_FORMAT, "%s: the file is empty (not a SentencePiece model)", name);
     /* defaults from sentencepiece_model.proto */
     pb_trainer tr = {.model_type = 1, .unk_id = 0, .bos_id = 1, .eos_id = 2, .pad_id = -1};
     pb_normalizer ns = {.add_dummy_prefix = true, .remove_extra_whitespaces = true, .escape_whitespaces = true};
@@ -207,11 +208,11 @@ jm_status tk_load_model_proto(const uint8_t *buf, size_t len, const char *name, 
         /* 4 = self_test_data: SentencePiece runs it at load; we do not */
     }
     if (rc < 0) return JM_ERR_FORMAT;
+    if (npieces == 0) return jm_fail(err, JM_ERR_FORMAT, "%s: not a SentencePiece model (no pieces)", name);
     static const char *const model_types[] = {"?", "UNIGRAM", "BPE", "WORD", "CHAR"};
     if (tr.model_type != 2)
         return jm_fail(err, JM_ERR_FORMAT, "%s: model_type is %s; only BPE models are supported", name,
                        model_types[tr.model_type]);
-    if (npieces == 0) return jm_fail(err, JM_ERR_FORMAT, "%s: not a SentencePiece model (no pieces)", name);
     if (npieces > TK_MAX_PIECES)
         return jm_fail(err, JM_ERR_FORMAT, "%s: %ld pieces is more than the %d we accept", name, npieces,
                        TK_MAX_PIECES);

@@ -62,6 +62,7 @@ struct jm_tokenizer {
 
     /* Set by the loaders above the core; the core reads only the strings. */
     char *chat_template; /* Jinja source from tokenizer_config.json, NULL = JetMoE default */
+    char template_source[4096]; /* that tokenizer_config.json, for messages ("" = none) */
     char *eos_token;     /* the EOS string ("</s>") as templates and encode_special see it */
     char *bos_token;
 

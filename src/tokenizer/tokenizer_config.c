@@ -45,6 +45,10 @@ static jm_status config_template(const cJSON *root, const char *path, char **out
     if (!cJSON_IsString(j))
         return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template must be a string or a list of {name, template}",
                        path);
+    /* HF would render "" and the model would see none of the conversation */
+    if (!j->valuestring[0])
+        return jm_fail(err, JM_ERR_CONFIG, "%s: chat_template is empty (it would render no message); remove the "
+                       "field for the default template", path);
     if (!(*out = strdup(j->valuestring))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
     return JM_OK;
 }
@@ -56,6 +60,7 @@ jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err)
     cJSON *root = NULL;
     jm_status s = jm_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err);
     if (!s) s = jm_json_parse(buf, len, path, &root, err);
+    if (!s) s = jm_json_no_nul(buf, len, path, err);
     if (!s && !cJSON_IsObject(root)) s = jm_fail(err, JM_ERR_CONFIG, "%s: not a JSON object", path);
     if (!s) s = config_template(root, path, &tpl, err);
     if (!s) s = config_token(root, "eos_token", path, &eos, err);
@@ -66,7 +71,10 @@ jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err)
         free(tpl), free(eos), free(bos);
         return s;
     }
-    if (tpl) free(t->chat_template), t->chat_template = tpl;
+    if (tpl) {
+        free(t->chat_template), t->chat_template = tpl;
+        snprintf(t->template_source, sizeof t->template_source, "%s", path);
+    }
     if (eos) free(t->eos_token), t->eos_token = eos;
     if (bos) free(t->bos_token), t->bos_token = bos;
     return JM_OK;
