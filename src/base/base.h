@@ -47,8 +47,9 @@ char *jm_path_join(const char *dir, const char *name);
 jm_status jm_read_latest(const char *ckpt_dir, char *out, size_t cap, jm_error *err);
 
 /* ---- JSON (json.c) ---- */
-/* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
- * no duplicate keys in any object. file names the source in messages. */
+/* Strict JSON: valid UTF-8, no NUL, no raw control character or unknown
+ * escape in a string, nothing but whitespace after the value, no duplicate
+ * keys in any object. file names the source in messages. */
 struct cJSON;
 jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
 /* Writes root as indented JSON plus a final newline, atomically; root may be NULL
