@@ -22,6 +22,7 @@
  * many JSONL records, which cost far less; 0x5eed)
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
 #include "harness.h"
+#include "fuzz_rng.h"
 #include "train/data.h"
 
 #include <cjson/cJSON.h>
@@ -29,23 +30,6 @@
 
 #define MAX_TEXT 65536
 #define RECIPE_NAME "fuzz.json"
-
-typedef struct {
-    uint64_t s;
-} rng;
-
-static uint64_t rnd(rng *r) /* xorshift64* */
-{
-    r->s ^= r->s >> 12;
-    r->s ^= r->s << 25;
-    r->s ^= r->s >> 27;
-    return r->s * 2685821657736338717ull;
-}
-
-static size_t below(rng *r, size_t n) /* [0, n); n > 0 */
-{
-    return (size_t)(rnd(r) % n);
-}
 
 #define PICK(r, a) (a[below(r, sizeof a / sizeof a[0])])
 
@@ -303,6 +287,24 @@ static void add_kind(kind_set *ks, const char *msg)
     if (ks->n < 256) snprintf(ks->kinds[ks->n++], sizeof ks->kinds[0], "%s", k);
 }
 
+/* A refusal, counted by its kind of error; when it is not as it should be
+ * (ok false), what is wrong, in why. */
+static const char *refusal(kind_set *ks, const char *msg, bool ok, char *why, size_t cap)
+{
+    add_kind(ks, msg);
+    if (ok) return NULL;
+    snprintf(why, cap, "bad rejection: %.400s", msg);
+    return why;
+}
+
+/* PASS if the mutations reached at least min kinds of error (JM_FUZZ_VERBOSE=1 lists them). */
+static void report_kinds(const char *name, const kind_set *ks, int min)
+{
+    check_detail(ks->n >= min, name, "%d kinds of error reached", ks->n);
+    if (getenv("JM_FUZZ_VERBOSE"))
+        for (int k = 0; k < ks->n; k++) printf("  %s\n", ks->kinds[k]);
+}
+
 /* A rejection's message: starts with who (the file, or file:line), one line, not empty. */
 static bool good_message(const char *msg, const char *who)
 {
@@ -321,6 +323,21 @@ static const char *shown(const char *p, size_t len, char *out, size_t cap)
     }
     out[k] = 0;
     return out;
+}
+
+/* Broken results so far, and the first one with its input, for the FAIL line. */
+typedef struct {
+    long n;
+    char first[1000];
+} findings;
+
+static void note(findings *f, long it, const char *bad, const char *what, const char *buf, size_t len)
+{
+    if (!bad) return;
+    char in[300];
+    if (!f->n++)
+        snprintf(f->first, sizeof f->first, "iteration %ld: %.500s; the %s: %s", it, bad, what,
+                 shown(buf, len, in, sizeof in));
 }
 
 /* ---- the recipe fixture ---- */
@@ -464,8 +481,8 @@ static void fuzz_recipes(long iters, uint64_t seed, const char *dir)
         }
     }
     check(true, "fuzz_recipe_seeds_load", " ");
-    long accepted = 0, rejected = 0, loaded = 0, load_failed = 0, fails = 0;
-    char first_bad[1000] = "";
+    long accepted = 0, rejected = 0, loaded = 0, load_failed = 0;
+    findings found = {0, ""};
     static kind_set kinds;
     double t0 = now();
     for (long it = 0; it < iters; it++) {
@@ -492,32 +509,19 @@ static void fuzz_recipes(long iters, uint64_t seed, const char *dir)
                 if (s == JM_OK) loaded++;
                 else {
                     load_failed++;
-                    add_kind(&kinds, err.msg);
-                    if (!good_message(err.msg, path)) {
-                        snprintf(why, sizeof why, "bad load rejection: %.400s", err.msg);
-                        bad = why;
-                    }
+                    bad = refusal(&kinds, err.msg, good_message(err.msg, path), why, sizeof why);
                 }
                 jm_recipe_free(rc);
             }
         } else {
             rejected++;
-            add_kind(&kinds, err.msg);
-            if (rc || !good_message(err.msg, RECIPE_NAME)) {
-                snprintf(why, sizeof why, "bad rejection: %.400s", err.msg);
-                bad = why;
-            }
+            bad = refusal(&kinds, err.msg, !rc && good_message(err.msg, RECIPE_NAME), why, sizeof why);
         }
-        if (bad && !first_bad[0]) {
-            char in[300];
-            snprintf(first_bad, sizeof first_bad, "iteration %ld: %s; the recipe: %s", it, bad,
-                     shown(buf, t.len, in, sizeof in));
-        }
-        fails += bad != NULL;
+        note(&found, it, bad, "recipe", buf, t.len);
         free(buf);
     }
     double secs = now() - t0;
-    if (fails) check(false, "fuzz_recipe_mutations", "%ld broken results; first: %s", fails, first_bad);
+    if (found.n) check(false, "fuzz_recipe_mutations", "%ld broken results; first: %s", found.n, found.first);
     else if (rejected < iters / 5 || accepted < iters / 20 || loaded < iters / 100 || load_failed < iters / 200)
         check(false, "fuzz_recipe_mutations", "%ld parsed (%ld loaded, %ld failed to load), %ld rejected of %ld: the "
               "mutations do not exercise every path", accepted, loaded, load_failed, rejected, iters);
@@ -525,9 +529,7 @@ static void fuzz_recipes(long iters, uint64_t seed, const char *dir)
         check_detail(true, "fuzz_recipe_mutations", "%ld mutated recipes in %.1f s: %ld rejected, %ld parsed, of "
                      "which %ld loaded and %ld failed on the files", iters, secs, rejected, accepted, loaded,
                      load_failed);
-    check_detail(kinds.n >= 40, "fuzz_recipe_error_variety", "%d kinds of error reached", kinds.n);
-    if (getenv("JM_FUZZ_VERBOSE"))
-        for (int k = 0; k < kinds.n; k++) printf("  %s\n", kinds.kinds[k]);
+    report_kinds("fuzz_recipe_error_variety", &kinds, 40);
 }
 
 /* ---- JSONL records ---- */
@@ -607,8 +609,8 @@ static void fuzz_jsonl(long iters, uint64_t seed)
     }
     if (!check(bad_seed < 0, "fuzz_jsonl_seeds_read", "record %d: %s", bad_seed, seed_why)) return;
 
-    long accepted = 0, rejected = 0, with_nul = 0, fails = 0;
-    char first_bad[1000] = "";
+    long accepted = 0, rejected = 0, with_nul = 0;
+    findings found = {0, ""};
     static kind_set kinds;
     double t0 = now();
     for (long it = 0; it < iters; it++) {
@@ -637,33 +639,24 @@ static void fuzz_jsonl(long iters, uint64_t seed)
             free(out);
         } else {
             rejected++;
-            add_kind(&kinds, err.msg);
             /* the one refusal a valid record may get: a "text" key cut by \u0000 */
             bool cannot_read = strstr(err.msg, "cannot read") != NULL;
-            if (out || !good_message(err.msg, where) || (cannot_read && !has_nul_escape(buf, t.len))) {
-                snprintf(why, sizeof why, "bad rejection: %.400s", err.msg);
-                bad = why;
-            }
+            bad = refusal(&kinds, err.msg,
+                          !out && good_message(err.msg, where) && (!cannot_read || has_nul_escape(buf, t.len)), why,
+                          sizeof why);
         }
-        if (bad && !first_bad[0]) {
-            char in[300];
-            snprintf(first_bad, sizeof first_bad, "iteration %ld: %s; the record: %s", it, bad,
-                     shown(buf, t.len, in, sizeof in));
-        }
-        fails += bad != NULL;
+        note(&found, it, bad, "record", buf, t.len);
         free(buf);
     }
     double secs = now() - t0;
-    if (fails) check(false, "fuzz_jsonl_mutations", "%ld broken results; first: %s", fails, first_bad);
+    if (found.n) check(false, "fuzz_jsonl_mutations", "%ld broken results; first: %s", found.n, found.first);
     else if (rejected < iters / 5 || accepted < iters / 20 || with_nul < iters / 200)
         check(false, "fuzz_jsonl_mutations", "%ld accepted (%ld with a NUL), %ld rejected of %ld: the mutations do "
               "not exercise every path", accepted, with_nul, rejected, iters);
     else
         check_detail(true, "fuzz_jsonl_mutations", "%ld mutated records in %.1f s: %ld read (%ld with a NUL byte, "
                      "kept), %ld rejected", iters, secs, accepted, with_nul, rejected);
-    check_detail(kinds.n >= 5, "fuzz_jsonl_error_variety", "%d kinds of error reached", kinds.n);
-    if (getenv("JM_FUZZ_VERBOSE"))
-        for (int k = 0; k < kinds.n; k++) printf("  %s\n", kinds.kinds[k]);
+    report_kinds("fuzz_jsonl_error_variety", &kinds, 5);
 }
 
 int main(int argc, char **argv)

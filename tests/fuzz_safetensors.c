@@ -9,28 +9,12 @@
  * Usage: fuzz_safetensors [iterations [seed]]   (defaults: 20000, 0x5eed)
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
 #include "base/safetensors.h"
+#include "fuzz_rng.h"
 
 #include <string.h>
 
 #define FUZZ_NAME "fuzz.safetensors"
 #define MAX_IMAGE 8192
-
-typedef struct {
-    uint64_t s;
-} rng;
-
-static uint64_t rnd(rng *r) /* xorshift64* */
-{
-    r->s ^= r->s >> 12;
-    r->s ^= r->s << 25;
-    r->s ^= r->s >> 27;
-    return r->s * 2685821657736338717ull;
-}
-
-static size_t below(rng *r, size_t n) /* uniform enough in [0, n); n > 0 */
-{
-    return (size_t)(rnd(r) % n);
-}
 
 /* ---- the image being mutated ---- */
 
