@@ -45,9 +45,10 @@ int jm_closest_name(const char *word, const char *const *names, int n)
     int best = -1;
     size_t best_d = limit + 1;
     for (int i = 0; i < n; i++) {
-        size_t d = jm_edit_distance(word, names[i]);
-        /* an edit of every byte of the name is no resemblance */
-        if (d < best_d && d < strlen(names[i])) {
+        size_t d = jm_edit_distance(word, names[i]), longer = strlen(names[i]);
+        if (longer < len) longer = len;
+        /* rewriting every byte ("z" for "a") is no resemblance */
+        if (d < best_d && d < longer) {
             best = i;
             best_d = d;
         }

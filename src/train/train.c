@@ -430,6 +430,7 @@ jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_rec
 /* Prefixes err's message: "<recipe>: field heldout: <the reader's message>". */
 static jm_status in_field(jm_status s, const char *file, const char *field, jm_error *err)
 {
+    if (!err) return s;
     char inner[sizeof err->msg];
     snprintf(inner, sizeof inner, "%s", err->msg);
     return jm_fail(err, s, "%s: field %s: %s", file, field, inner);
