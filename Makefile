@@ -42,7 +42,7 @@ CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"
 $(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
 	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
 
-$(BUILD)/tests/%: tests/%.c tests/harness.h tests/fuzz.h $(BUILD)/libjetmoe.a
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 

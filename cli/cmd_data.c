@@ -129,17 +129,27 @@ static int run_codec(const cli_command *self, int argc, char **argv)
     return rc;
 }
 
-/* Splits "a,b,c" in place into at most max pointers. */
-static int split_list(char *s, const char **out, int max)
+/* Splits flag's value "a,b,c" in place into at most max entries. An empty
+ * entry ("a,,b", "a,") or one too many is an argument error, printed here:
+ * returns the count, or -1. */
+static int split_list(const cli_command *self, const char *flag, char *s, const char **out, int max)
 {
     int n = 0;
-    for (char *p = s; n < max;) {
+    for (char *p = s;;) {
+        char *comma = strchr(p, ',');
+        if (comma) *comma = 0;
+        if (!*p) {
+            cli_error(self, "%s: entry %d is empty", flag, n + 1);
+            return -1;
+        }
+        if (n == max) {
+            cli_error(self, "%s: more than %d entries", flag, max);
+            return -1;
+        }
         out[n++] = p;
-        p = strchr(p, ',');
-        if (!p) break;
-        *p++ = 0;
+        if (!comma) return n;
+        p = comma + 1;
     }
-    return n;
 }
 
 /* ---- tokenizer train ---- */
@@ -183,7 +193,12 @@ static int run_train_tok(const cli_command *self, int argc, char **argv)
     if (rc != CLI_RUN) return rc;
     char *list = strdup(o.input);
     const char *files[256];
-    int nf = list ? split_list(list, files, 256) : 0;
+    if (!list) return cli_error(self, "out of memory");
+    int nf = split_list(self, "--input", list, files, 256);
+    if (nf < 0) {
+        free(list);
+        return 2;
+    }
     jm_tokenizer_train_opts to = {files, nf, (int)o.vocab_size, o.out, (int)o.byte_fallback, (int)o.threads,
                                   o.max_sentences, o.overwrite};
     jm_error err;
@@ -234,7 +249,12 @@ static int run_prepare(const cli_command *self, int argc, char **argv)
     if (rc != CLI_RUN) return rc;
     char *list = strdup(o.input);
     const char *files[4096];
-    int nf = list ? split_list(list, files, 4096) : 0;
+    if (!list) return cli_error(self, "out of memory");
+    int nf = split_list(self, "--input", list, files, 4096);
+    if (nf < 0) {
+        free(list);
+        return 2;
+    }
     jm_set_threads((int)o.threads);
     jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads, o.overwrite};
     uint64_t n = 0;

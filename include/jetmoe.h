@@ -341,7 +341,9 @@ jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_erro
 /* ---- training -------------------------------------------------------- */
 
 /* A recipe (JSON): the model config, data sources and mixture phases,
- * sequence length, batch, optimizer and schedule. Documented in README.md. */
+ * sequence length, batch, optimizer and schedule. Documented in README.md.
+ * jm_recipe_load checks it whole before it returns: the text (types, whole
+ * numbers, known keys) and what a run reads (the tokenizer, every shard). */
 typedef struct jm_recipe jm_recipe;
 jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err);
 void jm_recipe_free(jm_recipe *r);

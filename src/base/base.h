@@ -82,8 +82,9 @@ bool jm_dir_holds_only(const char *dir, const jm_output_set *set);
 int jm_checkpoints_dir_proof(const char *path, const char *name);
 
 /* ---- JSON (json.c) ---- */
-/* Strict JSON: valid UTF-8, no NUL, nothing but whitespace after the value,
- * no duplicate keys in any object. file names the source in messages. */
+/* Strict JSON: valid UTF-8, no NUL, no raw control character or unknown
+ * escape in a string, nothing but whitespace after the value, no duplicate
+ * keys in any object. file names the source in messages. */
 struct cJSON;
 jm_status jm_json_parse(const char *text, size_t len, const char *file, struct cJSON **out, jm_error *err);
 /* cJSON ends a string at an escaped NUL (\u0000) without a word, which would
@@ -92,6 +93,18 @@ jm_status jm_json_no_nul(const char *text, size_t len, const char *file, jm_erro
 /* Writes root as indented JSON plus a final newline, atomically; root may be NULL
  * (a tree that could not be built for lack of memory), which fails as out of memory. */
 jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *err);
+
+/* ---- names (suggest.c, config.c) ---- */
+/* Edits (insert, delete, substitute, swap two neighbours) from a to b;
+ * each name is taken up to its first 64 bytes. */
+size_t jm_edit_distance(const char *a, const char *b);
+/* Index of the name in names[0..n) that word is most likely a typo of (few
+ * edits for its length), or -1 when none is close: for "did you mean ...?". */
+int jm_closest_name(const char *word, const char *const *names, int n);
+/* The keys of a config.json object that mean something: those jm_config_parse
+ * reads (HF and authors' spellings) and the descriptive ones jm_config_save
+ * writes. *n gets the count. */
+const char *const *jm_config_keys(int *n);
 
 /* ---- bf16/f16 <-> f32 (half.c) ---- */
 float jm_bf16_to_f32(uint16_t h);

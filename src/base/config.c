@@ -226,6 +226,25 @@ done:
     return s;
 }
 
+/* Every key jm_config_parse above reads, and the descriptive ones
+ * jm_config_save writes (so a checkpoint's own config.json is accepted
+ * wherever this list is enforced: the recipe's "model"). Keep in step with
+ * both. */
+static const char *const config_keys[] = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels", "head_dim",
+    "intermediate_size", "ffn_hidden_size", "num_local_experts", "moe_num_experts", "num_experts_per_tok",
+    "moe_top_k", "max_position_embeddings", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+    "activation_function", "rope_parameters", "rope_scaling", "rope_theta", "rms_norm_eps", "aux_loss_coef",
+    "z_loss_coef", "initializer_range", "num_attention_heads",
+    "architectures", "model_type", "torch_dtype", /* written by jm_config_save, not read */
+};
+
+const char *const *jm_config_keys(int *n)
+{
+    *n = (int)(sizeof config_keys / sizeof config_keys[0]);
+    return config_keys;
+}
+
 jm_status jm_config_load(const char *path, jm_config *c, jm_error *err)
 {
     char *buf;

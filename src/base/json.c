@@ -64,6 +64,40 @@ static int duplicate_key(const cJSON *j, const char **dup)
     return found;
 }
 
+/* What cJSON lets through and JSON does not: a control character in a
+ * string, or outside one other than tab, CR and LF (cJSON takes them all for
+ * whitespace), and an escape other than \" \\ \/ \b \f \n \r \t \uXXXX
+ * (cJSON reads "\uZZZZ" as a NUL, which quietly ends the string). Returns
+ * the offending byte's offset, or len. */
+static size_t bad_json_byte(const char *text, size_t len)
+{
+    bool in_string = false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)text[i];
+        if (!in_string) {
+            if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return i;
+            in_string = c == '"';
+        } else if (c == '"') {
+            in_string = false;
+        } else if (c < 0x20) {
+            return i;
+        } else if (c == '\\') {
+            if (i + 1 >= len) return i;
+            char e = text[i + 1];
+            if (e == 'u') {
+                for (size_t k = i + 2; k < i + 6; k++)
+                    if (k >= len || !text[k] || !strchr("0123456789abcdefABCDEF", text[k])) return i;
+                i += 5;
+            } else if (e && strchr("\"\\/bfnrt", e)) {
+                i++;
+            } else {
+                return i;
+            }
+        }
+    }
+    return len;
+}
+
 jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **out, jm_error *err)
 {
     *out = NULL;
@@ -71,6 +105,9 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
     if (memchr(text, 0, len)) return jm_fail(err, JM_ERR_FORMAT, "%s: NUL byte in JSON", file);
     if (!valid_utf8((const unsigned char *)text, len, &bad))
         return jm_fail(err, JM_ERR_FORMAT, "%s: not valid UTF-8 at byte %zu", file, bad);
+    if ((bad = bad_json_byte(text, len)) < len)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON at byte %zu (%s)", file, bad,
+                       text[bad] == '\\' ? "not a JSON escape" : "a raw control character");
     const char *end = NULL;
     cJSON *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
     if (!root) {

@@ -41,6 +41,7 @@ typedef struct {
 struct jm_sampler {
     int n;
     int seq_len;
+    uint32_t eos_id; /* every shard's, the same in all */
     source *src;
 };
 
@@ -198,6 +199,7 @@ jm_status jm_sampler_open(const char *const *names, const char *const *dirs, int
         src->position = src->origin;
         src->weight = 1.0 / nsources; /* until jm_sampler_set_mixture */
     }
+    s->eos_id = eos;
     *out = s;
     return JM_OK;
 }
@@ -257,6 +259,11 @@ void jm_sampler_next(jm_sampler *s, int32_t *tokens, int *source_out)
 int jm_sampler_num_sources(const jm_sampler *s)
 {
     return s->n;
+}
+
+uint32_t jm_sampler_eos_id(const jm_sampler *s)
+{
+    return s->eos_id;
 }
 
 uint64_t jm_sampler_source_tokens(const jm_sampler *s, int i)

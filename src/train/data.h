@@ -73,6 +73,7 @@ jm_status jm_sampler_set_mixture(jm_sampler *s, const double *weights, jm_error 
 /* Fills tokens[0 .. seq_len-1]; *source gets the source index. */
 void jm_sampler_next(jm_sampler *s, int32_t *tokens, int *source);
 int jm_sampler_num_sources(const jm_sampler *s);
+uint32_t jm_sampler_eos_id(const jm_sampler *s); /* the EOS id every source's shards share */
 uint64_t jm_sampler_source_tokens(const jm_sampler *s, int i); /* tokens available in source i */
 
 /* Cursor state as plain numbers, for the trainer's checkpoint: per source
@@ -86,5 +87,17 @@ jm_status jm_sampler_set_state(jm_sampler *s, const jm_sampler_state *st, jm_err
 void jm_sampler_state_free(jm_sampler_state *st);
 
 /* jm_prepare (`jetmoe prepare`) is declared in include/jetmoe.h and implemented in prepare.c. */
+
+/* One JSONL record (a line without its newline) -> its "text" field, all of
+ * it: a "\u0000" escape is kept as a NUL byte (cJSON's strings would end
+ * there). *text is malloc'd, NUL-terminated, *n bytes long (0: "text": "").
+ * where ("file:line") begins every message. prepare reads each record
+ * through this (prepare.c). */
+jm_status jm_jsonl_text(const char *line, size_t len, const char *where, char **text, size_t *n, jm_error *err);
+
+/* A recipe's JSON -> jm_recipe, everything in the text checked (types,
+ * integers, ranges, unknown keys) but nothing opened; name begins every
+ * message. jm_recipe_load is this plus the files the run needs (train.c). */
+jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_recipe **out, jm_error *err);
 
 #endif

@@ -417,27 +417,21 @@ static void encode_doc(const jm_tokenizer *tok, const file_list *fl, doc *d)
             d->error = fmt_dup("%s: %s", file, e.msg);
         return;
     }
-    char name[4200];
+    char name[4200], *text;
+    size_t n;
     snprintf(name, sizeof name, "%s:%" PRIu64, file, d->line);
-    cJSON *root = NULL;
-    if (jm_json_parse(d->p, d->len, name, &root, &e)) {
+    if (jm_jsonl_text(d->p, d->len, name, &text, &n, &e)) {
         d->error = strdup(e.msg);
-        return;
-    }
-    const cJSON *text = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "text") : NULL;
-    if (!cJSON_IsString(text)) {
-        d->error = fmt_dup("%s:%" PRIu64 ": %s", file, d->line,
-                           cJSON_IsObject(root) ? "no \"text\" string field" : "not a JSON object");
-    } else if (text->valuestring[0] == 0) {
+    } else if (n == 0) {
         d->len = 0; /* "text": "" is an empty document: skipped like a blank line */
-    } else if (jm_tokenizer_encode_special(tok, text->valuestring, strlen(text->valuestring), &d->ids, &d->n, &e)) {
+    } else if (jm_tokenizer_encode_special(tok, text, n, &d->ids, &d->n, &e)) {
         /* JSONL records are tokenized as Hugging Face does, special tokens
          * included: a chat record's "</s>" turn ends become EOS ids, as in
          * jm_chat_encode. Text and code files stay plain text ("</s>" is an
          * HTML tag there). */
-        d->error = fmt_dup("%s:%" PRIu64 ": %s", file, d->line, e.msg);
+        d->error = fmt_dup("%s: %s", name, e.msg);
     }
-    cJSON_Delete(root);
+    free(text);
 }
 
 static jm_status stream_put(out_stream *os, const int32_t *ids, uint64_t n, jm_error *err)
@@ -645,4 +639,160 @@ static void progress_show(progress *pg, bool final)
                 pg->nfiles, 100 * frac, mbs, pg->tokens, eta);
     }
     fflush(stderr);
+}
+
+/* ====================================================== JSONL records */
+
+/* Past the JSON whitespace at p. */
+static const char *skip_ws(const char *p, const char *end)
+{
+    while (p < end && (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')) p++;
+    return p;
+}
+
+static int hex4(const char *p, const char *end)
+{
+    int v = 0;
+    for (int i = 0; i < 4; i++) {
+        if (p + i >= end) return -1;
+        char c = p[i];
+        int d = c >= '0' && c <= '9'   ? c - '0'
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                       : -1;
+        if (d < 0) return -1;
+        v = v * 16 + d;
+    }
+    return v;
+}
+
+/* Decodes the JSON string whose opening quote is at *p into out (room for
+ * end - *p bytes: decoding never lengthens) and moves *p past its closing
+ * quote. Returns the decoded length, or -1 if the string is malformed. */
+static long decode_string(const char **p, const char *end, char *out)
+{
+    const char *q = *p + 1;
+    long n = 0;
+    while (q < end && *q != '"') {
+        if (*q != '\\') {
+            out[n++] = *q++;
+            continue;
+        }
+        if (q + 1 >= end) return -1;
+        char c = q[1];
+        q += 2;
+        const char *simple = strchr("\"\\/bfnrt", c);
+        if (c && simple) {
+            out[n++] = "\"\\/\b\f\n\r\t"[simple - "\"\\/bfnrt"];
+            continue;
+        }
+        if (c != 'u') return -1;
+        long cp = hex4(q, end);
+        q += 4;
+        if (cp >= 0xd800 && cp <= 0xdbff) { /* a surrogate pair */
+            long lo = q + 1 < end && q[0] == '\\' && q[1] == 'u' ? hex4(q + 2, end) : -1;
+            if (lo < 0xdc00 || lo > 0xdfff) return -1;
+            cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+            q += 6;
+        } else if (cp < 0 || (cp >= 0xdc00 && cp <= 0xdfff)) {
+            return -1;
+        }
+        if (cp < 0x80) {
+            out[n++] = (char)cp;
+        } else if (cp < 0x800) {
+            out[n++] = (char)(0xc0 | cp >> 6);
+            out[n++] = (char)(0x80 | (cp & 0x3f));
+        } else if (cp < 0x10000) {
+            out[n++] = (char)(0xe0 | cp >> 12);
+            out[n++] = (char)(0x80 | ((cp >> 6) & 0x3f));
+            out[n++] = (char)(0x80 | (cp & 0x3f));
+        } else {
+            out[n++] = (char)(0xf0 | cp >> 18);
+            out[n++] = (char)(0x80 | ((cp >> 12) & 0x3f));
+            out[n++] = (char)(0x80 | ((cp >> 6) & 0x3f));
+            out[n++] = (char)(0x80 | (cp & 0x3f));
+        }
+    }
+    if (q >= end) return -1;
+    *p = q + 1;
+    return n;
+}
+
+/* Past the JSON value at p (a string, an object or array however nested, or
+ * a scalar), in text that has parsed; NULL if it runs off the end. */
+static const char *skip_value(const char *p, const char *end)
+{
+    long depth = 0;
+    do {
+        if (p >= end) return NULL;
+        if (*p == '"') {
+            for (p++; p < end && *p != '"'; p++)
+                if (*p == '\\') p++;
+            if (p >= end) return NULL;
+            p++;
+        } else if (*p == '{' || *p == '[') {
+            depth++, p++;
+        } else if (*p == '}' || *p == ']') {
+            depth--, p++;
+        } else if (depth > 0) {
+            p++;
+        } else {
+            while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\t' && *p != '\n' &&
+                   *p != '\r')
+                p++;
+        }
+    } while (depth > 0);
+    return p;
+}
+
+jm_status jm_jsonl_text(const char *line, size_t len, const char *where, char **text, size_t *n, jm_error *err)
+{
+    *text = NULL;
+    *n = 0;
+    cJSON *root = NULL;
+    jm_status s = jm_json_parse(line, len, where, &root, err); /* strict: UTF-8, no NUL byte, no duplicate key */
+    if (s) return s;
+    const cJSON *t = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "text") : NULL;
+    if (!cJSON_IsString(t)) {
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: %s", where,
+                    cJSON_IsObject(root) ? "no \"text\" string field" : "not a JSON object");
+        cJSON_Delete(root);
+        return s;
+    }
+    /* cJSON decodes "\u0000" to a NUL that ends its string; decode the field
+     * again from the line, whole: find "text" among the top-level keys. */
+    char *out = malloc(len + 1);
+    const char *p = skip_ws(line, line + len), *end = line + len;
+    long got = -1;
+    if (out && p < end && *p == '{') p = skip_ws(p + 1, end);
+    while (out && p && p < end && *p == '"') {
+        long kl = decode_string(&p, end, out);
+        bool is_text = kl == 4 && memcmp(out, "text", 4) == 0;
+        p = kl < 0 ? NULL : skip_ws(p, end);
+        if (!p || p >= end || *p != ':') break;
+        p = skip_ws(p + 1, end);
+        if (is_text) {
+            got = p < end && *p == '"' ? decode_string(&p, end, out) : -1;
+            break;
+        }
+        p = skip_value(p, end);
+        p = p ? skip_ws(p, end) : NULL;
+        if (p && p < end && *p == ',') p = skip_ws(p + 1, end);
+    }
+    /* the two readings must agree up to the first NUL: anything else is a bug here */
+    size_t head = strlen(t->valuestring);
+    if (!out) {
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", where);
+    } else if (got < 0 || (size_t)got < head || memcmp(out, t->valuestring, head) != 0 ||
+               ((size_t)got > head && out[head] != 0)) {
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: cannot read the \"text\" field", where);
+    } else {
+        out[got] = 0;
+        *text = out;
+        *n = (size_t)got;
+        out = NULL;
+    }
+    free(out);
+    cJSON_Delete(root);
+    return s;
 }

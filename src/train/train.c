@@ -51,9 +51,10 @@ struct jm_recipe {
     int64_t eval_every; /* held-out loss every this many steps (0: only at the end) */
     char *text;    /* the recipe as written, saved into the run directory */
     uint64_t hash; /* of the text: a resume with another recipe is refused */
+    jm_sampler *sampler; /* the sources, opened and checked by jm_recipe_load; the trainer takes it */
 };
 
-/* ---- recipe ---- */
+/* ---- recipe: the text ---- */
 
 static uint64_t fnv1a(const char *s, size_t n)
 {
@@ -62,48 +63,201 @@ static uint64_t fnv1a(const char *s, size_t n)
     return h;
 }
 
-static jm_status get_num(const cJSON *o, const char *key, const char *file, double lo, double hi, int required,
+/* The keys of each object of a recipe (README: Training). An entry with
+ * `belongs` set is no key of that object, only a hint: where a key written
+ * there goes, or the recipe's name for another common spelling. */
+typedef struct {
+    const char *name;
+    const char *belongs;
+} recipe_key;
+
+static const recipe_key top_keys[] = {
+    {"model", NULL}, {"tokenizer", NULL}, {"sources", NULL}, {"heldout", NULL}, {"phases", NULL},
+    {"seq_len", NULL}, {"batch_size", NULL}, {"grad_accum", NULL}, {"optimizer", NULL}, {"schedule", NULL},
+    {"aux_loss_coef", NULL}, {"z_loss_coef", NULL}, {"seed", NULL}, {"checkpoint_every", NULL},
+    {"log_every", NULL}, {"eval_every", NULL}, {"eval_tokens", NULL},
+    {"lr", "optimizer.lr"}, {"learning_rate", "optimizer.lr"}, {"beta1", "optimizer.beta1"},
+    {"beta2", "optimizer.beta2"}, {"eps", "optimizer.eps"}, {"weight_decay", "optimizer.weight_decay"},
+    {"grad_clip", "optimizer.grad_clip"}, {"warmup_steps", "schedule.warmup_steps"},
+    {"decay_steps", "schedule.decay_steps"}, {"min_lr_ratio", "schedule.min_lr_ratio"},
+    {"steps", "phases[i].steps"}, {"mixture", "phases[i].mixture"},
+};
+static const recipe_key optimizer_keys[] = {
+    {"lr", NULL}, {"beta1", NULL}, {"beta2", NULL}, {"eps", NULL}, {"weight_decay", NULL}, {"grad_clip", NULL},
+    {"learning_rate", "lr"},
+};
+static const recipe_key schedule_keys[] = {
+    {"type", NULL}, {"warmup_steps", NULL}, {"decay_steps", NULL}, {"min_lr_ratio", NULL},
+};
+static const recipe_key phase_keys[] = {{"name", NULL}, {"steps", NULL}, {"mixture", NULL}};
+/* the model's keys are config.json's (jm_config_keys); these are other names for them */
+static const recipe_key model_keys[] = {
+    {"num_layers", "num_hidden_layers"}, {"num_experts", "num_local_experts"}, {"top_k", "num_experts_per_tok"},
+};
+#define NKEYS(a) ((int)(sizeof a / sizeof a[0]))
+
+/* s for a message: control characters as \xNN, cut (at a character) after about 60 bytes. */
+static const char *printable(const char *s, char *buf, size_t cap)
+{
+    size_t k = 0;
+    for (; *s && k + 8 < cap; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (k > 60 && (c & 0xc0) != 0x80) {
+            k += (size_t)snprintf(buf + k, cap - k, "...");
+            break;
+        }
+        if (c < 0x20 || c == 0x7f) k += (size_t)snprintf(buf + k, cap - k, "\\x%02x", c);
+        else buf[k++] = (char)c;
+    }
+    buf[k] = 0;
+    return buf;
+}
+
+static bool has_control(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f) return true;
+    return false;
+}
+
+/* A key of o that the object does not have is an error, with a hint when a
+ * known key is close ("did you mean ..."). model: o is the model object, whose
+ * keys are config.json's; top: the recipe itself, whose hints include the
+ * model's keys ("model.vocab_size"). */
+static jm_status unknown_keys(const cJSON *o, const char *where, const recipe_key *keys, int n, bool model, bool top,
+                              jm_error *err)
+{
+    int nc;
+    const char *const *ck = jm_config_keys(&nc);
+    for (const cJSON *c = o->child; c; c = c->next) {
+        bool known = false;
+        for (int i = 0; i < n && !known; i++) known = !keys[i].belongs && strcmp(c->string, keys[i].name) == 0;
+        for (int i = 0; i < nc && model && !known; i++) known = strcmp(c->string, ck[i]) == 0;
+        if (known) continue;
+        const char *names[128];
+        int k = 0;
+        for (int i = 0; i < n && k < 128; i++) names[k++] = keys[i].name;
+        for (int i = 0; i < nc && (model || top) && k < 128; i++) names[k++] = ck[i];
+        int best = jm_closest_name(c->string, names, k);
+        char hint[128] = "", shown[96];
+        if (best >= 0 && best < n)
+            snprintf(hint, sizeof hint, " (did you mean \"%s\"?)",
+                     keys[best].belongs ? keys[best].belongs : names[best]);
+        else if (best >= n)
+            snprintf(hint, sizeof hint, " (did you mean \"%s%s\"?)", top ? "model." : "", names[best]);
+        return jm_fail(err, JM_ERR_CONFIG, "%s: unknown field \"%s\"%s", where,
+                       printable(c->string, shown, sizeof shown), hint);
+    }
+    return JM_OK;
+}
+
+/* What a value is, for "must be ..., not <this>". */
+static const char *describe(const cJSON *j, char *buf, size_t cap)
+{
+    if (cJSON_IsNumber(j)) snprintf(buf, cap, "%.15g", j->valuedouble);
+    else if (cJSON_IsString(j)) snprintf(buf, cap, "a string");
+    else if (cJSON_IsBool(j)) snprintf(buf, cap, cJSON_IsTrue(j) ? "true" : "false");
+    else if (cJSON_IsNull(j)) snprintf(buf, cap, "null");
+    else snprintf(buf, cap, cJSON_IsArray(j) ? "an array" : "an object");
+    return buf;
+}
+
+static jm_status get_num(const cJSON *o, const char *key, const char *where, double lo, double hi, int required,
                          double *out, jm_error *err)
 {
     const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", file, key) : JM_OK;
+    char got[48];
+    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", where, key) : JM_OK;
     if (!cJSON_IsNumber(j) || !isfinite(j->valuedouble) || j->valuedouble < lo || j->valuedouble > hi)
-        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a number in [%g, %g]", file, key, lo, hi);
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a number in [%g, %g], not %s", where, key, lo, hi,
+                       describe(j, got, sizeof got));
     *out = j->valuedouble;
     return JM_OK;
 }
 
-static jm_status get_str(const cJSON *o, const char *key, const char *file, char *out, size_t cap, int required,
+/* A count of steps, tokens or sequences: a whole number ("steps": 2.5 is
+ * refused, not truncated to 2). */
+static jm_status get_int(const cJSON *o, const char *key, const char *where, int64_t lo, int64_t hi, int required,
+                         int64_t *out, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    char got[48];
+    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", where, key) : JM_OK;
+    double v = j->valuedouble;
+    if (!cJSON_IsNumber(j) || !isfinite(v) || v != floor(v) || v < (double)lo || v > (double)hi)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be an integer in [%lld, %lld], not %s", where, key,
+                       (long long)lo, (long long)hi, describe(j, got, sizeof got));
+    *out = (int64_t)v;
+    return JM_OK;
+}
+
+static jm_status get_str(const cJSON *o, const char *key, const char *where, char *out, size_t cap, int required,
                          jm_error *err)
 {
     const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", file, key) : JM_OK;
-    if (!cJSON_IsString(j) || strlen(j->valuestring) >= cap || !j->valuestring[0])
-        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a non-empty string", file, key);
+    if (!j) return required ? jm_fail(err, JM_ERR_CONFIG, "%s: missing field %s", where, key) : JM_OK;
+    if (!cJSON_IsString(j) || !j->valuestring[0] || strlen(j->valuestring) >= cap || has_control(j->valuestring))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be a non-empty string (printable, under %zu bytes)",
+                       where, key, cap);
     snprintf(out, cap, "%s", j->valuestring);
     return JM_OK;
 }
 
-static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
+/* Where the first \u0000 escape is in JSON text that parsed, or len: cJSON
+ * ends a string there, so "dir\u0000junk" would quietly name "dir". In valid
+ * JSON a backslash only occurs in strings, escaping the character after it. */
+static size_t nul_escape(const char *text, size_t len)
+{
+    for (size_t i = 0; i + 1 < len; i++)
+        if (text[i] == '\\') {
+            if (i + 5 < len && memcmp(text + i + 1, "u0000", 5) == 0) return i;
+            i++;
+        }
+    return len;
+}
+
+/* An object-valued field: absent (NULL), or an object; anything else is an error. */
+static jm_status get_object(const cJSON *o, const char *key, const char *where, const cJSON **out, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(o, key);
+    char got[48];
+    *out = NULL;
+    if (j && !cJSON_IsObject(j))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be an object, not %s", where, key,
+                       describe(j, got, sizeof got));
+    *out = j;
+    return JM_OK;
+}
+
+static jm_status parse_recipe(jm_recipe *r, size_t len, const char *file, jm_error *err)
 {
     cJSON *root;
-    jm_status s = jm_json_parse(r->text, strlen(r->text), file, &root, err);
+    jm_status s = jm_json_parse(r->text, len, file, &root, err); /* refuses a NUL byte, so strlen(text) == len */
     if (s) return s;
-    double v;
-    char key[160];
+    int64_t n;
+    char key[4200], shown[96];
+    size_t nul = nul_escape(r->text, len);
+    if (nul < len) {
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: \\u0000 (a NUL character) at byte %zu: no name or path can hold one",
+                    file, nul);
+        goto done;
+    }
     if (!cJSON_IsObject(root)) {
         s = jm_fail(err, JM_ERR_CONFIG, "%s: expected a JSON object", file);
         goto done;
     }
-    /* model: an HF config object, validated like config.json */
+    if ((s = unknown_keys(root, file, top_keys, NKEYS(top_keys), false, true, err))) goto done;
+    /* model: an HF config object, validated like config.json, but only with keys that mean something */
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
     if (!cJSON_IsObject(model)) {
         s = jm_fail(err, JM_ERR_CONFIG, "%s: field model must be an object of config.json fields", file);
         goto done;
     }
-    char *mtext = cJSON_PrintUnformatted(model);
     snprintf(key, sizeof key, "%s: model", file);
-    s = mtext ? jm_config_parse(mtext, strlen(mtext), key, &r->model, err) : jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    if ((s = unknown_keys(model, key, model_keys, NKEYS(model_keys), true, false, err))) goto done;
+    char *mtext = cJSON_PrintUnformatted(model);
+    s = mtext ? jm_config_parse(mtext, strlen(mtext), key, &r->model, err)
+              : jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", file);
     cJSON_free(mtext);
     if (s) goto done;
     if ((s = get_str(root, "tokenizer", file, r->tokenizer, sizeof r->tokenizer, 0, err))) goto done;
@@ -119,7 +273,12 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
             s = jm_fail(err, JM_ERR_CONFIG, "%s: more than %d sources", file, MAX_SOURCES);
             goto done;
         }
-        if (!cJSON_IsString(c) || strlen(c->string) >= 64 || strlen(c->valuestring) >= 4096 || !c->string[0]) {
+        if (!c->string[0] || strlen(c->string) >= 64 || has_control(c->string)) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: sources: \"%s\" is not a source name (printable, 1 to 63 bytes)",
+                        file, printable(c->string, shown, sizeof shown));
+            goto done;
+        }
+        if (!cJSON_IsString(c) || !c->valuestring[0] || strlen(c->valuestring) >= 4096 || has_control(c->valuestring)) {
             s = jm_fail(err, JM_ERR_CONFIG, "%s: sources.%s must be a directory path", file, c->string);
             goto done;
         }
@@ -141,10 +300,10 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
         }
         phase *p = &r->phases[r->nphases];
         snprintf(key, sizeof key, "%s: phases[%d]", file, r->nphases);
+        if ((s = unknown_keys(c, key, phase_keys, NKEYS(phase_keys), false, false, err))) goto done;
         snprintf(p->name, sizeof p->name, "phase%d", r->nphases + 1);
         if ((s = get_str(c, "name", key, p->name, sizeof p->name, 0, err))) goto done;
-        if ((s = get_num(c, "steps", key, 1, 1e9, 1, &v, err))) goto done;
-        p->steps = (int64_t)v;
+        if ((s = get_int(c, "steps", key, 1, 1000000000, 1, &p->steps, err))) goto done;
         const cJSON *mix = cJSON_GetObjectItemCaseSensitive(c, "mixture");
         if (!cJSON_IsObject(mix)) {
             s = jm_fail(err, JM_ERR_CONFIG, "%s: field mixture must map source names to weights", key);
@@ -155,7 +314,13 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
             int i = 0;
             while (i < r->nsources && strcmp(r->source_name[i], w->string) != 0) i++;
             if (i == r->nsources) {
-                s = jm_fail(err, JM_ERR_CONFIG, "%s: mixture names unknown source %s", key, w->string);
+                const char *names[MAX_SOURCES];
+                for (int k = 0; k < r->nsources; k++) names[k] = r->source_name[k];
+                int best = jm_closest_name(w->string, names, r->nsources);
+                char hint[100] = "";
+                if (best >= 0) snprintf(hint, sizeof hint, " (did you mean \"%s\"?)", names[best]);
+                s = jm_fail(err, JM_ERR_CONFIG, "%s: mixture names unknown source \"%s\"%s", key,
+                            printable(w->string, shown, sizeof shown), hint);
                 goto done;
             }
             if (!cJSON_IsNumber(w) || !(w->valuedouble >= 0) || !isfinite(w->valuedouble)) {
@@ -173,20 +338,22 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
         r->nphases++;
     }
 
-    if ((s = get_num(root, "seq_len", file, 2, r->model.max_position_embeddings, 1, &v, err))) goto done;
-    r->seq_len = (int)v;
-    if ((s = get_num(root, "batch_size", file, 1, 65536, 1, &v, err))) goto done;
-    r->batch_size = (int)v;
-    v = 1;
-    if ((s = get_num(root, "grad_accum", file, 1, 65536, 0, &v, err))) goto done;
-    r->grad_accum = (int)v;
+    if ((s = get_int(root, "seq_len", file, 2, r->model.max_position_embeddings, 1, &n, err))) goto done;
+    r->seq_len = (int)n;
+    if ((s = get_int(root, "batch_size", file, 1, 65536, 1, &n, err))) goto done;
+    r->batch_size = (int)n;
+    n = 1;
+    if ((s = get_int(root, "grad_accum", file, 1, 65536, 0, &n, err))) goto done;
+    r->grad_accum = (int)n;
 
     /* optimizer: the JetMoE report's AdamW settings as defaults */
     r->adamw = (jm_adamw_config){5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0};
-    const cJSON *opt = cJSON_GetObjectItemCaseSensitive(root, "optimizer");
+    const cJSON *opt, *sch;
+    if ((s = get_object(root, "optimizer", file, &opt, err))) goto done;
     if (opt) {
         snprintf(key, sizeof key, "%s: optimizer", file);
-        if ((s = get_num(opt, "lr", key, 0, 10, 0, &r->adamw.lr, err)) ||
+        if ((s = unknown_keys(opt, key, optimizer_keys, NKEYS(optimizer_keys), false, false, err)) ||
+            (s = get_num(opt, "lr", key, 0, 10, 0, &r->adamw.lr, err)) ||
             (s = get_num(opt, "beta1", key, 0, 0.999999, 0, &r->adamw.beta1, err)) ||
             (s = get_num(opt, "beta2", key, 0, 0.999999, 0, &r->adamw.beta2, err)) ||
             (s = get_num(opt, "eps", key, 1e-30, 1, 0, &r->adamw.eps, err)) ||
@@ -195,9 +362,10 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
             goto done;
     }
     r->schedule = (jm_schedule){JM_SCHEDULE_WSD, r->adamw.lr, 0.1, 0, total, 0};
-    const cJSON *sch = cJSON_GetObjectItemCaseSensitive(root, "schedule");
+    if ((s = get_object(root, "schedule", file, &sch, err))) goto done;
     if (sch) {
         snprintf(key, sizeof key, "%s: schedule", file);
+        if ((s = unknown_keys(sch, key, schedule_keys, NKEYS(schedule_keys), false, false, err))) goto done;
         char type[16] = "wsd";
         if ((s = get_str(sch, "type", key, type, sizeof type, 0, err))) goto done;
         if (strcmp(type, "wsd") == 0) r->schedule.type = JM_SCHEDULE_WSD;
@@ -207,36 +375,26 @@ static jm_status parse_recipe(jm_recipe *r, const char *file, jm_error *err)
             s = jm_fail(err, JM_ERR_CONFIG, "%s: type must be wsd, cosine or constant, not %s", key, type);
             goto done;
         }
-        v = 0;
-        if ((s = get_num(sch, "warmup_steps", key, 0, (double)total, 0, &v, err))) goto done;
-        r->schedule.warmup_steps = (int64_t)v;
+        if ((s = get_int(sch, "warmup_steps", key, 0, total, 0, &r->schedule.warmup_steps, err))) goto done;
         /* WSD's decay defaults to the last phase: the paper decays during phase 2 */
-        v = r->nphases > 1 ? (double)r->phases[r->nphases - 1].steps : 0;
-        if ((s = get_num(sch, "decay_steps", key, 0, (double)total, 0, &v, err))) goto done;
-        r->schedule.decay_steps = (int64_t)v;
+        r->schedule.decay_steps = r->nphases > 1 ? r->phases[r->nphases - 1].steps : 0;
+        if ((s = get_int(sch, "decay_steps", key, 0, total, 0, &r->schedule.decay_steps, err))) goto done;
         if ((s = get_num(sch, "min_lr_ratio", key, 0, 1, 0, &r->schedule.min_lr_ratio, err))) goto done;
     }
     if ((s = get_num(root, "aux_loss_coef", file, 0, 1e6, 0, &r->model.aux_loss_coef, err))) goto done;
     if ((s = get_num(root, "z_loss_coef", file, 0, 1e6, 0, &r->model.z_loss_coef, err))) goto done;
-    v = 1234;
-    if ((s = get_num(root, "seed", file, 0, 9007199254740991.0, 0, &v, err))) goto done;
-    r->seed = (uint64_t)v;
-    v = 100;
-    if ((s = get_num(root, "checkpoint_every", file, 1, 1e9, 0, &v, err))) goto done;
-    r->checkpoint_every = (int64_t)v;
-    v = 10;
-    if ((s = get_num(root, "log_every", file, 1, 1e9, 0, &v, err))) goto done;
-    r->log_every = (int64_t)v;
-    v = 65536;
-    if ((s = get_num(root, "eval_tokens", file, 0, 1e12, 0, &v, err))) goto done;
-    r->eval_tokens = (int64_t)v;
-    v = 0;
-    if ((s = get_num(root, "eval_every", file, 0, 1e9, 0, &v, err))) goto done;
-    if (v != floor(v)) {
-        s = jm_fail(err, JM_ERR_CONFIG, "%s: field eval_every must be a whole number of steps, not %g", file, v);
+    n = 1234;
+    if ((s = get_int(root, "seed", file, 0, 9007199254740991ll, 0, &n, err))) goto done; /* 2^53 - 1: exact in JSON */
+    r->seed = (uint64_t)n;
+    r->checkpoint_every = 100;
+    r->log_every = 10;
+    r->eval_tokens = 65536;
+    r->eval_every = 0;
+    if ((s = get_int(root, "checkpoint_every", file, 1, 1000000000, 0, &r->checkpoint_every, err)) ||
+        (s = get_int(root, "log_every", file, 1, 1000000000, 0, &r->log_every, err)) ||
+        (s = get_int(root, "eval_tokens", file, 0, 1000000000000ll, 0, &r->eval_tokens, err)) ||
+        (s = get_int(root, "eval_every", file, 0, 1000000000, 0, &r->eval_every, err)))
         goto done;
-    }
-    r->eval_every = (int64_t)v;
     if (r->eval_every > 0 && !r->heldout[0]) {
         s = jm_fail(err, JM_ERR_CONFIG, "%s: field eval_every needs heldout, the shard directory to evaluate on",
                     file);
@@ -247,14 +405,17 @@ done:
     return s;
 }
 
-jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err)
+jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_recipe **out, jm_error *err)
 {
     *out = NULL;
     jm_recipe *r = calloc(1, sizeof *r);
-    if (!r) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
-    size_t len;
-    jm_status s = jm_read_file(path, 1 << 20, &r->text, &len, err);
-    if (!s) s = parse_recipe(r, path, err);
+    if (!r || !(r->text = malloc(len + 1))) {
+        free(r);
+        return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", name);
+    }
+    memcpy(r->text, text, len);
+    r->text[len] = 0;
+    jm_status s = parse_recipe(r, len, name, err);
     if (s) {
         jm_recipe_free(r);
         return s;
@@ -264,9 +425,171 @@ jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err)
     return JM_OK;
 }
 
+/* ---- recipe: what the run needs, checked before its first step ---- */
+
+/* Prefixes err's message: "<recipe>: field heldout: <the reader's message>". */
+static jm_status in_field(jm_status s, const char *file, const char *field, jm_error *err)
+{
+    if (!err) return s;
+    char inner[sizeof err->msg];
+    snprintf(inner, sizeof inner, "%s", err->msg);
+    return jm_fail(err, s, "%s: field %s: %s", file, field, inner);
+}
+
+/* tokenizer_config.json as every checkpoint gets it: model_max_length set to
+ * the model's context (spm-trained tokenizers say 4096, Llama-2's), every
+ * other field kept. Run once before training (the check) and at each checkpoint. */
+static jm_status tokenizer_config_for(const char *src, int max_len, cJSON **out, jm_error *err)
+{
+    char *text;
+    size_t len;
+    cJSON *root;
+    *out = NULL;
+    jm_status s = jm_read_file(src, 1 << 24, &text, &len, err);
+    if (s) return s;
+    s = jm_json_parse(text, len, src, &root, err);
+    free(text);
+    if (s) return s;
+    cJSON *n = cJSON_IsObject(root) ? cJSON_CreateNumber(max_len) : NULL;
+    if (!cJSON_IsObject(root))
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", src);
+    else if (!n)
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
+    else if (cJSON_GetObjectItemCaseSensitive(root, "model_max_length")
+                 ? !cJSON_ReplaceItemInObjectCaseSensitive(root, "model_max_length", n)
+                 : !cJSON_AddItemToObject(root, "model_max_length", n)) {
+        cJSON_Delete(n);
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
+    }
+    if (s) cJSON_Delete(root);
+    else *out = root;
+    return s;
+}
+
+/* The tokenizer a checkpoint copies: a directory with tokenizer.model or
+ * tokenizer.json that loads; no more pieces than the model has embedding rows
+ * (a model may have spare rows, never an id without one); its EOS is the
+ * model's; its tokenizer_config.json, if any, copies. */
+static jm_status check_tokenizer(const jm_recipe *r, const char *file, jm_error *err)
+{
+    const char *dir = r->tokenizer;
+    char path[4200];
+    struct stat st;
+    if (stat(dir, &st) != 0)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field tokenizer: %s: %s", file, dir, strerror(errno));
+    bool has_model = false, has_json = false;
+    if (S_ISDIR(st.st_mode)) {
+        snprintf(path, sizeof path, "%s/tokenizer.model", dir);
+        has_model = access(path, R_OK) == 0;
+        snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+        has_json = access(path, R_OK) == 0;
+    }
+    if (!has_model && !has_json)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field tokenizer: %s is not a directory holding tokenizer.model or "
+                       "tokenizer.json (the files every checkpoint copies)", file, dir);
+    jm_tokenizer *t;
+    jm_status s = jm_tokenizer_load(dir, &t, err);
+    if (s) return in_field(s, file, "tokenizer", err);
+    int pieces = jm_tokenizer_vocab_size(t), eos = jm_tokenizer_eos_id(t);
+    jm_tokenizer_free(t);
+    const jm_config *c = &r->model;
+    if (pieces > c->vocab_size)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: the tokenizer %s has %d pieces, more than model.vocab_size %d: ids "
+                       "from %d on would have no embedding row", file, dir, pieces, c->vocab_size, c->vocab_size);
+    if (eos < 0)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: the tokenizer %s has no EOS token to end documents with", file, dir);
+    if (eos != c->eos_token_id)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: model.eos_token_id is %d but the tokenizer %s ends documents with %d",
+                       file, c->eos_token_id, dir, eos);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    if (access(path, F_OK) != 0) return JM_OK;
+    cJSON *tc;
+    if ((s = tokenizer_config_for(path, c->max_position_embeddings, &tc, err)))
+        return in_field(s, file, "tokenizer", err);
+    cJSON_Delete(tc);
+    return JM_OK;
+}
+
+/* The held-out shards as jm_eval_shards reads them: every *.bin opens, made
+ * for the model's vocabulary and EOS, and one holds a whole seq_len window. */
+static jm_status check_heldout(const jm_recipe *r, const char *file, jm_error *err)
+{
+    char **names;
+    int n, nbin = 0;
+    bool window = false;
+    jm_status s = jm_list_dir(r->heldout, &names, &n, err);
+    if (s) return in_field(s, file, "heldout", err);
+    for (int i = 0; i < n && !s; i++) {
+        size_t l = strlen(names[i]);
+        if (l < 5 || strcmp(names[i] + l - 4, ".bin") != 0) continue;
+        nbin++;
+        char *path = jm_path_join(r->heldout, names[i]);
+        jm_shard sh;
+        if (!path) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", file);
+        else if ((s = jm_shard_open(path, &sh, err))) s = in_field(s, file, "heldout", err);
+        else {
+            if (sh.vocab_size != (uint32_t)r->model.vocab_size)
+                s = jm_fail(err, JM_ERR_CONFIG, "%s: field heldout: %s: vocab size %u, but model.vocab_size is %d "
+                            "(prepared with another tokenizer?)", file, path, sh.vocab_size, r->model.vocab_size);
+            else if (sh.eos_id != (uint32_t)r->model.eos_token_id)
+                s = jm_fail(err, JM_ERR_CONFIG, "%s: field heldout: %s: EOS id %u, but model.eos_token_id is %d",
+                            file, path, sh.eos_id, r->model.eos_token_id);
+            window |= sh.n >= (uint64_t)r->seq_len;
+            jm_shard_close(&sh);
+        }
+        free(path);
+    }
+    jm_free_names(names, n);
+    if (!s && nbin == 0)
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field heldout: %s has no token shards (*.bin)", file, r->heldout);
+    if (!s && !window)
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: field heldout: no shard in %s holds a whole window of seq_len %d tokens",
+                    file, r->heldout, r->seq_len);
+    return s;
+}
+
+/* Everything a run reads, before it writes anything: the tokenizer, the
+ * held-out shards, then the sources (read whole, the longest: the sampler
+ * that checks them is the one the run uses). */
+static jm_status check_inputs(jm_recipe *r, const char *file, jm_error *err)
+{
+    jm_status s;
+    if (r->tokenizer[0] && (s = check_tokenizer(r, file, err))) return s;
+    if (r->heldout[0] && (s = check_heldout(r, file, err))) return s;
+    const char *names[MAX_SOURCES], *dirs[MAX_SOURCES];
+    for (int i = 0; i < r->nsources; i++) {
+        names[i] = r->source_name[i];
+        dirs[i] = r->source_dir[i];
+    }
+    if ((s = jm_sampler_open(names, dirs, r->nsources, r->seq_len, r->seed, (uint32_t)r->model.vocab_size,
+                             &r->sampler, err)))
+        return in_field(s, file, "sources", err);
+    if (jm_sampler_eos_id(r->sampler) != (uint32_t)r->model.eos_token_id)
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field sources: the shards end documents with EOS id %u, but "
+                       "model.eos_token_id is %d", file, jm_sampler_eos_id(r->sampler), r->model.eos_token_id);
+    return JM_OK;
+}
+
+jm_status jm_recipe_load(const char *path, jm_recipe **out, jm_error *err)
+{
+    *out = NULL;
+    char *text;
+    size_t len;
+    jm_status s = jm_read_file(path, 1 << 20, &text, &len, err);
+    if (s) return s;
+    s = jm_recipe_parse(text, len, path, out, err);
+    free(text);
+    if (!s && (s = check_inputs(*out, path, err))) {
+        jm_recipe_free(*out);
+        *out = NULL;
+    }
+    return s;
+}
+
 void jm_recipe_free(jm_recipe *r)
 {
     if (!r) return;
+    jm_sampler_free(r->sampler);
     free(r->text);
     free(r);
 }
@@ -369,34 +692,6 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     return s;
 }
 
-/* Copies a tokenizer_config.json with model_max_length set to the model's
- * context (spm-trained tokenizers say 4096, Llama-2's) and every other field kept. */
-static jm_status copy_tokenizer_config(const char *src, const char *dst, int max_len, jm_error *err)
-{
-    char *text;
-    size_t len;
-    cJSON *root;
-    jm_status s = jm_read_file(src, 1 << 24, &text, &len, err);
-    if (s) return s;
-    s = jm_json_parse(text, len, src, &root, err);
-    free(text);
-    if (s) return s;
-    cJSON *n = cJSON_IsObject(root) ? cJSON_CreateNumber(max_len) : NULL;
-    if (!cJSON_IsObject(root))
-        s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", src);
-    else if (!n)
-        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
-    else if (cJSON_GetObjectItemCaseSensitive(root, "model_max_length")
-                 ? !cJSON_ReplaceItemInObjectCaseSensitive(root, "model_max_length", n)
-                 : !cJSON_AddItemToObject(root, "model_max_length", n)) {
-        cJSON_Delete(n);
-        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", src);
-    }
-    if (!s) s = jm_write_json(dst, root, err);
-    cJSON_Delete(root);
-    return s;
-}
-
 /* Writes checkpoints/step_N (model + trainer state) and points `latest` at it. */
 static jm_status save_checkpoint(trainer *t, jm_error *err)
 {
@@ -416,8 +711,11 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         snprintf(src, sizeof src, "%s/%s", t->r->tokenizer, tok_files[i]);
         snprintf(dst, sizeof dst, "%s/%s", tmp, tok_files[i]);
         if (access(src, R_OK) != 0) continue;
-        s = i == 2 ? copy_tokenizer_config(src, dst, jm_model_config(t->m)->max_position_embeddings, err)
-                   : jm_copy_file(src, dst, err);
+        cJSON *tc = NULL;
+        if (i < 2) s = jm_copy_file(src, dst, err);
+        else if (!(s = tokenizer_config_for(src, jm_model_config(t->m)->max_position_embeddings, &tc, err)))
+            s = jm_write_json(dst, tc, err);
+        cJSON_Delete(tc);
     }
     if (s) {
         jm_remove_dir(tmp);
@@ -884,14 +1182,9 @@ static double unigram_entropy(const jm_recipe *r)
 static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
 {
     jm_recipe *r = t->r;
-    const char *names[MAX_SOURCES], *dirs[MAX_SOURCES];
-    for (int i = 0; i < r->nsources; i++) {
-        names[i] = r->source_name[i];
-        dirs[i] = r->source_dir[i];
-    }
-    jm_status s = jm_sampler_open(names, dirs, r->nsources, r->seq_len, r->seed, (uint32_t)r->model.vocab_size,
-                                  &t->sampler, err);
-    if (s) return s;
+    jm_status s;
+    t->sampler = r->sampler; /* opened and checked with the recipe */
+    r->sampler = NULL;
     char path[4400], ck[4200];
     if (o->resume) { /* checkpoints/latest names step_N, nothing else: never a path out of the run */
         snprintf(ck, sizeof ck, "%s/checkpoints", o->out_dir);
