@@ -597,7 +597,7 @@ static void fuzz_jsonl(long iters, uint64_t seed)
                     BYTES("</s> after <s>\0")};
 #undef BYTES
     int bad_seed = -1;
-    char seed_why[600] = "";
+    char seed_why[sizeof(jm_error) + 64] = "";
     for (int i = 0; i < NREC && bad_seed < 0; i++) {
         char *out = NULL;
         size_t n = 0;
