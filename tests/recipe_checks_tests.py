@@ -358,7 +358,9 @@ def run(suite, build, tmp):
             with open(path, "w") as f:
                 f.write(content)
             for out in (os.path.join(d, "shards_" + name), existing):
-                p, _ = run_cmd([jetmoe, "prepare", "--tokenizer", tok, "--input", path, "--out", out])
+                # into the existing shards with --overwrite: the bad record must stop it before they are replaced
+                p, _ = run_cmd([jetmoe, "prepare", "--tokenizer", tok, "--input", path, "--out", out] +
+                               (["--overwrite"] if out == existing else []))
                 bad = one_line_error(p, 1, [path + where, why])
                 if bad:
                     problems.append(f"{name}: {bad}")
