@@ -64,35 +64,37 @@ static int duplicate_key(const cJSON *j, const char **dup)
     return found;
 }
 
-/* What cJSON lets through and JSON does not: a control character in a
- * string, or outside one other than tab, CR and LF (cJSON takes them all for
- * whitespace), and an escape other than \" \\ \/ \b \f \n \r \t \uXXXX
- * (cJSON reads "\uZZZZ" as a NUL, which quietly ends the string). Returns
- * the offending byte's offset, or len. */
-static size_t bad_json_byte(const char *text, size_t len)
+/* One pass over JSON text that follows strings and escapes, for the two
+ * things cJSON does not check. SCAN_STRICT: the first byte JSON does not allow
+ * and cJSON lets through - a control character in a string, or outside one
+ * other than tab, CR and LF (cJSON takes them all for whitespace), and an
+ * escape other than \" \\ \/ \b \f \n \r \t \uXXXX (cJSON reads "\uZZZZ" as a
+ * NUL, which quietly ends the string). SCAN_NUL_ESCAPE: the first \u0000, a
+ * NUL that would cut a C string short. Returns its offset, or len. */
+typedef enum { SCAN_STRICT, SCAN_NUL_ESCAPE } scan_rule;
+
+static size_t json_scan(const char *text, size_t len, scan_rule rule)
 {
+    const bool strict = rule == SCAN_STRICT;
     bool in_string = false;
     for (size_t i = 0; i < len; i++) {
         unsigned char c = (unsigned char)text[i];
         if (!in_string) {
-            if (c < 0x20 && c != '\t' && c != '\n' && c != '\r') return i;
+            if (strict && c < 0x20 && c != '\t' && c != '\n' && c != '\r') return i;
             in_string = c == '"';
         } else if (c == '"') {
             in_string = false;
         } else if (c < 0x20) {
-            return i;
+            if (strict) return i;
         } else if (c == '\\') {
-            if (i + 1 >= len) return i;
-            char e = text[i + 1];
-            if (e == 'u') {
-                for (size_t k = i + 2; k < i + 6; k++)
-                    if (k >= len || !text[k] || !strchr("0123456789abcdefABCDEF", text[k])) return i;
-                i += 5;
-            } else if (e && strchr("\"\\/bfnrt", e)) {
-                i++;
-            } else {
-                return i;
-            }
+            char e = i + 1 < len ? text[i + 1] : 0;
+            bool hex4 = e == 'u' && i + 5 < len;
+            for (size_t k = i + 2; hex4 && k < i + 6; k++) hex4 = text[k] && strchr("0123456789abcdefABCDEF", text[k]);
+            if (hex4 && !strict && memcmp(text + i + 2, "0000", 4) == 0) return i;
+            if (hex4) i += 5;
+            else if (e && strchr("\"\\/bfnrt", e)) i++;
+            else if (strict) return i;
+            else i++; /* not JSON: jm_json_parse refuses it; only the escaped byte is skipped here */
         }
     }
     return len;
@@ -105,7 +107,7 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
     if (memchr(text, 0, len)) return jm_fail(err, JM_ERR_FORMAT, "%s: NUL byte in JSON", file);
     if (!valid_utf8((const unsigned char *)text, len, &bad))
         return jm_fail(err, JM_ERR_FORMAT, "%s: not valid UTF-8 at byte %zu", file, bad);
-    if ((bad = bad_json_byte(text, len)) < len)
+    if ((bad = json_scan(text, len, SCAN_STRICT)) < len)
         return jm_fail(err, JM_ERR_FORMAT, "%s: malformed JSON at byte %zu (%s)", file, bad,
                        text[bad] == '\\' ? "not a JSON escape" : "a raw control character");
     const char *end = NULL;
@@ -134,15 +136,10 @@ jm_status jm_json_parse(const char *text, size_t len, const char *file, cJSON **
 
 jm_status jm_json_no_nul(const char *text, size_t len, const char *file, jm_error *err)
 {
-    bool in_string = false;
-    for (size_t i = 0; i < len; i++) {
-        if (text[i] == '"') in_string = !in_string;
-        if (!in_string || text[i] != '\\') continue;
-        if (i + 5 < len && text[i + 1] == 'u' && memcmp(text + i + 2, "0000", 4) == 0)
-            return jm_fail(err, JM_ERR_FORMAT, "%s: a string holds \\u0000 (NUL) at byte %zu of the JSON; names "
-                           "and values cannot hold NUL", file, i);
-        i++; /* the escaped character: "\\u0000" is a backslash and "u0000" */
-    }
+    size_t at = json_scan(text, len, SCAN_NUL_ESCAPE);
+    if (at < len)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: a string holds \\u0000 (NUL) at byte %zu of the JSON; names "
+                       "and values cannot hold NUL", file, at);
     return JM_OK;
 }
 
