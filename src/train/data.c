@@ -143,6 +143,31 @@ void jm_shard_close(jm_shard *s)
     s->tokens = NULL;
 }
 
+jm_status jm_shard_list(const char *dir, char ***paths, int *n, jm_error *err)
+{
+    char **names;
+    int nnames, k = 0;
+    jm_status s = jm_list_dir(dir, &names, &nnames, err);
+    if (s) return s;
+    for (int i = 0; i < nnames; i++) { /* names[0 .. k) become paths; k <= i */
+        char *name = names[i];
+        size_t len = strlen(name);
+        if (!s && len > 4 && strcmp(name + len - 4, ".bin") == 0) {
+            char *path = jm_path_join(dir, name);
+            if (path) names[k++] = path;
+            else s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+        }
+        free(name);
+    }
+    if (s) {
+        jm_free_names(names, k);
+        return s;
+    }
+    *paths = names;
+    *n = k;
+    return JM_OK;
+}
+
 jm_status jm_shard_write(const char *path, const int32_t *ids, uint64_t n, uint32_t vocab_size, uint32_t eos_id,
                          jm_error *err)
 {
@@ -435,29 +460,19 @@ static jm_status open_source(source *src, const char *name, const char *dir, uin
 {
     if (!(src->name = strdup(name)) || !(src->dir = strdup(dir)))
         return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
-    char **names;
-    int n;
-    jm_status st = jm_list_dir(dir, &names, &n, err);
+    char **paths;
+    int nbin;
+    jm_status st = jm_shard_list(dir, &paths, &nbin, err);
     if (st) return st;
-    int nbin = 0;
-    for (int i = 0; i < n; i++) {
-        size_t len = strlen(names[i]);
-        if (len > 4 && strcmp(names[i] + len - 4, ".bin") == 0) names[nbin++] = names[i];
-        else free(names[i]);
-    }
     if (nbin == 0) {
-        free(names);
+        free(paths);
         return jm_fail(err, JM_ERR_ARG, "%s: source \"%s\" has no token shards (*.bin)", dir, name);
     }
     src->shards = calloc((size_t)nbin, sizeof *src->shards);
     src->start = calloc((size_t)nbin, sizeof *src->start);
     if (!src->shards || !src->start) st = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
     for (int i = 0; i < nbin && !st; i++) {
-        char *path = jm_path_join(dir, names[i]);
-        if (!path) {
-            st = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
-            break;
-        }
+        const char *path = paths[i];
         jm_shard sh;
         st = jm_shard_open(path, &sh, err);
         if (!st && sh.vocab_size != vocab_size)
@@ -479,10 +494,8 @@ static jm_status open_source(source *src, const char *name, const char *dir, uin
             src->tokens += sh.n;
             src->shards[src->nshards++] = sh;
         }
-        free(path);
     }
-    for (int i = 0; i < nbin; i++) free(names[i]);
-    free(names);
+    jm_free_names(paths, nbin);
     return st;
 }
 

@@ -36,6 +36,11 @@ static inline uint32_t jm_shard_token(const jm_shard *s, uint64_t i)
     const uint8_t *p = s->tokens + 4 * i;
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
+/* The token shards of dir: the paths of its *.bin files in name order
+ * (hidden entries left out), as the sampler, the recipe check and evaluation
+ * read them; free with jm_free_names. */
+jm_status jm_shard_list(const char *dir, char ***paths, int *n, jm_error *err);
+
 /* A shard written as a stream: the header first with a zero count, the ids
  * after it, the count patched in before the atomic rename, so no shard is
  * ever held in memory. Ids are checked against the vocabulary as they come. */

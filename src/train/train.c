@@ -517,16 +517,13 @@ static jm_status check_heldout(const jm_recipe *r, const char *file, jm_error *e
     char **names;
     int n, nbin = 0;
     bool window = false;
-    jm_status s = jm_list_dir(r->heldout, &names, &n, err);
+    jm_status s = jm_shard_list(r->heldout, &names, &n, err);
     if (s) return in_field(s, file, "heldout", err);
     for (int i = 0; i < n && !s; i++) {
-        size_t l = strlen(names[i]);
-        if (l < 5 || strcmp(names[i] + l - 4, ".bin") != 0) continue;
         nbin++;
-        char *path = jm_path_join(r->heldout, names[i]);
+        const char *path = names[i];
         jm_shard sh;
-        if (!path) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", file);
-        else if ((s = jm_shard_open(path, &sh, err))) s = in_field(s, file, "heldout", err);
+        if ((s = jm_shard_open(path, &sh, err))) s = in_field(s, file, "heldout", err);
         else {
             if (sh.vocab_size != (uint32_t)r->model.vocab_size)
                 s = jm_fail(err, JM_ERR_CONFIG, "%s: field heldout: %s: vocab size %u, but model.vocab_size is %d "
@@ -537,7 +534,6 @@ static jm_status check_heldout(const jm_recipe *r, const char *file, jm_error *e
             window |= sh.n >= (uint64_t)r->seq_len;
             jm_shard_close(&sh);
         }
-        free(path);
     }
     jm_free_names(names, n);
     if (!s && nbin == 0)
@@ -1087,25 +1083,21 @@ jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_
     if (seq_len < 2) return jm_fail(err, JM_ERR_ARG, "%s: windows of %d tokens predict nothing", dir, seq_len);
     char **names;
     int nnames;
-    jm_status s = jm_list_dir(dir, &names, &nnames, err);
+    jm_status s = jm_shard_list(dir, &names, &nnames, err);
     if (s) return s;
     jm_shard *sh = calloc((size_t)nnames + 1, sizeof *sh);
     int64_t *first = calloc((size_t)nnames + 1, sizeof *first); /* global index of each shard's first window */
     int nsh = 0;
     if (!sh || !first) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
     for (int i = 0; i < nnames && !s; i++) {
-        size_t l = strlen(names[i]);
-        if (l <= 4 || strcmp(names[i] + l - 4, ".bin") != 0) continue;
-        char *path = jm_path_join(dir, names[i]);
-        if (!path) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
-        else if (!(s = jm_shard_open(path, &sh[nsh], err))) {
+        const char *path = names[i];
+        if (!(s = jm_shard_open(path, &sh[nsh], err))) {
             if (sh[nsh].vocab_size > (uint32_t)jm_model_config(m)->vocab_size)
                 s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", path, sh[nsh].vocab_size,
                             jm_model_config(m)->vocab_size);
             first[nsh + 1] = first[nsh] + (int64_t)(sh[nsh].n / (uint64_t)seq_len);
             nsh++;
         }
-        free(path);
     }
     jm_free_names(names, nnames);
     const int64_t W = s ? 0 : first[nsh];
@@ -1152,23 +1144,20 @@ static double unigram_entropy(const jm_recipe *r)
     int64_t *count = calloc((size_t)V, sizeof *count);
     if (!count) return NAN;
     for (int i = 0; i < r->nsources; i++) {
-        DIR *d = opendir(r->source_dir[i]);
-        struct dirent *e;
-        while (d && (e = readdir(d))) {
-            size_t l = strlen(e->d_name);
-            if (l < 5 || strcmp(e->d_name + l - 4, ".bin") != 0) continue;
-            char path[8192];
+        char **paths;
+        int np;
+        jm_error err;
+        if (jm_shard_list(r->source_dir[i], &paths, &np, &err)) continue;
+        for (int k = 0; k < np; k++) {
             jm_shard sh;
-            jm_error err;
-            snprintf(path, sizeof path, "%s/%s", r->source_dir[i], e->d_name);
-            if (jm_shard_open(path, &sh, &err)) continue;
+            if (jm_shard_open(paths[k], &sh, &err)) continue;
             for (uint64_t j = 0; j < sh.n; j++) {
                 uint32_t tok = jm_shard_token(&sh, j);
                 if (tok < (uint64_t)V) count[tok]++, n++;
             }
             jm_shard_close(&sh);
         }
-        if (d) closedir(d);
+        jm_free_names(paths, np);
     }
     double h = 0;
     for (int64_t v = 0; v < V; v++)
