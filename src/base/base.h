@@ -44,6 +44,9 @@ void jm_fsync_path(const char *path); /* best effort: a file or directory */
  * so every run, file system and locale sees the same order; free with jm_free_names. */
 jm_status jm_list_dir(const char *dir, char ***names, int *n, jm_error *err);
 void jm_free_names(char **names, int n);
+/* What a node that is not a regular file is, for messages ("a directory", "a
+ * block device", "a socket", else "not a regular file"); mode is st_mode. */
+const char *jm_node_kind(unsigned mode);
 /* "dir/name" (one '/' between), malloc'd; NULL when out of memory. */
 char *jm_path_join(const char *dir, const char *name);
 /* A run's checkpoints/latest -> "<ckpt_dir>/step_N" in out; only the exact

@@ -60,6 +60,12 @@ jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len
     return JM_OK;
 }
 
+const char *jm_node_kind(unsigned mode)
+{
+    return S_ISDIR(mode) ? "a directory" : S_ISBLK(mode) ? "a block device" : S_ISSOCK(mode) ? "a socket"
+                                                                           : "not a regular file";
+}
+
 /* A FIFO or character device is written in place: renaming over it would
  * replace the node (as root, /dev/null itself). O_NONBLOCK so that a FIFO
  * without a reader is an error, not a wait. */
@@ -67,7 +73,7 @@ static jm_status open_through(jm_atomic_file *a, const char *path, mode_t mode, 
 {
     if (!S_ISFIFO(mode) && !S_ISCHR(mode))
         return jm_fail(err, JM_ERR_IO, "%s is %s; a file, a FIFO or a character device is written", path,
-                       S_ISDIR(mode) ? "a directory" : S_ISBLK(mode) ? "a block device" : "not a regular file");
+                       jm_node_kind(mode));
     int fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0 && errno == ENXIO)
         return jm_fail(err, JM_ERR_IO, "%s is a FIFO with no reader; start the reader first", path);

@@ -148,11 +148,6 @@ static int input_clash(const input_set *in, const struct stat *st, const char *r
 
 /* ---- a file ---- */
 
-static const char *node_kind(mode_t m)
-{
-    return S_ISDIR(m) ? "a directory" : S_ISBLK(m) ? "a block device" : S_ISSOCK(m) ? "a socket" : "not a regular file";
-}
-
 jm_status jm_output_file(const char *path, const char *const *inputs, int ninputs, int overwrite, char *target,
                          size_t cap, jm_error *err)
 {
@@ -183,7 +178,7 @@ jm_status jm_output_file(const char *path, const char *const *inputs, int ninput
         input_clash(&in, &st, real, path, &s, err);
     else if (S_ISDIR(st.st_mode) || !(S_ISREG(st.st_mode) || S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)))
         s = jm_fail(err, JM_ERR_ARG, "%s is %s; name a file (a FIFO or a character device is written through)", path,
-                    node_kind(st.st_mode));
+                    jm_node_kind(st.st_mode));
     else if (S_ISREG(st.st_mode) && !overwrite)
         s = jm_fail(err, JM_ERR_ARG, "%s exists%s%s%s; pass --overwrite to replace it", path,
                     link ? " (a symlink to " : "", link ? real : "", link ? ")" : "");
