@@ -26,6 +26,7 @@ ROOMS = {
     "tokenizer": {"base"},
     "train": {"base", "model", "tokenizer"},
     "infer": {"base", "model", "tokenizer"},
+    "align": {"base", "model", "tokenizer", "train", "infer"},
 }
 # files that sit at the bottom of their room: they use nothing else of it
 ROOM_FLOOR = {"src/tokenizer/core.c": "the tokenizer core"}
