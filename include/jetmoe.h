@@ -194,11 +194,38 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T,
  * next forward or jm_model_free. */
 const float *jm_logits(const jm_model *m);
 
+/* A batch for fine-tuning: B rows of T tokens, each row holding one sequence
+ * or several packed one after another, with padding anywhere after them.
+ *   positions (B*T, or NULL: every row is one sequence at 0 .. T-1): each
+ *     token's position in its sequence. 0 starts a new sequence, which sees
+ *     nothing before it (attention and RoPE restart: packing is exact); a
+ *     token that continues one has the previous token's position + 1; -1 is
+ *     padding, which no loss and no router statistic counts.
+ *   targets (B*T, or NULL: each token's next token in its sequence): the id
+ *     the logits at t predict, -1 for none (prompt tokens, a sequence's last).
+ * Losses: loss is the mean cross-entropy over the positions with a target;
+ * aux_loss and z_loss count every token that is not padding. */
+typedef struct {
+    int B, T;
+    const int32_t *tokens;
+    const int32_t *positions;
+    const int32_t *targets;
+} jm_batch;
+jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm_error *err);
+/* After a forward: log p(target) at each of the B*T positions (0 where there
+ * is no target), valid until the next forward. DPO sums these per completion. */
+const float *jm_token_logprobs(const jm_model *m);
+
 /* Gradients of loss_total = loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
  * (coefficients from the config) for the batch of the last jm_forward, ADDED
  * to each jm_param.grad (so micro-batches accumulate; jm_zero_grad clears).
  * Consumes the forward's activations: jm_logits is invalid afterwards. */
 jm_status jm_backward(jm_model *m, jm_error *err);
+/* The same for objectives built on the token log-probabilities (DPO): the
+ * gradient of  sum_t -weight[t] * log p(target_t)  + the router losses, with
+ * weight (B*T floats) chosen by the caller; jm_backward is weight = 1/count.
+ * router_scale multiplies the aux and z coefficients (1 = the config's). */
+jm_status jm_backward_weighted(jm_model *m, const float *weight, double router_scale, jm_error *err);
 jm_status jm_zero_grad(jm_model *m, jm_error *err);
 
 /* Decoding with a KV cache. jm_infer runs n new tokens at positions

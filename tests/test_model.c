@@ -123,11 +123,11 @@ static void test_router(void)
     float zu[4 * 2] = {0};
     int32_t iu[4] = {0, 1, 0, 1};
     double sw, zl;
-    router_losses(&sw, &zl, zu, iu, 4, 2, 1);
+    router_losses(&sw, &zl, zu, iu, NULL, 4, 2, 1);
     check(fabs(sw - 1.0) < 1e-12 && fabs(zl - log(2.0) * log(2.0)) < 1e-12, "router_switch_loss_balanced_is_one",
           "switch %g z %g", sw, zl);
     int32_t ic[4] = {0, 0, 0, 0};
-    router_losses(&sw, &zl, zu, ic, 4, 2, 1);
+    router_losses(&sw, &zl, zu, ic, NULL, 4, 2, 1);
     check(fabs(sw - 1.0) < 1e-12, "router_switch_loss_collapsed", "switch %g", sw); /* P uniform: E*0.5*1 = 1 */
 }
 

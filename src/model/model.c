@@ -93,6 +93,10 @@ struct jm_model {
     layer_acts *la;
     float *x_out, *hf, *rstdf, *logits; /* final residual, normed, (N), (N,V) */
     int32_t *targets, *tokens;
+    int32_t *pos, *kstart; /* (N) RoPE position, first visible key in the row (packing); pos == NULL: 0..T-1 */
+    uint8_t *valid;   /* (N) 0 for padding: left out of the router losses */
+    float *logp;      /* (N) log p(target) */
+    int packed;       /* this forward had positions: pos/kstart/valid are in use */
     float *xs, *ys;   /* dispatch scratch, (N*k, max width) */
     grad_scratch g;
     float *grad_mem;  /* gradients, laid out like param_mem (jm_param.grad) */
@@ -245,6 +249,7 @@ const jm_param *jm_model_param(const jm_model *m, int i)
     return i >= 0 && i < m->nparams ? &m->params[i] : NULL;
 }
 const float *jm_logits(const jm_model *m) { return m->logits; }
+const float *jm_token_logprobs(const jm_model *m) { return m->logp; }
 
 const int32_t *jm_routing(const jm_model *m, int layer, int block)
 {
@@ -710,6 +715,10 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
     m->logits = carve(base, &off, N * V * f);
     m->targets = carve(base, &off, N * i32);
     m->tokens = carve(base, &off, N * i32);
+    m->pos = carve(base, &off, N * i32);
+    m->kstart = carve(base, &off, N * i32);
+    m->valid = carve(base, &off, N);
+    m->logp = carve(base, &off, N * f);
     grad_scratch *g = base ? &m->g : &(grad_scratch){0};
     g->dres = carve(base, &off, N * H * f);
     g->dnorm = carve(base, &off, N * H * f);
@@ -765,6 +774,7 @@ typedef struct {
     const float *rope_cos, *rope_sin;
     const wkernels *K; /* and what products with stored (BF16/Q8/Q4) weights use */
     void *wscratch;
+    const int32_t *pos, *kstart; /* packed rows (training): positions and sequence starts; else NULL */
 } fwd_scratch;
 
 /* MoA (spec, "MoA"): shared K/V, per-slot expert queries, causal attention,
@@ -786,9 +796,9 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     wexperts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A, S->K, S->wscratch);
     dispatch_scatter(a->q, S->ys, a->moa_sorted, N * k, A);
 
-    rope_forward(a->q, N, T, p0, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
-    rope_forward(kv_new, N, T, p0, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
-    attention_forward(a->att, a->att_lse, a->q, kv, S->att_scratch, B, T, p0 + T, k, c->num_kv_heads,
+    rope_forward(a->q, N, T, p0, S->pos, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
+    rope_forward(kv_new, N, T, p0, S->pos, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
+    attention_forward(a->att, a->att_lse, a->q, kv, S->kstart, S->att_scratch, B, T, p0 + T, k, c->num_kv_heads,
                       c->head_dim);
 
     dispatch_gather(S->xs, a->att, a->moa_sorted, N * k, k, A, 1);
@@ -812,9 +822,49 @@ static void moe_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     combine_forward(x_out, a->x_mid, a->moe_y, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
 }
 
+/* A batch's positions and targets -> the arena's pos/kstart/valid/targets,
+ * checked: positions run 0, 1, 2, ... within each sequence (-1: padding),
+ * targets are ids or -1. */
+static jm_status plan_batch(jm_model *m, const jm_batch *b, jm_error *err)
+{
+    const int B = b->B, T = b->T;
+    const int64_t V = m->cfg.vocab_size;
+    m->packed = b->positions != NULL;
+    for (int r = 0; r < B; r++)
+        for (int t = 0; t < T; t++) {
+            const int64_t i = (int64_t)r * T + t;
+            int p = b->positions ? b->positions[i] : t;
+            if (b->positions) {
+                int prev = t ? b->positions[i - 1] : -1;
+                if (p < -1 || (p > 0 && p != prev + 1))
+                    return jm_fail(err, JM_ERR_ARG, "row %d, token %d: position %d must be 0 (a new sequence), -1 "
+                                   "(padding) or the previous token's position + 1 (%d)", r, t, p, prev + 1);
+                m->valid[i] = p >= 0;
+                m->pos[i] = p >= 0 ? p : 0;
+                m->kstart[i] = p >= 0 ? t - p : t; /* padding sees only itself */
+            }
+            int next = t + 1 < T ? (b->positions ? b->positions[i + 1] : t + 1) : -1;
+            int32_t y = b->targets ? b->targets[i] : (p >= 0 && next == p + 1 ? b->tokens[i + 1] : -1);
+            if (y < -1 || y >= V)
+                return jm_fail(err, JM_ERR_ARG, "row %d, token %d: target %d is outside the vocabulary [0, %lld) "
+                               "(-1: none)", r, t, y, (long long)V);
+            if (b->positions && p < 0 && y >= 0)
+                return jm_fail(err, JM_ERR_ARG, "row %d, token %d: padding cannot have a target", r, t);
+            m->targets[i] = y;
+        }
+    return JM_OK;
+}
+
 jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses *losses, jm_error *err)
 {
+    return jm_forward_batch(m, &(jm_batch){B, T, tokens, NULL, NULL}, losses, err);
+}
+
+jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm_error *err)
+{
     const jm_config *c = &m->cfg;
+    const int32_t *tokens = b->tokens;
+    const int B = b->B, T = b->T;
     if (B < 1 || T < 1) return jm_fail(err, JM_ERR_ARG, "batch %d x %d: need at least one token", B, T);
     if (T > c->max_position_embeddings)
         return jm_fail(err, JM_ERR_ARG, "sequence of %d tokens exceeds max_position_embeddings = %d", T,
@@ -830,10 +880,13 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
     m->fwd_valid = 0;
     jm_status s = ensure_acts(m, B, T, err);
     if (s) return s;
+    if ((s = plan_batch(m, b, err))) return s;
     rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
 
     const float eps = (float)c->rms_norm_eps;
-    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch};
+    const uint8_t *valid = m->packed ? m->valid : NULL;
+    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch,
+                           m->packed ? m->pos : NULL, m->packed ? m->kstart : NULL};
     double aux = 0.0, zl = 0.0;
     embedding_forward(m->la[0].x, tokens, m->embed, N, H);
     for (int l = 0; l < c->num_layers; l++) {
@@ -844,24 +897,22 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
 
         rmsnorm_forward(a->a, a->rstd1, a->x, p->ln1, N, H, eps);
         moa_forward(c, &S, p, a, B, T, a->kv, 0);
-        router_losses(&sw, &zr, a->moa_z, a->moa_idx, N, c->num_experts, c->top_k);
+        router_losses(&sw, &zr, a->moa_z, a->moa_idx, valid, N, c->num_experts, c->top_k);
         aux += sw;
         zl += zr;
 
         rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, N, H, eps);
         moe_forward(c, &S, p, a, x_next, N);
-        router_losses(&sw, &zr, a->moe_z, a->moe_idx, N, c->num_experts, c->top_k);
+        router_losses(&sw, &zr, a->moe_z, a->moe_idx, valid, N, c->num_experts, c->top_k);
         aux += sw;
         zl += zr;
     }
     rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
     wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch);
 
-    /* position t predicts token t+1 of the same sequence; the last predicts nothing */
-    for (int64_t t = 0; t < N; t++) m->targets[t] = (t % T == T - 1) ? -1 : tokens[t + 1];
     memcpy(m->tokens, tokens, (size_t)N * sizeof *tokens);
     int64_t count;
-    double loss = cross_entropy_forward(m->logits, m->targets, N, V, &count);
+    double loss = cross_entropy_forward(m->logits, m->targets, N, V, &count, m->logp);
     m->aux_loss = aux;
     m->z_loss = zl;
     m->loss_count = count;
@@ -959,7 +1010,7 @@ jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const flo
 
     const int64_t H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const float eps = (float)c->rms_norm_eps;
-    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch};
+    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch, NULL, NULL};
     layer_acts *a = &d->a;
     float *x = d->x0, *x_next = d->x1;
     embedding_forward(x, tokens, m->embed, n, H);
@@ -1028,7 +1079,8 @@ static const float *f32(wview w) { return w.data; }
 
 /* MoE backward: dres holds d loss / d (layer output); on return it holds
  * d loss / d x_mid (residual path plus the norm path into the experts). */
-static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int64_t N, double aux_w, double zl_w)
+static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int64_t N, double aux_w, double zl_w,
+                         const uint8_t *valid)
 {
     const jm_config *c = &m->cfg;
     const int64_t H = c->hidden_size, F = c->intermediate_size;
@@ -1041,13 +1093,14 @@ static void moe_backward(jm_model *m, const layer_params *p, layer_acts *a, int6
     dispatch_gather(m->xs, a->b, a->moe_sorted, N * k, k, H, 0);
     experts_backward(g->dxs, grad_of(m, f32(p->moe_in)), g->du, m->xs, f32(p->moe_in), a->moe_off, E, H, 2 * F);
     dispatch_gather_backward(g->dnorm, g->dxs, a->moe_pos, N, k, H, 0, 0);
-    router_backward(g->dz, g->dgate, a->moe_z, a->moe_idx, a->moe_gate, N, E, k, aux_w, zl_w);
+    router_backward(g->dz, g->dgate, a->moe_z, a->moe_idx, a->moe_gate, valid, N, E, k, aux_w, zl_w);
     matmul_backward(g->dnorm, grad_of(m, p->moe_router), g->dz, a->b, p->moe_router, N, H, E, 1);
     rmsnorm_backward(g->dres, grad_of(m, p->ln2), g->dnorm, a->x_mid, p->ln2, a->rstd2, N, H);
 }
 
 /* MoA backward: dres holds d loss / d x_mid; on return d loss / d x (layer input). */
-static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int B, int T, double aux_w, double zl_w)
+static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int B, int T, double aux_w, double zl_w,
+                         const uint8_t *valid, const int32_t *pos, const int32_t *kstart)
 {
     const jm_config *c = &m->cfg;
     const int64_t N = (int64_t)B * T, H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
@@ -1060,22 +1113,27 @@ static void moa_backward(jm_model *m, const layer_params *p, layer_acts *a, int 
     dispatch_scatter(g->datt, g->dxs, a->moa_sorted, N * k, A);
 
     memset(g->dkv, 0, (size_t)N * 2 * A * sizeof(float));
-    attention_backward(g->dq, g->dkv, g->datt, a->att, a->att_lse, a->q, a->kv, m->att_scratch, B, T, k,
+    attention_backward(g->dq, g->dkv, g->datt, a->att, a->att_lse, a->q, a->kv, kstart, m->att_scratch, B, T, k,
                        c->num_kv_heads, c->head_dim);
-    rope_backward(g->dq, N, T, k * c->num_kv_heads, c->head_dim, k * A, m->rope_cos, m->rope_sin);
-    rope_backward(g->dkv, N, T, c->num_kv_heads, c->head_dim, 2 * A, m->rope_cos, m->rope_sin);
+    rope_backward(g->dq, N, T, pos, k * c->num_kv_heads, c->head_dim, k * A, m->rope_cos, m->rope_sin);
+    rope_backward(g->dkv, N, T, pos, c->num_kv_heads, c->head_dim, 2 * A, m->rope_cos, m->rope_sin);
 
     dispatch_gather(g->dys, g->dq, a->moa_sorted, N * k, k, A, 1);
     dispatch_gather(m->xs, a->a, a->moa_sorted, N * k, k, H, 0);
     experts_backward(g->dxs, grad_of(m, f32(p->moa_in)), g->dys, m->xs, f32(p->moa_in), a->moa_off, E, H, A);
     dispatch_gather_backward(g->dnorm, g->dxs, a->moa_pos, N, k, H, 0, 0);
     matmul_backward(g->dnorm, grad_of(m, f32(p->kv_proj)), g->dkv, a->a, f32(p->kv_proj), N, H, 2 * A, 1);
-    router_backward(g->dz, g->dgate, a->moa_z, a->moa_idx, a->moa_gate, N, E, k, aux_w, zl_w);
+    router_backward(g->dz, g->dgate, a->moa_z, a->moa_idx, a->moa_gate, valid, N, E, k, aux_w, zl_w);
     matmul_backward(g->dnorm, grad_of(m, p->moa_router), g->dz, a->a, p->moa_router, N, H, E, 1);
     rmsnorm_backward(g->dres, grad_of(m, p->ln1), g->dnorm, a->x, p->ln1, a->rstd1, N, H);
 }
 
 jm_status jm_backward(jm_model *m, jm_error *err)
+{
+    return jm_backward_weighted(m, NULL, 1.0, err);
+}
+
+jm_status jm_backward_weighted(jm_model *m, const float *weight, double router_scale, jm_error *err)
 {
     if (m->mapped) return not_trainable(err);
     if (!m->fwd_valid) return jm_fail(err, JM_ERR_ARG, "jm_backward needs a completed jm_forward first");
@@ -1089,14 +1147,17 @@ jm_status jm_backward(jm_model *m, jm_error *err)
 
     /* d loss / d logits, in place; then through the lm_head and the final norm */
     float scale = m->loss_count ? 1.0f / (float)m->loss_count : 0.0f;
-    cross_entropy_backward(m->logits, m->logits, m->targets, N, V, scale);
+    cross_entropy_backward(m->logits, m->logits, m->targets, weight, N, V, scale);
     matmul_backward(g->dnorm, grad_of(m, f32(m->lm_head)), m->logits, m->hf, f32(m->lm_head), N, H, V, 0);
     memset(g->dres, 0, (size_t)N * H * sizeof(float));
     rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
 
+    const double aux_w = c->aux_loss_coef * router_scale, zl_w = c->z_loss_coef * router_scale;
+    const uint8_t *valid = m->packed ? m->valid : NULL;
+    const int32_t *pos = m->packed ? m->pos : NULL, *kstart = m->packed ? m->kstart : NULL;
     for (int l = c->num_layers - 1; l >= 0; l--) {
-        moe_backward(m, &m->lp[l], &m->la[l], N, c->aux_loss_coef, c->z_loss_coef);
-        moa_backward(m, &m->lp[l], &m->la[l], B, T, c->aux_loss_coef, c->z_loss_coef);
+        moe_backward(m, &m->lp[l], &m->la[l], N, aux_w, zl_w, valid);
+        moa_backward(m, &m->lp[l], &m->la[l], B, T, aux_w, zl_w, valid, pos, kstart);
     }
     embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
     return JM_OK;

@@ -1065,7 +1065,7 @@ static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum
         jm_status s = jm_infer(m, &w[t], 1, t, &logits, err);
         if (s) return s;
         int64_t n;
-        *sum += cross_entropy_forward(logits, &w[t + 1], 1, V, &n);
+        *sum += cross_entropy_forward(logits, &w[t + 1], 1, V, &n, NULL);
         *count += n;
     }
     return JM_OK;

@@ -7,7 +7,9 @@
  * Work is split into independent (sequence, slot, head) tasks over threads;
  * within a task, blocks of query rows run as two small GEMMs (scores, then
  * probabilities @ V) over only the keys the block can see, so the causal
- * mask wastes at most one block's triangle. */
+ * mask wastes at most one block's triangle. Packed rows (several sequences
+ * in one row, kstart) narrow each block to the keys from its first row's
+ * sequence start on, and each row masks the keys before its own start. */
 #include "ops.h"
 
 #include <cblas.h>
@@ -21,8 +23,8 @@ size_t attention_scratch_floats(int T)
     return 2 * (size_t)ATT_BLOCK * (size_t)T; /* scores, and in backward their gradient */
 }
 
-void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
-                       int Tk, int k, int Hkv, int D)
+void attention_forward(float *out, float *lse, const float *q, const float *kv, const int32_t *kstart,
+                       float *scratch, int B, int T, int Tk, int k, int Hkv, int D)
 {
     const int p0 = Tk - T; /* position of the first query row: earlier keys come from a cache */
     const int64_t A = (int64_t)Hkv * D;
@@ -37,12 +39,13 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
             int b = task / (k * Hkv), j = (task / Hkv) % k, h = task % Hkv;
             int64_t row0 = (int64_t)b * T;
             const float *Q = q + row0 * qs + (int64_t)j * A + (int64_t)h * D;
-            const float *K = kv + (int64_t)b * Tk * kvs + (int64_t)h * D;
-            const float *V = K + A;
+            const float *Kb = kv + (int64_t)b * Tk * kvs + (int64_t)h * D;
             float *O = out + row0 * qs + (int64_t)j * A + (int64_t)h * D;
             for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
                 int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
-                int nk = p0 + r0 + rb; /* keys 0 .. nk-1 are visible to some row of the block */
+                int lo = kstart ? kstart[row0 + r0] : 0; /* no row of the block sees a key before lo */
+                int nk = p0 + r0 + rb - lo; /* keys lo .. lo+nk-1 are visible to some row of the block */
+                const float *K = Kb + (int64_t)lo * kvs, *V = K + A;
                 /* one query row (decoding): GEMV, several times faster than a one-row GEMM in OpenBLAS */
                 if (rb == 1)
                     cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, K, (int)kvs, Q + (int64_t)r0 * qs, 1,
@@ -52,11 +55,12 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
                                 (int)qs, K, (int)kvs, 0.0f, S, nk);
                 for (int r = 0; r < rb; r++) {
                     float *s = S + (int64_t)r * nk;
-                    int visible = p0 + r0 + r + 1;
-                    float mx = row_max(s, visible);
-                    float sum = exp_shift_sum(s, s, visible, mx);
+                    int first = kstart ? kstart[row0 + r0 + r] - lo : 0, visible = p0 + r0 + r + 1 - lo;
+                    float mx = row_max(s + first, visible - first);
+                    float sum = exp_shift_sum(s + first, s + first, visible - first, mx);
                     float inv = 1.0f / sum;
-                    for (int c = 0; c < visible; c++) s[c] *= inv;
+                    for (int c = 0; c < first; c++) s[c] = 0.0f;
+                    for (int c = first; c < visible; c++) s[c] *= inv;
                     for (int c = visible; c < nk; c++) s[c] = 0.0f;
                     lse[(row0 + r0 + r) * k * Hkv + j * Hkv + h] = mx + logf(sum);
                 }
@@ -80,7 +84,8 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
  * them write the same dK/dV rows. dkv (B*T, 2A) must be zeroed by the caller;
  * dq (B*T, k, A) is overwritten. */
 void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
-                        const float *q, const float *kv, float *scratch, int B, int T, int k, int Hkv, int D)
+                        const float *q, const float *kv, const int32_t *kstart, float *scratch, int B, int T, int k,
+                        int Hkv, int D)
 {
     const int64_t A = (int64_t)Hkv * D;
     const int64_t qs = k * A, kvs = 2 * A;
@@ -94,15 +99,17 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
         for (int task = 0; task < tasks; task++) {
             int b = task / Hkv, h = task % Hkv;
             int64_t row0 = (int64_t)b * T;
-            const float *K = kv + row0 * kvs + (int64_t)h * D, *V = K + A;
-            float *dK = dkv + row0 * kvs + (int64_t)h * D, *dV = dK + A;
+            const float *Kb = kv + row0 * kvs + (int64_t)h * D;
+            float *dKb = dkv + row0 * kvs + (int64_t)h * D;
             for (int j = 0; j < k; j++) {
                 int64_t off = row0 * qs + (int64_t)j * A + (int64_t)h * D;
                 const float *Q = q + off, *O = out + off, *dO = dout + off;
                 float *dQ = dq + off;
                 for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
                     int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
-                    int nk = r0 + rb;
+                    int lo = kstart ? kstart[row0 + r0] : 0, nk = r0 + rb - lo;
+                    const float *K = Kb + (int64_t)lo * kvs, *V = K + A;
+                    float *dK = dKb + (int64_t)lo * kvs, *dV = dK + A;
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs,
                                 (int)qs, K, (int)kvs, 0.0f, S, nk);
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, 1.0f, dO + (int64_t)r0 * qs,
@@ -113,8 +120,9 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
                         const float *o = O + row * qs, *go = dO + row * qs;
                         float l = lse[(row0 + row) * k * Hkv + j * Hkv + h], di = 0.0f;
                         for (int d = 0; d < D; d++) di += o[d] * go[d];
-                        int visible = (int)row + 1;
-                        for (int c = 0; c < visible; c++) {
+                        int first = kstart ? kstart[row0 + row] - lo : 0, visible = (int)row + 1 - lo;
+                        for (int c = 0; c < first; c++) s[c] = dp[c] = 0.0f;
+                        for (int c = first; c < visible; c++) {
                             s[c] = jm_expf(s[c] - l);
                             dp[c] = s[c] * (dp[c] - di) * scale; /* dS, with the scale folded in */
                         }

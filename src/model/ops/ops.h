@@ -85,35 +85,40 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
 
 /* rope.c: cos/sin tables (T, D/2) for positions 0..T-1, then rotate-half in place
  * on `rows` rows of `heads` heads of D, row stride `stride` floats; row r has
- * position pos0 + r % T (the tables must cover it). */
+ * position pos[r], or pos0 + r % T when pos is NULL (the tables must cover it). */
 void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta);
-void rope_forward(float *x, int64_t rows, int T, int pos0, int heads, int D, int64_t stride, const float *cos_t,
-                  const float *sin_t);
-void rope_backward(float *dx, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
-                   const float *sin_t);
+void rope_forward(float *x, int64_t rows, int T, int pos0, const int32_t *pos, int heads, int D, int64_t stride,
+                  const float *cos_t, const float *sin_t);
+void rope_backward(float *dx, int64_t rows, int T, const int32_t *pos, int heads, int D, int64_t stride,
+                   const float *cos_t, const float *sin_t);
 
 /* attention.c: causal attention for B sequences of T query tokens over Tk >= T
  * keys each (the first Tk - T from a cache). q (B*T, k, Hkv, D): query head
  * (j,h) attends with kv head h of kv (B*Tk, 2*A), K = first A columns, V = last
  * A. out (B*T, k, Hkv, D); lse (B*T, k*Hkv) keeps each row's softmax normaliser
- * for backward (which needs Tk == T). scratch: attention_scratch_floats(Tk) per thread. */
+ * for backward (which needs Tk == T). scratch: attention_scratch_floats(Tk) per thread.
+ * Packing (Tk == T only): kstart (B*T, or NULL = all 0) gives each query row
+ * the first key of its own sequence within the row, so row r sees keys
+ * kstart[r] .. r and nothing across a boundary; it never decreases along a row. */
 size_t attention_scratch_floats(int T);
-void attention_forward(float *out, float *lse, const float *q, const float *kv, float *scratch, int B, int T,
-                       int Tk, int k, int Hkv, int D);
+void attention_forward(float *out, float *lse, const float *q, const float *kv, const int32_t *kstart,
+                       float *scratch, int B, int T, int Tk, int k, int Hkv, int D);
 void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
-                        const float *q, const float *kv, float *scratch, int B, int T, int k, int Hkv, int D);
+                        const float *q, const float *kv, const int32_t *kstart, float *scratch, int B, int T, int k,
+                        int Hkv, int D);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
  * ties to the lower index) and the softmax over the k selected logits. */
 void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const float *Wr, int64_t N, int H,
                     int E, int k);
-/* The spec's per-router load-balancing (switch) loss and z-loss over N tokens. */
-void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, int64_t N, int E,
-                   int k);
+/* The spec's per-router load-balancing (switch) loss and z-loss over the N
+ * tokens, or over those with valid[t] != 0 (padding is not data). */
+void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, const uint8_t *valid,
+                   int64_t N, int E, int k);
 /* dz (N,E) from the gates' gradient and the aux_w-weighted switch loss and
- * zl_w-weighted z-loss. */
+ * zl_w-weighted z-loss (of the valid tokens, as router_losses). */
 void router_backward(float *dz, const float *dgate, const float *z, const int32_t *idx, const float *gate,
-                     int64_t N, int E, int k, double aux_w, double zl_w);
+                     const uint8_t *valid, int64_t N, int E, int k, double aux_w, double zl_w);
 
 /* experts.c: the grouped dispatch of design.md. The N*k (token, slot) pairs
  * are sorted by expert (stable); sorted[m] = t*k + j, pos[t*k + j] = m, and
@@ -142,10 +147,14 @@ void swiglu_forward(float *h, const float *u, int64_t M, int64_t F);
 void swiglu_backward(float *du, const float *dh, const float *u, int64_t M, int64_t F);
 
 /* cross_entropy.c: mean over rows with target >= 0 of logsumexp(logits) - logits[target].
- * Returns the number of counted rows in *count. */
-double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count);
-void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, int64_t N, int64_t V,
-                            float scale);
+ * Returns the number of counted rows in *count; logp (N, optional) receives
+ * each row's log-probability of its target (0 for rows without one). */
+double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count,
+                             float *logp);
+/* dlogits = w_t * (softmax - onehot(target)) per row with a target, w_t =
+ * weight[t] or scale when weight is NULL; 0 for the other rows. */
+void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, const float *weight,
+                            int64_t N, int64_t V, float scale);
 
 /* ---- weights as stored for inference (qmatmul.c) ----
  * A matrix of rows x C inputs (or a stack of E expert matrices, one after

@@ -15,13 +15,14 @@ void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta)
         }
 }
 
-void rope_forward(float *x, int64_t rows, int T, int pos0, int heads, int D, int64_t stride, const float *cos_t,
-                  const float *sin_t)
+void rope_forward(float *x, int64_t rows, int T, int pos0, const int32_t *pos, int heads, int D, int64_t stride,
+                  const float *cos_t, const float *sin_t)
 {
     int half = D / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_t + (pos0 + r % T) * half, *s = sin_t + (pos0 + r % T) * half;
+        int64_t p = pos ? pos[r] : pos0 + r % T;
+        const float *c = cos_t + p * half, *s = sin_t + p * half;
         for (int h = 0; h < heads; h++) {
             float *v = x + r * stride + (int64_t)h * D;
             for (int i = 0; i < half; i++) {
@@ -34,13 +35,14 @@ void rope_forward(float *x, int64_t rows, int T, int pos0, int heads, int D, int
 }
 
 /* The rotation is orthogonal: the gradient rotates back by -angle, in place. */
-void rope_backward(float *dx, int64_t rows, int T, int heads, int D, int64_t stride, const float *cos_t,
-                   const float *sin_t)
+void rope_backward(float *dx, int64_t rows, int T, const int32_t *pos, int heads, int D, int64_t stride,
+                   const float *cos_t, const float *sin_t)
 {
     int half = D / 2;
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_t + (r % T) * half, *s = sin_t + (r % T) * half;
+        int64_t p = pos ? pos[r] : r % T;
+        const float *c = cos_t + p * half, *s = sin_t + p * half;
         for (int h = 0; h < heads; h++) {
             float *v = dx + r * stride + (int64_t)h * D;
             for (int i = 0; i < half; i++) {

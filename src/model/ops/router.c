@@ -32,13 +32,16 @@ void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const
 }
 
 /* switch = E * sum_e (P_e / sum P) * (f_e / sum f), P_e = sum_t softmax(z_t)_e,
- * f_e = tokens that chose e; zloss = mean_t logsumexp(z_t)^2  (spec, "Losses"). */
-void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, int64_t N, int E,
-                   int k)
+ * f_e = tokens that chose e; zloss = mean_t logsumexp(z_t)^2  (spec, "Losses").
+ * The sums run over the valid tokens (all when valid is NULL). */
+void router_losses(double *switch_loss, double *z_loss, const float *z, const int32_t *idx, const uint8_t *valid,
+                   int64_t N, int E, int k)
 {
     double P[JM_MAX_EXPERTS] = {0}, zsum = 0.0;
-    int64_t f[JM_MAX_EXPERTS] = {0};
+    int64_t f[JM_MAX_EXPERTS] = {0}, n = 0;
     for (int64_t t = 0; t < N; t++) {
+        if (valid && !valid[t]) continue;
+        n++;
         const float *zt = z + t * E;
         double mx = zt[0], s = 0.0;
         for (int e = 1; e < E; e++) mx = zt[e] > mx ? zt[e] : mx;
@@ -54,8 +57,8 @@ void router_losses(double *switch_loss, double *z_loss, const float *z, const in
         fs += (double)f[e];
     }
     for (int e = 0; e < E; e++) acc += (P[e] / Ps) * ((double)f[e] / fs);
-    *switch_loss = N ? E * acc : 0.0;
-    *z_loss = N ? zsum / (double)N : 0.0;
+    *switch_loss = n ? E * acc : 0.0;
+    *z_loss = n ? zsum / (double)n : 0.0;
 }
 
 /* dz (N,E) of  sum_t <dgate_t, gate_t>  +  aux_w * switch  +  zl_w * zloss.
@@ -63,17 +66,25 @@ void router_losses(double *switch_loss, double *z_loss, const float *z, const in
  * Switch loss: f_e (counts) carries no gradient; through P_e = sum_t p_t,e and
  * the softmax Jacobian, dz_t = aux_w * p_t * (v - <p_t, v>) with
  * v_e = E f_e / (sum f * sum P)  (the sum P term adds the same constant to
- * every v_e, which the Jacobian removes). z-loss: dz_t = zl_w * 2 lse_t / N * p_t. */
+ * every v_e, which the Jacobian removes). z-loss: dz_t = zl_w * 2 lse_t / N * p_t.
+ * N counts the valid tokens; the others get only the gates' gradient. */
 void router_backward(float *dz, const float *dgate, const float *z, const int32_t *idx, const float *gate,
-                     int64_t N, int E, int k, double aux_w, double zl_w)
+                     const uint8_t *valid, int64_t N, int E, int k, double aux_w, double zl_w)
 {
     double f[JM_MAX_EXPERTS] = {0}, v[JM_MAX_EXPERTS];
-    for (int64_t p = 0; p < N * k; p++) f[idx[p]] += 1.0;
-    for (int e = 0; e < E; e++) v[e] = (double)E * f[e] / ((double)N * k * (double)N);
+    int64_t n = 0;
+    for (int64_t t = 0; t < N; t++) {
+        if (valid && !valid[t]) continue;
+        n++;
+        for (int j = 0; j < k; j++) f[idx[t * k + j]] += 1.0;
+    }
+    const double Nv = n ? (double)n : 1.0;
+    for (int e = 0; e < E; e++) v[e] = (double)E * f[e] / (Nv * k * Nv);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < N; t++) {
         const float *zt = z + t * E;
         float *d = dz + t * E;
+        const double aw = valid && !valid[t] ? 0.0 : aux_w, zw = valid && !valid[t] ? 0.0 : zl_w;
         double mx = zt[0], s = 0.0, pv = 0.0, p[JM_MAX_EXPERTS];
         for (int e = 1; e < E; e++) mx = zt[e] > mx ? zt[e] : mx;
         for (int e = 0; e < E; e++) s += (p[e] = exp(zt[e] - mx));
@@ -83,7 +94,7 @@ void router_backward(float *dz, const float *dgate, const float *z, const int32_
         }
         double lse = mx + log(s);
         for (int e = 0; e < E; e++)
-            d[e] = (float)(aux_w * p[e] * (v[e] - pv) + zl_w * 2.0 * lse / (double)N * p[e]);
+            d[e] = (float)(aw * p[e] * (v[e] - pv) + zw * 2.0 * lse / Nv * p[e]);
         const float *g = gate + t * k, *dg = dgate + t * k;
         double gdg = 0.0;
         for (int j = 0; j < k; j++) gdg += (double)g[j] * dg[j];
