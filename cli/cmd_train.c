@@ -4,7 +4,7 @@
 #include <signal.h>
 
 typedef struct {
-    const char *recipe, *out;
+    const char *recipe, *out, *init;
     int resume, quiet, overwrite;
     int64_t threads, stop_after;
 } pretrain_opts;
@@ -14,6 +14,9 @@ static const cli_flag pretrain_flags[] = {
      .help = "the recipe (JSON: model, sources, mixture phases, optimizer, schedule)"},
     {"--out", {NULL}, FLAG_STR, offsetof(pretrain_opts, out), .required = 1, .meta = "RUN_DIR",
      .help = "the run directory: metrics.jsonl, loss.svg, checkpoints/"},
+    {"--init", {NULL}, FLAG_STR, offsetof(pretrain_opts, init), .meta = "DIR",
+     .help = "start from this checkpoint's weights (continued pretraining: the recipe's own schedule, a fresh "
+             "optimizer; the recipe's model must have the checkpoint's shapes)"},
     {"--resume", {NULL}, FLAG_BOOL, offsetof(pretrain_opts, resume),
      .help = "continue the run in RUN_DIR from its latest checkpoint, bit-exactly"},
     {"--overwrite", {NULL}, FLAG_BOOL, offsetof(pretrain_opts, overwrite),
@@ -32,7 +35,8 @@ const cli_command cmd_pretrain = {
     "Pretrains a JetMoE as the recipe says (mixture phases, AdamW, warmup-stable-decay schedule,\n"
     "load-balancing and z losses). Writes RUN_DIR/metrics.jsonl, loss.svg and checkpoints in HF\n"
     "format with trainer state; SIGINT/SIGTERM save and exit (status 130); --resume continues\n"
-    "bit-exactly. A RUN_DIR that holds a run needs --resume or --overwrite.",
+    "bit-exactly. A RUN_DIR that holds a run needs --resume or --overwrite. --init DIR starts a new\n"
+    "run from a checkpoint's weights (e.g. JetMoE-8B adapted to a domain corpus).",
     pretrain_flags, (int)(sizeof pretrain_flags / sizeof pretrain_flags[0]), run_pretrain};
 
 /* Set by SIGINT/SIGTERM; the trainer polls it between steps, saves and returns.
@@ -54,7 +58,7 @@ static int run_pretrain(const cli_command *self, int argc, char **argv)
     sa_int.sa_handler = on_signal;
     sigaction(SIGINT, &sa_int, NULL);
     sigaction(SIGTERM, &sa_int, NULL);
-    jm_train_opts to = {o.recipe, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite};
+    jm_train_opts to = {o.recipe, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite, o.init};
     int stopped;
     jm_error err;
     jm_status s = jm_pretrain(&to, &stopped, &err);

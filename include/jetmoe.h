@@ -265,6 +265,13 @@ jm_status jm_quantize(const char *dir, const char *out_dir, int bits, int overwr
  * block 0 = MoA, 1 = MoE. Returns a pointer to B*T*k ints (valid until the
  * next forward), or NULL when the arguments are out of range. */
 const int32_t *jm_routing(const jm_model *m, int layer, int block);
+/* The number of ints jm_routing points to (B*T*k of the last forward). */
+int64_t jm_routing_count(const jm_model *m);
+
+/* Gives a model another config with the same parameter shapes: training
+ * settings (aux_loss_coef, z_loss_coef), the context or rope_theta. A field
+ * that would change a shape is an error naming it. */
+jm_status jm_model_reconfigure(jm_model *m, const jm_config *c, jm_error *err);
 
 /* ---- generation ------------------------------------------------------ */
 
@@ -385,6 +392,7 @@ typedef struct {
     const volatile int *stop;    /* set asynchronously (SIGINT/SIGTERM): save and return */
     int quiet;                   /* no progress line */
     int overwrite;               /* without resume: replace a run already in out_dir (its results go first) */
+    const char *init;            /* pretrain: start from this checkpoint's weights (a new run: fresh optimizer) */
 } jm_train_opts;
 /* Pretrains as the recipe says. On a stop request it writes a checkpoint and
  * returns JM_OK with *stopped = 1. */

@@ -257,6 +257,34 @@ const int32_t *jm_routing(const jm_model *m, int layer, int block)
     return block == 0 ? m->la[layer].moa_idx : m->la[layer].moe_idx;
 }
 
+int64_t jm_routing_count(const jm_model *m) { return m->la ? (int64_t)m->B * m->T * m->cfg.top_k : 0; }
+
+jm_status jm_model_reconfigure(jm_model *m, const jm_config *c, jm_error *err)
+{
+    jm_status s = jm_config_validate(c, err);
+    if (s) return s;
+    const jm_config *o = &m->cfg;
+    static const char *const names[] = {"vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads",
+                                        "kv_channels", "intermediate_size", "num_local_experts",
+                                        "num_experts_per_tok", "tie_word_embeddings"};
+    const int have[] = {o->vocab_size, o->hidden_size, o->num_layers, o->num_kv_heads, o->head_dim,
+                        o->intermediate_size, o->num_experts, o->top_k, o->tie_word_embeddings};
+    const int want[] = {c->vocab_size, c->hidden_size, c->num_layers, c->num_kv_heads, c->head_dim,
+                        c->intermediate_size, c->num_experts, c->top_k, c->tie_word_embeddings};
+    for (int i = 0; i < 9; i++)
+        if (have[i] != want[i])
+            return jm_fail(err, JM_ERR_CONFIG, "%s is %d in the model but %d in the new config: the weights have "
+                           "another shape", names[i], have[i], want[i]);
+    const int ctx = m->dec.ctx < c->max_position_embeddings ? m->dec.ctx : c->max_position_embeddings;
+    const int same_positions = c->max_position_embeddings == o->max_position_embeddings &&
+                               c->rope_theta == o->rope_theta;
+    m->cfg = *c;
+    m->fwd_valid = 0;
+    /* a KV cache holds keys rotated with the old RoPE: start it afresh */
+    if (!same_positions && m->dec.kv) return jm_set_context(m, ctx, err);
+    return JM_OK;
+}
+
 void jm_set_threads(int n)
 {
     if (n <= 0) n = omp_get_num_procs();

@@ -10,8 +10,7 @@
  *   checkpoints/latest          "step_N" of the newest complete checkpoint
  * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
  * a crash leaves the previous checkpoint as it was. */
-#include "data.h"
-#include "base/safetensors.h"
+#include "train/train.h"
 #include "model/ops/ops.h"
 
 #include <cjson/cJSON.h>
@@ -25,34 +24,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_SOURCES 64
-#define MAX_PHASES 16
+#define MAX_SOURCES JM_MAX_SOURCES
+#define MAX_PHASES JM_MAX_PHASES
+typedef jm_phase phase;
 
-typedef struct {
-    char name[64];
-    int64_t steps;
-    double weights[MAX_SOURCES];
-} phase;
-
-struct jm_recipe {
-    jm_config model;
-    char tokenizer[4096];
-    int nsources;
-    char source_name[MAX_SOURCES][64];
-    char source_dir[MAX_SOURCES][4096];
-    char heldout[4096];
-    int nphases;
-    phase phases[MAX_PHASES];
-    int seq_len, batch_size, grad_accum;
-    jm_adamw_config adamw;
-    jm_schedule schedule;
-    uint64_t seed;
-    int64_t checkpoint_every, log_every, eval_tokens;
-    int64_t eval_every; /* held-out loss every this many steps (0: only at the end) */
-    char *text;    /* the recipe as written, saved into the run directory */
-    uint64_t hash; /* of the text: a resume with another recipe is refused */
-    jm_sampler *sampler; /* the sources, opened and checked by jm_recipe_load; the trainer takes it */
-};
+const char *jm_task_name(jm_task_kind k)
+{
+    return k == JM_TASK_SFT ? "sft" : k == JM_TASK_DPO ? "dpo" : "pretrain";
+}
 
 /* ---- recipe: the text ---- */
 
@@ -87,7 +66,18 @@ static const recipe_key optimizer_keys[] = {
     {"learning_rate", "lr"},
 };
 static const recipe_key schedule_keys[] = {
-    {"type", NULL}, {"warmup_steps", NULL}, {"decay_steps", NULL}, {"min_lr_ratio", NULL},
+    {"type", NULL}, {"warmup_steps", NULL}, {"warmup_ratio", NULL}, {"decay_steps", NULL}, {"min_lr_ratio", NULL},
+};
+/* SFT and DPO recipes (README: Fine-tuning): the data and the model come from the command line */
+static const recipe_key tune_keys[] = {
+    {"epochs", NULL}, {"max_len", NULL}, {"batch_size", NULL}, {"grad_accum", NULL}, {"optimizer", NULL},
+    {"schedule", NULL}, {"aux_loss_coef", NULL}, {"z_loss_coef", NULL}, {"seed", NULL},
+    {"checkpoint_every", NULL}, {"log_every", NULL}, {"truncation", NULL}, {"beta", NULL},
+    {"label_smoothing", NULL},
+    {"lr", "optimizer.lr"}, {"learning_rate", "optimizer.lr"}, {"weight_decay", "optimizer.weight_decay"},
+    {"grad_clip", "optimizer.grad_clip"}, {"warmup_steps", "schedule.warmup_steps"},
+    {"warmup_ratio", "schedule.warmup_ratio"}, {"seq_len", "max_len"}, {"max_length", "max_len"},
+    {"num_train_epochs", "epochs"}, {"model", "--model on the command line"},
 };
 static const recipe_key phase_keys[] = {{"name", NULL}, {"steps", NULL}, {"mixture", NULL}};
 /* the model's keys are config.json's (jm_config_keys); these are other names for them */
@@ -229,6 +219,115 @@ static jm_status get_object(const cJSON *o, const char *key, const char *where, 
     return JM_OK;
 }
 
+/* What every recipe has: batch, optimizer, schedule, router-loss weights,
+ * seed, logging and checkpoint cadence. total: the run's steps (0 when only
+ * the data will tell: fine-tuning). Defaults: the JetMoE report's AdamW for
+ * pretraining (WSD), its chat recipe for SFT and DPO (cosine, 10% warmup). */
+static jm_status parse_steps(jm_recipe *r, const cJSON *root, const char *file, int64_t total, jm_error *err)
+{
+    jm_status s;
+    int64_t n;
+    char key[4200];
+    const int tune = r->kind != JM_TASK_PRETRAIN;
+    n = tune ? 8 : 1;
+    if ((s = get_int(root, "batch_size", file, 1, 65536, !tune, &n, err))) return s;
+    r->batch_size = (int)n;
+    n = 1;
+    if ((s = get_int(root, "grad_accum", file, 1, 65536, 0, &n, err))) return s;
+    r->grad_accum = (int)n;
+
+    r->adamw = (jm_adamw_config){5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0};
+    if (r->kind == JM_TASK_SFT) r->adamw = (jm_adamw_config){2e-5, 0.9, 0.999, 1e-8, 0.0, 1.0};
+    if (r->kind == JM_TASK_DPO) r->adamw = (jm_adamw_config){5e-7, 0.9, 0.999, 1e-8, 0.0, 1.0};
+    const cJSON *opt, *sch;
+    if ((s = get_object(root, "optimizer", file, &opt, err))) return s;
+    if (opt) {
+        snprintf(key, sizeof key, "%s: optimizer", file);
+        if ((s = unknown_keys(opt, key, optimizer_keys, NKEYS(optimizer_keys), false, false, err)) ||
+            (s = get_num(opt, "lr", key, 0, 10, 0, &r->adamw.lr, err)) ||
+            (s = get_num(opt, "beta1", key, 0, 0.999999, 0, &r->adamw.beta1, err)) ||
+            (s = get_num(opt, "beta2", key, 0, 0.999999, 0, &r->adamw.beta2, err)) ||
+            (s = get_num(opt, "eps", key, 1e-30, 1, 0, &r->adamw.eps, err)) ||
+            (s = get_num(opt, "weight_decay", key, 0, 10, 0, &r->adamw.weight_decay, err)) ||
+            (s = get_num(opt, "grad_clip", key, 0, 1e9, 0, &r->adamw.grad_clip, err)))
+            return s;
+    }
+    r->schedule = (jm_schedule){tune ? JM_SCHEDULE_COSINE : JM_SCHEDULE_WSD, r->adamw.lr, tune ? 0.0 : 0.1, 0,
+                                total, 0};
+    r->warmup_ratio = tune ? 0.1 : -1;
+    const int64_t most = tune ? 1000000000 : total; /* a fine-tune's length is known once its data is read */
+    if ((s = get_object(root, "schedule", file, &sch, err))) return s;
+    if (sch) {
+        snprintf(key, sizeof key, "%s: schedule", file);
+        if ((s = unknown_keys(sch, key, schedule_keys, NKEYS(schedule_keys), false, false, err))) return s;
+        char type[16] = "";
+        if ((s = get_str(sch, "type", key, type, sizeof type, 0, err))) return s;
+        if (strcmp(type, "wsd") == 0) r->schedule.type = JM_SCHEDULE_WSD;
+        else if (strcmp(type, "cosine") == 0) r->schedule.type = JM_SCHEDULE_COSINE;
+        else if (strcmp(type, "constant") == 0) r->schedule.type = JM_SCHEDULE_CONSTANT;
+        else if (type[0])
+            return jm_fail(err, JM_ERR_CONFIG, "%s: type must be wsd, cosine or constant, not %s", key, type);
+        if (cJSON_GetObjectItemCaseSensitive(sch, "warmup_steps")) {
+            if (cJSON_GetObjectItemCaseSensitive(sch, "warmup_ratio"))
+                return jm_fail(err, JM_ERR_CONFIG, "%s: give warmup_steps or warmup_ratio, not both", key);
+            r->warmup_ratio = -1;
+        }
+        if ((s = get_int(sch, "warmup_steps", key, 0, most, 0, &r->schedule.warmup_steps, err))) return s;
+        if ((s = get_num(sch, "warmup_ratio", key, 0, 1, 0, &r->warmup_ratio, err))) return s;
+        /* WSD's decay defaults to the last phase: the paper decays during phase 2 */
+        r->schedule.decay_steps = r->nphases > 1 ? r->phases[r->nphases - 1].steps : 0;
+        if ((s = get_int(sch, "decay_steps", key, 0, most, 0, &r->schedule.decay_steps, err))) return s;
+        if ((s = get_num(sch, "min_lr_ratio", key, 0, 1, 0, &r->schedule.min_lr_ratio, err))) return s;
+    }
+    if (r->warmup_ratio >= 0 && total > 0) r->schedule.warmup_steps = (int64_t)(r->warmup_ratio * total);
+    r->has_aux_coef = cJSON_GetObjectItemCaseSensitive(root, "aux_loss_coef") != NULL;
+    r->has_z_coef = cJSON_GetObjectItemCaseSensitive(root, "z_loss_coef") != NULL;
+    if ((s = get_num(root, "aux_loss_coef", file, 0, 1e6, 0, &r->model.aux_loss_coef, err))) return s;
+    if ((s = get_num(root, "z_loss_coef", file, 0, 1e6, 0, &r->model.z_loss_coef, err))) return s;
+    n = 1234;
+    if ((s = get_int(root, "seed", file, 0, 9007199254740991ll, 0, &n, err))) return s; /* 2^53 - 1: exact in JSON */
+    r->seed = (uint64_t)n;
+    r->checkpoint_every = 100;
+    r->log_every = tune ? 1 : 10;
+    if ((s = get_int(root, "checkpoint_every", file, 1, 1000000000, 0, &r->checkpoint_every, err)) ||
+        (s = get_int(root, "log_every", file, 1, 1000000000, 0, &r->log_every, err)))
+        return s;
+    return JM_OK;
+}
+
+/* An SFT or DPO recipe: the shared part plus epochs, max_len, truncation and
+ * DPO's beta and label smoothing. One phase, named after the task. */
+static jm_status parse_tune(jm_recipe *r, const cJSON *root, const char *file, jm_error *err)
+{
+    jm_status s;
+    int64_t n;
+    if ((s = unknown_keys(root, file, tune_keys, NKEYS(tune_keys), false, false, err))) return s;
+    r->nphases = 1;
+    snprintf(r->phases[0].name, sizeof r->phases[0].name, "%s", jm_task_name(r->kind));
+    r->phases[0].weights[0] = 1;
+    r->epochs = r->kind == JM_TASK_DPO ? 1 : 3;
+    if ((s = get_int(root, "epochs", file, 1, 1000000, 0, &r->epochs, err))) return s;
+    n = 2048;
+    if ((s = get_int(root, "max_len", file, 2, 1 << 20, 0, &n, err))) return s;
+    r->seq_len = (int)n;
+    char trunc[16] = "truncate";
+    if ((s = get_str(root, "truncation", file, trunc, sizeof trunc, 0, err))) return s;
+    if (strcmp(trunc, "truncate") && strcmp(trunc, "drop"))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: truncation must be \"truncate\" or \"drop\", not \"%s\"", file,
+                       trunc);
+    r->truncate = strcmp(trunc, "truncate") == 0;
+    r->beta = 0.1;
+    r->label_smoothing = 0;
+    if ((s = get_num(root, "beta", file, 1e-6, 1e6, 0, &r->beta, err)) ||
+        (s = get_num(root, "label_smoothing", file, 0, 0.5, 0, &r->label_smoothing, err)))
+        return s;
+    if (r->kind != JM_TASK_DPO)
+        for (const char *k = "beta"; k; k = strcmp(k, "beta") ? NULL : "label_smoothing")
+            if (cJSON_GetObjectItemCaseSensitive(root, k))
+                return jm_fail(err, JM_ERR_CONFIG, "%s: field %s is DPO's; an SFT recipe has none", file, k);
+    return parse_steps(r, root, file, 0, err);
+}
+
 static jm_status parse_recipe(jm_recipe *r, size_t len, const char *file, jm_error *err)
 {
     cJSON *root;
@@ -244,6 +343,10 @@ static jm_status parse_recipe(jm_recipe *r, size_t len, const char *file, jm_err
     }
     if (!cJSON_IsObject(root)) {
         s = jm_fail(err, JM_ERR_CONFIG, "%s: expected a JSON object", file);
+        goto done;
+    }
+    if (r->kind != JM_TASK_PRETRAIN) {
+        s = parse_tune(r, root, file, err);
         goto done;
     }
     if ((s = unknown_keys(root, file, top_keys, NKEYS(top_keys), false, true, err))) goto done;
@@ -340,59 +443,10 @@ static jm_status parse_recipe(jm_recipe *r, size_t len, const char *file, jm_err
 
     if ((s = get_int(root, "seq_len", file, 2, r->model.max_position_embeddings, 1, &n, err))) goto done;
     r->seq_len = (int)n;
-    if ((s = get_int(root, "batch_size", file, 1, 65536, 1, &n, err))) goto done;
-    r->batch_size = (int)n;
-    n = 1;
-    if ((s = get_int(root, "grad_accum", file, 1, 65536, 0, &n, err))) goto done;
-    r->grad_accum = (int)n;
-
-    /* optimizer: the JetMoE report's AdamW settings as defaults */
-    r->adamw = (jm_adamw_config){5e-4, 0.9, 0.95, 1e-8, 0.1, 1.0};
-    const cJSON *opt, *sch;
-    if ((s = get_object(root, "optimizer", file, &opt, err))) goto done;
-    if (opt) {
-        snprintf(key, sizeof key, "%s: optimizer", file);
-        if ((s = unknown_keys(opt, key, optimizer_keys, NKEYS(optimizer_keys), false, false, err)) ||
-            (s = get_num(opt, "lr", key, 0, 10, 0, &r->adamw.lr, err)) ||
-            (s = get_num(opt, "beta1", key, 0, 0.999999, 0, &r->adamw.beta1, err)) ||
-            (s = get_num(opt, "beta2", key, 0, 0.999999, 0, &r->adamw.beta2, err)) ||
-            (s = get_num(opt, "eps", key, 1e-30, 1, 0, &r->adamw.eps, err)) ||
-            (s = get_num(opt, "weight_decay", key, 0, 10, 0, &r->adamw.weight_decay, err)) ||
-            (s = get_num(opt, "grad_clip", key, 0, 1e9, 0, &r->adamw.grad_clip, err)))
-            goto done;
-    }
-    r->schedule = (jm_schedule){JM_SCHEDULE_WSD, r->adamw.lr, 0.1, 0, total, 0};
-    if ((s = get_object(root, "schedule", file, &sch, err))) goto done;
-    if (sch) {
-        snprintf(key, sizeof key, "%s: schedule", file);
-        if ((s = unknown_keys(sch, key, schedule_keys, NKEYS(schedule_keys), false, false, err))) goto done;
-        char type[16] = "wsd";
-        if ((s = get_str(sch, "type", key, type, sizeof type, 0, err))) goto done;
-        if (strcmp(type, "wsd") == 0) r->schedule.type = JM_SCHEDULE_WSD;
-        else if (strcmp(type, "cosine") == 0) r->schedule.type = JM_SCHEDULE_COSINE;
-        else if (strcmp(type, "constant") == 0) r->schedule.type = JM_SCHEDULE_CONSTANT;
-        else {
-            s = jm_fail(err, JM_ERR_CONFIG, "%s: type must be wsd, cosine or constant, not %s", key, type);
-            goto done;
-        }
-        if ((s = get_int(sch, "warmup_steps", key, 0, total, 0, &r->schedule.warmup_steps, err))) goto done;
-        /* WSD's decay defaults to the last phase: the paper decays during phase 2 */
-        r->schedule.decay_steps = r->nphases > 1 ? r->phases[r->nphases - 1].steps : 0;
-        if ((s = get_int(sch, "decay_steps", key, 0, total, 0, &r->schedule.decay_steps, err))) goto done;
-        if ((s = get_num(sch, "min_lr_ratio", key, 0, 1, 0, &r->schedule.min_lr_ratio, err))) goto done;
-    }
-    if ((s = get_num(root, "aux_loss_coef", file, 0, 1e6, 0, &r->model.aux_loss_coef, err))) goto done;
-    if ((s = get_num(root, "z_loss_coef", file, 0, 1e6, 0, &r->model.z_loss_coef, err))) goto done;
-    n = 1234;
-    if ((s = get_int(root, "seed", file, 0, 9007199254740991ll, 0, &n, err))) goto done; /* 2^53 - 1: exact in JSON */
-    r->seed = (uint64_t)n;
-    r->checkpoint_every = 100;
-    r->log_every = 10;
+    if ((s = parse_steps(r, root, file, total, err))) goto done;
     r->eval_tokens = 65536;
     r->eval_every = 0;
-    if ((s = get_int(root, "checkpoint_every", file, 1, 1000000000, 0, &r->checkpoint_every, err)) ||
-        (s = get_int(root, "log_every", file, 1, 1000000000, 0, &r->log_every, err)) ||
-        (s = get_int(root, "eval_tokens", file, 0, 1000000000000ll, 0, &r->eval_tokens, err)) ||
+    if ((s = get_int(root, "eval_tokens", file, 0, 1000000000000ll, 0, &r->eval_tokens, err)) ||
         (s = get_int(root, "eval_every", file, 0, 1000000000, 0, &r->eval_every, err)))
         goto done;
     if (r->eval_every > 0 && !r->heldout[0]) {
@@ -405,7 +459,8 @@ done:
     return s;
 }
 
-jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_recipe **out, jm_error *err)
+static jm_status recipe_parse_kind(const char *text, size_t len, const char *name, jm_task_kind kind,
+                                   jm_recipe **out, jm_error *err)
 {
     *out = NULL;
     jm_recipe *r = calloc(1, sizeof *r);
@@ -413,6 +468,7 @@ jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_rec
         free(r);
         return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", name);
     }
+    r->kind = kind;
     memcpy(r->text, text, len);
     r->text[len] = 0;
     jm_status s = parse_recipe(r, len, name, err);
@@ -423,6 +479,39 @@ jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_rec
     r->hash = fnv1a(r->text, len);
     *out = r;
     return JM_OK;
+}
+
+jm_status jm_recipe_parse(const char *text, size_t len, const char *name, jm_recipe **out, jm_error *err)
+{
+    return recipe_parse_kind(text, len, name, JM_TASK_PRETRAIN, out, err);
+}
+
+jm_status jm_recipe_load_kind(const char *path, jm_task_kind kind, jm_recipe **out, jm_error *err)
+{
+    if (kind == JM_TASK_PRETRAIN) return jm_recipe_load(path, out, err);
+    if (!path) return recipe_parse_kind("{}", 2, "the default recipe", kind, out, err);
+    char *text;
+    size_t len;
+    jm_status s = jm_read_file(path, (size_t)1 << 26, &text, &len, err);
+    if (s) return s;
+    s = recipe_parse_kind(text, len, path, kind, out, err);
+    free(text);
+    return s;
+}
+
+void jm_recipe_set_steps(jm_recipe *r, int64_t total_steps)
+{
+    r->phases[0].steps = total_steps;
+    r->schedule.total_steps = total_steps;
+    if (r->warmup_ratio >= 0) r->schedule.warmup_steps = (int64_t)(r->warmup_ratio * total_steps);
+    if (r->schedule.warmup_steps > total_steps) r->schedule.warmup_steps = total_steps;
+    if (r->schedule.decay_steps > total_steps) r->schedule.decay_steps = total_steps;
+}
+
+void jm_recipe_hash_more(jm_recipe *r, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) r->hash = (r->hash ^ p[i]) * 1099511628211ull;
 }
 
 /* ---- recipe: what the run needs, checked before its first step ---- */
@@ -599,9 +688,9 @@ typedef struct {
     jm_recipe *r;
     jm_model *m;
     jm_optimizer *opt;
-    jm_sampler *sampler;
+    jm_task *task;
+    const char *tokenizer; /* the directory whose files go into each checkpoint ("" : none) */
     int64_t step;          /* completed optimizer steps */
-    int phase;             /* index of the phase whose mixture is set */
     char dir[4096];
 } trainer;
 
@@ -615,35 +704,29 @@ static int phase_of(const jm_recipe *r, int64_t step)
     return r->nphases - 1;
 }
 
+#define MAX_STATE 32 /* tensors in trainer_state.safetensors */
+
 static jm_status save_trainer_state(trainer *t, const char *path, jm_error *err)
 {
     int64_t *stepp, numel;
     float *m, *v;
     jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
-    jm_sampler_state ss;
-    jm_status s = jm_sampler_get_state(t->sampler, &ss, err);
-    if (s) return s;
     int64_t step = t->step;
     uint64_t hash = t->r->hash;
-    int64_t S = ss.nsources;
-    st_out o[] = {
+    st_out o[MAX_STATE] = {
         {"step", ST_I64, 1, {1}, &step},
         {"recipe_hash", ST_U64, 1, {1}, &hash},
         {"adamw.step", ST_I64, 1, {1}, stepp},
         {"adamw.m", ST_F32, 1, {numel}, m},
         {"adamw.v", ST_F32, 1, {numel}, v},
-        {"sampler.position", ST_U64, 1, {S}, ss.position},
-        {"sampler.drawn", ST_U64, 1, {S}, ss.drawn},
-        {"sampler.total", ST_U64, 1, {S}, ss.total},
     };
-    s = st_write(path, o, (int)(sizeof o / sizeof o[0]), NULL, NULL, 0, err);
-    jm_sampler_state_free(&ss);
-    return s;
+    int n = t->task->state(t->task->ctx, o + 5, MAX_STATE - 5, err);
+    if (n < 0) return JM_ERR_NOMEM;
+    return st_write(path, o, 5 + n, NULL, NULL, 0, err);
 }
 
 /* Copies a tensor of the expected dtype and element count out of a state file. */
-static jm_status state_tensor(const st_file *f, const char *name, st_dtype dt, int64_t numel, void *out,
-                              jm_error *err)
+jm_status jm_state_tensor(const st_file *f, const char *name, st_dtype dt, int64_t numel, void *out, jm_error *err)
 {
     const st_tensor *t = st_find(f, name);
     if (!t || t->dtype != dt || t->numel != numel)
@@ -661,29 +744,18 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     float *m, *v;
     uint64_t hash;
     jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
-    int S = jm_sampler_num_sources(t->sampler);
-    jm_sampler_state ss = {S, calloc((size_t)S, 8), calloc((size_t)S, 8), calloc((size_t)S, 8)};
-    if (!ss.position || !ss.drawn || !ss.total) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
-    if (!s) s = state_tensor(&f, "step", ST_I64, 1, &step, err);
-    if (!s) s = state_tensor(&f, "recipe_hash", ST_U64, 1, &hash, err);
+    if (!s) s = jm_state_tensor(&f, "step", ST_I64, 1, &step, err);
+    if (!s) s = jm_state_tensor(&f, "recipe_hash", ST_U64, 1, &hash, err);
     if (!s && hash != t->r->hash)
-        s = jm_fail(err, JM_ERR_ARG, "%s: the run was made with another recipe; resume with the same recipe", path);
-    if (!s) s = state_tensor(&f, "adamw.step", ST_I64, 1, stepp, err);
-    if (!s) s = state_tensor(&f, "adamw.m", ST_F32, numel, m, err);
-    if (!s) s = state_tensor(&f, "adamw.v", ST_F32, numel, v, err);
-    if (!s) s = state_tensor(&f, "sampler.position", ST_U64, S, ss.position, err);
-    if (!s) s = state_tensor(&f, "sampler.drawn", ST_U64, S, ss.drawn, err);
-    if (!s) s = state_tensor(&f, "sampler.total", ST_U64, S, ss.total, err);
-    if (!s) {
-        t->step = step;
-        /* the sampler's counts belong to the phase of the last step taken; at a
-         * phase boundary the loop then switches (and resets them) as a straight
-         * run does */
-        t->phase = phase_of(t->r, step > 0 ? step - 1 : 0);
-        s = jm_sampler_set_mixture(t->sampler, t->r->phases[t->phase].weights, err);
-        if (!s) s = jm_sampler_set_state(t->sampler, &ss, err);
-    }
-    jm_sampler_state_free(&ss);
+        s = jm_fail(err, JM_ERR_ARG, "%s: the run was made with another recipe%s; resume with the same one, or start "
+                    "a new run from this checkpoint's weights (%s)", path,
+                    t->r->kind == JM_TASK_PRETRAIN ? "" : " or data",
+                    t->r->kind == JM_TASK_PRETRAIN ? "pretrain --init" : "--model");
+    if (!s) s = jm_state_tensor(&f, "adamw.step", ST_I64, 1, stepp, err);
+    if (!s) s = jm_state_tensor(&f, "adamw.m", ST_F32, numel, m, err);
+    if (!s) s = jm_state_tensor(&f, "adamw.v", ST_F32, numel, v, err);
+    if (!s) s = t->task->restore(t->task->ctx, &f, step, err);
+    if (!s) t->step = step;
     st_close(&f);
     return s;
 }
@@ -702,9 +774,9 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
     if (!s) s = save_trainer_state(t, path, err);
     /* the tokenizer travels with the weights, as in any HF model directory */
     static const char *const tok_files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
-    for (int i = 0; i < 3 && !s && t->r->tokenizer[0]; i++) {
+    for (int i = 0; i < 3 && !s && t->tokenizer[0]; i++) {
         char src[8192], dst[8192];
-        snprintf(src, sizeof src, "%s/%s", t->r->tokenizer, tok_files[i]);
+        snprintf(src, sizeof src, "%s/%s", t->tokenizer, tok_files[i]);
         snprintf(dst, sizeof dst, "%s/%s", tmp, tok_files[i]);
         if (access(src, R_OK) != 0) continue;
         cJSON *tc = NULL;
@@ -1166,74 +1238,7 @@ static double unigram_entropy(const jm_recipe *r)
     return h;
 }
 
-/* ---- the loop ---- */
-
-static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_error *err)
-{
-    jm_recipe *r = t->r;
-    jm_status s;
-    t->sampler = r->sampler; /* opened and checked with the recipe */
-    r->sampler = NULL;
-    char path[4400], ck[4200];
-    if (o->resume) { /* checkpoints/latest names step_N, nothing else: never a path out of the run */
-        snprintf(ck, sizeof ck, "%s/checkpoints", o->out_dir);
-        snprintf(path, sizeof path, "%s/latest", ck);
-        if (access(path, F_OK) != 0) return jm_fail(err, JM_ERR_ARG, "%s: no checkpoint to resume from", path);
-        if ((s = jm_read_latest(ck, path, sizeof path, err))) return s;
-        if ((s = jm_model_load(path, &t->m, err))) return s;
-        const jm_config *c = jm_model_config(t->m);
-        if (c->vocab_size != r->model.vocab_size || c->hidden_size != r->model.hidden_size ||
-            c->num_layers != r->model.num_layers)
-            return jm_fail(err, JM_ERR_ARG, "%s: checkpoint does not match the recipe's model", path);
-    } else if ((s = jm_model_create(&r->model, r->seed, &t->m, err))) {
-        return s;
-    }
-    if ((s = jm_optimizer_create(t->m, &r->adamw, &t->opt, err))) return s;
-    if ((s = jm_zero_grad(t->m, err))) return s;
-    if (o->resume) {
-        char state[4500];
-        snprintf(state, sizeof state, "%s/trainer_state.safetensors", path);
-        if ((s = load_trainer_state(t, state, err))) return s;
-    } else {
-        t->phase = 0;
-        if ((s = jm_sampler_set_mixture(t->sampler, r->phases[0].weights, err))) return s;
-    }
-    return JM_OK;
-}
-
-/* Held-out loss on the first eval_tokens tokens of the recipe's heldout shards.
- * A forward pass only: no gradient, optimizer or sampler state is touched, so
- * a run evaluates (or resumes) to the same weights as one that does not. */
-static jm_status eval_heldout(trainer *t, double *loss, int64_t *tokens, double *secs, jm_error *err)
-{
-    double t0 = omp_get_wtime();
-    jm_status s = jm_eval_shards(t->m, t->r->heldout, t->r->seq_len, t->r->eval_tokens, 0, loss, tokens, err);
-    *secs = omp_get_wtime() - t0;
-    return s;
-}
-
-/* ,"key":v in a metrics record; null when v is not a number (JSON has no NaN) */
-static void json_number(FILE *f, const char *key, double v)
-{
-    if (isfinite(v)) fprintf(f, ",\"%s\":%.6g", key, v);
-    else fprintf(f, ",\"%s\":null", key);
-}
-
-/* The fields every held-out record of metrics.jsonl has; the caller closes the object. */
-static void write_heldout(FILE *metrics, const trainer *t, double loss, int64_t tokens, double secs)
-{
-    const jm_recipe *r = t->r;
-    fprintf(metrics, "{\"step\":%lld,\"heldout_loss\":%.6f,\"heldout_perplexity\":%.4f,\"heldout_tokens\":%lld,"
-                     "\"tokens\":%lld,\"eval_seconds\":%.2f", (long long)t->step, loss, exp(loss), (long long)tokens,
-            (long long)(t->step * r->batch_size * r->seq_len * r->grad_accum), secs);
-}
-
-static void close_trainer(trainer *t)
-{
-    jm_sampler_free(t->sampler);
-    jm_optimizer_free(t->opt);
-    jm_model_free(t->m);
-}
+/* ---- one optimizer step ---- */
 
 /* Share of routed slots per expert for one router, as a fraction of the fair share. */
 static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
@@ -1243,11 +1248,22 @@ static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
     for (int e = 0; e < E; e++) share[e] = n ? share[e] * E / (double)n : 0;
 }
 
-jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, int B, int T, int accum, double lr,
-                        double grad_clip, double *load, jm_step_stats *st, jm_error *err)
+/* Every router's expert load of the model's last forward (2*L*E, MoA layers first). */
+static void routers_load(const jm_model *m, double *load)
 {
     const jm_config *c = jm_model_config(m);
-    memset(st, 0, sizeof *st);
+    int64_t n = jm_routing_count(m);
+    for (int blk = 0; blk < 2; blk++)
+        for (int l = 0; l < c->num_layers; l++)
+            expert_load(jm_routing(m, l, blk), n, c->num_experts,
+                        load + ((size_t)blk * c->num_layers + l) * c->num_experts);
+}
+
+/* Language-model gradients of accum micro-batches of B x T tokens, averaged
+ * over the micro-batches (pretraining's objective). */
+static jm_status lm_grads(jm_model *m, const int32_t *tokens, int B, int T, int accum, jm_task_step *st,
+                          jm_error *err)
+{
     jm_status s;
     for (int micro = 0; micro < accum; micro++) {
         jm_losses Ls;
@@ -1255,19 +1271,124 @@ jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, i
         st->loss += Ls.loss / accum;
         st->aux_loss += Ls.aux_loss / accum;
         st->z_loss += Ls.z_loss / accum;
-        if (load && micro == accum - 1) /* expert load of the last micro-batch */
-            for (int blk = 0; blk < 2; blk++)
-                for (int l = 0; l < c->num_layers; l++)
-                    expert_load(jm_routing(m, l, blk), (int64_t)B * T * c->top_k, c->num_experts,
-                                load + ((size_t)blk * c->num_layers + l) * c->num_experts);
         if ((s = jm_backward(m, err))) return s;
     }
     if (accum > 1) jm_scale_grads(m, 1.0f / (float)accum);
-    st->grad_norm = jm_grad_norm(m);
-    if (grad_clip > 0 && st->grad_norm > grad_clip)
-        jm_scale_grads(m, (float)(grad_clip / (st->grad_norm + 1e-6))); /* as torch's clip_grad_norm_ */
-    if ((s = jm_optimizer_step(opt, m, lr, err))) return s;
-    return jm_zero_grad(m, err);
+    st->tokens = (int64_t)accum * B * T;
+    return JM_OK;
+}
+
+/* Clip to the global norm, AdamW at lr, zero the gradients. */
+static jm_status apply_step(jm_model *m, jm_optimizer *opt, double lr, double grad_clip, double *grad_norm,
+                            jm_error *err)
+{
+    *grad_norm = jm_grad_norm(m);
+    if (grad_clip > 0 && *grad_norm > grad_clip)
+        jm_scale_grads(m, (float)(grad_clip / (*grad_norm + 1e-6))); /* as torch's clip_grad_norm_ */
+    jm_status s = jm_optimizer_step(opt, m, lr, err);
+    return s ? s : jm_zero_grad(m, err);
+}
+
+jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, int B, int T, int accum, double lr,
+                        double grad_clip, double *load, jm_step_stats *st, jm_error *err)
+{
+    memset(st, 0, sizeof *st);
+    jm_task_step ts = {0};
+    jm_status s = lm_grads(m, tokens, B, T, accum, &ts, err);
+    if (s) return s;
+    if (load) routers_load(m, load); /* of the last micro-batch */
+    st->loss = ts.loss;
+    st->aux_loss = ts.aux_loss;
+    st->z_loss = ts.z_loss;
+    return apply_step(m, opt, lr, grad_clip, &st->grad_norm, err);
+}
+
+/* ---- pretraining, a task of the loop ---- */
+
+typedef struct {
+    jm_recipe *r;
+    jm_sampler *sampler;
+    int phase;           /* index of the phase whose mixture is set */
+    int32_t *batch;      /* batch_size * grad_accum sequences of seq_len */
+    jm_sampler_state ss; /* the state the last checkpoint wrote */
+} pretrain_task;
+
+static jm_status pretrain_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+{
+    pretrain_task *p = ctx;
+    const jm_recipe *r = p->r;
+    int ph = phase_of(r, step);
+    jm_status s;
+    if (ph != p->phase) {
+        p->phase = ph;
+        if ((s = jm_sampler_set_mixture(p->sampler, r->phases[ph].weights, err))) return s;
+    }
+    const int T = r->seq_len;
+    for (int64_t i = 0; i < (int64_t)r->batch_size * r->grad_accum; i++) {
+        int src;
+        jm_sampler_next(p->sampler, p->batch + (size_t)i * T, &src);
+    }
+    return lm_grads(m, p->batch, r->batch_size, T, r->grad_accum, st, err);
+}
+
+static int pretrain_state(void *ctx, st_out *out, int cap, jm_error *err)
+{
+    pretrain_task *p = ctx;
+    jm_sampler_state_free(&p->ss);
+    if (cap < 3 || jm_sampler_get_state(p->sampler, &p->ss, err)) return -1;
+    int64_t S = p->ss.nsources;
+    out[0] = (st_out){"sampler.position", ST_U64, 1, {S}, p->ss.position};
+    out[1] = (st_out){"sampler.drawn", ST_U64, 1, {S}, p->ss.drawn};
+    out[2] = (st_out){"sampler.total", ST_U64, 1, {S}, p->ss.total};
+    return 3;
+}
+
+static jm_status pretrain_restore(void *ctx, const st_file *f, int64_t step, jm_error *err)
+{
+    pretrain_task *p = ctx;
+    int S = jm_sampler_num_sources(p->sampler);
+    jm_sampler_state ss = {S, calloc((size_t)S, 8), calloc((size_t)S, 8), calloc((size_t)S, 8)};
+    jm_status s = !ss.position || !ss.drawn || !ss.total ? jm_fail(err, JM_ERR_NOMEM, "out of memory") : JM_OK;
+    if (!s) s = jm_state_tensor(f, "sampler.position", ST_U64, S, ss.position, err);
+    if (!s) s = jm_state_tensor(f, "sampler.drawn", ST_U64, S, ss.drawn, err);
+    if (!s) s = jm_state_tensor(f, "sampler.total", ST_U64, S, ss.total, err);
+    if (!s) {
+        /* the sampler's counts belong to the phase of the last step taken; at a
+         * phase boundary the loop then switches (and resets them) as a straight
+         * run does */
+        p->phase = phase_of(p->r, step > 0 ? step - 1 : 0);
+        s = jm_sampler_set_mixture(p->sampler, p->r->phases[p->phase].weights, err);
+        if (!s) s = jm_sampler_set_state(p->sampler, &ss, err);
+    }
+    jm_sampler_state_free(&ss);
+    return s;
+}
+
+/* Held-out loss on the first eval_tokens tokens of the recipe's heldout shards.
+ * A forward pass only: no gradient, optimizer or sampler state is touched, so
+ * a run evaluates (or resumes) to the same weights as one that does not. */
+static jm_status pretrain_heldout(void *ctx, jm_model *m, int final, jm_task_step *st, jm_error *err)
+{
+    pretrain_task *p = ctx;
+    const jm_recipe *r = p->r;
+    double t0 = omp_get_wtime(), loss;
+    int64_t tokens;
+    jm_status s = jm_eval_shards(m, r->heldout, r->seq_len, r->eval_tokens, 0, &loss, &tokens, err);
+    if (s) return s;
+    st->loss = loss;
+    int n = 0;
+    st->metric_name[n] = "heldout_loss", st->metric[n++] = loss;
+    st->metric_name[n] = "heldout_perplexity", st->metric[n++] = exp(loss);
+    st->metric_name[n] = "heldout_tokens", st->metric[n++] = (double)tokens;
+    st->metric_name[n] = "eval_seconds", st->metric[n++] = omp_get_wtime() - t0;
+    if (final) {
+        double h1 = unigram_entropy(r);
+        fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
+                        "training sources: %.4f nats/token)\n", (long long)tokens, loss, exp(loss), h1);
+        st->metric_name[n] = "unigram_entropy", st->metric[n++] = h1;
+    }
+    st->nmetrics = n;
+    return JM_OK;
 }
 
 /* ---- the run directory ---- */
@@ -1296,51 +1417,103 @@ static bool recipe_saved(const char *dir, const jm_recipe *r)
  * where): refused unless overwrite, and then they are removed once the new run
  * has opened; files of anyone else in the directory stay. --resume continues
  * the run that is there. *set receives the run's entries. */
-static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, jm_output_set *set, jm_error *err)
+static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, const char *const *inputs, int ninputs,
+                               jm_output_set *set, jm_error *err)
 {
     if (o->resume && o->overwrite)
         return jm_fail(err, JM_ERR_ARG, "%s: --resume continues the run there, --overwrite replaces it: pass one",
                        o->out_dir);
-    const char *inputs[MAX_SOURCES + 3];
-    int n = 0;
-    inputs[n++] = o->recipe;
-    if (r->tokenizer[0]) inputs[n++] = r->tokenizer;
-    if (r->heldout[0]) inputs[n++] = r->heldout;
-    for (int i = 0; i < r->nsources; i++) inputs[n++] = r->source_dir[i];
     *set = (jm_output_set){"a training run", run_names, recipe_saved(o->out_dir, r) ? 3 : 4, run_proof};
-    return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, n, o->overwrite, err);
+    return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, ninputs, o->overwrite, err);
 }
 
-jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
+/* The model a run trains: a resumed run's latest checkpoint, else init. */
+static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_model *init, jm_error *err)
+{
+    jm_recipe *r = t->r;
+    jm_status s;
+    char path[4400], ck[4200];
+    if (o->resume) { /* checkpoints/latest names step_N, nothing else: never a path out of the run */
+        jm_model_free(init);
+        snprintf(ck, sizeof ck, "%s/checkpoints", o->out_dir);
+        snprintf(path, sizeof path, "%s/latest", ck);
+        if (access(path, F_OK) != 0) return jm_fail(err, JM_ERR_ARG, "%s: no checkpoint to resume from", path);
+        if ((s = jm_read_latest(ck, path, sizeof path, err))) return s;
+        if ((s = jm_model_load(path, &t->m, err))) return s;
+        const jm_config *c = jm_model_config(t->m);
+        if (r->kind == JM_TASK_PRETRAIN && (c->vocab_size != r->model.vocab_size ||
+                                            c->hidden_size != r->model.hidden_size ||
+                                            c->num_layers != r->model.num_layers))
+            return jm_fail(err, JM_ERR_ARG, "%s: checkpoint does not match the recipe's model", path);
+    } else {
+        t->m = init;
+    }
+    if ((s = jm_optimizer_create(t->m, &r->adamw, &t->opt, err))) return s;
+    if ((s = jm_zero_grad(t->m, err))) return s;
+    if (o->resume) {
+        char state[4500];
+        snprintf(state, sizeof state, "%s/trainer_state.safetensors", path);
+        if ((s = load_trainer_state(t, state, err))) return s;
+    }
+    return JM_OK;
+}
+
+/* ,"key":v in a metrics record; null when v is not a number (JSON has no NaN) */
+static void json_number(FILE *f, const char *key, double v)
+{
+    if (isfinite(v)) fprintf(f, ",\"%s\":%.6g", key, v);
+    else fprintf(f, ",\"%s\":null", key);
+}
+
+/* A held-out record of metrics.jsonl: the task's fields; the caller closes the object. */
+static void write_heldout(FILE *metrics, const trainer *t, const jm_task_step *h)
+{
+    const jm_recipe *r = t->r;
+    fprintf(metrics, "{\"step\":%lld", (long long)t->step);
+    for (int i = 0; i < h->nmetrics; i++) json_number(metrics, h->metric_name[i], h->metric[i]);
+    fprintf(metrics, ",\"tokens\":%lld", (long long)(t->step * r->batch_size * r->seq_len * r->grad_accum));
+}
+
+static jm_status save_recipe(const char *dir, const jm_recipe *r, jm_error *err)
+{
+    char path[4400];
+    snprintf(path, sizeof path, "%s/recipe.json", dir);
+    jm_atomic_file a;
+    if (recipe_saved(dir, r)) return JM_OK;
+    jm_status s = jm_atomic_open(&a, path, err);
+    if (s) return s;
+    if ((s = jm_atomic_write(&a, r->text, strlen(r->text), err))) {
+        jm_atomic_abort(&a);
+        return s;
+    }
+    return jm_atomic_commit(&a, err);
+}
+
+/* ---- the loop ---- */
+
+jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_task *task, const char *tokenizer,
+                       const char *const *inputs, int ninputs, int *stopped, jm_error *err)
 {
     *stopped = 0;
-    trainer t = {0};
+    trainer t = {.r = r, .task = task, .tokenizer = tokenizer ? tokenizer : ""};
     snprintf(t.dir, sizeof t.dir, "%s", o->out_dir);
-    jm_status s = jm_recipe_load(o->recipe, &t.r, err);
-    if (s) return s;
-    jm_recipe *r = t.r;
-    const jm_config *c = &r->model;
     char path[4400];
     FILE *metrics = NULL;
-    int32_t *batch = NULL;
     double *load = NULL, *tail = NULL;
     jm_output_set run_set;
-    if ((s = check_run_dir(o, r, &run_set, err))) goto done;
-    if ((s = jm_mkdir_p(o->out_dir, err))) goto done;
-    if ((s = open_trainer(&t, o, err))) goto done;
-    if (o->overwrite) jm_output_entries_clear(o->out_dir, &run_set); /* the old run's results */
-
-    /* the recipe the run used, beside its results */
-    snprintf(path, sizeof path, "%s/recipe.json", o->out_dir);
-    jm_atomic_file a;
-    if (!recipe_saved(o->out_dir, r)) {
-        if ((s = jm_atomic_open(&a, path, err))) goto done;
-        if ((s = jm_atomic_write(&a, r->text, strlen(r->text), err))) {
-            jm_atomic_abort(&a);
-            goto done;
-        }
-        if ((s = jm_atomic_commit(&a, err))) goto done;
+    jm_status s;
+    const char *kind = jm_task_name(r->kind);
+    if ((s = check_run_dir(o, r, inputs, ninputs, &run_set, err))) {
+        jm_model_free(init);
+        return s;
     }
+    if ((s = jm_mkdir_p(o->out_dir, err))) {
+        jm_model_free(init);
+        return s;
+    }
+    if ((s = open_trainer(&t, o, init, err))) goto done;
+    if (o->overwrite) jm_output_entries_clear(o->out_dir, &run_set); /* the old run's results */
+    if ((s = save_recipe(o->out_dir, r, err))) goto done; /* the recipe the run used, beside its results */
     snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
     if (o->resume) {
         if ((s = truncate_metrics(path, t.step, r->schedule.total_steps, err))) goto done;
@@ -1353,12 +1526,12 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         goto done;
     }
 
-    const int B = r->batch_size, T = r->seq_len, L = c->num_layers, E = c->num_experts;
-    const int64_t total = r->schedule.total_steps, tokens_per_step = (int64_t)B * T * r->grad_accum;
-    batch = malloc(sizeof(int32_t) * (size_t)B * T * r->grad_accum);
+    const jm_config *c = jm_model_config(t.m);
+    const int L = c->num_layers, E = c->num_experts;
+    const int64_t total = r->schedule.total_steps;
     load = malloc(sizeof(double) * 2 * (size_t)L * E);
     tail = calloc(2 * (size_t)L * E, sizeof(double));
-    if (!batch || !load || !tail) {
+    if (!load || !tail) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
     }
@@ -1366,32 +1539,25 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     double last_min_share = NAN;
     int n_tail = 0; /* logged steps among the last ten logs, whose expert load is averaged */
     const int64_t first = t.step;
+    int64_t trained = 0; /* tokens of this session's steps, for the rate */
     double t0 = omp_get_wtime(), last_log = t0, eval_secs = 0; /* time spent on held-out evaluation */
     if (!o->quiet)
-        fprintf(stderr, "pretrain: %lld parameters, %lld steps of %lld tokens, %s %lld\n",
-                (long long)jm_config_num_params(c), (long long)total, (long long)tokens_per_step,
+        fprintf(stderr, "%s: %lld parameters, %lld steps of up to %lld tokens, %s %lld\n", kind,
+                (long long)jm_config_num_params(c), (long long)total,
+                (long long)r->batch_size * r->seq_len * r->grad_accum * (r->kind == JM_TASK_DPO ? 2 : 1),
                 o->resume ? "resuming at step" : "from step", (long long)t.step);
     while (t.step < total) {
         if (o->stop && *o->stop) {
             *stopped = 1;
             break;
         }
-        int ph = phase_of(r, t.step);
-        if (ph != t.phase) {
-            t.phase = ph;
-            if ((s = jm_sampler_set_mixture(t.sampler, r->phases[ph].weights, err))) goto done;
-        }
-        for (int64_t i = 0; i < (int64_t)B * r->grad_accum; i++) {
-            int src;
-            jm_sampler_next(t.sampler, batch + (size_t)i * T, &src);
-        }
         const int log_now = (t.step + 1) % r->log_every == 0;
-        double lr = jm_schedule_lr(&r->schedule, t.step);
-        jm_step_stats st;
-        if ((s = jm_train_step(t.m, t.opt, batch, B, T, r->grad_accum, lr, r->adamw.grad_clip, log_now ? load : NULL,
-                               &st, err)))
-            goto done;
-        double loss = st.loss, aux = st.aux_loss, zl = st.z_loss, gnorm = st.grad_norm;
+        double lr = jm_schedule_lr(&r->schedule, t.step), gnorm;
+        jm_task_step st = {0};
+        if ((s = task->grads(task->ctx, t.m, t.step, &st, err))) goto done;
+        if (log_now) routers_load(t.m, load); /* of the step's last forward */
+        if ((s = apply_step(t.m, t.opt, lr, r->adamw.grad_clip, &gnorm, err))) goto done;
+        trained += st.tokens;
         if (log_now) {
             fprintf(metrics, "{\"step\":%lld", (long long)(t.step + 1));
             double worst = 1e30;
@@ -1418,39 +1584,42 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
         t.step++;
 
         /* tokens/s of training alone; the ETA counts the evaluations too */
-        double now = omp_get_wtime(), rate = (double)(t.step - first) * tokens_per_step / (now - t0 - eval_secs);
-        double wall_rate = (double)(t.step - first) * tokens_per_step / (now - t0);
-        if (t.step % r->log_every == 0) {
+        double now = omp_get_wtime(), rate = (double)trained / (now - t0 - eval_secs);
+        double step_rate = (double)(t.step - first) / (now - t0);
+        if (log_now) {
             fprintf(metrics, ",\"phase\":\"%s\",\"loss\":%.6f,\"aux_loss\":%.6f,\"z_loss\":%.6f,\"lr\":%.6g,"
-                             "\"grad_norm\":%.6g,\"tokens_per_s\":%.1f,\"tokens\":%lld}\n",
-                    r->phases[t.phase].name, loss, aux, zl, lr, gnorm, rate, (long long)(t.step * tokens_per_step));
+                             "\"grad_norm\":%.6g",
+                    r->phases[phase_of(r, t.step - 1)].name, st.loss, st.aux_loss, st.z_loss, lr, gnorm);
+            for (int i = 0; i < st.nmetrics; i++) json_number(metrics, st.metric_name[i], st.metric[i]);
+            fprintf(metrics, ",\"tokens_per_s\":%.1f,\"tokens\":%lld}\n", rate,
+                    (long long)(t.step * r->batch_size * r->seq_len * r->grad_accum));
             fflush(metrics);
         }
         char eta[32];
-        format_eta(eta, sizeof eta, (double)(total - t.step) * tokens_per_step / wall_rate);
+        format_eta(eta, sizeof eta, (double)(total - t.step) / step_rate);
         if (tty) {
             int width = 24, done_w = (int)((double)t.step / total * width);
             fprintf(stderr, "\r[%.*s%*s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s   ", done_w,
-                    "########################", width - done_w, "", (long long)t.step, (long long)total, loss, rate,
-                    eta);
+                    "########################", width - done_w, "", (long long)t.step, (long long)total, st.loss,
+                    rate, eta);
         } else if (!o->quiet && (now - last_log > 10 || t.step == total || t.step % r->log_every == 0)) {
             fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  ETA %s\n", (long long)t.step,
-                    (long long)total, loss, lr, rate, eta);
+                    (long long)total, st.loss, lr, rate, eta);
             last_log = now;
         }
         /* before the checkpoint of the same step, so a resume from it does not repeat it;
          * the final step's evaluation is the one after the loop */
-        if (r->eval_every > 0 && t.step % r->eval_every == 0 && t.step < total) {
-            double hl, secs;
-            int64_t ht;
-            if ((s = eval_heldout(&t, &hl, &ht, &secs, err))) goto done;
-            eval_secs += secs;
-            write_heldout(metrics, &t, hl, ht, secs);
+        if (task->heldout && r->eval_every > 0 && t.step % r->eval_every == 0 && t.step < total) {
+            jm_task_step h = {0};
+            double e0 = omp_get_wtime();
+            if ((s = task->heldout(task->ctx, t.m, 0, &h, err))) goto done;
+            eval_secs += omp_get_wtime() - e0;
+            write_heldout(metrics, &t, &h);
             fprintf(metrics, "}\n");
             fflush(metrics);
             if (!o->quiet)
-                fprintf(stderr, "%sstep %lld: held-out loss %.4f, perplexity %.2f (%lld tokens, %.1f s)\n",
-                        tty ? "\n" : "", (long long)t.step, hl, exp(hl), (long long)ht, secs);
+                fprintf(stderr, "%sstep %lld: held-out loss %.4f, perplexity %.2f (%.1f s)\n", tty ? "\n" : "",
+                        (long long)t.step, h.loss, exp(h.loss), omp_get_wtime() - e0);
         }
         if (t.step % r->checkpoint_every == 0 || t.step == total) {
             if ((s = save_checkpoint(&t, err))) goto done;
@@ -1462,14 +1631,11 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     }
     if (tty) fputc('\n', stderr);
     if (*stopped && t.step % r->checkpoint_every != 0 && (s = save_checkpoint(&t, err))) goto done;
-    if (*stopped && !o->quiet) fprintf(stderr, "pretrain: stopped at step %lld; continue with --resume\n", (long long)t.step);
-    if (!*stopped && r->heldout[0]) {
-        double hl, secs;
-        int64_t ht;
-        if ((s = eval_heldout(&t, &hl, &ht, &secs, err))) goto done;
-        double h1 = unigram_entropy(r);
-        fprintf(stderr, "held-out: %lld tokens, loss %.4f nats/token, perplexity %.2f (unigram entropy of the "
-                        "training sources: %.4f nats/token)\n", (long long)ht, hl, exp(hl), h1);
+    if (*stopped && !o->quiet)
+        fprintf(stderr, "%s: stopped at step %lld; continue with --resume\n", kind, (long long)t.step);
+    if (!*stopped && task->heldout) {
+        jm_task_step h = {0};
+        if ((s = task->heldout(task->ctx, t.m, 1, &h, err))) goto done;
         double tail_min = NAN;
         for (size_t i = 0; n_tail && i < 2 * (size_t)L * E; i++)
             tail_min = i ? fmin(tail_min, tail[i] / n_tail) : tail[i] / n_tail;
@@ -1477,21 +1643,72 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
             fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair "
                             "share (last logged batch), %.0f%% (mean over the last %d logged batches)\n",
                     100 * last_min_share, 100 * tail_min, n_tail);
-        write_heldout(metrics, &t, hl, ht, secs);
-        json_number(metrics, "unigram_entropy", h1);
+        write_heldout(metrics, &t, &h);
         json_number(metrics, "final_min_expert_share", last_min_share);
         json_number(metrics, "tail_min_expert_share", tail_min);
         fprintf(metrics, "}\n");
     }
+    if (!*stopped && task->summary) task->summary(task->ctx, metrics);
 done:
     if (metrics) { /* only a run that started plots: a refused one touches nothing */
         fclose(metrics);
         write_plot(o->out_dir, r);
     }
-    free(batch);
     free(load);
     free(tail);
-    close_trainer(&t);
-    jm_recipe_free(t.r);
+    jm_optimizer_free(t.opt);
+    jm_model_free(t.m);
+    return s;
+}
+
+/* pretrain --init: a new run from a checkpoint's weights. The recipe's model
+ * must have the checkpoint's shapes; its training settings (router-loss
+ * weights, context) replace the checkpoint's. */
+static jm_status init_from(const char *dir, const jm_recipe *r, jm_model **out, jm_error *err)
+{
+    jm_status s = jm_model_load(dir, out, err);
+    if (s) return s;
+    if ((s = jm_model_reconfigure(*out, &r->model, err))) {
+        char inner[sizeof err->msg];
+        snprintf(inner, sizeof inner, "%s", err->msg);
+        jm_fail(err, s, "--init %s: the recipe's model does not fit this checkpoint: %s", dir, inner);
+        jm_model_free(*out);
+        *out = NULL;
+    }
+    return s;
+}
+
+jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
+{
+    *stopped = 0;
+    if (o->init && o->resume)
+        return jm_fail(err, JM_ERR_ARG, "%s: --resume continues the run there from its own checkpoint; --init starts "
+                       "a new run from %s: pass one", o->out_dir, o->init);
+    jm_recipe *r;
+    jm_status s = jm_recipe_load(o->recipe, &r, err);
+    if (s) return s;
+    pretrain_task p = {.r = r, .sampler = r->sampler};
+    r->sampler = NULL; /* opened and checked with the recipe; the task owns it now */
+    jm_model *init = NULL;
+    const char *inputs[MAX_SOURCES + 4];
+    int n = 0;
+    inputs[n++] = o->recipe;
+    if (o->init) inputs[n++] = o->init;
+    if (r->tokenizer[0]) inputs[n++] = r->tokenizer;
+    if (r->heldout[0]) inputs[n++] = r->heldout;
+    for (int i = 0; i < r->nsources; i++) inputs[n++] = r->source_dir[i];
+    p.batch = malloc(sizeof(int32_t) * (size_t)r->batch_size * r->seq_len * r->grad_accum);
+    if (!p.batch) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    if (!s && !o->resume && o->init) s = init_from(o->init, r, &init, err);
+    else if (!s && !o->resume) s = jm_model_create(&r->model, r->seed, &init, err);
+    if (!s && !o->resume) s = jm_sampler_set_mixture(p.sampler, r->phases[0].weights, err);
+    jm_task task = {&p, pretrain_grads, pretrain_state, pretrain_restore, r->heldout[0] ? pretrain_heldout : NULL,
+                    NULL};
+    if (!s) s = jm_train_run(o, r, init, &task, r->tokenizer, inputs, n, stopped, err);
+    else jm_model_free(init);
+    free(p.batch);
+    jm_sampler_state_free(&p.ss);
+    jm_sampler_free(p.sampler);
+    jm_recipe_free(r);
     return s;
 }
