@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import align_ref_tests  # noqa: E402  (tests/align_ref_tests.py)
 import check_layout  # noqa: E402  (tests/check_layout.py)
 import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
@@ -964,6 +965,7 @@ def main():
         training_runs(suite, args.build, tmp)
         train_tests.run(suite, args.build, tmp)
         recipe_checks_tests.run(suite, args.build, tmp)
+        align_ref_tests.run(suite, args.build, tmp)
         bad_inputs(suite, args.build, tmp)
         tokenizer_exact.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
