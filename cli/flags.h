@@ -90,6 +90,8 @@ int cli_parse_ids(const char *list, int32_t **out, int *n);
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
 extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
 extern const cli_command cmd_pretrain;
+extern const cli_command cmd_sft;
+extern const cli_command cmd_dpo;
 extern const cli_command cmd_generate, cmd_chat, cmd_eval;
 
 #endif

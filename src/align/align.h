@@ -5,6 +5,7 @@
 #define JM_ALIGN_H
 
 #include "base/base.h"
+#include "train/train.h"
 
 /* ---- records (records.c): JSONL files -> token sequences with loss masks ----
  *
@@ -120,5 +121,72 @@ void jm_prompts_free(jm_prompt_set *s);
  * commas, a trailing '.' or a ".0" fraction; NULL when there is none. The
  * result is written into buf. Exact match of two final answers is strcmp. */
 const char *jm_final_answer(const char *text, char *buf, size_t cap);
+
+
+/* ---- packing (pack.c) ---- */
+
+/* A sequence to pack: n ids and, per position, the id it predicts (-1: none). */
+typedef struct {
+    const int32_t *ids, *targets;
+    int n;
+} jm_seq_ref;
+
+/* A packed batch (jm_batch over the buffers below, reused from call to call)
+ * and where each sequence landed: start[i] is the flat index (row * T + column)
+ * of sequence i's first token. weight is scratch of the same size, zeroed. */
+typedef struct {
+    jm_batch batch;
+    int32_t *tokens, *positions, *targets;
+    float *weight;
+    int64_t *start;
+    int n;
+    size_t cap;
+} jm_packed;
+
+/* order <- a permutation of 0..n-1, the same for the same (seed, epoch). */
+void jm_shuffle(int64_t *order, int64_t n, uint64_t seed, int64_t epoch);
+/* Rows of at most max_len that next-fit packing makes of sequences of these
+ * lengths, in order; row_of (optional) receives each one's row. */
+int64_t jm_pack_rows(const int *len, int64_t n, int max_len, int64_t *row_of);
+/* Packs n >= 1 sequences (each at most max_len) into p. */
+jm_status jm_pack(jm_packed *p, const jm_seq_ref *seq, int n, int max_len, jm_error *err);
+void jm_packed_free(jm_packed *p);
+
+/* ---- fine-tuning: `jetmoe sft` (sft.c) and `jetmoe dpo` (dpo.c) ---- */
+
+typedef struct {
+    const char *model;                /* the starting checkpoint (any HF JetMoE: BF16, sharded, ...) */
+    const char *const *data;          /* the training records */
+    int ndata;
+    const char *const *eval_data;     /* held-out records, scored at the start, every eval_every and the end */
+    int neval;
+    const char *recipe;               /* NULL: the defaults (README: Fine-tuning) */
+    const char *ref;                  /* DPO: the reference checkpoint; NULL: the starting one */
+    const char *dump_grad;            /* the whole data as one batch: loss and gradients to this file, no step */
+    double beta, label_smoothing;     /* DPO; < 0: the recipe's */
+    int skip_bad;                     /* --on-bad-line skip */
+    jm_train_opts run;                /* out_dir, resume, overwrite, stop, stop_after, quiet */
+} jm_tune_opts;
+jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err);
+jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err);
+
+/* What sft.c and dpo.c share (tune.c): the recipe with the command line's
+ * overrides, the tokenizer, the model, the dump of --dump-grad. */
+typedef struct {
+    jm_recipe *r;
+    jm_tokenizer *tok;     /* NULL when the checkpoint has none (pre-tokenized records only) */
+    char tok_dir[4096];    /* where the tokenizer files came from ("" : none) */
+    jm_config cfg;         /* the starting checkpoint's, with the recipe's router-loss weights */
+    jm_records_opts ropts;
+} jm_tune_setup;
+jm_status jm_tune_setup_open(const jm_tune_opts *o, jm_task_kind kind, jm_tune_setup *t, jm_error *err);
+void jm_tune_setup_close(jm_tune_setup *t);
+/* The model training starts from (NULL on --resume: the run's checkpoint is). */
+jm_status jm_tune_load_model(const jm_tune_opts *o, const jm_tune_setup *t, jm_model **m, jm_error *err);
+/* Writes loss, the named scalars and grad.<name> of every parameter. */
+jm_status jm_dump_grads(const char *path, const jm_model *m, const char *const *names, const double *values, int n,
+                        const jm_tune_opts *o, jm_error *err);
+/* The paths a run reads (never to be replaced): model, ref, recipe, data. */
+int jm_tune_inputs(const jm_tune_opts *o, const char **inputs, int cap);
 
 #endif

@@ -73,7 +73,7 @@ static const recipe_key tune_keys[] = {
     {"epochs", NULL}, {"max_len", NULL}, {"batch_size", NULL}, {"grad_accum", NULL}, {"optimizer", NULL},
     {"schedule", NULL}, {"aux_loss_coef", NULL}, {"z_loss_coef", NULL}, {"seed", NULL},
     {"checkpoint_every", NULL}, {"log_every", NULL}, {"truncation", NULL}, {"beta", NULL},
-    {"label_smoothing", NULL},
+    {"label_smoothing", NULL}, {"eval_every", NULL},
     {"lr", "optimizer.lr"}, {"learning_rate", "optimizer.lr"}, {"weight_decay", "optimizer.weight_decay"},
     {"grad_clip", "optimizer.grad_clip"}, {"warmup_steps", "schedule.warmup_steps"},
     {"warmup_ratio", "schedule.warmup_ratio"}, {"seq_len", "max_len"}, {"max_length", "max_len"},
@@ -321,6 +321,7 @@ static jm_status parse_tune(jm_recipe *r, const cJSON *root, const char *file, j
     if ((s = get_num(root, "beta", file, 1e-6, 1e6, 0, &r->beta, err)) ||
         (s = get_num(root, "label_smoothing", file, 0, 0.5, 0, &r->label_smoothing, err)))
         return s;
+    if ((s = get_int(root, "eval_every", file, 0, 1000000000, 0, &r->eval_every, err))) return s;
     if (r->kind != JM_TASK_DPO)
         for (const char *k = "beta"; k; k = strcmp(k, "beta") ? NULL : "label_smoothing")
             if (cJSON_GetObjectItemCaseSensitive(root, k))
@@ -1546,6 +1547,18 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
                 (long long)jm_config_num_params(c), (long long)total,
                 (long long)r->batch_size * r->seq_len * r->grad_accum * (r->kind == JM_TASK_DPO ? 2 : 1),
                 o->resume ? "resuming at step" : "from step", (long long)t.step);
+    if (task->heldout && task->eval_at_start && !o->resume) { /* the starting point, to compare with */
+        jm_task_step h = {0};
+        if ((s = task->heldout(task->ctx, t.m, 0, &h, err))) goto done;
+        write_heldout(metrics, &t, &h);
+        fprintf(metrics, "}\n");
+        fflush(metrics);
+        if (!o->quiet) {
+            fprintf(stderr, "step 0: held-out");
+            for (int i = 0; i < h.nmetrics; i++) fprintf(stderr, " %s %.4g", h.metric_name[i], h.metric[i]);
+            fputc('\n', stderr);
+        }
+    }
     while (t.step < total) {
         if (o->stop && *o->stop) {
             *stopped = 1;
@@ -1617,9 +1630,11 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
             write_heldout(metrics, &t, &h);
             fprintf(metrics, "}\n");
             fflush(metrics);
-            if (!o->quiet)
-                fprintf(stderr, "%sstep %lld: held-out loss %.4f, perplexity %.2f (%.1f s)\n", tty ? "\n" : "",
-                        (long long)t.step, h.loss, exp(h.loss), omp_get_wtime() - e0);
+            if (!o->quiet) {
+                fprintf(stderr, "%sstep %lld: held-out", tty ? "\n" : "", (long long)t.step);
+                for (int i = 0; i < h.nmetrics; i++) fprintf(stderr, " %s %.4g", h.metric_name[i], h.metric[i]);
+                fprintf(stderr, " (%.1f s)\n", omp_get_wtime() - e0);
+            }
         }
         if (t.step % r->checkpoint_every == 0 || t.step == total) {
             if ((s = save_checkpoint(&t, err))) goto done;
@@ -1703,7 +1718,7 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     else if (!s && !o->resume) s = jm_model_create(&r->model, r->seed, &init, err);
     if (!s && !o->resume) s = jm_sampler_set_mixture(p.sampler, r->phases[0].weights, err);
     jm_task task = {&p, pretrain_grads, pretrain_state, pretrain_restore, r->heldout[0] ? pretrain_heldout : NULL,
-                    NULL};
+                    NULL, 0};
     if (!s) s = jm_train_run(o, r, init, &task, r->tokenizer, inputs, n, stopped, err);
     else jm_model_free(init);
     free(p.batch);

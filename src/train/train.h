@@ -84,6 +84,7 @@ typedef struct jm_task {
     jm_status (*heldout)(void *ctx, jm_model *m, int final, jm_task_step *st, jm_error *err);
     /* summary lines on stderr at the end of a run that was not stopped (may be NULL) */
     void (*summary)(void *ctx, FILE *metrics);
+    int eval_at_start; /* a fresh run scores the held-out data before its first step too (step 0) */
 } jm_task;
 
 /* Runs the recipe's steps of the task. The model: o->resume ? the run's

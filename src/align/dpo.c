@@ -1,0 +1,376 @@
+/* dpo.c — `jetmoe dpo`: Direct Preference Optimization, a task of the training loop.
+ *
+ * Per pair, with log pi summed over the completion tokens only,
+ *   D = beta [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]
+ *   loss = -(1 - eps) log sigmoid(D) - eps log sigmoid(-D)      (eps: label smoothing)
+ * averaged over the pairs of the optimizer step, plus the router losses of
+ * the policy over every token of both sequences. The reference's log-probs
+ * are computed once, before training, with the reference opened in place
+ * (its weights are not copied), and cached in the run directory
+ * (ref_logps.safetensors): training then holds one model. A pair's chosen
+ * and rejected sequences are packed together (pack.c); batch_size pairs
+ * make a micro-batch. */
+#include "align/align.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef struct {
+    const jm_recipe *r;
+    jm_pref_set data, eval;
+    jm_seq_ref *seq, *eval_seq;   /* 2 per pair: chosen, rejected */
+    int32_t *targets;             /* storage: ids[t+1] on the completion, -1 elsewhere */
+    double *ref, *eval_ref;       /* 2 per pair: the reference's log-probs */
+    int64_t *plan;                /* epochs * pairs: each epoch's shuffle */
+    int64_t pairs_per_step, total_pairs;
+    jm_packed pk;
+    jm_seq_ref *scratch;
+    int64_t *scratch_pair;
+} dpo_task;
+
+static void fill_side(jm_seq_ref *q, int32_t *tg, const jm_pref_seq *s)
+{
+    for (int t = 0; t < s->n; t++) tg[t] = t + 1 < s->n && t + 1 >= s->n_prompt ? s->ids[t + 1] : -1;
+    *q = (jm_seq_ref){s->ids, tg, s->n};
+}
+
+static int64_t fill_targets(jm_seq_ref *seq, int32_t *tg, const jm_pref_set *s)
+{
+    int64_t off = 0;
+    for (int64_t i = 0; i < s->n; i++) {
+        fill_side(&seq[2 * i], tg + off, &s->ex[i].chosen);
+        off += s->ex[i].chosen.n;
+        fill_side(&seq[2 * i + 1], tg + off, &s->ex[i].rejected);
+        off += s->ex[i].rejected.n;
+    }
+    return off;
+}
+
+/* After a forward of k->pk: each packed sequence's summed completion log-prob. */
+static void sequence_logps(const jm_packed *pk, const jm_seq_ref *seq, const float *lp, double *out)
+{
+    for (int i = 0; i < pk->n; i++) {
+        double sum = 0;
+        for (int t = 0; t < seq[i].n; t++)
+            if (seq[i].targets[t] >= 0) sum += lp[pk->start[i] + t];
+        out[i] = sum;
+    }
+}
+
+/* Summed completion log-probs of the 2n sequences under m, batch_size pairs at a time. */
+static jm_status score(jm_model *m, const jm_seq_ref *seq, int64_t n, int bs, int max_len, jm_packed *pk,
+                       double *out, jm_error *err)
+{
+    for (int64_t i = 0; i < n; i += bs) {
+        int k = (int)(n - i < bs ? n - i : bs);
+        jm_status s = jm_pack(pk, seq + 2 * i, 2 * k, max_len, err);
+        if (!s) s = jm_forward_batch(m, &pk->batch, NULL, err);
+        if (s) return s;
+        sequence_logps(pk, seq + 2 * i, jm_token_logprobs(m), out + 2 * i);
+    }
+    return JM_OK;
+}
+
+typedef struct {
+    double loss, chosen, rejected, acc, margin, logp_c, logp_r, logp_acc;
+} dpo_sums;
+
+/* The pair's loss and d loss / d D; sums receives TRL's metrics. */
+static double pair_loss(double beta, double eps, double pc, double pr, double rc, double rr, dpo_sums *m,
+                        double *dD)
+{
+    double rwc = beta * (pc - rc), rwr = beta * (pr - rr), D = rwc - rwr;
+    /* log sigmoid(x) = -log1p(exp(-x)), stable on both sides */
+    double ls_pos = D >= 0 ? -log1p(exp(-D)) : D - log1p(exp(D));
+    double ls_neg = ls_pos - D; /* log sigmoid(-D) */
+    double sig_pos = exp(ls_pos), sig_neg = exp(ls_neg);
+    *dD = -(1 - eps) * sig_neg + eps * sig_pos;
+    double loss = -(1 - eps) * ls_pos - eps * ls_neg;
+    m->loss += loss;
+    m->chosen += rwc;
+    m->rejected += rwr;
+    m->margin += rwc - rwr;
+    m->acc += rwc > rwr;
+    m->logp_c += pc;
+    m->logp_r += pr;
+    m->logp_acc += pc > pr;
+    return loss;
+}
+
+static void put_metrics(jm_task_step *st, const dpo_sums *m, double n, const char *const *names)
+{
+    const double v[] = {m->chosen / n, m->rejected / n, m->margin / n, m->acc / n, m->logp_c / n, m->logp_r / n,
+                        m->logp_acc / n};
+    for (int i = 0; i < 7; i++) {
+        st->metric_name[st->nmetrics] = names[i];
+        st->metric[st->nmetrics++] = v[i];
+    }
+}
+
+static const char *const train_names[] = {"rewards/chosen", "rewards/rejected", "rewards/margins",
+                                          "rewards/accuracies", "logps/chosen", "logps/rejected", "logps/accuracies"};
+static const char *const heldout_names[] = {
+    "heldout_rewards/chosen",     "heldout_rewards/rejected", "heldout_rewards/margins",
+    "heldout_rewards/accuracies", "heldout_logps/chosen",     "heldout_logps/rejected",
+    "heldout_logps/accuracies"};
+
+/* Forward, the DPO loss and backward of plan entries [p0, p1) (pair indices),
+ * batch_size pairs per micro-batch; every pair weighs 1 / (p1 - p0). */
+static jm_status dpo_pairs(dpo_task *k, jm_model *m, const int64_t *plan, int64_t p0, int64_t p1, jm_task_step *st,
+                           dpo_sums *sums, jm_error *err)
+{
+    const int bs = k->r->batch_size;
+    const double beta = k->r->beta, eps = k->r->label_smoothing, P = (double)(p1 - p0);
+    const int nmicro = (int)((p1 - p0 + bs - 1) / bs);
+    for (int mb = 0; mb < nmicro; mb++) {
+        int64_t a = p0 + (int64_t)mb * bs, b = a + bs < p1 ? a + bs : p1;
+        int n = 0;
+        for (int64_t i = a; i < b; i++) {
+            k->scratch[n++] = k->seq[2 * plan[i]];
+            k->scratch[n++] = k->seq[2 * plan[i] + 1];
+        }
+        jm_losses L;
+        jm_status s = jm_pack(&k->pk, k->scratch, n, k->r->seq_len, err);
+        if (!s) s = jm_forward_batch(m, &k->pk.batch, &L, err);
+        if (s) return s;
+        st->aux_loss += L.aux_loss / nmicro;
+        st->z_loss += L.z_loss / nmicro;
+        double lp[2 * 256], *lps = n <= 2 * 256 ? lp : malloc(sizeof *lps * (size_t)n);
+        if (!lps) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+        sequence_logps(&k->pk, k->scratch, jm_token_logprobs(m), lps);
+        /* d loss / d log pi(c) = beta dD / P, d loss / d log pi(r) = -beta dD / P; the backward's
+         * weight is minus that on each completion token (it differentiates -w log p) */
+        for (int j = 0; j < n / 2; j++) {
+            int64_t pair = plan[a + j];
+            double dD;
+            pair_loss(beta, eps, lps[2 * j], lps[2 * j + 1], k->ref[2 * pair], k->ref[2 * pair + 1], sums, &dD);
+            for (int side = 0; side < 2; side++) {
+                const jm_seq_ref *q = &k->scratch[2 * j + side];
+                float w = (float)(-(side ? -beta : beta) * dD / P);
+                for (int t = 0; t < q->n; t++)
+                    if (q->targets[t] >= 0) k->pk.weight[k->pk.start[2 * j + side] + t] = w;
+            }
+        }
+        if (lps != lp) free(lps);
+        for (size_t t = 0; t < (size_t)k->pk.batch.B * k->pk.batch.T; t++) st->tokens += k->pk.positions[t] >= 0;
+        if ((s = jm_backward_weighted(m, k->pk.weight, 1.0 / nmicro, err))) return s;
+    }
+    st->loss = sums->loss / P;
+    return JM_OK;
+}
+
+static jm_status dpo_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+{
+    dpo_task *k = ctx;
+    int64_t p0 = step * k->pairs_per_step;
+    int64_t p1 = p0 + k->pairs_per_step < k->total_pairs ? p0 + k->pairs_per_step : k->total_pairs;
+    dpo_sums sums = {0};
+    jm_status s = dpo_pairs(k, m, k->plan, p0, p1, st, &sums, err);
+    if (s) return s;
+    put_metrics(st, &sums, (double)(p1 - p0), train_names);
+    st->metric_name[st->nmetrics] = "epoch";
+    st->metric[st->nmetrics++] = (double)p1 / (double)k->data.n;
+    return JM_OK;
+}
+
+static int dpo_state(void *ctx, st_out *out, int cap, jm_error *err)
+{
+    (void)err;
+    dpo_task *k = ctx;
+    if (cap < 1) return -1;
+    out[0] = (st_out){"dpo.pairs", ST_I64, 1, {1}, &k->data.n};
+    return 1;
+}
+
+static jm_status dpo_restore(void *ctx, const st_file *f, int64_t step, jm_error *err)
+{
+    (void)step;
+    dpo_task *k = ctx;
+    int64_t n;
+    jm_status s = jm_state_tensor(f, "dpo.pairs", ST_I64, 1, &n, err);
+    if (!s && n != k->data.n)
+        s = jm_fail(err, JM_ERR_ARG, "%s: the run had %lld pairs, the data now has %lld: resume with the same data",
+                    f->path, (long long)n, (long long)k->data.n);
+    return s;
+}
+
+/* Held-out pairs: the DPO loss and TRL's metrics, no gradient. */
+static jm_status dpo_heldout(void *ctx, jm_model *m, int final, jm_task_step *st, jm_error *err)
+{
+    (void)final;
+    dpo_task *k = ctx;
+    const int64_t n = k->eval.n;
+    double *lp = malloc(sizeof *lp * (size_t)(2 * n));
+    if (!lp) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    jm_status s = score(m, k->eval_seq, n, k->r->batch_size, k->r->seq_len, &k->pk, lp, err);
+    if (!s) {
+        dpo_sums sums = {0};
+        double dD;
+        for (int64_t i = 0; i < n; i++)
+            pair_loss(k->r->beta, k->r->label_smoothing, lp[2 * i], lp[2 * i + 1], k->eval_ref[2 * i],
+                      k->eval_ref[2 * i + 1], &sums, &dD);
+        st->loss = sums.loss / (double)n;
+        st->metric_name[0] = "heldout_loss";
+        st->metric[0] = st->loss;
+        st->nmetrics = 1;
+        put_metrics(st, &sums, (double)n, heldout_names);
+    }
+    free(lp);
+    return s;
+}
+
+/* The reference's log-probs of both sets: read from the run's cache when it
+ * holds them for this data, else computed with the reference opened in place
+ * and, for a run, cached. */
+static jm_status reference_logps(dpo_task *k, const jm_tune_opts *o, const jm_recipe *r, jm_error *err)
+{
+    const int64_t n = 2 * (k->data.n + k->eval.n);
+    double *all = malloc(sizeof *all * (size_t)n);
+    if (!all) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    k->ref = all;
+    k->eval_ref = all + 2 * k->data.n;
+    char cache[4200] = "";
+    if (o->run.out_dir && !o->dump_grad) snprintf(cache, sizeof cache, "%s/ref_logps.safetensors", o->run.out_dir);
+    uint64_t hash = r->hash;
+    if (cache[0] && o->run.resume && access(cache, F_OK) == 0) {
+        st_file f;
+        jm_status s = st_open(cache, &f, err);
+        if (s) return s;
+        uint64_t h;
+        s = jm_state_tensor(&f, "data_hash", ST_U64, 1, &h, err);
+        if (!s && h != hash) s = jm_fail(err, JM_ERR_ARG, "%s: made for other data or another reference", cache);
+        if (!s) s = jm_state_tensor(&f, "logps", ST_F64, n, all, err);
+        st_close(&f);
+        return s;
+    }
+    const char *ref = o->ref ? o->ref : o->model;
+    if (!ref) return jm_fail(err, JM_ERR_ARG, "%s: no reference log-probs cached: give --ref or --model", cache);
+    double t0 = omp_get_wtime();
+    jm_model *m;
+    jm_status s = jm_model_open(ref, &m, err);
+    if (s) return s;
+    s = score(m, k->seq, k->data.n, r->batch_size, r->seq_len, &k->pk, k->ref, err);
+    if (!s) s = score(m, k->eval_seq, k->eval.n, r->batch_size, r->seq_len, &k->pk, k->eval_ref, err);
+    jm_model_free(m);
+    if (s) return s;
+    if (!o->run.quiet)
+        fprintf(stderr, "dpo: reference log-probs of %lld sequences from %s in %.1f s\n", (long long)n, ref,
+                omp_get_wtime() - t0);
+    if (!cache[0]) return JM_OK;
+    if ((s = jm_mkdir_p(o->run.out_dir, err))) return s;
+    st_out t[] = {{"data_hash", ST_U64, 1, {1}, &hash}, {"logps", ST_F64, 1, {n}, all}};
+    return st_write(cache, t, 2, NULL, NULL, 0, err);
+}
+
+static int run_proof(const char *path, const char *name)
+{
+    return strcmp(name, "checkpoints") == 0 ? jm_checkpoints_dir_proof(path, name) : 1;
+}
+
+static void dpo_free(dpo_task *k)
+{
+    jm_pref_free(&k->data);
+    jm_pref_free(&k->eval);
+    free(k->seq);
+    free(k->eval_seq);
+    free(k->targets);
+    free(k->ref);
+    free(k->plan);
+    free(k->scratch);
+    jm_packed_free(&k->pk);
+}
+
+jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
+{
+    *stopped = 0;
+    jm_tune_setup ts;
+    jm_status s = jm_tune_setup_open(o, JM_TASK_DPO, &ts, err);
+    if (s) return s;
+    dpo_task k = {.r = ts.r};
+    jm_model *m = NULL;
+    jm_records_stats rs, es = {0};
+    if ((s = jm_pref_load(o->data, o->ndata, ts.tok, &ts.ropts, &k.data, &rs, err))) goto done;
+    if (o->neval && (s = jm_pref_load(o->eval_data, o->neval, ts.tok, &ts.ropts, &k.eval, &es, err))) goto done;
+    if (k.data.n == 0) {
+        s = jm_fail(err, JM_ERR_ARG, "%s: no pair to train on", o->data[0]);
+        goto done;
+    }
+    if (!o->run.quiet)
+        fprintf(stderr, "dpo data: %lld pairs from %lld lines, %lld tokens (%lld in completions); %lld truncated, "
+                        "%lld dropped as too long, %lld bad lines skipped\n", (long long)rs.used,
+                (long long)rs.lines, (long long)rs.tokens, (long long)rs.loss_tokens, (long long)rs.truncated,
+                (long long)rs.too_long, (long long)rs.bad);
+    const int64_t ns = 2 * (k.data.n + k.eval.n);
+    k.seq = malloc(sizeof *k.seq * (size_t)ns);
+    k.eval_seq = k.seq + 2 * k.data.n;
+    k.targets = malloc(sizeof *k.targets * (size_t)(rs.tokens + es.tokens + 1));
+    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * k.data.n));
+    if (!k.seq || !k.targets || !k.scratch) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    int64_t off = fill_targets(k.seq, k.targets, &k.data);
+    fill_targets(k.eval_seq, k.targets + off, &k.eval);
+    for (int64_t i = 0; i < ns; i++) { /* the run is this data (and its reference's log-probs) */
+        jm_recipe_hash_more(ts.r, k.seq[i].ids, sizeof(int32_t) * (size_t)k.seq[i].n);
+        jm_recipe_hash_more(ts.r, k.seq[i].targets, sizeof(int32_t) * (size_t)k.seq[i].n);
+    }
+    if (o->run.out_dir && !o->dump_grad && !o->run.resume) { /* refused before the reference is run */
+        const char *inputs[64];
+        int ni = jm_tune_inputs(o, inputs, 64);
+        static const char *const names[] = {"metrics.jsonl", "loss.svg", "checkpoints", "ref_logps.safetensors"};
+        jm_output_set set = {"a training run", names, 4, run_proof};
+        if ((s = jm_output_entries_check(o->run.out_dir, &set, inputs, ni, o->run.overwrite, err))) goto done;
+    }
+    if ((s = reference_logps(&k, o, ts.r, err))) goto done;
+
+    if (o->dump_grad) { /* every pair as one batch */
+        if ((s = jm_tune_load_model(o, &ts, &m, err)) || (s = jm_zero_grad(m, err))) goto done;
+        jm_recipe one = *ts.r;
+        one.batch_size = (int)k.data.n;
+        k.r = &one;
+        k.plan = malloc(sizeof *k.plan * (size_t)k.data.n);
+        if (!k.plan) {
+            s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+            goto done;
+        }
+        for (int64_t i = 0; i < k.data.n; i++) k.plan[i] = i;
+        jm_task_step st = {0};
+        dpo_sums sums = {0};
+        if ((s = dpo_pairs(&k, m, k.plan, 0, k.data.n, &st, &sums, err))) goto done;
+        const char *names[] = {"loss", "dpo_loss", "aux_loss", "z_loss"};
+        const double vals[] = {st.loss + ts.cfg.aux_loss_coef * st.aux_loss + ts.cfg.z_loss_coef * st.z_loss,
+                               st.loss, st.aux_loss, st.z_loss};
+        s = jm_dump_grads(o->dump_grad, m, names, vals, 4, o, err);
+        goto done;
+    }
+
+    const int64_t E = ts.r->epochs, P = k.data.n;
+    k.plan = malloc(sizeof *k.plan * (size_t)(P * E));
+    if (!k.plan) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    for (int64_t e = 0; e < E; e++) jm_shuffle(k.plan + e * P, P, ts.r->seed, e);
+    k.total_pairs = P * E;
+    k.pairs_per_step = (int64_t)ts.r->batch_size * ts.r->grad_accum;
+    jm_recipe_set_steps(ts.r, (k.total_pairs + k.pairs_per_step - 1) / k.pairs_per_step);
+    if (!o->run.quiet)
+        fprintf(stderr, "dpo: beta %g, label smoothing %g, %lld epochs of %lld pairs, %lld steps of %d x %d pairs\n",
+                ts.r->beta, ts.r->label_smoothing, (long long)E, (long long)P, (long long)ts.r->schedule.total_steps,
+                ts.r->batch_size, ts.r->grad_accum);
+    if ((s = jm_tune_load_model(o, &ts, &m, err))) goto done;
+    const char *inputs[64];
+    int ni = jm_tune_inputs(o, inputs, 64);
+    jm_task task = {&k, dpo_grads, dpo_state, dpo_restore, o->neval ? dpo_heldout : NULL, NULL, o->neval > 0};
+    s = jm_train_run(&o->run, ts.r, m, &task, ts.tok_dir, inputs, ni, stopped, err);
+    m = NULL;
+done:
+    jm_model_free(m);
+    dpo_free(&k);
+    jm_tune_setup_close(&ts);
+    return s;
+}
