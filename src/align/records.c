@@ -677,7 +677,9 @@ static jm_status side_conversation(const loader *L, const cJSON *j, const char *
         else if (n > 1)
             before = list, nbefore = n - 1;
     }
-    if (!s && !before) s = bad(err, L->where, "\"%s\": no prompt before the answer, and no \"prompt\"", name);
+    if (!s && !before)
+        s = cJSON_IsString(j) ? bad(err, L->where, "\"%s\" is a string, so a \"prompt\" is needed", name)
+                              : bad(err, L->where, "\"%s\": no prompt before the answer, and no \"prompt\"", name);
     else if (!s && !answer[0]) s = bad(err, L->where, "\"%s\": the answer is empty", name);
     jm_chat_message *c = s ? NULL : malloc((size_t)(nbefore + 1) * sizeof *c);
     if (!s && !c) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", L->where);
