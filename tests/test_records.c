@@ -12,8 +12,8 @@
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
 #include "align/align.h"
-#include "tokenizer/tokenizer.h"
 #include "harness.h"
+#include "tiny_tokenizer.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -24,39 +24,6 @@
 static char tmp[] = "/tmp/jm_test_records_XXXXXX";
 
 /* ---- fixtures ---- */
-
-/* <unk> <s> </s>, the 256 byte pieces, "\xe2\x96\x81" (the escaped space),
- * every printable ASCII character, and "\nS": vocabulary 355. */
-static jm_tokenizer *tiny_tokenizer(void)
-{
-    enum { N = 3 + 256 + 1 + 94 + 1 };
-    jm_tokenizer *t = NULL;
-    jm_error err;
-    int id = 0;
-    bool ok = !tk_alloc(&t, N, "tiny", &err);
-    ok = ok && !tk_set_piece(t, id++, "<unk>", 5, 0, TK_UNKNOWN, &err);
-    ok = ok && !tk_set_piece(t, id++, "<s>", 3, 0, TK_CONTROL, &err);
-    ok = ok && !tk_set_piece(t, id++, "</s>", 4, 0, TK_CONTROL, &err);
-    for (int b = 0; b < 256 && ok; b++) {
-        char p[8];
-        snprintf(p, sizeof p, "<0x%02X>", b);
-        ok = !tk_set_piece(t, id++, p, 6, 0, TK_BYTE, &err);
-    }
-    ok = ok && !tk_set_piece(t, id++, "\xe2\x96\x81", 3, -1, TK_NORMAL, &err);
-    for (char c = 0x21; c < 0x7f && ok; c++) ok = !tk_set_piece(t, id++, &c, 1, -2, TK_NORMAL, &err);
-    ok = ok && !tk_set_piece(t, id++, "\nS", 2, 0, TK_NORMAL, &err);
-    if (ok) {
-        t->unk_id = 0, t->bos_id = 1, t->eos_id = 2;
-        t->byte_fallback = true;
-        t->remove_extra_whitespaces = false;
-        ok = !tk_finish(t, &err);
-    }
-    if (!ok) {
-        printf("FAIL tiny_tokenizer: %s\n", err.msg);
-        exit(1);
-    }
-    return t;
-}
 
 /* Writes text as dir/name; the path goes into path. */
 static const char *put(char *path, size_t cap, const char *name, const char *text)
@@ -169,7 +136,7 @@ static void test_sft_mask(const jm_tokenizer *tiny)
                "{\"messages\": [{\"role\": \"user\", \"content\": \"ok?\"}, {\"role\": \"assistant\", \"content\": "
                "\"Sure.\"}]}", merged, 1, "\n");
     jm_sft_set set;
-    if (load_one("sft_mask_merged_start", tiny, 355,
+    if (load_one("sft_mask_merged_start", tiny, TINY_VOCAB,
                  "{\"messages\": [{\"role\": \"user\", \"content\": \"ok?\"}, {\"role\": \"assistant\", \"content\": "
                  "\"Sure.\"}]}", &set)) {
         const jm_chat_message m[] = {{"user", "ok?"}};
@@ -186,7 +153,7 @@ static void test_sft_mask(const jm_tokenizer *tiny)
     }
 
     /* the whole example is jm_chat_encode of the whole conversation */
-    if (load_one("sft_ids_are_the_conversation", tiny, 355,
+    if (load_one("sft_ids_are_the_conversation", tiny, TINY_VOCAB,
                  "{\"messages\": [{\"role\": \"user\", \"content\": \"u\"}, {\"role\": \"assistant\", \"content\": "
                  "\"a\"}, {\"role\": \"user\", \"content\": \"v\"}]}", &set)) {
         const jm_chat_message m[] = {{"user", "u"}, {"assistant", "a"}, {"user", "v"}};
@@ -420,11 +387,11 @@ static void test_bad_sft(const jm_tokenizer *tiny)
 #undef A
     const char *good = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", "
                        "\"content\": \"yo\"}]}";
-    check_bad_lines("sft_bad", 0, tiny, 355, 4096, cases, (int)(sizeof cases / sizeof *cases), good);
+    check_bad_lines("sft_bad", 0, tiny, TINY_VOCAB, 4096, cases, (int)(sizeof cases / sizeof *cases), good);
 
     /* without a tokenizer, a text record is a bad line that says so */
     const bad_case no_tok[] = {{good, "need a tokenizer"}};
-    check_bad_lines("sft_bad_no_tokenizer", 0, NULL, 355, 4096, no_tok, 1, "{\"input_ids\": [1, 2, 3]}");
+    check_bad_lines("sft_bad_no_tokenizer", 0, NULL, TINY_VOCAB, 4096, no_tok, 1, "{\"input_ids\": [1, 2, 3]}");
 
     /* ids the tokenizer gives that the model cannot take */
     const bad_case small_vocab[] = {{good, "outside the model's vocabulary [0, 200)"}};
@@ -434,7 +401,7 @@ static void test_bad_sft(const jm_tokenizer *tiny)
     char path[512];
     snprintf(path, sizeof path, "%s/nul.jsonl", tmp);
     write_bytes(path, "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1,\0 2]}\n", 45);
-    jm_records_opts o = opts(355, 64, 1, 0);
+    jm_records_opts o = opts(TINY_VOCAB, 64, 1, 0);
     jm_sft_set set;
     jm_error err = {{0}};
     jm_status s = jm_sft_load((const char *[]){path}, 1, NULL, &o, &set, NULL, &err);
@@ -453,7 +420,7 @@ static void test_sft_lengths(const jm_tokenizer *tiny)
         "{\"input_ids\": [1, 3, 4, 5, 6, 7, 8, 9, 10, 11], \"labels\": [-100, -100, 4, 5, 6, 7, 8, 9, 10, 11]}\n"
         "{\"input_ids\": [1, 3, 4, 5]}\n");
     for (int truncate = 0; truncate < 2; truncate++) {
-        jm_records_opts o = opts(355, 6, truncate, 0);
+        jm_records_opts o = opts(TINY_VOCAB, 6, truncate, 0);
         jm_sft_set set;
         jm_records_stats st;
         jm_error err = {{0}};
@@ -475,13 +442,13 @@ static void test_sft_lengths(const jm_tokenizer *tiny)
         {"{\"messages\": [{\"role\": \"system\", \"content\": \"a long system prompt\"}, {\"role\": \"user\", "
          "\"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}", "leaves no room in max_len 6"},
     };
-    check_bad_lines("sft_prompt_fills", 0, tiny, 355, 6, fills, 2, "{\"input_ids\": [1, 3, 4]}");
+    check_bad_lines("sft_prompt_fills", 0, tiny, TINY_VOCAB, 6, fills, 2, "{\"input_ids\": [1, 3, 4]}");
 
     /* a chat cut in its second reply keeps the first whole and the start of the second */
     put(path, sizeof path, "chat.jsonl",
         "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"one\"}, "
         "{\"role\": \"user\", \"content\": \"r\"}, {\"role\": \"assistant\", \"content\": \"two and more\"}]}\n");
-    jm_records_opts o = opts(355, 4096, 1, 0);
+    jm_records_opts o = opts(TINY_VOCAB, 4096, 1, 0);
     jm_sft_set full, cut;
     jm_error err = {{0}};
     if (jm_sft_load((const char *[]){path}, 1, tiny, &o, &full, NULL, &err)) {
@@ -606,7 +573,7 @@ static void test_pref_bad_and_lengths(const jm_tokenizer *tiny)
          "the prompt (8 tokens) leaves no room in max_len 8"},
         {"{\"prompt\": \"a much longer question\", \"chosen\": \"a\", \"rejected\": \"b\"}", "leaves no room in max_len 8"},
     };
-    check_bad_lines("pref_bad", 1, tiny, 355, 8, cases, (int)(sizeof cases / sizeof *cases),
+    check_bad_lines("pref_bad", 1, tiny, TINY_VOCAB, 8, cases, (int)(sizeof cases / sizeof *cases),
                     "{\"prompt_input_ids\": [1, 4], \"chosen_input_ids\": [5, 2], \"rejected_input_ids\": [6, 2]}");
 #undef UM
 #undef AM
@@ -616,7 +583,7 @@ static void test_pref_bad_and_lengths(const jm_tokenizer *tiny)
         "{\"prompt_input_ids\": [1, 4, 4], \"chosen_input_ids\": [5, 5, 5, 5, 5, 5, 2], \"rejected_input_ids\": [6, 2]}\n"
         "{\"prompt_input_ids\": [1, 4], \"chosen_input_ids\": [5, 2], \"rejected_input_ids\": [6, 2]}\n");
     for (int truncate = 0; truncate < 2; truncate++) {
-        jm_records_opts o = opts(355, 8, truncate, 0);
+        jm_records_opts o = opts(TINY_VOCAB, 8, truncate, 0);
         jm_pref_set set;
         jm_records_stats st;
         jm_error err = {{0}};
@@ -648,7 +615,7 @@ static void test_prompts(const jm_tokenizer *tiny)
     put(b, sizeof b, "p2.jsonl",
         "{\"prompt\": [{\"role\": \"user\", \"content\": \"q3\"}], \"answer\": 0.1}\n"
         "{\"prompt\": \"q4\", \"answer\": null}\n");
-    jm_records_opts o = opts(355, 4096, 1, 0);
+    jm_records_opts o = opts(TINY_VOCAB, 4096, 1, 0);
     jm_prompt_set set;
     jm_records_stats st;
     jm_error err = {{0}};
@@ -685,7 +652,7 @@ static void test_prompts(const jm_tokenizer *tiny)
         {"{\"prompt\": true}", "\"prompt\" is true: expected a string or a list of messages"},
         {"{\"prompt\": \"this question is far too long for the context\"}", "leaves no room in max_len 32"},
     };
-    check_bad_lines("prompts_bad", 2, tiny, 355, 32, cases, (int)(sizeof cases / sizeof *cases),
+    check_bad_lines("prompts_bad", 2, tiny, TINY_VOCAB, 32, cases, (int)(sizeof cases / sizeof *cases),
                     "{\"prompt\": \"q\", \"answer\": \"#### 3\"}");
     s = jm_prompts_load((const char *[]){a}, 1, NULL, &o, &set, NULL, &err);
     check(s == JM_ERR_ARG && strstr(err.msg, "tokenizer"), "prompts_need_tokenizer", "%s", err.msg);
@@ -785,7 +752,7 @@ int main(void)
     test_sft_tokens();
     test_bad_sft(tiny);
     test_sft_lengths(tiny);
-    test_pref(tiny, "pref_tiny", 355);
+    test_pref(tiny, "pref_tiny", TINY_VOCAB);
     jm_tokenizer *llama = NULL;
     jm_error err;
     if (access(LLAMA2, R_OK) == 0 && !jm_tokenizer_load(LLAMA2, &llama, &err)) {
