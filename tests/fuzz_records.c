@@ -26,7 +26,6 @@
 #include "harness.h"
 #include "tiny_tokenizer.h"
 
-#include <cjson/cJSON.h>
 #include <inttypes.h>
 
 #define MAX_LINE 65536
@@ -96,17 +95,8 @@ static const char *const keys[] = {
 
 /* One change that keeps the record JSON, so the checks behind the parser are
  * reached: a value swapped, removed or doubled, a key renamed, a number moved. */
-static void mutate_tree(uint64_t *r, cJSON *root)
+static void mutate_tree(uint64_t *r, cJSON *x, cJSON *p)
 {
-    enum { MAX_NODES = 2048 };
-    static cJSON *node[MAX_NODES], *parent[MAX_NODES];
-    int n = 0;
-    node[n] = root, parent[n++] = NULL;
-    for (int i = 0; i < n; i++)
-        for (cJSON *c = node[i]->child; c && n < MAX_NODES; c = c->next) node[n] = c, parent[n++] = node[i];
-    if (n < 2) return;
-    int i = 1 + (int)below(r, (size_t)(n - 1));
-    cJSON *x = node[i], *p = parent[i];
     switch (below(r, 5)) {
     case 0: { /* swapped for another value */
         cJSON *v = cJSON_Parse(values[below(r, FZ_COUNT(values))]);
@@ -114,9 +104,8 @@ static void mutate_tree(uint64_t *r, cJSON *root)
         break;
     }
     case 1: cJSON_Delete(cJSON_DetachItemViaPointer(p, x)); break;
-    case 2: /* doubled: in a list the item again, in an object a duplicate key */
+    case 2: /* doubled: in a list the item again, in an object a duplicate key (the copy keeps its name) */
         cJSON_AddItemToArray(p, cJSON_Duplicate(x, 1));
-        if (x->string) cJSON_AddItemToObject(p, x->string, cJSON_Duplicate(x, 1));
         break;
     case 3: /* a key renamed */
         if (x->string) {
@@ -153,12 +142,7 @@ static void make_line(uint64_t *r, fz_bytes *line, fz_bytes *other)
         if (at) fz_splice(line, (size_t)(at - (const char *)line->p) + 1, 0, fill.p, fill.len);
         free(fill.p);
     } else if (pick < 12) { /* kept as JSON */
-        cJSON *root = cJSON_Parse(s);
-        for (size_t k = 1 + below(r, 3); root && k > 0; k--) mutate_tree(r, root);
-        char *text = root ? cJSON_PrintUnformatted(root) : NULL;
-        if (text) fz_assign(line, text, strlen(text));
-        cJSON_free(text);
-        cJSON_Delete(root);
+        fz_mutate_json(r, line, 1 + (int)below(r, 3), mutate_tree);
     } else if (pick < 32) { /* bytes */
         const char *o = seeds[below(r, FZ_COUNT(seeds))];
         fz_assign(other, o, strlen(o));
