@@ -7,7 +7,7 @@
  * mutations and the records' own tokens (roles, field names, -100, 3.5, 1e30,
  * \u0000, deep nesting), now and then a blank line, a CRLF or a very long
  * line. Every file goes through all three loaders with skip_bad, on the tiny
- * tokenizer (tests/tiny_tokenizer.h) and sometimes none, at a random max_len,
+ * tokenizer (tests/records_fixture.h) and sometimes none, at a random max_len,
  * truncating or dropping. What must hold:
  *   - no crash, leak or undefined behaviour (the suite runs it under ASan+UBSan);
  *   - a load succeeds, or fails only because no example was left, with one line;
@@ -21,10 +21,9 @@
  *
  * Usage: fuzz_records [files [seed]]   (defaults: 4000, 0x5eedrec)
  * Prints "PASS <name> (...)" or "FAIL <name>: <why>" per check; exits 0 iff nothing failed. */
-#include "align/align.h"
 #include "fuzz.h"
 #include "harness.h"
-#include "tiny_tokenizer.h"
+#include "records_fixture.h"
 
 #include <inttypes.h>
 
@@ -170,37 +169,6 @@ static int make_file(uint64_t *r, const char *path)
     return nlines;
 }
 
-/* A loaded set, one of the three kinds. */
-typedef struct {
-    int kind; /* 0 SFT, 1 preference, 2 prompts */
-    jm_sft_set sft;
-    jm_pref_set pref;
-    jm_prompt_set prompts;
-} any_set;
-
-static const char *const kind_name[] = {"SFT", "preference", "prompt"};
-
-static jm_status load(any_set *a, const char *path, const jm_tokenizer *t, const jm_records_opts *o,
-                      jm_records_stats *st, jm_error *err)
-{
-    const char *files[] = {path};
-    if (a->kind == 0) return jm_sft_load(files, 1, t, o, &a->sft, st, err);
-    if (a->kind == 1) return jm_pref_load(files, 1, t, o, &a->pref, st, err);
-    return jm_prompts_load(files, 1, t, o, &a->prompts, st, err);
-}
-
-static int64_t set_size(const any_set *a)
-{
-    return a->kind == 0 ? a->sft.n : a->kind == 1 ? a->pref.n : a->prompts.n;
-}
-
-static void free_set(any_set *a)
-{
-    jm_sft_free(&a->sft);
-    jm_pref_free(&a->pref);
-    jm_prompts_free(&a->prompts);
-}
-
 static bool ids_ok(const int32_t *ids, int n, int vocab)
 {
     for (int i = 0; i < n; i++)
@@ -212,9 +180,9 @@ static bool ids_ok(const int32_t *ids, int n, int vocab)
 static const char *check_set(const any_set *a, const jm_records_opts *o, const jm_records_stats *st, int nlines)
 {
     int64_t tokens = 0, loss = 0;
-    if (st->lines != st->used + st->too_long + st->bad || st->used != set_size(a) || st->lines > nlines)
+    if (st->lines != st->used + st->too_long + st->bad || st->used != any_size(a) || st->lines > nlines)
         return "the counts do not add up";
-    if (a->kind == 0)
+    if (a->kind == SET_SFT)
         for (int64_t i = 0; i < a->sft.n; i++) {
             const jm_sft_example *ex = &a->sft.ex[i];
             if (ex->n < 1 || ex->n > o->max_len || !ids_ok(ex->ids, ex->n, o->vocab_size)) return "SFT ids";
@@ -227,7 +195,7 @@ static const char *check_set(const any_set *a, const jm_records_opts *o, const j
             if (!learned) return "SFT example with nothing to learn";
             tokens += ex->n, loss += learned;
         }
-    if (a->kind == 1)
+    if (a->kind == SET_PREF)
         for (int64_t i = 0; i < a->pref.n; i++) {
             const jm_pref_seq *sides[2] = {&a->pref.ex[i].chosen, &a->pref.ex[i].rejected};
             for (int k = 0; k < 2; k++) {
@@ -237,7 +205,7 @@ static const char *check_set(const any_set *a, const jm_records_opts *o, const j
                 tokens += q->n, loss += q->n - q->n_prompt;
             }
         }
-    if (a->kind == 2)
+    if (a->kind == SET_PROMPTS)
         for (int64_t i = 0; i < a->prompts.n; i++) {
             const jm_prompt_record *p = &a->prompts.rec[i];
             if (p->nmsgs < 1 || strcmp(p->msgs[p->nmsgs - 1].role, "user") != 0 || p->file != 0 || p->line < 1 ||
@@ -267,43 +235,43 @@ static void fuzz_file(tally *ty, long it, uint64_t *r, const char *path, const j
                          .vocab_size = below(r, 8) ? TINY_VOCAB : 300, .quiet = 1};
     const jm_tokenizer *t = below(r, 6) ? tiny : NULL;
     ty->files++;
-    for (int kind = 0; kind < 3; kind++) {
-        const jm_tokenizer *tk = kind == 2 ? tiny : t;
+    for (set_kind kind = SET_SFT; kind <= SET_PROMPTS; kind++) {
+        const jm_tokenizer *tk = kind == SET_PROMPTS ? tiny : t;
         any_set a = {.kind = kind}, b = {.kind = kind};
         jm_records_stats st, st2;
         jm_error err = {{0}}, err2 = {{0}};
         o.skip_bad = 1;
-        jm_status s = load(&a, path, tk, &o, &st, &err);
+        jm_status s = any_load(&a, path, tk, &o, &st, &err);
         char empty[160];
-        snprintf(empty, sizeof empty, "no %s example to use", kind_name[kind]);
+        snprintf(empty, sizeof empty, "no %s example to use", set_kind_name[kind]);
         if (s && !(s == JM_ERR_FORMAT && strstr(err.msg, empty) && st.used == 0 && one_line(err.msg, path))) {
-            broken(ty, it, "%s load with skip_bad: %s \"%.500s\"", kind_name[kind], jm_status_name(s), err.msg);
+            broken(ty, it, "%s load with skip_bad: %s \"%.500s\"", set_kind_name[kind], jm_status_name(s), err.msg);
             continue;
         }
         if (s) ty->empty_sets++;
         const char *wrong = s ? NULL : check_set(&a, &o, &st, nlines);
-        if (wrong) broken(ty, it, "%s set: %s", kind_name[kind], wrong);
+        if (wrong) broken(ty, it, "%s set: %s", set_kind_name[kind], wrong);
         ty->lines += st.lines, ty->kept += st.used, ty->bad += st.bad, ty->too_long += st.too_long,
             ty->truncated += st.truncated;
 
         /* the same without skip_bad */
         o.skip_bad = 0;
-        jm_status s2 = load(&b, path, tk, &o, &st2, &err2);
+        jm_status s2 = any_load(&b, path, tk, &o, &st2, &err2);
         if (st.bad == 0) {
-            if (s2 != s || set_size(&b) != set_size(&a))
-                broken(ty, it, "%s without skip_bad: %s (\"%.300s\"), with it %s", kind_name[kind],
+            if (s2 != s || any_size(&b) != any_size(&a))
+                broken(ty, it, "%s without skip_bad: %s (\"%.300s\"), with it %s", set_kind_name[kind],
                        jm_status_name(s2), err2.msg, jm_status_name(s));
         } else {
             long line = -1;
             if (s2 == JM_ERR_FORMAT && one_line(err2.msg, path))
                 sscanf(err2.msg + strlen(path), ":%ld: ", &line);
             if (line < 1 || line > nlines)
-                broken(ty, it, "%s bad line without skip_bad: %s \"%.500s\"", kind_name[kind], jm_status_name(s2),
+                broken(ty, it, "%s bad line without skip_bad: %s \"%.500s\"", set_kind_name[kind], jm_status_name(s2),
                        err2.msg);
             else
                 fz_shapes_add(&ty->shapes, strchr(err2.msg + strlen(path) + 1, ':') + 1, NULL);
         }
-        free_set(&a), free_set(&b);
+        any_free(&a), any_free(&b);
     }
 }
 
@@ -322,11 +290,11 @@ int main(int argc, char **argv)
     int seeds_bad = -1;
     for (int i = 0; i < (int)FZ_COUNT(seeds) && seeds_bad < 0; i++) {
         write_text(path, seeds[i]);
-        any_set a = {.kind = i < 5 ? 0 : i < 9 ? 1 : 2};
+        any_set a = {.kind = i < 5 ? SET_SFT : i < 9 ? SET_PREF : SET_PROMPTS};
         jm_records_stats st;
         jm_error err = {{0}};
-        if (load(&a, path, tiny, &o, &st, &err) || set_size(&a) != 1) seeds_bad = i;
-        free_set(&a);
+        if (any_load(&a, path, tiny, &o, &st, &err) || any_size(&a) != 1) seeds_bad = i;
+        any_free(&a);
     }
     if (!check(seeds_bad < 0, "fuzz_records_seeds", "seed %d does not load", seeds_bad)) return exit_status();
 

@@ -11,9 +11,8 @@
  * prompt records and jm_final_answer.
  * Prints "PASS <name>" or "FAIL <name>: <why>" per check; exits 0 iff nothing
  * failed. Run from the repository root. */
-#include "align/align.h"
 #include "harness.h"
-#include "tiny_tokenizer.h"
+#include "records_fixture.h"
 
 #include <fcntl.h>
 #include <inttypes.h>
@@ -240,34 +239,23 @@ typedef struct {
 
 /* Each case alone is an error naming FILE:1 and saying what it should; all of
  * them in one file under skip_bad are counted and reported on stderr, each
- * with its own line, and the good line between them is kept. which: 0 SFT, 1 preference, 2 prompts. */
-static void check_bad_lines(const char *name, int which, const jm_tokenizer *t, int vocab, int max_len,
+ * with its own line, and the good line between them is kept. */
+static void check_bad_lines(const char *name, set_kind kind, const jm_tokenizer *t, int vocab, int max_len,
                             const bad_case *cases, int n, const char *good)
 {
     char path[512], label[160], why[1400];
     jm_records_opts o = opts(vocab, max_len, 1, 0);
+    jm_records_stats st;
     int wrong = 0;
     why[0] = 0;
     for (int i = 0; i < n; i++) {
         put(path, sizeof path, "bad.jsonl", cases[i].line);
+        any_set a = {.kind = kind};
         jm_error err = {{0}};
-        jm_records_stats st;
-        jm_status s;
+        jm_status s = any_load(&a, path, t, &o, &st, &err);
+        any_free(&a);
         char head[600];
         snprintf(head, sizeof head, "%s:1: ", path);
-        if (which == 0) {
-            jm_sft_set set;
-            s = jm_sft_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-            if (!s) jm_sft_free(&set);
-        } else if (which == 1) {
-            jm_pref_set set;
-            s = jm_pref_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-            if (!s) jm_pref_free(&set);
-        } else {
-            jm_prompt_set set;
-            s = jm_prompts_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-            if (!s) jm_prompts_free(&set);
-        }
         bool ok = s == JM_ERR_FORMAT && strncmp(err.msg, head, strlen(head)) == 0 && strstr(err.msg, cases[i].says) &&
                   !strchr(err.msg, '\n');
         if (!ok && !wrong++)
@@ -291,26 +279,11 @@ static void check_bad_lines(const char *name, int which, const jm_tokenizer *t, 
     dup2(fd, 2);
     close(fd);
     o.skip_bad = 1, o.quiet = 0;
-    jm_records_stats st;
+    any_set a = {.kind = kind};
     jm_error err = {{0}};
-    jm_status s;
-    int64_t kept;
-    if (which == 0) {
-        jm_sft_set set;
-        s = jm_sft_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-        kept = set.n;
-        jm_sft_free(&set);
-    } else if (which == 1) {
-        jm_pref_set set;
-        s = jm_pref_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-        kept = set.n;
-        jm_pref_free(&set);
-    } else {
-        jm_prompt_set set;
-        s = jm_prompts_load((const char *[]){path}, 1, t, &o, &set, &st, &err);
-        kept = set.n;
-        jm_prompts_free(&set);
-    }
+    jm_status s = any_load(&a, path, t, &o, &st, &err);
+    int64_t kept = any_size(&a);
+    any_free(&a);
     fflush(stderr);
     dup2(saved, 2);
     close(saved);
@@ -387,15 +360,15 @@ static void test_bad_sft(const jm_tokenizer *tiny)
 #undef A
     const char *good = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", "
                        "\"content\": \"yo\"}]}";
-    check_bad_lines("sft_bad", 0, tiny, TINY_VOCAB, 4096, cases, (int)(sizeof cases / sizeof *cases), good);
+    check_bad_lines("sft_bad", SET_SFT, tiny, TINY_VOCAB, 4096, cases, (int)(sizeof cases / sizeof *cases), good);
 
     /* without a tokenizer, a text record is a bad line that says so */
     const bad_case no_tok[] = {{good, "need a tokenizer"}};
-    check_bad_lines("sft_bad_no_tokenizer", 0, NULL, TINY_VOCAB, 4096, no_tok, 1, "{\"input_ids\": [1, 2, 3]}");
+    check_bad_lines("sft_bad_no_tokenizer", SET_SFT, NULL, TINY_VOCAB, 4096, no_tok, 1, "{\"input_ids\": [1, 2, 3]}");
 
     /* ids the tokenizer gives that the model cannot take */
     const bad_case small_vocab[] = {{good, "outside the model's vocabulary [0, 200)"}};
-    check_bad_lines("sft_bad_model_vocab", 0, tiny, 200, 4096, small_vocab, 1, "{\"input_ids\": [1, 2, 3]}");
+    check_bad_lines("sft_bad_model_vocab", SET_SFT, tiny, 200, 4096, small_vocab, 1, "{\"input_ids\": [1, 2, 3]}");
 
     /* a raw NUL byte in the line */
     char path[512];
@@ -412,37 +385,72 @@ static void test_bad_sft(const jm_tokenizer *tiny)
 
 /* ---- lengths ---- */
 
+/* path's records (no tokenizer) at max_len, cut or dropped: *a (the caller
+ * frees it) and its counts; false, after a FAIL line, when the load failed. */
+static bool load_at(const char *name, set_kind kind, const char *path, int max_len, int truncate, any_set *a,
+                    jm_records_stats *st)
+{
+    jm_records_opts o = opts(TINY_VOCAB, max_len, truncate, 0);
+    jm_error err = {{0}};
+    *a = (any_set){.kind = kind};
+    if (!any_load(a, path, NULL, &o, st, &err) && stats_add_up(st)) return true;
+    return check(false, name, "%s", err.msg);
+}
+
+/* A sequence longer than max_len, cut (SFT: its end; preference: its
+ * completion's end) or dropped, and counted either way. */
+static void test_cut_or_drop(void)
+{
+    char sft[512], pref[512];
+    /* 10 ids learned from the third; 4 ids */
+    put(sft, sizeof sft, "len.jsonl",
+        "{\"input_ids\": [1, 3, 4, 5, 6, 7, 8, 9, 10, 11], \"labels\": [-100, -100, 4, 5, 6, 7, 8, 9, 10, 11]}\n"
+        "{\"input_ids\": [1, 3, 4, 5]}\n");
+    /* a completion of 7 after a prompt of 3; a short pair */
+    put(pref, sizeof pref, "pref_len.jsonl",
+        "{\"prompt_input_ids\": [1, 4, 4], \"chosen_input_ids\": [5, 5, 5, 5, 5, 5, 2], \"rejected_input_ids\": [6, 2]}\n"
+        "{\"prompt_input_ids\": [1, 4], \"chosen_input_ids\": [5, 2], \"rejected_input_ids\": [6, 2]}\n");
+    for (int truncate = 0; truncate < 2; truncate++) {
+        const char *name = truncate ? "sft_truncate" : "sft_drop";
+        any_set a;
+        jm_records_stats st;
+        if (load_at(name, SET_SFT, sft, 6, truncate, &a, &st)) {
+            const jm_sft_set *set = &a.sft;
+            if (truncate)
+                check(set->n == 2 && set->ex[0].n == 6 && set->ex[0].labels[5] == 7 && st.truncated == 1 &&
+                          st.too_long == 0 && st.tokens == 10 && st.loss_tokens == 4 + 3,
+                      name, "%" PRId64 " kept, %" PRId64 " truncated", set->n, st.truncated);
+            else
+                check(set->n == 1 && set->ex[0].n == 4 && st.truncated == 0 && st.too_long == 1 && st.tokens == 4,
+                      name, "%" PRId64 " kept, %" PRId64 " too long", set->n, st.too_long);
+            any_free(&a);
+        }
+        name = truncate ? "pref_truncate" : "pref_drop";
+        if (load_at(name, SET_PREF, pref, 8, truncate, &a, &st)) {
+            const jm_pref_example *ex = a.pref.ex;
+            if (truncate) /* the chosen side's completion cut, its prompt whole */
+                check(a.pref.n == 2 && ex->chosen.n == 8 && ex->chosen.n_prompt == 3 && ex->chosen.ids[7] == 5 &&
+                          ex->rejected.n == 5 && st.truncated == 1 && st.too_long == 0 &&
+                          st.loss_tokens == 5 + 2 + 2 + 2,
+                      name, "%" PRId64 " kept, %" PRId64 " truncated", a.pref.n, st.truncated);
+            else
+                check(a.pref.n == 1 && ex->chosen.n == 4 && st.too_long == 1 && st.truncated == 0, name,
+                      "%" PRId64 " kept, %" PRId64 " too long", a.pref.n, st.too_long);
+            any_free(&a);
+        }
+    }
+}
+
 static void test_sft_lengths(const jm_tokenizer *tiny)
 {
     char path[512];
-    /* 10 ids learned from the third; 4 ids; the prompt of 6 leaves nothing in max_len 6 */
-    put(path, sizeof path, "len.jsonl",
-        "{\"input_ids\": [1, 3, 4, 5, 6, 7, 8, 9, 10, 11], \"labels\": [-100, -100, 4, 5, 6, 7, 8, 9, 10, 11]}\n"
-        "{\"input_ids\": [1, 3, 4, 5]}\n");
-    for (int truncate = 0; truncate < 2; truncate++) {
-        jm_records_opts o = opts(TINY_VOCAB, 6, truncate, 0);
-        jm_sft_set set;
-        jm_records_stats st;
-        jm_error err = {{0}};
-        jm_status s = jm_sft_load((const char *[]){path}, 1, NULL, &o, &set, &st, &err);
-        bool ok = !s && stats_add_up(&st);
-        if (truncate)
-            ok = ok && set.n == 2 && set.ex[0].n == 6 && set.ex[0].labels[5] == 7 && st.truncated == 1 &&
-                 st.too_long == 0 && st.tokens == 10 && st.loss_tokens == 4 + 3;
-        else
-            ok = ok && set.n == 1 && set.ex[0].n == 4 && st.truncated == 0 && st.too_long == 1 && st.tokens == 4;
-        check(ok, truncate ? "sft_truncate" : "sft_drop",
-              "%s; %" PRId64 " kept, %" PRId64 " truncated, %" PRId64 " too long", s ? err.msg : "ok", s ? 0 : set.n,
-              st.truncated, st.too_long);
-        if (!s) jm_sft_free(&set);
-    }
     const bad_case fills[] = {
         {"{\"input_ids\": [1, 3, 4, 5, 6, 7, 8], \"labels\": [-100, -100, -100, -100, -100, -100, 8]}",
          "the prompt (6 tokens) leaves no room in max_len 6"},
         {"{\"messages\": [{\"role\": \"system\", \"content\": \"a long system prompt\"}, {\"role\": \"user\", "
          "\"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}", "leaves no room in max_len 6"},
     };
-    check_bad_lines("sft_prompt_fills", 0, tiny, TINY_VOCAB, 6, fills, 2, "{\"input_ids\": [1, 3, 4]}");
+    check_bad_lines("sft_prompt_fills", SET_SFT, tiny, TINY_VOCAB, 6, fills, 2, "{\"input_ids\": [1, 3, 4]}");
 
     /* a chat cut in its second reply keeps the first whole and the start of the second */
     put(path, sizeof path, "chat.jsonl",
@@ -573,33 +581,10 @@ static void test_pref_bad_and_lengths(const jm_tokenizer *tiny)
          "the prompt (8 tokens) leaves no room in max_len 8"},
         {"{\"prompt\": \"a much longer question\", \"chosen\": \"a\", \"rejected\": \"b\"}", "leaves no room in max_len 8"},
     };
-    check_bad_lines("pref_bad", 1, tiny, TINY_VOCAB, 8, cases, (int)(sizeof cases / sizeof *cases),
+    check_bad_lines("pref_bad", SET_PREF, tiny, TINY_VOCAB, 8, cases, (int)(sizeof cases / sizeof *cases),
                     "{\"prompt_input_ids\": [1, 4], \"chosen_input_ids\": [5, 2], \"rejected_input_ids\": [6, 2]}");
 #undef UM
 #undef AM
-
-    char path[512];
-    put(path, sizeof path, "pref_len.jsonl",
-        "{\"prompt_input_ids\": [1, 4, 4], \"chosen_input_ids\": [5, 5, 5, 5, 5, 5, 2], \"rejected_input_ids\": [6, 2]}\n"
-        "{\"prompt_input_ids\": [1, 4], \"chosen_input_ids\": [5, 2], \"rejected_input_ids\": [6, 2]}\n");
-    for (int truncate = 0; truncate < 2; truncate++) {
-        jm_records_opts o = opts(TINY_VOCAB, 8, truncate, 0);
-        jm_pref_set set;
-        jm_records_stats st;
-        jm_error err = {{0}};
-        jm_status s = jm_pref_load((const char *[]){path}, 1, NULL, &o, &set, &st, &err);
-        bool ok = !s && stats_add_up(&st);
-        if (truncate)
-            ok = ok && set.n == 2 && set.ex[0].chosen.n == 8 && set.ex[0].chosen.n_prompt == 3 &&
-                 set.ex[0].chosen.ids[7] == 5 && set.ex[0].rejected.n == 5 && st.truncated == 1 && st.too_long == 0 &&
-                 st.loss_tokens == 5 + 2 + 2 + 2;
-        else
-            ok = ok && set.n == 1 && set.ex[0].chosen.n == 4 && st.too_long == 1 && st.truncated == 0;
-        check(ok, truncate ? "pref_truncate" : "pref_drop",
-              "%s; %" PRId64 " kept, %" PRId64 " truncated, %" PRId64 " too long", s ? err.msg : "ok", s ? 0 : set.n,
-              st.truncated, st.too_long);
-        if (!s) jm_pref_free(&set);
-    }
 }
 
 /* ---- prompts ---- */
@@ -652,7 +637,7 @@ static void test_prompts(const jm_tokenizer *tiny)
         {"{\"prompt\": true}", "\"prompt\" is true: expected a string or a list of messages"},
         {"{\"prompt\": \"this question is far too long for the context\"}", "leaves no room in max_len 32"},
     };
-    check_bad_lines("prompts_bad", 2, tiny, TINY_VOCAB, 32, cases, (int)(sizeof cases / sizeof *cases),
+    check_bad_lines("prompts_bad", SET_PROMPTS, tiny, TINY_VOCAB, 32, cases, (int)(sizeof cases / sizeof *cases),
                     "{\"prompt\": \"q\", \"answer\": \"#### 3\"}");
     s = jm_prompts_load((const char *[]){a}, 1, NULL, &o, &set, NULL, &err);
     check(s == JM_ERR_ARG && strstr(err.msg, "tokenizer"), "prompts_need_tokenizer", "%s", err.msg);
@@ -752,6 +737,7 @@ int main(void)
     test_sft_tokens();
     test_bad_sft(tiny);
     test_sft_lengths(tiny);
+    test_cut_or_drop();
     test_pref(tiny, "pref_tiny", TINY_VOCAB);
     jm_tokenizer *llama = NULL;
     jm_error err;

@@ -1,12 +1,14 @@
-/* tiny_tokenizer.h — a small tokenizer for the records tests and fuzzer
- * (tests/test_records.c, tests/fuzz_records.c), built in memory: byte
+/* records_fixture.h — what the records tests and fuzzer (tests/test_records.c,
+ * tests/fuzz_records.c) share: a small tokenizer built in memory - byte
  * fallback, every printable ASCII character a piece, and one piece, "\nS",
  * that merges across the default chat template's "<|assistant|>\n" boundary
- * when a reply starts with 'S'. Vocabulary TINY_VOCAB; <unk> 0, <s> 1, </s> 2.
+ * when a reply starts with 'S'; vocabulary TINY_VOCAB, <unk> 0, <s> 1, </s> 2 -
+ * and a set of any of the three kinds, loaded by kind.
  * Header-only and all static: include it once, from the program's .c file. */
-#ifndef JM_TEST_TINY_TOKENIZER_H
-#define JM_TEST_TINY_TOKENIZER_H
+#ifndef JM_TEST_RECORDS_FIXTURE_H
+#define JM_TEST_RECORDS_FIXTURE_H
 
+#include "align/align.h"
 #include "tokenizer/tokenizer.h"
 
 #include <stdio.h>
@@ -45,6 +47,39 @@ static inline jm_tokenizer *tiny_tokenizer(void)
         exit(1);
     }
     return t;
+}
+
+/* A loaded set of one of the three kinds. */
+typedef enum { SET_SFT, SET_PREF, SET_PROMPTS } set_kind;
+typedef struct {
+    set_kind kind;
+    jm_sft_set sft;
+    jm_pref_set pref;
+    jm_prompt_set prompts;
+} any_set;
+
+static const char *const set_kind_name[] = {"SFT", "preference", "prompt"};
+
+/* The kind's loader on one file; a->kind says which. */
+static inline jm_status any_load(any_set *a, const char *path, const jm_tokenizer *t, const jm_records_opts *o,
+                                 jm_records_stats *st, jm_error *err)
+{
+    const char *files[] = {path};
+    if (a->kind == SET_SFT) return jm_sft_load(files, 1, t, o, &a->sft, st, err);
+    if (a->kind == SET_PREF) return jm_pref_load(files, 1, t, o, &a->pref, st, err);
+    return jm_prompts_load(files, 1, t, o, &a->prompts, st, err);
+}
+
+static inline int64_t any_size(const any_set *a)
+{
+    return a->kind == SET_SFT ? a->sft.n : a->kind == SET_PREF ? a->pref.n : a->prompts.n;
+}
+
+static inline void any_free(any_set *a)
+{
+    jm_sft_free(&a->sft);
+    jm_pref_free(&a->pref);
+    jm_prompts_free(&a->prompts);
 }
 
 #endif
