@@ -330,6 +330,8 @@ static void test_bad_sft(const jm_tokenizer *tiny)
         {"{\"messages\": [" U ", \"hello\"]}", "\"messages\"[1] is \"hello\": expected a message"},
         {"{\"messages\": [" U "]}", "no assistant turn"},
         {"{\"messages\": [" U ", {\"role\": \"assistant\", \"content\": \"\"}]}", "\"messages\"[1].content is empty"},
+        {"{\"messages\": [" U ", " A ", " U ", {\"role\": \"assistant\", \"content\": \"\"}]}",
+         "\"messages\"[3].content is empty"},
         {"{\"messages\": []}", "\"messages\" is an empty list"},
         {"{\"messages\": \"hi\"}", "\"messages\" is \"hi\": expected a list of messages"},
         {"{\"messages\": [" U ", {\"role\": \"assistant\", \"content\": \"a\\u0000b\"}]}", "\\u0000"},

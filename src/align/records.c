@@ -1,14 +1,14 @@
 /* records.c — SFT, preference and prompt JSONL files -> token sequences with
  * loss masks (align.h).
  *
- * Each file is read a line at a time (getline: a file may be far larger than
- * memory needs to be); a non-blank line is one JSON object, parsed strictly
+ * Each file is read a line at a time (getline: a file is never held whole);
+ * a non-blank line is one JSON object, parsed strictly
  * (jm_json_parse) and refused when a string holds \u0000 (cJSON would cut it
  * short). A record either becomes an example, copied into the set's arena, or
  * is a bad line whose message begins "FILE:LINE:" and names the field. The
  * loaders differ only in what they make of one record (sft_record,
  * pref_record, prompt_record); reading, reporting and counting are shared
- * (read_files).
+ * (load, read_file, one_line).
  *
  * Where the loss starts. A chat template renders a conversation to text and
  * jm_chat_encode tokenizes it; the ids of a prefix rendered with the
@@ -51,9 +51,8 @@ static void arena_free(arena *a);
 
 typedef enum { SFT, PREF, PROMPTS } set_kind;
 
-/* What read_files and the record functions share while one set loads. */
+/* What the reader and the record functions share while one set loads. */
 typedef struct {
-    set_kind kind;
     const jm_tokenizer *t;
     const jm_records_opts *o;
     jm_records_stats st;
@@ -231,7 +230,7 @@ static jm_status parse_line(const char *line, size_t len, const char *where, cJS
  * line - the error, or with skip_bad reported and counted. */
 static jm_status one_line(loader *L, record_fn fn, const char *line, size_t len, jm_error *err)
 {
-    jm_error e;
+    jm_error e = {{0}};
     jm_error *to = L->o->skip_bad ? &e : err;
     cJSON *root = NULL;
     jm_status s = parse_line(line, len, L->where, &root, to);
@@ -296,7 +295,7 @@ static jm_status load(set_kind kind, const char *const *files, int nfiles, const
     if (o->vocab_size < 1 || o->max_len < 2)
         return jm_fail(err, JM_ERR_ARG, "%s records: vocab_size %d must be >= 1 and max_len %d >= 2", what[kind],
                        o->vocab_size, o->max_len);
-    loader L = {.kind = kind, .t = t, .o = o, .item_size = item_size};
+    loader L = {.t = t, .o = o, .item_size = item_size};
     L.a = calloc(1, sizeof *L.a);
     jm_status s = L.a ? JM_OK : jm_fail(err, JM_ERR_NOMEM, "%s records: out of memory", what[kind]);
     for (int i = 0; i < nfiles && !s; i++) {
@@ -524,17 +523,21 @@ static jm_status sft_chat(const loader *L, const jm_chat_message *m, int nm, int
 {
     int32_t *ids = NULL, *labels = NULL, *p = NULL, *c = NULL;
     size_t n = 0, np = 0, nc = 0;
+    int turns = 0;
     *prompt = -1;
+    for (int i = 0; i < nm; i++) {
+        if (strcmp(m[i].role, "assistant") != 0) continue;
+        if (!m[i].content[0])
+            return bad(err, L->where, "\"messages\"[%d].content is empty: an assistant turn must say something", i);
+        turns++;
+    }
+    if (!turns) return bad(err, L->where, "\"messages\" has no assistant turn: nothing to learn");
     jm_status s = encode(L, m, nm, 0, &ids, &n, err);
     if (!s && !(labels = malloc((n ? n : 1) * sizeof *labels)))
         s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %zu labels", L->where, n);
     for (size_t t = 0; !s && t < n; t++) labels[t] = -1;
     for (int i = 0; i < nm && !s; i++) {
         if (strcmp(m[i].role, "assistant") != 0) continue;
-        if (!m[i].content[0]) {
-            s = bad(err, L->where, "\"messages\"[%d].content is empty: an assistant turn must say something", i);
-            break;
-        }
         /* the conversation through turn i; the last turn's is the whole */
         bool last = i + 1 == nm;
         s = encode(L, m, i, 1, &p, &np, err);
@@ -549,7 +552,7 @@ static jm_status sft_chat(const loader *L, const jm_chat_message *m, int nm, int
         size_t end = through_eos(L, ids, start, turn_end);
         for (size_t t = start; t < end; t++) labels[t] = ids[t];
     }
-    if (!s && *prompt < 0) s = bad(err, L->where, "\"messages\" has no assistant turn: nothing to learn");
+    free(p), free(c);
     if (s) {
         free(ids), free(labels);
         return s;
@@ -609,7 +612,7 @@ static jm_status sft_record(loader *L, const cJSON *root, jm_error *err)
     for (int t = 1; t < n && first < 0; t++)
         if (labels[t] >= 0) first = t;
     if (first < 0 && prompt >= max_len) first = (int)prompt;
-    if (first < 0) s = bad(err, L->where, "no token to learn (no label is set)");
+    if (first < 0) s = bad(err, L->where, "no token to learn (no label after the first token)");
     else if (first >= max_len) s = no_room(err, L, first);
     bool cut = !s && n > max_len;
     if (cut && !L->o->truncate) {
