@@ -3,13 +3,15 @@
  * generic mutations of a file's bytes — bit flips, bytes a parser branches
  * on, insertions and deletions, a chunk duplicated, a chunk spliced in from
  * another input, truncation, boundary values written as little-endian
- * integers, varints and decimal numbers, and a format's own tokens.
+ * integers, varints and decimal numbers, and a format's own tokens; and
+ * changes to a parsed JSON tree that keep it JSON (fz_mutate_json).
  * Deterministic: the same seed gives the same inputs, so a finding is
  * reproduced by running the program again with its seed.
  * Header-only and all static: include it once, from the program's .c file. */
 #ifndef JM_TEST_FUZZ_H
 #define JM_TEST_FUZZ_H
 
+#include <cjson/cJSON.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -50,7 +52,7 @@ static inline void fz_splice(fz_bytes *b, size_t at, size_t del, const void *ins
         }
         b->p = p, b->cap = cap;
     }
-    memmove(b->p + at + n, b->p + at + del, b->len - at - del);
+    if (b->len - at - del) memmove(b->p + at + n, b->p + at + del, b->len - at - del); /* b->p may still be NULL */
     if (n) memcpy(b->p + at, ins, n);
     b->len = b->len - del + n;
 }
@@ -178,6 +180,29 @@ static inline void fz_mutate(uint64_t *r, fz_bytes *b, const fz_bytes *other, co
         }
         break;
     }
+}
+
+/* Changes the JSON text in b `times` times with mutate, each time on a random
+ * node of the parsed tree other than the root (parent: the node holding it),
+ * and puts the tree back as unformatted JSON; text that does not parse stays
+ * as it is. For a reader's checks behind the parser. */
+static inline void fz_mutate_json(uint64_t *r, fz_bytes *b, int times, void (*mutate)(uint64_t *r, cJSON *x, cJSON *parent))
+{
+    enum { MAX_NODES = 4096 };
+    static cJSON *node[MAX_NODES], *parent[MAX_NODES];
+    cJSON *root = cJSON_ParseWithLength((const char *)b->p, b->len);
+    for (int k = times; root && k > 0; k--) {
+        int n = 0;
+        node[n] = root, parent[n++] = NULL;
+        for (int i = 0; i < n; i++)
+            for (cJSON *c = node[i]->child; c && n < MAX_NODES; c = c->next) node[n] = c, parent[n++] = node[i];
+        int i = 1 + (int)below(r, (size_t)(n - 1 > 0 ? n - 1 : 1));
+        if (i < n) mutate(r, node[i], parent[i]);
+    }
+    char *text = root ? cJSON_PrintUnformatted(root) : NULL;
+    if (text) fz_assign(b, text, strlen(text));
+    cJSON_free(text);
+    cJSON_Delete(root);
 }
 
 /* Error messages with numbers, quoted parts and parenthesised details

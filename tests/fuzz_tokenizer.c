@@ -434,17 +434,8 @@ static cJSON *some_value(uint64_t *r)
  * behind the parser are reached: a value replaced, removed, duplicated (a
  * duplicate key in an object), a key renamed, two array items swapped, a
  * number moved by one. */
-static void mutate_tree(uint64_t *r, cJSON *root)
+static void mutate_tree(uint64_t *r, cJSON *x, cJSON *p)
 {
-    enum { MAX_NODES = 4096 };
-    static cJSON *node[MAX_NODES], *parent[MAX_NODES];
-    int n = 0;
-    node[n] = root, parent[n++] = NULL;
-    for (int i = 0; i < n; i++)
-        for (cJSON *c = node[i]->child; c && n < MAX_NODES; c = c->next) node[n] = c, parent[n++] = node[i];
-    int i = 1 + (int)below(r, (size_t)(n - 1 > 0 ? n - 1 : 1));
-    if (i >= n) return;
-    cJSON *x = node[i], *p = parent[i];
     switch (below(r, 6)) {
     case 0: { /* replace */
         cJSON *v = some_value(r);
@@ -488,12 +479,7 @@ static void fuzz_json(const seeds *sd, long count, uint64_t *r)
         const fz_bytes *seed = pool[below(r, 4) == 0]; /* the larger (byte fallback) file a quarter of the time */
         fz_assign(&b, seed->p, seed->len);
         if (below(r, 2)) { /* changes that keep it JSON */
-            cJSON *root = cJSON_ParseWithLength((const char *)b.p, b.len);
-            for (int k = 1 + (int)below(r, 2); root && k > 0; k--) mutate_tree(r, root);
-            char *text = root ? cJSON_PrintUnformatted(root) : NULL;
-            if (text) fz_assign(&b, text, strlen(text));
-            cJSON_free(text);
-            cJSON_Delete(root);
+            fz_mutate_json(r, &b, 1 + (int)below(r, 2), mutate_tree);
         } else {
             for (int k = 1 + (int)below(r, 2); k > 0; k--)
                 fz_mutate(r, &b, pool[below(r, 2)], json_tokens, FZ_COUNT(json_tokens));

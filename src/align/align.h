@@ -14,29 +14,42 @@
  *     rendered with the tokenizer's chat template (jm_chat_encode, BOS first).
  *     Loss tokens: each assistant turn's tokens, from where its text starts
  *     (the tokens after the rendering of the messages before it with the
- *     generation prompt) through the first EOS after that start (the turn's
- *     end-of-turn token) - template text after the EOS gets none.
+ *     generation prompt; where a token merged across that boundary, from the
+ *     first token the two renderings do not share) through the first EOS after
+ *     that start (the turn's end-of-turn token; a template that writes none:
+ *     through the end of the turn's rendering) - template text after the EOS
+ *     gets none. At least one assistant turn, none of them empty.
  *   {"input_ids": [...], "labels": [...]}  pre-tokenized, HF's convention:
  *     labels aligned with input_ids, -100 = no loss (labels absent: every
  *     token is a label). Used exactly as given: no BOS/EOS added.
+ *   Either way labels[0] is -1: nothing precedes the first token to predict
+ *   it from (HF's shifted loss never uses it either).
  *
  * Preference records:
  *   {"prompt": P, "chosen": C, "rejected": R}: P a string (one user turn) or
  *     a list of messages; C and R each a string (the assistant's answer) or a
  *     list of messages holding the whole conversation (UltraFeedback
  *     binarized), whose last message is the assistant's answer and whose
- *     earlier messages are the prompt (then "prompt" may be left out). The
- *     prompt is rendered with the generation prompt; the completion is the
- *     rest of the rendered conversation through its first EOS.
+ *     earlier messages are the prompt (then "prompt" may be left out, and C's
+ *     and R's must be the same; when given, it must equal them: a string the
+ *     one user message's content). The prompt is rendered with the generation
+ *     prompt; the completion is the rest of the rendered conversation through
+ *     its first EOS (n_prompt: where the two renderings part, as for SFT).
  *   {"prompt_input_ids": [...], "chosen_input_ids": [...],
  *    "rejected_input_ids": [...]} (TRL's names): each sequence is the prompt
  *     ids followed by the completion ids, exactly as given.
  *
- * Bad lines - malformed JSON, missing or mistyped fields, unknown roles,
- * empty completions, no assistant turn, token ids outside [0, vocab), a prompt
- * that leaves no room for its completion in max_len - are reported as
- * "FILE:LINE: why". With skip_bad each is printed to stderr and counted;
- * otherwise the first one is the error. Blank lines are ignored. */
+ * Other fields of a record are ignored (UltraChat's "prompt_id", ...); a
+ * record with both layouts' fields is a bad line. Bad lines - malformed JSON,
+ * a string holding \u0000, missing or mistyped fields, unknown roles, empty
+ * completions, no assistant turn, no token to learn, token ids outside
+ * [0, vocab) (given, or from the tokenizer), a prompt that leaves no room for
+ * its completion in max_len - are reported as "FILE:LINE: why", naming the
+ * field ("messages"[2].role). With skip_bad each is printed to stderr and
+ * counted; otherwise the first one is the error. Blank lines are ignored (but
+ * counted in LINE). Reading errors and running out of memory are never
+ * skipped. A load that keeps no example at all fails (JM_ERR_FORMAT, with the
+ * counts), so an empty set never reaches training. */
 
 typedef struct {
     int32_t *ids;    /* n ids */
@@ -55,7 +68,7 @@ typedef struct {
 } jm_pref_example;
 
 typedef struct {
-    int max_len;    /* tokens a sequence may have (the training context) */
+    int max_len;    /* tokens a sequence may have (the training context), >= 2 */
     int truncate;   /* 1: a longer sequence is cut to max_len (SFT: its end; preference: the completion's end);
                        0: it is dropped. Either way it is counted. */
     int skip_bad;   /* --on-bad-line skip: report bad lines on stderr, count them and go on */
@@ -64,7 +77,7 @@ typedef struct {
 } jm_records_opts;
 
 typedef struct {
-    int64_t lines;      /* non-blank lines read */
+    int64_t lines;      /* non-blank lines read: used + too_long + bad */
     int64_t used;       /* examples kept */
     int64_t truncated;  /* kept, but cut to max_len */
     int64_t too_long;   /* dropped because longer than max_len (truncate == 0) */
@@ -87,7 +100,8 @@ typedef struct jm_pref_set {
 } jm_pref_set;
 
 /* t may be NULL when every record is pre-tokenized (a text record is then a
- * bad line that says a tokenizer is needed). */
+ * bad line that says a tokenizer is needed). st may be NULL; after an error it
+ * holds the counts so far. On error *out is empty. */
 jm_status jm_sft_load(const char *const *files, int nfiles, const jm_tokenizer *t, const jm_records_opts *o,
                       jm_sft_set *out, jm_records_stats *st, jm_error *err);
 void jm_sft_free(jm_sft_set *s);
@@ -96,10 +110,14 @@ jm_status jm_pref_load(const char *const *files, int nfiles, const jm_tokenizer 
 void jm_pref_free(jm_pref_set *s);
 
 /* Prompts for distillation: {"messages": [...]} ending in a user turn, or
- * {"prompt": "..."} (one user turn); an optional "answer" (a string or a
- * number: GSM8K's "... #### 42", or just 42) lets a verifier rank samples.
+ * {"prompt": "..."} (one user turn; TRL's conversational {"prompt": [...]},
+ * a list of messages ending in a user turn, too); an optional "answer" (a
+ * string, a number - kept as its shortest exact decimal, 42 as "42" - or
+ * null: GSM8K's "... #### 42", or just 42) lets a verifier rank samples.
  * max_len bounds the rendered prompt (jm_chat_encode with the generation
- * prompt): a longer one is a bad line. Strings point into the set's arena. */
+ * prompt, so t is required): one of max_len tokens or more leaves no room to
+ * generate and is a bad line. Contents and answers point into the set's
+ * arena, roles to static strings; stats count the prompt tokens. */
 typedef struct {
     jm_chat_message *msgs;
     int nmsgs;
@@ -117,9 +135,11 @@ jm_status jm_prompts_load(const char *const *files, int nfiles, const jm_tokeniz
 void jm_prompts_free(jm_prompt_set *s);
 
 /* The final answer of a text as GSM8K's verifier reads it: what follows the
- * last "####" (else the last number in the text), without spaces, thousands
- * commas, a trailing '.' or a ".0" fraction; NULL when there is none. The
- * result is written into buf. Exact match of two final answers is strcmp. */
+ * last "####" up to the end of its line (else the last number in the text:
+ * "-5", "1,234.5"), without spaces, thousands commas (a comma between two
+ * digits), trailing '.'s or a ".0", ".00" ... fraction after a digit; NULL
+ * when there is none, or when it does not fit in buf (cap bytes with the NUL).
+ * The result is written into buf. Exact match of two final answers is strcmp. */
 const char *jm_final_answer(const char *text, char *buf, size_t cap);
 
 
