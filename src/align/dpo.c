@@ -274,8 +274,7 @@ static void dpo_free(dpo_task *k)
 {
     jm_pref_free(&k->data);
     jm_pref_free(&k->eval);
-    free(k->seq);
-    free(k->eval_seq);
+    free(k->seq); /* eval_seq is its tail */
     free(k->targets);
     free(k->ref);
     free(k->plan);

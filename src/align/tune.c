@@ -47,7 +47,7 @@ jm_status jm_tune_setup_open(const jm_tune_opts *o, jm_task_kind kind, jm_tune_s
     if (t->r->has_aux_coef) t->cfg.aux_loss_coef = t->r->model.aux_loss_coef;
     if (t->r->has_z_coef) t->cfg.z_loss_coef = t->r->model.z_loss_coef;
     if (t->r->seq_len > t->cfg.max_position_embeddings) {
-        if (!o->run.quiet)
+        if (!o->run.quiet && o->recipe) /* the default (2048, the report's) quietly fits a smaller model */
             fprintf(stderr, "%s: max_len %d is past the model's context: sequences are at most %d tokens\n",
                     jm_task_name(kind), t->r->seq_len, t->cfg.max_position_embeddings);
         t->r->seq_len = t->cfg.max_position_embeddings;
