@@ -72,6 +72,12 @@ jm_status jm_config_parse(const char *json, size_t len, const char *name, jm_con
 /* Writes the HF spelling, atomically. */
 jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err);
 
+/* Bytes of the training activation arena (forward activations kept for the
+ * backward, and its scratch) for B rows of T tokens: what jm_forward_batch
+ * allocates. With 4 bytes per parameter each for the weights and gradients
+ * and 8 for AdamW's moments, the memory a full fine-tune needs. */
+size_t jm_activation_bytes(const jm_config *c, int B, int T);
+
 /* Parameter counts: total, and active per token (k of E experts in both blocks). */
 int64_t jm_config_num_params(const jm_config *c);
 int64_t jm_config_active_params(const jm_config *c);

@@ -769,6 +769,12 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
     return off;
 }
 
+size_t jm_activation_bytes(const jm_config *c, int B, int T)
+{
+    jm_model plan = {.cfg = *c}; /* plan_acts only measures when given no base */
+    return plan_acts(&plan, NULL, B, T);
+}
+
 static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
 {
     if (m->act_mem && m->B == B && m->T == T && m->att_threads >= omp_get_max_threads()) return JM_OK;
