@@ -476,6 +476,31 @@ static void test_sft_lengths(const jm_tokenizer *tiny)
     jm_sft_free(&full);
 }
 
+/* A line of megabytes: read whole, its conversation cut to max_len. */
+static void test_long_line(const jm_tokenizer *tiny)
+{
+    const size_t reply = 3u << 20;
+    const char *head = "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", "
+                       "\"content\": \"";
+    size_t hl = strlen(head);
+    char *line = malloc(hl + reply + 8);
+    memcpy(line, head, hl);
+    for (size_t i = 0; i < reply; i++) line[hl + i] = "abc "[i % 4];
+    memcpy(line + hl + reply, "\"}]}\n", 6);
+    char path[512];
+    put(path, sizeof path, "long.jsonl", line);
+    free(line);
+    jm_records_opts o = opts(TINY_VOCAB, 64, 1, 0);
+    jm_sft_set set;
+    jm_records_stats st;
+    jm_error err = {{0}};
+    double t0 = now();
+    jm_status s = jm_sft_load((const char *[]){path}, 1, tiny, &o, &set, &st, &err);
+    check_detail(!s && set.n == 1 && set.ex[0].n == 64 && st.truncated == 1, "sft_long_line", "%s; %.1f s",
+                 s ? err.msg : "3 MB reply cut to 64 tokens", now() - t0);
+    if (!s) jm_sft_free(&set);
+}
+
 /* ---- preference ---- */
 
 static bool same_seq(const jm_pref_seq *a, const jm_pref_seq *b)
@@ -740,6 +765,7 @@ int main(void)
     test_bad_sft(tiny);
     test_sft_lengths(tiny);
     test_cut_or_drop();
+    test_long_line(tiny);
     test_pref(tiny, "pref_tiny", TINY_VOCAB);
     jm_tokenizer *llama = NULL;
     jm_error err;

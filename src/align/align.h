@@ -34,7 +34,8 @@
  *     and R's must be the same; when given, it must equal them: a string the
  *     one user message's content). The prompt is rendered with the generation
  *     prompt; the completion is the rest of the rendered conversation through
- *     its first EOS (n_prompt: where the two renderings part, as for SFT).
+ *     its first EOS, or to its end (n_prompt: where the two renderings part,
+ *     as for SFT).
  *   {"prompt_input_ids": [...], "chosen_input_ids": [...],
  *    "rejected_input_ids": [...]} (TRL's names): each sequence is the prompt
  *     ids followed by the completion ids, exactly as given.
