@@ -329,9 +329,45 @@ const float *jm_apply_repetition_penalty(const float *logits, float *out, int V,
                                          const jm_sample_opts *o);
 /* Generates after the prompt until EOS, max_new tokens, or on_token (called
  * with each new id; may be NULL) returns non-zero. out holds max_new ids.
- * Applies the repetition penalty over the last repeat_last_n tokens. */
+ * Applies the repetition penalty over the last repeat_last_n tokens. One
+ * sequence of jm_generate_batch (below), its stream seeded by o->seed. */
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
                       int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err);
+
+/* Many generations at once, on the model's slots (jm_set_slots; one slot of
+ * the whole context when it has none): up to jm_slots sequences decode
+ * together, one jm_infer_batch step for all of them, and a slot whose
+ * sequence ends takes the next waiting one (continuous batching). A sequence
+ * starts from the longest prefix of its prompt that some slot holds
+ * (jm_slot_copy): K samples of one prompt prefill it once. Each sequence
+ * samples from its own random stream, seeded by its seed (o->seed and
+ * o->max_new are not used), so what it generates does not depend on which
+ * sequences run beside it or how many slots there are (up to the summation
+ * order of jm_infer_batch). Each ends at EOS, its max_new tokens, or when
+ * on_token (called with its index and each new id; may be NULL) returns
+ * non-zero. The repetition penalty applies per sequence. */
+typedef struct {
+    const int32_t *prompt;
+    int n_prompt;        /* >= 1; n_prompt + max_new <= jm_context */
+    int max_new;         /* tokens at most (out holds them); 0 = o->max_new */
+    uint64_t seed;       /* this sequence's random stream: jm_seed_stream(run seed, i) */
+    int32_t *out;
+    int n_out;           /* set: tokens generated, the EOS included when it came */
+} jm_gen_seq;
+jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sample_opts *o,
+                            int (*on_token)(void *ctx, int seq, int32_t id), void *ctx, jm_error *err);
+/* The seed of stream i of a run seeded with seed (both mixed by splitmix64). */
+uint64_t jm_seed_stream(uint64_t seed, uint64_t i);
+
+/* The log-likelihood of continuations, on the same slots and the same way:
+ * for each sequence, logp = the sum over t in [n_prompt, n) of
+ * log p(ids[t] | ids[0..t)). Prompts shared with a slot are not recomputed. */
+typedef struct {
+    const int32_t *ids;
+    int n, n_prompt;     /* 1 <= n_prompt < n, n - 1 <= jm_context */
+    double logp;         /* set */
+} jm_score_seq;
+jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err);
 
 /* Streaming the text of a generation. Each pushed id is appended and the
  * sequence decoded again; text and len receive the new bytes that can no longer
