@@ -468,8 +468,8 @@ jm_status jm_distill_pairs(const jm_distill_opts *o, jm_distill_stats *st, jm_er
     if (!s) s = begin(&r, &M, target, err);
     for (int64_t i = 0; !s && !o->teacher && i < r.set.n; i++)
         if (!r.set.rec[i].answer)
-            s = jm_fail(err, JM_ERR_ARG, "%s:%lld: the record has no \"answer\" to verify its samples with; pass a "
-                        "teacher to rank them by its likelihood", o->prompts, (long long)r.set.rec[i].line);
+            s = jm_fail(err, JM_ERR_ARG, "%s:%lld: the record has no \"answer\" to verify its samples with; pass "
+                        "--teacher DIR to rank them by its likelihood", o->prompts, (long long)r.set.rec[i].line);
     if (!s && o->teacher) { /* grown by rank_chunk when an answer needs more */
         int ctx = jm_model_config(T.m)->max_position_embeddings;
         s = jm_set_slots(T.m, o->parallel, ctx < jm_context(M.m) ? ctx : jm_context(M.m), err);
