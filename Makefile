@@ -73,6 +73,7 @@ bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
 	@$(PY) bench/decode.py --skip-8b
+	@$(BUILD)/bench/decode_batch --threads 2
 
 bench-8b: setup all
 	@$(PY) bench/decode.py

@@ -258,7 +258,7 @@ static void test_rejects(jm_model *m)
         s = jm_infer_batch(m, cases[i].it, cases[i].n, &lg, &err);
         if (s != JM_ERR_ARG || !strstr(err.msg, cases[i].want) || jm_slot_len(m, 0) != 3 || jm_slot_len(m, 1) != 0) {
             bad++;
-            snprintf(why, sizeof why, "%s: status %d, '%s', slots hold %d and %d", cases[i].what, s, err.msg,
+            snprintf(why, sizeof why, "%s: status %d, '%.300s', slots hold %d and %d", cases[i].what, s, err.msg,
                      jm_slot_len(m, 0), jm_slot_len(m, 1));
         }
     }
