@@ -89,6 +89,11 @@ def run(suite, build, tmp):
         except (ValueError, IndexError):
             return {}
 
+    def outcome(p, path):
+        """A run's problems so far, its counts and the records it wrote."""
+        recs = read_jsonl(path) if ok(p) and os.path.exists(path) else []
+        return ([] if ok(p) else [f"exit {p.returncode}: {p.stderr.strip()[-300:]}"]), stats(p), recs
+
     d = os.path.join(tmp, "distill")
     model = tiny_model(suite, jm, d)
     if model is None:
@@ -117,11 +122,7 @@ def run(suite, build, tmp):
     sft = out("sft.jsonl")
     p = jm(*sft_args, "--out", sft, "--parallel", "3")
     if suite.wanted("distill_sft_records"):
-        problems = []
-        st = stats(p)
-        recs = read_jsonl(sft) if ok(p) and os.path.exists(sft) else []
-        if not ok(p):
-            problems.append(f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        problems, st, recs = outcome(p, sft)
         if st.get("prompts") != len(PROMPTS) or st.get("records", -1) + st.get("skipped_empty", -1) != len(PROMPTS) \
                 or st.get("records") != len(recs) or len(recs) < len(PROMPTS) - 1:
             problems.append(f"counts {st}, {len(recs)} records")
@@ -161,11 +162,7 @@ def run(suite, build, tmp):
     pairs = out("pairs.jsonl")
     p = jm(*pairs_args, "--out", pairs, "--parallel", "4")
     if suite.wanted("distill_pairs_teacher"):
-        problems = []
-        st = stats(p)
-        recs = read_jsonl(pairs) if ok(p) and os.path.exists(pairs) else []
-        if not ok(p):
-            problems.append(f"exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        problems, st, recs = outcome(p, pairs)
         skipped = sum(v for k, v in st.items() if k.startswith("skipped_"))
         if st.get("prompts") != len(PROMPTS) or st.get("pairs", -1) + skipped != len(PROMPTS) or \
                 st.get("pairs") != len(recs) or st.get("answers") != 4 * len(PROMPTS) or \

@@ -136,6 +136,12 @@ typedef struct {
     jm_atomic_file out;
     int out_open;
     double t0;
+    /* a chunk of up to `chunk` sequences: sequence a answers prompt p[a] (sample j[a]) into answers + a * max_new */
+    int chunk;
+    jm_gen_seq *q;
+    int32_t *answers;
+    int64_t *p;
+    int *j;
 } run;
 
 static jm_status check_opts(const jm_distill_opts *o, int pairs, jm_error *err)
@@ -150,10 +156,17 @@ static jm_status check_opts(const jm_distill_opts *o, int pairs, jm_error *err)
 }
 
 /* The prompts (rendered by ck's tokenizer, which must leave room for an
- * answer in its context), the slots, and the output file opened. */
-static jm_status begin(run *r, checkpoint *ck, const char *target, jm_error *err)
+ * answer in its context), the slots, chunks of `chunk` sequences, and the
+ * output file opened. */
+static jm_status begin(run *r, checkpoint *ck, const char *target, int chunk, jm_error *err)
 {
     const jm_distill_opts *o = r->o;
+    r->chunk = chunk;
+    r->q = malloc(sizeof *r->q * (size_t)chunk);
+    r->answers = malloc(sizeof *r->answers * (size_t)chunk * (size_t)o->max_new);
+    r->p = malloc(sizeof *r->p * (size_t)chunk);
+    r->j = calloc((size_t)chunk, sizeof *r->j);
+    if (!r->q || !r->answers || !r->p || !r->j) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     const jm_config *c = jm_model_config(ck->m);
     jm_records_opts ro = {.max_len = c->max_position_embeddings, .skip_bad = o->skip_bad,
                           .vocab_size = c->vocab_size};
@@ -188,6 +201,10 @@ static void end(run *r)
     free(r->ids);
     free(r->n);
     jm_prompts_free(&r->set);
+    free(r->q);
+    free(r->answers);
+    free(r->p);
+    free(r->j);
 }
 
 static int stop_requested(void *ctx, int seq, int32_t id)
@@ -202,22 +219,21 @@ static jm_status interrupted(const run *r, jm_error *err)
     return jm_fail(err, JM_ERR_IO, "%s: interrupted; nothing written", r->o->out);
 }
 
-/* Generates for n sequences: q[i] answers prompt p[i] (sample j[i]) into out
- * + i * max_new. */
-static jm_status answer(run *r, jm_model *m, jm_gen_seq *q, const int64_t *p, const int *j, int n, int32_t *out,
-                        jm_error *err)
+/* Generates the chunk's first n sequences (r->p, r->j) into r->q. */
+static jm_status answer(run *r, jm_model *m, int n, jm_error *err)
 {
     const jm_distill_opts *o = r->o;
     const int ctx = jm_context(m);
     for (int i = 0; i < n; i++) {
-        const int np = r->n[p[i]], room = ctx - np;
-        uint64_t line = jm_seed_stream(o->sample.seed, (uint64_t)r->set.rec[p[i]].line);
-        q[i] = (jm_gen_seq){r->ids[p[i]], np, o->max_new < room ? o->max_new : room, jm_seed_stream(line, (uint64_t)j[i]),
-                            out + (int64_t)i * o->max_new, 0};
+        const int64_t p = r->p[i];
+        const int room = ctx - r->n[p];
+        uint64_t line = jm_seed_stream(o->sample.seed, (uint64_t)r->set.rec[p].line);
+        r->q[i] = (jm_gen_seq){r->ids[p], r->n[p], o->max_new < room ? o->max_new : room,
+                               jm_seed_stream(line, (uint64_t)r->j[i]), r->answers + (int64_t)i * o->max_new, 0};
     }
-    jm_status s = jm_generate_batch(m, q, n, &o->sample, stop_requested, (void *)o->stop, err);
+    jm_status s = jm_generate_batch(m, r->q, n, &o->sample, stop_requested, (void *)o->stop, err);
     if (!s && o->stop && *o->stop) s = interrupted(r, err);
-    for (int i = 0; i < n && !s; i++) r->st->answers++, r->st->tokens += q[i].n_out;
+    for (int i = 0; i < n && !s; i++) r->st->answers++, r->st->tokens += r->q[i].n_out;
     return s;
 }
 
@@ -310,21 +326,16 @@ jm_status jm_distill_sft(const jm_distill_opts *o, jm_distill_stats *st, jm_erro
     const char *inputs[] = {o->prompts, T.dir};
     if (!s) s = jm_output_file(o->out, inputs, 2, o->overwrite, target, sizeof target, err);
     if (!s) s = open_checkpoint(&T, o->kernels, err);
-    if (!s) s = begin(&r, &T, target, err);
     const int chunk = CHUNK_PER_SLOT * o->parallel;
-    jm_gen_seq *q = malloc(sizeof *q * (size_t)chunk);
-    int32_t *out = malloc(sizeof *out * (size_t)chunk * (size_t)o->max_new);
-    int64_t *p = malloc(sizeof *p * (size_t)chunk);
-    int *zero = calloc((size_t)chunk, sizeof *zero);
-    if (!s && (!q || !out || !p || !zero)) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    if (!s) s = begin(&r, &T, target, chunk, err);
     for (int64_t i0 = 0; !s && i0 < r.set.n; i0 += chunk) {
         int n = r.set.n - i0 < chunk ? (int)(r.set.n - i0) : chunk;
-        for (int i = 0; i < n; i++) p[i] = i0 + i;
-        s = answer(&r, T.m, q, p, zero, n, out, err);
+        for (int i = 0; i < n; i++) r.p[i] = i0 + i;
+        s = answer(&r, T.m, n, err);
         for (int i = 0; i < n && !s; i++) {
             const jm_prompt_record *rec = &r.set.rec[i0 + i];
             char *text;
-            if ((s = answer_text(&T, &q[i], &text, err))) break;
+            if ((s = answer_text(&T, &r.q[i], &text, err))) break;
             if (!usable(text)) {
                 st->skip_empty++;
             } else {
@@ -337,10 +348,6 @@ jm_status jm_distill_sft(const jm_distill_opts *o, jm_distill_stats *st, jm_erro
         if (!s) progress(&r, "sft", i0 + n);
     }
     if (!s) s = finish(&r, err);
-    free(q);
-    free(out);
-    free(p);
-    free(zero);
     end(&r);
     close_checkpoint(&T);
     return s;
@@ -465,7 +472,8 @@ jm_status jm_distill_pairs(const jm_distill_opts *o, jm_distill_stats *st, jm_er
     if (!s) s = jm_output_file(o->out, inputs, o->teacher ? 3 : 2, o->overwrite, target, sizeof target, err);
     if (!s) s = open_checkpoint(&M, o->kernels, err);
     if (!s && o->teacher) s = open_checkpoint(&T, o->kernels, err);
-    if (!s) s = begin(&r, &M, target, err);
+    const int K = o->samples, per = CHUNK_PER_SLOT * o->parallel / K > 0 ? CHUNK_PER_SLOT * o->parallel / K : 1;
+    if (!s) s = begin(&r, &M, target, per * K, err);
     for (int64_t i = 0; !s && !o->teacher && i < r.set.n; i++)
         if (!r.set.rec[i].answer)
             s = jm_fail(err, JM_ERR_ARG, "%s:%lld: the record has no \"answer\" to verify its samples with; pass "
@@ -474,28 +482,18 @@ jm_status jm_distill_pairs(const jm_distill_opts *o, jm_distill_stats *st, jm_er
         int ctx = jm_model_config(T.m)->max_position_embeddings;
         s = jm_set_slots(T.m, o->parallel, ctx < jm_context(M.m) ? ctx : jm_context(M.m), err);
     }
-    const int K = o->samples, per = CHUNK_PER_SLOT * o->parallel / K > 0 ? CHUNK_PER_SLOT * o->parallel / K : 1;
-    const int chunk = per * K;
-    jm_gen_seq *q = malloc(sizeof *q * (size_t)chunk);
-    int32_t *out = malloc(sizeof *out * (size_t)chunk * (size_t)o->max_new);
-    int64_t *p = malloc(sizeof *p * (size_t)chunk);
-    int *j = malloc(sizeof *j * (size_t)chunk);
-    char **texts = calloc((size_t)chunk, sizeof *texts);
-    if (!s && (!q || !out || !p || !j || !texts)) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    char **texts = calloc((size_t)per * K, sizeof *texts);
+    if (!s && !texts) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
     for (int64_t i0 = 0; !s && i0 < r.set.n; i0 += per) {
         int n = r.set.n - i0 < per ? (int)(r.set.n - i0) : per;
-        for (int a = 0; a < n * K; a++) p[a] = i0 + a / K, j[a] = a % K;
-        s = answer(&r, M.m, q, p, j, n * K, out, err);
-        for (int a = 0; a < n * K && !s; a++) s = answer_text(&M, &q[a], &texts[a], err);
+        for (int a = 0; a < n * K; a++) r.p[a] = i0 + a / K, r.j[a] = a % K;
+        s = answer(&r, M.m, n * K, err);
+        for (int a = 0; a < n * K && !s; a++) s = answer_text(&M, &r.q[a], &texts[a], err);
         if (!s) s = rank_chunk(&r, &T, i0, n, texts, err);
-        for (int a = 0; a < chunk; a++) free(texts[a]), texts[a] = NULL;
+        for (int a = 0; a < n * K; a++) free(texts[a]), texts[a] = NULL;
         if (!s) progress(&r, "pairs", i0 + n);
     }
     if (!s) s = finish(&r, err);
-    free(q);
-    free(out);
-    free(p);
-    free(j);
     free(texts);
     end(&r);
     close_checkpoint(&M);
