@@ -1,6 +1,7 @@
 /* batch.c — many sequences through the model's slots at once: generation
- * (jm_generate_batch) and the log-likelihood of continuations
- * (jm_score_batch), both on the one batched decode step (jm_infer_batch).
+ * (jm_generate_batch, and jm_generate, one sequence of it) and the
+ * log-likelihood of continuations (jm_score_batch), all on the one batched
+ * decode step (jm_infer_batch).
  *
  * The slots are scheduled the same way for both (continuous batching): every
  * busy slot advances in each call, and a slot its sequence leaves takes the
@@ -133,6 +134,29 @@ out:
     free(rng);
     free(scratch);
     free(penalised);
+    return s;
+}
+
+/* jm_generate's one-argument callback under jm_generate_batch's. */
+typedef struct {
+    int (*on_token)(void *ctx, int32_t id);
+    void *ctx;
+} one_seq;
+
+static int one_token(void *p, int seq, int32_t id)
+{
+    (void)seq;
+    const one_seq *o = p;
+    return o->on_token(o->ctx, id);
+}
+
+jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
+                      int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err)
+{
+    jm_gen_seq q = {prompt, n_prompt, o->max_new, o->seed, out, 0};
+    one_seq cb = {on_token, ctx};
+    jm_status s = jm_generate_batch(m, &q, 1, o, on_token ? one_token : NULL, &cb, err);
+    *n_out = q.n_out;
     return s;
 }
 

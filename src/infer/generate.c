@@ -1,5 +1,5 @@
-/* generate.c — sampling, jm_generate (one sequence of batch.c's
- * jm_generate_batch), and streaming the text of a generation.
+/* generate.c — sampling (batch.c's generation loop draws with it), and
+ * streaming the text of a generation.
  *
  * Sampling follows the usual order: the repetition penalty (on a copy of the
  * logits), temperature, then top-k, then top-p (nucleus) over the
@@ -110,29 +110,6 @@ uint64_t jm_seed_stream(uint64_t seed, uint64_t i)
 {
     uint64_t s = seed, t = next_u64(&s) ^ i;
     return next_u64(&t);
-}
-
-/* jm_generate's one-argument callback under jm_generate_batch's. */
-typedef struct {
-    int (*on_token)(void *ctx, int32_t id);
-    void *ctx;
-} one_seq;
-
-static int one_token(void *p, int seq, int32_t id)
-{
-    (void)seq;
-    const one_seq *o = p;
-    return o->on_token(o->ctx, id);
-}
-
-jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
-                      int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err)
-{
-    jm_gen_seq q = {prompt, n_prompt, o->max_new, o->seed, out, 0};
-    one_seq cb = {on_token, ctx};
-    jm_status s = jm_generate_batch(m, &q, 1, o, on_token ? one_token : NULL, &cb, err);
-    *n_out = q.n_out;
-    return s;
 }
 
 /* ---- streaming text ---- */

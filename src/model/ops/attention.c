@@ -2,8 +2,9 @@
  *
  * Query head (j, h) of every token — slot j of its k routed experts, head h —
  * attends with the shared key/value head h (the KV heads are tiled k times).
- * Query rows may follow Tk - T cached keys (generation with a KV cache):
- * row r sits at position Tk - T + r and sees keys 0 .. that position.
+ * Query rows may follow cached keys: row r of a sequence whose first row
+ * sits at position p0 sees keys 0 .. p0 + r (attention_cached: decoding,
+ * each sequence over its own KV cache).
  * Work is split into independent (sequence, slot, head) tasks over threads;
  * within a task, blocks of query rows run as two small GEMMs (scores, then
  * probabilities @ V) over only the keys the block can see, so the causal
