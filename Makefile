@@ -18,6 +18,10 @@ HDR     := $(wildcard include/*.h src/*/*.h src/*/*/*.h)
 OBJ     := $(SRC:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
+# TEMPORARY: until src/align/records.c (branch records) is merged, the records API of
+# src/align/align.h is a test stand-in linked into the CLI, the tests and the benches.
+# It drops out by itself when records.c arrives; then delete tests/records_standin.c and this.
+RECORDS_STANDIN := $(if $(wildcard src/align/records.c),,$(BUILD)/tests/records_standin.o)
 
 .PHONY: all setup test test-asan bench bench-8b demo clean
 all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
@@ -39,16 +43,16 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 # libedit: line editing in the chat REPL (cli/line_input.c).
 CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"$(SAN)"' \
              -DJM_BUILD_BLAS='"OpenBLAS, OpenMP build ($(BLASDIR))"'
-$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
-	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
+$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
+	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
 
-$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $< $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
-$(BUILD)/bench/%: bench/%.c bench/common.h $(BUILD)/libjetmoe.a
+$(BUILD)/bench/%: bench/%.c bench/common.h $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $< $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
 # Installs the Debian packages the project needs when they are missing (idempotent).
 setup:
@@ -69,6 +73,7 @@ bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
 	@$(PY) bench/decode.py --skip-8b
+	@$(BUILD)/bench/decode_batch --threads 2
 
 bench-8b: setup all
 	@$(PY) bench/decode.py

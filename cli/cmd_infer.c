@@ -6,38 +6,21 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
-#include <unistd.h>
 
 /* The flags of generate and chat: generate's prompt or chat's system message,
  * and the sampling flags both take. */
 typedef struct {
     const char *prompt, *tokens, *tokenizer, *system, *kernels;
-    int ids, greedy, quiet;
-    int64_t max_new, top_k, seed, repeat_last_n, threads;
-    double temperature, top_p, repeat_penalty;
+    int ids, quiet;
+    int64_t threads;
+    cli_sampling smp;
     cli_list stop;
 } infer_opts;
 
-/* The sampling flags, in both tables; the defaults that differ are the arguments. */
+/* The flags both tables end with; the defaults that differ are the arguments. */
 #define SAMPLING_FLAGS(MAX_NEW, TEMPERATURE, TOP_P)                                                              \
-    {"--max-new", {"-n"}, FLAG_INT, offsetof(infer_opts, max_new), MAX_NEW, 1, 1 << 20, .meta = "N",              \
-     .help = "new tokens at most"},                                      \
-    {"--temperature", {"--temp"}, FLAG_REAL, offsetof(infer_opts, temperature), TEMPERATURE, 0, 100, .meta = "T", \
-     .help = "sampling temperature, 0 = greedy"},                                                                  \
-    {"--top-k", {NULL}, FLAG_INT, offsetof(infer_opts, top_k), "0", 0, 1 << 24, .meta = "K",                      \
-     .help = "sample among the K most likely tokens, 0 = all"},                                                \
-    {"--top-p", {NULL}, FLAG_REAL, offsetof(infer_opts, top_p), TOP_P, 0, 1, .open_lo = 1, .meta = "P",           \
-     .help = "nucleus: sample among the most likely tokens holding mass P"},                          \
-    {"--seed", {NULL}, FLAG_INT, offsetof(infer_opts, seed), NULL, 0, 2147483647, .meta = "S",                    \
-     .help = "sampling seed; random when not given (printed to stderr)"},                            \
-    {"--greedy", {NULL}, FLAG_BOOL, offsetof(infer_opts, greedy), .help = "always the most likely token"},         \
-    {"--repeat-penalty", {"--repetition-penalty"}, FLAG_REAL, offsetof(infer_opts, repeat_penalty), "1", 0, 100,  \
-     .open_lo = 1, .meta = "R",                                                                                    \
-     .help = "penalise the tokens of the last --repeat-last-n, 1 = off"},            \
-    {"--repeat-last-n", {NULL}, FLAG_INT, offsetof(infer_opts, repeat_last_n), "64", -1, 1 << 20, .meta = "N",    \
-     .help = "the repetition penalty's window, prompt included; -1 = all, 0 = off"},                             \
+    CLI_SAMPLING_FLAGS(infer_opts, smp, MAX_NEW, TEMPERATURE, TOP_P),                                             \
     {"--stop", {NULL}, FLAG_LIST, offsetof(infer_opts, stop), .meta = "STR",                                      \
      .help = "end the text before this string (not printed)"},                     \
     {"--threads", {NULL}, FLAG_INT, offsetof(infer_opts, threads), "0", 0, 4096, .meta = "N",                     \
@@ -116,27 +99,11 @@ static void print_timing(const jm_model *m, const stream_ctx *c, int n_prompt, d
             c->stopped ? " | ended at a stop string" : "");
 }
 
-/* The library's sampling options from the flags. Without --seed the seed is
- * random, and printed when it matters so that the run can be repeated. */
-static jm_sample_opts sample_opts(const infer_opts *o, int max_new)
-{
-    uint64_t seed = (uint64_t)o->seed;
-    if (o->seed < 0) {
-        uint32_t r;
-        if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) r = (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16);
-        seed = r & 0x7fffffff;
-        if (!o->greedy && o->temperature > 0) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed);
-    }
-    return (jm_sample_opts){.temperature = o->temperature, .top_k = (int)o->top_k, .top_p = o->top_p,
-                            .seed = seed, .max_new = max_new, .greedy = o->greedy,
-                            .repetition_penalty = o->repeat_penalty, .repeat_last_n = (int)o->repeat_last_n};
-}
-
 /* generate's and chat's arguments: parsed, the model directory resolved, the
  * stop strings checked, the thread count set. CLI_RUN or the exit code. */
 static int infer_args(const cli_command *self, int argc, char **argv, infer_opts *o, char *dir, size_t cap)
 {
-    *o = (infer_opts){.seed = -1};
+    *o = (infer_opts){.smp.seed = -1};
     const char *path;
     int rc = cli_parse(self, argc, argv, o, &path);
     if (rc != CLI_RUN || (rc = cli_model_dir(self, path, dir, cap)) != CLI_RUN) return rc;
@@ -234,7 +201,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
     }
     /* a prompt that leaves less room than --max-new generates to the end of the context */
     const int context = jm_model_config(m)->max_position_embeddings;
-    int max_new = (int)o.max_new;
+    int max_new = (int)o.smp.max_new;
     if (n >= context) {
         s = JM_ERR_ARG;
         snprintf(err.msg, sizeof err.msg, "the prompt of %d tokens does not fit the context of %d (it must leave "
@@ -264,7 +231,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
             free(text);
         }
     }
-    jm_sample_opts so = sample_opts(&o, max_new);
+    jm_sample_opts so = cli_sample_opts(&o.smp, max_new);
     int n_out = 0;
     const double t0 = now();
     s = jm_generate(m, ids, n, &so, out, &n_out, stream_token, &ctx, &err);
@@ -410,11 +377,11 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     const int V = jm_model_config(m)->vocab_size, ctx = jm_model_config(m)->max_position_embeddings;
     const int eos = jm_tokenizer_eos_id(tok);
     /* the reply's room: what --max-new asks, at most half the context */
-    const int reserve = (int)o.max_new < ctx / 2 ? (int)o.max_new : ctx / 2;
-    jm_sample_opts so = sample_opts(&o, (int)o.max_new);
+    const int max_new = (int)o.smp.max_new, reserve = max_new < ctx / 2 ? max_new : ctx / 2;
+    jm_sample_opts so = cli_sample_opts(&o.smp, max_new);
     chat_history *h = calloc(1, sizeof *h);
     int ncached = 0;
-    int32_t *cached = malloc(sizeof(int32_t) * (size_t)ctx), *reply = malloc(sizeof(int32_t) * (size_t)o.max_new);
+    int32_t *cached = malloc(sizeof(int32_t) * (size_t)ctx), *reply = malloc(sizeof(int32_t) * (size_t)max_new);
     float *probs = malloc(8 * (size_t)V); /* sampling scratch: V (float, int32) pairs */
     float *penalised = malloc(sizeof(float) * (size_t)V); /* the logits after the repetition penalty */
     line_input *in = line_input_open("> ");
@@ -477,7 +444,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
         memcpy(cached, ids, n * sizeof *ids);
         ncached = (int)n;
         free(ids);
-        int nr = 0, limit = (int)o.max_new < ctx - ncached ? (int)o.max_new : ctx - ncached;
+        int nr = 0, limit = max_new < ctx - ncached ? max_new : ctx - ncached;
         if ((s = jm_text_stream_new(tok, NULL, 0, o.stop.v, o.stop.n, &sc.text, &err))) break;
         while (nr < limit && !chat_interrupted) {
             /* the penalty's window is the conversation's last tokens */

@@ -6,6 +6,9 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
 
 #define MAX_FLAGS 32 /* per command */
 
@@ -281,4 +284,18 @@ int cli_model_dir(const cli_command *c, const char *path, char *out, size_t cap)
     if (s) return cli_fail(c, s, &err);
     if (strcmp(out, path) != 0) fprintf(stderr, "jetmoe %s: using %s\n", c->name, cli_shown(&err, out));
     return CLI_RUN;
+}
+
+jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new)
+{
+    uint64_t seed = (uint64_t)s->seed;
+    if (s->seed < 0) {
+        uint32_t r;
+        if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) r = (uint32_t)time(NULL) ^ ((uint32_t)getpid() << 16);
+        seed = r & 0x7fffffff;
+        if (!s->greedy && s->temperature > 0) fprintf(stderr, "seed: %llu\n", (unsigned long long)seed);
+    }
+    return (jm_sample_opts){.temperature = s->temperature, .top_k = (int)s->top_k, .top_p = s->top_p,
+                            .seed = seed, .max_new = max_new, .greedy = s->greedy,
+                            .repetition_penalty = s->repeat_penalty, .repeat_last_n = (int)s->repeat_last_n};
 }

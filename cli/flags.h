@@ -86,12 +86,44 @@ int cli_model_dir(const cli_command *c, const char *path, char *out, size_t cap)
 /* "1,5,9" -> ids (malloc'd); -1 unless every field is an int32. */
 int cli_parse_ids(const char *list, int32_t **out, int *n);
 
-/* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c). */
+/* The sampling flags of generate, chat and the distill commands land in a
+ * cli_sampling inside the command's options (TYPE's member FIELD); the
+ * defaults that differ are the arguments. */
+typedef struct {
+    int64_t max_new, top_k, seed, repeat_last_n; /* seed < 0: none given */
+    double temperature, top_p, repeat_penalty;
+    int greedy;
+} cli_sampling;
+
+#define CLI_SAMPLING_FLAGS(TYPE, FIELD, MAX_NEW, TEMPERATURE, TOP_P)                                              \
+    {"--max-new", {"-n"}, FLAG_INT, offsetof(TYPE, FIELD.max_new), MAX_NEW, 1, 1 << 20, .meta = "N",              \
+     .help = "new tokens at most"},                                                                                \
+    {"--temperature", {"--temp"}, FLAG_REAL, offsetof(TYPE, FIELD.temperature), TEMPERATURE, 0, 100, .meta = "T", \
+     .help = "sampling temperature, 0 = greedy"},                                                                  \
+    {"--top-k", {NULL}, FLAG_INT, offsetof(TYPE, FIELD.top_k), "0", 0, 1 << 24, .meta = "K",                      \
+     .help = "sample among the K most likely tokens, 0 = all"},                                                    \
+    {"--top-p", {NULL}, FLAG_REAL, offsetof(TYPE, FIELD.top_p), TOP_P, 0, 1, .open_lo = 1, .meta = "P",           \
+     .help = "nucleus: sample among the most likely tokens holding mass P"},                                       \
+    {"--seed", {NULL}, FLAG_INT, offsetof(TYPE, FIELD.seed), NULL, 0, 2147483647, .meta = "S",                    \
+     .help = "sampling seed; random when not given (printed to stderr)"},                                          \
+    {"--greedy", {NULL}, FLAG_BOOL, offsetof(TYPE, FIELD.greedy), .help = "always the most likely token"},         \
+    {"--repeat-penalty", {"--repetition-penalty"}, FLAG_REAL, offsetof(TYPE, FIELD.repeat_penalty), "1", 0, 100,  \
+     .open_lo = 1, .meta = "R", .help = "penalise the tokens of the last --repeat-last-n, 1 = off"},               \
+    {"--repeat-last-n", {NULL}, FLAG_INT, offsetof(TYPE, FIELD.repeat_last_n), "64", -1, 1 << 20, .meta = "N",    \
+     .help = "the repetition penalty's window, prompt included; -1 = all, 0 = off"}
+
+/* The library's sampling options from the flags (set seed to -1 before
+ * parsing). Without --seed the seed is random, and printed to stderr when it
+ * matters (not greedy) so that the run can be repeated. */
+jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new);
+
+/* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c). */
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
 extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
 extern const cli_command cmd_pretrain;
 extern const cli_command cmd_sft;
 extern const cli_command cmd_dpo;
 extern const cli_command cmd_generate, cmd_chat, cmd_eval;
+extern const cli_command cmd_distill_sft, cmd_distill_pairs;
 
 #endif

@@ -234,15 +234,50 @@ jm_status jm_backward(jm_model *m, jm_error *err);
 jm_status jm_backward_weighted(jm_model *m, const float *weight, double router_scale, jm_error *err);
 jm_status jm_zero_grad(jm_model *m, jm_error *err);
 
-/* Decoding with a KV cache. jm_infer runs n new tokens at positions
- * pos .. pos+n-1 (pos <= the cached length: a smaller pos rewinds, keeping the
- * prefix) and gives the last token's logits (vocab floats, valid until the
- * next call). Prefill is batched GEMMs; the cache holds K (after RoPE) and V,
- * 2*Hkv*D floats per token per layer. The context defaults to
- * max_position_embeddings; jm_set_context sizes it (and empties it). */
+/* Decoding with a KV cache: one batched step for every caller (generate,
+ * chat, eval --decode, distillation; later the server).
+ *
+ * The cache holds `slots` independent sequences, each of up to ctx positions:
+ * K (after RoPE) and V, 2*Hkv*D floats per token per layer, and the ids they
+ * came from. jm_set_slots sizes it and empties every slot; until it is called
+ * the first decoding call makes one slot of max_position_embeddings.
+ *
+ * jm_infer_batch advances any set of slots in one call. Each item is one
+ * slot's new tokens at consecutive positions pos .. pos+n-1 (pos <= the
+ * slot's cached length: a smaller pos rewinds it, keeping the prefix); a slot
+ * appears in at most one item. All the call's tokens go through each layer
+ * together - the expert products see them as one batch, so each weight matrix
+ * is read once per call however many sequences advance - while every token
+ * gets its own position's RoPE and attends to its own slot's cache only. A
+ * prompt is an item of many tokens (batched GEMMs), and may ride beside other
+ * slots' one-token decode steps. *logits receives, item after item, the
+ * logits (vocab floats each) of the last `logits` tokens of each item, valid
+ * until the next call: 1 when decoding, 0 for none (a prefill whose
+ * continuation comes later), n to score every token of the item.
+ * A token's logits are those of its sequence decoded alone up to the order in
+ * which the products sum (BLAS, and the BF16/Q8/Q4 kernels beyond 8 rows per
+ * expert, sum differently for different row counts): about 1e-6 relative. */
+typedef struct {
+    int slot;              /* [0, jm_slots) */
+    int pos;               /* position of tokens[0]: at most the slot's cached length */
+    int n;                 /* tokens, >= 1 */
+    const int32_t *tokens;
+    int logits;            /* logits for the item's last `logits` tokens: [0, n] */
+} jm_infer_item;
+jm_status jm_set_slots(jm_model *m, int slots, int ctx, jm_error *err);
+jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, const float **logits, jm_error *err);
+/* Makes slot dst hold the first n positions of slot src (n <= its cached
+ * length; dst == src truncates): K samples of one prompt prefill it once. */
+jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err);
+int jm_slots(const jm_model *m);               /* 0 before the cache exists */
+int jm_slot_len(const jm_model *m, int slot);  /* cached positions of slot */
+const int32_t *jm_slot_tokens(const jm_model *m, int slot); /* the jm_slot_len ids cached in slot */
+int jm_context(const jm_model *m);             /* positions per slot */
+/* One sequence, slot 0: jm_infer runs n tokens at positions pos .. pos+n-1
+ * and gives the last one's logits; jm_set_context(m, ctx) is
+ * jm_set_slots(m, 1, ctx); jm_cached is slot 0's length. */
 jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err);
 jm_status jm_set_context(jm_model *m, int ctx, jm_error *err);
-int jm_context(const jm_model *m);
 int jm_cached(const jm_model *m);
 
 /* Bytes of weights one decoded token reads, at the dtypes held: its
@@ -307,9 +342,45 @@ const float *jm_apply_repetition_penalty(const float *logits, float *out, int V,
                                          const jm_sample_opts *o);
 /* Generates after the prompt until EOS, max_new tokens, or on_token (called
  * with each new id; may be NULL) returns non-zero. out holds max_new ids.
- * Applies the repetition penalty over the last repeat_last_n tokens. */
+ * Applies the repetition penalty over the last repeat_last_n tokens. One
+ * sequence of jm_generate_batch (below), its stream seeded by o->seed. */
 jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
                       int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err);
+
+/* Many generations at once, on the model's slots (jm_set_slots; one slot of
+ * the whole context when it has none): up to jm_slots sequences decode
+ * together, one jm_infer_batch step for all of them, and a slot whose
+ * sequence ends takes the next waiting one (continuous batching). A sequence
+ * starts from the longest prefix of its prompt that some slot holds
+ * (jm_slot_copy): K samples of one prompt prefill it once. Each sequence
+ * samples from its own random stream, seeded by its seed (o->seed and
+ * o->max_new are not used), so what it generates does not depend on which
+ * sequences run beside it or how many slots there are (up to the summation
+ * order of jm_infer_batch). Each ends at EOS, its max_new tokens, or when
+ * on_token (called with its index and each new id; may be NULL) returns
+ * non-zero. The repetition penalty applies per sequence. */
+typedef struct {
+    const int32_t *prompt;
+    int n_prompt;        /* >= 1; n_prompt + max_new <= jm_context */
+    int max_new;         /* tokens at most (out holds them); 0 = o->max_new */
+    uint64_t seed;       /* this sequence's random stream: jm_seed_stream(run seed, i) */
+    int32_t *out;
+    int n_out;           /* set: tokens generated, the EOS included when it came */
+} jm_gen_seq;
+jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sample_opts *o,
+                            int (*on_token)(void *ctx, int seq, int32_t id), void *ctx, jm_error *err);
+/* The seed of stream i of a run seeded with seed (both mixed by splitmix64). */
+uint64_t jm_seed_stream(uint64_t seed, uint64_t i);
+
+/* The log-likelihood of continuations, on the same slots and the same way:
+ * for each sequence, logp = the sum over t in [n_prompt, n) of
+ * log p(ids[t] | ids[0..t)). Prompts shared with a slot are not recomputed. */
+typedef struct {
+    const int32_t *ids;
+    int n, n_prompt;     /* 1 <= n_prompt < n, n - 1 <= jm_context */
+    double logp;         /* set */
+} jm_score_seq;
+jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err);
 
 /* Streaming the text of a generation. Each pushed id is appended and the
  * sequence decoded again; text and len receive the new bytes that can no longer

@@ -50,6 +50,11 @@ EXPECTED_FLAGS = {
              "--greedy", "--stop", "--threads", "--kernels", "--repeat-penalty", "--repetition-penalty",
              "--repeat-last-n", "--quiet"],
     "eval": ["--data", "--seq-len", "--max-tokens", "--decode", "--threads", "--kernels"],
+    "distill sft": ["--teacher", "--prompts", "--out", "--max-new", "--temperature", "--top-k", "--top-p", "--seed",
+                    "--parallel", "--on-bad-line", "--overwrite", "--threads", "--kernels"],
+    "distill pairs": ["--model", "--teacher", "--prompts", "--out", "--samples", "--max-new", "--temperature",
+                      "--top-k", "--top-p", "--seed", "--parallel", "--on-bad-line", "--overwrite", "--threads",
+                      "--kernels"],
     "quantize": ["--to", "--out", "--threads", "--overwrite"],
     "help": ["--flags"],
     "version": [],
@@ -132,10 +137,10 @@ def help_and_flags(suite, jm, crashed):
 
 
 def source_tables(suite, jm, commands):
-    """The flag tables as written in cli/*.c (read independently of the binary) == the union of what
+    """The flag tables as written in cli/*.c and cli/*.h (read independently of the binary) == the union of what
     `jetmoe help --flags CMD` lists for all commands."""
     in_source = set()
-    for path in glob.glob(os.path.join(ROOT, "cli", "*.c")):
+    for path in glob.glob(os.path.join(ROOT, "cli", "*.[ch]")):  # flags.h holds the shared sampling flags
         for m in re.finditer(r'\{"(-[\w-]+)", \{([^}]*)\}, FLAG_', open(path).read()):
             in_source.add(m.group(1))
             in_source.update(re.findall(r'"(-[\w-]+)"', m.group(2)))

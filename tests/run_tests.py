@@ -24,6 +24,7 @@ import check_layout  # noqa: E402  (tests/check_layout.py)
 import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
+import distill_tests  # noqa: E402  (tests/distill_tests.py)
 import input_checks_tests  # noqa: E402  (tests/input_checks_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 import train_tests  # noqa: E402  (tests/train_tests.py)
@@ -971,6 +972,7 @@ def main():
         cli_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         output_safety_tests.run(suite, args.build, tmp)
         input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
+        distill_tests.run(suite, args.build, tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

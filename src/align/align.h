@@ -210,4 +210,78 @@ jm_status jm_dump_grads(const char *path, const jm_model *m, const char *const *
 /* The paths a run reads (never to be replaced): model, ref, recipe, data. */
 int jm_tune_inputs(const jm_tune_opts *o, const char **inputs, int cap);
 
+/* ---- distillation from a local teacher (distill.c) ----
+ *
+ * jm_distill_sft: the teacher answers every prompt record (jm_prompts_load)
+ * with its chat template and writes an SFT record per prompt,
+ *   {"messages": [...the prompt's messages..., {"role": "assistant", "content": ANSWER}], "answer": ...}
+ * ("answer" kept when the prompt record has one, so later steps can verify).
+ * jm_distill_pairs: the model samples `samples` answers per prompt, ranked
+ * by the verifier when the record has an "answer" (jm_distill_verify), else
+ * by the teacher's mean log-probability of each answer's tokens given the
+ * rendered prompt; when the verifier finds every answer right, or every one
+ * wrong, the teacher breaks the tie if there is one, else the prompt gives no
+ * pair and is counted. Each pair is written in UltraFeedback's layout,
+ *   {"prompt": [...], "chosen": [...prompt, answer], "rejected": [...prompt, answer],
+ *    "score_chosen": S, "score_rejected": S, "ranked_by": "verifier"|"teacher", "answer": ...}
+ * (scores: the verifier's 1 or 0, or the teacher's mean log p).
+ * Both decode on the batched step (jm_generate_batch, jm_score_batch) with
+ * `parallel` slots; each answer samples from its own stream, derived from
+ * the seed and the record's line (and the sample's number), so the output
+ * does not depend on `parallel`. An empty answer is never written (the
+ * readers refuse one): counted in skip_empty. out follows the output rule
+ * (jm_output_file: replaced only with overwrite, never an input) and is
+ * written atomically: on an error or a stop nothing is left. */
+typedef struct {
+    const char *prompts;        /* JSONL of prompt records */
+    const char *out;            /* the JSONL written */
+    const char *teacher;        /* checkpoint: sft's answers; pairs' ranking without a verifier (optional there) */
+    const char *model;          /* pairs: the checkpoint whose answers are ranked */
+    const char *kernels;        /* jm_set_kernels for both; NULL = "auto" */
+    int samples;                /* pairs: answers per prompt, >= 2 */
+    int max_new;                /* tokens per answer at most */
+    int parallel;               /* sequences decoded together (jm_set_slots), >= 1 */
+    jm_sample_opts sample;      /* sampling; its seed seeds the run, max_new is the field above */
+    int overwrite;              /* replace an existing out */
+    int skip_bad;               /* --on-bad-line skip */
+    int quiet;                  /* no progress on stderr */
+    const volatile int *stop;   /* set asynchronously (SIGINT): end soon, write nothing; may be NULL */
+} jm_distill_opts;
+
+typedef struct {
+    int64_t prompts;            /* prompt records used */
+    int64_t bad_lines;          /* skipped (skip_bad) */
+    int64_t answers, tokens;    /* answers generated, and their tokens */
+    int64_t written;            /* sft: records; pairs: pairs */
+    int64_t by_verifier, by_teacher;          /* pairs ranked by each */
+    int64_t skip_all_right, skip_all_wrong;   /* no pair: the verifier could not tell them apart, no teacher */
+    int64_t skip_tied;          /* no pair: the teacher's best and worst answers are the same text */
+    int64_t skip_empty;         /* sft: empty answers; pairs: prompts with fewer than two non-empty answers */
+    int64_t skip_teacher_context; /* pairs: answers too long for the teacher's context, not ranked by it */
+    double seconds;
+} jm_distill_stats;
+
+jm_status jm_distill_sft(const jm_distill_opts *o, jm_distill_stats *st, jm_error *err);
+jm_status jm_distill_pairs(const jm_distill_opts *o, jm_distill_stats *st, jm_error *err);
+
+/* The verifier: 1 when text's final answer is answer's (jm_final_answer of
+ * each; an answer without a number or "####" is compared whole, trimmed). */
+int jm_distill_verify(const char *text, const char *answer);
+
+/* How one prompt's answers were ranked, or why they give no pair. */
+typedef enum {
+    JM_RANK_VERIFIER,   /* a right answer over a wrong one (the first of each, in sample order) */
+    JM_RANK_TEACHER,    /* the teacher's best over its worst */
+    JM_RANK_ALL_RIGHT,  /* no pair: every answer right, and no teacher */
+    JM_RANK_ALL_WRONG,  /* no pair: every answer wrong, and no teacher */
+    JM_RANK_TIED,       /* no pair: no answer differs from the teacher's best */
+    JM_RANK_TOO_FEW,    /* no pair: fewer than two answers to rank */
+} jm_rank;
+/* Ranks k answers: text[i] (the empty ones, and NULL, take no part); right
+ * (k, or NULL: no verifier) 1 where the verifier found answer i right; score
+ * (k, or NULL: no teacher) the teacher's mean log p. *chosen and *rejected
+ * get the pair's indices when the result is JM_RANK_VERIFIER or _TEACHER. */
+jm_rank jm_distill_rank(int k, const char *const *text, const int *right, const double *score, int *chosen,
+                        int *rejected);
+
 #endif

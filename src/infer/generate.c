@@ -1,4 +1,5 @@
-/* generate.c — sampling and the generation loop.
+/* generate.c — sampling (batch.c's generation loop draws with it), and
+ * streaming the text of a generation.
  *
  * Sampling follows the usual order: the repetition penalty (on a copy of the
  * logits), temperature, then top-k, then top-p (nucleus) over the
@@ -105,50 +106,10 @@ const float *jm_apply_repetition_penalty(const float *logits, float *out, int V,
     return out;
 }
 
-jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm_sample_opts *o, int32_t *out,
-                      int *n_out, int (*on_token)(void *ctx, int32_t id), void *ctx, jm_error *err)
+uint64_t jm_seed_stream(uint64_t seed, uint64_t i)
 {
-    *n_out = 0;
-    const jm_config *c = jm_model_config(m);
-    jm_status s = jm_sample_validate(o, err);
-    if (s) return s;
-    if (n_prompt < 1) return jm_fail(err, JM_ERR_ARG, "empty prompt: give at least one token");
-    int context = jm_context(m) ? jm_context(m) : c->max_position_embeddings;
-    if (n_prompt >= context)
-        return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens does not fit the context of %d (it must leave room for "
-                       "at least one new token)", n_prompt, context);
-    if ((int64_t)n_prompt + o->max_new > context)
-        return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens + %d new exceeds the context of %d", n_prompt, o->max_new,
-                       context);
-    const int V = c->vocab_size;
-    int32_t *seq = malloc(sizeof(int32_t) * (size_t)(n_prompt + o->max_new));
-    void *scratch = malloc(sizeof(prob_id) * (size_t)V);
-    float *penalised = malloc(sizeof(float) * (size_t)V);
-    if (!seq || !scratch || !penalised) {
-        free(seq);
-        free(scratch);
-        free(penalised);
-        return jm_fail(err, JM_ERR_NOMEM, "out of memory");
-    }
-    memcpy(seq, prompt, sizeof(int32_t) * (size_t)n_prompt);
-    uint64_t rng = o->seed;
-    int n = n_prompt;
-    const float *logits;
-    /* prefill the prompt in one batched pass, then one cached step per token */
-    if (!(s = jm_infer(m, seq, n, 0, &logits, err))) {
-        for (int i = 0; i < o->max_new; i++) {
-            int32_t id = jm_sample(jm_apply_repetition_penalty(logits, penalised, V, seq, n, o), V, o, &rng, scratch);
-            seq[n++] = id;
-            out[(*n_out)++] = id;
-            if (on_token && on_token(ctx, id)) break; /* EOS too: --ids shows it */
-            if (id == c->eos_token_id) break;
-            if (i + 1 < o->max_new && (s = jm_infer(m, &id, 1, n - 1, &logits, err))) break;
-        }
-    }
-    free(seq);
-    free(scratch);
-    free(penalised);
-    return s;
+    uint64_t s = seed, t = next_u64(&s) ^ i;
+    return next_u64(&t);
 }
 
 /* ---- streaming text ---- */

@@ -51,19 +51,32 @@ typedef struct {
     float *dz, *dgate;    /* (N,E), (N*k) */
 } grad_scratch;
 
-/* The decoder: a KV cache and a small arena for the tokens of one call, whose
- * activations every layer reuses (nothing is kept for a backward pass). */
+/* The decoder: a KV cache of `slots` independent sequences and a small arena
+ * for the tokens of one call, whose activations every layer reuses (nothing
+ * is kept for a backward pass). */
 typedef struct {
-    int ctx, len;           /* cache capacity and cached positions */
-    float *kv;              /* (L, ctx, 2A): K after RoPE, then V, per position */
+    int slots, ctx;         /* sequences, and positions each can hold */
+    int *len;               /* (slots) cached positions of each */
+    int32_t *tok;           /* (slots, ctx) the ids whose keys and values are cached */
+    float *kv;              /* (L, slots, ctx, 2A): K after RoPE, then V, per position */
     float *rope_cos, *rope_sin; /* (ctx, D/2) */
-    int n_cap, att_threads; /* tokens per call the arena is planned for */
+    int n_cap, r_cap, att_threads; /* tokens and logit rows per call the arena is planned for */
     void *mem;
     size_t cap;
     layer_acts a;           /* shared by every layer */
-    float *x0, *x1, *hf, *logits, *xs, *ys, *att_scratch;
+    float *x0, *x1, *hf, *logits, *xs, *ys, *att_scratch; /* hf (r_cap, H), logits (r_cap, V) */
+    int32_t *pos;           /* (n_cap) each token's position */
+    att_run *runs;          /* (n_cap) one per item of the call */
     void *wscratch;         /* stored-weight products (qmatmul.c) */
 } decoder;
+
+/* A jm_infer_batch call as the MoA block sees it: its runs over this layer's
+ * part of the cache. */
+typedef struct {
+    const att_run *runs;
+    int nruns, ctx;
+    float *cache;           /* (slots, ctx, 2A) of the layer being computed */
+} dec_step;
 
 /* A parameter's place in the model: an fp32 vector (or router), or a matrix view. */
 typedef struct {
@@ -236,6 +249,8 @@ void jm_model_free(jm_model *m)
     free(m->act_mem);
     free(m->grad_mem);
     free(m->dec.kv);
+    free(m->dec.len);
+    free(m->dec.tok);
     free(m->dec.rope_cos);
     free(m->dec.rope_sin);
     free(m->dec.mem);
@@ -808,19 +823,20 @@ typedef struct {
     const float *rope_cos, *rope_sin;
     const wkernels *K; /* and what products with stored (BF16/Q8/Q4) weights use */
     void *wscratch;
-    const int32_t *pos, *kstart; /* packed rows (training): positions and sequence starts; else NULL */
+    const int32_t *pos, *kstart; /* each token's position: packed rows (training) or decoding; else NULL */
 } fwd_scratch;
 
 /* MoA (spec, "MoA"): shared K/V, per-slot expert queries, causal attention,
- * per-slot expert output projections weighted by the gates. The new tokens'
- * keys and values go to rows p0 .. p0+T-1 of kv (per sequence, Tk = p0 + T
- * rows): a->kv in training (p0 = 0), the layer's KV cache when decoding. */
+ * per-slot expert output projections weighted by the gates. The tokens'
+ * keys and values go to a->kv; training (step NULL) attends within each of
+ * the B rows of T tokens, decoding stores them in the step's sequences'
+ * caches and attends over those. */
 static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_params *p, layer_acts *a, int B,
-                        int T, float *kv, int p0)
+                        int T, const dec_step *step)
 {
     const int64_t N = (int64_t)B * T, H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const int E = c->num_experts, k = c->top_k;
-    float *kv_new = kv + (int64_t)p0 * 2 * A; /* B == 1 whenever p0 > 0 */
+    float *kv_new = a->kv;
 
     wmatmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, S->K, S->wscratch);
     router_forward(a->moa_z, a->moa_idx, a->moa_gate, a->a, p->moa_router, N, (int)H, E, k);
@@ -830,10 +846,14 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     wexperts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A, S->K, S->wscratch);
     dispatch_scatter(a->q, S->ys, a->moa_sorted, N * k, A);
 
-    rope_forward(a->q, N, T, p0, S->pos, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
-    rope_forward(kv_new, N, T, p0, S->pos, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
-    attention_forward(a->att, a->att_lse, a->q, kv, S->kstart, S->att_scratch, B, T, p0 + T, k, c->num_kv_heads,
-                      c->head_dim);
+    rope_forward(a->q, N, T, 0, S->pos, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
+    rope_forward(kv_new, N, T, 0, S->pos, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
+    if (step)
+        attention_cached(a->att, a->att_lse, a->q, kv_new, step->cache, step->runs, step->nruns, S->att_scratch,
+                         step->ctx, k, c->num_kv_heads, c->head_dim);
+    else
+        attention_forward(a->att, a->att_lse, a->q, kv_new, S->kstart, S->att_scratch, B, T, T, k, c->num_kv_heads,
+                          c->head_dim);
 
     dispatch_gather(S->xs, a->att, a->moa_sorted, N * k, k, A, 1);
     wexperts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H, S->K, S->wscratch);
@@ -930,7 +950,7 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
         double sw, zr;
 
         rmsnorm_forward(a->a, a->rstd1, a->x, p->ln1, N, H, eps);
-        moa_forward(c, &S, p, a, B, T, a->kv, 0);
+        moa_forward(c, &S, p, a, B, T, NULL);
         router_losses(&sw, &zr, a->moa_z, a->moa_idx, valid, N, c->num_experts, c->top_k);
         aux += sw;
         zl += zr;
@@ -962,117 +982,233 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
 
 /* ---- decoding with a KV cache ---- */
 
-jm_status jm_set_context(jm_model *m, int ctx, jm_error *err)
+jm_status jm_set_slots(jm_model *m, int slots, int ctx, jm_error *err)
 {
-    if (ctx < 1 || ctx > m->cfg.max_position_embeddings)
+    const jm_config *c = &m->cfg;
+    if (ctx < 1 || ctx > c->max_position_embeddings)
         return jm_fail(err, JM_ERR_ARG, "context %d must be in [1, max_position_embeddings = %d]", ctx,
-                       m->cfg.max_position_embeddings);
+                       c->max_position_embeddings);
+    if (slots < 1) return jm_fail(err, JM_ERR_ARG, "%d slots: the KV cache needs at least one", slots);
     decoder *d = &m->dec;
     free(d->kv);
+    free(d->len);
+    free(d->tok);
     free(d->rope_cos);
     free(d->rope_sin);
     d->kv = d->rope_cos = d->rope_sin = NULL;
-    d->ctx = d->len = 0;
-    d->n_cap = 0; /* the arena's attention scratch is sized by the context: plan it again */
-    const jm_config *c = &m->cfg;
-    size_t A = (size_t)c->num_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
-    size_t bytes = (size_t)c->num_layers * ctx * 2 * A * sizeof(float);
-    d->kv = malloc(bytes);
+    d->len = NULL;
+    d->tok = NULL;
+    d->slots = d->ctx = 0;
+    d->n_cap = d->r_cap = 0; /* the arena's attention scratch is sized by the context: plan it again */
+    const size_t A = (size_t)c->num_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
+    const double gb = (double)c->num_layers * slots * ctx * 2 * A * sizeof(float) / 1e9;
+    if (gb * 1e9 > (double)(SIZE_MAX / 2))
+        return jm_fail(err, JM_ERR_NOMEM, "a KV cache of %d slots of %d positions (%.0f GB) is too large", slots,
+                       ctx, gb);
+    d->kv = malloc((size_t)c->num_layers * slots * ctx * 2 * A * sizeof(float));
+    d->len = calloc((size_t)slots, sizeof *d->len);
+    d->tok = malloc((size_t)slots * ctx * sizeof *d->tok);
     d->rope_cos = malloc((size_t)ctx * half * sizeof(float));
     d->rope_sin = malloc((size_t)ctx * half * sizeof(float));
-    if (!d->kv || !d->rope_cos || !d->rope_sin)
-        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate a %.2f GB KV cache for %d positions", bytes / 1e9, ctx);
+    if (!d->kv || !d->len || !d->tok || !d->rope_cos || !d->rope_sin) {
+        free(d->kv), free(d->len), free(d->tok), free(d->rope_cos), free(d->rope_sin);
+        d->kv = d->rope_cos = d->rope_sin = NULL;
+        d->len = NULL;
+        d->tok = NULL;
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate a %.2f GB KV cache for %d slot%s of %d positions", gb,
+                       slots, slots > 1 ? "s" : "", ctx);
+    }
     rope_tables(d->rope_cos, d->rope_sin, ctx, c->head_dim, c->rope_theta);
+    d->slots = slots;
     d->ctx = ctx;
     return JM_OK;
 }
 
+jm_status jm_set_context(jm_model *m, int ctx, jm_error *err) { return jm_set_slots(m, 1, ctx, err); }
 int jm_context(const jm_model *m) { return m->dec.ctx; }
-int jm_cached(const jm_model *m) { return m->dec.len; }
+int jm_slots(const jm_model *m) { return m->dec.slots; }
+int jm_cached(const jm_model *m) { return jm_slot_len(m, 0); }
+int jm_slot_len(const jm_model *m, int slot)
+{
+    return slot >= 0 && slot < m->dec.slots ? m->dec.len[slot] : 0;
+}
+const int32_t *jm_slot_tokens(const jm_model *m, int slot)
+{
+    return slot >= 0 && slot < m->dec.slots ? m->dec.tok + (int64_t)slot * m->dec.ctx : NULL;
+}
 
-/* The decoder's arena for up to n tokens per call (grows, never shrinks). */
-static jm_status ensure_decoder(jm_model *m, int n, jm_error *err)
+/* "slot 3: " when there are several, for messages; "" with one. */
+static const char *slot_name(const decoder *d, int slot, char *buf, size_t cap)
+{
+    if (d->slots > 1) snprintf(buf, cap, "slot %d: ", slot);
+    else buf[0] = 0;
+    return buf;
+}
+
+jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err)
 {
     decoder *d = &m->dec;
-    if (d->mem && n <= d->n_cap && d->att_threads >= omp_get_max_threads()) return JM_OK;
+    if (src < 0 || src >= d->slots || dst < 0 || dst >= d->slots)
+        return jm_fail(err, JM_ERR_ARG, "slot %d is outside the %d slots (jm_set_slots)",
+                       src < 0 || src >= d->slots ? src : dst, d->slots);
+    if (n < 0 || n > d->len[src])
+        return jm_fail(err, JM_ERR_ARG, "slot %d holds %d positions: cannot copy %d of them", src, d->len[src], n);
+    const int64_t row = 2 * (int64_t)m->cfg.num_kv_heads * m->cfg.head_dim, per_slot = (int64_t)d->ctx * row;
+    if (src != dst)
+        for (int l = 0; l < m->cfg.num_layers; l++) {
+            float *layer = d->kv + (int64_t)l * d->slots * per_slot;
+            memcpy(layer + dst * per_slot, layer + src * per_slot, (size_t)n * (size_t)row * sizeof(float));
+        }
+    memmove(d->tok + (int64_t)dst * d->ctx, d->tok + (int64_t)src * d->ctx, (size_t)n * sizeof *d->tok);
+    d->len[dst] = n;
+    return JM_OK;
+}
+
+/* The decoder's arena for up to n tokens and r rows of logits per call (grows, never shrinks). */
+static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
+{
+    decoder *d = &m->dec;
+    if (d->mem && n <= d->n_cap && r <= d->r_cap && d->att_threads >= omp_get_max_threads()) return JM_OK;
+    n = n > d->n_cap ? n : d->n_cap;
+    r = r > d->r_cap ? r : d->r_cap;
     const jm_config *c = &m->cfg;
-    const size_t N = (size_t)n, H = c->hidden_size, V = c->vocab_size, k = c->top_k, f = sizeof(float);
+    const size_t N = (size_t)n, R = (size_t)r, H = c->hidden_size, V = c->vocab_size, k = c->top_k, f = sizeof(float);
     for (int pass = 0; pass < 2; pass++) {
         char *base = pass ? d->mem : NULL;
         size_t off = 0;
         layer_acts a = {0};
         plan_layer(c, &a, base, &off, N);
         float *x0 = carve(base, &off, N * H * f), *x1 = carve(base, &off, N * H * f);
-        float *hf = carve(base, &off, H * f), *logits = carve(base, &off, V * f);
+        float *hf = carve(base, &off, R * H * f), *logits = carve(base, &off, R * V * f);
         float *xs = carve(base, &off, N * k * wide_width(c) * f), *ys = carve(base, &off, N * k * wide_width(c) * f);
+        int32_t *pos = carve(base, &off, N * sizeof *pos);
+        att_run *runs = carve(base, &off, N * sizeof *runs);
         int threads = omp_get_max_threads();
         float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx) * f);
         void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads))
                              : NULL;
         if (!pass) {
             free(d->mem);
+            d->n_cap = d->r_cap = 0;
             d->mem = aligned_alloc(64, off);
             if (!d->mem) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for decoding", off / 1e9);
             d->cap = off;
         } else {
             d->a = a;
             d->x0 = x0, d->x1 = x1, d->hf = hf, d->logits = logits, d->xs = xs, d->ys = ys, d->att_scratch = att;
+            d->pos = pos, d->runs = runs;
             d->att_threads = threads;
             d->wscratch = ws;
             d->n_cap = n;
+            d->r_cap = r;
         }
     }
     return JM_OK;
 }
 
-jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err)
+/* An item's place in the cache: in range, contiguous with what the slot holds, ids in the vocabulary. */
+static jm_status check_item(const jm_model *m, const jm_infer_item *items, int i, jm_error *err)
+{
+    const decoder *d = &m->dec;
+    const jm_infer_item *it = &items[i];
+    char at[32];
+    if (it->slot < 0 || it->slot >= d->slots)
+        return jm_fail(err, JM_ERR_ARG, "item %d: slot %d is outside the %d slot%s (jm_set_slots)", i, it->slot,
+                       d->slots, d->slots > 1 ? "s" : "");
+    slot_name(d, it->slot, at, sizeof at);
+    if (it->n < 1 || !it->tokens) return jm_fail(err, JM_ERR_ARG, "%sno tokens to process", at);
+    if (it->pos < 0 || it->pos > d->len[it->slot])
+        return jm_fail(err, JM_ERR_ARG, "%sposition %d is past the %d cached tokens", at, it->pos, d->len[it->slot]);
+    if ((int64_t)it->pos + it->n > d->ctx)
+        return jm_fail(err, JM_ERR_ARG, "%s%d + %d tokens exceed the context of %d", at, it->pos, it->n, d->ctx);
+    if (it->logits < 0 || it->logits > it->n)
+        return jm_fail(err, JM_ERR_ARG, "%slogits for %d of its %d tokens", at, it->logits, it->n);
+    for (int j = 0; j < i; j++)
+        if (items[j].slot == it->slot)
+            return jm_fail(err, JM_ERR_ARG, "slot %d appears twice in one call (items %d and %d)", it->slot, j, i);
+    for (int t = 0; t < it->n; t++)
+        if (it->tokens[t] < 0 || it->tokens[t] >= m->cfg.vocab_size)
+            return jm_fail(err, JM_ERR_ARG, "%stoken id %d at position %d is outside the vocabulary [0, %d)", at,
+                           it->tokens[t], it->pos + t, m->cfg.vocab_size);
+    return JM_OK;
+}
+
+jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, const float **logits, jm_error *err)
 {
     const jm_config *c = &m->cfg;
     decoder *d = &m->dec;
     jm_status s;
-    if (!d->kv && (s = jm_set_context(m, c->max_position_embeddings, err))) return s;
-    if (n < 1) return jm_fail(err, JM_ERR_ARG, "no tokens to process");
-    if (pos < 0 || pos > d->len)
-        return jm_fail(err, JM_ERR_ARG, "position %d is past the %d cached tokens", pos, d->len);
-    if ((int64_t)pos + n > d->ctx)
-        return jm_fail(err, JM_ERR_ARG, "%d + %d tokens exceed the context of %d", pos, n, d->ctx);
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= c->vocab_size)
-            return jm_fail(err, JM_ERR_ARG, "token id %d at position %d is outside the vocabulary [0, %d)", tokens[i],
-                           pos + i, c->vocab_size);
-    if ((s = ensure_decoder(m, n, err))) return s;
+    *logits = NULL;
+    if (!d->kv && (s = jm_set_slots(m, 1, c->max_position_embeddings, err))) return s;
+    if (nitems < 1 || !items) return jm_fail(err, JM_ERR_ARG, "no tokens to process");
+    int64_t N = 0, R = 0;
+    for (int i = 0; i < nitems; i++) {
+        if ((s = check_item(m, items, i, err))) return s;
+        N += items[i].n;
+        R += items[i].logits;
+    }
+    /* dispatch indices are int32 and BLAS dimensions int */
+    if (N * c->top_k > INT32_MAX || R * c->vocab_size > INT32_MAX)
+        return jm_fail(err, JM_ERR_ARG, "%lld tokens (%lld rows of logits) are too many for one call", (long long)N,
+                       (long long)R);
+    if ((s = ensure_decoder(m, (int)N, (int)R, err))) return s;
 
-    const int64_t H = c->hidden_size, A = (int64_t)c->num_kv_heads * c->head_dim;
+    const int64_t H = c->hidden_size, V = c->vocab_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const float eps = (float)c->rms_norm_eps;
-    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch, NULL, NULL};
-    layer_acts *a = &d->a;
     float *x = d->x0, *x_next = d->x1;
-    embedding_forward(x, tokens, m->embed, n, H);
+    for (int i = 0, row = 0; i < nitems; row += items[i].n, i++) {
+        const jm_infer_item *it = &items[i];
+        d->runs[i] = (att_run){row, it->n, it->pos, (int64_t)it->slot * d->ctx * 2 * A};
+        for (int t = 0; t < it->n; t++) d->pos[row + t] = it->pos + t;
+        embedding_forward(x + (int64_t)row * H, it->tokens, m->embed, it->n, H);
+    }
+    dec_step step = {d->runs, nitems, d->ctx, NULL};
+    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch, d->pos, NULL};
+    layer_acts *a = &d->a;
     for (int l = 0; l < c->num_layers; l++) {
         const layer_params *p = &m->lp[l];
+        step.cache = d->kv + (int64_t)l * d->slots * d->ctx * 2 * A;
         a->x = x;
-        rmsnorm_forward(a->a, a->rstd1, x, p->ln1, n, H, eps);
-        moa_forward(c, &S, p, a, 1, n, d->kv + (int64_t)l * d->ctx * 2 * A, pos);
-        rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, n, H, eps);
-        moe_forward(c, &S, p, a, x_next, n);
+        rmsnorm_forward(a->a, a->rstd1, x, p->ln1, N, H, eps);
+        moa_forward(c, &S, p, a, 1, (int)N, &step);
+        rmsnorm_forward(a->b, a->rstd2, a->x_mid, p->ln2, N, H, eps);
+        moe_forward(c, &S, p, a, x_next, N);
         float *t = x;
         x = x_next;
         x_next = t;
     }
-    /* only the last position's logits: prefill never pays for the others */
-    rmsnorm_forward(d->hf, NULL, x + (int64_t)(n - 1) * H, m->norm, 1, H, eps);
-    wmatmul_forward(d->logits, d->hf, m->lm_head, 1, H, c->vocab_size, m->kern, d->wscratch);
-    d->len = pos + n;
+    /* only the rows asked for: a prefill never pays for the others */
+    int64_t r = 0;
+    for (int i = 0; i < nitems; i++)
+        for (int t = items[i].n - items[i].logits; t < items[i].n; t++, r++)
+            rmsnorm_forward(d->hf + r * H, NULL, x + (d->runs[i].row0 + t) * H, m->norm, 1, H, eps);
+    if (R) wmatmul_forward(d->logits, d->hf, m->lm_head, R, H, V, m->kern, d->wscratch);
+    for (int i = 0; i < nitems; i++) {
+        memcpy(d->tok + (int64_t)items[i].slot * d->ctx + items[i].pos, items[i].tokens,
+               (size_t)items[i].n * sizeof *d->tok);
+        d->len[items[i].slot] = items[i].pos + items[i].n;
+    }
     /* in-place weights are not scanned at open (it would read all 17 GB of an
      * 8B model before the first token); bad ones show up here */
-    for (int i = 0; i < c->vocab_size; i++)
-        if (!isfinite(d->logits[i])) {
-            d->len = pos; /* the cache holds garbage past here */
-            return jm_fail(err, JM_ERR_FORMAT, "the logits at position %d are not finite: the checkpoint's weights "
-                           "hold NaN or infinity", pos + n - 1);
-        }
+    r = 0;
+    for (int i = 0; i < nitems; i++)
+        for (int t = items[i].n - items[i].logits; t < items[i].n; t++, r++)
+            for (int64_t v = 0; v < V; v++)
+                if (!isfinite(d->logits[r * V + v])) {
+                    char at[32];
+                    for (int j = 0; j < nitems; j++) d->len[items[j].slot] = items[j].pos; /* garbage past here */
+                    return jm_fail(err, JM_ERR_FORMAT, "%sthe logits at position %d are not finite: the checkpoint's "
+                                   "weights hold NaN or infinity", slot_name(d, items[i].slot, at, sizeof at),
+                                   items[i].pos + t);
+                }
     *logits = d->logits;
     return JM_OK;
+}
+
+jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err)
+{
+    const jm_infer_item it = {0, pos, n, tokens, 1};
+    return jm_infer_batch(m, &it, 1, logits, err);
 }
 
 /* ---- backward ---- */

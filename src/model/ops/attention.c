@@ -2,8 +2,9 @@
  *
  * Query head (j, h) of every token — slot j of its k routed experts, head h —
  * attends with the shared key/value head h (the KV heads are tiled k times).
- * Query rows may follow Tk - T cached keys (generation with a KV cache):
- * row r sits at position Tk - T + r and sees keys 0 .. that position.
+ * Query rows may follow cached keys: row r of a sequence whose first row
+ * sits at position p0 sees keys 0 .. p0 + r (attention_cached: decoding,
+ * each sequence over its own KV cache).
  * Work is split into independent (sequence, slot, head) tasks over threads;
  * within a task, blocks of query rows run as two small GEMMs (scores, then
  * probabilities @ V) over only the keys the block can see, so the causal
@@ -15,6 +16,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <string.h>
 
 #define ATT_BLOCK 64 /* query rows per block: scores fit in L2 for T in the thousands */
 
@@ -23,13 +25,49 @@ size_t attention_scratch_floats(int T)
     return 2 * (size_t)ATT_BLOCK * (size_t)T; /* scores, and in backward their gradient */
 }
 
+/* One task: query head (j, h) of T rows at positions p0 .. p0+T-1 (Q, O with
+ * row stride qs; lse with stride lse_stride) against the keys of its
+ * sequence from row 0 (Kb: key head h, row stride kvs; V is A further on).
+ * kst (T, or NULL) is each row's first visible key (packing). */
+static void attend(float *O, float *lse, int lse_stride, const float *Q, const float *Kb, const int32_t *kst,
+                   float *S, int T, int p0, int64_t qs, int64_t kvs, int64_t A, int D)
+{
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
+        int lo = kst ? kst[r0] : 0; /* no row of the block sees a key before lo */
+        int nk = p0 + r0 + rb - lo; /* keys lo .. lo+nk-1 are visible to some row of the block */
+        const float *K = Kb + (int64_t)lo * kvs, *V = K + A;
+        /* one query row (decoding): GEMV, several times faster than a one-row GEMM in OpenBLAS */
+        if (rb == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, K, (int)kvs, Q + (int64_t)r0 * qs, 1, 0.0f, S, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs, (int)qs, K,
+                        (int)kvs, 0.0f, S, nk);
+        for (int r = 0; r < rb; r++) {
+            float *s = S + (int64_t)r * nk;
+            int first = kst ? kst[r0 + r] - lo : 0, visible = p0 + r0 + r + 1 - lo;
+            float mx = row_max(s + first, visible - first);
+            float sum = exp_shift_sum(s + first, s + first, visible - first, mx);
+            float inv = 1.0f / sum;
+            for (int c = 0; c < first; c++) s[c] = 0.0f;
+            for (int c = first; c < visible; c++) s[c] *= inv;
+            for (int c = visible; c < nk; c++) s[c] = 0.0f;
+            lse[(int64_t)(r0 + r) * lse_stride] = mx + logf(sum);
+        }
+        if (rb == 1)
+            cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, V, (int)kvs, S, 1, 0.0f, O + (int64_t)r0 * qs, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, S, nk, V, (int)kvs, 0.0f,
+                        O + (int64_t)r0 * qs, (int)qs);
+    }
+}
+
 void attention_forward(float *out, float *lse, const float *q, const float *kv, const int32_t *kstart,
                        float *scratch, int B, int T, int Tk, int k, int Hkv, int D)
 {
-    const int p0 = Tk - T; /* position of the first query row: earlier keys come from a cache */
     const int64_t A = (int64_t)Hkv * D;
     const int64_t qs = k * A, kvs = 2 * A; /* row strides of q/out and kv */
-    const float scale = 1.0f / sqrtf((float)D);
     const int tasks = B * k * Hkv;
 #pragma omp parallel
     {
@@ -37,40 +75,33 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
             int b = task / (k * Hkv), j = (task / Hkv) % k, h = task % Hkv;
-            int64_t row0 = (int64_t)b * T;
-            const float *Q = q + row0 * qs + (int64_t)j * A + (int64_t)h * D;
-            const float *Kb = kv + (int64_t)b * Tk * kvs + (int64_t)h * D;
-            float *O = out + row0 * qs + (int64_t)j * A + (int64_t)h * D;
-            for (int r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                int rb = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK;
-                int lo = kstart ? kstart[row0 + r0] : 0; /* no row of the block sees a key before lo */
-                int nk = p0 + r0 + rb - lo; /* keys lo .. lo+nk-1 are visible to some row of the block */
-                const float *K = Kb + (int64_t)lo * kvs, *V = K + A;
-                /* one query row (decoding): GEMV, several times faster than a one-row GEMM in OpenBLAS */
-                if (rb == 1)
-                    cblas_sgemv(CblasRowMajor, CblasNoTrans, nk, D, scale, K, (int)kvs, Q + (int64_t)r0 * qs, 1,
-                                0.0f, S, 1);
-                else
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, nk, D, scale, Q + (int64_t)r0 * qs,
-                                (int)qs, K, (int)kvs, 0.0f, S, nk);
-                for (int r = 0; r < rb; r++) {
-                    float *s = S + (int64_t)r * nk;
-                    int first = kstart ? kstart[row0 + r0 + r] - lo : 0, visible = p0 + r0 + r + 1 - lo;
-                    float mx = row_max(s + first, visible - first);
-                    float sum = exp_shift_sum(s + first, s + first, visible - first, mx);
-                    float inv = 1.0f / sum;
-                    for (int c = 0; c < first; c++) s[c] = 0.0f;
-                    for (int c = first; c < visible; c++) s[c] *= inv;
-                    for (int c = visible; c < nk; c++) s[c] = 0.0f;
-                    lse[(row0 + r0 + r) * k * Hkv + j * Hkv + h] = mx + logf(sum);
-                }
-                if (rb == 1)
-                    cblas_sgemv(CblasRowMajor, CblasTrans, nk, D, 1.0f, V, (int)kvs, S, 1, 0.0f, O + (int64_t)r0 * qs,
-                                1);
-                else
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, D, nk, 1.0f, S, nk, V, (int)kvs, 0.0f,
-                                O + (int64_t)r0 * qs, (int)qs);
-            }
+            int64_t row0 = (int64_t)b * T, at = row0 * qs + (int64_t)j * A + (int64_t)h * D;
+            attend(out + at, lse + row0 * k * Hkv + j * Hkv + h, k * Hkv, q + at,
+                   kv + (int64_t)b * Tk * kvs + (int64_t)h * D, kstart ? kstart + row0 : NULL, S, T, Tk - T, qs, kvs,
+                   A, D);
+        }
+    }
+}
+
+void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
+                      int nruns, float *scratch, int ctx, int k, int Hkv, int D)
+{
+    const int64_t A = (int64_t)Hkv * D;
+    const int64_t qs = k * A, kvs = 2 * A;
+    for (int r = 0; r < nruns; r++) /* the new rows join their sequences' caches first */
+        memcpy(cache + runs[r].off + (int64_t)runs[r].p0 * kvs, kv_new + runs[r].row0 * kvs,
+               (size_t)runs[r].n * (size_t)kvs * sizeof(float));
+    const int tasks = nruns * k * Hkv;
+#pragma omp parallel
+    {
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(ctx);
+#pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < tasks; task++) {
+            const att_run *run = &runs[task / (k * Hkv)];
+            int j = (task / Hkv) % k, h = task % Hkv;
+            int64_t at = run->row0 * qs + (int64_t)j * A + (int64_t)h * D;
+            attend(out + at, lse + run->row0 * k * Hkv + j * Hkv + h, k * Hkv, q + at, cache + run->off + (int64_t)h * D,
+                   NULL, S, run->n, run->p0, qs, kvs, A, D);
         }
     }
 }

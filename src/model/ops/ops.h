@@ -106,6 +106,21 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
 void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
                         const float *q, const float *kv, const int32_t *kstart, float *scratch, int B, int T, int k,
                         int Hkv, int D);
+/* Decoding several sequences at once, each over its own KV cache. The N query
+ * rows of a call form runs, one per sequence: run r is rows row0 .. row0+n-1
+ * of q/out, the sequence's tokens at positions p0 .. p0+n-1, whose cache
+ * (rows of 2A: K after RoPE, then V; position p at row p) starts off floats
+ * into cache. kv_new (N, 2A) holds the rows' own keys and values: they are
+ * stored at their positions first, then each row attends to its sequence's
+ * keys 0 .. its position. lse as attention_forward; scratch:
+ * attention_scratch_floats(ctx) per thread, ctx >= every p0 + n. */
+typedef struct {
+    int64_t row0;
+    int n, p0;
+    int64_t off;
+} att_run;
+void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
+                      int nruns, float *scratch, int ctx, int k, int Hkv, int D);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
  * ties to the lower index) and the softmax over the k selected logits. */

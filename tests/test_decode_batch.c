@@ -1,0 +1,407 @@
+/* test_decode_batch.c — the batched decode step (jm_infer_batch) against
+ * one-at-a-time decoding (jm_infer), and what is built on it.
+ *
+ * Several slots at different lengths advance together, prompts are prefilled
+ * beside other slots' decode steps, a slot is reused after its sequence ends
+ * (continuous batching), a prompt's prefix is copied to other slots: every
+ * row of logits must match the same sequence decoded alone in one slot
+ * (max abs difference <= 1e-4 of the largest logit), with F32 weights and
+ * with Q8 weights used in place. Then jm_generate_batch against jm_generate
+ * (greedy: the same tokens; sampled: the same tokens whatever the number of
+ * slots), jm_score_batch against the log-softmax of a full forward, and the
+ * argument checks. */
+#include "harness.h"
+
+#include <math.h>
+#include <string.h>
+
+static jm_config small_config(int ctx)
+{
+    jm_config c;
+    jm_config_default(&c);
+    c.vocab_size = 97;
+    c.hidden_size = 64;
+    c.num_layers = 2;
+    c.num_kv_heads = 2;
+    c.head_dim = 16;
+    c.intermediate_size = 32;
+    c.num_experts = 4;
+    c.top_k = 2;
+    c.max_position_embeddings = ctx;
+    c.initializer_range = 0.15;
+    c.eos_token_id = 96; /* rarely the argmax: greedy runs go on */
+    return c;
+}
+
+static uint64_t lcg(uint64_t *s)
+{
+    *s = *s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return *s >> 33;
+}
+
+/* ---- a schedule of sequences through the slots ---- */
+
+enum { NSEQ = 5, MAXLEN = 72 };
+
+/* Sequence q: tokens tok[q][0 .. len), the first prompt of them prefilled in
+ * one item; it enters slot slot[q] at call start[q] and then advances one
+ * token per call until its last token has been fed. */
+typedef struct {
+    int len[NSEQ], prompt[NSEQ], slot[NSEQ], start[NSEQ];
+    int32_t tok[NSEQ][MAXLEN];
+    int separate_prefill; /* prefills in calls of their own (no decode tokens beside them) */
+} schedule;
+
+static void make_tokens(schedule *sc, int V, uint64_t seed)
+{
+    for (int q = 0; q < NSEQ; q++)
+        for (int t = 0; t < sc->len[q]; t++) sc->tok[q][t] = (int32_t)(lcg(&seed) % (uint64_t)V);
+}
+
+/* Logits after each token t >= prompt - 1 of sequence q decoded alone: a
+ * prefill of the prompt, then one jm_infer per token. ref[q] holds
+ * (len - prompt + 1) rows. */
+static jm_status reference(jm_model *m, const schedule *sc, float *ref[NSEQ], jm_error *err)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    jm_status s = jm_set_slots(m, 1, MAXLEN, err);
+    for (int q = 0; q < NSEQ && !s; q++) {
+        const float *lg;
+        s = jm_infer(m, sc->tok[q], sc->prompt[q], 0, &lg, err);
+        for (int t = sc->prompt[q] - 1, r = 0; !s && t < sc->len[q]; t++, r++) {
+            if (t >= sc->prompt[q]) s = jm_infer(m, &sc->tok[q][t], 1, t, &lg, err);
+            if (!s) memcpy(ref[q] + (size_t)r * V, lg, (size_t)V * sizeof *lg);
+        }
+    }
+    return s;
+}
+
+/* Runs the schedule batched and compares every row with ref: *worst gets the
+ * largest difference over the largest |logit|; *calls the calls made,
+ * *mixed how many had a prefill beside decode steps. A sequence enters its
+ * slot at its start call or, if the slot is busy then, once it is free. */
+static jm_status run_schedule(jm_model *m, const schedule *sc, float *ref[NSEQ], int slots, double *worst, int *calls,
+                              int *mixed, jm_error *err)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    int fed[NSEQ] = {0}, in[NSEQ] = {0}, owner[NSEQ];
+    double scale = 0, diff = 0;
+    *calls = *mixed = 0;
+    for (int t = 0; t < NSEQ; t++) owner[t] = -1;
+    jm_status s = jm_set_slots(m, slots, MAXLEN, err);
+    for (int call = 0; !s; call++) {
+        int done = 1;
+        for (int q = 0; q < NSEQ; q++) {
+            done &= fed[q] == sc->len[q];
+            if (!in[q] && call >= sc->start[q] && owner[sc->slot[q]] < 0) in[q] = 1, owner[sc->slot[q]] = q;
+        }
+        if (done) break;
+        jm_infer_item items[NSEQ];
+        int who[NSEQ], ni = 0, prefills = 0, alone = -1;
+        for (int q = 0; q < NSEQ && sc->separate_prefill && alone < 0; q++)
+            if (in[q] && !fed[q]) alone = q;
+        for (int q = 0; q < NSEQ; q++) {
+            if (!in[q] || fed[q] == sc->len[q] || (alone >= 0 && q != alone)) continue;
+            items[ni] = (jm_infer_item){sc->slot[q], fed[q], fed[q] ? 1 : sc->prompt[q], sc->tok[q] + fed[q], 1};
+            who[ni++] = q;
+            prefills += !fed[q];
+        }
+        if (!ni) continue;
+        const float *lg;
+        if ((s = jm_infer_batch(m, items, ni, &lg, err))) break;
+        (*calls)++;
+        *mixed += prefills && prefills < ni;
+        for (int i = 0; i < ni; i++) {
+            int q = who[i];
+            fed[q] += items[i].n;
+            const float *want = ref[q] + (size_t)(fed[q] - sc->prompt[q]) * V, *got = lg + (size_t)i * V;
+            for (int v = 0; v < V; v++) {
+                scale = fmax(scale, fabs(want[v]));
+                diff = fmax(diff, fabs((double)got[v] - want[v]));
+            }
+            if (jm_slot_len(m, sc->slot[q]) != fed[q])
+                return jm_fail(err, JM_ERR_ARG, "slot %d holds %d tokens, expected %d", sc->slot[q],
+                               jm_slot_len(m, sc->slot[q]), fed[q]);
+            if (fed[q] == sc->len[q]) owner[sc->slot[q]] = -1;
+        }
+    }
+    *worst = diff / fmax(scale, 1e-30);
+    return s;
+}
+
+/* Sequences 0, 1 start together (two prefills in one call) in slots 0, 1; 2
+ * joins at call 3 in slot 2 beside their decode steps; 0 is short, and 3
+ * takes its slot when it ends (a 40-token prefill beside 1's and 2's steps);
+ * 4 takes slot 2 when 2 ends. */
+static schedule the_schedule(int V)
+{
+    schedule sc = {.len = {9, 60, 30, 50, 20},
+                   .prompt = {4, 17, 1, 40, 5},
+                   .slot = {0, 1, 2, 0, 2},
+                   .start = {0, 0, 3, 6, 33}};
+    make_tokens(&sc, V, 11);
+    return sc;
+}
+
+static void test_schedule(jm_model *m, const char *what, int separate)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    schedule sc = the_schedule(V);
+    sc.separate_prefill = separate;
+    float *ref[NSEQ];
+    for (int q = 0; q < NSEQ; q++) ref[q] = malloc(sizeof(float) * (size_t)V * MAXLEN);
+    jm_error err = {{0}};
+    double worst = 0;
+    int calls = 0, mixed = 0;
+    jm_status s = reference(m, &sc, ref, &err);
+    if (!s) s = run_schedule(m, &sc, ref, 3, &worst, &calls, &mixed, &err);
+    char name[96];
+    snprintf(name, sizeof name, "decode_batch_equals_alone_%s", what);
+    check_detail(s == JM_OK && worst <= 1e-4 && calls > 40 && (separate || mixed >= 2), name,
+                 "status %d (%s); max diff %.2e of the largest logit over %d calls (%d with a prefill beside "
+                 "decode steps), 5 sequences in 3 slots, slot 0 and 2 reused", s, err.msg, worst, calls, mixed);
+    for (int q = 0; q < NSEQ; q++) free(ref[q]);
+}
+
+/* ---- a prompt copied to several slots ---- */
+
+static void test_slot_copy(jm_model *m, const char *what)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    enum { P = 12, K = 4, NEW = 6 };
+    int32_t prompt[P], cont[K][NEW];
+    uint64_t seed = 5;
+    for (int i = 0; i < P; i++) prompt[i] = (int32_t)(lcg(&seed) % (uint64_t)V);
+    for (int k = 0; k < K; k++)
+        for (int i = 0; i < NEW; i++) cont[k][i] = (int32_t)(lcg(&seed) % (uint64_t)V);
+    float *ref = malloc(sizeof(float) * (size_t)V * K * NEW), *got = malloc(sizeof(float) * (size_t)V * K * NEW);
+    jm_error err = {{0}};
+    const float *lg;
+    /* alone: prompt then continuation k, one token at a time */
+    jm_status s = jm_set_slots(m, 1, 64, &err);
+    for (int k = 0; k < K && !s; k++) {
+        s = jm_infer(m, prompt, P, 0, &lg, &err);
+        for (int i = 0; i < NEW && !s; i++) {
+            s = jm_infer(m, &cont[k][i], 1, P + i, &lg, &err);
+            if (!s) memcpy(ref + ((size_t)k * NEW + i) * V, lg, sizeof(float) * (size_t)V);
+        }
+    }
+    /* batched: the prompt prefilled once in slot 2 (no logits), copied to 0, 1, 3 */
+    if (!s) s = jm_set_slots(m, K, 64, &err);
+    jm_infer_item pre = {2, 0, P, prompt, 0};
+    if (!s) s = jm_infer_batch(m, &pre, 1, &lg, &err);
+    int copied = 1;
+    for (int k = 0; k < K && !s; k++) {
+        if (k != 2) s = jm_slot_copy(m, 2, k, P, &err);
+        copied &= jm_slot_len(m, k) == P && memcmp(jm_slot_tokens(m, k), prompt, sizeof prompt) == 0;
+    }
+    for (int i = 0; i < NEW && !s; i++) {
+        jm_infer_item it[K];
+        for (int k = 0; k < K; k++) it[k] = (jm_infer_item){K - 1 - k, P + i, 1, &cont[K - 1 - k][i], 1};
+        s = jm_infer_batch(m, it, K, &lg, &err);
+        for (int k = 0; k < K && !s; k++)
+            memcpy(got + ((size_t)(K - 1 - k) * NEW + i) * V, lg + (size_t)k * V, sizeof(float) * (size_t)V);
+    }
+    double scale = 0, diff = 0;
+    for (size_t i = 0; i < (size_t)V * K * NEW; i++) {
+        scale = fmax(scale, fabs(ref[i]));
+        diff = fmax(diff, fabs((double)got[i] - ref[i]));
+    }
+    char name[96];
+    snprintf(name, sizeof name, "decode_batch_slot_copy_%s", what);
+    check_detail(s == JM_OK && copied && diff <= 1e-4 * scale, name,
+                 "status %d (%s); prompt copied %d; max diff %.2e of the largest logit, %d continuations of one "
+                 "prefill", s, err.msg, copied, diff / fmax(scale, 1e-30), K);
+    /* copying a prefix and truncating in place */
+    s = jm_slot_copy(m, 1, 3, 5, &err);
+    int ok = !s && jm_slot_len(m, 3) == 5 && !jm_slot_copy(m, 0, 0, 2, &err) && jm_slot_len(m, 0) == 2;
+    s = jm_slot_copy(m, 0, 1, 3, &err); /* slot 0 holds 2 */
+    ok &= s == JM_ERR_ARG && strstr(err.msg, "holds 2") != NULL;
+    s = jm_slot_copy(m, 0, K, 1, &err);
+    ok &= s == JM_ERR_ARG && strstr(err.msg, "outside") != NULL;
+    snprintf(name, sizeof name, "decode_batch_slot_copy_prefix_and_errors_%s", what);
+    check(ok, name, "%s", err.msg);
+    free(ref);
+    free(got);
+}
+
+/* ---- bad calls are refused and change nothing ---- */
+
+static void test_rejects(jm_model *m)
+{
+    jm_error err = {{0}};
+    const int32_t t3[3] = {1, 2, 3}, t8[8] = {1, 2, 3, 4, 5, 6, 7, 8}, bad_id[1] = {97};
+    const float *lg;
+    jm_status s = jm_set_slots(m, 2, 8, &err);
+    jm_infer_item one = {0, 0, 3, t3, 1};
+    if (!s) s = jm_infer_batch(m, &one, 1, &lg, &err);
+    if (!check(s == JM_OK, "decode_batch_rejects_setup", "%s", err.msg)) return;
+    struct {
+        const char *what;
+        jm_infer_item it[2];
+        int n;
+        const char *want;
+    } cases[] = {
+        {"slot out of range", {{2, 0, 1, t3, 1}}, 1, "outside the 2 slots"},
+        {"negative slot", {{-1, 0, 1, t3, 1}}, 1, "outside"},
+        {"same slot twice", {{1, 0, 1, t3, 1}, {1, 0, 1, t3, 1}}, 2, "appears twice"},
+        {"a gap after the cache", {{0, 4, 1, t3, 1}}, 1, "past the 3 cached"},
+        {"past the context", {{1, 0, 3, t3, 1}, {0, 3, 6, t8, 1}}, 2, "3 + 6 tokens exceed the context of 8"},
+        {"token outside the vocabulary", {{1, 0, 1, t3, 1}, {0, 3, 1, bad_id, 1}}, 2, "outside the vocabulary"},
+        {"more logits than tokens", {{1, 0, 2, t3, 3}}, 1, "logits for 3 of its 2"},
+        {"no tokens", {{1, 0, 0, t3, 0}}, 1, "no tokens"},
+    };
+    int bad = 0;
+    char why[512] = "";
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        err.msg[0] = 0;
+        s = jm_infer_batch(m, cases[i].it, cases[i].n, &lg, &err);
+        if (s != JM_ERR_ARG || !strstr(err.msg, cases[i].want) || jm_slot_len(m, 0) != 3 || jm_slot_len(m, 1) != 0) {
+            bad++;
+            snprintf(why, sizeof why, "%s: status %d, '%.300s', slots hold %d and %d", cases[i].what, s, err.msg,
+                     jm_slot_len(m, 0), jm_slot_len(m, 1));
+        }
+    }
+    check(!bad, "decode_batch_rejects_bad_items", "%d of %zu cases: %s", bad, sizeof cases / sizeof cases[0], why);
+    s = jm_set_slots(m, 0, 8, &err);
+    int ok = s == JM_ERR_ARG && jm_slots(m) == 2;
+    s = jm_set_slots(m, 1, 100000, &err);
+    ok &= s == JM_ERR_ARG && strstr(err.msg, "max_position_embeddings") != NULL;
+    check(ok, "decode_batch_rejects_bad_slots", "%s", err.msg);
+}
+
+/* ---- generation and scoring on the slots ---- */
+
+enum { NPROMPT = 6, NEWTOK = 24 };
+
+static void prompts(int V, int32_t p[NPROMPT][40], int n[NPROMPT])
+{
+    static const int len[NPROMPT] = {7, 1, 30, 7, 12, 30};
+    uint64_t seed = 77;
+    for (int i = 0; i < NPROMPT; i++) {
+        n[i] = len[i];
+        for (int t = 0; t < len[i]; t++) p[i][t] = (int32_t)(lcg(&seed) % (uint64_t)(V - 1));
+    }
+    memcpy(p[3], p[0], sizeof p[0]);      /* the same prompt twice */
+    memcpy(p[4], p[2], 8 * sizeof p[0][0]); /* a shared prefix */
+}
+
+static int count_new(void *ctx, int seq, int32_t id)
+{
+    (void)seq, (void)id;
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static void test_generate(jm_model *m, const char *what, jm_sample_opts o)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    int32_t p[NPROMPT][40], alone[NPROMPT][NEWTOK], batched[2][NPROMPT][NEWTOK];
+    int n[NPROMPT], n_alone[NPROMPT];
+    prompts(V, p, n);
+    jm_error err = {{0}};
+    jm_status s = jm_set_slots(m, 1, 64, &err);
+    for (int i = 0; i < NPROMPT && !s; i++) {
+        jm_sample_opts oi = o;
+        oi.seed = jm_seed_stream(o.seed, (uint64_t)i);
+        s = jm_generate(m, p[i], n[i], &oi, alone[i], &n_alone[i], NULL, NULL, &err);
+    }
+    /* 6 sequences through 4 slots and through 2: continuous batching either way */
+    int same = 1, total = 0, calls = 0;
+    const int slots[2] = {4, 2};
+    for (int r = 0; r < 2 && !s; r++) {
+        jm_gen_seq q[NPROMPT];
+        for (int i = 0; i < NPROMPT; i++)
+            q[i] = (jm_gen_seq){p[i], n[i], NEWTOK, jm_seed_stream(o.seed, (uint64_t)i), batched[r][i], 0};
+        s = jm_set_slots(m, slots[r], 64, &err);
+        if (!s) s = jm_generate_batch(m, q, NPROMPT, &o, count_new, &calls, &err);
+        for (int i = 0; i < NPROMPT && !s; i++) {
+            same &= q[i].n_out == n_alone[i] && memcmp(batched[r][i], alone[i], sizeof(int32_t) * (size_t)n_alone[i]) == 0;
+            total += q[i].n_out;
+        }
+    }
+    char name[96];
+    snprintf(name, sizeof name, "generate_batch_%s_equals_generate", what);
+    check_detail(s == JM_OK && same && total > NPROMPT * 4 && calls == total, name,
+                 "status %d (%s); %d tokens from 6 prompts (two the same, two sharing a prefix) through 4 and "
+                 "through 2 slots, each as jm_generate alone with its stream's seed", s, err.msg, total);
+}
+
+static void test_score(jm_model *m)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    enum { NS = 4, LONG = 300 };
+    static int32_t ids[NS][LONG];
+    const int len[NS] = {20, LONG, 20, 9}, n_prompt[NS] = {6, 100, 6, 1};
+    uint64_t seed = 3;
+    for (int i = 0; i < NS; i++)
+        for (int t = 0; t < len[i]; t++) ids[i][t] = (int32_t)(lcg(&seed) % (uint64_t)V);
+    memcpy(ids[2], ids[0], 6 * sizeof(int32_t)); /* the same prompt, another continuation */
+    jm_error err = {{0}};
+    jm_score_seq q[NS];
+    for (int i = 0; i < NS; i++) q[i] = (jm_score_seq){ids[i], len[i], n_prompt[i], 0};
+    jm_status s = jm_set_slots(m, 2, 320, &err);
+    if (!s) s = jm_score_batch(m, q, NS, &err);
+    double worst = 0;
+    for (int i = 0; i < NS && !s; i++) {
+        /* the full forward's log-softmax, in double */
+        s = jm_forward(m, ids[i], 1, len[i], NULL, &err);
+        double want = 0;
+        for (int t = n_prompt[i] - 1; !s && t + 1 < len[i]; t++) {
+            const float *row = jm_logits(m) + (size_t)t * V;
+            double mx = row[0], sum = 0;
+            for (int v = 1; v < V; v++) mx = fmax(mx, row[v]);
+            for (int v = 0; v < V; v++) sum += exp(row[v] - mx);
+            want += row[ids[i][t + 1]] - mx - log(sum);
+        }
+        worst = fmax(worst, fabs(q[i].logp - want) / fabs(want));
+    }
+    check_detail(s == JM_OK && worst < 1e-5, "score_batch_equals_forward",
+                 "status %d (%s); largest relative difference %.1e over 4 sequences in 2 slots (a shared prompt, "
+                 "one of 300 tokens scored in chunks)", s, err.msg, worst);
+    jm_score_seq none = {ids[0], 5, 5, 0};
+    s = jm_score_batch(m, &none, 1, &err);
+    check(s == JM_ERR_ARG && strstr(err.msg, "nothing to score"), "score_batch_rejects_empty_continuation",
+          "status %d: %s", s, err.msg);
+}
+
+int main(void)
+{
+    char tmp[] = "/tmp/jm_test_decode_batch_XXXXXX";
+    temp_dir(tmp);
+    char f32dir[600], q8dir[600];
+    snprintf(f32dir, sizeof f32dir, "%s/f32", tmp);
+    snprintf(q8dir, sizeof q8dir, "%s/q8", tmp);
+    jm_config c = small_config(320);
+    jm_error err = {{0}};
+    jm_model *made = NULL, *f32 = NULL, *q8 = NULL;
+    jm_status s = jm_model_create(&c, 21, &made, &err);
+    if (!s) s = jm_model_save(made, f32dir, &err);
+    if (!s) s = jm_quantize(f32dir, q8dir, 8, 0, &err);
+    if (!s) s = jm_model_open(f32dir, &f32, &err);
+    if (!s) s = jm_model_open(q8dir, &q8, &err);
+    if (!check(s == JM_OK && strcmp(jm_model_weight_type(q8), "q8") == 0, "decode_batch_models", "%s", err.msg))
+        return exit_status();
+
+    test_schedule(f32, "f32", 0);
+    test_schedule(f32, "f32_separate_prefills", 1);
+    /* Q8: prefills in calls of their own, as jm_generate_batch makes them;
+     * with up to 8 rows per expert the int8 dot kernels handle each row the
+     * same whatever else is in the call */
+    test_schedule(q8, "q8", 1);
+    test_slot_copy(f32, "f32");
+    test_slot_copy(q8, "q8");
+    test_rejects(f32);
+    test_generate(f32, "greedy", (jm_sample_opts){.greedy = 1, .top_p = 1, .max_new = NEWTOK});
+    test_generate(f32, "sampled", (jm_sample_opts){.temperature = 1.0, .top_p = 0.9, .top_k = 40, .seed = 1234,
+                                                   .max_new = NEWTOK, .repetition_penalty = 1.3,
+                                                   .repeat_last_n = 16});
+    test_generate(q8, "greedy_q8", (jm_sample_opts){.greedy = 1, .top_p = 1, .max_new = NEWTOK});
+    test_score(made);
+
+    jm_model_free(made);
+    jm_model_free(f32);
+    jm_model_free(q8);
+    temp_dir_done(tmp);
+    return exit_status();
+}
