@@ -23,7 +23,7 @@ BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
 # It drops out by itself when records.c arrives; then delete tests/records_standin.c and this.
 RECORDS_STANDIN := $(if $(wildcard src/align/records.c),,$(BUILD)/tests/records_standin.o)
 
-.PHONY: all setup test test-asan bench bench-8b demo clean
+.PHONY: all setup test test-asan bench bench-8b demo demo-align clean
 all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
 ifeq ($(BUILD),build)
 all: jetmoe
@@ -110,6 +110,29 @@ demo:
 	./jetmoe eval $(DEMO)/q4 --data $(DEMO)/shards/heldout --max-tokens $(DEMO_EVAL)
 	./jetmoe generate $(DEMO)/q4 --prompt "It is a truth universally acknowledged" --max-new 40 --greedy
 	@echo "run directory: $(DEMO)/run (metrics.jsonl, loss.svg, checkpoints/); int4 copy: $(DEMO)/q4"
+	@$(MAKE) --no-print-directory demo-align
+
+# The alignment recipe on the pretrained model: dSFT on chat and worked math
+# (the generators' answers stand in for a teacher's), distilled preference
+# pairs (the dSFT model's samples ranked by the verifier), dDPO; then the
+# held-out problems answered by base, dSFT and dDPO, a table, and a chat sample.
+ALIGN := $(DEMO)/align
+demo-align:
+	$(PY) data/build_align.py --out $(ALIGN)
+	./jetmoe sft --model $(DEMO)/run --data $(ALIGN)/sft.jsonl --recipe data/recipe-sft-demo.json --out $(DEMO)/sft --overwrite
+	./jetmoe distill pairs --model $(DEMO)/sft --prompts $(ALIGN)/prompts.jsonl --samples 4 --temperature 1.0 --seed 1 \
+	  --max-new 96 --out $(ALIGN)/pairs.jsonl --overwrite > $(ALIGN)/pairs.counts.json
+	./jetmoe distill pairs --model $(DEMO)/sft --prompts $(ALIGN)/heldout_prompts.jsonl --samples 4 --temperature 1.0 \
+	  --seed 2 --max-new 96 --out $(ALIGN)/heldout_pairs.jsonl --overwrite > $(ALIGN)/heldout_pairs.counts.json
+	./jetmoe dpo --model $(DEMO)/sft --data $(ALIGN)/pairs.jsonl --eval-data $(ALIGN)/heldout_pairs.jsonl \
+	  --recipe data/recipe-dpo-demo.json --out $(DEMO)/dpo --overwrite
+	for m in run sft dpo; do \
+	  ./jetmoe distill sft --teacher $(DEMO)/$$m --prompts $(ALIGN)/heldout_prompts.jsonl --max-new 96 --quiet \
+	    --out $(ALIGN)/answers_$$m.jsonl --overwrite > $(ALIGN)/answers_$$m.counts.json || exit 1; \
+	done
+	$(PY) data/align_report.py $(DEMO)
+	./jetmoe generate $(DEMO)/dpo --max-new 80 --greedy \
+	  --prompt "$$(printf '<|user|>\nTara has 14 pencils and buys 9 more. How many pencils does Tara have now?</s>\n<|assistant|>\n')"
 
 clean:
 	rm -rf build build-asan jetmoe
