@@ -229,8 +229,9 @@ jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err)
     fill_targets(k.eval_seq, k.targets + off, &k.eval);
     int64_t learned_train = 0;
     for (int64_t i = 0; i < k.data.n; i++) learned_train += learned(&k.seq[i]);
-    if (!o->run.quiet) report_records("sft data", &rs, learned_train);
-    if (!o->run.quiet && o->neval) report_records("sft held-out data", &es, 0);
+    /* records left out are always counted on stderr, --quiet or not: nothing is skipped silently */
+    if (!o->run.quiet || rs.bad || rs.too_long) report_records("sft data", &rs, learned_train);
+    if (o->neval && (!o->run.quiet || es.bad || es.too_long)) report_records("sft held-out data", &es, 0);
 
     if (o->dump_grad) { /* the whole file as one batch */
         if ((s = jm_tune_load_model(o, &ts, &m, err)) || (s = jm_zero_grad(m, err))) goto done;
