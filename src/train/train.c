@@ -1660,7 +1660,8 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         }
     }
     if (tty) fputc('\n', stderr);
-    if (*stopped && t.step % r->checkpoint_every != 0 && (s = save_checkpoint(&t, err))) goto done;
+    /* a stop at a step with no checkpoint yet saves one; step 0 too, so that --resume has one to start from */
+    if (*stopped && (t.step % r->checkpoint_every != 0 || t.step == 0) && (s = save_checkpoint(&t, err))) goto done;
     if (*stopped && !o->quiet)
         fprintf(stderr, "%s: stopped at step %lld; continue with --resume\n", kind, (long long)t.step);
     if (!*stopped && task->heldout) {
