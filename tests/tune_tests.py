@@ -558,11 +558,23 @@ def sft_resume_bit_exact(t):
         problems.append(f"stderr does not say it resumes at step 3: {p.stderr[-300:]!r}")
     if final_weights(out) != final_weights(straight):
         problems.append("final model.safetensors differs from the straight run's")
+    # every file of the final checkpoint but the weights: the tokenizer's too, although the checkpoint the
+    # resume read them from (step_3) was removed on the way (only the two newest are kept)
+    for name in sorted(set(os.listdir(latest(straight))) | set(os.listdir(latest(out)))):
+        a, b = (os.path.join(latest(x), name) for x in (straight, out))
+        if not (os.path.exists(a) and os.path.exists(b) and read_bytes(a) == read_bytes(b)):
+            problems.append(f"{os.path.basename(latest(out))}/{name}: {'differs' if os.path.exists(b) else 'missing'}"
+                            " in the resumed run")
     a, b = comparable(straight), comparable(out)
     if a != b:
         diff = [(x, y) for x, y in zip(a, b) if x != y][:1]
         problems.append(f"metrics differ ({len(a)} vs {len(b)} lines): {str(diff)[:400]}")
-    return problems, f"3 + resume == {len(metrics(out)[0])} straight: weights and {len(a)} metrics lines identical"
+    # resuming the finished run evaluates again: the same final record, nothing repeated
+    t.must(*t.sft_args(out, "--resume", "--quiet"))
+    if comparable(out) != a:
+        problems.append("resuming the finished run changed metrics.jsonl")
+    return problems, f"3 + resume == {len(metrics(out)[0])} straight: every file of the final checkpoint and " \
+                     f"{len(a)} metrics lines identical; resuming the finished run changes nothing"
 
 
 def sft_sigint_resume(t):
@@ -675,11 +687,17 @@ def dpo_resume_bit_exact(t):
         problems.append("ref_logps.safetensors changed on resume")
     if final_weights(out) != final_weights(straight):
         problems.append("final model.safetensors differs from the straight run's")
+    for name in sorted(set(os.listdir(latest(straight))) | set(os.listdir(latest(out)))):
+        a, b = (os.path.join(latest(x), name) for x in (straight, out))
+        if not (os.path.exists(a) and os.path.exists(b) and read_bytes(a) == read_bytes(b)):
+            problems.append(f"{os.path.basename(latest(out))}/{name}: {'differs' if os.path.exists(b) else 'missing'}"
+                            " in the resumed run")
     a, b = comparable(straight), comparable(out)
     if a != b:
         diff = [(x, y) for x, y in zip(a, b) if x != y][:1]
         problems.append(f"metrics differ ({len(a)} vs {len(b)} lines): {str(diff)[:400]}")
-    return problems, f"5 + resume (reference deleted) == straight: weights and {len(a)} metrics lines identical"
+    return problems, f"5 + resume (reference deleted) == straight: every file of the final checkpoint and " \
+                     f"{len(a)} metrics lines identical"
 
 
 def dpo_run_metrics(t):

@@ -691,6 +691,7 @@ typedef struct {
     jm_optimizer *opt;
     jm_task *task;
     const char *tokenizer; /* the directory whose files go into each checkpoint ("" : none) */
+    char tokenizer_ck[4300]; /* ... once it was one of this run's checkpoints: the newest (save_checkpoint) */
     int64_t step;          /* completed optimizer steps */
     char dir[4096];
     /* the end-of-run expert-load summary, in the checkpoint so that a resumed run reports what a straight one does */
@@ -823,6 +824,13 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         return s;
     }
     if ((s = jm_atomic_commit(&a, err))) return s;
+    /* a resumed fine-tune copies the tokenizer from the checkpoint it resumed from, which the pruning below
+     * removes in time: from now on it comes from this one, which holds the same files */
+    size_t nck = strlen(ck);
+    if (t->tokenizer[0] && strncmp(t->tokenizer, ck, nck) == 0 && t->tokenizer[nck] == '/') {
+        snprintf(t->tokenizer_ck, sizeof t->tokenizer_ck, "%s", final);
+        t->tokenizer = t->tokenizer_ck;
+    }
     /* keep the two newest checkpoints: this one and the newest of an earlier
      * step. Older step_N go, as do *.tmp.* left by a killed run; later steps
      * (only a fresh run over an old run's directory has them) stay until this
