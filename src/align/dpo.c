@@ -310,7 +310,10 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
     k.seq = malloc(sizeof *k.seq * (size_t)ns);
     k.eval_seq = k.seq + 2 * k.data.n;
     k.targets = malloc(sizeof *k.targets * (size_t)(rs.tokens + es.tokens + 1));
-    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * k.data.n));
+    /* a micro-batch is batch_size pairs of the plan, which runs on into the next epoch: more pairs than
+     * the data has when batch_size is larger (--dump-grad takes them all at once) */
+    const int64_t most = k.data.n * ts.r->epochs < ts.r->batch_size ? k.data.n * ts.r->epochs : ts.r->batch_size;
+    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * (most > k.data.n ? most : k.data.n)));
     if (!k.seq || !k.targets || !k.scratch) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
