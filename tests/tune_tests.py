@@ -27,6 +27,9 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    --resume ends with the straight run's weights and losses
   tune_sft_sigint_before_first_step  SIGINT during the step-0 held-out evaluation: exit 130, a step_0
                                    checkpoint, and --resume ends with the straight run's weights
+  tune_batch_spans_epochs          a micro-batch holding more examples than the data (sft: 5 records of
+                                   one row an epoch, batch_size 3; dpo: 3 pairs, batch_size 8): it runs,
+                                   with the steps and epochs that follow (ASan: nothing written past)
   tune_dpo_resume_bit_exact        the same for dpo, with --ref a copy of the model that is deleted
                                    after the first part: the resume reuses ref_logps.safetensors (no
                                    "reference log-probs" line) and ends identical to the straight run
@@ -44,6 +47,8 @@ they resume bit-exactly, what they refuse, and that they learn.
   tune_refuse_resume_overwrite     --resume with --overwrite: one line naming both, for sft and dpo
   tune_refuse_existing_run         a run directory holding a run, without --resume/--overwrite: refused,
                                    untouched (sft and dpo)
+  tune_refuse_too_many_files       65 files in --data or --eval-data: exit 2 naming the flag (all 64 of
+                                   the most it takes are read)
   tune_refuse_dump_grad_exists     --dump-grad to an existing file without --overwrite: refused before
                                    any work (no reference log-probs line), the file unchanged
   tune_inputs_never_replaced       --dump-grad onto the data, the recipe, the model's weights; --out over
@@ -81,9 +86,9 @@ from testlib import sanitizer_report
 PREFIX = "tune_"
 CHECKS = ("tune_sft_run_metrics", "tune_sft_steps_and_schedule", "tune_sft_checkpoint_files",
           "tune_sft_messages_run", "tune_sft_no_tokenizer", "tune_sft_loss_decreases", "tune_sft_resume_bit_exact",
-          "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache",
+          "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_batch_spans_epochs", "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache",
           "tune_dpo_heldout_learns", "tune_dpo_text_records", "tune_refuse_resume_other_data",
-          "tune_refuse_resume_overwrite", "tune_refuse_existing_run", "tune_refuse_dump_grad_exists",
+          "tune_refuse_resume_overwrite", "tune_refuse_existing_run", "tune_refuse_too_many_files", "tune_refuse_dump_grad_exists",
           "tune_inputs_never_replaced", "tune_bad_line_fail_", "tune_bad_line_skip", "tune_too_long_counted", "tune_recipe_unknown_keys",
           "tune_pretrain_init_continues", "tune_pretrain_init_refusals")
 
@@ -661,6 +666,30 @@ def sft_sigint_before_first_step(t):
                      "run's weights"
 
 
+def batch_spans_epochs(t):
+    """A micro-batch larger than an epoch: sft with 5 records that fill one row an epoch and batch_size 3
+    (3 epochs' examples in one micro-batch), dpo with 3 pairs and batch_size 8. The steps and epochs
+    follow; the ASan build sees any write past what was allocated for one epoch's examples."""
+    t.setup()
+    problems, seen = [], []
+    sft = write_jsonl(t.path("span_sft.jsonl"), t.sft_records(5, 12, 81))
+    dpo = write_jsonl(t.path("span_dpo.jsonl"), t.pref_records(3, 82))
+    for kind, data, r, want_epochs in (
+            ("sft", sft, {"epochs": 4, "max_len": 64, "batch_size": 3, "optimizer": {"lr": 1e-3}}, [3, 4]),
+            ("dpo", dpo, {"epochs": 3, "max_len": 32, "batch_size": 8, "optimizer": {"lr": 1e-3}}, [8 / 3, 3])):
+        out = t.path(f"span_{kind}")
+        p = t.jet(kind, "--model", t.path("model"), "--data", data, "--out", out, "--recipe",
+                  t.recipe(f"span_{kind}", r), "--quiet")
+        if p.returncode != 0:
+            problems.append(f"{kind}: exit {p.returncode}: {p.stderr.strip()[-300:]!r}")
+            continue
+        epochs = [s["epoch"] for s in metrics(out)[0]]
+        if len(epochs) != 2 or any(abs(a - b) > 1e-5 for a, b in zip(epochs, want_epochs)):
+            problems.append(f"{kind}: epochs {epochs} at its steps, want {want_epochs}")
+        seen.append(f"{kind} epochs {[round(e, 3) for e in epochs]}")
+    return problems, "; ".join(seen)
+
+
 # ---------------------------------------------------------------- DPO runs
 
 def dpo_resume_bit_exact(t):
@@ -863,6 +892,27 @@ def refuse_existing_run(t):
     problems += refused(t, t.dpo_args(dpo), dpo, [dpo, "--overwrite"])
     problems += refused(t, t.dpo_args(sft), sft, [sft, "--overwrite"])  # an SFT run under a DPO command
     return problems, "sft over its run, dpo over its run, dpo over an sft run"
+
+
+def refuse_too_many_files(t):
+    """More --data files than the command takes: an argument error (exit 2), never the first 64 alone."""
+    t.setup()
+    d = t.path("many_files")
+    os.makedirs(d, exist_ok=True)
+    rec = t.sft_records(1, 12, 71)[0]
+    files = [write_jsonl(os.path.join(d, f"part{i:02d}.jsonl"), [rec]) for i in range(65)]
+    problems = []
+    for flag in ("--data", "--eval-data"):
+        data = files[:1] if flag == "--eval-data" else files
+        ev = files if flag == "--eval-data" else files[:1]
+        out = t.path("many_files_run")
+        problems += refused(t, ["sft", "--model", t.path("model"), "--data", ",".join(data), "--eval-data",
+                                ",".join(ev), "--out", out], out, [flag, "65"], rc=2)
+    out = t.path("many_files_run")
+    p = t.jet("sft", "--model", t.path("model"), "--data", ",".join(files[:64]), "--out", out, "--stop-after", "1")
+    if p.returncode != 0 or "64 examples from 64 lines" not in p.stderr:
+        problems.append(f"64 files: exit {p.returncode}: {p.stderr[-300:]!r}")
+    return problems, "65 files refused (--data and --eval-data); 64 read, every one"
 
 
 def refuse_dump_grad_exists(t):
@@ -1182,6 +1232,7 @@ def run(suite, build, tmp):
     t.check("tune_sft_resume_bit_exact", lambda: sft_resume_bit_exact(t))
     t.check("tune_sft_sigint_resume", lambda: sft_sigint_resume(t))
     t.check("tune_sft_sigint_before_first_step", lambda: sft_sigint_before_first_step(t))
+    t.check("tune_batch_spans_epochs", lambda: batch_spans_epochs(t))
     t.check("tune_dpo_run_metrics", lambda: dpo_run_metrics(t))
     t.check("tune_dpo_ref_logps_cache", lambda: dpo_ref_logps_cache(t))
     t.check("tune_dpo_heldout_learns", lambda: dpo_heldout_learns(t))
@@ -1190,6 +1241,7 @@ def run(suite, build, tmp):
     t.check("tune_refuse_resume_other_data", lambda: refuse_resume_other_data(t))
     t.check("tune_refuse_resume_overwrite", lambda: refuse_resume_overwrite(t))
     t.check("tune_refuse_existing_run", lambda: refuse_existing_run(t))
+    t.check("tune_refuse_too_many_files", lambda: refuse_too_many_files(t))
     t.check("tune_refuse_dump_grad_exists", lambda: refuse_dump_grad_exists(t))
     t.check("tune_inputs_never_replaced", lambda: inputs_never_replaced(t))
     bad_line_fail(t)
