@@ -63,10 +63,11 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    counted on stderr either way (--quiet too)
   tune_recipe_unknown_keys         unknown keys (at the top and in optimizer/schedule), DPO's keys in an
                                    SFT recipe, pretraining's keys: exit 1, the recipe and field named
-  tune_pretrain_init_continues     pretrain --init CK: steps count from 1 with the recipe's warmup, a
+  tune_pretrain_init_continues     pretrain --init RUN (its newest checkpoint): steps count from 1 with the recipe's warmup, a
                                    fresh AdamW (adamw.step == the new run's steps), the first loss ~ the
                                    checkpoint's eval loss on that data and far below a fresh model's
-  tune_pretrain_init_refusals      a recipe model of another shape (the field named), --init with --resume
+  tune_pretrain_init_refusals      a recipe model of another shape (the field named), --init with --resume,
+                                   --overwrite over the run the --init checkpoint is in
 
 Called from tests/run_tests.py as run(suite, build, tmpdir); uses its pretrain fixture (tokenizer, shards).
 """
@@ -1167,7 +1168,7 @@ def pretrain_init_continues(t):
     base, cont, cont_r = init_runs(t)
     ck = latest(base)
     out, fresh = t.path("init_cont"), t.path("init_fresh")
-    p = t.must("pretrain", "--recipe", cont_r, "--init", ck, "--out", out, "--quiet")
+    t.must("pretrain", "--recipe", cont_r, "--init", base, "--out", out, "--quiet")  # a run: its newest
     t.must("pretrain", "--recipe", cont_r, "--out", fresh, "--quiet")
     steps, _ = metrics(out)
     fsteps, _ = metrics(fresh)
@@ -1212,7 +1213,11 @@ def pretrain_init_refusals(t):
         t.must("pretrain", "--recipe", cont_r, "--init", ck, "--out", out, "--quiet")
     problems += refused(t, ["pretrain", "--recipe", cont_r, "--init", ck, "--out", out, "--resume"], out,
                         ["--init", "--resume"])
-    return problems, "hidden_size, num_local_experts, num_hidden_layers named; --init with --resume refused"
+    # --overwrite over the run whose checkpoint is the --init: it is an input
+    problems += refused(t, ["pretrain", "--recipe", cont_r, "--init", ck, "--out", base, "--overwrite"], base,
+                        ["never"])
+    return problems, "hidden_size, num_local_experts, num_hidden_layers named; --init with --resume refused; " \
+                     "--overwrite over the --init's run refused"
 
 
 # ---------------------------------------------------------------- the module
