@@ -629,7 +629,7 @@ def sft_sigint_before_first_step(t):
     step, and still leaves a checkpoint (step_0) that --resume continues from."""
     straight, data, rec = t.learn_run()
     out = t.path("learn_sigint0")
-    for n in (200, 1000):  # held-out records; more, should the signal come too late with fewer
+    for n in (100, 600):  # held-out records; more, should the signal come too late with fewer
         shutil.rmtree(out, ignore_errors=True)
         ev = write_jsonl(t.path("learn_big_eval.jsonl"), t.sft_records(n, 30, 23))
         proc = subprocess.Popen([t.jetmoe, "sft", "--model", t.path("model"), "--data", data, "--eval-data", ev,
@@ -1152,12 +1152,12 @@ def init_runs(t):
         # the fixture's recipe on the tiny model, on one source: 12 steps at a high lr reach about the
         # unigram entropy (~4.4 nats against ln 400 = 6.0)
         small = {k: v for k, v in recipe.items() if k not in ("heldout", "eval_tokens")}
-        small.update(model=dict(MODEL, max_position_embeddings=64), checkpoint_every=100,
+        small.update(model=dict(MODEL, max_position_embeddings=64), checkpoint_every=100, grad_accum=1,
                      phases=[{"name": "base", "steps": 12, "mixture": {"prose": 1}}], optimizer={"lr": 2e-2})
         base_r = write_json(t.path("init_base_recipe.json"), small)
         base = t.path("init_base")
         t.must("pretrain", "--recipe", base_r, "--out", base, "--quiet")
-        cont = dict(small, phases=[{"name": "cont", "steps": 4, "mixture": {"prose": 1}}],
+        cont = dict(small, phases=[{"name": "cont", "steps": 4, "mixture": {"prose": 1}}], grad_accum=2,
                     schedule={"type": "cosine", "warmup_steps": 2}, optimizer={"lr": 1e-3})
         cont_r = write_json(t.path("init_cont_recipe.json"), cont)
         return base, cont, cont_r
@@ -1185,12 +1185,12 @@ def pretrain_init_continues(t):
         problems.append(f"trainer state step {state.get('step')}, adamw.step {state.get('adamw.step')}: want 4 "
                         "(a fresh optimizer)")
     ev = t.jet("eval", ck, "--data", os.path.join(t.fixture[1], "shards", "prose"), "--seq-len",
-               str(cont["seq_len"]), "--max-tokens", "4096")
+               str(cont["seq_len"]), "--max-tokens", "2048")
     if ev.returncode != 0:
         return problems + [f"eval: {one_line(ev)}"], ""
     init_loss = json.loads(ev.stdout)["loss"]
     first, fresh_first = steps[0]["loss"], fsteps[0]["loss"]
-    if not abs(first - init_loss) < 0.4:
+    if not abs(first - init_loss) < 0.5:  # one batch of 8 x 32 against 2048 tokens spread over the source
         problems.append(f"first loss {first:.3f}, the checkpoint's eval loss {init_loss:.3f}: not its weights?")
     if not fresh_first - first > 0.8:
         problems.append(f"first loss {first:.3f} vs a fresh model's {fresh_first:.3f}: not far below")
