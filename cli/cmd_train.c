@@ -165,6 +165,13 @@ static int run_tune(const cli_command *self, int argc, char **argv)
     if (!o.model && !o.resume) return cli_error(self, "--model DIR is required (the checkpoint to start from)");
     if (!o.out && !o.dump_grad) return cli_error(self, "--out RUN_DIR is required (or --dump-grad FILE)");
     if (o.out && o.dump_grad) return cli_error(self, "--dump-grad writes one file and trains nothing: drop --out");
+    /* a run directory (or its checkpoints/) means its newest checkpoint, named on stderr as everywhere;
+     * a resume reads neither (the reference only if the run lost its cached log-probs) */
+    char mdir[4096], rdir[4096];
+    if (o.model && !o.resume && (rc = cli_model_dir(self, o.model, mdir, sizeof mdir)) != CLI_RUN) return rc;
+    if (o.ref && !o.resume && (rc = cli_model_dir(self, o.ref, rdir, sizeof rdir)) != CLI_RUN) return rc;
+    if (o.model && !o.resume) o.model = mdir;
+    if (o.ref && !o.resume) o.ref = rdir;
     jm_set_threads((int)o.threads);
     struct sigaction sa_int = {0};
     sa_int.sa_handler = on_signal;

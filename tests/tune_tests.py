@@ -42,6 +42,8 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    ties) and at the end; chosen always token A, rejected always B: the
                                    held-out rewards/accuracies reach 1.0 and the margin grows
   tune_dpo_text_records            {"prompt", "chosen", "rejected"} strings and message lists train
+  tune_model_is_run_dir            --model RUN (sft) and --ref RUN (dpo): the run's newest checkpoint,
+                                   named on stderr ("jetmoe sft: using RUN/checkpoints/step_N")
   tune_refuse_resume_other_data    sft and dpo --resume with other records: exit 1, "same data"/"other
                                    data", the run untouched
   tune_refuse_resume_overwrite     --resume with --overwrite: one line naming both, for sft and dpo
@@ -88,7 +90,7 @@ PREFIX = "tune_"
 CHECKS = ("tune_sft_run_metrics", "tune_sft_steps_and_schedule", "tune_sft_checkpoint_files",
           "tune_sft_messages_run", "tune_sft_no_tokenizer", "tune_sft_loss_decreases", "tune_sft_resume_bit_exact",
           "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_batch_spans_epochs", "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache",
-          "tune_dpo_heldout_learns", "tune_dpo_text_records", "tune_refuse_resume_other_data",
+          "tune_dpo_heldout_learns", "tune_dpo_text_records", "tune_model_is_run_dir", "tune_refuse_resume_other_data",
           "tune_refuse_resume_overwrite", "tune_refuse_existing_run", "tune_refuse_too_many_files", "tune_refuse_dump_grad_exists",
           "tune_inputs_never_replaced", "tune_bad_line_fail_", "tune_bad_line_skip", "tune_too_long_counted", "tune_recipe_unknown_keys",
           "tune_pretrain_init_continues", "tune_pretrain_init_refusals")
@@ -833,6 +835,24 @@ def dpo_text_records(t):
     return problems, f"4 pairs (string, message-list and conversation layouts), {len(steps)} steps"
 
 
+def model_is_run_dir(t):
+    """--model and --ref may name a run directory: its newest checkpoint, named on stderr."""
+    sft, _ = t.sft_straight()
+    data, _, rec = t.sft_data()
+    ddata, _, drec = t.dpo_data()
+    ck = latest(sft)
+    problems = []
+    for args, flag in ((["sft", "--model", sft, "--data", data, "--recipe", rec], "--model"),
+                       (["dpo", "--model", t.path("model"), "--ref", sft, "--data", ddata, "--recipe", drec], "--ref")):
+        out = t.path(f"from_run_{args[0]}")
+        p = t.jet(*args, "--out", out, "--stop-after", "1", "--quiet")
+        if p.returncode != 0:
+            problems.append(f"{args[0]} {flag} RUN: exit {p.returncode}: {one_line(p)}")
+        elif f"jetmoe {args[0]}: using {ck}" not in p.stderr:
+            problems.append(f"{args[0]} {flag} RUN: the checkpoint used is not named: {p.stderr[-300:]!r}")
+    return problems, f"sft --model RUN and dpo --ref RUN: 'using {os.path.relpath(ck, sft)}'"
+
+
 # ---------------------------------------------------------------- refusals
 
 def refused(t, args, root, expect, rc=1):
@@ -1243,6 +1263,7 @@ def run(suite, build, tmp):
     t.check("tune_dpo_heldout_learns", lambda: dpo_heldout_learns(t))
     t.check("tune_dpo_resume_bit_exact", lambda: dpo_resume_bit_exact(t))
     t.check("tune_dpo_text_records", lambda: dpo_text_records(t))
+    t.check("tune_model_is_run_dir", lambda: model_is_run_dir(t))
     t.check("tune_refuse_resume_other_data", lambda: refuse_resume_other_data(t))
     t.check("tune_refuse_resume_overwrite", lambda: refuse_resume_overwrite(t))
     t.check("tune_refuse_existing_run", lambda: refuse_existing_run(t))
