@@ -84,6 +84,7 @@ import time
 import xml.etree.ElementTree as ET
 
 import run_tests  # its fixtures, used at call time (run_tests imports this module too)
+from output_safety_tests import tree_diff, tree_state
 from testlib import sanitizer_report
 
 PREFIX = "tune_"
@@ -182,29 +183,25 @@ def final_weights(out):
     return read_bytes(os.path.join(latest(out), "model.safetensors"))
 
 
-def tree(root):
-    """Every entry under root: type and, for files, bytes and inode."""
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            if os.path.isfile(p) and not os.path.islink(p):
-                state[rel] = ("file", read_bytes(p), st.st_ino)
-            else:
-                state[rel] = ("dir" if os.path.isdir(p) else "other",)
-    return state
-
-
-def tree_diff(before, after):
-    return [f"{rel} {'removed' if rel not in after else 'added' if rel not in before else 'changed'}"
-            for rel in sorted(set(before) | set(after)) if before.get(rel) != after.get(rel)]
-
-
 def one_line(p):
     err = p.stderr.strip()
     return err.splitlines()[-1] if err else ""
+
+
+def same_run(straight, out):
+    """What a resumed run must share with the straight one: every file of the final checkpoint, byte for
+    byte, and every metrics.jsonl line but tokens_per_s."""
+    problems = []
+    for name in sorted(set(os.listdir(latest(straight))) | set(os.listdir(latest(out)))):
+        a, b = (os.path.join(latest(x), name) for x in (straight, out))
+        if not (os.path.exists(a) and os.path.exists(b) and read_bytes(a) == read_bytes(b)):
+            problems.append(f"{os.path.basename(latest(out))}/{name}: {'differs' if os.path.exists(b) else 'missing'}"
+                            " in the resumed run")
+    a, b = comparable(straight), comparable(out)
+    if a != b:
+        diff = [(x, y) for x, y in zip(a, b) if x != y][:1]
+        problems.append(f"metrics differ ({len(a)} vs {len(b)} lines): {str(diff)[:400]}")
+    return problems
 
 
 def schedule_lr(step, peak, warmup, total, min_ratio=0.0):
@@ -311,25 +308,30 @@ class Tune:
         return [{"prompt_input_ids": [1] + [3 + rng.below(V - 3) for _ in range(3 + rng.below(6))],
                  "chosen_input_ids": [TOKEN_A, 2], "rejected_input_ids": [TOKEN_B, 2]} for _ in range(n)]
 
-    def sft_data(self):
+    def data(self, kind):
+        """(records, held-out records, recipe) of the shared sft or dpo run."""
         def make():
             self.setup()
-            return (write_jsonl(self.path("sft.jsonl"), self.sft_records(SFT_N, SFT_LEN, 11)),
-                    write_jsonl(self.path("sft_eval.jsonl"), self.sft_records(4, SFT_LEN, 12)),
-                    self.recipe("sft_recipe", SFT_RECIPE))
-        return self.once("sft_data", make)
+            if kind == "sft":
+                train, held = self.sft_records(SFT_N, SFT_LEN, 11), self.sft_records(4, SFT_LEN, 12)
+            else:
+                train, held = self.pref_records(16, 31), self.pref_records(6, 32)
+            return (write_jsonl(self.path(f"{kind}.jsonl"), train),
+                    write_jsonl(self.path(f"{kind}_eval.jsonl"), held),
+                    self.recipe(f"{kind}_recipe", SFT_RECIPE if kind == "sft" else DPO_RECIPE))
+        return self.once(kind + "_data", make)
 
-    def sft_args(self, out, *extra):
-        data, ev, rec = self.sft_data()
-        return ["sft", "--model", self.path("model"), "--data", data, "--eval-data", ev, "--out", out,
+    def args(self, kind, out, *extra):
+        data, ev, rec = self.data(kind)
+        return [kind, "--model", self.path("model"), "--data", data, "--eval-data", ev, "--out", out,
                 "--recipe", rec] + list(extra)
 
-    def sft_straight(self):
+    def straight(self, kind):
+        """The shared run straight through: (its directory, its stderr)."""
         def make():
-            out = self.path("sft_straight")
-            p = self.must(*self.sft_args(out))
-            return out, p.stderr
-        return self.once("sft_straight", make)
+            out = self.path(kind + "_straight")
+            return out, self.must(*self.args(kind, out)).stderr
+        return self.once(kind + "_straight", make)
 
     def learn_run(self):
         """4 records of 30 tokens, 2 to a row, 20 epochs: 40 steps of one row."""
@@ -343,31 +345,11 @@ class Tune:
             return out, data, rec
         return self.once("learn", make)
 
-    def dpo_data(self):
-        def make():
-            self.setup()
-            return (write_jsonl(self.path("dpo.jsonl"), self.pref_records(16, 31)),
-                    write_jsonl(self.path("dpo_eval.jsonl"), self.pref_records(6, 32)),
-                    self.recipe("dpo_recipe", DPO_RECIPE))
-        return self.once("dpo_data", make)
-
-    def dpo_args(self, out, *extra):
-        data, ev, rec = self.dpo_data()
-        return ["dpo", "--model", self.path("model"), "--data", data, "--eval-data", ev, "--out", out,
-                "--recipe", rec] + list(extra)
-
-    def dpo_straight(self):
-        def make():
-            out = self.path("dpo_straight")
-            p = self.must(*self.dpo_args(out))
-            return out, p.stderr
-        return self.once("dpo_straight", make)
-
 
 # ---------------------------------------------------------------- SFT runs
 
 def sft_run_metrics(t):
-    out, _ = t.sft_straight()
+    out, _ = t.straight("sft")
     steps, held = metrics(out)
     problems = []
     for s in steps:
@@ -401,7 +383,7 @@ def sft_run_metrics(t):
 
 
 def sft_steps_and_schedule(t):
-    out, err = t.sft_straight()
+    out, err = t.straight("sft")
     steps, _ = metrics(out)
     rows = -(-SFT_N // SFT_PER_ROW) * SFT_RECIPE["epochs"]
     per_step = SFT_RECIPE["batch_size"] * SFT_RECIPE["grad_accum"]
@@ -427,7 +409,7 @@ def sft_steps_and_schedule(t):
 
 
 def sft_checkpoint_files(t):
-    out, _ = t.sft_straight()
+    out, _ = t.straight("sft")
     problems = []
     ck = latest(out)
     total = len(metrics(out)[0])
@@ -551,9 +533,9 @@ def sft_loss_decreases(t):
 
 
 def sft_resume_bit_exact(t):
-    straight, _ = t.sft_straight()
+    straight, _ = t.straight("sft")
     out = t.path("sft_resumed")
-    t.must(*t.sft_args(out, "--stop-after", "3", "--quiet"))
+    t.must(*t.args("sft", out, "--stop-after", "3", "--quiet"))
     problems = []
     if os.path.basename(latest(out)) != "step_3":
         problems.append(f"stopped at {os.path.basename(latest(out))}, want step_3")
@@ -561,24 +543,15 @@ def sft_resume_bit_exact(t):
     if (cfg.get("aux_loss_coef"), cfg.get("z_loss_coef")) != (SFT_RECIPE["aux_loss_coef"], SFT_RECIPE["z_loss_coef"]):
         problems.append(f"checkpoint router-loss weights {cfg.get('aux_loss_coef')}, {cfg.get('z_loss_coef')}: "
                         "not the recipe's")
-    p = t.must(*t.sft_args(out, "--resume"))
+    p = t.must(*t.args("sft", out, "--resume"))
     if "resuming at step 3" not in p.stderr:
         problems.append(f"stderr does not say it resumes at step 3: {p.stderr[-300:]!r}")
-    if final_weights(out) != final_weights(straight):
-        problems.append("final model.safetensors differs from the straight run's")
-    # every file of the final checkpoint but the weights: the tokenizer's too, although the checkpoint the
-    # resume read them from (step_3) was removed on the way (only the two newest are kept)
-    for name in sorted(set(os.listdir(latest(straight))) | set(os.listdir(latest(out)))):
-        a, b = (os.path.join(latest(x), name) for x in (straight, out))
-        if not (os.path.exists(a) and os.path.exists(b) and read_bytes(a) == read_bytes(b)):
-            problems.append(f"{os.path.basename(latest(out))}/{name}: {'differs' if os.path.exists(b) else 'missing'}"
-                            " in the resumed run")
-    a, b = comparable(straight), comparable(out)
-    if a != b:
-        diff = [(x, y) for x, y in zip(a, b) if x != y][:1]
-        problems.append(f"metrics differ ({len(a)} vs {len(b)} lines): {str(diff)[:400]}")
+    # the tokenizer files too, although the checkpoint the resume read them from (step_3) was removed on
+    # the way (only the two newest are kept)
+    problems += same_run(straight, out)
+    a = comparable(straight)
     # resuming the finished run evaluates again: the same final record, nothing repeated
-    t.must(*t.sft_args(out, "--resume", "--quiet"))
+    t.must(*t.args("sft", out, "--resume", "--quiet"))
     if comparable(out) != a:
         problems.append("resuming the finished run changed metrics.jsonl")
     return problems, f"3 + resume == {len(metrics(out)[0])} straight: every file of the final checkpoint and " \
@@ -619,11 +592,8 @@ def sft_sigint_resume(t):
               "--quiet")
     if p.returncode != 0:
         return problems + [f"--resume: exit {p.returncode}: {one_line(p)}"], ""
-    if final_weights(out) != final_weights(straight):
-        problems.append("final weights differ from the straight run's")
-    if comparable(out) != comparable(straight):
-        problems.append("metrics differ from the straight run's")
-    return problems, f"SIGINT at {step}, exit 130; resumed to the straight run's weights and metrics"
+    problems += same_run(straight, out)
+    return problems, f"SIGINT at {step}, exit 130; resumed to the straight run's checkpoint and metrics"
 
 
 def sft_sigint_before_first_step(t):
@@ -696,12 +666,12 @@ def batch_spans_epochs(t):
 # ---------------------------------------------------------------- DPO runs
 
 def dpo_resume_bit_exact(t):
-    straight, _ = t.dpo_straight()
+    straight, _ = t.straight("dpo")
     ref = t.path("dpo_ref_copy")
     shutil.rmtree(ref, ignore_errors=True)
     shutil.copytree(t.path("model"), ref)
     out = t.path("dpo_resumed")
-    p = t.must(*t.dpo_args(out, "--ref", ref, "--stop-after", "5"))
+    p = t.must(*t.args("dpo", out, "--ref", ref, "--stop-after", "5"))
     problems = []
     cache = os.path.join(out, "ref_logps.safetensors")
     if "reference log-probs" not in p.stderr or not os.path.exists(cache):
@@ -710,30 +680,20 @@ def dpo_resume_bit_exact(t):
         problems.append(f"stopped at {os.path.basename(latest(out))}, want step_5 (off the checkpoint grid)")
     shutil.rmtree(ref)  # the resume must not need the reference: its log-probs are in the run
     before = read_bytes(cache)
-    p = t.jet(*t.dpo_args(out, "--ref", ref, "--resume"))
+    p = t.jet(*t.args("dpo", out, "--ref", ref, "--resume"))
     if p.returncode != 0:
         return problems + [f"--resume without the --ref directory: exit {p.returncode}: {one_line(p)}"], ""
     if "reference log-probs" in p.stderr:
         problems.append("the resume computed the reference log-probs again")
     if read_bytes(cache) != before:
         problems.append("ref_logps.safetensors changed on resume")
-    if final_weights(out) != final_weights(straight):
-        problems.append("final model.safetensors differs from the straight run's")
-    for name in sorted(set(os.listdir(latest(straight))) | set(os.listdir(latest(out)))):
-        a, b = (os.path.join(latest(x), name) for x in (straight, out))
-        if not (os.path.exists(a) and os.path.exists(b) and read_bytes(a) == read_bytes(b)):
-            problems.append(f"{os.path.basename(latest(out))}/{name}: {'differs' if os.path.exists(b) else 'missing'}"
-                            " in the resumed run")
-    a, b = comparable(straight), comparable(out)
-    if a != b:
-        diff = [(x, y) for x, y in zip(a, b) if x != y][:1]
-        problems.append(f"metrics differ ({len(a)} vs {len(b)} lines): {str(diff)[:400]}")
+    problems += same_run(straight, out)
     return problems, f"5 + resume (reference deleted) == straight: every file of the final checkpoint and " \
-                     f"{len(a)} metrics lines identical"
+                     f"{len(comparable(out))} metrics lines identical"
 
 
 def dpo_run_metrics(t):
-    out, err = t.dpo_straight()
+    out, err = t.straight("dpo")
     steps, _ = metrics(out)
     problems = []
     total = -(-16 * DPO_RECIPE["epochs"] // (DPO_RECIPE["batch_size"] * DPO_RECIPE["grad_accum"]))
@@ -766,7 +726,7 @@ def dpo_run_metrics(t):
 
 
 def dpo_ref_logps_cache(t):
-    out, err = t.dpo_straight()
+    out, err = t.straight("dpo")
     problems = []
     st = read_st(os.path.join(out, "ref_logps.safetensors"))
     lp = st.get("logps", [])
@@ -787,7 +747,7 @@ def dpo_ref_logps_cache(t):
 
 
 def dpo_heldout_learns(t):
-    out, _ = t.dpo_straight()
+    out, _ = t.straight("dpo")
     steps, held = metrics(out)
     problems = []
     if [h["step"] for h in held] != [0, len(steps)]:
@@ -837,9 +797,9 @@ def dpo_text_records(t):
 
 def model_is_run_dir(t):
     """--model and --ref may name a run directory: its newest checkpoint, named on stderr."""
-    sft, _ = t.sft_straight()
-    data, _, rec = t.sft_data()
-    ddata, _, drec = t.dpo_data()
+    sft, _ = t.straight("sft")
+    data, _, rec = t.data("sft")
+    ddata, _, drec = t.data("dpo")
     ck = latest(sft)
     problems = []
     for args, flag in ((["sft", "--model", sft, "--data", data, "--recipe", rec], "--model"),
@@ -857,9 +817,9 @@ def model_is_run_dir(t):
 
 def refused(t, args, root, expect, rc=1):
     """args fail with exit rc, the last stderr line naming each of expect; root unchanged."""
-    before = tree(root) if os.path.exists(root) else None
+    before = tree_state(root) if os.path.exists(root) else None
     p = t.jet(*args)
-    after = tree(root) if os.path.exists(root) else None
+    after = tree_state(root) if os.path.exists(root) else None
     problems = []
     if p.returncode != rc:
         problems.append(f"exit {p.returncode}, want {rc}")
@@ -872,12 +832,12 @@ def refused(t, args, root, expect, rc=1):
 
 
 def refuse_resume_other_data(t):
-    sft, _ = t.sft_straight()
-    dpo, _ = t.dpo_straight()
-    data, ev, rec = t.sft_data()
+    sft, _ = t.straight("sft")
+    dpo, _ = t.straight("dpo")
+    data, ev, rec = t.data("sft")
     other = write_jsonl(t.path("sft_other.jsonl"), t.sft_records(SFT_N, SFT_LEN, 99))
     fewer = write_jsonl(t.path("sft_fewer.jsonl"), t.sft_records(SFT_N - 1, SFT_LEN, 11))
-    ddata, dev, drec = t.dpo_data()
+    ddata, dev, drec = t.data("dpo")
     dother = write_jsonl(t.path("dpo_other.jsonl"), t.pref_records(16, 77))
     problems = []
     for d in (other, fewer):
@@ -887,7 +847,7 @@ def refuse_resume_other_data(t):
                             "--recipe", drec, "--resume"], dpo, ["other data"])
     # DPO's --beta and --label-smoothing are the run's as much as the recipe's values are
     for flag, value in (("--beta", "0.5"), ("--label-smoothing", "0.1")):
-        problems += refused(t, t.dpo_args(dpo, "--resume", flag, value), dpo, ["other"])
+        problems += refused(t, t.args("dpo", dpo, "--resume", flag, value), dpo, ["other"])
     # another recipe is another run too
     rec2 = t.recipe("sft_recipe_lr", dict(SFT_RECIPE, optimizer={"lr": 1e-3}))
     problems += refused(t, ["sft", "--model", t.path("model"), "--data", data, "--eval-data", ev, "--out", sft,
@@ -897,21 +857,21 @@ def refuse_resume_other_data(t):
 
 
 def refuse_resume_overwrite(t):
-    sft, _ = t.sft_straight()
-    dpo, _ = t.dpo_straight()
+    sft, _ = t.straight("sft")
+    dpo, _ = t.straight("dpo")
     problems = []
-    problems += refused(t, t.sft_args(sft, "--resume", "--overwrite"), sft, ["--resume", "--overwrite"])
-    problems += refused(t, t.dpo_args(dpo, "--resume", "--overwrite"), dpo, ["--resume", "--overwrite"])
+    problems += refused(t, t.args("sft", sft, "--resume", "--overwrite"), sft, ["--resume", "--overwrite"])
+    problems += refused(t, t.args("dpo", dpo, "--resume", "--overwrite"), dpo, ["--resume", "--overwrite"])
     return problems, "sft and dpo: one line naming both flags, the run untouched"
 
 
 def refuse_existing_run(t):
-    sft, _ = t.sft_straight()
-    dpo, _ = t.dpo_straight()
+    sft, _ = t.straight("sft")
+    dpo, _ = t.straight("dpo")
     problems = []
-    problems += refused(t, t.sft_args(sft), sft, [sft, "--overwrite"])
-    problems += refused(t, t.dpo_args(dpo), dpo, [dpo, "--overwrite"])
-    problems += refused(t, t.dpo_args(sft), sft, [sft, "--overwrite"])  # an SFT run under a DPO command
+    problems += refused(t, t.args("sft", sft), sft, [sft, "--overwrite"])
+    problems += refused(t, t.args("dpo", dpo), dpo, [dpo, "--overwrite"])
+    problems += refused(t, t.args("dpo", sft), sft, [sft, "--overwrite"])  # an SFT run under a DPO command
     return problems, "sft over its run, dpo over its run, dpo over an sft run"
 
 
@@ -938,8 +898,8 @@ def refuse_too_many_files(t):
 
 def refuse_dump_grad_exists(t):
     t.setup()
-    data, _, _ = t.sft_data()
-    ddata, _, _ = t.dpo_data()
+    data, _, _ = t.data("sft")
+    ddata, _, _ = t.data("dpo")
     dump = t.path("dumps", "g.safetensors")
     os.makedirs(os.path.dirname(dump), exist_ok=True)
     with open(dump, "wb") as f:
@@ -962,10 +922,10 @@ def refuse_dump_grad_exists(t):
 
 
 def inputs_never_replaced(t):
-    sft, _ = t.sft_straight()
-    dpo, _ = t.dpo_straight()
-    data, ev, rec = t.sft_data()
-    ddata, dev, drec = t.dpo_data()
+    sft, _ = t.straight("sft")
+    dpo, _ = t.straight("dpo")
+    data, ev, rec = t.data("sft")
+    ddata, dev, drec = t.data("dpo")
     model = t.path("model")
     problems = []
     # --dump-grad onto what the command reads
@@ -1142,8 +1102,8 @@ def too_long_counted(t):
 
 def recipe_unknown_keys(t):
     t.setup()
-    data, _, _ = t.sft_data()
-    ddata, _, _ = t.dpo_data()
+    data, _, _ = t.data("sft")
+    ddata, _, _ = t.data("dpo")
     cases = [("sft", {"epochs": 1, "lerning_rate": 0.1}, ["lerning_rate"]),
              ("sft", {"epochs": 1, "beta": 0.2}, ["beta", "DPO"]),
              ("sft", {"label_smoothing": 0.1}, ["label_smoothing", "DPO"]),
