@@ -19,12 +19,13 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    {"messages"} records are refused (file:line, "tokenizer")
   tune_sft_loss_decreases          4 records over 20 epochs: the loss of the last epoch is far below the
                                    first's
-  tune_sft_resume_bit_exact        --stop-after 3 (an eval_every step) then --resume == straight:
-                                   model.safetensors bytes, metrics lines but tokens_per_s (held-out and
-                                   final records too); the recipe sets the router-loss weights, which
-                                   the resumed model must keep
+  tune_sft_resume_bit_exact        --stop-after 3 (an eval_every step) then --resume == straight: every
+                                   file of the final checkpoint (the tokenizer's too), metrics lines but
+                                   tokens_per_s (held-out and final records too); the recipe sets the
+                                   router-loss weights, which the resumed model must keep; resuming the
+                                   finished run again changes nothing
   tune_sft_sigint_resume           SIGINT mid-run: exit 130, "stopped at step N", a checkpoint at N;
-                                   --resume ends with the straight run's weights and losses
+                                   --resume ends with the straight run's final checkpoint and metrics
   tune_sft_sigint_before_first_step  SIGINT during the step-0 held-out evaluation: exit 130, a step_0
                                    checkpoint, and --resume ends with the straight run's weights
   tune_batch_spans_epochs          a micro-batch holding more examples than the data (sft: 5 records of
@@ -44,8 +45,8 @@ they resume bit-exactly, what they refuse, and that they learn.
   tune_dpo_text_records            {"prompt", "chosen", "rejected"} strings and message lists train
   tune_model_is_run_dir            --model RUN (sft) and --ref RUN (dpo): the run's newest checkpoint,
                                    named on stderr ("jetmoe sft: using RUN/checkpoints/step_N")
-  tune_refuse_resume_other_data    sft and dpo --resume with other records: exit 1, "same data"/"other
-                                   data", the run untouched
+  tune_refuse_resume_other_data    --resume with other records (sft: other or fewer; dpo), another recipe,
+                                   dpo's --beta or --label-smoothing changed: exit 1, the run untouched
   tune_refuse_resume_overwrite     --resume with --overwrite: one line naming both, for sft and dpo
   tune_refuse_existing_run         a run directory holding a run, without --resume/--overwrite: refused,
                                    untouched (sft and dpo)
@@ -65,9 +66,10 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    counted on stderr either way (--quiet too)
   tune_recipe_unknown_keys         unknown keys (at the top and in optimizer/schedule), DPO's keys in an
                                    SFT recipe, pretraining's keys: exit 1, the recipe and field named
-  tune_pretrain_init_continues     pretrain --init RUN (its newest checkpoint): steps count from 1 with the recipe's warmup, a
-                                   fresh AdamW (adamw.step == the new run's steps), the first loss ~ the
-                                   checkpoint's eval loss on that data and far below a fresh model's
+  tune_pretrain_init_continues     pretrain --init RUN (its newest checkpoint): steps count from 1 with
+                                   the recipe's warmup, a fresh AdamW (adamw.step == the new run's
+                                   steps), the first loss ~ the checkpoint's eval loss on that data and
+                                   far below a fresh model's
   tune_pretrain_init_refusals      a recipe model of another shape (the field named), --init with --resume,
                                    --overwrite over the run the --init checkpoint is in
 
@@ -90,11 +92,13 @@ from testlib import sanitizer_report
 PREFIX = "tune_"
 CHECKS = ("tune_sft_run_metrics", "tune_sft_steps_and_schedule", "tune_sft_checkpoint_files",
           "tune_sft_messages_run", "tune_sft_no_tokenizer", "tune_sft_loss_decreases", "tune_sft_resume_bit_exact",
-          "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_batch_spans_epochs", "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache",
-          "tune_dpo_heldout_learns", "tune_dpo_text_records", "tune_model_is_run_dir", "tune_refuse_resume_other_data",
-          "tune_refuse_resume_overwrite", "tune_refuse_existing_run", "tune_refuse_too_many_files", "tune_refuse_dump_grad_exists",
-          "tune_inputs_never_replaced", "tune_bad_line_fail_", "tune_bad_line_skip", "tune_too_long_counted", "tune_recipe_unknown_keys",
-          "tune_pretrain_init_continues", "tune_pretrain_init_refusals")
+          "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_batch_spans_epochs",
+          "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache", "tune_dpo_heldout_learns",
+          "tune_dpo_text_records", "tune_model_is_run_dir", "tune_refuse_resume_other_data",
+          "tune_refuse_resume_overwrite", "tune_refuse_existing_run", "tune_refuse_too_many_files",
+          "tune_refuse_dump_grad_exists", "tune_inputs_never_replaced", "tune_bad_line_fail_", "tune_bad_line_skip",
+          "tune_too_long_counted", "tune_recipe_unknown_keys", "tune_pretrain_init_continues",
+          "tune_pretrain_init_refusals")
 
 V = 400  # the fixture tokenizer's vocabulary (pretrain_fixture)
 MODEL = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
