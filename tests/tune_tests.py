@@ -639,8 +639,8 @@ def sft_sigint_before_first_step(t):
             [s["loss"] for s in metrics(straight)[0]]:
         problems.append(f"held-out records at {[h['step'] for h in held]}; losses equal to the straight run's: "
                         f"{[s['loss'] for s in steps] == [s['loss'] for s in metrics(straight)[0]]}")
-    return problems, "stopped at step 0 during the step-0 evaluation; step_0 saved; resumed to the straight " \
-                     "run's weights"
+    return problems, f"stopped at step 0 during the step-0 evaluation of {n} records; step_0 saved; resumed " \
+                     "to the straight run's weights"
 
 
 def batch_spans_epochs(t):
