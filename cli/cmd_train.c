@@ -137,7 +137,8 @@ const cli_command cmd_dpo = {
     "rewards/accuracies and logps. Same loop, checkpoints and --resume as sft.",
     dpo_flags, (int)(sizeof dpo_flags / sizeof dpo_flags[0]), run_tune};
 
-/* --data a,b --data c -> {a, b, c} (files named by either spelling) */
+/* --data a,b --data c -> {a, b, c} (files named by either spelling); the count, which past cap
+ * (files left unread) is an error of the caller's */
 static int split_list(const cli_list *l, char **buf, const char **out, int cap)
 {
     int n = 0;
@@ -147,7 +148,8 @@ static int split_list(const cli_list *l, char **buf, const char **out, int cap)
     char *p = *buf;
     for (int i = 0; p && i < l->n; i++) {
         strcpy(p, l->v[i]);
-        for (char *tok = strtok(p, ","); tok && n < cap; tok = strtok(NULL, ",")) out[n++] = tok;
+        for (char *tok = strtok(p, ","); tok; tok = strtok(NULL, ","), n++)
+            if (n < cap) out[n] = tok;
         p += strlen(l->v[i]) + 1;
     }
     return n;
@@ -163,6 +165,13 @@ static int run_tune(const cli_command *self, int argc, char **argv)
     if (!o.model && !o.resume) return cli_error(self, "--model DIR is required (the checkpoint to start from)");
     if (!o.out && !o.dump_grad) return cli_error(self, "--out RUN_DIR is required (or --dump-grad FILE)");
     if (o.out && o.dump_grad) return cli_error(self, "--dump-grad writes one file and trains nothing: drop --out");
+    /* a run directory (or its checkpoints/) means its newest checkpoint, named on stderr as everywhere;
+     * a resume reads neither (the reference only if the run lost its cached log-probs) */
+    char mdir[4096], rdir[4096];
+    if (o.model && !o.resume && (rc = cli_model_dir(self, o.model, mdir, sizeof mdir)) != CLI_RUN) return rc;
+    if (o.ref && !o.resume && (rc = cli_model_dir(self, o.ref, rdir, sizeof rdir)) != CLI_RUN) return rc;
+    if (o.model && !o.resume) o.model = mdir;
+    if (o.ref && !o.resume) o.ref = rdir;
     jm_set_threads((int)o.threads);
     struct sigaction sa_int = {0};
     sa_int.sa_handler = on_signal;
@@ -171,6 +180,11 @@ static int run_tune(const cli_command *self, int argc, char **argv)
     char *dbuf = NULL, *ebuf = NULL;
     const char *data[64], *eval[64];
     int nd = split_list(&o.data, &dbuf, data, 64), ne = split_list(&o.eval_data, &ebuf, eval, 64);
+    if (nd > 64 || ne > 64) {
+        free(dbuf);
+        free(ebuf);
+        return cli_error(self, "%s: at most 64 files, got %d", nd > 64 ? "--data" : "--eval-data", nd > 64 ? nd : ne);
+    }
     jm_tune_opts to = {o.model, data, nd, eval, ne, o.recipe, o.ref, o.dump_grad, o.beta, o.label_smoothing,
                        strcmp(o.on_bad_line, "skip") == 0,
                        {NULL, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite, NULL}};

@@ -297,16 +297,23 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
         s = jm_fail(err, JM_ERR_ARG, "%s: no pair to train on", o->data[0]);
         goto done;
     }
-    if (!o->run.quiet)
-        fprintf(stderr, "dpo data: %lld pairs from %lld lines, %lld tokens (%lld in completions); %lld truncated, "
-                        "%lld dropped as too long, %lld bad lines skipped\n", (long long)rs.used,
-                (long long)rs.lines, (long long)rs.tokens, (long long)rs.loss_tokens, (long long)rs.truncated,
-                (long long)rs.too_long, (long long)rs.bad);
+    /* records left out are always counted on stderr, --quiet or not: nothing is skipped silently */
+    for (int set = 0; set < 2; set++) {
+        const jm_records_stats *st = set ? &es : &rs;
+        if ((set && !o->neval) || (o->run.quiet && !st->bad && !st->too_long)) continue;
+        fprintf(stderr, "dpo %s: %lld pairs from %lld lines, %lld tokens (%lld in completions); %lld truncated, "
+                        "%lld dropped as too long, %lld bad lines skipped\n", set ? "held-out data" : "data",
+                (long long)st->used, (long long)st->lines, (long long)st->tokens, (long long)st->loss_tokens,
+                (long long)st->truncated, (long long)st->too_long, (long long)st->bad);
+    }
     const int64_t ns = 2 * (k.data.n + k.eval.n);
     k.seq = malloc(sizeof *k.seq * (size_t)ns);
     k.eval_seq = k.seq + 2 * k.data.n;
     k.targets = malloc(sizeof *k.targets * (size_t)(rs.tokens + es.tokens + 1));
-    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * k.data.n));
+    /* a micro-batch is batch_size pairs of the plan, which runs on into the next epoch: more pairs than
+     * the data has when batch_size is larger (--dump-grad takes them all at once) */
+    const int64_t most = k.data.n * ts.r->epochs < ts.r->batch_size ? k.data.n * ts.r->epochs : ts.r->batch_size;
+    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * (most > k.data.n ? most : k.data.n)));
     if (!k.seq || !k.targets || !k.scratch) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;

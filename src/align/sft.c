@@ -199,6 +199,17 @@ static jm_status plan_epochs(sft_task *k, jm_error *err)
     k->row_first[k->rows] = n * E;
     free(order);
     free(len);
+    /* a micro-batch's rows may reach into the next epoch (or several, with few examples): scratch holds
+     * the most examples any micro-batch has, which can be more than the n it was made for */
+    const int bs = k->r->batch_size;
+    int64_t most = n;
+    for (int64_t a = 0; a < k->rows; a += bs) {
+        int64_t b = a + bs < k->rows ? a + bs : k->rows;
+        if (k->row_first[b] - k->row_first[a] > most) most = k->row_first[b] - k->row_first[a];
+    }
+    jm_seq_ref *sc = most > n ? realloc(k->scratch, sizeof *sc * (size_t)most) : k->scratch;
+    if (!sc) return jm_fail(err, JM_ERR_NOMEM, "out of memory for a micro-batch of %lld examples", (long long)most);
+    k->scratch = sc;
     return JM_OK;
 }
 
@@ -229,8 +240,9 @@ jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err)
     fill_targets(k.eval_seq, k.targets + off, &k.eval);
     int64_t learned_train = 0;
     for (int64_t i = 0; i < k.data.n; i++) learned_train += learned(&k.seq[i]);
-    if (!o->run.quiet) report_records("sft data", &rs, learned_train);
-    if (!o->run.quiet && o->neval) report_records("sft held-out data", &es, 0);
+    /* records left out are always counted on stderr, --quiet or not: nothing is skipped silently */
+    if (!o->run.quiet || rs.bad || rs.too_long) report_records("sft data", &rs, learned_train);
+    if (o->neval && (!o->run.quiet || es.bad || es.too_long)) report_records("sft held-out data", &es, 0);
 
     if (o->dump_grad) { /* the whole file as one batch */
         if ((s = jm_tune_load_model(o, &ts, &m, err)) || (s = jm_zero_grad(m, err))) goto done;

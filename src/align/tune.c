@@ -26,10 +26,27 @@ jm_status jm_tune_setup_open(const jm_tune_opts *o, jm_task_kind kind, jm_tune_s
         return jm_fail(err, JM_ERR_ARG, "--model DIR is needed: the checkpoint to fine-tune");
     if (!o->dump_grad && !o->run.out_dir)
         return jm_fail(err, JM_ERR_ARG, "--out RUN_DIR is needed (or --dump-grad FILE for one batch's gradients)");
-    jm_status s = jm_recipe_load_kind(o->recipe, kind, &t->r, err);
-    if (s) return s;
+    if (o->dump_grad && (o->run.resume || !o->model))
+        return jm_fail(err, JM_ERR_ARG, "--dump-grad takes one batch through --model DIR%s",
+                       o->run.resume ? "; --resume continues a run: drop it" : ", which is missing");
+    if (o->run.resume && o->run.overwrite) /* before DPO reads the run's cached reference log-probs */
+        return jm_fail(err, JM_ERR_ARG, "%s: --resume continues the run there, --overwrite replaces it: pass one",
+                       o->run.out_dir);
+    jm_status s;
+    if (o->dump_grad) { /* refused before any work, as every output is */
+        const char *inputs[64];
+        char target[4096];
+        if ((s = jm_output_file(o->dump_grad, inputs, jm_tune_inputs(o, inputs, 64), o->run.overwrite, target,
+                                sizeof target, err)))
+            return s;
+    }
+    if ((s = jm_recipe_load_kind(o->recipe, kind, &t->r, err))) return s;
     if (o->beta >= 0) t->r->beta = o->beta;
     if (o->label_smoothing >= 0) t->r->label_smoothing = o->label_smoothing;
+    if (kind == JM_TASK_DPO) { /* the command line's values are the run's too: a resume with others is refused */
+        jm_recipe_hash_more(t->r, &t->r->beta, sizeof t->r->beta);
+        jm_recipe_hash_more(t->r, &t->r->label_smoothing, sizeof t->r->label_smoothing);
+    }
 
     /* the checkpoint the run starts from, or on --resume the run's newest */
     char dir[4096];

@@ -691,8 +691,13 @@ typedef struct {
     jm_optimizer *opt;
     jm_task *task;
     const char *tokenizer; /* the directory whose files go into each checkpoint ("" : none) */
+    char tokenizer_ck[4300]; /* ... once it was one of this run's checkpoints: the newest (save_checkpoint) */
     int64_t step;          /* completed optimizer steps */
     char dir[4096];
+    /* the end-of-run expert-load summary, in the checkpoint so that a resumed run reports what a straight one does */
+    double *tail;          /* 2*L*E: summed loads of the logged steps among the last ten logs */
+    int64_t n_tail;        /* how many */
+    double last_min_share; /* of the last logged step; NaN before one */
 } trainer;
 
 static int phase_of(const jm_recipe *r, int64_t step)
@@ -714,16 +719,20 @@ static jm_status save_trainer_state(trainer *t, const char *path, jm_error *err)
     jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
     int64_t step = t->step;
     uint64_t hash = t->r->hash;
+    const jm_config *c = jm_model_config(t->m);
     st_out o[MAX_STATE] = {
         {"step", ST_I64, 1, {1}, &step},
         {"recipe_hash", ST_U64, 1, {1}, &hash},
         {"adamw.step", ST_I64, 1, {1}, stepp},
         {"adamw.m", ST_F32, 1, {numel}, m},
         {"adamw.v", ST_F32, 1, {numel}, v},
+        {"loop.tail_load", ST_F64, 1, {2 * (int64_t)c->num_layers * c->num_experts}, t->tail},
+        {"loop.tail_count", ST_I64, 1, {1}, &t->n_tail},
+        {"loop.last_min_share", ST_F64, 1, {1}, &t->last_min_share},
     };
-    int n = t->task->state(t->task->ctx, o + 5, MAX_STATE - 5, err);
+    int n = t->task->state(t->task->ctx, o + 8, MAX_STATE - 8, err);
     if (n < 0) return JM_ERR_NOMEM;
-    return st_write(path, o, 5 + n, NULL, NULL, 0, err);
+    return st_write(path, o, 8 + n, NULL, NULL, 0, err);
 }
 
 /* Copies a tensor of the expected dtype and element count out of a state file. */
@@ -755,6 +764,12 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
     if (!s) s = jm_state_tensor(&f, "adamw.step", ST_I64, 1, stepp, err);
     if (!s) s = jm_state_tensor(&f, "adamw.m", ST_F32, numel, m, err);
     if (!s) s = jm_state_tensor(&f, "adamw.v", ST_F32, numel, v, err);
+    const jm_config *c = jm_model_config(t->m);
+    if (!s && st_find(&f, "loop.tail_load")) { /* absent from checkpoints written before it was kept */
+        s = jm_state_tensor(&f, "loop.tail_load", ST_F64, 2 * (int64_t)c->num_layers * c->num_experts, t->tail, err);
+        if (!s) s = jm_state_tensor(&f, "loop.tail_count", ST_I64, 1, &t->n_tail, err);
+        if (!s) s = jm_state_tensor(&f, "loop.last_min_share", ST_F64, 1, &t->last_min_share, err);
+    }
     if (!s) s = t->task->restore(t->task->ctx, &f, step, err);
     if (!s) t->step = step;
     st_close(&f);
@@ -809,6 +824,13 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
         return s;
     }
     if ((s = jm_atomic_commit(&a, err))) return s;
+    /* a resumed fine-tune copies the tokenizer from the checkpoint it resumed from, which the pruning below
+     * removes in time: from now on it comes from this one, which holds the same files */
+    size_t nck = strlen(ck);
+    if (t->tokenizer[0] && strncmp(t->tokenizer, ck, nck) == 0 && t->tokenizer[nck] == '/') {
+        snprintf(t->tokenizer_ck, sizeof t->tokenizer_ck, "%s", final);
+        t->tokenizer = t->tokenizer_ck;
+    }
     /* keep the two newest checkpoints: this one and the newest of an earlier
      * step. Older step_N go, as do *.tmp.* left by a killed run; later steps
      * (only a fresh run over an old run's directory has them) stay until this
@@ -1451,6 +1473,10 @@ static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_model *init
     }
     if ((s = jm_optimizer_create(t->m, &r->adamw, &t->opt, err))) return s;
     if ((s = jm_zero_grad(t->m, err))) return s;
+    const jm_config *c = jm_model_config(t->m);
+    t->last_min_share = NAN;
+    if (!(t->tail = calloc(2 * (size_t)c->num_layers * c->num_experts, sizeof *t->tail)))
+        return jm_fail(err, JM_ERR_NOMEM, "out of memory");
     if (o->resume) {
         char state[4500];
         snprintf(state, sizeof state, "%s/trainer_state.safetensors", path);
@@ -1500,7 +1526,7 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
     snprintf(t.dir, sizeof t.dir, "%s", o->out_dir);
     char path[4400];
     FILE *metrics = NULL;
-    double *load = NULL, *tail = NULL;
+    double *load = NULL;
     jm_output_set run_set;
     jm_status s;
     const char *kind = jm_task_name(r->kind);
@@ -1531,14 +1557,11 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
     const int L = c->num_layers, E = c->num_experts;
     const int64_t total = r->schedule.total_steps;
     load = malloc(sizeof(double) * 2 * (size_t)L * E);
-    tail = calloc(2 * (size_t)L * E, sizeof(double));
-    if (!load || !tail) {
+    if (!load) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
     }
     const int tty = isatty(2) && !o->quiet;
-    double last_min_share = NAN;
-    int n_tail = 0; /* logged steps among the last ten logs, whose expert load is averaged */
     const int64_t first = t.step;
     int64_t trained = 0; /* tokens of this session's steps, for the rate */
     double t0 = omp_get_wtime(), last_log = t0, eval_secs = 0; /* time spent on held-out evaluation */
@@ -1588,10 +1611,10 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
                 fprintf(metrics, "]");
             }
             fprintf(metrics, ",\"min_expert_share\":%.4f", worst);
-            last_min_share = worst;
+            t.last_min_share = worst;
             if (total - (t.step + 1) < 10 * r->log_every) {
-                for (size_t i = 0; i < 2 * (size_t)L * E; i++) tail[i] += load[i];
-                n_tail++;
+                for (size_t i = 0; i < 2 * (size_t)L * E; i++) t.tail[i] += load[i];
+                t.n_tail++;
             }
         }
         t.step++;
@@ -1645,21 +1668,23 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         }
     }
     if (tty) fputc('\n', stderr);
-    if (*stopped && t.step % r->checkpoint_every != 0 && (s = save_checkpoint(&t, err))) goto done;
+    /* a stop at a step with no checkpoint yet saves one; step 0 too, so that --resume has one to start from */
+    if (*stopped && (t.step % r->checkpoint_every != 0 || t.step == 0) && (s = save_checkpoint(&t, err))) goto done;
     if (*stopped && !o->quiet)
         fprintf(stderr, "%s: stopped at step %lld; continue with --resume\n", kind, (long long)t.step);
     if (!*stopped && task->heldout) {
         jm_task_step h = {0};
         if ((s = task->heldout(task->ctx, t.m, 1, &h, err))) goto done;
         double tail_min = NAN;
+        const double n_tail = (double)t.n_tail;
         for (size_t i = 0; n_tail && i < 2 * (size_t)L * E; i++)
-            tail_min = i ? fmin(tail_min, tail[i] / n_tail) : tail[i] / n_tail;
-        if (n_tail) /* none when a finished run is resumed */
+            tail_min = i ? fmin(tail_min, t.tail[i] / n_tail) : t.tail[i] / n_tail;
+        if (n_tail)
             fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair "
                             "share (last logged batch), %.0f%% (mean over the last %d logged batches)\n",
-                    100 * last_min_share, 100 * tail_min, n_tail);
+                    100 * t.last_min_share, 100 * tail_min, (int)n_tail);
         write_heldout(metrics, &t, &h);
-        json_number(metrics, "final_min_expert_share", last_min_share);
+        json_number(metrics, "final_min_expert_share", t.last_min_share);
         json_number(metrics, "tail_min_expert_share", tail_min);
         fprintf(metrics, "}\n");
     }
@@ -1670,7 +1695,7 @@ done:
         write_plot(o->out_dir, r);
     }
     free(load);
-    free(tail);
+    free(t.tail);
     jm_optimizer_free(t.opt);
     jm_model_free(t.m);
     return s;
