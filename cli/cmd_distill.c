@@ -92,8 +92,9 @@ static void summary(const cli_command *self, const jm_distill_stats *st, int pai
                     (long long)st->by_verifier, (long long)st->by_teacher, (long long)st->skip_all_right,
                     (long long)st->skip_all_wrong, (long long)st->skip_tied, (long long)st->skip_empty);
         else
-            fprintf(stderr, "%lld records written, %lld empty answers left out\n", (long long)st->written,
-                    (long long)st->skip_empty);
+            fprintf(stderr, "%lld records written, %lld empty answers left out; %lld of %lld checkable answers "
+                    "right, %lld with a final \"#### \" line\n", (long long)st->written, (long long)st->skip_empty,
+                    (long long)st->right, (long long)st->verified, (long long)st->formatted);
     }
     printf("{\"prompts\": %lld, \"bad_lines\": %lld, \"answers\": %lld, \"tokens\": %lld, \"seconds\": %.3f, ",
            (long long)st->prompts, (long long)st->bad_lines, (long long)st->answers, (long long)st->tokens,
@@ -105,7 +106,9 @@ static void summary(const cli_command *self, const jm_distill_stats *st, int pai
                (long long)st->by_teacher, (long long)st->skip_all_right, (long long)st->skip_all_wrong,
                (long long)st->skip_tied, (long long)st->skip_empty, (long long)st->skip_teacher_context);
     else
-        printf("\"records\": %lld, \"skipped_empty\": %lld}\n", (long long)st->written, (long long)st->skip_empty);
+        printf("\"records\": %lld, \"skipped_empty\": %lld, \"verified\": %lld, \"right\": %lld, \"formatted\": %lld}\n",
+               (long long)st->written, (long long)st->skip_empty, (long long)st->verified, (long long)st->right,
+               (long long)st->formatted);
 }
 
 static int run_distill(const cli_command *self, int argc, char **argv)

@@ -38,7 +38,7 @@ def main():
     rows = []
     for name, label in (("run", "base (pretrained)"), ("sft", "dSFT"), ("dpo", "dDPO")):
         c = counts(os.path.join(align, f"answers_{name}.counts.json"))
-        n = c["prompts"]
+        n = c["verified"]
         rows.append((label, n, c["right"], c["formatted"]))
     print("\nheld-out grade-school problems (greedy, 96 new tokens at most):")
     print(f"  {'model':<20} {'problems':>8} {'exact match':>12} {'in format (#### N)':>19}")

@@ -253,6 +253,8 @@ typedef struct {
     int64_t bad_lines;          /* skipped (skip_bad) */
     int64_t answers, tokens;    /* answers generated, and their tokens */
     int64_t written;            /* sft: records; pairs: pairs */
+    int64_t verified, right, formatted; /* sft: answers to prompts with an "answer"; of them, the verifier's
+                                           right ones and those with a final "#### " line (GSM8K's format) */
     int64_t by_verifier, by_teacher;          /* pairs ranked by each */
     int64_t skip_all_right, skip_all_wrong;   /* no pair: the verifier could not tell them apart, no teacher */
     int64_t skip_tied;          /* no pair: the teacher's best and worst answers are the same text */

@@ -336,6 +336,11 @@ jm_status jm_distill_sft(const jm_distill_opts *o, jm_distill_stats *st, jm_erro
             const jm_prompt_record *rec = &r.set.rec[i0 + i];
             char *text;
             if ((s = answer_text(&T, &r.q[i], &text, err))) break;
+            if (rec->answer) { /* the teacher's accuracy on checkable prompts: what evaluation reads */
+                st->verified++;
+                st->right += usable(text) && jm_distill_verify(text, rec->answer);
+                st->formatted += usable(text) && strstr(text, "#### ") != NULL;
+            }
             if (!usable(text)) {
                 st->skip_empty++;
             } else {
