@@ -120,14 +120,17 @@ ALIGN := $(DEMO)/align
 demo-align:
 	$(PY) data/build_align.py --out $(ALIGN)
 	./jetmoe sft --model $(DEMO)/run --data $(ALIGN)/sft.jsonl --recipe data/recipe-sft-demo.json --out $(DEMO)/sft --overwrite
-	./jetmoe distill pairs --model $(DEMO)/sft --prompts $(ALIGN)/prompts.jsonl --samples 4 --temperature 1.0 --seed 1 \
-	  --max-new 96 --out $(ALIGN)/pairs.jsonl --overwrite > $(ALIGN)/pairs.counts.json
-	./jetmoe distill pairs --model $(DEMO)/sft --prompts $(ALIGN)/heldout_prompts.jsonl --samples 4 --temperature 1.0 \
-	  --seed 2 --max-new 96 --out $(ALIGN)/heldout_pairs.jsonl --overwrite > $(ALIGN)/heldout_pairs.counts.json
+	@# ranked by the verifier (exact match of the final answer); where it cannot tell the samples apart
+	@# (all wrong, all right), by the dSFT model's own length-normalised log-likelihood as the teacher
+	./jetmoe distill pairs --model $(DEMO)/sft --teacher $(DEMO)/sft --prompts $(ALIGN)/prompts.jsonl --samples 4 \
+	  --temperature 1.0 --seed 1 --max-new 64 --out $(ALIGN)/pairs.jsonl --overwrite > $(ALIGN)/pairs.counts.json
+	./jetmoe distill pairs --model $(DEMO)/sft --teacher $(DEMO)/sft --prompts $(ALIGN)/heldout_prompts.jsonl \
+	  --samples 4 --temperature 1.0 --seed 2 --max-new 64 --out $(ALIGN)/heldout_pairs.jsonl --overwrite \
+	  > $(ALIGN)/heldout_pairs.counts.json
 	./jetmoe dpo --model $(DEMO)/sft --data $(ALIGN)/pairs.jsonl --eval-data $(ALIGN)/heldout_pairs.jsonl \
 	  --recipe data/recipe-dpo-demo.json --out $(DEMO)/dpo --overwrite
 	for m in run sft dpo; do \
-	  ./jetmoe distill sft --teacher $(DEMO)/$$m --prompts $(ALIGN)/heldout_prompts.jsonl --max-new 96 --quiet \
+	  ./jetmoe distill sft --teacher $(DEMO)/$$m --prompts $(ALIGN)/heldout_prompts.jsonl --max-new 64 --quiet \
 	    --out $(ALIGN)/answers_$$m.jsonl --overwrite > $(ALIGN)/answers_$$m.counts.json || exit 1; \
 	done
 	$(PY) data/align_report.py $(DEMO)

@@ -40,7 +40,7 @@ def main():
         c = counts(os.path.join(align, f"answers_{name}.counts.json"))
         n = c["verified"]
         rows.append((label, n, c["right"], c["formatted"]))
-    print("\nheld-out grade-school problems (greedy, 96 new tokens at most):")
+    print("\nheld-out grade-school problems (greedy, 64 new tokens at most):")
     print(f"  {'model':<20} {'problems':>8} {'exact match':>12} {'in format (#### N)':>19}")
     for label, n, right, fmt in rows:
         print(f"  {label:<20} {n:>8} {right / n:>11.1%} {fmt / n:>18.1%}")
@@ -48,8 +48,11 @@ def main():
     if held:
         first, last = held[0], held[-1]
         pc = counts(os.path.join(align, "heldout_pairs.counts.json"))
-        print(f"\nheld-out preference pairs ({pc['pairs']}, the dSFT model's answers to the held-out problems "
-              f"ranked by the verifier):")
+        tc = counts(os.path.join(align, "pairs.counts.json"))
+        print(f"\ntraining pairs: {tc['pairs']} ({tc['by_verifier']} ranked by the verifier, {tc['by_teacher']} by the "
+              f"teacher's mean log p where every sample was wrong or every one right)")
+        print(f"held-out preference pairs: {pc['pairs']} ({pc['by_verifier']} by the verifier, {pc['by_teacher']} by "
+              f"the teacher), the dSFT model's answers to the held-out problems:")
         print(f"  {'':<34} {'before dDPO':>11} {'after':>8}")
         for key, what in (("heldout_rewards/accuracies", "rewards/accuracies (margin > 0)"),
                           ("heldout_logps/accuracies", "log p(chosen) > log p(rejected)"),
