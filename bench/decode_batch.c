@@ -11,8 +11,10 @@
  * sequence gets its own --prompt random tokens, prefilled (not timed), then
  * --new greedy tokens are timed; sequential is one slot, the K sequences in
  * turn; batched is K slots advanced together. Best of --reps. Prints the CPU
- * (lscpu's model name), a table on stderr and a JSON line per row on stdout.
- * Not a test: it never passes or fails. */
+ * (lscpu's model name) and the load average, a table on stderr and a JSON
+ * line per row on stdout. On a machine shared with other work, OpenMP's
+ * spinning barriers make every figure noise: run it idle, or with
+ * OMP_WAIT_POLICY=passive. Not a test: it never passes or fails. */
 #include "common.h"
 
 #include <unistd.h>
@@ -23,6 +25,16 @@ static int32_t argmax(const float *x, int n)
     for (int i = 1; i < n; i++)
         if (x[i] > x[best]) best = i;
     return best;
+}
+
+/* The 1-minute load average: figures taken while other work runs are not the machine's. */
+static double load_average(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f && fscanf(f, "%lf", &l) != 1) l = -1;
+    if (f) fclose(f);
+    return l;
 }
 
 static void cpu_model(char *buf, size_t cap)
@@ -119,8 +131,10 @@ int main(int argc, char **argv)
             prompts[k][i] = (int32_t)((seed >> 33) % (uint64_t)c.vocab_size);
         }
     }
-    fprintf(stderr, "CPU: %s; %d threads; bench config (vocab 32000, hidden 256, 4 layers, 8 experts top-2); "
-            "%d-token prompts, %d decode steps timed, best of %d\n", cpu, threads, n_prompt, steps, reps);
+    const char *wait = getenv("OMP_WAIT_POLICY");
+    fprintf(stderr, "CPU: %s; %d threads (OMP_WAIT_POLICY %s); load average %.2f; bench config (vocab 32000, "
+            "hidden 256, 4 layers, 8 experts top-2); %d-token prompts, %d decode steps timed, best of %d\n", cpu,
+            threads, wait ? wait : "unset", load_average(), n_prompt, steps, reps);
     fprintf(stderr, "%-8s %3s %16s %16s %8s\n", "weights", "K", "sequential tok/s", "batched tok/s", "ratio");
     const int Ks[3] = {1, 4, 8};
     for (int w = 0; w < 2 && !s; w++) {
@@ -147,6 +161,7 @@ int main(int argc, char **argv)
             fflush(stdout);
         }
     }
+    fprintf(stderr, "load average at the end %.2f\n", load_average());
     for (int k = 0; k < 8; k++) free(prompts[k]);
     jm_model_free(models[0]);
     jm_model_free(models[1]);

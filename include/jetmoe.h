@@ -254,9 +254,12 @@ jm_status jm_zero_grad(jm_model *m, jm_error *err);
  * logits (vocab floats each) of the last `logits` tokens of each item, valid
  * until the next call: 1 when decoding, 0 for none (a prefill whose
  * continuation comes later), n to score every token of the item.
- * A token's logits are those of its sequence decoded alone up to the order in
- * which the products sum (BLAS, and the BF16/Q8/Q4 kernels beyond 8 rows per
- * expert, sum differently for different row counts): about 1e-6 relative. */
+ * A token's logits are those of its sequence decoded alone, up to rounding:
+ * BLAS sums a product in another order for another row count (about 1e-6
+ * relative), and a Q8/Q4 matrix given more than 8 rows in one call (a
+ * prefill, or more than 8 sequences on one expert) multiplies fp32
+ * activations by its dequantized weights, where up to 8 rows take the int8
+ * kernels (activations quantized per block of 32: about 0.5% per product). */
 typedef struct {
     int slot;              /* [0, jm_slots) */
     int pos;               /* position of tokens[0]: at most the slot's cached length */
