@@ -18,10 +18,6 @@ HDR     := $(wildcard include/*.h src/*/*.h src/*/*/*.h)
 OBJ     := $(SRC:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
-# TEMPORARY: until src/align/records.c (branch records) is merged, the records API of
-# src/align/align.h is a test stand-in linked into the CLI, the tests and the benches.
-# It drops out by itself when records.c arrives; then delete tests/records_standin.c and this.
-RECORDS_STANDIN := $(if $(wildcard src/align/records.c),,$(BUILD)/tests/records_standin.o)
 
 .PHONY: all setup test test-asan bench bench-8b demo demo-align clean
 all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
@@ -43,16 +39,16 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 # libedit: line editing in the chat REPL (cli/line_input.c).
 CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"$(SAN)"' \
              -DJM_BUILD_BLAS='"OpenBLAS, OpenMP build ($(BLASDIR))"'
-$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
-	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
+$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
+	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
 
-$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
+$(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
-$(BUILD)/bench/%: bench/%.c bench/common.h $(BUILD)/libjetmoe.a $(RECORDS_STANDIN)
+$(BUILD)/bench/%: bench/%.c bench/common.h $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< $(RECORDS_STANDIN) $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
+	$(CC) $(CFLAGS) $< $(BUILD)/libjetmoe.a $(LDLIBS) -o $@
 
 # Installs the Debian packages the project needs when they are missing (idempotent).
 setup:
