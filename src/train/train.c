@@ -1517,6 +1517,16 @@ static jm_status save_recipe(const char *dir, const jm_recipe *r, jm_error *err)
 }
 
 /* ---- the loop ---- */
+/* "held-out loss 4.5, perplexity 93.1, ...": the task's fields without their prefix */
+static void print_heldout(const jm_task_step *h)
+{
+    for (int i = 0; i < h->nmetrics; i++) {
+        const char *name = h->metric_name[i];
+        if (strncmp(name, "heldout_", 8) == 0) name += 8;
+        fprintf(stderr, "%s %s %.4g", i ? "," : "", name, h->metric[i]);
+    }
+}
+
 
 jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_task *task, const char *tokenizer,
                        const char *const *inputs, int ninputs, int *stopped, jm_error *err)
@@ -1578,7 +1588,7 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         fflush(metrics);
         if (!o->quiet) {
             fprintf(stderr, "step 0: held-out");
-            for (int i = 0; i < h.nmetrics; i++) fprintf(stderr, " %s %.4g", h.metric_name[i], h.metric[i]);
+            print_heldout(&h);
             fputc('\n', stderr);
         }
     }
@@ -1655,7 +1665,7 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
             fflush(metrics);
             if (!o->quiet) {
                 fprintf(stderr, "%sstep %lld: held-out", tty ? "\n" : "", (long long)t.step);
-                for (int i = 0; i < h.nmetrics; i++) fprintf(stderr, " %s %.4g", h.metric_name[i], h.metric[i]);
+                print_heldout(&h);
                 fprintf(stderr, " (%.1f s)\n", omp_get_wtime() - e0);
             }
         }
