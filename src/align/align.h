@@ -207,6 +207,11 @@ jm_status jm_tune_load_model(const jm_tune_opts *o, const jm_tune_setup *t, jm_m
 /* Writes loss, the named scalars and grad.<name> of every parameter. */
 jm_status jm_dump_grads(const char *path, const jm_model *m, const char *const *names, const double *values, int n,
                         const jm_tune_opts *o, jm_error *err);
+/* A fine-tune's data cursor is its step (the plan follows from the seed); its
+ * checkpoint keeps the data's size under name, so a resume with other data
+ * (that the run's hash did not catch) is refused rather than mis-planned. */
+int jm_tune_count_state(st_out *out, int cap, const char *name, const int64_t *n, jm_error *err);
+jm_status jm_tune_count_restore(const st_file *f, const char *name, const char *what, int64_t n, jm_error *err);
 /* The paths a run reads (never to be replaced): model, ref, recipe, data. */
 int jm_tune_inputs(const jm_tune_opts *o, const char **inputs, int cap);
 

@@ -178,23 +178,13 @@ static jm_status dpo_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *s
 
 static int dpo_state(void *ctx, st_out *out, int cap, jm_error *err)
 {
-    (void)err;
-    dpo_task *k = ctx;
-    if (cap < 1) return -1;
-    out[0] = (st_out){"dpo.pairs", ST_I64, 1, {1}, &k->data.n};
-    return 1;
+    return jm_tune_count_state(out, cap, "dpo.pairs", &((dpo_task *)ctx)->data.n, err);
 }
 
 static jm_status dpo_restore(void *ctx, const st_file *f, int64_t step, jm_error *err)
 {
     (void)step;
-    dpo_task *k = ctx;
-    int64_t n;
-    jm_status s = jm_state_tensor(f, "dpo.pairs", ST_I64, 1, &n, err);
-    if (!s && n != k->data.n)
-        s = jm_fail(err, JM_ERR_ARG, "%s: the run had %lld pairs, the data now has %lld: resume with the same data",
-                    f->path, (long long)n, (long long)k->data.n);
-    return s;
+    return jm_tune_count_restore(f, "dpo.pairs", "pairs", ((dpo_task *)ctx)->data.n, err);
 }
 
 /* Held-out pairs: the DPO loss and TRL's metrics, no gradient. */

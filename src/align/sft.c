@@ -86,27 +86,15 @@ static jm_status sft_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *s
     return s;
 }
 
-/* The data's size goes into the checkpoint: a resume with other data (that
- * the recipe hash did not catch) is refused rather than silently mis-planned. */
 static int sft_state(void *ctx, st_out *out, int cap, jm_error *err)
 {
-    (void)err;
-    sft_task *k = ctx;
-    if (cap < 1) return -1;
-    out[0] = (st_out){"sft.examples", ST_I64, 1, {1}, &k->data.n};
-    return 1;
+    return jm_tune_count_state(out, cap, "sft.examples", &((sft_task *)ctx)->data.n, err);
 }
 
 static jm_status sft_restore(void *ctx, const st_file *f, int64_t step, jm_error *err)
 {
     (void)step;
-    sft_task *k = ctx;
-    int64_t n;
-    jm_status s = jm_state_tensor(f, "sft.examples", ST_I64, 1, &n, err);
-    if (!s && n != k->data.n)
-        s = jm_fail(err, JM_ERR_ARG, "%s: the run had %lld examples, the data now has %lld: resume with the same data",
-                    f->path, (long long)n, (long long)k->data.n);
-    return s;
+    return jm_tune_count_restore(f, "sft.examples", "examples", ((sft_task *)ctx)->data.n, err);
 }
 
 static jm_status sft_heldout(void *ctx, jm_model *m, int final, jm_task_step *st, jm_error *err)

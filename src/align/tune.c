@@ -144,3 +144,20 @@ done:
     free(scalar);
     return s;
 }
+
+int jm_tune_count_state(st_out *out, int cap, const char *name, const int64_t *n, jm_error *err)
+{
+    if (cap < 1) return jm_fail(err, JM_ERR_NOMEM, "no room for %s in the trainer state", name), -1;
+    out[0] = (st_out){name, ST_I64, 1, {1}, n};
+    return 1;
+}
+
+jm_status jm_tune_count_restore(const st_file *f, const char *name, const char *what, int64_t n, jm_error *err)
+{
+    int64_t had;
+    jm_status s = jm_state_tensor(f, name, ST_I64, 1, &had, err);
+    if (!s && had != n)
+        s = jm_fail(err, JM_ERR_ARG, "%s: the run had %lld %s, the data now has %lld: resume with the same data",
+                    f->path, (long long)had, what, (long long)n);
+    return s;
+}
