@@ -1066,7 +1066,8 @@ static void write_plot(const char *dir, const jm_recipe *r)
         int nt = 0;
         double ts = tick_step(pl.hi - pl.lo, 5);
         for (double v = ceil(pl.lo / ts) * ts; v <= pl.hi && nt < 64; v += ts) ticks[nt++] = v;
-        panel_frame(f, "loss", "loss (nats/token)", &ax, &pl, ticks, nt, 1);
+        panel_frame(f, "loss", r->kind == JM_TASK_DPO ? "DPO loss (per pair)" : "loss (nats/token)", &ax, &pl, ticks,
+                    nt, 1);
         const double lr_ticks[] = {0, pr.hi / 2, pr.hi}, bal_ticks[] = {0, 0.5, 1};
         panel_frame(f, "lr", "learning rate", &ax, &pr, lr_ticks, 3, 1);
         panel_frame(f, "expert-load", "min expert share", &ax, &pb, bal_ticks, 3, 1);
@@ -1082,8 +1083,9 @@ static void write_plot(const char *dir, const jm_recipe *r)
                     px(&ax, v), px(&ax, v), bottom, bottom + 4, px(&ax, v), bottom + 17, v, px(&ax, v), bottom + 30,
                     tok);
         }
-        fprintf(f, "<text x='%.2f' y='%.2f' text-anchor='middle'>optimizer step (grey: tokens seen, %.0f per step)"
-                   "</text>\n", ax.left + ax.width / 2, bottom + 50, tokens_per_step);
+        fprintf(f, "<text x='%.2f' y='%.2f' text-anchor='middle'>optimizer step (grey: tokens %s, %.0f per step)"
+                   "</text>\n", ax.left + ax.width / 2, bottom + 50,
+                r->kind == JM_TASK_PRETRAIN ? "seen" : "of packed-row capacity", tokens_per_step);
 
         /* phases: a dashed line where each one after the first begins, names above */
         int64_t start = 0;
@@ -1121,8 +1123,11 @@ static void write_plot(const char *dir, const jm_recipe *r)
                 lx, lx + 20, ly + 16, ly + 16, lx + 26, ly + 20);
         fprintf(f, "<circle cx='%.2f' cy='%.2f' r='4' fill='#d95f02'/><text x='%.2f' y='%.2f'>held-out loss",
                 lx + 10, ly + 32, lx + 26, ly + 36);
-        if (held.n)
-            fprintf(f, " (step %.0f: %.3f, ppl %.1f)", held.x[held.n - 1], held.y[held.n - 1], exp(held.y[held.n - 1]));
+        if (held.n && r->kind == JM_TASK_DPO) /* a perplexity means nothing for a pairwise loss */
+            fprintf(f, " (step %.0f: %.3f)", held.x[held.n - 1], held.y[held.n - 1]);
+        else if (held.n)
+            fprintf(f, " (step %.0f: %.3f, ppl %.1f)", held.x[held.n - 1], held.y[held.n - 1],
+                    exp(held.y[held.n - 1]));
         fprintf(f, "</text></g>\n");
 
         polyline(f, "lr", "stroke='#1b9e77' stroke-width='1.5'", &ax, &pr, lr.x, lr.y, lr.n);
