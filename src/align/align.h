@@ -191,6 +191,15 @@ typedef struct {
 jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err);
 jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err);
 
+/* One optimizer step's forward and backward over a whole set as one
+ * micro-batch (packed into rows of max_len), the gradients ADDED to m's: what
+ * --dump-grad writes, and what bench/align times. loss <- the objective, the
+ * CE (SFT) or DPO loss, aux_loss, z_loss. DPO: ref holds the reference's
+ * summed completion log-probs, chosen then rejected for each pair. */
+jm_status jm_sft_set_grads(jm_model *m, const jm_sft_set *data, int max_len, double loss[4], jm_error *err);
+jm_status jm_dpo_set_grads(jm_model *m, const jm_pref_set *data, const double *ref, int max_len, double beta,
+                           double eps, double loss[4], jm_error *err);
+
 /* What sft.c and dpo.c share (tune.c): the recipe with the command line's
  * overrides, the tokenizer, the model, the dump of --dump-grad. */
 typedef struct {

@@ -272,6 +272,44 @@ static void dpo_free(dpo_task *k)
     jm_packed_free(&k->pk);
 }
 
+/* Every pair of the set as one optimizer step of one micro-batch (both
+ * sequences of each pair packed into rows of max_len): what --dump-grad
+ * writes and bench/align times. */
+jm_status jm_dpo_set_grads(jm_model *m, const jm_pref_set *data, const double *ref, int max_len, double beta,
+                           double eps, double loss[4], jm_error *err)
+{
+    const int64_t n = data->n;
+    int64_t tokens = 0;
+    for (int64_t i = 0; i < n; i++) tokens += data->ex[i].chosen.n + data->ex[i].rejected.n;
+    jm_recipe *one = calloc(1, sizeof *one);
+    dpo_task k = {.r = one};
+    k.seq = malloc(sizeof *k.seq * (size_t)(2 * n + 1));
+    k.targets = malloc(sizeof *k.targets * (size_t)(tokens + 1));
+    k.scratch = malloc(sizeof *k.scratch * (size_t)(2 * n + 1));
+    k.ref = malloc(sizeof *k.ref * (size_t)(2 * n + 1));
+    k.plan = malloc(sizeof *k.plan * (size_t)(n + 1));
+    jm_status s = JM_OK;
+    if (!one || !k.seq || !k.targets || !k.scratch || !k.ref || !k.plan) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    } else {
+        fill_targets(k.seq, k.targets, data);
+        memcpy(k.ref, ref, sizeof *k.ref * (size_t)(2 * n));
+        for (int64_t i = 0; i < n; i++) k.plan[i] = i;
+        /* all dpo_pairs reads of the recipe */
+        one->batch_size = (int)n, one->seq_len = max_len, one->beta = beta, one->label_smoothing = eps;
+        jm_task_step st = {0};
+        dpo_sums sums = {0};
+        const jm_config *c = jm_model_config(m);
+        if (!(s = dpo_pairs(&k, m, k.plan, 0, n, &st, &sums, err))) {
+            loss[0] = st.loss + c->aux_loss_coef * st.aux_loss + c->z_loss_coef * st.z_loss;
+            loss[1] = st.loss, loss[2] = st.aux_loss, loss[3] = st.z_loss;
+        }
+    }
+    dpo_free(&k);
+    free(one);
+    return s;
+}
+
 jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
 {
     *stopped = 0;
@@ -324,23 +362,11 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
     if ((s = reference_logps(&k, o, ts.r, err))) goto done;
 
     if (o->dump_grad) { /* every pair as one batch */
-        if ((s = jm_tune_load_model(o, &ts, &m, err)) || (s = jm_zero_grad(m, err))) goto done;
-        jm_recipe one = *ts.r;
-        one.batch_size = (int)k.data.n;
-        k.r = &one;
-        k.plan = malloc(sizeof *k.plan * (size_t)k.data.n);
-        if (!k.plan) {
-            s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
-            goto done;
-        }
-        for (int64_t i = 0; i < k.data.n; i++) k.plan[i] = i;
-        jm_task_step st = {0};
-        dpo_sums sums = {0};
-        if ((s = dpo_pairs(&k, m, k.plan, 0, k.data.n, &st, &sums, err))) goto done;
         const char *names[] = {"loss", "dpo_loss", "aux_loss", "z_loss"};
-        const double vals[] = {st.loss + ts.cfg.aux_loss_coef * st.aux_loss + ts.cfg.z_loss_coef * st.z_loss,
-                               st.loss, st.aux_loss, st.z_loss};
-        s = jm_dump_grads(o->dump_grad, m, names, vals, 4, o, err);
+        double vals[4];
+        if (!(s = jm_tune_load_model(o, &ts, &m, err)) && !(s = jm_zero_grad(m, err)) &&
+            !(s = jm_dpo_set_grads(m, &k.data, k.ref, ts.r->seq_len, ts.r->beta, ts.r->label_smoothing, vals, err)))
+            s = jm_dump_grads(o->dump_grad, m, names, vals, 4, o, err);
         goto done;
     }
 

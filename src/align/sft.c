@@ -201,6 +201,42 @@ static jm_status plan_epochs(sft_task *k, jm_error *err)
     return JM_OK;
 }
 
+/* The whole set as one optimizer step of one micro-batch (every example
+ * packed into rows of max_len, CE over all their learned tokens): what
+ * --dump-grad writes and bench/align times. */
+jm_status jm_sft_set_grads(jm_model *m, const jm_sft_set *data, int max_len, double loss[4], jm_error *err)
+{
+    const int64_t n = data->n;
+    int64_t tokens = 0;
+    for (int64_t i = 0; i < n; i++) tokens += data->ex[i].n;
+    jm_recipe *one = calloc(1, sizeof *one);
+    sft_task k = {.r = one};
+    k.seq = malloc(sizeof *k.seq * (size_t)(n + 1));
+    k.targets = malloc(sizeof *k.targets * (size_t)(tokens + 1));
+    k.scratch = malloc(sizeof *k.scratch * (size_t)(n + 1));
+    k.plan = malloc(sizeof *k.plan * (size_t)(n + 1));
+    k.row_first = malloc(sizeof *k.row_first * 2);
+    jm_status s = JM_OK;
+    if (!one || !k.seq || !k.targets || !k.scratch || !k.plan || !k.row_first) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    } else {
+        fill_targets(k.seq, k.targets, data);
+        for (int64_t i = 0; i < n; i++) k.plan[i] = i;
+        /* one "row" of the plan holding every example: one micro-batch of however many packed rows */
+        k.row_first[0] = 0, k.row_first[1] = n, k.rows = 1;
+        one->batch_size = 1, one->seq_len = max_len; /* all sft_rows reads of the recipe */
+        jm_task_step st = {0};
+        const jm_config *c = jm_model_config(m);
+        if (!(s = sft_rows(&k, m, 0, 1, &st, err))) {
+            loss[0] = st.loss + c->aux_loss_coef * st.aux_loss + c->z_loss_coef * st.z_loss;
+            loss[1] = st.loss, loss[2] = st.aux_loss, loss[3] = st.z_loss;
+        }
+    }
+    sft_free(&k);
+    free(one);
+    return s;
+}
+
 jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err)
 {
     *stopped = 0;
@@ -233,25 +269,11 @@ jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err)
     if (o->neval && (!o->run.quiet || es.bad || es.too_long)) report_records("sft held-out data", &es, 0);
 
     if (o->dump_grad) { /* the whole file as one batch */
-        if ((s = jm_tune_load_model(o, &ts, &m, err)) || (s = jm_zero_grad(m, err))) goto done;
-        k.plan = malloc(sizeof *k.plan * (size_t)k.data.n);
-        k.row_first = malloc(sizeof *k.row_first * 2);
-        if (!k.plan || !k.row_first) {
-            s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
-            goto done;
-        }
-        for (int64_t i = 0; i < k.data.n; i++) k.plan[i] = i;
-        k.row_first[0] = 0, k.row_first[1] = k.data.n, k.rows = 1;
-        /* one "row" of the plan holding every example: one micro-batch of however many packed rows */
-        jm_recipe one = *ts.r;
-        one.batch_size = 1;
-        k.r = &one;
-        jm_task_step st = {0};
-        if ((s = sft_rows(&k, m, 0, 1, &st, err))) goto done;
         const char *names[] = {"loss", "ce_loss", "aux_loss", "z_loss"};
-        const double vals[] = {st.loss + ts.cfg.aux_loss_coef * st.aux_loss + ts.cfg.z_loss_coef * st.z_loss,
-                               st.loss, st.aux_loss, st.z_loss};
-        s = jm_dump_grads(o->dump_grad, m, names, vals, 4, o, err);
+        double vals[4];
+        if (!(s = jm_tune_load_model(o, &ts, &m, err)) && !(s = jm_zero_grad(m, err)) &&
+            !(s = jm_sft_set_grads(m, &k.data, ts.r->seq_len, vals, err)))
+            s = jm_dump_grads(o->dump_grad, m, names, vals, 4, o, err);
         goto done;
     }
 
