@@ -167,8 +167,9 @@ typedef struct {
 /* order <- a permutation of 0..n-1, the same for the same (seed, epoch). */
 void jm_shuffle(int64_t *order, int64_t n, uint64_t seed, int64_t epoch);
 /* Rows of at most max_len that next-fit packing makes of sequences of these
- * lengths, in order; row_of (optional) receives each one's row. */
-int64_t jm_pack_rows(const int *len, int64_t n, int max_len, int64_t *row_of);
+ * lengths, in order; row_of (optional, n) receives each one's row, first
+ * (optional, rows + 1) the index of each row's first sequence, then n. */
+int64_t jm_pack_rows(const int *len, int64_t n, int max_len, int64_t *row_of, int64_t *first);
 /* Packs n >= 1 sequences (each at most max_len) into p. */
 jm_status jm_pack(jm_packed *p, const jm_seq_ref *seq, int n, int max_len, jm_error *err);
 void jm_packed_free(jm_packed *p);

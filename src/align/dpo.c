@@ -255,11 +255,6 @@ static jm_status reference_logps(dpo_task *k, const jm_tune_opts *o, const jm_re
     return st_write(cache, t, 2, NULL, NULL, 0, err);
 }
 
-static int run_proof(const char *path, const char *name)
-{
-    return strcmp(name, "checkpoints") == 0 ? jm_checkpoints_dir_proof(path, name) : 1;
-}
-
 static void dpo_free(dpo_task *k)
 {
     jm_pref_free(&k->data);
@@ -356,7 +351,7 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
         const char *inputs[64];
         int ni = jm_tune_inputs(o, inputs, 64);
         static const char *const names[] = {"metrics.jsonl", "loss.svg", "checkpoints", "ref_logps.safetensors"};
-        jm_output_set set = {"a training run", names, 4, run_proof};
+        jm_output_set set = {"a training run", names, 4, jm_run_entry_proof};
         if ((s = jm_output_entries_check(o->run.out_dir, &set, inputs, ni, o->run.overwrite, err))) goto done;
     }
     if ((s = reference_logps(&k, o, ts.r, err))) goto done;

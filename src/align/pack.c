@@ -30,18 +30,20 @@ void jm_shuffle(int64_t *order, int64_t n, uint64_t seed, int64_t epoch)
     }
 }
 
-int64_t jm_pack_rows(const int *len, int64_t n, int max_len, int64_t *row_of)
+int64_t jm_pack_rows(const int *len, int64_t n, int max_len, int64_t *row_of, int64_t *first)
 {
     int64_t rows = 0;
     int used = max_len; /* the open row is full: the first sequence opens one */
     for (int64_t i = 0; i < n; i++) {
         if (used + len[i] > max_len) {
+            if (first) first[rows] = i;
             rows++;
             used = 0;
         }
         if (row_of) row_of[i] = rows - 1;
         used += len[i];
     }
+    if (first) first[rows] = n;
     return rows;
 }
 
@@ -65,7 +67,7 @@ jm_status jm_pack(jm_packed *p, const jm_seq_ref *seq, int n, int max_len, jm_er
         return jm_fail(err, JM_ERR_NOMEM, "out of memory packing %d sequences", n);
     }
     for (int i = 0; i < n; i++) len[i] = seq[i].n;
-    int B = (int)jm_pack_rows(len, n, max_len, row_of), T = 1;
+    int B = (int)jm_pack_rows(len, n, max_len, row_of, NULL), T = 1;
     int *fill = calloc((size_t)(B ? B : 1), sizeof *fill);
     for (int i = 0; fill && i < n; i++) {
         fill[row_of[i]] += len[i];

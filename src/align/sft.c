@@ -103,29 +103,28 @@ static jm_status sft_heldout(void *ctx, jm_model *m, int final, jm_task_step *st
     sft_task *k = ctx;
     const int bs = k->r->batch_size;
     double nll = 0;
-    int64_t count = 0, i = 0;
+    int64_t count = 0;
     int *len = malloc(sizeof *len * (size_t)k->eval.n);
-    if (!len) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    int64_t *first = malloc(sizeof *first * (size_t)(k->eval.n + 1));
+    if (!len || !first) {
+        free(len);
+        free(first);
+        return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    }
     for (int64_t e = 0; e < k->eval.n; e++) len[e] = k->eval_seq[e].n;
+    const int64_t rows = jm_pack_rows(len, k->eval.n, k->r->seq_len, NULL, first);
     jm_status s = JM_OK;
-    while (i < k->eval.n && !s) { /* batch_size rows at a time */
-        int n = 0, rows = 0, used = k->r->seq_len;
-        while (i + n < k->eval.n) {
-            int open = used + len[i + n] > k->r->seq_len;
-            if (open && rows == bs) break;
-            if (open) rows++, used = 0;
-            used += len[i + n];
-            n++;
-        }
+    for (int64_t r = 0; r < rows && !s; r += bs) { /* batch_size rows at a time */
+        const int64_t a = first[r], b = first[r + bs < rows ? r + bs : rows];
         jm_losses L;
-        if (!(s = jm_pack(&k->pk, k->eval_seq + i, n, k->r->seq_len, err)) &&
+        if (!(s = jm_pack(&k->pk, k->eval_seq + a, (int)(b - a), k->r->seq_len, err)) &&
             !(s = jm_forward_batch(m, &k->pk.batch, &L, err))) {
             nll += L.loss * (double)L.count;
             count += L.count;
         }
-        i += n;
     }
     free(len);
+    free(first);
     if (s) return s;
     st->loss = count ? nll / (double)count : NAN;
     st->nmetrics = 3;
@@ -170,21 +169,13 @@ static jm_status plan_epochs(sft_task *k, jm_error *err)
         return jm_fail(err, JM_ERR_NOMEM, "out of memory planning %lld epochs", (long long)E);
     }
     k->rows = 0;
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t e = 0; e < E; e++) { /* the epoch's rows, their starts made indices into the whole plan */
         jm_shuffle(order, n, k->r->seed, e);
-        int used = k->r->seq_len;
-        for (int64_t i = 0; i < n; i++) {
-            int64_t at = e * n + i;
-            k->plan[at] = order[i];
-            len[i] = k->seq[order[i]].n;
-            if (used + len[i] > k->r->seq_len) { /* jm_pack_rows' next-fit, remembering the row starts */
-                k->row_first[k->rows++] = at;
-                used = 0;
-            }
-            used += len[i];
-        }
+        for (int64_t i = 0; i < n; i++) k->plan[e * n + i] = order[i], len[i] = k->seq[order[i]].n;
+        int64_t *first = k->row_first + k->rows, rows = jm_pack_rows(len, n, k->r->seq_len, NULL, first);
+        for (int64_t r = 0; r <= rows; r++) first[r] += e * n;
+        k->rows += rows;
     }
-    k->row_first[k->rows] = n * E;
     free(order);
     free(len);
     /* a micro-batch's rows may reach into the next epoch (or several, with few examples): scratch holds

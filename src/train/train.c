@@ -1423,7 +1423,7 @@ static jm_status pretrain_heldout(void *ctx, jm_model *m, int final, jm_task_ste
 
 static const char *const run_names[] = {"metrics.jsonl", "loss.svg", "checkpoints", "recipe.json"};
 
-static int run_proof(const char *path, const char *name)
+int jm_run_entry_proof(const char *path, const char *name)
 {
     return strcmp(name, "checkpoints") == 0 ? jm_checkpoints_dir_proof(path, name) : 1;
 }
@@ -1451,7 +1451,7 @@ static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, const
     if (o->resume && o->overwrite)
         return jm_fail(err, JM_ERR_ARG, "%s: --resume continues the run there, --overwrite replaces it: pass one",
                        o->out_dir);
-    *set = (jm_output_set){"a training run", run_names, recipe_saved(o->out_dir, r) ? 3 : 4, run_proof};
+    *set = (jm_output_set){"a training run", run_names, recipe_saved(o->out_dir, r) ? 3 : 4, jm_run_entry_proof};
     return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, ninputs, o->overwrite, err);
 }
 

@@ -87,6 +87,10 @@ typedef struct jm_task {
     int eval_at_start; /* a fresh run scores the held-out data before its first step too (step 0) */
 } jm_task;
 
+/* jm_output_set's proof for a run directory's entries: checkpoints/ only when
+ * it holds nothing but checkpoints jetmoe writes; the files are the run's by name. */
+int jm_run_entry_proof(const char *path, const char *name);
+
 /* Runs the recipe's steps of the task. The model: o->resume ? the run's
  * latest checkpoint : init (a fresh or loaded model, which the loop takes
  * over and frees). tokenizer: the directory whose files go into every
