@@ -69,6 +69,7 @@ bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
 	@$(PY) bench/decode.py --skip-8b
+	@$(PY) bench/align.py
 
 bench-8b: setup all
 	@$(PY) bench/decode.py
