@@ -4,7 +4,7 @@
 config (bench/common.h), the same weights, records and threads, in one run.
 Prints figures; never passes or fails.
 
-  bench/align.py [--threads 2] [--iters 3] [--warmup 1] [--sft-records 16] [--dpo-pairs 8]
+  bench/align.py [--threads 2] [--iters 5] [--warmup 1] [--sft-records 16] [--dpo-pairs 8]
                  [--beta 0.1] [--bucket 4] [--seed 0] [--build build] [--keep DIR]
 
 The model: common.h's bench config (written by build/bench/decode
@@ -16,7 +16,7 @@ log-probs precomputed (float64, by the PyTorch reference, from a perturbed copy
 of the model made by tests/ref/align_ref.py perturb) and given to both sides.
 
 Timed, each after --warmup untimed steps, the median of --iters (tokens/s, the
-ratios) beside the fastest step (how much other work on the machine spread them):
+ratios) beside the fastest step ("best s": how far other work spread them):
   C                  build/bench/align: jm_sft_set_grads / jm_dpo_set_grads, the
                      step `jetmoe sft|dpo --dump-grad` runs (the sequences packed
                      into rows of max_len 2048, one micro-batch), after jm_zero_grad
@@ -28,9 +28,11 @@ ratios) beside the fastest step (how much other work on the machine spread them)
                      [B, T] batch, masked
   PyTorch bucketed   the same in padded batches of --bucket sequences sorted
                      by length (little padding): with padded, the fairer figures
-Both sides run with the same thread environment: OMP_NUM_THREADS and
+Both sides run in the same environment: OMP_NUM_THREADS and
 OPENBLAS_NUM_THREADS = --threads, OMP_WAIT_POLICY=PASSIVE and a short OpenBLAS
-spin (bench/forward_ref.py's; values already in the environment are kept).
+spin (bench/forward_ref.py's), and a glibc malloc that keeps freed memory
+(GLIBC_TUNABLES: PyTorch's CPU allocator would otherwise fault its big tensors
+in afresh every step); values already in the environment are kept.
 tokens/s counts every token of every sequence a step runs through the model
 (prompts included, DPO's twice; padding not, though every side computes its
 padding: C's packed rows are padded to the longest row). A C step includes
@@ -53,8 +55,8 @@ from forward_ref import size_thread_pools  # noqa: E402
 from run_bench import cpu_model, json_lines, load_note  # noqa: E402
 
 PY = "/usr/bin/python3"
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT",
-              "OPENBLAS_CORETYPE")
+SHARED_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT",
+              "OPENBLAS_CORETYPE", "GLIBC_TUNABLES")
 
 
 def run(cmd, env):
@@ -99,29 +101,29 @@ def report(what, rows, detail):
     c = rows["c"]
     best = max((r for k, r in rows.items() if k != "c"), key=lambda r: r["tokens_per_s"])
     print(f"{what}: {detail}")
-    print(f"  {'':32} {'tokens/s':>9} {'s/step':>8} {'fastest':>8} {'C is':>7}  {'loss':>11}  {'vs C':>8}")
+    print(f"  {'':32} {'tokens/s':>9} {'s/step':>8} {'best s':>8} {'C is':>7}  {'loss':>11}  {'vs C':>8}")
     for impl, name in WAYS:
         r = rows[impl]
         ratio = "" if r is c else f"{c['tokens_per_s'] / r['tokens_per_s']:6.2f}x"
         diff = "" if r is c else f"{rel(r['loss'], c['loss']):8.1e}"
         print(f"  {name:32} {r['tokens_per_s']:9.1f} {r['median']:8.3f} {min(r['times']):8.3f} {ratio:>7}  "
               f"{r['loss']:11.7f}  {diff:>8}")
-    print(f"  C / the fastest PyTorch way ({dict(WAYS)[best['impl']]}): {c['tokens_per_s'] / best['tokens_per_s']:.2f}x",
-          flush=True)
+    ratio = c["tokens_per_s"] / best["tokens_per_s"]
+    print(f"  C / the fastest PyTorch way ({dict(WAYS)[best['impl']]}): {ratio:.2f}x", flush=True)
     out = {"what": what, "tokens": c["tokens"]}
     for impl, _ in WAYS:
         out[impl] = {"tokens_per_s": round(rows[impl]["tokens_per_s"], 1), "median_s": round(rows[impl]["median"], 4),
                      "times": rows[impl]["times"]}
         if impl != "c":
             out[impl]["loss_rel_diff"] = rel(rows[impl]["loss"], c["loss"])
-    out["c_over_fastest_pytorch"] = round(c["tokens_per_s"] / best["tokens_per_s"], 2)
+    out["c_over_fastest_pytorch"] = round(ratio, 2)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--sft-records", type=int, default=16)
     ap.add_argument("--dpo-pairs", type=int, default=8)
@@ -134,6 +136,10 @@ def main():
     # one environment for both sides: the thread pools sized to --threads and waiting passively, as the
     # PyTorch peers want them (bench/forward_ref.py says why; under load, spinning OpenMP workers slow C ~1.7x too)
     size_thread_pools(a.threads)
+    # glibc's malloc keeps what is freed (no mmap, no trim): PyTorch's CPU allocator otherwise maps and faults
+    # in ~3 GB afresh every step here (a quarter to a third of its time in the kernel) - what a trainer avoids with
+    # jemalloc or tcmalloc; C carves its arenas once and does not notice
+    os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736")
     env = dict(os.environ)
     load_note()
     build = os.path.join(ROOT, a.build)
@@ -172,7 +178,7 @@ def main():
           f"median of {a.iters} after {a.warmup} warm-up")
     print(f"  CPU: {cpu_model()}; load average over the last 5 minutes {os.getloadavg()[1]:.1f} "
           f"(more than 0 is other work sharing the cores)")
-    print("  both sides: " + ", ".join(f"{v}={env[v]}" for v in THREAD_ENV if v in env))
+    print("  both sides: " + ", ".join(f"{v}={env[v]}" for v in SHARED_ENV if v in env))
     print(f"  model: bench config (vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, "
           f"{cfg['num_hidden_layers']} layers, {cfg['num_key_value_heads']} KV heads x {cfg['kv_channels']}, "
           f"FFN {cfg['intermediate_size']}, {cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}), "
