@@ -70,6 +70,7 @@ bench: setup all
 	@$(PY) bench/tokenizer.py
 	@$(PY) bench/decode.py --skip-8b
 	@$(BUILD)/bench/decode_batch --threads 2
+	@$(PY) bench/align.py
 
 bench-8b: setup all
 	@$(PY) bench/decode.py

@@ -1,5 +1,6 @@
 /* bench/common.h — shared by the C benchmarks: the machine's fp32 GEMM peak,
- * the bench config of the issues, and the FLOP count of a forward pass. */
+ * the bench config of the issues, the FLOP count of a forward pass, and the
+ * timing loop. */
 #ifndef JM_BENCH_COMMON_H
 #define JM_BENCH_COMMON_H
 
@@ -76,22 +77,38 @@ static inline int bench_args(int argc, char **argv, const char *name, int *threa
     return 0;
 }
 
-/* Times iters calls of step (after one warm-up call, which also plans the
- * arenas) and prints the GEMM peak and the result as JSON lines. flops is the
- * work of one call. Returns non-zero when a step fails. */
+/* warmup untimed calls of step (the first also plans the arenas), then iters
+ * timed ones, their seconds into t. Returns non-zero when a step fails. */
+static inline int bench_times(int (*step)(void *ctx), void *ctx, int warmup, int iters, double *t)
+{
+    for (int i = 0; i < warmup; i++)
+        if (step(ctx)) return 1;
+    for (int i = 0; i < iters; i++) {
+        double t0 = now();
+        if (step(ctx)) return 1;
+        t[i] = now() - t0;
+    }
+    return 0;
+}
+
+/* Times iters calls of step (after one warm-up call) and prints the GEMM peak
+ * and the result as JSON lines. flops is the work of one call. Returns
+ * non-zero when a step fails. */
 static inline int bench_run(const char *what, int (*step)(void *ctx), void *ctx, int iters, double flops, int threads,
                      int B, int T, const double *loss)
 {
     double peak = gemm_peak_gflops(2048, 3);
-    if (step(ctx)) return 1;
+    double *t = malloc(sizeof *t * (size_t)(iters > 0 ? iters : 1));
+    if (!t || bench_times(step, ctx, 1, iters, t)) {
+        free(t);
+        return 1;
+    }
     double best = 1e30, total = 0;
     for (int i = 0; i < iters; i++) {
-        double t0 = now();
-        if (step(ctx)) return 1;
-        double t = now() - t0;
-        total += t;
-        best = t < best ? t : best;
+        total += t[i];
+        best = t[i] < best ? t[i] : best;
     }
+    free(t);
     double mean = total / iters;
     printf("{\"impl\":\"c\",\"what\":\"gemm_peak\",\"n\":2048,\"gflops\":%.2f,\"threads\":%d}\n", peak, threads);
     printf("{\"impl\":\"c\",\"what\":\"%s\",\"tokens_per_s\":%.1f,\"seconds_per_iter\":%.5f,\"best_s\":%.5f,"

@@ -29,7 +29,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from run_bench import json_lines  # noqa: E402
+from run_bench import json_lines, load_note  # noqa: E402
 
 
 def run(cmd, env):
@@ -149,10 +149,7 @@ def main():
     ap.add_argument("--new-8b", type=int, default=16)
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-    load = os.getloadavg()[0]
-    if load > 0.5:  # the figures assume the cores are ours
-        print(f"note: load average {load:.1f} before starting: other work on this machine skews every figure",
-              flush=True)
+    load_note()
     small(a, env)
     return 1 if not a.skip_8b and big(a, env) else 0
 

@@ -18,6 +18,27 @@ def json_lines(text):
     return [json.loads(l) for l in text.splitlines() if l.startswith("{")]
 
 
+def cpu_model():
+    """lscpu's "Model name" with the family and model numbers (a VM may show only
+    "AMD EPYC": the numbers say which generation), and the CPU count."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, env=dict(os.environ, LC_ALL="C")).stdout
+    except OSError:
+        return "unknown CPU (no lscpu)"
+    f = dict(l.split(":", 1) for l in out.splitlines() if ":" in l)
+    f = {k.strip(): v.strip() for k, v in f.items()}
+    return "%s (family %s, model %s), %s CPUs" % (f.get("Model name", "?"), f.get("CPU family", "?"),
+                                                  f.get("Model", "?"), f.get("CPU(s)", "?"))
+
+
+def load_note():
+    """The figures assume the cores are ours: a line saying when they were not."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"note: load average {load:.1f} before starting: other work on this machine skews every figure",
+              flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -32,7 +53,7 @@ def main():
 
     print(f"config: vocab 32000, hidden 256, 4 layers, 4 KV heads x 64, FFN 704, 8 experts top-2; "
           f"batch {a.batch} x {a.seq} tokens, {a.threads} threads, "
-          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; CPU: {cpu_model()}")
     for what in ("forward", "train"):
         if a.only and a.only != what:
             continue
