@@ -99,8 +99,10 @@ struct jm_model {
     int mapped;           /* some weights live in the mapping: inference only */
     int stored;           /* some matrix is not fp32: products need wscratch */
     const wkernels *kern; /* BF16/Q8/Q4 dot kernels */
+    const jm_model *owner; /* jm_model_share: whose weights, gradients and tables these are (NULL: its own) */
 
     int B, T;         /* the shape the activation arena is planned for */
+    int act_l0, act_l1; /* and the layers [act_l0, act_l1) it holds */
     void *act_mem;
     size_t act_cap;   /* its size in bytes */
     layer_acts *la;
@@ -119,9 +121,16 @@ struct jm_model {
     double aux_loss, z_loss;
     int64_t loss_count;
     int fwd_valid;    /* activations hold a completed forward (jm_backward needs one) */
+    int fwd_l0, fwd_l1; /* the layers that forward ran */
+    int dx_in_valid;  /* g.dres holds d loss / d (input of layer fwd_l0) from a completed backward */
 };
 
 /* ---- parameter table ---- */
+
+enum { LAYER_PARAMS = 11 }; /* table entries per layer (build_params) */
+
+/* Floats a parameter takes in the arena: each starts 64-byte aligned. */
+static int64_t padded(int64_t numel) { return (numel + 15) & ~(int64_t)15; }
 
 static void add_param(jm_param *p, int *n, param_slot *slot, param_slot target, const char *name, int ndim, int64_t d0,
                       int64_t d1, int64_t d2)
@@ -147,7 +156,7 @@ static jm_status build_params(jm_model *m, int alloc, jm_error *err)
     const int L = c->num_layers;
     const int64_t H = c->hidden_size, V = c->vocab_size, E = c->num_experts, F = c->intermediate_size;
     const int64_t A = (int64_t)c->num_kv_heads * c->head_dim;
-    int cap = 3 + 11 * L;
+    int cap = 3 + LAYER_PARAMS * L;
     m->params = calloc((size_t)cap, sizeof *m->params);
     m->lp = calloc((size_t)L, sizeof *m->lp);
     param_slot *slot = calloc((size_t)cap, sizeof *slot);
@@ -196,7 +205,7 @@ static jm_status alloc_params(jm_model *m, const char *need, jm_error *err)
     const param_slot *slot = m->slot;
     int64_t total = 0;
     for (int i = 0; i < n; i++)
-        if (!need || need[i]) total += (m->params[i].numel + 15) & ~(int64_t)15; /* 64-byte aligned starts */
+        if (!need || need[i]) total += padded(m->params[i].numel);
     if ((uint64_t)total > SIZE_MAX / sizeof(float)) {
         return jm_fail(err, JM_ERR_NOMEM, "model too large for this machine (%lld parameters)", (long long)total);
     }
@@ -214,7 +223,7 @@ static jm_status alloc_params(jm_model *m, const char *need, jm_error *err)
             *slot[i].f = p;
         else
             *slot[i].w = wview_f32(p);
-        p += (m->params[i].numel + 15) & ~(int64_t)15;
+        p += padded(m->params[i].numel);
     }
     if (m->cfg.tie_word_embeddings) m->lm_head = m->embed;
     return JM_OK;
@@ -240,14 +249,16 @@ static jm_status model_new(const jm_config *c, int alloc, jm_model **out, jm_err
 void jm_model_free(jm_model *m)
 {
     if (!m) return;
-    free(m->params);
-    free(m->slot);
-    st_set_close(&m->map);
-    free(m->lp);
-    free(m->param_mem);
+    if (!m->owner) { /* a shared handle's weights, gradients and tables are its owner's */
+        free(m->params);
+        free(m->slot);
+        st_set_close(&m->map);
+        free(m->lp);
+        free(m->param_mem);
+        free(m->grad_mem);
+    }
     free(m->la);
     free(m->act_mem);
-    free(m->grad_mem);
     free(m->dec.kv);
     free(m->dec.len);
     free(m->dec.tok);
@@ -739,29 +750,34 @@ static size_t wide_width(const jm_config *c)
     return wide > 2 * F ? wide : 2 * F;
 }
 
-static size_t plan_acts(jm_model *m, char *base, int B, int T)
+/* The arena of a forward over layers [l0, l1): those layers' activations,
+ * and the final norm's and the logits only when l1 is the last layer (a
+ * pipeline stage keeps just its own). Layers outside the range stay NULL. */
+static size_t plan_acts(jm_model *m, char *base, int B, int T, int l0, int l1)
 {
     const jm_config *c = &m->cfg;
     const size_t N = (size_t)B * T, H = c->hidden_size, V = c->vocab_size, E = c->num_experts, k = c->top_k;
     const size_t A = (size_t)c->num_kv_heads * c->head_dim, F = c->intermediate_size, Nk = N * k;
     const size_t f = sizeof(float), i32 = sizeof(int32_t);
+    const int head = l1 == c->num_layers;
     size_t off = 0;
-    for (int l = 0; l < c->num_layers; l++) {
+    if (base) memset(m->la, 0, (size_t)c->num_layers * sizeof *m->la);
+    for (int l = l0; l < l1; l++) {
         layer_acts *a = base ? &m->la[l] : &(layer_acts){0};
         a->x = carve(base, &off, N * H * f);
         plan_layer(c, a, base, &off, N);
     }
     const size_t wide = wide_width(c);
     m->x_out = carve(base, &off, N * H * f);
-    m->hf = carve(base, &off, N * H * f);
-    m->rstdf = carve(base, &off, N * f);
-    m->logits = carve(base, &off, N * V * f);
+    m->hf = head ? carve(base, &off, N * H * f) : NULL;
+    m->rstdf = head ? carve(base, &off, N * f) : NULL;
+    m->logits = head ? carve(base, &off, N * V * f) : NULL;
     m->targets = carve(base, &off, N * i32);
     m->tokens = carve(base, &off, N * i32);
     m->pos = carve(base, &off, N * i32);
     m->kstart = carve(base, &off, N * i32);
     m->valid = carve(base, &off, N);
-    m->logp = carve(base, &off, N * f);
+    m->logp = head ? carve(base, &off, N * f) : NULL;
     grad_scratch *g = base ? &m->g : &(grad_scratch){0};
     g->dres = carve(base, &off, N * H * f);
     g->dnorm = carve(base, &off, N * H * f);
@@ -787,14 +803,16 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T)
 size_t jm_activation_bytes(const jm_config *c, int B, int T)
 {
     jm_model plan = {.cfg = *c}; /* plan_acts only measures when given no base */
-    return plan_acts(&plan, NULL, B, T);
+    return plan_acts(&plan, NULL, B, T, 0, c->num_layers);
 }
 
-static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
+static jm_status ensure_acts(jm_model *m, int B, int T, int l0, int l1, jm_error *err)
 {
-    if (m->act_mem && m->B == B && m->T == T && m->att_threads >= omp_get_max_threads()) return JM_OK;
+    if (m->act_mem && m->B == B && m->T == T && m->act_l0 == l0 && m->act_l1 == l1 &&
+        m->att_threads >= omp_get_max_threads())
+        return JM_OK;
     m->fwd_valid = 0;
-    size_t bytes = plan_acts(m, NULL, B, T);
+    size_t bytes = plan_acts(m, NULL, B, T, l0, l1);
     if (!m->act_mem || bytes > m->act_cap) { /* grow; a smaller batch re-carves the same block */
         free(m->act_mem);
         free(m->la);
@@ -808,9 +826,11 @@ static jm_status ensure_acts(jm_model *m, int B, int T, jm_error *err)
                            bytes / 1e9, B, T);
         m->act_cap = bytes;
     }
-    plan_acts(m, m->act_mem, B, T);
+    plan_acts(m, m->act_mem, B, T, l0, l1);
     m->B = B;
     m->T = T;
+    m->act_l0 = l0;
+    m->act_l1 = l1;
     return JM_OK;
 }
 
@@ -916,7 +936,26 @@ jm_status jm_forward(jm_model *m, const int32_t *tokens, int B, int T, jm_losses
 
 jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm_error *err)
 {
+    return jm_forward_layers(m, b, 0, m->cfg.num_layers, NULL, losses, err);
+}
+
+/* The whole model is the range [0, L): embed -> layers -> norm -> logits ->
+ * cross-entropy. A pipeline stage runs a part of it: from x_in instead of the
+ * embedding when l0 > 0, and stopping at the residual x_out when l1 < L. */
+jm_status jm_forward_layers(jm_model *m, const jm_batch *b, int l0, int l1, const float *x_in, jm_losses *losses,
+                            jm_error *err)
+{
     const jm_config *c = &m->cfg;
+    const int L = c->num_layers;
+    if (l0 < 0 || l1 > L || l0 >= l1)
+        return jm_fail(err, JM_ERR_ARG, "layers [%d, %d): need 0 <= first < end <= num_hidden_layers = %d", l0, l1,
+                       L);
+    if (l0 == 0 && x_in)
+        return jm_fail(err, JM_ERR_ARG, "layers [0, %d) start at the embedding of the tokens: x_in must be NULL", l1);
+    if (l0 > 0 && !x_in)
+        return jm_fail(err, JM_ERR_ARG, "layers [%d, %d) start mid-model: x_in must hold the residual stream "
+                       "entering layer %d", l0, l1, l0);
+    if (!b || !b->tokens) return jm_fail(err, JM_ERR_ARG, "the batch has no tokens");
     const int32_t *tokens = b->tokens;
     const int B = b->B, T = b->T;
     if (B < 1 || T < 1) return jm_fail(err, JM_ERR_ARG, "batch %d x %d: need at least one token", B, T);
@@ -932,7 +971,8 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
             return jm_fail(err, JM_ERR_ARG, "token id %d at position %lld is outside the vocabulary [0, %lld)",
                            tokens[t], (long long)t, (long long)V);
     m->fwd_valid = 0;
-    jm_status s = ensure_acts(m, B, T, err);
+    m->dx_in_valid = 0;
+    jm_status s = ensure_acts(m, B, T, l0, l1, err);
     if (s) return s;
     if ((s = plan_batch(m, b, err))) return s;
     rope_tables(m->rope_cos, m->rope_sin, T, c->head_dim, c->rope_theta);
@@ -942,11 +982,14 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
     const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch,
                            m->packed ? m->pos : NULL, m->packed ? m->kstart : NULL};
     double aux = 0.0, zl = 0.0;
-    embedding_forward(m->la[0].x, tokens, m->embed, N, H);
-    for (int l = 0; l < c->num_layers; l++) {
+    if (l0 == 0)
+        embedding_forward(m->la[0].x, tokens, m->embed, N, H);
+    else /* kept: the first layer's backward needs its input */
+        memcpy(m->la[l0].x, x_in, (size_t)N * H * sizeof *x_in);
+    for (int l = l0; l < l1; l++) {
         const layer_params *p = &m->lp[l];
         layer_acts *a = &m->la[l];
-        float *x_next = l + 1 < c->num_layers ? m->la[l + 1].x : m->x_out;
+        float *x_next = l + 1 < l1 ? m->la[l + 1].x : m->x_out;
         double sw, zr;
 
         rmsnorm_forward(a->a, a->rstd1, a->x, p->ln1, N, H, eps);
@@ -961,15 +1004,19 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
         aux += sw;
         zl += zr;
     }
-    rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
-    wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch);
-
     memcpy(m->tokens, tokens, (size_t)N * sizeof *tokens);
-    int64_t count;
-    double loss = cross_entropy_forward(m->logits, m->targets, N, V, &count, m->logp);
+    int64_t count = 0;
+    double loss = 0.0;
+    if (l1 == L) {
+        rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
+        wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch);
+        loss = cross_entropy_forward(m->logits, m->targets, N, V, &count, m->logp);
+    }
     m->aux_loss = aux;
     m->z_loss = zl;
     m->loss_count = count;
+    m->fwd_l0 = l0;
+    m->fwd_l1 = l1;
     m->fwd_valid = 1;
     if (losses) {
         losses->loss = loss;
@@ -985,6 +1032,9 @@ jm_status jm_forward_batch(jm_model *m, const jm_batch *b, jm_losses *losses, jm
 jm_status jm_set_slots(jm_model *m, int slots, int ctx, jm_error *err)
 {
     const jm_config *c = &m->cfg;
+    if (m->owner)
+        return jm_fail(err, JM_ERR_ARG, "this handle shares another model's weights for pipelined training "
+                       "(jm_model_share) and has no KV cache: decode with the model it was shared from");
     if (ctx < 1 || ctx > c->max_position_embeddings)
         return jm_fail(err, JM_ERR_ARG, "context %d must be in [1, max_position_embeddings = %d]", ctx,
                        c->max_position_embeddings);
@@ -1305,31 +1355,184 @@ jm_status jm_backward(jm_model *m, jm_error *err)
 
 jm_status jm_backward_weighted(jm_model *m, const float *weight, double router_scale, jm_error *err)
 {
+    return jm_backward_layers(m, NULL, weight, router_scale, err);
+}
+
+/* The backward of the last jm_forward_layers, from the cross-entropy (the
+ * range ends at the head) or from dx_out (the next stage's d loss / d input),
+ * down to the embedding or, mid-model, to d loss / d x_in left in g.dres. */
+jm_status jm_backward_layers(jm_model *m, const float *dx_out, const float *weight, double router_scale,
+                             jm_error *err)
+{
     if (m->mapped) return not_trainable(err);
     if (!m->fwd_valid) return jm_fail(err, JM_ERR_ARG, "jm_backward needs a completed jm_forward first");
+    const jm_config *c = &m->cfg;
+    const int l0 = m->fwd_l0, l1 = m->fwd_l1;
+    if (l1 == c->num_layers && dx_out)
+        return jm_fail(err, JM_ERR_ARG, "the last forward (layers [%d, %d)) ended at the loss: its backward starts "
+                       "from the cross-entropy, dx_out must be NULL", l0, l1);
+    if (l1 < c->num_layers && !dx_out)
+        return jm_fail(err, JM_ERR_ARG, "the last forward (layers [%d, %d)) stopped before the head: dx_out must hold "
+                       "d loss / d (output of layer %d)", l0, l1, l1 - 1);
     jm_status s = ensure_grads(m, err);
     if (s) return s;
-    const jm_config *c = &m->cfg;
     const int B = m->B, T = m->T;
     const int64_t N = (int64_t)B * T, H = c->hidden_size, V = c->vocab_size;
     grad_scratch *g = &m->g;
     m->fwd_valid = 0; /* the logits become their gradient below */
 
-    /* d loss / d logits, in place; then through the lm_head and the final norm */
-    float scale = m->loss_count ? 1.0f / (float)m->loss_count : 0.0f;
-    cross_entropy_backward(m->logits, m->logits, m->targets, weight, N, V, scale);
-    matmul_backward(g->dnorm, grad_of(m, f32(m->lm_head)), m->logits, m->hf, f32(m->lm_head), N, H, V, 0);
-    memset(g->dres, 0, (size_t)N * H * sizeof(float));
-    rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
+    if (l1 == c->num_layers) {
+        /* d loss / d logits, in place; then through the lm_head and the final norm */
+        float scale = m->loss_count ? 1.0f / (float)m->loss_count : 0.0f;
+        cross_entropy_backward(m->logits, m->logits, m->targets, weight, N, V, scale);
+        matmul_backward(g->dnorm, grad_of(m, f32(m->lm_head)), m->logits, m->hf, f32(m->lm_head), N, H, V, 0);
+        memset(g->dres, 0, (size_t)N * H * sizeof(float));
+        rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
+    } else {
+        memcpy(g->dres, dx_out, (size_t)N * H * sizeof *dx_out);
+    }
 
     const double aux_w = c->aux_loss_coef * router_scale, zl_w = c->z_loss_coef * router_scale;
     const uint8_t *valid = m->packed ? m->valid : NULL;
     const int32_t *pos = m->packed ? m->pos : NULL, *kstart = m->packed ? m->kstart : NULL;
-    for (int l = c->num_layers - 1; l >= 0; l--) {
+    for (int l = l1 - 1; l >= l0; l--) {
         moe_backward(m, &m->lp[l], &m->la[l], N, aux_w, zl_w, valid);
         moa_backward(m, &m->lp[l], &m->la[l], B, T, aux_w, zl_w, valid, pos, kstart);
     }
-    embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
+    if (l0 == 0) embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
+    m->dx_in_valid = l0 > 0;
+    return JM_OK;
+}
+
+/* ---- pipeline stages ----
+ * Pipeline-parallel training gives each stage a contiguous range of layers
+ * (jm_balance_stages) and runs jm_forward_layers / jm_backward_layers on it,
+ * one handle per micro-batch in flight (jm_model_share), all adding into one
+ * gradient arena; the optimizer shards work on flat arena offsets. */
+
+jm_status jm_model_share(jm_model *m, jm_model **out, jm_error *err)
+{
+    *out = NULL;
+    if (m->mapped) return not_trainable(err);
+    jm_status s = ensure_grads(m, err); /* first: every handle must add into this one arena */
+    if (s) return s;
+    jm_model *h = calloc(1, sizeof *h);
+    if (!h) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate a model handle");
+    h->cfg = m->cfg;
+    h->nparams = m->nparams;
+    h->params = m->params; /* .data and .grad already point into the shared arenas */
+    h->param_mem = m->param_mem;
+    h->param_numel = m->param_numel;
+    h->grad_mem = m->grad_mem;
+    h->lp = m->lp;
+    h->embed = m->embed;
+    h->lm_head = m->lm_head;
+    h->norm = m->norm;
+    h->slot = m->slot;
+    h->kern = m->kern;
+    h->owner = m->owner ? m->owner : m;
+    *out = h;
+    return JM_OK;
+}
+
+const float *jm_layers_output(const jm_model *m) { return m->fwd_l1 < m->cfg.num_layers ? m->x_out : NULL; }
+const float *jm_layers_input_grad(const jm_model *m) { return m->dx_in_valid ? m->g.dres : NULL; }
+
+int64_t jm_param_offset(const jm_model *m, int i)
+{
+    if (i < 0 || i > m->nparams) return -1;
+    int64_t off = 0;
+    for (int j = 0; j < i; j++) off += padded(m->params[j].numel);
+    return off;
+}
+
+/* Table order is embed, layer 0 .. L-1 (LAYER_PARAMS each), norm, lm_head:
+ * a stage's parameters are one run of it, and so one run of the arena. */
+void jm_stage_params(const jm_model *m, int l0, int l1, int64_t *first, int64_t *end)
+{
+    const int L = m->cfg.num_layers;
+    *first = *end = 0;
+    if (l0 < 0 || l1 > L || l0 >= l1) return;
+    *first = jm_param_offset(m, l0 == 0 ? 0 : 1 + LAYER_PARAMS * l0);
+    *end = jm_param_offset(m, l1 == L ? m->nparams : 1 + LAYER_PARAMS * l1);
+}
+
+const float *jm_param_arena(const jm_model *m, int64_t *numel)
+{
+    *numel = m->mapped ? 0 : m->param_numel;
+    return m->mapped ? NULL : m->param_mem;
+}
+
+float *jm_param_arena_mut(jm_model *m, int64_t *numel)
+{
+    *numel = m->mapped ? 0 : m->param_numel;
+    return m->mapped ? NULL : m->param_mem;
+}
+
+float *jm_grad_arena(jm_model *m, int64_t *numel)
+{
+    *numel = m->grad_mem ? m->param_numel : 0;
+    return m->grad_mem;
+}
+
+/* Forward FLOPs per token: a multiply-add counts 2. Every layer costs the
+ * same: projections and experts (k of E active), and attention over the
+ * (T+1)/2 keys a causal row sees on average. Norms, routers, the combine and
+ * the softmax are small but counted; RoPE is left out. */
+void jm_stage_costs(const jm_config *c, int T, double *layer_cost, double *embed_cost, double *head_cost)
+{
+    const double H = c->hidden_size, V = c->vocab_size, E = c->num_experts, k = c->top_k;
+    const double F = c->intermediate_size, A = (double)c->num_kv_heads * c->head_dim;
+    const double keys = (T + 1) / 2.0;
+    const double norms = 2 * 4 * H, routers = 2 * (2 * H * E), combines = 2 * (2 * k * H + H);
+    const double moa = 2 * H * 2 * A      /* kv_proj */
+                       + k * 2 * (2 * H * A) /* expert input and output projections */
+                       + k * 4 * A * keys;   /* q.k and p.v for each of the k*Hkv query heads */
+    const double moe = k * (2 * H * 2 * F + 2 * F * H + 4 * F); /* input, output, SiLU-GLU */
+    *layer_cost = norms + routers + combines + moa + moe;
+    *embed_cost = H;                      /* a row gathered */
+    *head_cost = 4 * H + 2 * V * H + 4 * V; /* final norm, lm_head, softmax and cross-entropy */
+}
+
+/* Exact: best[p][l], the least max stage cost of layers [0, l) in p stages,
+ * over every place the p-th stage can start. Ties go to the later stages
+ * (the last stage's start is the earliest that is optimal): under 1F1B the
+ * earlier stages hold more micro-batches' activations. */
+jm_status jm_balance_stages(const jm_config *c, int T, int P, int *first_layer, jm_error *err)
+{
+    const int L = c->num_layers;
+    if (P < 1 || P > L)
+        return jm_fail(err, JM_ERR_ARG, "%d pipeline stages for %d layers: need 1 <= stages <= num_hidden_layers "
+                       "(every stage holds at least one layer)", P, L);
+    if (T < 1) return jm_fail(err, JM_ERR_ARG, "sequence length %d: need at least one token", T);
+    double layer, embed, head;
+    jm_stage_costs(c, T, &layer, &embed, &head);
+    double *best = malloc((size_t)(P + 1) * (L + 1) * sizeof *best);
+    int *start = malloc((size_t)(P + 1) * (L + 1) * sizeof *start);
+    if (!best || !start) {
+        free(best);
+        free(start);
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate the stage balancing table");
+    }
+#define AT(p, l) ((p) * (L + 1) + (l))
+    for (int p = 1; p <= P; p++)
+        for (int l = p; l <= L; l++) {
+            best[AT(p, l)] = INFINITY;
+            for (int j = p - 1; j < l; j++) {
+                if (p == 1 && j > 0) break; /* the first stage starts at layer 0 */
+                double cost = (l - j) * layer + (j == 0 ? embed : 0.0) + (l == L ? head : 0.0);
+                double worst = p == 1 ? cost : fmax(best[AT(p - 1, j)], cost);
+                if (worst < best[AT(p, l)]) {
+                    best[AT(p, l)] = worst;
+                    start[AT(p, l)] = j;
+                }
+            }
+        }
+    first_layer[P] = L;
+    for (int p = P; p >= 1; p--) first_layer[p - 1] = start[AT(p, first_layer[p])];
+#undef AT
+    free(best);
+    free(start);
     return JM_OK;
 }
 
