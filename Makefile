@@ -11,6 +11,13 @@ BLASDIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
 # The OpenMP build of OpenBLAS, so BLAS threads and our OpenMP loops share one pool.
 LDLIBS  += $(SAN) -L$(BLASDIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLASDIR) -lcjson -lm -fopenmp
 PY      := /usr/bin/python3
+# MPI (multi-process training, README: Scaling out): Open MPI's flags when
+# mpicc is there; `make MPI=0` builds a single-process jetmoe without it.
+MPI     ?= $(if $(shell command -v mpicc 2>/dev/null),1,0)
+ifeq ($(MPI),1)
+CFLAGS  += -DJM_MPI $(shell mpicc --showme:compile)
+LDLIBS  += $(shell mpicc --showme:link)
+endif
 
 # src/ is grouped by subsystem ("rooms", see README: Layout): src/ROOM/*.c and src/model/ops/*.c.
 SRC     := $(wildcard src/*/*.c src/*/*/*.c)

@@ -8,8 +8,12 @@
 typedef struct {
     const char *recipe, *out, *init;
     int resume, quiet, overwrite;
-    int64_t threads, stop_after;
+    int64_t threads, stop_after, pp;
+    double timeout;
 } pretrain_opts;
+
+/* Scale-out (README: Scaling out): under mpirun/srun, N ranks = --pp stages x N/--pp replicas. */
+#define GRID_FLAGS(TYPE)                                                                                                 {"--pp", {NULL}, FLAG_INT, offsetof(TYPE, pp), "1", 1, 1024, .meta = "P",                                            .help = "pipeline stages when run as several ranks (mpirun -np N): N/P data-parallel replicas"},                        {"--timeout", {NULL}, FLAG_REAL, offsetof(TYPE, timeout), "600", 1, 1e7, .meta = "S",                                .help = "seconds a rank waits for the others before stopping the job (a rank died or hangs)"}
 
 static const cli_flag pretrain_flags[] = {
     {"--recipe", {NULL}, FLAG_STR, offsetof(pretrain_opts, recipe), .required = 1, .meta = "R",
@@ -28,6 +32,7 @@ static const cli_flag pretrain_flags[] = {
     {"--stop-after", {NULL}, FLAG_INT, offsetof(pretrain_opts, stop_after), "0", 0, 2000000000, .meta = "N",
      .help = "save and stop after N steps in total, 0 = run the recipe to its end"},
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(pretrain_opts, quiet), .help = "no progress line"},
+    GRID_FLAGS(pretrain_opts),
 };
 
 static int run_pretrain(const cli_command *self, int argc, char **argv);
@@ -41,7 +46,7 @@ const cli_command cmd_pretrain = {
     "run from a checkpoint's weights (e.g. JetMoE-8B adapted to a domain corpus).",
     pretrain_flags, (int)(sizeof pretrain_flags / sizeof pretrain_flags[0]), run_pretrain};
 
-/* Set by SIGINT/SIGTERM; the trainer polls it between steps, saves and returns.
+/* Set by SIGINT/SIGTERM/SIGUSR1; the trainer polls it between steps, saves and returns.
  * (The one piece of process state a signal handler needs.) */
 static volatile int stop_requested;
 static void on_signal(int sig)
@@ -60,7 +65,9 @@ static int run_pretrain(const cli_command *self, int argc, char **argv)
     sa_int.sa_handler = on_signal;
     sigaction(SIGINT, &sa_int, NULL);
     sigaction(SIGTERM, &sa_int, NULL);
-    jm_train_opts to = {o.recipe, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite, o.init};
+    sigaction(SIGUSR1, &sa_int, NULL); /* what mpirun forwards to every rank (README: Scaling out) */
+    jm_train_opts to = {o.recipe,    o.out,         o.resume, o.stop_after, &stop_requested, o.quiet,
+                        o.overwrite, o.init,        (int)o.pp, o.timeout,   (int)o.threads};
     int stopped;
     jm_error err;
     jm_status s = jm_pretrain(&to, &stopped, &err);
@@ -74,8 +81,8 @@ typedef struct {
     const char *model, *out, *recipe, *ref, *dump_grad, *on_bad_line;
     cli_list data, eval_data;
     int resume, quiet, overwrite;
-    int64_t threads, stop_after;
-    double beta, label_smoothing;
+    int64_t threads, stop_after, pp;
+    double beta, label_smoothing, timeout;
 } tune_opts;
 
 #define TUNE_FLAGS(DATA_HELP)                                                                                        \
@@ -101,7 +108,8 @@ typedef struct {
          .help = "threads, 0 = all cores"},                                                                          \
         {"--stop-after", {NULL}, FLAG_INT, offsetof(tune_opts, stop_after), "0", 0, 2000000000, .meta = "N",        \
          .help = "save and stop after N steps in total, 0 = run to the end"},                                       \
-        {"--quiet", {NULL}, FLAG_BOOL, offsetof(tune_opts, quiet), .help = "no progress line"}
+        {"--quiet", {NULL}, FLAG_BOOL, offsetof(tune_opts, quiet), .help = "no progress line"},                    \
+        GRID_FLAGS(tune_opts)
 
 static const cli_flag sft_flags[] = {
     TUNE_FLAGS("the training records (JSONL): {\"messages\": [...]} or {\"input_ids\": [...], \"labels\": [...]}"),
@@ -177,6 +185,7 @@ static int run_tune(const cli_command *self, int argc, char **argv)
     sa_int.sa_handler = on_signal;
     sigaction(SIGINT, &sa_int, NULL);
     sigaction(SIGTERM, &sa_int, NULL);
+    sigaction(SIGUSR1, &sa_int, NULL); /* what mpirun forwards to every rank (README: Scaling out) */
     char *dbuf = NULL, *ebuf = NULL;
     const char *data[64], *eval[64];
     int nd = split_list(&o.data, &dbuf, data, 64), ne = split_list(&o.eval_data, &ebuf, eval, 64);
@@ -187,7 +196,8 @@ static int run_tune(const cli_command *self, int argc, char **argv)
     }
     jm_tune_opts to = {o.model, data, nd, eval, ne, o.recipe, o.ref, o.dump_grad, o.beta, o.label_smoothing,
                        strcmp(o.on_bad_line, "skip") == 0,
-                       {NULL, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite, NULL}};
+                       {NULL, o.out, o.resume, o.stop_after, &stop_requested, o.quiet, o.overwrite, NULL, (int)o.pp,
+                        o.timeout, (int)o.threads}};
     int stopped = 0;
     jm_error err;
     jm_status s = self == &cmd_sft ? jm_sft(&to, &stopped, &err) : jm_dpo(&to, &stopped, &err);

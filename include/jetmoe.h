@@ -416,8 +416,6 @@ void jm_optimizer_free(jm_optimizer *o);
 /* One AdamW update of every parameter from its .grad, at learning rate lr. */
 jm_status jm_optimizer_step(jm_optimizer *o, jm_model *m, double lr, jm_error *err);
 int64_t jm_optimizer_steps(const jm_optimizer *o);
-/* Direct access to the state (step counter, first and second moments) for checkpoints. */
-void jm_optimizer_state(jm_optimizer *o, int64_t **step, float **m, float **v, int64_t *numel);
 double jm_grad_norm(const jm_model *m);         /* global L2 norm of all gradients */
 void jm_scale_grads(jm_model *m, float scale);
 
@@ -473,6 +471,11 @@ typedef struct {
     int quiet;                   /* no progress line */
     int overwrite;               /* without resume: replace a run already in out_dir (its results go first) */
     const char *init;            /* pretrain: start from this checkpoint's weights (a new run: fresh optimizer) */
+    /* scale-out (README: Scaling out): launched by mpirun/srun as N ranks, pp
+     * pipeline stages x N/pp data-parallel replicas; one process is 1 x 1 */
+    int pp;                      /* pipeline stages (0 or 1: none) */
+    double timeout;              /* seconds a rank waits for the others before stopping the job (0: 600) */
+    int threads;                 /* the --threads given (0: this host's cores shared among its ranks) */
 } jm_train_opts;
 /* Pretrains as the recipe says. On a stop request it writes a checkpoint and
  * returns JM_OK with *stopped = 1. */

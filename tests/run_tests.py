@@ -31,6 +31,7 @@ import train_tests  # noqa: E402  (tests/train_tests.py)
 import output_safety_tests  # noqa: E402  (tests/output_safety_tests.py; after train_tests, see its imports)
 import recipe_checks_tests  # noqa: E402  (tests/recipe_checks_tests.py; after train_tests: both import this file)
 import tune_tests  # noqa: E402  (tests/tune_tests.py; after train_tests, as output_safety_tests)
+import mpi_tests  # noqa: E402  (tests/mpi_tests.py; after train_tests, as output_safety_tests)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -975,6 +976,7 @@ def main():
         output_safety_tests.run(suite, args.build, tmp)
         input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         distill_tests.run(suite, args.build, tmp)
+        mpi_tests.run(suite, args.build, tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,8 @@ typedef struct {
     int64_t pairs_per_step, total_pairs;
     jm_packed pk;
     jm_seq_ref *scratch;
-    int64_t *scratch_pair;
+    int64_t p0, p1, micro_first;  /* the planned step: pairs plan[p0 .. p1); the packed micro-batch's first */
+    int nmicro;
 } dpo_task;
 
 static void fill_side(jm_seq_ref *q, int32_t *tg, const jm_pref_seq *s)
@@ -117,63 +118,88 @@ static const char *const heldout_names[] = {
     "heldout_rewards/accuracies", "heldout_logps/chosen",     "heldout_logps/rejected",
     "heldout_logps/accuracies"};
 
-/* Forward, the DPO loss and backward of plan entries [p0, p1) (pair indices),
- * batch_size pairs per micro-batch; every pair weighs 1 / (p1 - p0). */
-static jm_status dpo_pairs(dpo_task *k, jm_model *m, const int64_t *plan, int64_t p0, int64_t p1, jm_task_step *st,
-                           dpo_sums *sums, jm_error *err)
+/* The sums a step keeps: dpo_sums' fields, in order, from JM_ACC_LOOP on. */
+#define DPO_NSUMS 8
+
+/* A step is plan entries [p0, p1) (pair indices), batch_size pairs per
+ * micro-batch; every pair weighs 1 / (p1 - p0). */
+static jm_status dpo_plan_step(void *ctx, int64_t step, int *nmicro, jm_error *err)
 {
+    (void)err;
+    dpo_task *k = ctx;
     const int bs = k->r->batch_size;
-    const double beta = k->r->beta, eps = k->r->label_smoothing, P = (double)(p1 - p0);
-    const int nmicro = (int)((p1 - p0 + bs - 1) / bs);
-    for (int mb = 0; mb < nmicro; mb++) {
-        int64_t a = p0 + (int64_t)mb * bs, b = a + bs < p1 ? a + bs : p1;
-        int n = 0;
-        for (int64_t i = a; i < b; i++) {
-            k->scratch[n++] = k->seq[2 * plan[i]];
-            k->scratch[n++] = k->seq[2 * plan[i] + 1];
-        }
-        jm_losses L;
-        jm_status s = jm_pack(&k->pk, k->scratch, n, k->r->seq_len, err);
-        if (!s) s = jm_forward_batch(m, &k->pk.batch, &L, err);
-        if (s) return s;
-        st->aux_loss += L.aux_loss / nmicro;
-        st->z_loss += L.z_loss / nmicro;
-        double lp[2 * 256], *lps = n <= 2 * 256 ? lp : malloc(sizeof *lps * (size_t)n);
-        if (!lps) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
-        sequence_logps(&k->pk, k->scratch, jm_token_logprobs(m), lps);
-        /* d loss / d log pi(c) = beta dD / P, d loss / d log pi(r) = -beta dD / P; the backward's
-         * weight is minus that on each completion token (it differentiates -w log p) */
-        for (int j = 0; j < n / 2; j++) {
-            int64_t pair = plan[a + j];
-            double dD;
-            pair_loss(beta, eps, lps[2 * j], lps[2 * j + 1], k->ref[2 * pair], k->ref[2 * pair + 1], sums, &dD);
-            for (int side = 0; side < 2; side++) {
-                const jm_seq_ref *q = &k->scratch[2 * j + side];
-                float w = (float)(-(side ? -beta : beta) * dD / P);
-                for (int t = 0; t < q->n; t++)
-                    if (q->targets[t] >= 0) k->pk.weight[k->pk.start[2 * j + side] + t] = w;
-            }
-        }
-        if (lps != lp) free(lps);
-        for (size_t t = 0; t < (size_t)k->pk.batch.B * k->pk.batch.T; t++) st->tokens += k->pk.positions[t] >= 0;
-        if ((s = jm_backward_weighted(m, k->pk.weight, 1.0 / nmicro, err))) return s;
-    }
-    st->loss = sums->loss / P;
+    k->p0 = step * k->pairs_per_step;
+    k->p1 = k->p0 + k->pairs_per_step < k->total_pairs ? k->p0 + k->pairs_per_step : k->total_pairs;
+    *nmicro = k->nmicro = (int)((k->p1 - k->p0 + bs - 1) / bs);
     return JM_OK;
 }
 
-static jm_status dpo_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+/* A micro-batch packs each pair's chosen and rejected sequences together. */
+static jm_status dpo_micro(void *ctx, int j, jm_micro *mb, jm_error *err)
 {
     dpo_task *k = ctx;
-    int64_t p0 = step * k->pairs_per_step;
-    int64_t p1 = p0 + k->pairs_per_step < k->total_pairs ? p0 + k->pairs_per_step : k->total_pairs;
+    const int bs = k->r->batch_size;
+    int64_t a = k->p0 + (int64_t)j * bs, b = a + bs < k->p1 ? a + bs : k->p1;
+    int n = 0;
+    for (int64_t i = a; i < b; i++) {
+        k->scratch[n++] = k->seq[2 * k->plan[i]];
+        k->scratch[n++] = k->seq[2 * k->plan[i] + 1];
+    }
+    k->micro_first = a;
+    jm_status s = jm_pack(&k->pk, k->scratch, n, k->r->seq_len, err);
+    mb->batch = k->pk.batch;
+    mb->router_scale = 1.0 / k->nmicro;
+    return s;
+}
+
+static jm_status dpo_objective(void *ctx, int j, const float *logp, const jm_losses *L, const float **weight,
+                               double *acc, jm_error *err)
+{
+    (void)j, (void)L;
+    dpo_task *k = ctx;
+    const double beta = k->r->beta, eps = k->r->label_smoothing, P = (double)(k->p1 - k->p0);
+    const int n = k->pk.n;
+    double lp[2 * 256], *lps = n <= 2 * 256 ? lp : malloc(sizeof *lps * (size_t)n);
+    if (!lps) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    sequence_logps(&k->pk, k->scratch, logp, lps);
     dpo_sums sums = {0};
-    jm_status s = dpo_pairs(k, m, k->plan, p0, p1, st, &sums, err);
-    if (s) return s;
-    put_metrics(st, &sums, (double)(p1 - p0), train_names);
-    st->metric_name[st->nmetrics] = "epoch";
-    st->metric[st->nmetrics++] = (double)p1 / (double)k->data.n;
+    /* d loss / d log pi(c) = beta dD / P, d loss / d log pi(r) = -beta dD / P; the backward's
+     * weight is minus that on each completion token (it differentiates -w log p) */
+    for (int q = 0; q < n / 2; q++) {
+        int64_t pair = k->plan[k->micro_first + q];
+        double dD;
+        pair_loss(beta, eps, lps[2 * q], lps[2 * q + 1], k->ref[2 * pair], k->ref[2 * pair + 1], &sums, &dD);
+        for (int side = 0; side < 2; side++) {
+            const jm_seq_ref *sq = &k->scratch[2 * q + side];
+            float w = (float)(-(side ? -beta : beta) * dD / P);
+            for (int t = 0; t < sq->n; t++)
+                if (sq->targets[t] >= 0) k->pk.weight[k->pk.start[2 * q + side] + t] = w;
+        }
+    }
+    if (lps != lp) free(lps);
+    const double *v = &sums.loss;
+    for (int i = 0; i < DPO_NSUMS; i++) acc[JM_ACC_LOOP + i] += v[i];
+    *weight = k->pk.weight;
     return JM_OK;
+}
+
+static void dpo_sums_of(const double *acc, dpo_sums *sums)
+{
+    double *v = &sums->loss;
+    for (int i = 0; i < DPO_NSUMS; i++) v[i] = acc[JM_ACC_LOOP + i];
+}
+
+static void dpo_finish(void *ctx, int64_t step, const double *acc, jm_task_step *st)
+{
+    (void)step;
+    dpo_task *k = ctx;
+    dpo_sums sums;
+    dpo_sums_of(acc, &sums);
+    const double P = (double)(k->p1 - k->p0);
+    st->loss = sums.loss / P;
+    put_metrics(st, &sums, P, train_names);
+    st->metric_name[st->nmetrics] = "epoch";
+    st->metric[st->nmetrics++] = k->data.n ? (double)k->p1 / (double)k->data.n : 0;
 }
 
 static int dpo_state(void *ctx, st_out *out, int cap, jm_error *err)
@@ -267,6 +293,19 @@ static void dpo_free(dpo_task *k)
     jm_packed_free(&k->pk);
 }
 
+static jm_task dpo_task_of(dpo_task *k, int64_t neval)
+{
+    return (jm_task){.ctx = k,
+                     .plan = dpo_plan_step,
+                     .micro = dpo_micro,
+                     .objective = dpo_objective,
+                     .finish = dpo_finish,
+                     .state = dpo_state,
+                     .restore = dpo_restore,
+                     .heldout = neval ? dpo_heldout : NULL,
+                     .eval_at_start = neval > 0};
+}
+
 /* Every pair of the set as one optimizer step of one micro-batch (both
  * sequences of each pair packed into rows of max_len): what --dump-grad
  * writes and bench/align times. */
@@ -290,12 +329,13 @@ jm_status jm_dpo_set_grads(jm_model *m, const jm_pref_set *data, const double *r
         fill_targets(k.seq, k.targets, data);
         memcpy(k.ref, ref, sizeof *k.ref * (size_t)(2 * n));
         for (int64_t i = 0; i < n; i++) k.plan[i] = i;
-        /* all dpo_pairs reads of the recipe */
+        /* all the task reads of the recipe */
         one->batch_size = (int)n, one->seq_len = max_len, one->beta = beta, one->label_smoothing = eps;
+        k.pairs_per_step = k.total_pairs = n;
         jm_task_step st = {0};
-        dpo_sums sums = {0};
+        jm_task task = dpo_task_of(&k, 0);
         const jm_config *c = jm_model_config(m);
-        if (!(s = dpo_pairs(&k, m, k.plan, 0, n, &st, &sums, err))) {
+        if (!(s = jm_task_grads(&task, m, 0, &st, err))) {
             loss[0] = st.loss + c->aux_loss_coef * st.aux_loss + c->z_loss_coef * st.z_loss;
             loss[1] = st.loss, loss[2] = st.aux_loss, loss[3] = st.z_loss;
         }
@@ -382,7 +422,7 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
     if ((s = jm_tune_load_model(o, &ts, &m, err))) goto done;
     const char *inputs[64];
     int ni = jm_tune_inputs(o, inputs, 64);
-    jm_task task = {&k, dpo_grads, dpo_state, dpo_restore, o->neval ? dpo_heldout : NULL, NULL, o->neval > 0};
+    jm_task task = dpo_task_of(&k, o->neval);
     s = jm_train_run(&o->run, ts.r, m, &task, ts.tok_dir, inputs, ni, stopped, err);
     m = NULL;
 done:

@@ -21,6 +21,8 @@ typedef struct {
     int64_t *plan;              /* epochs * n example indices: each epoch's shuffle, one after another */
     int64_t *row_first;         /* rows + 1: where each row of the plan starts */
     int64_t rows, rows_per_step;
+    int64_t r0, r1, count;      /* the planned step: its rows and learned tokens */
+    int nmicro;                 /* and micro-batches */
     jm_packed pk;
     jm_seq_ref *scratch;        /* the sequences of one micro-batch */
 } sft_task;
@@ -45,45 +47,60 @@ static int64_t learned(const jm_seq_ref *q)
     return n;
 }
 
-/* Forward and backward of rows [r0, r1) of the plan as micro-batches of
- * batch_size rows; weight = 1 / (learned tokens of all those rows). */
-static jm_status sft_rows(sft_task *k, jm_model *m, int64_t r0, int64_t r1, jm_task_step *st, jm_error *err)
+/* Step planning: rows [r0, r1) of the plan, batch_size rows per micro-batch;
+ * every learned token of the step weighs 1 / (learned tokens of all those rows). */
+static jm_status sft_plan_rows(sft_task *k, int64_t r0, int64_t r1, int *nmicro)
 {
     const int bs = k->r->batch_size;
     int64_t count = 0;
     for (int64_t i = k->row_first[r0]; i < k->row_first[r1]; i++) count += learned(&k->seq[k->plan[i]]);
-    const int nmicro = (int)((r1 - r0 + bs - 1) / bs);
-    double nll = 0;
-    for (int mb = 0; mb < nmicro; mb++) {
-        int64_t a = r0 + (int64_t)mb * bs, b = a + bs < r1 ? a + bs : r1;
-        int n = 0;
-        for (int64_t i = k->row_first[a]; i < k->row_first[b]; i++) k->scratch[n++] = k->seq[k->plan[i]];
-        jm_status s = jm_pack(&k->pk, k->scratch, n, k->r->seq_len, err);
-        if (s) return s;
-        const size_t N = (size_t)k->pk.batch.B * k->pk.batch.T;
-        for (size_t t = 0; t < N; t++) k->pk.weight[t] = count ? 1.0f / (float)count : 0.0f;
-        jm_losses L;
-        if ((s = jm_forward_batch(m, &k->pk.batch, &L, err))) return s;
-        nll += L.loss * (double)L.count;
-        st->aux_loss += L.aux_loss / nmicro;
-        st->z_loss += L.z_loss / nmicro;
-        for (size_t t = 0; t < N; t++) st->tokens += k->pk.positions[t] >= 0;
-        if ((s = jm_backward_weighted(m, k->pk.weight, 1.0 / nmicro, err))) return s;
-    }
-    st->loss = count ? nll / (double)count : 0;
+    k->r0 = r0, k->r1 = r1, k->count = count;
+    *nmicro = k->nmicro = (int)((r1 - r0 + bs - 1) / bs);
     return JM_OK;
 }
 
-static jm_status sft_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+static jm_status sft_plan_step(void *ctx, int64_t step, int *nmicro, jm_error *err)
 {
+    (void)err;
     sft_task *k = ctx;
     int64_t r0 = step * k->rows_per_step, r1 = r0 + k->rows_per_step < k->rows ? r0 + k->rows_per_step : k->rows;
-    jm_status s = sft_rows(k, m, r0, r1, st, err);
-    int64_t done = k->row_first[r1]; /* examples visited, over the epochs */
+    return sft_plan_rows(k, r0, r1, nmicro);
+}
+
+static jm_status sft_micro(void *ctx, int j, jm_micro *mb, jm_error *err)
+{
+    sft_task *k = ctx;
+    const int bs = k->r->batch_size;
+    int64_t a = k->r0 + (int64_t)j * bs, b = a + bs < k->r1 ? a + bs : k->r1;
+    int n = 0;
+    for (int64_t i = k->row_first[a]; i < k->row_first[b]; i++) k->scratch[n++] = k->seq[k->plan[i]];
+    jm_status s = jm_pack(&k->pk, k->scratch, n, k->r->seq_len, err);
+    mb->batch = k->pk.batch;
+    mb->router_scale = 1.0 / k->nmicro;
+    return s;
+}
+
+static jm_status sft_objective(void *ctx, int j, const float *logp, const jm_losses *L, const float **weight,
+                               double *acc, jm_error *err)
+{
+    (void)j, (void)logp, (void)err;
+    sft_task *k = ctx;
+    const size_t N = (size_t)k->pk.batch.B * k->pk.batch.T;
+    for (size_t t = 0; t < N; t++) k->pk.weight[t] = k->count ? 1.0f / (float)k->count : 0.0f;
+    *weight = k->pk.weight;
+    acc[JM_ACC_LOOP] += L->loss * (double)L->count; /* the step's summed token loss */
+    return JM_OK;
+}
+
+static void sft_finish(void *ctx, int64_t step, const double *acc, jm_task_step *st)
+{
+    (void)step;
+    sft_task *k = ctx;
+    st->loss = k->count ? acc[JM_ACC_LOOP] / (double)k->count : 0;
+    int64_t done = k->row_first[k->r1]; /* examples visited, over the epochs */
     st->nmetrics = 1;
     st->metric_name[0] = "epoch";
     st->metric[0] = k->data.n ? (double)done / (double)k->data.n : 0;
-    return s;
 }
 
 static int sft_state(void *ctx, st_out *out, int cap, jm_error *err)
@@ -192,6 +209,26 @@ static jm_status plan_epochs(sft_task *k, jm_error *err)
     return JM_OK;
 }
 
+static jm_task sft_task_of(sft_task *k, int64_t neval)
+{
+    return (jm_task){.ctx = k,
+                     .plan = sft_plan_step,
+                     .micro = sft_micro,
+                     .objective = sft_objective,
+                     .finish = sft_finish,
+                     .state = sft_state,
+                     .restore = sft_restore,
+                     .heldout = neval ? sft_heldout : NULL,
+                     .eval_at_start = neval > 0};
+}
+
+/* The one "row" of jm_sft_set_grads' plan. */
+static jm_status sft_plan_whole(void *ctx, int64_t step, int *nmicro, jm_error *err)
+{
+    (void)step, (void)err;
+    return sft_plan_rows(ctx, 0, 1, nmicro);
+}
+
 /* The whole set as one optimizer step of one micro-batch (every example
  * packed into rows of max_len, CE over all their learned tokens): what
  * --dump-grad writes and bench/align times. */
@@ -218,7 +255,9 @@ jm_status jm_sft_set_grads(jm_model *m, const jm_sft_set *data, int max_len, dou
         one->batch_size = 1, one->seq_len = max_len; /* all sft_rows reads of the recipe */
         jm_task_step st = {0};
         const jm_config *c = jm_model_config(m);
-        if (!(s = sft_rows(&k, m, 0, 1, &st, err))) {
+        jm_task task = sft_task_of(&k, 0);
+        task.plan = sft_plan_whole;
+        if (!(s = jm_task_grads(&task, m, 0, &st, err))) {
             loss[0] = st.loss + c->aux_loss_coef * st.aux_loss + c->z_loss_coef * st.z_loss;
             loss[1] = st.loss, loss[2] = st.aux_loss, loss[3] = st.z_loss;
         }
@@ -283,7 +322,7 @@ jm_status jm_sft(const jm_tune_opts *o, int *stopped, jm_error *err)
     if ((s = jm_tune_load_model(o, &ts, &m, err))) goto done;
     const char *inputs[64];
     int ni = jm_tune_inputs(o, inputs, 64);
-    jm_task task = {&k, sft_grads, sft_state, sft_restore, o->neval ? sft_heldout : NULL, NULL, o->neval > 0};
+    jm_task task = sft_task_of(&k, o->neval);
     s = jm_train_run(&o->run, ts.r, m, &task, ts.tok_dir, inputs, ni, stopped, err);
     m = NULL; /* the loop took it */
 done:

@@ -1436,6 +1436,7 @@ jm_status jm_model_share(jm_model *m, jm_model **out, jm_error *err)
 }
 
 const float *jm_layers_output(const jm_model *m) { return m->fwd_l1 < m->cfg.num_layers ? m->x_out : NULL; }
+int64_t jm_model_batch_tokens(const jm_model *m) { return (int64_t)m->B * m->T; }
 const float *jm_layers_input_grad(const jm_model *m) { return m->dx_in_valid ? m->g.dres : NULL; }
 
 int64_t jm_param_offset(const jm_model *m, int i)

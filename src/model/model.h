@@ -47,6 +47,8 @@ jm_status jm_backward_layers(jm_model *m, const float *dx_out, const float *weig
 /* After a jm_backward_layers with l0 > 0: d loss / d x_in, (B*T, hidden),
  * until the next forward on this handle; else NULL. */
 const float *jm_layers_input_grad(const jm_model *m);
+/* B*T of the handle's last forward (the rows of its output and input gradient). */
+int64_t jm_model_batch_tokens(const jm_model *m);
 
 /* The part of the parameter arena (float offsets into it, and into the
  * gradient arena, laid out the same) that stage [l0, l1) owns: the embedding

@@ -11,6 +11,7 @@
  * A checkpoint directory is written as step_N.tmp.XXXXXX, synced, then renamed:
  * a crash leaves the previous checkpoint as it was. */
 #include "train/train.h"
+#include "train/parallel.h"
 #include "model/ops/ops.h"
 
 #include <cjson/cJSON.h>
@@ -689,6 +690,9 @@ typedef struct {
     jm_recipe *r;
     jm_model *m;
     jm_optimizer *opt;
+    jm_comm *comm;         /* the process grid */
+    jm_par *par;           /* and how a step runs on it */
+    int rank;              /* rank 0 writes the run directory */
     jm_task *task;
     const char *tokenizer; /* the directory whose files go into each checkpoint ("" : none) */
     char tokenizer_ck[4300]; /* ... once it was one of this run's checkpoints: the newest (save_checkpoint) */
@@ -698,6 +702,7 @@ typedef struct {
     double *tail;          /* 2*L*E: summed loads of the logged steps among the last ten logs */
     int64_t n_tail;        /* how many */
     double last_min_share; /* of the last logged step; NaN before one */
+    int64_t saved_layout[3]; /* world size, replicas, stages of the run that wrote the resumed checkpoint */
 } trainer;
 
 static int phase_of(const jm_recipe *r, int64_t step)
@@ -712,12 +717,25 @@ static int phase_of(const jm_recipe *r, int64_t step)
 
 #define MAX_STATE 32 /* tensors in trainer_state.safetensors */
 
+/* Every rank takes part (the optimizer state is gathered onto rank 0); rank 0 writes. */
 static jm_status save_trainer_state(trainer *t, const char *path, jm_error *err)
 {
-    int64_t *stepp, numel;
-    float *m, *v;
-    jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
-    int64_t step = t->step;
+    int64_t *stepp, lo, hi;
+    float *om, *ov;
+    jm_optimizer_shard(t->opt, &stepp, &om, &ov, &lo, &hi);
+    const int64_t numel = jm_config_num_params(jm_model_config(t->m));
+    float *m = NULL, *v = NULL;
+    if (t->rank == 0 && (!(m = malloc(sizeof(float) * (size_t)numel)) || !(v = malloc(sizeof(float) * (size_t)numel)))) {
+        free(m);
+        return jm_fail(err, JM_ERR_NOMEM, "out of memory for the optimizer state (%.2f GB)", numel * 8e-9);
+    }
+    jm_status s = jm_par_gather_adamw(t->par, t->opt, m, v, err);
+    if (s || t->rank != 0) {
+        free(m);
+        free(v);
+        return s;
+    }
+    int64_t step = t->step, layout[3] = {jm_comm_size(t->comm), jm_comm_dp(t->comm), jm_comm_pp(t->comm)};
     uint64_t hash = t->r->hash;
     const jm_config *c = jm_model_config(t->m);
     st_out o[MAX_STATE] = {
@@ -729,10 +747,14 @@ static jm_status save_trainer_state(trainer *t, const char *path, jm_error *err)
         {"loop.tail_load", ST_F64, 1, {2 * (int64_t)c->num_layers * c->num_experts}, t->tail},
         {"loop.tail_count", ST_I64, 1, {1}, &t->n_tail},
         {"loop.last_min_share", ST_F64, 1, {1}, &t->last_min_share},
+        /* the layout that wrote it (world size, replicas, stages): informative, any layout resumes */
+        {"layout", ST_I64, 1, {3}, layout},
     };
-    int n = t->task->state(t->task->ctx, o + 8, MAX_STATE - 8, err);
-    if (n < 0) return JM_ERR_NOMEM;
-    return st_write(path, o, 8 + n, NULL, NULL, 0, err);
+    int n = t->task->state(t->task->ctx, o + 9, MAX_STATE - 9, err);
+    s = n < 0 ? JM_ERR_NOMEM : st_write(path, o, 9 + n, NULL, NULL, 0, err);
+    free(m);
+    free(v);
+    return s;
 }
 
 /* Copies a tensor of the expected dtype and element count out of a state file. */
@@ -745,15 +767,17 @@ jm_status jm_state_tensor(const st_file *f, const char *name, st_dtype dt, int64
     return JM_OK;
 }
 
+/* Every rank reads the state and keeps its shard of the optimizer's. */
 static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
 {
     st_file f;
     jm_status s = st_open(path, &f, err);
     if (s) return s;
-    int64_t *stepp, numel, step;
-    float *m, *v;
+    int64_t *stepp, lo, hi, step;
+    float *om, *ov;
     uint64_t hash;
-    jm_optimizer_state(t->opt, &stepp, &m, &v, &numel);
+    jm_optimizer_shard(t->opt, &stepp, &om, &ov, &lo, &hi);
+    const int64_t numel = jm_config_num_params(jm_model_config(t->m));
     if (!s) s = jm_state_tensor(&f, "step", ST_I64, 1, &step, err);
     if (!s) s = jm_state_tensor(&f, "recipe_hash", ST_U64, 1, &hash, err);
     if (!s && hash != t->r->hash)
@@ -762,14 +786,17 @@ static jm_status load_trainer_state(trainer *t, const char *path, jm_error *err)
                     t->r->kind == JM_TASK_PRETRAIN ? "" : " or data",
                     t->r->kind == JM_TASK_PRETRAIN ? "pretrain --init" : "--model");
     if (!s) s = jm_state_tensor(&f, "adamw.step", ST_I64, 1, stepp, err);
-    if (!s) s = jm_state_tensor(&f, "adamw.m", ST_F32, numel, m, err);
-    if (!s) s = jm_state_tensor(&f, "adamw.v", ST_F32, numel, v, err);
+    const st_tensor *m = st_find(&f, "adamw.m"), *v = st_find(&f, "adamw.v");
+    if (!s && (!m || !v || m->dtype != ST_F32 || v->dtype != ST_F32 || m->numel != numel || v->numel != numel))
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: tensor adamw.m or adamw.v missing or of the wrong type/size", path);
+    if (!s) jm_par_scatter_adamw(t->par, t->opt, (const float *)m->data, (const float *)v->data);
     const jm_config *c = jm_model_config(t->m);
     if (!s && st_find(&f, "loop.tail_load")) { /* absent from checkpoints written before it was kept */
         s = jm_state_tensor(&f, "loop.tail_load", ST_F64, 2 * (int64_t)c->num_layers * c->num_experts, t->tail, err);
         if (!s) s = jm_state_tensor(&f, "loop.tail_count", ST_I64, 1, &t->n_tail, err);
         if (!s) s = jm_state_tensor(&f, "loop.last_min_share", ST_F64, 1, &t->last_min_share, err);
     }
+    if (!s && st_find(&f, "layout")) s = jm_state_tensor(&f, "layout", ST_I64, 3, t->saved_layout, err);
     if (!s) s = t->task->restore(t->task->ctx, &f, step, err);
     if (!s) t->step = step;
     st_close(&f);
@@ -781,7 +808,9 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
 {
     char ck[4200], tmp[4300], final[4300], path[8192];
     snprintf(ck, sizeof ck, "%s/checkpoints", t->dir);
-    jm_status s = jm_mkdir_p(ck, err);
+    jm_status s = jm_par_sync_params(t->par, err); /* rank 0 writes the weights of every stage */
+    if (!s && t->rank != 0) return save_trainer_state(t, NULL, err); /* its part of the optimizer state */
+    if (!s) s = jm_mkdir_p(ck, err);
     if (s) return s;
     snprintf(tmp, sizeof tmp, "%s/step_%lld.tmp.XXXXXX", ck, (long long)t->step);
     if (!mkdtemp(tmp)) return jm_fail(err, JM_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
@@ -1287,22 +1316,86 @@ static void routers_load(const jm_model *m, double *load)
                         load + ((size_t)blk * c->num_layers + l) * c->num_experts);
 }
 
-/* Language-model gradients of accum micro-batches of B x T tokens, averaged
- * over the micro-batches (pretraining's objective). */
-static jm_status lm_grads(jm_model *m, const int32_t *tokens, int B, int T, int accum, jm_task_step *st,
-                          jm_error *err)
+/* ---- a step as micro-batches ---- */
+
+/* Forward, objective and backward of micro-batch j of the task's planned
+ * step, adding to acc. */
+static jm_status micro_step(jm_task *task, jm_model *m, int j, double *acc, jm_error *err)
 {
-    jm_status s;
-    for (int micro = 0; micro < accum; micro++) {
-        jm_losses Ls;
-        if ((s = jm_forward(m, tokens + (size_t)micro * B * T, B, T, &Ls, err))) return s;
-        st->loss += Ls.loss / accum;
-        st->aux_loss += Ls.aux_loss / accum;
-        st->z_loss += Ls.z_loss / accum;
-        if ((s = jm_backward(m, err))) return s;
-    }
-    if (accum > 1) jm_scale_grads(m, 1.0f / (float)accum);
-    st->tokens = (int64_t)accum * B * T;
+    jm_micro mb;
+    jm_losses L;
+    const float *weight;
+    jm_status s = task->micro(task->ctx, j, &mb, err);
+    if (!s) s = jm_forward_batch(m, &mb.batch, &L, err);
+    if (s) return s;
+    acc[JM_ACC_AUX] += L.aux_loss * mb.router_scale;
+    acc[JM_ACC_Z] += L.z_loss * mb.router_scale;
+    const int64_t N = (int64_t)mb.batch.B * mb.batch.T;
+    if (!mb.batch.positions) acc[JM_ACC_TOKENS] += (double)N;
+    for (int64_t t = 0; mb.batch.positions && t < N; t++) acc[JM_ACC_TOKENS] += mb.batch.positions[t] >= 0;
+    if ((s = task->objective(task->ctx, j, jm_token_logprobs(m), &L, &weight, acc, err))) return s;
+    return jm_backward_weighted(m, weight, mb.router_scale, err);
+}
+
+/* The step's report from its sums over every micro-batch. */
+static void finish_step(jm_task *task, int64_t step, const double *acc, jm_task_step *st)
+{
+    memset(st, 0, sizeof *st);
+    st->aux_loss = acc[JM_ACC_AUX];
+    st->z_loss = acc[JM_ACC_Z];
+    st->tokens = (int64_t)acc[JM_ACC_TOKENS];
+    task->finish(task->ctx, step, acc, st);
+}
+
+jm_status jm_task_grads(jm_task *task, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+{
+    double acc[JM_TASK_MAX_ACC] = {0};
+    int n;
+    jm_status s = task->plan(task->ctx, step, &n, err);
+    for (int j = 0; j < n && !s; j++) s = micro_step(task, m, j, acc, err);
+    if (!s) finish_step(task, step, acc, st);
+    return s;
+}
+
+/* Language modelling on accum micro-batches of B x T tokens: the mean of the
+ * micro-batches' mean token losses (pretraining's objective). */
+typedef struct {
+    const int32_t *tokens; /* accum * B * T */
+    int B, T, accum;
+    float *weight;         /* (B * T) */
+} lm_task;
+
+static jm_status lm_micro(void *ctx, int j, jm_micro *mb, jm_error *err)
+{
+    (void)err;
+    lm_task *k = ctx;
+    mb->batch = (jm_batch){k->B, k->T, k->tokens + (size_t)j * k->B * k->T, NULL, NULL};
+    mb->router_scale = 1.0 / k->accum;
+    return JM_OK;
+}
+
+static jm_status lm_objective(void *ctx, int j, const float *logp, const jm_losses *L, const float **weight,
+                              double *acc, jm_error *err)
+{
+    (void)j, (void)logp, (void)err;
+    lm_task *k = ctx;
+    const float w = L->count ? 1.0f / ((float)L->count * (float)k->accum) : 0.0f;
+    for (int64_t t = 0; t < (int64_t)k->B * k->T; t++) k->weight[t] = w;
+    *weight = k->weight;
+    acc[JM_ACC_LOOP] += L->loss / k->accum;
+    return JM_OK;
+}
+
+static void lm_finish(void *ctx, int64_t step, const double *acc, jm_task_step *st)
+{
+    (void)ctx, (void)step;
+    st->loss = acc[JM_ACC_LOOP];
+}
+
+static jm_status lm_plan(void *ctx, int64_t step, int *nmicro, jm_error *err)
+{
+    (void)step, (void)err;
+    *nmicro = ((lm_task *)ctx)->accum;
     return JM_OK;
 }
 
@@ -1321,8 +1414,12 @@ jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, i
                         double grad_clip, double *load, jm_step_stats *st, jm_error *err)
 {
     memset(st, 0, sizeof *st);
-    jm_task_step ts = {0};
-    jm_status s = lm_grads(m, tokens, B, T, accum, &ts, err);
+    lm_task k = {tokens, B, T, accum, malloc(sizeof(float) * (size_t)B * T)};
+    if (!k.weight) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    jm_task task = {.ctx = &k, .plan = lm_plan, .micro = lm_micro, .objective = lm_objective, .finish = lm_finish};
+    jm_task_step ts;
+    jm_status s = jm_task_grads(&task, m, 0, &ts, err);
+    free(k.weight);
     if (s) return s;
     if (load) routers_load(m, load); /* of the last micro-batch */
     st->loss = ts.loss;
@@ -1339,9 +1436,12 @@ typedef struct {
     int phase;           /* index of the phase whose mixture is set */
     int32_t *batch;      /* batch_size * grad_accum sequences of seq_len */
     jm_sampler_state ss; /* the state the last checkpoint wrote */
+    lm_task lm;          /* over batch */
 } pretrain_task;
 
-static jm_status pretrain_grads(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+/* Every rank draws the whole global batch (the sampler's state stays one for
+ * all of them) and runs its share of the micro-batches. */
+static jm_status pretrain_plan(void *ctx, int64_t step, int *nmicro, jm_error *err)
 {
     pretrain_task *p = ctx;
     const jm_recipe *r = p->r;
@@ -1356,7 +1456,19 @@ static jm_status pretrain_grads(void *ctx, jm_model *m, int64_t step, jm_task_st
         int src;
         jm_sampler_next(p->sampler, p->batch + (size_t)i * T, &src);
     }
-    return lm_grads(m, p->batch, r->batch_size, T, r->grad_accum, st, err);
+    *nmicro = r->grad_accum;
+    return JM_OK;
+}
+
+static jm_status pretrain_micro(void *ctx, int j, jm_micro *mb, jm_error *err)
+{
+    return lm_micro(&((pretrain_task *)ctx)->lm, j, mb, err);
+}
+
+static jm_status pretrain_objective(void *ctx, int j, const float *logp, const jm_losses *L, const float **weight,
+                                    double *acc, jm_error *err)
+{
+    return lm_objective(&((pretrain_task *)ctx)->lm, j, logp, L, weight, acc, err);
 }
 
 static int pretrain_state(void *ctx, st_out *out, int cap, jm_error *err)
@@ -1455,7 +1567,8 @@ static jm_status check_run_dir(const jm_train_opts *o, const jm_recipe *r, const
     return o->resume ? JM_OK : jm_output_entries_check(o->out_dir, set, inputs, ninputs, o->overwrite, err);
 }
 
-/* The model a run trains: a resumed run's latest checkpoint, else init. */
+/* The model a run trains: a resumed run's latest checkpoint, else init; its
+ * place on the grid, the optimizer for its shard, and a resumed run's state. */
 static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_model *init, jm_error *err)
 {
     jm_recipe *r = t->r;
@@ -1476,7 +1589,10 @@ static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_model *init
     } else {
         t->m = init;
     }
-    if ((s = jm_optimizer_create(t->m, &r->adamw, &t->opt, err))) return s;
+    if ((s = jm_par_open(t->comm, t->m, r->seq_len, &t->par, err))) return s;
+    int64_t lo, hi;
+    jm_par_shard(t->par, &lo, &hi);
+    if ((s = jm_optimizer_create_range(t->m, &r->adamw, lo, hi, &t->opt, err))) return s;
     if ((s = jm_zero_grad(t->m, err))) return s;
     const jm_config *c = jm_model_config(t->m);
     t->last_min_share = NAN;
@@ -1488,6 +1604,17 @@ static jm_status open_trainer(trainer *t, const jm_train_opts *o, jm_model *init
         if ((s = load_trainer_state(t, state, err))) return s;
     }
     return JM_OK;
+}
+
+/* The run's layout, as metrics.jsonl's first line (and again where a resume changes it). */
+static void write_layout(FILE *metrics, const trainer *t, int resumed)
+{
+    const int64_t now[3] = {jm_comm_size(t->comm), jm_comm_dp(t->comm), jm_comm_pp(t->comm)};
+    if (resumed && (!t->saved_layout[0] || !memcmp(now, t->saved_layout, sizeof now))) return;
+    fprintf(metrics, "{\"step\":%lld,\"world_size\":%lld,\"dp\":%lld,\"pp\":%lld,\"threads\":%d%s}\n",
+            (long long)t->step, (long long)now[0], (long long)now[1], (long long)now[2], omp_get_max_threads(),
+            resumed ? ",\"resumed\":true" : "");
+    fflush(metrics);
 }
 
 /* ,"key":v in a metrics record; null when v is not a number (JSON has no NaN) */
@@ -1533,6 +1660,23 @@ static void print_heldout(const jm_task_step *h)
 }
 
 
+/* Held-out evaluation of the model as it is: rank 0 scores, with every
+ * stage's weights (the others go on to the next step and wait for it there). */
+static jm_status run_heldout(trainer *t, int final, jm_task_step *h, jm_error *err)
+{
+    jm_status s = jm_par_sync_params(t->par, err);
+    return s || t->rank != 0 ? s : t->task->heldout(t->task->ctx, t->m, final, h, err);
+}
+
+/* With several ranks on a host, each takes its share of the cores unless told. */
+static void share_cores(const jm_train_opts *o, const jm_comm *c)
+{
+    const int local = jm_comm_local_size(c);
+    if (o->threads > 0 || local <= 1 || getenv("OMP_NUM_THREADS")) return;
+    const int n = omp_get_num_procs() / local;
+    jm_set_threads(n > 0 ? n : 1);
+}
+
 jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_task *task, const char *tokenizer,
                        const char *const *inputs, int ninputs, int *stopped, jm_error *err)
 {
@@ -1545,27 +1689,35 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
     jm_output_set run_set;
     jm_status s;
     const char *kind = jm_task_name(r->kind);
-    if ((s = check_run_dir(o, r, inputs, ninputs, &run_set, err))) {
+    if ((s = jm_comm_open(o->pp > 0 ? o->pp : 1, o->timeout, &t.comm, err))) {
         jm_model_free(init);
         return s;
     }
-    if ((s = jm_mkdir_p(o->out_dir, err))) {
+    t.rank = jm_comm_rank(t.comm);
+    share_cores(o, t.comm);
+    /* rank 0 owns the run directory: the others only read a resumed checkpoint from it */
+    if (t.rank == 0 && ((s = check_run_dir(o, r, inputs, ninputs, &run_set, err)) ||
+                        (s = jm_mkdir_p(o->out_dir, err)))) {
         jm_model_free(init);
-        return s;
+        goto done;
     }
     if ((s = open_trainer(&t, o, init, err))) goto done;
-    if (o->overwrite) jm_output_entries_clear(o->out_dir, &run_set); /* the old run's results */
-    if ((s = save_recipe(o->out_dir, r, err))) goto done; /* the recipe the run used, beside its results */
-    snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
-    if (o->resume) {
-        if ((s = truncate_metrics(path, t.step, r->schedule.total_steps, err))) goto done;
-    } else {
-        unlink(path);
-    }
-    metrics = fopen(path, "a");
-    if (!metrics) {
-        s = jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-        goto done;
+    const int quiet = o->quiet || t.rank != 0;
+    if (t.rank == 0) {
+        if (o->overwrite) jm_output_entries_clear(o->out_dir, &run_set); /* the old run's results */
+        if ((s = save_recipe(o->out_dir, r, err))) goto done; /* the recipe the run used, beside its results */
+        snprintf(path, sizeof path, "%s/metrics.jsonl", o->out_dir);
+        if (o->resume) {
+            if ((s = truncate_metrics(path, t.step, r->schedule.total_steps, err))) goto done;
+        } else {
+            unlink(path);
+        }
+        metrics = fopen(path, "a");
+        if (!metrics) {
+            s = jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+            goto done;
+        }
+        write_layout(metrics, &t, o->resume);
     }
 
     const jm_config *c = jm_model_config(t.m);
@@ -1576,40 +1728,50 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
         goto done;
     }
-    const int tty = isatty(2) && !o->quiet;
+    const int tty = isatty(2) && !quiet;
     const int64_t first = t.step;
     int64_t trained = 0; /* tokens of this session's steps, for the rate */
     double t0 = omp_get_wtime(), last_log = t0, eval_secs = 0; /* time spent on held-out evaluation */
-    if (!o->quiet)
+    if (!quiet) {
         fprintf(stderr, "%s: %lld parameters, %lld steps of up to %lld tokens, %s %lld\n", kind,
                 (long long)jm_config_num_params(c), (long long)total,
                 (long long)r->batch_size * r->seq_len * r->grad_accum * (r->kind == JM_TASK_DPO ? 2 : 1),
                 o->resume ? "resuming at step" : "from step", (long long)t.step);
-    if (task->heldout && task->eval_at_start && !o->resume) { /* the starting point, to compare with */
+        if (jm_comm_size(t.comm) > 1) {
+            int l0, l1;
+            jm_par_layers(t.par, &l0, &l1);
+            fprintf(stderr, "%s: %d ranks = %d pipeline stages x %d data-parallel replicas, %d threads each\n", kind,
+                    jm_comm_size(t.comm), jm_comm_pp(t.comm), jm_comm_dp(t.comm), omp_get_max_threads());
+        }
+    }
+    if (task->heldout && task->eval_at_start && !o->resume && t.rank == 0) { /* the starting point, to compare with */
         jm_task_step h = {0};
         if ((s = task->heldout(task->ctx, t.m, 0, &h, err))) goto done;
         write_heldout(metrics, &t, &h);
         fprintf(metrics, "}\n");
         fflush(metrics);
-        if (!o->quiet) {
+        if (!quiet) {
             fprintf(stderr, "step 0: held-out");
             print_heldout(&h);
             fputc('\n', stderr);
         }
     }
+    int stop_agreed = 0;
     while (t.step < total) {
-        if (o->stop && *o->stop) {
+        if (stop_agreed) {
             *stopped = 1;
             break;
         }
         const int log_now = (t.step + 1) % r->log_every == 0;
-        double lr = jm_schedule_lr(&r->schedule, t.step), gnorm;
-        jm_task_step st = {0};
-        if ((s = task->grads(task->ctx, t.m, t.step, &st, err))) goto done;
-        if (log_now) routers_load(t.m, load); /* of the step's last forward */
-        if ((s = apply_step(t.m, t.opt, lr, r->adamw.grad_clip, &gnorm, err))) goto done;
+        jm_par_step_in in = {jm_schedule_lr(&r->schedule, t.step), r->adamw.grad_clip, log_now,
+                             o->stop && *o->stop};
+        jm_par_step_out out;
+        if ((s = jm_par_step(t.par, task, t.opt, t.step, &in, load, &out, err))) goto done;
+        const jm_task_step st = out.st;
+        const double lr = in.lr, gnorm = out.grad_norm;
+        stop_agreed = out.stop;
         trained += st.tokens;
-        if (log_now) {
+        if (log_now && metrics) {
             fprintf(metrics, "{\"step\":%lld", (long long)(t.step + 1));
             double worst = 1e30;
             for (int blk = 0; blk < 2; blk++) {
@@ -1637,7 +1799,7 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         /* tokens/s of training alone; the ETA counts the evaluations too */
         double now = omp_get_wtime(), rate = (double)trained / (now - t0 - eval_secs);
         double step_rate = (double)(t.step - first) / (now - t0);
-        if (log_now) {
+        if (log_now && metrics) {
             fprintf(metrics, ",\"phase\":\"%s\",\"loss\":%.6f,\"aux_loss\":%.6f,\"z_loss\":%.6f,\"lr\":%.6g,"
                              "\"grad_norm\":%.6g",
                     r->phases[phase_of(r, t.step - 1)].name, st.loss, st.aux_loss, st.z_loss, lr, gnorm);
@@ -1653,7 +1815,7 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
             fprintf(stderr, "\r[%.*s%*s] step %lld/%lld  loss %.4f  %.0f tok/s  ETA %s   ", done_w,
                     "########################", width - done_w, "", (long long)t.step, (long long)total, st.loss,
                     rate, eta);
-        } else if (!o->quiet && (now - last_log > 10 || t.step == total || t.step % r->log_every == 0)) {
+        } else if (!quiet && (now - last_log > 10 || t.step == total || t.step % r->log_every == 0)) {
             fprintf(stderr, "step %lld/%lld  loss %.4f  lr %.3g  %.0f tok/s  ETA %s\n", (long long)t.step,
                     (long long)total, st.loss, lr, rate, eta);
             last_log = now;
@@ -1663,12 +1825,14 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
         if (task->heldout && r->eval_every > 0 && t.step % r->eval_every == 0 && t.step < total) {
             jm_task_step h = {0};
             double e0 = omp_get_wtime();
-            if ((s = task->heldout(task->ctx, t.m, 0, &h, err))) goto done;
+            if ((s = run_heldout(&t, 0, &h, err))) goto done;
             eval_secs += omp_get_wtime() - e0;
-            write_heldout(metrics, &t, &h);
-            fprintf(metrics, "}\n");
-            fflush(metrics);
-            if (!o->quiet) {
+            if (metrics) {
+                write_heldout(metrics, &t, &h);
+                fprintf(metrics, "}\n");
+                fflush(metrics);
+            }
+            if (!quiet) {
                 fprintf(stderr, "%sstep %lld: held-out", tty ? "\n" : "", (long long)t.step);
                 print_heldout(&h);
                 fprintf(stderr, " (%.1f s)\n", omp_get_wtime() - e0);
@@ -1685,25 +1849,27 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
     if (tty) fputc('\n', stderr);
     /* a stop at a step with no checkpoint yet saves one; step 0 too, so that --resume has one to start from */
     if (*stopped && (t.step % r->checkpoint_every != 0 || t.step == 0) && (s = save_checkpoint(&t, err))) goto done;
-    if (*stopped && !o->quiet)
+    if (*stopped && !quiet)
         fprintf(stderr, "%s: stopped at step %lld; continue with --resume\n", kind, (long long)t.step);
     if (!*stopped && task->heldout) {
         jm_task_step h = {0};
-        if ((s = task->heldout(task->ctx, t.m, 1, &h, err))) goto done;
+        if ((s = run_heldout(&t, 1, &h, err))) goto done;
         double tail_min = NAN;
         const double n_tail = (double)t.n_tail;
         for (size_t i = 0; n_tail && i < 2 * (size_t)L * E; i++)
             tail_min = i ? fmin(tail_min, t.tail[i] / n_tail) : t.tail[i] / n_tail;
-        if (n_tail)
+        if (n_tail && !quiet)
             fprintf(stderr, "expert load at the end: the least-used expert of any router got %.0f%% of its fair "
                             "share (last logged batch), %.0f%% (mean over the last %d logged batches)\n",
                     100 * t.last_min_share, 100 * tail_min, (int)n_tail);
-        write_heldout(metrics, &t, &h);
-        json_number(metrics, "final_min_expert_share", t.last_min_share);
-        json_number(metrics, "tail_min_expert_share", tail_min);
-        fprintf(metrics, "}\n");
+        if (metrics) {
+            write_heldout(metrics, &t, &h);
+            json_number(metrics, "final_min_expert_share", t.last_min_share);
+            json_number(metrics, "tail_min_expert_share", tail_min);
+            fprintf(metrics, "}\n");
+        }
     }
-    if (!*stopped && task->summary) task->summary(task->ctx, metrics);
+    if (!*stopped && task->summary && t.rank == 0) task->summary(task->ctx, metrics);
 done:
     if (metrics) { /* only a run that started plots: a refused one touches nothing */
         fclose(metrics);
@@ -1712,6 +1878,10 @@ done:
     free(load);
     free(t.tail);
     jm_optimizer_free(t.opt);
+    jm_par_close(t.par);
+    if (s && jm_comm_size(t.comm) > 1) /* the others may wait for this rank: say why it stops, stop them */
+        fprintf(stderr, "jetmoe: rank %d of %d: %s\n", t.rank, jm_comm_size(t.comm), err->msg);
+    jm_comm_close(t.comm, s != JM_OK);
     jm_model_free(t.m);
     return s;
 }
@@ -1757,11 +1927,21 @@ jm_status jm_pretrain(const jm_train_opts *o, int *stopped, jm_error *err)
     if (!s && !o->resume && o->init) s = init_from(o->init, r, &init, err);
     else if (!s && !o->resume) s = jm_model_create(&r->model, r->seed, &init, err);
     if (!s && !o->resume) s = jm_sampler_set_mixture(p.sampler, r->phases[0].weights, err);
-    jm_task task = {&p, pretrain_grads, pretrain_state, pretrain_restore, r->heldout[0] ? pretrain_heldout : NULL,
-                    NULL, 0};
+    p.lm = (lm_task){p.batch, r->batch_size, r->seq_len, r->grad_accum,
+                     malloc(sizeof(float) * (size_t)r->batch_size * r->seq_len)};
+    if (!s && !p.lm.weight) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    jm_task task = {.ctx = &p,
+                    .plan = pretrain_plan,
+                    .micro = pretrain_micro,
+                    .objective = pretrain_objective,
+                    .finish = lm_finish,
+                    .state = pretrain_state,
+                    .restore = pretrain_restore,
+                    .heldout = r->heldout[0] ? pretrain_heldout : NULL};
     if (!s) s = jm_train_run(o, r, init, &task, r->tokenizer, inputs, n, stopped, err);
     else jm_model_free(init);
     free(p.batch);
+    free(p.lm.weight);
     jm_sampler_state_free(&p.ss);
     jm_sampler_free(p.sampler);
     jm_recipe_free(r);

@@ -71,14 +71,35 @@ typedef struct {
     double metric[JM_TASK_MAX_METRICS];
 } jm_task_step;
 
-/* A task: grads adds one optimizer step's gradients to the model's (the loop
- * zeroes them before and clips and steps after); state/restore put the
- * task's data cursor into the checkpoint (st_out entries valid until the next
- * call) and read it back; heldout (may be NULL) scores held-out data with
- * the model as it is, touching no state, and names its fields. */
+/* One micro-batch of a step: the unit that data parallelism deals out to the
+ * replicas and the pipeline streams through its stages. */
+typedef struct {
+    jm_batch batch;      /* its rows (valid until the task's next call) */
+    double router_scale; /* the weight of its router losses in the step's objective */
+} jm_micro;
+
+/* Sums over a step's micro-batches that the loop keeps for every task
+ * (reduced over the ranks with the task's own, then handed to finish). */
+enum { JM_ACC_AUX, JM_ACC_Z, JM_ACC_TOKENS, JM_ACC_LOOP };
+#define JM_TASK_MAX_ACC 16
+
+/* A task: what a step trains on and what its loss is. A step is plan's
+ * micro-batches: micro builds batch j (every rank that runs part of it asks;
+ * the answer depends only on the step and j); after j's forward, objective
+ * turns the token log-probs into the loss, the backward's per-token weights
+ * (the gradient of sum_t -weight[t] log p(target_t)) and sums into
+ * acc[JM_ACC_LOOP ..]; finish makes the step's report from the sums over all
+ * of its micro-batches. state/restore put the task's data cursor into the
+ * checkpoint (st_out entries valid until the next call) and read it back;
+ * heldout (may be NULL) scores held-out data with the model as it is,
+ * touching no state, and names its fields. */
 typedef struct jm_task {
     void *ctx;
-    jm_status (*grads)(void *ctx, jm_model *m, int64_t step, jm_task_step *st, jm_error *err);
+    jm_status (*plan)(void *ctx, int64_t step, int *nmicro, jm_error *err);
+    jm_status (*micro)(void *ctx, int j, jm_micro *mb, jm_error *err);
+    jm_status (*objective)(void *ctx, int j, const float *logp, const jm_losses *L, const float **weight, double *acc,
+                           jm_error *err);
+    void (*finish)(void *ctx, int64_t step, const double *acc, jm_task_step *st);
     int (*state)(void *ctx, st_out *out, int cap, jm_error *err); /* < 0: failed */
     jm_status (*restore)(void *ctx, const st_file *f, int64_t step, jm_error *err);
     jm_status (*heldout)(void *ctx, jm_model *m, int final, jm_task_step *st, jm_error *err);
@@ -86,6 +107,18 @@ typedef struct jm_task {
     void (*summary)(void *ctx, FILE *metrics);
     int eval_at_start; /* a fresh run scores the held-out data before its first step too (step 0) */
 } jm_task;
+
+/* Gradients of one step, every micro-batch in turn on this process alone,
+ * added to the model's (for --dump-grad and benches: the loop deals them out). */
+jm_status jm_task_grads(jm_task *task, jm_model *m, int64_t step, jm_task_step *st, jm_error *err);
+
+/* The optimizer over a range of the parameter arena (ZeRO-1 shards); the
+ * arena's size; the squared gradient norm of a range; a shard's state. */
+int64_t jm_arena_numel(const jm_model *m);
+jm_status jm_optimizer_create_range(const jm_model *m, const jm_adamw_config *c, int64_t lo, int64_t hi,
+                                    jm_optimizer **out, jm_error *err);
+double jm_grad_sumsq(const jm_model *m, int64_t lo, int64_t hi);
+void jm_optimizer_shard(jm_optimizer *o, int64_t **step, float **m, float **v, int64_t *lo, int64_t *hi);
 
 /* jm_output_set's proof for a run directory's entries: checkpoints/ only when
  * it holds nothing but checkpoints jetmoe writes; the files are the run's by name. */
