@@ -208,7 +208,7 @@ def run(suite, build, tmp):
         out = path("killed")
         slow = os.path.join(d, "recipe_long.json")
         long_recipe = dict(recipe, checkpoint_every=2)
-        long_recipe["phases"] = [dict(recipe["phases"][0], steps=400), recipe["phases"][1]]
+        long_recipe["phases"] = [dict(recipe["phases"][0], steps=100), recipe["phases"][1]]
         with open(slow, "w") as f:
             json.dump(long_recipe, f)
         args = [jetmoe, "pretrain", "--recipe", slow, "--out", out, "--quiet", "--timeout", "60"]

@@ -121,6 +121,8 @@ struct jm_model {
     double aux_loss, z_loss;
     int64_t loss_count;
     int fwd_valid;    /* activations hold a completed forward (jm_backward needs one) */
+    jm_grads_done_fn on_done; /* told as each part's gradients of a backward are complete */
+    void *on_done_ctx;
     int fwd_l0, fwd_l1; /* the layers that forward ran */
     int dx_in_valid;  /* g.dres holds d loss / d (input of layer fwd_l0) from a completed backward */
 };
@@ -1388,6 +1390,7 @@ jm_status jm_backward_layers(jm_model *m, const float *dx_out, const float *weig
         matmul_backward(g->dnorm, grad_of(m, f32(m->lm_head)), m->logits, m->hf, f32(m->lm_head), N, H, V, 0);
         memset(g->dres, 0, (size_t)N * H * sizeof(float));
         rmsnorm_backward(g->dres, grad_of(m, m->norm), g->dnorm, m->x_out, m->norm, m->rstdf, N, H);
+        if (m->on_done) m->on_done(m->on_done_ctx, c->num_layers);
     } else {
         memcpy(g->dres, dx_out, (size_t)N * H * sizeof *dx_out);
     }
@@ -1398,8 +1401,12 @@ jm_status jm_backward_layers(jm_model *m, const float *dx_out, const float *weig
     for (int l = l1 - 1; l >= l0; l--) {
         moe_backward(m, &m->lp[l], &m->la[l], N, aux_w, zl_w, valid);
         moa_backward(m, &m->lp[l], &m->la[l], B, T, aux_w, zl_w, valid, pos, kstart);
+        if (m->on_done) m->on_done(m->on_done_ctx, l);
     }
-    if (l0 == 0) embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
+    if (l0 == 0) {
+        embedding_backward(grad_of(m, f32(m->embed)), g->dres, m->tokens, N, H);
+        if (m->on_done) m->on_done(m->on_done_ctx, -1);
+    }
     m->dx_in_valid = l0 > 0;
     return JM_OK;
 }
@@ -1437,6 +1444,12 @@ jm_status jm_model_share(jm_model *m, jm_model **out, jm_error *err)
 
 const float *jm_layers_output(const jm_model *m) { return m->fwd_l1 < m->cfg.num_layers ? m->x_out : NULL; }
 int64_t jm_model_batch_tokens(const jm_model *m) { return (int64_t)m->B * m->T; }
+
+void jm_model_on_grads_done(jm_model *m, jm_grads_done_fn fn, void *ctx)
+{
+    m->on_done = fn;
+    m->on_done_ctx = ctx;
+}
 const float *jm_layers_input_grad(const jm_model *m) { return m->dx_in_valid ? m->g.dres : NULL; }
 
 int64_t jm_param_offset(const jm_model *m, int i)

@@ -47,6 +47,13 @@ jm_status jm_backward_layers(jm_model *m, const float *dx_out, const float *weig
 /* After a jm_backward_layers with l0 > 0: d loss / d x_in, (B*T, hidden),
  * until the next forward on this handle; else NULL. */
 const float *jm_layers_input_grad(const jm_model *m);
+/* During a jm_backward_layers on this handle, fn(ctx, part) as each part's
+ * gradients for this backward are complete: part = L after the head (final
+ * norm and lm_head), then each layer from the last down, then -1 after the
+ * embedding (data parallelism starts reducing them while the rest runs).
+ * fn NULL: none. */
+typedef void (*jm_grads_done_fn)(void *ctx, int part);
+void jm_model_on_grads_done(jm_model *m, jm_grads_done_fn fn, void *ctx);
 /* B*T of the handle's last forward (the rows of its output and input gradient). */
 int64_t jm_model_batch_tokens(const jm_model *m);
 

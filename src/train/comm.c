@@ -27,6 +27,7 @@ struct jm_comm {
     int rank, size, pp, dp, stage, replica, local_size;
     double timeout;
     int64_t bytes_sent;
+    double waited;
 #ifdef JM_MPI
     int mpi;    /* this process called MPI_Init */
     int joined;  /* world and block exist */
@@ -47,6 +48,7 @@ int jm_comm_replica(const jm_comm *c) { return c->replica; }
 int jm_comm_local_size(const jm_comm *c) { return c->local_size; }
 double jm_comm_timeout(const jm_comm *c) { return c->timeout; }
 int64_t jm_comm_bytes_sent(const jm_comm *c) { return c->bytes_sent; }
+double jm_comm_wait_seconds(const jm_comm *c) { return c->waited; }
 
 /* The launcher's word on how many ranks this job has: Open MPI's mpirun,
  * PMI (MPICH, Slurm's srun --mpi=pmi2) or srun itself; 0 when not launched. */
@@ -220,12 +222,13 @@ jm_status jm_comm_wait(jm_comm *c, const char *what, jm_error *err)
     for (;;) {
         int done = 0;
         int rc = MPI_Testall(c->npending, c->pending, &done, MPI_STATUSES_IGNORE);
+        double waited = now_s() - start;
         if (rc != MPI_SUCCESS) return mpi_failed(c, rc, what, err);
         if (done) {
             c->npending = 0;
+            c->waited += waited;
             return JM_OK;
         }
-        double waited = now_s() - start;
         if (waited > c->timeout)
             return jm_fail(err, JM_ERR_IO, "no answer from the other ranks for %.0f s while %s: one of them died "
                            "or hangs (the deadline is --timeout %.0f s); stopping the job", waited, what, c->timeout);

@@ -68,7 +68,9 @@ jm_status jm_comm_recv_start(jm_comm *c, int from, int tag, float *buf, int64_t 
 jm_status jm_comm_wait(jm_comm *c, const char *what, jm_error *err);
 void jm_comm_poll(jm_comm *c);
 
-/* Bytes this rank sent so far (for bench/scale). */
+/* Bytes this rank sent, and seconds it spent waiting for the others, so far
+ * (metrics.jsonl's comm_mb and comm_wait; bench/scale). */
 int64_t jm_comm_bytes_sent(const jm_comm *c);
+double jm_comm_wait_seconds(const jm_comm *c);
 
 #endif

@@ -51,6 +51,14 @@ struct jm_par {
     float *tmp;            /* the tied gradient from the last stage */
     double *stats;         /* reduced per step: acc, load, squared norm, stop */
     int nstats;
+    /* gradient buckets of this stage, in the order a backward completes them: the
+     * head, the layers from the last down, the embedding */
+    int nbuckets;
+    int64_t *bucket_lo, *bucket_hi;
+    int next_bucket;       /* buckets [0, next_bucket) of this step are being reduced */
+    int last_micro;        /* the step's last micro-batch on this replica: its backward reduces */
+    jm_status hook_status; /* a failure inside the backward's callback */
+    jm_error hook_err;
     /* pipeline */
     jm_model **h;          /* pp handles on m: one per micro-batch in flight */
     double *h_scale;       /* the router scale of each handle's micro-batch */
@@ -112,6 +120,10 @@ jm_status jm_par_open(jm_comm *comm, jm_model *m, int seq_len, jm_par **out, jm_
     p->param = jm_param_arena_mut(m, &p->numel);
     p->grad = jm_grad_arena(m, &n_grad);
     p->embed_lo = jm_param_offset(m, 0), p->embed_hi = jm_param_offset(m, 1);
+    if (p->dp > 1024) {
+        s = jm_fail(err, JM_ERR_ARG, "%d data-parallel replicas: at most 1024", p->dp);
+        goto fail;
+    }
     if (p->pp > L) {
         s = jm_fail(err, JM_ERR_ARG, "--pp %d: the model has only %d layers (a stage needs at least one)", p->pp, L);
         goto fail;
@@ -138,10 +150,26 @@ jm_status jm_par_open(jm_comm *comm, jm_model *m, int seq_len, jm_par **out, jm_
         }
     }
     p->tied_split = p->c->tie_word_embeddings && p->pp > 1;
+    /* the buckets: head (final norm, lm_head), layers l1-1 .. l0, embedding; with a tied embedding on
+     * another stage than the head, the embedding waits for the lm_head's gradient (reduce_grads) */
+    p->bucket_lo = malloc(sizeof(int64_t) * (size_t)(L + 2));
+    p->bucket_hi = malloc(sizeof(int64_t) * (size_t)(L + 2));
+    if (!p->bucket_lo || !p->bucket_hi) {
+        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    /* the table (model.c): the embedding, per_layer tensors per layer, final norm, lm_head unless tied */
+    const int per_layer = (jm_model_num_params(m) - 2 - !p->c->tie_word_embeddings) / L;
+    const int64_t head_lo = jm_param_offset(m, 1 + per_layer * L);
+    if (p->l1 == L) p->bucket_lo[p->nbuckets] = head_lo, p->bucket_hi[p->nbuckets++] = p->stage_hi;
+    for (int l = p->l1 - 1; l >= p->l0; l--)
+        p->bucket_lo[p->nbuckets] = jm_param_offset(m, 1 + per_layer * l),
+        p->bucket_hi[p->nbuckets++] = jm_param_offset(m, 1 + per_layer * (l + 1));
+    if (p->l0 == 0) p->bucket_lo[p->nbuckets] = p->embed_lo, p->bucket_hi[p->nbuckets++] = p->embed_hi;
     const int me = jm_comm_rank(p->comm);
     p->gshard = malloc(sizeof(float) * (size_t)(p->hi[me] - p->lo[me] + 1));
     p->tmp = p->tied_split && p->stage == 0 ? malloc(sizeof(float) * (size_t)(p->embed_hi - p->embed_lo)) : NULL;
-    p->nstats = JM_TASK_MAX_ACC + 2 * L * p->c->num_experts + 2;
+    p->nstats = JM_TASK_MAX_ACC + 2 * L * p->c->num_experts + 4;
     p->stats = malloc(sizeof(double) * (size_t)p->nstats);
     if (!p->gshard || !p->stats || (p->tied_split && p->stage == 0 && !p->tmp)) {
         s = jm_fail(err, JM_ERR_NOMEM, "out of memory for a gradient shard of %.2f GB",
@@ -180,10 +208,51 @@ void jm_par_close(jm_par *p)
     free(p->gshard);
     free(p->tmp);
     free(p->stats);
+    free(p->bucket_lo);
+    free(p->bucket_hi);
     free(p);
 }
 
 /* ---- one step's gradients ---- */
+
+/* Starts the reduce-scatter of bucket b over the replicas, in pieces an int
+ * counts: rank i of the stage receives the sum over its shard's part. */
+static jm_status start_bucket(jm_par *p, int b, jm_error *err)
+{
+    int counts[1024];
+    const int me = jm_comm_rank(p->comm);
+    for (int64_t x = p->bucket_lo[b]; x < p->bucket_hi[b]; x += BUCKET_FLOATS) {
+        const int64_t y = x + BUCKET_FLOATS < p->bucket_hi[b] ? x + BUCKET_FLOATS : p->bucket_hi[b];
+        for (int i = 0; i < p->dp; i++) {
+            int r = jm_comm_rank_of(p->comm, i, p->stage);
+            int64_t a = x > p->lo[r] ? x : p->lo[r], e = y < p->hi[r] ? y : p->hi[r];
+            counts[i] = e > a ? (int)(e - a) : 0;
+        }
+        int64_t mine = x > p->lo[me] ? x - p->lo[me] : 0;
+        float *recv = p->gshard + (mine < p->hi[me] - p->lo[me] ? mine : 0);
+        jm_status s = jm_comm_reduce_scatter_start(p->comm, JM_GROUP_DP, p->grad + x, recv, counts, err);
+        if (s) return s;
+    }
+    return JM_OK;
+}
+
+/* Called by the step's last backward as each part's gradients are complete:
+ * its bucket is reduced while the backward goes on (parts come in bucket
+ * order). A tied embedding on another stage than the head waits for the
+ * lm_head's share (reduce_grads). */
+static void grads_done(void *ctx, int part)
+{
+    jm_par *p = ctx;
+    if (p->hook_status || (part == -1 && p->tied_split)) return;
+    if (p->next_bucket < p->nbuckets) p->hook_status = start_bucket(p, p->next_bucket++, &p->hook_err);
+    jm_comm_poll(p->comm);
+}
+
+/* The handle running the step's last backward reports its parts (data parallel only). */
+static void watch_backward(jm_par *p, jm_model *h, int on)
+{
+    if (p->dp > 1) jm_model_on_grads_done(h, on ? grads_done : NULL, p);
+}
 
 /* Forward of micro-batch j on handle h over this stage's layers; the loss
  * side (objective, tokens) on the last stage. x_in: from the previous stage. */
@@ -214,7 +283,9 @@ static jm_status run_plain(jm_par *p, jm_task *task, int j0, int j1, double *acc
         const float *weight;
         jm_status s = task->micro(task->ctx, j, &mb, err);
         if (!s) s = stage_forward(p, task, p->m, &mb, j, NULL, acc, &weight, err);
+        watch_backward(p, p->m, j == j1 - 1);
         if (!s) s = jm_backward_weighted(p->m, weight, mb.router_scale, err);
+        watch_backward(p, p->m, 0);
         if (s) return s;
     }
     *last = p->m;
@@ -281,14 +352,22 @@ static jm_status pipe_forward(jm_par *p, jm_task *task, pipe_state *ps, int j, d
     const float *weight;
     jm_status s = stage_forward(p, task, h, mb, j, p->stage > 0 ? p->x_in : NULL, acc, &weight, err);
     p->h_scale[j % p->pp] = mb->router_scale;
-    if (!s && p->l1 == p->c->num_layers) s = jm_backward_layers(h, NULL, weight, mb->router_scale, err);
+    if (!s && p->l1 == p->c->num_layers) {
+        watch_backward(p, h, j == p->last_micro);
+        s = jm_backward_layers(h, NULL, weight, mb->router_scale, err);
+        watch_backward(p, h, 0);
+    }
     return s;
 }
 
 static jm_status pipe_backward(jm_par *p, int i, jm_error *err)
 {
     if (p->l1 == p->c->num_layers) return JM_OK; /* the last stage's ran with its forward */
-    return jm_backward_layers(p->h[i % p->pp], p->dy, NULL, p->h_scale[i % p->pp], err);
+    jm_model *h = p->h[i % p->pp];
+    watch_backward(p, h, i == p->last_micro);
+    jm_status s = jm_backward_layers(h, p->dy, NULL, p->h_scale[i % p->pp], err);
+    watch_backward(p, h, 0);
+    return s;
 }
 
 /* Micro-batches [j0, j1) through the pipeline in the 1F1B order. */
@@ -345,19 +424,9 @@ static jm_status reduce_grads(jm_par *p, jm_error *err)
         }
     }
     if (p->dp > 1) {
-        int counts[1024];
-        if (p->dp > 1024) return jm_fail(err, JM_ERR_ARG, "at most 1024 data-parallel replicas");
-        for (int64_t x = p->stage_lo; x < p->stage_hi; x += BUCKET_FLOATS) {
-            const int64_t y = x + BUCKET_FLOATS < p->stage_hi ? x + BUCKET_FLOATS : p->stage_hi;
-            for (int i = 0; i < p->dp; i++) {
-                int r = jm_comm_rank_of(p->comm, i, p->stage);
-                int64_t a = x > p->lo[r] ? x : p->lo[r], b = y < p->hi[r] ? y : p->hi[r];
-                counts[i] = b > a ? (int)(b - a) : 0;
-            }
-            int64_t mine = x > p->lo[me] ? x - p->lo[me] : 0;
-            float *recv = p->gshard + (mine < p->hi[me] - p->lo[me] ? mine : 0);
-            if ((s = jm_comm_reduce_scatter_start(p->comm, JM_GROUP_DP, p->grad + x, recv, counts, err))) return s;
-        }
+        if (p->hook_status) return jm_fail(err, p->hook_status, "%s", p->hook_err.msg);
+        while (p->next_bucket < p->nbuckets)
+            if ((s = start_bucket(p, p->next_bucket++, err))) return s;
         if ((s = jm_comm_wait(p->comm, "reducing gradients over the replicas", err))) return s;
         memcpy(p->grad + p->lo[me], p->gshard, sizeof(float) * (size_t)(p->hi[me] - p->lo[me]));
     }
@@ -371,10 +440,15 @@ jm_status jm_par_step(jm_par *p, jm_task *task, jm_optimizer *opt, int64_t step,
     const int64_t lo = p->lo[me], hi = p->hi[me];
     double *acc = p->stats, *ld = p->stats + JM_TASK_MAX_ACC;
     memset(p->stats, 0, sizeof(double) * (size_t)p->nstats);
+    const int64_t bytes0 = jm_comm_bytes_sent(p->comm);
+    const double wait0 = jm_comm_wait_seconds(p->comm);
     int n;
     jm_status s = task->plan(task->ctx, step, &n, err);
     if (s) return s;
     const int j0 = (int)((int64_t)n * p->replica / p->dp), j1 = (int)((int64_t)n * (p->replica + 1) / p->dp);
+    p->last_micro = j1 - 1;
+    p->next_bucket = 0;
+    p->hook_status = JM_OK;
     const jm_model *last = NULL;
     s = p->pp > 1 ? run_pipeline(p, task, j0, j1, acc, &last, err) : run_plain(p, task, j0, j1, acc, &last, err);
     if (s) return s;
@@ -382,9 +456,11 @@ jm_status jm_par_step(jm_par *p, jm_task *task, jm_optimizer *opt, int64_t step,
     if (in->want_load && last && j1 == n) jm_routers_load(last, p->l0, p->l1, ld);
     if ((s = reduce_grads(p, err))) return s;
 
-    double *sumsq = ld + 2 * (size_t)L * E, *stop = sumsq + 1;
+    double *sumsq = ld + 2 * (size_t)L * E, *stop = sumsq + 1, *bytes = stop + 1, *waited = bytes + 1;
     *sumsq = jm_grad_sumsq(p->m, lo, hi);
     *stop = in->stop_local;
+    *bytes = (double)(jm_comm_bytes_sent(p->comm) - bytes0); /* of the step's gradients and activations */
+    *waited = jm_comm_wait_seconds(p->comm) - wait0;
     if ((s = jm_comm_allreduce_sum(p->comm, JM_GROUP_WORLD, p->stats, p->nstats, "summing the step's losses", err)))
         return s;
     memset(&out->st, 0, sizeof out->st);
@@ -395,6 +471,8 @@ jm_status jm_par_step(jm_par *p, jm_task *task, jm_optimizer *opt, int64_t step,
     if (in->want_load) memcpy(load, ld, sizeof(double) * 2 * (size_t)L * E);
     out->stop = *stop > 0;
     out->grad_norm = sqrt(*sumsq);
+    out->comm_bytes = *bytes;
+    out->comm_wait = *waited / jm_comm_size(p->comm);
 
     if (in->grad_clip > 0 && out->grad_norm > in->grad_clip) { /* as torch's clip_grad_norm_ */
         const float scale = (float)(in->grad_clip / (out->grad_norm + 1e-6));

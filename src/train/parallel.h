@@ -30,6 +30,8 @@ typedef struct {
     jm_task_step st;
     double grad_norm;    /* before clipping */
     int stop;            /* some rank was asked to stop: all stop after this step */
+    double comm_bytes;   /* sent by all ranks during the step */
+    double comm_wait;    /* seconds a rank waited for others during the step, the mean over ranks */
 } jm_par_step_out;
 
 /* One optimizer step of the task; load (2*L*E) when want_load. */

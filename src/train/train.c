@@ -1804,6 +1804,8 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
                              "\"grad_norm\":%.6g",
                     r->phases[phase_of(r, t.step - 1)].name, st.loss, st.aux_loss, st.z_loss, lr, gnorm);
             for (int i = 0; i < st.nmetrics; i++) json_number(metrics, st.metric_name[i], st.metric[i]);
+            if (jm_comm_size(t.comm) > 1) /* MB all ranks sent; seconds a rank waited for others, the mean */
+                fprintf(metrics, ",\"comm_mb\":%.3f,\"comm_wait\":%.4f", out.comm_bytes / 1e6, out.comm_wait);
             fprintf(metrics, ",\"tokens_per_s\":%.1f,\"tokens\":%lld}\n", rate,
                     (long long)(t.step * r->batch_size * r->seq_len * r->grad_accum));
             fflush(metrics);
