@@ -386,6 +386,10 @@ static void test_errors(void)
     ok &= jm_forward_layers(m, &mb->b, 1, 3, x, &L, &err) == JM_OK && L.count > 0 && !jm_layers_output(m);
     ok &= jm_backward_layers(m, x, NULL, 1.0, &err) == JM_ERR_ARG && strstr(err.msg, "dx_out must be NULL");
     ok &= jm_backward_layers(m, NULL, mb->w, 1.0, &err) == JM_OK && jm_layers_input_grad(m);
+    ok &= jm_forward_layers(m, &mb->b, 0, 2, NULL, &L, &err) == JM_OK && jm_layers_output(m);
+    mb->pos[3] = 7; /* a failed forward leaves no output */
+    ok &= jm_forward_layers(m, &mb->b, 0, 2, NULL, &L, &err) == JM_ERR_ARG && !jm_layers_output(m);
+    mb->pos[3] = 3;
     check(ok, "stage_backward_bad_calls", "%s", err.msg);
 
     /* a shared handle: no decoding; freeing it (and a handle of a handle) leaves the weights */
@@ -419,6 +423,12 @@ static void test_errors(void)
     ok &= jm_balance_stages(&c, T, 0, first, &err) == JM_ERR_ARG;
     ok &= jm_balance_stages(&c, 0, 2, first, &err) == JM_ERR_ARG;
     check(ok, "stage_balance_bad_arguments", "%s", err.msg);
+
+    /* a stage keeps only its layers' activations, and the logits only at the end */
+    const size_t whole = jm_activation_bytes(&c, B, T), s0 = jm_stage_activation_bytes(&c, B, T, 0, 1),
+                 s1 = jm_stage_activation_bytes(&c, B, T, 1, 3);
+    check_detail(s0 < s1 && s1 < whole && jm_stage_activation_bytes(&c, B, T, 0, 3) == whole,
+                 "stage_activation_bytes", "[0,1) %zu, [1,3) %zu, whole %zu bytes", s0, s1, whole);
     free(x);
     free(mb);
     jm_model_free(m);

@@ -804,8 +804,13 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T, int l0, int l1)
 
 size_t jm_activation_bytes(const jm_config *c, int B, int T)
 {
+    return jm_stage_activation_bytes(c, B, T, 0, c->num_layers);
+}
+
+size_t jm_stage_activation_bytes(const jm_config *c, int B, int T, int l0, int l1)
+{
     jm_model plan = {.cfg = *c}; /* plan_acts only measures when given no base */
-    return plan_acts(&plan, NULL, B, T, 0, c->num_layers);
+    return plan_acts(&plan, NULL, B, T, l0, l1);
 }
 
 static jm_status ensure_acts(jm_model *m, int B, int T, int l0, int l1, jm_error *err)
@@ -974,6 +979,7 @@ jm_status jm_forward_layers(jm_model *m, const jm_batch *b, int l0, int l1, cons
                            tokens[t], (long long)t, (long long)V);
     m->fwd_valid = 0;
     m->dx_in_valid = 0;
+    m->fwd_l0 = m->fwd_l1 = 0; /* no output until this forward completes */
     jm_status s = ensure_acts(m, B, T, l0, l1, err);
     if (s) return s;
     if ((s = plan_batch(m, b, err))) return s;
@@ -1442,7 +1448,10 @@ jm_status jm_model_share(jm_model *m, jm_model **out, jm_error *err)
     return JM_OK;
 }
 
-const float *jm_layers_output(const jm_model *m) { return m->fwd_l1 < m->cfg.num_layers ? m->x_out : NULL; }
+const float *jm_layers_output(const jm_model *m)
+{
+    return m->fwd_l1 > 0 && m->fwd_l1 < m->cfg.num_layers ? m->x_out : NULL;
+}
 int64_t jm_model_batch_tokens(const jm_model *m) { return (int64_t)m->B * m->T; }
 
 void jm_model_on_grads_done(jm_model *m, jm_grads_done_fn fn, void *ctx)
@@ -1532,8 +1541,8 @@ jm_status jm_balance_stages(const jm_config *c, int T, int P, int *first_layer, 
     for (int p = 1; p <= P; p++)
         for (int l = p; l <= L; l++) {
             best[AT(p, l)] = INFINITY;
-            for (int j = p - 1; j < l; j++) {
-                if (p == 1 && j > 0) break; /* the first stage starts at layer 0 */
+            const int j_end = p == 1 ? 1 : l; /* the first stage starts at layer 0 */
+            for (int j = p - 1; j < j_end; j++) {
                 double cost = (l - j) * layer + (j == 0 ? embed : 0.0) + (l == L ? head : 0.0);
                 double worst = p == 1 ? cost : fmax(best[AT(p - 1, j)], cost);
                 if (worst < best[AT(p, l)]) {

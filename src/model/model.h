@@ -32,6 +32,10 @@ jm_status jm_model_share(jm_model *m, jm_model **out, jm_error *err);
  * loss and count: the cross-entropy when l1 == L, else 0. */
 jm_status jm_forward_layers(jm_model *m, const jm_batch *b, int l0, int l1, const float *x_in, jm_losses *losses,
                             jm_error *err);
+/* The activation arena of one handle running layers [l0, l1) on B rows of T
+ * tokens (jm_activation_bytes is the range [0, L)): only the last stage holds
+ * the logits. */
+size_t jm_stage_activation_bytes(const jm_config *c, int B, int T, int l0, int l1);
 /* After a jm_forward_layers with l1 < L: the residual leaving layer l1-1,
  * (B*T, hidden), until the next forward on this handle; else NULL. */
 const float *jm_layers_output(const jm_model *m);
