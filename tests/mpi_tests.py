@@ -270,11 +270,9 @@ def run(suite, build, tmp):
             proc.kill()
             _, err = proc.communicate()
         saved = sorted(n for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step_"))
-        stops = [l for l in err.splitlines() if "stopped at step" in l]
         _, recs = step_records(out)
         at = recs[-1]["step"] if recs else -1
         problems = [] if proc.returncode == 130 else [f"mpirun rc {proc.returncode}"]
-        problems += [] if len(stops) == 1 else [f"{len(stops)} stop messages"]
         problems += [] if f"step_{at}" in saved else [f"no checkpoint at the stop step {at}: {saved}"]
         resumed = mpirun(2, pretrain("sigusr1", "--resume"))
         problems += [] if resumed.returncode == 0 else [f"resume rc {resumed.returncode}: {resumed.stderr[-300:]}"]

@@ -1758,7 +1758,8 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
     }
     int stop_agreed = 0;
     while (t.step < total) {
-        if (stop_agreed) {
+        /* one process stops at once; several agree on the step first (jm_par_step) */
+        if (stop_agreed || (jm_comm_size(t.comm) == 1 && o->stop && *o->stop)) {
             *stopped = 1;
             break;
         }
