@@ -29,6 +29,7 @@ import input_checks_tests  # noqa: E402  (tests/input_checks_tests.py)
 import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 import train_tests  # noqa: E402  (tests/train_tests.py)
 import output_safety_tests  # noqa: E402  (tests/output_safety_tests.py; after train_tests, see its imports)
+import prepare_tests  # noqa: E402  (tests/prepare_tests.py)
 import recipe_checks_tests  # noqa: E402  (tests/recipe_checks_tests.py; after train_tests: both import this file)
 import tune_tests  # noqa: E402  (tests/tune_tests.py; after train_tests, as output_safety_tests)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
@@ -975,6 +976,7 @@ def main():
         output_safety_tests.run(suite, args.build, tmp)
         input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         distill_tests.run(suite, args.build, tmp)
+        prepare_tests.run(suite, args.build, tmp)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

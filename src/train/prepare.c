@@ -638,8 +638,11 @@ static jm_status zs_line(zstream *z, uint64_t lineno, const char **p, size_t *le
     *got = 0;
     for (;;) {
         char *nl = memchr(z->buf + z->scan, '\n', z->end - z->scan);
+        size_t e = nl ? (size_t)(nl - z->buf) : z->end; /* the line's end, or what has come of it */
+        if (e - z->start > MAX_LINE)
+            return jm_fail(err, JM_ERR_FORMAT, "%s:%" PRIu64 ": a line longer than %zu MB (not JSON lines?)", z->path,
+                           lineno, MAX_LINE >> 20);
         if (nl || (z->eof && z->end > z->start)) {
-            size_t e = nl ? (size_t)(nl - z->buf) : z->end;
             *p = z->buf + z->start;
             *len = e - z->start;
             z->start = z->scan = nl ? e + 1 : e;
@@ -647,9 +650,6 @@ static jm_status zs_line(zstream *z, uint64_t lineno, const char **p, size_t *le
             return JM_OK;
         }
         z->scan = z->end;
-        if (z->end - z->start > MAX_LINE)
-            return jm_fail(err, JM_ERR_FORMAT, "%s:%" PRIu64 ": a line longer than %zu MB (not JSON lines?)", z->path,
-                           lineno, MAX_LINE >> 20);
         if (z->eof) return JM_OK;
         jm_status st = zs_fill(z, err);
         if (st) return st;
