@@ -505,12 +505,21 @@ static jm_status read_mapped(prep *P, int fi, jm_error *err)
         if (m.len) st = batch_add(&P->b, &d, err);
     } else {
         uint64_t line = 0;
+        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        size_t dropped = 0; /* bytes at the mapping's start given back */
         while (p < end && !st) {
             const char *nl = memchr(p, '\n', (size_t)(end - p));
             size_t len = (size_t)((nl ? nl : end) - p), adv = len + (nl ? 1 : 0);
             st = add_line(&P->b, fi, ++line, p, len, adv, err);
             p += adv;
             if (!st) st = flush_if_full(P, err);
+            /* once a batch is encoded, no document points before p: the pages
+             * read so far go back, so a file of any size costs a batch of RSS */
+            size_t done = (size_t)(p - (const char *)m.map) / page * page;
+            if (!st && P->b.n == 0 && done > dropped) {
+                madvise(m.map, done, MADV_DONTNEED);
+                dropped = done;
+            }
         }
     }
     jm_status rs = batch_release_later(&P->b, &m, err);
