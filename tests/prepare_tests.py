@@ -38,7 +38,7 @@ import struct
 import subprocess
 
 from cli_tests import tiny_model
-from testlib import sanitizer_report
+from recipe_checks_tests import one_line_error, snapshot  # every file's bytes; one-line refusals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("prepare_stream_same_shards", "prepare_stream_dir_picks_compressed", "prepare_stream_text_field",
@@ -61,25 +61,6 @@ def shard_tokens(d):
     return out, n
 
 
-def snapshot(d):
-    """Every file under d: relative path -> bytes."""
-    out = {}
-    for base, _, files in os.walk(d):
-        for n in files:
-            with open(os.path.join(base, n), "rb") as f:
-                out[os.path.relpath(os.path.join(base, n), d)] = f.read()
-    return out
-
-
-def one_line_error(p, rc, must):
-    """None if p exited with rc and one stderr line holding every string of must, else what is wrong."""
-    err = p.stderr.strip()
-    missing = [m for m in must if m not in err]
-    if p.returncode != rc or missing or len(err.splitlines()) != 1 or sanitizer_report(p.stderr):
-        return f"exit {p.returncode} (want {rc}), missing {missing}: {err[-400:]!r}"
-    return None
-
-
 def records(n, seed, field="text"):
     """n JSON records of license prose, ASCII and not (each a few sentences), under field."""
     lic = "/usr/share/common-licenses"
@@ -97,6 +78,17 @@ def records(n, seed, field="text"):
 
 def jsonl(recs):
     return "".join(json.dumps(r) + "\n" for r in recs)
+
+
+def write(path, text, ext=None):
+    """text into path, compressed as its name (or ext) says: .gz by Python's gzip, .zst by the zstd tool."""
+    data = text.encode() if isinstance(text, str) else text
+    ext = ext or os.path.splitext(path)[1]
+    if ext == ".zst":
+        subprocess.run(["zstd", "-q", "-f", "-o", path], input=data, check=True)
+        return
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if ext == ".gz" else data)
 
 
 def run(suite, build, tmp):
@@ -119,9 +111,6 @@ def run(suite, build, tmp):
         return jm("prepare", "--tokenizer", tok, "--input", ",".join(inputs), "--out", out, "--threads", "2",
                   *extra)
 
-    def zstd(src, dst):
-        subprocess.run(["zstd", "-q", "-f", src, "-o", dst], check=True)
-
     def manifest(path):
         with open(path) as f:
             return json.load(f)
@@ -135,23 +124,17 @@ def run(suite, build, tmp):
         big["text"] += " " + big["text"]
     head = jsonl(recs[:150]).replace("\n", "\r\n", 3) + "\n  \n" + json.dumps(big) + "\n"
     tail = jsonl(recs[150:]).rstrip("\n")  # no final newline
-    plain = os.path.join(c, "all.jsonl")
-    with open(plain, "w") as f:
-        f.write(head + tail)
-    gz = os.path.join(c, "all.jsonl.gz")
-    with open(gz, "wb") as f:
+    plain, gz, zst = (os.path.join(c, "all.jsonl" + ext) for ext in ("", ".gz", ".zst"))
+    write(plain, head + tail)
+    with open(gz, "wb") as f:  # two gzip members
         f.write(gzip.compress(head.encode()) + gzip.compress(tail.encode()))
-    zst = os.path.join(c, "all.jsonl.zst")
-    for i, part in enumerate((head, tail)):
-        with open(os.path.join(c, f"piece{i}"), "w") as f:
-            f.write(part)
-        zstd(os.path.join(c, f"piece{i}"), os.path.join(c, f"piece{i}.zst"))
-    with open(zst, "wb") as f:
-        for i in range(2):
-            with open(os.path.join(c, f"piece{i}.zst"), "rb") as g:
+    write(zst + ".1", head, ".zst")
+    write(zst + ".2", tail, ".zst")
+    with open(zst, "wb") as f:  # two zstd frames
+        for k in (".1", ".2"):
+            with open(zst + k, "rb") as g:
                 f.write(g.read())
-            os.remove(os.path.join(c, f"piece{i}.zst"))
-            os.remove(os.path.join(c, f"piece{i}"))
+            os.remove(zst + k)
     out = {k: os.path.join(root, "s_" + k) for k in ("plain", "gz", "zst")}
 
     if suite.wanted("prepare_stream_same_shards"):
@@ -181,25 +164,12 @@ def run(suite, build, tmp):
         d = os.path.join(root, "mixed_dir")
         os.makedirs(os.path.join(d, "sub"))
         chunks = [recs[i * 80:(i + 1) * 80] for i in range(5)]
-        with open(os.path.join(d, "a.jsonl"), "w") as f:
-            f.write(jsonl(chunks[0]))
-        with open(os.path.join(d, "b.jsonl.gz"), "wb") as f:
-            f.write(gzip.compress(jsonl(chunks[1]).encode()))
-        with open(os.path.join(d, "sub", "c.json.gz"), "wb") as f:  # Dolma's name for gzipped JSON lines
-            f.write(gzip.compress(jsonl(chunks[2]).encode()))
-        with open(os.path.join(d, "sub", "d.raw"), "w") as f:
-            f.write(jsonl(chunks[3]))
-        zstd(os.path.join(d, "sub", "d.raw"), os.path.join(d, "sub", "d.jsonl.zst"))
-        os.remove(os.path.join(d, "sub", "d.raw"))
-        with open(os.path.join(d, "sub", "e.raw"), "w") as f:
-            f.write(jsonl(chunks[4]))
-        zstd(os.path.join(d, "sub", "e.raw"), os.path.join(d, "sub", "e.json.zst"))
-        os.remove(os.path.join(d, "sub", "e.raw"))
-        with open(os.path.join(d, "z_notes.txt.gz"), "wb") as f:  # compressed, not JSON lines: binary, skipped
-            f.write(gzip.compress(b"not a corpus file\n" * 100))
+        # .json.gz / .json.zst: Dolma's names for compressed JSON lines
+        for name, chunk in zip(("a.jsonl", "b.jsonl.gz", "sub/c.json.gz", "sub/d.jsonl.zst", "sub/e.json.zst"), chunks):
+            write(os.path.join(d, name), jsonl(chunk))
+        write(os.path.join(d, "z_notes.txt.gz"), "not a corpus file\n" * 100)  # compressed, not JSON lines: binary
         ref = os.path.join(root, "mixed_ref.jsonl")
-        with open(ref, "w") as f:
-            f.write(jsonl(recs[:400]))
+        write(ref, jsonl(recs[:400]))
         pd, pr = prepare([d], os.path.join(root, "s_mixed")), prepare([ref], os.path.join(root, "s_mixed_ref"))
         if pd.returncode or pr.returncode:
             problems.append(f"exit {pd.returncode}/{pr.returncode}: {(pd.stderr + pr.stderr).strip()[-300:]!r}")
@@ -219,10 +189,8 @@ def run(suite, build, tmp):
         d = os.path.join(root, "field")
         os.makedirs(d)
         crecs = [{"content": r["text"], "text": "decoy " + str(r["id"])} for r in recs[:120]]
-        with open(os.path.join(d, "content.jsonl.gz"), "wb") as f:
-            f.write(gzip.compress(jsonl(crecs).encode()))
-        with open(os.path.join(d, "ref.jsonl"), "w") as f:
-            f.write(jsonl({"text": r["text"]} for r in recs[:120]))
+        write(os.path.join(d, "content.jsonl.gz"), jsonl(crecs))
+        write(os.path.join(d, "ref.jsonl"), jsonl({"text": r["text"]} for r in recs[:120]))
         p = prepare([os.path.join(d, "content.jsonl.gz")], os.path.join(d, "s_content"), "--text-field", "content")
         q = prepare([os.path.join(d, "ref.jsonl")], os.path.join(d, "s_ref"))
         if p.returncode or q.returncode:
@@ -236,10 +204,8 @@ def run(suite, build, tmp):
                 ("no_content", crecs[:2] + [{"text": "no content here"}] + crecs[2:5], ["--text-field", "content"],
                  ":3:", 'no "content" string field'),
                 ("no_text", [{"content": "only content"}] + crecs[:2], [], ":1:", 'no "text" string field')):
-            raw, path = os.path.join(d, name + ".raw"), os.path.join(d, name + ".jsonl.zst")
-            with open(raw, "w") as f:
-                f.write(jsonl(rows))
-            zstd(raw, path)
+            path = os.path.join(d, name + ".jsonl.zst")
+            write(path, jsonl(rows))
             p = prepare([path], os.path.join(d, "s_bad"), *args)
             why = one_line_error(p, 1, [path + where, what])
             if why:
@@ -274,7 +240,7 @@ def run(suite, build, tmp):
         before = snapshot(existing) if os.path.isdir(existing) else None
         for name, data, why in cases:
             path = os.path.join(d, name)
-            with open(path, "wb") as f:
+            with open(path, "wb") as f:  # as they are, not compressed again
                 f.write(data)
             for dst, extra in ((os.path.join(d, "out_" + name), []), (existing, ["--overwrite"])):
                 p = prepare([path], dst, *extra)
@@ -317,21 +283,10 @@ def run(suite, build, tmp):
     # four files of unequal sizes, the whole set prepared once as the reference
     pc = os.path.join(root, "part_corpus")
     os.makedirs(os.path.join(pc, "b"))
-    files = [(os.path.join(pc, "a1.jsonl"), recs[:60], None), (os.path.join(pc, "a2.jsonl.gz"), recs[60:200], "gz"),
-             (os.path.join(pc, "b", "c.jsonl.zst"), recs[200:230], "zst"), (os.path.join(pc, "b", "d.jsonl"),
-                                                                              recs[230:400], None)]
-    for path, rs, kind in files:
-        if kind == "gz":
-            with open(path, "wb") as f:
-                f.write(gzip.compress(jsonl(rs).encode()))
-        elif kind == "zst":
-            with open(path + ".raw", "w") as f:
-                f.write(jsonl(rs))
-            zstd(path + ".raw", path)
-            os.remove(path + ".raw")
-        else:
-            with open(path, "w") as f:
-                f.write(jsonl(rs))
+    files = [(os.path.join(pc, "a1.jsonl"), recs[:60]), (os.path.join(pc, "a2.jsonl.gz"), recs[60:200]),
+             (os.path.join(pc, "b", "c.jsonl.zst"), recs[200:230]), (os.path.join(pc, "b", "d.jsonl"), recs[230:400])]
+    for path, rs in files:
+        write(path, jsonl(rs))
     single = os.path.join(root, "part_single")
     ps = prepare([pc], single, "--shard-tokens", "3000")
     single_ok = ps.returncode == 0
@@ -408,7 +363,7 @@ def run(suite, build, tmp):
         # three parts of two files: one part has none, and writes an empty piece
         two = os.path.join(root, "two_files")
         os.makedirs(two)
-        for path, _, _ in files[:2]:
+        for path, _ in files[:2]:
             shutil.copy(path, two)
         three = os.path.join(root, "part_three")
         notes = ""
