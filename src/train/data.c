@@ -206,8 +206,8 @@ jm_shard_entry jm_shard_entry_kind(const char *name, int *part, int *nparts, int
     int p = 0, np = 0, idx = 0;
     bool in_part = strncmp(s, "part-", 5) == 0;
     if (in_part) { /* "part-IIIII-of-NNNNN." */
-        p = digits(s + 5, 5);
-        np = strncmp(s + 10, "-of-", 4) == 0 ? digits(s + 14, 5) : -1;
+        p = digits(s + 5, 5); /* each step reads on only past characters that matched */
+        np = p >= 1 && strncmp(s + 10, "-of-", 4) == 0 ? digits(s + 14, 5) : -1;
         if (p < 1 || np < p || s[19] != '.') return JM_ENTRY_OTHER;
         s += 20;
     }
@@ -231,10 +231,21 @@ jm_shard_entry jm_shard_entry_kind(const char *name, int *part, int *nparts, int
 /* The numbers a part's manifest must hold; the shards it lists are checked
  * against the directory as they are read. */
 typedef struct {
-    int part, nparts;
     double vocab, eos, bpt, inputs;
     char digest[40];
 } part_info;
+
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The index of name among the directory's entries (jm_list_dir sorts them bytewise), or -1. */
+static int find_name(char *const *names, int n, const char *name)
+{
+    char *const *at = n ? bsearch(&name, names, (size_t)n, sizeof *names, cmp_name) : NULL;
+    return at ? (int)(at - names) : -1;
+}
 
 static const cJSON *field_of(const cJSON *o, const char *key)
 {
@@ -281,11 +292,7 @@ static jm_status read_part(const char *dir, const char *mname, int p, int nparts
                     "%s: a part manifest needs vocab_size, eos_id, bytes_per_token (2 or 4), inputs, inputs_digest "
                     "and shards",
                     path);
-    if (!s) {
-        pi->part = p;
-        pi->nparts = nparts;
-        snprintf(pi->digest, sizeof pi->digest, "%s", digest->valuestring);
-    }
+    if (!s) snprintf(pi->digest, sizeof pi->digest, "%s", digest->valuestring);
     const cJSON *sh = s ? NULL : shards->child;
     for (int i = 0; sh && !s; sh = sh->next, i++) {
         const cJSON *file = field_of(sh, "file");
@@ -298,9 +305,7 @@ static jm_status read_part(const char *dir, const char *mname, int p, int nparts
                         "\"tokens\": N}", path, i, p, nparts, i);
             break;
         }
-        int at = -1;
-        for (int k = 0; k < n && at < 0; k++)
-            if (strcmp(names[k], file->valuestring) == 0) at = k;
+        int at = find_name(names, n, file->valuestring);
         char *sp_path = jm_path_join(dir, file->valuestring);
         struct stat st;
         if (!sp_path) {
@@ -353,9 +358,7 @@ static jm_status check_part_set(const char *dir, char *const *names, int n, jm_e
     for (int p = 1; p <= nparts && !s; p++) {
         char mname[64];
         snprintf(mname, sizeof mname, "part-%05d-of-%05d.manifest.json", p, nparts);
-        bool have = false;
-        for (int k = 0; k < n && !have; k++) have = strcmp(names[k], mname) == 0;
-        if (!have) {
+        if (find_name(names, n, mname) < 0) {
             s = jm_fail(err, JM_ERR_ARG, "%s: part %d/%d missing (no %s): its prepare --part %d/%d has not finished "
                         "here, or its files were not copied here", dir, p, nparts, mname, p, nparts);
             break;
