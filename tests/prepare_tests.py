@@ -346,7 +346,8 @@ def run(suite, build, tmp):
         os.makedirs(merged)
         for i in (1, 2):
             host = os.path.join(root, f"host{i}")
-            p = prepare([pc], host, "--shard-tokens", "3000", "--part", f"{i}/2")
+            # the other host names the corpus directory with a final '/': the same input list
+            p = prepare([pc + "/" * (i - 1)], host, "--shard-tokens", "3000", "--part", f"{i}/2")
             if p.returncode != 0:
                 problems.append(f"part {i}/2: exit {p.returncode}: {p.stderr.strip()[-300:]!r}")
                 continue
@@ -354,6 +355,9 @@ def run(suite, build, tmp):
                 shutil.copy(os.path.join(host, n), merged)
         if not problems:
             parts_equal(merged, 2, problems, "copied together")
+            e = eval_dir(merged)
+            if e.returncode != 0:
+                problems.append(f"eval on the copied parts: exit {e.returncode}: {e.stderr.strip()[-300:]!r}")
             shared = os.path.join(root, "part_shared")
             if os.path.isdir(shared):
                 a = {n: b for n, b in snapshot(merged).items() if n.endswith(".bin")}

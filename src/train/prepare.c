@@ -338,7 +338,10 @@ static jm_status add_path(file_list *fl, const char *path, size_t rel, bool top,
             return JM_OK;
         }
         if (depth > 64) return jm_fail(err, JM_ERR_ARG, "%s: directories nested too deeply", path);
-        if (top) rel = strlen(path) + 1; /* the names below the entry: "dir/a/b.jsonl" -> "a/b.jsonl" */
+        if (top) { /* the names below the entry: "dir/a/b.jsonl" -> "a/b.jsonl" (as jm_path_join joins) */
+            rel = strlen(path);
+            rel += rel && path[rel - 1] != '/';
+        }
         char **names;
         int n;
         jm_status s = jm_list_dir(path, &names, &n, err);
