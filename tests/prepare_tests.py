@@ -13,8 +13,9 @@ compressed with Python's gzip module and the zstd command-line tool.
                                         read as JSON lines, in name order; a .gz of another name is skipped
   prepare_stream_text_field             --text-field content reads "content" (Dolma, the Pile use "text");
                                         a record without it stops prepare at file:line, also in a .zst
-  prepare_stream_corrupt_refused        truncated .gz and .zst, garbage bytes, a flipped byte: one line
-                                        naming the file, exit 1, the output directory left as it was
+  prepare_stream_corrupt_refused        truncated .gz and .zst, garbage bytes, a flipped byte, a zstd window
+                                        over 128 MB: one line naming the file, exit 1, the output directory
+                                        left as it was
   prepare_stream_long_line_refused      a record over 64 MB in a .jsonl.gz is refused at file:line, not held
   prepare_part_args_refused             --part x, 2/0, 3/2, 0/2, 1/2/3: exit 2, one line saying why
   prepare_part_set_equals_single        --part 1/2 and 2/2 run at the same time into one directory: the
@@ -235,7 +236,10 @@ def run(suite, build, tmp):
                  ("garbage.jsonl.gz", os.urandom(5000).replace(b"\x1f\x8b", b"xx"), "not gzip data"),
                  ("garbage.jsonl.zst", b"\x00\x01" + os.urandom(5000), "corrupt zstd data"),
                  ("flip.jsonl.gz", bytes(flip_gz), "corrupt gzip data"),
-                 ("flip.jsonl.zst", bytes(flip_zst), "corrupt zstd data")]
+                 ("flip.jsonl.zst", bytes(flip_zst), "corrupt zstd data"),
+                 # a 256 MB window (zstd --long=28 on a stream of unknown size): refused, not obeyed
+                 ("wide.jsonl.zst", subprocess.run(["zstd", "-q", "--long=28", "-c"], input=head.encode(),
+                                                   capture_output=True, check=True).stdout, "window over 128 MB")]
         existing = out["plain"]
         before = snapshot(existing) if os.path.isdir(existing) else None
         for name, data, why in cases:

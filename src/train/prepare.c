@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #define DEFAULT_SHARD_TOKENS 100000000ull
 #define BINARY_PROBE 8192       /* a NUL byte in this many leading bytes = binary file */
@@ -626,6 +627,9 @@ static jm_status zs_fill(zstream *z, jm_error *err)
         ZSTD_inBuffer in = {z->in, z->in_len, z->in_pos};
         ZSTD_outBuffer out = {z->buf + z->end, room, 0};
         size_t r = ZSTD_decompressStream(z->zd, &out, &in);
+        if (ZSTD_isError(r) && ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge)
+            return jm_fail(err, JM_ERR_FORMAT, "%s: a zstd frame that needs a window over 128 MB (made with zstd "
+                           "--long?): recompress it without --long", z->path);
         if (ZSTD_isError(r))
             return jm_fail(err, JM_ERR_FORMAT, "%s: corrupt zstd data: %s", z->path, ZSTD_getErrorName(r));
         /* with nothing to read, the hint is the next frame's header size: only
