@@ -9,7 +9,8 @@ SAN     ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -fno-trapping-math $(SAN) -g -Wall -Wextra -Wshadow -fopenmp -Iinclude -Isrc
 BLASDIR := /usr/lib/x86_64-linux-gnu/openblas-openmp
 # The OpenMP build of OpenBLAS, so BLAS threads and our OpenMP loops share one pool.
-LDLIBS  += $(SAN) -L$(BLASDIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLASDIR) -lcjson -lm -fopenmp
+# zlib and libzstd: prepare streams .jsonl.gz and .jsonl.zst corpora (src/train/prepare.c).
+LDLIBS  += $(SAN) -L$(BLASDIR) -l:libopenblas.so.0 -Wl,-rpath,$(BLASDIR) -lcjson -lz -lzstd -lm -fopenmp
 PY      := /usr/bin/python3
 # MPI (multi-process training, README: Scaling out): Open MPI's flags when
 # mpicc is there; `make MPI=0` builds a single-process jetmoe without it.

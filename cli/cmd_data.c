@@ -213,7 +213,7 @@ static int run_train_tok(const cli_command *self, int argc, char **argv)
 /* ---- prepare ---- */
 
 typedef struct {
-    const char *tokenizer, *input, *out;
+    const char *tokenizer, *input, *out, *text_field, *part;
     int64_t threads, shard_tokens;
     int overwrite;
 } prepare_opts;
@@ -230,23 +230,49 @@ static const cli_flag prepare_flags[] = {
     {"--shard-tokens", {NULL}, FLAG_INT, offsetof(prepare_opts, shard_tokens), "0", 0, 2000000000, .meta = "N",
      .help = "tokens per shard file, 0 = 100M"},
     {"--overwrite", {NULL}, FLAG_BOOL, offsetof(prepare_opts, overwrite),
-     .help = "replace the shards and manifest of an earlier prepare in SHARD_DIR"},
+     .help = "replace the shards and manifest of an earlier prepare in SHARD_DIR (with --part: its part's only)"},
+    {"--text-field", {NULL}, FLAG_STR, offsetof(prepare_opts, text_field), "text", .meta = "NAME",
+     .help = "the JSONL string field that holds each document"},
+    {"--part", {NULL}, FLAG_STR, offsetof(prepare_opts, part), .meta = "I/N",
+     .help = "prepare only part I of N (1 <= I <= N) of the inputs; N parts, on any hosts, make one shard set"},
 };
 
 static int run_prepare(const cli_command *self, int argc, char **argv);
 
 const cli_command cmd_prepare = {
     "prepare", NULL, "tokenize text, JSONL and code into token shards",
-    "Tokenizes text (.txt and other text files), JSONL (.jsonl: a \"text\" field per line) and source\n"
-    "code into token shards (see README: shard format); each document is followed by EOS.\n"
-    "Directories are walked recursively in name order; the output is the same for any --threads.",
+    "Tokenizes text (.txt and other text files), JSON lines (.jsonl, and .jsonl.gz, .jsonl.zst,\n"
+    ".json.gz, .json.zst read as compressed streams: the --text-field string of each line) and\n"
+    "source code into token shards (see README: shard format); each document is followed by EOS.\n"
+    "Directories are walked recursively in name order; the output is the same for any --threads.\n"
+    "With --part I/N, the sorted input list is cut into N runs of consecutive files of about equal\n"
+    "bytes and only run I is prepared, as part-I-of-N.* files: the N parts, run on several hosts\n"
+    "into one shared SHARD_DIR or copied into one afterwards, make the set one prepare makes.",
     prepare_flags, (int)(sizeof prepare_flags / sizeof prepare_flags[0]), run_prepare};
+
+/* "I/N" -> 1 <= *part <= *nparts <= 99999; else an argument error that says why. */
+static int parse_part(const cli_command *self, const char *s, int *part, int *nparts)
+{
+    char *end;
+    errno = 0;
+    long i = s[0] >= '0' && s[0] <= '9' ? strtol(s, &end, 10) : -1;
+    long n = i >= 0 && !errno && *end == '/' && end[1] >= '0' && end[1] <= '9' ? strtol(end + 1, &end, 10) : -1;
+    if (i < 0 || n < 0 || errno || *end)
+        return cli_error(self, "--part wants I/N, part I of N counted from 1 (1/4 .. 4/4), got '%s'", s);
+    if (n < 1 || n > 99999) return cli_error(self, "--part %s: N must be 1 to 99999 parts", s);
+    if (i < 1 || i > n) return cli_error(self, "--part %s: I must be 1 to %ld (parts are counted from 1)", s, n);
+    *part = (int)i;
+    *nparts = (int)n;
+    return 0;
+}
 
 static int run_prepare(const cli_command *self, int argc, char **argv)
 {
     prepare_opts o = {0};
     int rc = cli_parse(self, argc, argv, &o, NULL);
     if (rc != CLI_RUN) return rc;
+    int part = 0, nparts = 0;
+    if (o.part && (rc = parse_part(self, o.part, &part, &nparts))) return rc;
     char *list = strdup(o.input);
     const char *files[4096];
     if (!list) return cli_error(self, "out of memory");
@@ -256,12 +282,14 @@ static int run_prepare(const cli_command *self, int argc, char **argv)
         return 2;
     }
     jm_set_threads((int)o.threads);
-    jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads, o.overwrite};
+    jm_prepare_opts po = {o.tokenizer, files, nf, o.out, (uint64_t)o.shard_tokens, (int)o.threads, o.overwrite,
+                          o.text_field, part, nparts};
     uint64_t n = 0;
     jm_error err;
     jm_status s = jm_prepare(&po, &n, &err);
     free(list);
     if (s) return cli_fail(self, s, &err);
-    printf("wrote %llu tokens to %s\n", (unsigned long long)n, o.out);
+    if (nparts) printf("wrote %llu tokens to %s (part %d/%d)\n", (unsigned long long)n, o.out, part, nparts);
+    else printf("wrote %llu tokens to %s\n", (unsigned long long)n, o.out);
     return 0;
 }

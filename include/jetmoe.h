@@ -433,12 +433,17 @@ double jm_schedule_lr(const jm_schedule *s, int64_t step);
 /* ---- data ------------------------------------------------------------ */
 
 /* `jetmoe prepare`: tokenizes text files (.txt/.md and anything else as text),
- * JSONL (.jsonl: a "text" field per line) and source code into shards of at
- * most shard_tokens tokens under out_dir (out_dir/shard_00000.bin, ...), with
- * a progress line on stderr. Documents: a JSONL record, or a whole text/code
+ * JSON lines (.jsonl, and compressed .jsonl.gz / .jsonl.zst or Dolma's
+ * .json.gz / .json.zst, read as streams: a string field per line, "text"
+ * unless text_field says) and source code into shards of at most
+ * shard_tokens tokens under out_dir (out_dir/shard_00000.bin, ...), with a
+ * progress line on stderr. Documents: a JSONL record, or a whole text/code
  * file (a .txt file's blank-line-separated paragraphs are NOT split: one file
  * = one document). Runs on `threads` threads; output is identical for any
- * thread count. */
+ * thread count. With nparts > 0 it prepares part `part` (1-based) of the
+ * inputs: the sorted input list cut into nparts runs of consecutive files of
+ * about equal bytes, written as part-IIIII-of-NNNNN.* (data.h), so that all
+ * parts, on any hosts, in one directory make the set one prepare makes. */
 typedef struct {
     const char *tokenizer;      /* tokenizer.model / tokenizer.json / directory */
     const char *const *inputs;  /* files or directories (walked recursively, sorted) */
@@ -446,7 +451,9 @@ typedef struct {
     const char *out_dir;
     uint64_t shard_tokens;      /* 0 = 100M */
     int threads;                /* 0 = all cores */
-    int overwrite;              /* replace a previous prepare's shards and manifest in out_dir */
+    int overwrite;              /* replace a previous prepare's shards and manifest in out_dir (its part's only) */
+    const char *text_field;     /* NULL = "text": the JSONL string field that holds a document */
+    int part, nparts;           /* 0, 0: all inputs; else 1 <= part <= nparts <= 99999 */
 } jm_prepare_opts;
 jm_status jm_prepare(const jm_prepare_opts *o, uint64_t *tokens_written, jm_error *err);
 

@@ -7,11 +7,13 @@
 # (cblas.h and the OpenMP libopenblas the Makefile links), libcjson-dev
 # (-lcjson), libedit-dev (line editing in `jetmoe chat`), sentencepiece
 # (spm_train/spm_encode, the tokenizer tests' reference), python3 + python3-numpy + python3-torch (the test runner, the
-# PyTorch reference, the benches). libopenmpi-dev and openmpi-bin are for the
-# multi-process work that comes next: nothing builds against them yet.
+# PyTorch reference, the benches), zlib1g-dev + libzstd-dev (-lz -lzstd: `jetmoe prepare`
+# reads .jsonl.gz and .jsonl.zst as streams), zstd (the prepare tests compress fixtures
+# with it). libopenmpi-dev and openmpi-bin are for the multi-process work that comes
+# next: nothing builds against them yet.
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
-libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
+zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
 if [ "$1" = demo ]; then
     # prose: the Jargon File; chat: the word list. Jane Austen's novels are
     # fetched below as a .deb, not installed.

@@ -30,6 +30,7 @@ import tokenizer_exact  # noqa: E402  (tests/tokenizer_exact.py)
 import train_tests  # noqa: E402  (tests/train_tests.py)
 import output_safety_tests  # noqa: E402  (tests/output_safety_tests.py; after train_tests, see its imports)
 import recipe_checks_tests  # noqa: E402  (tests/recipe_checks_tests.py; after train_tests: both import this file)
+import prepare_tests  # noqa: E402  (tests/prepare_tests.py; after recipe_checks_tests, whose helpers it uses)
 import tune_tests  # noqa: E402  (tests/tune_tests.py; after train_tests, as output_safety_tests)
 import mpi_tests  # noqa: E402  (tests/mpi_tests.py; after train_tests, as output_safety_tests)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
@@ -976,6 +977,7 @@ def main():
         output_safety_tests.run(suite, args.build, tmp)
         input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         distill_tests.run(suite, args.build, tmp)
+        prepare_tests.run(suite, args.build, tmp)
         mpi_tests.run(suite, args.build, tmp)
     finally:
         if not args.keep:

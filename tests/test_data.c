@@ -593,7 +593,9 @@ static int32_t *read_shards(const char *dir, uint64_t *n, int *nshards, uint32_t
 static jm_status run_prepare(const char *tok, const char *const *inputs, int n, const char *out, uint64_t shard,
                              int threads, uint64_t *written, jm_error *err)
 {
-    jm_prepare_opts o = {tok, inputs, n, out, shard, threads, 1}; /* re-runs into out1 replace its shards */
+    /* re-runs into out1 replace its shards */
+    jm_prepare_opts o = {.tokenizer = tok, .inputs = inputs, .ninputs = n, .out_dir = out, .shard_tokens = shard,
+                         .threads = threads, .overwrite = 1};
     return jm_prepare(&o, written, err);
 }
 

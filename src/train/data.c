@@ -11,11 +11,13 @@
  * within a draw at every step, and the whole cursor is a few integers. */
 #include "train/data.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -54,6 +56,7 @@ static jm_status open_source(source *src, const char *name, const char *dir, uin
                              uint32_t *eos, char *eos_from, size_t eos_from_len, jm_error *err);
 static void free_source(source *src);
 static void read_window(const source *src, uint64_t pos, int32_t *out, int len);
+static jm_status check_part_set(const char *dir, char *const *names, int n, jm_error *err);
 
 /* ==================================================================== shards */
 
@@ -149,6 +152,10 @@ jm_status jm_shard_list(const char *dir, char ***paths, int *n, jm_error *err)
     int nnames, k = 0;
     jm_status s = jm_list_dir(dir, &names, &nnames, err);
     if (s) return s;
+    if ((s = check_part_set(dir, names, nnames, err))) {
+        jm_free_names(names, nnames);
+        return s;
+    }
     for (int i = 0; i < nnames; i++) { /* names[0 .. k) become paths; k <= i */
         char *name = names[i];
         size_t len = strlen(name);
@@ -180,6 +187,203 @@ jm_status jm_shard_write(const char *path, const int32_t *ids, uint64_t n, uint3
         return st;
     }
     return jm_shard_writer_commit(&w, err);
+}
+
+/* Reads the NNNNN digits at s; -1 unless there are exactly n of them. */
+static int digits(const char *s, int n)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+jm_shard_entry jm_shard_entry_kind(const char *name, int *part, int *nparts, int *shard)
+{
+    const char *s = name;
+    int p = 0, np = 0, idx = 0;
+    bool in_part = strncmp(s, "part-", 5) == 0;
+    if (in_part) { /* "part-IIIII-of-NNNNN." */
+        p = digits(s + 5, 5); /* each step reads on only past characters that matched */
+        np = p >= 1 && strncmp(s + 10, "-of-", 4) == 0 ? digits(s + 14, 5) : -1;
+        if (p < 1 || np < p || s[19] != '.') return JM_ENTRY_OTHER;
+        s += 20;
+    }
+    jm_shard_entry k = JM_ENTRY_OTHER;
+    if (strcmp(s, "manifest.json") == 0) {
+        k = in_part ? JM_ENTRY_PART_MANIFEST : JM_ENTRY_MANIFEST;
+    } else if (strlen(s) == 15 && strncmp(s, "shard_", 6) == 0 && strcmp(s + 11, ".bin") == 0 &&
+               (idx = digits(s + 6, 5)) >= 0) {
+        k = in_part ? JM_ENTRY_PART_SHARD : JM_ENTRY_SHARD;
+    }
+    if (k != JM_ENTRY_OTHER) {
+        if (part) *part = p;
+        if (nparts) *nparts = np;
+        if (shard) *shard = idx;
+    }
+    return k;
+}
+
+/* ============================================================ part sets */
+
+/* The numbers a part's manifest must hold; the shards it lists are checked
+ * against the directory as they are read. */
+typedef struct {
+    double vocab, eos, bpt, inputs;
+    char digest[40];
+} part_info;
+
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The index of name among the directory's entries (jm_list_dir sorts them bytewise), or -1. */
+static int find_name(char *const *names, int n, const char *name)
+{
+    char *const *at = n ? bsearch(&name, names, (size_t)n, sizeof *names, cmp_name) : NULL;
+    return at ? (int)(at - names) : -1;
+}
+
+static const cJSON *field_of(const cJSON *o, const char *key)
+{
+    return cJSON_GetObjectItemCaseSensitive(o, key);
+}
+
+static bool whole(const cJSON *j, double lo, double hi, double *out)
+{
+    if (!cJSON_IsNumber(j) || !isfinite(j->valuedouble) || j->valuedouble != floor(j->valuedouble) ||
+        j->valuedouble < lo || j->valuedouble > hi)
+        return false;
+    *out = j->valuedouble;
+    return true;
+}
+
+/* Part p of nparts: its manifest (the entry called mname in dir) read and
+ * checked; each shard it lists is marked in listed[] (by index into names). */
+static jm_status read_part(const char *dir, const char *mname, int p, int nparts, char *const *names, int n,
+                           bool *listed, part_info *pi, jm_error *err)
+{
+    char *path = jm_path_join(dir, mname), *text = NULL;
+    size_t len;
+    cJSON *root = NULL;
+    if (!path) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+    jm_status s = jm_read_file(path, (size_t)1 << 30, &text, &len, err);
+    if (!s) s = jm_json_parse(text, len, path, &root, err);
+    free(text);
+    const cJSON *format = s ? NULL : field_of(root, "format"), *shards = s ? NULL : field_of(root, "shards");
+    const cJSON *digest = s ? NULL : field_of(root, "inputs_digest");
+    double part = 0, np = 0;
+    if (!s && !(cJSON_IsString(format) && strcmp(format->valuestring, JM_MANIFEST_FORMAT) == 0))
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: not a jetmoe token shard manifest (format is not \"%s\")", path,
+                    JM_MANIFEST_FORMAT);
+    else if (!s && !(whole(field_of(root, "part"), 1, JM_MAX_PARTS, &part) &&
+                     whole(field_of(root, "parts"), 1, JM_MAX_PARTS, &np) && part == p && np == nparts))
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: its fields part and parts do not say %d and %d, as its name does", path,
+                    p, nparts);
+    else if (!s && !(whole(field_of(root, "vocab_size"), 1, INT32_MAX, &pi->vocab) &&
+                     whole(field_of(root, "eos_id"), 0, INT32_MAX, &pi->eos) &&
+                     whole(field_of(root, "bytes_per_token"), 2, 4, &pi->bpt) && pi->bpt != 3 &&
+                     whole(field_of(root, "inputs"), 0, 1e15, &pi->inputs) && cJSON_IsString(digest) &&
+                     strlen(digest->valuestring) < sizeof pi->digest && cJSON_IsArray(shards)))
+        s = jm_fail(err, JM_ERR_FORMAT,
+                    "%s: a part manifest needs vocab_size, eos_id, bytes_per_token (2 or 4), inputs, inputs_digest "
+                    "and shards",
+                    path);
+    if (!s) snprintf(pi->digest, sizeof pi->digest, "%s", digest->valuestring);
+    const cJSON *sh = s ? NULL : shards->child;
+    for (int i = 0; sh && !s; sh = sh->next, i++) {
+        const cJSON *file = field_of(sh, "file");
+        double tokens = 0;
+        int sp = 0, snp = 0, idx = -1;
+        if (!cJSON_IsString(file) || !whole(field_of(sh, "tokens"), 0, 9e15, &tokens) ||
+            jm_shard_entry_kind(file->valuestring, &sp, &snp, &idx) != JM_ENTRY_PART_SHARD || sp != p ||
+            snp != nparts || idx != i) {
+            s = jm_fail(err, JM_ERR_FORMAT, "%s: shards[%d] is not {\"file\": \"part-%05d-of-%05d.shard_%05d.bin\", "
+                        "\"tokens\": N}", path, i, p, nparts, i);
+            break;
+        }
+        int at = find_name(names, n, file->valuestring);
+        char *sp_path = jm_path_join(dir, file->valuestring);
+        struct stat st;
+        if (!sp_path) {
+            s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+        } else if (at < 0 || stat(sp_path, &st) != 0) {
+            s = jm_fail(err, JM_ERR_ARG, "%s: part %d/%d is incomplete: %s, which its manifest lists, is missing",
+                        dir, p, nparts, file->valuestring);
+        } else if ((double)st.st_size != JM_SHARD_HEADER + tokens * pi->bpt) {
+            s = jm_fail(err, JM_ERR_ARG, "%s: %lld bytes, but part %d/%d's manifest says %.0f tokens of %.0f bytes "
+                        "(a shard of another run?)", sp_path, (long long)st.st_size, p, nparts, tokens, pi->bpt);
+        } else {
+            listed[at] = true;
+        }
+        free(sp_path);
+    }
+    cJSON_Delete(root);
+    free(path);
+    return s;
+}
+
+/* A directory holding --part pieces: all nparts manifests there, agreeing,
+ * and their shards exactly; a directory with none is left to the caller as
+ * before. names: the directory's entries. */
+static jm_status check_part_set(const char *dir, char *const *names, int n, jm_error *err)
+{
+    int nparts = 0, single = -1, first = -1;
+    for (int i = 0; i < n; i++) {
+        int p, np;
+        jm_shard_entry k = jm_shard_entry_kind(names[i], &p, &np, NULL);
+        if (k == JM_ENTRY_SHARD || k == JM_ENTRY_MANIFEST) {
+            if (single < 0) single = i;
+        } else if (k == JM_ENTRY_PART_SHARD || k == JM_ENTRY_PART_MANIFEST) {
+            if (first < 0) {
+                first = i;
+                nparts = np;
+            } else if (np != nparts) {
+                return jm_fail(err, JM_ERR_ARG, "%s: holds pieces of a %d-part set (%s) and of a %d-part set (%s): "
+                               "one shard set per directory", dir, nparts, names[first], np, names[i]);
+            }
+        }
+    }
+    if (first < 0) return JM_OK;
+    if (single >= 0)
+        return jm_fail(err, JM_ERR_ARG, "%s: holds both a prepare's %s and prepare --part pieces (%s): one shard set "
+                       "per directory", dir, names[single], names[first]);
+    bool *listed = calloc((size_t)n + 1, sizeof *listed);
+    if (!listed) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+    jm_status s = JM_OK;
+    part_info first_pi = {0};
+    for (int p = 1; p <= nparts && !s; p++) {
+        char mname[64];
+        snprintf(mname, sizeof mname, "part-%05d-of-%05d.manifest.json", p, nparts);
+        if (find_name(names, n, mname) < 0) {
+            s = jm_fail(err, JM_ERR_ARG, "%s: part %d/%d missing (no %s): its prepare --part %d/%d has not finished "
+                        "here, or its files were not copied here", dir, p, nparts, mname, p, nparts);
+            break;
+        }
+        part_info pi = {0};
+        s = read_part(dir, mname, p, nparts, names, n, listed, &pi, err);
+        if (s) break;
+        if (p == 1) {
+            first_pi = pi;
+        } else if (pi.inputs != first_pi.inputs || strcmp(pi.digest, first_pi.digest) != 0) {
+            s = jm_fail(err, JM_ERR_ARG, "%s: part %d/%d was prepared from other inputs than part 1/%d (%.0f files, "
+                        "digest %s; part 1 saw %.0f, digest %s): every part must be given the same --input list",
+                        dir, p, nparts, nparts, pi.inputs, pi.digest, first_pi.inputs, first_pi.digest);
+        } else if (pi.vocab != first_pi.vocab || pi.eos != first_pi.eos) {
+            s = jm_fail(err, JM_ERR_ARG, "%s: part %d/%d was made with another tokenizer than part 1/%d (vocab %.0f, "
+                        "EOS %.0f; part 1: vocab %.0f, EOS %.0f)", dir, p, nparts, nparts, pi.vocab, pi.eos,
+                        first_pi.vocab, first_pi.eos);
+        }
+    }
+    for (int i = 0; i < n && !s; i++)
+        if (!listed[i] && jm_shard_entry_kind(names[i], NULL, NULL, NULL) == JM_ENTRY_PART_SHARD)
+            s = jm_fail(err, JM_ERR_ARG, "%s: %s is listed in no part's manifest (left by another run?): move it "
+                        "away or prepare that part again with --overwrite", dir, names[i]);
+    free(listed);
+    return s;
 }
 
 /* ===================================================================== sampler */

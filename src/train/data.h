@@ -38,8 +38,32 @@ static inline uint32_t jm_shard_token(const jm_shard *s, uint64_t i)
 }
 /* The token shards of dir: the paths of its *.bin files in name order
  * (hidden entries left out), as the sampler, the recipe check and evaluation
- * read them; free with jm_free_names. */
+ * read them; free with jm_free_names. A directory of `prepare --part` pieces
+ * must be a whole set: every part's manifest there and agreeing with the
+ * others (the same inputs and tokenizer), every shard it lists present at
+ * its size and no other part shard; else an error such as
+ * "DIR: part 2/4 missing". */
 jm_status jm_shard_list(const char *dir, char ***paths, int *n, jm_error *err);
+
+/* The names prepare writes into a shard directory (prepare.c writes them,
+ * jm_shard_list reads them):
+ *   shard_SSSSS.bin, manifest.json                       one prepare's set
+ *   part-IIIII-of-NNNNN.shard_SSSSS.bin,                  part I of N
+ *   part-IIIII-of-NNNNN.manifest.json                     (prepare --part I/N)
+ * Shards sort in stream order by name: part 1's before part 2's. The kind of
+ * the entry called name; *part, *nparts (1 <= part <= nparts <= JM_MAX_PARTS)
+ * and *shard are set where the name has them. */
+typedef enum {
+    JM_ENTRY_OTHER,
+    JM_ENTRY_SHARD,
+    JM_ENTRY_MANIFEST,
+    JM_ENTRY_PART_SHARD,
+    JM_ENTRY_PART_MANIFEST,
+} jm_shard_entry;
+#define JM_MAX_PARTS 99999
+#define JM_MAX_SHARDS 99999 /* SSSSS */
+#define JM_MANIFEST_FORMAT "jetmoe.c token shards v1"
+jm_shard_entry jm_shard_entry_kind(const char *name, int *part, int *nparts, int *shard);
 
 /* A shard written as a stream: the header first with a zero count, the ids
  * after it, the count patched in before the atomic rename, so no shard is
@@ -93,11 +117,15 @@ void jm_sampler_state_free(jm_sampler_state *st);
 
 /* jm_prepare (`jetmoe prepare`) is declared in include/jetmoe.h and implemented in prepare.c. */
 
-/* One JSONL record (a line without its newline) -> its "text" field, all of
- * it: a "\u0000" escape is kept as a NUL byte (cJSON's strings would end
- * there). *text is malloc'd, NUL-terminated, *n bytes long (0: "text": "").
- * where ("file:line") begins every message. prepare reads each record
- * through this (prepare.c). */
+/* One JSONL record (a line without its newline) -> its string field named
+ * field (a top-level key), all of it: a "\u0000" escape is kept as a NUL byte
+ * (cJSON's strings would end there). *text is malloc'd, NUL-terminated, *n
+ * bytes long (0: "text": ""). where ("file:line") begins every message; a
+ * record without that string field is an error naming it. prepare reads
+ * each record through this (prepare.c, --text-field); jm_jsonl_text is it
+ * for "text". */
+jm_status jm_jsonl_field(const char *line, size_t len, const char *field, const char *where, char **text, size_t *n,
+                         jm_error *err);
 jm_status jm_jsonl_text(const char *line, size_t len, const char *where, char **text, size_t *n, jm_error *err);
 
 /* A recipe's JSON -> jm_recipe, everything in the text checked (types,
