@@ -9,8 +9,8 @@
 # (spm_train/spm_encode, the tokenizer tests' reference), python3 + python3-numpy + python3-torch (the test runner, the
 # PyTorch reference, the benches), zlib1g-dev + libzstd-dev (-lz -lzstd: `jetmoe prepare`
 # reads .jsonl.gz and .jsonl.zst as streams), zstd (the prepare tests compress fixtures
-# with it). libopenmpi-dev and openmpi-bin are for the multi-process work that comes
-# next: nothing builds against them yet.
+# with it), libopenmpi-dev (mpi.h and -lmpi: multi-process training, src/train/comm.c;
+# `make MPI=0` builds without it) and openmpi-bin (mpirun: the scale-out tests and bench/scale).
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
 zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"

@@ -275,7 +275,7 @@ static jm_status reference_logps(dpo_task *k, const jm_tune_opts *o, const jm_re
     if (!o->run.quiet)
         fprintf(stderr, "dpo: reference log-probs of %lld sequences from %s in %.1f s\n", (long long)n, ref,
                 omp_get_wtime() - t0);
-    if (!cache[0]) return JM_OK;
+    if (!cache[0] || jm_launch_rank() != 0) return JM_OK; /* every rank scores; rank 0 keeps them */
     if ((s = jm_mkdir_p(o->run.out_dir, err))) return s;
     st_out t[] = {{"data_hash", ST_U64, 1, {1}, &hash}, {"logps", ST_F64, 1, {n}, all}};
     return st_write(cache, t, 2, NULL, NULL, 0, err);
@@ -387,7 +387,8 @@ jm_status jm_dpo(const jm_tune_opts *o, int *stopped, jm_error *err)
         jm_recipe_hash_more(ts.r, k.seq[i].ids, sizeof(int32_t) * (size_t)k.seq[i].n);
         jm_recipe_hash_more(ts.r, k.seq[i].targets, sizeof(int32_t) * (size_t)k.seq[i].n);
     }
-    if (o->run.out_dir && !o->dump_grad && !o->run.resume) { /* refused before the reference is run */
+    if (o->run.out_dir && !o->dump_grad && !o->run.resume && jm_launch_rank() == 0) {
+        /* refused before the reference is run (by rank 0, which owns the run directory) */
         const char *inputs[64];
         int ni = jm_tune_inputs(o, inputs, 64);
         static const char *const names[] = {"metrics.jsonl", "loss.svg", "checkpoints", "ref_logps.safetensors"};

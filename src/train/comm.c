@@ -68,13 +68,11 @@ static int launched_size(int *rank)
     return 0;
 }
 
-int jm_comm_has_mpi(void)
+int jm_launch_rank(void)
 {
-#ifdef JM_MPI
-    return 1;
-#else
-    return 0;
-#endif
+    int rank;
+    launched_size(&rank);
+    return rank;
 }
 
 static jm_status check_grid(int size, int pp, jm_error *err)

@@ -35,7 +35,6 @@ int jm_comm_stage(const jm_comm *c);   /* this rank's stage */
 int jm_comm_replica(const jm_comm *c); /* this rank's replica */
 int jm_comm_local_size(const jm_comm *c); /* ranks on this host (for a fair share of its cores) */
 double jm_comm_timeout(const jm_comm *c);
-int jm_comm_has_mpi(void);             /* built with MPI */
 
 /* World rank of (replica, stage). */
 static inline int jm_comm_rank_of(const jm_comm *c, int replica, int stage)

@@ -108,6 +108,10 @@ typedef struct jm_task {
     int eval_at_start; /* a fresh run scores the held-out data before its first step too (step 0) */
 } jm_task;
 
+/* This process's rank as its launcher (mpirun, srun) numbers it, 0 when not
+ * launched by one: before a run opens its grid, only rank 0 writes. */
+int jm_launch_rank(void);
+
 /* Gradients of one step, every micro-batch in turn on this process alone,
  * added to the model's (for --dump-grad and benches: the loop deals them out). */
 jm_status jm_task_grads(jm_task *task, jm_model *m, int64_t step, jm_task_step *st, jm_error *err);
