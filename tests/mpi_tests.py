@@ -12,7 +12,8 @@
                                  checkpoint there, exit 130, resumable to the straight run's weights
   mpi_hang_times_out             a rank stopped (SIGSTOP) makes the others give up after --timeout
   mpi_bad_grid                   --pp that does not divide the ranks, or exceeds the layers: clear errors
-  mpi_sft_dp2                    SFT on 2 ranks against 1 (the fine-tuning tasks share the grid)
+  mpi_sft_dp2 / mpi_dpo_pp2      SFT on 2 replicas and DPO on 2 stages against 1 rank (the fine-tuning
+                                 tasks share the grid)
 
 Root: Open MPI refuses to run as root unless told; CI runs as root, so the runner says so in the
 environment it gives mpirun (OMPI_ALLOW_RUN_AS_ROOT*), never the user's.
@@ -40,7 +41,7 @@ def pretrain_fixture(*a):
     return run_tests.pretrain_fixture(*a)
 
 CHECKS = ("mpi_np1_same_as_plain", "mpi_dp2", "mpi_pp2", "mpi_dp2_pp2", "mpi_resume_2_to_1", "mpi_resume_1_to_2",
-          "mpi_sigkill_one_rank", "mpi_sigusr1_saves_once", "mpi_hang_times_out", "mpi_bad_grid", "mpi_sft_dp2")
+          "mpi_sigkill_one_rank", "mpi_sigusr1_saves_once", "mpi_hang_times_out", "mpi_bad_grid", "mpi_sft_dp2", "mpi_dpo_pp2")
 KILL_BOUND = 30.0  # seconds from SIGKILL of one rank until every rank has exited (README: Scaling out)
 
 
@@ -340,6 +341,10 @@ def run(suite, build, tmp):
         sft_problems = sft_check(jetmoe, d, recipe)
         check(suite, "mpi_sft_dp2", not sft_problems, "; ".join(sft_problems) if sft_problems else
                     "SFT on 2 ranks matches one process (losses and weights within 1e-5)")
+    if suite.wanted("mpi_dpo_pp2"):
+        dpo_problems = dpo_check(jetmoe, d)
+        check(suite, "mpi_dpo_pp2", not dpo_problems, "; ".join(dpo_problems) if dpo_problems else
+              "DPO on 2 pipeline stages matches one process (losses and weights within 1e-5)")
 
 
 def sft_check(jetmoe, d, recipe):
@@ -364,5 +369,31 @@ def sft_check(jetmoe, d, recipe):
         p = mpirun(n, args) if n > 1 else run_cmd(args)[0]
         if p.returncode != 0:
             return [f"sft on {n} rank(s): rc {p.returncode}: {p.stderr.strip()[-300:]}"]
+        outs.append(out)
+    return compare_runs(*outs)
+
+
+def dpo_check(jetmoe, d):
+    """DPO from the one-process run's checkpoint on pre-tokenized pairs (TRL's names), 1 rank vs 2 stages."""
+    rng = np.random.default_rng(7)
+    data = os.path.join(d, "pairs.jsonl")
+    with open(data, "w") as f:
+        for i in range(16):
+            prompt = [int(x) for x in rng.integers(3, 400, int(rng.integers(3, 8)))]
+            chosen, rejected = ([int(x) for x in rng.integers(3, 400, int(rng.integers(2, 9)))] for _ in range(2))
+            f.write(json.dumps({"prompt_input_ids": prompt, "chosen_input_ids": chosen,
+                                "rejected_input_ids": rejected}) + "\n")
+    rec = os.path.join(d, "dpo_recipe.json")
+    with open(rec, "w") as f:
+        json.dump({"max_len": 32, "batch_size": 2, "grad_accum": 4, "epochs": 1, "optimizer": {"lr": 1e-4},
+                   "log_every": 1, "beta": 0.1}, f)
+    base = latest(os.path.join(d, "one"))
+    outs = []
+    for n in (1, 2):
+        out = os.path.join(d, f"dpo{n}")
+        args = [jetmoe, "dpo", "--model", base, "--data", data, "--recipe", rec, "--out", out, "--quiet"]
+        p = mpirun(n, args + ["--pp", "2"]) if n > 1 else run_cmd(args)[0]
+        if p.returncode != 0:
+            return [f"dpo on {n} rank(s): rc {p.returncode}: {p.stderr.strip()[-300:]}"]
         outs.append(out)
     return compare_runs(*outs)
