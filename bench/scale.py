@@ -6,7 +6,7 @@ wait for each other (for PP: the pipeline bubble), and from those measured volum
 JetMoE-8B's step time on 8 and 64 hosts at a stated network bandwidth. Prints figures; never passes
 or fails. Every rank gets 1 thread (2 ranks on 2 cores); the 1-rank run is shown with 1 and 2 threads.
 
-Usage: bench/scale.py [--steps 12] [--seq 256] [--batch 2] [--accum 8] [--gbps 100]
+Usage: bench/scale.py [--steps 16] [--seq 256] [--batch 2] [--accum 8] [--gbps 100]
 """
 import argparse
 import json
@@ -55,7 +55,7 @@ def mpi_env(threads):
 
 
 def run(jetmoe, recipe, out, ranks, pp, threads):
-    cmd = [jetmoe, "pretrain", "--recipe", recipe, "--out", out, "--quiet"]
+    cmd = [jetmoe, "pretrain", "--recipe", recipe, "--out", out, "--quiet", "--threads", str(threads)]
     if ranks > 1:
         cmd = ["mpirun", "-np", str(ranks), "--bind-to", "none"] + cmd + ["--pp", str(pp)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=mpi_env(threads))
@@ -68,7 +68,7 @@ def run(jetmoe, recipe, out, ranks, pp, threads):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--accum", type=int, default=8)

@@ -1668,12 +1668,15 @@ static jm_status run_heldout(trainer *t, int final, jm_task_step *h, jm_error *e
     return s || t->rank != 0 ? s : t->task->heldout(t->task->ctx, t->m, final, h, err);
 }
 
-/* With several ranks on a host, each takes its share of the cores unless told. */
+/* With several ranks on a host, each takes its share of the cores unless
+ * told (--threads, or OMP_NUM_THREADS as MPI users set it): N ranks each
+ * spinning on every core would take turns on them (README: Scaling out). */
 static void share_cores(const jm_train_opts *o, const jm_comm *c)
 {
     const int local = jm_comm_local_size(c);
-    if (o->threads > 0 || local <= 1 || getenv("OMP_NUM_THREADS")) return;
-    const int n = omp_get_num_procs() / local;
+    if (o->threads > 0 || local <= 1) return;
+    const char *env = getenv("OMP_NUM_THREADS");
+    const int n = env && atoi(env) > 0 ? atoi(env) : omp_get_num_procs() / local;
     jm_set_threads(n > 0 ? n : 1);
 }
 
