@@ -56,6 +56,11 @@ def mpi_env():
                OMPI_MCA_rmaps_base_oversubscribe="1",
                # containers often forbid the cross-memory attach vader uses for large messages
                OMPI_MCA_btl_vader_single_copy_mechanism="none")
+    if "ASAN_OPTIONS" in env:  # the ASan build: what Open MPI keeps for the process's life is not ours
+        env["ASAN_OPTIONS"] += ":fast_unwind_on_malloc=0"  # whole stacks through Open MPI's libraries
+        env["LSAN_OPTIONS"] = "suppressions=" + os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "lsan_mpi.supp") + ":print_suppressions=0"
+        env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"  # its components' frames keep their names
     return env
 
 
