@@ -252,7 +252,7 @@ jm_status jm_sft_set_grads(jm_model *m, const jm_sft_set *data, int max_len, dou
         for (int64_t i = 0; i < n; i++) k.plan[i] = i;
         /* one "row" of the plan holding every example: one micro-batch of however many packed rows */
         k.row_first[0] = 0, k.row_first[1] = n, k.rows = 1;
-        one->batch_size = 1, one->seq_len = max_len; /* all sft_rows reads of the recipe */
+        one->batch_size = 1, one->seq_len = max_len; /* all the task reads of the recipe */
         jm_task_step st = {0};
         const jm_config *c = jm_model_config(m);
         jm_task task = sft_task_of(&k, 0);
