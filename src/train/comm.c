@@ -46,7 +46,6 @@ int jm_comm_dp(const jm_comm *c) { return c->dp; }
 int jm_comm_stage(const jm_comm *c) { return c->stage; }
 int jm_comm_replica(const jm_comm *c) { return c->replica; }
 int jm_comm_local_size(const jm_comm *c) { return c->local_size; }
-double jm_comm_timeout(const jm_comm *c) { return c->timeout; }
 int64_t jm_comm_bytes_sent(const jm_comm *c) { return c->bytes_sent; }
 double jm_comm_wait_seconds(const jm_comm *c) { return c->waited; }
 
@@ -299,21 +298,6 @@ jm_status jm_comm_allreduce_sum(jm_comm *c, jm_group g, double *buf, int n, cons
     return JM_OK;
 }
 
-jm_status jm_comm_allreduce_max(jm_comm *c, jm_group g, int64_t *buf, int n, const char *what, jm_error *err)
-{
-#ifdef JM_MPI
-    if (group_size(c, g) > 1) {
-        MPI_Request req;
-        c->bytes_sent += 8 * (int64_t)n;
-        jm_status s = push(c, MPI_Iallreduce(MPI_IN_PLACE, buf, n, MPI_INT64_T, MPI_MAX, group_comm(c, g), &req),
-                           &req, what, err);
-        return s ? s : jm_comm_wait(c, what, err);
-    }
-#endif
-    (void)c, (void)g, (void)buf, (void)n, (void)what, (void)err;
-    return JM_OK;
-}
-
 #ifdef JM_MPI
 /* Counts and displacements in 16-float blocks (every piece is a multiple of 16 floats). */
 static jm_status in_blocks(const jm_comm *c, int n, const int64_t *counts, const int64_t *displs, int *bc, int *bd,
@@ -380,34 +364,3 @@ jm_status jm_comm_gather0(jm_comm *c, const float *mine, float *all, const int64
     return JM_OK;
 }
 
-jm_status jm_comm_bcast0(jm_comm *c, void *buf, int64_t bytes, const char *what, jm_error *err)
-{
-#ifdef JM_MPI
-    if (c->size > 1) {
-        /* in pieces of at most 1 GB: MPI counts are int */
-        for (int64_t off = 0; off < bytes; off += (int64_t)1 << 30) {
-            int64_t n = bytes - off < ((int64_t)1 << 30) ? bytes - off : (int64_t)1 << 30;
-            MPI_Request req;
-            if (c->rank == 0) c->bytes_sent += n;
-            jm_status s = push(c, MPI_Ibcast((char *)buf + off, (int)n, MPI_BYTE, 0, c->world, &req), &req, what, err);
-            if (!s) s = jm_comm_wait(c, what, err);
-            if (s) return s;
-        }
-    }
-#endif
-    (void)c, (void)buf, (void)bytes, (void)what, (void)err;
-    return JM_OK;
-}
-
-jm_status jm_comm_barrier(jm_comm *c, const char *what, jm_error *err)
-{
-#ifdef JM_MPI
-    if (c->size > 1) {
-        MPI_Request req;
-        jm_status s = push(c, MPI_Ibarrier(c->world, &req), &req, what, err);
-        return s ? s : jm_comm_wait(c, what, err);
-    }
-#endif
-    (void)c, (void)what, (void)err;
-    return JM_OK;
-}

@@ -34,7 +34,6 @@ int jm_comm_dp(const jm_comm *c);      /* replicas */
 int jm_comm_stage(const jm_comm *c);   /* this rank's stage */
 int jm_comm_replica(const jm_comm *c); /* this rank's replica */
 int jm_comm_local_size(const jm_comm *c); /* ranks on this host (for a fair share of its cores) */
-double jm_comm_timeout(const jm_comm *c);
 
 /* World rank of (replica, stage). */
 static inline int jm_comm_rank_of(const jm_comm *c, int replica, int stage)
@@ -45,7 +44,6 @@ static inline int jm_comm_rank_of(const jm_comm *c, int replica, int stage)
 /* Collectives. Each blocks until done or the deadline; "what" names the step
  * for the message. Counts are per rank of the group, in group order. */
 jm_status jm_comm_allreduce_sum(jm_comm *c, jm_group g, double *buf, int n, const char *what, jm_error *err);
-jm_status jm_comm_allreduce_max(jm_comm *c, jm_group g, int64_t *buf, int n, const char *what, jm_error *err);
 /* In place over buf: rank i's piece is buf[displs[i] .. + counts[i]), sent to all. */
 jm_status jm_comm_allgather(jm_comm *c, jm_group g, float *buf, const int64_t *counts, const int64_t *displs,
                             const char *what, jm_error *err);
@@ -53,8 +51,6 @@ jm_status jm_comm_allgather(jm_comm *c, jm_group g, float *buf, const int64_t *c
  * into all (rank 0 only) at its displacement. */
 jm_status jm_comm_gather0(jm_comm *c, const float *mine, float *all, const int64_t *counts, const int64_t *displs,
                           const char *what, jm_error *err);
-jm_status jm_comm_bcast0(jm_comm *c, void *buf, int64_t bytes, const char *what, jm_error *err);
-jm_status jm_comm_barrier(jm_comm *c, const char *what, jm_error *err);
 
 /* Started operations, finished by jm_comm_wait (which waits for every started
  * one); jm_comm_poll lets them progress while the caller computes. */

@@ -19,10 +19,8 @@ struct jm_optimizer {
     float *m, *v;      /* (hi - lo) each, laid out like the arena */
 };
 
-/* Parameters live in one arena: offsets into it name a parameter element on
- * every rank alike. */
-static int64_t arena_offset(const jm_model *model, int i) { return jm_param_offset(model, i); }
-
+/* Parameters live in one arena: offsets into it (jm_param_offset) name a
+ * parameter element on every rank alike. */
 int64_t jm_arena_numel(const jm_model *model)
 {
     int64_t n = 0;
@@ -79,7 +77,7 @@ double jm_grad_sumsq(const jm_model *model, int64_t lo, int64_t hi)
     double ss = 0.0;
     for (int i = 0; i < jm_model_num_params(model); i++) {
         const jm_param *p = jm_model_param(model, i);
-        const int64_t a = arena_offset(model, i), j0 = lo > a ? lo - a : 0;
+        const int64_t a = jm_param_offset(model, i), j0 = lo > a ? lo - a : 0;
         const int64_t j1 = hi < a + p->numel ? hi - a : p->numel;
         double s = 0.0;
 #pragma omp parallel for reduction(+ : s) schedule(static)
@@ -111,7 +109,7 @@ jm_status jm_optimizer_step(jm_optimizer *o, jm_model *model, double lr, jm_erro
     for (int i = 0; i < jm_model_num_params(model); i++) {
         const jm_param *p = jm_model_param(model, i);
         /* the part of this parameter in the range */
-        const int64_t a = arena_offset(model, i), j0 = o->lo > a ? o->lo - a : 0;
+        const int64_t a = jm_param_offset(model, i), j0 = o->lo > a ? o->lo - a : 0;
         const int64_t j1 = o->hi < a + p->numel ? o->hi - a : p->numel;
         if (j1 <= j0) continue;
         /* no decay on norms and biases (the 1-D parameters) */

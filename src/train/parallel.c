@@ -74,12 +74,6 @@ void jm_par_shard(const jm_par *p, int64_t *lo, int64_t *hi)
     *hi = p->hi[r];
 }
 
-void jm_par_layers(const jm_par *p, int *l0, int *l1)
-{
-    *l0 = p->l0;
-    *l1 = p->l1;
-}
-
 /* ---- expert load ---- */
 
 static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
@@ -254,42 +248,62 @@ static void watch_backward(jm_par *p, jm_model *h, int on)
     if (p->dp > 1) jm_model_on_grads_done(h, on ? grads_done : NULL, p);
 }
 
-/* Forward of micro-batch j on handle h over this stage's layers; the loss
- * side (objective, tokens) on the last stage. x_in: from the previous stage. */
-static jm_status stage_forward(jm_par *p, jm_task *task, jm_model *h, const jm_micro *mb, int j, const float *x_in,
-                               double *acc, const float **weight, jm_error *err)
+/* Forward of micro-batch j on handle h over layers [l0, l1) (x_in: the
+ * stream entering l0, NULL at 0); where the layers reach the loss, the
+ * task's objective gives the backward's weights and the step's sums. */
+static jm_status micro_forward(jm_task *task, jm_model *h, const jm_micro *mb, int j, int l0, int l1,
+                               const float *x_in, double *acc, const float **weight, jm_error *err)
 {
     jm_losses L;
-    const int last = p->l1 == p->c->num_layers;
-    jm_status s = p->pp > 1 ? jm_forward_layers(h, &mb->batch, p->l0, p->l1, x_in, &L, err)
-                            : jm_forward_batch(h, &mb->batch, &L, err);
+    jm_status s = jm_forward_layers(h, &mb->batch, l0, l1, x_in, &L, err);
     if (s) return s;
     acc[JM_ACC_AUX] += L.aux_loss * mb->router_scale;
     acc[JM_ACC_Z] += L.z_loss * mb->router_scale;
     *weight = NULL;
-    if (!last) return JM_OK;
+    if (l1 < jm_model_config(h)->num_layers) return JM_OK;
     const int64_t N = (int64_t)mb->batch.B * mb->batch.T;
     if (!mb->batch.positions) acc[JM_ACC_TOKENS] += (double)N;
     for (int64_t t = 0; mb->batch.positions && t < N; t++) acc[JM_ACC_TOKENS] += mb->batch.positions[t] >= 0;
     return task->objective(task->ctx, j, jm_token_logprobs(h), &L, weight, acc, err);
 }
 
-/* Micro-batches [j0, j1) on one stage: forward, objective, backward each. */
-static jm_status run_plain(jm_par *p, jm_task *task, int j0, int j1, double *acc, const jm_model **last,
-                           jm_error *err)
+/* Micro-batches [j0, j1) through the whole model m: forward, objective,
+ * backward each; p (may be NULL: one process) starts reducing the last
+ * one's gradients while its backward runs. */
+static jm_status run_plain(jm_par *p, jm_task *task, jm_model *m, int j0, int j1, double *acc, jm_error *err)
 {
+    const int L = jm_model_config(m)->num_layers;
     for (int j = j0; j < j1; j++) {
         jm_micro mb;
         const float *weight;
         jm_status s = task->micro(task->ctx, j, &mb, err);
-        if (!s) s = stage_forward(p, task, p->m, &mb, j, NULL, acc, &weight, err);
-        watch_backward(p, p->m, j == j1 - 1);
-        if (!s) s = jm_backward_weighted(p->m, weight, mb.router_scale, err);
-        watch_backward(p, p->m, 0);
+        if (!s) s = micro_forward(task, m, &mb, j, 0, L, NULL, acc, &weight, err);
+        if (p) watch_backward(p, m, j == j1 - 1);
+        if (!s) s = jm_backward_weighted(m, weight, mb.router_scale, err);
+        if (p) watch_backward(p, m, 0);
         if (s) return s;
     }
-    *last = p->m;
     return JM_OK;
+}
+
+/* The step's report from its sums over every micro-batch (of every rank). */
+static void step_report(jm_task *task, int64_t step, const double *acc, jm_task_step *st)
+{
+    memset(st, 0, sizeof *st);
+    st->aux_loss = acc[JM_ACC_AUX];
+    st->z_loss = acc[JM_ACC_Z];
+    st->tokens = (int64_t)acc[JM_ACC_TOKENS];
+    task->finish(task->ctx, step, acc, st);
+}
+
+jm_status jm_task_grads(jm_task *task, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
+{
+    double acc[JM_TASK_MAX_ACC] = {0};
+    int n;
+    jm_status s = task->plan(task->ctx, step, &n, err);
+    if (!s) s = run_plain(NULL, task, m, 0, n, acc, err);
+    if (!s) step_report(task, step, acc, st);
+    return s;
 }
 
 static jm_status ensure_buffers(jm_par *p, int64_t n, jm_error *err)
@@ -308,10 +322,6 @@ static jm_status ensure_buffers(jm_par *p, int64_t n, jm_error *err)
  * the other side are started together and waited for together (as Megatron's
  * send_forward_recv_backward), so neighbouring stages never both block in a
  * send. */
-typedef struct {
-    jm_micro mb; /* the micro-batch being received and computed: one at a time on each stage */
-} pipe_state;
-
 static int64_t acts_of(const jm_par *p, const jm_micro *mb)
 {
     return (int64_t)mb->batch.B * mb->batch.T * p->c->hidden_size;
@@ -320,16 +330,17 @@ static int64_t acts_of(const jm_par *p, const jm_micro *mb)
 /* Starts what the stage exchanges with its neighbours, then waits for it:
  * send_fwd (micro sf's output) / recv_bwd (micro rb's gradient) with the next
  * stage, send_bwd (micro sb's input gradient) / recv_fwd (micro rf, into
- * x_in) with the previous one; -1 = none. */
-static jm_status exchange(jm_par *p, pipe_state *ps, int sf, int rb, int sb, int rf, jm_task *task, int64_t *rf_n,
+ * x_in) with the previous one; -1 = none. A stage builds one micro-batch at
+ * a time, into mb, as it receives it. */
+static jm_status exchange(jm_par *p, jm_micro *mb, int sf, int rb, int sb, int rf, jm_task *task, int64_t *rf_n,
                           jm_error *err)
 {
     const int prev = p->stage > 0 ? jm_comm_rank_of(p->comm, p->replica, p->stage - 1) : -1;
     const int next = p->stage + 1 < p->pp ? jm_comm_rank_of(p->comm, p->replica, p->stage + 1) : -1;
     jm_status s = JM_OK;
     if (rf >= 0) { /* the micro-batch is built here: its size is the message's */
-        if ((s = task->micro(task->ctx, rf, &ps->mb, err))) return s;
-        *rf_n = acts_of(p, &ps->mb);
+        if ((s = task->micro(task->ctx, rf, mb, err))) return s;
+        *rf_n = acts_of(p, mb);
         if ((s = ensure_buffers(p, *rf_n, err))) return s;
     }
     if (next >= 0 && sf >= 0)
@@ -345,12 +356,11 @@ static jm_status exchange(jm_par *p, pipe_state *ps, int sf, int rb, int sb, int
     return s ? s : jm_comm_wait(p->comm, "passing activations between pipeline stages", err);
 }
 
-static jm_status pipe_forward(jm_par *p, jm_task *task, pipe_state *ps, int j, double *acc, jm_error *err)
+static jm_status pipe_forward(jm_par *p, jm_task *task, const jm_micro *mb, int j, double *acc, jm_error *err)
 {
-    const jm_micro *mb = &ps->mb;
     jm_model *h = p->h[j % p->pp];
     const float *weight;
-    jm_status s = stage_forward(p, task, h, mb, j, p->stage > 0 ? p->x_in : NULL, acc, &weight, err);
+    jm_status s = micro_forward(task, h, mb, j, p->l0, p->l1, p->stage > 0 ? p->x_in : NULL, acc, &weight, err);
     p->h_scale[j % p->pp] = mb->router_scale;
     if (!s && p->l1 == p->c->num_layers) {
         watch_backward(p, h, j == p->last_micro);
@@ -376,25 +386,25 @@ static jm_status run_pipeline(jm_par *p, jm_task *task, int j0, int j1, double *
 {
     const int M = j1 - j0, P = p->pp;
     const int warm = P - p->stage - 1 < M ? P - p->stage - 1 : M, steady = M - warm;
-    pipe_state ps;
+    jm_micro mb;
     int64_t n = 0;
     jm_status s = JM_OK;
     for (int i = 0; i < warm && !s; i++) { /* fill the pipe */
         const int j = j0 + i;
-        if (!(s = exchange(p, &ps, -1, -1, -1, j, task, &n, err)) && !(s = pipe_forward(p, task, &ps, j, acc, err)))
-            s = exchange(p, &ps, j, -1, -1, -1, task, &n, err);
+        if (!(s = exchange(p, &mb, -1, -1, -1, j, task, &n, err)) && !(s = pipe_forward(p, task, &mb, j, acc, err)))
+            s = exchange(p, &mb, j, -1, -1, -1, task, &n, err);
     }
-    if (steady > 0 && !s) s = exchange(p, &ps, -1, -1, -1, j0 + warm, task, &n, err);
+    if (steady > 0 && !s) s = exchange(p, &mb, -1, -1, -1, j0 + warm, task, &n, err);
     for (int i = 0; i < steady && !s; i++) { /* one forward, one backward */
         const int j = j0 + warm + i, bi = j0 + i;
-        if (!(s = pipe_forward(p, task, &ps, j, acc, err)) && !(s = exchange(p, &ps, j, bi, -1, -1, task, &n, err)) &&
+        if (!(s = pipe_forward(p, task, &mb, j, acc, err)) && !(s = exchange(p, &mb, j, bi, -1, -1, task, &n, err)) &&
             !(s = pipe_backward(p, bi, err)))
-            s = exchange(p, &ps, -1, -1, bi, i + 1 < steady ? j + 1 : -1, task, &n, err);
+            s = exchange(p, &mb, -1, -1, bi, i + 1 < steady ? j + 1 : -1, task, &n, err);
     }
     for (int i = steady; i < M && !s; i++) { /* drain it */
         const int bi = j0 + i;
-        if (!(s = exchange(p, &ps, -1, bi, -1, -1, task, &n, err)) && !(s = pipe_backward(p, bi, err)))
-            s = exchange(p, &ps, -1, -1, bi, -1, task, &n, err);
+        if (!(s = exchange(p, &mb, -1, bi, -1, -1, task, &n, err)) && !(s = pipe_backward(p, bi, err)))
+            s = exchange(p, &mb, -1, -1, bi, -1, task, &n, err);
     }
     if (M > 0) *last = p->h[(j1 - 1) % P];
     return s;
@@ -449,11 +459,11 @@ jm_status jm_par_step(jm_par *p, jm_task *task, jm_optimizer *opt, int64_t step,
     p->last_micro = j1 - 1;
     p->next_bucket = 0;
     p->hook_status = JM_OK;
-    const jm_model *last = NULL;
-    s = p->pp > 1 ? run_pipeline(p, task, j0, j1, acc, &last, err) : run_plain(p, task, j0, j1, acc, &last, err);
+    const jm_model *last = p->m;
+    s = p->pp > 1 ? run_pipeline(p, task, j0, j1, acc, &last, err) : run_plain(p, task, p->m, j0, j1, acc, err);
     if (s) return s;
     /* the load of the step's last micro-batch, from the replica that ran it */
-    if (in->want_load && last && j1 == n) jm_routers_load(last, p->l0, p->l1, ld);
+    if (in->want_load && j1 > j0 && j1 == n) jm_routers_load(last, p->l0, p->l1, ld);
     if ((s = reduce_grads(p, err))) return s;
 
     double *sumsq = ld + 2 * (size_t)L * E, *stop = sumsq + 1, *bytes = stop + 1, *waited = bytes + 1;
@@ -463,11 +473,7 @@ jm_status jm_par_step(jm_par *p, jm_task *task, jm_optimizer *opt, int64_t step,
     *waited = jm_comm_wait_seconds(p->comm) - wait0;
     if ((s = jm_comm_allreduce_sum(p->comm, JM_GROUP_WORLD, p->stats, p->nstats, "summing the step's losses", err)))
         return s;
-    memset(&out->st, 0, sizeof out->st);
-    out->st.aux_loss = acc[JM_ACC_AUX];
-    out->st.z_loss = acc[JM_ACC_Z];
-    out->st.tokens = (int64_t)acc[JM_ACC_TOKENS];
-    task->finish(task->ctx, step, acc, &out->st);
+    step_report(task, step, acc, &out->st);
     if (in->want_load) memcpy(load, ld, sizeof(double) * 2 * (size_t)L * E);
     out->stop = *stop > 0;
     out->grad_norm = sqrt(*sumsq);

@@ -17,8 +17,6 @@ jm_status jm_par_open(jm_comm *c, jm_model *m, int seq_len, jm_par **out, jm_err
 void jm_par_close(jm_par *p);
 /* This rank's shard of the parameter arena (its optimizer's range). */
 void jm_par_shard(const jm_par *p, int64_t *lo, int64_t *hi);
-/* This rank's stage's layers [*l0, *l1). */
-void jm_par_layers(const jm_par *p, int *l0, int *l1);
 
 typedef struct {
     double lr, grad_clip;

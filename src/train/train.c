@@ -1298,65 +1298,6 @@ static double unigram_entropy(const jm_recipe *r)
 /* ---- one optimizer step ---- */
 
 /* Share of routed slots per expert for one router, as a fraction of the fair share. */
-static void expert_load(const int32_t *idx, int64_t n, int E, double *share)
-{
-    for (int e = 0; e < E; e++) share[e] = 0;
-    for (int64_t i = 0; i < n; i++) share[idx[i]] += 1;
-    for (int e = 0; e < E; e++) share[e] = n ? share[e] * E / (double)n : 0;
-}
-
-/* Every router's expert load of the model's last forward (2*L*E, MoA layers first). */
-static void routers_load(const jm_model *m, double *load)
-{
-    const jm_config *c = jm_model_config(m);
-    int64_t n = jm_routing_count(m);
-    for (int blk = 0; blk < 2; blk++)
-        for (int l = 0; l < c->num_layers; l++)
-            expert_load(jm_routing(m, l, blk), n, c->num_experts,
-                        load + ((size_t)blk * c->num_layers + l) * c->num_experts);
-}
-
-/* ---- a step as micro-batches ---- */
-
-/* Forward, objective and backward of micro-batch j of the task's planned
- * step, adding to acc. */
-static jm_status micro_step(jm_task *task, jm_model *m, int j, double *acc, jm_error *err)
-{
-    jm_micro mb;
-    jm_losses L;
-    const float *weight;
-    jm_status s = task->micro(task->ctx, j, &mb, err);
-    if (!s) s = jm_forward_batch(m, &mb.batch, &L, err);
-    if (s) return s;
-    acc[JM_ACC_AUX] += L.aux_loss * mb.router_scale;
-    acc[JM_ACC_Z] += L.z_loss * mb.router_scale;
-    const int64_t N = (int64_t)mb.batch.B * mb.batch.T;
-    if (!mb.batch.positions) acc[JM_ACC_TOKENS] += (double)N;
-    for (int64_t t = 0; mb.batch.positions && t < N; t++) acc[JM_ACC_TOKENS] += mb.batch.positions[t] >= 0;
-    if ((s = task->objective(task->ctx, j, jm_token_logprobs(m), &L, &weight, acc, err))) return s;
-    return jm_backward_weighted(m, weight, mb.router_scale, err);
-}
-
-/* The step's report from its sums over every micro-batch. */
-static void finish_step(jm_task *task, int64_t step, const double *acc, jm_task_step *st)
-{
-    memset(st, 0, sizeof *st);
-    st->aux_loss = acc[JM_ACC_AUX];
-    st->z_loss = acc[JM_ACC_Z];
-    st->tokens = (int64_t)acc[JM_ACC_TOKENS];
-    task->finish(task->ctx, step, acc, st);
-}
-
-jm_status jm_task_grads(jm_task *task, jm_model *m, int64_t step, jm_task_step *st, jm_error *err)
-{
-    double acc[JM_TASK_MAX_ACC] = {0};
-    int n;
-    jm_status s = task->plan(task->ctx, step, &n, err);
-    for (int j = 0; j < n && !s; j++) s = micro_step(task, m, j, acc, err);
-    if (!s) finish_step(task, step, acc, st);
-    return s;
-}
-
 /* Language modelling on accum micro-batches of B x T tokens: the mean of the
  * micro-batches' mean token losses (pretraining's objective). */
 typedef struct {
@@ -1421,7 +1362,7 @@ jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, i
     jm_status s = jm_task_grads(&task, m, 0, &ts, err);
     free(k.weight);
     if (s) return s;
-    if (load) routers_load(m, load); /* of the last micro-batch */
+    if (load) jm_routers_load(m, 0, jm_model_config(m)->num_layers, load); /* of the last micro-batch */
     st->loss = ts.loss;
     st->aux_loss = ts.aux_loss;
     st->z_loss = ts.z_loss;
@@ -1740,12 +1681,9 @@ jm_status jm_train_run(const jm_train_opts *o, jm_recipe *r, jm_model *init, jm_
                 (long long)jm_config_num_params(c), (long long)total,
                 (long long)r->batch_size * r->seq_len * r->grad_accum * (r->kind == JM_TASK_DPO ? 2 : 1),
                 o->resume ? "resuming at step" : "from step", (long long)t.step);
-        if (jm_comm_size(t.comm) > 1) {
-            int l0, l1;
-            jm_par_layers(t.par, &l0, &l1);
+        if (jm_comm_size(t.comm) > 1)
             fprintf(stderr, "%s: %d ranks = %d pipeline stages x %d data-parallel replicas, %d threads each\n", kind,
                     jm_comm_size(t.comm), jm_comm_pp(t.comm), jm_comm_dp(t.comm), omp_get_max_threads());
-        }
     }
     if (task->heldout && task->eval_at_start && !o->resume && t.rank == 0) { /* the starting point, to compare with */
         jm_task_step h = {0};
