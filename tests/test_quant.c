@@ -122,11 +122,10 @@ static double ref_dot(wview w, const float *x, int64_t C, double *mag)
 
 static double kernel_dot(const wkernels *K, wview w, const float *x, int64_t C)
 {
-    if (w.type == WT_BF16) return K->dot_bf16(w.data, x, C);
     int8_t *xq = malloc((size_t)C);
-    float *xs = malloc((size_t)(2 * (C / 32)) * sizeof *xs);
-    quantize_act_q8(xq, xs, x, C);
-    double v = w.type == WT_Q8 ? K->dot_q8(w.data, w.scales, xq, xs, C) : K->dot_q4(w.data, w.scales, xq, xs, C);
+    float *xs = malloc((size_t)(2 * (C / 32) + 1) * sizeof *xs), v;
+    if (w.type == WT_Q8 || w.type == WT_Q4) quantize_act_q8(xq, xs, x, C);
+    wkernel_for(K, w.type)(&v, 1, w, 1, x, xq, xs, 1, C);
     free(xq);
     free(xs);
     return v;

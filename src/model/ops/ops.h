@@ -12,6 +12,8 @@
 
 #include <string.h>
 
+float jm_f16_to_f32(uint16_t h); /* base/half.c */
+
 /* exp(x) for softmax, SiLU and cross-entropy, written by hand because glibc's
  * expf is a scalar call that stops gcc from vectorising those loops (they were
  * a quarter of the forward time); this form inlines and vectorises to AVX2.
@@ -205,14 +207,26 @@ float quantize_row_q4(uint8_t *q, uint8_t *scales, const float *w, int64_t C);
  * kernels take the -8 offset off through it). */
 void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
 
-/* The dot products the products below are made of, one weight row by one
- * input row. A table per instruction set, chosen at run time. */
+/* wkernels.c: the kernels the products below are made of. A tile function
+ * computes out[r * ldo + i] = <weight row i, input row r> for the nrows
+ * consecutive rows of w and n input rows: fp32 x (row stride C) for F32 and
+ * BF16 weights, int8 xq/xs from quantize_act_q8 (strides C and 2*C/32) for
+ * Q8/Q4. A table per instruction set, chosen at run time. */
+typedef void (*wtile_fn)(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+                         const float *xs, int64_t n, int64_t C);
 typedef struct {
     const char *name;
-    float (*dot_bf16)(const uint8_t *w, const float *x, int64_t C);
-    float (*dot_q8)(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C);
-    float (*dot_q4)(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C);
+    wtile_fn f32, bf16, q8, q4;
 } wkernels;
+static inline wtile_fn wkernel_for(const wkernels *K, wtype t)
+{
+    return t == WT_F32 ? K->f32 : t == WT_BF16 ? K->bf16 : t == WT_Q8 ? K->q8 : K->q4;
+}
+/* A Q8/Q4 block's F16 scale (read as bytes: a mapped file promises no alignment). */
+static inline float wscale_at(const uint8_t *s, int64_t b)
+{
+    return jm_f16_to_f32((uint16_t)(s[2 * b] | s[2 * b + 1] << 8));
+}
 /* "auto" (the best this CPU runs), "avx2" or "portable"; NULL when this CPU
  * (or this build) cannot run the named set. */
 const wkernels *wkernels_get(const char *name);

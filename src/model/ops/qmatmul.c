@@ -1,19 +1,11 @@
 /* qmatmul.c — products with weights as the checkpoint stores them (BF16, and
- * the blockwise Q8/Q4 of `jetmoe quantize`), for inference.
+ * the blockwise Q8/Q4 of `jetmoe quantize`), for inference: the formats,
+ * quantization, and the products over experts.
  *
- * Decoding one token reads every active weight once and does two flops per
- * weight: it is bound by memory bandwidth, so the kernels' job is to keep up
- * with it (about 3-4 weights per cycle per core here) while reading as few
- * bytes as possible. No library does products on these block formats, so the
- * dot products are written by hand: a portable C version, the reference any
- * CPU runs, and an AVX2+FMA+F16C version chosen at run time. Q8/Q4 multiply
- * int8 activations (quantized per block of 32, fp32 scale) with integer
- * multiply-adds, summing each block exactly in int32. Prefill has many rows
- * per weight and is compute bound instead: it dequantizes tiles of weights to
- * fp32 and hands them to SGEMM.
- *
- * (AVX-512 BF16/VNNI versions would slot into the same table; this machine
- * has no AVX-512 to test them on, so there are none yet.) */
+ * Decoding (a few input rows) reads every active weight once: it takes the
+ * dot-product kernels of wkernels.c. Prefill has many rows per weight and is
+ * compute bound instead: it dequantizes tiles of weights to fp32 and hands
+ * them to SGEMM. */
 #include "ops.h"
 #include "base/base.h"
 
@@ -21,16 +13,6 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define JM_X86 1
-#endif
-
-static inline float scale_at(const uint8_t *s, int64_t b)
-{
-    return jm_f16_to_f32((uint16_t)(s[2 * b] | s[2 * b + 1] << 8));
-}
 
 int64_t wtype_row_bytes(wtype t, int64_t C)
 {
@@ -71,7 +53,7 @@ void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C)
         case WT_Q8: {
             const int8_t *q = (const int8_t *)W.data + r * C;
             for (int64_t b = 0; b < nb; b++) {
-                float d = scale_at(W.scales, r * nb + b);
+                float d = wscale_at(W.scales, r * nb + b);
                 for (int i = 0; i < QBLOCK; i++) o[b * QBLOCK + i] = d * q[b * QBLOCK + i];
             }
             break;
@@ -79,7 +61,7 @@ void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C)
         case WT_Q4: {
             const uint8_t *q = (const uint8_t *)W.data + r * C / 2;
             for (int64_t b = 0; b < nb; b++) {
-                float d = scale_at(W.scales, r * nb + b);
+                float d = wscale_at(W.scales, r * nb + b);
                 const uint8_t *qb = q + b * (QBLOCK / 2);
                 for (int j = 0; j < QBLOCK / 2; j++) {
                     o[b * QBLOCK + j] = d * (float)((qb[j] & 15) - 8);
@@ -169,195 +151,6 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C)
     }
 }
 
-/* ---- portable kernels: the reference for the SIMD ones ---- */
-
-static float dot_bf16_c(const uint8_t *w, const float *x, int64_t C)
-{
-    float acc = 0.0f;
-    for (int64_t i = 0; i < C; i++) {
-        uint32_t u = (uint32_t)(w[2 * i] | w[2 * i + 1] << 8) << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        acc += f * x[i];
-    }
-    return acc;
-}
-
-static float dot_q8_c(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
-{
-    float acc = 0.0f;
-    for (int64_t b = 0; b < C / QBLOCK; b++) {
-        int32_t s = 0;
-        for (int i = 0; i < QBLOCK; i++) s += (int32_t)w[b * QBLOCK + i] * xq[b * QBLOCK + i];
-        acc += scale_at(ws, b) * xs[b] * (float)s;
-    }
-    return acc;
-}
-
-static float dot_q4_c(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
-{
-    float acc = 0.0f;
-    for (int64_t b = 0; b < C / QBLOCK; b++) {
-        const uint8_t *qb = w + b * (QBLOCK / 2);
-        const int8_t *x = xq + b * QBLOCK;
-        int32_t s = 0;
-        for (int j = 0; j < QBLOCK / 2; j++) s += ((qb[j] & 15) - 8) * x[j] + ((qb[j] >> 4) - 8) * x[j + 16];
-        acc += scale_at(ws, b) * xs[b] * (float)s;
-    }
-    return acc;
-}
-
-static const wkernels kernels_portable = {"portable", dot_bf16_c, dot_q8_c, dot_q4_c};
-
-/* ---- AVX2 + FMA + F16C ---- */
-#ifdef JM_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 4096 /* ahead of the stream: measured best of 256..8192 here */
-#endif
-/* The address PREFETCH_BYTES on (past the end near a row's end: a prefetch
- * never faults, and going through an integer keeps the arithmetic defined). */
-static inline const char *ahead(const void *p) { return (const char *)((uintptr_t)p + PREFETCH_BYTES); }
-
-AVX2 static inline float hsum8(__m256 v)
-{
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-AVX2 static inline __m256 bf16x8(const uint8_t *p)
-{
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-AVX2 static float dot_bf16_avx2(const uint8_t *w, const float *x, int64_t C)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= C; i += 32) {
-        _mm_prefetch(ahead(w + 2 * i), _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(bf16x8(w + 2 * i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 32), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 48), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= C; i += 8) a0 = _mm256_fmadd_ps(bf16x8(w + 2 * i), _mm256_loadu_ps(x + i), a0);
-    float acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return acc + dot_bf16_c(w + 2 * i, x + i, C - i);
-}
-
-/* Both int8 kernels work on 8 blocks at a time: their 8 F16 scales convert
- * in one instruction and are multiplied by the activations' scales into a
- * small table, from which each block's sum is scaled with a broadcast load.
- * A block's 32 products go through maddubs (unsigned x signed bytes -> int16
- * pairs) and madd (-> int32 lanes). */
-AVX2 static inline float f16_scalar(const uint8_t *s, int64_t b)
-{
-    return _cvtsh_ss((unsigned short)(s[2 * b] | s[2 * b + 1] << 8));
-}
-
-AVX2 static inline __m256 scales8(const uint8_t *ws, const float *xd, int64_t b)
-{
-    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + 2 * b))), _mm256_loadu_ps(xd + b));
-}
-
-AVX2 static inline __m256i sum_pairs(__m256i prod16) { return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1)); }
-
-/* Q8: maddubs wants one unsigned operand: |w| times x carrying w's sign is
- * the same product. No pair saturates int16: |w| <= 128, |x| <= 127. */
-AVX2 static inline __m256i block_q8(const int8_t *w, const int8_t *x)
-{
-    __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
-    return sum_pairs(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));
-}
-
-/* Q4: the nibbles (0..15, low = elements 0-15, high = 16-31) are the unsigned
- * operand as they are; the -8 offset is taken off once per block through the
- * activations' block sums: sum (n - 8) x = sum n x - 8 sum x. */
-AVX2 static inline __m256i block_q4(const uint8_t *w, const int8_t *x)
-{
-    __m128i b = _mm_loadu_si128((const __m128i *)w);
-    __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-    return sum_pairs(_mm256_maddubs_epi16(n, _mm256_loadu_si256((const __m256i *)x)));
-}
-
-AVX2 static float dot_q8_avx2(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
-{
-    const int64_t nb = C / QBLOCK;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        float s[8];
-        _mm256_storeu_ps(s, scales8(ws, xs, b));
-        for (int j = 0; j < 8; j += 2) {
-            _mm_prefetch(ahead(w + (b + j) * 32), _MM_HINT_T0);
-            __m256i p0 = block_q8(w + (b + j) * 32, xq + (b + j) * 32);
-            __m256i p1 = block_q8(w + (b + j + 1) * 32, xq + (b + j + 1) * 32);
-            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j]), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j + 1]), _mm256_cvtepi32_ps(p1), acc1);
-        }
-    }
-    for (; b < nb; b++) {
-        __m256 sc = _mm256_set1_ps(f16_scalar(ws, b) * xs[b]);
-        acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(block_q8(w + b * 32, xq + b * 32)), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
-}
-
-AVX2 static float dot_q4_avx2(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
-{
-    const int64_t nb = C / QBLOCK;
-    const float *xsum = xs + nb;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, off = acc0;
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + 2 * b)));
-        float s[8];
-        _mm256_storeu_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(xs + b)));
-        off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xsum + b), off);
-        _mm_prefetch(ahead(w + b * 16), _MM_HINT_T0);
-        _mm_prefetch(ahead(w + b * 16 + 64), _MM_HINT_T0);
-        for (int j = 0; j < 8; j += 2) {
-            __m256i p0 = block_q4(w + (b + j) * 16, xq + (b + j) * 32);
-            __m256i p1 = block_q4(w + (b + j + 1) * 16, xq + (b + j + 1) * 32);
-            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j]), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j + 1]), _mm256_cvtepi32_ps(p1), acc1);
-        }
-    }
-    float tail = 0.0f;
-    for (; b < nb; b++) {
-        float dw = f16_scalar(ws, b);
-        __m256 sc = _mm256_set1_ps(dw * xs[b]);
-        acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(block_q4(w + b * 16, xq + b * 32)), acc0);
-        tail += dw * xsum[b];
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1)) - 8.0f * (hsum8(off) + tail);
-}
-
-static const wkernels kernels_avx2 = {"avx2", dot_bf16_avx2, dot_q8_avx2, dot_q4_avx2};
-
-static int cpu_has_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-#endif
-
-const wkernels *wkernels_get(const char *name)
-{
-    if (strcmp(name, "portable") == 0) return &kernels_portable;
-#ifdef JM_X86
-    if (strcmp(name, "avx2") == 0 || strcmp(name, "auto") == 0)
-        return cpu_has_avx2() ? &kernels_avx2 : strcmp(name, "auto") == 0 ? &kernels_portable : NULL;
-#else
-    if (strcmp(name, "auto") == 0) return &kernels_portable;
-#endif
-    return NULL;
-}
-
 /* ---- products ---- */
 
 /* Scratch: int8 copies of up to `rows` input rows with their block scales,
@@ -387,24 +180,11 @@ static wscratch carve_scratch(void *scratch, int64_t rows, int64_t C)
 }
 
 /* Rows o0 .. o1-1 of W against n input rows (x row r at x + r*C, quantized at
- * xq + r*C): out[r*ldo + o]. The weight row stays in L1 across the n inputs. */
+ * xq + r*C): out[r*ldo + o]. */
 static void dot_rows(float *out, int64_t ldo, const float *x, const int8_t *xq, const float *xs, int64_t n, wview W,
                      int64_t o0, int64_t o1, int64_t C, const wkernels *K)
 {
-    const int64_t nb = C / QBLOCK;
-    for (int64_t o = o0; o < o1; o++) {
-        wview w = wview_rows(W, o, C);
-        for (int64_t r = 0; r < n; r++) {
-            float v;
-            switch (W.type) {
-            case WT_BF16: v = K->dot_bf16(w.data, x + r * C, C); break;
-            case WT_Q8: v = K->dot_q8(w.data, w.scales, xq + r * C, xs + r * 2 * nb, C); break;
-            case WT_Q4: v = K->dot_q4(w.data, w.scales, xq + r * C, xs + r * 2 * nb, C); break;
-            default: v = cblas_sdot((int)C, w.data, 1, x + r * C, 1); break;
-            }
-            out[r * ldo + o] = v;
-        }
-    }
+    wkernel_for(K, W.type)(out + o0, ldo, wview_rows(W, o0, C), o1 - o0, x, xq, xs, n, C);
 }
 
 /* The tiled path: out (n, ldo) columns o0 .. o0+WTILE-1 = x (n, C) @ tile^T. */
