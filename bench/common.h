@@ -14,6 +14,26 @@
 
 static inline double now(void) { return omp_get_wtime(); }
 
+/* The CPU as /proc/cpuinfo names it, with its family and model (virtual
+ * machines often say just "AMD EPYC"), for every figure a bench prints. */
+static inline void cpu_model(char *out, size_t cap)
+{
+    char name[128] = "unknown CPU", fam[16] = "?", mod[16] = "?", line[512];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f)) {
+        char *v = strchr(line, ':');
+        if (!v) continue;
+        v += v[1] == ' ' ? 2 : 1;
+        v[strcspn(v, "\n")] = 0;
+        if (strncmp(line, "model name", 10) == 0) snprintf(name, sizeof name, "%s", v);
+        else if (strncmp(line, "cpu family", 10) == 0) snprintf(fam, sizeof fam, "%s", v);
+        else if (strncmp(line, "model\t", 6) == 0) snprintf(mod, sizeof mod, "%s", v);
+        else if (line[0] == '\n') break; /* the first CPU is enough */
+    }
+    if (f) fclose(f);
+    snprintf(out, cap, "%s (family %s model %s)", name, fam, mod);
+}
+
 /* Best-of-reps SGEMM rate at a size large enough to reach the kernel's peak. */
 static inline double gemm_peak_gflops(int n, int reps)
 {

@@ -37,20 +37,6 @@ static double load_average(void)
     return l;
 }
 
-static void cpu_model(char *buf, size_t cap)
-{
-    snprintf(buf, cap, "unknown CPU");
-    FILE *p = popen("lscpu 2>/dev/null", "r");
-    char line[512];
-    while (p && fgets(line, sizeof line, p))
-        if (!strncmp(line, "Model name:", 11)) {
-            const char *v = line + 11;
-            while (*v == ' ') v++;
-            snprintf(buf, cap, "%.*s", (int)strcspn(v, "\n"), v);
-        }
-    if (p) pclose(p);
-}
-
 /* Seconds for `steps` decode steps of K sequences: batched (one call per
  * step, K items) or sequential (one slot, each sequence's steps in turn). */
 static double decode(jm_model *m, int K, int batched, int32_t **prompts, int n_prompt, int steps, jm_error *err)

@@ -153,11 +153,19 @@ static void test_schedule(jm_model *m, const char *what, int separate)
     jm_error err = {{0}};
     double worst = 0;
     int calls = 0, mixed = 0;
+    /* the reference on one thread, the schedule on all: with prefills apart,
+     * every call is a decode step (a few rows), computed row by row whatever
+     * else is in it and however many threads share it: bit for bit the same.
+     * A prefill beside decode steps gives some experts many rows (GEMM), and
+     * the rounding of those rows differs within fp32. */
+    jm_set_threads(1);
     jm_status s = reference(m, &sc, ref, &err);
+    jm_set_threads(3);
     if (!s) s = run_schedule(m, &sc, ref, 3, &worst, &calls, &mixed, &err);
+    jm_set_threads(0);
     char name[96];
     snprintf(name, sizeof name, "decode_batch_equals_alone_%s", what);
-    check_detail(s == JM_OK && worst <= 1e-4 && calls > 40 && (separate || mixed >= 2), name,
+    check_detail(s == JM_OK && (separate ? worst == 0 : worst <= 1e-4) && calls > 40 && (separate || mixed >= 2), name,
                  "status %d (%s); max diff %.2e of the largest logit over %d calls (%d with a prefill beside "
                  "decode steps), 5 sequences in 3 slots, slot 0 and 2 reused", s, err.msg, worst, calls, mixed);
     for (int q = 0; q < NSEQ; q++) free(ref[q]);
@@ -385,9 +393,8 @@ int main(void)
 
     test_schedule(f32, "f32", 0);
     test_schedule(f32, "f32_separate_prefills", 1);
-    /* Q8: prefills in calls of their own, as jm_generate_batch makes them;
-     * with up to 8 rows per expert the int8 dot kernels handle each row the
-     * same whatever else is in the call */
+    /* Q8: prefills in calls of their own, as jm_generate_batch makes them:
+     * each decode row is computed the same whatever else is in the call */
     test_schedule(q8, "q8", 1);
     test_slot_copy(f32, "f32");
     test_slot_copy(q8, "q8");

@@ -3,6 +3,7 @@
  * against the portable one), the tiled products, and whole models opened in
  * place (BF16, Q8, Q4) against the fp32 path.
  * Prints `PASS name` / `FAIL name: why`; exits 1 on any failure. */
+#include "base/base.h"
 #include "base/safetensors.h"
 #include "model/ops/ops.h"
 #include "harness.h"
@@ -244,6 +245,7 @@ static double max_rel(const float *a, const float *b, int64_t n)
 {
     double d = 0, m = 1e-30;
     for (int64_t i = 0; i < n; i++) {
+        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY; /* fmax would pass a NaN over */
         d = fmax(d, fabs((double)a[i] - b[i]));
         m = fmax(m, fabs((double)b[i]));
     }
@@ -254,20 +256,23 @@ static void test_products(void)
 {
     const int64_t C = 288, O = 150; /* 9 blocks: the SIMD main loop and a tail; O not a multiple of the tile */
     const int threads = omp_get_max_threads();
-    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
-    static const char *names[] = {"bf16", "q8", "q4"};
+    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4, WT_F32};
+    static const char *names[] = {"bf16", "q8", "q4", "f32"};
     const char *kern[] = {"portable", "avx2"};
+    /* each product on OpenMP and on a decode pool of 3 threads (chunks of
+     * experts' rows run on it when no expert has more than WSMALL_N rows) */
+    jm_pool *pool = jm_pool_create(3);
     for (int ki = 0; ki < 2; ki++) {
         const wkernels *K = wkernels_get(kern[ki]);
         if (!K) {
             printf("SKIP wmatmul_%s (this CPU cannot run it)\n", kern[ki]);
             continue;
         }
-        for (int ti = 0; ti < 3; ti++) {
+        for (int ti = 0; ti < 4; ti++) {
             void *data;
             uint8_t *sc;
             wview W = random_matrix(types[ti], O, C, &data, &sc, 0.1f);
-            double worst = 0;
+            double worst = 0, worst_pool = 0;
             static const int64_t Ns[] = {1, 3, 8, 9, 19}; /* dot kernels up to WSMALL_N rows, then tiles */
             for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++) {
                 const int64_t N = Ns[ni];
@@ -275,14 +280,20 @@ static void test_products(void)
                       *want = malloc((size_t)(N * O) * 4);
                 for (int64_t i = 0; i < N * C; i++) x[i] = frand();
                 void *scratch = malloc(wmatmul_scratch_bytes(N, C, threads));
-                wmatmul_forward(got, x, W, N, C, O, K, scratch);
-                ref_matmul(want, x, W, N, C, O, N <= WSMALL_N && types[ti] != WT_BF16);
+                const int int8_act = N <= WSMALL_N && (types[ti] == WT_Q8 || types[ti] == WT_Q4);
+                ref_matmul(want, x, W, N, C, O, int8_act);
+                wmatmul_forward(got, x, W, N, C, O, K, scratch, NULL);
                 worst = fmax(worst, max_rel(got, want, N * O));
+                memset(got, 0xff, (size_t)(N * O) * 4); /* NaN: a row the pool skips shows */
+                wmatmul_forward(got, x, W, N, C, O, K, scratch, pool);
+                worst_pool = fmax(worst_pool, max_rel(got, want, N * O));
                 free(x), free(got), free(want), free(scratch);
             }
             char name[64];
             snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kern[ki]);
             check_detail(worst < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst);
+            snprintf(name, sizeof name, "wmatmul_%s_%s_on_decode_pool", names[ti], kern[ki]);
+            check_detail(worst_pool < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst_pool);
             free(data), free(sc);
         }
     }
@@ -290,7 +301,8 @@ static void test_products(void)
     /* grouped experts: some with a few rows (dot kernels), some with many (tiles), one empty */
     const int E = 4;
     const int64_t offsets[5] = {0, 3, 3, 30, 31};
-    for (int ti = 0; ti < 3; ti++) {
+    const int64_t few[5] = {0, 3, 3, 8, 9}; /* rows 3/0/5/1: all on the pool */
+    for (int ti = 0; ti < 4; ti++) {
         void *data;
         uint8_t *sc;
         wview W = random_matrix(types[ti], E * O, C, &data, &sc, 0.1f);
@@ -299,19 +311,24 @@ static void test_products(void)
               *want = malloc((size_t)(Nk * O) * 4);
         for (int64_t i = 0; i < Nk * C; i++) xs[i] = frand();
         void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads));
-        wexperts_forward(ys, xs, W, offsets, E, C, O, wkernels_get("auto"), scratch);
-        for (int e = 0; e < E; e++) {
-            int64_t n = offsets[e + 1] - offsets[e];
-            if (n)
-                ref_matmul(want + offsets[e] * O, xs + offsets[e] * C, wview_rows(W, e * O, C), n, C, O,
-                           n <= WSMALL_N && types[ti] != WT_BF16);
+        for (int pass = 0; pass < 2; pass++) { /* OpenMP (a pool is ignored with 27 rows), then the pool */
+            const int64_t *off = pass ? few : offsets, n_all = off[E];
+            memset(ys, 0xff, (size_t)(Nk * O) * 4);
+            wexperts_forward(ys, xs, W, off, E, C, O, wkernels_get("auto"), scratch, pool);
+            for (int e = 0; e < E; e++) {
+                int64_t n = off[e + 1] - off[e];
+                if (n)
+                    ref_matmul(want + off[e] * O, xs + off[e] * C, wview_rows(W, e * O, C), n, C, O,
+                               n <= WSMALL_N && (types[ti] == WT_Q8 || types[ti] == WT_Q4));
+            }
+            char name[64];
+            snprintf(name, sizeof name, "wexperts_%s_%s", names[ti], pass ? "decode_pool" : "mixed_group_sizes");
+            double r = max_rel(ys, want, n_all * O);
+            check_detail(r < 1e-5, name, "rows %s: %.2e of max |out|", pass ? "3/0/5/1" : "3/0/27/1", r);
         }
-        char name[64];
-        snprintf(name, sizeof name, "wexperts_%s_mixed_group_sizes", names[ti]);
-        double r = max_rel(ys, want, Nk * O);
-        check_detail(r < 1e-5, name, "rows 3/0/27/1: %.2e of max |out|", r);
         free(xs), free(ys), free(want), free(scratch), free(data), free(sc);
     }
+    jm_pool_free(pool);
 }
 
 /* ---- whole models ---- */

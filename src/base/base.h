@@ -115,4 +115,16 @@ uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float jm_f16_to_f32(uint16_t h);
 uint16_t jm_f32_to_f16(float f); /* round to nearest even */
 
+/* ---- the decode step's threads (pool.c) ---- */
+/* A job is nchunks calls fn(ctx, chunk, thread) with thread in [0, threads):
+ * 0 is the caller, which takes chunks too and returns when all are done.
+ * Chunks run in any order, each once. NULL (or threads 1) runs them inline. */
+typedef struct jm_pool jm_pool;
+typedef void (*jm_pool_fn)(void *ctx, int64_t chunk, int thread);
+jm_pool *jm_pool_create(int threads); /* NULL when out of memory or threads */
+void jm_pool_free(jm_pool *p);
+int jm_pool_threads(const jm_pool *p);
+void jm_pool_run(jm_pool *p, int64_t nchunks, jm_pool_fn fn, void *ctx);
+int jm_cpu_count(void); /* the cores this process may run on */
+
 #endif

@@ -68,13 +68,15 @@ typedef struct {
     int32_t *pos;           /* (n_cap) each token's position */
     att_run *runs;          /* (n_cap) one per item of the call */
     void *wscratch;         /* stored-weight products (qmatmul.c) */
+    jm_pool *pool;          /* the threads of decode steps (a few tokens per call) */
 } decoder;
 
 /* A jm_infer_batch call as the MoA block sees it: its runs over this layer's
- * part of the cache. */
+ * part of the cache, the few-token ones (decoding) first. */
 typedef struct {
     const att_run *runs;
-    int nruns, ctx;
+    int nruns, nsmall, ctx;
+    jm_pool *pool;          /* where the few-token runs attend */
     float *cache;           /* (slots, ctx, 2A) of the layer being computed */
 } dec_step;
 
@@ -267,6 +269,7 @@ void jm_model_free(jm_model *m)
     free(m->dec.rope_cos);
     free(m->dec.rope_sin);
     free(m->dec.mem);
+    jm_pool_free(m->dec.pool);
     free(m);
 }
 
@@ -795,7 +798,7 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T, int l0, int l1)
     m->xs = carve(base, &off, Nk * wide * f);
     m->ys = carve(base, &off, Nk * wide * f);
     m->att_threads = omp_get_max_threads();
-    m->att_scratch = carve(base, &off, (size_t)m->att_threads * attention_scratch_floats(T) * f);
+    m->att_scratch = carve(base, &off, (size_t)m->att_threads * attention_scratch_floats(T, c->top_k) * f);
     m->wscratch = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)Nk, (int64_t)wide, m->att_threads)) : NULL;
     m->rope_cos = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
     m->rope_sin = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
@@ -850,6 +853,7 @@ typedef struct {
     const float *rope_cos, *rope_sin;
     const wkernels *K; /* and what products with stored (BF16/Q8/Q4) weights use */
     void *wscratch;
+    jm_pool *pool;     /* decoding a few tokens: products and attention run on it, light ops inline */
     const int32_t *pos, *kstart; /* each token's position: packed rows (training) or decoding; else NULL */
 } fwd_scratch;
 
@@ -865,25 +869,31 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     const int E = c->num_experts, k = c->top_k;
     float *kv_new = a->kv;
 
-    wmatmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, S->K, S->wscratch);
+    wmatmul_forward(kv_new, a->a, p->kv_proj, N, H, 2 * A, S->K, S->wscratch, S->pool);
     router_forward(a->moa_z, a->moa_idx, a->moa_gate, a->a, p->moa_router, N, (int)H, E, k);
     dispatch_build(a->moa_sorted, a->moa_pos, a->moa_off, a->moa_idx, N, k, E);
 
     dispatch_gather(S->xs, a->a, a->moa_sorted, N * k, k, H, 0);
-    wexperts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A, S->K, S->wscratch);
+    wexperts_forward(S->ys, S->xs, p->moa_in, a->moa_off, E, H, A, S->K, S->wscratch, S->pool);
     dispatch_scatter(a->q, S->ys, a->moa_sorted, N * k, A);
 
     rope_forward(a->q, N, T, 0, S->pos, k * c->num_kv_heads, c->head_dim, k * A, S->rope_cos, S->rope_sin);
     rope_forward(kv_new, N, T, 0, S->pos, c->num_kv_heads, c->head_dim, 2 * A, S->rope_cos, S->rope_sin);
-    if (step)
-        attention_cached(a->att, a->att_lse, a->q, kv_new, step->cache, step->runs, step->nruns, S->att_scratch,
-                         step->ctx, k, c->num_kv_heads, c->head_dim);
+    if (step) {
+        /* a run attends the same way whatever else is in the call, so a
+         * sequence's logits do not depend on its batch-mates */
+        attention_decode(a->att, a->q, kv_new, step->cache, step->runs, step->nsmall, S->att_scratch, step->ctx, k,
+                         c->num_kv_heads, c->head_dim, step->pool);
+        if (step->nruns > step->nsmall)
+            attention_cached(a->att, a->att_lse, a->q, kv_new, step->cache, step->runs + step->nsmall,
+                             step->nruns - step->nsmall, S->att_scratch, step->ctx, k, c->num_kv_heads, c->head_dim);
+    }
     else
         attention_forward(a->att, a->att_lse, a->q, kv_new, S->kstart, S->att_scratch, B, T, T, k, c->num_kv_heads,
                           c->head_dim);
 
     dispatch_gather(S->xs, a->att, a->moa_sorted, N * k, k, A, 1);
-    wexperts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H, S->K, S->wscratch);
+    wexperts_forward(a->moa_y, S->xs, p->moa_out, a->moa_off, E, A, H, S->K, S->wscratch, S->pool);
     combine_forward(a->x_mid, a->x, a->moa_y, a->moa_pos, a->moa_gate, p->moa_bias, N, k, H);
 }
 
@@ -897,9 +907,9 @@ static void moe_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
     router_forward(a->moe_z, a->moe_idx, a->moe_gate, a->b, p->moe_router, N, (int)H, E, k);
     dispatch_build(a->moe_sorted, a->moe_pos, a->moe_off, a->moe_idx, N, k, E);
     dispatch_gather(S->xs, a->b, a->moe_sorted, N * k, k, H, 0);
-    wexperts_forward(a->u, S->xs, p->moe_in, a->moe_off, E, H, 2 * F, S->K, S->wscratch);
+    wexperts_forward(a->u, S->xs, p->moe_in, a->moe_off, E, H, 2 * F, S->K, S->wscratch, S->pool);
     swiglu_forward(a->h, a->u, N * k, F);
-    wexperts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H, S->K, S->wscratch);
+    wexperts_forward(a->moe_y, a->h, p->moe_out, a->moe_off, E, F, H, S->K, S->wscratch, S->pool);
     combine_forward(x_out, a->x_mid, a->moe_y, a->moe_pos, a->moe_gate, p->moe_bias, N, k, H);
 }
 
@@ -987,7 +997,7 @@ jm_status jm_forward_layers(jm_model *m, const jm_batch *b, int l0, int l1, cons
 
     const float eps = (float)c->rms_norm_eps;
     const uint8_t *valid = m->packed ? m->valid : NULL;
-    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch,
+    const fwd_scratch S = {m->xs, m->ys, m->att_scratch, m->rope_cos, m->rope_sin, m->kern, m->wscratch, NULL,
                            m->packed ? m->pos : NULL, m->packed ? m->kstart : NULL};
     double aux = 0.0, zl = 0.0;
     if (l0 == 0)
@@ -1017,7 +1027,7 @@ jm_status jm_forward_layers(jm_model *m, const jm_batch *b, int l0, int l1, cons
     double loss = 0.0;
     if (l1 == L) {
         rmsnorm_forward(m->hf, m->rstdf, m->x_out, m->norm, N, H, eps);
-        wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch);
+        wmatmul_forward(m->logits, m->hf, m->lm_head, N, H, V, m->kern, m->wscratch, NULL);
         loss = cross_entropy_forward(m->logits, m->targets, N, V, &count, m->logp);
     }
     m->aux_loss = aux;
@@ -1126,6 +1136,14 @@ jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err)
 static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
 {
     decoder *d = &m->dec;
+    /* the library's thread count, but never more threads than the cores
+     * this process may run on: a waiting pool thread would hold one */
+    const int cores = jm_cpu_count(), want = omp_get_max_threads() < cores ? omp_get_max_threads() : cores;
+    if (jm_pool_threads(d->pool) != want || !d->pool) {
+        jm_pool_free(d->pool);
+        if (!(d->pool = jm_pool_create(want)))
+            return jm_fail(err, JM_ERR_NOMEM, "cannot start %d decoding threads", want);
+    }
     if (d->mem && n <= d->n_cap && r <= d->r_cap && d->att_threads >= omp_get_max_threads()) return JM_OK;
     n = n > d->n_cap ? n : d->n_cap;
     r = r > d->r_cap ? r : d->r_cap;
@@ -1142,7 +1160,7 @@ static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
         int32_t *pos = carve(base, &off, N * sizeof *pos);
         att_run *runs = carve(base, &off, N * sizeof *runs);
         int threads = omp_get_max_threads();
-        float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx) * f);
+        float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx, c->top_k) * f);
         void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads))
                              : NULL;
         if (!pass) {
@@ -1214,14 +1232,19 @@ jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, co
     const int64_t H = c->hidden_size, V = c->vocab_size, A = (int64_t)c->num_kv_heads * c->head_dim;
     const float eps = (float)c->rms_norm_eps;
     float *x = d->x0, *x_next = d->x1;
-    for (int i = 0, row = 0; i < nitems; row += items[i].n, i++) {
+    int nsmall = 0; /* runs of up to WSMALL_N tokens first, then the prefills' */
+    for (int i = 0; i < nitems; i++) nsmall += items[i].n <= WSMALL_N;
+    for (int i = 0, row = 0, small = 0, large = nsmall; i < nitems; row += items[i].n, i++) {
         const jm_infer_item *it = &items[i];
-        d->runs[i] = (att_run){row, it->n, it->pos, (int64_t)it->slot * d->ctx * 2 * A};
+        d->runs[it->n <= WSMALL_N ? small++ : large++] = (att_run){row, it->n, it->pos, (int64_t)it->slot * d->ctx * 2 * A};
         for (int t = 0; t < it->n; t++) d->pos[row + t] = it->pos + t;
         embedding_forward(x + (int64_t)row * H, it->tokens, m->embed, it->n, H);
     }
-    dec_step step = {d->runs, nitems, d->ctx, NULL};
-    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch, d->pos, NULL};
+    dec_step step = {.runs = d->runs, .nruns = nitems, .nsmall = nsmall, .ctx = d->ctx, .pool = d->pool};
+    /* a few tokens (decoding) run on the pool; a prefill's GEMMs on OpenMP and OpenBLAS */
+    jm_pool *pool = N <= WSMALL_N ? d->pool : NULL;
+    const fwd_scratch S = {d->xs, d->ys, d->att_scratch, d->rope_cos, d->rope_sin, m->kern, d->wscratch, pool,
+                           d->pos, NULL};
     layer_acts *a = &d->a;
     for (int l = 0; l < c->num_layers; l++) {
         const layer_params *p = &m->lp[l];
@@ -1237,10 +1260,10 @@ jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, co
     }
     /* only the rows asked for: a prefill never pays for the others */
     int64_t r = 0;
-    for (int i = 0; i < nitems; i++)
+    for (int i = 0, row = 0; i < nitems; row += items[i].n, i++)
         for (int t = items[i].n - items[i].logits; t < items[i].n; t++, r++)
-            rmsnorm_forward(d->hf + r * H, NULL, x + (d->runs[i].row0 + t) * H, m->norm, 1, H, eps);
-    if (R) wmatmul_forward(d->logits, d->hf, m->lm_head, R, H, V, m->kern, d->wscratch);
+            rmsnorm_forward(d->hf + r * H, NULL, x + (row + t) * H, m->norm, 1, H, eps);
+    if (R) wmatmul_forward(d->logits, d->hf, m->lm_head, R, H, V, m->kern, d->wscratch, d->pool);
     for (int i = 0; i < nitems; i++) {
         memcpy(d->tok + (int64_t)items[i].slot * d->ctx + items[i].pos, items[i].tokens,
                (size_t)items[i].n * sizeof *d->tok);

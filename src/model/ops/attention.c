@@ -12,6 +12,7 @@
  * in one row, kstart) narrow each block to the keys from its first row's
  * sequence start on, and each row masks the keys before its own start. */
 #include "ops.h"
+#include "base/base.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -20,9 +21,10 @@
 
 #define ATT_BLOCK 64 /* query rows per block: scores fit in L2 for T in the thousands */
 
-size_t attention_scratch_floats(int T)
+size_t attention_scratch_floats(int T, int k)
 {
-    return 2 * (size_t)ATT_BLOCK * (size_t)T; /* scores, and in backward their gradient */
+    /* scores, and in backward their gradient; decoding: k rows of scores */
+    return (2 * ATT_BLOCK > k ? 2 * ATT_BLOCK : (size_t)k) * (size_t)T;
 }
 
 /* One task: query head (j, h) of T rows at positions p0 .. p0+T-1 (Q, O with
@@ -71,7 +73,7 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
     const int tasks = B * k * Hkv;
 #pragma omp parallel
     {
-        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(Tk);
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(Tk, k);
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
             int b = task / (k * Hkv), j = (task / Hkv) % k, h = task % Hkv;
@@ -83,18 +85,24 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
     }
 }
 
+/* The new rows' keys and values join their sequences' caches. */
+static void cache_store(float *cache, const float *kv_new, const att_run *runs, int nruns, int64_t kvs)
+{
+    for (int r = 0; r < nruns; r++)
+        memcpy(cache + runs[r].off + (int64_t)runs[r].p0 * kvs, kv_new + runs[r].row0 * kvs,
+               (size_t)runs[r].n * (size_t)kvs * sizeof(float));
+}
+
 void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
                       int nruns, float *scratch, int ctx, int k, int Hkv, int D)
 {
     const int64_t A = (int64_t)Hkv * D;
     const int64_t qs = k * A, kvs = 2 * A;
-    for (int r = 0; r < nruns; r++) /* the new rows join their sequences' caches first */
-        memcpy(cache + runs[r].off + (int64_t)runs[r].p0 * kvs, kv_new + runs[r].row0 * kvs,
-               (size_t)runs[r].n * (size_t)kvs * sizeof(float));
+    cache_store(cache, kv_new, runs, nruns, kvs);
     const int tasks = nruns * k * Hkv;
 #pragma omp parallel
     {
-        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(ctx);
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(ctx, k);
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
             const att_run *run = &runs[task / (k * Hkv)];
@@ -104,6 +112,64 @@ void attention_cached(float *out, float *lse, const float *q, const float *kv_ne
                    NULL, S, run->n, run->p0, qs, kvs, A, D);
         }
     }
+}
+
+typedef struct {
+    float *out;
+    const float *q, *cache;
+    const att_run *runs;
+    float *scratch;
+    int ctx, k, Hkv, D;
+} decode_job;
+
+/* Rows of one run against KV head h, all k query slots (j, h) at once:
+ * scores S[j][i] = scale q_j . K_i over the visible keys, softmax per slot,
+ * o_j = sum_i p_ji V_i. Hand-written (GEMV-sized, and BLAS must not be
+ * called from the pool's threads); the inner loops over D vectorise. */
+static void attend_chunk(void *ctx, int64_t chunk, int thread)
+{
+    const decode_job *j = ctx;
+    const int k = j->k, D = j->D, h = (int)(chunk % j->Hkv);
+    const att_run *run = &j->runs[chunk / j->Hkv];
+    const int64_t A = (int64_t)j->Hkv * D, qs = k * A, kvs = 2 * A;
+    const float scale = 1.0f / sqrtf((float)D);
+    const float *Kh = j->cache + run->off + (int64_t)h * D;
+    float *S = j->scratch + (size_t)thread * attention_scratch_floats(j->ctx, k);
+    for (int r = 0; r < run->n; r++) {
+        const int visible = run->p0 + r + 1;
+        const float *qr = j->q + (run->row0 + r) * qs + (int64_t)h * D;
+        float *o = j->out + (run->row0 + r) * qs + (int64_t)h * D, inv[JM_MAX_EXPERTS];
+        for (int i = 0; i < visible; i++) {
+            const float *key = Kh + (int64_t)i * kvs;
+            for (int s = 0; s < k; s++) {
+                const float *qv = qr + s * A;
+                float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                for (int c = 0; c < D; c++) d += qv[c] * key[c];
+                S[(int64_t)s * visible + i] = d * scale;
+            }
+        }
+        for (int s = 0; s < k; s++) {
+            float *row = S + (int64_t)s * visible;
+            inv[s] = 1.0f / exp_shift_sum(row, row, visible, row_max(row, visible));
+            memset(o + s * A, 0, (size_t)D * sizeof *o);
+        }
+        for (int i = 0; i < visible; i++) {
+            const float *v = Kh + (int64_t)i * kvs + A;
+            for (int s = 0; s < k; s++) {
+                float p = S[(int64_t)s * visible + i] * inv[s], *os = o + s * A;
+                for (int c = 0; c < D; c++) os[c] += p * v[c];
+            }
+        }
+    }
+}
+
+void attention_decode(float *out, const float *q, const float *kv_new, float *cache, const att_run *runs, int nruns,
+                      float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool)
+{
+    cache_store(cache, kv_new, runs, nruns, 2 * (int64_t)Hkv * D);
+    decode_job j = {out, q, cache, runs, scratch, ctx, k, Hkv, D};
+    jm_pool_run(pool, (int64_t)nruns * Hkv, attend_chunk, &j);
 }
 
 /* Backward, recomputing each block's probabilities from the saved row
@@ -124,7 +190,7 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
     const int tasks = B * Hkv;
 #pragma omp parallel
     {
-        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(T);
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(T, k);
         float *dP = S + (size_t)ATT_BLOCK * T;
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {

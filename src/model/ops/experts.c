@@ -28,7 +28,7 @@ void dispatch_build(int32_t *sorted, int32_t *pos, int64_t *offsets, const int32
 
 void dispatch_gather(float *xs, const float *x, const int32_t *sorted, int64_t Nk, int k, int64_t C, int per_slot)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (Nk * C >= JM_OMP_GRAIN)
     for (int64_t m = 0; m < Nk; m++) {
         int64_t row = per_slot ? sorted[m] : sorted[m] / k;
         memcpy(xs + m * C, x + row * C, (size_t)C * sizeof(float));
@@ -37,7 +37,7 @@ void dispatch_gather(float *xs, const float *x, const int32_t *sorted, int64_t N
 
 void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t Nk, int64_t C)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (Nk * C >= JM_OMP_GRAIN)
     for (int64_t m = 0; m < Nk; m++) memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float));
 }
 
@@ -60,7 +60,7 @@ void combine_forward(float *out, const float *resid, const float *ys, const int3
                      const float *bias, int64_t N, int k, int64_t H)
 {
     /* per token, in slot order: deterministic whatever the thread count */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * k * H >= JM_OMP_GRAIN)
     for (int64_t t = 0; t < N; t++) {
         float *o = out + t * H;
         const float *r = resid + t * H;

@@ -10,9 +10,17 @@
 
 #define JM_MAX_EXPERTS 1024 /* config.c rejects more */
 
+/* Elements of work below which a light op (norm, RoPE, gather, combine ...)
+ * stays on the calling thread. An OpenMP region costs ~2.6 us at 2 threads
+ * (8.6 us with OMP_WAIT_POLICY=passive) on a 2-vCPU EPYC, which splitting a
+ * light op (~0.6 ns per element) only earns back past ~9,000-29,000 elements
+ * (bench/threads). Decoding a few tokens stays under it, with no region. */
+#define JM_OMP_GRAIN 32768
+
 #include <string.h>
 
 float jm_f16_to_f32(uint16_t h); /* base/half.c */
+typedef struct jm_pool jm_pool;  /* base/pool.c: the decode step's threads */
 
 /* exp(x) for softmax, SiLU and cross-entropy, written by hand because glibc's
  * expf is a scalar call that stops gcc from vectorising those loops (they were
@@ -98,11 +106,11 @@ void rope_backward(float *dx, int64_t rows, int T, const int32_t *pos, int heads
  * keys each (the first Tk - T from a cache). q (B*T, k, Hkv, D): query head
  * (j,h) attends with kv head h of kv (B*Tk, 2*A), K = first A columns, V = last
  * A. out (B*T, k, Hkv, D); lse (B*T, k*Hkv) keeps each row's softmax normaliser
- * for backward (which needs Tk == T). scratch: attention_scratch_floats(Tk) per thread.
+ * for backward (which needs Tk == T). scratch: attention_scratch_floats(Tk, k) per thread.
  * Packing (Tk == T only): kstart (B*T, or NULL = all 0) gives each query row
  * the first key of its own sequence within the row, so row r sees keys
  * kstart[r] .. r and nothing across a boundary; it never decreases along a row. */
-size_t attention_scratch_floats(int T);
+size_t attention_scratch_floats(int T, int k);
 void attention_forward(float *out, float *lse, const float *q, const float *kv, const int32_t *kstart,
                        float *scratch, int B, int T, int Tk, int k, int Hkv, int D);
 void attention_backward(float *dq, float *dkv, const float *dout, const float *out, const float *lse,
@@ -115,7 +123,7 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
  * into cache. kv_new (N, 2A) holds the rows' own keys and values: they are
  * stored at their positions first, then each row attends to its sequence's
  * keys 0 .. its position. lse as attention_forward; scratch:
- * attention_scratch_floats(ctx) per thread, ctx >= every p0 + n. */
+ * attention_scratch_floats(ctx, k) per thread, ctx >= every p0 + n. */
 typedef struct {
     int64_t row0;
     int n, p0;
@@ -123,6 +131,12 @@ typedef struct {
 } att_run;
 void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
                       int nruns, float *scratch, int ctx, int k, int Hkv, int D);
+/* attention_cached for decoding (a few rows per run), on the decode pool: one
+ * chunk per (run, KV head) with all k query slots of it, so each cached K/V
+ * row is read once for the k experts; no lse. scratch as attention_cached,
+ * per pool thread. */
+void attention_decode(float *out, const float *q, const float *kv_new, float *cache, const att_run *runs, int nruns,
+                      float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
  * ties to the lower index) and the softmax over the k selected logits. */
@@ -235,15 +249,17 @@ const wkernels *wkernels_get(const char *name);
  * kernels above (decode: reading the weights once is the whole cost; Q8/Q4
  * multiply int8 activations, as their inputs are quantized per block of 32);
  * more rows dequantize tiles of WTILE weight rows to fp32 for SGEMM (prefill).
+ * With a pool (decoding) and no expert over WSMALL_N rows, the products run
+ * on it, F32 ones too, and never on OpenMP or OpenBLAS; otherwise on OpenMP.
  * scratch: wmatmul_scratch_bytes(rows, C). */
 #define WSMALL_N 8
 #define WTILE 64
 size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads);
 /* out (N,O) = inp (N,C) @ W^T (wexperts_forward with one expert) */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
-                     void *scratch);
+                     void *scratch, jm_pool *pool);
 /* experts_forward with stored weights: ys (N*k,O) = xs @ W[e]^T per expert's rows. */
 void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offsets, int E, int64_t C, int64_t O,
-                      const wkernels *K, void *scratch);
+                      const wkernels *K, void *scratch, jm_pool *pool);
 
 #endif

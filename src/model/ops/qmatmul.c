@@ -201,15 +201,62 @@ static int is_int8(wtype t) { return t == WT_Q8 || t == WT_Q4; }
 
 /* A single matrix is a group of one expert owning every row. */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
-                     void *scratch)
+                     void *scratch, jm_pool *pool)
 {
     const int64_t offsets[2] = {0, N};
-    wexperts_forward(out, inp, W, offsets, 1, C, O, K, scratch);
+    wexperts_forward(out, inp, W, offsets, 1, C, O, K, scratch, pool);
+}
+
+/* Decoding: chunks of about DECODE_CHUNK_BYTES of one active expert's weight
+ * rows, each against all of that expert's (few) input rows. Big enough that
+ * claiming one costs nothing next to reading it, small enough that 2 threads
+ * share even a 64 KB matrix. */
+#define DECODE_CHUNK_BYTES 16384
+
+typedef struct {
+    float *ys;
+    const float *xs;
+    wview W;
+    const int64_t *offsets;
+    int64_t C, O, rows, per_expert; /* weight rows per chunk, chunks per active expert */
+    const int *active;
+    wscratch s;
+    const wkernels *K;
+} decode_job;
+
+static void product_chunk(void *ctx, int64_t chunk, int thread)
+{
+    (void)thread;
+    const decode_job *j = ctx;
+    const int e = j->active[chunk / j->per_expert];
+    const int64_t C = j->C, O = j->O, nb = C / QBLOCK, m0 = j->offsets[e], n = j->offsets[e + 1] - m0;
+    const int64_t o0 = chunk % j->per_expert * j->rows, o1 = o0 + j->rows < O ? o0 + j->rows : O;
+    dot_rows(j->ys + m0 * O, O, j->xs + m0 * C, j->s.xq + m0 * C, j->s.xs + m0 * 2 * nb, n,
+             wview_rows(j->W, (int64_t)e * O, C), o0, o1, C, j->K);
+}
+
+static void decode_products(float *ys, const float *xs, wview W, const int64_t *offsets, int E, int64_t C,
+                            int64_t O, const wkernels *K, wscratch s, jm_pool *pool)
+{
+    int active[JM_MAX_EXPERTS], nact = 0;
+    for (int e = 0; e < E; e++)
+        if (offsets[e + 1] > offsets[e]) active[nact++] = e;
+    const int64_t row_bytes = wtype_row_bytes(W.type, C) + (W.scales ? 2 * (C / QBLOCK) : 0);
+    int64_t rows = (DECODE_CHUNK_BYTES / row_bytes + 7) & ~(int64_t)7; /* whole multi-row kernel passes */
+    if (rows > O) rows = O;
+    decode_job j = {ys, xs, W, offsets, C, O, rows, (O + rows - 1) / rows, active, s, K};
+    jm_pool_run(pool, (int64_t)nact * j.per_expert, product_chunk, &j);
 }
 
 void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offsets, int E, int64_t C, int64_t O,
-                      const wkernels *K, void *scratch)
+                      const wkernels *K, void *scratch, jm_pool *pool)
 {
+    int few = 1; /* every expert few enough rows for the dot kernels: decoding */
+    for (int e = 0; e < E; e++) few &= offsets[e + 1] - offsets[e] <= WSMALL_N;
+    if (pool && few && !is_int8(W.type)) {
+        decode_products(ys, xs, W, offsets, E, C, O, K, (wscratch){0}, pool);
+        return;
+    }
     if (W.type == WT_F32) {
         experts_forward(ys, xs, W.data, offsets, E, C, O);
         return;
@@ -222,6 +269,10 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
             if (offsets[e + 1] - offsets[e] <= WSMALL_N)
                 for (int64_t m = offsets[e]; m < offsets[e + 1]; m++)
                     quantize_act_q8(s.xq + m * C, s.xs + m * 2 * nb, xs + m * C, C);
+    if (pool && few) {
+        decode_products(ys, xs, W, offsets, E, C, O, K, s, pool);
+        return;
+    }
     /* one work item per (expert, tile of WTILE weight rows): balanced however
      * the tokens fell, and every tile of every active expert is read once */
 #pragma omp parallel for schedule(dynamic, 2)

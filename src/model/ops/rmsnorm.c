@@ -5,7 +5,7 @@
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t H, float eps)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * H >= JM_OMP_GRAIN)
     for (int64_t t = 0; t < N; t++) {
         const float *x = inp + t * H;
         float *o = out + t * H;

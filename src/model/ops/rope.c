@@ -19,7 +19,7 @@ void rope_forward(float *x, int64_t rows, int T, int pos0, const int32_t *pos, i
                   const float *cos_t, const float *sin_t)
 {
     int half = D / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * heads * D >= JM_OMP_GRAIN)
     for (int64_t r = 0; r < rows; r++) {
         int64_t p = pos ? pos[r] : pos0 + r % T;
         const float *c = cos_t + p * half, *s = sin_t + p * half;

@@ -8,8 +8,18 @@
 void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const float *Wr, int64_t N, int H,
                     int E, int k)
 {
-    matmul_forward(z, inp, Wr, N, H, E, 0);
-#pragma omp parallel for schedule(static)
+    if (N <= WSMALL_N) /* decoding: each row by itself, so its logits do not depend on its batch-mates */
+        for (int64_t t = 0; t < N; t++)
+            for (int e = 0; e < E; e++) {
+                const float *x = inp + t * H, *w = Wr + (int64_t)e * H;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int i = 0; i < H; i++) acc += x[i] * w[i];
+                z[t * E + e] = acc;
+            }
+    else
+        matmul_forward(z, inp, Wr, N, H, E, 0);
+#pragma omp parallel for schedule(static) if (N * E >= JM_OMP_GRAIN)
     for (int64_t t = 0; t < N; t++) {
         const float *zt = z + t * E;
         int32_t *it = idx + t * k;

@@ -5,7 +5,7 @@
 
 void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
 {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * F >= JM_OMP_GRAIN)
     for (int64_t m = 0; m < M; m++) {
         const float *gate = u + m * 2 * F, *up = gate + F;
         float *o = h + m * F;
