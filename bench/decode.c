@@ -79,8 +79,8 @@ static void progress(int i, int n, double step_s, double elapsed)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx2|portable] "
-                    "[--warmup N]\n       bench/decode --bench-config OUT.json\n");
+    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable] "
+                    "[--kv-cache f32|bf16] [--warmup N]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
 
@@ -98,7 +98,7 @@ static int write_bench_config(const char *path)
 
 int main(int argc, char **argv)
 {
-    const char *dir = NULL, *kernels = "auto";
+    const char *dir = NULL, *kernels = "auto", *kv_cache = "f32";
     int threads = 2, n_prompt = 512, n_new = 32, warmup = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -114,6 +114,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--prompt")) n_prompt = atoi(v);
         else if (!strcmp(a, "--new")) n_new = atoi(v);
         else if (!strcmp(a, "--kernels")) kernels = v;
+        else if (!strcmp(a, "--kv-cache")) kv_cache = v;
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
         else return usage();
     }
@@ -125,7 +126,8 @@ int main(int argc, char **argv)
     double t0 = now();
     jm_status s = jm_model_open(dir, &m, &err);
     const double open_s = now() - t0;
-    if (s || jm_set_kernels(m, kernels, &err) || jm_set_context(m, n_prompt + n_new, &err)) {
+    if (s || jm_set_kernels(m, kernels, &err) || jm_set_kv_cache(m, kv_cache, &err) ||
+        jm_set_context(m, n_prompt + n_new, &err)) {
         fprintf(stderr, "bench/decode: %s\n", err.msg);
         jm_model_free(m);
         return 1;
@@ -175,25 +177,34 @@ int main(int argc, char **argv)
     const double gemm = gemm_peak_gflops(2048, 3);
     const int64_t bytes = jm_active_weight_bytes(m);
     const double roofline = bw * 1e9 / (double)bytes;
+    /* and what the steps read of the cache, on average: K and V of every earlier position */
+    const double kv_bytes = (double)c->num_layers * 2 * c->num_kv_heads * c->head_dim *
+                            (strcmp(kv_cache, "bf16") ? 4 : 2) * (n_prompt + n_new / 2.0);
+    char cpu[160];
+    cpu_model(cpu, sizeof cpu);
     /* forward_flops counts logits for every position; jm_infer computes only the last row */
     const double prefill_gflop =
         (forward_flops(c, 1, n_prompt) - 2.0 * (n_prompt - 1) * c->hidden_size * (double)V) / 1e9;
 
     fprintf(stderr,
-            "%s: %s weights, %s kernels, %d threads\n"
+            "%s: %s weights, %s kernels, %s KV cache, %d threads, %s\n"
             "  open     %.2f s, peak RSS %.0f MB\n"
             "  prefill  %d tokens in %.2f s = %.1f tokens/s (%.1f GFLOP/s, SGEMM peak %.1f)\n"
             "  decode   %d tokens: %.2f tokens/s (%.2f with the first step), %.1f ms/token\n"
-            "  roofline %.1f GB/s read / %.1f MB per token = %.2f tokens/s -> decode at %.0f%%\n",
-            dir, jm_model_weight_type(m), jm_kernels(m), threads, open_s, rss, n_prompt, prefill_s,
+            "  roofline %.1f GB/s read / %.1f MB per token = %.2f tokens/s -> decode at %.0f%% "
+            "(with the %.1f MB of KV cache a step reads: %.0f%%)\n",
+            dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, n_prompt, prefill_s,
             n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, n_new, decode_tps, decode_all_tps,
-            1e3 / decode_tps, bw, bytes / 1e6, roofline, 100 * decode_tps / roofline);
-    printf("{\"impl\":\"c\",\"what\":\"decode\",\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"
+            1e3 / decode_tps, bw, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
+            100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
+    printf("{\"impl\":\"c\",\"what\":\"decode\",\"cpu\":\"%s\",\"kv_cache\":\"%s\",\"kv_bytes\":%.0f,"
+           "\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"
            "\"prompt\":%d,\"new\":%d,\"open_s\":%.3f,\"prefill_s\":%.4f,\"prefill_tok_s\":%.2f,"
            "\"prefill_gflops\":%.2f,\"gemm_peak_gflops\":%.2f,\"decode_tok_s\":%.4f,\"decode_tok_s_all\":%.4f,"
            "\"first_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
            "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"ids\":[",
-           jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s, prefill_s,
+           cpu, jm_kv_cache(m), kv_bytes, jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s,
+           prefill_s,
            n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0],
            (long long)bytes, bw, roofline, decode_tps / roofline, rss);
     for (int i = 0; i <= n_new; i++) printf(i ? ",%d" : "%d", ids[i]);

@@ -4,7 +4,10 @@ PyTorch peer on the small bench config, and on JetMoE-8B's layout (random
 weights) in BF16, Q8 and Q4 against the memory-bandwidth roofline. Prints
 figures; never passes or fails.
 
-  bench/decode.py [--threads 2] [--synthetic DIR] [--skip-8b] [--build build]
+  bench/decode.py [--threads 1,2] [--synthetic DIR] [--skip-8b] [--skip-small] [--kv-cache bf16] [--build build]
+
+Every figure is given at each thread count side by side (default 1 and 2),
+and a row where more threads decode slower is marked.
 
 Small config (bench/common.h): `jetmoe init` writes a random fp32 checkpoint
 to a temporary directory; build/bench/decode and bench/decode_ref.py decode
@@ -46,9 +49,17 @@ def leading_agreement(a, b):
     return n
 
 
-def small(a, env):
+def thread_env(t):
+    return dict(os.environ, OMP_NUM_THREADS=str(t))
+
+
+def flag(r1, r2):
+    """The 2-thread column's mark: more threads must never be slower."""
+    return "" if r2 >= r1 else "  <- more threads slower"
+
+
+def small(a):
     decode = os.path.join(ROOT, a.build, "bench", "decode")
-    common = ["--threads", str(a.threads), "--prompt", "128", "--new", "64"]
     with tempfile.TemporaryDirectory(prefix="jetmoe-decode-") as td:
         cfg_path, model = os.path.join(td, "config.json"), os.path.join(td, "model")
         # the config comes from bench/common.h by way of the C bench, so there is one copy of it
@@ -57,25 +68,59 @@ def small(a, env):
                        check=True, stdout=subprocess.DEVNULL)
         with open(cfg_path) as f:
             cfg = json.load(f)
-        c = run([decode, model] + common, env)
-        py = run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model, "--check"] + common, env)
+        c, py = {}, {}
+        for t in a.thread_list:
+            common = ["--threads", str(t), "--prompt", "128", "--new", "64"]
+            c[t] = run([decode, model] + common, thread_env(t))
+            py[t] = run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model, "--check"] + common,
+                        thread_env(t))
+        busy_rows = busy(decode, model, a.thread_list)
 
+    t1, tn = a.thread_list[0], a.thread_list[-1]
     print(f"small config: vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
           f"{cfg['num_key_value_heads']} KV heads x {cfg['kv_channels']}, FFN {cfg['intermediate_size']}, "
-          f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}; random fp32; "
-          f"prompt {c['prompt']}, {c['new']} new, {a.threads} threads")
-    print(f"  {'':12} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/token':>9}")
+          f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}; random fp32; prompt 128, 64 new; "
+          f"{c[t1]['cpu']}, {c[t1]['kernels']} kernels")
+    print(f"  {'decode tok/s':14}" + "".join(f" {f'{t} thread' + ('s' if t > 1 else ''):>10}" for t in a.thread_list)
+          + f" {f'{tn}/{t1}':>6}   prefill tok/s at {tn}")
     for name, r in (("C", c), ("PyTorch", py)):
-        print(f"  {name:12} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} {1e3 / r['decode_tok_s']:9.2f}")
-    print(f"  {'C / PyTorch':12} {c['prefill_tok_s'] / py['prefill_tok_s']:13.2f}x "
-          f"{c['decode_tok_s'] / py['decode_tok_s']:12.2f}x")
-    print(f"  C roofline: {c['bandwidth_gbs']:.1f} GB/s / {c['active_weight_bytes'] / 1e6:.1f} MB per token "
-          f"= {c['roofline_tok_s']:.0f} tokens/s; C decodes at {c['ratio']:.0%} of it "
-          f"({c['weight_type']} weights, {c['kernels']} kernels)")
-    n, total = leading_agreement(c["ids"], py["ids"]), len(c["ids"])
-    print("  greedy ids: C and PyTorch agree on " + (f"all {total}" if n == total else f"the first {n} of {total}")
-          + f"; PyTorch cached vs uncached reference: max |logits diff| {py['check_max_abs_diff']:.1e}"
-          + ("" if py["check_greedy_agrees"] else " (its greedy ids differ!)"), flush=True)
+        print(f"  {name:14}" + "".join(f" {r[t]['decode_tok_s']:10.1f}" for t in a.thread_list)
+              + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x   {r[tn]['prefill_tok_s']:.0f}"
+              + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
+    print(f"  {'C / PyTorch':14}" + "".join(f" {c[t]['decode_tok_s'] / py[t]['decode_tok_s']:9.2f}x"
+                                            for t in a.thread_list))
+    print(f"  {'C / roofline':14}" + "".join(f" {c[t]['ratio']:10.0%}" for t in a.thread_list)
+          + f"   ({c[t1]['active_weight_bytes'] / 1e6:.1f} MB per token; read bandwidth "
+          + ", ".join(f"{c[t]['bandwidth_gbs']:.1f}" for t in a.thread_list) + " GB/s)")
+    for t in a.thread_list:
+        n, total = leading_agreement(c[t]["ids"], py[t]["ids"]), len(c[t]["ids"])
+        print(f"  greedy ids at {t} thread{'s' if t > 1 else ''}: C and PyTorch agree on "
+              + (f"all {total}" if n == total else f"the first {n} of {total}")
+              + f"; PyTorch cached vs uncached reference: max |logits diff| {py[t]['check_max_abs_diff']:.1e}"
+              + ("" if py[t]["check_greedy_agrees"] else " (its greedy ids differ!)"), flush=True)
+    print(f"  a busy machine: C decode tok/s while other processes spin on cores (each a busy loop)")
+    print(f"  {'':14}" + "".join(f" {f'{t} thread' + ('s' if t > 1 else ''):>10}" for t in a.thread_list))
+    for hogs, r in busy_rows:
+        print(f"  {f'{hogs} spinning':14}" + "".join(
+            f" {r[t]:10.1f}" for t in a.thread_list) + "   (" + ", ".join(
+            f"{c[t]['decode_tok_s'] / r[t]:.1f}x slower" for t in a.thread_list) + " than quiet)", flush=True)
+
+
+def busy(decode, model, threads):
+    """C decode tok/s at each thread count while 1, then as many processes as
+    there are cores spin on busy loops: [(hogs, {threads: tok/s})]."""
+    rows = []
+    for hogs in sorted({1, os.cpu_count() or 1}):
+        procs = [subprocess.Popen(["/usr/bin/python3", "-c", "while True: pass"]) for _ in range(hogs)]
+        try:
+            time.sleep(0.5)
+            rows.append((hogs, {t: run([decode, model, "--threads", str(t), "--prompt", "128", "--new", "64"],
+                                       thread_env(t))["decode_tok_s"] for t in threads}))
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    return rows
 
 
 def checkpoint_complete(d):
@@ -107,7 +152,7 @@ def read_through(d):
     return n / 1e9 / max(time.time() - t0, 1e-9)
 
 
-def big(a, env):
+def big(a):
     """-> the number of variants that could not be prepared or run."""
     jetmoe = os.path.join(ROOT, a.build, "jetmoe")
     bf16 = os.path.join(a.synthetic, "bf16")
@@ -119,39 +164,49 @@ def big(a, env):
         try:
             if name != "bf16" and not checkpoint_complete(d):
                 print(f"$ jetmoe quantize {bf16} --to {name} --out {d}", file=sys.stderr, flush=True)
-                subprocess.run([jetmoe, "quantize", bf16, "--to", name, "--out", d], check=True, env=env)
+                subprocess.run([jetmoe, "quantize", bf16, "--to", name, "--out", d], check=True)
             print(f"{name}: read through the page cache at {read_through(d):.1f} GB/s", file=sys.stderr, flush=True)
-            rows.append((name, run([os.path.join(ROOT, a.build, "bench", "decode"), d, "--threads", str(a.threads),
-                                    "--prompt", str(a.prompt_8b), "--new", str(a.new_8b)], env)))
+            rows.append((name, {t: run([os.path.join(ROOT, a.build, "bench", "decode"), d, "--threads", str(t),
+                                        "--prompt", str(a.prompt_8b), "--new", str(a.new_8b),
+                                        "--kv-cache", a.kv_cache], thread_env(t)) for t in a.thread_list}))
         except subprocess.CalledProcessError as e:
             print(f"{name}: {' '.join(e.cmd[:2])} failed (exit {e.returncode}); skipping it", file=sys.stderr)
             failed += 1
+    if not rows:
+        return failed
+    t1, tn = a.thread_list[0], a.thread_list[-1]
+    first = rows[0][1][t1]
     print(f"JetMoE-8B layout (random weights, {a.synthetic}): prompt {a.prompt_8b}, {a.new_8b} new, "
-          f"{a.threads} threads")
-    print(f"  {'weights':8} {'kernels':9} {'MB/token':>9} {'GB/s':>6} {'roofline':>9} {'decode':>8} {'ratio':>6} "
-          f"{'prefill':>8} {'open s':>7} {'RSS GB':>7}")
-    print(f"  {'':8} {'':9} {'':>9} {'':>6} {'tok/s':>9} {'tok/s':>8} {'':>6} {'tok/s':>8}")
+          f"{a.kv_cache} KV cache; {first['cpu']}")
+    print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
+        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}")
     for name, r in rows:
-        print(f"  {r['weight_type']:8} {r['kernels']:9} {r['active_weight_bytes'] / 1e6:9.0f} "
-              f"{r['bandwidth_gbs']:6.1f} {r['roofline_tok_s']:9.3f} {r['decode_tok_s']:8.3f} {r['ratio']:6.0%} "
-              f"{r['prefill_tok_s']:8.2f} {r['open_s']:7.1f} {r['peak_rss_mb'] / 1024:7.1f}")
+        print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
+            f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%}" for t in a.thread_list)
+            + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"
+            + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
+    print("  (of roof: decode tok/s over read bandwidth / active weight bytes, measured in the same run; "
+          "prefill tok/s " + ", ".join(f"{name} {r[tn]['prefill_tok_s']:.1f}" for name, r in rows) + f" at {tn} threads)")
     return failed
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="1,2", help="thread counts, side by side (default 1,2)")
     ap.add_argument("--build", default="build")
     ap.add_argument("--synthetic", default=os.path.join(ROOT, "build", "synthetic-8b"),
                     help="where the 8B-layout checkpoints live (bf16/, q8/, q4/)")
     ap.add_argument("--skip-8b", action="store_true", help="only the small config against PyTorch")
+    ap.add_argument("--skip-small", action="store_true", help="only the 8B layout")
     ap.add_argument("--prompt-8b", type=int, default=512)
     ap.add_argument("--new-8b", type=int, default=16)
+    ap.add_argument("--kv-cache", default="bf16", choices=("f32", "bf16"), help="the 8B runs' KV cache")
     a = ap.parse_args()
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    a.thread_list = sorted({int(t) for t in a.threads.split(",")})
     load_note()
-    small(a, env)
-    return 1 if not a.skip_8b and big(a, env) else 0
+    if not a.skip_small:
+        small(a)
+    return 1 if not a.skip_8b and big(a) else 0
 
 
 if __name__ == "__main__":

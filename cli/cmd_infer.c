@@ -8,10 +8,12 @@
 #include <string.h>
 #include <time.h>
 
+#define KERNEL_NAMES "auto|avx512|avx2|portable"
+
 /* The flags of generate and chat: generate's prompt or chat's system message,
  * and the sampling flags both take. */
 typedef struct {
-    const char *prompt, *tokens, *tokenizer, *system, *kernels;
+    const char *prompt, *tokens, *tokenizer, *system, *kernels, *kv_cache;
     int ids, quiet;
     int64_t threads;
     cli_sampling smp;
@@ -25,8 +27,10 @@ typedef struct {
      .help = "end the text before this string (not printed)"},                     \
     {"--threads", {NULL}, FLAG_INT, offsetof(infer_opts, threads), "0", 0, 4096, .meta = "N",                     \
      .help = "threads, 0 = all cores"},                                                                            \
-    {"--kernels", {NULL}, FLAG_STR, offsetof(infer_opts, kernels), "auto", .meta = "auto|avx2|portable",          \
-     .help = "the BF16/Q8/Q4 product kernels"},                                                                    \
+    {"--kernels", {NULL}, FLAG_STR, offsetof(infer_opts, kernels), "auto", .meta = KERNEL_NAMES,                \
+     .help = "the decode product kernels"},                                                                        \
+    {"--kv-cache", {NULL}, FLAG_STR, offsetof(infer_opts, kv_cache), "f32", .meta = "f32|bf16",                    \
+     .help = "the KV cache's element type (bf16: half the bytes)"},                                                \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(infer_opts, quiet), .help = "no timing line on stderr"}
 
 /* What generate's and chat's token callback writes to: the text stream, or
@@ -113,11 +117,13 @@ static int infer_args(const cli_command *self, int argc, char **argv, infer_opts
     return CLI_RUN;
 }
 
-/* jm_model_open (weights in place from the mapping) with the chosen kernels. */
-static jm_status open_model(const char *dir, const char *kernels, jm_model **m, jm_error *err)
+/* jm_model_open (weights in place from the mapping) with the chosen kernels and KV cache. */
+static jm_status open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err)
 {
     jm_status s = jm_model_open(dir, m, err);
-    if (!s && (s = jm_set_kernels(*m, kernels, err))) {
+    if (!s) s = jm_set_kernels(*m, kernels, err);
+    if (!s) s = jm_set_kv_cache(*m, kv_cache, err);
+    if (s) {
         jm_model_free(*m);
         *m = NULL;
     }
@@ -192,7 +198,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
         jm_tokenizer_free(tok);
         return cli_error(self, "--tokens wants comma-separated integers, got '%s'", o.tokens);
     }
-    if ((s = open_model(dir, o.kernels, &m, &err))) goto out;
+    if ((s = open_model(dir, o.kernels, o.kv_cache, &m, &err))) goto out;
     if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
         s = JM_ERR_ARG;
         snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
@@ -369,7 +375,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(dir, &tok, &err);
-    if (!s) s = open_model(dir, o.kernels, &m, &err);
+    if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (s) {
         jm_tokenizer_free(tok);
         return cli_fail(self, s, &err);
@@ -492,7 +498,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
 /* ---- eval ---- */
 
 typedef struct {
-    const char *data, *kernels;
+    const char *data, *kernels, *kv_cache;
     int64_t seq_len, max_tokens, threads;
     int decode;
 } eval_opts;
@@ -508,8 +514,10 @@ static const cli_flag eval_flags[] = {
      .help = "score a token at a time through the KV cache, as generation runs"},
     {"--threads", {NULL}, FLAG_INT, offsetof(eval_opts, threads), "0", 0, 4096, .meta = "N",
      .help = "threads, 0 = all cores"},
-    {"--kernels", {NULL}, FLAG_STR, offsetof(eval_opts, kernels), "auto", .meta = "auto|avx2|portable",
-     .help = "the BF16/Q8/Q4 product kernels"},
+    {"--kernels", {NULL}, FLAG_STR, offsetof(eval_opts, kernels), "auto", .meta = KERNEL_NAMES,
+     .help = "the decode product kernels"},
+    {"--kv-cache", {NULL}, FLAG_STR, offsetof(eval_opts, kv_cache), "f32", .meta = "f32|bf16",
+     .help = "the KV cache's element type, with --decode (bf16: half the bytes)"},
 };
 
 static int run_eval(const cli_command *self, int argc, char **argv);
@@ -531,7 +539,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
     jm_set_threads((int)o.threads);
     jm_error err;
     jm_model *m;
-    jm_status s = open_model(dir, o.kernels, &m, &err);
+    jm_status s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (s) return cli_fail(self, s, &err);
     const int T = (int)o.seq_len;
     if (T > jm_model_config(m)->max_position_embeddings) {

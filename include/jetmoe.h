@@ -281,6 +281,12 @@ int jm_context(const jm_model *m);             /* positions per slot */
  * jm_set_slots(m, 1, ctx); jm_cached is slot 0's length. */
 jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const float **logits, jm_error *err);
 jm_status jm_set_context(jm_model *m, int ctx, jm_error *err);
+/* The KV cache's element type: "f32" (the default; decoding equals the
+ * forward pass to fp32 rounding) or "bf16" (half the bytes, so half the
+ * cache traffic of a decode step; keys and values rounded once when stored).
+ * Changing it empties the cache. */
+jm_status jm_set_kv_cache(jm_model *m, const char *type, jm_error *err);
+const char *jm_kv_cache(const jm_model *m);
 int jm_cached(const jm_model *m);
 
 /* Bytes of weights one decoded token reads, at the dtypes held: its
@@ -572,9 +578,11 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          int32_t **ids, size_t *n_ids, jm_error *err);
 
-/* Threads used by the library's OpenMP loops and BLAS (0 = all cores). This
- * sets the process-wide OpenMP and OpenBLAS thread counts: the one setting
- * that is not per handle, because those runtimes have no other. */
+/* Threads used by the library's OpenMP loops and BLAS, and by a model's
+ * decode steps (0 = all cores; more than the cores this process may run on
+ * counts as all of them). This sets the process-wide OpenMP and OpenBLAS
+ * thread counts: the one setting that is not per handle, because those
+ * runtimes have no other. */
 void jm_set_threads(int n);
 
 #ifdef __cplusplus

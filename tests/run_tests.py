@@ -554,7 +554,8 @@ def training_runs(suite, build, tmp):
     # every way of naming the run's checkpoint, and the wrong ones (tests/checkpoint_paths.py)
     checkpoint_paths.run(suite, jetmoe, a, d)
 
-    # the trained model quantized: held-out perplexity, batched and through the decode path
+    # the trained model quantized: held-out perplexity, batched and through the decode path (there with an
+    # fp32 and a bf16 KV cache)
     ppl, problems = {}, []
     for bits in ("f32", "q8", "q4"):
         qd = ck if bits == "f32" else os.path.join(d, "ck_" + bits)
@@ -563,19 +564,28 @@ def training_runs(suite, build, tmp):
             if p.returncode != 0:
                 problems.append(f"quantize {bits}: {p.stderr.strip()[-200:]}")
                 continue
-        for path in ("batched", "decode"):
+        for path in ("batched", "decode", "decode_kv_bf16"):
+            extra = {"batched": [], "decode": ["--decode"], "decode_kv_bf16": ["--decode", "--kv-cache", "bf16"]}
             p, _ = run([jetmoe, "eval", qd, "--data", os.path.join(d, "shards", "code"), "--seq-len", "32",
-                        "--max-tokens", "4096"] + (["--decode"] if path == "decode" else []))
+                        "--max-tokens", "4096"] + extra[path])
             if p.returncode != 0 or sanitizer_report(p.stderr):
                 problems.append(f"eval {bits} {path}: {p.stderr.strip()[-200:]}")
             else:
                 ppl[bits, path] = json.loads(p.stdout)["perplexity"]
-    rel = {(b, path): ppl[b, path] / ppl["f32", path] - 1 for b, path in ppl if b != "f32" and ("f32", path) in ppl}
+    rel = {(b, path): ppl[b, path] / ppl["f32", path] - 1 for b, path in ppl
+           if b != "f32" and path != "decode_kv_bf16" and ("f32", path) in ppl}
     ok = not problems and len(rel) == 4 and all(abs(r) <= (0.005 if b == "q8" else 0.05) for (b, _), r in rel.items())
     suite.check("quantized_perplexity_trained_model", ok, f"{problems} {ppl}",
                 "fp32 ppl %.3f; q8 %+.3f%%/%+.3f%%, q4 %+.3f%%/%+.3f%% (batched/decode)" % (
                     ppl.get(("f32", "batched"), 0), *[100 * rel.get(k, 0) for k in (
                         ("q8", "batched"), ("q8", "decode"), ("q4", "batched"), ("q4", "decode"))]))
+    # a bf16 KV cache against an fp32 one, for each weight type: within 0.5% of the perplexity
+    kv = {b: ppl[b, "decode_kv_bf16"] / ppl[b, "decode"] - 1 for b in ("f32", "q8", "q4")
+          if (b, "decode") in ppl and (b, "decode_kv_bf16") in ppl}
+    suite.check("kv_bf16_perplexity_trained_model", not problems and len(kv) == 3 and
+                all(abs(r) <= 0.005 for r in kv.values()), f"{problems} {ppl}",
+                "decode with a bf16 KV cache: f32 %+.3f%%, q8 %+.3f%%, q4 %+.3f%% of the fp32-cache perplexity" % tuple(
+                    100 * kv.get(b, 0) for b in ("f32", "q8", "q4")))
 
     # generate's inputs: clear errors, or defined behaviour, never a crash (the suite runs under ASan too)
     gen = [jetmoe, "generate", ck, "--greedy"]

@@ -171,6 +171,52 @@ static void test_schedule(jm_model *m, const char *what, int separate)
     for (int q = 0; q < NSEQ; q++) free(ref[q]);
 }
 
+/* ---- a bf16 KV cache ---- */
+
+/* A sequence decoded with an fp32 and a bf16 cache: the logits differ by the
+ * rounding of keys and values to 8 bits of mantissa (relative 2^-9), which
+ * attention averages; bounded here in rms over max |logit|. Not zero either,
+ * or the bf16 cache would not be in use. */
+static void test_kv_bf16(jm_model *m, const char *what, double bound)
+{
+    const int V = jm_model_config(m)->vocab_size;
+    enum { P = 20, L = 60 };
+    int32_t tok[L];
+    uint64_t seed = 9;
+    for (int i = 0; i < L; i++) tok[i] = (int32_t)(lcg(&seed) % (uint64_t)V);
+    float *lg32 = malloc(sizeof(float) * (size_t)V * L), *lg16 = malloc(sizeof(float) * (size_t)V * L);
+    jm_error err = {{0}};
+    jm_status s = JM_OK;
+    int kind_ok = 1;
+    for (int pass = 0; pass < 2 && !s; pass++) {
+        float *out = pass ? lg16 : lg32;
+        const float *lg;
+        s = jm_set_kv_cache(m, pass ? "bf16" : "f32", &err);
+        if (!s) s = jm_set_slots(m, 1, 64, &err);
+        kind_ok &= strcmp(jm_kv_cache(m), pass ? "bf16" : "f32") == 0;
+        if (!s) s = jm_infer(m, tok, P, 0, &lg, &err); /* a prefill (more than WSMALL_N rows) over the cache */
+        if (!s) memcpy(out + (size_t)(P - 1) * V, lg, sizeof(float) * (size_t)V);
+        for (int t = P; t < L && !s; t++) {
+            s = jm_infer(m, &tok[t], 1, t, &lg, &err);
+            if (!s) memcpy(out + (size_t)t * V, lg, sizeof(float) * (size_t)V);
+        }
+    }
+    double ss = 0, scale = 0;
+    for (size_t i = (size_t)(P - 1) * V; i < (size_t)L * V; i++) {
+        ss += ((double)lg16[i] - lg32[i]) * ((double)lg16[i] - lg32[i]);
+        scale = fmax(scale, fabs(lg32[i]));
+    }
+    const double rms = sqrt(ss / ((double)(L - P + 1) * V)) / fmax(scale, 1e-30);
+    char name[96];
+    snprintf(name, sizeof name, "decode_kv_bf16_logits_%s", what);
+    check_detail(s == JM_OK && kind_ok && rms > 0 && rms < bound, name,
+                 "status %d (%s); rms logit change %.2e of max |logit| over %d positions", s, err.msg, rms, L - P + 1);
+    s = jm_set_kv_cache(m, "fp16", &err);
+    check(s == JM_ERR_ARG && strstr(err.msg, "f32 or bf16"), "decode_kv_cache_rejects_unknown", "%s", err.msg);
+    free(lg32);
+    free(lg16);
+}
+
 /* ---- a prompt copied to several slots ---- */
 
 static void test_slot_copy(jm_model *m, const char *what)
@@ -396,6 +442,20 @@ int main(void)
     /* Q8: prefills in calls of their own, as jm_generate_batch makes them:
      * each decode row is computed the same whatever else is in the call */
     test_schedule(q8, "q8", 1);
+    test_kv_bf16(f32, "f32", 2e-3);
+    /* Q8 quantizes each layer's input to int8 again, so the cache's rounding
+     * flips some of those roundings downstream: the same relative change
+     * shows ~10x larger (the held-out perplexity check in run_tests.py is the
+     * measure that matters for it) */
+    test_kv_bf16(q8, "q8", 2e-2);
+    /* the schedules and slot copies again with bf16 caches (prefills widen them for BLAS) */
+    jm_set_kv_cache(f32, "bf16", &err);
+    jm_set_kv_cache(q8, "bf16", &err);
+    test_schedule(q8, "q8_kv_bf16", 1);
+    test_schedule(f32, "f32_kv_bf16", 0);
+    test_slot_copy(q8, "q8_kv_bf16");
+    jm_set_kv_cache(f32, "f32", &err);
+    jm_set_kv_cache(q8, "f32", &err);
     test_slot_copy(f32, "f32");
     test_slot_copy(q8, "q8");
     test_rejects(f32);

@@ -58,7 +58,8 @@ typedef struct {
     int slots, ctx;         /* sequences, and positions each can hold */
     int *len;               /* (slots) cached positions of each */
     int32_t *tok;           /* (slots, ctx) the ids whose keys and values are cached */
-    float *kv;              /* (L, slots, ctx, 2A): K after RoPE, then V, per position */
+    void *kv;               /* (L, slots, ctx, 2A): K after RoPE, then V, per position */
+    int kv_bf16;            /* kv holds bf16 (jm_set_kv_cache), else fp32 */
     float *rope_cos, *rope_sin; /* (ctx, D/2) */
     int n_cap, r_cap, att_threads; /* tokens and logit rows per call the arena is planned for */
     void *mem;
@@ -77,7 +78,7 @@ typedef struct {
     const att_run *runs;
     int nruns, nsmall, ctx;
     jm_pool *pool;          /* where the few-token runs attend */
-    float *cache;           /* (slots, ctx, 2A) of the layer being computed */
+    kv_cache cache;         /* (slots, ctx, 2A) of the layer being computed */
 } dec_step;
 
 /* A parameter's place in the model: an fp32 vector (or router), or a matrix view. */
@@ -318,7 +319,10 @@ jm_status jm_model_reconfigure(jm_model *m, const jm_config *c, jm_error *err)
 
 void jm_set_threads(int n)
 {
-    if (n <= 0) n = omp_get_num_procs();
+    /* never more than the cores this process may run on: an extra thread
+     * only waits for one of them (at every barrier, on a shared machine) */
+    const int cores = jm_cpu_count();
+    if (n <= 0 || n > cores) n = cores;
     omp_set_num_threads(n);
     openblas_set_num_threads(n);
 }
@@ -1063,24 +1067,27 @@ jm_status jm_set_slots(jm_model *m, int slots, int ctx, jm_error *err)
     free(d->tok);
     free(d->rope_cos);
     free(d->rope_sin);
-    d->kv = d->rope_cos = d->rope_sin = NULL;
+    d->kv = NULL;
+    d->rope_cos = d->rope_sin = NULL;
     d->len = NULL;
     d->tok = NULL;
     d->slots = d->ctx = 0;
     d->n_cap = d->r_cap = 0; /* the arena's attention scratch is sized by the context: plan it again */
     const size_t A = (size_t)c->num_kv_heads * c->head_dim, half = (size_t)c->head_dim / 2;
-    const double gb = (double)c->num_layers * slots * ctx * 2 * A * sizeof(float) / 1e9;
+    const size_t esize = d->kv_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const double gb = (double)c->num_layers * slots * ctx * 2 * A * esize / 1e9;
     if (gb * 1e9 > (double)(SIZE_MAX / 2))
         return jm_fail(err, JM_ERR_NOMEM, "a KV cache of %d slots of %d positions (%.0f GB) is too large", slots,
                        ctx, gb);
-    d->kv = malloc((size_t)c->num_layers * slots * ctx * 2 * A * sizeof(float));
+    d->kv = malloc((size_t)c->num_layers * slots * ctx * 2 * A * esize);
     d->len = calloc((size_t)slots, sizeof *d->len);
     d->tok = malloc((size_t)slots * ctx * sizeof *d->tok);
     d->rope_cos = malloc((size_t)ctx * half * sizeof(float));
     d->rope_sin = malloc((size_t)ctx * half * sizeof(float));
     if (!d->kv || !d->len || !d->tok || !d->rope_cos || !d->rope_sin) {
         free(d->kv), free(d->len), free(d->tok), free(d->rope_cos), free(d->rope_sin);
-        d->kv = d->rope_cos = d->rope_sin = NULL;
+        d->kv = NULL;
+        d->rope_cos = d->rope_sin = NULL;
         d->len = NULL;
         d->tok = NULL;
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate a %.2f GB KV cache for %d slot%s of %d positions", gb,
@@ -1093,6 +1100,19 @@ jm_status jm_set_slots(jm_model *m, int slots, int ctx, jm_error *err)
 }
 
 jm_status jm_set_context(jm_model *m, int ctx, jm_error *err) { return jm_set_slots(m, 1, ctx, err); }
+
+jm_status jm_set_kv_cache(jm_model *m, const char *type, jm_error *err)
+{
+    const int bf16 = type && strcmp(type, "bf16") == 0;
+    if (!type || (!bf16 && strcmp(type, "f32") != 0))
+        return jm_fail(err, JM_ERR_ARG, "KV cache type '%s': use f32 or bf16", type ? type : "(null)");
+    decoder *d = &m->dec;
+    if (d->kv_bf16 == bf16) return JM_OK;
+    d->kv_bf16 = bf16;
+    return d->kv ? jm_set_slots(m, d->slots, d->ctx, err) : JM_OK; /* a new cache, empty */
+}
+
+const char *jm_kv_cache(const jm_model *m) { return m->dec.kv_bf16 ? "bf16" : "f32"; }
 int jm_context(const jm_model *m) { return m->dec.ctx; }
 int jm_slots(const jm_model *m) { return m->dec.slots; }
 int jm_cached(const jm_model *m) { return jm_slot_len(m, 0); }
@@ -1121,11 +1141,12 @@ jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err)
                        src < 0 || src >= d->slots ? src : dst, d->slots);
     if (n < 0 || n > d->len[src])
         return jm_fail(err, JM_ERR_ARG, "slot %d holds %d positions: cannot copy %d of them", src, d->len[src], n);
-    const int64_t row = 2 * (int64_t)m->cfg.num_kv_heads * m->cfg.head_dim, per_slot = (int64_t)d->ctx * row;
+    const size_t esize = d->kv_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const size_t row = 2 * (size_t)m->cfg.num_kv_heads * m->cfg.head_dim * esize, per_slot = (size_t)d->ctx * row;
     if (src != dst)
         for (int l = 0; l < m->cfg.num_layers; l++) {
-            float *layer = d->kv + (int64_t)l * d->slots * per_slot;
-            memcpy(layer + dst * per_slot, layer + src * per_slot, (size_t)n * (size_t)row * sizeof(float));
+            char *layer = (char *)d->kv + (size_t)l * d->slots * per_slot;
+            memcpy(layer + dst * per_slot, layer + src * per_slot, (size_t)n * row);
         }
     memmove(d->tok + (int64_t)dst * d->ctx, d->tok + (int64_t)src * d->ctx, (size_t)n * sizeof *d->tok);
     d->len[dst] = n;
@@ -1136,8 +1157,8 @@ jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err)
 static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
 {
     decoder *d = &m->dec;
-    /* the library's thread count, but never more threads than the cores
-     * this process may run on: a waiting pool thread would hold one */
+    /* the library's thread count, and never more threads than the cores
+     * this process may run on (OMP_NUM_THREADS may ask for more) */
     const int cores = jm_cpu_count(), want = omp_get_max_threads() < cores ? omp_get_max_threads() : cores;
     if (jm_pool_threads(d->pool) != want || !d->pool) {
         jm_pool_free(d->pool);
@@ -1160,7 +1181,7 @@ static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
         int32_t *pos = carve(base, &off, N * sizeof *pos);
         att_run *runs = carve(base, &off, N * sizeof *runs);
         int threads = omp_get_max_threads();
-        float *att = carve(base, &off, (size_t)threads * attention_scratch_floats(d->ctx, c->top_k) * f);
+        float *att = carve(base, &off, (size_t)threads * attention_cache_scratch_floats(d->ctx, c->top_k, c->head_dim) * f);
         void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads))
                              : NULL;
         if (!pass) {
@@ -1248,7 +1269,9 @@ jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, co
     layer_acts *a = &d->a;
     for (int l = 0; l < c->num_layers; l++) {
         const layer_params *p = &m->lp[l];
-        step.cache = d->kv + (int64_t)l * d->slots * d->ctx * 2 * A;
+        const size_t at = (size_t)l * d->slots * d->ctx * 2 * A;
+        step.cache = (kv_cache){d->kv_bf16 ? (void *)((uint16_t *)d->kv + at) : (void *)((float *)d->kv + at),
+                                d->kv_bf16};
         a->x = x;
         rmsnorm_forward(a->a, a->rstd1, x, p->ln1, N, H, eps);
         moa_forward(c, &S, p, a, 1, (int)N, &step);

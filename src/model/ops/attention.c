@@ -85,45 +85,90 @@ void attention_forward(float *out, float *lse, const float *q, const float *kv, 
     }
 }
 
-/* The new rows' keys and values join their sequences' caches. */
-static void cache_store(float *cache, const float *kv_new, const att_run *runs, int nruns, int64_t kvs)
+/* ---- over a KV cache (decoding) ---- */
+
+size_t attention_cache_scratch_floats(int ctx, int k, int D)
 {
-    for (int r = 0; r < nruns; r++)
-        memcpy(cache + runs[r].off + (int64_t)runs[r].p0 * kvs, kv_new + runs[r].row0 * kvs,
-               (size_t)runs[r].n * (size_t)kvs * sizeof(float));
+    return attention_scratch_floats(ctx, k) + 2 * (size_t)D * (size_t)ctx; /* + one head's K/V as fp32 */
 }
 
-void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
+/* The new rows' keys and values join their sequences' caches (bf16: rounded
+ * to nearest even, once). */
+static void cache_store(kv_cache c, const float *kv_new, const att_run *runs, int nruns, int64_t kvs)
+{
+    for (int r = 0; r < nruns; r++) {
+        const float *src = kv_new + runs[r].row0 * kvs;
+        const int64_t at = runs[r].off + (int64_t)runs[r].p0 * kvs, n = runs[r].n * kvs;
+        if (c.bf16)
+            for (int64_t i = 0; i < n; i++) ((uint16_t *)c.data)[at + i] = jm_f32_to_bf16(src[i]);
+        else
+            memcpy((float *)c.data + at, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* D values of the cache from element `at`, as fp32: in place, or widened into buf. */
+static inline const float *cache_row(kv_cache c, int64_t at, int D, float *buf)
+{
+    if (!c.bf16) return (const float *)c.data + at;
+    const uint16_t *h = (const uint16_t *)c.data + at;
+    for (int i = 0; i < D; i++) {
+        uint32_t u = (uint32_t)h[i] << 16;
+        memcpy(&buf[i], &u, sizeof u);
+    }
+    return buf;
+}
+
+void attention_cached(float *out, float *lse, const float *q, const float *kv_new, kv_cache cache, const att_run *runs,
                       int nruns, float *scratch, int ctx, int k, int Hkv, int D)
 {
     const int64_t A = (int64_t)Hkv * D;
     const int64_t qs = k * A, kvs = 2 * A;
     cache_store(cache, kv_new, runs, nruns, kvs);
-    const int tasks = nruns * k * Hkv;
+    /* one task per (run, KV head): a bf16 cache's rows are widened once for
+     * its k query slots */
+    const int tasks = nruns * Hkv;
 #pragma omp parallel
     {
-        float *S = scratch + (size_t)omp_get_thread_num() * attention_scratch_floats(ctx, k);
+        float *S = scratch + (size_t)omp_get_thread_num() * attention_cache_scratch_floats(ctx, k, D);
+        float *wide = S + attention_scratch_floats(ctx, k); /* (keys, 2D): K then V of head h */
 #pragma omp for schedule(dynamic, 1)
         for (int task = 0; task < tasks; task++) {
-            const att_run *run = &runs[task / (k * Hkv)];
-            int j = (task / Hkv) % k, h = task % Hkv;
-            int64_t at = run->row0 * qs + (int64_t)j * A + (int64_t)h * D;
-            attend(out + at, lse + run->row0 * k * Hkv + j * Hkv + h, k * Hkv, q + at, cache + run->off + (int64_t)h * D,
-                   NULL, S, run->n, run->p0, qs, kvs, A, D);
+            const att_run *run = &runs[task / Hkv];
+            const int h = task % Hkv, keys = run->p0 + run->n;
+            const float *Kb;
+            int64_t stride = kvs, vofs = A;
+            if (cache.bf16) {
+                for (int i = 0; i < keys; i++) {
+                    const int64_t at = run->off + (int64_t)i * kvs + (int64_t)h * D;
+                    float *row = wide + (int64_t)i * 2 * D;
+                    cache_row(cache, at, D, row); /* bf16: always into row */
+                    cache_row(cache, at + A, D, row + D);
+                }
+                Kb = wide, stride = 2 * D, vofs = D;
+            } else {
+                Kb = (const float *)cache.data + run->off + (int64_t)h * D;
+            }
+            for (int j = 0; j < k; j++) {
+                int64_t at = run->row0 * qs + (int64_t)j * A + (int64_t)h * D;
+                attend(out + at, lse + run->row0 * k * Hkv + j * Hkv + h, k * Hkv, q + at, Kb, NULL, S, run->n,
+                       run->p0, qs, stride, vofs, D);
+            }
         }
     }
 }
 
 typedef struct {
     float *out;
-    const float *q, *cache;
+    const float *q;
+    kv_cache cache;
     const att_run *runs;
     float *scratch;
     int ctx, k, Hkv, D;
 } decode_job;
 
-/* Rows of one run against KV head h, all k query slots (j, h) at once:
- * scores S[j][i] = scale q_j . K_i over the visible keys, softmax per slot,
+/* Rows of one run against KV head h, all k query slots (j, h) at once, so
+ * each cached K/V row is read once for the k experts: scores
+ * S[j][i] = scale q_j . K_i over the visible keys, softmax per slot,
  * o_j = sum_i p_ji V_i. Hand-written (GEMV-sized, and BLAS must not be
  * called from the pool's threads); the inner loops over D vectorise. */
 static void attend_chunk(void *ctx, int64_t chunk, int thread)
@@ -131,16 +176,16 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
     const decode_job *j = ctx;
     const int k = j->k, D = j->D, h = (int)(chunk % j->Hkv);
     const att_run *run = &j->runs[chunk / j->Hkv];
-    const int64_t A = (int64_t)j->Hkv * D, qs = k * A, kvs = 2 * A;
+    const int64_t A = (int64_t)j->Hkv * D, qs = k * A, kvs = 2 * A, head = run->off + (int64_t)h * D;
     const float scale = 1.0f / sqrtf((float)D);
-    const float *Kh = j->cache + run->off + (int64_t)h * D;
-    float *S = j->scratch + (size_t)thread * attention_scratch_floats(j->ctx, k);
+    float *S = j->scratch + (size_t)thread * attention_cache_scratch_floats(j->ctx, k, D);
+    float *buf = S + attention_scratch_floats(j->ctx, k); /* one widened bf16 row */
     for (int r = 0; r < run->n; r++) {
         const int visible = run->p0 + r + 1;
         const float *qr = j->q + (run->row0 + r) * qs + (int64_t)h * D;
         float *o = j->out + (run->row0 + r) * qs + (int64_t)h * D, inv[JM_MAX_EXPERTS];
         for (int i = 0; i < visible; i++) {
-            const float *key = Kh + (int64_t)i * kvs;
+            const float *key = cache_row(j->cache, head + (int64_t)i * kvs, D, buf);
             for (int s = 0; s < k; s++) {
                 const float *qv = qr + s * A;
                 float d = 0.0f;
@@ -155,7 +200,7 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
             memset(o + s * A, 0, (size_t)D * sizeof *o);
         }
         for (int i = 0; i < visible; i++) {
-            const float *v = Kh + (int64_t)i * kvs + A;
+            const float *v = cache_row(j->cache, head + (int64_t)i * kvs + A, D, buf);
             for (int s = 0; s < k; s++) {
                 float p = S[(int64_t)s * visible + i] * inv[s], *os = o + s * A;
                 for (int c = 0; c < D; c++) os[c] += p * v[c];
@@ -164,7 +209,7 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
     }
 }
 
-void attention_decode(float *out, const float *q, const float *kv_new, float *cache, const att_run *runs, int nruns,
+void attention_decode(float *out, const float *q, const float *kv_new, kv_cache cache, const att_run *runs, int nruns,
                       float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool)
 {
     cache_store(cache, kv_new, runs, nruns, 2 * (int64_t)Hkv * D);

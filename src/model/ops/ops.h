@@ -119,23 +119,29 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
 /* Decoding several sequences at once, each over its own KV cache. The N query
  * rows of a call form runs, one per sequence: run r is rows row0 .. row0+n-1
  * of q/out, the sequence's tokens at positions p0 .. p0+n-1, whose cache
- * (rows of 2A: K after RoPE, then V; position p at row p) starts off floats
- * into cache. kv_new (N, 2A) holds the rows' own keys and values: they are
- * stored at their positions first, then each row attends to its sequence's
- * keys 0 .. its position. lse as attention_forward; scratch:
- * attention_scratch_floats(ctx, k) per thread, ctx >= every p0 + n. */
+ * (rows of 2A: K after RoPE, then V; position p at row p) starts off
+ * elements into cache. kv_new (N, 2A) holds the rows' own keys and values:
+ * they are stored at their positions first, then each row attends to its
+ * sequence's keys 0 .. its position. lse as attention_forward; scratch:
+ * attention_cache_scratch_floats(ctx, k, D) per thread, ctx >= every p0 + n.
+ * The cache holds fp32, or bf16 (half the bytes a step reads; each value
+ * rounded once, when stored). */
 typedef struct {
     int64_t row0;
     int n, p0;
     int64_t off;
 } att_run;
-void attention_cached(float *out, float *lse, const float *q, const float *kv_new, float *cache, const att_run *runs,
+typedef struct {
+    void *data;
+    int bf16;
+} kv_cache;
+size_t attention_cache_scratch_floats(int ctx, int k, int D);
+void attention_cached(float *out, float *lse, const float *q, const float *kv_new, kv_cache cache, const att_run *runs,
                       int nruns, float *scratch, int ctx, int k, int Hkv, int D);
 /* attention_cached for decoding (a few rows per run), on the decode pool: one
  * chunk per (run, KV head) with all k query slots of it, so each cached K/V
- * row is read once for the k experts; no lse. scratch as attention_cached,
- * per pool thread. */
-void attention_decode(float *out, const float *q, const float *kv_new, float *cache, const att_run *runs, int nruns,
+ * row is read once for the k experts; no lse. */
+void attention_decode(float *out, const float *q, const float *kv_new, kv_cache cache, const att_run *runs, int nruns,
                       float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,

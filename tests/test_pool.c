@@ -1,0 +1,90 @@
+/* test_pool.c — the decode pool (base/pool.c): every chunk of every job runs
+ * exactly once, on a valid thread index, whatever the thread count and job
+ * size (one chunk, many, more than one published job holds); jobs follow
+ * each other without mixing up (a worker that slept through jobs must not
+ * take a chunk of the next one); the pool starts and stops cleanly with its
+ * workers spinning or asleep.
+ * Prints `PASS name` / `FAIL name: why`; exits 1 on any failure. */
+#include "base/base.h"
+#include "harness.h"
+
+#include <stdatomic.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    _Atomic uint8_t *hits; /* per chunk: how many times it ran */
+    int threads;
+    atomic_int bad_thread;
+    atomic_int seen[64];   /* chunks run per thread index */
+} job;
+
+static void mark(void *ctx, int64_t chunk, int thread)
+{
+    job *j = ctx;
+    if (thread < 0 || thread >= j->threads) atomic_store(&j->bad_thread, 1);
+    else atomic_fetch_add(&j->seen[thread], 1);
+    atomic_fetch_add(&j->hits[chunk], 1);
+}
+
+/* A job whose chunks take some time, so that workers do get some. */
+static void mark_slowly(void *ctx, int64_t chunk, int thread)
+{
+    volatile double x = 1;
+    for (int i = 0; i < 2000; i++) x = x * 1.0000001 + 1e-9;
+    mark(ctx, chunk, thread);
+}
+
+static int run_job(jm_pool *p, int64_t n, jm_pool_fn fn, int threads, int *helpers)
+{
+    job j = {.hits = calloc((size_t)(n ? n : 1), 1), .threads = threads};
+    jm_pool_run(p, n, fn, &j);
+    int ok = !atomic_load(&j.bad_thread);
+    for (int64_t i = 0; i < n; i++) ok &= atomic_load(&j.hits[i]) == 1;
+    for (int t = 1; t < threads && helpers; t++) *helpers += atomic_load(&j.seen[t]) > 0;
+    free((void *)j.hits);
+    return ok;
+}
+
+int main(void)
+{
+    uint64_t seed = 7;
+    for (int threads = 1; threads <= 4; threads++) {
+        jm_pool *p = jm_pool_create(threads);
+        if (!check(p && jm_pool_threads(p) == threads, "pool_create", "%d threads", threads)) return exit_status();
+        int ok = 1, jobs = 0, helped = 0;
+        /* many jobs back to back, of random sizes including 0 and 1 */
+        for (int r = 0; r < 3000; r++, jobs++) {
+            seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+            int64_t n = (int64_t)(seed >> 33) % 300;
+            ok &= run_job(p, r % 50 == 0 ? r % 2 : n, mark, threads, NULL);
+        }
+        /* jobs worth splitting: the workers must take part */
+        for (int r = 0; r < 50; r++, jobs++) ok &= run_job(p, 400, mark_slowly, threads, &helped);
+        /* after the workers have gone to sleep (they spin ~0.3 ms first) */
+        struct timespec nap = {0, 5 * 1000 * 1000};
+        nanosleep(&nap, NULL);
+        ok &= run_job(p, 1000, mark_slowly, threads, &helped), jobs++;
+        /* more chunks than one published job holds (2^20 - 1) */
+        ok &= run_job(p, (1 << 20) + 5, mark, threads, NULL), jobs++;
+        char name[64];
+        snprintf(name, sizeof name, "pool_every_chunk_once_%d_threads", threads);
+        check_detail(ok, name, "%d jobs of 0 .. 2^20+5 chunks", jobs);
+        if (threads > 1) {
+            snprintf(name, sizeof name, "pool_workers_help_%d_threads", threads);
+            check_detail(helped > 0, name, "(slow job, worker) pairs where the worker ran chunks: %d of %d", helped,
+                         51 * (threads - 1));
+        }
+        jm_pool_free(p);
+    }
+    /* NULL runs inline on the caller */
+    job j = {.hits = calloc(10, 1), .threads = 1};
+    jm_pool_run(NULL, 10, mark, &j);
+    int ok = atomic_load(&j.seen[0]) == 10;
+    for (int i = 0; i < 10; i++) ok &= atomic_load(&j.hits[i]) == 1;
+    check(ok, "pool_null_runs_inline", "%d chunks on the caller", atomic_load(&j.seen[0]));
+    free((void *)j.hits);
+    jm_pool_free(NULL);
+    check(jm_cpu_count() >= 1, "pool_cpu_count", "%d", jm_cpu_count());
+    return exit_status();
+}
