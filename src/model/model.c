@@ -58,7 +58,7 @@ typedef struct {
     int slots, ctx;         /* sequences, and positions each can hold */
     int *len;               /* (slots) cached positions of each */
     int32_t *tok;           /* (slots, ctx) the ids whose keys and values are cached */
-    void *kv;               /* (L, slots, ctx, 2A): K after RoPE, then V, per position */
+    void *kv;               /* (L, slots, 2, Hkv, ctx, D): K after RoPE, then V (ops.h, attention_cached) */
     int kv_bf16;            /* kv holds bf16 (jm_set_kv_cache), else fp32 */
     float *rope_cos, *rope_sin; /* (ctx, D/2) */
     int n_cap, r_cap, att_threads; /* tokens and logit rows per call the arena is planned for */
@@ -1141,12 +1141,16 @@ jm_status jm_slot_copy(jm_model *m, int src, int dst, int n, jm_error *err)
                        src < 0 || src >= d->slots ? src : dst, d->slots);
     if (n < 0 || n > d->len[src])
         return jm_fail(err, JM_ERR_ARG, "slot %d holds %d positions: cannot copy %d of them", src, d->len[src], n);
-    const size_t esize = d->kv_bf16 ? sizeof(uint16_t) : sizeof(float);
-    const size_t row = 2 * (size_t)m->cfg.num_kv_heads * m->cfg.head_dim * esize, per_slot = (size_t)d->ctx * row;
+    /* a slot's cache is (2, Hkv, ctx, D) per layer (ops.h): the first n
+     * positions of each of its 2*Hkv head blocks */
+    const size_t esize = d->kv_bf16 ? sizeof(uint16_t) : sizeof(float), D = (size_t)m->cfg.head_dim;
+    const size_t heads = 2 * (size_t)m->cfg.num_kv_heads, per_slot = heads * d->ctx * D * esize;
     if (src != dst)
         for (int l = 0; l < m->cfg.num_layers; l++) {
             char *layer = (char *)d->kv + (size_t)l * d->slots * per_slot;
-            memcpy(layer + dst * per_slot, layer + src * per_slot, (size_t)n * row);
+            for (size_t b = 0; b < heads; b++)
+                memcpy(layer + dst * per_slot + b * d->ctx * D * esize, layer + src * per_slot + b * d->ctx * D * esize,
+                       (size_t)n * D * esize);
         }
     memmove(d->tok + (int64_t)dst * d->ctx, d->tok + (int64_t)src * d->ctx, (size_t)n * sizeof *d->tok);
     d->len[dst] = n;

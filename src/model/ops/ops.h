@@ -119,8 +119,9 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
 /* Decoding several sequences at once, each over its own KV cache. The N query
  * rows of a call form runs, one per sequence: run r is rows row0 .. row0+n-1
  * of q/out, the sequence's tokens at positions p0 .. p0+n-1, whose cache
- * (rows of 2A: K after RoPE, then V; position p at row p) starts off
- * elements into cache. kv_new (N, 2A) holds the rows' own keys and values:
+ * starts off elements into cache: (2, Hkv, ctx, D), K after RoPE then V,
+ * each head's positions contiguous. kv_new (N, 2A) holds the rows' own keys
+ * and values (K heads, then V heads):
  * they are stored at their positions first, then each row attends to its
  * sequence's keys 0 .. its position. lse as attention_forward; scratch:
  * attention_cache_scratch_floats(ctx, k, D) per thread, ctx >= every p0 + n.
