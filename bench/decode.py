@@ -50,7 +50,8 @@ def leading_agreement(a, b):
 
 
 def thread_env(t):
-    return dict(os.environ, OMP_NUM_THREADS=str(t))
+    """t threads, and OpenMP's passive waiting, as the jetmoe CLI starts itself (cli/main.c), for both sides."""
+    return dict(os.environ, OMP_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
 
 
 def flag(r1, r2):
