@@ -266,7 +266,7 @@ static const wkernels kernels_avx2 = {"avx2", tile_f32_avx2, tile_bf16_avx2, til
  * while it is in a register. Tails (C not a multiple of the vector, or of
  * 16 blocks) go through the same loop with masked loads: the lanes masked
  * off read nothing and hold zeros, which add nothing. */
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE inline __attribute__((always_inline))
 #ifndef RMAX
 #define RMAX 4
@@ -274,22 +274,18 @@ static const wkernels kernels_avx2 = {"avx2", tile_f32_avx2, tile_bf16_avx2, til
 #ifndef NMAX
 #define NMAX 4
 #endif
-#ifndef AVX512_PREFETCH
-#define AVX512_PREFETCH 0
-#endif
-
 #ifndef AVX512_PF_ROWS
-#define AVX512_PF_ROWS 0
+#define AVX512_PF_ROWS 8
 #endif
-#ifndef AVX512_PF_HINT
-#define AVX512_PF_HINT _MM_HINT_T0
+#ifndef AVX512_PF_CLAMP
+#define AVX512_PF_CLAMP 0
 #endif
 
-/* One prefetch per 64 bytes a row's stream consumes, AVX512_PREFETCH ahead. */
-AVX512 static INLINE void prefetch_row(const void *p, int64_t row)
+/* Prefetch of the weights `pf` bytes on (0: none), one per 64 bytes a row's
+ * stream consumes. */
+AVX512 static INLINE void prefetch_ahead(const void *p, int64_t pf)
 {
-    if (AVX512_PREFETCH) _mm_prefetch((const char *)((uintptr_t)p + AVX512_PREFETCH), AVX512_PF_HINT);
-    if (AVX512_PF_ROWS) _mm_prefetch((const char *)((uintptr_t)p + AVX512_PF_ROWS * row), AVX512_PF_HINT);
+    if (pf) _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)pf), _MM_HINT_T0);
 }
 
 /* The first k lanes (none when k <= 0). */
@@ -319,16 +315,16 @@ AVX512 static INLINE __m256i load_f16x16(const void *p, int64_t k)
 
 /* F32: one FMA per 16 weights and input. */
 AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, const float *x, const int R, const int NI,
-                                   int64_t C)
+                                   int64_t C, int64_t pf)
 {
-    __m512 acc[RMAX][NMAX];
+    __m512 acc[RMAX][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < C; i += 16) {
-        __m512 xv[NMAX];
+        __m512 xv[4];
         for (int j = 0; j < NI; j++) xv[j] = load_f32(x + j * C + i, C - i);
         for (int r = 0; r < R; r++) {
-            prefetch_row(w + r * C + i, 4 * C);
+            prefetch_ahead(w + r * C + i, pf);
             __m512 wv = load_f32(w + r * C + i, C - i);
             for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
         }
@@ -337,22 +333,25 @@ AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, cons
         for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-#ifndef BF16_DPBF16
 /* BF16 widened exactly: a bf16 is the top half of an fp32, so of 32 weights
  * (one load) the even ones are the 32-bit lanes shifted left by 16 and the odd
  * ones the lanes with the low half cleared. The inputs are split into their
- * even and odd elements to match (two permutes per input, shared by the rows). */
+ * even and odd elements to match (two permutes per input, shared by the rows).
+ * vdpbf16ps (AVX-512 BF16) multiplies bf16 by bf16, so fp32 inputs would
+ * have to be split into three bf16 terms to keep fp32 accuracy (two leave
+ * 2^-16 |x|), three of its products per weight: measured at half the speed
+ * of this in L2 (41 against 80 GB/s at n = 1, 13 against 34 at n = 4). */
 AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                    const int NI, int64_t C)
+                                    const int NI, int64_t C, int64_t pf)
 {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[RMAX][NMAX];
+    __m512 acc[RMAX][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < C; i += 32) {
-        __m512 xe[NMAX], xo[NMAX];
+        __m512 xe[4], xo[4];
         for (int j = 0; j < NI; j++) {
             __m512 x0 = load_f32(x + j * C + i, C - i);
             __m512 x1 = load_f32(x + j * C + i + 16, C - i - 16);
@@ -361,7 +360,7 @@ AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, c
         }
         for (int r = 0; r < R; r++) {
             const uint8_t *wr = w + 2 * (r * C + i);
-            prefetch_row(wr, 2 * C);
+            prefetch_ahead(wr, pf);
             __m512i v = load_i16(wr, C - i);
             __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
@@ -371,149 +370,96 @@ AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, c
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
-#else
-/* BF16 with vdpbf16ps (bf16 x bf16 pairs into fp32): each input is split
- * into three bf16 terms, x = hi + mid + lo (two terms leave 2^-16 |x|). */
-AVX512 static INLINE __m512 bf16_residual(__m512 x, __m256bh *h)
-{
-    *h = _mm512_cvtneps_pbh(x);
-    return _mm512_sub_ps(x, _mm512_cvtpbh_ps(*h));
-}
-
-AVX512 static INLINE __m512bh bf16_join(__m256bh a, __m256bh b)
-{
-    return (__m512bh)_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)a), (__m256i)b, 1);
-}
-
-AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                    const int NI, int64_t C)
-{
-    __m512 acc[RMAX][NMAX];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < C; i += 32) {
-        __m512bh xh[NMAX], xm[NMAX], xl[NMAX];
-        for (int j = 0; j < NI; j++) {
-            __m512 x0 = load_f32(x + j * C + i, C - i);
-            __m512 x1 = load_f32(x + j * C + i + 16, C - i - 16);
-            __m256bh h0, h1, m0, m1;
-            x0 = bf16_residual(x0, &h0), x1 = bf16_residual(x1, &h1);
-            x0 = bf16_residual(x0, &m0), x1 = bf16_residual(x1, &m1);
-            xh[j] = bf16_join(h0, h1), xm[j] = bf16_join(m0, m1), xl[j] = _mm512_cvtne2ps_pbh(x1, x0);
-        }
-        for (int r = 0; r < R; r++) {
-            const uint8_t *wr = w + 2 * (r * C + i);
-            prefetch_row(wr, 2 * C);
-            __m512bh v = (__m512bh)load_i16(wr, C - i);
-            for (int j = 0; j < NI; j++)
-                acc[r][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[r][j], v, xl[j]), v, xm[j]), v, xh[j]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
-}
-#endif
 
 /* Q8 and Q4 go through vpdpbusd: u8 x s8 products, four at a time summed
- * into each int32 lane, exactly. A vector holds whole blocks (Q8 two, Q4
- * four), so each int32 lane belongs to one block; its sum is scaled in fp32
- * by that block's weight scale times activation scale, spread over the
- * block's lanes by a permute of the 16 products of a step of 16 blocks. No
- * horizontal sum until the end of the row. */
+ * into each int32 lane, exactly. A vector of weights holds whole blocks (Q8
+ * two, Q4 four), so each int32 lane belongs to one block; its sum is scaled
+ * in fp32 by that block's weight scale times activation scale, spread over
+ * the block's lanes by a permute of the 16 products of a step of 16 blocks.
+ * No horizontal sum until the end of the row. */
 
-/* The per-(row, input) scales of the 16 blocks from b: weight scale (F16)
- * times activation scale. */
-AVX512 static INLINE void step_scales(__m512 s[RMAX][NMAX], const uint8_t *ws, int64_t srow, const float *xs,
-                                      int64_t xrow, int64_t b, int64_t k, const int R, const int NI)
-{
-    __m512 xd[NMAX];
-    for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * xrow + b, k);
-    for (int r = 0; r < R; r++) {
-        __m512 wd = _mm512_cvtph_ps(load_f16x16(ws + r * srow + 2 * b, k));
-        for (int j = 0; j < NI; j++) s[r][j] = _mm512_mul_ps(wd, xd[j]);
-    }
-}
-
-/* Q8: the weights as unsigned bytes, w + 128 (w ^ 0x80), against the signed
+/* Q8, one vector of weights (blocks 2g, 2g+1 of the step) per row: the
+ * weights as unsigned bytes, w + 128 (w ^ 0x80), against the signed
  * activations; the 128 * sum(x) this adds is taken off in int32 by starting
  * each sum at -128 * sum(x) (one vpdpbusd per input, shared by the rows).
- * Exact for every int8 w and x: no intermediate saturates. */
-AVX512 static INLINE void q8_pass(float *out, int64_t ldo, const int8_t *w, const uint8_t *ws, const int8_t *xq,
-                                  const float *xs, const int R, const int NI, int64_t C)
+ * Exact for every int8 w and x: no intermediate saturates. k: bytes left. */
+AVX512 static INLINE void q8_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m512i idx, const int8_t *w,
+                                   int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
+                                   int64_t pf)
 {
-    const int64_t nb = C / QBLOCK;
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); /* lane -> block */
-    __m512 acc[RMAX][NMAX];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b += 16) {
-        const int64_t nblk = nb - b < 16 ? nb - b : 16;
-        __m512 s[RMAX][NMAX];
-        step_scales(s, ws, 2 * nb, xs, 2 * nb, b, nblk, R, NI);
-        __m512i idx = lanes;
-        for (int64_t g = 0; g < nblk; g += 2, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2))) {
-            const int64_t e = (b + g) * QBLOCK;
-            __m512i xv[NMAX], c[NMAX];
-            for (int j = 0; j < NI; j++) {
-                xv[j] = load_i8(xq + j * C + e, 32 * (nblk - g));
-                c[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, xv[j]));
-            }
-            for (int r = 0; r < R; r++) {
-                prefetch_row(w + r * C + e, C);
-                __m512i wu = _mm512_xor_si512(load_i8(w + r * C + e, 32 * (nblk - g)), flip);
-                for (int j = 0; j < NI; j++) {
-                    __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[j], wu, xv[j]));
-                    acc[r][j] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
-                }
-            }
+    __m512i xv[4], c[4];
+    for (int j = 0; j < NI; j++) {
+        xv[j] = load_i8(xq + j * C, k);
+        c[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, xv[j]));
+    }
+    for (int r = 0; r < R; r++) {
+        prefetch_ahead(w + r * row, pf);
+        __m512i wu = _mm512_xor_si512(load_i8(w + r * row, k), flip);
+        for (int j = 0; j < NI; j++) {
+            __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[j], wu, xv[j]));
+            acc[r][j] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-/* Q4: 64 bytes are four blocks, 16 per 128-bit lane; the low nibbles are
- * elements 0-15 of each, the high ones 16-31, unsigned as they are. The
- * activations of the four blocks are regrouped to match (a lane shuffle of
- * two loads picks the blocks' first halves, another their second halves),
- * and each sum starts at -8 * sum(x) so that it is sum((nibble - 8) x),
- * exact in int32. */
-AVX512 static INLINE void q4_pass(float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws, const int8_t *xq,
-                                  const float *xs, const int R, const int NI, int64_t C)
+/* Q4, one vector (blocks 4g .. 4g+3 of the step, 16 bytes each, one per
+ * 128-bit lane) per row: the low nibbles are elements 0-15 of each block,
+ * the high ones 16-31, unsigned as they are. The activations of the four
+ * blocks are regrouped to match (a lane shuffle of two loads picks the
+ * blocks' first halves, another their second halves), and each sum starts at
+ * -8 * sum(x), so that it is sum((nibble - 8) x), exact. k: blocks left. */
+AVX512 static INLINE void q4_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m512i idx, const uint8_t *w,
+                                   int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
+                                   int64_t pf)
 {
-    const int64_t nb = C / QBLOCK;
     const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
-    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[RMAX][NMAX];
+    __m512i xlo[4], xhi[4], c[4];
+    for (int j = 0; j < NI; j++) {
+        __m512i x0 = load_i8(xq + j * C, 32 * k), x1 = load_i8(xq + j * C + 64, 32 * (k - 2));
+        xlo[j] = _mm512_shuffle_i64x2(x0, x1, 0x88); /* lanes 0, 2 of each: the blocks' first halves */
+        xhi[j] = _mm512_shuffle_i64x2(x0, x1, 0xdd);
+        __m512i sum8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, xlo[j]), eight, xhi[j]);
+        c[j] = _mm512_sub_epi32(zero, sum8);
+    }
+    for (int r = 0; r < R; r++) {
+        prefetch_ahead(w + r * row, pf);
+        __m512i v = load_i8(w + r * row, 16 * k);
+        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int j = 0; j < NI; j++) {
+            __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c[j], lo, xlo[j]), hi, xhi[j]);
+            acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
+        }
+    }
+}
+
+/* Q8 or Q4 rows, in steps of 16 blocks: the steps' 16 scale products per
+ * (row, input), then the groups of blocks one vector of weights holds. */
+AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
+                                    const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
+                                    int64_t pf)
+{
+    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
+    const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
+    /* lane -> block of the group */
+    const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                     : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[RMAX][4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += 16) {
         const int64_t nblk = nb - b < 16 ? nb - b : 16;
-        __m512 s[RMAX][NMAX];
-        step_scales(s, ws, 2 * nb, xs, 2 * nb, b, nblk, R, NI);
+        __m512 s[RMAX][4], xd[4];
+        for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * 2 * nb + b, nblk);
+        for (int r = 0; r < R; r++) {
+            __m512 wd = _mm512_cvtph_ps(load_f16x16(ws + r * 2 * nb + 2 * b, nblk));
+            for (int j = 0; j < NI; j++) s[r][j] = _mm512_mul_ps(wd, xd[j]);
+        }
         __m512i idx = lanes;
-        for (int64_t g = 0; g < nblk; g += 4, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(4))) {
-            const int64_t k = nblk - g; /* blocks left: this group holds min(k, 4) */
-            const int8_t *xg = xq + (b + g) * QBLOCK;
-            __m512i xlo[NMAX], xhi[NMAX], c[NMAX];
-            for (int j = 0; j < NI; j++) {
-                __m512i x0 = load_i8(xg + j * C, 32 * k);
-                __m512i x1 = load_i8(xg + j * C + 64, 32 * (k - 2));
-                xlo[j] = _mm512_shuffle_i64x2(x0, x1, 0x88); /* lanes 0, 2 of each: the first halves */
-                xhi[j] = _mm512_shuffle_i64x2(x0, x1, 0xdd);
-                c[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, xlo[j]), eight, xhi[j]));
-            }
-            for (int r = 0; r < R; r++) {
-                const uint8_t *wr = w + r * (C / 2) + (b + g) * (QBLOCK / 2);
-                prefetch_row(wr, C / 2);
-                __m512i v = load_i8(wr, 16 * k);
-                __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                for (int j = 0; j < NI; j++) {
-                    __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c[j], lo, xlo[j]), hi, xhi[j]);
-                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
-                }
-            }
+        for (int64_t g = 0; g < nblk; g += per, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(per))) {
+            const int64_t e = (b + g) * QBLOCK; /* the group's first input */
+            if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)w + e, row, xq + e, C, 32 * (nblk - g), R, NI, pf);
+            else q4_group(acc, s, idx, w + e / 2, row, xq + e, C, nblk - g, R, NI, pf);
         }
     }
     for (int r = 0; r < R; r++)
@@ -524,59 +470,76 @@ AVX512 static INLINE void q4_pass(float *out, int64_t ldo, const uint8_t *w, con
  * accumulators live in registers): RMAX rows at a time, then single rows;
  * the inputs in chunks of up to NMAX. */
 typedef struct {
-    wtype type;
     const uint8_t *w, *ws;
     const float *x;
     const int8_t *xq;
     const float *xs;
-    int64_t C;
+    int64_t C, pf;
 } pass_args;
 
-AVX512 static INLINE void pass(float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
+AVX512 static INLINE void pass(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
 {
-    switch (a->type) {
-    case WT_F32: f32_pass(out, ldo, (const float *)a->w, a->x, R, NI, a->C); break;
-    case WT_BF16: bf16_pass(out, ldo, a->w, a->x, R, NI, a->C); break;
-    case WT_Q8: q8_pass(out, ldo, (const int8_t *)a->w, a->ws, a->xq, a->xs, R, NI, a->C); break;
-    case WT_Q4: q4_pass(out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C); break;
+    switch (t) {
+    case WT_F32: f32_pass(out, ldo, (const float *)a->w, a->x, R, NI, a->C, a->pf); break;
+    case WT_BF16: bf16_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf); break;
+    case WT_Q8:
+    case WT_Q4: int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf); break;
     }
 }
 
-AVX512 static void pass_rows(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+AVX512 static INLINE void pass_rows(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    if (R == RMAX) {
-        switch (NI) {
-        case 1: pass(out, ldo, a, RMAX, 1); break;
-        case 2: pass(out, ldo, a, RMAX, 2); break;
-        case 3: pass(out, ldo, a, RMAX, 3); break;
-        default: pass(out, ldo, a, RMAX, 4); break;
-        }
-    } else {
-        switch (NI) {
-        case 1: pass(out, ldo, a, 1, 1); break;
-        case 2: pass(out, ldo, a, 1, 2); break;
-        case 3: pass(out, ldo, a, 1, 3); break;
-        default: pass(out, ldo, a, 1, 4); break;
-        }
+    switch ((R == RMAX) * 8 + NI) {
+    case 8 + 1: pass(t, out, ldo, a, RMAX, 1); break;
+    case 8 + 2: pass(t, out, ldo, a, RMAX, 2); break;
+    case 8 + 3: pass(t, out, ldo, a, RMAX, 3); break;
+    case 8 + 4: pass(t, out, ldo, a, RMAX, 4); break;
+    case 1: pass(t, out, ldo, a, 1, 1); break;
+    case 2: pass(t, out, ldo, a, 1, 2); break;
+    case 3: pass(t, out, ldo, a, 1, 3); break;
+    case 4: pass(t, out, ldo, a, 1, 4); break;
     }
 }
 
-AVX512 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
-                               const float *xs, int64_t n, int64_t C)
+AVX512 static INLINE void tile_rows(wtype t, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                                    const int8_t *xq, const float *xs, int64_t n, int64_t C)
 {
-    const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK), xrow = 2 * (C / QBLOCK);
+    const int64_t row = wtype_row_bytes(t, C), srow = 2 * (C / QBLOCK), xrow = 2 * (C / QBLOCK);
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= RMAX ? RMAX : 1;
+        const int64_t pf = AVX512_PF_CLAMP && i + R + AVX512_PF_ROWS > nrows ? 0 : AVX512_PF_ROWS * row;
         for (int64_t r = 0; r < n; r += NMAX) {
-            pass_args a = {w.type, (const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
-                           x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * xrow : NULL, C};
-            pass_rows(out + r * ldo + i, ldo, &a, R, n - r < NMAX ? (int)(n - r) : NMAX);
+            pass_args a = {(const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
+                           x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * xrow : NULL, C, pf};
+            pass_rows(t, out + r * ldo + i, ldo, &a, R, n - r < NMAX ? (int)(n - r) : NMAX);
         }
         i += R;
     }
 }
 
-static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512};
+AVX512 static void tile_f32_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                                   const int8_t *xq, const float *xs, int64_t n, int64_t C)
+{
+    tile_rows(WT_F32, out, ldo, w, nrows, x, xq, xs, n, C);
+}
+AVX512 static void tile_bf16_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                                    const int8_t *xq, const float *xs, int64_t n, int64_t C)
+{
+    tile_rows(WT_BF16, out, ldo, w, nrows, x, xq, xs, n, C);
+}
+AVX512 static void tile_q8_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                                  const int8_t *xq, const float *xs, int64_t n, int64_t C)
+{
+    tile_rows(WT_Q8, out, ldo, w, nrows, x, xq, xs, n, C);
+}
+AVX512 static void tile_q4_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                                  const int8_t *xq, const float *xs, int64_t n, int64_t C)
+{
+    tile_rows(WT_Q4, out, ldo, w, nrows, x, xq, xs, n, C);
+}
+
+static const wkernels kernels_avx512 = {"avx512", tile_f32_avx512, tile_bf16_avx512, tile_q8_avx512,
+                                        tile_q4_avx512};
 
 #endif
 
@@ -592,14 +555,13 @@ enum {
     F_AVX512BW = 32,
     F_AVX512VL = 64,
     F_AVX512VNNI = 128,
-    F_AVX512BF16 = 256,
 };
 static const struct {
     unsigned bit;
     const char *label;
 } feature_labels[] = {{F_X86, "x86-64"},         {F_AVX2, "AVX2"},         {F_FMA, "FMA"},
                       {F_F16C, "F16C"},          {F_AVX512F, "AVX-512F"},  {F_AVX512BW, "AVX-512BW"},
-                      {F_AVX512VL, "AVX-512VL"}, {F_AVX512VNNI, "AVX-512 VNNI"}, {F_AVX512BF16, "AVX-512 BF16"}};
+                      {F_AVX512VL, "AVX-512VL"}, {F_AVX512VNNI, "AVX-512 VNNI"}};
 
 static unsigned cpu_features(void)
 {
@@ -609,8 +571,7 @@ static unsigned cpu_features(void)
            (__builtin_cpu_supports("f16c") ? F_F16C : 0) | (__builtin_cpu_supports("avx512f") ? F_AVX512F : 0) |
            (__builtin_cpu_supports("avx512bw") ? F_AVX512BW : 0) |
            (__builtin_cpu_supports("avx512vl") ? F_AVX512VL : 0) |
-           (__builtin_cpu_supports("avx512vnni") ? F_AVX512VNNI : 0) |
-           (__builtin_cpu_supports("avx512bf16") ? F_AVX512BF16 : 0);
+           (__builtin_cpu_supports("avx512vnni") ? F_AVX512VNNI : 0);
 #else
     return 0;
 #endif
@@ -623,7 +584,7 @@ static const struct {
     const wkernels *set;
 } sets[] = {
 #ifdef JM_X86
-    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX512BF16, &kernels_avx512},
+    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI, &kernels_avx512},
     {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2},
 #else
     {"avx512", F_X86, NULL},
