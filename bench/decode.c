@@ -17,39 +17,6 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-/* Best-of-reps rate (GB/s) of streaming reads of a `bytes` buffer on the
- * library's threads: what one decode step, which reads each active weight
- * once, can hope for. Integer sums, so the compiler may reorder and vectorise
- * them; 16 independent sums (four AVX2 registers) keep the loads in flight
- * (measured ~10% faster than one running sum). */
-static double read_bandwidth(size_t bytes, int reps)
-{
-    const size_t n = bytes / sizeof(uint64_t) / 16 * 16;
-    uint64_t *buf = aligned_alloc(64, n * sizeof(uint64_t));
-    if (!buf) return 0;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) buf[i] = i; /* first touch by the thread that reads it */
-    static volatile uint64_t sink;             /* keeps the sums (and so the reads) alive */
-    double best = 1e30;
-    for (int r = 0; r < reps; r++) {
-        uint64_t sum = 0;
-        double t0 = now();
-#pragma omp parallel reduction(+ : sum)
-        {
-            uint64_t acc[16] = {0};
-#pragma omp for schedule(static)
-            for (size_t i = 0; i < n; i += 16)
-                for (int j = 0; j < 16; j++) acc[j] += buf[i + j];
-            for (int j = 0; j < 16; j++) sum += acc[j];
-        }
-        double t = now() - t0;
-        sink += sum;
-        if (t < best) best = t;
-    }
-    free(buf);
-    return (double)n * sizeof(uint64_t) / best / 1e9;
-}
-
 /* Greedy choice: the lowest id among equal maxima, as the reference's. */
 static int32_t argmax(const float *x, int n)
 {

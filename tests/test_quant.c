@@ -93,45 +93,6 @@ static void test_quantize_rows(void)
     check(zero, "quant_zero_block", "%s", "nonzero output");
 }
 
-/* ---- dot kernels ---- */
-
-/* float64 sum of the products the kernel is meant to compute. */
-static double ref_dot(wview w, const float *x, int64_t C, double *mag)
-{
-    float *wd = malloc((size_t)C * sizeof *wd), *xd = malloc((size_t)C * sizeof *xd);
-    dequant_rows(wd, w, 0, 1, C);
-    if (w.type == WT_Q8 || w.type == WT_Q4) { /* the kernel multiplies int8 activations */
-        int8_t *xq = malloc((size_t)C);
-        float *xs = malloc((size_t)(2 * (C / 32)) * sizeof *xs);
-        quantize_act_q8(xq, xs, x, C);
-        for (int64_t i = 0; i < C; i++) xd[i] = xs[i / 32] * xq[i];
-        free(xq);
-        free(xs);
-    } else {
-        memcpy(xd, x, (size_t)C * sizeof *xd);
-    }
-    double s = 0;
-    *mag = 0;
-    for (int64_t i = 0; i < C; i++) {
-        s += (double)wd[i] * xd[i];
-        *mag += fabs((double)wd[i] * xd[i]);
-    }
-    free(wd);
-    free(xd);
-    return s;
-}
-
-static double kernel_dot(const wkernels *K, wview w, const float *x, int64_t C)
-{
-    int8_t *xq = malloc((size_t)C);
-    float *xs = malloc((size_t)(2 * (C / 32) + 1) * sizeof *xs), v;
-    if (w.type == WT_Q8 || w.type == WT_Q4) quantize_act_q8(xq, xs, x, C);
-    wkernel_for(K, w.type)(&v, 1, w, 1, x, xq, xs, 1, C);
-    free(xq);
-    free(xs);
-    return v;
-}
-
 /* rows x C random weights of amplitude amp in type t (buffers the caller frees). */
 static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_t **scales, float amp)
 {
@@ -150,53 +111,230 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
     return (wview){t, *data, t == WT_Q8 || t == WT_Q4 ? *scales : NULL};
 }
 
+/* ---- dot kernels ---- */
+
+static const char *const kernel_sets[] = {"portable", "avx2", "avx512"};
+enum { NSETS = sizeof kernel_sets / sizeof *kernel_sets };
+
+/* The value weight (row i, input c) holds as stored, exactly (F16 scales and
+ * bf16 widen to float exactly; the products below are float64). */
+static double stored_weight(wview w, int64_t i, int64_t c, int64_t C)
+{
+    const int64_t nb = C / 32, b = i * nb + c / 32;
+    switch (w.type) {
+    case WT_F32: return ((const float *)w.data)[i * C + c];
+    case WT_BF16: {
+        const uint8_t *p = (const uint8_t *)w.data + 2 * (i * C + c);
+        uint32_t u = (uint32_t)(p[0] | p[1] << 8) << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    case WT_Q8: return (double)wscale_at(w.scales, b) * ((const int8_t *)w.data)[i * C + c];
+    case WT_Q4: {
+        const uint8_t q = ((const uint8_t *)w.data)[i * C / 2 + c / 32 * 16 + c % 16];
+        return (double)wscale_at(w.scales, b) * ((c % 32 < 16 ? q & 15 : q >> 4) - 8);
+    }
+    }
+    return 0;
+}
+
+/* One tile problem: nrows weight rows of type t against n input rows, every
+ * buffer `skew` bytes (or elements) off 64-byte alignment, as a mapped file
+ * and an arena may place them: Q8/Q4 weights at any byte, their scales at odd
+ * ones, F32/BF16 at their element size. want/mag (n, nrows): the float64 sum
+ * of the products of the stored values (Q8/Q4: dequantized weights times the
+ * dequantized int8 activations, xq * block scale) and of their magnitudes. */
+typedef struct {
+    wtype t;
+    int64_t nrows, n, C, ldo;
+    wview w;
+    const float *x, *xs;
+    const int8_t *xq;
+    double *want, *mag;
+    void *bufs[5];
+} tile_case;
+
+static tile_case make_tile_case(wtype t, int64_t nrows, int64_t n, int64_t C, float wamp, float xamp, int skew)
+{
+    tile_case k = {t, nrows, n, C, nrows + skew % 3 * 5, {0}, NULL, NULL, NULL, NULL, NULL, {0}};
+    const int64_t nb = C / 32, row = wtype_row_bytes(t, C), esize = t == WT_F32 ? 4 : t == WT_BF16 ? 2 : 1;
+    uint8_t *data = aligned_alloc(64, (size_t)(nrows * row + 128)), *sc = aligned_alloc(64, (size_t)(nrows * 2 * nb + 128));
+    float *x = aligned_alloc(64, (size_t)(n * C * 4 + 128)), *xs = aligned_alloc(64, (size_t)(n * 2 * nb * 4 + 128));
+    int8_t *xq = aligned_alloc(64, (size_t)(n * C + 128));
+    k.bufs[0] = data, k.bufs[1] = sc, k.bufs[2] = x, k.bufs[3] = xs, k.bufs[4] = xq;
+    data += skew % 16 * esize, sc += skew % 32 * 2 + 1;
+    x += skew % 16, xs += (skew + 5) % 16, xq += skew % 64;
+    float *w = malloc((size_t)C * sizeof *w);
+    for (int64_t i = 0; i < nrows; i++) {
+        for (int64_t c = 0; c < C; c++) w[c] = wamp * frand();
+        if (t == WT_F32) memcpy(data + i * row, w, (size_t)row);
+        for (int64_t c = 0; t == WT_BF16 && c < C; c++) {
+            uint16_t h = jm_f32_to_bf16(w[c]);
+            data[i * row + 2 * c] = (uint8_t)h, data[i * row + 2 * c + 1] = (uint8_t)(h >> 8);
+        }
+        if (t == WT_Q8) quantize_row_q8((int8_t *)data + i * row, sc + i * 2 * nb, w, C);
+        if (t == WT_Q4) quantize_row_q4(data + i * row, sc + i * 2 * nb, w, C);
+    }
+    free(w);
+    for (int64_t c = 0; c < n * C; c++) x[c] = xamp * frand() * (c % 97 == 0 ? 20.0f : 1.0f);
+    const int int8 = t == WT_Q8 || t == WT_Q4;
+    for (int64_t r = 0; int8 && r < n; r++) quantize_act_q8(xq + r * C, xs + r * 2 * nb, x + r * C, C);
+    k.w = (wview){t, data, int8 ? sc : NULL};
+    k.x = x, k.xs = xs, k.xq = xq;
+    k.want = malloc((size_t)(n * nrows) * sizeof *k.want), k.mag = malloc((size_t)(n * nrows) * sizeof *k.mag);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < nrows; i++) {
+            double s = 0, m = 0;
+            for (int64_t c = 0; c < C; c++) {
+                double xv = int8 ? (double)xs[r * 2 * nb + c / 32] * xq[r * C + c] : x[r * C + c];
+                double p = stored_weight(k.w, i, c, C) * xv;
+                s += p, m += fabs(p);
+            }
+            k.want[r * nrows + i] = s, k.mag[r * nrows + i] = m;
+        }
+    return k;
+}
+
+static void free_tile_case(tile_case *k)
+{
+    for (int i = 0; i < 5; i++) free(k->bufs[i]);
+    free(k->want), free(k->mag);
+}
+
+/* Runs set K's tile on k into out (n, ldo), first filled with a NaN whose
+ * bits mark it unwritten; false if the tile wrote outside its nrows columns. */
+static const uint32_t UNWRITTEN = 0x7fc0beefu;
+static bool run_tile(const wkernels *K, const tile_case *k, float *out)
+{
+    for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
+    wkernel_for(K, k->t)(out, k->ldo, k->w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
+    for (int64_t r = 0; r < k->n; r++)
+        for (int64_t i = k->nrows; i < k->ldo; i++)
+            if (memcmp(&out[r * k->ldo + i], &UNWRITTEN, 4) != 0) return false;
+    return true;
+}
+
+/* Worst |got - ref| over the tile in units of KERNEL_TOL * sum |w x|
+ * (<= 1 passes; a NaN or an unwritten output counts as infinite). */
+#define KERNEL_TOL 2e-6
+static double tile_error(const tile_case *k, const float *got, const float *ref_f, const double *ref_d)
+{
+    double worst = 0;
+    for (int64_t r = 0; r < k->n; r++)
+        for (int64_t i = 0; i < k->nrows; i++) {
+            double g = got[r * k->ldo + i], want = ref_f ? ref_f[r * k->ldo + i] : ref_d[r * k->nrows + i];
+            double e = fabs(g - want) / (KERNEL_TOL * k->mag[r * k->nrows + i]);
+            worst = fmax(worst, e == e ? e : INFINITY);
+            if (g != g || (g != want && k->mag[r * k->nrows + i] == 0)) worst = INFINITY;
+        }
+    return worst;
+}
+
+/* Every set this CPU runs, every type, over tiles of nrows 1..9 weight rows
+ * and n 1..8 inputs, with C tails, tiny and large magnitudes, ldo > nrows and
+ * no alignment, against the float64 sums and against the portable set.
+ * The tolerance, 2e-6 of sum |w x| (about 34 units of fp32 rounding): Q8/Q4
+ * sum each block exactly in int32, so their error is fp32 rounding alone,
+ * like F32's and BF16's: one rounding per scale product and per addition to
+ * an accumulator of at most C terms. Bounded in the worst case by C units,
+ * those errors take random signs and the partial sums grow like sqrt(terms),
+ * so they come to about one unit of sum |w x| at any C, 30x under the bound. */
 static void test_kernels(void)
 {
-    const wkernels *P = wkernels_get("portable"), *S = wkernels_get("avx2");
-    check(P && wkernels_get("auto") && !wkernels_get("avx512-nonsense"), "kernels_table_lookup", "%s",
-          "portable/auto missing or an unknown name accepted");
-    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
-    static const char *names[] = {"bf16", "q8", "q4"};
-    const int64_t sizes[] = {32, 64, 96, 160, 2048, 5632};
-    for (int ti = 0; ti < 3; ti++) {
-        double worst_ref = 0, worst_simd = 0;
-        for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
-            for (int rep = 0; rep < 20; rep++) {
-                int64_t C = sizes[si] + (types[ti] == WT_BF16 ? rep % 7 : 0); /* bf16 tails too */
-                void *data;
-                uint8_t *sc;
-                wview w = random_matrix(types[ti], 1, C, &data, &sc, rep % 2 ? 0.02f : 3.0f);
-                float *x = malloc((size_t)C * sizeof *x);
-                for (int64_t i = 0; i < C; i++) x[i] = frand() * (i % 97 == 0 ? 20.0f : 1.0f);
-                double mag, want = ref_dot(w, x, C, &mag);
-                double p = kernel_dot(P, w, x, C);
-                worst_ref = fmax(worst_ref, fabs(p - want) / (mag + 1e-30));
-                if (S) worst_simd = fmax(worst_simd, fabs(kernel_dot(S, w, x, C) - p) / (mag + 1e-30));
-                free(x);
-                free(data);
-                free(sc);
-            }
-        }
-        char name[64];
-        snprintf(name, sizeof name, "kernel_%s_portable_vs_float64", names[ti]);
-        check_detail(worst_ref < 1e-5, name, "worst error %.2e of sum |w x|", worst_ref);
-        snprintf(name, sizeof name, "kernel_%s_avx2_vs_portable", names[ti]);
-        if (S)
-            check_detail(worst_simd < 1e-5, name, "worst difference %.2e of sum |w x|", worst_simd);
-        else
-            printf("SKIP %s (this CPU has no AVX2/FMA/F16C)\n", name);
+    const wkernels *K[NSETS];
+    for (int s = 0; s < NSETS; s++) {
+        K[s] = wkernels_get(kernel_sets[s]);
+        char why[160];
+        if (!K[s] && wkernels_missing(kernel_sets[s], why, sizeof why) == 0)
+            printf("SKIP kernels_%s (this CPU lacks %s)\n", kernel_sets[s], why);
     }
+    const wkernels *best = K[2] ? K[2] : K[1] ? K[1] : K[0];
+    char none[8] = "x";
+    check(K[0] && wkernels_get("auto") == best && !wkernels_get("avx512-nonsense") &&
+              wkernels_missing("avx512-nonsense", none, sizeof none) < 0 &&
+              wkernels_missing("portable", none, sizeof none) == 0 && none[0] == 0,
+          "kernels_table_lookup", "auto is %s, not the best this CPU runs (%s); or an unknown name accepted",
+          wkernels_get("auto") ? wkernels_get("auto")->name : "NULL", best ? best->name : "none");
 
-    /* a file may hold -128 (our quantizer never writes it): no int16 saturation */
-    int8_t w[64];
-    uint8_t s[4] = {0x00, 0x3c, 0x00, 0x3c}; /* scales 1.0 */
-    for (int i = 0; i < 64; i++) w[i] = -128;
-    float x[64];
-    for (int i = 0; i < 64; i++) x[i] = i % 2 ? -1.0f : 1.0f * (i % 3 ? 1 : -1);
-    double mag, want = ref_dot((wview){WT_Q8, w, s}, x, 64, &mag);
-    bool ok = fabs(kernel_dot(P, (wview){WT_Q8, w, s}, x, 64) - want) <= 1e-6 * mag &&
-              (!S || fabs(kernel_dot(S, (wview){WT_Q8, w, s}, x, 64) - want) <= 1e-6 * mag);
-    check(ok, "kernel_q8_minus_128_no_saturation", "want %g", want);
+    static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
+    static const char *names[] = {"f32", "bf16", "q8", "q4"};
+    static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065};
+    static const int64_t sizes_q[] = {32, 64, 96, 128, 160, 224, 480, 512, 544, 1056, 2048};
+    /* weight and input amplitudes: products near 1e-30, 1 and 1e30 (F32/BF16);
+     * for Q8/Q4 F16 scales from subnormal (1e-3 / 127) to ~80 */
+    static const float wamp_f[] = {1e-15f, 1.0f, 1e15f}, wamp_q[] = {1e-3f, 1.0f, 1e4f};
+    static const float xamp[] = {1e-15f, 1.0f, 1e15f};
+    float *out = malloc((size_t)8 * 2065 * 4 * sizeof *out), *port = malloc((size_t)8 * 2065 * 4 * sizeof *port);
+    for (int ti = 0; ti < 4; ti++) {
+        const int q = types[ti] == WT_Q8 || types[ti] == WT_Q4;
+        const int64_t *sizes = q ? sizes_q : sizes_f;
+        const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
+        double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
+        int tiles = 0, stray[NSETS] = {0};
+        for (size_t si = 0; si < nsizes; si++)
+            for (int64_t nrows = 1; nrows <= 9; nrows++)
+                for (int64_t n = 1; n <= 8; n++, tiles++) {
+                    const int a = tiles % 3;
+                    tile_case k = make_tile_case(types[ti], nrows, n, sizes[si], q ? wamp_q[a] : wamp_f[a],
+                                                 xamp[(tiles / 3) % 3], tiles % 61);
+                    stray[0] += !run_tile(K[0], &k, port);
+                    vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
+                    for (int s = 1; s < NSETS; s++) {
+                        if (!K[s]) continue;
+                        stray[s] += !run_tile(K[s], &k, out);
+                        vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
+                        vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
+                    }
+                    free_tile_case(&k);
+                }
+        for (int s = 0; s < NSETS; s++) {
+            if (!K[s]) continue;
+            char name[64];
+            snprintf(name, sizeof name, "kernels_%s_%s_vs_float64", kernel_sets[s], names[ti]);
+            check_detail(vs_ref[s] <= 1 && !stray[s], name,
+                         "%d tiles: worst error %.3f of 2e-6 sum |w x|; %d wrote outside their columns", tiles,
+                         vs_ref[s], stray[s]);
+            if (s == 0) continue;
+            snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_sets[s], names[ti]);
+            check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,
+                         vs_port[s]);
+        }
+    }
+    free(out), free(port);
+
+    /* the extremes of the int8 formats, which no product may saturate on:
+     * a file may hold Q8 -128 (our quantizer never writes it), and Q4 nibbles
+     * all 0 (-8) or all 15 (7), against activations of +-127 */
+    int8_t w8[64 * 3];
+    uint8_t w4[32 * 3], s1[6 * 3]; /* three rows of 64 inputs */
+    for (int i = 0; i < 64 * 3; i++) w8[i] = i < 64 ? -128 : i < 128 ? 127 : (i % 2 ? -128 : 127);
+    for (int i = 0; i < 32 * 3; i++) w4[i] = i < 32 ? 0x00 : i < 64 ? 0xff : (i % 2 ? 0x0f : 0xf0);
+    for (int i = 0; i < 6 * 3; i += 2) s1[i] = 0x00, s1[i + 1] = 0x3c; /* F16 1.0 */
+    float x[64 * 2];
+    for (int i = 0; i < 128; i++) x[i] = i < 64 ? (i % 3 ? 1.0f : -1.0f) : (i % 2 ? -1.0f : 1.0f);
+    int8_t xq[128];
+    float xs[8];
+    quantize_act_q8(xq, xs, x, 64), quantize_act_q8(xq + 64, xs + 4, x + 64, 64);
+    double worst = 0;
+    for (int q4 = 0; q4 < 2; q4++) {
+        wview w = q4 ? (wview){WT_Q4, w4, s1} : (wview){WT_Q8, w8, s1};
+        float got[6];
+        for (int s = 0; s < NSETS; s++) {
+            if (!K[s]) continue;
+            wkernel_for(K[s], w.type)(got, 3, w, 3, x, xq, xs, 2, 64);
+            for (int r = 0; r < 2; r++)
+                for (int i = 0; i < 3; i++) {
+                    double want = 0, mag = 0;
+                    for (int c = 0; c < 64; c++) {
+                        double p = stored_weight(w, i, c, 64) * xs[r * 4 + c / 32] * xq[r * 64 + c];
+                        want += p, mag += fabs(p);
+                    }
+                    worst = fmax(worst, fabs(got[r * 3 + i] - want) / (KERNEL_TOL * mag));
+                }
+        }
+    }
+    check_detail(worst <= 1, "kernels_int8_extremes_no_saturation", "worst error %.3f of 2e-6 sum |w x|", worst);
 }
 
 /* ---- products ---- */
@@ -258,14 +396,14 @@ static void test_products(void)
     const int threads = omp_get_max_threads();
     static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4, WT_F32};
     static const char *names[] = {"bf16", "q8", "q4", "f32"};
-    const char *kern[] = {"portable", "avx2"};
     /* each product on OpenMP and on a decode pool of 3 threads (chunks of
      * experts' rows run on it when no expert has more than WSMALL_N rows) */
     jm_pool *pool = jm_pool_create(3);
-    for (int ki = 0; ki < 2; ki++) {
-        const wkernels *K = wkernels_get(kern[ki]);
+    for (int ki = 0; ki < NSETS; ki++) {
+        const char *kern = kernel_sets[ki];
+        const wkernels *K = wkernels_get(kern);
         if (!K) {
-            printf("SKIP wmatmul_%s (this CPU cannot run it)\n", kern[ki]);
+            printf("SKIP wmatmul_%s (this CPU cannot run it)\n", kern);
             continue;
         }
         for (int ti = 0; ti < 4; ti++) {
@@ -290,9 +428,9 @@ static void test_products(void)
                 free(x), free(got), free(want), free(scratch);
             }
             char name[64];
-            snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kern[ki]);
+            snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kern);
             check_detail(worst < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst);
-            snprintf(name, sizeof name, "wmatmul_%s_%s_on_decode_pool", names[ti], kern[ki]);
+            snprintf(name, sizeof name, "wmatmul_%s_%s_on_decode_pool", names[ti], kern);
             check_detail(worst_pool < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst_pool);
             free(data), free(sc);
         }
@@ -465,13 +603,16 @@ static void test_models(const char *tmp)
                      "routing agrees on %d of %d choices; positions before the first difference (%d): worst "
                      "logits rms %.2e", agree, total, first_flip, worst);
 
-        /* portable kernels give the same model as the SIMD ones */
-        if (wkernels_get("avx2")) {
-            s = jm_set_kernels(mo, "portable", &err);
-            if (!s) s = decode_logits(mo, tok, T, dec2, &err);
-            snprintf(name, sizeof name, "model_%s_portable_vs_avx2_kernels", types[i]);
-            r = s ? 1 : max_rel(dec2, dec, V);
-            check_detail(r < 1e-5, name, "decode logits: %.2e of max |logit|", r);
+        /* every SIMD set this CPU runs gives the same model as the portable one */
+        s = jm_set_kernels(mo, "portable", &err);
+        if (!s) s = decode_logits(mo, tok, T, dec2, &err);
+        for (int ki = 1; ki < NSETS; ki++) {
+            if (!wkernels_get(kernel_sets[ki])) continue;
+            jm_status s2 = s ? s : jm_set_kernels(mo, kernel_sets[ki], &err);
+            if (!s2) s2 = decode_logits(mo, tok, T, dec, &err);
+            snprintf(name, sizeof name, "model_%s_portable_vs_%s_kernels", types[i], kernel_sets[ki]);
+            r = s2 ? 1 : max_rel(dec, dec2, V);
+            check_detail(r < 1e-5, name, "status %d; decode logits: %.2e of max |logit|", s2, r);
         }
         /* inference-only: training refuses it clearly */
         s = jm_zero_grad(mo, &err);

@@ -1614,10 +1614,10 @@ jm_status jm_balance_stages(const jm_config *c, int T, int P, int *first_layer, 
 jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
 {
     const wkernels *k = wkernels_get(name);
-    if (!k)
-        return jm_fail(err, JM_ERR_ARG, "kernels '%s': %s", name,
-                       strcmp(name, "avx2") == 0 ? "this CPU lacks AVX2, FMA or F16C"
-                                                 : "unknown (use auto, avx2 or portable)");
+    char missing[128];
+    if (!k && wkernels_missing(name, missing, sizeof missing) < 0)
+        return jm_fail(err, JM_ERR_ARG, "kernels '%s': unknown (use auto, avx512, avx2 or portable)", name);
+    if (!k) return jm_fail(err, JM_ERR_ARG, "kernels '%s': this CPU lacks %s", name, missing);
     m->kern = k;
     return JM_OK;
 }

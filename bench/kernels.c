@@ -1,0 +1,212 @@
+/* bench/kernels — how fast one thread streams stored weights through each
+ * kernel set's tiles (src/model/ops/wkernels.c), beside the read bandwidth
+ * measured in the same run.
+ *
+ *   build/bench/kernels [--C 2048] [--big-mb 256] [--l2-kb 512] [--reps 5] [--sets avx512,avx2,portable]
+ *                       [--types f32,bf16,q8,q4]
+ *
+ * Decoding reads every active weight once, so a kernel keeps up when it
+ * streams a matrix far larger than the caches at the rate plain reads reach.
+ * A matrix resident in L2 shows the kernel's own speed: the headroom left for
+ * when several threads share the memory bus. Tiles of 64 weight rows (WTILE,
+ * as qmatmul.c hands them out) against n = 1 input row (one sequence
+ * decoding) and n = 4 (batched decoding). GB/s count weight and scale bytes.
+ * Prints figures; it is not a test. */
+#include "common.h"
+#include "model/ops/ops.h"
+
+#include <stdint.h>
+
+/* The core clock in GHz, from a chain of dependent integer adds (one cycle
+ * each on every x86 core of this century); 0 where it cannot be measured. */
+static double clock_ghz(void)
+{
+#if defined(__x86_64__)
+    double best = 1e30;
+    const uint64_t iters = 20000000;
+    for (int r = 0; r < 5; r++) {
+        uint64_t a = 0, n = iters;
+        double t0 = now();
+        __asm__ volatile("1: add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                         "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                         "dec %1\n\tjnz 1b"
+                         : "+r"(a), "+r"(n));
+        double t = now() - t0;
+        if (t < best) best = t;
+    }
+    return 8.0 * (double)iters / best / 1e9;
+#else
+    return 0;
+#endif
+}
+
+static uint64_t rng = 88172645463325252ull;
+static uint32_t rnd(void) /* xorshift64 */
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+static float frnd(void) { return (float)(rnd() % 2000001) / 1e6f - 1.0f; }
+
+/* A rows x C matrix of type t: weights of plausible size (normal floats, so
+ * no denormal slows any path), scales near 0.01. */
+typedef struct {
+    wview w;
+    void *data;
+    uint8_t *scales;
+    int64_t rows;
+    double bytes; /* weights and scales */
+} matrix;
+
+static matrix make_matrix(wtype t, int64_t C, double target_bytes)
+{
+    matrix m = {0};
+    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C), srow = t == WT_Q8 || t == WT_Q4 ? 2 * nb : 0;
+    m.rows = (int64_t)(target_bytes / (double)(row + srow));
+    if (m.rows < 64) m.rows = 64;
+    m.bytes = (double)m.rows * (double)(row + srow);
+    m.data = aligned_alloc(64, (size_t)((m.rows * row + 63) / 64 * 64));
+    m.scales = srow ? malloc((size_t)(m.rows * srow)) : NULL;
+    if (!m.data || (srow && !m.scales)) {
+        fprintf(stderr, "bench/kernels: out of memory\n");
+        exit(1);
+    }
+    uint8_t *d = m.data;
+    for (int64_t i = 0; i < m.rows * row; i += 4) {
+        float f = 0.05f * frnd();
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (t == WT_F32) memcpy(d + i, &u, 4);
+        else if (t == WT_BF16) {
+            uint32_t two = u >> 16 | (u & 0xffff0000u); /* two bf16 near f */
+            memcpy(d + i, &two, 4);
+        } else {
+            uint32_t r = rnd();
+            memcpy(d + i, &r, 4);
+        }
+    }
+    for (int64_t i = 0; i < m.rows * srow; i += 2) { /* F16 in [0.008, 0.016) */
+        uint16_t h = (uint16_t)(0x2000 + rnd() % 0x400);
+        m.scales[i] = (uint8_t)h, m.scales[i + 1] = (uint8_t)(h >> 8);
+    }
+    m.w = (wview){t, m.data, m.scales};
+    return m;
+}
+
+/* Whether the comma-separated list holds name. */
+static int in_list(const char *list, const char *name)
+{
+    const size_t n = strlen(name);
+    for (const char *p = list; (p = strstr(p, name)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == 0)) return 1;
+    return 0;
+}
+
+/* One pass over the matrix: tiles of 64 rows against n inputs. */
+static void pass(const wtile_fn f, const matrix *m, float *out, const float *x, const int8_t *xq, const float *xs,
+                 int64_t n, int64_t C)
+{
+    for (int64_t o = 0; o < m->rows; o += 64) {
+        int64_t nr = m->rows - o < 64 ? m->rows - o : 64;
+        f(out + o, m->rows, wview_rows(m->w, o, C), nr, x, xq, xs, n, C);
+    }
+}
+
+/* Best seconds of one pass: each timing runs passes for at least 20 ms (a
+ * pass over an L2-sized matrix takes microseconds), best of reps. */
+static double time_passes(const wtile_fn f, const matrix *m, float *out, const float *x, const int8_t *xq,
+                          const float *xs, int64_t n, int64_t C, int reps)
+{
+    pass(f, m, out, x, xq, xs, n, C); /* warm: pages, caches, clocks */
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        int k = 0;
+        double t0 = now(), t;
+        do {
+            pass(f, m, out, x, xq, xs, n, C);
+            k++;
+        } while ((t = now() - t0) < 0.02);
+        if (t / k < best) best = t / k;
+    }
+    return best;
+}
+
+int main(int argc, char **argv)
+{
+    int64_t C = 2048;
+    double big_mb = 256, l2_kb = 512;
+    int reps = 5;
+    const char *sets = "avx512,avx2,portable", *types_arg = "f32,bf16,q8,q4";
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--C")) C = atoll(argv[i + 1]);
+        else if (!strcmp(argv[i], "--big-mb")) big_mb = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--l2-kb")) l2_kb = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--reps")) reps = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--sets")) sets = argv[i + 1];
+        else if (!strcmp(argv[i], "--types")) types_arg = argv[i + 1];
+        else {
+            fprintf(stderr, "usage: bench/kernels [--C 2048] [--big-mb 256] [--l2-kb 512] [--reps 5] "
+                            "[--sets avx512,avx2,portable] [--types f32,bf16,q8,q4]\n");
+            return 2;
+        }
+    }
+    if (C < QBLOCK || C % QBLOCK || reps < 1) {
+        fprintf(stderr, "bench/kernels: --C must be a multiple of %d, --reps >= 1\n", QBLOCK);
+        return 2;
+    }
+    omp_set_num_threads(1); /* read_bandwidth's loop, as the kernels: one thread */
+
+    char cpu[256];
+    cpu_model(cpu, sizeof cpu);
+    const double ghz = clock_ghz();
+    const double bw_big = read_bandwidth((size_t)(big_mb * 1e6), reps + 2);
+    const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
+    printf("CPU: %s, one thread at ~%.2f GHz (a chain of dependent adds)\n", cpu, ghz);
+    printf("read bandwidth, one thread: %.1f GB/s over %.0f MB, %.1f GB/s over %.0f KB (L2)\n", bw_big, big_mb,
+           bw_l2, l2_kb);
+    printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read, %% of the read bandwidth of that size, "
+           "weights per cycle\n\n",
+           (long long)C);
+    printf("%-9s %-5s %2s | %8s %6s %6s | %8s %6s %6s\n", "set", "type", "n", "big GB/s", "%read", "w/cyc",
+           "L2 GB/s", "%read", "w/cyc");
+
+    const int64_t nmax = 4;
+    float *x = malloc((size_t)(nmax * C) * sizeof *x), *xs = malloc((size_t)(nmax * 2 * (C / QBLOCK)) * sizeof *xs);
+    int8_t *xq = malloc((size_t)(nmax * C));
+    for (int64_t i = 0; i < nmax * C; i++) x[i] = frnd();
+    for (int64_t r = 0; r < nmax; r++) quantize_act_q8(xq + r * C, xs + r * 2 * (C / QBLOCK), x + r * C, C);
+
+    static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
+    static const char *tnames[] = {"f32", "bf16", "q8", "q4"};
+    for (int ti = 0; ti < 4; ti++) {
+        if (!in_list(types_arg, tnames[ti])) continue;
+        matrix big = make_matrix(types[ti], C, big_mb * 1e6), l2 = make_matrix(types[ti], C, l2_kb * 1e3);
+        float *out = malloc((size_t)(nmax * big.rows) * sizeof *out);
+        char list[256];
+        snprintf(list, sizeof list, "%s", sets);
+        for (char *save = NULL, *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
+            const wkernels *K = wkernels_get(name);
+            if (!K) {
+                printf("%-9s %-5s (this CPU or build cannot run it)\n", name, tnames[ti]);
+                continue;
+            }
+            const wtile_fn f = wkernel_for(K, types[ti]);
+            for (int64_t n = 1; n <= nmax; n += 3) {
+                double tb = time_passes(f, &big, out, x, xq, xs, n, C, reps);
+                double tl = time_passes(f, &l2, out, x, xq, xs, n, C, reps);
+                double gb = big.bytes / tb / 1e9, gl = l2.bytes / tl / 1e9;
+                double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
+                double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
+                printf("%-9s %-5s %2lld | %8.1f %5.0f%% %6.1f | %8.1f %5.0f%% %6.1f\n", K->name, tnames[ti],
+                       (long long)n, gb, 100 * gb / bw_big, cb, gl, 100 * gl / bw_l2, cl);
+                fflush(stdout);
+            }
+        }
+        free(out);
+        free(big.data), free(big.scales), free(l2.data), free(l2.scales);
+    }
+    free(x), free(xs), free(xq);
+    return 0;
+}
