@@ -76,13 +76,15 @@ test-asan: setup
 bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
+	@$(BUILD)/bench/threads --threads 2
+	@$(BUILD)/bench/kernels
 	@$(PY) bench/decode.py --skip-8b
 	@$(BUILD)/bench/decode_batch --threads 2
 	@$(PY) bench/align.py
 	@$(PY) bench/scale.py
 
 bench-8b: setup all
-	@$(PY) bench/decode.py
+	@$(PY) bench/decode.py --skip-small
 
 # The main job on the embedded default: build the bundled corpus from Debian
 # packages + generators, train a tokenizer, shard the mixture, pretrain a small
