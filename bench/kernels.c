@@ -38,7 +38,8 @@ static void cpu_model(char *buf, size_t cap)
 }
 
 /* The core clock in GHz, from a chain of dependent integer adds (one cycle
- * each on every x86 core of this century); 0 where it cannot be measured. */
+ * each on every x86 core of this century); 0 where it cannot be measured.
+ * On a shared machine it also shows how much of a core this thread gets. */
 static double clock_ghz(void)
 {
 #if defined(__x86_64__)
@@ -181,17 +182,13 @@ int main(int argc, char **argv)
 
     char cpu[256];
     cpu_model(cpu, sizeof cpu);
-    const double ghz = clock_ghz();
-    const double bw_big = read_bandwidth((size_t)(big_mb * 1e6), reps + 2);
-    const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
-    printf("CPU: %s, one thread at ~%.2f GHz (a chain of dependent adds)\n", cpu, ghz);
-    printf("read bandwidth, one thread: %.1f GB/s over %.0f MB, %.1f GB/s over %.0f KB (L2)\n", bw_big, big_mb,
-           bw_l2, l2_kb);
-    printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read, %% of the read bandwidth of that size, "
-           "weights per cycle\n\n",
-           (long long)C);
-    printf("%-9s %-5s %2s | %8s %6s %6s | %8s %6s %6s\n", "set", "type", "n", "big GB/s", "%read", "w/cyc",
-           "L2 GB/s", "%read", "w/cyc");
+    printf("CPU: %s; one thread\n", cpu);
+    printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
+           "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
+           "shared), and weights per cycle at the clock then\n\n",
+           (long long)C, big_mb, l2_kb);
+    printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s %6s %6s\n", "set", "type", "n", "GHz", "big GB/s", "read",
+           "%read", "w/cyc", "L2 GB/s", "read", "%read", "w/cyc");
 
     const int64_t nmax = 4;
     float *x = malloc((size_t)(nmax * C) * sizeof *x), *xs = malloc((size_t)(nmax * 2 * (C / QBLOCK)) * sizeof *xs);
@@ -215,13 +212,17 @@ int main(int argc, char **argv)
             }
             const wtile_fn f = wkernel_for(K, types[ti]);
             for (int64_t n = 1; n <= nmax; n += 3) {
-                double tb = time_passes(f, &big, out, x, xq, xs, n, C, reps);
-                double tl = time_passes(f, &l2, out, x, xq, xs, n, C, reps);
-                double gb = big.bytes / tb / 1e9, gl = l2.bytes / tl / 1e9;
-                double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
-                double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
-                printf("%-9s %-5s %2lld | %8.1f %5.0f%% %6.1f | %8.1f %5.0f%% %6.1f\n", K->name, tnames[ti],
-                       (long long)n, gb, 100 * gb / bw_big, cb, gl, 100 * gl / bw_l2, cl);
+                const double ghz = clock_ghz();
+                const double bw_big = read_bandwidth((size_t)(big_mb * 1e6), reps + 2);
+                const double tb = time_passes(f, &big, out, x, xq, xs, n, C, reps);
+                const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
+                const double tl = time_passes(f, &l2, out, x, xq, xs, n, C, reps);
+                const double gb = big.bytes / tb / 1e9, gl = l2.bytes / tl / 1e9;
+                const double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
+                const double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
+                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %8.1f %6.1f %5.0f%% %6.1f\n", K->name,
+                       tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, gl, bw_l2, 100 * gl / bw_l2,
+                       cl);
                 fflush(stdout);
             }
         }
