@@ -11,10 +11,11 @@
  * sets for the instruction sets of x86 CPUs, chosen at run time
  * (wkernels_get). Q8/Q4 multiply int8 activations (quantized per block of
  * 32, fp32 scale) with integer multiply-adds, summing each block exactly in
- * int32. */
+ * int32. bench/kernels measures them against the memory's read bandwidth. */
 #include "ops.h"
 #include "base/base.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,60 +68,121 @@ static float dot_q4_c(const uint8_t *w, const uint8_t *ws, const int8_t *xq, con
     return acc;
 }
 
-
-/* A tile from a one-row dot: each weight row against the n inputs in turn,
- * so the row stays in L1 while the inputs reuse it. */
-#define TILES_FROM_DOTS(set, f32, bf16, q8, q4)                                                                     \
-    static void tile_f32_##set(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,   \
-                               const float *xs, int64_t n, int64_t C)                                               \
-    {                                                                                                               \
-        (void)xq, (void)xs;                                                                                         \
-        for (int64_t i = 0; i < nrows; i++)                                                                         \
-            for (int64_t r = 0; r < n; r++) out[r * ldo + i] = f32((const float *)w.data + i * C, x + r * C, C);  \
-    }                                                                                                               \
-    static void tile_bf16_##set(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,  \
-                                const float *xs, int64_t n, int64_t C)                                              \
-    {                                                                                                               \
-        (void)xq, (void)xs;                                                                                         \
-        for (int64_t i = 0; i < nrows; i++)                                                                         \
-            for (int64_t r = 0; r < n; r++)                                                                         \
-                out[r * ldo + i] = bf16((const uint8_t *)w.data + i * 2 * C, x + r * C, C);                        \
-    }                                                                                                               \
-    static void tile_q8_##set(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,    \
-                              const float *xs, int64_t n, int64_t C)                                                \
-    {                                                                                                               \
-        (void)x;                                                                                                    \
-        const int64_t nb = C / QBLOCK;                                                                              \
-        for (int64_t i = 0; i < nrows; i++)                                                                         \
-            for (int64_t r = 0; r < n; r++)                                                                         \
-                out[r * ldo + i] = q8((const int8_t *)w.data + i * C, w.scales + i * 2 * nb, xq + r * C,            \
-                                      xs + r * 2 * nb, C);                                                          \
-    }                                                                                                               \
-    static void tile_q4_##set(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,    \
-                              const float *xs, int64_t n, int64_t C)                                                \
-    {                                                                                                               \
-        (void)x;                                                                                                    \
-        const int64_t nb = C / QBLOCK;                                                                              \
-        for (int64_t i = 0; i < nrows; i++)                                                                         \
-            for (int64_t r = 0; r < n; r++)                                                                         \
-                out[r * ldo + i] = q4((const uint8_t *)w.data + i * C / 2, w.scales + i * 2 * nb, xq + r * C,       \
-                                      xs + r * 2 * nb, C);                                                          \
+/* Each weight row against the n inputs in turn (the row stays in L1). */
+static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+                   const float *xs, int64_t n, int64_t C)
+{
+    const int64_t row = wtype_row_bytes(w.type, C), nb = C / QBLOCK;
+    for (int64_t i = 0; i < nrows; i++) {
+        const uint8_t *wr = (const uint8_t *)w.data + i * row, *ws = w.scales ? w.scales + i * 2 * nb : NULL;
+        for (int64_t r = 0; r < n; r++) {
+            float *o = &out[r * ldo + i];
+            switch (w.type) {
+            case WT_F32: *o = dot_f32_c((const float *)wr, x + r * C, C); break;
+            case WT_BF16: *o = dot_bf16_c(wr, x + r * C, C); break;
+            case WT_Q8: *o = dot_q8_c((const int8_t *)wr, ws, xq + r * C, xs + r * 2 * nb, C); break;
+            case WT_Q4: *o = dot_q4_c(wr, ws, xq + r * C, xs + r * 2 * nb, C); break;
+            }
+        }
     }
+}
 
-TILES_FROM_DOTS(c, dot_f32_c, dot_bf16_c, dot_q8_c, dot_q4_c)
-static const wkernels kernels_portable = {"portable", tile_f32_c, tile_bf16_c, tile_q8_c, tile_q4_c};
+static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, tile_c};
 
-/* ---- AVX2 + FMA + F16C ---- */
 #ifdef JM_X86
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 4096 /* ahead of the stream: measured best of 256..8192 here */
-#endif
-/* The address PREFETCH_BYTES on (past the end near a row's end: a prefetch
- * never faults, and going through an integer keeps the arithmetic defined). */
-static inline const char *ahead(const void *p) { return (const char *)((uintptr_t)p + PREFETCH_BYTES); }
+/* ---- the x86 sets' tiles ----
+ * Real tiles rather than dots: a pass takes several weight rows at once
+ * against up to a few inputs, so each activation load and its preparation
+ * (shuffles, block sums) serves every row, and each weight load serves every
+ * input while it is in a register. The passes are written with the rows R
+ * and inputs NI as constants, so their loops unroll and the accumulators
+ * acc[r][j] live in registers; a set instantiates them for R = its row
+ * count and R = 1 (a tile's last rows), NI = 1 .. its input count. */
+#define INLINE inline __attribute__((always_inline))
+/* On the loops over rows and inputs: unrolled before gcc's scalar
+ * replacement of aggregates runs, which then keeps acc[r][j] in registers;
+ * unrolled later (as gcc would by itself), the arrays stay in memory and
+ * every FMA's result is stored to the stack. */
+#define UNROLL _Pragma("GCC unroll 8")
 
-AVX2 static inline float hsum8(__m256 v)
+/* How far on a pass prefetches its rows: d bytes on in the same row, and
+ * past a row's end `wrap` bytes on (d + (R - 1) rows: as far into the row R
+ * on, which the next pass reads), or nothing when wrap is 0 (the tile's last
+ * pass: the rows after the tile may be another thread's; rows shorter than d
+ * reach at most d bytes past it). */
+typedef struct {
+    int64_t d, wrap;
+} ahead;
+
+/* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
+ * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs. */
+typedef struct {
+    const uint8_t *w, *ws;
+    const float *x;
+    const int8_t *xq;
+    const float *xs;
+    int64_t C;
+    ahead pf;
+} pass_args;
+
+/* A set's passes for one weight type: runs the one for (R, NI). One
+ * function per type, not one for all: gcc allocates registers loop by loop
+ * only in functions of at most 100 loops, and spilled the accumulators of a
+ * function holding every type's passes (Q8 in L2: 52 GB/s against 89). */
+typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int NI);
+typedef struct {
+    int rows, inputs; /* R is rows (or 1: a tile's last rows), NI up to inputs */
+    pass_fn f32, bf16, q8, q4;
+} pass_set;
+
+/* Rows read together are as many short streams (a row of 2048 Q8 weights is
+ * 32 cache lines), which the hardware prefetchers follow badly: with 4 rows a
+ * pass and no software prefetch one thread streamed Q8 from memory at 16 GB/s
+ * against 26 with one row (Zen 5). So each row's stream is prefetched
+ * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
+ * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
+ * (64 KB on: more than L1 holds). */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+
+static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
+                           const int8_t *xq, const float *xs, int64_t n, int64_t C)
+{
+    const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
+    const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
+    for (int64_t i = 0; i < nrows;) {
+        const int R = nrows - i >= ps->rows ? ps->rows : 1;
+        for (int64_t r = 0; r < n; r += ps->inputs) {
+            pass_args a = {(const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
+                           x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
+                           C, {PREFETCH_BYTES, i + R < nrows ? PREFETCH_BYTES + (R - 1) * row : 0}};
+            pass(out + r * ldo + i, ldo, &a, R, n - r < ps->inputs ? (int)(n - r) : ps->inputs);
+        }
+        i += R;
+    }
+}
+
+/* A prefetch pf bytes on (none when pf is 0): a pass issues one per 64
+ * bytes a row's stream consumes (a prefetch never faults, and going through
+ * an integer keeps the arithmetic defined past the end of the weights). */
+static INLINE void prefetch_ahead(const void *p, int64_t pf)
+{
+    if (pf) _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)pf), _MM_HINT_T0);
+}
+
+/* The prefetch offset for byte `at` of a row of `row` bytes (0: none). */
+static INLINE int64_t stream_ahead(int64_t at, ahead pf, int64_t row)
+{
+    return at + pf.d < row ? pf.d : pf.wrap;
+}
+
+/* ---- AVX2 + FMA + F16C: 4 rows x up to 2 inputs per pass (16 registers) ---- */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX2_ROWS 4
+#define AVX2_INPUTS 2
+
+AVX2 static INLINE float hsum8(__m256 v)
 {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -128,174 +190,214 @@ AVX2 static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-AVX2 static inline __m256 bf16x8(const uint8_t *p)
+/* 8 bf16 widened exactly to fp32: a bf16 is the top half of an fp32. */
+AVX2 static INLINE __m256 bf16x8(const uint8_t *p)
 {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-AVX2 static float dot_f32_avx2(const float *w, const float *x, int64_t C)
+/* F32 and BF16: one FMA per 8 weights and input; the last C % 8 in scalar
+ * code. */
+AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
+                                     const int NI, int64_t C, ahead pf)
 {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int64_t row = wtype_row_bytes(t, C), esize = t == WT_F32 ? 4 : 2;
+    __m256 acc[AVX2_ROWS][4];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= C; i += 32) {
-        _mm_prefetch(ahead(w + i), _MM_HINT_T0);
-        _mm_prefetch(ahead(w + i + 16), _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= C; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    float acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return acc + dot_f32_c(w + i, x + i, C - i);
-}
-
-AVX2 static float dot_bf16_avx2(const uint8_t *w, const float *x, int64_t C)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 32 <= C; i += 32) {
-        _mm_prefetch(ahead(w + 2 * i), _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(bf16x8(w + 2 * i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 32), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(bf16x8(w + 2 * i + 48), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= C; i += 8) a0 = _mm256_fmadd_ps(bf16x8(w + 2 * i), _mm256_loadu_ps(x + i), a0);
-    float acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    return acc + dot_bf16_c(w + 2 * i, x + i, C - i);
-}
-
-/* Both int8 kernels work on 8 blocks at a time: their 8 F16 scales convert
- * in one instruction and are multiplied by the activations' scales into a
- * small table, from which each block's sum is scaled with a broadcast load.
- * A block's 32 products go through maddubs (unsigned x signed bytes -> int16
- * pairs) and madd (-> int32 lanes). */
-AVX2 static inline float f16_scalar(const uint8_t *s, int64_t b)
-{
-    return _cvtsh_ss((unsigned short)(s[2 * b] | s[2 * b + 1] << 8));
-}
-
-AVX2 static inline __m256 scales8(const uint8_t *ws, const float *xd, int64_t b)
-{
-    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + 2 * b))), _mm256_loadu_ps(xd + b));
-}
-
-AVX2 static inline __m256i sum_pairs(__m256i prod16) { return _mm256_madd_epi16(prod16, _mm256_set1_epi16(1)); }
-
-/* Q8: maddubs wants one unsigned operand: |w| times x carrying w's sign is
- * the same product. No pair saturates int16: |w| <= 128, |x| <= 127. */
-AVX2 static inline __m256i block_q8(const int8_t *w, const int8_t *x)
-{
-    __m256i wv = _mm256_loadu_si256((const __m256i *)w), xv = _mm256_loadu_si256((const __m256i *)x);
-    return sum_pairs(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv)));
-}
-
-/* Q4: the nibbles (0..15, low = elements 0-15, high = 16-31) are the unsigned
- * operand as they are; the -8 offset is taken off once per block through the
- * activations' block sums: sum (n - 8) x = sum n x - 8 sum x. */
-AVX2 static inline __m256i block_q4(const uint8_t *w, const int8_t *x)
-{
-    __m128i b = _mm_loadu_si128((const __m128i *)w);
-    __m256i n = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(15));
-    return sum_pairs(_mm256_maddubs_epi16(n, _mm256_loadu_si256((const __m256i *)x)));
-}
-
-AVX2 static float dot_q8_avx2(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
-{
-    const int64_t nb = C / QBLOCK;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        float s[8];
-        _mm256_storeu_ps(s, scales8(ws, xs, b));
-        for (int j = 0; j < 8; j += 2) {
-            _mm_prefetch(ahead(w + (b + j) * 32), _MM_HINT_T0);
-            __m256i p0 = block_q8(w + (b + j) * 32, xq + (b + j) * 32);
-            __m256i p1 = block_q8(w + (b + j + 1) * 32, xq + (b + j + 1) * 32);
-            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j]), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j + 1]), _mm256_cvtepi32_ps(p1), acc1);
+    for (; i + 8 <= C; i += 8) {
+        __m256 xv[4];
+        UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm256_loadu_ps(x + j * C + i);
+        UNROLL for (int r = 0; r < R; r++) {
+            const uint8_t *wr = w + r * row + i * esize;
+            prefetch_ahead(wr, i * esize % 64 ? 0 : stream_ahead(i * esize, pf, row));
+            __m256 wv = t == WT_F32 ? _mm256_loadu_ps((const float *)wr) : bf16x8(wr);
+            UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
         }
     }
-    for (; b < nb; b++) {
-        __m256 sc = _mm256_set1_ps(f16_scalar(ws, b) * xs[b]);
-        acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(block_q8(w + b * 32, xq + b * 32)), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) {
+            const uint8_t *wr = w + r * row + i * esize;
+            const float *xr = x + j * C + i;
+            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c((const float *)wr, xr, C - i)
+                                                               : dot_bf16_c(wr, xr, C - i));
+        }
 }
 
-AVX2 static float dot_q4_avx2(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
+/* Q8 and Q4 in steps of 8 blocks, whose 8 F16 scales convert in one
+ * instruction. A block's products go through maddubs (unsigned x signed
+ * bytes, pairs summed into int16) and madd (pairs of those into int32), each
+ * sum scaled in fp32 by its block's weight scale times activation scale,
+ * spread over the block's lanes by a permute. */
+
+/* The first k (< 8: a tail) of 8 values, zeros after. */
+AVX2 static INLINE __m256 load8_f32(const float *p, int64_t k)
 {
-    const int64_t nb = C / QBLOCK;
-    const float *xsum = xs + nb;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, off = acc0;
-    int64_t b = 0;
-    for (; b + 8 <= nb; b += 8) {
-        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + 2 * b)));
-        float s[8];
-        _mm256_storeu_ps(s, _mm256_mul_ps(dw, _mm256_loadu_ps(xs + b)));
-        off = _mm256_fmadd_ps(dw, _mm256_loadu_ps(xsum + b), off);
-        _mm_prefetch(ahead(w + b * 16), _MM_HINT_T0);
-        _mm_prefetch(ahead(w + b * 16 + 64), _MM_HINT_T0);
-        for (int j = 0; j < 8; j += 2) {
-            __m256i p0 = block_q4(w + (b + j) * 16, xq + (b + j) * 32);
-            __m256i p1 = block_q4(w + (b + j + 1) * 16, xq + (b + j + 1) * 32);
-            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j]), _mm256_cvtepi32_ps(p0), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&s[j + 1]), _mm256_cvtepi32_ps(p1), acc1);
+    float t[8] = {0};
+    if (k >= 8) return _mm256_loadu_ps(p);
+    memcpy(t, p, (size_t)k * sizeof *t);
+    return _mm256_loadu_ps(t);
+}
+AVX2 static INLINE __m256 load8_f16(const uint8_t *p, int64_t k)
+{
+    float t[8] = {0};
+    if (k >= 8) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    for (int64_t q = 0; q < k; q++) t[q] = _cvtsh_ss((unsigned short)(p[2 * q] | p[2 * q + 1] << 8));
+    return _mm256_loadu_ps(t);
+}
+
+/* Q8, one block (32 bytes) per row: maddubs wants one unsigned operand, so
+ * |w| times x carrying w's sign, the same product. No pair saturates int16:
+ * |w| <= 128, |x| <= 127. */
+AVX2 static INLINE void q8_block_avx2(__m256 acc[AVX2_ROWS][4], __m256 s[AVX2_ROWS][4], __m256i idx, const int8_t *w,
+                                      int64_t row, const int8_t *xq, int64_t C, const int R, const int NI, int64_t pf)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i xv[4];
+    UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm256_loadu_si256((const __m256i *)(xq + j * C));
+    UNROLL for (int r = 0; r < R; r++) {
+        prefetch_ahead(w + r * row, pf);
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + r * row)), aw = _mm256_sign_epi8(wv, wv);
+        UNROLL for (int j = 0; j < NI; j++) {
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[j], wv)), ones);
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(s[r][j], idx), acc[r][j]);
         }
     }
-    float tail = 0.0f;
-    for (; b < nb; b++) {
-        float dw = f16_scalar(ws, b);
-        __m256 sc = _mm256_set1_ps(dw * xs[b]);
-        acc0 = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(block_q4(w + b * 16, xq + b * 32)), acc0);
-        tail += dw * xsum[b];
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1)) - 8.0f * (hsum8(off) + tail);
 }
 
+/* Q4, two blocks (32 bytes, 16 per 128-bit lane) per row: the low nibbles
+ * are elements 0-15 of each block, the high ones 16-31, unsigned as they
+ * are; the activations are regrouped to match (two 16-byte halves per
+ * register). Each int16 sum starts at -8 * sum(x) of its 4 inputs, so that
+ * it is sum((nibble - 8) x), at most 4 * 8 * 127 in size: exact. k: blocks
+ * left (1: the second lane holds zeros). */
+AVX2 static INLINE void q4_group_avx2(__m256 acc[AVX2_ROWS][4], __m256 s[AVX2_ROWS][4], __m256i idx, const uint8_t *w,
+                                      int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
+                                      int64_t pf)
+{
+    const __m256i low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
+    __m256i xlo[4], xhi[4], c[4];
+    UNROLL for (int j = 0; j < NI; j++) {
+        const int8_t *xj = xq + j * C;
+        if (k >= 2) {
+            xlo[j] = _mm256_loadu2_m128i((const __m128i *)(xj + 32), (const __m128i *)xj);
+            xhi[j] = _mm256_loadu2_m128i((const __m128i *)(xj + 48), (const __m128i *)(xj + 16));
+        } else {
+            xlo[j] = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)xj));
+            xhi[j] = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(xj + 16)));
+        }
+        __m256i sum8 = _mm256_add_epi16(_mm256_maddubs_epi16(eight, xlo[j]), _mm256_maddubs_epi16(eight, xhi[j]));
+        c[j] = _mm256_sub_epi16(_mm256_setzero_si256(), sum8);
+    }
+    UNROLL for (int r = 0; r < R; r++) {
+        const uint8_t *wr = w + r * row;
+        prefetch_ahead(wr, pf);
+        __m256i v = k >= 2 ? _mm256_loadu_si256((const __m256i *)wr)
+                           : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)wr));
+        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        UNROLL for (int j = 0; j < NI; j++) {
+            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[j]), _mm256_maddubs_epi16(hi, xhi[j]));
+            p = _mm256_madd_epi16(_mm256_add_epi16(p, c[j]), ones);
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_permutevar8x32_ps(s[r][j], idx), acc[r][j]);
+        }
+    }
+}
 
-TILES_FROM_DOTS(avx2, dot_f32_avx2, dot_bf16_avx2, dot_q8_avx2, dot_q4_avx2)
-static const wkernels kernels_avx2 = {"avx2", tile_f32_avx2, tile_bf16_avx2, tile_q8_avx2, tile_q4_avx2};
+AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
+                                       const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
+                                       ahead pf)
+{
+    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
+    __m256 acc[AVX2_ROWS][4];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        const int64_t nblk = nb - b < 8 ? nb - b : 8;
+        __m256 s[AVX2_ROWS][4], xd[4];
+        UNROLL for (int j = 0; j < NI; j++) xd[j] = load8_f32(xs + j * 2 * nb + b, nblk);
+        UNROLL for (int r = 0; r < R; r++) {
+            __m256 wd = load8_f16(ws + r * 2 * nb + 2 * b, nblk);
+            UNROLL for (int j = 0; j < NI; j++) s[r][j] = _mm256_mul_ps(wd, xd[j]);
+        }
+        const int8_t *x0 = xq + b * QBLOCK;
+        if (t == WT_Q8) {
+            const int8_t *w0 = (const int8_t *)w + b * QBLOCK;
+            for (int64_t q = 0; q < nblk; q++) /* one prefetch per 64 bytes: every other block */
+                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), w0 + q * QBLOCK, row, x0 + q * QBLOCK, C, R, NI,
+                              q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
+        } else {
+            const __m256i lanes = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0); /* lane -> block of the two */
+            const uint8_t *w0 = w + b * QBLOCK / 2;
+            for (int64_t g = 0; g < nblk; g += 2)
+                q4_group_avx2(acc, s, _mm256_add_epi32(lanes, _mm256_set1_epi32((int)g)), w0 + g * QBLOCK / 2, row,
+                              x0 + g * QBLOCK, C, nblk - g, R, NI,
+                              g % 4 ? 0 : stream_ahead((b + g) * QBLOCK / 2, pf, row));
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = hsum8(acc[r][j]);
+}
 
-/* ---- AVX-512 (F, BW, VL) with VNNI ----
- * Real tiles rather than dots: a pass takes RMAX weight rows at once against
- * up to NMAX inputs, so each activation load and its preparation (permutes,
- * block sums) serves every row, and each weight load serves every input
- * while it is in a register. Tails (C not a multiple of the vector, or of
- * 16 blocks) go through the same loop with masked loads: the lanes masked
- * off read nothing and hold zeros, which add nothing. */
+AVX2 static INLINE void pass_avx2_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
+{
+    if (t == WT_F32 || t == WT_BF16) fp_pass_avx2(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf);
+    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf);
+}
+
+AVX2 static INLINE void pass_avx2(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    switch ((R == AVX2_ROWS) * 8 + NI) {
+    case 8 + 1: pass_avx2_rn(t, out, ldo, a, AVX2_ROWS, 1); break;
+    case 8 + 2: pass_avx2_rn(t, out, ldo, a, AVX2_ROWS, 2); break;
+    case 1: pass_avx2_rn(t, out, ldo, a, 1, 1); break;
+    case 2: pass_avx2_rn(t, out, ldo, a, 1, 2); break;
+    }
+}
+
+AVX2 static void f32_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx2(WT_F32, out, ldo, a, R, NI);
+}
+AVX2 static void bf16_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx2(WT_BF16, out, ldo, a, R, NI);
+}
+AVX2 static void q8_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx2(WT_Q8, out, ldo, a, R, NI);
+}
+AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx2(WT_Q4, out, ldo, a, R, NI);
+}
+static const pass_set passes_avx2 = {AVX2_ROWS, AVX2_INPUTS, f32_avx2, bf16_avx2, q8_avx2, q4_avx2};
+
+static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+                      const float *xs, int64_t n, int64_t C)
+{
+    tile_by_passes(&passes_avx2, out, ldo, w, nrows, x, xq, xs, n, C);
+}
+
+static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, tile_avx2};
+
+/* ---- AVX-512 (F, BW, VL) with VNNI: 4 rows x up to 4 inputs per pass ----
+ * Tails (C not a multiple of the vector, or of 16 blocks) go through the
+ * same loops with masked loads: the lanes masked off read nothing and hold
+ * zeros, which add nothing. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define INLINE inline __attribute__((always_inline))
-#ifndef RMAX
-#define RMAX 4
-#endif
-#ifndef NMAX
-#define NMAX 4
-#endif
-#ifndef AVX512_PF_ROWS
-#define AVX512_PF_ROWS 8
-#endif
-#ifndef AVX512_PF_CLAMP
-#define AVX512_PF_CLAMP 0
-#endif
-
-/* Prefetch of the weights `pf` bytes on (0: none), one per 64 bytes a row's
- * stream consumes. */
-AVX512 static INLINE void prefetch_ahead(const void *p, int64_t pf)
-{
-    if (pf) _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)pf), _MM_HINT_T0);
-}
+#define AVX512_ROWS 4
+#define AVX512_INPUTS 4
 
 /* The first k lanes (none when k <= 0). */
 static INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? 0xffff : k <= 0 ? 0 : (__mmask16)((1u << k) - 1); }
 static INLINE __mmask32 mask32(int64_t k) { return k >= 32 ? 0xffffffffu : k <= 0 ? 0 : (1u << k) - 1; }
 static INLINE __mmask64 mask64(int64_t k) { return k >= 64 ? ~(__mmask64)0 : k <= 0 ? 0 : ((__mmask64)1 << k) - 1; }
 
-/* Loads of up to a vector's worth: whole vectors unmasked (a masked load
- * that misses the caches was measured to stall the stream: 6 GB/s instead
- * of 30 here), the tail masked. */
+/* Loads of up to a vector's worth: whole vectors unmasked, the tail masked.
+ * Masked loads that miss the caches stall the stream: Q8 from memory, one
+ * row a pass, streamed at 6 GB/s with every load masked, 26 without (Zen 5). */
 AVX512 static INLINE __m512 load_f32(const float *p, int64_t k)
 {
     return k >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(mask16(k), p);
@@ -315,22 +417,22 @@ AVX512 static INLINE __m256i load_f16x16(const void *p, int64_t k)
 
 /* F32: one FMA per 16 weights and input. */
 AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, const float *x, const int R, const int NI,
-                                   int64_t C, int64_t pf)
+                                   int64_t C, ahead pf)
 {
-    __m512 acc[RMAX][4];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
+    __m512 acc[AVX512_ROWS][4];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < C; i += 16) {
         __m512 xv[4];
-        for (int j = 0; j < NI; j++) xv[j] = load_f32(x + j * C + i, C - i);
-        for (int r = 0; r < R; r++) {
-            prefetch_ahead(w + r * C + i, pf);
+        UNROLL for (int j = 0; j < NI; j++) xv[j] = load_f32(x + j * C + i, C - i);
+        UNROLL for (int r = 0; r < R; r++) {
+            prefetch_ahead(w + r * C + i, stream_ahead(4 * i, pf, 4 * C));
             __m512 wv = load_f32(w + r * C + i, C - i);
-            for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
+            UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
 /* BF16 widened exactly: a bf16 is the top half of an fp32, so of 32 weights
@@ -342,33 +444,34 @@ AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, cons
  * 2^-16 |x|), three of its products per weight: measured at half the speed
  * of this in L2 (41 against 80 GB/s at n = 1, 13 against 34 at n = 4). */
 AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                    const int NI, int64_t C, int64_t pf)
+                                    const int NI, int64_t C, ahead pf)
 {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[RMAX][4];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
+    __m512 acc[AVX512_ROWS][4];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < C; i += 32) {
         __m512 xe[4], xo[4];
-        for (int j = 0; j < NI; j++) {
+        UNROLL for (int j = 0; j < NI; j++) {
             __m512 x0 = load_f32(x + j * C + i, C - i);
             __m512 x1 = load_f32(x + j * C + i + 16, C - i - 16);
             xe[j] = _mm512_permutex2var_ps(x0, even, x1);
             xo[j] = _mm512_permutex2var_ps(x0, odd, x1);
         }
-        for (int r = 0; r < R; r++) {
+        UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wr = w + 2 * (r * C + i);
-            prefetch_ahead(wr, pf);
+            prefetch_ahead(wr, stream_ahead(2 * i, pf, 2 * C));
             __m512i v = load_i16(wr, C - i);
             __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
             __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
-            for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[r][j]));
+            UNROLL for (int j = 0; j < NI; j++)
+                acc[r][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[r][j]));
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
 /* Q8 and Q4 go through vpdpbusd: u8 x s8 products, four at a time summed
@@ -383,20 +486,20 @@ AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, c
  * activations; the 128 * sum(x) this adds is taken off in int32 by starting
  * each sum at -128 * sum(x) (one vpdpbusd per input, shared by the rows).
  * Exact for every int8 w and x: no intermediate saturates. k: bytes left. */
-AVX512 static INLINE void q8_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m512i idx, const int8_t *w,
+AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_ROWS][4], __m512i idx, const int8_t *w,
                                    int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
                                    int64_t pf)
 {
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     __m512i xv[4], c[4];
-    for (int j = 0; j < NI; j++) {
+    UNROLL for (int j = 0; j < NI; j++) {
         xv[j] = load_i8(xq + j * C, k);
         c[j] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, xv[j]));
     }
-    for (int r = 0; r < R; r++) {
+    UNROLL for (int r = 0; r < R; r++) {
         prefetch_ahead(w + r * row, pf);
         __m512i wu = _mm512_xor_si512(load_i8(w + r * row, k), flip);
-        for (int j = 0; j < NI; j++) {
+        UNROLL for (int j = 0; j < NI; j++) {
             __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c[j], wu, xv[j]));
             acc[r][j] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
         }
@@ -409,24 +512,24 @@ AVX512 static INLINE void q8_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m51
  * blocks are regrouped to match (a lane shuffle of two loads picks the
  * blocks' first halves, another their second halves), and each sum starts at
  * -8 * sum(x), so that it is sum((nibble - 8) x), exact. k: blocks left. */
-AVX512 static INLINE void q4_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m512i idx, const uint8_t *w,
+AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_ROWS][4], __m512i idx, const uint8_t *w,
                                    int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
                                    int64_t pf)
 {
     const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
     __m512i xlo[4], xhi[4], c[4];
-    for (int j = 0; j < NI; j++) {
+    UNROLL for (int j = 0; j < NI; j++) {
         __m512i x0 = load_i8(xq + j * C, 32 * k), x1 = load_i8(xq + j * C + 64, 32 * (k - 2));
         xlo[j] = _mm512_shuffle_i64x2(x0, x1, 0x88); /* lanes 0, 2 of each: the blocks' first halves */
         xhi[j] = _mm512_shuffle_i64x2(x0, x1, 0xdd);
         __m512i sum8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, xlo[j]), eight, xhi[j]);
         c[j] = _mm512_sub_epi32(zero, sum8);
     }
-    for (int r = 0; r < R; r++) {
+    UNROLL for (int r = 0; r < R; r++) {
         prefetch_ahead(w + r * row, pf);
         __m512i v = load_i8(w + r * row, 16 * k);
         __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        for (int j = 0; j < NI; j++) {
+        UNROLL for (int j = 0; j < NI; j++) {
             __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c[j], lo, xlo[j]), hi, xhi[j]);
             acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, s[r][j]), acc[r][j]);
         }
@@ -437,47 +540,40 @@ AVX512 static INLINE void q4_group(__m512 acc[RMAX][4], __m512 s[RMAX][4], __m51
  * (row, input), then the groups of blocks one vector of weights holds. */
 AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                     const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
-                                    int64_t pf)
+                                    ahead pf)
 {
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
     const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
     /* lane -> block of the group */
     const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
                                      : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[RMAX][4];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
+    __m512 acc[AVX512_ROWS][4];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += 16) {
         const int64_t nblk = nb - b < 16 ? nb - b : 16;
-        __m512 s[RMAX][4], xd[4];
-        for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * 2 * nb + b, nblk);
-        for (int r = 0; r < R; r++) {
+        __m512 s[AVX512_ROWS][4], xd[4];
+        UNROLL for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * 2 * nb + b, nblk);
+        UNROLL for (int r = 0; r < R; r++) {
             __m512 wd = _mm512_cvtph_ps(load_f16x16(ws + r * 2 * nb + 2 * b, nblk));
-            for (int j = 0; j < NI; j++) s[r][j] = _mm512_mul_ps(wd, xd[j]);
+            UNROLL for (int j = 0; j < NI; j++) s[r][j] = _mm512_mul_ps(wd, xd[j]);
         }
         __m512i idx = lanes;
         for (int64_t g = 0; g < nblk; g += per, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(per))) {
             const int64_t e = (b + g) * QBLOCK; /* the group's first input */
-            if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)w + e, row, xq + e, C, 32 * (nblk - g), R, NI, pf);
-            else q4_group(acc, s, idx, w + e / 2, row, xq + e, C, nblk - g, R, NI, pf);
+            const int64_t at = t == WT_Q8 ? e : e / 2; /* its first weight's byte in a row */
+            if (t == WT_Q8)
+                q8_group(acc, s, idx, (const int8_t *)w + at, row, xq + e, C, 32 * (nblk - g), R, NI,
+                         stream_ahead(at, pf, row));
+            else q4_group(acc, s, idx, w + at, row, xq + e, C, nblk - g, R, NI, stream_ahead(at, pf, row));
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-/* The passes with constant R and NI (so their loops unroll and the
- * accumulators live in registers): RMAX rows at a time, then single rows;
- * the inputs in chunks of up to NMAX. */
-typedef struct {
-    const uint8_t *w, *ws;
-    const float *x;
-    const int8_t *xq;
-    const float *xs;
-    int64_t C, pf;
-} pass_args;
-
-AVX512 static INLINE void pass(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
+AVX512 static INLINE void pass_avx512_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R,
+                                         const int NI)
 {
     switch (t) {
     case WT_F32: f32_pass(out, ldo, (const float *)a->w, a->x, R, NI, a->C, a->pf); break;
@@ -487,60 +583,45 @@ AVX512 static INLINE void pass(wtype t, float *out, int64_t ldo, const pass_args
     }
 }
 
-AVX512 static INLINE void pass_rows(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
+AVX512 static INLINE void pass_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    switch ((R == RMAX) * 8 + NI) {
-    case 8 + 1: pass(t, out, ldo, a, RMAX, 1); break;
-    case 8 + 2: pass(t, out, ldo, a, RMAX, 2); break;
-    case 8 + 3: pass(t, out, ldo, a, RMAX, 3); break;
-    case 8 + 4: pass(t, out, ldo, a, RMAX, 4); break;
-    case 1: pass(t, out, ldo, a, 1, 1); break;
-    case 2: pass(t, out, ldo, a, 1, 2); break;
-    case 3: pass(t, out, ldo, a, 1, 3); break;
-    case 4: pass(t, out, ldo, a, 1, 4); break;
+    switch ((R == AVX512_ROWS) * 8 + NI) {
+    case 8 + 1: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 1); break;
+    case 8 + 2: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 2); break;
+    case 8 + 3: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 3); break;
+    case 8 + 4: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 4); break;
+    case 1: pass_avx512_rn(t, out, ldo, a, 1, 1); break;
+    case 2: pass_avx512_rn(t, out, ldo, a, 1, 2); break;
+    case 3: pass_avx512_rn(t, out, ldo, a, 1, 3); break;
+    case 4: pass_avx512_rn(t, out, ldo, a, 1, 4); break;
     }
 }
 
-AVX512 static INLINE void tile_rows(wtype t, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                                    const int8_t *xq, const float *xs, int64_t n, int64_t C)
+AVX512 static void f32_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    const int64_t row = wtype_row_bytes(t, C), srow = 2 * (C / QBLOCK), xrow = 2 * (C / QBLOCK);
-    for (int64_t i = 0; i < nrows;) {
-        const int R = nrows - i >= RMAX ? RMAX : 1;
-        const int64_t pf = AVX512_PF_CLAMP && i + R + AVX512_PF_ROWS > nrows ? 0 : AVX512_PF_ROWS * row;
-        for (int64_t r = 0; r < n; r += NMAX) {
-            pass_args a = {(const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
-                           x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * xrow : NULL, C, pf};
-            pass_rows(t, out + r * ldo + i, ldo, &a, R, n - r < NMAX ? (int)(n - r) : NMAX);
-        }
-        i += R;
-    }
+    pass_avx512(WT_F32, out, ldo, a, R, NI);
+}
+AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx512(WT_BF16, out, ldo, a, R, NI);
+}
+AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx512(WT_Q8, out, ldo, a, R, NI);
+}
+AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    pass_avx512(WT_Q4, out, ldo, a, R, NI);
+}
+static const pass_set passes_avx512 = {AVX512_ROWS, AVX512_INPUTS, f32_avx512, bf16_avx512, q8_avx512, q4_avx512};
+
+static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+                        const float *xs, int64_t n, int64_t C)
+{
+    tile_by_passes(&passes_avx512, out, ldo, w, nrows, x, xq, xs, n, C);
 }
 
-AVX512 static void tile_f32_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                                   const int8_t *xq, const float *xs, int64_t n, int64_t C)
-{
-    tile_rows(WT_F32, out, ldo, w, nrows, x, xq, xs, n, C);
-}
-AVX512 static void tile_bf16_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                                    const int8_t *xq, const float *xs, int64_t n, int64_t C)
-{
-    tile_rows(WT_BF16, out, ldo, w, nrows, x, xq, xs, n, C);
-}
-AVX512 static void tile_q8_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                                  const int8_t *xq, const float *xs, int64_t n, int64_t C)
-{
-    tile_rows(WT_Q8, out, ldo, w, nrows, x, xq, xs, n, C);
-}
-AVX512 static void tile_q4_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                                  const int8_t *xq, const float *xs, int64_t n, int64_t C)
-{
-    tile_rows(WT_Q4, out, ldo, w, nrows, x, xq, xs, n, C);
-}
-
-static const wkernels kernels_avx512 = {"avx512", tile_f32_avx512, tile_bf16_avx512, tile_q8_avx512,
-                                        tile_q4_avx512};
-
+static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512};
 #endif
 
 /* ---- choosing a set ---- */
