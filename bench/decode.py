@@ -70,17 +70,23 @@ def small(a):
         with open(cfg_path) as f:
             cfg = json.load(f)
         c, py = {}, {}
-        for t in a.thread_list:
-            common = ["--threads", str(t), "--prompt", "128", "--new", "64"]
-            c[t] = run([decode, model] + common, thread_env(t))
-            py[t] = run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model, "--check"] + common,
+        # best of a.reps runs, each thread count in turn: on shared virtual CPUs a run can lose a core to
+        # someone else for seconds, and the best run is the one that measured the code
+        for rep in range(a.reps):
+            for t in a.thread_list:
+                common = ["--threads", str(t), "--prompt", "128", "--new", "64"]
+                r = run([decode, model] + common, thread_env(t))
+                c[t] = r if t not in c or r["decode_tok_s"] > c[t]["decode_tok_s"] else c[t]
+                r = run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model, "--check"] + common,
                         thread_env(t))
+                py[t] = r if t not in py or r["decode_tok_s"] > py[t]["decode_tok_s"] else py[t]
         busy_rows = busy(decode, model, a.thread_list)
 
     t1, tn = a.thread_list[0], a.thread_list[-1]
     print(f"small config: vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
           f"{cfg['num_key_value_heads']} KV heads x {cfg['kv_channels']}, FFN {cfg['intermediate_size']}, "
-          f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}; random fp32; prompt 128, 64 new; "
+          f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}; random fp32; prompt 128, 64 new, "
+          f"best of {a.reps} runs; "
           f"{c[t1]['cpu']}, {c[t1]['kernels']} kernels")
     print(f"  {'decode tok/s':14}" + "".join(f" {f'{t} thread' + ('s' if t > 1 else ''):>10}" for t in a.thread_list)
           + f" {f'{tn}/{t1}':>6}   prefill tok/s at {tn}")
@@ -201,6 +207,7 @@ def main():
     ap.add_argument("--skip-small", action="store_true", help="only the 8B layout")
     ap.add_argument("--prompt-8b", type=int, default=512)
     ap.add_argument("--new-8b", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3, help="runs per small-config figure; the best is shown")
     ap.add_argument("--kv-cache", default="bf16", choices=("f32", "bf16"), help="the 8B runs' KV cache")
     a = ap.parse_args()
     a.thread_list = sorted({int(t) for t in a.threads.split(",")})
