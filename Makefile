@@ -80,7 +80,6 @@ bench: setup all
 	@$(BUILD)/bench/kernels
 	@$(PY) bench/decode.py --skip-8b
 	@$(BUILD)/bench/decode_batch --threads 2
-	@$(BUILD)/bench/kernels
 	@$(PY) bench/align.py
 	@$(PY) bench/scale.py
 
