@@ -46,7 +46,8 @@ static void progress(int i, int n, double step_s, double elapsed)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx2|portable] "
+    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] "
+                    "[--kernels auto|avx512|avx2|portable] "
                     "[--warmup N]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
