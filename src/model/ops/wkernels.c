@@ -626,23 +626,12 @@ static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile
 
 /* ---- choosing a set ---- */
 
-/* The CPU features the sets need, as bits. */
-enum {
-    F_X86 = 1, /* an x86 build: never set elsewhere */
-    F_AVX2 = 2,
-    F_FMA = 4,
-    F_F16C = 8,
-    F_AVX512F = 16,
-    F_AVX512BW = 32,
-    F_AVX512VL = 64,
-    F_AVX512VNNI = 128,
-};
-static const struct {
-    unsigned bit;
-    const char *label;
-} feature_labels[] = {{F_X86, "x86-64"},         {F_AVX2, "AVX2"},         {F_FMA, "FMA"},
-                      {F_F16C, "F16C"},          {F_AVX512F, "AVX-512F"},  {F_AVX512BW, "AVX-512BW"},
-                      {F_AVX512VL, "AVX-512VL"}, {F_AVX512VNNI, "AVX-512 VNNI"}};
+/* The CPU features the sets need, as bits, and their names by bit
+ * (F_X86: an x86 build, never set elsewhere). */
+enum { F_X86 = 1, F_AVX2 = 2, F_FMA = 4, F_F16C = 8, F_AVX512F = 16, F_AVX512BW = 32, F_AVX512VL = 64,
+       F_AVX512VNNI = 128 };
+static const char *const feature_names[] = {"x86-64",   "AVX2",      "FMA",       "F16C",
+                                            "AVX-512F", "AVX-512BW", "AVX-512VL", "AVX-512 VNNI"};
 
 static unsigned cpu_features(void)
 {
@@ -690,9 +679,9 @@ int wkernels_missing(const char *name, char *buf, size_t cap)
         if (strcmp(name, sets[i].name) != 0) continue;
         size_t len = 0;
         if (cap) buf[0] = 0;
-        for (size_t f = 0; f < sizeof feature_labels / sizeof *feature_labels; f++)
-            if ((sets[i].needs & ~have & feature_labels[f].bit) && len < cap)
-                len += (size_t)snprintf(buf + len, cap - len, "%s%s", len ? ", " : "", feature_labels[f].label);
+        for (size_t f = 0; f < sizeof feature_names / sizeof *feature_names; f++)
+            if ((sets[i].needs & ~have & 1u << f) && len < cap)
+                len += (size_t)snprintf(buf + len, cap - len, "%s%s", len ? ", " : "", feature_names[f]);
         return 0;
     }
     return -1;
