@@ -27,7 +27,7 @@ typedef struct {
      .help = "replace an existing --out (never an input)"},                                                        \
     {"--threads", {NULL}, FLAG_INT, offsetof(distill_cli, threads), "0", 0, 4096, .meta = "N",                    \
      .help = "threads, 0 = all cores"},                                                                            \
-    {"--kernels", {NULL}, FLAG_STR, offsetof(distill_cli, kernels), "auto", .meta = "auto|avx2|portable",         \
+    {"--kernels", {NULL}, FLAG_STR, offsetof(distill_cli, kernels), "auto", .meta = "auto|avx512|avx2|portable", \
      .help = "the BF16/Q8/Q4 product kernels"},                                                                    \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(distill_cli, quiet), .help = "no progress and summary on stderr"}
 

@@ -296,8 +296,9 @@ int jm_cached(const jm_model *m);
 int64_t jm_active_weight_bytes(const jm_model *m);
 /* The dtype of the expert matrices: "f32", "bf16", "q8", "q4" (or "mixed"). */
 const char *jm_model_weight_type(const jm_model *m);
-/* Kernels for BF16/Q8/Q4 products: "auto" (the best this CPU runs: AVX2+FMA+F16C),
- * "avx2", or "portable" (plain C, any CPU). An unsupported choice is an error. */
+/* Kernels of the decode products: "auto" (the best this CPU runs), "avx512"
+ * (F/BW/VL + VNNI), "avx2" (+FMA+F16C), or "portable" (plain C, any CPU). A
+ * set this CPU cannot run is an error naming the features it lacks. */
 jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err);
 const char *jm_kernels(const jm_model *m);
 

@@ -252,6 +252,10 @@ static void test_kernels(void)
         if (!K[s] && wkernels_missing(kernel_sets[s], why, sizeof why) == 0)
             printf("SKIP kernels_%s (this CPU lacks %s)\n", kernel_sets[s], why);
     }
+    printf("kernel sets this CPU runs, tested below:");
+    for (int s = 0; s < NSETS; s++)
+        if (K[s]) printf(" %s", kernel_sets[s]);
+    printf(" (skipped: the SKIP lines above, if any)\n");
     const wkernels *best = K[2] ? K[2] : K[1] ? K[1] : K[0];
     char none[8] = "x";
     check(K[0] && wkernels_get("auto") == best && !wkernels_get("avx512-nonsense") &&
