@@ -66,7 +66,7 @@ static int write_bench_config(const char *path)
 int main(int argc, char **argv)
 {
     const char *dir = NULL, *kernels = "auto", *kv_cache = "f32";
-    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32;
+    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32, in_ram = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (a[0] != '-') {
@@ -82,6 +82,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--new")) n_new = atoi(v);
         else if (!strcmp(a, "--kernels")) kernels = v;
         else if (!strcmp(a, "--kv-cache")) kv_cache = v;
+        else if (!strcmp(a, "--weights")) in_ram = !strcmp(v, "ram");
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
         else return usage();
     }
@@ -93,7 +94,7 @@ int main(int argc, char **argv)
     double t0 = now();
     jm_status s = jm_model_open(dir, &m, &err);
     const double open_s = now() - t0;
-    if (s || jm_set_kernels(m, kernels, &err) || jm_set_kv_cache(m, kv_cache, &err) ||
+    if (s || (in_ram && jm_weights_to_ram(m, &err)) || jm_set_kernels(m, kernels, &err) || jm_set_kv_cache(m, kv_cache, &err) ||
         jm_set_context(m, n_prompt + n_new, &err)) {
         fprintf(stderr, "bench/decode: %s\n", err.msg);
         jm_model_free(m);

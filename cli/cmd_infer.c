@@ -14,7 +14,7 @@
  * and the sampling flags both take. */
 typedef struct {
     const char *prompt, *tokens, *tokenizer, *system, *kernels, *kv_cache;
-    int ids, quiet;
+    int ids, quiet, in_ram;
     int64_t threads;
     cli_sampling smp;
     cli_list stop;
@@ -31,6 +31,8 @@ typedef struct {
      .help = "the decode product kernels"},                                                                        \
     {"--kv-cache", {NULL}, FLAG_STR, offsetof(infer_opts, kv_cache), "f32", .meta = "f32|bf16",                    \
      .help = "the KV cache's element type (bf16: half the bytes)"},                                                \
+    {"--weights-in-ram", {NULL}, FLAG_BOOL, offsetof(infer_opts, in_ram),                                          \
+     .help = "copy the weights into huge-page memory (faster decoding, the model's size in RAM)"},                 \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(infer_opts, quiet), .help = "no timing line on stderr"}
 
 /* What generate's and chat's token callback writes to: the text stream, or
@@ -199,6 +201,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
         return cli_error(self, "--tokens wants comma-separated integers, got '%s'", o.tokens);
     }
     if ((s = open_model(dir, o.kernels, o.kv_cache, &m, &err))) goto out;
+    if (o.in_ram && (s = jm_weights_to_ram(m, &err))) goto out;
     if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
         s = JM_ERR_ARG;
         snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
@@ -376,7 +379,9 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(dir, &tok, &err);
     if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s && o.in_ram) s = jm_weights_to_ram(m, &err);
     if (s) {
+        jm_model_free(m);
         jm_tokenizer_free(tok);
         return cli_fail(self, s, &err);
     }

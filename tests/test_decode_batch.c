@@ -442,6 +442,34 @@ int main(void)
     /* Q8: prefills in calls of their own, as jm_generate_batch makes them:
      * each decode row is computed the same whatever else is in the call */
     test_schedule(q8, "q8", 1);
+    /* the weights copied into huge-page memory decode bit for bit as in place */
+    {
+        jm_model *ram = NULL;
+        jm_status rs = jm_model_open(q8dir, &ram, &err);
+        if (!rs) rs = jm_weights_to_ram(ram, &err);
+        int same = 0;
+        if (!rs) {
+            const int V = jm_model_config(q8)->vocab_size;
+            int32_t tok[12];
+            uint64_t seed = 3;
+            for (int i = 0; i < 12; i++) tok[i] = (int32_t)(lcg(&seed) % (uint64_t)V);
+            float *a = malloc(sizeof(float) * (size_t)V), *b = malloc(sizeof(float) * (size_t)V);
+            const float *lg;
+            rs = jm_set_slots(q8, 1, 64, &err);
+            if (!rs) rs = jm_set_slots(ram, 1, 64, &err);
+            same = !rs;
+            for (int t = 0; t < 12 && !rs; t++) {
+                if (!(rs = jm_infer(q8, &tok[t], 1, t, &lg, &err))) memcpy(a, lg, sizeof(float) * (size_t)V);
+                if (!rs && !(rs = jm_infer(ram, &tok[t], 1, t, &lg, &err))) memcpy(b, lg, sizeof(float) * (size_t)V);
+                same &= !rs && memcmp(a, b, sizeof(float) * (size_t)V) == 0;
+            }
+            free(a);
+            free(b);
+        }
+        check(rs == JM_OK && same, "decode_weights_in_ram_equal_mapped", "status %d (%s); 12 steps bit for bit: %d",
+              rs, err.msg, same);
+        jm_model_free(ram);
+    }
     test_kv_bf16(f32, "f32", 2e-3);
     /* Q8 quantizes each layer's input to int8 again, so the cache's rounding
      * flips some of those roundings downstream: the same relative change

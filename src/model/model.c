@@ -12,6 +12,7 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Weight matrices are views of the weights as stored (wview: fp32 in the
  * arena for training, BF16/Q8/Q4 in the file mapping for inference); norms,
@@ -96,6 +97,7 @@ struct jm_model {
     int64_t param_numel;
     layer_params *lp;
     wview embed, lm_head;
+    void *ram;            /* jm_weights_to_ram: the matrices' copy in huge pages */
     float *norm;
     param_slot *slot;     /* where each table entry's pointer goes (build_params) */
     st_set map;           /* jm_model_open: the mapped files the views point into */
@@ -270,6 +272,7 @@ void jm_model_free(jm_model *m)
     free(m->dec.rope_cos);
     free(m->dec.rope_sin);
     free(m->dec.mem);
+    free(m->ram);
     jm_pool_free(m->dec.pool);
     free(m);
 }
@@ -1623,6 +1626,54 @@ jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
 }
 
 const char *jm_kernels(const jm_model *m) { return m->kern->name; }
+
+/* Copies view w of rows x C into *at (data, then scales, each 64-byte aligned) and points w there. */
+static void move_view(wview *w, int64_t rows, int64_t C, char **at, int copy)
+{
+    const size_t data = (size_t)(rows * wtype_row_bytes(w->type, C)), sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
+    if (copy) {
+        memcpy(*at, w->data, data);
+        if (sc) memcpy(*at + ((data + 63) & ~(size_t)63), w->scales, sc);
+        w->data = *at;
+        if (sc) w->scales = (const uint8_t *)(*at + ((data + 63) & ~(size_t)63));
+    }
+    *at += ((data + 63) & ~(size_t)63) + ((sc + 63) & ~(size_t)63);
+}
+
+/* Every matrix view, in one order, for both passes of jm_weights_to_ram. */
+static size_t move_views(jm_model *m, char *base, int copy)
+{
+    const jm_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, E = c->num_experts, F = c->intermediate_size, V = c->vocab_size;
+    const int64_t A = (int64_t)c->num_kv_heads * c->head_dim;
+    char *at = base;
+    const int tied = m->lm_head.data == m->embed.data;
+    move_view(&m->embed, V, H, &at, copy);
+    if (tied) m->lm_head = m->embed;
+    else move_view(&m->lm_head, V, H, &at, copy);
+    for (int l = 0; l < c->num_layers; l++) {
+        layer_params *p = &m->lp[l];
+        move_view(&p->kv_proj, 2 * A, H, &at, copy);
+        move_view(&p->moa_in, E * A, H, &at, copy);
+        move_view(&p->moa_out, E * H, A, &at, copy);
+        move_view(&p->moe_in, E * 2 * F, H, &at, copy);
+        move_view(&p->moe_out, E * H, F, &at, copy);
+    }
+    return (size_t)(at - base);
+}
+
+jm_status jm_weights_to_ram(jm_model *m, jm_error *err)
+{
+    if (!m->mapped || m->ram || m->owner) return JM_OK; /* only views into a checkpoint's mapping move */
+    const size_t bytes = move_views(m, NULL, 0), huge = (size_t)2 << 20;
+    void *ram = NULL;
+    if (posix_memalign(&ram, huge, (bytes + huge - 1) / huge * huge))
+        return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for the weights in memory", bytes / 1e9);
+    madvise(ram, bytes, MADV_HUGEPAGE); /* best effort: 4 KB pages work too, slower */
+    move_views(m, ram, 1);
+    m->ram = ram;
+    return JM_OK;
+}
 
 /* Bytes of `rows` rows of C inputs as held (Q8/Q4 with their F16 scales). */
 static int64_t view_bytes(wview w, int64_t rows, int64_t C)
