@@ -1276,9 +1276,8 @@ jm_status jm_infer_batch(jm_model *m, const jm_infer_item *items, int nitems, co
     layer_acts *a = &d->a;
     for (int l = 0; l < c->num_layers; l++) {
         const layer_params *p = &m->lp[l];
-        const size_t at = (size_t)l * d->slots * d->ctx * 2 * A;
-        step.cache = (kv_cache){d->kv_bf16 ? (void *)((uint16_t *)d->kv + at) : (void *)((float *)d->kv + at),
-                                d->kv_bf16};
+        const size_t at = (size_t)l * d->slots * d->ctx * 2 * A * (d->kv_bf16 ? sizeof(uint16_t) : sizeof(float));
+        step.cache = (kv_cache){(char *)d->kv + at, d->kv_bf16};
         a->x = x;
         rmsnorm_forward(a->a, a->rstd1, x, p->ln1, N, H, eps);
         moa_forward(c, &S, p, a, 1, (int)N, &step);
@@ -1627,50 +1626,47 @@ jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
 
 const char *jm_kernels(const jm_model *m) { return m->kern->name; }
 
-/* Copies view w of rows x C into *at (data, then scales, each 64-byte aligned) and points w there. */
-static void move_view(wview *w, int64_t rows, int64_t C, char **at, int copy)
+/* View w (rows x C) moves into base (carve's two passes: base NULL only sizes). */
+static void move_view(wview *w, int64_t rows, int64_t C, char *base, size_t *off)
 {
     const size_t data = (size_t)(rows * wtype_row_bytes(w->type, C)), sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
-    if (copy) {
-        memcpy(*at, w->data, data);
-        if (sc) memcpy(*at + ((data + 63) & ~(size_t)63), w->scales, sc);
-        w->data = *at;
-        if (sc) w->scales = (const uint8_t *)(*at + ((data + 63) & ~(size_t)63));
-    }
-    *at += ((data + 63) & ~(size_t)63) + ((sc + 63) & ~(size_t)63);
+    void *d = carve(base, off, data), *s = carve(base, off, sc);
+    if (!base) return;
+    w->data = memcpy(d, w->data, data);
+    if (sc) w->scales = memcpy(s, w->scales, sc);
 }
 
 /* Every matrix view, in one order, for both passes of jm_weights_to_ram. */
-static size_t move_views(jm_model *m, char *base, int copy)
+static size_t move_views(jm_model *m, char *base)
 {
     const jm_config *c = &m->cfg;
     const int64_t H = c->hidden_size, E = c->num_experts, F = c->intermediate_size, V = c->vocab_size;
     const int64_t A = (int64_t)c->num_kv_heads * c->head_dim;
-    char *at = base;
+    size_t off = 0;
     const int tied = m->lm_head.data == m->embed.data;
-    move_view(&m->embed, V, H, &at, copy);
+    move_view(&m->embed, V, H, base, &off);
     if (tied) m->lm_head = m->embed;
-    else move_view(&m->lm_head, V, H, &at, copy);
+    else move_view(&m->lm_head, V, H, base, &off);
     for (int l = 0; l < c->num_layers; l++) {
         layer_params *p = &m->lp[l];
-        move_view(&p->kv_proj, 2 * A, H, &at, copy);
-        move_view(&p->moa_in, E * A, H, &at, copy);
-        move_view(&p->moa_out, E * H, A, &at, copy);
-        move_view(&p->moe_in, E * 2 * F, H, &at, copy);
-        move_view(&p->moe_out, E * H, F, &at, copy);
+        move_view(&p->kv_proj, 2 * A, H, base, &off);
+        move_view(&p->moa_in, E * A, H, base, &off);
+        move_view(&p->moa_out, E * H, A, base, &off);
+        move_view(&p->moe_in, E * 2 * F, H, base, &off);
+        move_view(&p->moe_out, E * H, F, base, &off);
     }
-    return (size_t)(at - base);
+    return off;
 }
 
 jm_status jm_weights_to_ram(jm_model *m, jm_error *err)
 {
     if (!m->mapped || m->ram || m->owner) return JM_OK; /* only views into a checkpoint's mapping move */
-    const size_t bytes = move_views(m, NULL, 0), huge = (size_t)2 << 20;
+    const size_t bytes = move_views(m, NULL), huge = (size_t)2 << 20;
     void *ram = NULL;
     if (posix_memalign(&ram, huge, (bytes + huge - 1) / huge * huge))
         return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for the weights in memory", bytes / 1e9);
     madvise(ram, bytes, MADV_HUGEPAGE); /* best effort: 4 KB pages work too, slower */
-    move_views(m, ram, 1);
+    move_views(m, ram);
     m->ram = ram;
     return JM_OK;
 }
