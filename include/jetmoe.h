@@ -413,6 +413,60 @@ int jm_text_stream_push(jm_text_stream *s, int32_t id, const char **text, size_t
 void jm_text_stream_flush(jm_text_stream *s, const char **text, size_t *len);
 void jm_text_stream_free(jm_text_stream *s);
 
+/* ---- evaluation tasks (README: Evaluation) ---------------------------- */
+
+/* A task file (JSONL) read into examples, each rendered the way
+ * lm-evaluation-harness renders that data set. The layout is told by the
+ * first record's fields and every record must have it:
+ *   "mc"          {"context", "choices": [...], "gold"}: context + choice as written
+ *   "gen"         {"prompt", "answer"}
+ *   "arc"         ARC (AI2's {"question": {"stem", "choices"}} or HF's {"question", "choices": {"text", "label"}}, "answerKey")
+ *   "hellaswag"   {"activity_label", "ctx_a", "ctx_b", "endings", "label"}
+ *   "mmlu"        {"question", "subject", "choices", "answer"}
+ *   "winogrande"  {"sentence", "option1", "option2", "answer"}
+ *   "piqa"        {"goal", "sol1", "sol2", "label"}
+ *   "truthfulqa_mc1" {"question", "mc1_targets": {"choices", "labels"}}
+ *   "gsm8k"       {"question", "answer"} (the answer's "#### N" line is the target)
+ * A multiple-choice example is scored as the log-likelihood of
+ * contexts[i] + choices[i] (contexts[i] = context unless the layout varies
+ * it per choice: WinoGrande). Errors name the file and line. */
+typedef enum { JM_TASK_MC, JM_TASK_GEN } jm_task_kind;
+typedef struct {
+    int line;             /* 1-based line of the record in its file */
+    /* multiple choice */
+    char *context;        /* the text before every choice (NULL when per-choice) */
+    char **contexts;      /* per-choice contexts (WinoGrande), else NULL */
+    char **choices;       /* each choice's continuation, with the delimiter the layout puts before it (" Paris") */
+    int *choice_bytes;    /* acc_norm's length of each choice: bytes of the choice text, without that delimiter */
+    int nchoices, gold;
+    /* generative */
+    char *prompt;         /* what the model continues */
+    char *answer;         /* the reference answer, as extracted ("72") */
+    char *target;         /* the full gold continuation, for few-shot examples ("... #### 72") */
+} jm_task_example;
+typedef struct {
+    char path[1024];
+    char layout[32];      /* "mc", "gen", "arc", ... as above */
+    jm_task_kind kind;
+    jm_task_example *ex;
+    int n;
+    char *description;    /* said once before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL */
+    const char *fewshot_sep;   /* between a shot and what follows it: "\n\n" */
+    const char *stop[4];  /* generative: the layout's stop strings */
+    int nstop;
+    const char *regex;    /* generative: extended POSIX regex whose group 1 is the answer */
+} jm_task;
+jm_status jm_task_load(const char *path, jm_task **out, jm_error *err);
+void jm_task_free(jm_task *t);
+/* What the model reads before example i's own context (or prompt) when it
+ * is given `shots` examples drawn with seed from pool (a train file's task,
+ * or t itself, never example i of t): description, then each shot rendered
+ * with its gold continuation (MC: its context + its gold choice; generative:
+ * prompt + target) followed by fewshot_sep. "" with no shots and no
+ * description. *prefix is malloc'd; the caller frees it. */
+jm_status jm_task_fewshot(const jm_task *t, int i, const jm_task *pool, int shots, uint64_t seed, char **prefix,
+                          jm_error *err);
+
 /* ---- optimizer ------------------------------------------------------- */
 
 typedef struct {
