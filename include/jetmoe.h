@@ -430,7 +430,7 @@ void jm_text_stream_free(jm_text_stream *s);
  * A multiple-choice example is scored as the log-likelihood of
  * contexts[i] + choices[i] (contexts[i] = context unless the layout varies
  * it per choice: WinoGrande). Errors name the file and line. */
-typedef enum { JM_TASK_MC, JM_TASK_GEN } jm_task_kind;
+typedef enum { JM_EVAL_MC, JM_EVAL_GEN } jm_eval_kind;
 typedef struct {
     int line;             /* 1-based line of the record in its file */
     /* multiple choice */
@@ -443,28 +443,28 @@ typedef struct {
     char *prompt;         /* what the model continues */
     char *answer;         /* the reference answer, as extracted ("72") */
     char *target;         /* the full gold continuation, for few-shot examples ("... #### 72") */
-} jm_task_example;
+} jm_eval_example;
 typedef struct {
     char path[1024];
     char layout[32];      /* "mc", "gen", "arc", ... as above */
-    jm_task_kind kind;
-    jm_task_example *ex;
+    jm_eval_kind kind;
+    jm_eval_example *ex;
     int n;
     char *description;    /* said once before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL */
     const char *fewshot_sep;   /* between a shot and what follows it: "\n\n" */
     const char *stop[4];  /* generative: the layout's stop strings */
     int nstop;
     const char *regex;    /* generative: extended POSIX regex whose group 1 is the answer */
-} jm_task;
-jm_status jm_task_load(const char *path, jm_task **out, jm_error *err);
-void jm_task_free(jm_task *t);
+} jm_eval_task;
+jm_status jm_eval_task_load(const char *path, jm_eval_task **out, jm_error *err);
+void jm_eval_task_free(jm_eval_task *t);
 /* What the model reads before example i's own context (or prompt) when it
  * is given `shots` examples drawn with seed from pool (a train file's task,
  * or t itself, never example i of t): description, then each shot rendered
  * with its gold continuation (MC: its context + its gold choice; generative:
  * prompt + target) followed by fewshot_sep. "" with no shots and no
  * description. *prefix is malloc'd; the caller frees it. */
-jm_status jm_task_fewshot(const jm_task *t, int i, const jm_task *pool, int shots, uint64_t seed, char **prefix,
+jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool, int shots, uint64_t seed, char **prefix,
                           jm_error *err);
 
 /* ---- optimizer ------------------------------------------------------- */
