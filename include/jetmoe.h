@@ -389,7 +389,10 @@ uint64_t jm_seed_stream(uint64_t seed, uint64_t i);
 
 /* The log-likelihood of continuations, on the same slots and the same way:
  * for each sequence, logp = the sum over t in [n_prompt, n) of
- * log p(ids[t] | ids[0..t)). Prompts shared with a slot are not recomputed. */
+ * log p(ids[t] | ids[0..t)). Prompts shared with a slot are not recomputed:
+ * each prompt is prefilled when its sequence takes a slot, so sequences
+ * given one after another with the same prompt (a question's choices) read
+ * it from the cache. */
 typedef struct {
     const int32_t *ids;
     int n, n_prompt;     /* 1 <= n_prompt < n, n - 1 <= jm_context */
@@ -465,6 +468,61 @@ void jm_eval_task_free(jm_eval_task *t);
  * prompt + target) followed by fewshot_sep. "" with no shots and no
  * description. *prefix is malloc'd; the caller frees it. */
 jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool, int shots, uint64_t seed, char **prefix,
+                          jm_error *err);
+
+/* Scoring a model on a task (README: Evaluation): multiple choice by the
+ * log-likelihood of each choice after its context ([BOS] + enc(context) +
+ * cont, cont = enc(context + choice)[len(enc(context)):], the context's
+ * trailing spaces moved to the choice), each context prefilled once; generative
+ * by greedy generation to a stop string and the task's regex. The model's
+ * slots are used as they are (4 of the whole context when it has none). */
+typedef struct {
+    int shots;                  /* few-shot examples before each scored one */
+    int limit;                  /* the first `limit` examples, 0 = all */
+    uint64_t seed;              /* the shots' draw */
+    const jm_eval_task *pool;   /* where shots come from: NULL = the task itself */
+    int max_gen;                /* generative: new tokens at most (0 = 256) */
+    int one_by_one;             /* each (context, choice) from an empty cache, one at a time (what prefix reuse must equal) */
+} jm_eval_opts;
+typedef struct {                /* one scored example, in file order */
+    int index, line;
+    int nchoices;               /* multiple choice: */
+    const double *loglik;       /*   each choice's summed log-likelihood */
+    int pred, pred_norm, gold;  /*   argmax, argmax over bytes, the answer (-1: generative) */
+    const char *output;         /* generative: the text generated (up to the stop string) */
+    const char *extracted;      /*   group 1 of the regex, or "[invalid]" */
+    const char *answer;         /*   the reference */
+    int correct;
+} jm_eval_record;
+typedef struct {
+    int n;                      /* examples scored */
+    double acc, acc_stderr, acc_norm, acc_norm_stderr; /* multiple choice */
+    double exact_match, exact_match_stderr;            /* generative */
+    int truncated;              /* examples whose context lost tokens on the left to fit */
+} jm_eval_result;
+/* on_record (optional) sees each example as it is scored; nonzero stops the run. */
+jm_status jm_eval_run(jm_model *m, const jm_tokenizer *tok, const jm_eval_task *t, const jm_eval_opts *o,
+                      jm_eval_result *r, int (*on_record)(void *ctx, const jm_eval_record *rec), void *ctx,
+                      jm_error *err);
+
+/* The rolling log-likelihood of text files: [BOS] + enc(file) each, every
+ * token but the BOS predicted once, in windows of at most `window` tokens (a
+ * window predicting tokens [a, b) reads the window tokens before b: one of
+ * context when full, as lm-evaluation-harness's rolling windows). Stops after
+ * max_tokens predicted tokens (0 = all). decode: a token at a time through
+ * the KV cache, else a window per call; both score the same tokens. Token
+ * perplexity exp(-loglik / tokens), byte perplexity exp(-loglik / bytes),
+ * bits per byte -loglik / bytes / ln 2. Uses slot 0 of one slot. */
+typedef struct {
+    double loglik;
+    int64_t tokens, bytes, docs;
+} jm_ppl_result;
+jm_status jm_eval_text(jm_model *m, const jm_tokenizer *tok, const char *const *paths, int npaths, int window,
+                       int64_t max_tokens, int decode, jm_ppl_result *r,
+                       void (*progress)(void *ctx, int64_t done, int64_t total), void *ctx, jm_error *err);
+/* One window in slot 0 (emptied first): adds to *loglik the log p of
+ * ids[first .. n) given what precedes each; decode as above. */
+jm_status jm_score_window(jm_model *m, const int32_t *ids, int n, int first, int decode, double *loglik,
                           jm_error *err);
 
 /* ---- optimizer ------------------------------------------------------- */

@@ -202,8 +202,17 @@ jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err)
     for (;;) {
         for (int t = 0; t < S && next < n && !s; t++) {
             if (seq_of[t] >= 0) continue;
-            int cached; /* the logits from position n_prompt - 1 on are needed: that token is fed again */
-            s = start_slot(m, t, seqs[next].ids, seqs[next].n_prompt - 1, &cached, err);
+            /* the logits from position n_prompt - 1 on are needed: that token
+             * is fed again. The rest of the prompt is prefilled now, alone, so
+             * that the next sequences (a task's other choices) find it cached. */
+            const jm_score_seq *q = &seqs[next];
+            int cached;
+            const float *unused;
+            s = start_slot(m, t, q->ids, q->n_prompt - 1, &cached, err);
+            if (!s && cached < q->n_prompt - 1) {
+                const jm_infer_item pre = {t, cached, q->n_prompt - 1 - cached, q->ids + cached, 0};
+                s = jm_infer_batch(m, &pre, 1, &unused, err);
+            }
             seq_of[t] = next++;
             busy++;
         }
