@@ -1,4 +1,7 @@
 /* cmd_infer.c — the commands that run a model for inference: generate, chat, eval. */
+#include "base/base.h"
+#include <cjson/cJSON.h>
+#include <unistd.h>
 #include "flags.h"
 #include "line_input.h"
 
@@ -503,35 +506,119 @@ static int run_chat(const cli_command *self, int argc, char **argv)
 /* ---- eval ---- */
 
 typedef struct {
-    const char *data, *kernels, *kv_cache;
-    int64_t seq_len, max_tokens, threads;
-    int decode;
+    cli_list task;
+    const char *data, *kernels, *kv_cache, *out, *dump, *shots_from, *tokenizer;
+    int64_t seq_len, max_tokens, threads, shots, limit, seed, max_gen;
+    int decode, overwrite, quiet;
 } eval_opts;
 
 static const cli_flag eval_flags[] = {
-    {"--data", {NULL}, FLAG_STR, offsetof(eval_opts, data), .required = 1, .meta = "SHARD_DIR",
-     .help = "token shards of 'jetmoe prepare'"},
+    {"--task", {NULL}, FLAG_LIST, offsetof(eval_opts, task), .meta = "FILE",
+     .help = "a task (.jsonl: multiple choice or generative) or a text file (rolling perplexity); repeatable"},
+    {"--data", {NULL}, FLAG_STR, offsetof(eval_opts, data), .meta = "SHARD_DIR",
+     .help = "token shards of 'jetmoe prepare': held-out loss and perplexity"},
+    {"--shots", {NULL}, FLAG_INT, offsetof(eval_opts, shots), "0", 0, 64, .meta = "K",
+     .help = "few-shot examples before each scored one"},
+    {"--shots-from", {NULL}, FLAG_STR, offsetof(eval_opts, shots_from), .meta = "FILE",
+     .help = "the task's train file to draw shots from (default: the task itself, never the scored example)"},
+    {"--limit", {NULL}, FLAG_INT, offsetof(eval_opts, limit), "0", 0, 1e9, .meta = "N",
+     .help = "score the first N examples of each task, 0 = all"},
+    {"--seed", {NULL}, FLAG_INT, offsetof(eval_opts, seed), "1234", 0, 9007199254740991.0, .meta = "S",
+     .help = "the draw of the shots"},
+    {"--max-gen", {NULL}, FLAG_INT, offsetof(eval_opts, max_gen), "256", 1, 1 << 20, .meta = "N",
+     .help = "generative tasks: new tokens at most"},
+    {"--out", {NULL}, FLAG_STR, offsetof(eval_opts, out), .meta = "FILE", .help = "the results as JSON"},
+    {"--dump", {NULL}, FLAG_STR, offsetof(eval_opts, dump), .meta = "FILE",
+     .help = "one JSON line per scored example, in file order"},
+    {"--overwrite", {NULL}, FLAG_BOOL, offsetof(eval_opts, overwrite),
+     .help = "replace an existing --out / --dump file"},
+    {"--tokenizer", {NULL}, FLAG_STR, offsetof(eval_opts, tokenizer), .meta = "PATH",
+     .help = "the tokenizer, when it is not in DIR"},
     {"--seq-len", {NULL}, FLAG_INT, offsetof(eval_opts, seq_len), "256", 2, 1 << 20, .meta = "N",
-     .help = "tokens per window (at most the model's context)"},
+     .help = "perplexity: tokens per window (at most the model's context)"},
     {"--max-tokens", {NULL}, FLAG_INT, offsetof(eval_opts, max_tokens), "0", 0, 1099511627776.0, .meta = "N",
-     .help = "tokens to score at most, 0 = all"},
+     .help = "perplexity: tokens to score, 0 = all"},
     {"--decode", {NULL}, FLAG_BOOL, offsetof(eval_opts, decode),
-     .help = "score a token at a time through the KV cache, as generation runs"},
+     .help = "perplexity: a token at a time through the KV cache, as generation runs (the same tokens)"},
+    {"--quiet", {"-q"}, FLAG_BOOL, offsetof(eval_opts, quiet), .help = "no progress line"},
     {"--threads", {NULL}, FLAG_INT, offsetof(eval_opts, threads), "0", 0, 4096, .meta = "N",
      .help = "threads, 0 = all cores"},
     {"--kernels", {NULL}, FLAG_STR, offsetof(eval_opts, kernels), "auto", .meta = KERNEL_NAMES,
      .help = "the decode product kernels"},
     {"--kv-cache", {NULL}, FLAG_STR, offsetof(eval_opts, kv_cache), "f32", .meta = "f32|bf16",
-     .help = "the KV cache's element type, with --decode (bf16: half the bytes)"},
+     .help = "the KV cache's element type (bf16: half the bytes)"},
 };
 
 static int run_eval(const cli_command *self, int argc, char **argv);
 
 const cli_command cmd_eval = {
-    "eval", "DIR", "held-out loss and perplexity (batched, or token by token)",
-    "Held-out loss and perplexity of the model in DIR (F32, BF16, Q8 or Q4 weights) on the token\n"
-    "shards of 'jetmoe prepare', in windows of --seq-len tokens. One JSON line.",
+    "eval", "DIR", "score a model: tasks (multiple choice, generative), perplexity",
+    "Scores the model in DIR (F32, BF16, Q8 or Q4 weights, used in place) as lm-evaluation-harness\n"
+    "does. --task FILE.jsonl: a multiple-choice task (acc, acc_norm) or a generative one (exact_match),\n"
+    "in the generic layouts {\"context\", \"choices\", \"gold\"} / {\"prompt\", \"answer\"} or the native\n"
+    "layouts of ARC, HellaSwag, MMLU, WinoGrande, PIQA, TruthfulQA-MC1 and GSM8K (README: Evaluation).\n"
+    "--task with any other file: its rolling perplexity (token, byte, bits per byte). --data SHARD_DIR:\n"
+    "held-out loss and perplexity of token shards, one JSON line. A table on stdout; progress on stderr.",
     eval_flags, (int)(sizeof eval_flags / sizeof eval_flags[0]), run_eval};
+
+typedef struct {
+    const char *what;
+    double t0;
+    int64_t total;
+    int quiet, tty, done;
+    jm_atomic_file *dump;
+    int dump_open;
+    jm_status s;
+    jm_error *err;
+} eval_run;
+
+static void eval_progress(void *p, int64_t done, int64_t total)
+{
+    eval_run *r = p;
+    if (r->quiet || !r->tty) return; /* progress only on a terminal: logs get the results */
+    const double el = now() - r->t0;
+    fprintf(stderr, "\reval %s: %lld/%lld, %.1f/s, %.0f s ", r->what, (long long)done, (long long)total,
+            el > 0 ? (double)done / el : 0.0, el);
+    if (done >= total) fputc('\n', stderr);
+}
+
+/* The --dump line of one example, and progress. */
+static int eval_record(void *p, const jm_eval_record *rec)
+{
+    eval_run *r = p;
+    if (r->dump_open && !r->s) {
+        cJSON *o = cJSON_CreateObject();
+        if (rec->gold >= 0) {
+            cJSON *a = cJSON_AddArrayToObject(o, "loglik");
+            for (int c = 0; c < rec->nchoices; c++) cJSON_AddItemToArray(a, cJSON_CreateNumber(rec->loglik[c]));
+            cJSON_AddNumberToObject(o, "pred", rec->pred);
+            cJSON_AddNumberToObject(o, "pred_norm", rec->pred_norm);
+            cJSON_AddNumberToObject(o, "gold", rec->gold);
+        } else {
+            cJSON_AddStringToObject(o, "output", rec->output);
+            cJSON_AddStringToObject(o, "extracted", rec->extracted);
+            cJSON_AddStringToObject(o, "answer", rec->answer);
+            cJSON_AddBoolToObject(o, "correct", rec->correct);
+        }
+        cJSON_AddNumberToObject(o, "line", rec->line);
+        char *line = cJSON_PrintUnformatted(o);
+        cJSON_Delete(o);
+        if (!line) r->s = jm_fail(r->err, JM_ERR_NOMEM, "out of memory");
+        else {
+            r->s = jm_atomic_write(r->dump, line, strlen(line), r->err);
+            if (!r->s) r->s = jm_atomic_write(r->dump, "\n", 1, r->err);
+            free(line);
+        }
+    }
+    eval_progress(r, ++r->done, r->total);
+    return r->s != JM_OK;
+}
+
+static int ends_with(const char *s, const char *tail)
+{
+    size_t n = strlen(s), k = strlen(tail);
+    return n >= k && !strcmp(s + n - k, tail);
+}
 
 static int run_eval(const cli_command *self, int argc, char **argv)
 {
@@ -541,31 +628,134 @@ static int run_eval(const cli_command *self, int argc, char **argv)
     int rc = cli_parse(self, argc, argv, &o, &path);
     if (rc != CLI_RUN) return rc;
     if ((rc = cli_model_dir(self, path, dir, sizeof dir)) != CLI_RUN) return rc;
+    if (!o.task.n && !o.data) return cli_error(self, "give --task FILE or --data SHARD_DIR");
+    if (o.task.n && o.data) return cli_error(self, "--task and --data: one at a time");
+    if (o.shots_from && o.task.n != 1) return cli_error(self, "--shots-from goes with one --task");
     jm_set_threads((int)o.threads);
     jm_error err;
-    jm_model *m;
-    jm_status s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
-    if (s) return cli_fail(self, s, &err);
-    const int T = (int)o.seq_len;
-    if (T > jm_model_config(m)->max_position_embeddings) {
-        int ctx = jm_model_config(m)->max_position_embeddings;
-        jm_model_free(m);
-        return cli_error(self, "--seq-len %d is longer than the model's context (%d)", T, ctx);
+    jm_model *m = NULL;
+    jm_tokenizer *tok = NULL;
+    jm_atomic_file dump;
+    eval_run r = {.t0 = now(), .quiet = o.quiet, .tty = isatty(2), .dump = &dump, .err = &err};
+    cJSON *results = cJSON_CreateObject(), *tasks = cJSON_AddObjectToObject(results, "results");
+    char out_target[4096], dump_target[4096];
+    const char *inputs[CLI_MAX_REPEAT + 3];
+    int ninputs = 0;
+    inputs[ninputs++] = dir;
+    for (int i = 0; i < o.task.n; i++) inputs[ninputs++] = o.task.v[i];
+    if (o.shots_from) inputs[ninputs++] = o.shots_from;
+    if (o.data) inputs[ninputs++] = o.data;
+    /* where the outputs go is checked before any work (README: What writes where) */
+    jm_status s = o.out ? jm_output_file(o.out, inputs, ninputs, o.overwrite, out_target, sizeof out_target, &err) : JM_OK;
+    if (!s && o.dump) s = jm_output_file(o.dump, inputs, ninputs, o.overwrite, dump_target, sizeof dump_target, &err);
+    if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (s) goto out;
+    const jm_config *c = jm_model_config(m);
+    if (o.data) {
+        if (o.seq_len > c->max_position_embeddings) {
+            s = jm_fail(&err, JM_ERR_ARG, "--seq-len %lld is longer than the model's context (%d)",
+                        (long long)o.seq_len, c->max_position_embeddings);
+            goto out;
+        }
+        double loss;
+        int64_t n;
+        r.what = o.data;
+        s = jm_eval_shards(m, o.data, (int)o.seq_len, o.max_tokens, o.decode ? JM_EVAL_DECODE : JM_EVAL_CACHED,
+                           &loss, &n, eval_progress, &r, &err);
+        if (!s)
+            printf("{\"loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %lld, \"weights\": \"%s\", \"path\": \"%s\"}\n",
+                   loss, exp(loss), (long long)n, jm_model_weight_type(m), o.decode ? "decode" : "batched");
+        if (!s && o.out) {
+            cJSON *d = cJSON_AddObjectToObject(tasks, o.data);
+            cJSON_AddNumberToObject(d, "loss", loss);
+            cJSON_AddNumberToObject(d, "perplexity", exp(loss));
+            cJSON_AddNumberToObject(d, "tokens", (double)n);
+        }
+        goto write;
     }
-    double loss;
-    int64_t n;
-    if (o.decode && (s = jm_set_context(m, T, &err))) {
-        jm_model_free(m);
-        return cli_fail(self, s, &err);
+    if ((s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err))) goto out;
+    if (o.dump) {
+        if ((s = jm_atomic_open(&dump, dump_target, &err))) goto out;
+        r.dump_open = 1;
     }
-    s = jm_eval_shards(m, o.data, T, o.max_tokens, o.decode, &loss, &n, &err);
-    if (!s && n == 0) {
-        s = JM_ERR_ARG;
-        snprintf(err.msg, sizeof err.msg, "%s: no window of %d tokens to evaluate", o.data, T);
+    printf("%-28s %-10s %6s %-15s %9s %9s\n", "task", "layout", "n", "metric", "value", "stderr");
+    for (int i = 0; i < o.task.n && !s; i++) {
+        const char *f = o.task.v[i];
+        r.what = f, r.done = 0, r.t0 = now();
+        cJSON *d = cJSON_AddObjectToObject(tasks, f);
+        if (!ends_with(f, ".jsonl")) { /* text: rolling perplexity */
+            jm_ppl_result p;
+            r.total = o.max_tokens;
+            s = jm_eval_text(m, tok, &f, 1, (int)(o.seq_len < c->max_position_embeddings ? o.seq_len
+                                                                                       : c->max_position_embeddings),
+                             o.max_tokens, o.decode, &p, o.max_tokens ? eval_progress : NULL, &r, &err);
+            if (s) break;
+            const double tp = exp(-p.loglik / (double)p.tokens), bp = exp(-p.loglik / (double)p.bytes),
+                         bpb = -p.loglik / (double)p.bytes / log(2.0);
+            printf("%-28s %-10s %6lld %-15s %9.4f %9s\n", f, "text", (long long)p.tokens, "token_perplexity", tp, "");
+            printf("%-28s %-10s %6s %-15s %9.4f %9s\n", "", "", "", "byte_perplexity", bp, "");
+            printf("%-28s %-10s %6s %-15s %9.4f %9s\n", "", "", "", "bits_per_byte", bpb, "");
+            cJSON_AddStringToObject(d, "kind", "perplexity");
+            cJSON_AddNumberToObject(d, "tokens", (double)p.tokens);
+            cJSON_AddNumberToObject(d, "bytes", (double)p.bytes);
+            cJSON_AddNumberToObject(d, "loglik", p.loglik);
+            cJSON_AddNumberToObject(d, "token_perplexity", tp);
+            cJSON_AddNumberToObject(d, "byte_perplexity", bp);
+            cJSON_AddNumberToObject(d, "bits_per_byte", bpb);
+            continue;
+        }
+        jm_eval_task *t = NULL, *pool = NULL;
+        s = jm_eval_task_load(f, &t, &err);
+        if (!s && o.shots_from) s = jm_eval_task_load(o.shots_from, &pool, &err);
+        if (!s && pool && (pool->kind != t->kind || strcmp(pool->layout, t->layout)))
+            s = jm_fail(&err, JM_ERR_ARG, "%s: layout %s, the task %s has %s", o.shots_from, pool->layout, f, t->layout);
+        if (!s) {
+            jm_eval_opts eo = {(int)o.shots, (int)o.limit, (uint64_t)o.seed, pool, (int)o.max_gen, 0};
+            jm_eval_result res;
+            r.total = o.limit > 0 && o.limit < t->n ? o.limit : t->n;
+            s = jm_eval_run(m, tok, t, &eo, &res, eval_record, &r, &err);
+            if (!s && r.s) s = r.s;
+            if (!s) {
+                cJSON_AddStringToObject(d, "layout", t->layout);
+                cJSON_AddNumberToObject(d, "n", res.n);
+                cJSON_AddNumberToObject(d, "shots", (double)o.shots);
+                if (res.truncated) cJSON_AddNumberToObject(d, "truncated", res.truncated);
+                if (t->kind == JM_EVAL_MC) {
+                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", f, t->layout, res.n, "acc", res.acc, res.acc_stderr);
+                    printf("%-28s %-10s %6s %-15s %9.4f %9.4f\n", "", "", "", "acc_norm", res.acc_norm,
+                           res.acc_norm_stderr);
+                    cJSON_AddNumberToObject(d, "acc", res.acc);
+                    cJSON_AddNumberToObject(d, "acc_stderr", res.acc_stderr);
+                    cJSON_AddNumberToObject(d, "acc_norm", res.acc_norm);
+                    cJSON_AddNumberToObject(d, "acc_norm_stderr", res.acc_norm_stderr);
+                } else {
+                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", f, t->layout, res.n, "exact_match", res.exact_match,
+                           res.exact_match_stderr);
+                    cJSON_AddNumberToObject(d, "exact_match", res.exact_match);
+                    cJSON_AddNumberToObject(d, "exact_match_stderr", res.exact_match_stderr);
+                }
+                if (res.truncated)
+                    fprintf(stderr, "eval %s: %d examples lost context tokens on the left to fit the context of %d\n",
+                            f, res.truncated, jm_context(m));
+                fflush(stdout);
+            }
+        }
+        jm_eval_task_free(t);
+        jm_eval_task_free(pool);
     }
-    if (!s)
-        printf("{\"loss\": %.6f, \"perplexity\": %.4f, \"tokens\": %lld, \"weights\": \"%s\", \"path\": \"%s\"}\n",
-               loss, exp(loss), (long long)n, jm_model_weight_type(m), o.decode ? "decode" : "batched");
+write:
+    cJSON_AddStringToObject(results, "model", dir);
+    cJSON_AddStringToObject(results, "weights", jm_model_weight_type(m));
+    cJSON_AddNumberToObject(results, "seconds", now() - r.t0);
+    if (!s && r.dump_open) {
+        r.dump_open = 0;
+        s = jm_atomic_commit(&dump, &err);
+    }
+    if (!s && o.out) s = jm_write_json(out_target, results, &err);
+out:
+    if (r.dump_open) jm_atomic_abort(&dump);
+    cJSON_Delete(results);
+    jm_tokenizer_free(tok);
     jm_model_free(m);
     return s ? cli_fail(self, s, &err) : 0;
 }

@@ -440,12 +440,16 @@ typedef struct {
     char *context;        /* the text before every choice (NULL when per-choice) */
     char **contexts;      /* per-choice contexts (WinoGrande), else NULL */
     char **choices;       /* each choice's continuation, with the delimiter the layout puts before it (" Paris") */
-    int *choice_bytes;    /* acc_norm's length of each choice: bytes of the choice text, without that delimiter */
+    int *choice_bytes;    /* bytes of each choice's text, without that delimiter (acc_bytes' length) */
+    int *choice_chars;    /* the same text's code points: what the harness' acc_norm divides by (Python's len) */
     int nchoices, gold;
     /* generative */
     char *prompt;         /* what the model continues */
-    char *answer;         /* the reference answer, as extracted ("72") */
-    char *target;         /* the full gold continuation, for few-shot examples ("... #### 72") */
+    char *answer;         /* the reference answer ("72"); GSM8K: as its exact_match compares it, the text after the
+                           * last "#### " without ',' '$' and a final '.' (apply the same to the regex's group 1) */
+    char *target;         /* the gold continuation for few-shot examples, with the layout's delimiter (" ... #### 72") */
+    char *description;    /* said before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL;
+                           * per example, since one file may hold every subject */
 } jm_eval_example;
 typedef struct {
     char path[1024];
@@ -453,20 +457,23 @@ typedef struct {
     jm_eval_kind kind;
     jm_eval_example *ex;
     int n;
-    char *description;    /* said once before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL */
+    char *description;    /* the description every example shares, or NULL (none, or they differ: ex[i].description) */
     const char *fewshot_sep;   /* between a shot and what follows it: "\n\n" */
     const char *stop[4];  /* generative: the layout's stop strings */
     int nstop;
-    const char *regex;    /* generative: extended POSIX regex whose group 1 is the answer */
+    const char *regex;    /* generative: extended POSIX regex whose group 1 (first match) is the answer */
 } jm_eval_task;
 jm_status jm_eval_task_load(const char *path, jm_eval_task **out, jm_error *err);
 void jm_eval_task_free(jm_eval_task *t);
 /* What the model reads before example i's own context (or prompt) when it
- * is given `shots` examples drawn with seed from pool (a train file's task,
- * or t itself, never example i of t): description, then each shot rendered
- * with its gold continuation (MC: its context + its gold choice; generative:
- * prompt + target) followed by fewshot_sep. "" with no shots and no
- * description. *prefix is malloc'd; the caller frees it. */
+ * is given `shots` distinct examples drawn with seed from pool (a train file's
+ * task of the same layout, or t itself, never example i of t; only those with
+ * example i's description: MMLU's shots are of its subject): ex[i].description,
+ * then each shot rendered with its gold continuation (MC: its context, or
+ * contexts[gold], + choices[gold]; generative: prompt + target) followed by
+ * fewshot_sep. "" with no shots and no description; pool may be NULL with no
+ * shots. The draw depends on seed and i only. *prefix is malloc'd; the
+ * caller frees it. */
 jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool, int shots, uint64_t seed, char **prefix,
                           jm_error *err);
 
@@ -623,12 +630,17 @@ typedef struct {
 jm_status jm_train_step(jm_model *m, jm_optimizer *opt, const int32_t *tokens, int B, int T, int accum, double lr,
                         double grad_clip, double *load, jm_step_stats *st, jm_error *err);
 
-/* Mean cross-entropy of the model over up to max_tokens tokens of the shards
- * in dir, in windows of seq_len (perplexity = exp of it): batched jm_forward
- * passes, or with decode one cached jm_infer step per token, which is what
- * generation computes (for Q8/Q4, int8 activations in the products). */
-jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, int decode, double *loss,
-                         int64_t *tokens, jm_error *err);
+/* Mean cross-entropy of the model over max_tokens tokens of the shards in
+ * dir (0 = all), in windows of seq_len spread over the shards (perplexity =
+ * exp of it). Every path scores the same tokens: JM_EVAL_FORWARD batched
+ * jm_forward passes (the trainer's: the activation arena), JM_EVAL_CACHED a
+ * window per jm_infer_batch call (no activation arena: a mapped BF16/Q8/Q4
+ * model), JM_EVAL_DECODE one cached step per token, as generation runs.
+ * progress (optional) sees the tokens scored so far and the total. */
+typedef enum { JM_EVAL_FORWARD, JM_EVAL_CACHED, JM_EVAL_DECODE } jm_eval_path;
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, jm_eval_path path,
+                         double *loss, int64_t *tokens, void (*progress)(void *ctx, int64_t done, int64_t total),
+                         void *ctx, jm_error *err);
 
 /* ---- tokenizer (SentencePiece BPE, Llama-2 family) ---------------------- */
 

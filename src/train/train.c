@@ -1184,32 +1184,23 @@ static void write_plot(const char *dir, const jm_recipe *r)
 /* ---- evaluation ---- */
 
 
-/* The decode path's loss on one window: one cached jm_infer step per token,
- * adding the cross-entropy of the next token under each step's logits. */
-static jm_status decode_window(jm_model *m, const int32_t *w, int T, double *sum, int64_t *count, jm_error *err)
-{
-    const int V = jm_model_config(m)->vocab_size;
-    for (int t = 0; t + 1 < T; t++) {
-        const float *logits;
-        jm_status s = jm_infer(m, &w[t], 1, t, &logits, err);
-        if (s) return s;
-        int64_t n;
-        *sum += cross_entropy_forward(logits, &w[t + 1], 1, V, &n, NULL);
-        *count += n;
-    }
-    return JM_OK;
-}
-
 /* The windows scored are spread evenly over all of dir's shards (window
  * floor(i * W / k) of the W there are, for i < k), so that a capped
  * evaluation sees every part of a held-out set made of several kinds of text
- * one after another, not only the first. Without a cap, k = W: every window. */
-jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, int decode, double *loss,
-                         int64_t *tokens, jm_error *err)
+ * one after another, not only the first. A window of seq_len tokens predicts
+ * its last seq_len - 1; with a cap, k = ceil(max_tokens / (seq_len - 1))
+ * windows and the last predicts only what is left, so exactly max_tokens are
+ * scored whatever the path. Without a cap, k = W: every window. */
+jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_tokens, jm_eval_path path,
+                         double *loss, int64_t *tokens, void (*progress)(void *ctx, int64_t done, int64_t total),
+                         void *ctx, jm_error *err)
 {
     *loss = 0;
     *tokens = 0;
     if (seq_len < 2) return jm_fail(err, JM_ERR_ARG, "%s: windows of %d tokens predict nothing", dir, seq_len);
+    if (seq_len > jm_model_config(m)->max_position_embeddings)
+        return jm_fail(err, JM_ERR_ARG, "%s: windows of %d tokens are longer than the model's context (%d)", dir,
+                       seq_len, jm_model_config(m)->max_position_embeddings);
     char **names;
     int nnames;
     jm_status s = jm_shard_list(dir, &names, &nnames, err);
@@ -1219,40 +1210,49 @@ jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_
     int nsh = 0;
     if (!sh || !first) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
     for (int i = 0; i < nnames && !s; i++) {
-        const char *path = names[i];
-        if (!(s = jm_shard_open(path, &sh[nsh], err))) {
+        const char *p = names[i];
+        if (!(s = jm_shard_open(p, &sh[nsh], err))) {
             if (sh[nsh].vocab_size > (uint32_t)jm_model_config(m)->vocab_size)
-                s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", path, sh[nsh].vocab_size,
+                s = jm_fail(err, JM_ERR_ARG, "%s: made for vocab %u, the model has %d", p, sh[nsh].vocab_size,
                             jm_model_config(m)->vocab_size);
             first[nsh + 1] = first[nsh] + (int64_t)(sh[nsh].n / (uint64_t)seq_len);
             nsh++;
         }
     }
     jm_free_names(names, nnames);
-    const int64_t W = s ? 0 : first[nsh];
-    int64_t k = W;
-    if (max_tokens > 0 && (max_tokens + seq_len - 2) / (seq_len - 1) < W) k = (max_tokens + seq_len - 2) / (seq_len - 1);
+    const int64_t W = s ? 0 : first[nsh], per = seq_len - 1;
+    int64_t k = W, total = W * per;
+    if (max_tokens > 0 && (max_tokens + per - 1) / per < W) k = (max_tokens + per - 1) / per, total = max_tokens;
+    if (!s && path != JM_EVAL_FORWARD) s = jm_set_slots(m, 1, seq_len, err);
     const int B = 4;
     int32_t *buf = s ? NULL : malloc(sizeof(int32_t) * (size_t)B * seq_len);
     if (!s && !buf) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
-    double sum = 0;
+    double sum = 0; /* log-likelihood */
     int64_t count = 0;
     int filled = 0, f = 0;
     for (int64_t i = 0; i < k && !s; i++) {
         const int64_t w = i * (W / k) + i * (W % k) / k; /* floor(i * W / k) without overflow */
         while (first[f + 1] <= w) f++;
         const uint64_t p = (uint64_t)(w - first[f]) * (uint64_t)seq_len;
-        for (int j = 0; j < seq_len; j++) buf[filled * seq_len + j] = (int32_t)jm_shard_token(&sh[f], p + j);
-        if (decode) {
-            s = decode_window(m, buf, seq_len, &sum, &count, err);
-            continue;
+        const int n = (int)(total - (count + (int64_t)filled * per) < per ? total - (count + (int64_t)filled * per) + 1
+                                                                           : seq_len); /* the tokens this window reads */
+        int32_t *row = buf + (int64_t)filled * seq_len;
+        for (int j = 0; j < n; j++) row[j] = (int32_t)jm_shard_token(&sh[f], p + j);
+        if (path != JM_EVAL_FORWARD) {
+            s = jm_score_window(m, row, n, 1, path == JM_EVAL_DECODE, &sum, err);
+            count += n - 1;
+        } else if (n < seq_len || ++filled == B || i + 1 == k) {
+            /* full windows go B at a time; a short last one by itself */
+            const int rows = n < seq_len ? 1 : filled, T = n < seq_len ? n : seq_len;
+            jm_losses L;
+            if (n < seq_len && filled) { /* the full ones before it first */
+                if (!(s = jm_forward(m, buf, filled, seq_len, &L, err))) sum -= L.loss * (double)L.count, count += L.count;
+                memmove(buf, row, sizeof(int32_t) * (size_t)n);
+            }
+            if (!s && !(s = jm_forward(m, buf, rows, T, &L, err))) sum -= L.loss * (double)L.count, count += L.count;
+            filled = 0;
         }
-        if (++filled < B && i + 1 < k) continue;
-        jm_losses L;
-        if ((s = jm_forward(m, buf, filled, seq_len, &L, err))) break;
-        sum += L.loss * (double)L.count;
-        count += L.count;
-        filled = 0;
+        if (!s && progress) progress(ctx, count, total);
     }
     for (int i = 0; i < nsh; i++) jm_shard_close(&sh[i]);
     free(sh);
@@ -1260,7 +1260,7 @@ jm_status jm_eval_shards(jm_model *m, const char *dir, int seq_len, int64_t max_
     free(buf);
     if (!s && count == 0) s = jm_fail(err, JM_ERR_ARG, "%s: no shard holds a full window of %d tokens", dir, seq_len);
     if (s) return s;
-    *loss = sum / (double)count;
+    *loss = -sum / (double)count;
     *tokens = count;
     return JM_OK;
 }
@@ -1454,7 +1454,7 @@ static jm_status pretrain_heldout(void *ctx, jm_model *m, int final, jm_task_ste
     const jm_recipe *r = p->r;
     double t0 = omp_get_wtime(), loss;
     int64_t tokens;
-    jm_status s = jm_eval_shards(m, r->heldout, r->seq_len, r->eval_tokens, 0, &loss, &tokens, err);
+    jm_status s = jm_eval_shards(m, r->heldout, r->seq_len, r->eval_tokens, JM_EVAL_FORWARD, &loss, &tokens, NULL, NULL, err);
     if (s) return s;
     st->loss = loss;
     int n = 0;
