@@ -10,6 +10,7 @@
  * jm_slot_copy: the K samples of one prompt prefill it once, and a prompt
  * that repeats an earlier one's system message reuses it. */
 #include "base/base.h"
+#include "model/ops/ops.h"
 
 #include <math.h>
 #include <string.h>
@@ -162,15 +163,6 @@ jm_status jm_generate(jm_model *m, const int32_t *prompt, int n_prompt, const jm
 
 /* ---- scoring ---- */
 
-/* log p(target) under one row of logits, summed in double. */
-static double log_prob(const float *logits, int V, int32_t target)
-{
-    float mx = logits[0];
-    for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
-    double sum = 0;
-    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
-    return (double)logits[target] - mx - log(sum);
-}
 
 jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err)
 {
@@ -231,7 +223,7 @@ jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err)
             const jm_infer_item *it = &items[i];
             jm_score_seq *q = &seqs[seq_of[it->slot]];
             for (int p = it->pos + it->n - it->logits; p < it->pos + it->n; p++, row++)
-                q->logp += log_prob(logits + (int64_t)row * V, V, q->ids[p + 1]);
+                q->logp += log_prob_row(logits + (int64_t)row * V, V, q->ids[p + 1]);
             if (it->pos + it->n == q->n - 1) {
                 seq_of[it->slot] = -1;
                 busy--;

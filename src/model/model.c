@@ -1713,3 +1713,30 @@ int model_param_view(const jm_model *m, int i, wview *w)
     *w = *m->slot[i].w;
     return 1;
 }
+
+/* ---- scoring a window through the KV cache (eval, the held-out loss) ---- */
+
+
+jm_status jm_score_window(jm_model *m, const int32_t *ids, int n, int first, int decode, double *loglik,
+                          jm_error *err)
+{
+    /* predicts ids[first .. n) from what precedes each, in slot 0 */
+    const int V = jm_model_config(m)->vocab_size;
+    if (first < 1 || first >= n || n - 1 > jm_context(m))
+        return jm_fail(err, JM_ERR_ARG, "window of %d tokens scoring from %d (context %d)", n, first, jm_context(m));
+    jm_status s = jm_slot_copy(m, 0, 0, 0, err);
+    if (s) return s;
+    const float *logits;
+    if (decode) {
+        for (int p = 0; p < n - 1 && !s; p++) {
+            const jm_infer_item it = {0, p, 1, ids + p, 1};
+            if (!(s = jm_infer_batch(m, &it, 1, &logits, err)) && p + 1 >= first)
+                *loglik += log_prob_row(logits, V, ids[p + 1]);
+        }
+        return s;
+    }
+    const jm_infer_item it = {0, 0, n - 1, ids, n - first};
+    if ((s = jm_infer_batch(m, &it, 1, &logits, err))) return s;
+    for (int p = first; p < n; p++) *loglik += log_prob_row(logits + (int64_t)(p - first) * V, V, ids[p]);
+    return JM_OK;
+}

@@ -47,3 +47,12 @@ void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *
         d[targets[t]] -= w;
     }
 }
+
+double log_prob_row(const float *logits, int64_t V, int32_t target)
+{
+    float mx = logits[0];
+    for (int64_t i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
+    double sum = 0;
+    for (int64_t i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    return (double)logits[target] - mx - log(sum);
+}

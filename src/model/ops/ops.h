@@ -189,6 +189,9 @@ void swiglu_backward(float *du, const float *dh, const float *u, int64_t M, int6
  * each row's log-probability of its target (0 for rows without one). */
 double cross_entropy_forward(const float *logits, const int32_t *targets, int64_t N, int64_t V, int64_t *count,
                              float *logp);
+/* log p(target) under one row of V logits, summed in double: what scoring
+ * (jm_score_batch, jm_score_window) adds up over many tokens. */
+double log_prob_row(const float *logits, int64_t V, int32_t target);
 /* dlogits = w_t * (softmax - onehot(target)) per row with a target, w_t =
  * weight[t] or scale when weight is NULL; 0 for the other rows. */
 void cross_entropy_backward(float *dlogits, const float *logits, const int32_t *targets, const float *weight,
