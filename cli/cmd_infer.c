@@ -651,12 +651,14 @@ static int run_eval(const cli_command *self, int argc, char **argv)
     if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (s) goto out;
     const jm_config *c = jm_model_config(m);
+    int windows = !!o.data; /* does --seq-len matter: shards or a text file */
+    for (int i = 0; i < o.task.n; i++) windows |= !ends_with(o.task.v[i], ".jsonl");
+    if (windows && o.seq_len > c->max_position_embeddings) {
+        s = jm_fail(&err, JM_ERR_ARG, "--seq-len %lld is longer than the model's context (%d)", (long long)o.seq_len,
+                    c->max_position_embeddings);
+        goto out;
+    }
     if (o.data) {
-        if (o.seq_len > c->max_position_embeddings) {
-            s = jm_fail(&err, JM_ERR_ARG, "--seq-len %lld is longer than the model's context (%d)",
-                        (long long)o.seq_len, c->max_position_embeddings);
-            goto out;
-        }
         double loss;
         int64_t n;
         r.what = o.data;
@@ -683,16 +685,16 @@ static int run_eval(const cli_command *self, int argc, char **argv)
         const char *f = o.task.v[i];
         r.what = f, r.done = 0, r.t0 = now();
         cJSON *d = cJSON_AddObjectToObject(tasks, f);
+        const char *name = strrchr(f, '/') ? strrchr(f, '/') + 1 : f; /* the table's; --out has the path */
         if (!ends_with(f, ".jsonl")) { /* text: rolling perplexity */
             jm_ppl_result p;
             r.total = o.max_tokens;
-            s = jm_eval_text(m, tok, &f, 1, (int)(o.seq_len < c->max_position_embeddings ? o.seq_len
-                                                                                       : c->max_position_embeddings),
-                             o.max_tokens, o.decode, &p, o.max_tokens ? eval_progress : NULL, &r, &err);
+            s = jm_eval_text(m, tok, &f, 1, (int)o.seq_len, o.max_tokens, o.decode, &p,
+                             o.max_tokens ? eval_progress : NULL, &r, &err);
             if (s) break;
             const double tp = exp(-p.loglik / (double)p.tokens), bp = exp(-p.loglik / (double)p.bytes),
                          bpb = -p.loglik / (double)p.bytes / log(2.0);
-            printf("%-28s %-10s %6lld %-15s %9.4f %9s\n", f, "text", (long long)p.tokens, "token_perplexity", tp, "");
+            printf("%-28s %-10s %6lld %-15s %9.4f %9s\n", name, "text", (long long)p.tokens, "token_perplexity", tp, "");
             printf("%-28s %-10s %6s %-15s %9.4f %9s\n", "", "", "", "byte_perplexity", bp, "");
             printf("%-28s %-10s %6s %-15s %9.4f %9s\n", "", "", "", "bits_per_byte", bpb, "");
             cJSON_AddStringToObject(d, "kind", "perplexity");
@@ -721,7 +723,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
                 cJSON_AddNumberToObject(d, "shots", (double)o.shots);
                 if (res.truncated) cJSON_AddNumberToObject(d, "truncated", res.truncated);
                 if (t->kind == JM_EVAL_MC) {
-                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", f, t->layout, res.n, "acc", res.acc, res.acc_stderr);
+                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", name, t->layout, res.n, "acc", res.acc, res.acc_stderr);
                     printf("%-28s %-10s %6s %-15s %9.4f %9.4f\n", "", "", "", "acc_norm", res.acc_norm,
                            res.acc_norm_stderr);
                     cJSON_AddNumberToObject(d, "acc", res.acc);
@@ -729,7 +731,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
                     cJSON_AddNumberToObject(d, "acc_norm", res.acc_norm);
                     cJSON_AddNumberToObject(d, "acc_norm_stderr", res.acc_norm_stderr);
                 } else {
-                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", f, t->layout, res.n, "exact_match", res.exact_match,
+                    printf("%-28s %-10s %6d %-15s %9.4f %9.4f\n", name, t->layout, res.n, "exact_match", res.exact_match,
                            res.exact_match_stderr);
                     cJSON_AddNumberToObject(d, "exact_match", res.exact_match);
                     cJSON_AddNumberToObject(d, "exact_match_stderr", res.exact_match_stderr);
