@@ -481,8 +481,8 @@ jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool
  * log-likelihood of each choice after its context ([BOS] + enc(context) +
  * cont, cont = enc(context + choice)[len(enc(context)):], the context's
  * trailing spaces moved to the choice), each context prefilled once; generative
- * by greedy generation to a stop string and the task's regex. The model's
- * slots are used as they are (4 of the whole context when it has none). */
+ * by greedy generation to a stop string and the task's regex. Sets the
+ * model's slots: 4 of the whole context (1 with one_by_one). */
 typedef struct {
     int shots;                  /* few-shot examples before each scored one */
     int limit;                  /* the first `limit` examples, 0 = all */

@@ -130,6 +130,9 @@ static int argmax(const double *v, int n)
 /* Examples scored per jm_score_batch call: enough sequences to keep the
  * slots busy, few enough that the ids stay small. */
 #define MC_GROUP 16
+/* Slots: an example's choices and the next examples' side by side, so each
+ * decode step reads the weights once for several continuations. */
+#define EVAL_SLOTS 4
 
 /* Scores examples [i0, i1) of t: every choice's ids, then one
  * jm_score_batch over all of them (an example's choices consecutive). */
@@ -141,7 +144,7 @@ static jm_status mc_group(jm_model *m, const jm_tokenizer *tok, const jm_eval_ta
     for (int i = i0; i < i1; i++) total += t->ex[i].nchoices;
     jm_score_seq *q = calloc((size_t)total, sizeof *q);
     int32_t **ids = calloc((size_t)total, sizeof *ids);
-    double *ll = malloc(sizeof(double) * (size_t)total);
+    double *ll = malloc(sizeof(double) * 2 * (size_t)total); /* scores, then the same over bytes */
     jm_status s = q && ids && ll ? JM_OK : jm_fail(err, JM_ERR_NOMEM, "out of memory");
     const int fit = jm_context(m) + 1; /* the last token is scored, never fed */
     int k = 0;
@@ -180,10 +183,12 @@ static jm_status mc_group(jm_model *m, const jm_tokenizer *tok, const jm_eval_ta
     k = 0;
     for (int i = i0; i < i1 && !s; i++) {
         const jm_eval_example *e = &t->ex[i];
-        double norm_ll[64], *lli = ll + k;
-        for (int c = 0; c < e->nchoices; c++) lli[c] = q[k + c].logp;
-        for (int c = 0; c < e->nchoices && c < 64; c++) norm_ll[c] = lli[c] / (e->choice_bytes[c] > 0 ? e->choice_bytes[c] : 1);
-        const int pred = argmax(lli, e->nchoices), pred_norm = argmax(norm_ll, e->nchoices < 64 ? e->nchoices : 64);
+        double *lli = ll + k, *norm_ll = ll + total + k;
+        for (int c = 0; c < e->nchoices; c++) {
+            lli[c] = q[k + c].logp;
+            norm_ll[c] = lli[c] / (e->choice_bytes[c] > 0 ? e->choice_bytes[c] : 1);
+        }
+        const int pred = argmax(lli, e->nchoices), pred_norm = argmax(norm_ll, e->nchoices);
         mean_add(acc, pred == e->gold);
         mean_add(norm, pred_norm == e->gold);
         r->n++;
@@ -359,8 +364,8 @@ jm_status jm_eval_run(jm_model *m, const jm_tokenizer *tok, const jm_eval_task *
     if (o->shots < 0) return jm_fail(err, JM_ERR_ARG, "--shots %d must be >= 0", o->shots);
     if (jm_tokenizer_bos_id(tok) < 0) return jm_fail(err, JM_ERR_ARG, "the tokenizer has no BOS token");
     jm_status s = JM_OK;
-    if (o->one_by_one) s = jm_set_slots(m, 1, jm_model_config(m)->max_position_embeddings, err);
-    else if (!jm_slots(m)) s = jm_set_slots(m, 4, jm_model_config(m)->max_position_embeddings, err);
+    /* slots of the whole context (a perplexity run before may have left shorter ones) */
+    s = jm_set_slots(m, o->one_by_one ? 1 : EVAL_SLOTS, jm_model_config(m)->max_position_embeddings, err);
     if (s) return s;
     const int n = o->limit > 0 && o->limit < t->n ? o->limit : t->n;
     mean_acc a = {0}, b = {0};
