@@ -437,12 +437,16 @@ typedef struct {
     char *context;        /* the text before every choice (NULL when per-choice) */
     char **contexts;      /* per-choice contexts (WinoGrande), else NULL */
     char **choices;       /* each choice's continuation, with the delimiter the layout puts before it (" Paris") */
-    int *choice_bytes;    /* acc_norm's length of each choice: bytes of the choice text, without that delimiter */
+    int *choice_bytes;    /* bytes of each choice's text, without that delimiter (acc_bytes' length) */
+    int *choice_chars;    /* the same text's code points: what the harness' acc_norm divides by (Python's len) */
     int nchoices, gold;
     /* generative */
     char *prompt;         /* what the model continues */
-    char *answer;         /* the reference answer, as extracted ("72") */
-    char *target;         /* the full gold continuation, for few-shot examples ("... #### 72") */
+    char *answer;         /* the reference answer ("72"); GSM8K: as its exact_match compares it, the text after the
+                           * last "#### " without ',' '$' and a final '.' (apply the same to the regex's group 1) */
+    char *target;         /* the gold continuation for few-shot examples, with the layout's delimiter (" ... #### 72") */
+    char *description;    /* said before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL;
+                           * per example, since one file may hold every subject */
 } jm_eval_example;
 typedef struct {
     char path[1024];
@@ -450,20 +454,23 @@ typedef struct {
     jm_eval_kind kind;
     jm_eval_example *ex;
     int n;
-    char *description;    /* said once before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL */
+    char *description;    /* the description every example shares, or NULL (none, or they differ: ex[i].description) */
     const char *fewshot_sep;   /* between a shot and what follows it: "\n\n" */
     const char *stop[4];  /* generative: the layout's stop strings */
     int nstop;
-    const char *regex;    /* generative: extended POSIX regex whose group 1 is the answer */
+    const char *regex;    /* generative: extended POSIX regex whose group 1 (first match) is the answer */
 } jm_eval_task;
 jm_status jm_eval_task_load(const char *path, jm_eval_task **out, jm_error *err);
 void jm_eval_task_free(jm_eval_task *t);
 /* What the model reads before example i's own context (or prompt) when it
- * is given `shots` examples drawn with seed from pool (a train file's task,
- * or t itself, never example i of t): description, then each shot rendered
- * with its gold continuation (MC: its context + its gold choice; generative:
- * prompt + target) followed by fewshot_sep. "" with no shots and no
- * description. *prefix is malloc'd; the caller frees it. */
+ * is given `shots` distinct examples drawn with seed from pool (a train file's
+ * task of the same layout, or t itself, never example i of t; only those with
+ * example i's description: MMLU's shots are of its subject): ex[i].description,
+ * then each shot rendered with its gold continuation (MC: its context, or
+ * contexts[gold], + choices[gold]; generative: prompt + target) followed by
+ * fewshot_sep. "" with no shots and no description; pool may be NULL with no
+ * shots. The draw depends on seed and i only. *prefix is malloc'd; the
+ * caller frees it. */
 jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool, int shots, uint64_t seed, char **prefix,
                           jm_error *err);
 
