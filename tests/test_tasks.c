@@ -556,7 +556,7 @@ static void test_bad(void)
               2, W("\"label\" is \"2\""));
     check_bad("bad_hellaswag_empty_ending", "hs3.jsonl",
               "{\"activity_label\": \"A\", \"ctx_a\": \"b\", \"ctx_b\": \"c\", \"endings\": [\"d\", \" [step] \"], \"label\": 0}\n",
-              1, W("\"endings\"[1]", "empty string"));
+              1, W("\"endings\"[1]", "empty once preprocessed"));
     check_bad("bad_winogrande_answer", "wg.jsonl",
               "{\"sentence\": \"A _ b.\", \"option1\": \"x\", \"option2\": \"y\", \"answer\": \"3\"}\n", 1,
               W("\"answer\" is \"3\"", "from 1 to 2"));
