@@ -422,7 +422,7 @@ void jm_text_stream_free(jm_text_stream *s);
  * lm-evaluation-harness renders that data set. The layout is told by the
  * first record's fields and every record must have it:
  *   "mc"          {"context", "choices": [...], "gold"}: context + choice as written
- *   "gen"         {"prompt", "answer"}
+ *   "gen"         {"prompt", "answer"}: target " " + answer, stop "\n\n", group 1 = the generation trimmed
  *   "arc"         ARC (AI2's {"question": {"stem", "choices"}} or HF's {"question", "choices": {"text", "label"}}, "answerKey")
  *   "hellaswag"   {"activity_label", "ctx_a", "ctx_b", "endings", "label"}
  *   "mmlu"        {"question", "subject", "choices", "answer"}
@@ -445,8 +445,9 @@ typedef struct {
     int nchoices, gold;
     /* generative */
     char *prompt;         /* what the model continues */
-    char *answer;         /* the reference answer ("72"); GSM8K: as its exact_match compares it, the text after the
-                           * last "#### " without ',' '$' and a final '.' (apply the same to the regex's group 1) */
+    char *answer;         /* the reference answer ("72"). GSM8K: as the harness' exact_match compares it: the
+                           * text after the last "#### " without ',' '$' and a final '.', lower-cased (the
+                           * scorer does the same to the regex's group 1) */
     char *target;         /* the gold continuation for few-shot examples, with the layout's delimiter (" ... #### 72") */
     char *description;    /* said before the shots (MMLU: "The following are ... about <subject>.\n\n"), or NULL;
                            * per example, since one file may hold every subject */

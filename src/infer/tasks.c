@@ -46,9 +46,9 @@
  *                stop "Question:", "</s>", "<|im_end|>", regex strict-match
  *                "#### (\-?[0-9\.\,]+)" as POSIX ERE "#### (-?[0-9.,]+)".
  *                answer = the reference exact_match compares: regexes_to_ignore
- *                ",", "\$", "(?s).*#### ", "\.$" applied to the field (the
- *                scorer applies the same to the extracted group), "1,200." ->
- *                "1200".
+ *                ",", "\$", "(?s).*#### ", "\.$" and ignore_case applied to
+ *                the field (the scorer applies the same to the extracted
+ *                group), "1,200." -> "1200".
  * Few-shot (api/task.py fewshot_context, build_qa_turn): description, then
  * per shot its text + target_delimiter + its gold answer + fewshot_delimiter
  * "\n\n"; WinoGrande's shot text is the gold choice's context. Our choices and
@@ -176,13 +176,6 @@ void jm_eval_task_free(jm_eval_task *t)
     free(t);
 }
 
-/* A generator for the draw of example i: jm_seed_stream's mix, one stream per
- * (seed, i), so an example's shots do not depend on which others are run. */
-static uint64_t draw(uint64_t stream, uint64_t k)
-{
-    return jm_seed_stream(stream, k);
-}
-
 static bool same_text(const char *a, const char *b)
 {
     return a == b || (a && b && strcmp(a, b) == 0);
@@ -226,12 +219,15 @@ jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool
         if (m < shots) {
             free(idx);
             return jm_fail(err, JM_ERR_ARG, "%s:%d: %d shots wanted but %s has %d example%s to draw them from "
-                           "(of %d: not the example itself%s)", t->path, x->line, shots, pool->path, m,
-                           m == 1 ? "" : "s", pool->n, x->description ? ", and only those of its subject" : "");
+                           "(of its %d: %s%s)", t->path, x->line, shots, pool->path, m, m == 1 ? "" : "s", pool->n,
+                           pool == t ? "not the example itself" : "all",
+                           x->description ? ", only those of its subject" : "");
         }
+        /* The first `shots` steps of a Fisher-Yates shuffle, drawn from a stream
+         * of (seed, i) alone: an example's shots do not depend on which others run. */
         uint64_t stream = jm_seed_stream(seed, (uint64_t)i);
-        for (int k = 0; k < shots; k++) { /* the first shots steps of a Fisher-Yates shuffle */
-            int j = k + (int)(draw(stream, (uint64_t)k) % (uint64_t)(m - k));
+        for (int k = 0; k < shots; k++) {
+            int j = k + (int)(jm_seed_stream(stream, (uint64_t)k) % (uint64_t)(m - k));
             int tmp = idx[k];
             idx[k] = idx[j], idx[j] = tmp;
         }
@@ -400,7 +396,8 @@ static jm_status read_records(FILE *f, jm_eval_task *t, jm_error *err)
         }
     }
     if (!s && t->n == 0)
-        s = jm_fail(err, JM_ERR_FORMAT, "%s: no records (%d line%s, all blank): a task file holds one JSON object a line",
+        s = jm_fail(err, JM_ERR_FORMAT,
+                    "%s: no records (%d line%s, all blank): a task file holds one JSON object a line",
                     t->path, lineno, lineno == 1 ? "" : "s");
     if (!s) {
         snprintf(t->layout, sizeof t->layout, "%s", lay->name);
@@ -472,7 +469,8 @@ static jm_status get_string(const cJSON *obj, const char *key, const char *name,
     const cJSON *j = field(obj, key);
     char got[64];
     *out = NULL;
-    if (!cJSON_IsString(j)) return bad(err, where, "\"%s\" is %s: expected a string", name, describe(j, got, sizeof got));
+    if (!cJSON_IsString(j))
+        return bad(err, where, "\"%s\" is %s: expected a string", name, describe(j, got, sizeof got));
     *out = j->valuestring;
     return JM_OK;
 }
@@ -718,7 +716,9 @@ static jm_status read_hellaswag(const cJSON *r, jm_eval_example *ex, const char 
     if (!s && !pre) s = no_memory(err, where);
     for (int c = 0; c < n && !s; c++)
         if (!(pre[c] = strdup(endings[c]))) s = no_memory(err, where);
-        else hellaswag_preprocess(pre[c]);
+        else if (!hellaswag_preprocess(pre[c])[0] && endings[c][0])
+            s = bad(err, where, "\"endings\"[%d] is empty once preprocessed (as the harness does): nothing to score",
+                    c);
     if (!s) s = set_choices(ex, " ", (const char *const *)pre, n, "endings", where, err);
     if (!s) s = get_index(r, "label", 0, n, where, &ex->gold, err);
     char *b = s ? NULL : strdup(ctx_b);
@@ -845,8 +845,8 @@ static char *gsm8k_reference(const char *answer)
     if (!mark) return NULL;
     char *out = malloc(strlen(mark) + 1), *w = out;
     if (!out) return NULL;
-    for (const char *p = mark + 5; *p; p++)
-        if (*p != ',' && *p != '$') *w++ = *p;
+    for (const char *p = mark + 5; *p; p++) /* and ignore_case: lower case (ASCII; the answers are numbers) */
+        if (*p != ',' && *p != '$') *w++ = *p >= 'A' && *p <= 'Z' ? (char)(*p - 'A' + 'a') : *p;
     *w = 0;
     size_t n = (size_t)(w - out);
     if (n >= 1 && out[n - 1] == '.') out[n - 1] = 0;
