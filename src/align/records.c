@@ -350,30 +350,7 @@ static int32_t *arena_ids(loader *L, const int32_t *ids, int n)
 
 /* ========================================================= record fields */
 
-/* A bad line: "FILE:LINE: why". */
-__attribute__((format(printf, 3, 4)))
-static jm_status bad(jm_error *err, const char *where, const char *fmt, ...)
-{
-    char why[sizeof err->msg];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    return jm_fail(err, JM_ERR_FORMAT, "%s: %s", where, why);
-}
 
-/* What a JSON value is, for "... is <this>: expected ...". */
-static const char *describe(const cJSON *j, char *buf, size_t cap)
-{
-    if (!j) snprintf(buf, cap, "missing");
-    else if (cJSON_IsString(j))
-        snprintf(buf, cap, "\"%.40s%s\"", j->valuestring, strlen(j->valuestring) > 40 ? "..." : "");
-    else if (cJSON_IsNumber(j)) snprintf(buf, cap, "%.15g", j->valuedouble);
-    else if (cJSON_IsBool(j)) snprintf(buf, cap, cJSON_IsTrue(j) ? "true" : "false");
-    else if (cJSON_IsNull(j)) snprintf(buf, cap, "null");
-    else snprintf(buf, cap, cJSON_IsArray(j) ? "an array" : "an object");
-    return buf;
-}
 
 static const cJSON *field(const cJSON *obj, const char *key)
 {
@@ -397,9 +374,9 @@ static jm_status read_ids(const cJSON *arr, const char *name, const loader *L, b
     char got[64];
     *ids = NULL, *n = 0;
     if (!cJSON_IsArray(arr))
-        return bad(err, L->where, "\"%s\" is %s: expected a list of token ids", name, describe(arr, got, sizeof got));
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is %s: expected a list of token ids", name, jm_json_describe(arr, got, sizeof got));
     int k = count_items(arr);
-    if (k < 0) return bad(err, L->where, "\"%s\" holds more than %d ids", name, MAX_ITEMS);
+    if (k < 0) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" holds more than %d ids", name, MAX_ITEMS);
     int32_t *v = malloc((size_t)(k ? k : 1) * sizeof *v);
     if (!v) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %d ids", L->where, k);
     int i = 0;
@@ -412,8 +389,8 @@ static jm_status read_ids(const cJSON *arr, const char *name, const loader *L, b
             v[i] = (int32_t)d;
         } else {
             free(v);
-            return bad(err, L->where, "\"%s\"[%d] is %s: expected a token id in [0, %d)%s", name, i,
-                       describe(c, got, sizeof got), L->o->vocab_size, allow_ignore ? " or -100" : "");
+            return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d] is %s: expected a token id in [0, %d)%s", name, i,
+                       jm_json_describe(c, got, sizeof got), L->o->vocab_size, allow_ignore ? " or -100" : "");
         }
     }
     *ids = v, *n = k;
@@ -431,10 +408,10 @@ static jm_status read_messages(const cJSON *arr, const char *name, const loader 
     char got[64];
     *msgs = NULL, *n = 0;
     if (!cJSON_IsArray(arr))
-        return bad(err, L->where, "\"%s\" is %s: expected a list of messages", name, describe(arr, got, sizeof got));
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is %s: expected a list of messages", name, jm_json_describe(arr, got, sizeof got));
     int k = count_items(arr);
-    if (k == 0) return bad(err, L->where, "\"%s\" is an empty list: expected messages", name);
-    if (k < 0) return bad(err, L->where, "\"%s\" holds more than %d messages", name, MAX_ITEMS);
+    if (k == 0) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is an empty list: expected messages", name);
+    if (k < 0) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" holds more than %d messages", name, MAX_ITEMS);
     jm_chat_message *m = malloc((size_t)k * sizeof *m);
     if (!m) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %d messages", L->where, k);
     jm_status s = JM_OK;
@@ -445,14 +422,14 @@ static jm_status read_messages(const cJSON *arr, const char *name, const loader 
         for (int j = 0; j < 3 && cJSON_IsString(role); j++)
             if (strcmp(role->valuestring, roles[j]) == 0) r = roles[j];
         if (!cJSON_IsObject(c))
-            s = bad(err, L->where, "\"%s\"[%d] is %s: expected a message {\"role\": ..., \"content\": ...}", name, i,
-                    describe(c, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d] is %s: expected a message {\"role\": ..., \"content\": ...}", name, i,
+                    jm_json_describe(c, got, sizeof got));
         else if (!r)
-            s = bad(err, L->where, "\"%s\"[%d].role is %s: expected system, user or assistant", name, i,
-                    describe(role, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d].role is %s: expected system, user or assistant", name, i,
+                    jm_json_describe(role, got, sizeof got));
         else if (!cJSON_IsString(content))
-            s = bad(err, L->where, "\"%s\"[%d].content is %s: expected a string", name, i,
-                    describe(content, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d].content is %s: expected a string", name, i,
+                    jm_json_describe(content, got, sizeof got));
         else
             m[i] = (jm_chat_message){r, content->valuestring};
     }
@@ -464,7 +441,7 @@ static jm_status read_messages(const cJSON *arr, const char *name, const loader 
 static jm_status need_tokenizer(const loader *L, const char *field_name, jm_error *err)
 {
     if (L->t) return JM_OK;
-    return bad(err, L->where, "\"%s\" is text, and text records need a tokenizer (none was given)", field_name);
+    return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is text, and text records need a tokenizer (none was given)", field_name);
 }
 
 /* jm_chat_encode for this record: its errors are bad lines (running out of
@@ -478,10 +455,10 @@ static jm_status encode(const loader *L, const jm_chat_message *m, int n, int ge
         snprintf(inner, sizeof inner, "%s", err->msg);
         return jm_fail(err, s == JM_ERR_NOMEM ? s : JM_ERR_FORMAT, "%s: %s", L->where, inner);
     }
-    if (*nids > (size_t)MAX_ITEMS) s = bad(err, L->where, "the conversation is more than %d tokens", MAX_ITEMS);
+    if (*nids > (size_t)MAX_ITEMS) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "the conversation is more than %d tokens", MAX_ITEMS);
     for (size_t i = 0; !s && i < *nids; i++)
         if ((*ids)[i] < 0 || (*ids)[i] >= L->o->vocab_size)
-            s = bad(err, L->where, "the tokenizer gave id %" PRId32 " (token %zu), outside the model's vocabulary "
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "the tokenizer gave id %" PRId32 " (token %zu), outside the model's vocabulary "
                     "[0, %d)", (*ids)[i], i, L->o->vocab_size);
     if (s) {
         free(*ids);
@@ -508,7 +485,7 @@ static size_t through_eos(const loader *L, const int32_t *ids, size_t from, size
 
 static jm_status no_room(jm_error *err, const loader *L, int64_t n_prompt)
 {
-    return bad(err, L->where, "the prompt (%" PRId64 " tokens) leaves no room in max_len %d", n_prompt,
+    return jm_fail_at(err, JM_ERR_FORMAT, L->where, "the prompt (%" PRId64 " tokens) leaves no room in max_len %d", n_prompt,
                L->o->max_len);
 }
 
@@ -528,10 +505,10 @@ static jm_status sft_chat(const loader *L, const jm_chat_message *m, int nm, int
     for (int i = 0; i < nm; i++) {
         if (strcmp(m[i].role, "assistant") != 0) continue;
         if (!m[i].content[0])
-            return bad(err, L->where, "\"messages\"[%d].content is empty: an assistant turn must say something", i);
+            return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"messages\"[%d].content is empty: an assistant turn must say something", i);
         turns++;
     }
-    if (!turns) return bad(err, L->where, "\"messages\" has no assistant turn: nothing to learn");
+    if (!turns) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"messages\" has no assistant turn: nothing to learn");
     jm_status s = encode(L, m, nm, 0, &ids, &n, err);
     if (!s && !(labels = malloc((n ? n : 1) * sizeof *labels)))
         s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %zu labels", L->where, n);
@@ -569,10 +546,10 @@ static jm_status sft_tokens(const loader *L, const cJSON *root, int32_t **ids_ou
     int n = 0, nl = 0;
     const cJSON *lj = field(root, "labels");
     jm_status s = read_ids(field(root, "input_ids"), "input_ids", L, false, &ids, &n, err);
-    if (!s && n == 0) s = bad(err, L->where, "\"input_ids\" is empty");
+    if (!s && n == 0) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"input_ids\" is empty");
     if (!s && lj) s = read_ids(lj, "labels", L, true, &labels, &nl, err);
     if (!s && lj && nl != n)
-        s = bad(err, L->where, "\"labels\" has %d entries and \"input_ids\" %d: they must align", nl, n);
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"labels\" has %d entries and \"input_ids\" %d: they must align", nl, n);
     if (!s && !lj) {
         if ((labels = malloc((size_t)n * sizeof *labels))) memcpy(labels, ids, (size_t)n * sizeof *labels);
         else s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory for %d labels", L->where, n);
@@ -588,9 +565,9 @@ static jm_status sft_tokens(const loader *L, const cJSON *root, int32_t **ids_ou
 static jm_status sft_record(loader *L, const cJSON *root, jm_error *err)
 {
     const cJSON *mj = field(root, "messages"), *ij = field(root, "input_ids");
-    if (mj && ij) return bad(err, L->where, "both \"messages\" and \"input_ids\": a record is one or the other");
+    if (mj && ij) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "both \"messages\" and \"input_ids\": a record is one or the other");
     if (!mj && !ij)
-        return bad(err, L->where, "no \"messages\" or \"input_ids\": an SFT record is a conversation or token ids");
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "no \"messages\" or \"input_ids\": an SFT record is a conversation or token ids");
     int32_t *ids = NULL, *labels = NULL;
     int n = 0;
     int64_t prompt = -1;
@@ -612,7 +589,7 @@ static jm_status sft_record(loader *L, const cJSON *root, jm_error *err)
     for (int t = 1; t < n && first < 0; t++)
         if (labels[t] >= 0) first = t;
     if (first < 0 && prompt >= max_len) first = (int)prompt;
-    if (first < 0) s = bad(err, L->where, "no token to learn (no label after the first token)");
+    if (first < 0) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "no token to learn (no label after the first token)");
     else if (first >= max_len) s = no_room(err, L, first);
     bool cut = !s && n > max_len;
     if (cut && !L->o->truncate) {
@@ -668,22 +645,22 @@ static jm_status side_conversation(const loader *L, const cJSON *j, const char *
     if (cJSON_IsString(j)) {
         answer = j->valuestring;
     } else if (!cJSON_IsArray(j)) {
-        s = bad(err, L->where, "\"%s\" is %s: expected the answer (a string) or the conversation (messages)", name,
-                describe(j, got, sizeof got));
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is %s: expected the answer (a string) or the conversation (messages)", name,
+                jm_json_describe(j, got, sizeof got));
     } else if (!(s = read_messages(j, name, L, &list, &n, err))) {
         answer = list[n - 1].content;
         if (strcmp(list[n - 1].role, "assistant") != 0)
-            s = bad(err, L->where, "\"%s\"[%d].role is \"%s\": the last message must be the assistant's answer",
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d].role is \"%s\": the last message must be the assistant's answer",
                     name, n - 1, list[n - 1].role);
         else if (n > 1 && prompt && !same_messages(list, n - 1, prompt, nprompt))
-            s = bad(err, L->where, "\"%s\": the messages before the answer differ from \"prompt\"", name);
+            s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\": the messages before the answer differ from \"prompt\"", name);
         else if (n > 1)
             before = list, nbefore = n - 1;
     }
     if (!s && !before)
-        s = cJSON_IsString(j) ? bad(err, L->where, "\"%s\" is a string, so a \"prompt\" is needed", name)
-                              : bad(err, L->where, "\"%s\": no prompt before the answer, and no \"prompt\"", name);
-    else if (!s && !answer[0]) s = bad(err, L->where, "\"%s\": the answer is empty", name);
+        s = cJSON_IsString(j) ? jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is a string, so a \"prompt\" is needed", name)
+                              : jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\": no prompt before the answer, and no \"prompt\"", name);
+    else if (!s && !answer[0]) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\": the answer is empty", name);
     jm_chat_message *c = s ? NULL : malloc((size_t)(nbefore + 1) * sizeof *c);
     if (!s && !c) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", L->where);
     if (!s) {
@@ -707,8 +684,8 @@ static jm_status side_text(const loader *L, const char *name, const jm_chat_mess
     size_t n_prompt = s ? 0 : common_prefix(p, n_p, full, n);
     size_t end = s ? 0 : through_eos(L, full, n_prompt, n);
     free(p);
-    if (!s && n_prompt == 0) s = bad(err, L->where, "\"%s\": the prompt renders to no tokens", name);
-    else if (!s && end == n_prompt) s = bad(err, L->where, "\"%s\": the completion renders to no tokens", name);
+    if (!s && n_prompt == 0) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\": the prompt renders to no tokens", name);
+    else if (!s && end == n_prompt) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\": the completion renders to no tokens", name);
     if (s) {
         free(full);
         return s;
@@ -727,22 +704,22 @@ static jm_status pref_text(const loader *L, const cJSON *root, side_ids sides[2]
     char got[64];
     jm_status s = need_tokenizer(L, "chosen", err);
     if (!s && cJSON_IsString(pj)) {
-        if (!pj->valuestring[0]) s = bad(err, L->where, "\"prompt\" is empty");
+        if (!pj->valuestring[0]) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"prompt\" is empty");
         one = (jm_chat_message){"user", pj->valuestring};
         prompt = &one, nprompt = 1;
     } else if (!s && cJSON_IsArray(pj)) {
         s = read_messages(pj, "prompt", L, &prompt, &nprompt, err);
     } else if (!s && pj) {
-        s = bad(err, L->where, "\"prompt\" is %s: expected a string or a list of messages",
-                describe(pj, got, sizeof got));
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"prompt\" is %s: expected a string or a list of messages",
+                jm_json_describe(pj, got, sizeof got));
     }
     for (int k = 0; k < 2 && !s; k++) {
         const cJSON *j = field(root, names[k]);
-        if (!j) s = bad(err, L->where, "\"%s\" is missing", names[k]);
+        if (!j) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is missing", names[k]);
         else s = side_conversation(L, j, names[k], prompt, nprompt, &conv[k], &np[k], err);
     }
     if (!s && !pj && !same_messages(conv[0], np[0], conv[1], np[1]))
-        s = bad(err, L->where, "\"chosen\" and \"rejected\" have different messages before the answer");
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"chosen\" and \"rejected\" have different messages before the answer");
     for (int k = 0; k < 2 && !s; k++) s = side_text(L, names[k], conv[k], np[k], &sides[k], err);
     if (prompt != &one) free(prompt);
     free(conv[0]), free(conv[1]);
@@ -758,8 +735,8 @@ static jm_status pref_tokens(const loader *L, const cJSON *root, side_ids sides[
     jm_status s = JM_OK;
     for (int k = 0; k < 3 && !s; k++) {
         s = read_ids(field(root, names[k]), names[k], L, false, &v[k], &n[k], err);
-        if (!s && n[k] == 0) s = bad(err, L->where, "\"%s\" is empty", names[k]);
-        if (!s && (int64_t)n[0] + n[k] > MAX_ITEMS) s = bad(err, L->where, "\"%s\" is too long", names[k]);
+        if (!s && n[k] == 0) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is empty", names[k]);
+        if (!s && (int64_t)n[0] + n[k] > MAX_ITEMS) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\" is too long", names[k]);
     }
     for (int k = 1; k < 3 && !s; k++) {
         int32_t *ids = malloc((size_t)(n[0] + n[k]) * sizeof *ids);
@@ -781,9 +758,9 @@ static jm_status pref_record(loader *L, const cJSON *root, jm_error *err)
     bool tokens = field(root, "prompt_input_ids") || field(root, "chosen_input_ids") ||
                   field(root, "rejected_input_ids");
     if (text && tokens)
-        return bad(err, L->where, "both \"chosen\"/\"rejected\" and \"*_input_ids\": a record is one or the other");
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "both \"chosen\"/\"rejected\" and \"*_input_ids\": a record is one or the other");
     if (!text && !tokens)
-        return bad(err, L->where, "no \"chosen\" and \"rejected\" (or \"chosen_input_ids\" and "
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "no \"chosen\" and \"rejected\" (or \"chosen_input_ids\" and "
                    "\"rejected_input_ids\"): not a preference record");
     side_ids sides[2] = {{0}};
     jm_status s = text ? pref_text(L, root, sides, err) : pref_tokens(L, root, sides, err);
@@ -844,7 +821,7 @@ static jm_status read_answer(loader *L, const cJSON *j, const char **out, jm_err
             }
         s = num;
     } else {
-        return bad(err, L->where, "\"answer\" is %s: expected a string or a number", describe(j, got, sizeof got));
+        return jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"answer\" is %s: expected a string or a number", jm_json_describe(j, got, sizeof got));
     }
     if (!(*out = arena_str(L, s))) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", L->where);
     return JM_OK;
@@ -870,22 +847,22 @@ static jm_status keep_prompt(loader *L, const jm_chat_message *m, int nm, const 
 static jm_status prompt_record(loader *L, const cJSON *root, jm_error *err)
 {
     const cJSON *mj = field(root, "messages"), *pj = field(root, "prompt");
-    if (mj && pj) return bad(err, L->where, "both \"messages\" and \"prompt\": give one");
-    if (!mj && !pj) return bad(err, L->where, "no \"messages\" or \"prompt\": not a prompt record");
+    if (mj && pj) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "both \"messages\" and \"prompt\": give one");
+    if (!mj && !pj) return jm_fail_at(err, JM_ERR_FORMAT, L->where, "no \"messages\" or \"prompt\": not a prompt record");
     const char *name = mj ? "messages" : "prompt";
     jm_chat_message one, *m = NULL;
     int nm = 0;
     char got[64];
     jm_status s = JM_OK;
     if (cJSON_IsString(pj)) {
-        if (!pj->valuestring[0]) s = bad(err, L->where, "\"prompt\" is empty");
+        if (!pj->valuestring[0]) s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"prompt\" is empty");
         one = (jm_chat_message){"user", pj->valuestring};
         m = &one, nm = 1;
     } else if (pj && !cJSON_IsArray(pj)) {
-        s = bad(err, L->where, "\"prompt\" is %s: expected a string or a list of messages",
-                describe(pj, got, sizeof got));
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"prompt\" is %s: expected a string or a list of messages",
+                jm_json_describe(pj, got, sizeof got));
     } else if (!(s = read_messages(mj ? mj : pj, name, L, &m, &nm, err)) && strcmp(m[nm - 1].role, "user") != 0) {
-        s = bad(err, L->where, "\"%s\"[%d].role is \"%s\": a prompt ends with the user's turn", name, nm - 1,
+        s = jm_fail_at(err, JM_ERR_FORMAT, L->where, "\"%s\"[%d].role is \"%s\": a prompt ends with the user's turn", name, nm - 1,
                 m[nm - 1].role);
     }
     int32_t *ids = NULL;

@@ -96,6 +96,12 @@ jm_status jm_json_no_nul(const char *text, size_t len, const char *file, jm_erro
 /* Writes root as indented JSON plus a final newline, atomically; root may be NULL
  * (a tree that could not be built for lack of memory), which fails as out of memory. */
 jm_status jm_write_json(const char *path, const struct cJSON *root, jm_error *err);
+/* What a JSON value is, for "... is <this>: expected ...": missing, "a
+ * string" (quoted, cut at 40 bytes), a number, true, null, an array ... */
+const char *jm_json_describe(const struct cJSON *j, char *buf, size_t cap);
+/* jm_fail with "where: " before the message ("FILE:LINE: why"). */
+__attribute__((format(printf, 4, 5))) jm_status jm_fail_at(jm_error *err, jm_status s, const char *where,
+                                                           const char *fmt, ...);
 
 /* ---- names (suggest.c, config.c) ---- */
 /* Edits (insert, delete, substitute, swap two neighbours) from a to b;

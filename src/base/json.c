@@ -2,6 +2,9 @@
 #include "base/base.h"
 
 #include <cjson/cJSON.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
 #include <string.h>
 
 static bool valid_utf8(const unsigned char *s, size_t len, size_t *bad)
@@ -157,4 +160,26 @@ jm_status jm_write_json(const char *path, const cJSON *root, jm_error *err)
     }
     cJSON_free(text);
     return s;
+}
+
+const char *jm_json_describe(const cJSON *j, char *buf, size_t cap)
+{
+    if (!j) snprintf(buf, cap, "missing");
+    else if (cJSON_IsString(j))
+        snprintf(buf, cap, "\"%.40s%s\"", j->valuestring, strlen(j->valuestring) > 40 ? "..." : "");
+    else if (cJSON_IsNumber(j)) snprintf(buf, cap, "%.15g", j->valuedouble);
+    else if (cJSON_IsBool(j)) snprintf(buf, cap, cJSON_IsTrue(j) ? "true" : "false");
+    else if (cJSON_IsNull(j)) snprintf(buf, cap, "null");
+    else snprintf(buf, cap, cJSON_IsArray(j) ? "an array" : "an object");
+    return buf;
+}
+
+jm_status jm_fail_at(jm_error *err, jm_status s, const char *where, const char *fmt, ...)
+{
+    char why[sizeof err->msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    return jm_fail(err, s, "%s: %s", where, why);
 }

@@ -258,17 +258,6 @@ jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool
 
 /* ============================================================ the reader */
 
-/* A bad record: "FILE:LINE: why". */
-__attribute__((format(printf, 3, 4)))
-static jm_status bad(jm_error *err, const char *where, const char *fmt, ...)
-{
-    char why[sizeof err->msg];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    return jm_fail(err, JM_ERR_FORMAT, "%s: %s", where, why);
-}
 
 static jm_status no_memory(jm_error *err, const char *where)
 {
@@ -326,7 +315,7 @@ static jm_status unknown_layout(const cJSON *r, const char *where, jm_error *err
     field_names(r, got, sizeof got);
     for (int k = 0; k < NLAYOUTS; k++)
         n += (size_t)snprintf(want + n, sizeof want - n, "%s%s %s", k ? "; " : "", layouts[k].name, layouts[k].fields);
-    return bad(err, where, "no task layout has these fields (%s); expected one of: %s", got, want);
+    return jm_fail_at(err, JM_ERR_FORMAT, where, "no task layout has these fields (%s); expected one of: %s", got, want);
 }
 
 /* One record of t, at line (where = "FILE:LINE"); the first fixes the layout. */
@@ -337,13 +326,13 @@ static jm_status one_record(jm_eval_task *t, const char *line, size_t len, int l
     jm_status s = jm_json_parse(line, len, where, &r, err);
     if (!s) s = jm_json_no_nul(line, len, where, err);
     if (!s && !cJSON_IsObject(r))
-        s = bad(err, where, "a record is a JSON object, not %s", cJSON_IsArray(r) ? "an array" : "a single value");
+        s = jm_fail_at(err, JM_ERR_FORMAT, where, "a record is a JSON object, not %s", cJSON_IsArray(r) ? "an array" : "a single value");
     if (!s && !*lay) {
         *lay = detect(r);
         if (!*lay) s = unknown_layout(r, where, err);
         else *first = lineno;
     }
-    if (!s && t->n == INT_MAX) s = bad(err, where, "more than %d records", INT_MAX);
+    if (!s && t->n == INT_MAX) s = jm_fail_at(err, JM_ERR_FORMAT, where, "more than %d records", INT_MAX);
     if (!s && t->n % 256 == 0) {
         jm_eval_example *ex = realloc(t->ex, ((size_t)t->n + 256) * sizeof *ex);
         if (!ex) s = no_memory(err, where);
@@ -358,7 +347,7 @@ static jm_status one_record(jm_eval_task *t, const char *line, size_t len, int l
             free_example(ex);
             const layout *other = s == JM_ERR_FORMAT ? detect(r) : NULL;
             if (other && other != *lay)
-                s = bad(err, where, "a %s record (fields %s), but the file's first record (line %d) is %s: every "
+                s = jm_fail_at(err, JM_ERR_FORMAT, where, "a %s record (fields %s), but the file's first record (line %d) is %s: every "
                         "record must have the first's layout", other->name, other->fields, *first, (*lay)->name);
         } else {
             t->n++;
@@ -385,7 +374,7 @@ static jm_status read_records(FILE *f, jm_eval_task *t, jm_error *err)
         }
         sprintf(where, "%s:%d", t->path, ++lineno);
         if (got == LINE_LONG) {
-            s = bad(err, where, "a line longer than %zu MB: not a task record", MAX_LINE >> 20);
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "a line longer than %zu MB: not a task record", MAX_LINE >> 20);
         } else if (got == LINE_ERROR) {
             s = ferror(f) ? jm_fail(err, JM_ERR_IO, "%s: %s", where, strerror(errno ? errno : EIO))
                           : no_memory(err, where);
@@ -444,18 +433,6 @@ static void free_example(jm_eval_example *ex)
 
 /* ========================================================= record fields */
 
-/* What a JSON value is, for "... is <this>: expected ...". */
-static const char *describe(const cJSON *j, char *buf, size_t cap)
-{
-    if (!j) snprintf(buf, cap, "missing");
-    else if (cJSON_IsString(j))
-        snprintf(buf, cap, "\"%.40s%s\"", j->valuestring, strlen(j->valuestring) > 40 ? "..." : "");
-    else if (cJSON_IsNumber(j)) snprintf(buf, cap, "%.15g", j->valuedouble);
-    else if (cJSON_IsBool(j)) snprintf(buf, cap, cJSON_IsTrue(j) ? "true" : "false");
-    else if (cJSON_IsNull(j)) snprintf(buf, cap, "null");
-    else snprintf(buf, cap, cJSON_IsArray(j) ? "an array" : "an object");
-    return buf;
-}
 
 static const cJSON *field(const cJSON *obj, const char *key)
 {
@@ -470,7 +447,7 @@ static jm_status get_string(const cJSON *obj, const char *key, const char *name,
     char got[64];
     *out = NULL;
     if (!cJSON_IsString(j))
-        return bad(err, where, "\"%s\" is %s: expected a string", name, describe(j, got, sizeof got));
+        return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\" is %s: expected a string", name, jm_json_describe(j, got, sizeof got));
     *out = j->valuestring;
     return JM_OK;
 }
@@ -482,7 +459,7 @@ static jm_status get_strings(const cJSON *arr, const char *name, const char *whe
     char got[64];
     *texts = NULL, *n = 0;
     if (!cJSON_IsArray(arr))
-        return bad(err, where, "\"%s\" is %s: expected a list of strings", name, describe(arr, got, sizeof got));
+        return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\" is %s: expected a list of strings", name, jm_json_describe(arr, got, sizeof got));
     int k = cJSON_GetArraySize(arr);
     const char **v = malloc((size_t)(k ? k : 1) * sizeof *v);
     if (!v) return no_memory(err, where);
@@ -490,7 +467,7 @@ static jm_status get_strings(const cJSON *arr, const char *name, const char *whe
     for (const cJSON *c = arr->child; c; c = c->next, i++) {
         if (!cJSON_IsString(c)) {
             free(v);
-            return bad(err, where, "\"%s\"[%d] is %s: expected a string", name, i, describe(c, got, sizeof got));
+            return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\"[%d] is %s: expected a string", name, i, jm_json_describe(c, got, sizeof got));
         }
         v[i] = c->valuestring;
     }
@@ -515,8 +492,8 @@ static jm_status get_index(const cJSON *obj, const char *key, int base, int n, c
     }
     if (!isfinite(d) || d != floor(d) || d < base || d >= (double)base + n) {
         char got[64];
-        return bad(err, where, "\"%s\" is %s: expected a whole number from %d to %d (the record has %d choices)", key,
-                   describe(j, got, sizeof got), base, base + n - 1, n);
+        return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\" is %s: expected a whole number from %d to %d (the record has %d choices)", key,
+                   jm_json_describe(j, got, sizeof got), base, base + n - 1, n);
     }
     *out = (int)d - base;
     return JM_OK;
@@ -552,10 +529,10 @@ static int utf8_chars(const char *s)
 static jm_status set_choices(jm_eval_example *ex, const char *delim, const char *const *texts, int n,
                              const char *name, const char *where, jm_error *err)
 {
-    if (n == 0) return bad(err, where, "\"%s\" is an empty list: nothing to choose from", name);
-    if (n < 2) return bad(err, where, "\"%s\" has 1 choice: a multiple-choice example needs at least 2", name);
+    if (n == 0) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\" is an empty list: nothing to choose from", name);
+    if (n < 2) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\" has 1 choice: a multiple-choice example needs at least 2", name);
     for (int c = 0; c < n; c++)
-        if (!texts[c][0]) return bad(err, where, "\"%s\"[%d] is an empty string: nothing to score", name, c);
+        if (!texts[c][0]) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\"[%d] is an empty string: nothing to score", name, c);
     ex->choices = calloc((size_t)n, sizeof *ex->choices);
     ex->choice_bytes = malloc((size_t)n * sizeof *ex->choice_bytes);
     ex->choice_chars = malloc((size_t)n * sizeof *ex->choice_chars);
@@ -563,7 +540,7 @@ static jm_status set_choices(jm_eval_example *ex, const char *delim, const char 
     ex->nchoices = n;
     for (int c = 0; c < n; c++) {
         size_t bytes = strlen(texts[c]);
-        if (bytes > INT_MAX) return bad(err, where, "\"%s\"[%d] is longer than %d bytes", name, c, INT_MAX);
+        if (bytes > INT_MAX) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"%s\"[%d] is longer than %d bytes", name, c, INT_MAX);
         if (!(ex->choices[c] = concat(delim, texts[c], NULL))) return no_memory(err, where);
         ex->choice_bytes[c] = (int)bytes;
         ex->choice_chars[c] = utf8_chars(texts[c]);
@@ -593,7 +570,7 @@ static jm_status read_gen(const cJSON *r, jm_eval_example *ex, const char *where
     if (!s) s = get_string(r, "answer", "answer", where, &answer, err);
     if (s) return s;
     if (strspn(answer, " \t\r\n") == strlen(answer))
-        return bad(err, where, "\"answer\" is blank: expected the reference answer");
+        return jm_fail_at(err, JM_ERR_FORMAT, where, "\"answer\" is blank: expected the reference answer");
     ex->prompt = strdup(prompt);
     ex->answer = strdup(answer);
     ex->target = concat(" ", answer, NULL);
@@ -620,8 +597,8 @@ static jm_status read_arc(const cJSON *r, jm_eval_example *ex, const char *where
         const cJSON *list = field(q, "choices");
         s = get_string(q, "stem", "question.stem", where, &question, err);
         if (!s && !cJSON_IsArray(list))
-            s = bad(err, where, "\"question.choices\" is %s: expected a list of {\"text\", \"label\"}",
-                    describe(list, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"question.choices\" is %s: expected a list of {\"text\", \"label\"}",
+                    jm_json_describe(list, got, sizeof got));
         if (!s) {
             n = nlabels = cJSON_GetArraySize(list);
             texts = malloc((size_t)(n ? n : 1) * sizeof *texts);
@@ -640,12 +617,12 @@ static jm_status read_arc(const cJSON *r, jm_eval_example *ex, const char *where
         const cJSON *ch = field(r, "choices");
         s = get_string(r, "question", "question", where, &question, err);
         if (!s && !cJSON_IsObject(ch))
-            s = bad(err, where, "\"choices\" is %s: expected {\"text\": [...], \"label\": [...]}",
-                    describe(ch, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"choices\" is %s: expected {\"text\": [...], \"label\": [...]}",
+                    jm_json_describe(ch, got, sizeof got));
         if (!s) s = get_strings(field(ch, "text"), "choices.text", where, &texts, &n, err);
         if (!s) s = get_strings(field(ch, "label"), "choices.label", where, &labels, &nlabels, err);
         if (!s && nlabels != n)
-            s = bad(err, where, "\"choices\" has %d texts and %d labels: one label a text", n, nlabels);
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"choices\" has %d texts and %d labels: one label a text", n, nlabels);
     }
     if (!s) s = set_choices(ex, " ", texts, n, cJSON_IsObject(q) ? "question.choices" : "choices.text", where, err);
     if (!s) s = get_string(r, "answerKey", "answerKey", where, &key, err);
@@ -653,7 +630,7 @@ static jm_status read_arc(const cJSON *r, jm_eval_example *ex, const char *where
         ex->gold = -1;
         for (int c = 0; c < n && ex->gold < 0; c++)
             if (strcmp(labels[c], key) == 0) ex->gold = c;
-        if (ex->gold < 0) s = bad(err, where, "\"answerKey\" \"%.40s\" is not one of the choices' labels", key);
+        if (ex->gold < 0) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"answerKey\" \"%.40s\" is not one of the choices' labels", key);
     }
     if (!s) s = question_answer(ex, question, where, err);
     free(texts);
@@ -717,7 +694,7 @@ static jm_status read_hellaswag(const cJSON *r, jm_eval_example *ex, const char 
     for (int c = 0; c < n && !s; c++)
         if (!(pre[c] = strdup(endings[c]))) s = no_memory(err, where);
         else if (!hellaswag_preprocess(pre[c])[0] && endings[c][0])
-            s = bad(err, where, "\"endings\"[%d] is empty once preprocessed (as the harness does): nothing to score",
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"endings\"[%d] is empty once preprocessed (as the harness does): nothing to score",
                     c);
     if (!s) s = set_choices(ex, " ", (const char *const *)pre, n, "endings", where, err);
     if (!s) s = get_index(r, "label", 0, n, where, &ex->gold, err);
@@ -745,18 +722,18 @@ static jm_status read_winogrande(const cJSON *r, jm_eval_example *ex, const char
     if (!s) s = get_string(r, "option2", "option2", where, &opt[1], err);
     if (s) return s;
     const char *blank_at = strchr(sentence, '_');
-    if (!blank_at) return bad(err, where, "\"sentence\" has no \"_\": the blank the options fill");
+    if (!blank_at) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"sentence\" has no \"_\": the blank the options fill");
     char *rest = strdup(blank_at + 1);
     if (!rest) return no_memory(err, where);
     strip(rest);
-    if (!rest[0]) s = bad(err, where, "\"sentence\" has nothing after its \"_\": no continuation to score");
+    if (!rest[0]) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"sentence\" has nothing after its \"_\": no continuation to score");
     if (!s) s = set_choices(ex, " ", (const char *const[]){rest, rest}, 2, "sentence", where, err);
     free(rest);
     if (!s) s = get_index(r, "answer", 1, 2, where, &ex->gold, err);
     if (!s && !(ex->contexts = calloc(2, sizeof *ex->contexts))) s = no_memory(err, where);
     int head = (int)(blank_at - sentence);
     for (int c = 0; c < 2 && !s; c++) {
-        if (!opt[c][0]) s = bad(err, where, "\"option%d\" is an empty string", c + 1);
+        if (!opt[c][0]) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"option%d\" is an empty string", c + 1);
         else if (!(ex->contexts[c] = malloc((size_t)head + strlen(opt[c]) + 1))) s = no_memory(err, where);
         else strcpy(stpncpy(ex->contexts[c], sentence, (size_t)head), opt[c]); /* sentence[:idx] + option */
     }
@@ -769,8 +746,8 @@ static jm_status read_piqa(const cJSON *r, jm_eval_example *ex, const char *wher
     jm_status s = get_string(r, "goal", "goal", where, &goal, err);
     if (!s) s = get_string(r, "sol1", "sol1", where, &sol[0], err);
     if (!s) s = get_string(r, "sol2", "sol2", where, &sol[1], err);
-    if (!s && !sol[0][0]) s = bad(err, where, "\"sol1\" is an empty string: nothing to score");
-    if (!s && !sol[1][0]) s = bad(err, where, "\"sol2\" is an empty string: nothing to score");
+    if (!s && !sol[0][0]) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"sol1\" is an empty string: nothing to score");
+    if (!s && !sol[1][0]) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"sol2\" is an empty string: nothing to score");
     if (!s) s = set_choices(ex, " ", sol, 2, "sol", where, err);
     if (!s) s = get_index(r, "label", 0, 2, where, &ex->gold, err);
     if (!s) s = question_answer(ex, goal, where, err);
@@ -785,18 +762,18 @@ static jm_status read_truthfulqa(const cJSON *r, jm_eval_example *ex, const char
     char got[64];
     jm_status s = get_string(r, "question", "question", where, &question, err);
     if (!s && !cJSON_IsObject(t))
-        s = bad(err, where, "\"mc1_targets\" is %s: expected {\"choices\": [...], \"labels\": [...]}",
-                describe(t, got, sizeof got));
+        s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"mc1_targets\" is %s: expected {\"choices\": [...], \"labels\": [...]}",
+                jm_json_describe(t, got, sizeof got));
     if (!s) s = get_strings(field(t, "choices"), "mc1_targets.choices", where, &texts, &n, err);
     if (!s) s = set_choices(ex, " ", texts, n, "mc1_targets.choices", where, err);
     if (!s && (!cJSON_IsArray(labels) || cJSON_GetArraySize(labels) != n))
-        s = bad(err, where, "\"mc1_targets.labels\" is %s: expected a list of %d labels, 1 for the true choice",
-                cJSON_IsArray(labels) ? "a list of another length" : describe(labels, got, sizeof got), n);
+        s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"mc1_targets.labels\" is %s: expected a list of %d labels, 1 for the true choice",
+                cJSON_IsArray(labels) ? "a list of another length" : jm_json_describe(labels, got, sizeof got), n);
     int i = 0;
     for (const cJSON *c = s ? NULL : labels->child; c && !s; c = c->next, i++)
         if (!cJSON_IsNumber(c) || c->valuedouble != (i == 0))
-            s = bad(err, where, "\"mc1_targets.labels\"[%d] is %s: the harness scores the first choice as the only "
-                    "true one, so labels must be [1, 0, ...]", i, describe(c, got, sizeof got));
+            s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"mc1_targets.labels\"[%d] is %s: the harness scores the first choice as the only "
+                    "true one, so labels must be [1, 0, ...]", i, jm_json_describe(c, got, sizeof got));
     ex->gold = 0;
     if (!s && !(ex->context = concat(PRIMER, "\n\nQ: ", question, "\nA:", NULL))) s = no_memory(err, where);
     free(texts);
@@ -811,7 +788,7 @@ static jm_status read_mmlu(const cJSON *r, jm_eval_example *ex, const char *wher
     jm_status s = get_string(r, "question", "question", where, &question, err);
     if (!s) s = get_string(r, "subject", "subject", where, &subject, err);
     if (!s) s = get_strings(field(r, "choices"), "choices", where, &c, &n, err);
-    if (!s && n != 4) s = bad(err, where, "\"choices\" has %d: the MMLU template shows exactly 4 (A to D)", n);
+    if (!s && n != 4) s = jm_fail_at(err, JM_ERR_FORMAT, where, "\"choices\" has %d: the MMLU template shows exactly 4 (A to D)", n);
     if (!s) s = set_choices(ex, " ", letters, 4, "choices", where, err);
     if (!s) { /* a letter "A".."D" too: some dumps keep the key, not its index */
         const cJSON *a = field(r, "answer");
@@ -861,9 +838,9 @@ static jm_status read_gsm8k(const cJSON *r, jm_eval_example *ex, const char *whe
     if (!s) s = get_string(r, "answer", "answer", where, &answer, err);
     if (s) return s;
     if (!strstr(answer, "#### "))
-        return bad(err, where, "\"answer\" has no \"#### \" line: GSM8K's answer ends \"#### <number>\"");
+        return jm_fail_at(err, JM_ERR_FORMAT, where, "\"answer\" has no \"#### \" line: GSM8K's answer ends \"#### <number>\"");
     if (!(ex->answer = gsm8k_reference(answer))) return no_memory(err, where);
-    if (!ex->answer[0]) return bad(err, where, "\"answer\" has nothing after its last \"#### \"");
+    if (!ex->answer[0]) return jm_fail_at(err, JM_ERR_FORMAT, where, "\"answer\" has nothing after its last \"#### \"");
     ex->prompt = concat("Question: ", question, "\nAnswer:", NULL);
     ex->target = concat(" ", answer, NULL);
     return ex->prompt && ex->target ? JM_OK : no_memory(err, where);
