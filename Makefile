@@ -155,8 +155,8 @@ demo-align:
 # JetMoE, a dense model with its active parameters and one with its total
 # parameters, pretrained on the demo's mixture with the same recipe and tokens
 # (data/science-*.json); held-out loss against training FLOPs, a table, and the
-# tasks of data/gen_tasks.py when `jetmoe eval` has --task. About 25 minutes on
-# 2 cores. Reuses build/demo's tokenizer and shards (and build/corpus) when
+# tasks of data/gen_tasks.py when `jetmoe eval` has --task. About 21 minutes on
+# 2 shared cores. Reuses build/demo's tokenizer and shards (and build/corpus) when
 # `make demo` made them. Not part of `make test`.
 SCIENCE := build/science
 science:

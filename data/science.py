@@ -220,9 +220,9 @@ def plot(rows, path):
             o.append(f"<polyline class='{r['name']}' fill='none' stroke='{c}' stroke-width='1.5' points='"
                      + " ".join(f"{x:.2f},{y:.2f}" for x, y in pts) + "'/>")
             o += [f"<circle cx='{x:.2f}' cy='{y:.2f}' r='3' fill='{c}'/>" for x, y in pts]
-    lx, ly = left + pw + gap + pw - 236, top + 16
+    # the legend in a row between the title and the panels, with each run's final held-out loss
     for i, r in enumerate(rows):
-        y = ly + 16 * i
+        lx, y = left + 270 * i, 42
         o.append(f"<line x1='{lx}' x2='{lx + 20}' y1='{y}' y2='{y}' stroke='{COLORS[r['name']]}' stroke-width='2'/>"
                  f"<text x='{lx + 26}' y='{y + 4}' font-size='11'>{esc(r['label'])}: {r['final_heldout_loss']:.3f}"
                  f"</text>")
