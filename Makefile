@@ -27,7 +27,7 @@ OBJ     := $(SRC:%.c=$(BUILD)/%.o)
 TESTS   := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c tests/fuzz_*.c tests/tool_*.c))
 BENCHES := $(patsubst bench/%.c,$(BUILD)/bench/%,$(wildcard bench/*.c))
 
-.PHONY: all setup test test-asan bench bench-8b demo demo-align clean
+.PHONY: all setup test test-asan bench bench-8b demo demo-data demo-align science clean
 all: $(BUILD)/jetmoe $(TESTS) $(BENCHES)
 ifeq ($(BUILD),build)
 all: jetmoe
@@ -92,15 +92,21 @@ bench-8b: setup all
 # quantize it to int4 (perplexity and a generation from the q4 copy).
 DEMO := build/demo
 DEMO_EVAL := 20000# held-out tokens scored: eval_tokens in data/recipe-demo.json
-demo:
+# The demo's data, the first half of `make demo` (and what `make science` builds
+# when build/demo has no shards yet): the packages, the build, the corpus, the
+# 8000-piece tokenizer and the five shard sets.
+DEMO_KINDS := prose code math chat heldout
+demo-data:
 	@sh scripts/setup.sh demo
 	@$(MAKE) --no-print-directory all
 	$(PY) data/build_corpus.py --out build/corpus
 	@# --overwrite: a second 'make demo' replaces what the first wrote (README: What writes where)
 	./jetmoe tokenizer train --input build/corpus/tokenizer_sample.txt --vocab-size 8000 --out $(DEMO)/tokenizer --overwrite
-	for k in prose code math chat heldout; do \
+	for k in $(DEMO_KINDS); do \
 	  ./jetmoe prepare --tokenizer $(DEMO)/tokenizer --input build/corpus/$$k --out $(DEMO)/shards/$$k --overwrite || exit 1; \
 	done
+
+demo: demo-data
 	@# a fresh run each time: the previous one's checkpoints and metrics go (--resume would continue it)
 	./jetmoe pretrain --recipe data/recipe-demo.json --out $(DEMO)/run --overwrite
 	./jetmoe generate $(DEMO)/run/checkpoints/$$(cat $(DEMO)/run/checkpoints/latest) \
@@ -144,6 +150,23 @@ demo-align:
 	$(PY) data/align_report.py $(DEMO)
 	./jetmoe generate $(DEMO)/dpo --max-new 80 --greedy \
 	  --prompt "$$(printf '<|user|>\nTara has 14 pencils and buys 9 more. How many pencils does Tara have now?</s>\n<|assistant|>\n')"
+
+# The JetMoE report's claim in miniature (README: The report's claim, in miniature):
+# JetMoE, a dense model with its active parameters and one with its total
+# parameters, pretrained on the demo's mixture with the same recipe and tokens
+# (data/science-*.json); held-out loss against training FLOPs, a table, and the
+# tasks of data/gen_tasks.py when `jetmoe eval` has --task. About 21 minutes on
+# 2 shared cores. Reuses build/demo's tokenizer and shards (and build/corpus) when
+# `make demo` made them. Not part of `make test`.
+SCIENCE := build/science
+science:
+	@sh scripts/setup.sh demo
+	@$(MAKE) --no-print-directory all
+	@ok=1; for k in $(DEMO_KINDS); do test -f $(DEMO)/shards/$$k/manifest.json || ok=0; done; \
+	  test -f $(DEMO)/tokenizer/tokenizer.model -a -f build/corpus/SOURCES.json || ok=0; \
+	  if [ $$ok = 1 ]; then echo "science: reusing build/corpus and $(DEMO)'s tokenizer and shards"; \
+	  else $(MAKE) --no-print-directory demo-data || exit 1; fi
+	$(PY) data/science.py --out $(SCIENCE) --threads 2
 
 clean:
 	rm -rf build build-asan jetmoe
