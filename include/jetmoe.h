@@ -384,6 +384,27 @@ typedef struct {
 } jm_gen_seq;
 jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sample_opts *o,
                             int (*on_token)(void *ctx, int seq, int32_t id), void *ctx, jm_error *err);
+/* Continuous batching, a step at a time (jm_generate_batch runs on it; so
+ * does the server): the model's slots each hold a running sequence or are
+ * free. jm_batcher_start puts a prompt in a free slot - the longest prefix any
+ * slot holds is copied, the rest prefilled at once - and each
+ * jm_batcher_step advances every running sequence by one sampled token in one
+ * jm_infer_batch call, so each weight is read once per step for all of them.
+ * on_token sees each new token with whether the sequence ends there (EOS, or
+ * its max_new-th token); returning nonzero ends it too (a stop string, a
+ * client gone). A sequence's tokens are those it would get alone (rows are
+ * computed independently up to 8 tokens a step: WSMALL_N). */
+typedef enum { JM_GEN_MORE, JM_GEN_EOS, JM_GEN_LENGTH } jm_gen_end;
+typedef struct jm_batcher jm_batcher;
+jm_status jm_batcher_new(jm_model *m, jm_batcher **out, jm_error *err);
+void jm_batcher_free(jm_batcher *b);
+int jm_batcher_free_slot(const jm_batcher *b); /* a free slot, or -1 */
+int jm_batcher_running(const jm_batcher *b);
+jm_status jm_batcher_start(jm_batcher *b, int slot, const int32_t *prompt, int n_prompt, const jm_sample_opts *o,
+                           uint64_t seed, int max_new, jm_error *err);
+jm_status jm_batcher_step(jm_batcher *b, int (*on_token)(void *ctx, int slot, int32_t id, jm_gen_end end),
+                          void *ctx, jm_error *err);
+void jm_batcher_stop(jm_batcher *b, int slot); /* ends slot's sequence now; its cache stays for prefix reuse */
 /* The seed of stream i of a run seeded with seed (both mixed by splitmix64). */
 uint64_t jm_seed_stream(uint64_t seed, uint64_t i);
 

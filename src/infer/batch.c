@@ -45,7 +45,146 @@ static const char *seq_name(int i, int n, char *buf, size_t cap)
     return buf;
 }
 
-/* ---- generation ---- */
+/* ---- the batcher: continuous batching, one step at a time ---- */
+
+typedef struct {
+    int running;
+    jm_sample_opts o;  /* this sequence's sampling (a server's requests differ) */
+    uint64_t rng;
+    int max_new, n_out;
+    int32_t feed;      /* the token the next step feeds */
+} bslot;
+
+struct jm_batcher {
+    jm_model *m;
+    int S, V, running;
+    bslot *slot;
+    jm_infer_item *items;
+    void *scratch;     /* jm_sample's V (float, int32) pairs */
+    float *penalised;
+};
+
+jm_status jm_batcher_new(jm_model *m, jm_batcher **out, jm_error *err)
+{
+    *out = NULL;
+    jm_status s = need_slots(m, err);
+    if (s) return s;
+    jm_batcher *b = calloc(1, sizeof *b);
+    if (!b) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    b->m = m, b->S = jm_slots(m), b->V = jm_model_config(m)->vocab_size;
+    b->slot = calloc((size_t)b->S, sizeof *b->slot);
+    b->items = malloc(sizeof *b->items * (size_t)b->S);
+    b->scratch = malloc(8 * (size_t)b->V);
+    b->penalised = malloc(sizeof(float) * (size_t)b->V);
+    if (!b->slot || !b->items || !b->scratch || !b->penalised) {
+        jm_batcher_free(b);
+        return jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    }
+    *out = b;
+    return JM_OK;
+}
+
+void jm_batcher_free(jm_batcher *b)
+{
+    if (!b) return;
+    free(b->slot);
+    free(b->items);
+    free(b->scratch);
+    free(b->penalised);
+    free(b);
+}
+
+int jm_batcher_running(const jm_batcher *b) { return b->running; }
+int jm_batcher_free_slot(const jm_batcher *b)
+{
+    for (int t = 0; t < b->S; t++)
+        if (!b->slot[t].running) return t;
+    return -1;
+}
+
+jm_status jm_batcher_start(jm_batcher *b, int slot, const int32_t *prompt, int n_prompt, const jm_sample_opts *o,
+                           uint64_t seed, int max_new, jm_error *err)
+{
+    jm_model *m = b->m;
+    const int context = jm_context(m);
+    if (slot < 0 || slot >= b->S || b->slot[slot].running)
+        return jm_fail(err, JM_ERR_ARG, "slot %d is not a free slot of %d", slot, b->S);
+    jm_status s = jm_sample_validate(o, err);
+    if (s) return s;
+    if (n_prompt < 1 || !prompt) return jm_fail(err, JM_ERR_ARG, "empty prompt: give at least one token");
+    if (max_new < 1) return jm_fail(err, JM_ERR_ARG, "max_new %d must be >= 1", max_new);
+    if (n_prompt >= context)
+        return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens does not fit the context of %d (it must leave room for "
+                       "at least one new token)", n_prompt, context);
+    if ((int64_t)n_prompt + max_new > context)
+        return jm_fail(err, JM_ERR_ARG, "prompt of %d tokens + %d new exceeds the context of %d", n_prompt, max_new,
+                       context);
+    /* the prompt but its last token is cached (shared or prefilled now);
+     * that token joins the next step */
+    int cached;
+    const float *unused;
+    s = start_slot(m, slot, prompt, n_prompt - 1, &cached, err);
+    if (!s && cached < n_prompt - 1) {
+        const jm_infer_item pre = {slot, cached, n_prompt - 1 - cached, prompt + cached, 0};
+        s = jm_infer_batch(m, &pre, 1, &unused, err);
+    }
+    if (s) return s;
+    b->slot[slot] = (bslot){1, *o, seed, max_new, 0, prompt[n_prompt - 1]};
+    b->running++;
+    return JM_OK;
+}
+
+void jm_batcher_stop(jm_batcher *b, int slot)
+{
+    if (slot >= 0 && slot < b->S && b->slot[slot].running) b->slot[slot].running = 0, b->running--;
+}
+
+jm_status jm_batcher_step(jm_batcher *b, int (*on_token)(void *ctx, int slot, int32_t id, jm_gen_end end),
+                          void *ctx, jm_error *err)
+{
+    jm_model *m = b->m;
+    const int eos = jm_model_config(m)->eos_token_id;
+    int ni = 0;
+    for (int t = 0; t < b->S; t++)
+        if (b->slot[t].running) b->items[ni++] = (jm_infer_item){t, jm_slot_len(m, t), 1, &b->slot[t].feed, 1};
+    if (!ni) return JM_OK;
+    const float *logits;
+    jm_status s = jm_infer_batch(m, b->items, ni, &logits, err);
+    if (s) return s;
+    for (int i = 0; i < ni; i++) {
+        const int t = b->items[i].slot;
+        bslot *q = &b->slot[t];
+        /* the penalty's window: what the slot holds, prompt and tokens so far */
+        const float *row = jm_apply_repetition_penalty(logits + (int64_t)i * b->V, b->penalised, b->V,
+                                                       jm_slot_tokens(m, t), jm_slot_len(m, t), &q->o);
+        const int32_t id = jm_sample(row, b->V, &q->o, &q->rng, b->scratch);
+        q->n_out++;
+        const jm_gen_end end = id == eos ? JM_GEN_EOS : q->n_out == q->max_new ? JM_GEN_LENGTH : JM_GEN_MORE;
+        const int stop = on_token && on_token(ctx, t, id, end); /* EOS too: --ids shows it */
+        if (stop || end != JM_GEN_MORE) jm_batcher_stop(b, t);
+        else q->feed = id;
+    }
+    return JM_OK;
+}
+
+/* ---- generation: a set of sequences through the batcher ---- */
+
+typedef struct {
+    jm_gen_seq *seqs;
+    int *seq_of; /* slot -> sequence */
+    int (*on_token)(void *ctx, int seq, int32_t id);
+    void *ctx;
+} gen_run;
+
+static int gen_token(void *p, int slot, int32_t id, jm_gen_end end)
+{
+    (void)end;
+    gen_run *g = p;
+    const int qi = g->seq_of[slot];
+    jm_gen_seq *q = &g->seqs[qi];
+    q->out[q->n_out++] = id;
+    return g->on_token && g->on_token(g->ctx, qi, id);
+}
 
 jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sample_opts *o,
                             int (*on_token)(void *ctx, int seq, int32_t id), void *ctx, jm_error *err)
@@ -53,10 +192,9 @@ jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sampl
     jm_status s = jm_sample_validate(o, err);
     if (!s) s = need_slots(m, err);
     if (s) return s;
-    const jm_config *c = jm_model_config(m);
-    const int V = c->vocab_size, S = jm_slots(m), context = jm_context(m);
+    const int context = jm_context(m);
     char at[32];
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n; i++) { /* every sequence checked before any runs */
         jm_gen_seq *q = &seqs[i];
         q->n_out = 0;
         int max_new = q->max_new ? q->max_new : o->max_new;
@@ -71,70 +209,25 @@ jm_status jm_generate_batch(jm_model *m, jm_gen_seq *seqs, int n, const jm_sampl
             return jm_fail(err, JM_ERR_ARG, "%sprompt of %d tokens + %d new exceeds the context of %d", at,
                            q->n_prompt, max_new, context);
     }
-    int *seq_of = malloc(sizeof(int) * (size_t)S);
-    int32_t *feed = malloc(sizeof(int32_t) * (size_t)S);
-    jm_infer_item *items = malloc(sizeof *items * (size_t)S);
-    uint64_t *rng = malloc(sizeof(uint64_t) * (size_t)(n ? n : 1));
-    void *scratch = malloc(8 * (size_t)V); /* jm_sample's V (float, int32) pairs */
-    float *penalised = malloc(sizeof(float) * (size_t)V);
-    if (!seq_of || !feed || !items || !rng || !scratch || !penalised) {
-        s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < S; i++) seq_of[i] = -1;
-    for (int i = 0; i < n; i++) rng[i] = seqs[i].seed;
-    int next = 0, busy = 0;
-    for (;;) {
-        /* each free slot takes the next sequence: its prompt but the last
-         * token is cached (shared or prefilled); that token joins the step */
-        for (int t = 0; t < S && next < n && !s; t++) {
-            if (seq_of[t] >= 0) continue;
+    jm_batcher *b;
+    if ((s = jm_batcher_new(m, &b, err))) return s;
+    gen_run g = {seqs, malloc(sizeof(int) * (size_t)b->S), on_token, ctx};
+    if (!g.seq_of) s = jm_fail(err, JM_ERR_NOMEM, "out of memory");
+    int next = 0;
+    while (!s) {
+        /* each free slot takes the next sequence */
+        for (int t; next < n && !s && (t = jm_batcher_free_slot(b)) >= 0; next++) {
             jm_gen_seq *q = &seqs[next];
-            if (!(q->max_new ? q->max_new : o->max_new)) {
-                next++, t--;
-                continue;
-            }
-            int cached;
-            const float *unused;
-            s = start_slot(m, t, q->prompt, q->n_prompt - 1, &cached, err);
-            if (!s && cached < q->n_prompt - 1) {
-                const jm_infer_item pre = {t, cached, q->n_prompt - 1 - cached, q->prompt + cached, 0};
-                s = jm_infer_batch(m, &pre, 1, &unused, err);
-            }
-            seq_of[t] = next++;
-            feed[t] = q->prompt[q->n_prompt - 1];
-            busy++;
+            const int max_new = q->max_new ? q->max_new : o->max_new;
+            if (!max_new) continue;
+            g.seq_of[t] = next;
+            s = jm_batcher_start(b, t, q->prompt, q->n_prompt, o, q->seed, max_new, err);
         }
-        if (s || !busy) break;
-        int ni = 0;
-        for (int t = 0; t < S; t++)
-            if (seq_of[t] >= 0) items[ni++] = (jm_infer_item){t, jm_slot_len(m, t), 1, &feed[t], 1};
-        const float *logits;
-        if ((s = jm_infer_batch(m, items, ni, &logits, err))) break;
-        for (int i = 0; i < ni; i++) {
-            const int t = items[i].slot, qi = seq_of[t];
-            jm_gen_seq *q = &seqs[qi];
-            /* the penalty's window: what the slot holds, prompt and tokens so far */
-            const float *row = jm_apply_repetition_penalty(logits + (int64_t)i * V, penalised, V,
-                                                           jm_slot_tokens(m, t), jm_slot_len(m, t), o);
-            int32_t id = jm_sample(row, V, o, &rng[qi], scratch);
-            q->out[q->n_out++] = id;
-            int stop = on_token && on_token(ctx, qi, id); /* EOS too: --ids shows it */
-            if (stop || id == c->eos_token_id || q->n_out == (q->max_new ? q->max_new : o->max_new)) {
-                seq_of[t] = -1;
-                busy--;
-            } else {
-                feed[t] = id;
-            }
-        }
+        if (s || !jm_batcher_running(b)) break;
+        s = jm_batcher_step(b, gen_token, &g, err);
     }
-out:
-    free(seq_of);
-    free(feed);
-    free(items);
-    free(rng);
-    free(scratch);
-    free(penalised);
+    free(g.seq_of);
+    jm_batcher_free(b);
     return s;
 }
 
