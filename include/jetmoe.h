@@ -410,10 +410,12 @@ uint64_t jm_seed_stream(uint64_t seed, uint64_t i);
 
 /* The log-likelihood of continuations, on the same slots and the same way:
  * for each sequence, logp = the sum over t in [n_prompt, n) of
- * log p(ids[t] | ids[0..t)). Prompts shared with a slot are not recomputed:
+ * log p(ids[t] | ids[0..t)). A prompt a slot holds whole is not recomputed:
  * each prompt is prefilled when its sequence takes a slot, so sequences
  * given one after another with the same prompt (a question's choices) read
- * it from the cache. */
+ * it from the cache. Only whole prompts are reused, so that each is prefilled
+ * in the same call whatever ran before: with one slot, a score is bit for bit
+ * the one its sequence gets alone. */
 typedef struct {
     const int32_t *ids;
     int n, n_prompt;     /* 1 <= n_prompt < n, n - 1 <= jm_context */

@@ -17,8 +17,11 @@
 
 /* Puts slot s at the longest prefix (at most `most` tokens) of ids that any
  * slot holds, s itself included (then nothing is copied); *cached gets its
- * length. */
-static jm_status start_slot(jm_model *m, int s, const int32_t *ids, int most, int *cached, jm_error *err)
+ * length. With whole, only a prefix of all `most` tokens counts (else s
+ * starts empty): scoring then prefills a prompt the same way whether it was
+ * cached or not, so a score does not depend on what ran before it (a
+ * prefill's BLAS product rounds by its row count). */
+static jm_status start_slot(jm_model *m, int s, const int32_t *ids, int most, int whole, int *cached, jm_error *err)
 {
     int best = s, best_n = 0;
     for (int t = 0; t < jm_slots(m); t++) {
@@ -27,6 +30,7 @@ static jm_status start_slot(jm_model *m, int s, const int32_t *ids, int most, in
         while (k < lim && tok[k] == ids[k]) k++;
         if (k > best_n || (k == best_n && t == s)) best = t, best_n = k;
     }
+    if (whole && best_n < most) best = s, best_n = 0;
     *cached = best_n;
     return jm_slot_copy(m, best, s, best_n, err);
 }
@@ -123,7 +127,7 @@ jm_status jm_batcher_start(jm_batcher *b, int slot, const int32_t *prompt, int n
      * that token joins the next step */
     int cached;
     const float *unused;
-    s = start_slot(m, slot, prompt, n_prompt - 1, &cached, err);
+    s = start_slot(m, slot, prompt, n_prompt - 1, 0, &cached, err);
     if (!s && cached < n_prompt - 1) {
         const jm_infer_item pre = {slot, cached, n_prompt - 1 - cached, prompt + cached, 0};
         s = jm_infer_batch(m, &pre, 1, &unused, err);
@@ -293,7 +297,7 @@ jm_status jm_score_batch(jm_model *m, jm_score_seq *seqs, int n, jm_error *err)
             const jm_score_seq *q = &seqs[next];
             int cached;
             const float *unused;
-            s = start_slot(m, t, q->ids, q->n_prompt - 1, &cached, err);
+            s = start_slot(m, t, q->ids, q->n_prompt - 1, 1, &cached, err);
             if (!s && cached < q->n_prompt - 1) {
                 const jm_infer_item pre = {t, cached, q->n_prompt - 1 - cached, q->ids + cached, 0};
                 s = jm_infer_batch(m, &pre, 1, &unused, err);
