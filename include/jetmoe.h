@@ -506,7 +506,7 @@ jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool
  * cont, cont = enc(context + choice)[len(enc(context)):], the context's
  * trailing spaces moved to the choice), each context prefilled once; generative
  * by greedy generation to a stop string and the task's regex. Sets the
- * model's slots: 4 of the whole context (1 with one_by_one). */
+ * model's slots: o->slots (4) of the whole context (1 with one_by_one). */
 typedef struct {
     int shots;                  /* few-shot examples before each scored one */
     int limit;                  /* the first `limit` examples, 0 = all */
@@ -514,6 +514,7 @@ typedef struct {
     const jm_eval_task *pool;   /* where shots come from: NULL = the task itself */
     int max_gen;                /* generative: new tokens at most (0 = 256) */
     int one_by_one;             /* each (context, choice) from an empty cache, one at a time (what prefix reuse must equal) */
+    int slots;                  /* sequences side by side (0 = 4); with 1, reuse is bit for bit one_by_one */
 } jm_eval_opts;
 typedef struct {                /* one scored example, in file order */
     int index, line;

@@ -365,7 +365,9 @@ jm_status jm_eval_run(jm_model *m, const jm_tokenizer *tok, const jm_eval_task *
     if (jm_tokenizer_bos_id(tok) < 0) return jm_fail(err, JM_ERR_ARG, "the tokenizer has no BOS token");
     jm_status s = JM_OK;
     /* slots of the whole context (a perplexity run before may have left shorter ones) */
-    s = jm_set_slots(m, o->one_by_one ? 1 : EVAL_SLOTS, jm_model_config(m)->max_position_embeddings, err);
+    if (o->slots < 0) return jm_fail(err, JM_ERR_ARG, "slots %d must be >= 0", o->slots);
+    s = jm_set_slots(m, o->one_by_one ? 1 : o->slots ? o->slots : EVAL_SLOTS, jm_model_config(m)->max_position_embeddings,
+                     err);
     if (s) return s;
     const int n = o->limit > 0 && o->limit < t->n ? o->limit : t->n;
     mean_acc a = {0}, b = {0};
