@@ -712,7 +712,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
         if (!s && pool && (pool->kind != t->kind || strcmp(pool->layout, t->layout)))
             s = jm_fail(&err, JM_ERR_ARG, "%s: layout %s, the task %s has %s", o.shots_from, pool->layout, f, t->layout);
         if (!s) {
-            jm_eval_opts eo = {(int)o.shots, (int)o.limit, (uint64_t)o.seed, pool, (int)o.max_gen, 0};
+            jm_eval_opts eo = {(int)o.shots, (int)o.limit, (uint64_t)o.seed, pool, (int)o.max_gen, 0, 0};
             jm_eval_result res;
             r.total = o.limit > 0 && o.limit < t->n ? o.limit : t->n;
             s = jm_eval_run(m, tok, t, &eo, &res, eval_record, &r, &err);
