@@ -387,40 +387,6 @@ jm_status jm_eval_run(jm_model *m, const jm_tokenizer *tok, const jm_eval_task *
 
 /* ---- perplexity ---- */
 
-/* log p(target) under one row of logits, in double. */
-static double log_prob(const float *logits, int V, int32_t target)
-{
-    float mx = logits[0];
-    for (int i = 1; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
-    double sum = 0;
-    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
-    return (double)logits[target] - mx - log(sum);
-}
-
-jm_status jm_score_window(jm_model *m, const int32_t *ids, int n, int first, int decode, double *loglik,
-                          jm_error *err)
-{
-    /* predicts ids[first .. n) from what precedes each, in slot 0 */
-    const int V = jm_model_config(m)->vocab_size;
-    if (first < 1 || first >= n || n - 1 > jm_context(m))
-        return jm_fail(err, JM_ERR_ARG, "window of %d tokens scoring from %d (context %d)", n, first, jm_context(m));
-    jm_status s = jm_slot_copy(m, 0, 0, 0, err);
-    if (s) return s;
-    const float *logits;
-    if (decode) {
-        for (int p = 0; p < n - 1 && !s; p++) {
-            const jm_infer_item it = {0, p, 1, ids + p, 1};
-            if (!(s = jm_infer_batch(m, &it, 1, &logits, err)) && p + 1 >= first)
-                *loglik += log_prob(logits, V, ids[p + 1]);
-        }
-        return s;
-    }
-    const jm_infer_item it = {0, 0, n - 1, ids, n - first};
-    if ((s = jm_infer_batch(m, &it, 1, &logits, err))) return s;
-    for (int p = first; p < n; p++) *loglik += log_prob(logits + (int64_t)(p - first) * V, V, ids[p]);
-    return JM_OK;
-}
-
 jm_status jm_eval_text(jm_model *m, const jm_tokenizer *tok, const char *const *paths, int npaths, int window,
                        int64_t max_tokens, int decode, jm_ppl_result *r,
                        void (*progress)(void *ctx, int64_t done, int64_t total), void *ctx, jm_error *err)
