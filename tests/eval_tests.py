@@ -35,6 +35,7 @@ import subprocess
 import time
 
 from testlib import sanitizer_report
+from align_ref_tests import finish, start  # a process, and its output with a timeout
 import train_tests  # its write_shard (attribute looked up at call time: train_tests imports run_tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,20 +103,6 @@ def write_jsonl(path, recs):
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return path
-
-
-def start(cmd):
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-
-
-def finish(p, timeout=600):
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        err += f"\n(timed out after {timeout}s)"
-    return p.returncode, out, err
 
 
 def batch(d, name, jobs):
