@@ -81,6 +81,7 @@ bench: setup all
 	@$(PY) bench/decode.py --skip-8b
 	@$(BUILD)/bench/decode_batch --threads 2
 	@$(PY) bench/align.py
+	@$(PY) bench/eval.py
 	@$(PY) bench/scale.py
 
 bench-8b: setup all

@@ -1,7 +1,9 @@
 /* cmd_data.c — the commands on text and tokens: tokenizer encode, decode and
  * train; prepare (text -> token shards). */
+#include "base/base.h"
 #include "flags.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +13,7 @@
 
 typedef struct {
     const char *model;
+    int json;
 } codec_opts;
 
 static const cli_flag codec_flags[] = {
@@ -18,13 +21,22 @@ static const cli_flag codec_flags[] = {
      .help = "tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face), or the directory holding it"},
 };
 
+/* encode's flags: --model, and --json for texts a line cannot hold (newlines, any byte) */
+static const cli_flag encode_flags[] = {
+    {"--model", {NULL}, FLAG_STR, offsetof(codec_opts, model), .required = 1, .meta = "FILE",
+     .help = "tokenizer.model (SentencePiece) or tokenizer.json (Hugging Face), or the directory holding it"},
+    {"--json", {NULL}, FLAG_BOOL, offsetof(codec_opts, json),
+     .help = "each input line is a JSON string: the text it holds is encoded (newlines included)"},
+};
+
 static int run_codec(const cli_command *self, int argc, char **argv);
 
 const cli_command cmd_tokenizer_encode = {
     "tokenizer encode", NULL, "stdin text -> token ids, a line each (like spm_encode)",
     "Reads stdin; each line becomes one line of space-separated token ids, exactly as\n"
-    "spm_encode --output_format=id (the model's normalisation, no BOS/EOS).",
-    codec_flags, (int)(sizeof codec_flags / sizeof codec_flags[0]), run_codec};
+    "spm_encode --output_format=id (the model's normalisation, no BOS/EOS). With --json each line\n"
+    "is a JSON string (\"a\\nb\"), so that a text with newlines is encoded as one.",
+    encode_flags, (int)(sizeof encode_flags / sizeof encode_flags[0]), run_codec};
 
 const cli_command cmd_tokenizer_decode = {
     "tokenizer decode", NULL, "stdin token ids -> text, a line each (like spm_decode)",
@@ -34,18 +46,36 @@ const cli_command cmd_tokenizer_decode = {
 
 /* encode/decode read stdin line by line, like spm_encode/spm_decode: one
  * output line per input line, the '\n' itself not part of the input. */
-static int encode_lines(const cli_command *self, const jm_tokenizer *t)
+static int encode_lines(const cli_command *self, const jm_tokenizer *t, int json)
 {
     char *line = NULL;
-    size_t cap = 0;
+    size_t cap = 0, lineno = 0;
     ssize_t len;
     jm_error err;
     int rc = 0;
     while ((len = getline(&line, &cap, stdin)) >= 0) {
+        lineno++;
         if (len > 0 && line[len - 1] == '\n') len--;
+        const char *text = line;
+        size_t tlen = (size_t)len;
+        cJSON *j = NULL;
+        if (json) { /* strict JSON, no \u0000 (cJSON would end the string there) */
+            char where[64];
+            snprintf(where, sizeof where, "stdin:%zu", lineno);
+            jm_status s = jm_json_parse(line, (size_t)len, where, &j, &err);
+            if (!s) s = jm_json_no_nul(line, (size_t)len, where, &err);
+            if (!s && !cJSON_IsString(j)) s = jm_fail(&err, JM_ERR_FORMAT, "%s: not a JSON string", where);
+            if (s) {
+                cJSON_Delete(j);
+                rc = cli_fail(self, s, &err);
+                break;
+            }
+            text = j->valuestring, tlen = strlen(text);
+        }
         int32_t *ids;
         size_t n;
-        jm_status s = jm_tokenizer_encode(t, line, (size_t)len, &ids, &n, &err);
+        jm_status s = jm_tokenizer_encode(t, text, tlen, &ids, &n, &err);
+        cJSON_Delete(j);
         if (s) {
             rc = cli_fail(self, s, &err);
             break;
@@ -123,7 +153,7 @@ static int run_codec(const cli_command *self, int argc, char **argv)
     if (s) return cli_fail(self, s, &err);
     static char outbuf[1 << 16]; /* stdout's buffer: a whole corpus goes through it */
     setvbuf(stdout, outbuf, _IOFBF, sizeof outbuf);
-    rc = self == &cmd_tokenizer_encode ? encode_lines(self, t) : decode_lines(self, t);
+    rc = self == &cmd_tokenizer_encode ? encode_lines(self, t, o.json) : decode_lines(self, t);
     jm_tokenizer_free(t);
     if (fflush(stdout) != 0) return cli_error(self, "write to stdout failed");
     return rc;

@@ -504,7 +504,7 @@ jm_status jm_eval_fewshot(const jm_eval_task *t, int i, const jm_eval_task *pool
 /* Scoring a model on a task (README: Evaluation): multiple choice by the
  * log-likelihood of each choice after its context ([BOS] + enc(context) +
  * cont, cont = enc(context + choice)[len(enc(context)):], the context's
- * trailing spaces moved to the choice), each context prefilled once; generative
+ * trailing whitespace moved to the choice), each context prefilled once; generative
  * by greedy generation to a stop string and the task's regex. Sets the
  * model's slots: o->slots (4) of the whole context (1 with one_by_one). */
 typedef struct {

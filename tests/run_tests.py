@@ -33,6 +33,7 @@ import recipe_checks_tests  # noqa: E402  (tests/recipe_checks_tests.py; after t
 import prepare_tests  # noqa: E402  (tests/prepare_tests.py; after recipe_checks_tests, whose helpers it uses)
 import tune_tests  # noqa: E402  (tests/tune_tests.py; after train_tests, as output_safety_tests)
 import mpi_tests  # noqa: E402  (tests/mpi_tests.py; after train_tests, as output_safety_tests)
+import eval_tests  # noqa: E402  (tests/eval_tests.py; after train_tests, whose write_shard it uses)
 from testlib import Suite, sanitizer_report  # noqa: E402  (tests/testlib.py)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -987,6 +988,7 @@ def main():
         output_safety_tests.run(suite, args.build, tmp)
         input_checks_tests.run(suite, os.path.join(ROOT, args.build, "jetmoe"), tmp)
         distill_tests.run(suite, args.build, tmp)
+        eval_tests.run(suite, args.build, tmp)
         prepare_tests.run(suite, args.build, tmp)
         mpi_tests.run(suite, args.build, tmp)
     finally:

@@ -5,8 +5,8 @@
  *
  *   multiple choice  the model reads [BOS] + enc(context) + cont, where
  *                    cont = enc(context + choice)[len(enc(context)):] after
- *                    the context's trailing spaces move to the front of the
- *                    choice (the harness' rule); a choice's score is the sum
+ *                    the context's trailing whitespace moves to the front
+ *                    of the choice (the harness' rule); a choice's score is the sum
  *                    of log p over cont. acc: the argmax of the scores;
  *                    acc_norm: of the scores over the choice's length in bytes.
  *                    Each context is prefilled once: the choices of an example
@@ -59,8 +59,8 @@ static jm_status encode(const jm_tokenizer *tok, const char *text, size_t len, i
 static jm_status pair_ids(const jm_tokenizer *tok, const char *ctx, const char *cont, int fit, int32_t **ids,
                           int *n, int *n_prompt, int *cut, jm_error *err)
 {
-    size_t lc = strlen(ctx), spaces = 0;
-    while (spaces < lc && ctx[lc - 1 - spaces] == ' ') spaces++;
+    size_t lc = strlen(ctx), spaces = 0; /* trailing whitespace, as the harness' context.rstrip() (ASCII) */
+    while (spaces < lc && strchr(" \t\n\v\f\r", ctx[lc - 1 - spaces])) spaces++;
     const size_t lx = strlen(cont), lw = lc + lx;
     char *whole = malloc(lw + 1);
     if (!whole) return jm_fail(err, JM_ERR_NOMEM, "out of memory");
@@ -393,7 +393,6 @@ jm_status jm_eval_run(jm_model *m, const jm_tokenizer *tok, const jm_eval_task *
 }
 
 /* ---- perplexity ---- */
-
 
 jm_status jm_eval_text(jm_model *m, const jm_tokenizer *tok, const char *const *paths, int npaths, int window,
                        int64_t max_tokens, int decode, jm_ppl_result *r,

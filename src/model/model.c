@@ -1321,6 +1321,7 @@ jm_status jm_infer(jm_model *m, const int32_t *tokens, int n, int pos, const flo
     return jm_infer_batch(m, &it, 1, logits, err);
 }
 
+
 /* ---- backward ---- */
 
 static jm_status not_trainable(jm_error *err)
