@@ -143,7 +143,8 @@ def argmax(v):
 def run(suite, build, tmp):
     names = [f"eval_mc_vs_reference_{m}" for m in MODELS] + ["eval_mc_metrics_by_hand", "eval_bad_task",
                                                              "eval_data_max_tokens_exact",
-                                                             "eval_data_seq_len_past_context"]
+                                                             "eval_data_seq_len_past_context", "eval_gen_",
+                                                             "eval_text_"]
     selftest = start([PY, EVAL_REF, "selftest"]) if suite.wanted("eval_ref_selftest") else None
     if not any(suite.wanted(n) for n in names) and selftest is None:
         return
@@ -197,6 +198,7 @@ def run(suite, build, tmp):
     if suite.wanted("eval_bad_task"):
         bad_tasks(suite, jm, d, tok)
     data_checks(suite, jm, d)
+    gen_and_text_checks(suite, jm, d, tok)
 
     if ref_proc is not None:
         ref_res, ref_why = batch_results(ref_proc)
@@ -392,3 +394,74 @@ def data_checks(suite, jm, d):
         err = p.stderr.strip()
         ok = p.returncode == 1 and f"({ctx})" in err and str(ctx + 1) in err and len(err.splitlines()) == 1
         suite.check("eval_data_seq_len_past_context", ok, f"exit {p.returncode}: {err[-300:]!r}", err[-120:])
+
+
+def gen_and_text_checks(suite, jm, d, tok):
+    """Generative: the output is `jetmoe generate --greedy`'s up to the stop
+    string, and exact_match counts the answers it equals. Text perplexity: the
+    same tokens and log-likelihood token by token, --max-tokens exact, every
+    byte of the file counted."""
+    model = os.path.join(d, "tiny")
+    if suite.wanted("eval_gen_equals_generate"):
+        prompts = ["The license", "Permission is hereby granted", "Copyright (C) 2007 Free"]
+        outs, problems = [], []
+        for pr in prompts:
+            p = jm("generate", model, "--tokenizer", tok, "--prompt", pr, "--greedy", "--max-new", "12", "--threads", "2")
+            if p.returncode != 0:
+                problems.append(f"generate exit {p.returncode}: {p.stderr.strip()[-200:]}")
+                outs.append("")
+                continue
+            text = p.stdout[:-1] if p.stdout.endswith("\n") else p.stdout  # generate ends its output with a newline
+            if not text.startswith(pr):
+                problems.append(f"generate's output {text[:60]!r} does not start with the prompt")
+            text = text[len(pr):]  # after the prompt it echoes
+            outs.append(text.split("\n\n")[0])  # the gen layout stops at a blank line
+        answers = [outs[0].strip(), outs[1].strip(), "not what it says"]
+        task = write_jsonl(os.path.join(d, "gen.jsonl"), [{"prompt": pr, "answer": a} for pr, a in zip(prompts, answers)])
+        dump, out = os.path.join(d, "gen.dump.jsonl"), os.path.join(d, "gen.json")
+        p = jm("eval", model, "--task", task, "--tokenizer", tok, "--max-gen", "12", "--dump", dump, "--out", out,
+               "--threads", "2", "--quiet")
+        if p.returncode != 0:
+            problems.append(f"eval exit {p.returncode}: {p.stderr.strip()[-300:]}")
+        else:
+            recs = read_lines(dump)
+            res = json.load(open(out))["results"][task]
+            for i, r in enumerate(recs):
+                if r["output"] != outs[i]:
+                    problems.append(f"example {i}: output {r['output']!r}, generate {outs[i]!r}")
+            want = [True, True, answers[2] == outs[2].strip()]
+            if [r["correct"] for r in recs] != want:
+                problems.append(f"correct {[r['correct'] for r in recs]}, expected {want}")
+            if abs(res["exact_match"] - sum(want) / 3) > 1e-12:
+                problems.append(f"exact_match {res['exact_match']}")
+        suite.check("eval_gen_equals_generate", not problems, "; ".join(problems), f"outputs {outs!r}")
+    if suite.wanted("eval_text_perplexity_paths"):
+        text = os.path.join(d, "doc.txt")
+        with open(text, "w", encoding="utf-8") as f:
+            f.write("Permission is hereby granted, free of charge, to any person obtaining a copy.\n" * 12)
+            f.write("Café au lait, thé, naïve façade.\n")
+        nbytes = os.path.getsize(text)
+
+        def ppl(*extra):
+            out = os.path.join(d, "ppl.json")
+            p = jm("eval", model, "--task", text, "--tokenizer", tok, "--seq-len", "64", "--out", out, "--overwrite",
+                   "--threads", "2", "--quiet", *extra)
+            if p.returncode != 0:
+                return f"exit {p.returncode}: {p.stderr.strip()[-300:]}"
+            return json.load(open(out))["results"][text]
+
+        a, b, c = ppl(), ppl("--decode"), ppl("--max-tokens", "50")
+        problems = [x for x in (a, b, c) if isinstance(x, str)]
+        if not problems:
+            if a["tokens"] != b["tokens"] or not abs(a["loglik"] - b["loglik"]) <= 1e-5 * abs(a["loglik"]):
+                problems.append(f"window {a['tokens']} tokens {a['loglik']}, decode {b['tokens']} tokens {b['loglik']}")
+            if a["bytes"] != nbytes:
+                problems.append(f"bytes {a['bytes']}, the file has {nbytes}")
+            if c["tokens"] != 50 or not 0 < c["bytes"] < nbytes:
+                problems.append(f"--max-tokens 50: {c['tokens']} tokens, {c['bytes']} bytes")
+            bpb = -a["loglik"] / a["bytes"] / math.log(2)
+            if not abs(bpb - a["bits_per_byte"]) <= 1e-9 * bpb or not abs(
+                    math.exp(-a["loglik"] / a["tokens"]) - a["token_perplexity"]) <= 1e-9 * a["token_perplexity"]:
+                problems.append(f"bits_per_byte {a['bits_per_byte']} vs {bpb}")
+        suite.check("eval_text_perplexity_paths", not problems, "; ".join(problems),
+                    "" if problems else f"{a['tokens']} tokens, {a['bytes']} bytes, {a['bits_per_byte']:.4f} bits/byte")
