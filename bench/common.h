@@ -31,7 +31,7 @@ static inline void cpu_model(char *out, size_t cap)
         else if (line[0] == '\n') break; /* the first CPU is enough */
     }
     if (f) fclose(f);
-    snprintf(out, cap, "%s (family %s model %s)", name, fam, mod);
+    snprintf(out, cap, "%.80s (family %.8s model %.8s)", name, fam, mod); /* fits the callers' 128 bytes */
 }
 
 /* Best-of-reps rate (GB/s) of streaming reads of a `bytes` buffer on the
