@@ -47,8 +47,20 @@ $(BUILD)/libjetmoe.a: $(OBJ)
 # libedit: line editing in the chat REPL (cli/line_input.c).
 CLI_BUILD := -DJM_BUILD_CC='"$(CC)"' -DJM_BUILD_OPT='"$(OPT)"' -DJM_BUILD_SAN='"$(SAN)"' \
              -DJM_BUILD_BLAS='"OpenBLAS, OpenMP build ($(BLASDIR))"'
-$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/libjetmoe.a
+# libmicrohttpd: the HTTP side of `jetmoe serve` (src/serve/server.c).
+LDLIBS  += -lmicrohttpd -lpthread
+$(BUILD)/jetmoe: $(wildcard cli/*.c) $(wildcard cli/*.h) $(BUILD)/cli_web_page.c $(BUILD)/libjetmoe.a
 	$(CC) $(CFLAGS) $(CLI_BUILD) $(filter %.c,$^) $(BUILD)/libjetmoe.a $(LDLIBS) -ledit -o $@
+
+# The page `jetmoe serve` gives at GET /, embedded in the binary: web/chat.html as
+# a C array (od and sed, no Python needed to build), NUL-terminated so that an
+# empty page still makes a valid array.
+$(BUILD)/cli_web_page.c: web/chat.html
+	@mkdir -p $(dir $@)
+	{ echo '/* generated from web/chat.html by the Makefile; do not edit */'; \
+	  echo 'const unsigned char cli_web_page[] = {'; \
+	  od -An -v -tx1 $< | sed 's/ *\([0-9a-f][0-9a-f]\)/0x\1,/g'; \
+	  echo '0};'; echo 'const unsigned long cli_web_page_len = sizeof cli_web_page - 1;'; } > $@.tmp && mv $@.tmp $@
 
 $(BUILD)/tests/%: tests/%.c $(wildcard tests/*.h) $(BUILD)/libjetmoe.a
 	@mkdir -p $(dir $@)

@@ -117,7 +117,8 @@ typedef struct {
  * matters (not greedy) so that the run can be repeated. */
 jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new);
 
-/* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c). */
+/* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c,
+ * cmd_serve.c). */
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
 extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
 extern const cli_command cmd_pretrain;
@@ -125,5 +126,6 @@ extern const cli_command cmd_sft;
 extern const cli_command cmd_dpo;
 extern const cli_command cmd_generate, cmd_chat, cmd_eval;
 extern const cli_command cmd_distill_sft, cmd_distill_pairs;
+extern const cli_command cmd_serve;
 
 #endif

@@ -733,6 +733,38 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          int32_t **ids, size_t *n_ids, jm_error *err);
 
+/* ---- the OpenAI-compatible HTTP server (README: Serving) --------------- */
+
+/* jm_serve runs an HTTP server (libmicrohttpd) over model m and tokenizer t
+ * until o->should_stop says so (a signal handler's flag): POST
+ * /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models,
+ * /health and / (the page given). One decode thread owns the model and
+ * batches every running request in one jm_batcher step (continuous batching
+ * over `parallel` slots of `ctx` positions); the HTTP threads parse, validate
+ * and tokenize, and wait for their text. On stop it stops accepting, lets the
+ * requests in flight finish for up to grace_ms, cancels the rest and returns
+ * JM_OK. m and t must not be used by anyone else meanwhile. */
+typedef struct {
+    const char *host;        /* address to bind; NULL = "127.0.0.1" */
+    int port;                /* 0 = any free port */
+    int parallel;            /* slots decoding at once; 0 = 4 */
+    int ctx;                 /* positions per slot; 0 = max_position_embeddings */
+    int queue;               /* requests waiting for a slot at most (then 503); 0 = 64 */
+    int64_t max_body;        /* request body bytes at most (then 413); 0 = 1 MB */
+    int grace_ms;            /* shutdown: how long requests in flight may run on; 0 = 10000 */
+    const char *api_key;     /* NULL or "": no key; else "Authorization: Bearer KEY" on /v1/ */
+    const char *model_id;    /* the model's name in responses and /v1/models; NULL = "jetmoe" */
+    const char *page;        /* GET / (text/html), page_len bytes; NULL = 404 */
+    size_t page_len;
+    /* on_listen (may be NULL) is called once the socket listens, with the
+     * port bound (the real one for port 0); should_stop is polled every
+     * 100 ms, and a nonzero answer starts the shutdown. Both get cb_ctx. */
+    void (*on_listen)(void *cb_ctx, const char *host, int port);
+    int (*should_stop)(void *cb_ctx);
+    void *cb_ctx;
+} jm_server_opts;
+jm_status jm_serve(jm_model *m, const jm_tokenizer *t, const jm_server_opts *o, jm_error *err);
+
 /* Threads used by the library's OpenMP loops and BLAS, and by a model's
  * decode steps (0 = all cores; more than the cores this process may run on
  * counts as all of them). This sets the process-wide OpenMP and OpenBLAS

@@ -10,10 +10,11 @@
 # PyTorch reference, the benches), zlib1g-dev + libzstd-dev (-lz -lzstd: `jetmoe prepare`
 # reads .jsonl.gz and .jsonl.zst as streams), zstd (the prepare tests compress fixtures
 # with it), libopenmpi-dev (mpi.h and -lmpi: multi-process training, src/train/comm.c;
-# `make MPI=0` builds without it) and openmpi-bin (mpirun: the scale-out tests and bench/scale).
+# `make MPI=0` builds without it), openmpi-bin (mpirun: the scale-out tests and bench/scale) and
+# libmicrohttpd-dev (microhttpd.h and -lmicrohttpd: the HTTP side of `jetmoe serve`, src/serve/server.c).
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
-zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin sentencepiece python3 python3-numpy python3-torch"
+zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin libmicrohttpd-dev sentencepiece python3 python3-numpy python3-torch"
 if [ "$1" = demo ]; then
     # prose: the Jargon File; chat: the word list. Jane Austen's novels are
     # fetched below as a .deb, not installed.

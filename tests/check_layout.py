@@ -27,6 +27,7 @@ ROOMS = {
     "train": {"base", "model", "tokenizer"},
     "infer": {"base", "model", "tokenizer"},
     "align": {"base", "model", "tokenizer", "train", "infer"},
+    "serve": {"base", "model", "tokenizer", "infer"},
 }
 # files that sit at the bottom of their room: they use nothing else of it
 ROOM_FLOOR = {"src/tokenizer/core.c": "the tokenizer core"}

@@ -57,6 +57,8 @@ EXPECTED_FLAGS = {
                       "--top-k", "--top-p", "--seed", "--parallel", "--on-bad-line", "--overwrite", "--threads",
                       "--kernels"],
     "quantize": ["--to", "--out", "--threads", "--overwrite"],
+    "serve": ["--host", "--port", "--parallel", "--ctx", "--api-key", "--queue", "--max-body", "--tokenizer",
+              "--threads", "--kernels", "--kv-cache"],
     "help": ["--flags"],
     "version": [],
 }
