@@ -169,10 +169,10 @@ def run(suite, build, tmp):
         if suite.wanted("serve_queue_full_503"):
             s = start(slow, "--parallel", "1", "--queue", "1")
             results = []
-            t1 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req)[0]))
+            t1 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req, timeout=600)[0]))
             t1.start()
             time.sleep(0.5)  # running
-            t2 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req)[0]))
+            t2 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req, timeout=600)[0]))
             t2.start()
             time.sleep(0.5)  # waiting
             st, _, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
