@@ -84,7 +84,8 @@ test-asan: setup
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined" all
 	@$(PY) tests/run_tests.py --build build-asan
 
-# bench-8b: decode on the JetMoE-8B layout (writes ~30 GB under build/synthetic-8b on first use).
+# bench-8b: decode on the JetMoE-8B layout (writes ~30 GB under build/synthetic-8b on first use),
+# then `jetmoe serve` at 1-8 streams on its q4 copy.
 bench: setup all
 	@$(PY) bench/run_bench.py
 	@$(PY) bench/tokenizer.py
@@ -95,9 +96,11 @@ bench: setup all
 	@$(PY) bench/align.py
 	@$(PY) bench/eval.py
 	@$(PY) bench/scale.py
+	@$(PY) bench/serve.py --skip-8b
 
 bench-8b: setup all
 	@$(PY) bench/decode.py --skip-small
+	@$(PY) bench/serve.py --skip-small
 
 # The main job on the embedded default: build the bundled corpus from Debian
 # packages + generators, train a tokenizer, shard the mixture, pretrain a small

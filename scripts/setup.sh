@@ -11,10 +11,15 @@
 # reads .jsonl.gz and .jsonl.zst as streams), zstd (the prepare tests compress fixtures
 # with it), libopenmpi-dev (mpi.h and -lmpi: multi-process training, src/train/comm.c;
 # `make MPI=0` builds without it), openmpi-bin (mpirun: the scale-out tests and bench/scale) and
-# libmicrohttpd-dev (microhttpd.h and -lmicrohttpd: the HTTP side of `jetmoe serve`, src/serve/server.c).
+# libmicrohttpd-dev (microhttpd.h and -lmicrohttpd: the HTTP side of `jetmoe serve`, src/serve/server.c);
+# chromium + chromium-driver + python3-selenium (tests/browser_tests.py drives the web page in headless
+# Chromium) and node + npm (tests/serve_clients_tests.py runs the official openai npm client; a Node
+# already on the PATH, e.g. from nodesource, is used as it is, else Debian's nodejs and npm).
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
-zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin libmicrohttpd-dev sentencepiece python3 python3-numpy python3-torch"
+zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin libmicrohttpd-dev sentencepiece python3 python3-numpy python3-torch \
+chromium chromium-driver python3-selenium"
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
 if [ "$1" = demo ]; then
     # prose: the Jargon File; chat: the word list. Jane Austen's novels are
     # fetched below as a .deb, not installed.
