@@ -295,9 +295,31 @@ static enum MHD_Result send_json(struct MHD_Connection *c, int status, cJSON *ro
     return ok;
 }
 
-/* OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. */
-static cJSON *error_json(int status, const char *param, const char *msg)
+/* s with every byte that is not part of a well-formed UTF-8 character
+ * replaced by U+FFFD: a message may quote a request's path or field name,
+ * and JSON text must be UTF-8 (a client would fail to parse the error). */
+static void utf8_clean(const char *s, char *out, size_t cap)
 {
+    size_t i = 0, o = 0, n = strlen(s);
+    while (i < n && o + 4 < cap) {
+        size_t k = jm_utf8_char((const uint8_t *)s + i, n - i);
+        if (k) {
+            memcpy(out + o, s + i, k);
+            o += k, i += k;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3, i++;
+        }
+    }
+    out[o] = 0;
+}
+
+/* OpenAI's error shape: {"error": {"message", "type", "param", "code"}}. */
+static cJSON *error_json(int status, const char *param, const char *raw_msg)
+{
+    char msg[3 * 1024 + 4], p[3 * 128 + 4];
+    utf8_clean(raw_msg, msg, sizeof msg);
+    if (param) utf8_clean(param, p, sizeof p), param = p;
     const char *type = status >= 500 ? "server_error" : "invalid_request_error", *code = NULL;
     switch (status) {
     case 401: code = "invalid_api_key"; break;
