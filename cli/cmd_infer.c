@@ -11,8 +11,6 @@
 #include <string.h>
 #include <time.h>
 
-#define KERNEL_NAMES "auto|avx512|avx2|portable"
-
 /* The flags of generate and chat: generate's prompt or chat's system message,
  * and the sampling flags both take. */
 typedef struct {
@@ -28,12 +26,7 @@ typedef struct {
     CLI_SAMPLING_FLAGS(infer_opts, smp, MAX_NEW, TEMPERATURE, TOP_P),                                             \
     {"--stop", {NULL}, FLAG_LIST, offsetof(infer_opts, stop), .meta = "STR",                                      \
      .help = "end the text before this string (not printed)"},                     \
-    {"--threads", {NULL}, FLAG_INT, offsetof(infer_opts, threads), "0", 0, 4096, .meta = "N",                     \
-     .help = "threads, 0 = all cores"},                                                                            \
-    {"--kernels", {NULL}, FLAG_STR, offsetof(infer_opts, kernels), "auto", .meta = KERNEL_NAMES,                \
-     .help = "the decode product kernels"},                                                                        \
-    {"--kv-cache", {NULL}, FLAG_STR, offsetof(infer_opts, kv_cache), "f32", .meta = "f32|bf16",                    \
-     .help = "the KV cache's element type (bf16: half the bytes)"},                                                \
+    CLI_MODEL_FLAGS(infer_opts),                                                                                  \
     {"--weights-in-ram", {NULL}, FLAG_BOOL, offsetof(infer_opts, in_ram),                                          \
      .help = "copy the weights into huge-page memory (faster decoding, the model's size in RAM)"},                 \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(infer_opts, quiet), .help = "no timing line on stderr"}
@@ -122,8 +115,7 @@ static int infer_args(const cli_command *self, int argc, char **argv, infer_opts
     return CLI_RUN;
 }
 
-/* jm_model_open (weights in place from the mapping) with the chosen kernels and KV cache. */
-static jm_status open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err)
+jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err)
 {
     jm_status s = jm_model_open(dir, m, err);
     if (!s) s = jm_set_kernels(*m, kernels, err);
@@ -203,7 +195,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
         jm_tokenizer_free(tok);
         return cli_error(self, "--tokens wants comma-separated integers, got '%s'", o.tokens);
     }
-    if ((s = open_model(dir, o.kernels, o.kv_cache, &m, &err))) goto out;
+    if ((s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err))) goto out;
     if (o.in_ram && (s = jm_weights_to_ram(m, &err))) goto out;
     if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
         s = JM_ERR_ARG;
@@ -381,7 +373,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(dir, &tok, &err);
-    if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (!s && o.in_ram) s = jm_weights_to_ram(m, &err);
     if (s) {
         jm_model_free(m);
@@ -541,12 +533,7 @@ static const cli_flag eval_flags[] = {
     {"--decode", {NULL}, FLAG_BOOL, offsetof(eval_opts, decode),
      .help = "perplexity: a token at a time through the KV cache, as generation runs (the same tokens)"},
     {"--quiet", {"-q"}, FLAG_BOOL, offsetof(eval_opts, quiet), .help = "no progress line"},
-    {"--threads", {NULL}, FLAG_INT, offsetof(eval_opts, threads), "0", 0, 4096, .meta = "N",
-     .help = "threads, 0 = all cores"},
-    {"--kernels", {NULL}, FLAG_STR, offsetof(eval_opts, kernels), "auto", .meta = KERNEL_NAMES,
-     .help = "the decode product kernels"},
-    {"--kv-cache", {NULL}, FLAG_STR, offsetof(eval_opts, kv_cache), "f32", .meta = "f32|bf16",
-     .help = "the KV cache's element type (bf16: half the bytes)"},
+    CLI_MODEL_FLAGS(eval_opts),
 };
 
 static int run_eval(const cli_command *self, int argc, char **argv);
@@ -648,7 +635,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
     /* where the outputs go is checked before any work (README: What writes where) */
     jm_status s = o.out ? jm_output_file(o.out, inputs, ninputs, o.overwrite, out_target, sizeof out_target, &err) : JM_OK;
     if (!s && o.dump) s = jm_output_file(o.dump, inputs, ninputs, o.overwrite, dump_target, sizeof dump_target, &err);
-    if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (s) goto out;
     const jm_config *c = jm_model_config(m);
     int windows = !!o.data; /* does --seq-len matter: shards or a text file */

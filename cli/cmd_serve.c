@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#define KERNEL_NAMES "auto|avx512|avx2|portable"
 
 /* The page GET / serves: web/chat.html, embedded by the Makefile (cli_web_page.c). */
 extern const unsigned char cli_web_page[];
@@ -34,12 +33,7 @@ static const cli_flag serve_flags[] = {
      .meta = "BYTES", .help = "request body size at most; more gets 413"},
     {"--tokenizer", {NULL}, FLAG_STR, offsetof(serve_opts, tokenizer), .meta = "PATH",
      .help = "the tokenizer, when it is not in DIR"},
-    {"--threads", {NULL}, FLAG_INT, offsetof(serve_opts, threads), "0", 0, 4096, .meta = "N",
-     .help = "threads, 0 = all cores"},
-    {"--kernels", {NULL}, FLAG_STR, offsetof(serve_opts, kernels), "auto", .meta = KERNEL_NAMES,
-     .help = "the decode product kernels"},
-    {"--kv-cache", {NULL}, FLAG_STR, offsetof(serve_opts, kv_cache), "f32", .meta = "f32|bf16",
-     .help = "the KV cache's element type (bf16: half the bytes)"},
+    CLI_MODEL_FLAGS(serve_opts),
 };
 
 static int run_serve(const cli_command *self, int argc, char **argv);
@@ -76,19 +70,6 @@ static void on_listen(void *ctx, const char *host, int port)
     fflush(stderr);
 }
 
-/* jm_model_open (weights in place) with the chosen kernels and KV cache (as cmd_infer.c's open_model). */
-static jm_status open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err)
-{
-    jm_status s = jm_model_open(dir, m, err);
-    if (!s) s = jm_set_kernels(*m, kernels, err);
-    if (!s) s = jm_set_kv_cache(*m, kv_cache, err);
-    if (s) {
-        jm_model_free(*m);
-        *m = NULL;
-    }
-    return s;
-}
-
 static int run_serve(const cli_command *self, int argc, char **argv)
 {
     serve_opts o = {0};
@@ -102,7 +83,7 @@ static int run_serve(const cli_command *self, int argc, char **argv)
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err);
-    if (!s) s = open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (!s) {
         /* the model's name: the checkpoint directory's */
         char name[4096];

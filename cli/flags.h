@@ -57,6 +57,21 @@ struct cli_command {
     int (*run)(const cli_command *self, int argc, char **argv);
 };
 
+/* The flags of the commands that run a model for inference (generate, chat,
+ * eval, serve), in an options struct T with int64_t threads and const char
+ * *kernels, *kv_cache. */
+#define CLI_MODEL_FLAGS(T)                                                                                          \
+    {"--threads", {NULL}, FLAG_INT, offsetof(T, threads), "0", 0, 4096, .meta = "N",                                \
+     .help = "threads, 0 = all cores"},                                                                               \
+    {"--kernels", {NULL}, FLAG_STR, offsetof(T, kernels), "auto", .meta = "auto|avx512|avx2|portable",               \
+     .help = "the decode product kernels"},                                                                           \
+    {"--kv-cache", {NULL}, FLAG_STR, offsetof(T, kv_cache), "f32", .meta = "f32|bf16",                               \
+     .help = "the KV cache's element type (bf16: half the bytes)"}
+
+/* jm_model_open (weights in place from the mapping) with the chosen kernels
+ * (--kernels) and KV cache type (--kv-cache); NULL *m on failure. */
+jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err);
+
 /* Parses argv[1..argc) (argv[0] is the command's last word) into opts and
  * *positional: applies the defaults, then the arguments. -h/--help anywhere
  * prints the usage to stdout and returns 0; an error prints one line to stderr
