@@ -45,8 +45,6 @@ CLI
 """
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
@@ -326,24 +324,7 @@ def _cmd_score(args):
 
 
 def _cmd_batch(args):
-    with open(args.jobs, encoding="utf-8") as f:
-        jobs = [json.loads(line) for line in f if line.strip()]
-    worst = 0
-    for job in jobs:
-        fn = jr.main if job.get("tool") == "jetmoe_ref" else main
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = fn(list(job["argv"]))
-            except SystemExit as ex:  # argparse
-                rc = ex.code if isinstance(ex.code, int) else 2
-            except Exception as ex:  # noqa: BLE001  (one job's crash is its own result)
-                rc = 3
-                print("%s: %s" % (type(ex).__name__, ex), file=sys.stderr)
-        worst = max(worst, rc or 0)
-        print(json.dumps({"id": job.get("id"), "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}))
-        sys.stdout.flush()
-    return 1 if worst else 0
+    return jr.run_batch(args.jobs, main)
 
 
 def main(argv=None):

@@ -1097,5 +1097,32 @@ def main(argv=None):
         return 2
 
 
+
+def run_batch(jobs_path, default_main):
+    """Several commands in one process, which pays torch's import once: each
+    line of jobs_path {"id", "argv", "tool"} runs default_main(argv), or this
+    module's main when tool is "jetmoe_ref"; prints one JSON line per job, in
+    order: {"id", "rc", "stdout", "stderr"}. Returns 1 if any job failed."""
+    import contextlib
+    import io
+    with open(jobs_path, encoding="utf-8") as f:
+        jobs = [json.loads(line) for line in f if line.strip()]
+    worst = 0
+    for job in jobs:
+        fn = main if job.get("tool") == "jetmoe_ref" else default_main
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = fn(list(job["argv"]))
+            except SystemExit as ex:  # argparse
+                rc = ex.code if isinstance(ex.code, int) else 2
+            except Exception as ex:  # noqa: BLE001  (one job's crash is its own result)
+                rc = 3
+                print("%s: %s" % (type(ex).__name__, ex), file=sys.stderr)
+        worst = max(worst, rc or 0)
+        print(json.dumps({"id": job.get("id"), "rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}))
+        sys.stdout.flush()
+    return 1 if worst else 0
+
 if __name__ == "__main__":
     sys.exit(main())
