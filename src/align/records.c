@@ -26,7 +26,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
-#include <unistd.h>
 
 #define MAX_ITEMS (1 << 28) /* ids or messages in one record; a line that long is refused, not allocated */
 
@@ -246,15 +245,9 @@ static jm_status one_line(loader *L, record_fn fn, const char *line, size_t len,
 
 static jm_status read_file(loader *L, const char *path, record_fn fn, jm_error *err)
 {
-    int fd;
-    size_t size;
-    jm_status s = jm_open_regular(path, &fd, &size, err);
+    FILE *f;
+    jm_status s = jm_fopen_regular(path, &f, err);
     if (s) return s;
-    FILE *f = fdopen(fd, "rb");
-    if (!f) {
-        close(fd);
-        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    }
     char *where = malloc(strlen(path) + 32), *line = NULL;
     size_t cap = 0;
     if (!where) s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);

@@ -18,6 +18,8 @@ size_t jm_utf8_char(const uint8_t *s, size_t n);
 /* ---- files (file.c) ---- */
 /* Opens a regular file for reading (never blocks on a FIFO); *size from fstat. */
 jm_status jm_open_regular(const char *path, int *fd, size_t *size, jm_error *err);
+/* jm_open_regular as a stdio stream, for reading line by line. */
+jm_status jm_fopen_regular(const char *path, FILE **f, jm_error *err);
 /* Reads a whole file into a malloc'd, NUL-terminated buffer (max_len bounds it). */
 jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err);
 

@@ -27,22 +27,37 @@ jm_status jm_open_regular(const char *path, int *fd_out, size_t *size, jm_error 
     return JM_OK;
 }
 
+/* A stdio stream over fd (closed on failure). */
+static jm_status stream_of(const char *path, int fd, FILE **f, jm_error *err)
+{
+    if (!(*f = fdopen(fd, "rb"))) {
+        close(fd);
+        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
+    }
+    return JM_OK;
+}
+
+jm_status jm_fopen_regular(const char *path, FILE **f, jm_error *err)
+{
+    int fd = -1;
+    size_t n = 0;
+    jm_status s = jm_open_regular(path, &fd, &n, err);
+    return s ? s : stream_of(path, fd, f, err);
+}
+
 jm_status jm_read_file(const char *path, size_t max_len, char **out, size_t *len, jm_error *err)
 {
     *out = NULL;
-    int fd;
-    size_t n;
+    int fd = -1;
+    size_t n = 0;
     jm_status s = jm_open_regular(path, &fd, &n, err);
     if (s) return s;
     if (n > max_len) {
         close(fd);
         return jm_fail(err, JM_ERR_FORMAT, "%s: file too large (%zu bytes, limit %zu)", path, n, max_len);
     }
-    FILE *f = fdopen(fd, "rb");
-    if (!f) {
-        close(fd);
-        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    }
+    FILE *f;
+    if ((s = stream_of(path, fd, &f, err))) return s;
     char *buf = malloc(n + 1);
     if (!buf) {
         fclose(f);

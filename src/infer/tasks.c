@@ -67,7 +67,6 @@
 #include <math.h>
 #include <stdarg.h>
 #include <string.h>
-#include <unistd.h>
 
 #define MAX_LINE ((size_t)16 << 20) /* bytes in one record; the largest real ones are a few KB */
 
@@ -141,15 +140,9 @@ jm_status jm_eval_task_load(const char *path, jm_eval_task **out, jm_error *err)
     if (!out) return jm_fail(err, JM_ERR_ARG, "evaluation task: no place for the result");
     *out = NULL;
     if (!path) return jm_fail(err, JM_ERR_ARG, "evaluation task: no file");
-    int fd;
-    size_t size;
-    jm_status s = jm_open_regular(path, &fd, &size, err);
+    FILE *f;
+    jm_status s = jm_fopen_regular(path, &f, err);
     if (s) return s;
-    FILE *f = fdopen(fd, "rb");
-    if (!f) {
-        close(fd);
-        return jm_fail(err, JM_ERR_IO, "%s: %s", path, strerror(errno));
-    }
     jm_eval_task *t = calloc(1, sizeof *t);
     if (!t) {
         fclose(f);
