@@ -72,6 +72,28 @@ jm_status jm_config_parse(const char *json, size_t len, const char *name, jm_con
 /* Writes the HF spelling, atomically. */
 jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err);
 
+/* config.json's architectures as jetmoe writes it: transformers' class name
+ * (what vLLM's registry looks up). The authors' "JetMoEForCausalLM" is read too. */
+#define JM_ARCHITECTURE "JetMoeForCausalLM"
+/* The transformers_version jetmoe's generation_config.json says it follows. */
+#define JM_TRANSFORMERS_VERSION "4.47.0"
+
+/* generation_config.json: the sampling defaults a checkpoint carries (HF
+ * names). Each has_* is 1 when the file gives the field. */
+typedef struct {
+    int found; /* the file exists */
+    int has_do_sample, do_sample; /* do_sample false: greedy (HF's default when absent is not applied here) */
+    int has_temperature, has_top_p, has_top_k, has_repetition_penalty, has_max_new_tokens;
+    double temperature, top_p, repetition_penalty;
+    int top_k, max_new_tokens;
+} jm_generation_config;
+/* Reads DIR/generation_config.json, every sampling field range-checked (an
+ * error names the file and the field); no file: found = 0 and JM_OK. */
+jm_status jm_generation_config_load(const char *dir, jm_generation_config *g, jm_error *err);
+/* Writes generation_config.json as transformers' save_pretrained does for a
+ * model config (bos/eos ids, no sampling defaults), atomically. */
+jm_status jm_generation_config_save(const char *path, const jm_config *c, jm_error *err);
+
 /* Bytes of the training activation arena (forward activations kept for the
  * backward, and its scratch) for B rows of T tokens: what jm_forward_batch
  * allocates. With 4 bytes per parameter each for the weights and gradients
