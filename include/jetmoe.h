@@ -776,6 +776,8 @@ typedef struct {
     int grace_ms;            /* shutdown: how long requests in flight may run on; 0 = 10000 */
     const char *api_key;     /* NULL or "": no key; else "Authorization: Bearer KEY" on /v1/ */
     const char *model_id;    /* the model's name in responses and /v1/models; NULL = "jetmoe" */
+    const jm_generation_config *defaults; /* a request's sampling defaults (temperature, top_p, max_tokens, and
+                              * top_k, repetition_penalty, which requests cannot set); NULL = OpenAI's */
     const char *page;        /* GET / (text/html), page_len bytes; NULL = 404 */
     size_t page_len;
     /* on_listen (may be NULL) is called once the socket listens, with the
