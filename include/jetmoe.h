@@ -82,7 +82,9 @@ jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err);
  * names). Each has_* is 1 when the file gives the field. */
 typedef struct {
     int found; /* the file exists */
-    int has_do_sample, do_sample; /* do_sample false: greedy (HF's default when absent is not applied here) */
+    /* do_sample false: greedy. Absent, the other fields apply as given (transformers
+     * would decode greedily and ignore them: its do_sample defaults to false). */
+    int has_do_sample, do_sample;
     int has_temperature, has_top_p, has_top_k, has_repetition_penalty, has_max_new_tokens;
     double temperature, top_p, repetition_penalty;
     int top_k, max_new_tokens;

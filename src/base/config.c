@@ -1,4 +1,6 @@
-/* config.c — HF config.json <-> jm_config, every field range-checked.
+/* config.c — HF config.json <-> jm_config, every field range-checked; and
+ * generation_config.json (bos/eos written as transformers does, the sampling
+ * defaults read).
  *
  * Reads both the Hugging Face spelling and the JetMoE authors' spelling of
  * each field (spec, "Configuration"); writes the HF one. A field that is

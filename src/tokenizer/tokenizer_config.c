@@ -101,7 +101,8 @@ jm_status tk_save_config(const char *path, jm_error *err)
  * each token an AddedToken object, none normalized. */
 jm_status tk_save_special_tokens_map(const char *path, jm_error *err)
 {
-    static const char *const keys[] = {"bos_token", "eos_token", "unk_token"}, *const texts[] = {"<s>", "</s>", "<unk>"};
+    static const char *const keys[] = {"bos_token", "eos_token", "unk_token"};
+    static const char *const texts[] = {"<s>", "</s>", "<unk>"};
     cJSON *c = cJSON_CreateObject();
     bool ok = c != NULL;
     for (int i = 0; i < 3 && ok; i++) {
