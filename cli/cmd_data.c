@@ -196,7 +196,7 @@ static const cli_flag train_tok_flags[] = {
     {"--vocab-size", {NULL}, FLAG_INT, offsetof(train_tok_opts, vocab_size), NULL, 1, 1 << 24, .required = 1,
      .meta = "N", .help = "pieces in the vocabulary"},
     {"--out", {NULL}, FLAG_STR, offsetof(train_tok_opts, out), .required = 1, .meta = "DIR",
-     .help = "where tokenizer.model, tokenizer.json and tokenizer_config.json go"},
+     .help = "where the tokenizer files go (tokenizer.model, tokenizer.json, ...)"},
     {"--byte-fallback", {NULL}, FLAG_INT, offsetof(train_tok_opts, byte_fallback), "1", 0, 1, .meta = "0|1",
      .help = "unknown characters as UTF-8 byte pieces (Llama's choice)"},
     {"--threads", {NULL}, FLAG_INT, offsetof(train_tok_opts, threads), "0", 0, 4096, .meta = "N",
@@ -212,8 +212,8 @@ static int run_train_tok(const cli_command *self, int argc, char **argv);
 const cli_command cmd_tokenizer_train = {
     "tokenizer train", NULL, "train a Llama-style BPE tokenizer with spm_train",
     "Runs Debian's spm_train with Llama-2 settings (BPE, byte fallback, split digits, identity\n"
-    "normalisation, unk=0 bos=1 eos=2) and writes DIR/tokenizer.model, tokenizer.json and\n"
-    "tokenizer_config.json (with the chat template).",
+    "normalisation, unk=0 bos=1 eos=2) and writes DIR/tokenizer.model, tokenizer.json,\n"
+    "tokenizer_config.json (with the chat template) and special_tokens_map.json.",
     train_tok_flags, (int)(sizeof train_tok_flags / sizeof train_tok_flags[0]), run_train_tok};
 
 static int run_train_tok(const cli_command *self, int argc, char **argv)
@@ -235,7 +235,7 @@ static int run_train_tok(const cli_command *self, int argc, char **argv)
     jm_status s = jm_tokenizer_train(&to, &err);
     free(list);
     if (s) return cli_fail(self, s, &err);
-    printf("wrote %s/tokenizer.model, tokenizer.json, tokenizer_config.json (vocab %lld)\n", o.out,
+    printf("wrote %s/tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json (vocab %lld)\n", o.out,
            (long long)o.vocab_size);
     return 0;
 }

@@ -102,13 +102,16 @@ static void print_timing(const jm_model *m, const stream_ctx *c, int n_prompt, d
 }
 
 /* generate's and chat's arguments: parsed, the model directory resolved, the
- * stop strings checked, the thread count set. CLI_RUN or the exit code. */
+ * sampling defaults its generation_config.json gives taken, the stop strings
+ * checked, the thread count set. CLI_RUN or the exit code. */
 static int infer_args(const cli_command *self, int argc, char **argv, infer_opts *o, char *dir, size_t cap)
 {
     *o = (infer_opts){.smp.seed = -1};
     const char *path;
     int rc = cli_parse(self, argc, argv, o, &path);
-    if (rc != CLI_RUN || (rc = cli_model_dir(self, path, dir, cap)) != CLI_RUN) return rc;
+    if (rc != CLI_RUN || (rc = cli_model_dir(self, path, dir, cap)) != CLI_RUN ||
+        (rc = cli_sampling_defaults(self, argc, argv, dir, &o->smp)) != CLI_RUN)
+        return rc;
     for (int i = 0; i < o->stop.n; i++)
         if (!*o->stop.v[i]) return cli_error(self, "--stop wants a non-empty string");
     jm_set_threads((int)o->threads);

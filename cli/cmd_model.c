@@ -1,6 +1,8 @@
 /* cmd_model.c — the commands on checkpoints: info, forward, init, quantize. */
 #include "flags.h"
 
+#include <cjson/cJSON.h>
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,6 +75,26 @@ static int shape_text(char *buf, size_t cap, int ndim, const int64_t *shape)
     return len + snprintf(buf + len, cap - (size_t)len, "]");
 }
 
+/* config.json's first architectures entry as written (jm_checkpoint_inspect
+ * has checked it is a JetMoE spelling), or "" when it names none. */
+static void architecture(const char *dir, char *out, size_t cap)
+{
+    char path[4200], *text = NULL;
+    long len = 0;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "rb");
+    out[0] = 0;
+    if (f && fseek(f, 0, SEEK_END) == 0 && (len = ftell(f)) > 0 && len < (1 << 20) && fseek(f, 0, SEEK_SET) == 0 &&
+        (text = malloc((size_t)len)) && fread(text, 1, (size_t)len, f) == (size_t)len) {
+        cJSON *root = cJSON_ParseWithLength(text, (size_t)len);
+        const cJSON *a = cJSON_GetObjectItemCaseSensitive(root, "architectures");
+        if (cJSON_IsArray(a) && cJSON_IsString(a->child)) snprintf(out, cap, "%s", a->child->valuestring);
+        cJSON_Delete(root);
+    }
+    if (f) fclose(f);
+    free(text);
+}
+
 static int run_info(const cli_command *self, int argc, char **argv)
 {
     const char *path;
@@ -91,6 +113,9 @@ static int run_info(const cli_command *self, int argc, char **argv)
     dtype_counts(t, n, counts, sizeof counts);
     printf("checkpoint        %s\n", cli_shown(&err, dir));
     printf("weights           %s (%s)\n", weight_format(t, n), counts);
+    char arch[64];
+    architecture(dir, arch, sizeof arch);
+    printf("architecture      %s\n", arch[0] ? cli_shown(&err, arch) : "(config.json names none)");
     printf("vocab_size        %d\n", c.vocab_size);
     printf("hidden_size       %d\n", c.hidden_size);
     printf("num_hidden_layers %d\n", c.num_layers);

@@ -82,7 +82,9 @@ static int run_serve(const cli_command *self, int argc, char **argv)
     jm_error err;
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
-    jm_status s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err);
+    jm_generation_config gen; /* requests' sampling defaults */
+    jm_status s = jm_generation_config_load(dir, &gen, &err);
+    if (!s) s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err);
     if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
     if (!s) {
         /* the model's name: the checkpoint directory's */
@@ -95,7 +97,7 @@ static int run_serve(const cli_command *self, int argc, char **argv)
         sigaction(SIGTERM, &sa, NULL);
         jm_server_opts so = {.host = o.host, .port = (int)o.port, .parallel = (int)o.parallel, .ctx = (int)o.ctx,
                              .queue = (int)o.queue, .max_body = o.max_body, .api_key = o.api_key,
-                             .model_id = basename(name), .page = (const char *)cli_web_page,
+                             .model_id = basename(name), .defaults = &gen, .page = (const char *)cli_web_page,
                              .page_len = (size_t)cli_web_page_len, .on_listen = on_listen,
                              .should_stop = should_stop};
         s = jm_serve(m, tok, &so, &err);

@@ -299,3 +299,31 @@ jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new)
                             .seed = seed, .max_new = max_new, .greedy = s->greedy,
                             .repetition_penalty = s->repeat_penalty, .repeat_last_n = (int)s->repeat_last_n};
 }
+
+int cli_flag_given(const cli_command *c, int argc, char **argv, const char *name)
+{
+    const char *value;
+    for (int i = 1; i < argc; i++) {
+        const cli_flag *f = argv[i][0] == '-' && argv[i][1] ? find_flag(c, argv[i], &value) : NULL;
+        if (f && !strcmp(f->name, name)) return 1;
+        if (f && f->kind != FLAG_BOOL && !value) i++; /* its value, which may start with '-' */
+    }
+    return 0;
+}
+
+int cli_sampling_defaults(const cli_command *c, int argc, char **argv, const char *dir, cli_sampling *s)
+{
+    jm_generation_config g;
+    jm_error err;
+    jm_status st = jm_generation_config_load(dir, &g, &err);
+    if (st) return cli_fail(c, st, &err);
+#define UNGIVEN(flag) !cli_flag_given(c, argc, argv, flag)
+    if (g.has_do_sample && !g.do_sample && UNGIVEN("--temperature")) s->temperature = 0; /* HF: greedy */
+    else if (g.has_temperature && UNGIVEN("--temperature")) s->temperature = g.temperature;
+    if (g.has_top_p && UNGIVEN("--top-p")) s->top_p = g.top_p;
+    if (g.has_top_k && UNGIVEN("--top-k")) s->top_k = g.top_k;
+    if (g.has_repetition_penalty && UNGIVEN("--repeat-penalty")) s->repeat_penalty = g.repetition_penalty;
+    if (g.has_max_new_tokens && UNGIVEN("--max-new")) s->max_new = g.max_new_tokens;
+#undef UNGIVEN
+    return CLI_RUN;
+}

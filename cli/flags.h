@@ -132,6 +132,14 @@ typedef struct {
  * matters (not greedy) so that the run can be repeated. */
 jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new);
 
+/* Whether argv (as cli_parse took it) gives the flag named name, under any spelling. */
+int cli_flag_given(const cli_command *c, int argc, char **argv, const char *name);
+/* The checkpoint's generation_config.json (when there is one) as the defaults
+ * of the sampling flags argv does not give: temperature (do_sample false:
+ * 0, greedy), top_p, top_k, repetition_penalty, max_new_tokens. CLI_RUN, or
+ * the exit code after a malformed file's error. */
+int cli_sampling_defaults(const cli_command *c, int argc, char **argv, const char *dir, cli_sampling *s);
+
 /* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c,
  * cmd_serve.c). */
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;

@@ -72,6 +72,30 @@ jm_status jm_config_parse(const char *json, size_t len, const char *name, jm_con
 /* Writes the HF spelling, atomically. */
 jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err);
 
+/* config.json's architectures as jetmoe writes it: transformers' class name
+ * (what vLLM's registry looks up). The authors' "JetMoEForCausalLM" is read too. */
+#define JM_ARCHITECTURE "JetMoeForCausalLM"
+/* The transformers_version jetmoe's generation_config.json says it follows. */
+#define JM_TRANSFORMERS_VERSION "4.47.0"
+
+/* generation_config.json: the sampling defaults a checkpoint carries (HF
+ * names). Each has_* is 1 when the file gives the field. */
+typedef struct {
+    int found; /* the file exists */
+    /* do_sample false: greedy. Absent, the other fields apply as given (transformers
+     * would decode greedily and ignore them: its do_sample defaults to false). */
+    int has_do_sample, do_sample;
+    int has_temperature, has_top_p, has_top_k, has_repetition_penalty, has_max_new_tokens;
+    double temperature, top_p, repetition_penalty;
+    int top_k, max_new_tokens;
+} jm_generation_config;
+/* Reads DIR/generation_config.json, every sampling field range-checked (an
+ * error names the file and the field); no file: found = 0 and JM_OK. */
+jm_status jm_generation_config_load(const char *dir, jm_generation_config *g, jm_error *err);
+/* Writes generation_config.json as transformers' save_pretrained does for a
+ * model config (bos/eos ids, no sampling defaults), atomically. */
+jm_status jm_generation_config_save(const char *path, const jm_config *c, jm_error *err);
+
 /* Bytes of the training activation arena (forward activations kept for the
  * backward, and its scratch) for B rows of T tokens: what jm_forward_batch
  * allocates. With 4 bytes per parameter each for the weights and gradients
@@ -754,6 +778,8 @@ typedef struct {
     int grace_ms;            /* shutdown: how long requests in flight may run on; 0 = 10000 */
     const char *api_key;     /* NULL or "": no key; else "Authorization: Bearer KEY" on /v1/ */
     const char *model_id;    /* the model's name in responses and /v1/models; NULL = "jetmoe" */
+    const jm_generation_config *defaults; /* a request's sampling defaults (temperature, top_p, max_tokens, and
+                              * top_k, repetition_penalty, which requests cannot set); NULL = OpenAI's */
     const char *page;        /* GET / (text/html), page_len bytes; NULL = 404 */
     size_t page_len;
     /* on_listen (may be NULL) is called once the socket listens, with the

@@ -397,7 +397,7 @@ static void make_recipes(const char *d, text seeds[3])
         "{\"model\": {\"vocab_size\": 8, \"eos_token_id\": 2, \"bos_token_id\": 1}, \"sources\": {\"a\": \"%s/a\"}, "
         "\"phases\": [{\"steps\": 1, \"mixture\": {\"a\": 1}}], \"seq_len\": 4, \"batch_size\": 1}", d);
     seeds[2].len = (size_t)snprintf(seeds[2].p, MAX_TEXT,
-        "{\"model\": {\"architectures\": [\"JetMoEForCausalLM\"], \"model_type\": \"jetmoe\", \"torch_dtype\": "
+        "{\"model\": {\"architectures\": [\"JetMoeForCausalLM\"], \"model_type\": \"jetmoe\", \"torch_dtype\": "
         "\"float32\", \"vocab_size\": 8, \"hidden_size\": 8, \"num_hidden_layers\": 2, \"num_key_value_heads\": 1, "
         "\"head_dim\": 4, \"ffn_hidden_size\": 8, \"moe_num_experts\": 4, \"moe_top_k\": 2, "
         "\"num_attention_heads\": 2, \"max_position_embeddings\": 32, \"rope_parameters\": {\"rope_type\": "

@@ -304,7 +304,7 @@ def quantize_out(c, tmp):
     def filled():
         names = sorted(os.listdir(empty))
         return temps(root) + ([] if os.stat(empty).st_ino == ino else ["empty/ was replaced"]) + (
-            [] if names == ["config.json", "model.safetensors"] else [f"empty/ holds {names}"])
+            [] if names == ["config.json", "generation_config.json", "model.safetensors"] else [f"empty/ holds {names}"])
     c.allowed("quantize_into_empty_dir", q + [empty], root, ["empty"], filled)
 
 
@@ -334,7 +334,7 @@ def init_out(c, tmp):
     def exactly_new():
         names = sorted(os.listdir(sharded))
         info = run_tests.run([c.jetmoe, "info", sharded])[0]
-        return ([] if names == ["config.json", "model.safetensors"] else [f"left: {names}"]) + temps(root) + (
+        return ([] if names == ["config.json", "generation_config.json", "model.safetensors"] else [f"left: {names}"]) + temps(root) + (
             [] if info.returncode == 0 and "weights           f32" in info.stdout else [f"info: {info.stderr!r}"])
     c.allowed("init_overwrite_sharded_leaves_no_old_shard", ["init", sharded, "--config", cfg, "--overwrite"],
               root, ["sharded"], exactly_new)
@@ -456,7 +456,8 @@ def tokenizer_cases(c, d):
     with open(os.path.join(tok, "README"), "w") as f:
         f.write("the user's file beside the tokenizer\n")
     c.allowed("tokenizer_overwrite_replaces_its_files", tt + [text, "--overwrite"], d,
-              ["tok/tokenizer.model", "tok/tokenizer.json", "tok/tokenizer_config.json"],
+              ["tok/tokenizer.model", "tok/tokenizer.json", "tok/tokenizer_config.json",
+               "tok/special_tokens_map.json"],
               lambda: [n for n in os.listdir(tok) if n.startswith(".") or ".tmp." in n])
 
 

@@ -23,6 +23,7 @@ import align_ref_tests  # noqa: E402  (tests/align_ref_tests.py)
 import check_layout  # noqa: E402  (tests/check_layout.py)
 import chat_repl_tests  # noqa: E402  (tests/chat_repl_tests.py)
 import checkpoint_paths  # noqa: E402  (tests/checkpoint_paths.py)
+import hf_names_tests  # noqa: E402  (tests/hf_names_tests.py)
 import cli_tests  # noqa: E402  (tests/cli_tests.py)
 import distill_tests  # noqa: E402  (tests/distill_tests.py)
 import serve_tests  # noqa: E402  (tests/serve_tests.py)
@@ -557,6 +558,10 @@ def training_runs(suite, build, tmp):
 
     # every way of naming the run's checkpoint, and the wrong ones (tests/checkpoint_paths.py)
     checkpoint_paths.run(suite, jetmoe, a, d)
+
+    # the Hugging Face names: architectures, generation_config.json, special_tokens_map.json
+    # (tests/hf_names_tests.py)
+    hf_names_tests.run(suite, jetmoe, a, os.path.join(d, "tok"), d)
 
     # the trained model quantized: held-out perplexity, batched and through the decode path (there with an
     # fp32 and a bf16 KV cache)

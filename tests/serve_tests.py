@@ -18,6 +18,9 @@ port read from the "listening on http://127.0.0.1:PORT" line.
   serve_disconnect_frees_slot      --parallel 1: a streaming client that hangs up mid-reply frees the slot
                                    (the next request is answered long before the abandoned reply would end)
   serve_shutdown_inflight          SIGTERM with a request in flight: it completes, exit 0
+  serve_generation_config_defaults the checkpoint's generation_config.json (temperature 0, max_new_tokens 3)
+                                   is a request's default: two seeds agree, 3 tokens; the request's own
+                                   max_tokens wins; a malformed file stops serve with its name and field
 
 Called from tests/run_tests.py as run(suite, build, tmp).
 """
@@ -38,7 +41,7 @@ from testlib import sanitizer_report
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("serve_endpoints_shape", "serve_stream_chunks", "serve_greedy_matches_generate", "serve_stop_string",
           "serve_errors", "serve_queue_full_503", "serve_api_key", "serve_disconnect_frees_slot",
-          "serve_shutdown_inflight")
+          "serve_shutdown_inflight", "serve_generation_config_defaults")
 
 
 class Server:
@@ -161,6 +164,28 @@ def run(suite, build, tmp):
             suite.check("serve_api_key", (a, b, c, e, m, h) == (401, 401, 401, 200, 401, 200),
                         f"none/wrong/prefix/right/models/health: {(a, b, c, e, m, h)}")
             finish(s, "serve_api_key")
+
+        if suite.wanted("serve_generation_config_defaults"):
+            g = os.path.join(d, "with_gen")
+            shutil.rmtree(g, ignore_errors=True)
+            shutil.copytree(model, g)
+            gpath = os.path.join(g, "generation_config.json")
+            with open(gpath, "w") as f:
+                json.dump({"bos_token_id": 1, "eos_token_id": 2, "temperature": 0, "max_new_tokens": 3}, f)
+            s = start(g)
+            r = [s.post("/v1/completions", {"prompt": "The", "seed": k}) for k in (1, 2)]
+            six = s.post("/v1/completions", {"prompt": "The", "seed": 1, "max_tokens": 6})
+            finish(s, "serve_generation_config_defaults")
+            with open(gpath, "w") as f:
+                f.write('{"top_p": 1.5}')
+            bad = start(g)
+            rc = bad.stop()
+            texts = [x[2]["choices"][0]["text"] if x[0] == 200 else None for x in r]
+            ok = all(x[0] == 200 for x in r + [six]) and texts[0] == texts[1] and \
+                r[0][2]["usage"]["completion_tokens"] <= 3 and six[2]["usage"]["completion_tokens"] > 3 and \
+                bad.port is None and rc != 0 and gpath in bad.err and "top_p" in bad.err
+            suite.check("serve_generation_config_defaults", ok,
+                        f"{str(r)[:400]} max_tokens 6: {str(six)[:200]}; malformed: exit {rc} {bad.err[-300:]!r}")
 
         if p.returncode != 0:
             suite.check("serve_slow_model_setup", False, p.stderr[-400:])

@@ -208,9 +208,9 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
     if (s) return;
     printf("# %s: %.2fs\n", name, secs);
 
-    const char *files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
+    const char *files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"};
     bool all = true;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         snprintf(path, sizeof path, "%s/%s", out, files[i]);
         all = all && file_exists(path);
     }
@@ -220,7 +220,7 @@ static void test_trained(const char *tmp, const char *corpus, int vocab, int byt
         if (e->d_name[0] != '.' || strstr(e->d_name, "tokenizer-train")) extra++;
     if (d) closedir(d);
     snprintf(name, sizeof name, "train_v%d_bf%d_files", vocab, byte_fallback);
-    check(all && extra == 3, name, "three files expected, %d entries in %s", extra, out);
+    check(all && extra == 4, name, "four files expected, %d entries in %s", extra, out);
 
     jm_tokenizer *m = NULL, *j = NULL;
     snprintf(path, sizeof path, "%s/tokenizer.model", out);

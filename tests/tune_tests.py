@@ -10,7 +10,7 @@ they resume bit-exactly, what they refuse, and that they learn.
                                    records of one length (so the rows do not depend on the shuffle), a
                                    partial last step; lr at every step = jm_schedule_lr's cosine with
                                    warmup int(warmup_ratio x steps), computed here
-  tune_sft_checkpoint_files        checkpoints/step_N: config.json, model.safetensors,
+  tune_sft_checkpoint_files        checkpoints/step_N: config.json, generation_config.json, model.safetensors,
                                    trainer_state.safetensors, the tokenizer files; latest; loss.svg
                                    parses with its three panels; recipe.json is the recipe
   tune_sft_messages_run            {"messages": [...]} records on a checkpoint with a tokenizer: learned
@@ -419,8 +419,8 @@ def sft_checkpoint_files(t):
     total = len(metrics(out)[0])
     if os.path.basename(ck) != f"step_{total}":
         problems.append(f"latest is {os.path.basename(ck)}, want step_{total}")
-    want = {"config.json", "model.safetensors", "trainer_state.safetensors", "tokenizer.model", "tokenizer.json",
-            "tokenizer_config.json"}
+    want = {"config.json", "generation_config.json", "model.safetensors", "trainer_state.safetensors",
+            "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     have = set(os.listdir(ck))
     if have != want:
         problems.append(f"{os.path.basename(ck)} holds {sorted(have)}, want {sorted(want)}")

@@ -1,4 +1,6 @@
-/* config.c — HF config.json <-> jm_config, every field range-checked.
+/* config.c — HF config.json <-> jm_config, every field range-checked; and
+ * generation_config.json (bos/eos written as transformers does, the sampling
+ * defaults read).
  *
  * Reads both the Hugging Face spelling and the JetMoE authors' spelling of
  * each field (spec, "Configuration"); writes the HF one. A field that is
@@ -8,6 +10,7 @@
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <string.h>
+#include <unistd.h>
 
 #define CONFIG_MAX_BYTES (1u << 20)
 
@@ -144,6 +147,26 @@ jm_status jm_config_parse(const char *json, size_t len, const char *file, jm_con
             s = jm_fail(err, JM_ERR_CONFIG, "%s: field model_type must be the string \"jetmoe\"", file);
         goto done;
     }
+    /* architectures: transformers' JetMoeForCausalLM, or the authors' JetMoEForCausalLM; absent is fine */
+    const cJSON *arch = cJSON_GetObjectItemCaseSensitive(root, "architectures");
+    if (arch && !cJSON_IsNull(arch)) {
+        const cJSON *a = cJSON_IsArray(arch) ? arch->child : NULL;
+        bool known = false, strings = cJSON_IsArray(arch);
+        for (; a; a = a->next) {
+            strings = strings && cJSON_IsString(a);
+            known = known || (cJSON_IsString(a) && (!strcmp(a->valuestring, JM_ARCHITECTURE) ||
+                                                    !strcmp(a->valuestring, "JetMoEForCausalLM")));
+        }
+        if (!strings) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field architectures must be a list of strings", file);
+            goto done;
+        }
+        if (arch->child && !known) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field architectures names \"%.64s\"; only %s (or the older "
+                        "spelling JetMoEForCausalLM) is supported", file, arch->child->valuestring, JM_ARCHITECTURE);
+            goto done;
+        }
+    }
     if ((s = get_int(root, "vocab_size", NULL, file, &c->vocab_size, err))) goto done;
     if ((s = get_int(root, "hidden_size", NULL, file, &c->hidden_size, err))) goto done;
     if ((s = get_int(root, "num_hidden_layers", NULL, file, &c->num_layers, err))) goto done;
@@ -265,7 +288,7 @@ jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err)
     cJSON *o = cJSON_CreateObject();
     if (!o) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
     cJSON *arch = cJSON_AddArrayToObject(o, "architectures");
-    cJSON_AddItemToArray(arch, cJSON_CreateString("JetMoEForCausalLM"));
+    cJSON_AddItemToArray(arch, cJSON_CreateString(JM_ARCHITECTURE)); /* transformers' class, vLLM's registry key */
     cJSON_AddStringToObject(o, "model_type", "jetmoe");
     cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
     cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
@@ -314,4 +337,78 @@ int64_t jm_config_active_params(const jm_config *c)
     int64_t moe = E * H + k * 2 * F * H + k * H * F + H;
     int64_t layer = H + moa + H + moe;
     return c->num_layers * layer + H + V * H;
+}
+
+/* ---- generation_config.json ---- */
+
+jm_status jm_generation_config_save(const char *path, const jm_config *c, jm_error *err)
+{
+    /* what transformers' save_pretrained writes for a model without sampling
+     * defaults (GenerationConfig.from_model_config, keys sorted) */
+    cJSON *o = cJSON_CreateObject();
+    bool ok = o && cJSON_AddTrueToObject(o, "_from_model_config") &&
+              cJSON_AddNumberToObject(o, "bos_token_id", c->bos_token_id) &&
+              cJSON_AddNumberToObject(o, "eos_token_id", c->eos_token_id) &&
+              cJSON_AddStringToObject(o, "transformers_version", JM_TRANSFORMERS_VERSION);
+    jm_status s = ok ? jm_write_json(path, o, err) : jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", path);
+    cJSON_Delete(o);
+    return s;
+}
+
+/* A sampling field: absent or null leaves *has 0; otherwise a number in
+ * [lo, hi] (lo excluded with open_lo; a whole number with integer). */
+static jm_status gen_field(const cJSON *root, const char *name, double lo, double hi, int open_lo, int integer,
+                           const char *file, int *has, double *v, jm_error *err)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, name);
+    if (!j || cJSON_IsNull(j)) return JM_OK;
+    double d = cJSON_IsNumber(j) ? j->valuedouble : NAN;
+    if (!isfinite(d) || (open_lo ? d <= lo : d < lo) || d > hi || (integer && d != floor(d)))
+        return jm_fail(err, JM_ERR_CONFIG, "%s: field %s must be %s in %s%g, %g]", file, name,
+                       integer ? "an integer" : "a number", open_lo ? "(" : "[", lo, hi);
+    *has = 1;
+    *v = d;
+    return JM_OK;
+}
+
+jm_status jm_generation_config_load(const char *dir, jm_generation_config *g, jm_error *err)
+{
+    memset(g, 0, sizeof *g);
+    char *path = jm_path_join(dir, "generation_config.json"), *buf = NULL;
+    size_t len;
+    cJSON *root = NULL;
+    if (!path) return jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dir);
+    jm_status s = JM_OK;
+    if (access(path, F_OK) != 0) goto done; /* none: the commands' own defaults */
+    g->found = 1;
+    if ((s = jm_read_file(path, CONFIG_MAX_BYTES, &buf, &len, err))) goto done;
+    if ((s = jm_json_parse(buf, len, path, &root, err))) goto done;
+    if (!cJSON_IsObject(root)) {
+        s = jm_fail(err, JM_ERR_FORMAT, "%s: expected a JSON object", path);
+        goto done;
+    }
+    const cJSON *ds = cJSON_GetObjectItemCaseSensitive(root, "do_sample");
+    if (ds && !cJSON_IsNull(ds)) {
+        if (!cJSON_IsBool(ds)) {
+            s = jm_fail(err, JM_ERR_CONFIG, "%s: field do_sample must be true or false", path);
+            goto done;
+        }
+        g->has_do_sample = 1;
+        g->do_sample = cJSON_IsTrue(ds);
+    }
+    double top_k = 0, max_new = 0; /* HF: top_k, max_new_tokens; ranges as the CLI flags' */
+    if ((s = gen_field(root, "temperature", 0, 100, 0, 0, path, &g->has_temperature, &g->temperature, err)) ||
+        (s = gen_field(root, "top_p", 0, 1, 1, 0, path, &g->has_top_p, &g->top_p, err)) ||
+        (s = gen_field(root, "top_k", 0, 1 << 24, 0, 1, path, &g->has_top_k, &top_k, err)) ||
+        (s = gen_field(root, "repetition_penalty", 0, 100, 1, 0, path, &g->has_repetition_penalty,
+                       &g->repetition_penalty, err)) ||
+        (s = gen_field(root, "max_new_tokens", 1, 1 << 20, 0, 1, path, &g->has_max_new_tokens, &max_new, err)))
+        goto done;
+    g->top_k = (int)top_k;
+    g->max_new_tokens = (int)max_new;
+done:
+    cJSON_Delete(root);
+    free(buf);
+    free(path);
+    return s;
 }

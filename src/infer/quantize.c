@@ -163,8 +163,9 @@ static jm_status write_index(const char *out_dir, const plan_entry *plan, int n,
     return s;
 }
 
-/* config.json and the tokenizer files travel with the weights. */
-static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error *err)
+/* config.json and the tokenizer files travel with the weights; a model without
+ * generation_config.json gets one from its config (as jm_model_save writes it). */
+static jm_status copy_side_files(const char *dir, const char *out_dir, const jm_config *c, jm_error *err)
 {
     static const char *const files[] = {"config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                                         "special_tokens_map.json", "generation_config.json"};
@@ -172,8 +173,12 @@ static jm_status copy_side_files(const char *dir, const char *out_dir, jm_error 
         char src[4400], dst[4400];
         snprintf(src, sizeof src, "%s/%s", dir, files[i]);
         snprintf(dst, sizeof dst, "%s/%s", out_dir, files[i]);
-        if (i > 0 && access(src, F_OK) != 0) continue;
-        jm_status s = jm_copy_file(src, dst, err);
+        jm_status s = JM_OK;
+        if (i > 0 && access(src, F_OK) != 0) {
+            if (!strcmp(files[i], "generation_config.json")) s = jm_generation_config_save(dst, c, err);
+        } else {
+            s = jm_copy_file(src, dst, err);
+        }
         if (s) return s;
     }
     return JM_OK;
@@ -231,7 +236,7 @@ jm_status jm_quantize(const char *dir, const char *out_dir, int bits, int overwr
         s = write_shard(path, plan, n, k, bits, err);
     }
     if (!s && nshards > 1) s = write_index(tmp, plan, n, nshards, total, err);
-    if (!s) s = copy_side_files(dir, tmp, err);
+    if (!s) s = copy_side_files(dir, tmp, jm_model_config(m), err);
     if (!s) s = jm_output_dir_commit(od, err);
     else jm_output_dir_abort(od);
     free(plan);

@@ -706,6 +706,8 @@ jm_status jm_model_save(const jm_model *m, const char *dir, jm_error *err)
     s = st_write(path, t, m->nparams, meta_k, meta_v, 1, err);
     free(t);
     if (s) return s;
+    snprintf(path, sizeof path, "%s/generation_config.json", dir);
+    if ((s = jm_generation_config_save(path, &m->cfg, err))) return s;
     snprintf(path, sizeof path, "%s/config.json", dir);
     return jm_config_save(path, &m->cfg, err);
 }

@@ -444,7 +444,11 @@ static int parse_request(server *s, const cJSON *root, job *j, jm_chat_message *
             return bad(e, "prompt", "'prompt' must be a string, got %s", jm_json_describe(f, d, sizeof d));
         *prompt = f->valuestring;
     }
-    double v = DEFAULT_MAX_TOKENS, temp = 1, top_p = 1, seed = -1, n = 1;
+    /* the defaults: the checkpoint's generation_config.json's, else OpenAI's */
+    const jm_generation_config *g = s->o.defaults;
+    double v = g && g->has_max_new_tokens ? g->max_new_tokens : DEFAULT_MAX_TOKENS, seed = -1, n = 1;
+    double temp = g && g->has_do_sample && !g->do_sample ? 0 : g && g->has_temperature ? g->temperature : 1;
+    double top_p = g && g->has_top_p ? g->top_p : 1;
     if (number(root, "max_completion_tokens", 1, 1 << 20, 0, 1, &v, e) || number(root, "max_tokens", 1, 1 << 20, 0, 1, &v, e) ||
         number(root, "temperature", 0, 2, 0, 0, &temp, e) || number(root, "top_p", 0, 1, 1, 0, &top_p, e) ||
         number(root, "seed", -9007199254740992.0, 9007199254740992.0, 0, 1, &seed, e) ||
@@ -478,7 +482,9 @@ static int parse_request(server *s, const cJSON *root, job *j, jm_chat_message *
     }
     j->so = (jm_sample_opts){.temperature = temp, .top_p = top_p, .seed = j->seed, .max_new = j->max_new,
                              .greedy = temp == 0, .repetition_penalty = 1, .repeat_last_n = 0};
-    (void)s;
+    if (g && g->has_top_k) j->so.top_k = g->top_k;
+    if (g && g->has_repetition_penalty) /* HF's penalty: every token so far */
+        j->so.repetition_penalty = g->repetition_penalty, j->so.repeat_last_n = -1;
     return 0;
 }
 

@@ -1,6 +1,6 @@
 /* spm_train.c — jm_tokenizer_train: a Llama-2-style SentencePiece BPE
  * tokenizer, trained by Debian's spm_train and written as tokenizer.model,
- * tokenizer.json and tokenizer_config.json.
+ * tokenizer.json, tokenizer_config.json and special_tokens_map.json.
  *
  * spm_train runs as a child process (posix_spawnp, an argv array, no shell)
  * into a temporary directory inside out_dir. Its log comes back through a
@@ -51,8 +51,9 @@ static void log_error(const spm_log *lg, char *out, size_t cap);
 static double now_seconds(void);
 
 /* What it writes into out_dir: replaced only with overwrite, never an input (README: What writes where). */
-static const char *const tokenizer_names[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
-static const jm_output_set tokenizer_outputs = {"a tokenizer", tokenizer_names, 3, NULL};
+static const char *const tokenizer_names[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                              "special_tokens_map.json"};
+static const jm_output_set tokenizer_outputs = {"a tokenizer", tokenizer_names, 4, NULL};
 
 jm_status jm_tokenizer_train(const jm_tokenizer_train_opts *o, jm_error *err)
 {
@@ -196,8 +197,8 @@ static jm_status run_spm_train(const jm_tokenizer_train_opts *o, const char *tmp
     return jm_fail(err, JM_ERR_IO, "spm_train: exit %d: %s", WEXITSTATUS(status), why);
 }
 
-/* The trained model must load; then tokenizer.json and tokenizer_config.json
- * are written beside it and the model itself is moved in last. */
+/* The trained model must load; then tokenizer.json, tokenizer_config.json and
+ * special_tokens_map.json are written beside it and the model itself is moved in last. */
 static jm_status install(const jm_tokenizer_train_opts *o, const char *tmp, jm_error *err)
 {
     char model[4200], path[4200];
@@ -215,6 +216,10 @@ static jm_status install(const jm_tokenizer_train_opts *o, const char *tmp, jm_e
     if (!s) {
         snprintf(path, sizeof path, "%s/tokenizer_config.json", o->out_dir);
         s = tk_save_config(path, err);
+    }
+    if (!s) {
+        snprintf(path, sizeof path, "%s/special_tokens_map.json", o->out_dir);
+        s = tk_save_special_tokens_map(path, err);
     }
     if (!s) {
         snprintf(path, sizeof path, "%s/tokenizer.model", o->out_dir);

@@ -111,6 +111,8 @@ jm_status tk_load_json(const char *text, size_t len, const char *name, jm_tokeni
  * the default chat template (tokenizer_config.c). */
 jm_status tk_load_config(jm_tokenizer *t, const char *path, jm_error *err);
 jm_status tk_save_config(const char *path, jm_error *err);
+/* special_tokens_map.json for the same tokens (<s>, </s>, <unk>), as transformers writes it. */
+jm_status tk_save_special_tokens_map(const char *path, jm_error *err);
 
 /* The built-in JetMoE-chat (Zephyr) template, as HF's tokenizer_config.json
  * spells it (chat_template.c). */

@@ -96,3 +96,22 @@ jm_status tk_save_config(const char *path, jm_error *err)
     cJSON_Delete(c);
     return s;
 }
+
+/* special_tokens_map.json as save_pretrained writes it for a LlamaTokenizer:
+ * each token an AddedToken object, none normalized. */
+jm_status tk_save_special_tokens_map(const char *path, jm_error *err)
+{
+    static const char *const keys[] = {"bos_token", "eos_token", "unk_token"};
+    static const char *const texts[] = {"<s>", "</s>", "<unk>"};
+    cJSON *c = cJSON_CreateObject();
+    bool ok = c != NULL;
+    for (int i = 0; i < 3 && ok; i++) {
+        cJSON *t = cJSON_AddObjectToObject(c, keys[i]);
+        ok = t && cJSON_AddStringToObject(t, "content", texts[i]) && cJSON_AddFalseToObject(t, "lstrip") &&
+             cJSON_AddFalseToObject(t, "normalized") && cJSON_AddFalseToObject(t, "rstrip") &&
+             cJSON_AddFalseToObject(t, "single_word");
+    }
+    jm_status s = jm_write_json(path, ok ? c : NULL, err);
+    cJSON_Delete(c);
+    return s;
+}

@@ -818,14 +818,15 @@ static jm_status save_checkpoint(trainer *t, jm_error *err)
     snprintf(path, sizeof path, "%s/trainer_state.safetensors", tmp);
     if (!s) s = save_trainer_state(t, path, err);
     /* the tokenizer travels with the weights, as in any HF model directory */
-    static const char *const tok_files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"};
-    for (int i = 0; i < 3 && !s && t->tokenizer[0]; i++) {
+    static const char *const tok_files[] = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                            "special_tokens_map.json"};
+    for (int i = 0; i < 4 && !s && t->tokenizer[0]; i++) {
         char src[8192], dst[8192];
         snprintf(src, sizeof src, "%s/%s", t->tokenizer, tok_files[i]);
         snprintf(dst, sizeof dst, "%s/%s", tmp, tok_files[i]);
         if (access(src, R_OK) != 0) continue;
         cJSON *tc = NULL;
-        if (i < 2) s = jm_copy_file(src, dst, err);
+        if (i != 2) s = jm_copy_file(src, dst, err);
         else if (!(s = tokenizer_config_for(src, jm_model_config(t->m)->max_position_embeddings, &tc, err)))
             s = jm_write_json(dst, tc, err);
         cJSON_Delete(tc);

@@ -48,7 +48,7 @@ class ConfigError(ValueError):
 def default_config():
     cfg = {
         "model_type": "jetmoe",
-        "architectures": ["JetMoEForCausalLM"],
+        "architectures": ["JetMoeForCausalLM"],
         "vocab_size": 32000,
         "hidden_size": 2048,
         "num_hidden_layers": 24,
