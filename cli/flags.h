@@ -135,7 +135,8 @@ jm_sample_opts cli_sample_opts(const cli_sampling *s, int max_new);
 /* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c,
  * cmd_serve.c). */
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
-extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
+extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_chat, cmd_tokenizer_train,
+    cmd_prepare;
 extern const cli_command cmd_pretrain;
 extern const cli_command cmd_sft;
 extern const cli_command cmd_dpo;

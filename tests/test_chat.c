@@ -276,6 +276,51 @@ static void test_renders_nothing(void)
     render_is("render_nothing_no_messages", "{# nothing #}", NULL, 0, 1, "");
 }
 
+/* ---- conversations as JSON (jm_chat_render_json: tokenizer chat) ---- */
+
+static void json_is(const char *name, const char *tmpl, const char *json, const char *want)
+{
+    jm_tokenizer t = fake(tmpl);
+    jm_error err = {{0}};
+    char *got = NULL, a[1024], b[1024];
+    jm_status s = jm_chat_render_json(&t, json, strlen(json), 1, &got, &err);
+    if (s) check(false, name, "render failed: %s", err.msg);
+    else check(strcmp(got, want) == 0, name, "got \"%s\", want \"%s\"", shown(got, a, sizeof a), shown(want, b, sizeof b));
+    free(got);
+}
+
+static void json_fails(const char *name, const char *json, const char *msg_part)
+{
+    jm_tokenizer t = fake("{{ messages }}");
+    jm_error err = {{0}};
+    char *got = NULL;
+    jm_status s = jm_chat_render_json(&t, json, strlen(json), 1, &got, &err);
+    check(s == JM_ERR_ARG && got == NULL && strstr(err.msg, msg_part), name, "status %s, message \"%s\"; want %s",
+          jm_status_name(s), err.msg, msg_part);
+    free(got);
+}
+
+static void test_json(void)
+{
+    const char *roles = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}";
+    json_is("json_list", roles, "[{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"tool\", \"content\": \"42\"}]",
+            "[user:hi][tool:42]");
+    json_is("json_text_parts", roles,
+            "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a \"}, "
+            "{\"type\": \"text\", \"text\": \"b\"}]}]}",
+            "[user:a b]");
+    json_is("json_tools", "{% for t in tools %}{{ t.name }}{{ t.args }};{% endfor %}{{ messages[0].extra }}",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\", \"extra\": null}], "
+            "\"tools\": [{\"name\": \"f\", \"args\": [1, true, \"s\"]}, {\"name\": \"g\"}]}",
+            "f[1, True, 's'];g;None");
+    json_is("json_no_tools", "{{ tools is none }}", "[]", "True");
+    json_fails("json_image_part", "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]",
+               "only {\"type\": \"text\"");
+    json_fails("json_no_role", "[{\"content\": \"x\"}]", "message 0 is not an object with a string \"role\"");
+    json_fails("json_not_list", "{\"tools\": []}", "expected a list of messages");
+    json_fails("json_float", "{\"messages\": [], \"tools\": [1.5]}", "only integers");
+}
+
 /* ---- real-world templates from Hugging Face tokenizer_config.json files ---- */
 
 /* meta-llama/Llama-2-7b-chat-hf */
@@ -616,6 +661,7 @@ int main(void)
     test_jinja();
     test_bounds();
     test_renders_nothing();
+    test_json();
     test_real_templates();
 
     char dir[] = "/tmp/jm_test_chat_XXXXXX";

@@ -64,12 +64,15 @@ const char jm_default_chat_template[] =
 #define DEPTH_MAX 200                 /* nesting of blocks, expressions and values */
 #define CHUNK ((size_t)64 << 10)
 
-static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
-                        const char *bos, const char *eos, char **text, jm_error *err);
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
+                        bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err);
 
 /* ---- rendering and encoding ---- */
 
 /* t may be NULL: the default template with </s> and <s>. */
+static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
+                             int add_generation_prompt, char **text, jm_error *err);
+
 jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          char **text, jm_error *err)
 {
@@ -83,9 +86,16 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
                            r ? r : "(null)");
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
+    return render_with(t, msgs, n, NULL, add_generation_prompt, text, err);
+}
+
+/* conv: the parsed JSON conversation (a list of messages, or {"messages", "tools"}), or NULL: msgs. */
+static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
+                             int add_generation_prompt, char **text, jm_error *err)
+{
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
     const char *from = t && t->chat_template && t->template_source[0] ? t->template_source : NULL;
-    jm_status s = render(tmpl, msgs, n, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
+    jm_status s = render(tmpl, msgs, n, conv, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
     if (s && from) { /* the file the template came from, before where in it */
         char inner[sizeof err->msg];
         snprintf(inner, sizeof inner, "%s", err->msg);
@@ -98,6 +108,8 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
     return s;
 }
 
+static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, size_t *n_ids, jm_error *err);
+
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          int32_t **ids, size_t *n_ids, jm_error *err)
 {
@@ -105,7 +117,72 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
     if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
     char *text = NULL;
     jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
+    return s ? s : encode_text(t, text, ids, n_ids, err);
+}
+
+/* A conversation as JSON text: a list of messages, or {"messages": [...], "tools": [...]}. */
+static jm_status parse_conv(const char *json, size_t len, cJSON **conv, jm_error *err)
+{
+    jm_status s = jm_json_parse(json, len, "conversation", conv, err);
+    if (!s) s = jm_json_no_nul(json, len, "conversation", err);
+    const cJSON *m = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "messages") : *conv;
+    const cJSON *tools = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "tools") : NULL;
+    if (!s && !cJSON_IsArray(m))
+        s = jm_fail(err, JM_ERR_ARG, "conversation: expected a list of messages or {\"messages\": [...]}");
+    if (!s && tools && !cJSON_IsArray(tools) && !cJSON_IsNull(tools))
+        s = jm_fail(err, JM_ERR_ARG, "conversation: \"tools\" must be a list");
+    int i = 0;
+    for (const cJSON *msg = s ? NULL : m->child; msg; msg = msg->next, i++) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(msg, "content");
+        if (!cJSON_IsObject(msg) || !cJSON_IsString(role)) {
+            s = jm_fail(err, JM_ERR_ARG, "conversation: message %d is not an object with a string \"role\"", i);
+            break;
+        }
+        int k = 0;
+        for (const cJSON *part = cJSON_IsArray(content) ? content->child : NULL; part; part = part->next, k++) {
+            const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+            if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") ||
+                !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(part, "text"))) {
+                s = jm_fail(err, JM_ERR_ARG,
+                            "conversation: message %d content part %d: only {\"type\": \"text\", \"text\": ...} "
+                            "parts are supported (got type %.40s)", i, k,
+                            cJSON_IsString(type) ? type->valuestring : "(none)");
+                break;
+            }
+        }
+        if (s) break;
+    }
+    if (s) cJSON_Delete(*conv), *conv = NULL;
+    return s;
+}
+
+jm_status jm_chat_render_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              char **text, jm_error *err)
+{
+    *text = NULL;
+    cJSON *conv;
+    jm_status s = parse_conv(json, len, &conv, err);
     if (s) return s;
+    s = render_with(t, NULL, 0, conv, add_generation_prompt, text, err);
+    cJSON_Delete(conv);
+    return s;
+}
+
+jm_status jm_chat_encode_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    *ids = NULL, *n_ids = 0;
+    if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
+    char *text = NULL;
+    jm_status s = jm_chat_render_json(t, json, len, add_generation_prompt, &text, err);
+    return s ? s : encode_text(t, text, ids, n_ids, err);
+}
+
+/* text (rendered, freed here) -> ids */
+static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    jm_status s;
     int32_t *body = NULL;
     size_t nb = 0;
     s = jm_tokenizer_encode_special(t, text, strlen(text), &body, &nb, err);
@@ -1539,8 +1616,57 @@ static binding *bind(jx *x, const binding *up, const char *name, value v)
     return b;
 }
 
-static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
-                        const char *bos, const char *eos, char **text, jm_error *err)
+/* A JSON value as a template value; a message's list of text parts is joined into one string. */
+static bool from_json(jx *x, const cJSON *j, value *v, int depth)
+{
+    if (depth > DEPTH_MAX) return fail(x, SIZE_MAX, JM_ERR_ARG, "JSON nested more than %d deep", DEPTH_MAX);
+    if (cJSON_IsNull(j)) *v = (value){.k = V_NONE};
+    else if (cJSON_IsBool(j)) *v = (value){.k = V_BOOL, .i = cJSON_IsTrue(j)};
+    else if (cJSON_IsString(j)) *v = str_val(j->valuestring, strlen(j->valuestring));
+    else if (cJSON_IsNumber(j)) {
+        double d = j->valuedouble;
+        if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0) || d != (double)(int64_t)d)
+            return fail(x, SIZE_MAX, JM_ERR_ARG, "the JSON number %g: only integers are supported", d);
+        *v = (value){.k = V_INT, .i = (int64_t)d};
+    } else {
+        bool obj = cJSON_IsObject(j);
+        size_t n = (size_t)cJSON_GetArraySize(j), i = 0;
+        value *a = alloc(x, (obj ? 2 : 1) * n * sizeof *a + 1);
+        if (!a) return false;
+        for (const cJSON *c = j->child; c; c = c->next, i++) {
+            if (obj) a[2 * i] = str_val(c->string, strlen(c->string));
+            if (!from_json(x, c, &a[obj ? 2 * i + 1 : i], depth + 1)) return false;
+        }
+        *v = (value){.k = obj ? V_DICT : V_LIST, .a = a, .n = n};
+    }
+    return true;
+}
+
+static bool json_messages(jx *x, const cJSON *conv, value *messages, value *tools)
+{
+    const cJSON *m = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
+    const cJSON *t = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "tools") : NULL;
+    *tools = (value){.k = V_NONE}; /* transformers passes tools=None when there are none */
+    if ((t && !from_json(x, t, tools, 0)) || !from_json(x, m, messages, 0)) return false;
+    for (size_t i = 0; i < messages->n; i++) {
+        value *c = (value *)dict_get(&messages->a[i], "content", 7);
+        if (!c || c->k != V_LIST) continue;
+        sbuf b = {0};
+        for (size_t k = 0; k < c->n; k++) {
+            const value *text = dict_get(&c->a[k], "text", 4);
+            put(x, &b, text->s, text->n);
+        }
+        char *s = !x->st && b.n ? alloc(x, b.n) : NULL;
+        if (s) memcpy(s, b.p, b.n);
+        free(b.p);
+        if (x->st) return false;
+        *c = str_val(s ? s : "", s ? b.n : 0);
+    }
+    return true;
+}
+
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
+                        bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err)
 {
     jx x = {.err = err, .line_start = true};
     size_t tl = strlen(tmpl);
@@ -1565,7 +1691,9 @@ static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bo
             kv[2] = str_val("content", 7), kv[3] = str_val(msgs[i].content, strlen(msgs[i].content));
             list[i] = (value){.k = V_DICT, .a = kv, .n = 2};
         }
-        if (!x.st) sc = bind(&x, sc, "messages", (value){.k = V_LIST, .a = list, .n = (size_t)n});
+        value messages = {.k = V_LIST, .a = list, .n = (size_t)n}, tools;
+        if (conv && !x.st && json_messages(&x, conv, &messages, &tools)) sc = bind(&x, sc, "tools", tools);
+        if (!x.st) sc = bind(&x, sc, "messages", messages);
         if (sc) sc = bind(&x, sc, "add_generation_prompt", (value){.k = V_BOOL, .i = add_generation_prompt});
         if (sc && eos) sc = bind(&x, sc, "eos_token", str_val(eos, strlen(eos)));
         if (sc && bos) sc = bind(&x, sc, "bos_token", str_val(bos, strlen(bos)));
