@@ -201,10 +201,10 @@ static void test_jinja(void)
         {"jinja_raise_exception", "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
          JM_ERR_ARG, "chat template: System role not supported"},
         {"jinja_unsupported_tag", "ab\n {% macro m() %}x{% endmacro %}", JM_ERR_FORMAT, "line 2 col 2: unsupported tag {% macro %}"},
-        {"jinja_unsupported_filter", "{{ messages|tojson }}", JM_ERR_FORMAT, "col 13: unsupported filter 'tojson'"},
+        {"jinja_unsupported_filter", "{{ messages|selectattr }}", JM_ERR_FORMAT, "col 13: unsupported filter 'selectattr'"},
         {"jinja_unknown_filter_untaken_branch", "{% if false %}{{ x|nope }}{% endif %}", JM_ERR_FORMAT,
          "unsupported filter 'nope'"},
-        {"jinja_unsupported_namespace", "{% set ns = namespace(x=1) %}", JM_ERR_FORMAT, "keyword arguments are not supported"},
+        {"jinja_unsupported_namespace", "{% set ns = namespace(x=1) %}", JM_ERR_FORMAT, "col 22: unsupported function call 'namespace'"},
         {"jinja_unsupported_set_attr", "{% set ns.x = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} is supported"},
         {"jinja_unsupported_unpacking", "{% for k, v in x %}{% endfor %}", JM_ERR_FORMAT, "unpacking in for loops"},
         {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
@@ -314,6 +314,15 @@ static void test_json(void)
             "\"tools\": [{\"name\": \"f\", \"args\": [1, true, \"s\"]}, {\"name\": \"g\"}]}",
             "f[1, True, 's'];g;None");
     json_is("json_no_tools", "{{ tools is none }}", "[]", "True");
+    json_is("json_tojson", "{{ tools | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson(indent=2) }}",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"a\\\"\\u0001\u00e9\"}], "
+            "\"tools\": [{\"f\": [1, true, null]}]}",
+            "[{\"f\": [1, true, null]}]|{\n  \"role\": \"user\",\n  \"content\": \"a\\\"\\u0001\u00e9\"\n}|[]");
+    json_is("json_tojson_indent0", "{{ [1, [2]] | tojson(indent=0) }}", "[]", "[\n1,\n[\n2\n]\n]");
+    render_fails("tojson_positional", "{{ messages | tojson(2) }}", conv3, 1, JM_ERR_FORMAT,
+                 "line 1 col 22: tojson takes one keyword argument, indent=N");
+    render_fails("kwarg_elsewhere", "{{ 'a'.split(sep='b') }}", conv3, 1, JM_ERR_FORMAT,
+                 "line 1 col 14: keyword argument 'sep' is not supported here");
     json_fails("json_image_part", "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]",
                "only {\"type\": \"text\"");
     json_fails("json_no_role", "[{\"content\": \"x\"}]", "message 0 is not an object with a string \"role\"");

@@ -23,16 +23,19 @@
  *   and, or, not, a if c else b, x is [not] defined/undefined/none/string/
  *   number/integer/boolean/true/false/mapping/sequence/iterable/odd/even;
  *   filters trim, length, count, upper, lower, first, last, default (d),
- *   string; string methods strip, lstrip, rstrip, upper, lower, startswith,
+ *   string, tojson and tojson(indent=N) (transformers' own: json.dumps with
+ *   ensure_ascii=False, keys in order); string methods strip, lstrip, rstrip, upper, lower, startswith,
  *   endswith, split, replace; dict.get; raise_exception(msg).
  * Values: undefined, none, bool, int, string, list, dict (the Python/Jinja
  * semantics: truthiness, True == 1, code-point string indexing, Python
  * repr() when a list is printed). Undefined behaves as Jinja's default: it
  * prints as "", tests false and iterates as empty, but using it in
  * arithmetic or reading an attribute of it is an error, as in Jinja.
+ * Values also come from JSON (jm_chat_render_json: messages with any fields,
+ * tools), lists and dicts of them.
  * Not supported (an error naming the construct and its line/column): macros,
  * call blocks, namespace(), {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments, test arguments, floats, dict literals, '/',
+ * filters, keyword arguments (but tojson's indent=), test arguments, floats, dict literals, '/',
  * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
  * them when compiling), tests and methods. Case mapping and strip() know
  * ASCII only.
@@ -226,7 +229,7 @@ typedef struct binding {
 
 enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, /* statements */
        E_LIT, E_NAME, E_LIST, E_ATTR, E_ITEM, E_SLICE, E_CALL, E_FILTER, E_TEST,
-       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN };
+       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN, E_KW };
 
 typedef struct node node;
 struct node {
@@ -581,7 +584,13 @@ static bool expr_list(jx *x, int close, node **head)
     while (!is_op(&x->t, close)) {
         node *e = expr(x);
         if (!e) return false;
-        if (is_op(&x->t, '=')) return fail(x, x->t.pos, JM_ERR_FORMAT, "keyword arguments are not supported");
+        if (is_op(&x->t, '=')) { /* name=value: only tojson takes one (indent); the others fail when called */
+            if (e->kind != E_NAME || close != ')')
+                return fail(x, x->t.pos, JM_ERR_FORMAT, "expected a name before '='");
+            node *kw = mk(x, E_KW, e->pos);
+            if (!kw || !lex(x) || !(kw->a = expr(x))) return false;
+            kw->name = e->name, kw->len = e->len, e = kw;
+        }
         *tail = e, tail = &e->next;
         if (!is_op(&x->t, ',')) break;
         if (!lex(x)) return false;
@@ -668,7 +677,7 @@ static node *postfix(jx *x, node *n)
 }
 
 static const char *const filter_names[] = {"trim", "length", "count", "upper", "lower", "first", "last",
-                                           "default", "d", "string", NULL};
+                                           "default", "d", "string", "tojson", NULL};
 static const char *const test_names[] = {"defined", "undefined", "none", "string", "number",
                                          "integer", "boolean", "true", "false", "mapping",
                                          "sequence", "iterable", "odd", "even", NULL};
@@ -1329,12 +1338,81 @@ static bool length(jx *x, const value *v, size_t pos, value *out)
     return true;
 }
 
+/* JSON as transformers' tojson writes it (json.dumps(ensure_ascii=False), separators ", " and ": ",
+ * keys in their order) and @huggingface/jinja too; indent >= 0: one item a line, as json.dumps(indent=)
+ * (which breaks the lines for indent=0 too, where JavaScript's JSON.stringify does not). */
+static bool write_json(jx *x, sbuf *b, const value *v, int64_t indent, int level)
+{
+    char num[32];
+    if (level > DEPTH_MAX) return fail(x, SIZE_MAX, JM_ERR_FORMAT, "value nested more than %d deep", DEPTH_MAX);
+    switch (v->k) {
+    case V_NONE: return put(x, b, "null", 4);
+    case V_BOOL: return v->i ? put(x, b, "true", 4) : put(x, b, "false", 5);
+    case V_INT: return put(x, b, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)v->i));
+    case V_STR:
+        put(x, b, "\"", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            unsigned char c = (unsigned char)v->s[i];
+            const char *e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r"
+                          : c == '\t' ? "\\t" : c == '\b' ? "\\b" : c == '\f' ? "\\f" : NULL;
+            if (e) put(x, b, e, 2);
+            else if (c < 0x20) put(x, b, num, (size_t)snprintf(num, sizeof num, "\\u%04x", c));
+            else put(x, b, v->s + i, 1);
+        }
+        return put(x, b, "\"", 1);
+    case V_LIST:
+    case V_DICT: {
+        bool list = v->k == V_LIST;
+        put(x, b, list ? "[" : "{", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            if (i) put(x, b, indent >= 0 ? "," : ", ", indent >= 0 ? 1 : 2);
+            if (indent >= 0) {
+                put(x, b, "\n", 1);
+                for (int64_t k = 0; k < indent * (level + 1); k++) put(x, b, " ", 1);
+            }
+            if (!list && (!write_json(x, b, &v->a[2 * i], indent, level + 1) || !put(x, b, ": ", 2))) return false;
+            if (!write_json(x, b, &v->a[list ? i : 2 * i + 1], indent, level + 1)) return false;
+        }
+        if (indent >= 0 && v->n) {
+            put(x, b, "\n", 1);
+            for (int64_t k = 0; k < indent * level; k++) put(x, b, " ", 1);
+        }
+        return put(x, b, list ? "]" : "}", 1);
+    }
+    default: return fail(x, SIZE_MAX, JM_ERR_FORMAT, "tojson of a %s", type_name(v));
+    }
+}
+
+static bool tojson(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v, indent = {.k = V_NONE};
+    int n = 0;
+    if (!eval(x, e->a, sc, &v)) return false;
+    for (const node *a = e->b; a; a = a->next, n++) {
+        /* transformers' tojson(ensure_ascii=False, indent=None, ...): only indent= is supported */
+        if (n || a->kind != E_KW || !eq_name(a->name, a->len, "indent"))
+            return fail(x, a->pos, JM_ERR_FORMAT, "tojson takes one keyword argument, indent=N");
+        if (!eval(x, a->a, sc, &indent)) return false;
+    }
+    if (indent.k != V_NONE && (indent.k != V_INT || indent.i < 0 || indent.i > 64))
+        return fail(x, e->pos, JM_ERR_FORMAT, "tojson: indent must be an integer from 0 to 64");
+    sbuf b = {0};
+    bool ok = write_json(x, &b, &v, indent.k == V_INT ? indent.i : -1, 0);
+    char *s = ok && b.n ? alloc(x, b.n) : NULL;
+    if (s) memcpy(s, b.p, b.n);
+    free(b.p);
+    if (!ok || !s) return false;
+    *out = str_val(s, b.n);
+    return true;
+}
+
 static bool filter(jx *x, const node *e, const binding *sc, value *out)
 {
     value v, arg[2];
     const char *f = e->name;
     size_t fl = e->len;
     int na;
+    if (eq_name(f, fl, "tojson")) return tojson(x, e, sc, out);
     if (!eval(x, e->a, sc, &v) || (na = eval_args(x, e->b, sc, arg, 2, f, fl)) < 0) return false;
     int max_args = eq_name(f, fl, "default") || eq_name(f, fl, "d") ? 2 : eq_name(f, fl, "trim") ? 1 : 0;
     if (na > max_args) return fail(x, e->pos, JM_ERR_FORMAT, "too many arguments to filter '%.*s'", (int)fl, f);
@@ -1538,6 +1616,9 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
         *out = undefined("if-expression", 13);
         return true;
     case E_BIN: return eval(x, e->a, sc, &a) && eval(x, e->b, sc, &b) && binop(x, e, &a, &b, out);
+    case E_KW:
+        return fail(x, e->pos, JM_ERR_FORMAT, "keyword argument '%.*s' is not supported here",
+                    (int)(e->len < 40 ? e->len : 40), e->name);
     }
     return fail(x, e->pos, JM_ERR_FORMAT, "internal: bad expression node %d", e->kind);
 }
