@@ -507,6 +507,8 @@ static const char *const templates[] = {
     "{# a comment #}{{ messages|length }}{% if not loop is defined and messages[-1].role in ['user'] %}!{% endif %}",
     "{%- for m in messages %}{{- m.role | tojson }}: {{ m | tojson(indent=2) }}{{ [m.content, 1, none, true] | "
     "tojson }}\n{% endfor %}{{ messages[1:] | tojson(indent=4) }}",
+    "{%- set ns = namespace(sys='', n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.sys = m.content %}"
+    "{% else %}{% set ns.n = ns.n + 1 %}{{ m.role ~ ':' ~ m.content }}\n{% endif %}{% endfor %}{{ ns.sys }}{{ ns.n }}",
 };
 
 static const char *const jinja_tokens[] = {

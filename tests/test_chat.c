@@ -204,8 +204,11 @@ static void test_jinja(void)
         {"jinja_unsupported_filter", "{{ messages|selectattr }}", JM_ERR_FORMAT, "col 13: unsupported filter 'selectattr'"},
         {"jinja_unknown_filter_untaken_branch", "{% if false %}{{ x|nope }}{% endif %}", JM_ERR_FORMAT,
          "unsupported filter 'nope'"},
-        {"jinja_unsupported_namespace", "{% set ns = namespace(x=1) %}", JM_ERR_FORMAT, "col 22: unsupported function call 'namespace'"},
-        {"jinja_unsupported_set_attr", "{% set ns.x = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} is supported"},
+        {"jinja_namespace_positional", "{% set ns = namespace(1) %}", JM_ERR_FORMAT,
+         "col 23: namespace() takes keyword arguments only"},
+        {"jinja_unsupported_set_attr", "{% set ns.x.y = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} and"},
+        {"jinja_set_attr_of_list", "{% set m = messages %}{% set m.x = 1 %}", JM_ERR_FORMAT,
+         "col 23: cannot set attribute 'x' of list (only of a namespace())"},
         {"jinja_unsupported_unpacking", "{% for k, v in x %}{% endfor %}", JM_ERR_FORMAT, "unpacking in for loops"},
         {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
@@ -323,6 +326,9 @@ static void test_json(void)
                  "line 1 col 22: tojson takes one keyword argument, indent=N");
     render_fails("kwarg_elsewhere", "{{ 'a'.split(sep='b') }}", conv3, 1, JM_ERR_FORMAT,
                  "line 1 col 14: keyword argument 'sep' is not supported here");
+    render_is("namespace", "{% set ns = namespace(n=0, s='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+              "{% set ns.s = ns.s ~ m.role[0] %}{% set ns.added = loop.index %}{% endfor %}{{ ns.n }}{{ ns.s }}{{ ns.added }}"
+              "{{ ns.missing is defined }}", conv3, 3, 1, "3sua3False");
     json_fails("json_image_part", "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]",
                "only {\"type\": \"text\"");
     json_fails("json_no_role", "[{\"content\": \"x\"}]", "message 0 is not an object with a string \"role\"");

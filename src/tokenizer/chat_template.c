@@ -33,9 +33,11 @@
  * arithmetic or reading an attribute of it is an error, as in Jinja.
  * Values also come from JSON (jm_chat_render_json: messages with any fields,
  * tools), lists and dicts of them.
+ * namespace(name=value, ...) and {% set ns.name = value %} (the one value a
+ * template can change, so that a loop can leave results behind).
  * Not supported (an error naming the construct and its line/column): macros,
- * call blocks, namespace(), {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments (but tojson's indent=), test arguments, floats, dict literals, '/',
+ * call blocks, {% set %} blocks, tuples and unpacking, loop
+ * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, dict literals, '/',
  * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
  * them when compiling), tests and methods. Case mapping and strip() know
  * ASCII only.
@@ -209,15 +211,22 @@ static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, s
 
 /* ==== the Jinja2 subset ==== */
 
-typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP } vkind;
+typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS } vkind;
 
 typedef struct value value;
+typedef struct nsobj nsobj;
 struct value {
     vkind k;
     int64_t i;      /* bool, int; loop: index0 */
     const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by */
     size_t n;       /* str: bytes; list: items; dict: pairs; loop: length */
     const value *a; /* list: items; dict: key, value, key, value ...; loop: the items */
+    nsobj *ns;      /* namespace(): the one value templates can change ({% set ns.x = ... %}) */
+};
+
+struct nsobj {
+    size_t n, cap;
+    value *kv; /* name, value, name, value ... */
 };
 
 typedef struct binding {
@@ -349,7 +358,8 @@ static value str_val(const char *s, size_t n) { return (value){.k = V_STR, .s = 
 
 static const char *type_name(const value *v)
 {
-    static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext"};
+    static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext",
+                                        "Namespace"};
     return names[v->k];
 }
 
@@ -902,8 +912,14 @@ static node *statement(jx *x, size_t pos)
         n->name = x->t.s, n->len = x->t.n;
         if (!lex(x)) return NULL;
         if (x->t.kind == T_END) return fail(x, pos, JM_ERR_FORMAT, "{%% set %%} blocks are not supported"), NULL;
+        if (is_op(&x->t, '.')) { /* set ns.attr = value: lit holds the attribute's name */
+            if (!lex(x) || !expect_name(x, "an attribute name after '.'")) return NULL;
+            n->op = 1, n->lit = str_val(x->t.s, x->t.n);
+            if (!lex(x)) return NULL;
+        }
         if (is_op(&x->t, '.') || is_op(&x->t, ','))
-            return fail(x, x->t.pos, JM_ERR_FORMAT, "only {%% set name = value %%} is supported"), NULL;
+            return fail(x, x->t.pos, JM_ERR_FORMAT, "only {%% set name = value %%} and {%% set ns.attr = value %%} "
+                        "are supported"), NULL;
         if (!expect_op(x, '=', "'='") || !(n->a = expr(x)) || !expect_end(x)) return NULL;
         return n;
     }
@@ -971,7 +987,8 @@ static bool truthy(const value *v)
     case V_STR:
     case V_LIST:
     case V_DICT: return v->n != 0;
-    case V_LOOP: return true;
+    case V_LOOP:
+    case V_NS: return true;
     default: return false;
     }
 }
@@ -1030,6 +1047,7 @@ static bool write_val(jx *x, sbuf *b, const value *v, bool repr, int depth)
         return !x->st;
     case V_LOOP:
         return put(x, b, num, (size_t)snprintf(num, sizeof num, "<LoopContext %lld/%zu>", (long long)v->i + 1, v->n));
+    case V_NS: return put(x, b, "<Namespace>", 11);
     case V_LIST:
     case V_DICT: {
         bool list = v->k == V_LIST;
@@ -1089,6 +1107,7 @@ static bool eq(const value *a, const value *b, int depth)
         }
         return true;
     case V_LOOP: return a == b;
+    case V_NS: return a->ns == b->ns;
     default: return true; /* none, undefined */
     }
 }
@@ -1107,8 +1126,9 @@ static bool get_attr(jx *x, const value *obj, const char *name, size_t n, size_t
 {
     if (is_undefined(x, obj, pos)) return false;
     *out = undefined(name, n);
-    if (obj->k == V_DICT) {
-        const value *v = dict_get(obj, name, n);
+    if (obj->k == V_DICT || obj->k == V_NS) {
+        const value d = {.k = V_DICT, .a = obj->ns ? obj->ns->kv : obj->a, .n = obj->ns ? obj->ns->n : obj->n};
+        const value *v = dict_get(&d, name, n);
         if (v) *out = *v;
     } else if (obj->k == V_LOOP) {
         int64_t i = obj->i, len = (int64_t)obj->n;
@@ -1496,6 +1516,23 @@ static bool replace(jx *x, const value *s, const value *from, const value *to, s
     return !x->st;
 }
 
+/* ns.name = *v */
+static bool ns_set(jx *x, nsobj *ns, const char *name, size_t n, const value *v)
+{
+    for (size_t i = 0; i < ns->n; i++)
+        if (ns->kv[2 * i].n == n && memcmp(ns->kv[2 * i].s, name, n) == 0) return ns->kv[2 * i + 1] = *v, true;
+    if (ns->n == ns->cap) { /* the arena never frees: grow by doubling, the old array left behind */
+        size_t cap = ns->cap ? 2 * ns->cap : 4;
+        value *kv = alloc(x, 2 * cap * sizeof *kv);
+        if (!kv) return false;
+        if (ns->n) memcpy(kv, ns->kv, 2 * ns->n * sizeof *kv);
+        ns->kv = kv, ns->cap = cap;
+    }
+    ns->kv[2 * ns->n] = str_val(name, n), ns->kv[2 * ns->n + 1] = *v;
+    ns->n++;
+    return true;
+}
+
 static bool call(jx *x, const node *e, const binding *sc, value *out)
 {
     const node *f = e->a;
@@ -1508,6 +1545,17 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
         jm_fail(x->err, JM_ERR_ARG, "chat template: %.*s", na ? (int)(arg[0].n < 400 ? arg[0].n : 400) : 9,
                 na ? arg[0].s : "exception");
         return false;
+    }
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "namespace")) { /* keyword arguments only */
+        nsobj *ns = alloc(x, sizeof *ns);
+        if (!ns) return false;
+        for (const node *a = e->b; a; a = a->next) {
+            if (a->kind != E_KW) return fail(x, a->pos, JM_ERR_FORMAT, "namespace() takes keyword arguments only");
+            value v;
+            if (!eval(x, a->a, sc, &v) || !ns_set(x, ns, a->name, a->len, &v)) return false;
+        }
+        *out = (value){.k = V_NS, .ns = ns};
+        return true;
     }
     if (f->kind == E_NAME)
         return fail(x, e->pos, JM_ERR_FORMAT, "unsupported function call '%.*s'", (int)(f->len < 40 ? f->len : 40),
@@ -1674,6 +1722,16 @@ static int exec(jx *x, const node *s, const binding **sc)
             break;
         case S_FOR: r = exec_for(x, s, *sc); break;
         case S_SET: {
+            if (s->op == 1) { /* ns.attr = value */
+                value ns;
+                const node name = {.kind = E_NAME, .pos = s->pos, .name = s->name, .len = s->len};
+                if (!eval(x, &name, *sc, &ns) || !eval(x, s->a, *sc, &v)) return X_ERR;
+                if (ns.k != V_NS)
+                    return fail(x, s->pos, JM_ERR_FORMAT, "cannot set attribute '%.*s' of %s (only of a namespace())",
+                                (int)(s->lit.n < 40 ? s->lit.n : 40), s->lit.s, type_name(&ns)) ? X_ERR : X_ERR;
+                if (!ns_set(x, ns.ns, s->lit.s, s->lit.n, &v)) return X_ERR;
+                break;
+            }
             binding *b = alloc(x, sizeof *b);
             if (!b || !eval(x, s->a, *sc, &b->v)) return X_ERR;
             b->name = s->name, b->len = s->len, b->up = *sc;
