@@ -212,7 +212,8 @@ static void test_jinja(void)
         {"jinja_unsupported_unpacking", "{% for k, v in x %}{% endfor %}", JM_ERR_FORMAT, "unpacking in for loops"},
         {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
-        {"jinja_unsupported_dict_literal", "{{ {'a': 1} }}", JM_ERR_FORMAT, "unsupported character '{'"},
+        {"jinja_dict_key_not_string", "{{ {1: 1} }}", JM_ERR_FORMAT, "col 5: dict keys must be strings, not int"},
+        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "expected '}'"},
         {"jinja_unsupported_float", "{{ 1.5 }}", JM_ERR_FORMAT, "float literals are not supported"},
         {"jinja_unsupported_division", "{{ 1 / 2 }}", JM_ERR_FORMAT, "'/' is not supported"},
         {"jinja_unterminated_output", "a {{ 'x' ", JM_ERR_FORMAT, "line 1 col 3: unterminated {{ ... }}"},
@@ -329,6 +330,8 @@ static void test_json(void)
     render_is("namespace", "{% set ns = namespace(n=0, s='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
               "{% set ns.s = ns.s ~ m.role[0] %}{% set ns.added = loop.index %}{% endfor %}{{ ns.n }}{{ ns.s }}{{ ns.added }}"
               "{{ ns.missing is defined }}", conv3, 3, 1, "3sua3False");
+    render_is("dict_literal", "{% set d = {'b': 1, 'a': [2], 'b': 3} %}{{ d }} {{ d.a[0] }} {{ d['b'] }} {{ {} | length }}",
+              conv3, 1, 1, "{'b': 3, 'a': [2]} 2 3 0");
     json_fails("json_image_part", "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]",
                "only {\"type\": \"text\"");
     json_fails("json_no_role", "[{\"content\": \"x\"}]", "message 0 is not an object with a string \"role\"");

@@ -35,9 +35,10 @@
  * tools), lists and dicts of them.
  * namespace(name=value, ...) and {% set ns.name = value %} (the one value a
  * template can change, so that a loop can leave results behind).
+ * Dict literals {'key': value} (string keys).
  * Not supported (an error naming the construct and its line/column): macros,
  * call blocks, {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, dict literals, '/',
+ * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, '/',
  * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
  * them when compiling), tests and methods. Case mapping and strip() know
  * ASCII only.
@@ -238,7 +239,7 @@ typedef struct binding {
 
 enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, /* statements */
        E_LIT, E_NAME, E_LIST, E_ATTR, E_ITEM, E_SLICE, E_CALL, E_FILTER, E_TEST,
-       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN, E_KW };
+       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN, E_KW, E_DICT };
 
 typedef struct node node;
 struct node {
@@ -535,7 +536,7 @@ static bool lex(jx *x)
                 x->p = p + 2;
                 return true;
             }
-        if (!strchr("()[].,:|+-*/%~<>=", c) || !c)
+        if (!strchr("()[]{}.,:|+-*/%~<>=", c) || !c)
             return fail(x, p, JM_ERR_FORMAT,
                         c >= 0x20 && c < 0x7f ? "unsupported character '%c'" : "unsupported byte 0x%02x", c);
         t->op = c;
@@ -641,6 +642,17 @@ static node *primary(jx *x)
     } else if (is_op(&t, '[')) {
         n->kind = E_LIST;
         if (!expr_list(x, ']', &n->a)) return NULL;
+    } else if (is_op(&t, '{')) { /* {key: value, ...}: in a, key, value, key, value ... */
+        n->kind = E_DICT;
+        node **tail = &n->a;
+        while (!is_op(&x->t, '}')) {
+            node *k = expr(x), *v = k && expect_op(x, ':', "':'") ? expr(x) : NULL;
+            if (!v) return NULL;
+            k->next = v, *tail = k, tail = &v->next;
+            if (!is_op(&x->t, ',')) break;
+            if (!lex(x)) return NULL;
+        }
+        if (!expect_op(x, '}', "'}'")) return NULL;
     } else if (t.kind == T_END) {
         return fail(x, t.pos, JM_ERR_FORMAT, "expected an expression before the end of the tag"), NULL;
     } else {
@@ -1628,6 +1640,22 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
         for (const node *p = e->a; p; p = p->next)
             if (!eval(x, p, sc, &items[i++])) return false;
         *out = (value){.k = V_LIST, .a = items, .n = n};
+        return true;
+    }
+    case E_DICT: { /* a repeated key keeps its first place and takes the last value, as in Python */
+        size_t n = 0;
+        for (const node *p = e->a; p; p = p->next->next) n++;
+        value *kv = alloc(x, 2 * n * sizeof *kv + 1);
+        if (!kv) return false;
+        value d = {.k = V_DICT, .a = kv, .n = 0};
+        for (const node *p = e->a; p; p = p->next->next) {
+            if (!eval(x, p, sc, &a) || !eval(x, p->next, sc, &b)) return false;
+            if (a.k != V_STR) return fail(x, p->pos, JM_ERR_FORMAT, "dict keys must be strings, not %s", type_name(&a));
+            value *old = (value *)dict_get(&d, a.s, a.n);
+            if (old) *old = b;
+            else kv[2 * d.n] = a, kv[2 * d.n + 1] = b, d.n++;
+        }
+        *out = d;
         return true;
     }
     case E_ATTR: return eval(x, e->a, sc, &a) && get_attr(x, &a, e->name, e->len, e->pos, out);
