@@ -159,6 +159,76 @@ static int run_codec(const cli_command *self, int argc, char **argv)
     return rc;
 }
 
+/* ---- tokenizer chat ---- */
+
+typedef struct {
+    int no_generation_prompt, ids;
+} chat_tok_opts;
+
+static const cli_flag chat_tok_flags[] = {
+    {"--no-generation-prompt", {NULL}, FLAG_BOOL, offsetof(chat_tok_opts, no_generation_prompt),
+     .help = "render without add_generation_prompt (the assistant's turn is not opened)"},
+    {"--ids", {NULL}, FLAG_BOOL, offsetof(chat_tok_opts, ids),
+     .help = "print the token ids (BOS first, as the model sees them) instead of the text"},
+};
+
+static int run_chat_tok(const cli_command *self, int argc, char **argv);
+
+const cli_command cmd_tokenizer_chat = {
+    "tokenizer chat", "DIR", "stdin JSON conversation -> the chat template's text (or ids)",
+    "Reads a conversation as JSON on stdin, a list of messages or {\"messages\": [...], \"tools\":\n"
+    "[...]}, and prints it rendered with DIR's chat template (tokenizer_config.json, else JetMoE's\n"
+    "Zephyr format) as transformers' apply_chat_template does, with add_generation_prompt unless\n"
+    "--no-generation-prompt. A message's content is a string or a list of {\"type\": \"text\"}\n"
+    "parts (joined); \"tools\" reaches the template as `tools`. The text is printed as it is, with\n"
+    "no newline added; --ids prints the token ids instead, on one line.",
+    chat_tok_flags, (int)(sizeof chat_tok_flags / sizeof chat_tok_flags[0]), run_chat_tok};
+
+static int run_chat_tok(const cli_command *self, int argc, char **argv)
+{
+    chat_tok_opts o = {0};
+    const char *dir = NULL;
+    int rc = cli_parse(self, argc, argv, &o, &dir);
+    if (rc != CLI_RUN) return rc;
+    size_t n = 0, cap = 1 << 16;
+    char *json = malloc(cap);
+    for (size_t got; json && (got = fread(json + n, 1, cap - n, stdin)) > 0;) {
+        n += got;
+        if (n == cap) {
+            char *grown = realloc(json, cap *= 2);
+            if (!grown) free(json);
+            json = grown;
+        }
+    }
+    if (!json) return cli_error(self, "out of memory reading stdin");
+    if (ferror(stdin)) {
+        free(json);
+        return cli_error(self, "reading stdin failed");
+    }
+    jm_tokenizer *t;
+    jm_error err;
+    jm_status s = jm_tokenizer_load(dir, &t, &err);
+    if (s) {
+        free(json);
+        return cli_fail(self, s, &err);
+    }
+    char *text = NULL;
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    s = o.ids ? jm_chat_encode_json(t, json, n, !o.no_generation_prompt, &ids, &n_ids, &err)
+              : jm_chat_render_json(t, json, n, !o.no_generation_prompt, &text, &err);
+    free(json);
+    jm_tokenizer_free(t);
+    if (s) return cli_fail(self, s, &err);
+    if (text) fputs(text, stdout);
+    for (size_t i = 0; o.ids && i < n_ids; i++) printf(i ? " %d" : "%d", ids[i]);
+    if (o.ids) putchar('\n');
+    free(text);
+    free(ids);
+    if (fflush(stdout) != 0) return cli_error(self, "write to stdout failed");
+    return 0;
+}
+
 /* Splits flag's value "a,b,c" in place into at most max entries. An empty
  * entry ("a,,b", "a,") or one too many is an argument error, printed here:
  * returns the count, or -1. */

@@ -143,7 +143,8 @@ int cli_sampling_defaults(const cli_command *c, int argc, char **argv, const cha
 /* The commands, by family (cmd_model.c, cmd_data.c, cmd_train.c, cmd_infer.c, cmd_distill.c,
  * cmd_serve.c). */
 extern const cli_command cmd_info, cmd_forward, cmd_init, cmd_quantize;
-extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_train, cmd_prepare;
+extern const cli_command cmd_tokenizer_encode, cmd_tokenizer_decode, cmd_tokenizer_chat, cmd_tokenizer_train,
+    cmd_prepare;
 extern const cli_command cmd_pretrain;
 extern const cli_command cmd_sft;
 extern const cli_command cmd_dpo;

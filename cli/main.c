@@ -46,7 +46,7 @@ static const cli_command cmd_version = {
 
 static const cli_command *const commands[] = {
     &cmd_info,     &cmd_forward,  &cmd_init,  &cmd_tokenizer_encode, &cmd_tokenizer_decode,
-    &cmd_tokenizer_train,         &cmd_prepare, &cmd_pretrain, &cmd_sft, &cmd_dpo, &cmd_generate,
+    &cmd_tokenizer_chat, &cmd_tokenizer_train, &cmd_prepare, &cmd_pretrain, &cmd_sft, &cmd_dpo, &cmd_generate,
     &cmd_chat,     &cmd_eval,     &cmd_distill_sft, &cmd_distill_pairs, &cmd_quantize, &cmd_serve, &cmd_help,
     &cmd_version,
 };

@@ -756,6 +756,16 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
  * template becomes the EOS id, the text between is encoded. *ids is malloc'd. */
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          int32_t **ids, size_t *n_ids, jm_error *err);
+/* The same for a conversation as JSON text, as transformers' apply_chat_template
+ * takes it: a list of messages, or {"messages": [...], "tools": [...]}. A message
+ * is an object with a string "role" (any) and other fields passed to the template
+ * as they are; a "content" list of {"type": "text", "text": ...} parts is joined
+ * into one string (other part types are refused). "tools" reaches the template
+ * as `tools` (none when absent). Numbers must be integers. */
+jm_status jm_chat_render_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              char **text, jm_error *err);
+jm_status jm_chat_encode_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              int32_t **ids, size_t *n_ids, jm_error *err);
 
 /* ---- the OpenAI-compatible HTTP server (README: Serving) --------------- */
 

@@ -39,6 +39,7 @@ EXPECTED_FLAGS = {
     "init": ["--config", "--seed", "--overwrite"],
     "tokenizer encode": ["--model"],
     "tokenizer decode": ["--model"],
+    "tokenizer chat": ["--no-generation-prompt", "--ids"],
     "tokenizer train": ["--input", "--vocab-size", "--out", "--byte-fallback", "--threads", "--max-sentences",
                         "--overwrite"],
     "prepare": ["--tokenizer", "--input", "--out", "--threads", "--shard-tokens", "--overwrite", "--text-field",

@@ -505,6 +505,10 @@ static const char *const templates[] = {
     "{{ bos_token }}{%- for m in messages -%}\n  {%- if m.role == 'assistant' -%}{{ m.content ~ eos_token }}\n"
     "  {%- else -%}{{ '<' ~ m.role|upper ~ '>' ~ m['content'][:40] ~ '\\n' }}{%- endif -%}\n{%- endfor -%}\n"
     "{# a comment #}{{ messages|length }}{% if not loop is defined and messages[-1].role in ['user'] %}!{% endif %}",
+    "{%- for m in messages %}{{- m.role | tojson }}: {{ m | tojson(indent=2) }}{{ [m.content, 1, none, true] | "
+    "tojson }}\n{% endfor %}{{ messages[1:] | tojson(indent=4) }}",
+    "{%- set ns = namespace(sys='', n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.sys = m.content %}"
+    "{% else %}{% set ns.n = ns.n + 1 %}{{ m.role ~ ':' ~ m.content }}\n{% endif %}{% endfor %}{{ ns.sys }}{{ ns.n }}",
 };
 
 static const char *const jinja_tokens[] = {
@@ -514,7 +518,7 @@ static const char *const jinja_tokens[] = {
     "bos_token", "eos_token", "raise_exception('x')", "|trim", "|length", "|upper", "|lower", ".strip()",
     ".startswith('a')", "[1:]", "[::-1]", "[-1]", "[0]", "+", "~", "==", "!=", "%", "*", "(", ")", "[", "]", ",",
     "'", "\"", "\\n", "\\u00e9", "\\x41", "'x' * 3", "range(3)", "namespace(a=1)", ".items()", "{'a': 1}", "1",
-    "-1", "9999999999999999999", "\xff", "\xe2\x96\x81",
+    "-1", "9999999999999999999", "\xff", "\xe2\x96\x81", "|tojson", "|tojson(indent=2)",
 };
 
 static const jm_chat_message conversation[] = {

@@ -186,12 +186,12 @@ def run(suite, build, tmp):
 
 # ---------------------------------------------------------------- the official openai client
 
-def npm_ready():
-    """tests/node/node_modules from package-lock.json (npm ci) when missing -> None, or why not."""
+def npm_ready(package="openai"):
+    """tests/node/node_modules from package-lock.json (npm ci) when package is missing -> None, or why not."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         return "node/npm not installed (make setup installs them)"
-    if os.path.exists(os.path.join(NODE_DIR, "node_modules", "openai", "package.json")):
+    if os.path.exists(os.path.join(NODE_DIR, "node_modules", package, "package.json")):
         return None
     try:
         p = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,

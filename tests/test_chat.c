@@ -201,15 +201,19 @@ static void test_jinja(void)
         {"jinja_raise_exception", "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
          JM_ERR_ARG, "chat template: System role not supported"},
         {"jinja_unsupported_tag", "ab\n {% macro m() %}x{% endmacro %}", JM_ERR_FORMAT, "line 2 col 2: unsupported tag {% macro %}"},
-        {"jinja_unsupported_filter", "{{ messages|tojson }}", JM_ERR_FORMAT, "col 13: unsupported filter 'tojson'"},
+        {"jinja_unsupported_filter", "{{ messages|selectattr }}", JM_ERR_FORMAT, "col 13: unsupported filter 'selectattr'"},
         {"jinja_unknown_filter_untaken_branch", "{% if false %}{{ x|nope }}{% endif %}", JM_ERR_FORMAT,
          "unsupported filter 'nope'"},
-        {"jinja_unsupported_namespace", "{% set ns = namespace(x=1) %}", JM_ERR_FORMAT, "keyword arguments are not supported"},
-        {"jinja_unsupported_set_attr", "{% set ns.x = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} is supported"},
+        {"jinja_namespace_positional", "{% set ns = namespace(1) %}", JM_ERR_FORMAT,
+         "col 23: namespace() takes keyword arguments only"},
+        {"jinja_unsupported_set_attr", "{% set ns.x.y = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} and"},
+        {"jinja_set_attr_of_list", "{% set m = messages %}{% set m.x = 1 %}", JM_ERR_FORMAT,
+         "col 23: cannot set attribute 'x' of list (only of a namespace())"},
         {"jinja_unsupported_unpacking", "{% for k, v in x %}{% endfor %}", JM_ERR_FORMAT, "unpacking in for loops"},
         {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
-        {"jinja_unsupported_dict_literal", "{{ {'a': 1} }}", JM_ERR_FORMAT, "unsupported character '{'"},
+        {"jinja_dict_key_not_string", "{{ {1: 1} }}", JM_ERR_FORMAT, "col 5: dict keys must be strings, not int"},
+        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "expected '}'"},
         {"jinja_unsupported_float", "{{ 1.5 }}", JM_ERR_FORMAT, "float literals are not supported"},
         {"jinja_unsupported_division", "{{ 1 / 2 }}", JM_ERR_FORMAT, "'/' is not supported"},
         {"jinja_unterminated_output", "a {{ 'x' ", JM_ERR_FORMAT, "line 1 col 3: unterminated {{ ... }}"},
@@ -274,6 +278,65 @@ static void test_renders_nothing(void)
                  JM_ERR_CONFIG, "rendered nothing");
     /* no messages: nothing to lose */
     render_is("render_nothing_no_messages", "{# nothing #}", NULL, 0, 1, "");
+}
+
+/* ---- conversations as JSON (jm_chat_render_json: tokenizer chat) ---- */
+
+static void json_is(const char *name, const char *tmpl, const char *json, const char *want)
+{
+    jm_tokenizer t = fake(tmpl);
+    jm_error err = {{0}};
+    char *got = NULL, a[1024], b[1024];
+    jm_status s = jm_chat_render_json(&t, json, strlen(json), 1, &got, &err);
+    if (s) check(false, name, "render failed: %s", err.msg);
+    else check(strcmp(got, want) == 0, name, "got \"%s\", want \"%s\"", shown(got, a, sizeof a), shown(want, b, sizeof b));
+    free(got);
+}
+
+static void json_fails(const char *name, const char *json, const char *msg_part)
+{
+    jm_tokenizer t = fake("{{ messages }}");
+    jm_error err = {{0}};
+    char *got = NULL;
+    jm_status s = jm_chat_render_json(&t, json, strlen(json), 1, &got, &err);
+    check(s == JM_ERR_ARG && got == NULL && strstr(err.msg, msg_part), name, "status %s, message \"%s\"; want %s",
+          jm_status_name(s), err.msg, msg_part);
+    free(got);
+}
+
+static void test_json(void)
+{
+    const char *roles = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}";
+    json_is("json_list", roles, "[{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"tool\", \"content\": \"42\"}]",
+            "[user:hi][tool:42]");
+    json_is("json_text_parts", roles,
+            "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"a \"}, "
+            "{\"type\": \"text\", \"text\": \"b\"}]}]}",
+            "[user:a b]");
+    json_is("json_tools", "{% for t in tools %}{{ t.name }}{{ t.args }};{% endfor %}{{ messages[0].extra }}",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"x\", \"extra\": null}], "
+            "\"tools\": [{\"name\": \"f\", \"args\": [1, true, \"s\"]}, {\"name\": \"g\"}]}",
+            "f[1, True, 's'];g;None");
+    json_is("json_no_tools", "{{ tools is none }}", "[]", "True");
+    json_is("json_tojson", "{{ tools | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ [] | tojson(indent=2) }}",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"a\\\"\\u0001\u00e9\"}], "
+            "\"tools\": [{\"f\": [1, true, null]}]}",
+            "[{\"f\": [1, true, null]}]|{\n  \"role\": \"user\",\n  \"content\": \"a\\\"\\u0001\u00e9\"\n}|[]");
+    json_is("json_tojson_indent0", "{{ [1, [2]] | tojson(indent=0) }}", "[]", "[\n1,\n[\n2\n]\n]");
+    render_fails("tojson_positional", "{{ messages | tojson(2) }}", conv3, 1, JM_ERR_FORMAT,
+                 "line 1 col 22: tojson takes one keyword argument, indent=N");
+    render_fails("kwarg_elsewhere", "{{ 'a'.split(sep='b') }}", conv3, 1, JM_ERR_FORMAT,
+                 "line 1 col 14: keyword argument 'sep' is not supported here");
+    render_is("namespace", "{% set ns = namespace(n=0, s='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+              "{% set ns.s = ns.s ~ m.role[0] %}{% set ns.added = loop.index %}{% endfor %}{{ ns.n }}{{ ns.s }}{{ ns.added }}"
+              "{{ ns.missing is defined }}", conv3, 3, 1, "3sua3False");
+    render_is("dict_literal", "{% set d = {'b': 1, 'a': [2], 'b': 3} %}{{ d }} {{ d.a[0] }} {{ d['b'] }} {{ {} | length }}",
+              conv3, 1, 1, "{'b': 3, 'a': [2]} 2 3 0");
+    json_fails("json_image_part", "[{\"role\": \"user\", \"content\": [{\"type\": \"image\"}]}]",
+               "only {\"type\": \"text\"");
+    json_fails("json_no_role", "[{\"content\": \"x\"}]", "message 0 is not an object with a string \"role\"");
+    json_fails("json_not_list", "{\"tools\": []}", "expected a list of messages");
+    json_fails("json_float", "{\"messages\": [], \"tools\": [1.5]}", "only integers");
 }
 
 /* ---- real-world templates from Hugging Face tokenizer_config.json files ---- */
@@ -616,6 +679,7 @@ int main(void)
     test_jinja();
     test_bounds();
     test_renders_nothing();
+    test_json();
     test_real_templates();
 
     char dir[] = "/tmp/jm_test_chat_XXXXXX";

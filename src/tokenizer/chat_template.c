@@ -23,16 +23,22 @@
  *   and, or, not, a if c else b, x is [not] defined/undefined/none/string/
  *   number/integer/boolean/true/false/mapping/sequence/iterable/odd/even;
  *   filters trim, length, count, upper, lower, first, last, default (d),
- *   string; string methods strip, lstrip, rstrip, upper, lower, startswith,
+ *   string, tojson and tojson(indent=N) (transformers' own: json.dumps with
+ *   ensure_ascii=False, keys in order); string methods strip, lstrip, rstrip, upper, lower, startswith,
  *   endswith, split, replace; dict.get; raise_exception(msg).
  * Values: undefined, none, bool, int, string, list, dict (the Python/Jinja
  * semantics: truthiness, True == 1, code-point string indexing, Python
  * repr() when a list is printed). Undefined behaves as Jinja's default: it
  * prints as "", tests false and iterates as empty, but using it in
  * arithmetic or reading an attribute of it is an error, as in Jinja.
+ * Values also come from JSON (jm_chat_render_json: messages with any fields,
+ * tools), lists and dicts of them.
+ * namespace(name=value, ...) and {% set ns.name = value %} (the one value a
+ * template can change, so that a loop can leave results behind).
+ * Dict literals {'key': value} (string keys).
  * Not supported (an error naming the construct and its line/column): macros,
- * call blocks, namespace(), {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments, test arguments, floats, dict literals, '/',
+ * call blocks, {% set %} blocks, tuples and unpacking, loop
+ * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, '/',
  * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
  * them when compiling), tests and methods. Case mapping and strip() know
  * ASCII only.
@@ -64,12 +70,15 @@ const char jm_default_chat_template[] =
 #define DEPTH_MAX 200                 /* nesting of blocks, expressions and values */
 #define CHUNK ((size_t)64 << 10)
 
-static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
-                        const char *bos, const char *eos, char **text, jm_error *err);
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
+                        bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err);
 
 /* ---- rendering and encoding ---- */
 
 /* t may be NULL: the default template with </s> and <s>. */
+static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
+                             int add_generation_prompt, char **text, jm_error *err);
+
 jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          char **text, jm_error *err)
 {
@@ -83,9 +92,16 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
                            r ? r : "(null)");
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
+    return render_with(t, msgs, n, NULL, add_generation_prompt, text, err);
+}
+
+/* conv: the parsed JSON conversation (a list of messages, or {"messages", "tools"}), or NULL: msgs. */
+static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
+                             int add_generation_prompt, char **text, jm_error *err)
+{
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
     const char *from = t && t->chat_template && t->template_source[0] ? t->template_source : NULL;
-    jm_status s = render(tmpl, msgs, n, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
+    jm_status s = render(tmpl, msgs, n, conv, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
     if (s && from) { /* the file the template came from, before where in it */
         char inner[sizeof err->msg];
         snprintf(inner, sizeof inner, "%s", err->msg);
@@ -98,6 +114,8 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
     return s;
 }
 
+static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, size_t *n_ids, jm_error *err);
+
 jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          int32_t **ids, size_t *n_ids, jm_error *err)
 {
@@ -105,7 +123,72 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
     if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
     char *text = NULL;
     jm_status s = jm_chat_render(t, msgs, n, add_generation_prompt, &text, err);
+    return s ? s : encode_text(t, text, ids, n_ids, err);
+}
+
+/* A conversation as JSON text: a list of messages, or {"messages": [...], "tools": [...]}. */
+static jm_status parse_conv(const char *json, size_t len, cJSON **conv, jm_error *err)
+{
+    jm_status s = jm_json_parse(json, len, "conversation", conv, err);
+    if (!s) s = jm_json_no_nul(json, len, "conversation", err);
+    const cJSON *m = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "messages") : *conv;
+    const cJSON *tools = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "tools") : NULL;
+    if (!s && !cJSON_IsArray(m))
+        s = jm_fail(err, JM_ERR_ARG, "conversation: expected a list of messages or {\"messages\": [...]}");
+    if (!s && tools && !cJSON_IsArray(tools) && !cJSON_IsNull(tools))
+        s = jm_fail(err, JM_ERR_ARG, "conversation: \"tools\" must be a list");
+    int i = 0;
+    for (const cJSON *msg = s ? NULL : m->child; msg; msg = msg->next, i++) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+        const cJSON *content = cJSON_GetObjectItemCaseSensitive(msg, "content");
+        if (!cJSON_IsObject(msg) || !cJSON_IsString(role)) {
+            s = jm_fail(err, JM_ERR_ARG, "conversation: message %d is not an object with a string \"role\"", i);
+            break;
+        }
+        int k = 0;
+        for (const cJSON *part = cJSON_IsArray(content) ? content->child : NULL; part; part = part->next, k++) {
+            const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+            if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") ||
+                !cJSON_IsString(cJSON_GetObjectItemCaseSensitive(part, "text"))) {
+                s = jm_fail(err, JM_ERR_ARG,
+                            "conversation: message %d content part %d: only {\"type\": \"text\", \"text\": ...} "
+                            "parts are supported (got type %.40s)", i, k,
+                            cJSON_IsString(type) ? type->valuestring : "(none)");
+                break;
+            }
+        }
+        if (s) break;
+    }
+    if (s) cJSON_Delete(*conv), *conv = NULL;
+    return s;
+}
+
+jm_status jm_chat_render_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              char **text, jm_error *err)
+{
+    *text = NULL;
+    cJSON *conv;
+    jm_status s = parse_conv(json, len, &conv, err);
     if (s) return s;
+    s = render_with(t, NULL, 0, conv, add_generation_prompt, text, err);
+    cJSON_Delete(conv);
+    return s;
+}
+
+jm_status jm_chat_encode_json(const jm_tokenizer *t, const char *json, size_t len, int add_generation_prompt,
+                              int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    *ids = NULL, *n_ids = 0;
+    if (!t) return jm_fail(err, JM_ERR_ARG, "chat: no tokenizer");
+    char *text = NULL;
+    jm_status s = jm_chat_render_json(t, json, len, add_generation_prompt, &text, err);
+    return s ? s : encode_text(t, text, ids, n_ids, err);
+}
+
+/* text (rendered, freed here) -> ids */
+static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, size_t *n_ids, jm_error *err)
+{
+    jm_status s;
     int32_t *body = NULL;
     size_t nb = 0;
     s = jm_tokenizer_encode_special(t, text, strlen(text), &body, &nb, err);
@@ -129,15 +212,22 @@ jm_status jm_chat_encode(const jm_tokenizer *t, const jm_chat_message *msgs, int
 
 /* ==== the Jinja2 subset ==== */
 
-typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP } vkind;
+typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS } vkind;
 
 typedef struct value value;
+typedef struct nsobj nsobj;
 struct value {
     vkind k;
     int64_t i;      /* bool, int; loop: index0 */
     const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by */
     size_t n;       /* str: bytes; list: items; dict: pairs; loop: length */
     const value *a; /* list: items; dict: key, value, key, value ...; loop: the items */
+    nsobj *ns;      /* namespace(): the one value templates can change ({% set ns.x = ... %}) */
+};
+
+struct nsobj {
+    size_t n, cap;
+    value *kv; /* name, value, name, value ... */
 };
 
 typedef struct binding {
@@ -149,7 +239,7 @@ typedef struct binding {
 
 enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, /* statements */
        E_LIT, E_NAME, E_LIST, E_ATTR, E_ITEM, E_SLICE, E_CALL, E_FILTER, E_TEST,
-       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN };
+       E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN, E_KW, E_DICT };
 
 typedef struct node node;
 struct node {
@@ -269,7 +359,8 @@ static value str_val(const char *s, size_t n) { return (value){.k = V_STR, .s = 
 
 static const char *type_name(const value *v)
 {
-    static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext"};
+    static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext",
+                                        "Namespace"};
     return names[v->k];
 }
 
@@ -445,7 +536,7 @@ static bool lex(jx *x)
                 x->p = p + 2;
                 return true;
             }
-        if (!strchr("()[].,:|+-*/%~<>=", c) || !c)
+        if (!strchr("()[]{}.,:|+-*/%~<>=", c) || !c)
             return fail(x, p, JM_ERR_FORMAT,
                         c >= 0x20 && c < 0x7f ? "unsupported character '%c'" : "unsupported byte 0x%02x", c);
         t->op = c;
@@ -504,7 +595,13 @@ static bool expr_list(jx *x, int close, node **head)
     while (!is_op(&x->t, close)) {
         node *e = expr(x);
         if (!e) return false;
-        if (is_op(&x->t, '=')) return fail(x, x->t.pos, JM_ERR_FORMAT, "keyword arguments are not supported");
+        if (is_op(&x->t, '=')) { /* name=value: only tojson takes one (indent); the others fail when called */
+            if (e->kind != E_NAME || close != ')')
+                return fail(x, x->t.pos, JM_ERR_FORMAT, "expected a name before '='");
+            node *kw = mk(x, E_KW, e->pos);
+            if (!kw || !lex(x) || !(kw->a = expr(x))) return false;
+            kw->name = e->name, kw->len = e->len, e = kw;
+        }
         *tail = e, tail = &e->next;
         if (!is_op(&x->t, ',')) break;
         if (!lex(x)) return false;
@@ -545,6 +642,17 @@ static node *primary(jx *x)
     } else if (is_op(&t, '[')) {
         n->kind = E_LIST;
         if (!expr_list(x, ']', &n->a)) return NULL;
+    } else if (is_op(&t, '{')) { /* {key: value, ...}: in a, key, value, key, value ... */
+        n->kind = E_DICT;
+        node **tail = &n->a;
+        while (!is_op(&x->t, '}')) {
+            node *k = expr(x), *v = k && expect_op(x, ':', "':'") ? expr(x) : NULL;
+            if (!v) return NULL;
+            k->next = v, *tail = k, tail = &v->next;
+            if (!is_op(&x->t, ',')) break;
+            if (!lex(x)) return NULL;
+        }
+        if (!expect_op(x, '}', "'}'")) return NULL;
     } else if (t.kind == T_END) {
         return fail(x, t.pos, JM_ERR_FORMAT, "expected an expression before the end of the tag"), NULL;
     } else {
@@ -591,7 +699,7 @@ static node *postfix(jx *x, node *n)
 }
 
 static const char *const filter_names[] = {"trim", "length", "count", "upper", "lower", "first", "last",
-                                           "default", "d", "string", NULL};
+                                           "default", "d", "string", "tojson", NULL};
 static const char *const test_names[] = {"defined", "undefined", "none", "string", "number",
                                          "integer", "boolean", "true", "false", "mapping",
                                          "sequence", "iterable", "odd", "even", NULL};
@@ -816,8 +924,14 @@ static node *statement(jx *x, size_t pos)
         n->name = x->t.s, n->len = x->t.n;
         if (!lex(x)) return NULL;
         if (x->t.kind == T_END) return fail(x, pos, JM_ERR_FORMAT, "{%% set %%} blocks are not supported"), NULL;
+        if (is_op(&x->t, '.')) { /* set ns.attr = value: lit holds the attribute's name */
+            if (!lex(x) || !expect_name(x, "an attribute name after '.'")) return NULL;
+            n->op = 1, n->lit = str_val(x->t.s, x->t.n);
+            if (!lex(x)) return NULL;
+        }
         if (is_op(&x->t, '.') || is_op(&x->t, ','))
-            return fail(x, x->t.pos, JM_ERR_FORMAT, "only {%% set name = value %%} is supported"), NULL;
+            return fail(x, x->t.pos, JM_ERR_FORMAT, "only {%% set name = value %%} and {%% set ns.attr = value %%} "
+                        "are supported"), NULL;
         if (!expect_op(x, '=', "'='") || !(n->a = expr(x)) || !expect_end(x)) return NULL;
         return n;
     }
@@ -885,7 +999,8 @@ static bool truthy(const value *v)
     case V_STR:
     case V_LIST:
     case V_DICT: return v->n != 0;
-    case V_LOOP: return true;
+    case V_LOOP:
+    case V_NS: return true;
     default: return false;
     }
 }
@@ -944,6 +1059,7 @@ static bool write_val(jx *x, sbuf *b, const value *v, bool repr, int depth)
         return !x->st;
     case V_LOOP:
         return put(x, b, num, (size_t)snprintf(num, sizeof num, "<LoopContext %lld/%zu>", (long long)v->i + 1, v->n));
+    case V_NS: return put(x, b, "<Namespace>", 11);
     case V_LIST:
     case V_DICT: {
         bool list = v->k == V_LIST;
@@ -1003,6 +1119,7 @@ static bool eq(const value *a, const value *b, int depth)
         }
         return true;
     case V_LOOP: return a == b;
+    case V_NS: return a->ns == b->ns;
     default: return true; /* none, undefined */
     }
 }
@@ -1021,8 +1138,9 @@ static bool get_attr(jx *x, const value *obj, const char *name, size_t n, size_t
 {
     if (is_undefined(x, obj, pos)) return false;
     *out = undefined(name, n);
-    if (obj->k == V_DICT) {
-        const value *v = dict_get(obj, name, n);
+    if (obj->k == V_DICT || obj->k == V_NS) {
+        const value d = {.k = V_DICT, .a = obj->ns ? obj->ns->kv : obj->a, .n = obj->ns ? obj->ns->n : obj->n};
+        const value *v = dict_get(&d, name, n);
         if (v) *out = *v;
     } else if (obj->k == V_LOOP) {
         int64_t i = obj->i, len = (int64_t)obj->n;
@@ -1252,12 +1370,81 @@ static bool length(jx *x, const value *v, size_t pos, value *out)
     return true;
 }
 
+/* JSON as transformers' tojson writes it (json.dumps(ensure_ascii=False), separators ", " and ": ",
+ * keys in their order) and @huggingface/jinja too; indent >= 0: one item a line, as json.dumps(indent=)
+ * (which breaks the lines for indent=0 too, where JavaScript's JSON.stringify does not). */
+static bool write_json(jx *x, sbuf *b, const value *v, int64_t indent, int level)
+{
+    char num[32];
+    if (level > DEPTH_MAX) return fail(x, SIZE_MAX, JM_ERR_FORMAT, "value nested more than %d deep", DEPTH_MAX);
+    switch (v->k) {
+    case V_NONE: return put(x, b, "null", 4);
+    case V_BOOL: return v->i ? put(x, b, "true", 4) : put(x, b, "false", 5);
+    case V_INT: return put(x, b, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)v->i));
+    case V_STR:
+        put(x, b, "\"", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            unsigned char c = (unsigned char)v->s[i];
+            const char *e = c == '"' ? "\\\"" : c == '\\' ? "\\\\" : c == '\n' ? "\\n" : c == '\r' ? "\\r"
+                          : c == '\t' ? "\\t" : c == '\b' ? "\\b" : c == '\f' ? "\\f" : NULL;
+            if (e) put(x, b, e, 2);
+            else if (c < 0x20) put(x, b, num, (size_t)snprintf(num, sizeof num, "\\u%04x", c));
+            else put(x, b, v->s + i, 1);
+        }
+        return put(x, b, "\"", 1);
+    case V_LIST:
+    case V_DICT: {
+        bool list = v->k == V_LIST;
+        put(x, b, list ? "[" : "{", 1);
+        for (size_t i = 0; i < v->n; i++) {
+            if (i) put(x, b, indent >= 0 ? "," : ", ", indent >= 0 ? 1 : 2);
+            if (indent >= 0) {
+                put(x, b, "\n", 1);
+                for (int64_t k = 0; k < indent * (level + 1); k++) put(x, b, " ", 1);
+            }
+            if (!list && (!write_json(x, b, &v->a[2 * i], indent, level + 1) || !put(x, b, ": ", 2))) return false;
+            if (!write_json(x, b, &v->a[list ? i : 2 * i + 1], indent, level + 1)) return false;
+        }
+        if (indent >= 0 && v->n) {
+            put(x, b, "\n", 1);
+            for (int64_t k = 0; k < indent * level; k++) put(x, b, " ", 1);
+        }
+        return put(x, b, list ? "]" : "}", 1);
+    }
+    default: return fail(x, SIZE_MAX, JM_ERR_FORMAT, "tojson of a %s", type_name(v));
+    }
+}
+
+static bool tojson(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v, indent = {.k = V_NONE};
+    int n = 0;
+    if (!eval(x, e->a, sc, &v)) return false;
+    for (const node *a = e->b; a; a = a->next, n++) {
+        /* transformers' tojson(ensure_ascii=False, indent=None, ...): only indent= is supported */
+        if (n || a->kind != E_KW || !eq_name(a->name, a->len, "indent"))
+            return fail(x, a->pos, JM_ERR_FORMAT, "tojson takes one keyword argument, indent=N");
+        if (!eval(x, a->a, sc, &indent)) return false;
+    }
+    if (indent.k != V_NONE && (indent.k != V_INT || indent.i < 0 || indent.i > 64))
+        return fail(x, e->pos, JM_ERR_FORMAT, "tojson: indent must be an integer from 0 to 64");
+    sbuf b = {0};
+    bool ok = write_json(x, &b, &v, indent.k == V_INT ? indent.i : -1, 0);
+    char *s = ok && b.n ? alloc(x, b.n) : NULL;
+    if (s) memcpy(s, b.p, b.n);
+    free(b.p);
+    if (!ok || !s) return false;
+    *out = str_val(s, b.n);
+    return true;
+}
+
 static bool filter(jx *x, const node *e, const binding *sc, value *out)
 {
     value v, arg[2];
     const char *f = e->name;
     size_t fl = e->len;
     int na;
+    if (eq_name(f, fl, "tojson")) return tojson(x, e, sc, out);
     if (!eval(x, e->a, sc, &v) || (na = eval_args(x, e->b, sc, arg, 2, f, fl)) < 0) return false;
     int max_args = eq_name(f, fl, "default") || eq_name(f, fl, "d") ? 2 : eq_name(f, fl, "trim") ? 1 : 0;
     if (na > max_args) return fail(x, e->pos, JM_ERR_FORMAT, "too many arguments to filter '%.*s'", (int)fl, f);
@@ -1341,6 +1528,23 @@ static bool replace(jx *x, const value *s, const value *from, const value *to, s
     return !x->st;
 }
 
+/* ns.name = *v */
+static bool ns_set(jx *x, nsobj *ns, const char *name, size_t n, const value *v)
+{
+    for (size_t i = 0; i < ns->n; i++)
+        if (ns->kv[2 * i].n == n && memcmp(ns->kv[2 * i].s, name, n) == 0) return ns->kv[2 * i + 1] = *v, true;
+    if (ns->n == ns->cap) { /* the arena never frees: grow by doubling, the old array left behind */
+        size_t cap = ns->cap ? 2 * ns->cap : 4;
+        value *kv = alloc(x, 2 * cap * sizeof *kv);
+        if (!kv) return false;
+        if (ns->n) memcpy(kv, ns->kv, 2 * ns->n * sizeof *kv);
+        ns->kv = kv, ns->cap = cap;
+    }
+    ns->kv[2 * ns->n] = str_val(name, n), ns->kv[2 * ns->n + 1] = *v;
+    ns->n++;
+    return true;
+}
+
 static bool call(jx *x, const node *e, const binding *sc, value *out)
 {
     const node *f = e->a;
@@ -1353,6 +1557,17 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
         jm_fail(x->err, JM_ERR_ARG, "chat template: %.*s", na ? (int)(arg[0].n < 400 ? arg[0].n : 400) : 9,
                 na ? arg[0].s : "exception");
         return false;
+    }
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "namespace")) { /* keyword arguments only */
+        nsobj *ns = alloc(x, sizeof *ns);
+        if (!ns) return false;
+        for (const node *a = e->b; a; a = a->next) {
+            if (a->kind != E_KW) return fail(x, a->pos, JM_ERR_FORMAT, "namespace() takes keyword arguments only");
+            value v;
+            if (!eval(x, a->a, sc, &v) || !ns_set(x, ns, a->name, a->len, &v)) return false;
+        }
+        *out = (value){.k = V_NS, .ns = ns};
+        return true;
     }
     if (f->kind == E_NAME)
         return fail(x, e->pos, JM_ERR_FORMAT, "unsupported function call '%.*s'", (int)(f->len < 40 ? f->len : 40),
@@ -1427,6 +1642,22 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
         *out = (value){.k = V_LIST, .a = items, .n = n};
         return true;
     }
+    case E_DICT: { /* a repeated key keeps its first place and takes the last value, as in Python */
+        size_t n = 0;
+        for (const node *p = e->a; p; p = p->next->next) n++;
+        value *kv = alloc(x, 2 * n * sizeof *kv + 1);
+        if (!kv) return false;
+        value d = {.k = V_DICT, .a = kv, .n = 0};
+        for (const node *p = e->a; p; p = p->next->next) {
+            if (!eval(x, p, sc, &a) || !eval(x, p->next, sc, &b)) return false;
+            if (a.k != V_STR) return fail(x, p->pos, JM_ERR_FORMAT, "dict keys must be strings, not %s", type_name(&a));
+            value *old = (value *)dict_get(&d, a.s, a.n);
+            if (old) *old = b;
+            else kv[2 * d.n] = a, kv[2 * d.n + 1] = b, d.n++;
+        }
+        *out = d;
+        return true;
+    }
     case E_ATTR: return eval(x, e->a, sc, &a) && get_attr(x, &a, e->name, e->len, e->pos, out);
     case E_ITEM: return eval(x, e->a, sc, &a) && eval(x, e->b, sc, &b) && get_item(x, &a, &b, e->pos, out);
     case E_SLICE: {
@@ -1461,6 +1692,9 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
         *out = undefined("if-expression", 13);
         return true;
     case E_BIN: return eval(x, e->a, sc, &a) && eval(x, e->b, sc, &b) && binop(x, e, &a, &b, out);
+    case E_KW:
+        return fail(x, e->pos, JM_ERR_FORMAT, "keyword argument '%.*s' is not supported here",
+                    (int)(e->len < 40 ? e->len : 40), e->name);
     }
     return fail(x, e->pos, JM_ERR_FORMAT, "internal: bad expression node %d", e->kind);
 }
@@ -1516,6 +1750,16 @@ static int exec(jx *x, const node *s, const binding **sc)
             break;
         case S_FOR: r = exec_for(x, s, *sc); break;
         case S_SET: {
+            if (s->op == 1) { /* ns.attr = value */
+                value ns;
+                const node name = {.kind = E_NAME, .pos = s->pos, .name = s->name, .len = s->len};
+                if (!eval(x, &name, *sc, &ns) || !eval(x, s->a, *sc, &v)) return X_ERR;
+                if (ns.k != V_NS)
+                    return fail(x, s->pos, JM_ERR_FORMAT, "cannot set attribute '%.*s' of %s (only of a namespace())",
+                                (int)(s->lit.n < 40 ? s->lit.n : 40), s->lit.s, type_name(&ns)) ? X_ERR : X_ERR;
+                if (!ns_set(x, ns.ns, s->lit.s, s->lit.n, &v)) return X_ERR;
+                break;
+            }
             binding *b = alloc(x, sizeof *b);
             if (!b || !eval(x, s->a, *sc, &b->v)) return X_ERR;
             b->name = s->name, b->len = s->len, b->up = *sc;
@@ -1539,8 +1783,57 @@ static binding *bind(jx *x, const binding *up, const char *name, value v)
     return b;
 }
 
-static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bool add_generation_prompt,
-                        const char *bos, const char *eos, char **text, jm_error *err)
+/* A JSON value as a template value; a message's list of text parts is joined into one string. */
+static bool from_json(jx *x, const cJSON *j, value *v, int depth)
+{
+    if (depth > DEPTH_MAX) return fail(x, SIZE_MAX, JM_ERR_ARG, "JSON nested more than %d deep", DEPTH_MAX);
+    if (cJSON_IsNull(j)) *v = (value){.k = V_NONE};
+    else if (cJSON_IsBool(j)) *v = (value){.k = V_BOOL, .i = cJSON_IsTrue(j)};
+    else if (cJSON_IsString(j)) *v = str_val(j->valuestring, strlen(j->valuestring));
+    else if (cJSON_IsNumber(j)) {
+        double d = j->valuedouble;
+        if (!(d >= -9007199254740992.0 && d <= 9007199254740992.0) || d != (double)(int64_t)d)
+            return fail(x, SIZE_MAX, JM_ERR_ARG, "the JSON number %g: only integers are supported", d);
+        *v = (value){.k = V_INT, .i = (int64_t)d};
+    } else {
+        bool obj = cJSON_IsObject(j);
+        size_t n = (size_t)cJSON_GetArraySize(j), i = 0;
+        value *a = alloc(x, (obj ? 2 : 1) * n * sizeof *a + 1);
+        if (!a) return false;
+        for (const cJSON *c = j->child; c; c = c->next, i++) {
+            if (obj) a[2 * i] = str_val(c->string, strlen(c->string));
+            if (!from_json(x, c, &a[obj ? 2 * i + 1 : i], depth + 1)) return false;
+        }
+        *v = (value){.k = obj ? V_DICT : V_LIST, .a = a, .n = n};
+    }
+    return true;
+}
+
+static bool json_messages(jx *x, const cJSON *conv, value *messages, value *tools)
+{
+    const cJSON *m = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
+    const cJSON *t = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "tools") : NULL;
+    *tools = (value){.k = V_NONE}; /* transformers passes tools=None when there are none */
+    if ((t && !from_json(x, t, tools, 0)) || !from_json(x, m, messages, 0)) return false;
+    for (size_t i = 0; i < messages->n; i++) {
+        value *c = (value *)dict_get(&messages->a[i], "content", 7);
+        if (!c || c->k != V_LIST) continue;
+        sbuf b = {0};
+        for (size_t k = 0; k < c->n; k++) {
+            const value *text = dict_get(&c->a[k], "text", 4);
+            put(x, &b, text->s, text->n);
+        }
+        char *s = !x->st && b.n ? alloc(x, b.n) : NULL;
+        if (s) memcpy(s, b.p, b.n);
+        free(b.p);
+        if (x->st) return false;
+        *c = str_val(s ? s : "", s ? b.n : 0);
+    }
+    return true;
+}
+
+static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
+                        bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err)
 {
     jx x = {.err = err, .line_start = true};
     size_t tl = strlen(tmpl);
@@ -1565,7 +1858,9 @@ static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, bo
             kv[2] = str_val("content", 7), kv[3] = str_val(msgs[i].content, strlen(msgs[i].content));
             list[i] = (value){.k = V_DICT, .a = kv, .n = 2};
         }
-        if (!x.st) sc = bind(&x, sc, "messages", (value){.k = V_LIST, .a = list, .n = (size_t)n});
+        value messages = {.k = V_LIST, .a = list, .n = (size_t)n}, tools;
+        if (conv && !x.st && json_messages(&x, conv, &messages, &tools)) sc = bind(&x, sc, "tools", tools);
+        if (!x.st) sc = bind(&x, sc, "messages", messages);
         if (sc) sc = bind(&x, sc, "add_generation_prompt", (value){.k = V_BOOL, .i = add_generation_prompt});
         if (sc && eos) sc = bind(&x, sc, "eos_token", str_val(eos, strlen(eos)));
         if (sc && bos) sc = bind(&x, sc, "bos_token", str_val(bos, strlen(bos)));
