@@ -197,8 +197,9 @@ def reference_batch(d, name, jobs):
     return start([PY, ALIGN, "batch", path])
 
 
-def batch_results(p, timeout=300):
-    """-> ({id: (rc, stdout, stderr)}, why the batch itself failed or "")."""
+def batch_results(p, timeout=300, tool="align_ref.py"):
+    """-> ({id: (rc, stdout, stderr)}, why the batch itself failed or "") of a
+    reference's `batch` command (tests/ref/jetmoe_ref.py run_batch)."""
     rc, out, err = finish(p, timeout)
     res = {}
     for line in out.splitlines():
@@ -207,7 +208,7 @@ def batch_results(p, timeout=300):
             res[r["id"]] = (r["rc"], r["stdout"], r["stderr"])
         except (ValueError, KeyError, TypeError):
             pass
-    return res, ("" if rc == 0 else f"align_ref.py batch exit {rc}: {err.strip()[-500:]}")
+    return res, ("" if rc == 0 else f"{tool} batch exit {rc}: {err.strip()[-500:]}")
 
 
 def flat_grads(d):

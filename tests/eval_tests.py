@@ -35,6 +35,7 @@ import subprocess
 import time
 
 from testlib import sanitizer_report
+import align_ref_tests  # batch_results: a reference batch's results
 from align_ref_tests import finish, start  # a process, and its output with a timeout
 import train_tests  # its write_shard (attribute looked up at call time: train_tests imports run_tests)
 
@@ -112,15 +113,7 @@ def batch(d, name, jobs):
 
 
 def batch_results(p):
-    rc, out, err = finish(p)
-    res = {}
-    for line in out.splitlines():
-        try:
-            r = json.loads(line)
-            res[r["id"]] = (r["rc"], r["stdout"], r["stderr"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    return res, ("" if rc == 0 else f"eval_ref.py batch exit {rc}: {err.strip()[-500:]}")
+    return align_ref_tests.batch_results(p, tool="eval_ref.py")
 
 
 def read_lines(path):
