@@ -33,6 +33,21 @@ static double peak_rss_mb(void)
     return ru.ru_maxrss / 1024.0; /* Linux: KB */
 }
 
+/* MB of this process's memory mapped with 2 MB pages: file pages (a
+ * checkpoint's mapping, FilePmdMapped) and anonymous ones (weights copied to
+ * memory, AnonHugePages). Behind 4 KB pages a virtual machine's address
+ * translation can bound decoding well below the memory's bandwidth. */
+static double huge_mapped_mb(void)
+{
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    double kb = 0, v;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "FilePmdMapped: %lf", &v) == 1 || sscanf(line, "AnonHugePages: %lf", &v) == 1) kb += v;
+    if (f) fclose(f);
+    return kb / 1024;
+}
+
 /* One line per step on a TTY (rewritten in place); plain lines, only for
  * slow steps, otherwise: an 8B BF16 decode takes seconds per token. */
 static void progress(int i, int n, double step_s, double elapsed)
@@ -139,7 +154,7 @@ int main(int argc, char **argv)
     /* the first step pays one-off costs (a smaller arena plan, cold caches) */
     const double steady_s = n_new > 1 ? decode_s - step_s[0] : decode_s;
     const double decode_tps = (n_new > 1 ? n_new - 1 : 1) / steady_s, decode_all_tps = n_new / decode_s;
-    const double rss = peak_rss_mb(); /* before the bandwidth buffer adds its 1 GB */
+    const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(); /* before the bandwidth buffer adds its 1 GB */
 
     const double bw = read_bandwidth((size_t)1 << 30, 10);
     const double gemm = gemm_peak_gflops(2048, 3);
@@ -156,12 +171,12 @@ int main(int argc, char **argv)
 
     fprintf(stderr,
             "%s: %s weights, %s kernels, %s KV cache, %d threads, %s\n"
-            "  open     %.2f s, peak RSS %.0f MB\n"
+            "  open     %.2f s, peak RSS %.0f MB, %.0f MB of it on 2 MB pages\n"
             "  prefill  %d tokens in %.2f s = %.1f tokens/s (%.1f GFLOP/s, SGEMM peak %.1f)\n"
             "  decode   %d tokens: %.2f tokens/s (%.2f with the first step), %.1f ms/token\n"
             "  roofline %.1f GB/s read / %.1f MB per token = %.2f tokens/s -> decode at %.0f%% "
             "(with the %.1f MB of KV cache a step reads: %.0f%%)\n",
-            dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, n_prompt, prefill_s,
+            dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, huge_mb, n_prompt, prefill_s,
             n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, n_new, decode_tps, decode_all_tps,
             1e3 / decode_tps, bw, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
@@ -170,11 +185,11 @@ int main(int argc, char **argv)
            "\"prompt\":%d,\"new\":%d,\"open_s\":%.3f,\"prefill_s\":%.4f,\"prefill_tok_s\":%.2f,"
            "\"prefill_gflops\":%.2f,\"gemm_peak_gflops\":%.2f,\"decode_tok_s\":%.4f,\"decode_tok_s_all\":%.4f,"
            "\"first_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
-           "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"ids\":[",
+           "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"huge_page_mb\":%.1f,\"ids\":[",
            cpu, jm_kv_cache(m), kv_bytes, jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s,
            prefill_s,
            n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0],
-           (long long)bytes, bw, roofline, decode_tps / roofline, rss);
+           (long long)bytes, bw, roofline, decode_tps / roofline, rss, huge_mb);
     for (int i = 0; i <= n_new; i++) printf(i ? ",%d" : "%d", ids[i]);
     printf("]}\n");
     free(prompt);

@@ -136,15 +136,24 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C)
     const int64_t nb = C / QBLOCK;
     for (int64_t b = 0; b < nb; b++) {
         const float *v = x + b * QBLOCK;
+        /* a comparison and rintf, not fmaxf and lrintf: gcc turns these into
+         * vector instructions and those into library calls, per element (a
+         * decode step quantizes its inputs 120 times: 3.8 ms of a 45 ms token
+         * on the 8B layout's Q4, AMD EPYC family 26 model 2). The same values:
+         * a NaN is skipped by both maxima, and rintf rounds as lrintf does. */
         float amax = 0.0f;
 #pragma omp simd reduction(max : amax)
-        for (int i = 0; i < QBLOCK; i++) amax = fmaxf(amax, fabsf(v[i]));
+        for (int i = 0; i < QBLOCK; i++) {
+            const float a = fabsf(v[i]);
+            amax = a > amax ? a : amax;
+        }
         float d = amax / 127.0f, inv = d > 0 ? 1.0f / d : 0.0f;
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < QBLOCK; i++) {
-            xq[b * QBLOCK + i] = (int8_t)lrintf(v[i] * inv);
-            sum += xq[b * QBLOCK + i];
+            const int q = (int)rintf(v[i] * inv);
+            xq[b * QBLOCK + i] = (int8_t)q;
+            sum += q;
         }
         xs[b] = d;
         xs[nb + b] = d * (float)sum;
