@@ -136,6 +136,17 @@ static inline const float *cache_span(kv_cache c, int64_t at, int64_t n, float *
     return buf;
 }
 
+/* Asks for the cache lines of n values from element `at` (the next block's
+ * keys or values, fetched while this block is worked on): a block is 64 rows
+ * of one head, 16 KB in bf16, and read block by block the cache streamed at
+ * 7 GB/s, waiting on each block's first lines. */
+static inline void prefetch_span(kv_cache c, int64_t at, int64_t n)
+{
+    const size_t esize = c.bf16 ? 2 : 4;
+    const char *p = (const char *)c.data + (size_t)at * esize;
+    for (size_t b = 0; b < (size_t)n * esize; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 void attention_cached(float *out, float *lse, const float *q, const float *kv_new, kv_cache cache, const att_run *runs,
                       int nruns, float *scratch, int ctx, int k, int Hkv, int D)
 {
@@ -174,6 +185,23 @@ typedef struct {
     int ctx, k, Hkv, D;
 } decode_job;
 
+/* out[0..3] = scale * (q . key i), keys i = 0..3 of the (4, D) block K: one
+ * pass with four independent sums. One key at a time the sum is a chain of
+ * dependent vector FMAs (D / 16 of them, each waiting for the last), and
+ * attention at 512 cached positions took 13.5 ms of an 8B token. */
+static inline void dot4(float *out, const float *q, const float *K, int D, float scale)
+{
+    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    for (int c = 0; c < D; c++) {
+        d0 += q[c] * K[c];
+        d1 += q[c] * K[D + c];
+        d2 += q[c] * K[2 * D + c];
+        d3 += q[c] * K[3 * D + c];
+    }
+    out[0] = d0 * scale, out[1] = d1 * scale, out[2] = d2 * scale, out[3] = d3 * scale;
+}
+
 /* Rows of one run against KV head h, all k query slots (j, h) at once, so
  * each cached K/V row is read once for the k experts: scores
  * S[j][i] = scale q_j . K_i over the visible keys, softmax per slot,
@@ -196,14 +224,23 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
         for (int i0 = 0; i0 < visible; i0 += KEYS) {
             const int nk = visible - i0 < KEYS ? visible - i0 : KEYS;
             const float *K = cache_span(j->cache, cache_at(run, 0, h, i0, Hkv, j->ctx, D), (int64_t)nk * D, buf);
+            /* then the next block of keys, or after the last the first of values */
+            if (i0 + KEYS < visible)
+                prefetch_span(j->cache, cache_at(run, 0, h, i0 + KEYS, Hkv, j->ctx, D),
+                              (int64_t)(visible - i0 - KEYS < KEYS ? visible - i0 - KEYS : KEYS) * D);
+            else prefetch_span(j->cache, cache_at(run, 1, h, 0, Hkv, j->ctx, D), (int64_t)(visible < KEYS ? visible : KEYS) * D);
             for (int s = 0; s < k; s++) {
                 const float *qv = qr + s * A;
-                for (int i = 0; i < nk; i++) {
+                float *sc = S + (int64_t)s * visible + i0;
+                int i = 0;
+                for (; i + 4 <= nk; i += 4) /* four keys a pass: four independent sums */
+                    dot4(sc + i, qv, K + (int64_t)i * D, D, scale);
+                for (; i < nk; i++) {
                     const float *key = K + (int64_t)i * D;
                     float d = 0.0f;
 #pragma omp simd reduction(+ : d)
                     for (int c = 0; c < D; c++) d += qv[c] * key[c];
-                    S[(int64_t)s * visible + i0 + i] = d * scale;
+                    sc[i] = d * scale;
                 }
             }
         }
@@ -215,10 +252,21 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
         for (int i0 = 0; i0 < visible; i0 += KEYS) {
             const int nk = visible - i0 < KEYS ? visible - i0 : KEYS;
             const float *V = cache_span(j->cache, cache_at(run, 1, h, i0, Hkv, j->ctx, D), (int64_t)nk * D, buf);
+            if (i0 + KEYS < visible)
+                prefetch_span(j->cache, cache_at(run, 1, h, i0 + KEYS, Hkv, j->ctx, D),
+                              (int64_t)(visible - i0 - KEYS < KEYS ? visible - i0 - KEYS : KEYS) * D);
             for (int s = 0; s < k; s++) {
                 float *os = o + s * A;
                 const float *p = S + (int64_t)s * visible + i0;
-                for (int i = 0; i < nk; i++) {
+                int i = 0;
+                for (; i + 4 <= nk; i += 4) { /* four values a pass: the output row loaded and stored once */
+                    const float w0 = p[i] * inv[s], w1 = p[i + 1] * inv[s], w2 = p[i + 2] * inv[s],
+                                w3 = p[i + 3] * inv[s];
+                    const float *v = V + (int64_t)i * D;
+#pragma omp simd
+                    for (int c = 0; c < D; c++) os[c] += w0 * v[c] + w1 * v[D + c] + w2 * v[2 * D + c] + w3 * v[3 * D + c];
+                }
+                for (; i < nk; i++) {
                     const float w = p[i] * inv[s], *v = V + (int64_t)i * D;
 #pragma omp simd
                     for (int c = 0; c < D; c++) os[c] += w * v[c];
