@@ -45,8 +45,10 @@ const cli_command cmd_distill_sft = {
     "each prompt of --prompts in its chat template, and --out gets one SFT record per prompt:\n"
     "{\"messages\": [...the prompt..., {\"role\": \"assistant\", \"content\": ANSWER}]}, with the prompt's\n"
     "\"answer\" kept when it has one. Answers are greedy by default (--temperature 0); they end at EOS\n"
-    "or --max-new. --parallel answers are decoded together. An empty answer is not written. Ends with\n"
-    "a JSON line of counts on stdout.",
+    "or --max-new. The teacher's generation_config.json (temperature, do_sample, top_p, top_k,\n"
+    "repetition_penalty, max_new_tokens) sets the defaults of the sampling flags not given. --parallel\n"
+    "answers are decoded together. An empty answer is not written. Ends with a JSON line of counts on\n"
+    "stdout.",
     sft_flags, (int)(sizeof sft_flags / sizeof sft_flags[0]), run_distill};
 
 static const cli_flag pairs_flags[] = {
@@ -61,7 +63,8 @@ static const cli_flag pairs_flags[] = {
 
 const cli_command cmd_distill_pairs = {
     "distill pairs", NULL, "rank a model's sampled answers into preference pairs",
-    "Samples --samples answers per prompt from --model (temperature 1.0 by default) and ranks them:\n"
+    "Samples --samples answers per prompt from --model (temperature 1.0 by default, or its\n"
+    "generation_config.json's unless that says greedy; a flag given wins) and ranks them:\n"
     "when the prompt record has an \"answer\", by a verifier (the final answer, GSM8K's \"#### N\" or the\n"
     "last number, must match); otherwise by the --teacher's mean log-probability of the answer's tokens\n"
     "given the rendered prompt. When every answer is right, or every one wrong, the teacher breaks the\n"
@@ -124,6 +127,13 @@ static int run_distill(const cli_command *self, int argc, char **argv)
     const char *paths[2] = {pairs ? o.model : o.teacher, pairs ? o.teacher : NULL};
     for (int i = 0; i < 2; i++) /* announces a run directory's checkpoint; the library resolves it again */
         if (paths[i] && (rc = cli_model_dir(self, paths[i], dir[i], sizeof dir[i])) != CLI_RUN) return rc;
+    /* the sampling defaults of the model that answers, from its generation_config.json, as generate
+     * and chat take them (a flag given wins); but pairs keeps sampling when that file says greedy
+     * (do_sample false, temperature 0): its answers would all be the same */
+    const double temperature = o.smp.temperature;
+    if ((rc = cli_sampling_defaults(self, argc, argv, dir[0], &o.smp)) != CLI_RUN) return rc;
+    if (pairs && o.smp.temperature == 0 && !cli_flag_given(self, argc, argv, "--temperature"))
+        o.smp.temperature = temperature;
     jm_set_threads((int)o.threads);
     jm_distill_opts d = {.prompts = o.prompts, .out = o.out, .teacher = o.teacher, .model = o.model,
                          .kernels = o.kernels, .samples = (int)o.samples, .max_new = (int)o.smp.max_new,

@@ -22,6 +22,10 @@ seed). Their text is gibberish; what is checked is the plumbing:
   distill_interrupt_writes_nothing     SIGINT mid-run: exit 130, no output, no temporary file
   distill_outputs_read_back            jm_sft_load / jm_pref_load read the outputs back (needs
                                        src/align/records.c; before it is merged a "# note" says so)
+  distill_generation_config            the answering model's generation_config.json sets the sampling
+                                       defaults, as for generate and chat: max_new_tokens bounds sft's
+                                       and pairs' answers, temperature makes sft sample (seeds differ);
+                                       --max-new and --temperature given win
 
 Called from tests/run_tests.py as run(suite, build, tmp).
 """
@@ -38,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("distill_sft_records", "distill_sft_same_output_any_parallel", "distill_pairs_teacher",
           "distill_pairs_verifier_only", "distill_pairs_needs_teacher", "distill_bad_lines_fail",
           "distill_bad_lines_skip", "distill_out_refused", "distill_interrupt_writes_nothing",
-          "distill_outputs_read_back")
+          "distill_outputs_read_back", "distill_generation_config")
 MAX_NEW = "24"
 
 PROMPTS = [
@@ -157,6 +161,50 @@ def run(suite, build, tmp):
             problems.append("seeds 5 and 6 gave the same answers")
         suite.check("distill_sft_same_output_any_parallel", bool(base) and not problems, "; ".join(problems),
                     "greedy --parallel 1/3/8 and sampled --parallel 1/4 byte-identical")
+
+    # ---- the sampling defaults from the answering model's generation_config.json
+    if suite.wanted("distill_generation_config"):
+        problems = []
+        teacher_g, model_g = out("teacher_gen"), out("model_gen")
+        for src, dst in ((teacher, teacher_g), (model, model_g)):
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+        def gen_config(d, fields):
+            with open(os.path.join(d, "generation_config.json"), "w") as f:
+                json.dump(dict({"bos_token_id": 1, "eos_token_id": 2}, **fields), f)
+
+        def answers(name, *args):
+            o = out(name)
+            q = jm("distill", "sft", "--teacher", teacher_g, "--prompts", prompts, "--out", o, "--quiet", *args)
+            if not ok(q):
+                problems.append(f"{name}: exit {q.returncode} {q.stderr.strip()[-200:]!r}")
+            return stats(q), open(o, "rb").read() if ok(q) else b""
+
+        gen_config(teacher_g, {"max_new_tokens": 3})
+        st, _ = answers("gen_max3.jsonl")
+        if not st.get("answers") or st.get("tokens", 1 << 30) > 3 * st["answers"]:
+            problems.append(f"max_new_tokens 3: {st}")
+        st, _ = answers("gen_max3_flag8.jsonl", "--max-new", "8")
+        if not st.get("answers") or st.get("tokens", 0) <= 3 * st["answers"]:
+            problems.append(f"max_new_tokens 3, --max-new 8: {st}")
+        gen_config(teacher_g, {"temperature": 1.0, "max_new_tokens": 8})
+        a, b = answers("gen_t1_s5.jsonl", "--seed", "5")[1], answers("gen_t1_s6.jsonl", "--seed", "6")[1]
+        c, e = (answers(f"gen_t0_s{k}.jsonl", "--seed", k, "--temperature", "0")[1] for k in ("5", "6"))
+        if a == b or c != e:
+            problems.append(f"temperature 1 seeds 5/6 {'agree' if a == b else 'differ'}, "
+                            f"--temperature 0 seeds 5/6 {'agree' if c == e else 'differ'}")
+        # pairs: the model's file bounds its answers; one that says greedy does not stop it sampling
+        gen_config(model_g, {"do_sample": False, "max_new_tokens": 3})
+        q = jm("distill", "pairs", "--model", model_g, "--teacher", teacher, "--prompts", prompts, "--samples", "4",
+               "--seed", "11", "--out", out("gen_pairs.jsonl"), "--quiet")
+        st = stats(q)
+        if not ok(q) or not st.get("answers") or st.get("tokens", 1 << 30) > 3 * st["answers"] or \
+                st.get("skipped_tied", 0) == len(PROMPTS):
+            problems.append(f"pairs with do_sample false, max_new_tokens 3: exit {q.returncode} {st} "
+                            f"{q.stderr.strip()[-200:]!r}")
+        suite.check("distill_generation_config", not problems, "; ".join(problems)[:1200],
+                    "max_new_tokens, temperature from the file; --max-new, --temperature win; pairs still samples")
 
     # ---- pairs
     pairs = out("pairs.jsonl")

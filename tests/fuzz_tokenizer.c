@@ -7,16 +7,24 @@
  *             (and, less often, of the full nmt_nfkc one): units, pool and the trie size
  *             rewritten in place, then texts that hit the rules normalised through it
  *   json      tokenizer.json as jm_tokenizer_save_json writes it, mutated with JSON tokens
- *   template  tokenizer_config.json (chat_template, eos/bos strings, the list form): the
- *             template mutated with Jinja tokens, the file now and then too; read with
- *             tk_load_config, then rendered and encoded on a conversation
+ *   template  tokenizer_config.json (chat_template, eos/bos strings, the list form) around the
+ *             real templates of tests/data/templates (and built-in ones): mostly one small
+ *             edit (a name, attribute, filter, test, string, number or operator swapped for
+ *             another; a tag copied, moved, dropped), now and then Jinja tokens or bytes; the
+ *             file now and then too; read with tk_load_config, then rendered and encoded on a
+ *             conversation (a third of them as JSON with tools)
+ *   chat_json conversations as JSON (jm_chat_render_json, jm_chat_encode_json) with the real
+ *             templates: edits inside strings (escapes, surrogates), wrong types, deep nesting,
+ *             huge numbers, long strings, NUL bytes, broken JSON
  *
  * Every input is parsed from a buffer of exactly its length, so AddressSanitizer sees any read
  * past the end. A refusal must be one line that names the file, with nothing returned; an
  * accepted tokenizer must encode texts to ids in range and decode them to valid UTF-8; an
- * accepted template must render a non-empty text for a non-empty conversation and encode it.
+ * accepted template must render a non-empty text for a non-empty conversation and encode it;
+ * a conversation must render and encode to ids in range or fail with one clean line.
  *
- * Usage: fuzz_tokenizer [scale [seed]]: scale multiplies every target's count (default 1).
+ * Usage: fuzz_tokenizer [scale [seed [targets]]]: scale multiplies every target's count
+ * (default 1); targets is a comma-separated subset of model,charsmap,json,template,chat_json.
  * Prints "PASS <name> (<count> inputs, ...)" or "FAIL <name>: <why>" per check. Run from the
  * repository root (the Llama-2 fixture is ../shared/fixtures/llama2-tokenizer). */
 #include "tokenizer/tokenizer.h"
@@ -24,6 +32,8 @@
 #include "harness.h"
 
 #include <cjson/cJSON.h>
+#include <ctype.h>
+#include <dirent.h>
 #include <unistd.h>
 
 /* Inputs per target at scale 1: with fuzz_safetensors, over 90,000 in `make test-asan`. */
@@ -31,6 +41,7 @@
 #define N_CHARSMAP 10000
 #define N_JSON 10000
 #define N_TEMPLATE 10000
+#define N_CHAT_JSON 10000
 #define LLAMA "../shared/fixtures/llama2-tokenizer/tokenizer.model"
 
 typedef struct {
@@ -430,44 +441,56 @@ static cJSON *some_value(uint64_t *r)
     }
 }
 
-/* One change to the parsed tree that keeps it JSON, so the reader's checks
- * behind the parser are reached: a value replaced, removed, duplicated (a
- * duplicate key in an object), a key renamed, two array items swapped, a
- * number moved by one. */
-static void mutate_tree(uint64_t *r, cJSON *x, cJSON *p)
+/* A key for a renamed member: the format's names, quotes taken off. */
+static const char *json_key(uint64_t *r)
 {
-    switch (below(r, 6)) {
-    case 0: { /* replace */
-        cJSON *v = some_value(r);
+    const char *t = json_tokens[below(r, FZ_COUNT(json_tokens))];
+    return t[0] == '"' && strlen(t) > 2 ? "x" : t;
+}
+
+/* The changes to a node x of parent p that keep the tree JSON, for both JSON targets: 0 x
+ * replaced by a value from make, 1 removed, 2 duplicated (a duplicate key in an object), 3 its
+ * key renamed (to one from key), 4 swapped with the next array item. */
+static void tree_change(uint64_t *r, int change, cJSON *x, cJSON *p, cJSON *(*make)(uint64_t *r),
+                        const char *(*key)(uint64_t *r))
+{
+    switch (change) {
+    case 0: {
+        cJSON *v = make(r);
         if (x->string) cJSON_ReplaceItemInObjectCaseSensitive(p, x->string, v);
         else cJSON_ReplaceItemViaPointer(p, x, v);
         break;
     }
     case 1: cJSON_Delete(cJSON_DetachItemViaPointer(p, x)); break;
-    case 2: { /* duplicate, next to itself */
+    case 2: { /* next to itself */
         cJSON *d = cJSON_Duplicate(x, 1);
         if (x->string) cJSON_AddItemToObject(p, x->string, d);
         else cJSON_AddItemToArray(p, d);
         break;
     }
-    case 3: /* rename a key */
+    case 3:
         if (x->string) {
-            const char *t = json_tokens[below(r, FZ_COUNT(json_tokens))];
-            char *k = strdup(t[0] == '"' && strlen(t) > 2 ? "x" : t);
+            char *k = strdup(key(r));
             if (k) cJSON_free(x->string), x->string = k;
         }
         break;
-    case 4: /* swap with the next sibling's value */
+    default:
         if (x->next && !x->string) {
             cJSON *a = cJSON_Duplicate(x, 1), *b = cJSON_Duplicate(x->next, 1);
             cJSON_ReplaceItemViaPointer(p, x->next, a);
             cJSON_ReplaceItemViaPointer(p, x, b);
         }
         break;
-    default:
-        if (cJSON_IsNumber(x)) cJSON_SetNumberValue(x, x->valuedouble + (below(r, 2) ? 1 : -1));
-        break;
     }
+}
+
+/* One change to the parsed tree that keeps it JSON, so the reader's checks
+ * behind the parser are reached: tree_change's, or a number moved by one. */
+static void mutate_tree(uint64_t *r, cJSON *x, cJSON *p)
+{
+    const int change = (int)below(r, 6);
+    if (change < 5) tree_change(r, change, x, p, some_value, json_key);
+    else if (cJSON_IsNumber(x)) cJSON_SetNumberValue(x, x->valuedouble + (below(r, 2) ? 1 : -1));
 }
 
 static void fuzz_json(const seeds *sd, long count, uint64_t *r)
@@ -490,8 +513,15 @@ static void fuzz_json(const seeds *sd, long count, uint64_t *r)
     report_target(&tg, 25);
 }
 
-/* Templates in the forms real tokenizer_config.json files use. */
-static const char *const templates[] = {
+/* ---- chat templates ---- */
+
+/* The real templates (Llama-2, Mistral, Zephyr, ChatML, Qwen2.5 with tools, Gemma, Phi-3 ...,
+ * and the Jinja features they use); read at run time, from the repository root. */
+#define TEMPLATE_DIR "tests/data/templates"
+
+/* Built-in templates in the forms real tokenizer_config.json files use: seeds too, and the
+ * only ones when TEMPLATE_DIR is not there. */
+static const char *const builtin_templates[] = {
     NULL, /* jm_default_chat_template */
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
@@ -510,6 +540,42 @@ static const char *const templates[] = {
     "{%- set ns = namespace(sys='', n=0) %}{% for m in messages %}{% if m.role == 'system' %}{% set ns.sys = m.content %}"
     "{% else %}{% set ns.n = ns.n + 1 %}{{ m.role ~ ':' ~ m.content }}\n{% endif %}{% endfor %}{{ ns.sys }}{{ ns.n }}",
 };
+
+typedef struct {
+    const char *src[96], *name[96];
+    char *owned[160]; /* what the file seeds hold: freed at the end */
+    int n, nowned, from_files;
+} template_seeds;
+
+/* TEMPLATE_DIR's *.jinja in name order, then the built-in ones. */
+static void load_template_seeds(template_seeds *ts)
+{
+    memset(ts, 0, sizeof *ts);
+    struct dirent **ents = NULL;
+    int ne = scandir(TEMPLATE_DIR, &ents, NULL, alphasort);
+    for (int i = 0; i < ne; i++) {
+        const char *nm = ents[i]->d_name;
+        size_t l = strlen(nm), n;
+        char path[512];
+        snprintf(path, sizeof path, "%s/%s", TEMPLATE_DIR, nm);
+        char *s = l > 6 && !strcmp(nm + l - 6, ".jinja") && ts->n < 64 ? slurp(path, &n) : NULL;
+        if (s && strlen(s) == n) {
+            char *name = strdup(nm);
+            if (!name) exit(2);
+            ts->owned[ts->nowned++] = s, ts->owned[ts->nowned++] = name;
+            ts->src[ts->n] = s, ts->name[ts->n++] = name, ts->from_files++;
+        } else {
+            free(s);
+        }
+        free(ents[i]);
+    }
+    free(ents);
+    if (!ts->from_files) printf("# fuzz_tokenizer: no %s/*.jinja, built-in templates only\n", TEMPLATE_DIR);
+    for (size_t i = 0; i < FZ_COUNT(builtin_templates); i++) {
+        ts->name[ts->n] = i ? "built-in" : "default";
+        ts->src[ts->n++] = builtin_templates[i] ? builtin_templates[i] : jm_default_chat_template;
+    }
+}
 
 static const char *const jinja_tokens[] = {
     "{{", "}}", "{%", "%}", "{#", "#}", "{%-", "-%}", " for ", " endfor ", " if ", " elif ", " else ", " endif ",
@@ -557,7 +623,416 @@ static char *config_json(uint64_t *r, const char *tmpl, size_t n)
     return text;
 }
 
-static void fuzz_template(const seeds *sd, long count, uint64_t *r)
+/* ---- small edits of a template ----
+ * Most mutations change one lexical piece inside a tag for another of its kind (a name, an
+ * attribute, a method, a filter, a test, and/or/in, a string, a number, an operator) or move,
+ * copy or drop one whole tag, so that most inputs still parse and the renderer's evaluation
+ * (undefined names, wrong types, filters on the wrong values, loops over strings ...) is what
+ * gets exercised; byte-level mutations are the minority. */
+enum { P_NAME, P_ATTR, P_METHOD, P_FILTER, P_TEST, P_LOGIC, P_STRING, P_NUMBER, P_OP, P_TAG, P_KINDS };
+
+typedef struct {
+    uint32_t at, len;
+    int kind;
+} piece;
+
+/* What each piece becomes: mostly what the renderer supports (chat_template.c's list), a few
+ * that it refuses (an undefined name, an unsupported filter, method, test, float, operator). */
+static const char *const piece_names[] = {
+    "messages", "message", "tools", "add_generation_prompt", "bos_token", "eos_token", "loop.index0",
+    "loop.first", "loop.last", "loop.length", "none", "None", "true", "false", "True", "nothing_here",
+    "messages[0]", "messages[-1]", "messages[0]['content']", "namespace(x=1)", "[1, 'a', none]",
+    "{'role': 'user'}", "''", "0",
+};
+static const char *const piece_attrs[] = {"role", "content", "name", "tool_calls", "function", "arguments", "type",
+                                          "text", "index0", "first", "last", "length", "missing"};
+static const char *const piece_methods[] = {"strip", "lstrip", "rstrip", "upper", "lower", "startswith",
+                                            "endswith", "split", "replace", "get", "title"};
+static const char *const piece_filters[] = {"trim", "length", "count", "upper", "lower", "first", "last",
+                                            "default", "d", "string", "tojson", "tojson(indent=2)", "join"};
+static const char *const piece_tests[] = {"defined", "undefined", "none", "string", "number", "integer", "boolean",
+                                          "true", "false", "mapping", "sequence", "iterable", "odd", "even",
+                                          "divisibleby(2)"};
+static const char *const piece_logic[] = {"and", "or", "in", "not in"};
+static const char *const piece_strings[] = {"''", "'x'", "'\\n'", "\"\\\"\"", "'caf\xc3\xa9'", "'</s>'", "'<s>'",
+                                            "'{{'", "'%}'", "'user'", "'assistant'", "'system'", "'tool'",
+                                            "'\\u00e9'", "'\\x41'", "'\xff'", "'a' ~ 'b'", "\"it's\""};
+static const char *const piece_numbers[] = {"0", "1", "-1", "2", "3", "10", "-0", "9999999999999999999", "100000",
+                                            "1.5"};
+static const char *const piece_ops[] = {"==", "!=", "<", ">", "<=", ">=", "+", "-", "*", "//", "%", "~", "/"};
+
+static bool word_in(const uint8_t *w, size_t n, const char *const *list, size_t nlist)
+{
+    for (size_t i = 0; i < nlist; i++)
+        if (strlen(list[i]) == n && !memcmp(list[i], w, n)) return true;
+    return false;
+}
+
+/* The pieces of a template (a tag and what is in it), up to cap. */
+static int template_pieces(const uint8_t *p, size_t n, piece *out, int cap)
+{
+    static const char *const structural[] = {"for", "endfor", "if", "elif", "else", "endif", "set", "endset",
+                                             "macro", "endmacro", "raw", "endraw", "is", "not", "recursive",
+                                             "filter", "endfilter", "call", "generation", "endgeneration"};
+    static const char *const logic[] = {"and", "or", "in"};
+    int k = 0;
+    size_t i = 0;
+#define PIECE(a, l, kd) (k < cap ? (void)(out[k++] = (piece){(uint32_t)(a), (uint32_t)(l), (kd)}) : (void)0)
+    while (i + 1 < n) {
+        if (p[i] == '{' && p[i + 1] == '#') {
+            for (i += 2; i + 1 < n && !(p[i] == '#' && p[i + 1] == '}'); i++) {}
+            i += 2;
+            continue;
+        }
+        if (p[i] != '{' || (p[i + 1] != '{' && p[i + 1] != '%')) {
+            i++;
+            continue;
+        }
+        const uint8_t close = p[i + 1] == '{' ? '}' : '%';
+        const size_t tag = i;
+        uint8_t prev = 0;
+        bool after_is = false, binds = false, in_for = false; /* for/set's names and for's 'in' left alone */
+        for (i += 2; i < n && !(p[i] == close && i + 1 < n && p[i + 1] == '}');) {
+            const uint8_t c = p[i];
+            size_t j = i + 1;
+            if (c == '\'' || c == '"') {
+                while (j < n && p[j] != c) j += p[j] == '\\' ? 2 : 1;
+                if (j >= n) break;
+                PIECE(i, j + 1 - i, P_STRING);
+                i = j + 1, prev = 's';
+                continue;
+            }
+            if (isalpha(c) || c == '_') {
+                while (j < n && (isalnum(p[j]) || p[j] == '_')) j++;
+                const size_t wl = j - i;
+                int kind = -1;
+                if (prev == '.') kind = j < n && p[j] == '(' ? P_METHOD : P_ATTR;
+                else if (prev == '|') kind = P_FILTER;
+                else if (after_is && !word_in(p + i, wl, (const char *const[]){"not"}, 1)) kind = P_TEST;
+                else if (in_for && word_in(p + i, wl, (const char *const[]){"in"}, 1)) in_for = false;
+                else if (word_in(p + i, wl, logic, FZ_COUNT(logic))) kind = P_LOGIC;
+                else if (!binds && !word_in(p + i, wl, structural, FZ_COUNT(structural))) kind = P_NAME;
+                binds = word_in(p + i, wl, (const char *const[]){"for", "set"}, 2);
+                in_for |= word_in(p + i, wl, (const char *const[]){"for"}, 1);
+                after_is = word_in(p + i, wl, (const char *const[]){"is"}, 1) ||
+                           (after_is && word_in(p + i, wl, (const char *const[]){"not"}, 1));
+                if (kind >= 0) PIECE(i, wl, kind);
+                i = j, prev = 'w';
+                continue;
+            }
+            if (isdigit(c)) {
+                while (j < n && (isdigit(p[j]) || p[j] == '.')) j++;
+                PIECE(i, j - i, P_NUMBER);
+                i = j, prev = '0';
+                continue;
+            }
+            /* an operator, but not the whitespace control next to the delimiters */
+            if (strchr("=!<>+*/~%-", c) && !(c == '-' && (i == tag + 2 || (j < n && p[j] == close)))) {
+                if (j < n && strchr("=/*", p[j]) && p[j]) j++;
+                PIECE(i, j - i, P_OP);
+                i = j, prev = c;
+                continue;
+            }
+            if (!isspace(c)) prev = c;
+            i++;
+        }
+        if (i + 1 >= n) break;
+        i += 2;
+        PIECE(tag, i - tag, P_TAG);
+    }
+#undef PIECE
+    return k;
+}
+
+static const char *replacement(uint64_t *r, int kind)
+{
+#define PICK(list) list[below(r, FZ_COUNT(list))]
+    switch (kind) {
+    case P_NAME: return PICK(piece_names);
+    case P_ATTR: return PICK(piece_attrs);
+    case P_METHOD: return PICK(piece_methods);
+    case P_FILTER: return PICK(piece_filters);
+    case P_TEST: return PICK(piece_tests);
+    case P_LOGIC: return PICK(piece_logic);
+    case P_STRING: return PICK(piece_strings);
+    case P_NUMBER: return PICK(piece_numbers);
+    default: return PICK(piece_ops);
+    }
+#undef PICK
+}
+
+/* One edit of the template in b; other is another template to splice from. */
+static void template_edit(uint64_t *r, fz_bytes *b, const fz_bytes *other)
+{
+    static piece pc[8192];
+    const int n = template_pieces(b->p, b->len, pc, (int)FZ_COUNT(pc));
+    const size_t how = below(r, 100);
+    if (how < 88 && n > 0) {
+        /* a whole tag 1 time in 8, else a piece inside one */
+        const bool want_tag = below(r, 8) == 0;
+        piece s = pc[below(r, (size_t)n)];
+        for (int tries = 0; tries < 16 && (s.kind == P_TAG) != want_tag; tries++) s = pc[below(r, (size_t)n)];
+        if (s.kind != P_TAG) {
+            const char *rep = replacement(r, s.kind);
+            fz_splice(b, s.at, s.len, rep, strlen(rep));
+            return;
+        }
+        char *copy = malloc(s.len);
+        if (!copy) exit(2);
+        memcpy(copy, b->p + s.at, s.len);
+        switch (below(r, 4)) {
+        case 0: fz_splice(b, s.at + s.len, 0, copy, s.len); break; /* twice */
+        case 1: fz_splice(b, s.at, s.len, NULL, 0); break;         /* gone */
+        case 2:                                                     /* whitespace control on or off */
+            if (s.len > 4 && b->p[s.at + 2] == '-') fz_splice(b, s.at + 2, 1, NULL, 0);
+            else fz_splice(b, s.at + 2, 0, "-", 1);
+            break;
+        default: { /* moved before another tag */
+            const piece d = pc[below(r, (size_t)n)];
+            if (d.kind != P_TAG || d.at == s.at) break;
+            fz_splice(b, s.at, s.len, NULL, 0);
+            fz_splice(b, d.at > s.at ? d.at - s.len : d.at, 0, copy, s.len);
+            break;
+        }
+        }
+        free(copy);
+    } else if (how < 94) { /* a Jinja token over a few bytes, or between them */
+        const char *tok = jinja_tokens[below(r, FZ_COUNT(jinja_tokens))];
+        fz_splice(b, below(r, b->len + 1), below(r, 3) ? 0 : below(r, 8), tok, strlen(tok));
+    } else {
+        fz_mutate(r, b, other, jinja_tokens, FZ_COUNT(jinja_tokens));
+    }
+}
+
+/* ---- conversations as JSON (jm_chat_render_json) ---- */
+
+/* Valid conversations in the forms apply_chat_template takes: text and text parts, a system
+ * turn, tools with a call and its result, an empty list. */
+static const char *const conv_seeds[] = {
+    "[{\"role\": \"system\", \"content\": \"You are \\\"helpful\\\" \\u2014 caf\\u00e9.\"}, {\"role\": \"user\", "
+    "\"content\": \"Hello </s> <s> world\\n\\t{{ not a template }} \\ud83d\\ude00\"}, {\"role\": \"assistant\", "
+    "\"content\": \"Hi!\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"part one\"}, "
+    "{\"type\": \"text\", \"text\": \" and two\"}]}]",
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"What is 2+2?\"}], \"tools\": [{\"type\": \"function\", "
+    "\"function\": {\"name\": \"add\", \"description\": \"Adds two numbers\", \"parameters\": {\"type\": \"object\", "
+    "\"properties\": {\"a\": {\"type\": \"integer\"}, \"b\": {\"type\": \"integer\"}}, \"required\": [\"a\", \"b\"]}}}]}",
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"add 1 and 2\"}, {\"role\": \"assistant\", \"content\": \"\", "
+    "\"tool_calls\": [{\"type\": \"function\", \"function\": {\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}}]}, "
+    "{\"role\": \"tool\", \"name\": \"add\", \"content\": \"3\"}, {\"role\": \"assistant\", \"content\": \"3.\"}], "
+    "\"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"add\", \"parameters\": {}}}]}",
+    "[{\"role\": \"user\", \"content\": \"x\"}]",
+    "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"\"}]}], \"tools\": null}",
+    "[]",
+};
+
+static const char *const conv_tokens[] = {
+    "\"", "\\", "\\\"", "\\u0000", "\\ud800", "\\udc00", "\\ud83d\\ude00", "\\ud800\\u0041", "\\uDFFF", "\\u00",
+    "\\uzzzz", "\\x41", "\\n", "\\/", "{", "}", "[", "]", ",", ":", "{}", "[]", "null", "true", "false", "1e999",
+    "-0", "0.5", "123456789012345678901234567890", "-9223372036854775809", "\"role\"", "\"content\"",
+    "\"messages\"", "\"tools\"", "\"type\"", "\"text\"", "\"image_url\"", "\"user\"", "\"assistant\"",
+    "\"system\"", "\"tool\"", "\"tool_calls\"", "\xff", "\xc0\x80", "\xed\xa0\x80", "\xef\xbb\xbf", "\x01", "\t",
+};
+
+static const char *const conv_strings[] = {
+    "user", "assistant", "system", "tool", "", "text", "image", "</s>", "<s>", "{{ messages }}", "{% endfor %}",
+    "line\nbreak\r\x01\x7f", "caf\xc3\xa9 \xf0\x9f\x98\x80", "\xed\xa0\x80", "\xff\xfe", "<|im_end|>", "\xc2\x85",
+};
+static const char *const conv_keys[] = {"role", "content", "messages", "tools", "type", "text", "name",
+                                        "tool_calls", "function", "arguments", "Role", "", "x", "content "};
+
+/* A value of any JSON type for where another was: edge and huge numbers, nested arrays
+ * (past cJSON's nesting limit of 1000 now and then), long strings, text parts. */
+static cJSON *conv_value(uint64_t *r)
+{
+    static const double numbers[] = {0, -0.0, 1, -1, 0.5, 1e300, -1e300, 9007199254740993.0, 2147483648.0,
+                                     -9.3e18, 1e19, 4.9e-324};
+    switch (below(r, 12)) {
+    case 0: return cJSON_CreateNull();
+    case 1: return cJSON_CreateBool(below(r, 2));
+    case 2: return cJSON_CreateNumber(numbers[below(r, FZ_COUNT(numbers))]);
+    case 3: return cJSON_CreateArray();
+    case 4: return cJSON_CreateObject();
+    case 5: { /* a content part, right or wrong */
+        cJSON *o = cJSON_CreateArray(), *p = cJSON_CreateObject();
+        cJSON_AddStringToObject(p, "type", below(r, 3) ? "text" : "image_url");
+        if (below(r, 4)) cJSON_AddStringToObject(p, "text", conv_strings[below(r, FZ_COUNT(conv_strings))]);
+        else cJSON_AddNumberToObject(p, "text", 7);
+        cJSON_AddItemToArray(o, p);
+        return o;
+    }
+    case 6: { /* nested lists */
+        const size_t depth = below(r, 8) ? 1 + below(r, 64) : 900 + below(r, 200);
+        cJSON *root = cJSON_CreateArray(), *at = root;
+        for (size_t i = 1; i < depth; i++) {
+            cJSON *c = cJSON_CreateArray();
+            cJSON_AddItemToArray(at, c);
+            at = c;
+        }
+        cJSON_AddItemToArray(at, cJSON_CreateString("deep"));
+        return root;
+    }
+    case 7: { /* a long string: up to 64 KB, now and then 1 MB */
+        const size_t len = below(r, 16) ? 1 + below(r, 65536) : 1 << 20;
+        char *s = malloc(len + 1);
+        if (!s) exit(2);
+        for (size_t i = 0; i < len; i++) s[i] = "ab \xc3\xa9</s>\n"[i % 11];
+        s[len] = 0;
+        cJSON *v = cJSON_CreateString(s);
+        free(s);
+        return v;
+    }
+    default: return cJSON_CreateString(conv_strings[below(r, FZ_COUNT(conv_strings))]);
+    }
+}
+
+static const char *conv_key(uint64_t *r)
+{
+    return conv_keys[below(r, FZ_COUNT(conv_keys))];
+}
+
+/* One change to a conversation's tree that keeps it JSON (see mutate_tree): a value of
+ * another type, gone, twice, under another key, swapped with the next; a string changed. */
+static void conv_mutate_tree(uint64_t *r, cJSON *x, cJSON *p)
+{
+    const int change = (int)below(r, 8); /* a value of another type twice as often */
+    if (change < 6) tree_change(r, change ? change - 1 : 0, x, p, conv_value, conv_key);
+    else if (cJSON_IsString(x)) cJSON_SetValuestring(x, conv_strings[below(r, FZ_COUNT(conv_strings))]);
+}
+
+/* Inside a JSON string: escapes (valid ones mostly, lone surrogates, \u0000, bad ones),
+ * special and template strings, raw control and invalid bytes. */
+static const char *const string_bits[] = {
+    "\\u00e9", "\\ud83d\\ude00", "\\n", "\\\"", "\\\\", "\\/", "\\t", "\\u2028", "</s>", "<s>", "{{ x }}",
+    "{% if %}", "<|im_end|>", "caf\xc3\xa9", "\\ud800", "\\udc00", "\\ud800\\u0041", "\\u0000", "\\x41", "\\uzzzz",
+    "\x01", "\xff", "\xed\xa0\x80",
+};
+
+/* One mutation of a conversation's text: inside one of its strings (so that it stays JSON
+ * most of the time), a tree change, a JSON token anywhere, a NUL byte, the whole of it nested
+ * deeper, or a generic one. */
+static void conv_mutate(uint64_t *r, fz_bytes *b, const fz_bytes *other)
+{
+    const size_t how = below(r, 20);
+    if (how < 10) { /* inside the k-th string */
+        size_t quotes = 0;
+        for (size_t i = 0; i < b->len; i++) quotes += b->p[i] == '"' && (i == 0 || b->p[i - 1] != '\\');
+        if (quotes < 2) return;
+        size_t want = below(r, quotes / 2) * 2, i = 0, seen = 0;
+        for (; i < b->len; i++)
+            if (b->p[i] == '"' && (i == 0 || b->p[i - 1] != '\\') && seen++ == want) break;
+        const char *t = string_bits[below(r, below(r, 8) ? 14 : FZ_COUNT(string_bits))]; /* the first 14 valid */
+        fz_splice(b, i + 1, 0, t, strlen(t));
+    } else if (how < 16) {
+        fz_mutate_json(r, b, 1 + (int)below(r, 2), conv_mutate_tree);
+    } else if (how == 16) {
+        const char *t = conv_tokens[below(r, FZ_COUNT(conv_tokens))];
+        fz_splice(b, below(r, b->len + 1), below(r, 3) ? 0 : below(r, 4), t, strlen(t));
+    } else if (how == 17) {
+        fz_splice(b, below(r, b->len + 1), 0, "", 1); /* a NUL byte */
+    } else if (how == 18) { /* nested in lists or objects, shallow or past the parser's limit */
+        const size_t depth = below(r, 2) ? 1 + below(r, 8) : 990 + below(r, 30);
+        const bool obj = below(r, 2);
+        for (size_t i = 0; i < depth; i++) {
+            fz_splice(b, 0, 0, obj ? "{\"messages\": " : "[", obj ? 13 : 1);
+            fz_splice(b, b->len, 0, obj ? "}" : "]", 1);
+        }
+    } else {
+        fz_mutate(r, b, other, conv_tokens, FZ_COUNT(conv_tokens));
+    }
+}
+
+/* How many messages a conversation's text holds, as the renderer sees it: -1 if it is not
+ * a list of messages or {"messages": [...]}. */
+static int conv_messages(const uint8_t *p, size_t n)
+{
+    cJSON *root = cJSON_ParseWithLength((const char *)p, n);
+    const cJSON *m = cJSON_IsObject(root) ? cJSON_GetObjectItemCaseSensitive(root, "messages") : root;
+    int k = cJSON_IsArray(m) ? cJSON_GetArraySize(m) : -1;
+    cJSON_Delete(root);
+    return k;
+}
+
+/* An error: a message of one line with no control characters, nothing returned. */
+static void failed_cleanly(target *tg, long it, const char *what, const jm_error *err, const void *out)
+{
+    bool ctl = !err->msg[0];
+    for (const char *p = err->msg; *p; p++) ctl |= (unsigned char)*p < 0x20 || *p == 0x7f;
+    if (ctl || out) bad(tg, it, "bad %s failure: \"%.400s\"%s", what, err->msg, out ? " (with a result)" : "");
+}
+
+/* Renders the conversation in b (exactly its length) with t and encodes it: a non-empty
+ * text and ids in range, or an error; true if it rendered text. An encoding error is allowed
+ * (one line) with lenient: the template target's eos_token strings may not be in the
+ * vocabulary. An empty text for a non-empty conversation is counted in *empty (see
+ * fuzz_chat_json). */
+static bool chat_json_one(target *tg, long it, const jm_tokenizer *t, const fz_bytes *b, int agp, bool lenient,
+                          long *empty)
+{
+    char *buf = (char *)fz_exact(b), *text = (char *)1; /* must come back NULL on an error */
+    jm_error err = {{0}};
+    int32_t *ids = (int32_t *)1;
+    size_t nids = 0;
+    tg->inputs++;
+    if (jm_chat_render_json(t, buf, b->len, agp, &text, &err)) {
+        tg->rejected++;
+        failed_cleanly(tg, it, "conversation", &err, text);
+        fz_shapes_add(&tg->shapes, err.msg, NULL);
+        if (!jm_chat_encode_json(t, buf, b->len, agp, &ids, &nids, &err)) bad(tg, it, "encodes what does not render");
+        else failed_cleanly(tg, it, "encode", &err, ids);
+        if (ids != (int32_t *)1) free(ids);
+        free(buf);
+        return false;
+    }
+    tg->accepted++;
+    const bool ok = text[0] != 0;
+    if (!ok && conv_messages(b->p, b->len) > 0) ++*empty;
+    free(text);
+    if (jm_chat_encode_json(t, buf, b->len, agp, &ids, &nids, &err)) {
+        if (!lenient) bad(tg, it, "renders but does not encode: %.300s", err.msg);
+        failed_cleanly(tg, it, "encode", &err, ids);
+    } else {
+        for (size_t i = 0; i < nids; i++)
+            if (ids[i] < 0 || ids[i] >= t->n) {
+                bad(tg, it, "chat id %d out of range", ids[i]);
+                break;
+            }
+        if (ok && !nids) bad(tg, it, "a rendered text encodes to no ids");
+        free(ids);
+    }
+    free(buf);
+    return ok;
+}
+
+/* A tokenizer with the template in src (NULL: the default), as tokenizer_config.json gives it. */
+static jm_tokenizer *template_tokenizer(const seeds *sd, const char *src, const char *name, jm_error *err)
+{
+    jm_tokenizer *t = NULL;
+    if (jm_tokenizer_load(sd->ident_path, &t, err)) return NULL;
+    if (!src) return t;
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s.tokenizer_config.json", sd->dir, name);
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddStringToObject(c, "chat_template", src);
+    cJSON_AddStringToObject(c, "bos_token", "<s>"), cJSON_AddStringToObject(c, "eos_token", "</s>");
+    char *text = cJSON_PrintUnformatted(c);
+    cJSON_Delete(c);
+    if (!text) exit(2);
+    write_bytes(path, text, strlen(text));
+    free(text);
+    if (tk_load_config(t, path, err)) jm_tokenizer_free(t), t = NULL;
+    return t;
+}
+
+/* ---- the targets ---- */
+
+/* Of the mutated templates, 41-42% rendered (4,187 of 10,000 at the default seed, 4,066-4,140
+ * at seeds 1-3; the unmutated seeds render 73%: the rest are Gemma's system turn, an empty
+ * conversation, tokenizer_config.json mutations ...). The check asks for a third of that,
+ * so that it fails when the mutations stop reaching the evaluation, not when a template or
+ * a kind of edit is added. */
+#define TEMPLATE_RENDERED_PERCENT 13
+
+static void fuzz_template(const seeds *sd, const template_seeds *ts, long count, uint64_t *r)
 {
     static target tg = {.name = "fuzz_tokenizer_chat_template"};
     jm_tokenizer *t = NULL;
@@ -569,23 +1044,15 @@ static void fuzz_template(const seeds *sd, long count, uint64_t *r)
     char *eos0 = strdup(t->eos_token), *bos0 = strdup(t->bos_token), path[128];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", sd->dir);
     fz_bytes tmpl = {0}, other = {0}, file = {0};
-    long rendered = 0;
+    long rendered = 0, via_json = 0, empty = 0;
     for (long it = 0; it < count; it++) {
         /* the tokenizer as loaded, before this input's config */
         free(t->chat_template), free(t->eos_token), free(t->bos_token);
         t->chat_template = NULL, t->eos_token = strdup(eos0), t->bos_token = strdup(bos0);
-        const char *s0 = templates[below(r, FZ_COUNT(templates))], *s1 = templates[below(r, FZ_COUNT(templates))];
-        s0 = s0 ? s0 : jm_default_chat_template, s1 = s1 ? s1 : jm_default_chat_template;
+        const char *s0 = ts->src[below(r, (size_t)ts->n)], *s1 = ts->src[below(r, (size_t)ts->n)];
         fz_assign(&tmpl, s0, strlen(s0));
         fz_assign(&other, s1, strlen(s1));
-        for (int k = 1 + (int)below(r, 2); k > 0; k--) {
-            if (below(r, 4)) { /* a Jinja token over a few bytes, or between them */
-                const char *tok = jinja_tokens[below(r, FZ_COUNT(jinja_tokens))];
-                fz_splice(&tmpl, below(r, tmpl.len + 1), below(r, 3) ? 0 : below(r, 8), tok, strlen(tok));
-            } else {
-                fz_mutate(r, &tmpl, &other, jinja_tokens, FZ_COUNT(jinja_tokens));
-            }
-        }
+        for (int k = below(r, 10) < 7 ? 1 : below(r, 3) ? 2 : 3; k > 0; k--) template_edit(r, &tmpl, &other);
         char *json = config_json(r, (const char *)tmpl.p, strnlen((const char *)tmpl.p, tmpl.len));
         fz_assign(&file, json, strlen(json));
         free(json);
@@ -597,21 +1064,35 @@ static void fuzz_template(const seeds *sd, long count, uint64_t *r)
             refused(&tg, it, path, &err);
             continue;
         }
-        int n = (int)below(r, FZ_COUNT(conversation) + 1), agp = (int)below(r, 2);
+        tg.accepted++;
+        /* with the system turn or without it (Gemma's and others' templates refuse one) */
+        const jm_chat_message *msgs = conversation + below(r, 2);
+        int n = (int)below(r, FZ_COUNT(conversation) - (size_t)(msgs - conversation) + 1), agp = (int)below(r, 2);
+        if (below(r, 3) == 0) { /* a conversation as JSON: tools, tool calls, text parts */
+            const char *conv = conv_seeds[below(r, FZ_COUNT(conv_seeds))];
+            fz_bytes b = {0};
+            fz_assign(&b, conv, strlen(conv));
+            target sub = {.name = tg.name};
+            bool ok = chat_json_one(&sub, it, t, &b, agp, true, &empty);
+            free(b.p);
+            rendered += ok, via_json += ok;
+            if (sub.bad) bad(&tg, it, "%s", sub.first_bad);
+            else if (!ok && sub.shapes.n) fz_shapes_add(&tg.shapes, sub.shapes.shape[0], NULL);
+            continue;
+        }
         char *text = NULL;
-        jm_status s = jm_chat_render(t, conversation, n, agp, &text, &err);
+        jm_status s = jm_chat_render(t, msgs, n, agp, &text, &err);
         if (s) { /* a template error: one line; tk_load_config accepted the file */
-            tg.accepted++;
             if (!err.msg[0] || strchr(err.msg, '\n') || text) bad(&tg, it, "bad render failure: \"%.400s\"", err.msg);
             fz_shapes_add(&tg.shapes, err.msg, NULL);
             continue;
         }
-        tg.accepted++, rendered++;
+        rendered++;
         if (n > 0 && !text[0]) bad(&tg, it, "rendered nothing for %d messages without an error", n);
         free(text);
         int32_t *ids = NULL;
         size_t nids = 0;
-        if (!jm_chat_encode(t, conversation, n, agp, &ids, &nids, &err))
+        if (!jm_chat_encode(t, msgs, n, agp, &ids, &nids, &err))
             for (size_t i = 0; i < nids; i++)
                 if (ids[i] < 0 || ids[i] >= t->n) {
                     bad(&tg, it, "chat id %d out of range", ids[i]);
@@ -622,27 +1103,102 @@ static void fuzz_template(const seeds *sd, long count, uint64_t *r)
     free(tmpl.p), free(other.p), free(file.p), free(eos0), free(bos0);
     jm_tokenizer_free(t);
     report_target(&tg, 20);
-    check_detail(rendered > count / 10, "fuzz_tokenizer_chat_template_rendered", "%ld of %ld inputs rendered", rendered,
-                 count);
+    check_detail(rendered * 100 > count * TEMPLATE_RENDERED_PERCENT, "fuzz_tokenizer_chat_template_rendered",
+                 "%ld of %ld inputs rendered (%ld of them as JSON conversations), more than %d%% expected", rendered,
+                 count, via_json, TEMPLATE_RENDERED_PERCENT);
+}
+
+/* Of the mutated conversations, 28% rendered to a non-empty text and encoded (2,777 of 10,000
+ * at the default seed, 2,816-2,870 at seeds 1-3; the rest: broken JSON, NUL bytes, wrong types
+ * and the templates' own refusals, such as Llama-2's alternating roles); the check asks for a
+ * third of that. */
+#define CHAT_JSON_RENDERED_PERCENT 9
+
+/* Conversations as JSON through jm_chat_render_json and jm_chat_encode_json with several
+ * real templates: each a text that encodes to ids in range, or a one-line error. */
+static void fuzz_chat_json(const seeds *sd, const template_seeds *ts, long count, uint64_t *r)
+{
+    static target tg = {.name = "fuzz_tokenizer_chat_json"};
+    static const char *const wanted[] = {"chatml.jinja", "llama2.jinja", "zephyr.jinja", "qwen25_tools.jinja",
+                                         "mistral.jinja", "tojson_indent.jinja", "gemma.jinja"};
+    jm_tokenizer *toks[16];
+    int nt = 0;
+    jm_error err = {{0}};
+    for (int i = 0; i < ts->n && nt < 15; i++) {
+        bool use = ts->from_files ? false : strcmp(ts->name[i], "default") != 0; /* the built-ins when no files */
+        for (size_t k = 0; k < FZ_COUNT(wanted) && ts->from_files; k++) use |= !strcmp(ts->name[i], wanted[k]);
+        if (!use) continue;
+        char name[32];
+        snprintf(name, sizeof name, "chat%d", nt);
+        if (!(toks[nt++] = template_tokenizer(sd, ts->src[i], name, &err))) {
+            check(false, tg.name, "cannot load template %s: %s", ts->name[i], err.msg);
+            while (--nt > 0) jm_tokenizer_free(toks[nt - 1]);
+            return;
+        }
+    }
+    if (!(toks[nt++] = template_tokenizer(sd, NULL, "default", &err))) {
+        check(false, tg.name, "cannot load %s: %s", sd->ident_path, err.msg);
+        return;
+    }
+    fz_bytes b = {0}, other = {0};
+    long rendered = 0, empty = 0;
+    for (long it = 0; it < count; it++) {
+        const char *s0 = conv_seeds[below(r, FZ_COUNT(conv_seeds))], *s1 = conv_seeds[below(r, FZ_COUNT(conv_seeds))];
+        fz_assign(&b, s0, strlen(s0));
+        fz_assign(&other, s1, strlen(s1));
+        for (int k = below(r, 10) < 7 ? 1 : below(r, 3) ? 2 : 3; k > 0; k--) conv_mutate(r, &b, &other);
+        rendered += chat_json_one(&tg, it, toks[below(r, (size_t)nt)], &b, (int)below(r, 2), false, &empty);
+    }
+    free(b.p), free(other.p);
+    for (int i = 0; i < nt; i++) jm_tokenizer_free(toks[i]);
+    report_target(&tg, 12);
+    /* jm_chat_render refuses a template that renders nothing for a non-empty conversation;
+     * jm_chat_render_json returns the empty text (as transformers does, e.g. Zephyr's template
+     * with a role it does not know): counted, not failed, until the two agree. */
+    if (empty) printf("# fuzz_tokenizer_chat_json: %ld non-empty conversations rendered to an empty text\n", empty);
+    check_detail(rendered * 100 > count * CHAT_JSON_RENDERED_PERCENT, "fuzz_tokenizer_chat_json_rendered",
+                 "%ld of %ld conversations rendered and encoded, more than %d%% expected (%d templates)", rendered,
+                 count, CHAT_JSON_RENDERED_PERCENT, nt);
+}
+
+/* Usage: fuzz_tokenizer [scale [seed [targets]]]: targets a comma-separated subset of
+ * model,charsmap,json,template,chat_json (default all). */
+static bool wanted_target(const char *list, const char *name)
+{
+    if (!list) return true;
+    size_t n = strlen(name);
+    for (const char *p = list; (p = strstr(p, name)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || !p[n])) return true;
+    return false;
 }
 
 int main(int argc, char **argv)
 {
     double scale = argc > 1 ? strtod(argv[1], NULL) : 1.0;
     uint64_t seed = argc > 2 ? strtoull(argv[2], NULL, 0) : 0x70c5eed;
+    const char *only = argc > 3 ? argv[3] : NULL;
     uint64_t r = seed ? seed : 1;
     seeds sd;
     if (!make_seeds(&sd)) return exit_status();
-    double t0 = now();
-    fuzz_model(&sd, (long)(N_MODEL * scale), &r);
-    double t1 = now();
-    fuzz_charsmap(&sd, (long)(N_CHARSMAP * scale), &r);
-    double t2 = now();
-    fuzz_json(&sd, (long)(N_JSON * scale), &r);
-    double t3 = now();
-    fuzz_template(&sd, (long)(N_TEMPLATE * scale), &r);
-    printf("# fuzz_tokenizer: model %.1f s, charsmap %.1f s, json %.1f s, template %.1f s\n", t1 - t0, t2 - t1,
-           t3 - t2, now() - t3);
+    template_seeds ts;
+    load_template_seeds(&ts);
+    static const char *const names[] = {"model", "charsmap", "json", "template", "chat_json"};
+    double secs[5] = {0};
+    for (int k = 0; k < 5; k++) {
+        if (!wanted_target(only, names[k])) continue;
+        double t0 = now();
+        switch (k) {
+        case 0: fuzz_model(&sd, (long)(N_MODEL * scale), &r); break;
+        case 1: fuzz_charsmap(&sd, (long)(N_CHARSMAP * scale), &r); break;
+        case 2: fuzz_json(&sd, (long)(N_JSON * scale), &r); break;
+        case 3: fuzz_template(&sd, &ts, (long)(N_TEMPLATE * scale), &r); break;
+        default: fuzz_chat_json(&sd, &ts, (long)(N_CHAT_JSON * scale), &r); break;
+        }
+        secs[k] = now() - t0;
+    }
+    printf("# fuzz_tokenizer: model %.1f s, charsmap %.1f s, json %.1f s, template %.1f s (%d templates from %s), "
+           "chat_json %.1f s\n", secs[0], secs[1], secs[2], secs[3], ts.n, TEMPLATE_DIR, secs[4]);
+    for (int i = 0; i < ts.nowned; i++) free(ts.owned[i]);
     free_seeds(&sd);
     temp_dir_done(sd.dir);
     return exit_status();

@@ -1,6 +1,7 @@
 """The names the Hugging Face ecosystem keys on (issue 17): config.json's
 architectures is transformers' JetMoeForCausalLM (the older JetMoEForCausalLM
-still loads); every model jetmoe writes has generation_config.json and every
+still loads, and quantize rewrites it) and its fields JetMoeConfig's; every
+model jetmoe writes has generation_config.json and every
 tokenizer special_tokens_map.json, in the shapes save_pretrained writes; and
 generate/chat take their sampling defaults from generation_config.json when
 the flag is not given.
@@ -16,6 +17,17 @@ import subprocess
 from testlib import sanitizer_report
 
 PREFIX = "pretrain_hf_names_"
+# config.json's fields as transformers' JetMoeConfig names them (models/jetmoe/configuration_jetmoe.py,
+# v4.47: rope_theta a field of its own; v5 reads it into rope_parameters), with what
+# PretrainedConfig.to_json_string adds (architectures, model_type, torch_dtype, transformers_version).
+# save_pretrained writes every one of them; num_attention_heads too (JetMoeConfig derives it:
+# num_key_value_heads * num_experts_per_tok), and z_loss_coef is jetmoe's own.
+HF_CONFIG = {"vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+             "intermediate_size", "max_position_embeddings", "activation_function", "num_local_experts",
+             "num_experts_per_tok", "output_router_logits", "aux_loss_coef", "use_cache", "bos_token_id",
+             "eos_token_id", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "initializer_range",
+             "attention_dropout", "model_type", "architectures", "torch_dtype", "transformers_version"}
+CONFIG_EXTRA = {"num_attention_heads", "z_loss_coef"}
 SPECIAL = {k: {"content": v, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
            for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}
 
@@ -29,7 +41,7 @@ def _load(path):
         return json.load(f)
 
 
-def _model_files(d, config):
+def model_files(d, config):
     """[] or what is wrong with model directory d's HF names (config: its config.json's bos/eos)."""
     problems = []
     try:
@@ -37,6 +49,11 @@ def _model_files(d, config):
         if c.get("architectures") != ["JetMoeForCausalLM"] or c.get("model_type") != "jetmoe":
             problems.append(f"{d}: config.json architectures {c.get('architectures')} model_type "
                             f"{c.get('model_type')}")
+        missing, extra = HF_CONFIG - set(c), set(c) - HF_CONFIG - CONFIG_EXTRA
+        if missing or extra:
+            problems.append(f"{d}: config.json lacks {sorted(missing)}, has unknown {sorted(extra)}")
+        if c.get("num_attention_heads") != c.get("num_key_value_heads", 0) * c.get("num_experts_per_tok", 0):
+            problems.append(f"{d}: config.json num_attention_heads {c.get('num_attention_heads')}")
         g = _load(os.path.join(d, "generation_config.json"))
         want = {"_from_model_config": True, "bos_token_id": config["bos_token_id"],
                 "eos_token_id": config["eos_token_id"], "transformers_version": "4.47.0"}
@@ -47,7 +64,7 @@ def _model_files(d, config):
     return problems
 
 
-def _tokenizer_files(d):
+def tokenizer_files(d):
     try:
         m = _load(os.path.join(d, "special_tokens_map.json"))
         return [] if m == SPECIAL else [f"{d}: special_tokens_map.json {m}"]
@@ -63,9 +80,9 @@ def run(suite, jetmoe, run_dir, tok_dir, tmp):
 
     # what init, quantize, a pretrain checkpoint and tokenizer train write
     if suite.wanted(PREFIX + "outputs"):
-        problems = _tokenizer_files(tok_dir) + _tokenizer_files(ck)
+        problems = tokenizer_files(tok_dir) + tokenizer_files(ck)
         cfg = _load(os.path.join(ck, "config.json"))
-        problems += _model_files(ck, cfg)
+        problems += model_files(ck, cfg)
         small = dict(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_key_value_heads=2, kv_channels=8,
                      intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
                      bos_token_id=1, eos_token_id=2)
@@ -77,7 +94,7 @@ def run(suite, jetmoe, run_dir, tok_dir, tmp):
             p = _run([jetmoe] + argv)
             if p.returncode != 0 or sanitizer_report(p.stderr):
                 problems.append(f"{argv[0]}: exit {p.returncode} {p.stderr.strip()[-200:]!r}")
-        problems += _model_files(init, small) + _model_files(q, cfg) + _tokenizer_files(q)
+        problems += model_files(init, small) + model_files(q, cfg) + tokenizer_files(q)
         info = _run([jetmoe, "info", init])
         if "architecture      JetMoeForCausalLM" not in info.stdout:
             problems.append(f"info: {info.stdout[:300]!r} {info.stderr[-200:]!r}")
@@ -103,6 +120,27 @@ def run(suite, jetmoe, run_dir, tok_dir, tmp):
     def gen_config(obj):
         with open(os.path.join(m, "generation_config.json"), "w") as f:
             f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+    # quantize writes transformers' spelling whatever its input's config.json says, and keeps the rest
+    if suite.wanted(PREFIX + "quantize_old_name"):
+        problems = []
+        for arch in (["JetMoEForCausalLM"], None):
+            config_with(architectures=arch)
+            src = _load(os.path.join(m, "config.json"))
+            q = os.path.join(d, "q4_old_name")
+            p = _run([jetmoe, "quantize", m, "--to", "q4", "--out", q, "--overwrite"])
+            if p.returncode != 0 or sanitizer_report(p.stderr):
+                problems.append(f"{arch}: exit {p.returncode} {p.stderr.strip()[-200:]!r}")
+                continue
+            c = _load(os.path.join(q, "config.json"))
+            if c.get("architectures") != ["JetMoeForCausalLM"] or c.get("model_type") != "jetmoe":
+                problems.append(f"{arch}: quantized config.json architectures {c.get('architectures')}")
+            rest = {k: v for k, v in c.items() if k != "architectures"}
+            if rest != {k: v for k, v in src.items() if k != "architectures"}:
+                problems.append(f"{arch}: the other fields changed: {rest} from {src}")
+        config_with()
+        suite.check(PREFIX + "quantize_old_name", not problems, "; ".join(problems)[:1500],
+                    "JetMoEForCausalLM or no architectures in, JetMoeForCausalLM out; the other fields kept")
 
     # the authors' spelling still loads, and so does a config.json without architectures
     if suite.wanted(PREFIX + "old_architecture_loads"):

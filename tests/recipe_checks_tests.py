@@ -269,7 +269,8 @@ def run(suite, build, tmp):
              ['model: unknown field "vocab_sise"', 'did you mean "vocab_size"']),
             ("model_num_layers", variant(model=model(num_layers=2)),
              ['model: unknown field "num_layers"', 'did you mean "num_hidden_layers"']),
-            ("model_use_cache", variant(model=model(use_cache=True)), ['model: unknown field "use_cache"']),
+            ("model_output_hidden_states", variant(model=model(output_hidden_states=True)),
+             ['model: unknown field "output_hidden_states"']),
             ("key_with_newline", variant(**{"bad\nkey": 1}), ['unknown field "bad\\x0akey"']),
             ("nul_in_a_path", variant(tokenizer=tok + "\u0000junk"), ["\\u0000 (a NUL character)"]),
             ("optimizer_not_object", variant(optimizer=5), ["field optimizer must be an object, not 5"]),
@@ -277,7 +278,7 @@ def run(suite, build, tmp):
         for name, r, must in cases:
             refuse(name, r, must, problems, times)
         # a hint only where one is close
-        for name in ("top_comment", "model_use_cache"):
+        for name in ("top_comment", "model_output_hidden_states"):
             with open(os.path.join(cases_dir, name + ".json")) as f:
                 p, _ = pretrain(f.name, os.path.join(runs_dir, name))
             if "did you mean" in p.stderr:

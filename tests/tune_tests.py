@@ -13,6 +13,9 @@ they resume bit-exactly, what they refuse, and that they learn.
   tune_sft_checkpoint_files        checkpoints/step_N: config.json, generation_config.json, model.safetensors,
                                    trainer_state.safetensors, the tokenizer files; latest; loss.svg
                                    parses with its three panels; recipe.json is the recipe
+  tune_hf_names                    sft's and dpo's checkpoints: JetMoeForCausalLM, transformers' config.json
+                                   fields, generation_config.json, special_tokens_map.json (hf_names_tests);
+                                   also from a model whose config.json says JetMoEForCausalLM
   tune_sft_messages_run            {"messages": [...]} records on a checkpoint with a tokenizer: learned
                                    tokens only the assistant's (fewer than all), metrics, checkpoints
   tune_sft_no_tokenizer            a checkpoint without tokenizer files: pre-tokenized records train;
@@ -87,10 +90,11 @@ import xml.etree.ElementTree as ET
 
 import run_tests  # its fixtures, used at call time (run_tests imports this module too)
 from output_safety_tests import tree_diff, tree_state
+import hf_names_tests
 from testlib import sanitizer_report
 
 PREFIX = "tune_"
-CHECKS = ("tune_sft_run_metrics", "tune_sft_steps_and_schedule", "tune_sft_checkpoint_files",
+CHECKS = ("tune_sft_run_metrics", "tune_sft_steps_and_schedule", "tune_sft_checkpoint_files", "tune_hf_names",
           "tune_sft_messages_run", "tune_sft_no_tokenizer", "tune_sft_loss_decreases", "tune_sft_resume_bit_exact",
           "tune_sft_sigint_resume", "tune_sft_sigint_before_first_step", "tune_batch_spans_epochs",
           "tune_dpo_resume_bit_exact", "tune_dpo_run_metrics", "tune_dpo_ref_logps_cache", "tune_dpo_heldout_learns",
@@ -454,6 +458,30 @@ def sft_checkpoint_files(t):
     if p.returncode != 0:
         problems.append(f"forward on the run: {one_line(p)}")
     return problems, f"{sorted(have)}; kept {kept}"
+
+
+def hf_names(t):
+    """sft's and dpo's checkpoints carry transformers' names (hf_names_tests), also when the model they
+    start from is the authors' JetMoEForCausalLM."""
+    problems = []
+    for kind in ("sft", "dpo"):
+        ck = latest(t.straight(kind)[0])
+        cfg = json.load(open(os.path.join(ck, "config.json")))
+        problems += hf_names_tests.model_files(ck, cfg) + hf_names_tests.tokenizer_files(ck)
+    old = t.path("model_old_name")
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.copytree(t.path("model"), old)
+    cfg = json.load(open(os.path.join(old, "config.json")))
+    cfg["architectures"] = ["JetMoEForCausalLM"]
+    write_json(os.path.join(old, "config.json"), cfg)
+    out = t.path("sft_from_old_name")
+    shutil.rmtree(out, ignore_errors=True)
+    args = t.args("sft", out, "--stop-after", "1", "--quiet")
+    args[args.index("--model") + 1] = old
+    t.must(*args)
+    problems += hf_names_tests.model_files(latest(out), cfg)
+    return problems, "sft, dpo, sft from JetMoEForCausalLM: JetMoeForCausalLM, generation_config.json, " \
+        "special_tokens_map.json"
 
 
 def sft_messages_run(t):
@@ -1215,6 +1243,7 @@ def run(suite, build, tmp):
     t.check("tune_sft_run_metrics", lambda: sft_run_metrics(t))
     t.check("tune_sft_steps_and_schedule", lambda: sft_steps_and_schedule(t))
     t.check("tune_sft_checkpoint_files", lambda: sft_checkpoint_files(t))
+    t.check("tune_hf_names", lambda: hf_names(t))
     t.check("tune_sft_messages_run", lambda: sft_messages_run(t))
     t.check("tune_sft_no_tokenizer", lambda: sft_no_tokenizer(t))
     t.check("tune_sft_loss_decreases", lambda: sft_loss_decreases(t))

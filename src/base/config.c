@@ -259,7 +259,8 @@ static const char *const config_keys[] = {
     "moe_top_k", "max_position_embeddings", "bos_token_id", "eos_token_id", "tie_word_embeddings",
     "activation_function", "rope_parameters", "rope_scaling", "rope_theta", "rms_norm_eps", "aux_loss_coef",
     "z_loss_coef", "initializer_range", "num_attention_heads",
-    "architectures", "model_type", "torch_dtype", /* written by jm_config_save, not read */
+    "architectures", "model_type", "torch_dtype", "output_router_logits", "use_cache", "attention_dropout",
+    "transformers_version", /* written by jm_config_save, not read */
 };
 
 const char *const *jm_config_keys(int *n)
@@ -309,7 +310,13 @@ jm_status jm_config_save(const char *path, const jm_config *c, jm_error *err)
     cJSON_AddNumberToObject(o, "initializer_range", c->initializer_range);
     cJSON_AddNumberToObject(o, "bos_token_id", c->bos_token_id);
     cJSON_AddNumberToObject(o, "eos_token_id", c->eos_token_id);
+    /* HF JetMoeConfig's other fields, which save_pretrained writes for every model: their
+     * defaults (no router logits returned, KV cache used, no attention dropout) */
+    cJSON_AddFalseToObject(o, "output_router_logits");
+    cJSON_AddTrueToObject(o, "use_cache");
+    cJSON_AddNumberToObject(o, "attention_dropout", 0.0);
     cJSON_AddStringToObject(o, "torch_dtype", "float32");
+    cJSON_AddStringToObject(o, "transformers_version", JM_TRANSFORMERS_VERSION);
     s = jm_write_json(path, o, err);
     cJSON_Delete(o);
     return s;

@@ -163,6 +163,40 @@ static jm_status write_index(const char *out_dir, const plan_entry *plan, int n,
     return s;
 }
 
+/* The source's config.json with transformers' names: architectures and model_type
+ * as jm_config_save writes them (a checkpoint from the authors' code says
+ * JetMoEForCausalLM, which vLLM's registry does not know); every other field as
+ * it was. */
+static jm_status copy_config(const char *src, const char *dst, jm_error *err)
+{
+    char *buf;
+    size_t len;
+    cJSON *root = NULL;
+    jm_status s = jm_read_file(src, 1u << 20, &buf, &len, err);
+    if (s) return s;
+    s = jm_json_parse(buf, len, src, &root, err);
+    free(buf);
+    if (!s && !cJSON_IsObject(root)) s = jm_fail(err, JM_ERR_CONFIG, "%s: expected a JSON object", src);
+    cJSON *arch = s ? NULL : cJSON_CreateArray(), *type = s ? NULL : cJSON_CreateString("jetmoe");
+    if (!s && (!arch || !type || !cJSON_AddItemToArray(arch, cJSON_CreateString(JM_ARCHITECTURE))))
+        s = jm_fail(err, JM_ERR_NOMEM, "%s: out of memory", dst);
+    if (!s) { /* in place when there, else added */
+        if (cJSON_GetObjectItemCaseSensitive(root, "architectures"))
+            cJSON_ReplaceItemInObjectCaseSensitive(root, "architectures", arch);
+        else
+            cJSON_AddItemToObject(root, "architectures", arch);
+        arch = NULL;
+        if (cJSON_GetObjectItemCaseSensitive(root, "model_type"))
+            cJSON_ReplaceItemInObjectCaseSensitive(root, "model_type", type);
+        else
+            cJSON_AddItemToObject(root, "model_type", type);
+        type = NULL;
+        s = jm_write_json(dst, root, err);
+    }
+    cJSON_Delete(arch), cJSON_Delete(type), cJSON_Delete(root);
+    return s;
+}
+
 /* config.json and the tokenizer files travel with the weights; a model without
  * generation_config.json gets one from its config (as jm_model_save writes it). */
 static jm_status copy_side_files(const char *dir, const char *out_dir, const jm_config *c, jm_error *err)
@@ -174,7 +208,9 @@ static jm_status copy_side_files(const char *dir, const char *out_dir, const jm_
         snprintf(src, sizeof src, "%s/%s", dir, files[i]);
         snprintf(dst, sizeof dst, "%s/%s", out_dir, files[i]);
         jm_status s = JM_OK;
-        if (i > 0 && access(src, F_OK) != 0) {
+        if (i == 0) {
+            s = copy_config(src, dst, err);
+        } else if (access(src, F_OK) != 0) {
             if (!strcmp(files[i], "generation_config.json")) s = jm_generation_config_save(dst, c, err);
         } else {
             s = jm_copy_file(src, dst, err);
