@@ -214,7 +214,7 @@ static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, s
 
 /* ==== the Jinja2 subset ==== */
 
-typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS, V_MACRO } vkind;
+typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS, V_MACRO, V_FUNC } vkind;
 
 /* What a V_LIST is to Python: it matters for printing and ==, nowhere else */
 enum { L_LIST, L_TUPLE, L_ITEMS, L_KEYS, L_VALUES };
@@ -225,7 +225,7 @@ typedef struct macro macro;
 struct value {
     vkind k;
     int64_t i;      /* bool, int; loop: index0; list: L_LIST, L_TUPLE (a pair from items()) ... */
-    const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by */
+    const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by; function: its name */
     size_t n;       /* str: bytes; list: items; dict: pairs; loop: length */
     const value *a; /* list: items; dict: key, value, key, value ...; loop: the items */
     union {
@@ -381,7 +381,7 @@ static value str_val(const char *s, size_t n) { return (value){.k = V_STR, .s = 
 static const char *type_name(const value *v)
 {
     static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext",
-                                        "Namespace", "Macro"};
+                                        "Namespace", "Macro", "function"};
     static const char *const lists[] = {"list", "tuple", "dict_items", "dict_keys", "dict_values"};
     return v->k == V_LIST && v->i > 0 && v->i <= L_VALUES ? lists[v->i] : names[v->k];
 }
@@ -395,18 +395,24 @@ typedef struct {
 } piece;
 
 /* Index of the '}' / '%' / '#' that closes a tag opened with k, content from i; len when none.
- * Inside {{ }} and {% %} a closer within a string literal does not count. */
+ * Inside {{ }} and {% %} a closer within a string literal or open brackets does not count
+ * ({{ f({'a': {'b': 1}}) }}), as Jinja's lexer balances them. */
 static size_t find_close(const char *s, size_t len, size_t i, char k)
 {
     char c = k == '{' ? '}' : k;
+    size_t open = 0;
     for (; i + 1 < len; i++) {
         if (k != '#' && (s[i] == '\'' || s[i] == '"')) {
             char q = s[i];
             for (i++; i < len && s[i] != q; i++)
                 if (s[i] == '\\') i++;
             if (i >= len) return len;
-        } else if (s[i] == c && s[i + 1] == '}') {
+        } else if (k != '#' && (s[i] == '(' || s[i] == '[' || s[i] == '{')) {
+            open++;
+        } else if (!open && s[i] == c && s[i + 1] == '}') {
             return i;
+        } else if (k != '#' && (s[i] == ')' || s[i] == ']' || s[i] == '}')) {
+            open -= open > 0;
         }
     }
     return len;
@@ -1094,7 +1100,8 @@ static bool truthy(const value *v)
     case V_DICT: return v->n != 0;
     case V_LOOP:
     case V_NS:
-    case V_MACRO: return true;
+    case V_MACRO:
+    case V_FUNC: return true;
     default: return false;
     }
 }
@@ -1156,6 +1163,7 @@ static bool write_val(jx *x, sbuf *b, const value *v, bool repr, int depth)
     case V_NS: return put(x, b, "<Namespace>", 11);
     case V_MACRO:
         return put(x, b, "<Macro '", 8) && put(x, b, v->mac->def->name, v->mac->def->len) && put(x, b, "'>", 2);
+    case V_FUNC: return put(x, b, "<function ", 10) && put(x, b, v->s, v->n) && put(x, b, ">", 1);
     case V_LIST:
     case V_DICT: {
         bool list = v->k == V_LIST, tuple = list && v->i == L_TUPLE, view = list && v->i > L_TUPLE;
@@ -1220,6 +1228,7 @@ static bool eq(const value *a, const value *b, int depth)
     case V_LOOP: return a == b;
     case V_NS: return a->ns == b->ns;
     case V_MACRO: return a->mac == b->mac;
+    case V_FUNC: return a->s == b->s;
     default: return true; /* none, undefined */
     }
 }
@@ -1419,6 +1428,9 @@ static bool binop(jx *x, const node *e, value *a, value *b, value *out)
 
 static bool eval(jx *x, const node *e, const binding *sc, value *out);
 static bool step(jx *x, size_t pos);
+
+/* The global functions (transformers' apply_chat_template provides the first two; namespace is Jinja's) */
+static const char *const functions[] = {"raise_exception", "strftime_now", "namespace", NULL};
 
 /* Evaluates an argument list into v[0..max); returns the count, -1 on error. */
 static int eval_args(jx *x, const node *args, const binding *sc, value *v, int max, const char *fn, size_t fnlen)
@@ -2046,7 +2058,7 @@ static bool run_test(jx *x, const char *name, size_t len, const value *v, const 
                            v->k != V_UNDEF, v->k == V_UNDEF, v->k == V_NONE, v->k == V_STR, numeric(v),
                            v->k == V_INT, v->k == V_BOOL, v->k == V_BOOL && v->i, v->k == V_BOOL && !v->i,
                            v->k == V_DICT, seq, seq, v->k == V_INT && (v->i & 1), v->k == V_INT && !(v->i & 1),
-                           false, false, false, v->k == V_MACRO};
+                           false, false, false, v->k == V_MACRO || v->k == V_FUNC};
         *r = is[k];
         return true;
     }
@@ -2088,7 +2100,7 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
         args a;
         if (!eval(x, f, sc, &obj)) return false;
         if (obj.k == V_MACRO) return eval_call_args(x, e->b, sc, &a, f->name, f->len) && call_macro(x, obj.mac, &a, e->pos, out);
-        if (obj.k != V_UNDEF)
+        if (obj.k != V_UNDEF && obj.k != V_FUNC)
             return fail(x, e->pos, JM_ERR_FORMAT, "'%.*s' (a %s) is not callable", (int)(f->len < 40 ? f->len : 40),
                         f->name, type_name(&obj));
     }
@@ -2180,11 +2192,13 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
     if (!step(x, e->pos)) return false;
     switch (e->kind) {
     case E_LIT: *out = e->lit; return true;
-    case E_NAME:
+    case E_NAME: {
         for (; sc; sc = sc->up)
             if (sc->len == e->len && memcmp(sc->name, e->name, e->len) == 0) return *out = sc->v, true;
-        *out = undefined(e->name, e->len);
+        int k = find_name(functions, e->name, e->len);
+        *out = k >= 0 ? (value){.k = V_FUNC, .s = functions[k], .n = e->len} : undefined(e->name, e->len);
         return true;
+    }
     case E_LIST: {
         size_t n = 0, i = 0;
         for (const node *p = e->a; p; p = p->next) n++;
