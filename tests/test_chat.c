@@ -214,7 +214,8 @@ static void test_jinja(void)
         {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
         {"jinja_dict_key_not_string", "{{ {1: 1} }}", JM_ERR_FORMAT, "col 5: dict keys must be strings, not int"},
-        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "expected '}'"},
+        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "line 1 col 1: unterminated {{ ... }}"},
+        {"jinja_dict_unclosed_in_tag", "{{ {'a': 1 ] }}", JM_ERR_FORMAT, "line 1 col 12: expected '}'"},
         {"jinja_unsupported_float", "{{ 1.5 }}", JM_ERR_FORMAT, "float literals are not supported"},
         {"jinja_unsupported_division", "{{ 1 / 2 }}", JM_ERR_FORMAT, "'/' is not supported"},
         {"jinja_unterminated_output", "a {{ 'x' ", JM_ERR_FORMAT, "line 1 col 3: unterminated {{ ... }}"},
@@ -328,7 +329,9 @@ static void test_bounds(void)
     char *deep = malloc(2 * depth + 16);
     strcpy(deep, "{{ ");
     memset(deep + 3, '(', depth);
-    strcpy(deep + 3 + depth, "1 }}");
+    deep[3 + depth] = '1';
+    memset(deep + 4 + depth, ')', depth); /* balanced, or the tag would not end */
+    strcpy(deep + 4 + 2 * depth, " }}");
     render_fails("bound_expression_depth", deep, conv3, 3, JM_ERR_FORMAT, "nested more than");
     char *blocks = malloc(depth * 13 + 1);
     for (size_t i = 0; i < depth; i++) memcpy(blocks + 13 * i, "{% if true %}", 13);
@@ -336,6 +339,7 @@ static void test_bounds(void)
     render_fails("bound_block_depth", blocks, conv3, 3, JM_ERR_FORMAT, "nested more than");
     free(blocks);
     memset(deep + 3, '-', depth);
+    strcpy(deep + 3 + depth, "1 }}");
     render_fails("bound_unary_depth", deep, conv3, 3, JM_ERR_FORMAT, "nested more than");
     free(deep);
     /* 3^16 iterations: stopped by the step bound, not left to run for hours */
