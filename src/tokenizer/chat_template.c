@@ -12,36 +12,67 @@
  *
  * Supported:
  *   text, {{ expr }}, {# comments #}, whitespace control {%- -%} {{- -}} {#- -#}
- *   and {%+ +%};
+ *   and {%+ +%}; a tag ends at the first closer outside strings and brackets;
  *   {% if %}/{% elif %}/{% else %}/{% endif %}; {% for x in expr %} ...
  *   [{% else %}] {% endfor %} with loop.index, index0, first, last, length,
- *   revindex, revindex0, previtem, nextitem; {% set name = expr %};
+ *   revindex, revindex0, previtem, nextitem, and unpacking: {% for k, v in
+ *   d.items() %}, {% for a, b in pairs %} (each item a list, tuple, string or
+ *   dict of exactly that many, as Python unpacks); {% set name = expr %};
  *   {% break %}, {% continue %}.
+ *   {% macro name(a, b=default) %}...{% endmacro %}, called as name(x) or
+ *   name(x, b=y): the body rendered to a string. It sees its parameters (a
+ *   missing one undefined; defaults evaluated at the call, after the ones
+ *   before them), then, as Jinja's closures do, the names where it was defined:
+ *   for a macro at the top level, the top level as it is when called (not the
+ *   caller's loop variables). Recursion is bounded: each call counts as deep as
+ *   its body nests, EVAL_DEPTH_MAX in all (a simple recursive macro goes ~60 deep).
  *   Expressions: 'strings' and "strings" (Python escapes), integers,
- *   true/false/none (any case Jinja accepts), [lists], variables, x.attr,
- *   x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in, not in,
- *   and, or, not, a if c else b, x is [not] defined/undefined/none/string/
- *   number/integer/boolean/true/false/mapping/sequence/iterable/odd/even;
- *   filters trim, length, count, upper, lower, first, last, default (d),
- *   string, tojson and tojson(indent=N) (transformers' own: json.dumps with
- *   ensure_ascii=False, keys in order); string methods strip, lstrip, rstrip, upper, lower, startswith,
- *   endswith, split, replace; dict.get; raise_exception(msg).
- * Values: undefined, none, bool, int, string, list, dict (the Python/Jinja
- * semantics: truthiness, True == 1, code-point string indexing, Python
- * repr() when a list is printed). Undefined behaves as Jinja's default: it
- * prints as "", tests false and iterates as empty, but using it in
+ *   true/false/none (any case Jinja accepts), [lists], (tuples,), variables,
+ *   x.attr, x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in,
+ *   not in, and, or, not, a if c else b, x is [not] defined/undefined/none/
+ *   string/number/integer/boolean/true/false/mapping/sequence/iterable/odd/
+ *   even/lower/upper/float/callable, and with one argument (x is divisibleby 3,
+ *   x is eq(y)) divisibleby/in/eq/equalto/==/ne/!=/lt/lessthan/</le/<=/gt/
+ *   greaterthan/>/ge/>=; filters trim, length, count, upper, lower,
+ *   capitalize, title (Jinja's: after - ( { [ < and whitespace), first, last,
+ *   default (d), string, list, items, join(d='', attribute=), map(attribute=,
+ *   default=) and map('filter', args...), select/reject('test', args...) (no
+ *   test: truthiness), selectattr/rejectattr('attr', 'test', args...),
+ *   replace(old, new, count), unique(case_sensitive=, attribute=) (attribute=
+ *   a dotted path, integer parts index lists), tojson and tojson(indent=N)
+ *   (transformers' own: json.dumps with ensure_ascii=False, keys in order),
+ *   each taking its arguments by position or by name as Jinja's Python
+ *   functions do; string methods strip, lstrip, rstrip, upper, lower,
+ *   startswith, endswith, split, replace; dict.get, dict.items(), keys(),
+ *   values(); raise_exception(msg); strftime_now(format), as transformers
+ *   defines it: datetime.now().strftime(format), i.e. C strftime on the local
+ *   time (TZ) in the C locale, with Python's own %f (microseconds) and %z/%Z
+ *   (empty: now() is naive); the clock is JETMOE_TEMPLATE_NOW (seconds since
+ *   the epoch) when set, so that tests and reproductions can fix it.
+ * Values: undefined, none, bool, int, string, list, tuple, dict, macro,
+ * function (the Python/Jinja semantics: truthiness, True == 1, (1,) != [1],
+ * code-point string indexing, Python repr() when a list is printed, tuples as
+ * ('a', 1), dict.items() as dict_items([('a', 1)])). map, select and the
+ * other filters Jinja2 implements as generators give lists: the same for
+ * join, list, length, first, loops and tojson; printed, Jinja2 shows
+ * <generator object ...>, we the list. Undefined behaves as Jinja's default:
+ * it prints as "", tests false and iterates as empty, but using it in
  * arithmetic or reading an attribute of it is an error, as in Jinja.
  * Values also come from JSON (jm_chat_render_json: messages with any fields,
  * tools), lists and dicts of them.
  * namespace(name=value, ...) and {% set ns.name = value %} (the one value a
  * template can change, so that a loop can leave results behind).
  * Dict literals {'key': value} (string keys).
- * Not supported (an error naming the construct and its line/column): macros,
- * call blocks, {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, '/',
- * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
- * them when compiling), tests and methods. Case mapping and strip() know
- * ASCII only.
+ * Not supported (an error naming the construct and its line/column): call
+ * blocks and caller(), varargs/kwargs in macros, {% set %} blocks, {% set a,
+ * b = ... %}, {% with %}, {% filter %}, includes and inheritance, loop filters
+ * (for x in y if c) and recursive loops, keyword arguments other than those
+ * named above, keyword arguments to tests, floats, '/', '**', '%' formatting,
+ * other filters (checked when parsing, as Jinja checks them when compiling;
+ * a name given to map/select is checked when used, as in Jinja), tests,
+ * functions (range) and methods. x.items on a dict with an "items" key gives
+ * the key (Jinja2 the method). Case mapping, title, capitalize, strip() and
+ * the lower/upper tests know ASCII only.
  * Everything is bounded: template nesting depth, evaluation steps, memory
  * and output size, so a hostile template fails cleanly. */
 #include "tokenizer/tokenizer.h"
