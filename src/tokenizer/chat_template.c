@@ -102,6 +102,7 @@ const char jm_default_chat_template[] =
 #define STEPS_MAX 10000000ull         /* statements + expressions evaluated */
 #define DEPTH_MAX 200                 /* nesting of blocks, expressions and values */
 #define CHUNK ((size_t)64 << 10)
+#define ARGS_MAX 12                   /* arguments to one filter, test or macro call; a macro's parameters */
 
 static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
                         bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err);
@@ -390,7 +391,7 @@ static void *alloc(jx *x, size_t n)
 static bool put(jx *x, sbuf *b, const char *s, size_t n)
 {
     if (x->st) return false;
-    if (n > OUT_MAX - b->n - x->out_held) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
+    if (n > OUT_MAX || b->n + x->out_held + n > OUT_MAX) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
     if (b->n + n + 1 > b->cap) {
         size_t cap = (b->n + n + 1) * 2;
         char *p = realloc(b->p, cap);
@@ -1028,7 +1029,9 @@ static node *macro_stmt(jx *x, size_t pos)
         if (!p->a && defaults) /* as in Python */
             return fail(x, p->pos, JM_ERR_FORMAT, "non-default argument follows default argument"), NULL;
         defaults |= p->a != NULL;
-        *tail = p, tail = &p->next, n->op++;
+        *tail = p, tail = &p->next;
+        if (++n->op > ARGS_MAX)
+            return fail(x, p->pos, JM_ERR_FORMAT, "a macro takes at most %d parameters", ARGS_MAX), NULL;
         if (!is_op(&x->t, ',')) break;
         if (!lex(x)) return NULL;
     }
@@ -1643,7 +1646,6 @@ static bool iterate(jx *x, const value *v, size_t pos, const value **items, size
     return true;
 }
 
-#define ARGS_MAX 12 /* arguments to one filter, test, method or macro call */
 
 /* Evaluated call arguments: positional ones first, then keyword ones, as Python requires. */
 typedef struct {
@@ -1993,8 +1995,7 @@ static bool apply_filter(jx *x, const char *f, size_t fl, const value *v, const 
     value p[3];
     if (find_name(filter_names, f, fl) < 0)
         return fail(x, pos, JM_ERR_FORMAT, "no filter named '%.*s'", (int)(fl < 40 ? fl : 40), f);
-    if (!enter(x, pos)) return false; /* map('map', 'map', ...) */
-    x->depth--;
+    /* map('map', 'map', ...) recurses here, at most ARGS_MAX deep: each level takes one argument */
     if (eq_name(f, fl, "tojson")) return tojson(x, v, a, pos, out);
     if (eq_name(f, fl, "map")) return map_filter(x, v, a, pos, out);
     if (eq_name(f, fl, "select") || eq_name(f, fl, "reject"))
