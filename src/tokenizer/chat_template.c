@@ -404,6 +404,17 @@ static bool put(jx *x, sbuf *b, const char *s, size_t n)
     return true;
 }
 
+/* b's text as a string value that lives as long as the rendering; b is freed. False: an error is pending. */
+static bool keep_text(jx *x, sbuf *b, value *out)
+{
+    char *s = !x->st && b->n ? alloc(x, b->n) : NULL;
+    if (s) memcpy(s, b->p, b->n);
+    *out = (value){.k = V_STR, .s = s ? s : "", .n = s ? b->n : 0};
+    free(b->p);
+    *b = (sbuf){0};
+    return !x->st;
+}
+
 static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
 
 static bool eq_name(const char *s, size_t n, const char *lit) { return strlen(lit) == n && memcmp(s, lit, n) == 0; }
@@ -1221,13 +1232,8 @@ static bool to_str(jx *x, value *v)
 {
     if (v->k == V_STR) return true;
     sbuf b = {0};
-    bool ok = write_val(x, &b, v, false, 0);
-    char *s = ok && b.n ? alloc(x, b.n) : NULL;
-    if (s) memcpy(s, b.p, b.n);
-    free(b.p);
-    if (!ok || (b.n && !s)) return false;
-    *v = str_val(s ? s : "", b.n);
-    return true;
+    write_val(x, &b, v, false, 0);
+    return keep_text(x, &b, v);
 }
 
 static const value *dict_get(const value *d, const char *key, size_t n)
@@ -1606,11 +1612,7 @@ static bool replace(jx *x, const value *s, const value *from, const value *to, i
         if (f) put(x, &b, to->s, to->n);
         i = j + (f ? from->n : 0);
     }
-    char *r = !x->st && b.n ? alloc(x, b.n) : NULL;
-    if (r) memcpy(r, b.p, b.n);
-    free(b.p);
-    *out = str_val(r ? r : "", r ? b.n : 0);
-    return !x->st;
+    return keep_text(x, &b, out);
 }
 
 /* ns.name = *v */
@@ -1756,11 +1758,7 @@ static bool call_macro(jx *x, const macro *m, const args *a, size_t pos, value *
     int r = exec(x, def->b, &sc);
     sbuf body = x->out;
     x->out = outer, x->out_held -= outer.n, x->depth -= (int)def->lit.i;
-    char *s = r != X_ERR && body.n ? alloc(x, body.n) : NULL;
-    if (s) memcpy(s, body.p, body.n);
-    free(body.p);
-    *out = str_val(s ? s : "", s ? body.n : 0);
-    return r != X_ERR && !x->st;
+    return keep_text(x, &body, out) && r != X_ERR;
 }
 
 /* transformers' strftime_now(format): datetime.now().strftime(format), the clock from
@@ -1927,11 +1925,7 @@ static bool join_filter(jx *x, const value *v, const value *p, size_t pos, value
         if (i) put(x, &b, sep.s, sep.n);
         put(x, &b, s.s, s.n);
     }
-    char *r = !x->st && b.n ? alloc(x, b.n) : NULL;
-    if (r) memcpy(r, b.p, b.n);
-    free(b.p);
-    *out = str_val(r ? r : "", r ? b.n : 0);
-    return !x->st;
+    return keep_text(x, &b, out);
 }
 
 /* Python's == after lower() on strings (ASCII), for unique */
@@ -1980,13 +1974,8 @@ static bool tojson(jx *x, const value *v, const args *a, size_t pos, value *out)
     if (indent.k != V_NONE && (indent.k != V_INT || indent.i < 0 || indent.i > 64))
         return fail(x, pos, JM_ERR_FORMAT, "tojson: indent must be an integer from 0 to 64");
     sbuf b = {0};
-    bool ok = write_json(x, &b, v, indent.k == V_INT ? indent.i : -1, 0);
-    char *s = ok && b.n ? alloc(x, b.n) : NULL;
-    if (s) memcpy(s, b.p, b.n);
-    free(b.p);
-    if (!ok || !s) return false;
-    *out = str_val(s, b.n);
-    return true;
+    write_json(x, &b, v, indent.k == V_INT ? indent.i : -1, 0);
+    return keep_text(x, &b, out);
 }
 
 /* value | f(args): also what map('f') applies to each item */
@@ -2444,11 +2433,7 @@ static bool json_messages(jx *x, const cJSON *conv, value *messages, value *tool
             const value *text = dict_get(&c->a[k], "text", 4);
             put(x, &b, text->s, text->n);
         }
-        char *s = !x->st && b.n ? alloc(x, b.n) : NULL;
-        if (s) memcpy(s, b.p, b.n);
-        free(b.p);
-        if (x->st) return false;
-        *c = str_val(s ? s : "", s ? b.n : 0);
+        if (!keep_text(x, &b, c)) return false;
     }
     return true;
 }
