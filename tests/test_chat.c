@@ -270,6 +270,9 @@ static void test_jinja_constructs(void)
          "[a!1][b?1][1!1]"},
         {"jinja_macro_recursion", "{% macro f(n) %}{% if n > 0 %}{{ n }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(5) }}",
          "54321"},
+        {"jinja_macro_in_namespace", "{% macro f(a) %}<{{ a }}>{% endmacro %}{% set ns = namespace(m=f) %}{{ ns.m(1) }}"
+         "{{ f(f(2)) | upper }}{{ f is callable }}{{ strftime_now is defined }}",
+         "<1><<2>>TrueTrue"},
     };
     for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) render_is(ok[i].name, ok[i].tmpl, conv3, 3, 1, ok[i].want);
 
@@ -302,6 +305,7 @@ static void test_jinja_constructs(void)
          "line 1 col 34: 'break' outside a loop"},
         {"jinja_macro_recursion_bound", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
          "line 1 col 21: macro calls nested too deep (in 'f')"},
+        {"jinja_macro_varargs", "{% macro m() %}\n{{ varargs }}{% endmacro %}", "line 2 col 4: 'varargs' in a macro is not supported"},
         {"jinja_not_callable", "{% set f = 1 %}{{ f() }}", "line 1 col 20: 'f' (a int) is not callable"},
         {"jinja_call_block", "{% call m() %}{% endcall %}", "line 1 col 1: {% call %} blocks are not supported"},
         {"jinja_strftime_arity", "{{ strftime_now() }}", "line 1 col 16: strftime_now() takes one argument, the format"},

@@ -24,8 +24,9 @@
  *   missing one undefined; defaults evaluated at the call, after the ones
  *   before them), then, as Jinja's closures do, the names where it was defined:
  *   for a macro at the top level, the top level as it is when called (not the
- *   caller's loop variables). Recursion is bounded: each call counts as deep as
- *   its body nests, EVAL_DEPTH_MAX in all (a simple recursive macro goes ~60 deep).
+ *   caller's loop variables). A macro is a value: it can be passed, and kept
+ *   in a namespace (ns.m(x)). Recursion is bounded: each call counts as deep
+ *   as its body nests, EVAL_DEPTH_MAX in all (a simple recursive macro goes ~60 deep).
  *   Expressions: 'strings' and "strings" (Python escapes), integers,
  *   true/false/none (any case Jinja accepts), [lists], (tuples,), variables,
  *   x.attr, x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in,
@@ -64,7 +65,8 @@
  * template can change, so that a loop can leave results behind).
  * Dict literals {'key': value} (string keys).
  * Not supported (an error naming the construct and its line/column): call
- * blocks and caller(), varargs/kwargs in macros, {% set %} blocks, {% set a,
+ * blocks and caller() (caller is undefined in a macro, as when Jinja2's is called
+ * directly), varargs and kwargs in macros, {% set %} blocks, {% set a,
  * b = ... %}, {% with %}, {% filter %}, includes and inheritance, loop filters
  * (for x in y if c) and recursive loops, keyword arguments other than those
  * named above, keyword arguments to tests, floats, '/', '**', '%' formatting,
@@ -332,6 +334,7 @@ typedef struct {
     tok t;
     int depth, loops;
     int depth_peak; /* the deepest the parse went: what a macro's body costs per call */
+    int in_macro;   /* parsing a macro's body */
     chunk *mem;
     size_t mem_total;
     sbuf out;
@@ -694,6 +697,8 @@ static node *primary(jx *x)
             n->lit.k = V_NONE;
         else
             n->kind = E_NAME, n->name = t.s, n->len = t.n;
+        if (x->in_macro && (is_kw(&t, "varargs") || is_kw(&t, "kwargs")))
+            return fail(x, t.pos, JM_ERR_FORMAT, "'%.*s' in a macro is not supported", (int)t.n, t.s), NULL;
         for (int k = 0; k < 7; k++)
             if (is_kw(&t, reserved[k])) return fail(x, t.pos, JM_ERR_FORMAT, "unexpected '%s'", reserved[k]), NULL;
     } else if (t.kind == T_INT) {
@@ -1048,8 +1053,9 @@ static node *macro_stmt(jx *x, size_t pos)
     }
     if (!expect_op(x, ')', "')'") || !expect_end(x)) return NULL;
     int loops = x->loops, peak = x->depth_peak, depth = x->depth;
-    x->loops = 0, x->depth_peak = depth; /* a {% break %} in the body is outside any loop */
+    x->loops = 0, x->depth_peak = depth, x->in_macro++; /* a {% break %} in the body is outside any loop */
     bool ok = body(x, ends, &n->b, &stop);
+    x->in_macro--;
     n->lit.i = x->depth_peak - depth + 1;
     x->loops = loops, x->depth_peak = x->depth_peak > peak ? x->depth_peak : peak;
     return ok && end_tag(x, &stop, "endmacro", "macro", pos) ? n : NULL;
@@ -2155,8 +2161,14 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
     if (f->kind != E_ATTR) return fail(x, e->pos, JM_ERR_FORMAT, "unsupported call");
     const char *m = f->name;
     size_t ml = f->len;
-    if (!eval(x, f->a, sc, &obj) || (na = eval_args(x, e->b, sc, arg, 3, m, ml)) < 0 || is_undefined(x, &obj, e->pos))
-        return false;
+    if (!eval(x, f->a, sc, &obj) || is_undefined(x, &obj, e->pos)) return false;
+    if (obj.k == V_NS || obj.k == V_DICT) { /* ns.macro(...): a macro kept in a namespace or dict */
+        value v;
+        args a;
+        if (!get_attr(x, &obj, m, ml, e->pos, &v)) return false;
+        if (v.k == V_MACRO) return eval_call_args(x, e->b, sc, &a, m, ml) && call_macro(x, v.mac, &a, e->pos, out);
+    }
+    if ((na = eval_args(x, e->b, sc, arg, 3, m, ml)) < 0) return false;
     if (obj.k == V_STR) {
         /* name, fewest and most arguments */
         static const struct { const char *name; int min, max; } methods[] = {
