@@ -209,9 +209,9 @@ static void test_jinja(void)
         {"jinja_unsupported_set_attr", "{% set ns.x.y = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} and"},
         {"jinja_set_attr_of_list", "{% set m = messages %}{% set m.x = 1 %}", JM_ERR_FORMAT,
          "col 23: cannot set attribute 'x' of list (only of a namespace())"},
-        {"jinja_unsupported_loop_filter", "{% for m in messages if m %}{% endfor %}", JM_ERR_FORMAT,
-         "col 22: 'if' in a for loop is not supported"},
-        {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
+        {"jinja_unsupported_recursive_loop", "{% for m in messages recursive %}{% endfor %}", JM_ERR_FORMAT,
+         "col 22: 'recursive' in a for loop is not supported"},
+        {"jinja_unsupported_function", "{{ lipsum(3) }}", JM_ERR_FORMAT, "unsupported function call 'lipsum'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
         {"jinja_dict_key_not_string", "{{ {1: 1} }}", JM_ERR_FORMAT, "col 5: dict keys must be strings, not int"},
         {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "line 1 col 1: unterminated {{ ... }}"},
@@ -270,6 +270,11 @@ static void test_jinja_constructs(void)
          "[a!1][b?1][1!1]"},
         {"jinja_macro_recursion", "{% macro f(n) %}{% if n > 0 %}{{ n }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(5) }}",
          "54321"},
+        {"jinja_loop_filter", "{% for m in messages if m.role != 'system' %}{{ loop.index }}/{{ loop.length }}{{ m.role[0] }}"
+         "{% endfor %}{% for k, v in {'a': 1, 'b': 2}.items() if v > 5 %}{% else %}-{% endfor %}",
+         "1/2u2/2a-"},
+        {"jinja_range", "{{ range(3) | list }}{{ range(10, 0, -4) }}{% for i in range(messages | length - 1, -1, -1) %}"
+         "{{ messages[i].role[0] }}{% endfor %}", "[0, 1, 2][10, 6, 2]aus"},
         {"jinja_macro_in_namespace", "{% macro f(a) %}<{{ a }}>{% endmacro %}{% set ns = namespace(m=f) %}{{ ns.m(1) }}"
          "{{ f(f(2)) | upper }}{{ f is callable }}{{ strftime_now is defined }}",
          "<1><<2>>TrueTrue"},
@@ -308,6 +313,9 @@ static void test_jinja_constructs(void)
         {"jinja_macro_varargs", "{% macro m() %}\n{{ varargs }}{% endmacro %}", "line 2 col 4: 'varargs' in a macro is not supported"},
         {"jinja_not_callable", "{% set f = 1 %}{{ f() }}", "line 1 col 20: 'f' (a int) is not callable"},
         {"jinja_call_block", "{% call m() %}{% endcall %}", "line 1 col 1: {% call %} blocks are not supported"},
+        {"jinja_range_too_big", "{{ range(100001) }}", "line 1 col 9: range too big: the sandbox blocks ranges larger than 100000"},
+        {"jinja_range_step_zero", "{{ range(1, 2, 0) }}", "line 1 col 9: range() arg 3 must not be zero"},
+        {"jinja_loop_filter_error", "{% for a, b in [1] if a %}{% endfor %}", "line 1 col 1: cannot unpack non-iterable int object"},
         {"jinja_strftime_arity", "{{ strftime_now() }}", "line 1 col 16: strftime_now() takes one argument, the format"},
         {"jinja_strftime_not_str", "{{ strftime_now(1) }}", "line 1 col 16: strftime_now() needs a string, not int"},
     };

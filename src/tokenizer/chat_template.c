@@ -17,7 +17,9 @@
  *   [{% else %}] {% endfor %} with loop.index, index0, first, last, length,
  *   revindex, revindex0, previtem, nextitem, and unpacking: {% for k, v in
  *   d.items() %}, {% for a, b in pairs %} (each item a list, tuple, string or
- *   dict of exactly that many, as Python unpacks); {% set name = expr %};
+ *   dict of exactly that many, as Python unpacks), and a loop filter: {% for
+ *   x in y if c %} (the items c keeps, loop.index and loop.length counting
+ *   them, as in Jinja); {% set name = expr %};
  *   {% break %}, {% continue %}.
  *   {% macro name(a, b=default) %}...{% endmacro %}, called as name(x) or
  *   name(x, b=y): the body rendered to a string. It sees its parameters (a
@@ -45,7 +47,9 @@
  *   each taking its arguments by position or by name as Jinja's Python
  *   functions do; string methods strip, lstrip, rstrip, upper, lower,
  *   startswith, endswith, split, replace; dict.get, dict.items(), keys(),
- *   values(); raise_exception(msg); strftime_now(format), as transformers
+ *   values(); raise_exception(msg); range(stop), range(start, stop[, step])
+ *   (a list, at most 100,000 long as in Jinja's sandbox; printed as a list,
+ *   where Python prints range(a, b)); strftime_now(format), as transformers
  *   defines it: datetime.now().strftime(format), i.e. C strftime on the local
  *   time (TZ) in the C locale, with Python's own %f (microseconds) and %z/%Z
  *   (empty: now() is naive); the clock is JETMOE_TEMPLATE_NOW (seconds since
@@ -67,12 +71,12 @@
  * Not supported (an error naming the construct and its line/column): call
  * blocks and caller() (caller is undefined in a macro, as when Jinja2's is called
  * directly), varargs and kwargs in macros, {% set %} blocks, {% set a,
- * b = ... %}, {% with %}, {% filter %}, includes and inheritance, loop filters
- * (for x in y if c) and recursive loops, keyword arguments other than those
+ * b = ... %}, {% with %}, {% filter %}, includes and inheritance, recursive
+ * loops, keyword arguments other than those
  * named above, keyword arguments to tests, floats, '/', '**', '%' formatting,
  * other filters (checked when parsing, as Jinja checks them when compiling;
  * a name given to map/select is checked when used, as in Jinja), tests,
- * functions (range) and methods. x.items on a dict with an "items" key gives
+ * functions and methods. x.items on a dict with an "items" key gives
  * the key (Jinja2 the method). Case mapping, title, capitalize, strip() and
  * the lower/upper tests know ASCII only.
  * Everything is bounded: template nesting depth, evaluation steps, memory
@@ -301,6 +305,7 @@ struct node {
     /* operands; S_IF: cond, then, else; S_FOR: iterable, body, else; E_SLICE: obj, start, stop, step */
     node *a, *b, *c, *d;
     node *next;      /* statement lists; argument lists (in b) and list items (in a) */
+    node *e;         /* S_FOR: the loop filter (for x in y if e) */
 };
 
 enum { T_END, T_NAME, T_INT, T_STR, T_OP };
@@ -1008,7 +1013,8 @@ static node *for_stmt(jx *x, size_t pos)
     }
     if (!is_kw(&x->t, "in")) return fail(x, x->t.pos, JM_ERR_FORMAT, "expected 'in'"), NULL;
     if (!lex(x) || !(n->a = or_expr(x))) return NULL;
-    if (is_kw(&x->t, "if") || is_kw(&x->t, "recursive"))
+    if (is_kw(&x->t, "if") && (!lex(x) || !(n->e = expr(x)))) return NULL;
+    if (is_kw(&x->t, "recursive"))
         return fail(x, x->t.pos, JM_ERR_FORMAT, "'%.*s' in a for loop is not supported", tok_len(x),
                     x->src + x->t.pos), NULL;
     if (!expect_end(x)) return NULL;
@@ -1475,8 +1481,8 @@ static bool binop(jx *x, const node *e, value *a, value *b, value *out)
 static bool eval(jx *x, const node *e, const binding *sc, value *out);
 static bool step(jx *x, size_t pos);
 
-/* The global functions (transformers' apply_chat_template provides the first two; namespace is Jinja's) */
-static const char *const functions[] = {"raise_exception", "strftime_now", "namespace", NULL};
+/* The global functions (transformers' apply_chat_template provides the first two; the others are Jinja's) */
+static const char *const functions[] = {"raise_exception", "strftime_now", "namespace", "range", NULL};
 
 /* Evaluates an argument list into v[0..max); returns the count, -1 on error. */
 static int eval_args(jx *x, const node *args, const binding *sc, value *v, int max, const char *fn, size_t fnlen)
@@ -1816,6 +1822,31 @@ static bool strftime_now(jx *x, const value *fmt, size_t pos, value *out)
     return !x->st;
 }
 
+#define RANGE_MAX 100000 /* Jinja's sandbox: MAX_RANGE */
+
+/* range(stop), range(start, stop[, step]): Python's, as a list */
+static bool range(jx *x, const value *arg, int na, size_t pos, value *out)
+{
+    int64_t v[3] = {0, 0, 1};
+    if (na < 1) return fail(x, pos, JM_ERR_FORMAT, "range expected at least 1 argument, got 0");
+    for (int k = 0; k < na; k++) {
+        if (!numeric(&arg[k]))
+            return fail(x, pos, JM_ERR_FORMAT, "range() takes integers, not %s", type_name(&arg[k]));
+        v[na == 1 ? 1 : k] = arg[k].i;
+    }
+    if (v[2] == 0) return fail(x, pos, JM_ERR_FORMAT, "range() arg 3 must not be zero");
+    /* the count, in 128 bits: start and stop may be any int64 */
+    __int128 span = (__int128)v[1] - v[0], step = v[2];
+    __int128 count = step > 0 ? (span > 0 ? (span + step - 1) / step : 0) : (span < 0 ? (-span - step - 1) / -step : 0);
+    if (count > RANGE_MAX)
+        return fail(x, pos, JM_ERR_FORMAT, "range too big: the sandbox blocks ranges larger than %d", RANGE_MAX);
+    value *items = alloc(x, (size_t)count * sizeof *items + 1);
+    if (!items) return false;
+    for (int64_t i = 0; i < (int64_t)count; i++) items[i] = (value){.k = V_INT, .i = (int64_t)(v[0] + (__int128)i * step)};
+    *out = (value){.k = V_LIST, .a = items, .n = (size_t)count};
+    return true;
+}
+
 /* A dict's items() (pairs as tuples), keys() or values(), as a list that prints as Python's view does */
 static bool dict_view(jx *x, const value *d, int kind, value *out)
 {
@@ -2136,6 +2167,10 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
         if (na != 1) return fail(x, e->pos, JM_ERR_FORMAT, "strftime_now() takes one argument, the format");
         return strftime_now(x, &arg[0], e->pos, out);
     }
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "range")) {
+        if ((na = eval_args(x, e->b, sc, arg, 3, f->name, f->len)) < 0) return false;
+        return range(x, arg, na, e->pos, out);
+    }
     if (f->kind == E_NAME && eq_name(f->name, f->len, "raise_exception")) {
         if ((na = eval_args(x, e->b, sc, arg, 1, f->name, f->len)) < 0 || (na && !to_str(x, &arg[0]))) return false;
         /* the template's own refusal of the input: a caller error, reported verbatim */
@@ -2315,25 +2350,44 @@ static bool unpack(jx *x, const node *s, const value *item, binding *vars)
     return true;
 }
 
+/* The loop's names for one item, over sc: var, or with unpacking the names of s->d in vars */
+static const binding *bind_item(jx *x, const node *s, const value *item, const binding *sc, binding *var,
+                                binding *vars)
+{
+    *var = (binding){s->name, s->len, *item, sc};
+    if (!s->op) return var;
+    if (!unpack(x, s, item, vars)) return NULL;
+    size_t k = 0; /* the names in order, the last innermost */
+    for (const node *v = s->d; v; v = v->next, k++)
+        vars[k].name = v->name, vars[k].len = v->len, vars[k].up = k ? &vars[k - 1] : sc;
+    return &vars[k - 1];
+}
+
 static int exec_for(jx *x, const node *s, const binding *sc)
 {
     value seq;
     const value *items;
     size_t n;
+    binding var;
     if (!eval(x, s->a, sc, &seq) || !iterate(x, &seq, s->pos, &items, &n)) return X_ERR;
-    if (n == 0) return s->c ? exec(x, s->c, &sc) : X_OK;
     binding *vars = s->op ? alloc(x, (size_t)s->op * sizeof *vars) : NULL;
     if (s->op && !vars) return X_ERR;
+    if (s->e && n) { /* for x in y if c: the items c keeps, before the loop (loop.length counts them) */
+        value *kept = alloc(x, n * sizeof *kept), c;
+        size_t m = 0;
+        if (!kept) return X_ERR;
+        for (size_t i = 0; i < n; i++) {
+            const binding *names = bind_item(x, s, &items[i], sc, &var, vars);
+            if (!names || !eval(x, s->e, names, &c)) return X_ERR;
+            if (truthy(&c)) kept[m++] = items[i];
+        }
+        items = kept, n = m;
+    }
+    if (n == 0) return s->c ? exec(x, s->c, &sc) : X_OK;
     for (size_t i = 0; i < n; i++) {
         /* a fresh scope each iteration: what {% set %} does inside stays inside, as in Jinja */
-        binding var = {s->name, s->len, items[i], sc}, *names = &var;
-        if (s->op) { /* unpacking: the names in order, the last innermost */
-            if (!unpack(x, s, &items[i], vars)) return X_ERR;
-            size_t k = 0;
-            for (const node *v = s->d; v; v = v->next, k++)
-                vars[k].name = v->name, vars[k].len = v->len, vars[k].up = k ? &vars[k - 1] : sc;
-            names = &vars[k - 1];
-        }
+        const binding *names = bind_item(x, s, &items[i], sc, &var, vars);
+        if (!names) return X_ERR;
         binding loop = {"loop", 4, {.k = V_LOOP, .i = (int64_t)i, .n = n, .a = items}, names};
         const binding *inner = &loop;
         int r = exec(x, s->b, &inner);
