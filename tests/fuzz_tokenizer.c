@@ -529,7 +529,8 @@ static const char *const jinja_tokens[] = {
     "(1, 2)", "('a',)", "|join(', ')", "|join(attribute='role')", "|map(attribute='role')", "|map('upper')",
     "|selectattr('role', 'equalto', 'user')", "|rejectattr('role')", "|select('odd')", "|reject('divisibleby', 2)",
     "|list", "|capitalize", "|title", "|replace('a', 'b')", "|items", "|unique", " divisibleby 2", " is eq 1",
-    "strftime_now('%d %b %Y')", "strftime_now('%99999Y')",
+    "strftime_now('%d %b %Y')", "strftime_now('%99999Y')", " if m.role != 'system' ", " recursive ", "range(2, 9, 3)",
+    "range(100000)",
 };
 
 static const jm_chat_message conversation[] = {
