@@ -69,7 +69,8 @@ DELIBERATE = {
     "jinja2_only": (set(range(10)), "each line something @huggingface/jinja lacks or renders otherwise: capitalize "
                                     "and title keep upper case, map('filter'), the test names == and !=, reject, none "
                                     "prints as '', Python's printing of dict views and tuples, tests without "
-                                    "parentheses, unique, strftime beyond %d %b %B %Y %m %H %M, indexing with a list"),
+                                    "parentheses, unique, list and reverse of a string, strftime beyond %d %b %B %Y "
+                                    "%m %H %M, indexing with a list"),
 }
 
 

@@ -263,6 +263,8 @@ static void test_jinja_constructs(void)
         {"jinja_case_replace", "{{ 'hello wORLD-x (y it\\'s' | title }}|{{ 'hELLO' | capitalize }}|{{ 'aaa' | replace('a', 'b', 2) }}"
          "|{{ ['a', 'A', 'b'] | unique | list }}",
          "Hello World-X (Y It's|Hello|bba|['a', 'b']"},
+        {"jinja_reverse_safe", "{{ 'ab\xc3\xa9' | reverse }}{{ messages | reverse | map(attribute='role') | join(',') }}"
+         "{{ '<b>' | safe }}", "\xc3\xa9" "baassistant,user,system<b>"},
         {"jinja_tests_with_args", "{{ 3 is divisibleby 3 }}{{ 2 is gt(1) }}{{ 'a' is in 'abc' }}{{ 1 is eq 2 }}{{ 'a' is lower }}",
          "TrueTrueTrueFalseTrue"},
         {"jinja_macro", "{% macro m(a, b='!') %}[{{ a }}{{ b }}{{ x }}]{% endmacro %}{% set x = 1 %}{{ m('a') }}"

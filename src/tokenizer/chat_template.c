@@ -41,7 +41,8 @@
  *   default (d), string, list, items, join(d='', attribute=), map(attribute=,
  *   default=) and map('filter', args...), select/reject('test', args...) (no
  *   test: truthiness), selectattr/rejectattr('attr', 'test', args...),
- *   replace(old, new, count), unique(case_sensitive=, attribute=) (attribute=
+ *   replace(old, new, count), reverse, safe (printed as it is: there is no
+ *   autoescaping), unique(case_sensitive=, attribute=) (attribute=
  *   a dotted path, integer parts index lists), tojson and tojson(indent=N)
  *   (transformers' own: json.dumps with ensure_ascii=False, keys in order),
  *   each taking its arguments by position or by name as Jinja's Python
@@ -786,7 +787,7 @@ static node *postfix(jx *x, node *n)
 static const char *const filter_names[] = {"trim", "length", "count", "upper", "lower", "first", "last",
                                            "default", "d", "string", "tojson", "join", "map", "select",
                                            "reject", "selectattr", "rejectattr", "list", "capitalize", "title",
-                                           "replace", "items", "unique", NULL};
+                                           "replace", "items", "unique", "reverse", "safe", NULL};
 /* The tests up to TESTS_UNARY take no argument, the others one. */
 static const char *const test_names[] = {"defined", "undefined", "none", "string", "number", "integer", "boolean",
                                          "true", "false", "mapping", "sequence", "iterable", "odd", "even", "lower",
@@ -2044,6 +2045,20 @@ static bool apply_filter(jx *x, const char *f, size_t fl, const value *v, const 
     if (eq_name(f, fl, "upper") || eq_name(f, fl, "lower")) return to_str(x, out) && change_case(x, out, f[0] == 'u');
     if (eq_name(f, fl, "capitalize") || eq_name(f, fl, "title")) return to_str(x, out) && recase(x, out, f[0] == 't');
     if (eq_name(f, fl, "string")) return to_str(x, out);
+    if (eq_name(f, fl, "safe")) return true; /* Markup, printed as it is: no autoescaping here */
+    if (eq_name(f, fl, "reverse")) { /* a string reversed by code point; anything else as a list */
+        const value *items;
+        size_t n;
+        if (!iterate(x, v, pos, &items, &n)) return false;
+        value *r = alloc(x, n * sizeof *r + 1);
+        if (!r) return false;
+        for (size_t i = 0; i < n; i++) r[i] = items[n - 1 - i];
+        *out = list_val(r, n);
+        if (v->k != V_STR) return true;
+        sbuf b = {0};
+        for (size_t i = 0; i < n; i++) put(x, &b, r[i].s, r[i].n);
+        return keep_text(x, &b, out);
+    }
     if (eq_name(f, fl, "length") || eq_name(f, fl, "count")) return length(x, v, pos, out);
     if (eq_name(f, fl, "join")) return join_filter(x, v, p, pos, out);
     if (eq_name(f, fl, "unique")) return unique_filter(x, v, p, pos, out);
