@@ -14,11 +14,13 @@
 # libmicrohttpd-dev (microhttpd.h and -lmicrohttpd: the HTTP side of `jetmoe serve`, src/serve/server.c);
 # chromium + chromium-driver + python3-selenium (tests/browser_tests.py drives the web page in headless
 # Chromium) and node + npm (tests/serve_clients_tests.py runs the official openai npm client; a Node
-# already on the PATH, e.g. from nodesource, is used as it is, else Debian's nodejs and npm).
+# already on the PATH, e.g. from nodesource, is used as it is, else Debian's nodejs and npm);
+# python3-jinja2 (tests/jinja_diff_tests.py judges the chat-template renderer's deliberate differences
+# from @huggingface/jinja by Python's Jinja2, what transformers renders chat templates with).
 set -e
 PKGS="build-essential libopenblas-dev libopenblas0-openmp libcjson-dev libedit-dev \
 zlib1g-dev libzstd-dev zstd libopenmpi-dev openmpi-bin libmicrohttpd-dev sentencepiece python3 python3-numpy python3-torch \
-chromium chromium-driver python3-selenium"
+chromium chromium-driver python3-selenium python3-jinja2"
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || PKGS="$PKGS nodejs npm"
 if [ "$1" = demo ]; then
     # prose: the Jargon File; chat: the word list. Jane Austen's novels are

@@ -200,8 +200,8 @@ static void test_jinja(void)
     } bad[] = {
         {"jinja_raise_exception", "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
          JM_ERR_ARG, "chat template: System role not supported"},
-        {"jinja_unsupported_tag", "ab\n {% macro m() %}x{% endmacro %}", JM_ERR_FORMAT, "line 2 col 2: unsupported tag {% macro %}"},
-        {"jinja_unsupported_filter", "{{ messages|selectattr }}", JM_ERR_FORMAT, "col 13: unsupported filter 'selectattr'"},
+        {"jinja_unsupported_tag", "ab\n {% with x = 1 %}x{% endwith %}", JM_ERR_FORMAT, "line 2 col 2: unsupported tag {% with %}"},
+        {"jinja_unsupported_filter", "{{ messages|batch(2) }}", JM_ERR_FORMAT, "col 13: unsupported filter 'batch'"},
         {"jinja_unknown_filter_untaken_branch", "{% if false %}{{ x|nope }}{% endif %}", JM_ERR_FORMAT,
          "unsupported filter 'nope'"},
         {"jinja_namespace_positional", "{% set ns = namespace(1) %}", JM_ERR_FORMAT,
@@ -209,11 +209,13 @@ static void test_jinja(void)
         {"jinja_unsupported_set_attr", "{% set ns.x.y = 1 %}", JM_ERR_FORMAT, "only {% set name = value %} and"},
         {"jinja_set_attr_of_list", "{% set m = messages %}{% set m.x = 1 %}", JM_ERR_FORMAT,
          "col 23: cannot set attribute 'x' of list (only of a namespace())"},
-        {"jinja_unsupported_unpacking", "{% for k, v in x %}{% endfor %}", JM_ERR_FORMAT, "unpacking in for loops"},
-        {"jinja_unsupported_function", "{{ range(3) }}", JM_ERR_FORMAT, "unsupported function call 'range'"},
+        {"jinja_unsupported_recursive_loop", "{% for m in messages recursive %}{% endfor %}", JM_ERR_FORMAT,
+         "col 22: 'recursive' in a for loop is not supported"},
+        {"jinja_unsupported_function", "{{ lipsum(3) }}", JM_ERR_FORMAT, "unsupported function call 'lipsum'"},
         {"jinja_unsupported_method", "{{ 'a'.title() }}", JM_ERR_FORMAT, "unsupported method str.title()"},
         {"jinja_dict_key_not_string", "{{ {1: 1} }}", JM_ERR_FORMAT, "col 5: dict keys must be strings, not int"},
-        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "expected '}'"},
+        {"jinja_dict_unclosed", "{{ {'a': 1 }}", JM_ERR_FORMAT, "line 1 col 1: unterminated {{ ... }}"},
+        {"jinja_dict_unclosed_in_tag", "{{ {'a': 1 ] }}", JM_ERR_FORMAT, "line 1 col 12: expected '}'"},
         {"jinja_unsupported_float", "{{ 1.5 }}", JM_ERR_FORMAT, "float literals are not supported"},
         {"jinja_unsupported_division", "{{ 1 / 2 }}", JM_ERR_FORMAT, "'/' is not supported"},
         {"jinja_unterminated_output", "a {{ 'x' ", JM_ERR_FORMAT, "line 1 col 3: unterminated {{ ... }}"},
@@ -238,6 +240,102 @@ static void test_jinja(void)
         render_fails(bad[i].name, bad[i].tmpl, conv3, 3, bad[i].st, bad[i].msg);
 }
 
+/* The constructs of current hub templates: dict views and unpacking, the list filters, tests with
+ * arguments, macros, strftime_now; and their error paths, each naming line and column. */
+static void test_jinja_constructs(void)
+{
+    static const struct {
+        const char *name, *tmpl, *want;
+    } ok[] = {
+        {"jinja_items_unpack", "{% for k, v in {'a': 1, 'b': [2]}.items() %}{{ k }}={{ v }};{% endfor %}", "a=1;b=[2];"},
+        {"jinja_views_print", "{{ {'a': 1}.items() }} {{ {'a': 1}.keys() }} {{ {'a': 1}.values() }}",
+         "dict_items([('a', 1)]) dict_keys(['a']) dict_values([1])"},
+        {"jinja_tuple_print", "{{ ('a', 1) }}{{ ('a',) }}{{ () }}{{ (1, 2) == [1, 2] }}{{ {'a': 1} | items | list }}",
+         "('a', 1)('a',)()False[('a', 1)]"},
+        {"jinja_pairs_unpack", "{% for a, b in [[1, 2], (3, 4), 'xy'] %}{{ a }}{{ b }}{% endfor %}", "1234xy"},
+        {"jinja_map_join", "{{ messages | map(attribute='role') | join(', ') }}|{{ messages | join('-', attribute='role') }}"
+         "|{{ ['a', 1] | map('string') | map('upper') | list }}",
+         "system, user, assistant|system-user-assistant|['A', '1']"},
+        {"jinja_select", "{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | first }}"
+         "{{ messages | rejectattr('role', '!=', 'system') | length }}{{ [0, 1, 2, 3] | select('odd') | list }}"
+         "{{ [0, 1, 2, 3] | reject('divisibleby', 3) | list }}{{ [0, '', 'x'] | select | list }}",
+         "Hello!1[1, 3][1, 2]['x']"},
+        {"jinja_case_replace", "{{ 'hello wORLD-x (y it\\'s' | title }}|{{ 'hELLO' | capitalize }}|{{ 'aaa' | replace('a', 'b', 2) }}"
+         "|{{ ['a', 'A', 'b'] | unique | list }}",
+         "Hello World-X (Y It's|Hello|bba|['a', 'b']"},
+        {"jinja_reverse_safe", "{{ 'ab\xc3\xa9' | reverse }}{{ messages | reverse | map(attribute='role') | join(',') }}"
+         "{{ '<b>' | safe }}", "\xc3\xa9" "baassistant,user,system<b>"},
+        {"jinja_tests_with_args", "{{ 3 is divisibleby 3 }}{{ 2 is gt(1) }}{{ 'a' is in 'abc' }}{{ 1 is eq 2 }}{{ 'a' is lower }}",
+         "TrueTrueTrueFalseTrue"},
+        {"jinja_macro", "{% macro m(a, b='!') %}[{{ a }}{{ b }}{{ x }}]{% endmacro %}{% set x = 1 %}{{ m('a') }}"
+         "{{ m(b='?', a='b') }}{% for i in [1] %}{% set x = 2 %}{{ m(i) }}{% endfor %}",
+         "[a!1][b?1][1!1]"},
+        {"jinja_macro_recursion", "{% macro f(n) %}{% if n > 0 %}{{ n }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(5) }}",
+         "54321"},
+        {"jinja_loop_filter", "{% for m in messages if m.role != 'system' %}{{ loop.index }}/{{ loop.length }}{{ m.role[0] }}"
+         "{% endfor %}{% for k, v in {'a': 1, 'b': 2}.items() if v > 5 %}{% else %}-{% endfor %}",
+         "1/2u2/2a-"},
+        {"jinja_range", "{{ range(3) | list }}{{ range(10, 0, -4) }}{% for i in range(messages | length - 1, -1, -1) %}"
+         "{{ messages[i].role[0] }}{% endfor %}", "[0, 1, 2][10, 6, 2]aus"},
+        {"jinja_macro_in_namespace", "{% macro f(a) %}<{{ a }}>{% endmacro %}{% set ns = namespace(m=f) %}{{ ns.m(1) }}"
+         "{{ f(f(2)) | upper }}{{ f is callable }}{{ strftime_now is defined }}",
+         "<1><<2>>TrueTrue"},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) render_is(ok[i].name, ok[i].tmpl, conv3, 3, 1, ok[i].want);
+
+    static const struct {
+        const char *name, *tmpl, *msg;
+    } bad[] = {
+        {"jinja_unpack_non_pair", "{% for a, b in [1] %}{% endfor %}", "line 1 col 1: cannot unpack non-iterable int object"},
+        {"jinja_unpack_too_many", "x\n{% for a, b in [[1, 2, 3]] %}{% endfor %}",
+         "line 2 col 1: too many values to unpack (expected 2)"},
+        {"jinja_unpack_too_few", "{% for a, b, c in [[1, 2]] %}{% endfor %}",
+         "line 1 col 1: not enough values to unpack (expected 3, got 2)"},
+        {"jinja_items_arity", "{{ {'a': 1}.items(1) }}", "line 1 col 18: wrong number of arguments to items()"},
+        {"jinja_items_of_list", "{{ [1] | items }}", "line 1 col 8: can only get item pairs from a mapping, not list"},
+        {"jinja_map_unknown_filter", "{{ messages | map('nope') | list }}", "line 1 col 13: no filter named 'nope'"},
+        {"jinja_map_no_filter", "{{ messages | map | list }}", "line 1 col 13: map requires a filter argument"},
+        {"jinja_select_unknown_test", "{{ [1] | select('nope') | list }}", "line 1 col 8: no test named 'nope'"},
+        {"jinja_test_arity", "{{ 1 is divisibleby }}", "line 1 col 6: test 'divisibleby' takes one argument"},
+        {"jinja_test_arity_unary", "{{ 1 is odd(2) }}", "line 1 col 6: test 'odd' takes no arguments"},
+        {"jinja_join_bad_kwarg", "{{ [1] | join(sep=',') }}", "line 1 col 15: 'join' got an unexpected keyword argument 'sep'"},
+        {"jinja_join_too_many", "{{ [1] | join(',', 'a', 'b') }}", "line 1 col 8: 'join' takes at most 2 arguments"},
+        {"jinja_selectattr_no_attr", "{{ [1] | selectattr | list }}", "line 1 col 8: missing parameter for attribute name"},
+        {"jinja_macro_too_many_args", "{% macro m(a) %}{% endmacro %}\n{{ m(1, 2) }}",
+         "line 2 col 9: macro 'm' takes not more than 1 argument(s)"},
+        {"jinja_macro_bad_kwarg", "{% macro m(a) %}{% endmacro %}{{ m(b=1) }}",
+         "line 1 col 36: macro 'm' takes no keyword argument 'b'"},
+        {"jinja_macro_default_order", "{% macro m(a=1, b) %}{% endmacro %}",
+         "line 1 col 17: non-default argument follows default argument"},
+        {"jinja_macro_unterminated", "{% macro m() %}x", "line 1 col 1: unterminated {% macro %}: no {% endmacro %}"},
+        {"jinja_macro_break", "{% for i in [1] %}{% macro m() %}{% break %}{% endmacro %}{% endfor %}",
+         "line 1 col 34: 'break' outside a loop"},
+        {"jinja_macro_recursion_bound", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+         "line 1 col 21: macro calls nested too deep (in 'f')"},
+        {"jinja_macro_varargs", "{% macro m() %}\n{{ varargs }}{% endmacro %}", "line 2 col 4: 'varargs' in a macro is not supported"},
+        {"jinja_not_callable", "{% set f = 1 %}{{ f() }}", "line 1 col 20: 'f' (a int) is not callable"},
+        {"jinja_call_block", "{% call m() %}{% endcall %}", "line 1 col 1: {% call %} blocks are not supported"},
+        {"jinja_range_too_big", "{{ range(100001) }}", "line 1 col 9: range too big: the sandbox blocks ranges larger than 100000"},
+        {"jinja_range_step_zero", "{{ range(1, 2, 0) }}", "line 1 col 9: range() arg 3 must not be zero"},
+        {"jinja_loop_filter_error", "{% for a, b in [1] if a %}{% endfor %}", "line 1 col 1: cannot unpack non-iterable int object"},
+        {"jinja_strftime_arity", "{{ strftime_now() }}", "line 1 col 16: strftime_now() takes one argument, the format"},
+        {"jinja_strftime_not_str", "{{ strftime_now(1) }}", "line 1 col 16: strftime_now() needs a string, not int"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        render_fails(bad[i].name, bad[i].tmpl, conv3, 3, JM_ERR_FORMAT, bad[i].msg);
+
+    /* strftime_now's clock: JETMOE_TEMPLATE_NOW, local time (TZ) */
+    setenv("TZ", "UTC", 1), tzset();
+    setenv("JETMOE_TEMPLATE_NOW", "1796126400", 1);
+    render_is("jinja_strftime_now", "{{ strftime_now('%d %b %Y %A %H:%M|%z%Z|%f|%%') }}", conv3, 3, 1,
+              "01 Dec 2026 Tuesday 12:00||000000|%");
+    setenv("JETMOE_TEMPLATE_NOW", "soon", 1);
+    render_fails("jinja_strftime_bad_clock", "{{ strftime_now('%Y') }}", conv3, 3, JM_ERR_ARG,
+                 "JETMOE_TEMPLATE_NOW must be seconds since the epoch");
+    unsetenv("JETMOE_TEMPLATE_NOW");
+    render_is("jinja_strftime_clock", "{{ strftime_now('%Y')|length }}", conv3, 3, 1, "4");
+}
+
 /* Hostile templates fail cleanly: nesting, run time, memory and output are bounded. */
 static void test_bounds(void)
 {
@@ -245,7 +343,9 @@ static void test_bounds(void)
     char *deep = malloc(2 * depth + 16);
     strcpy(deep, "{{ ");
     memset(deep + 3, '(', depth);
-    strcpy(deep + 3 + depth, "1 }}");
+    deep[3 + depth] = '1';
+    memset(deep + 4 + depth, ')', depth); /* balanced, or the tag would not end */
+    strcpy(deep + 4 + 2 * depth, " }}");
     render_fails("bound_expression_depth", deep, conv3, 3, JM_ERR_FORMAT, "nested more than");
     char *blocks = malloc(depth * 13 + 1);
     for (size_t i = 0; i < depth; i++) memcpy(blocks + 13 * i, "{% if true %}", 13);
@@ -253,6 +353,7 @@ static void test_bounds(void)
     render_fails("bound_block_depth", blocks, conv3, 3, JM_ERR_FORMAT, "nested more than");
     free(blocks);
     memset(deep + 3, '-', depth);
+    strcpy(deep + 3 + depth, "1 }}");
     render_fails("bound_unary_depth", deep, conv3, 3, JM_ERR_FORMAT, "nested more than");
     free(deep);
     /* 3^16 iterations: stopped by the step bound, not left to run for hours */
@@ -677,6 +778,7 @@ int main(void)
 {
     test_default_template();
     test_jinja();
+    test_jinja_constructs();
     test_bounds();
     test_renders_nothing();
     test_json();

@@ -12,44 +12,84 @@
  *
  * Supported:
  *   text, {{ expr }}, {# comments #}, whitespace control {%- -%} {{- -}} {#- -#}
- *   and {%+ +%};
+ *   and {%+ +%}; a tag ends at the first closer outside strings and brackets;
  *   {% if %}/{% elif %}/{% else %}/{% endif %}; {% for x in expr %} ...
  *   [{% else %}] {% endfor %} with loop.index, index0, first, last, length,
- *   revindex, revindex0, previtem, nextitem; {% set name = expr %};
+ *   revindex, revindex0, previtem, nextitem, and unpacking: {% for k, v in
+ *   d.items() %}, {% for a, b in pairs %} (each item a list, tuple, string or
+ *   dict of exactly that many, as Python unpacks), and a loop filter: {% for
+ *   x in y if c %} (the items c keeps, loop.index and loop.length counting
+ *   them, as in Jinja); {% set name = expr %};
  *   {% break %}, {% continue %}.
+ *   {% macro name(a, b=default) %}...{% endmacro %}, called as name(x) or
+ *   name(x, b=y): the body rendered to a string. It sees its parameters (a
+ *   missing one undefined; defaults evaluated at the call, after the ones
+ *   before them), then, as Jinja's closures do, the names where it was defined:
+ *   for a macro at the top level, the top level as it is when called (not the
+ *   caller's loop variables). A macro is a value: it can be passed, and kept
+ *   in a namespace (ns.m(x)). Recursion is bounded: each call counts as deep
+ *   as its body nests, EVAL_DEPTH_MAX in all (a simple recursive macro goes ~60 deep).
  *   Expressions: 'strings' and "strings" (Python escapes), integers,
- *   true/false/none (any case Jinja accepts), [lists], variables, x.attr,
- *   x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in, not in,
- *   and, or, not, a if c else b, x is [not] defined/undefined/none/string/
- *   number/integer/boolean/true/false/mapping/sequence/iterable/odd/even;
- *   filters trim, length, count, upper, lower, first, last, default (d),
- *   string, tojson and tojson(indent=N) (transformers' own: json.dumps with
- *   ensure_ascii=False, keys in order); string methods strip, lstrip, rstrip, upper, lower, startswith,
- *   endswith, split, replace; dict.get; raise_exception(msg).
- * Values: undefined, none, bool, int, string, list, dict (the Python/Jinja
- * semantics: truthiness, True == 1, code-point string indexing, Python
- * repr() when a list is printed). Undefined behaves as Jinja's default: it
- * prints as "", tests false and iterates as empty, but using it in
+ *   true/false/none (any case Jinja accepts), [lists], (tuples,), variables,
+ *   x.attr, x[i], x[a:b:c], + - * // % ~, == != < > <= >= (chained), in,
+ *   not in, and, or, not, a if c else b, x is [not] defined/undefined/none/
+ *   string/number/integer/boolean/true/false/mapping/sequence/iterable/odd/
+ *   even/lower/upper/float/callable, and with one argument (x is divisibleby 3,
+ *   x is eq(y)) divisibleby/in/eq/equalto/==/ne/!=/lt/lessthan/</le/<=/gt/
+ *   greaterthan/>/ge/>=; filters trim, length, count, upper, lower,
+ *   capitalize, title (Jinja's: after - ( { [ < and whitespace), first, last,
+ *   default (d), string, list, items, join(d='', attribute=), map(attribute=,
+ *   default=) and map('filter', args...), select/reject('test', args...) (no
+ *   test: truthiness), selectattr/rejectattr('attr', 'test', args...),
+ *   replace(old, new, count), reverse, safe (printed as it is: there is no
+ *   autoescaping), unique(case_sensitive=, attribute=) (attribute=
+ *   a dotted path, integer parts index lists), tojson and tojson(indent=N)
+ *   (transformers' own: json.dumps with ensure_ascii=False, keys in order),
+ *   each taking its arguments by position or by name as Jinja's Python
+ *   functions do; string methods strip, lstrip, rstrip, upper, lower,
+ *   startswith, endswith, split, replace; dict.get, dict.items(), keys(),
+ *   values(); raise_exception(msg); range(stop), range(start, stop[, step])
+ *   (a list, at most 100,000 long as in Jinja's sandbox; printed as a list,
+ *   where Python prints range(a, b)); strftime_now(format), as transformers
+ *   defines it: datetime.now().strftime(format), i.e. C strftime on the local
+ *   time (TZ) in the C locale, with Python's own %f (microseconds) and %z/%Z
+ *   (empty: now() is naive); the clock is JETMOE_TEMPLATE_NOW (seconds since
+ *   the epoch) when set, so that tests and reproductions can fix it.
+ * Values: undefined, none, bool, int, string, list, tuple, dict, macro,
+ * function (the Python/Jinja semantics: truthiness, True == 1, (1,) != [1],
+ * code-point string indexing, Python repr() when a list is printed, tuples as
+ * ('a', 1), dict.items() as dict_items([('a', 1)])). map, select and the
+ * other filters Jinja2 implements as generators give lists: the same for
+ * join, list, length, first, loops and tojson; printed, Jinja2 shows
+ * <generator object ...>, we the list. Undefined behaves as Jinja's default:
+ * it prints as "", tests false and iterates as empty, but using it in
  * arithmetic or reading an attribute of it is an error, as in Jinja.
  * Values also come from JSON (jm_chat_render_json: messages with any fields,
  * tools), lists and dicts of them.
  * namespace(name=value, ...) and {% set ns.name = value %} (the one value a
  * template can change, so that a loop can leave results behind).
  * Dict literals {'key': value} (string keys).
- * Not supported (an error naming the construct and its line/column): macros,
- * call blocks, {% set %} blocks, tuples and unpacking, loop
- * filters, keyword arguments (but tojson's indent= and namespace's), test arguments, floats, '/',
- * '**', '%' formatting, other filters (checked when parsing, as Jinja checks
- * them when compiling), tests and methods. Case mapping and strip() know
- * ASCII only.
+ * Not supported (an error naming the construct and its line/column): call
+ * blocks and caller() (caller is undefined in a macro, as when Jinja2's is called
+ * directly), varargs and kwargs in macros, {% set %} blocks, {% set a,
+ * b = ... %}, {% with %}, {% filter %}, includes and inheritance, recursive
+ * loops, keyword arguments other than those
+ * named above, keyword arguments to tests, floats, '/', '**', '%' formatting,
+ * other filters (checked when parsing, as Jinja checks them when compiling;
+ * a name given to map/select is checked when used, as in Jinja), tests,
+ * functions and methods. x.items on a dict with an "items" key gives
+ * the key (Jinja2 the method). Case mapping, title, capitalize, strip() and
+ * the lower/upper tests know ASCII only.
  * Everything is bounded: template nesting depth, evaluation steps, memory
  * and output size, so a hostile template fails cleanly. */
 #include "tokenizer/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <ctype.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 
 /* JetMoE-chat's (Zephyr) format as an HF chat template:
@@ -69,6 +109,7 @@ const char jm_default_chat_template[] =
 #define STEPS_MAX 10000000ull         /* statements + expressions evaluated */
 #define DEPTH_MAX 200                 /* nesting of blocks, expressions and values */
 #define CHUNK ((size_t)64 << 10)
+#define ARGS_MAX 12                   /* arguments to one filter, test or macro call; a macro's parameters */
 
 static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, const cJSON *conv,
                         bool add_generation_prompt, const char *bos, const char *eos, char **text, jm_error *err);
@@ -77,7 +118,7 @@ static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, co
 
 /* t may be NULL: the default template with </s> and <s>. */
 static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
-                             int add_generation_prompt, char **text, jm_error *err);
+                             int n_messages, int add_generation_prompt, char **text, jm_error *err);
 
 jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          char **text, jm_error *err)
@@ -92,12 +133,13 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
                            r ? r : "(null)");
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
-    return render_with(t, msgs, n, NULL, add_generation_prompt, text, err);
+    return render_with(t, msgs, n, NULL, n, add_generation_prompt, text, err);
 }
 
-/* conv: the parsed JSON conversation (a list of messages, or {"messages", "tools"}), or NULL: msgs. */
+/* conv: the parsed JSON conversation (a list of messages, or {"messages", "tools"}), or NULL: msgs.
+ * n_messages: the conversation's messages, either way; rendering none of them is an error. */
 static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
-                             int add_generation_prompt, char **text, jm_error *err)
+                             int n_messages, int add_generation_prompt, char **text, jm_error *err)
 {
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
     const char *from = t && t->chat_template && t->template_source[0] ? t->template_source : NULL;
@@ -106,10 +148,10 @@ static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs,
         char inner[sizeof err->msg];
         snprintf(inner, sizeof inner, "%s", err->msg);
         jm_fail(err, s, "%s: %s", from, inner);
-    } else if (!s && n > 0 && !(*text)[0]) { /* the model would see none of the conversation */
+    } else if (!s && n_messages > 0 && !(*text)[0]) { /* the model would see none of the conversation */
         free(*text), *text = NULL;
-        s = jm_fail(err, JM_ERR_CONFIG, "%s: chat_template rendered nothing for %d message%s", from ? from : "chat", n,
-                    n == 1 ? "" : "s");
+        s = jm_fail(err, JM_ERR_CONFIG, "%s: chat_template rendered nothing for %d message%s", from ? from : "chat",
+                    n_messages, n_messages == 1 ? "" : "s");
     }
     return s;
 }
@@ -170,7 +212,9 @@ jm_status jm_chat_render_json(const jm_tokenizer *t, const char *json, size_t le
     cJSON *conv;
     jm_status s = parse_conv(json, len, &conv, err);
     if (s) return s;
-    s = render_with(t, NULL, 0, conv, add_generation_prompt, text, err);
+    /* the message count, so that a template rendering none of them fails as with jm_chat_render */
+    const cJSON *m = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
+    s = render_with(t, NULL, 0, conv, cJSON_GetArraySize(m), add_generation_prompt, text, err);
     cJSON_Delete(conv);
     return s;
 }
@@ -212,17 +256,24 @@ static jm_status encode_text(const jm_tokenizer *t, char *text, int32_t **ids, s
 
 /* ==== the Jinja2 subset ==== */
 
-typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS } vkind;
+typedef enum { V_UNDEF, V_NONE, V_BOOL, V_INT, V_STR, V_LIST, V_DICT, V_LOOP, V_NS, V_MACRO, V_FUNC } vkind;
+
+/* What a V_LIST is to Python: it matters for printing and ==, nowhere else */
+enum { L_LIST, L_TUPLE, L_ITEMS, L_KEYS, L_VALUES };
 
 typedef struct value value;
 typedef struct nsobj nsobj;
+typedef struct macro macro;
 struct value {
     vkind k;
-    int64_t i;      /* bool, int; loop: index0 */
-    const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by */
+    int64_t i;      /* bool, int; loop: index0; list: L_LIST, L_TUPLE (a pair from items()) ... */
+    const char *s;  /* str bytes (not NUL-terminated); undefined: the name it was looked up by; function: its name */
     size_t n;       /* str: bytes; list: items; dict: pairs; loop: length */
     const value *a; /* list: items; dict: key, value, key, value ...; loop: the items */
-    nsobj *ns;      /* namespace(): the one value templates can change ({% set ns.x = ... %}) */
+    union {
+        nsobj *ns;        /* namespace(): the one value templates can change ({% set ns.x = ... %}) */
+        const macro *mac; /* {% macro %} */
+    };
 };
 
 struct nsobj {
@@ -237,11 +288,18 @@ typedef struct binding {
     const struct binding *up;
 } binding;
 
-enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, /* statements */
+typedef struct node node;
+
+/* A {% macro %} as a value: its definition, and the names its body sees besides its arguments */
+struct macro {
+    const node *def;
+    const binding *scope; /* NULL: defined at the top level, so the top level as it is when called */
+};
+
+enum { S_TEXT, S_OUT, S_IF, S_FOR, S_SET, S_BREAK, S_CONTINUE, S_MACRO, /* statements */
        E_LIT, E_NAME, E_LIST, E_ATTR, E_ITEM, E_SLICE, E_CALL, E_FILTER, E_TEST,
        E_NOT, E_NEG, E_AND, E_OR, E_COND, E_BIN, E_KW, E_DICT };
 
-typedef struct node node;
 struct node {
     int kind, op;    /* E_BIN: operator; E_TEST: 1 when negated */
     size_t pos;      /* byte offset in the template, for messages */
@@ -251,6 +309,7 @@ struct node {
     /* operands; S_IF: cond, then, else; S_FOR: iterable, body, else; E_SLICE: obj, start, stop, step */
     node *a, *b, *c, *d;
     node *next;      /* statement lists; argument lists (in b) and list items (in a) */
+    node *e;         /* S_FOR: the loop filter (for x in y if e) */
 };
 
 enum { T_END, T_NAME, T_INT, T_STR, T_OP };
@@ -283,9 +342,15 @@ typedef struct {
     size_t p, end;   /* expression lexer, within one tag */
     tok t;
     int depth, loops;
+    int depth_peak; /* the deepest the parse went: what a macro's body costs per call */
+    int in_macro;   /* parsing a macro's body */
     chunk *mem;
     size_t mem_total;
     sbuf out;
+    size_t out_held;           /* bytes in the outputs of the macro calls under way, for OUT_MAX */
+    const binding *const *top; /* the top level's names, as {% set %} grows them: what macros see */
+    time_t now;                /* strftime_now's clock: JETMOE_TEMPLATE_NOW, or the time the rendering began */
+    long now_us;
     uint64_t steps;
     jm_status st;
     jm_error *err;
@@ -338,7 +403,7 @@ static void *alloc(jx *x, size_t n)
 static bool put(jx *x, sbuf *b, const char *s, size_t n)
 {
     if (x->st) return false;
-    if (n > OUT_MAX - b->n) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
+    if (n > OUT_MAX || b->n + x->out_held + n > OUT_MAX) return fail(x, SIZE_MAX, JM_ERR_NOMEM, "output exceeds %zu MiB", OUT_MAX >> 20);
     if (b->n + n + 1 > b->cap) {
         size_t cap = (b->n + n + 1) * 2;
         char *p = realloc(b->p, cap);
@@ -351,6 +416,17 @@ static bool put(jx *x, sbuf *b, const char *s, size_t n)
     return true;
 }
 
+/* b's text as a string value that lives as long as the rendering; b is freed. False: an error is pending. */
+static bool keep_text(jx *x, sbuf *b, value *out)
+{
+    char *s = !x->st && b->n ? alloc(x, b->n) : NULL;
+    if (s) memcpy(s, b->p, b->n);
+    *out = (value){.k = V_STR, .s = s ? s : "", .n = s ? b->n : 0};
+    free(b->p);
+    *b = (sbuf){0};
+    return !x->st;
+}
+
 static bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
 
 static bool eq_name(const char *s, size_t n, const char *lit) { return strlen(lit) == n && memcmp(s, lit, n) == 0; }
@@ -360,8 +436,9 @@ static value str_val(const char *s, size_t n) { return (value){.k = V_STR, .s = 
 static const char *type_name(const value *v)
 {
     static const char *const names[] = {"Undefined", "NoneType", "bool", "int", "str", "list", "dict", "LoopContext",
-                                        "Namespace"};
-    return names[v->k];
+                                        "Namespace", "Macro", "function"};
+    static const char *const lists[] = {"list", "tuple", "dict_items", "dict_keys", "dict_values"};
+    return v->k == V_LIST && v->i > 0 && v->i <= L_VALUES ? lists[v->i] : names[v->k];
 }
 
 /* ---- template scanner: text and tags, with Jinja's whitespace control ---- */
@@ -373,18 +450,24 @@ typedef struct {
 } piece;
 
 /* Index of the '}' / '%' / '#' that closes a tag opened with k, content from i; len when none.
- * Inside {{ }} and {% %} a closer within a string literal does not count. */
+ * Inside {{ }} and {% %} a closer within a string literal or open brackets does not count
+ * ({{ f({'a': {'b': 1}}) }}), as Jinja's lexer balances them. */
 static size_t find_close(const char *s, size_t len, size_t i, char k)
 {
     char c = k == '{' ? '}' : k;
+    size_t open = 0;
     for (; i + 1 < len; i++) {
         if (k != '#' && (s[i] == '\'' || s[i] == '"')) {
             char q = s[i];
             for (i++; i < len && s[i] != q; i++)
                 if (s[i] == '\\') i++;
             if (i >= len) return len;
-        } else if (s[i] == c && s[i + 1] == '}') {
+        } else if (k != '#' && (s[i] == '(' || s[i] == '[' || s[i] == '{')) {
+            open++;
+        } else if (!open && s[i] == c && s[i + 1] == '}') {
             return i;
+        } else if (k != '#' && (s[i] == ')' || s[i] == ']' || s[i] == '}')) {
+            open -= open > 0;
         }
     }
     return len;
@@ -582,6 +665,7 @@ static node *mk2(jx *x, int kind, int op, size_t pos, node *a, node *b)
 static bool enter(jx *x, size_t pos)
 {
     if (++x->depth > DEPTH_MAX) return fail(x, pos, JM_ERR_FORMAT, "nested more than %d deep", DEPTH_MAX);
+    if (x->depth > x->depth_peak) x->depth_peak = x->depth;
     return true;
 }
 
@@ -622,6 +706,8 @@ static node *primary(jx *x)
             n->lit.k = V_NONE;
         else
             n->kind = E_NAME, n->name = t.s, n->len = t.n;
+        if (x->in_macro && (is_kw(&t, "varargs") || is_kw(&t, "kwargs")))
+            return fail(x, t.pos, JM_ERR_FORMAT, "'%.*s' in a macro is not supported", (int)t.n, t.s), NULL;
         for (int k = 0; k < 7; k++)
             if (is_kw(&t, reserved[k])) return fail(x, t.pos, JM_ERR_FORMAT, "unexpected '%s'", reserved[k]), NULL;
     } else if (t.kind == T_INT) {
@@ -635,10 +721,13 @@ static node *primary(jx *x)
             n->lit = str_val(s, n->lit.n + x->t.n);
             if (!lex(x)) return NULL;
         }
-    } else if (is_op(&t, '(')) {
-        node *e = expr(x);
-        if (e && is_op(&x->t, ',')) return fail(x, x->t.pos, JM_ERR_FORMAT, "tuples are not supported"), NULL;
-        return e && expect_op(x, ')', "')'") ? e : NULL;
+    } else if (is_op(&t, '(')) { /* (e), or a tuple: (), (e,), (e, e ...) */
+        node *e = is_op(&x->t, ')') ? NULL : expr(x);
+        if (e && !is_op(&x->t, ',')) return expect_op(x, ')', "')'") ? e : NULL;
+        if (!e && !is_op(&x->t, ')')) return NULL;
+        n->kind = E_LIST, n->op = L_TUPLE, n->a = e;
+        if (e && (!lex(x) || !expr_list(x, ')', &e->next))) return NULL;
+        if (!e && !lex(x)) return NULL;
     } else if (is_op(&t, '[')) {
         n->kind = E_LIST;
         if (!expr_list(x, ']', &n->a)) return NULL;
@@ -699,10 +788,23 @@ static node *postfix(jx *x, node *n)
 }
 
 static const char *const filter_names[] = {"trim", "length", "count", "upper", "lower", "first", "last",
-                                           "default", "d", "string", "tojson", NULL};
-static const char *const test_names[] = {"defined", "undefined", "none", "string", "number",
-                                         "integer", "boolean", "true", "false", "mapping",
-                                         "sequence", "iterable", "odd", "even", NULL};
+                                           "default", "d", "string", "tojson", "join", "map", "select",
+                                           "reject", "selectattr", "rejectattr", "list", "capitalize", "title",
+                                           "replace", "items", "unique", "reverse", "safe", NULL};
+/* The tests up to TESTS_UNARY take no argument, the others one. */
+static const char *const test_names[] = {"defined", "undefined", "none", "string", "number", "integer", "boolean",
+                                         "true", "false", "mapping", "sequence", "iterable", "odd", "even", "lower",
+                                         "upper", "float", "callable",
+                                         "divisibleby", "in", "eq", "equalto", "==", "ne", "!=", "lt", "lessthan",
+                                         "<", "le", "<=", "gt", "greaterthan", ">", "ge", ">=", NULL};
+enum { TESTS_UNARY = 18 };
+
+static int find_name(const char *const *names, const char *s, size_t n)
+{
+    for (int k = 0; names[k]; k++)
+        if (eq_name(s, n, names[k])) return k;
+    return -1;
+}
 
 /* x | filter(args), x is [not] test. Unknown names fail here, as Jinja fails them when compiling. */
 static node *filters(jx *x, node *n)
@@ -725,8 +827,13 @@ static node *filters(jx *x, node *n)
                         (int)(m->len < 40 ? m->len : 40), m->name), NULL;
         if (!lex(x)) return NULL;
         if (is_op(&x->t, '(')) {
-            if (!filter) return fail(x, x->t.pos, JM_ERR_FORMAT, "tests with arguments are not supported"), NULL;
             if (!lex(x) || !expr_list(x, ')', &m->b)) return NULL;
+        } else if (!filter && (x->t.kind == T_NAME || x->t.kind == T_INT || x->t.kind == T_STR || is_op(&x->t, '[') ||
+                               is_op(&x->t, '{')) &&
+                   !is_kw(&x->t, "else") && !is_kw(&x->t, "or") && !is_kw(&x->t, "and")) {
+            /* x is divisibleby 3, x is eq y: one argument without parentheses, as Jinja parses it */
+            if (!enter(x, x->t.pos) || !(m->b = postfix(x, primary(x)))) return NULL;
+            x->depth--;
         }
     }
     return n;
@@ -898,10 +1005,20 @@ static node *for_stmt(jx *x, size_t pos)
     if (!n || !lex(x) || !expect_name(x, "a loop variable")) return NULL;
     n->name = x->t.s, n->len = x->t.n;
     if (!lex(x)) return NULL;
-    if (is_op(&x->t, ',')) return fail(x, x->t.pos, JM_ERR_FORMAT, "unpacking in for loops is not supported"), NULL;
+    /* for a, b in ...: the names in d, their count in op; each item is unpacked into them */
+    for (node **tail = &n->d; is_op(&x->t, ',');) {
+        if (!n->d && !(n->d = mk(x, E_NAME, n->pos))) return NULL;
+        if (!n->op) n->d->name = n->name, n->d->len = n->len, n->op = 1, tail = &n->d->next;
+        if (!lex(x) || !expect_name(x, "a loop variable after ','")) return NULL;
+        node *v = mk(x, E_NAME, x->t.pos);
+        if (!v) return NULL;
+        v->name = x->t.s, v->len = x->t.n, *tail = v, tail = &v->next, n->op++;
+        if (!lex(x)) return NULL;
+    }
     if (!is_kw(&x->t, "in")) return fail(x, x->t.pos, JM_ERR_FORMAT, "expected 'in'"), NULL;
     if (!lex(x) || !(n->a = or_expr(x))) return NULL;
-    if (is_kw(&x->t, "if") || is_kw(&x->t, "recursive"))
+    if (is_kw(&x->t, "if") && (!lex(x) || !(n->e = expr(x)))) return NULL;
+    if (is_kw(&x->t, "recursive"))
         return fail(x, x->t.pos, JM_ERR_FORMAT, "'%.*s' in a for loop is not supported", tok_len(x),
                     x->src + x->t.pos), NULL;
     if (!expect_end(x)) return NULL;
@@ -913,11 +1030,54 @@ static node *for_stmt(jx *x, size_t pos)
     return end_tag(x, &stop, "endfor", "for", pos) ? n : NULL;
 }
 
+/* {% macro name(a, b=default) %} body {% endmacro %}: name and len; the parameters in a (E_NAME,
+ * each with its default in a), their count in op; the body in b; lit.i: how deep the body nests */
+static node *macro_stmt(jx *x, size_t pos)
+{
+    static const char *const ends[] = {"endmacro", NULL};
+    node *n = mk(x, S_MACRO, pos), **tail = n ? &n->a : NULL;
+    bool defaults = false;
+    tok stop;
+    if (!n || !lex(x) || !expect_name(x, "a macro name")) return NULL;
+    n->name = x->t.s, n->len = x->t.n;
+    if (!lex(x) || !expect_op(x, '(', "'(' after the macro name")) return NULL;
+    while (!is_op(&x->t, ')')) {
+        if (!expect_name(x, "a parameter name")) return NULL;
+        node *p = mk(x, E_NAME, x->t.pos);
+        if (!p) return NULL;
+        p->name = x->t.s, p->len = x->t.n;
+        for (const node *q = n->a; q; q = q->next)
+            if (q->len == p->len && memcmp(q->name, p->name, p->len) == 0)
+                return fail(x, p->pos, JM_ERR_FORMAT, "duplicate parameter '%.*s'", (int)(p->len < 40 ? p->len : 40),
+                            p->name), NULL;
+        if (!lex(x)) return NULL;
+        if (is_op(&x->t, '=') && (!lex(x) || !(p->a = expr(x)))) return NULL;
+        if (!p->a && defaults) /* as in Python */
+            return fail(x, p->pos, JM_ERR_FORMAT, "non-default argument follows default argument"), NULL;
+        defaults |= p->a != NULL;
+        *tail = p, tail = &p->next;
+        if (++n->op > ARGS_MAX)
+            return fail(x, p->pos, JM_ERR_FORMAT, "a macro takes at most %d parameters", ARGS_MAX), NULL;
+        if (!is_op(&x->t, ',')) break;
+        if (!lex(x)) return NULL;
+    }
+    if (!expect_op(x, ')', "')'") || !expect_end(x)) return NULL;
+    int loops = x->loops, peak = x->depth_peak, depth = x->depth;
+    x->loops = 0, x->depth_peak = depth, x->in_macro++; /* a {% break %} in the body is outside any loop */
+    bool ok = body(x, ends, &n->b, &stop);
+    x->in_macro--;
+    n->lit.i = x->depth_peak - depth + 1;
+    x->loops = loops, x->depth_peak = x->depth_peak > peak ? x->depth_peak : peak;
+    return ok && end_tag(x, &stop, "endmacro", "macro", pos) ? n : NULL;
+}
+
 static node *statement(jx *x, size_t pos)
 {
     tok t = x->t;
     if (is_kw(&t, "if")) return if_stmt(x, pos);
     if (is_kw(&t, "for")) return for_stmt(x, pos);
+    if (is_kw(&t, "macro")) return macro_stmt(x, pos);
+    if (is_kw(&t, "call")) return fail(x, pos, JM_ERR_FORMAT, "{%% call %%} blocks are not supported"), NULL;
     if (is_kw(&t, "set")) {
         node *n = mk(x, S_SET, pos);
         if (!n || !lex(x) || !expect_name(x, "a variable name after 'set'")) return NULL;
@@ -940,8 +1100,8 @@ static node *statement(jx *x, size_t pos)
         node *n = mk(x, t.s[0] == 'b' ? S_BREAK : S_CONTINUE, pos);
         return n && lex(x) && expect_end(x) ? n : NULL;
     }
-    static const char *const closers[] = {"elif", "else", "endif", "endfor"};
-    for (int k = 0; k < 4; k++)
+    static const char *const closers[] = {"elif", "else", "endif", "endfor", "endmacro"};
+    for (int k = 0; k < 5; k++)
         if (is_kw(&t, closers[k])) return fail(x, pos, JM_ERR_FORMAT, "unexpected {%% %s %%}", closers[k]), NULL;
     return fail(x, pos, JM_ERR_FORMAT, "unsupported tag {%% %.*s %%}", (int)(t.n < 40 ? t.n : 40), t.s), NULL;
 }
@@ -1000,7 +1160,9 @@ static bool truthy(const value *v)
     case V_LIST:
     case V_DICT: return v->n != 0;
     case V_LOOP:
-    case V_NS: return true;
+    case V_NS:
+    case V_MACRO:
+    case V_FUNC: return true;
     default: return false;
     }
 }
@@ -1060,16 +1222,22 @@ static bool write_val(jx *x, sbuf *b, const value *v, bool repr, int depth)
     case V_LOOP:
         return put(x, b, num, (size_t)snprintf(num, sizeof num, "<LoopContext %lld/%zu>", (long long)v->i + 1, v->n));
     case V_NS: return put(x, b, "<Namespace>", 11);
+    case V_MACRO:
+        return put(x, b, "<Macro '", 8) && put(x, b, v->mac->def->name, v->mac->def->len) && put(x, b, "'>", 2);
+    case V_FUNC: return put(x, b, "<function ", 10) && put(x, b, v->s, v->n) && put(x, b, ">", 1);
     case V_LIST:
     case V_DICT: {
-        bool list = v->k == V_LIST;
-        put(x, b, list ? "[" : "{", 1);
+        bool list = v->k == V_LIST, tuple = list && v->i == L_TUPLE, view = list && v->i > L_TUPLE;
+        if (view) put(x, b, type_name(v), strlen(type_name(v))), put(x, b, "(", 1); /* dict_items([...]) */
+        put(x, b, tuple ? "(" : list ? "[" : "{", 1);
         for (size_t i = 0; i < v->n; i++) {
             if (i) put(x, b, ", ", 2);
             if (!list && (!write_val(x, b, &v->a[2 * i], true, depth + 1) || !put(x, b, ": ", 2))) return false;
             if (!write_val(x, b, &v->a[list ? i : 2 * i + 1], true, depth + 1)) return false;
         }
-        return put(x, b, list ? "]" : "}", 1);
+        if (tuple && v->n == 1) put(x, b, ",", 1);
+        if (view) put(x, b, "]", 1);
+        return put(x, b, tuple || view ? ")" : list ? "]" : "}", 1);
     }
     }
     return true;
@@ -1080,13 +1248,8 @@ static bool to_str(jx *x, value *v)
 {
     if (v->k == V_STR) return true;
     sbuf b = {0};
-    bool ok = write_val(x, &b, v, false, 0);
-    char *s = ok && b.n ? alloc(x, b.n) : NULL;
-    if (s) memcpy(s, b.p, b.n);
-    free(b.p);
-    if (!ok || (b.n && !s)) return false;
-    *v = str_val(s ? s : "", b.n);
-    return true;
+    write_val(x, &b, v, false, 0);
+    return keep_text(x, &b, v);
 }
 
 static const value *dict_get(const value *d, const char *key, size_t n)
@@ -1106,8 +1269,8 @@ static bool eq(const value *a, const value *b, int depth)
     if (a->k != b->k || depth > DEPTH_MAX) return false;
     switch (a->k) {
     case V_STR: return a->n == b->n && memcmp(a->s, b->s, a->n) == 0;
-    case V_LIST:
-        if (a->n != b->n) return false;
+    case V_LIST: /* a tuple is never equal to a list, nor a dict view to either (dict_values to nothing) */
+        if (a->n != b->n || a->i != b->i || a->i == L_VALUES) return false;
         for (size_t i = 0; i < a->n; i++)
             if (!eq(&a->a[i], &b->a[i], depth + 1)) return false;
         return true;
@@ -1120,6 +1283,8 @@ static bool eq(const value *a, const value *b, int depth)
         return true;
     case V_LOOP: return a == b;
     case V_NS: return a->ns == b->ns;
+    case V_MACRO: return a->mac == b->mac;
+    case V_FUNC: return a->s == b->s;
     default: return true; /* none, undefined */
     }
 }
@@ -1159,7 +1324,7 @@ static bool get_item(jx *x, const value *obj, const value *key, size_t pos, valu
     if (is_undefined(x, obj, pos)) return false;
     if (key->k == V_STR && (obj->k == V_DICT || obj->k == V_LOOP)) return get_attr(x, obj, key->s, key->n, pos, out);
     *out = undefined("item", 4);
-    if (!numeric(key) || (obj->k != V_LIST && obj->k != V_STR)) return true;
+    if (!numeric(key) || (obj->k != V_LIST && obj->k != V_STR) || (obj->k == V_LIST && obj->i > L_TUPLE)) return true;
     char *name = alloc(x, 48); /* names the missing element if it is used */
     if (!name) return false;
     *out = undefined(name, (size_t)snprintf(name, 48, "index %lld", (long long)key->i));
@@ -1175,6 +1340,10 @@ static bool get_item(jx *x, const value *obj, const value *key, size_t pos, valu
 static bool get_slice(jx *x, const value *obj, const value *bound, size_t pos, value *out)
 {
     if (is_undefined(x, obj, pos)) return false;
+    if (obj->k == V_LIST && obj->i > L_TUPLE) { /* not subscriptable: Jinja's getitem gives undefined */
+        *out = undefined("slice", 5);
+        return true;
+    }
     if (obj->k != V_LIST && obj->k != V_STR) return fail(x, pos, JM_ERR_FORMAT, "cannot slice a %s", type_name(obj));
     int64_t v[3];
     for (int k = 0; k < 3; k++) {
@@ -1206,7 +1375,7 @@ static bool get_slice(jx *x, const value *obj, const value *bound, size_t pos, v
     value *items = alloc(x, (size_t)cnt * sizeof *items + 1);
     if (!items) return false;
     for (int64_t k = 0, i = lim[0]; k < cnt; k++, i += step) items[k] = obj->a[i];
-    *out = (value){.k = V_LIST, .a = items, .n = (size_t)cnt};
+    *out = (value){.k = V_LIST, .i = obj->i, .a = items, .n = (size_t)cnt};
     return true;
 }
 
@@ -1314,6 +1483,10 @@ static bool binop(jx *x, const node *e, value *a, value *b, value *out)
 /* ---- filters, tests, methods, functions ---- */
 
 static bool eval(jx *x, const node *e, const binding *sc, value *out);
+static bool step(jx *x, size_t pos);
+
+/* The global functions (transformers' apply_chat_template provides the first two; the others are Jinja's) */
+static const char *const functions[] = {"raise_exception", "strftime_now", "namespace", "range", NULL};
 
 /* Evaluates an argument list into v[0..max); returns the count, -1 on error. */
 static int eval_args(jx *x, const node *args, const binding *sc, value *v, int max, const char *fn, size_t fnlen)
@@ -1395,6 +1568,8 @@ static bool write_json(jx *x, sbuf *b, const value *v, int64_t indent, int level
     case V_LIST:
     case V_DICT: {
         bool list = v->k == V_LIST;
+        if (list && v->i > L_TUPLE) /* json.dumps takes tuples as lists, but not dict views */
+            return fail(x, SIZE_MAX, JM_ERR_FORMAT, "tojson: Object of type %s is not JSON serializable", type_name(v));
         put(x, b, list ? "[" : "{", 1);
         for (size_t i = 0; i < v->n; i++) {
             if (i) put(x, b, indent >= 0 ? "," : ", ", indent >= 0 ? 1 : 2);
@@ -1413,75 +1588,6 @@ static bool write_json(jx *x, sbuf *b, const value *v, int64_t indent, int level
     }
     default: return fail(x, SIZE_MAX, JM_ERR_FORMAT, "tojson of a %s", type_name(v));
     }
-}
-
-static bool tojson(jx *x, const node *e, const binding *sc, value *out)
-{
-    value v, indent = {.k = V_NONE};
-    int n = 0;
-    if (!eval(x, e->a, sc, &v)) return false;
-    for (const node *a = e->b; a; a = a->next, n++) {
-        /* transformers' tojson(ensure_ascii=False, indent=None, ...): only indent= is supported */
-        if (n || a->kind != E_KW || !eq_name(a->name, a->len, "indent"))
-            return fail(x, a->pos, JM_ERR_FORMAT, "tojson takes one keyword argument, indent=N");
-        if (!eval(x, a->a, sc, &indent)) return false;
-    }
-    if (indent.k != V_NONE && (indent.k != V_INT || indent.i < 0 || indent.i > 64))
-        return fail(x, e->pos, JM_ERR_FORMAT, "tojson: indent must be an integer from 0 to 64");
-    sbuf b = {0};
-    bool ok = write_json(x, &b, &v, indent.k == V_INT ? indent.i : -1, 0);
-    char *s = ok && b.n ? alloc(x, b.n) : NULL;
-    if (s) memcpy(s, b.p, b.n);
-    free(b.p);
-    if (!ok || !s) return false;
-    *out = str_val(s, b.n);
-    return true;
-}
-
-static bool filter(jx *x, const node *e, const binding *sc, value *out)
-{
-    value v, arg[2];
-    const char *f = e->name;
-    size_t fl = e->len;
-    int na;
-    if (eq_name(f, fl, "tojson")) return tojson(x, e, sc, out);
-    if (!eval(x, e->a, sc, &v) || (na = eval_args(x, e->b, sc, arg, 2, f, fl)) < 0) return false;
-    int max_args = eq_name(f, fl, "default") || eq_name(f, fl, "d") ? 2 : eq_name(f, fl, "trim") ? 1 : 0;
-    if (na > max_args) return fail(x, e->pos, JM_ERR_FORMAT, "too many arguments to filter '%.*s'", (int)fl, f);
-    *out = v;
-    if (eq_name(f, fl, "trim")) return to_str(x, out) && strip(x, out, na ? &arg[0] : NULL, 3, e->pos);
-    if (eq_name(f, fl, "upper") || eq_name(f, fl, "lower")) return to_str(x, out) && change_case(x, out, f[0] == 'u');
-    if (eq_name(f, fl, "string")) return to_str(x, out);
-    if (eq_name(f, fl, "length") || eq_name(f, fl, "count")) return length(x, &v, e->pos, out);
-    if (eq_name(f, fl, "default") || eq_name(f, fl, "d")) {
-        if (v.k == V_UNDEF || (na > 1 && truthy(&arg[1]) && !truthy(&v))) *out = na ? arg[0] : str_val("", 0);
-        return true;
-    }
-    if (eq_name(f, fl, "first") || eq_name(f, fl, "last")) {
-        if (v.k == V_UNDEF) return true;
-        if (v.k != V_LIST && v.k != V_STR)
-            return fail(x, e->pos, JM_ERR_FORMAT, "'%.*s' of a %s", (int)fl, f, type_name(&v));
-        value i = {.k = V_INT, .i = f[0] == 'f' ? 0 : -1};
-        return get_item(x, &v, &i, e->pos, out);
-    }
-    return fail(x, e->pos, JM_ERR_FORMAT, "internal: filter '%.*s'", (int)(fl < 40 ? fl : 40), f);
-}
-
-static bool test(jx *x, const node *e, const binding *sc, value *out)
-{
-    value v;
-    if (!eval(x, e->a, sc, &v)) return false;
-    bool seq = v.k == V_STR || v.k == V_LIST || v.k == V_DICT;
-    const bool r[] = {/* in test_names' order */
-                      v.k != V_UNDEF, v.k == V_UNDEF, v.k == V_NONE, v.k == V_STR, numeric(&v),
-                      v.k == V_INT, v.k == V_BOOL, v.k == V_BOOL && v.i, v.k == V_BOOL && !v.i, v.k == V_DICT,
-                      seq, seq, v.k == V_INT && (v.i & 1), v.k == V_INT && !(v.i & 1)};
-    for (int k = 0; test_names[k]; k++)
-        if (eq_name(e->name, e->len, test_names[k])) {
-            *out = (value){.k = V_BOOL, .i = r[k] != (e->op == 1)};
-            return true;
-        }
-    return fail(x, e->pos, JM_ERR_FORMAT, "internal: test '%.*s'", (int)(e->len < 40 ? e->len : 40), e->name);
 }
 
 /* str.split(sep) and str.split() */
@@ -1509,23 +1615,20 @@ static bool split(jx *x, const value *s, const value *sep, size_t pos, value *ou
     return true;
 }
 
-static bool replace(jx *x, const value *s, const value *from, const value *to, size_t pos, value *out)
+/* str.replace(from, to, count) and the replace filter; count < 0: all */
+static bool replace(jx *x, const value *s, const value *from, const value *to, int64_t count, size_t pos, value *out)
 {
     if (!need_str(x, from, pos, "replace()") || !need_str(x, to, pos, "replace()")) return false;
     if (!from->n) return fail(x, pos, JM_ERR_FORMAT, "replace() of an empty string is not supported");
     sbuf b = {0};
     for (size_t i = 0; i < s->n;) {
-        const char *f = memmem(s->s + i, s->n - i, from->s, from->n);
+        const char *f = count-- != 0 ? memmem(s->s + i, s->n - i, from->s, from->n) : NULL;
         size_t j = f ? (size_t)(f - s->s) : s->n;
         put(x, &b, s->s + i, j - i);
         if (f) put(x, &b, to->s, to->n);
         i = j + (f ? from->n : 0);
     }
-    char *r = !x->st && b.n ? alloc(x, b.n) : NULL;
-    if (r) memcpy(r, b.p, b.n);
-    free(b.p);
-    *out = str_val(r ? r : "", r ? b.n : 0);
-    return !x->st;
+    return keep_text(x, &b, out);
 }
 
 /* ns.name = *v */
@@ -1545,11 +1648,547 @@ static bool ns_set(jx *x, nsobj *ns, const char *name, size_t n, const value *v)
     return true;
 }
 
+/* The items a for loop, join, map ... go through: a list's items, a string's characters, a dict's keys;
+ * undefined is empty, as in Jinja. */
+static bool iterate(jx *x, const value *v, size_t pos, const value **items, size_t *n)
+{
+    *items = v->a, *n = v->k == V_UNDEF ? 0 : v->n;
+    if (v->k == V_LIST || v->k == V_UNDEF) return true;
+    if (v->k != V_STR && v->k != V_DICT) return fail(x, pos, JM_ERR_FORMAT, "cannot loop over %s", type_name(v));
+    size_t *off = NULL;
+    if (v->k == V_STR && !(off = cp_offsets(x, v, n))) return false;
+    value *it = alloc(x, *n * sizeof *it + 1);
+    if (!it) return false;
+    for (size_t i = 0; i < *n; i++) it[i] = off ? str_val(v->s + off[i], off[i + 1] - off[i]) : v->a[2 * i];
+    *items = it;
+    return true;
+}
+
+
+/* Evaluated call arguments: positional ones first, then keyword ones, as Python requires. */
+typedef struct {
+    int n;
+    value v[ARGS_MAX];
+    const node *kw[ARGS_MAX]; /* a keyword argument's E_KW node (its name); NULL: positional */
+    size_t pos[ARGS_MAX];
+} args;
+
+static bool eval_call_args(jx *x, const node *list, const binding *sc, args *a, const char *fn, size_t fnlen)
+{
+    a->n = 0;
+    for (const node *p = list; p; p = p->next) {
+        if (a->n == ARGS_MAX)
+            return fail(x, p->pos, JM_ERR_FORMAT, "too many arguments to '%.*s'", (int)(fnlen < 40 ? fnlen : 40), fn);
+        const node *kw = p->kind == E_KW ? p : NULL;
+        if (!kw && a->n && a->kw[a->n - 1])
+            return fail(x, p->pos, JM_ERR_FORMAT, "positional argument follows keyword argument");
+        if (!eval(x, kw ? p->a : p, sc, &a->v[a->n])) return false;
+        a->pos[a->n] = p->pos, a->kw[a->n++] = kw;
+    }
+    return true;
+}
+
+/* An argument not given: undefined without a name (an undefined that was passed has one). */
+static bool absent(const value *v) { return v->k == V_UNDEF && !v->s; }
+
+/* Python's binding of a's arguments, from the first-th on, to the parameters names (NULL-terminated):
+ * p[k] the value for names[k], absent() when not given. */
+static bool bind_params(jx *x, const args *a, int first, const char *const *names, value *p, const char *fn,
+                        size_t fnlen, size_t pos)
+{
+    int np = 0, next = 0;
+    while (names[np]) p[np++] = (value){.k = V_UNDEF};
+    bool given[ARGS_MAX] = {0};
+    int fl = (int)(fnlen < 40 ? fnlen : 40);
+    for (int i = first; i < a->n; i++) {
+        const node *kw = a->kw[i];
+        int at = kw ? find_name(names, kw->name, kw->len) : next++;
+        if (!kw && at >= np)
+            return fail(x, pos, JM_ERR_FORMAT, "'%.*s' takes at most %d argument%s", fl, fn, np, np == 1 ? "" : "s");
+        if (at < 0)
+            return fail(x, kw->pos, JM_ERR_FORMAT, "'%.*s' got an unexpected keyword argument '%.*s'", fl, fn,
+                        (int)(kw->len < 40 ? kw->len : 40), kw->name);
+        if (given[at])
+            return fail(x, kw->pos, JM_ERR_FORMAT, "'%.*s' got multiple values for argument '%s'", fl, fn, names[at]);
+        given[at] = true, p[at] = a->v[i];
+    }
+    return true;
+}
+
+/* item.attribute for Jinja's attribute= arguments: a dotted path whose integer parts index lists */
+static bool attr_path(jx *x, const value *item, const value *path, size_t pos, value *out)
+{
+    if (!need_str(x, path, pos, "an attribute name")) return false;
+    value cur = *item;
+    for (size_t i = 0, j; i <= path->n; i = j + 1) {
+        for (j = i; j < path->n && path->s[j] != '.';) j++;
+        value key = str_val(path->s + i, j - i);
+        bool digits = j > i && j - i < 18;
+        for (size_t k = i; k < j && digits; k++) digits = isdigit((unsigned char)path->s[k]);
+        if (digits) key = (value){.k = V_INT, .i = strtoll(path->s + i, NULL, 10)};
+        value next;
+        if (!get_item(x, &cur, &key, pos, &next)) return false;
+        cur = next;
+    }
+    *out = cur;
+    return true;
+}
+
+static int exec(jx *x, const node *s, const binding **sc);
+
+#define EVAL_DEPTH_MAX (4 * DEPTH_MAX) /* macro calls nested, each counted as deep as its body: the C stack */
+
+/* name(args): the body rendered to a string, seeing its parameters, then the names around its
+ * definition (for one at the top level, the top level as it is now), as Jinja's macros do */
+static bool call_macro(jx *x, const macro *m, const args *a, size_t pos, value *out)
+{
+    const node *def = m->def;
+    int np = def->op, fl = (int)(def->len < 40 ? def->len : 40);
+    binding params[ARGS_MAX];
+    bool given[ARGS_MAX] = {0};
+    int next = 0;
+    for (int i = 0; i < a->n; i++) {
+        const node *kw = a->kw[i];
+        int at = kw ? -1 : next++, k = 0;
+        for (const node *p = def->a; kw && p; p = p->next, k++)
+            if (p->len == kw->len && memcmp(p->name, kw->name, kw->len) == 0 && !given[k]) at = k;
+        if (!kw && at >= np)
+            return fail(x, a->pos[i], JM_ERR_FORMAT, "macro '%.*s' takes not more than %d argument(s)", fl, def->name, np);
+        if (at < 0)
+            return fail(x, kw->pos, JM_ERR_FORMAT, "macro '%.*s' takes no keyword argument '%.*s'", fl, def->name,
+                        (int)(kw->len < 40 ? kw->len : 40), kw->name);
+        given[at] = true, params[at].v = a->v[i];
+    }
+    const binding *sc = m->scope ? m->scope : *x->top;
+    int k = 0;
+    for (const node *p = def->a; p; p = p->next, k++) { /* defaults see the parameters before them */
+        if (!given[k] && p->a && !eval(x, p->a, sc, &params[k].v)) return false;
+        if (!given[k] && !p->a) params[k].v = undefined(p->name, p->len);
+        params[k].name = p->name, params[k].len = p->len, params[k].up = sc;
+        sc = &params[k];
+    }
+    if ((x->depth += (int)def->lit.i) > EVAL_DEPTH_MAX)
+        return fail(x, pos, JM_ERR_FORMAT, "macro calls nested too deep (in '%.*s')", fl, def->name);
+    sbuf outer = x->out; /* the body renders into a buffer of its own */
+    x->out = (sbuf){0}, x->out_held += outer.n;
+    int r = exec(x, def->b, &sc);
+    sbuf body = x->out;
+    x->out = outer, x->out_held -= outer.n, x->depth -= (int)def->lit.i;
+    return keep_text(x, &body, out) && r != X_ERR;
+}
+
+/* transformers' strftime_now(format): datetime.now().strftime(format), the clock from
+ * JETMOE_TEMPLATE_NOW (seconds since the epoch) when set, so that tests can fix it */
+static bool strftime_now(jx *x, const value *fmt, size_t pos, value *out)
+{
+    if (!need_str(x, fmt, pos, "strftime_now()")) return false;
+    struct timespec now;
+    const char *fixed = getenv("JETMOE_TEMPLATE_NOW");
+    if (fixed) {
+        char *end;
+        errno = 0;
+        long long t = strtoll(fixed, &end, 10);
+        if (!*fixed || *end || errno || t != (long long)(time_t)t)
+            return fail(x, pos, JM_ERR_ARG, "JETMOE_TEMPLATE_NOW must be seconds since the epoch, not \"%.40s\"", fixed);
+        now = (struct timespec){.tv_sec = (time_t)t};
+    } else {
+        clock_gettime(CLOCK_REALTIME, &now);
+    }
+    struct tm tm;
+    if (!localtime_r(&now.tv_sec, &tm)) return fail(x, pos, JM_ERR_ARG, "strftime_now: the time is out of range");
+    /* Python formats %f itself, and %z and %Z of a naive datetime (now()'s) as "" */
+    sbuf f = {0};
+    for (size_t i = 0; i < fmt->n; i++) {
+        char c = i + 1 < fmt->n && fmt->s[i] == '%' ? fmt->s[i + 1] : 0, us[8];
+        if (c == 'f') put(x, &f, us, (size_t)snprintf(us, sizeof us, "%06ld", now.tv_nsec / 1000));
+        else if (c == 'z' || c == 'Z') ;
+        else put(x, &f, fmt->s + i, c ? 2 : 1);
+        i += c != 0;
+    }
+    put(x, &f, "", 0);
+    /* Python's time.strftime gives up, with "", once its buffer reaches 256 bytes per format byte */
+    size_t cap = 1024, n = 0, limit = 256 * (f.n ? f.n : 1);
+    char *buf = NULL;
+    while (!x->st && f.n) {
+        char *b = realloc(buf, cap);
+        if (!b) {
+            fail(x, pos, JM_ERR_NOMEM, "out of memory");
+            break;
+        }
+        buf = b;
+        if ((n = strftime(buf, cap, f.p, &tm)) > 0 || cap >= limit || cap >= OUT_MAX) break;
+        cap *= 2;
+    }
+    char *s = !x->st && n ? alloc(x, n) : NULL;
+    if (s) memcpy(s, buf, n);
+    free(buf), free(f.p);
+    *out = str_val(s ? s : "", s ? n : 0);
+    return !x->st;
+}
+
+#define RANGE_MAX 100000 /* Jinja's sandbox: MAX_RANGE */
+
+/* range(stop), range(start, stop[, step]): Python's, as a list */
+static bool range(jx *x, const value *arg, int na, size_t pos, value *out)
+{
+    int64_t v[3] = {0, 0, 1};
+    if (na < 1) return fail(x, pos, JM_ERR_FORMAT, "range expected at least 1 argument, got 0");
+    for (int k = 0; k < na; k++) {
+        if (!numeric(&arg[k]))
+            return fail(x, pos, JM_ERR_FORMAT, "range() takes integers, not %s", type_name(&arg[k]));
+        v[na == 1 ? 1 : k] = arg[k].i;
+    }
+    if (v[2] == 0) return fail(x, pos, JM_ERR_FORMAT, "range() arg 3 must not be zero");
+    /* the count, in 128 bits: start and stop may be any int64 */
+    __int128 span = (__int128)v[1] - v[0], step = v[2];
+    __int128 count = step > 0 ? (span > 0 ? (span + step - 1) / step : 0) : (span < 0 ? (-span - step - 1) / -step : 0);
+    if (count > RANGE_MAX)
+        return fail(x, pos, JM_ERR_FORMAT, "range too big: the sandbox blocks ranges larger than %d", RANGE_MAX);
+    value *items = alloc(x, (size_t)count * sizeof *items + 1);
+    if (!items) return false;
+    for (int64_t i = 0; i < (int64_t)count; i++) items[i] = (value){.k = V_INT, .i = (int64_t)(v[0] + (__int128)i * step)};
+    *out = (value){.k = V_LIST, .a = items, .n = (size_t)count};
+    return true;
+}
+
+/* A dict's items() (pairs as tuples), keys() or values(), as a list that prints as Python's view does */
+static bool dict_view(jx *x, const value *d, int kind, value *out)
+{
+    value *items = alloc(x, d->n * sizeof *items + 1), *pairs = kind == L_ITEMS ? alloc(x, 2 * d->n * sizeof *pairs + 1) : NULL;
+    if (!items || (kind == L_ITEMS && !pairs)) return false;
+    for (size_t i = 0; i < d->n; i++) {
+        if (kind == L_ITEMS) {
+            pairs[2 * i] = d->a[2 * i], pairs[2 * i + 1] = d->a[2 * i + 1];
+            items[i] = (value){.k = V_LIST, .i = L_TUPLE, .a = pairs + 2 * i, .n = 2};
+        } else {
+            items[i] = d->a[2 * i + (kind == L_VALUES)];
+        }
+    }
+    *out = (value){.k = V_LIST, .i = kind, .a = items, .n = d->n};
+    return true;
+}
+
+static value list_val(const value *items, size_t n) { return (value){.k = V_LIST, .a = items, .n = n}; }
+
+/* Jinja's title: each run of letters after -, whitespace, (, {, [ or < starts upper case, the rest lower;
+ * capitalize: the first character upper, the rest lower (ASCII, as the other case filters). */
+static bool recase(jx *x, value *v, bool title)
+{
+    char *s = alloc(x, v->n + 1);
+    if (!s) return false;
+    bool start = true;
+    for (size_t i = 0; i < v->n; i++) {
+        unsigned char c = (unsigned char)v->s[i];
+        bool sep = is_space((char)c) || (c && strchr("-({[<", c));
+        s[i] = (char)(start ? toupper(c) : tolower(c));
+        start = title && sep;
+    }
+    *v = str_val(s, v->n);
+    return true;
+}
+
+static bool run_test(jx *x, const char *name, size_t len, const value *v, const value *arg, int na, size_t pos,
+                     bool *r);
+static bool apply_filter(jx *x, const char *f, size_t fl, const value *v, const args *a, size_t pos, value *out);
+
+/* map(attribute='name', default=d) or map('filter', args...) */
+static bool map_filter(jx *x, const value *v, const args *a, size_t pos, value *out)
+{
+    const value *items;
+    size_t n;
+    if (!iterate(x, v, pos, &items, &n)) return false;
+    value *r = alloc(x, n * sizeof *r + 1);
+    if (!r) return false;
+    bool by_attr = a->n && a->kw[0];
+    value p[2];
+    static const char *const names[] = {"attribute", "default", NULL};
+    if (by_attr && !bind_params(x, a, 0, names, p, "map", 3, pos)) return false;
+    if (by_attr && absent(&p[0])) return fail(x, pos, JM_ERR_FORMAT, "map requires a filter argument");
+    if (!by_attr && !a->n) return fail(x, pos, JM_ERR_FORMAT, "map requires a filter argument");
+    if (!by_attr && !need_str(x, &a->v[0], pos, "map's filter name")) return false;
+    args rest = {0};
+    for (int i = 1; !by_attr && i < a->n; i++)
+        rest.v[rest.n] = a->v[i], rest.pos[rest.n] = a->pos[i], rest.kw[rest.n++] = a->kw[i];
+    for (size_t i = 0; i < n; i++) {
+        if (!step(x, pos)) return false;
+        if (!by_attr) {
+            if (!apply_filter(x, a->v[0].s, a->v[0].n, &items[i], &rest, pos, &r[i])) return false;
+        } else {
+            if (!attr_path(x, &items[i], &p[0], pos, &r[i])) return false;
+            if (r[i].k == V_UNDEF && !absent(&p[1]) && p[1].k != V_NONE) r[i] = p[1];
+        }
+    }
+    *out = list_val(r, n);
+    return true;
+}
+
+/* select/reject(test, args...) and selectattr/rejectattr(attribute, test, args...); no test: truthiness */
+static bool select_filter(jx *x, const value *v, const args *a, bool by_attr, bool keep, size_t pos, value *out)
+{
+    const value *items;
+    size_t n;
+    int first = by_attr;
+    for (int i = 0; i < a->n; i++)
+        if (a->kw[i]) return fail(x, a->kw[i]->pos, JM_ERR_FORMAT, "keyword arguments to tests are not supported");
+    if (by_attr && !a->n) return fail(x, pos, JM_ERR_FORMAT, "missing parameter for attribute name");
+    if (a->n > first && !need_str(x, &a->v[first], pos, "a test name")) return false;
+    if (!iterate(x, v, pos, &items, &n)) return false;
+    value *r = alloc(x, n * sizeof *r + 1);
+    size_t m = 0;
+    if (!r) return false;
+    for (size_t i = 0; i < n; i++) {
+        value probe = items[i];
+        bool t;
+        if (!step(x, pos) || (by_attr && !attr_path(x, &items[i], &a->v[0], pos, &probe))) return false;
+        if (a->n > first) {
+            if (!run_test(x, a->v[first].s, a->v[first].n, &probe, a->v + first + 1, a->n - first - 1, pos, &t))
+                return false;
+        } else {
+            t = truthy(&probe);
+        }
+        if (t == keep) r[m++] = items[i];
+    }
+    *out = list_val(r, m);
+    return true;
+}
+
+static bool join_filter(jx *x, const value *v, const value *p, size_t pos, value *out)
+{
+    const value *items;
+    size_t n;
+    value sep = absent(&p[0]) ? str_val("", 0) : p[0];
+    if (!iterate(x, v, pos, &items, &n) || !to_str(x, &sep)) return false;
+    sbuf b = {0};
+    for (size_t i = 0; i < n && !x->st; i++) {
+        value s = items[i];
+        if (!absent(&p[1]) && !attr_path(x, &items[i], &p[1], pos, &s)) break;
+        if (!step(x, pos) || !to_str(x, &s)) break;
+        if (i) put(x, &b, sep.s, sep.n);
+        put(x, &b, s.s, s.n);
+    }
+    return keep_text(x, &b, out);
+}
+
+/* Python's == after lower() on strings (ASCII), for unique */
+static bool eq_fold(const value *a, const value *b)
+{
+    if (a->k != V_STR || b->k != V_STR) return eq(a, b, 0);
+    if (a->n != b->n) return false;
+    for (size_t i = 0; i < a->n; i++)
+        if (tolower((unsigned char)a->s[i]) != tolower((unsigned char)b->s[i])) return false;
+    return true;
+}
+
+/* unique(case_sensitive=False, attribute=None): first occurrences, in order */
+static bool unique_filter(jx *x, const value *v, const value *p, size_t pos, value *out)
+{
+    const value *items;
+    size_t n, m = 0;
+    if (!iterate(x, v, pos, &items, &n)) return false;
+    value *r = alloc(x, n * sizeof *r + 1), *keys = alloc(x, n * sizeof *keys + 1);
+    if (!r || !keys) return false;
+    bool fold = absent(&p[0]) || !truthy(&p[0]);
+    for (size_t i = 0; i < n; i++) {
+        value key = items[i];
+        if (!absent(&p[1]) && !attr_path(x, &items[i], &p[1], pos, &key)) return false;
+        if (key.k == V_LIST || key.k == V_DICT || key.k == V_NS)
+            return fail(x, pos, JM_ERR_FORMAT, "unique: unhashable type '%s'", type_name(&key));
+        size_t k = 0;
+        for (; k < m; k++)
+            if (!step(x, pos) || (fold ? eq_fold(&keys[k], &key) : eq(&keys[k], &key, 0))) break;
+        if (x->st) return false;
+        if (k == m) keys[m] = key, r[m++] = items[i];
+    }
+    *out = list_val(r, m);
+    return true;
+}
+
+/* tojson as transformers defines it: tojson(value, ensure_ascii=False, indent=None, ...); indent= only */
+static bool tojson(jx *x, const value *v, const args *a, size_t pos, value *out)
+{
+    value indent = {.k = V_NONE};
+    for (int i = 0; i < a->n; i++) {
+        if (i || !a->kw[i] || !eq_name(a->kw[i]->name, a->kw[i]->len, "indent"))
+            return fail(x, a->pos[i], JM_ERR_FORMAT, "tojson takes one keyword argument, indent=N");
+        indent = a->v[i];
+    }
+    if (indent.k != V_NONE && (indent.k != V_INT || indent.i < 0 || indent.i > 64))
+        return fail(x, pos, JM_ERR_FORMAT, "tojson: indent must be an integer from 0 to 64");
+    sbuf b = {0};
+    write_json(x, &b, v, indent.k == V_INT ? indent.i : -1, 0);
+    return keep_text(x, &b, out);
+}
+
+/* value | f(args): also what map('f') applies to each item */
+static bool apply_filter(jx *x, const char *f, size_t fl, const value *v, const args *a, size_t pos, value *out)
+{
+    value p[3];
+    if (find_name(filter_names, f, fl) < 0)
+        return fail(x, pos, JM_ERR_FORMAT, "no filter named '%.*s'", (int)(fl < 40 ? fl : 40), f);
+    /* map('map', 'map', ...) recurses here, at most ARGS_MAX deep: each level takes one argument */
+    if (eq_name(f, fl, "tojson")) return tojson(x, v, a, pos, out);
+    if (eq_name(f, fl, "map")) return map_filter(x, v, a, pos, out);
+    if (eq_name(f, fl, "select") || eq_name(f, fl, "reject"))
+        return select_filter(x, v, a, false, f[0] == 's', pos, out);
+    if (eq_name(f, fl, "selectattr") || eq_name(f, fl, "rejectattr"))
+        return select_filter(x, v, a, true, f[0] == 's', pos, out);
+    /* the others take named parameters, as Jinja's Python functions do */
+    static const char *const none[] = {NULL}, *const trim[] = {"chars", NULL},
+                             *const dflt[] = {"default_value", "boolean", NULL}, *const join[] = {"d", "attribute", NULL},
+                             *const repl[] = {"old", "new", "count", NULL},
+                             *const uniq[] = {"case_sensitive", "attribute", NULL};
+    const char *const *names = eq_name(f, fl, "trim") ? trim
+                             : eq_name(f, fl, "default") || eq_name(f, fl, "d") ? dflt
+                             : eq_name(f, fl, "join") ? join
+                             : eq_name(f, fl, "replace") ? repl
+                             : eq_name(f, fl, "unique") ? uniq : none;
+    if (!bind_params(x, a, 0, names, p, f, fl, pos)) return false;
+    *out = *v;
+    if (eq_name(f, fl, "trim")) return to_str(x, out) && strip(x, out, absent(&p[0]) ? NULL : &p[0], 3, pos);
+    if (eq_name(f, fl, "upper") || eq_name(f, fl, "lower")) return to_str(x, out) && change_case(x, out, f[0] == 'u');
+    if (eq_name(f, fl, "capitalize") || eq_name(f, fl, "title")) return to_str(x, out) && recase(x, out, f[0] == 't');
+    if (eq_name(f, fl, "string")) return to_str(x, out);
+    if (eq_name(f, fl, "safe")) return true; /* Markup, printed as it is: no autoescaping here */
+    if (eq_name(f, fl, "reverse")) { /* a string reversed by code point; anything else as a list */
+        const value *items;
+        size_t n;
+        if (!iterate(x, v, pos, &items, &n)) return false;
+        value *r = alloc(x, n * sizeof *r + 1);
+        if (!r) return false;
+        for (size_t i = 0; i < n; i++) r[i] = items[n - 1 - i];
+        *out = list_val(r, n);
+        if (v->k != V_STR) return true;
+        sbuf b = {0};
+        for (size_t i = 0; i < n; i++) put(x, &b, r[i].s, r[i].n);
+        return keep_text(x, &b, out);
+    }
+    if (eq_name(f, fl, "length") || eq_name(f, fl, "count")) return length(x, v, pos, out);
+    if (eq_name(f, fl, "join")) return join_filter(x, v, p, pos, out);
+    if (eq_name(f, fl, "unique")) return unique_filter(x, v, p, pos, out);
+    if (eq_name(f, fl, "default") || eq_name(f, fl, "d")) {
+        if (v->k == V_UNDEF || (!absent(&p[1]) && truthy(&p[1]) && !truthy(v)))
+            *out = absent(&p[0]) ? str_val("", 0) : p[0];
+        return true;
+    }
+    if (eq_name(f, fl, "replace")) {
+        if (absent(&p[0]) || absent(&p[1])) return fail(x, pos, JM_ERR_FORMAT, "replace needs old and new");
+        if (!absent(&p[2]) && p[2].k != V_NONE && p[2].k != V_INT)
+            return fail(x, pos, JM_ERR_FORMAT, "replace: count must be an integer");
+        int64_t count = absent(&p[2]) || p[2].k == V_NONE ? -1 : p[2].i;
+        value s = *v;
+        return to_str(x, &s) && to_str(x, &p[0]) && to_str(x, &p[1]) && replace(x, &s, &p[0], &p[1], count, pos, out);
+    }
+    if (eq_name(f, fl, "list")) {
+        const value *items;
+        size_t n;
+        if (!iterate(x, v, pos, &items, &n)) return false;
+        *out = list_val(items, n);
+        return true;
+    }
+    if (eq_name(f, fl, "items")) { /* Jinja 3.1: (key, value) pairs of a mapping; undefined: none */
+        if (v->k == V_UNDEF) return *out = list_val(NULL, 0), true;
+        if (v->k != V_DICT) return fail(x, pos, JM_ERR_FORMAT, "can only get item pairs from a mapping, not %s",
+                                        type_name(v));
+        return dict_view(x, v, L_ITEMS, out) && (out->i = L_LIST, true);
+    }
+    if (eq_name(f, fl, "first") || eq_name(f, fl, "last")) {
+        const value *items;
+        size_t n;
+        if (v->k != V_UNDEF && v->k != V_LIST && v->k != V_STR && v->k != V_DICT)
+            return fail(x, pos, JM_ERR_FORMAT, "'%.*s' of a %s", (int)fl, f, type_name(v));
+        if (!iterate(x, v, pos, &items, &n)) return false;
+        *out = n ? items[f[0] == 'f' ? 0 : n - 1] : undefined("first/last item of an empty sequence", 35);
+        return true;
+    }
+    return fail(x, pos, JM_ERR_FORMAT, "internal: filter '%.*s'", (int)(fl < 40 ? fl : 40), f);
+}
+
+static bool filter(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v;
+    args a;
+    return eval(x, e->a, sc, &v) && eval_call_args(x, e->b, sc, &a, e->name, e->len) &&
+           apply_filter(x, e->name, e->len, &v, &a, e->pos, out);
+}
+
+/* v is name(arg...): the tests of test_names */
+static bool run_test(jx *x, const char *name, size_t len, const value *v, const value *arg, int na, size_t pos,
+                     bool *r)
+{
+    int k = find_name(test_names, name, len);
+    if (k < 0) return fail(x, pos, JM_ERR_FORMAT, "no test named '%.*s'", (int)(len < 40 ? len : 40), name);
+    if (na != (k >= TESTS_UNARY))
+        return fail(x, pos, JM_ERR_FORMAT, "test '%s' takes %s", test_names[k],
+                    k >= TESTS_UNARY ? "one argument" : "no arguments");
+    if (k == 14 || k == 15) { /* lower, upper: str(v).islower() / isupper(), ASCII letters */
+        value s = *v;
+        bool lower = false, upper = false;
+        if (!to_str(x, &s)) return false;
+        for (size_t i = 0; i < s.n; i++) lower |= islower((unsigned char)s.s[i]), upper |= isupper((unsigned char)s.s[i]);
+        *r = k == 14 ? lower && !upper : upper && !lower;
+        return true;
+    }
+    if (k < TESTS_UNARY) {
+        bool seq = v->k == V_STR || v->k == V_LIST || v->k == V_DICT;
+        const bool is[] = {/* in test_names' order */
+                           v->k != V_UNDEF, v->k == V_UNDEF, v->k == V_NONE, v->k == V_STR, numeric(v),
+                           v->k == V_INT, v->k == V_BOOL, v->k == V_BOOL && v->i, v->k == V_BOOL && !v->i,
+                           v->k == V_DICT, seq, seq, v->k == V_INT && (v->i & 1), v->k == V_INT && !(v->i & 1),
+                           false, false, false, v->k == V_MACRO || v->k == V_FUNC};
+        *r = is[k];
+        return true;
+    }
+    if (eq_name(name, len, "divisibleby")) {
+        if (!numeric(v) || !numeric(arg)) return fail(x, pos, JM_ERR_FORMAT, "divisibleby needs integers");
+        if (arg->i == 0) return fail(x, pos, JM_ERR_FORMAT, "division by zero");
+        *r = arg->i == -1 || v->i % arg->i == 0;
+        return true;
+    }
+    if (eq_name(name, len, "in")) return contains(x, arg, v, pos, r);
+    /* the comparisons, as the operators compute them */
+    static const int ops[] = {OP_EQ, OP_EQ, OP_EQ, OP_NE, OP_NE, '<', '<', '<', OP_LE, OP_LE, '>', '>', '>', OP_GE, OP_GE};
+    const node op = {.kind = E_BIN, .op = ops[k - TESTS_UNARY - 2], .pos = pos};
+    value a = *v, b = *arg, res;
+    if (!binop(x, &op, &a, &b, &res)) return false;
+    *r = truthy(&res);
+    return true;
+}
+
+static bool test(jx *x, const node *e, const binding *sc, value *out)
+{
+    value v;
+    args a;
+    bool r;
+    if (!eval(x, e->a, sc, &v) || !eval_call_args(x, e->b, sc, &a, e->name, e->len)) return false;
+    for (int i = 0; i < a.n; i++)
+        if (a.kw[i]) return fail(x, a.kw[i]->pos, JM_ERR_FORMAT, "keyword arguments to tests are not supported");
+    if (!run_test(x, e->name, e->len, &v, a.v, a.n, e->pos, &r)) return false;
+    *out = (value){.k = V_BOOL, .i = r != (e->op == 1)};
+    return true;
+}
+
 static bool call(jx *x, const node *e, const binding *sc, value *out)
 {
     const node *f = e->a;
-    value arg[2], obj;
+    value arg[3], obj;
     int na;
+    if (f->kind == E_NAME) { /* a macro, or one of the functions transformers provides */
+        args a;
+        if (!eval(x, f, sc, &obj)) return false;
+        if (obj.k == V_MACRO) return eval_call_args(x, e->b, sc, &a, f->name, f->len) && call_macro(x, obj.mac, &a, e->pos, out);
+        if (obj.k != V_UNDEF && obj.k != V_FUNC)
+            return fail(x, e->pos, JM_ERR_FORMAT, "'%.*s' (a %s) is not callable", (int)(f->len < 40 ? f->len : 40),
+                        f->name, type_name(&obj));
+    }
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "strftime_now")) {
+        if ((na = eval_args(x, e->b, sc, arg, 1, f->name, f->len)) < 0) return false;
+        if (na != 1) return fail(x, e->pos, JM_ERR_FORMAT, "strftime_now() takes one argument, the format");
+        return strftime_now(x, &arg[0], e->pos, out);
+    }
+    if (f->kind == E_NAME && eq_name(f->name, f->len, "range")) {
+        if ((na = eval_args(x, e->b, sc, arg, 3, f->name, f->len)) < 0) return false;
+        return range(x, arg, na, e->pos, out);
+    }
     if (f->kind == E_NAME && eq_name(f->name, f->len, "raise_exception")) {
         if ((na = eval_args(x, e->b, sc, arg, 1, f->name, f->len)) < 0 || (na && !to_str(x, &arg[0]))) return false;
         /* the template's own refusal of the input: a caller error, reported verbatim */
@@ -1575,13 +2214,19 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
     if (f->kind != E_ATTR) return fail(x, e->pos, JM_ERR_FORMAT, "unsupported call");
     const char *m = f->name;
     size_t ml = f->len;
-    if (!eval(x, f->a, sc, &obj) || (na = eval_args(x, e->b, sc, arg, 2, m, ml)) < 0 || is_undefined(x, &obj, e->pos))
-        return false;
+    if (!eval(x, f->a, sc, &obj) || is_undefined(x, &obj, e->pos)) return false;
+    if (obj.k == V_NS || obj.k == V_DICT) { /* ns.macro(...): a macro kept in a namespace or dict */
+        value v;
+        args a;
+        if (!get_attr(x, &obj, m, ml, e->pos, &v)) return false;
+        if (v.k == V_MACRO) return eval_call_args(x, e->b, sc, &a, m, ml) && call_macro(x, v.mac, &a, e->pos, out);
+    }
+    if ((na = eval_args(x, e->b, sc, arg, 3, m, ml)) < 0) return false;
     if (obj.k == V_STR) {
         /* name, fewest and most arguments */
         static const struct { const char *name; int min, max; } methods[] = {
             {"strip", 0, 1}, {"lstrip", 0, 1}, {"rstrip", 0, 1}, {"upper", 0, 0}, {"lower", 0, 0},
-            {"startswith", 1, 1}, {"endswith", 1, 1}, {"split", 0, 1}, {"replace", 2, 2}};
+            {"startswith", 1, 1}, {"endswith", 1, 1}, {"split", 0, 1}, {"replace", 2, 3}};
         int k = 0;
         while (k < 9 && !eq_name(m, ml, methods[k].name)) k++;
         if (k == 9) goto unsupported;
@@ -1592,7 +2237,10 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
         if (eq_name(m, ml, "rstrip")) return strip(x, out, na ? &arg[0] : NULL, 2, e->pos);
         if (eq_name(m, ml, "upper") || eq_name(m, ml, "lower")) return change_case(x, out, m[0] == 'u');
         if (eq_name(m, ml, "split")) return split(x, &obj, na && arg[0].k != V_NONE ? &arg[0] : NULL, e->pos, out);
-        if (eq_name(m, ml, "replace")) return replace(x, &obj, &arg[0], &arg[1], e->pos, out);
+        if (eq_name(m, ml, "replace")) {
+            if (na > 2 && arg[2].k != V_INT) return fail(x, e->pos, JM_ERR_FORMAT, "replace(): count must be an integer");
+            return replace(x, &obj, &arg[0], &arg[1], na > 2 ? arg[2].i : -1, e->pos, out);
+        }
         if (eq_name(m, ml, "startswith") || eq_name(m, ml, "endswith")) {
             if (!need_str(x, &arg[0], e->pos, "startswith()/endswith()")) return false;
             size_t n = arg[0].n;
@@ -1600,8 +2248,11 @@ static bool call(jx *x, const node *e, const binding *sc, value *out)
             *out = (value){.k = V_BOOL, .i = r};
             return true;
         }
+    } else if (obj.k == V_DICT && (eq_name(m, ml, "items") || eq_name(m, ml, "keys") || eq_name(m, ml, "values"))) {
+        if (na) goto bad_args;
+        return dict_view(x, &obj, m[0] == 'i' ? L_ITEMS : m[0] == 'k' ? L_KEYS : L_VALUES, out);
     } else if (obj.k == V_DICT && eq_name(m, ml, "get")) {
-        if (na < 1) goto bad_args;
+        if (na < 1 || na > 2) goto bad_args;
         const value *v = arg[0].k == V_STR ? dict_get(&obj, arg[0].s, arg[0].n) : NULL;
         *out = v ? *v : na > 1 ? arg[1] : (value){.k = V_NONE};
         return true;
@@ -1627,11 +2278,13 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
     if (!step(x, e->pos)) return false;
     switch (e->kind) {
     case E_LIT: *out = e->lit; return true;
-    case E_NAME:
+    case E_NAME: {
         for (; sc; sc = sc->up)
             if (sc->len == e->len && memcmp(sc->name, e->name, e->len) == 0) return *out = sc->v, true;
-        *out = undefined(e->name, e->len);
+        int k = find_name(functions, e->name, e->len);
+        *out = k >= 0 ? (value){.k = V_FUNC, .s = functions[k], .n = e->len} : undefined(e->name, e->len);
         return true;
+    }
     case E_LIST: {
         size_t n = 0, i = 0;
         for (const node *p = e->a; p; p = p->next) n++;
@@ -1639,7 +2292,7 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
         if (!items) return false;
         for (const node *p = e->a; p; p = p->next)
             if (!eval(x, p, sc, &items[i++])) return false;
-        *out = (value){.k = V_LIST, .a = items, .n = n};
+        *out = (value){.k = V_LIST, .i = e->op, .a = items, .n = n};
         return true;
     }
     case E_DICT: { /* a repeated key keeps its first place and takes the last value, as in Python */
@@ -1699,29 +2352,61 @@ static bool eval(jx *x, const node *e, const binding *sc, value *out)
     return fail(x, e->pos, JM_ERR_FORMAT, "internal: bad expression node %d", e->kind);
 }
 
-static int exec(jx *x, const node *s, const binding **sc);
+/* for a, b in ...: item into the names of s->d, one each, as Python unpacks */
+static bool unpack(jx *x, const node *s, const value *item, binding *vars)
+{
+    const value *parts;
+    size_t n;
+    if (item->k != V_LIST && item->k != V_STR && item->k != V_DICT)
+        return fail(x, s->pos, JM_ERR_FORMAT, "cannot unpack non-iterable %s object", type_name(item));
+    if (!iterate(x, item, s->pos, &parts, &n)) return false;
+    if (n != (size_t)s->op)
+        return fail(x, s->pos, JM_ERR_FORMAT, n > (size_t)s->op ? "too many values to unpack (expected %d)"
+                    : "not enough values to unpack (expected %d, got %zu)", s->op, n);
+    size_t i = 0;
+    for (const node *v = s->d; v; v = v->next, i++) vars[i].v = parts[i];
+    return true;
+}
+
+/* The loop's names for one item, over sc: var, or with unpacking the names of s->d in vars */
+static const binding *bind_item(jx *x, const node *s, const value *item, const binding *sc, binding *var,
+                                binding *vars)
+{
+    *var = (binding){s->name, s->len, *item, sc};
+    if (!s->op) return var;
+    if (!unpack(x, s, item, vars)) return NULL;
+    size_t k = 0; /* the names in order, the last innermost */
+    for (const node *v = s->d; v; v = v->next, k++)
+        vars[k].name = v->name, vars[k].len = v->len, vars[k].up = k ? &vars[k - 1] : sc;
+    return &vars[k - 1];
+}
 
 static int exec_for(jx *x, const node *s, const binding *sc)
 {
     value seq;
-    if (!eval(x, s->a, sc, &seq)) return X_ERR;
-    const value *items = seq.a;
-    size_t n = seq.k == V_UNDEF ? 0 : seq.n; /* undefined iterates as empty, as in Jinja */
-    if (seq.k == V_STR || seq.k == V_DICT) { /* a string's characters; a dict's keys */
-        size_t *off = NULL;
-        if (seq.k == V_STR && !(off = cp_offsets(x, &seq, &n))) return X_ERR;
-        value *v = alloc(x, n * sizeof *v + 1);
-        if (!v) return X_ERR;
-        for (size_t i = 0; i < n; i++) v[i] = off ? str_val(seq.s + off[i], off[i + 1] - off[i]) : seq.a[2 * i];
-        items = v;
-    } else if (seq.k != V_LIST && seq.k != V_UNDEF) {
-        return fail(x, s->pos, JM_ERR_FORMAT, "cannot loop over %s", type_name(&seq)) ? X_ERR : X_ERR;
+    const value *items;
+    size_t n;
+    binding var;
+    if (!eval(x, s->a, sc, &seq) || !iterate(x, &seq, s->pos, &items, &n)) return X_ERR;
+    binding *vars = s->op ? alloc(x, (size_t)s->op * sizeof *vars) : NULL;
+    if (s->op && !vars) return X_ERR;
+    if (s->e && n) { /* for x in y if c: the items c keeps, before the loop (loop.length counts them) */
+        value *kept = alloc(x, n * sizeof *kept), c;
+        size_t m = 0;
+        if (!kept) return X_ERR;
+        for (size_t i = 0; i < n; i++) {
+            const binding *names = bind_item(x, s, &items[i], sc, &var, vars);
+            if (!names || !eval(x, s->e, names, &c)) return X_ERR;
+            if (truthy(&c)) kept[m++] = items[i];
+        }
+        items = kept, n = m;
     }
     if (n == 0) return s->c ? exec(x, s->c, &sc) : X_OK;
     for (size_t i = 0; i < n; i++) {
         /* a fresh scope each iteration: what {% set %} does inside stays inside, as in Jinja */
-        binding var = {s->name, s->len, items[i], sc};
-        binding loop = {"loop", 4, {.k = V_LOOP, .i = (int64_t)i, .n = n, .a = items}, &var};
+        const binding *names = bind_item(x, s, &items[i], sc, &var, vars);
+        if (!names) return X_ERR;
+        binding loop = {"loop", 4, {.k = V_LOOP, .i = (int64_t)i, .n = n, .a = items}, names};
         const binding *inner = &loop;
         int r = exec(x, s->b, &inner);
         if (r == X_ERR) return r;
@@ -1763,6 +2448,15 @@ static int exec(jx *x, const node *s, const binding **sc)
             binding *b = alloc(x, sizeof *b);
             if (!b || !eval(x, s->a, *sc, &b->v)) return X_ERR;
             b->name = s->name, b->len = s->len, b->up = *sc;
+            *sc = b;
+            break;
+        }
+        case S_MACRO: { /* a name like {% set %}'s; at the top level the macro sees the top level as it is when called */
+            binding *b = alloc(x, sizeof *b);
+            macro *m = alloc(x, sizeof *m);
+            if (!b || !m) return X_ERR;
+            *m = (macro){s, sc == x->top ? NULL : b};
+            *b = (binding){s->name, s->len, {.k = V_MACRO, .mac = m}, *sc};
             *sc = b;
             break;
         }
@@ -1823,11 +2517,7 @@ static bool json_messages(jx *x, const cJSON *conv, value *messages, value *tool
             const value *text = dict_get(&c->a[k], "text", 4);
             put(x, &b, text->s, text->n);
         }
-        char *s = !x->st && b.n ? alloc(x, b.n) : NULL;
-        if (s) memcpy(s, b.p, b.n);
-        free(b.p);
-        if (x->st) return false;
-        *c = str_val(s ? s : "", s ? b.n : 0);
+        if (!keep_text(x, &b, c)) return false;
     }
     return true;
 }
@@ -1864,6 +2554,7 @@ static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, co
         if (sc) sc = bind(&x, sc, "add_generation_prompt", (value){.k = V_BOOL, .i = add_generation_prompt});
         if (sc && eos) sc = bind(&x, sc, "eos_token", str_val(eos, strlen(eos)));
         if (sc && bos) sc = bind(&x, sc, "bos_token", str_val(bos, strlen(bos)));
+        x.top = &sc;
         if (sc) exec(&x, prog, &sc);
     }
     if (!x.st) put(&x, &x.out, "", 0); /* an empty rendering is still a string */
