@@ -170,16 +170,15 @@ def read_through(d):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             addr = libc.mmap(None, size, PROT_READ, MAP_PRIVATE, fd, 0) if size else None
-            if addr in (None, ctypes.c_void_p(-1).value):
-                with open(path, "rb") as f:  # unmappable (or empty): read it plainly
+            mapped = addr not in (None, ctypes.c_void_p(-1).value)
+            if mapped:
+                libc.madvise(addr, size, MADV_HUGEPAGE)
+            # unmappable (or empty), or before Linux 5.14 (no MADV_POPULATE_READ): read it plainly
+            if not mapped or libc.madvise(addr, size, MADV_POPULATE_READ):
+                with open(path, "rb") as f:
                     while f.read(64 << 20):
                         pass
-            else:
-                libc.madvise(addr, size, MADV_HUGEPAGE)
-                if libc.madvise(addr, size, MADV_POPULATE_READ):  # before Linux 5.14: read it plainly
-                    with open(path, "rb") as f:
-                        while f.read(64 << 20):
-                            pass
+            if mapped:
                 libc.munmap(addr, size)
         finally:
             os.close(fd)

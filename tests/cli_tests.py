@@ -215,9 +215,10 @@ def version(suite, jm):
                 out.splitlines()[0] if out else "")
 
 
-def tiny_model(suite, jm, d):
+def tiny_model(suite, jm, d, context=128, check="cli_model_setup"):
     """A tokenizer trained on ASCII text and a freshly initialised model with its vocabulary, tokenizer
-    files beside the weights (as the test model of run_tests.py's generation tests is made)."""
+    files beside the weights (as the test model of run_tests.py's generation tests is made), in
+    d/model; a context of `context` tokens. A failing step fails the check named `check`."""
     os.makedirs(d, exist_ok=True)
     text = os.path.join(d, "text.txt")
     lic = "/usr/share/common-licenses"
@@ -229,12 +230,12 @@ def tiny_model(suite, jm, d):
     with open(cfg, "w") as f:
         json.dump(dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
                        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                       max_position_embeddings=128), f)
+                       max_position_embeddings=context), f)
     for args in (["tokenizer", "train", "--input", text, "--vocab-size", "400", "--out", tok, "--threads", "1"],
                  ["init", model, "--config", cfg, "--seed", "3"]):
         p = jm(*args)
         if p.returncode != 0:
-            suite.check("cli_model_setup", False, f"{' '.join(args[:2])}: {p.stderr.strip()[-400:]}")
+            suite.check(check, False, f"{' '.join(args[:2])}: {p.stderr.strip()[-400:]}")
             return None
     for f in os.listdir(tok):
         shutil.copy(os.path.join(tok, f), model)

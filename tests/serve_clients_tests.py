@@ -29,6 +29,7 @@ import subprocess
 import threading
 import time
 
+from cli_tests import tiny_model
 from testlib import sanitizer_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,27 +51,11 @@ def model(suite, jetmoe, tmp):
     m = os.path.join(d, "model")
     if os.path.exists(os.path.join(m, "config.json")):
         return m
-    os.makedirs(d, exist_ok=True)
-    text = os.path.join(d, "text.txt")
-    lic = "/usr/share/common-licenses"
-    prose = "".join(open(os.path.join(lic, f), errors="replace").read() for f in sorted(os.listdir(lic))
-                    if os.path.isfile(os.path.join(lic, f)))
-    with open(text, "w") as f:
-        f.write("".join(c for c in prose if c == "\n" or " " <= c <= "~")[:120000])
-    cfg, tok = os.path.join(d, "config.json"), os.path.join(d, "tok")
-    with open(cfg, "w") as f:
-        json.dump(dict(vocab_size=400, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
-                       intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
-                       max_position_embeddings=512), f)
-    for args in (["tokenizer", "train", "--input", text, "--vocab-size", "400", "--out", tok, "--threads", "1"],
-                 ["init", m, "--config", cfg, "--seed", "3"]):
-        p = subprocess.run([jetmoe] + args, capture_output=True, text=True, errors="replace", timeout=300)
-        if p.returncode != 0:
-            suite.check("serve_model_setup", False, f"{' '.join(args[:2])}: {p.stderr.strip()[-400:]}")
-            return None
-    for f in os.listdir(tok):
-        shutil.copy(os.path.join(tok, f), m)
-    return m
+
+    def jm(*args):
+        return subprocess.run([jetmoe] + list(args), capture_output=True, text=True, errors="replace", timeout=300)
+
+    return tiny_model(suite, jm, d, context=512, check="serve_model_setup")
 
 
 class Server:

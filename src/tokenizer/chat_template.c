@@ -116,9 +116,15 @@ static jm_status render(const char *tmpl, const jm_chat_message *msgs, int n, co
 
 /* ---- rendering and encoding ---- */
 
+/* A JSON conversation's list of messages: the conversation itself, or its "messages". */
+static const cJSON *conv_messages(const cJSON *conv)
+{
+    return cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
+}
+
 /* t may be NULL: the default template with </s> and <s>. */
 static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
-                             int n_messages, int add_generation_prompt, char **text, jm_error *err);
+                             int add_generation_prompt, char **text, jm_error *err);
 
 jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int n, int add_generation_prompt,
                          char **text, jm_error *err)
@@ -133,14 +139,15 @@ jm_status jm_chat_render(const jm_tokenizer *t, const jm_chat_message *msgs, int
                            r ? r : "(null)");
         if (!msgs[i].content) return jm_fail(err, JM_ERR_ARG, "chat: message %d (%s) has no content", i, r);
     }
-    return render_with(t, msgs, n, NULL, n, add_generation_prompt, text, err);
+    return render_with(t, msgs, n, NULL, add_generation_prompt, text, err);
 }
 
 /* conv: the parsed JSON conversation (a list of messages, or {"messages", "tools"}), or NULL: msgs.
- * n_messages: the conversation's messages, either way; rendering none of them is an error. */
+ * A conversation of messages that renders to nothing is an error, either way. */
 static jm_status render_with(const jm_tokenizer *t, const jm_chat_message *msgs, int n, const cJSON *conv,
-                             int n_messages, int add_generation_prompt, char **text, jm_error *err)
+                             int add_generation_prompt, char **text, jm_error *err)
 {
+    const int n_messages = conv ? cJSON_GetArraySize(conv_messages(conv)) : n;
     const char *tmpl = t && t->chat_template ? t->chat_template : jm_default_chat_template;
     const char *from = t && t->chat_template && t->template_source[0] ? t->template_source : NULL;
     jm_status s = render(tmpl, msgs, n, conv, add_generation_prompt != 0, tk_bos_string(t), tk_eos_string(t), text, err);
@@ -173,7 +180,7 @@ static jm_status parse_conv(const char *json, size_t len, cJSON **conv, jm_error
 {
     jm_status s = jm_json_parse(json, len, "conversation", conv, err);
     if (!s) s = jm_json_no_nul(json, len, "conversation", err);
-    const cJSON *m = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "messages") : *conv;
+    const cJSON *m = conv_messages(*conv);
     const cJSON *tools = cJSON_IsObject(*conv) ? cJSON_GetObjectItemCaseSensitive(*conv, "tools") : NULL;
     if (!s && !cJSON_IsArray(m))
         s = jm_fail(err, JM_ERR_ARG, "conversation: expected a list of messages or {\"messages\": [...]}");
@@ -212,9 +219,7 @@ jm_status jm_chat_render_json(const jm_tokenizer *t, const char *json, size_t le
     cJSON *conv;
     jm_status s = parse_conv(json, len, &conv, err);
     if (s) return s;
-    /* the message count, so that a template rendering none of them fails as with jm_chat_render */
-    const cJSON *m = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
-    s = render_with(t, NULL, 0, conv, cJSON_GetArraySize(m), add_generation_prompt, text, err);
+    s = render_with(t, NULL, 0, conv, add_generation_prompt, text, err);
     cJSON_Delete(conv);
     return s;
 }
@@ -2505,7 +2510,7 @@ static bool from_json(jx *x, const cJSON *j, value *v, int depth)
 
 static bool json_messages(jx *x, const cJSON *conv, value *messages, value *tools)
 {
-    const cJSON *m = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "messages") : conv;
+    const cJSON *m = conv_messages(conv);
     const cJSON *t = cJSON_IsObject(conv) ? cJSON_GetObjectItemCaseSensitive(conv, "tools") : NULL;
     *tools = (value){.k = V_NONE}; /* transformers passes tools=None when there are none */
     if ((t && !from_json(x, t, tools, 0)) || !from_json(x, m, messages, 0)) return false;
