@@ -120,8 +120,10 @@ def run(suite, build, tmp):
         return
     slow = os.path.join(d, "slow")
     with open(os.path.join(d, "slow.json"), "w") as f:
-        json.dump(dict(vocab_size=400, hidden_size=256, num_hidden_layers=2, num_key_value_heads=2, kv_channels=32,
-                       intermediate_size=512, num_local_experts=4, num_experts_per_tok=2,
+        # slow enough that a 4000-token reply takes seconds (2 s on one thread of an AMD EPYC family 26
+        # model 2; at hidden 256 it took 1 s, as long as the queue test's pauses, and that test flaked)
+        json.dump(dict(vocab_size=400, hidden_size=512, num_hidden_layers=2, num_key_value_heads=2, kv_channels=64,
+                       intermediate_size=1024, num_local_experts=4, num_experts_per_tok=2,
                        max_position_embeddings=4096), f)
     p = jm("init", slow, "--config", os.path.join(d, "slow.json"), "--seed", "5")
     for f in os.listdir(os.path.join(d, "tok")):
@@ -196,10 +198,10 @@ def run(suite, build, tmp):
             results = []
             t1 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req, timeout=600)[0]))
             t1.start()
-            time.sleep(0.5)  # running
+            time.sleep(0.25)  # running
             t2 = threading.Thread(target=lambda: results.append(s.post("/v1/completions", long_req, timeout=600)[0]))
             t2.start()
-            time.sleep(0.5)  # waiting
+            time.sleep(0.25)  # waiting
             st, _, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 1})
             t1.join()
             t2.join()
