@@ -107,9 +107,13 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
 
 /* How far on a pass prefetches its rows: d bytes on in the same row, and
  * past a row's end `wrap` bytes on (d + (R - 1) rows: as far into the row R
- * on, which the next pass reads), or nothing when wrap is 0 (the tile's last
- * pass: the rows after the tile may be another thread's; rows shorter than d
- * reach at most d bytes past it). */
+ * on, which the next pass reads). A tile's last pass prefetches past the
+ * tile too: the rows after it are mostly the next chunk of the same thread
+ * (the pool hands out runs of consecutive chunks), whose stream then starts
+ * warm. One thread decoding the 8B layout in BF16 went from 5.89 to 6.28
+ * tokens/s (64% to 70% of the roofline, AMD EPYC family 26 model 2); where
+ * the rows are another thread's or past the matrix, a few lines are fetched
+ * for nothing (a prefetch never faults). */
 typedef struct {
     int64_t d, wrap;
 } ahead;
@@ -156,7 +160,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         for (int64_t r = 0; r < n; r += ps->inputs) {
             pass_args a = {(const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
                            x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
-                           C, {PREFETCH_BYTES, i + R < nrows ? PREFETCH_BYTES + (R - 1) * row : 0}};
+                           C, {PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row}};
             pass(out + r * ldo + i, ldo, &a, R, n - r < ps->inputs ? (int)(n - r) : ps->inputs);
         }
         i += R;
