@@ -11,7 +11,9 @@
  * when several threads share the memory bus. Tiles of 64 weight rows (WTILE,
  * as qmatmul.c hands them out) against n = 1 input row (one sequence
  * decoding) and n = 4 (batched decoding). GB/s count weight and scale bytes.
- * Prints figures; it is not a test. */
+ * Last, the streaming ceilings: how near plain reads one thread gets with
+ * the least work a product can do (print_ceilings). Prints figures; it is
+ * not a test. */
 #include "common.h"
 #include "model/ops/ops.h"
 
@@ -135,6 +137,69 @@ static double time_passes(const wtile_fn f, const matrix *m, float *out, const f
     return best;
 }
 
+/* ---- streaming ceilings ----
+ * What one thread reaches streaming a large matrix with the least work a
+ * product can do, so the kernels' %read can be read against it: vector
+ * loads summed (the read bandwidth, with wide loads), the same loads
+ * multiplied into the sums by a vector held in a register, and by an
+ * activation vector loaded beside each (a dot product: what a tile with one
+ * input does, before any widening or integer work). Rows of 1024 floats, a
+ * sum per row, as the kernels'. GCC vector types: the widest vectors the
+ * build targets. */
+typedef float vf16 __attribute__((vector_size(64), aligned(64)));
+
+typedef enum { CEIL_SUM, CEIL_FMA_REG, CEIL_DOT } ceiling_kind;
+
+static float ceiling_row(const vf16 *w, const vf16 *x, int64_t nv, ceiling_kind kind)
+{
+    vf16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, xr = x[0];
+    for (int64_t i = 0; i < nv; i += 4) {
+        switch (kind) {
+        case CEIL_SUM: a0 += w[i], a1 += w[i + 1], a2 += w[i + 2], a3 += w[i + 3]; break;
+        case CEIL_FMA_REG: a0 += w[i] * xr, a1 += w[i + 1] * xr, a2 += w[i + 2] * xr, a3 += w[i + 3] * xr; break;
+        case CEIL_DOT: a0 += w[i] * x[i], a1 += w[i + 1] * x[i + 1], a2 += w[i + 2] * x[i + 2], a3 += w[i + 3] * x[i + 3]; break;
+        }
+    }
+    vf16 a = a0 + a1 + a2 + a3;
+    float s = 0;
+    for (int j = 0; j < 16; j++) s += a[j];
+    return s;
+}
+
+static void print_ceilings(double big_mb, int reps)
+{
+    enum { ROW = 1024 / 16 }; /* vectors a row */
+    const int64_t nrows = (int64_t)(big_mb * 1e6) / (ROW * 64);
+    vf16 *w = aligned_alloc(64, (size_t)(nrows * ROW) * 64), *x = aligned_alloc(64, ROW * 64);
+    if (!w || !x) {
+        fprintf(stderr, "bench/kernels: out of memory\n");
+        exit(1);
+    }
+    for (int64_t i = 0; i < nrows * ROW; i++)
+        for (int j = 0; j < 16; j++) w[i][j] = 0.05f * frnd();
+    for (int i = 0; i < ROW; i++)
+        for (int j = 0; j < 16; j++) x[i][j] = frnd();
+    static volatile float sink;
+    static const char *names[] = {"vector sum (read)", "FMA by a register", "dot product"};
+    double gbs[3];
+    for (int k = 0; k < 3; k++) {
+        double best = 1e30;
+        for (int r = 0; r < reps + 1; r++) { /* the first warms */
+            float s = 0;
+            double t0 = now();
+            for (int64_t row = 0; row < nrows; row++) s += ceiling_row(w + row * ROW, x, ROW, (ceiling_kind)k);
+            double t = now() - t0;
+            sink += s;
+            if (r && t < best) best = t;
+        }
+        gbs[k] = (double)nrows * ROW * 64 / best / 1e9;
+    }
+    printf("\nstreaming ceilings, one thread, a %.0f MB matrix of fp32 rows (4 KB): ", big_mb);
+    for (int k = 0; k < 3; k++) printf("%s%s %.1f GB/s (%.0f%%)", k ? ", " : "", names[k], gbs[k], 100 * gbs[k] / gbs[0]);
+    printf("\n");
+    free(w), free(x);
+}
+
 int main(int argc, char **argv)
 {
     int64_t C = 2048;
@@ -210,5 +275,6 @@ int main(int argc, char **argv)
         free(big.data), free(big.scales), free(l2.data), free(l2.scales);
     }
     free(x), free(xs), free(xq);
+    print_ceilings(big_mb, reps);
     return 0;
 }
