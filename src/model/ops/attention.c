@@ -216,7 +216,12 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
     const float scale = 1.0f / sqrtf((float)D);
     float *S = j->scratch + (size_t)thread * attention_cache_scratch_floats(j->ctx, k, D);
     float *buf = S + attention_scratch_floats(j->ctx, k); /* a bf16 block widened, (KEYS, D) */
-    enum { KEYS = 64 }; /* keys widened at a time: in L1 while the k slots use them */
+    /* keys widened at a time, 2 KB of fp32 at D = 128: the k slots read them
+     * from L1. 64 at a time (32 KB, all of L1) took 8.9 ms a step over
+     * JetMoE-8B's bf16 cache at 512 positions, 4 at a time 6.0-6.4
+     * (bench/attention, one thread, AMD EPYC family 26 model 2); whole 8B
+     * q4 decode steps did not change beyond the noise (52-55 ms) */
+    enum { KEYS = 4 };
     for (int r = 0; r < run->n; r++) {
         const int visible = run->p0 + r + 1;
         const float *qr = j->q + (run->row0 + r) * qs + (int64_t)h * D;
