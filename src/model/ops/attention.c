@@ -229,6 +229,9 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
         const int visible = run->p0 + r + 1;
         const float *qr = j->q + (run->row0 + r) * qs + (int64_t)h * D;
         float *o = j->out + (run->row0 + r) * qs + (int64_t)h * D, inv[JM_MAX_EXPERTS];
+        /* the first blocks too: otherwise each head's keys start cold (5.6-5.9
+         * -> 5.4-5.6 ms a step, bench/attention) */
+        prefetch_span(j->cache, cache_at(run, 0, h, 0, Hkv, j->ctx, D), (int64_t)(visible < ahead ? visible : ahead) * D);
         for (int i0 = 0; i0 < visible; i0 += KEYS) {
             const int nk = visible - i0 < KEYS ? visible - i0 : KEYS;
             const float *K = cache_span(j->cache, cache_at(run, 0, h, i0, Hkv, j->ctx, D), (int64_t)nk * D, buf);
