@@ -73,7 +73,7 @@ static void progress(int i, int n, double step_s, double elapsed)
 static int usage(void)
 {
     fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable] "
-                    "[--kv-cache f32|bf16] [--warmup N]\n       bench/decode --bench-config OUT.json\n");
+                    "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
 

@@ -202,7 +202,8 @@ def big(a):
             print(f"{name}: read through the page cache at {read_through(d):.1f} GB/s", file=sys.stderr, flush=True)
             rows.append((name, {t: run([os.path.join(ROOT, a.build, "bench", "decode"), d, "--threads", str(t),
                                         "--prompt", str(a.prompt_8b), "--new", str(a.new_8b),
-                                        "--kv-cache", a.kv_cache], thread_env(t)) for t in a.thread_list}))
+                                        "--kv-cache", a.kv_cache, "--weights", a.weights], thread_env(t))
+                                    for t in a.thread_list}))
         except subprocess.CalledProcessError as e:
             print(f"{name}: {' '.join(e.cmd[:2])} failed (exit {e.returncode}); skipping it", file=sys.stderr)
             failed += 1
@@ -211,7 +212,7 @@ def big(a):
     t1, tn = a.thread_list[0], a.thread_list[-1]
     first = rows[0][1][t1]
     print(f"JetMoE-8B layout (random weights, {a.synthetic}): prompt {a.prompt_8b}, {a.new_8b} new, "
-          f"{a.kv_cache} KV cache; {first['cpu']}")
+          f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
         f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}")
     for name, r in rows:
@@ -236,6 +237,9 @@ def main():
     ap.add_argument("--new-8b", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="runs per small-config figure; the best is shown")
     ap.add_argument("--kv-cache", default="bf16", choices=("f32", "bf16"), help="the 8B runs' KV cache")
+    ap.add_argument("--weights", default="map", choices=("map", "ram"),
+                    help="the 8B runs' weights: read in place from the mapped checkpoint, or copied into RAM "
+                         "(--weights-in-ram; Q8/Q4 rows interleaved)")
     a = ap.parse_args()
     a.thread_list = sorted({int(t) for t in a.threads.split(",")})
     load_note()

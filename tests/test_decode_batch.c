@@ -458,15 +458,17 @@ int main(void)
             rs = jm_set_slots(q8, 1, 64, &err);
             if (!rs) rs = jm_set_slots(ram, 1, 64, &err);
             same = !rs;
-            for (int t = 0; t < 12 && !rs; t++) {
-                if (!(rs = jm_infer(q8, &tok[t], 1, t, &lg, &err))) memcpy(a, lg, sizeof(float) * (size_t)V);
-                if (!rs && !(rs = jm_infer(ram, &tok[t], 1, t, &lg, &err))) memcpy(b, lg, sizeof(float) * (size_t)V);
+            /* a prefill of 5 (dequantized tiles and SGEMM), then decode steps */
+            for (int t = 0; t < 12 && !rs; t += t ? 1 : 5) {
+                const int n = t ? 1 : 5;
+                if (!(rs = jm_infer(q8, &tok[t], n, t, &lg, &err))) memcpy(a, lg, sizeof(float) * (size_t)V);
+                if (!rs && !(rs = jm_infer(ram, &tok[t], n, t, &lg, &err))) memcpy(b, lg, sizeof(float) * (size_t)V);
                 same &= !rs && memcmp(a, b, sizeof(float) * (size_t)V) == 0;
             }
             free(a);
             free(b);
         }
-        check(rs == JM_OK && same, "decode_weights_in_ram_equal_mapped", "status %d (%s); 12 steps bit for bit: %d",
+        check(rs == JM_OK && same, "decode_weights_in_ram_equal_mapped", "status %d (%s); a prefill of 5 and 7 steps bit for bit: %d",
               rs, err.msg, same);
         jm_model_free(ram);
     }

@@ -62,8 +62,8 @@ static void test_quantize_rows(void)
          * int8; one for int4, whose positive side ends at 7 steps when the
          * extreme is negative */
         float b8[256], b4[256];
-        dequant_rows(b8, (wview){WT_Q8, q8, s8}, 0, 1, C);
-        dequant_rows(b4, (wview){WT_Q4, q4, s4}, 0, 1, C);
+        dequant_rows(b8, (wview){WT_Q8, q8, s8, 0}, 0, 1, C);
+        dequant_rows(b4, (wview){WT_Q4, q4, s4, 0}, 0, 1, C);
         for (int i = 0; i < C; i++) {
             float d8 = jm_f16_to_f32((uint16_t)(s8[i / 32 * 2] | s8[i / 32 * 2 + 1] << 8));
             float d4 = fabsf(jm_f16_to_f32((uint16_t)(s4[i / 32 * 2] | s4[i / 32 * 2 + 1] << 8)));
@@ -87,7 +87,7 @@ static void test_quantize_rows(void)
     memset(w, 0, sizeof w); /* an all-zero block: scale 0, values 0, no division by zero */
     quantize_row_q8(q8, s8, w, C);
     quantize_row_q4(q4, s4, w, C);
-    dequant_rows(back, (wview){WT_Q4, q4, s4}, 0, 1, C);
+    dequant_rows(back, (wview){WT_Q4, q4, s4, 0}, 0, 1, C);
     bool zero = true;
     for (int i = 0; i < C; i++) zero &= back[i] == 0.0f && q8[i] == 0;
     check(zero, "quant_zero_block", "%s", "nonzero output");
@@ -108,7 +108,7 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
         if (t == WT_Q4) quantize_row_q4((uint8_t *)*data + r * C / 2, *scales + r * (C / 32) * 2, w, C);
     }
     free(w);
-    return (wview){t, *data, t == WT_Q8 || t == WT_Q4 ? *scales : NULL};
+    return (wview){t, *data, t == WT_Q8 || t == WT_Q4 ? *scales : NULL, 0};
 }
 
 /* ---- dot kernels ---- */
@@ -183,7 +183,7 @@ static tile_case make_tile_case(wtype t, int64_t nrows, int64_t n, int64_t C, fl
     for (int64_t c = 0; c < n * C; c++) x[c] = xamp * frand() * (c % 97 == 0 ? 20.0f : 1.0f);
     const int int8 = t == WT_Q8 || t == WT_Q4;
     for (int64_t r = 0; int8 && r < n; r++) quantize_act_q8(xq + r * C, xs + r * 2 * nb, x + r * C, C);
-    k.w = (wview){t, data, int8 ? sc : NULL};
+    k.w = (wview){t, data, int8 ? sc : NULL, 0};
     k.x = x, k.xs = xs, k.xq = xq;
     k.want = malloc((size_t)(n * nrows) * sizeof *k.want), k.mag = malloc((size_t)(n * nrows) * sizeof *k.mag);
     for (int64_t r = 0; r < n; r++)
@@ -216,6 +216,33 @@ static bool run_tile(const wkernels *K, const tile_case *k, float *out)
         for (int64_t i = k->nrows; i < k->ldo; i++)
             if (memcmp(&out[r * k->ldo + i], &UNWRITTEN, 4) != 0) return false;
     return true;
+}
+
+/* The same tile with its rows interleaved (ops.h), in a buffer of whole
+ * groups, when its rows are whole lines: true if set K computes it bit for
+ * bit as it did the row-major tile (ref), the same operations on each row,
+ * and dequant_rows gives the same rows; *ran counts the tiles it applied to. */
+static bool interleaved_same(const wkernels *K, const tile_case *k, const float *ref, float *out, int *ran)
+{
+    const int64_t row = wtype_row_bytes(k->t, k->C), groups = (k->nrows + WILV - 1) / WILV;
+    if (row % 64) return true;
+    uint8_t *d = aligned_alloc(64, (size_t)(groups * WILV * row));
+    wview w = k->w;
+    w.data = d, w.ilv = 1;
+    memset(d, 0, (size_t)(groups * WILV * row));
+    for (int64_t i = 0; i < k->nrows; i++)
+        for (int64_t at = 0; at < row; at += 64)
+            memcpy((uint8_t *)wrow_byte(w, i, at, row), (const uint8_t *)k->w.data + i * row + at, 64);
+    for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
+    wkernel_for(K, k->t)(out, k->ldo, w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
+    /* and prefill's dequantization reads it as it reads the row-major rows */
+    float *a = malloc(sizeof(float) * (size_t)(k->nrows * k->C)), *b = malloc(sizeof(float) * (size_t)(k->nrows * k->C));
+    dequant_rows(a, k->w, 0, k->nrows, k->C);
+    dequant_rows(b, w, 0, k->nrows, k->C);
+    const bool same_rows = memcmp(a, b, sizeof(float) * (size_t)(k->nrows * k->C)) == 0;
+    free(a), free(b), free(d);
+    (*ran)++;
+    return same_rows && memcmp(out, ref, sizeof(float) * (size_t)(k->n * k->ldo)) == 0;
 }
 
 /* Worst |got - ref| over the tile in units of KERNEL_TOL * sum |w x|
@@ -277,7 +304,7 @@ static void test_kernels(void)
         const int64_t *sizes = q ? sizes_q : sizes_f;
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
-        int tiles = 0, stray[NSETS] = {0};
+        int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS] = {0}, ilv_differ[NSETS] = {0};
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -286,14 +313,18 @@ static void test_kernels(void)
                                                  xamp[(tiles / 3) % 3], tiles % 61);
                     /* exactly n x ldo: a write past it is a sanitizer's error */
                     float *out = malloc((size_t)(n * k.ldo) * sizeof *out), *port = malloc((size_t)(n * k.ldo) * 4);
+                    float *ilv = malloc((size_t)(n * k.ldo) * sizeof *ilv);
                     stray[0] += !run_tile(K[0], &k, port);
                     vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
+                    ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, &ilv_tiles[0]);
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
                         stray[s] += !run_tile(K[s], &k, out);
                         vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
+                        ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, &ilv_tiles[s]);
                     }
+                    free(ilv);
                     free_tile_case(&k);
                     free(out), free(port);
                 }
@@ -304,6 +335,10 @@ static void test_kernels(void)
             check_detail(vs_ref[s] <= 1 && !stray[s], name,
                          "%d tiles: worst error %.3f of 2e-6 sum |w x|; %d wrote outside their columns", tiles,
                          vs_ref[s], stray[s]);
+            snprintf(name, sizeof name, "kernels_%s_%s_interleaved_rows", kernel_sets[s], names[ti]);
+            check_detail(ilv_tiles[s] > 50 && !ilv_differ[s], name,
+                         "%d tiles of whole lines with their rows interleaved: %d differ from row-major by a bit",
+                         ilv_tiles[s], ilv_differ[s]);
             if (s == 0) continue;
             snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_sets[s], names[ti]);
             check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,
@@ -326,7 +361,7 @@ static void test_kernels(void)
     quantize_act_q8(xq, xs, x, 64), quantize_act_q8(xq + 64, xs + 4, x + 64, 64);
     double worst = 0;
     for (int q4 = 0; q4 < 2; q4++) {
-        wview w = q4 ? (wview){WT_Q4, w4, s1} : (wview){WT_Q8, w8, s1};
+        wview w = q4 ? (wview){WT_Q4, w4, s1, 0} : (wview){WT_Q8, w8, s1, 0};
         float got[6];
         for (int s = 0; s < NSETS; s++) {
             if (!K[s]) continue;

@@ -213,9 +213,23 @@ struct wview {
     wtype type;
     const void *data;
     const uint8_t *scales; /* Q8/Q4: little-endian F16, C/32 per row */
+    int ilv;               /* rows interleaved in groups of WILV (below); 0: row-major */
 };
+/* Interleaved rows (jm_weights_to_ram, where a row is whole 64-byte lines and
+ * the matrix whole groups): each group of WILV consecutive rows holds their
+ * lines in turn, line l of row i at the group's start + (l * WILV + i % WILV)
+ * * 64. A decode pass takes the WILV rows of a group against the same inputs,
+ * and so reads one stream where row-major rows are WILV streams; scales stay
+ * row-major. A view into such a matrix starts at a group. */
+#define WILV 4
+static inline const uint8_t *wrow_byte(wview w, int64_t i, int64_t off, int64_t row_bytes)
+{
+    const uint8_t *d = (const uint8_t *)w.data;
+    if (!w.ilv) return d + i * row_bytes + off;
+    return d + i / WILV * WILV * row_bytes + (off / 64 * WILV + i % WILV) * 64 + off % 64;
+}
 
-static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL}; }
+static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL, 0}; }
 /* Bytes of one row of C inputs (data only; Q8/Q4 add 2*C/32 bytes of scales). */
 int64_t wtype_row_bytes(wtype t, int64_t C);
 /* The view `rows` rows further on (expert e of a stack: rows = e * O). */

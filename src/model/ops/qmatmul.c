@@ -32,45 +32,48 @@ wview wview_rows(wview w, int64_t rows, int64_t C)
     return w;
 }
 
+/* n bytes of a row from byte `at` (a whole number of elements, and of
+ * blocks for Q8/Q4) to fp32 at out; ws: the row's scales. */
+static void dequant_span(float *out, wtype t, const uint8_t *w, int64_t n, const uint8_t *ws, int64_t at)
+{
+    switch (t) {
+    case WT_F32: memcpy(out, w, (size_t)n); break;
+    case WT_BF16:
+        for (int64_t i = 0; i < n / 2; i++) {
+            uint32_t u = (uint32_t)(w[2 * i] | w[2 * i + 1] << 8) << 16;
+            memcpy(&out[i], &u, 4);
+        }
+        break;
+    case WT_Q8:
+        for (int64_t b = 0; b < n / QBLOCK; b++) {
+            const float d = wscale_at(ws, at / QBLOCK + b);
+            for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = d * (float)(int8_t)w[b * QBLOCK + i];
+        }
+        break;
+    case WT_Q4:
+        for (int64_t b = 0; b < n / (QBLOCK / 2); b++) {
+            const float d = wscale_at(ws, at / (QBLOCK / 2) + b);
+            const uint8_t *qb = w + b * (QBLOCK / 2);
+            for (int j = 0; j < QBLOCK / 2; j++) {
+                out[b * QBLOCK + j] = d * (float)((qb[j] & 15) - 8);
+                out[b * QBLOCK + j + 16] = d * (float)((qb[j] >> 4) - 8);
+            }
+        }
+        break;
+    }
+}
+
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C)
 {
-    W = wview_rows(W, row0, C);
-    const int64_t nb = C / QBLOCK;
-    for (int64_t r = 0; r < nrows; r++) {
-        float *o = out + r * C;
-        switch (W.type) {
-        case WT_F32:
-            memcpy(o, (const float *)W.data + r * C, (size_t)C * sizeof(float));
-            break;
-        case WT_BF16: {
-            const uint8_t *w = (const uint8_t *)W.data + r * 2 * C;
-            for (int64_t i = 0; i < C; i++) {
-                uint32_t u = (uint32_t)(w[2 * i] | w[2 * i + 1] << 8) << 16;
-                memcpy(&o[i], &u, 4);
-            }
-            break;
-        }
-        case WT_Q8: {
-            const int8_t *q = (const int8_t *)W.data + r * C;
-            for (int64_t b = 0; b < nb; b++) {
-                float d = wscale_at(W.scales, r * nb + b);
-                for (int i = 0; i < QBLOCK; i++) o[b * QBLOCK + i] = d * q[b * QBLOCK + i];
-            }
-            break;
-        }
-        case WT_Q4: {
-            const uint8_t *q = (const uint8_t *)W.data + r * C / 2;
-            for (int64_t b = 0; b < nb; b++) {
-                float d = wscale_at(W.scales, r * nb + b);
-                const uint8_t *qb = q + b * (QBLOCK / 2);
-                for (int j = 0; j < QBLOCK / 2; j++) {
-                    o[b * QBLOCK + j] = d * (float)((qb[j] & 15) - 8);
-                    o[b * QBLOCK + j + 16] = d * (float)((qb[j] >> 4) - 8);
-                }
-            }
-            break;
-        }
-        }
+    const int64_t row = wtype_row_bytes(W.type, C), nb = C / QBLOCK;
+    const int64_t per_line = W.type == WT_F32 ? 16 : W.type == WT_BF16 ? 32 : W.type == WT_Q8 ? 64 : 128;
+    for (int64_t r = row0; r < row0 + nrows; r++) {
+        float *o = out + (r - row0) * C;
+        const uint8_t *ws = W.scales ? W.scales + r * 2 * nb : NULL;
+        if (!W.ilv) dequant_span(o, W.type, wrow_byte(W, r, 0, row), row, ws, 0);
+        else /* a line at a time: the row's lines are WILV apart */
+            for (int64_t l = 0; l < row / 64; l++)
+                dequant_span(o + l * per_line, W.type, wrow_byte(W, r, 64 * l, row), 64, ws, 64 * l);
     }
 }
 

@@ -23,19 +23,23 @@
 #define JM_X86 1
 #endif
 
-/* ---- portable kernels: the reference for the SIMD ones ---- */
+/* ---- portable kernels: the reference for the SIMD ones ----
+ * Each adds the products of n inputs from x to acc, in order, so that a row
+ * read in pieces (the lines of interleaved rows) sums as one read whole. */
 
-static float dot_f32_c(const float *w, const float *x, int64_t C)
+static float dot_f32_c(float acc, const uint8_t *w, const float *x, int64_t n)
 {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < C; i++) acc += w[i] * x[i];
+    for (int64_t i = 0; i < n; i++) {
+        float f;
+        memcpy(&f, w + 4 * i, 4);
+        acc += f * x[i];
+    }
     return acc;
 }
 
-static float dot_bf16_c(const uint8_t *w, const float *x, int64_t C)
+static float dot_bf16_c(float acc, const uint8_t *w, const float *x, int64_t n)
 {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < C; i++) {
+    for (int64_t i = 0; i < n; i++) {
         uint32_t u = (uint32_t)(w[2 * i] | w[2 * i + 1] << 8) << 16;
         float f;
         memcpy(&f, &u, 4);
@@ -44,10 +48,10 @@ static float dot_bf16_c(const uint8_t *w, const float *x, int64_t C)
     return acc;
 }
 
-static float dot_q8_c(const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
+/* Q8/Q4: n inputs, whole blocks; ws and xs at the first block's scales. */
+static float dot_q8_c(float acc, const int8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t n)
 {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < C / QBLOCK; b++) {
+    for (int64_t b = 0; b < n / QBLOCK; b++) {
         int32_t s = 0;
         for (int i = 0; i < QBLOCK; i++) s += (int32_t)w[b * QBLOCK + i] * xq[b * QBLOCK + i];
         acc += wscale_at(ws, b) * xs[b] * (float)s;
@@ -55,10 +59,9 @@ static float dot_q8_c(const int8_t *w, const uint8_t *ws, const int8_t *xq, cons
     return acc;
 }
 
-static float dot_q4_c(const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t C)
+static float dot_q4_c(float acc, const uint8_t *w, const uint8_t *ws, const int8_t *xq, const float *xs, int64_t n)
 {
-    float acc = 0.0f;
-    for (int64_t b = 0; b < C / QBLOCK; b++) {
+    for (int64_t b = 0; b < n / QBLOCK; b++) {
         const uint8_t *qb = w + b * (QBLOCK / 2);
         const int8_t *x = xq + b * QBLOCK;
         int32_t s = 0;
@@ -68,21 +71,33 @@ static float dot_q4_c(const uint8_t *w, const uint8_t *ws, const int8_t *xq, con
     return acc;
 }
 
-/* Each weight row against the n inputs in turn (the row stays in L1). */
+/* Each weight row against the n inputs in turn, in one piece, or a line at
+ * a time when the rows are interleaved. */
 static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                    const float *xs, int64_t n, int64_t C)
 {
     const int64_t row = wtype_row_bytes(w.type, C), nb = C / QBLOCK;
+    const int64_t piece = w.ilv ? 64 : row, inputs = piece * C / row; /* bytes and inputs a piece */
     for (int64_t i = 0; i < nrows; i++) {
-        const uint8_t *wr = (const uint8_t *)w.data + i * row, *ws = w.scales ? w.scales + i * 2 * nb : NULL;
+        const uint8_t *ws = w.scales ? w.scales + i * 2 * nb : NULL;
         for (int64_t r = 0; r < n; r++) {
-            float *o = &out[r * ldo + i];
-            switch (w.type) {
-            case WT_F32: *o = dot_f32_c((const float *)wr, x + r * C, C); break;
-            case WT_BF16: *o = dot_bf16_c(wr, x + r * C, C); break;
-            case WT_Q8: *o = dot_q8_c((const int8_t *)wr, ws, xq + r * C, xs + r * 2 * nb, C); break;
-            case WT_Q4: *o = dot_q4_c(wr, ws, xq + r * C, xs + r * 2 * nb, C); break;
+            float acc = 0.0f;
+            for (int64_t at = 0, e = 0; at < row; at += piece, e += inputs) {
+                const uint8_t *wp = wrow_byte(w, i, at, row);
+                switch (w.type) {
+                case WT_F32: acc = dot_f32_c(acc, wp, x + r * C + e, inputs); break;
+                case WT_BF16: acc = dot_bf16_c(acc, wp, x + r * C + e, inputs); break;
+                case WT_Q8:
+                    acc = dot_q8_c(acc, (const int8_t *)wp, ws + 2 * (e / QBLOCK), xq + r * C + e,
+                                   xs + r * 2 * nb + e / QBLOCK, inputs);
+                    break;
+                case WT_Q4:
+                    acc = dot_q4_c(acc, wp, ws + 2 * (e / QBLOCK), xq + r * C + e, xs + r * 2 * nb + e / QBLOCK,
+                                   inputs);
+                    break;
+                }
             }
+            out[r * ldo + i] = acc;
         }
     }
 }
@@ -118,6 +133,19 @@ typedef struct {
     int64_t d, wrap;
 } ahead;
 
+/* Where a pass's rows are: byte `off` of row r at w + r * rs + (off / 64) *
+ * ls + off % 64. Row-major: rs the row's bytes, ls 64; interleaved (WILV
+ * rows a group, see ops.h): rs 64, ls 64 * WILV. */
+typedef struct {
+    int64_t rs, ls;
+} stride;
+
+/* Byte `off` of a pass's row 0 (add r * rs for row r). */
+static inline const uint8_t *wline(const uint8_t *w, int64_t off, stride st)
+{
+    return w + (off >> 6) * st.ls + (off & 63);
+}
+
 /* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
  * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs. */
 typedef struct {
@@ -127,6 +155,7 @@ typedef struct {
     const float *xs;
     int64_t C;
     ahead pf;
+    stride st;
 } pass_args;
 
 /* A set's passes for one weight type: runs the one for (R, NI). One
@@ -135,9 +164,9 @@ typedef struct {
  * function holding every type's passes (Q8 in L2: 52 GB/s against 89). */
 typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int NI);
 typedef struct {
-    /* a tile of type t against n inputs: R (or 1: its last rows) and at
-     * most how many inputs a pass takes */
-    void (*shape)(wtype t, int64_t n, int *rows, int *inputs);
+    /* a tile of type t against n inputs (its rows interleaved or not): R (or
+     * 1: its last rows) and at most how many inputs a pass takes */
+    void (*shape)(wtype t, int ilv, int64_t n, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
 } pass_set;
 
@@ -148,6 +177,9 @@ typedef struct {
  * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
  * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
  * (64 KB on: more than L1 holds). */
+#ifndef ILV_PREFETCH
+#define ILV_PREFETCH (PREFETCH_BYTES * WILV)
+#endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
@@ -158,13 +190,18 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
-    ps->shape(w.type, n, &rows, &inputs);
+    ps->shape(w.type, w.ilv, n, &rows, &inputs);
+    /* interleaved, the group is one stream: each row's prefetch runs WILV
+     * times as far on in it, past the group into the next */
+    const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
+        const ahead pf = w.ilv ? (ahead){ILV_PREFETCH, ILV_PREFETCH}
+                               : (ahead){PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row};
         for (int64_t r = 0; r < n; r += inputs) {
-            pass_args a = {(const uint8_t *)w.data + i * row, w.scales ? w.scales + i * srow : NULL,
+            pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
                            x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
-                           C, {PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row}};
+                           C, pf, st};
             pass(out + r * ldo + i, ldo, &a, R, n - r < inputs ? (int)(n - r) : inputs);
         }
         i += R;
@@ -189,6 +226,7 @@ static INLINE int64_t stream_ahead(int64_t at, ahead pf, int64_t row)
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX2_ROWS 4
 #define AVX2_INPUTS 2
+_Static_assert(AVX2_ROWS == WILV, "a pass over interleaved rows takes one group");
 
 AVX2 static INLINE float hsum8(__m256 v)
 {
@@ -208,7 +246,7 @@ AVX2 static INLINE __m256 bf16x8(const uint8_t *p)
 /* F32 and BF16: one FMA per 8 weights and input; the last C % 8 in scalar
  * code. */
 AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                     const int NI, int64_t C, ahead pf)
+                                     const int NI, int64_t C, ahead pf, stride st)
 {
     const int64_t row = wtype_row_bytes(t, C), esize = t == WT_F32 ? 4 : 2;
     __m256 acc[AVX2_ROWS][4];
@@ -219,7 +257,7 @@ AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uin
         __m256 xv[4];
         UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm256_loadu_ps(x + j * C + i);
         UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wr = w + r * row + i * esize;
+            const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
             prefetch_ahead(wr, i * esize % 64 ? 0 : stream_ahead(i * esize, pf, row));
             __m256 wv = t == WT_F32 ? _mm256_loadu_ps((const float *)wr) : bf16x8(wr);
             UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
@@ -227,10 +265,10 @@ AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uin
     }
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int j = 0; j < NI; j++) {
-            const uint8_t *wr = w + r * row + i * esize;
+            const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
             const float *xr = x + j * C + i;
-            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c((const float *)wr, xr, C - i)
-                                                               : dot_bf16_c(wr, xr, C - i));
+            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c(0.0f, wr, xr, C - i)
+                                                               : dot_bf16_c(0.0f, wr, xr, C - i));
         }
 }
 
@@ -315,7 +353,7 @@ AVX2 static INLINE void q4_group_avx2(__m256 acc[AVX2_ROWS][4], __m256 s[AVX2_RO
 
 AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                        const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
-                                       ahead pf)
+                                       ahead pf, stride st)
 {
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
     __m256 acc[AVX2_ROWS][4];
@@ -331,16 +369,14 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
         }
         const int8_t *x0 = xq + b * QBLOCK;
         if (t == WT_Q8) {
-            const int8_t *w0 = (const int8_t *)w + b * QBLOCK;
             for (int64_t q = 0; q < nblk; q++) /* one prefetch per 64 bytes: every other block */
-                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), w0 + q * QBLOCK, row, x0 + q * QBLOCK, C, R, NI,
-                              q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
+                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), (const int8_t *)wline(w, (b + q) * QBLOCK, st), st.rs,
+                              x0 + q * QBLOCK, C, R, NI, q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
         } else {
             const __m256i lanes = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0); /* lane -> block of the two */
-            const uint8_t *w0 = w + b * QBLOCK / 2;
             for (int64_t g = 0; g < nblk; g += 2)
-                q4_group_avx2(acc, s, _mm256_add_epi32(lanes, _mm256_set1_epi32((int)g)), w0 + g * QBLOCK / 2, row,
-                              x0 + g * QBLOCK, C, nblk - g, R, NI,
+                q4_group_avx2(acc, s, _mm256_add_epi32(lanes, _mm256_set1_epi32((int)g)),
+                              wline(w, (b + g) * QBLOCK / 2, st), st.rs, x0 + g * QBLOCK, C, nblk - g, R, NI,
                               g % 4 ? 0 : stream_ahead((b + g) * QBLOCK / 2, pf, row));
         }
     }
@@ -350,8 +386,8 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
 
 AVX2 static INLINE void pass_avx2_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
 {
-    if (t == WT_F32 || t == WT_BF16) fp_pass_avx2(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf);
-    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf);
+    if (t == WT_F32 || t == WT_BF16) fp_pass_avx2(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st);
+    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st);
 }
 
 AVX2 static INLINE void pass_avx2(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
@@ -380,9 +416,9 @@ AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int
 {
     pass_avx2(WT_Q4, out, ldo, a, R, NI);
 }
-static void shape_avx2(wtype t, int64_t n, int *rows, int *inputs)
+static void shape_avx2(wtype t, int ilv, int64_t n, int *rows, int *inputs)
 {
-    (void)t, (void)n; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
+    (void)t, (void)ilv, (void)n; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2};
@@ -402,6 +438,7 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define AVX512_ROWS 4
 #define AVX512_INPUTS 4
+_Static_assert(AVX512_ROWS == WILV, "a pass over interleaved rows takes one group");
 
 /* The first k lanes (none when k <= 0). */
 static INLINE __mmask16 mask16(int64_t k) { return k >= 16 ? 0xffff : k <= 0 ? 0 : (__mmask16)((1u << k) - 1); }
@@ -429,8 +466,8 @@ AVX512 static INLINE __m256i load_f16x16(const void *p, int64_t k)
 }
 
 /* F32: one FMA per 16 weights and input. */
-AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, const float *x, const int R, const int NI,
-                                   int64_t C, ahead pf)
+AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R, const int NI,
+                                   int64_t C, ahead pf, stride st)
 {
     __m512 acc[AVX512_ROWS][4];
     UNROLL for (int r = 0; r < R; r++)
@@ -439,8 +476,9 @@ AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, cons
         __m512 xv[4];
         UNROLL for (int j = 0; j < NI; j++) xv[j] = load_f32(x + j * C + i, C - i);
         UNROLL for (int r = 0; r < R; r++) {
-            prefetch_ahead(w + r * C + i, stream_ahead(4 * i, pf, 4 * C));
-            __m512 wv = load_f32(w + r * C + i, C - i);
+            const float *wr = (const float *)(wline(w, 4 * i, st) + r * st.rs);
+            prefetch_ahead(wr, stream_ahead(4 * i, pf, 4 * C));
+            __m512 wv = load_f32(wr, C - i);
             UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
         }
     }
@@ -457,7 +495,7 @@ AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const float *w, cons
  * 2^-16 |x|), three of its products per weight: measured at half the speed
  * of this in L2 (41 against 80 GB/s at n = 1, 13 against 34 at n = 4). */
 AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                    const int NI, int64_t C, ahead pf)
+                                    const int NI, int64_t C, ahead pf, stride st)
 {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
@@ -474,7 +512,7 @@ AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, c
             xo[j] = _mm512_permutex2var_ps(x0, odd, x1);
         }
         UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wr = w + 2 * (r * C + i);
+            const uint8_t *wr = wline(w, 2 * i, st) + r * st.rs;
             prefetch_ahead(wr, stream_ahead(2 * i, pf, 2 * C));
             __m512i v = load_i16(wr, C - i);
             __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -553,7 +591,7 @@ AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * (row, input), then the groups of blocks one vector of weights holds. */
 AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                     const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
-                                    ahead pf)
+                                    ahead pf, stride st)
 {
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
     const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
@@ -576,9 +614,9 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
             const int64_t e = (b + g) * QBLOCK; /* the group's first input */
             const int64_t at = t == WT_Q8 ? e : e / 2; /* its first weight's byte in a row */
             if (t == WT_Q8)
-                q8_group(acc, s, idx, (const int8_t *)w + at, row, xq + e, C, 32 * (nblk - g), R, NI,
+                q8_group(acc, s, idx, (const int8_t *)wline(w, at, st), st.rs, xq + e, C, 32 * (nblk - g), R, NI,
                          stream_ahead(at, pf, row));
-            else q4_group(acc, s, idx, w + at, row, xq + e, C, nblk - g, R, NI, stream_ahead(at, pf, row));
+            else q4_group(acc, s, idx, wline(w, at, st), st.rs, xq + e, C, nblk - g, R, NI, stream_ahead(at, pf, row));
         }
     }
     UNROLL for (int r = 0; r < R; r++)
@@ -589,10 +627,10 @@ AVX512 static INLINE void pass_avx512_rn(wtype t, float *out, int64_t ldo, const
                                          const int NI)
 {
     switch (t) {
-    case WT_F32: f32_pass(out, ldo, (const float *)a->w, a->x, R, NI, a->C, a->pf); break;
-    case WT_BF16: bf16_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf); break;
+    case WT_F32: f32_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st); break;
+    case WT_BF16: bf16_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st); break;
     case WT_Q8:
-    case WT_Q4: int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf); break;
+    case WT_Q4: int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st); break;
     }
 }
 
@@ -632,9 +670,9 @@ AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R,
  * other types' passes do more work per byte, and one row a pass left them
  * slower. A row's sum is the same chain of operations whatever R and NI
  * are, so its products do not depend on what is decoded beside it. */
-static void shape_avx512(wtype t, int64_t n, int *rows, int *inputs)
+static void shape_avx512(wtype t, int ilv, int64_t n, int *rows, int *inputs)
 {
-    *rows = t == WT_F32 && n == 1 ? 1 : AVX512_ROWS;
+    *rows = t == WT_F32 && n == 1 && !ilv ? 1 : AVX512_ROWS;
     *inputs = AVX512_INPUTS;
 }
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512};
