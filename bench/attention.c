@@ -18,18 +18,10 @@
 
 enum { LAYERS = 24, HKV = 16, D = 128, K = 2 };
 
-static uint64_t rng = 88172645463325252ull;
-static float frnd(void) /* xorshift64, in [-1, 1] */
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (float)((rng >> 16) % 2000001) / 1e6f - 1.0f;
-}
-
 int main(int argc, char **argv)
 {
     int P = 512, steps = 20;
+    uint64_t rng = BENCH_SEED;
     const char *threads_arg = "1,2", *kv = "bf16";
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--positions")) P = atoi(argv[i + 1]);
@@ -56,15 +48,15 @@ int main(int argc, char **argv)
             return 1;
         }
         for (size_t i = 0; i < layer_elems; i++) { /* values of an activation's size */
-            float f = frnd();
+            float f = bench_frnd(&rng);
             if (bf16) ((uint16_t *)cache[l])[i] = jm_f32_to_bf16(f);
             else ((float *)cache[l])[i] = f;
         }
     }
     float *q = malloc(sizeof(float) * K * A), *out = malloc(sizeof(float) * K * A);
     float *kv_new = malloc(sizeof(float) * 2 * A);
-    for (size_t i = 0; i < K * A; i++) q[i] = 2 * frnd(); /* scores spread enough that softmax is not flat */
-    for (size_t i = 0; i < 2 * A; i++) kv_new[i] = frnd();
+    for (size_t i = 0; i < K * A; i++) q[i] = 2 * bench_frnd(&rng); /* scores spread enough that softmax is not flat */
+    for (size_t i = 0; i < 2 * A; i++) kv_new[i] = bench_frnd(&rng);
 
     char cpu[128];
     cpu_model(cpu, sizeof cpu);

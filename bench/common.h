@@ -170,6 +170,18 @@ static inline int bench_run(const char *what, int (*step)(void *ctx), void *ctx,
     return 0;
 }
 
+/* xorshift64 (the state is the caller's): the benchmarks' deterministic
+ * data; bench_frnd in [-1, 1]. */
+static inline uint32_t bench_rnd(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return (uint32_t)(*s >> 16);
+}
+static inline float bench_frnd(uint64_t *s) { return (float)(bench_rnd(s) % 2000001) / 1e6f - 1.0f; }
+#define BENCH_SEED 88172645463325252ull
+
 /* Deterministic token ids spread over the vocabulary. */
 static inline int32_t *bench_tokens(int n, int vocab)
 {

@@ -43,16 +43,6 @@ static double clock_ghz(void)
 #endif
 }
 
-static uint64_t rng = 88172645463325252ull;
-static uint32_t rnd(void) /* xorshift64 */
-{
-    rng ^= rng << 13;
-    rng ^= rng >> 7;
-    rng ^= rng << 17;
-    return (uint32_t)(rng >> 16);
-}
-static float frnd(void) { return (float)(rnd() % 2000001) / 1e6f - 1.0f; }
-
 /* A rows x C matrix of type t: weights of plausible size (normal floats, so
  * no denormal slows any path), scales near 0.01. */
 typedef struct {
@@ -63,7 +53,7 @@ typedef struct {
     double bytes; /* weights and scales */
 } matrix;
 
-static matrix make_matrix(wtype t, int64_t C, double target_bytes)
+static matrix make_matrix(wtype t, int64_t C, double target_bytes, uint64_t *rng)
 {
     matrix m = {0};
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C), srow = t == WT_Q8 || t == WT_Q4 ? 2 * nb : 0;
@@ -78,7 +68,7 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes)
     }
     uint8_t *d = m.data;
     for (int64_t i = 0; i < m.rows * row; i += 4) {
-        float f = 0.05f * frnd();
+        float f = 0.05f * bench_frnd(rng);
         uint32_t u;
         memcpy(&u, &f, 4);
         if (t == WT_F32) memcpy(d + i, &u, 4);
@@ -86,12 +76,12 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes)
             uint32_t two = u >> 16 | (u & 0xffff0000u); /* two bf16 near f */
             memcpy(d + i, &two, 4);
         } else {
-            uint32_t r = rnd();
+            uint32_t r = bench_rnd(rng);
             memcpy(d + i, &r, 4);
         }
     }
     for (int64_t i = 0; i < m.rows * srow; i += 2) { /* F16 in [0.008, 0.016) */
-        uint16_t h = (uint16_t)(0x2000 + rnd() % 0x400);
+        uint16_t h = (uint16_t)(0x2000 + bench_rnd(rng) % 0x400);
         m.scales[i] = (uint8_t)h, m.scales[i + 1] = (uint8_t)(h >> 8);
     }
     m.w = (wview){t, m.data, m.scales, 0};
@@ -166,7 +156,7 @@ static float ceiling_row(const vf16 *w, const vf16 *x, int64_t nv, ceiling_kind 
     return s;
 }
 
-static void print_ceilings(double big_mb, int reps)
+static void print_ceilings(double big_mb, int reps, uint64_t *rng)
 {
     enum { ROW = 1024 / 16 }; /* vectors a row */
     const int64_t nrows = (int64_t)(big_mb * 1e6) / (ROW * 64);
@@ -176,9 +166,9 @@ static void print_ceilings(double big_mb, int reps)
         exit(1);
     }
     for (int64_t i = 0; i < nrows * ROW; i++)
-        for (int j = 0; j < 16; j++) w[i][j] = 0.05f * frnd();
+        for (int j = 0; j < 16; j++) w[i][j] = 0.05f * bench_frnd(rng);
     for (int i = 0; i < ROW; i++)
-        for (int j = 0; j < 16; j++) x[i][j] = frnd();
+        for (int j = 0; j < 16; j++) x[i][j] = bench_frnd(rng);
     static volatile float sink;
     static const char *names[] = {"vector sum (read)", "FMA by a register", "dot product"};
     double gbs[3];
@@ -203,6 +193,7 @@ static void print_ceilings(double big_mb, int reps)
 int main(int argc, char **argv)
 {
     int64_t C = 2048;
+    uint64_t rng = BENCH_SEED;
     double big_mb = 256, l2_kb = 512;
     int reps = 10;
     const char *sets = "avx512,avx2,portable", *types_arg = "f32,bf16,q8,q4";
@@ -239,14 +230,14 @@ int main(int argc, char **argv)
     const int64_t nmax = 4;
     float *x = malloc((size_t)(nmax * C) * sizeof *x), *xs = malloc((size_t)(nmax * 2 * (C / QBLOCK)) * sizeof *xs);
     int8_t *xq = malloc((size_t)(nmax * C));
-    for (int64_t i = 0; i < nmax * C; i++) x[i] = frnd();
+    for (int64_t i = 0; i < nmax * C; i++) x[i] = bench_frnd(&rng);
     for (int64_t r = 0; r < nmax; r++) quantize_act_q8(xq + r * C, xs + r * 2 * (C / QBLOCK), x + r * C, C);
 
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *tnames[] = {"f32", "bf16", "q8", "q4"};
     for (int ti = 0; ti < 4; ti++) {
         if (!in_list(types_arg, tnames[ti])) continue;
-        matrix big = make_matrix(types[ti], C, big_mb * 1e6), l2 = make_matrix(types[ti], C, l2_kb * 1e3);
+        matrix big = make_matrix(types[ti], C, big_mb * 1e6, &rng), l2 = make_matrix(types[ti], C, l2_kb * 1e3, &rng);
         float *out = malloc((size_t)(nmax * big.rows) * sizeof *out);
         char list[256];
         snprintf(list, sizeof list, "%s", sets);
@@ -287,6 +278,6 @@ int main(int argc, char **argv)
         free(big.data), free(big.scales), free(l2.data), free(l2.scales);
     }
     free(x), free(xs), free(xq);
-    print_ceilings(big_mb, reps);
+    print_ceilings(big_mb, reps, &rng);
     return 0;
 }

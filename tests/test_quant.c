@@ -230,9 +230,7 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
     wview w = k->w;
     w.data = d, w.ilv = 1;
     memset(d, 0, (size_t)(groups * WILV * row));
-    for (int64_t i = 0; i < k->nrows; i++)
-        for (int64_t at = 0; at < row; at += 64)
-            memcpy((uint8_t *)wrow_byte(w, i, at, row), (const uint8_t *)k->w.data + i * row + at, 64);
+    interleave_rows(d, k->w.data, k->nrows, row);
     for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
     wkernel_for(K, k->t)(out, k->ldo, w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
     /* and prefill's dequantization reads it as it reads the row-major rows */

@@ -1651,10 +1651,7 @@ static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, 
         w->data = memcpy(d, w->data, data);
         return;
     }
-    const uint8_t *src = w->data;
-    const wview to = {w->type, d, NULL, 1};
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t at = 0; at < row; at += 64) memcpy((uint8_t *)wrow_byte(to, i, at, row), src + i * row + at, 64);
+    interleave_rows(d, w->data, rows, row);
     w->data = d;
     w->ilv = 1;
 }

@@ -236,6 +236,10 @@ int64_t wtype_row_bytes(wtype t, int64_t C);
 wview wview_rows(wview w, int64_t rows, int64_t C);
 /* out (nrows, C) fp32 = rows row0 .. row0+nrows-1 of W. */
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
+/* rows row-major rows of row_bytes (whole lines) from `from` into `to`,
+ * interleaved as wrow_byte reads them (rows a whole number of groups, or
+ * `to` padded to one: the padding is not written). */
+void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row_bytes);
 /* Blockwise quantization of one row (C % 32 == 0); returns the largest
  * |w - dequantized| (for the quantizer's report and its tests). */
 float quantize_row_q8(int8_t *q, uint8_t *scales, const float *w, int64_t C);

@@ -63,6 +63,14 @@ static void dequant_span(float *out, wtype t, const uint8_t *w, int64_t n, const
     }
 }
 
+void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row_bytes)
+{
+    const wview w = {WT_Q8, to, NULL, 1}; /* only its data and layout matter to wrow_byte */
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t at = 0; at < row_bytes; at += 64)
+            memcpy((uint8_t *)wrow_byte(w, i, at, row_bytes), from + i * row_bytes + at, 64);
+}
+
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C)
 {
     const int64_t row = wtype_row_bytes(W.type, C), nb = C / QBLOCK;

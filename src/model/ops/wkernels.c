@@ -177,9 +177,6 @@ typedef struct {
  * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
  * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
  * (64 KB on: more than L1 holds). */
-#ifndef ILV_PREFETCH
-#define ILV_PREFETCH (PREFETCH_BYTES * WILV)
-#endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
@@ -191,12 +188,12 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
     ps->shape(w.type, w.ilv, n, &rows, &inputs);
-    /* interleaved, the group is one stream: each row's prefetch runs WILV
-     * times as far on in it, past the group into the next */
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
-        const ahead pf = w.ilv ? (ahead){ILV_PREFETCH, ILV_PREFETCH}
+        /* interleaved, the group is one stream: each row's prefetch runs WILV
+         * times as far on in it, past the group into the next */
+        const ahead pf = w.ilv ? (ahead){PREFETCH_BYTES * WILV, PREFETCH_BYTES * WILV}
                                : (ahead){PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row};
         for (int64_t r = 0; r < n; r += inputs) {
             pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
