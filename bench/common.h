@@ -42,8 +42,10 @@ static inline void cpu_model(char *out, size_t cap)
  * sums the compiler may reorder and vectorise, 16 independent ones to keep
  * the loads in flight (~10% faster than one running sum), and each 4 KB
  * page prefetched READ_AHEAD bytes before the sums reach it, as the
- * kernels do (PAGE_AHEAD, src/model/ops/wkernels.c: in a virtual machine
- * that is 10-20% more than the plain loop reads). */
+ * kernels do (PAGE_AHEAD, src/model/ops/wkernels.c). In this virtual
+ * machine that read 0-15% more than the same loop without the prefetch
+ * (AMD EPYC family 26 model 2; the kernels gained far more, 21-23 -> 35-38
+ * GB/s, as their passes do more work per line). */
 #define READ_AHEAD 65536
 static inline double read_bandwidth(size_t bytes, int reps)
 {

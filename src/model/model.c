@@ -1636,7 +1636,9 @@ const char *jm_kernels(const jm_model *m) { return m->kern->name; }
  * thread, timed in turn (AMD EPYC family 26 model 2, AVX-512): Q4 56-60% ->
  * 70-77% of a plain read, Q8 62-74% -> 74-76%, but BF16 74-85% -> 61-66%
  * (its passes read faster than the int8 ones, and one stream seems to cap
- * what the hardware prefetches), so BF16 stays row-major. So do F32
+ * what the hardware prefetches), so BF16 stays row-major; with the kernels'
+ * page-ahead prefetch, whole 8B decodes in RAM still said so (one thread:
+ * 53-58% of the roofline interleaved, 62-65% row-major). So do F32
  * matrices, which prefill multiplies in place with SGEMM, and the embedding
  * table, read by rows. */
 static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, char *base, size_t *off)

@@ -219,7 +219,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         const ahead pf = w.ilv ? (ahead){PREFETCH_BYTES * WILV, PREFETCH_BYTES * WILV}
                                : (ahead){PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row};
         prefetch_pages(wrow_byte(w, i, 0, row), R * row, PAGE_AHEAD);
-        if (w.scales) prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD / (row / srow));
+        if (w.scales) prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD * srow / row); /* as many passes on */
         for (int64_t r = 0; r < n; r += inputs) {
             pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
                            x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
