@@ -378,6 +378,116 @@ static void test_kernels(void)
     check_detail(worst <= 1, "kernels_int8_extremes_no_saturation", "worst error %.3f of 2e-6 sum |w x|", worst);
 }
 
+/* The attention kernels (akernels.c) of every set this CPU runs, over a
+ * cache of fp32 and of bf16, D from 2 to 1024 (tails of every set's vector), 1 to 100 cached rows (tails
+ * of the key blocks), 1 to 5 query slots (pairs and a single), row strides
+ * past the rows, pointers off alignment and magnitudes from 1e-12 to 1e12,
+ * against float64 sums and against the portable set, at the tolerance of
+ * the weight kernels above; and no write outside the n scores or D values
+ * of a slot. */
+static double att_error(double got, double want, double mag)
+{
+    double e = got == want ? 0 : fabs(got - want) / (KERNEL_TOL * mag);
+    return e == e ? e : INFINITY;
+}
+
+static void test_att_kernels(void)
+{
+    static const int dims[] = {2, 6, 16, 30, 32, 34, 48, 64, 96, 128, 130, 256, 1024};
+    static const int keys[] = {1, 3, 7, 8, 9, 16, 17, 100};
+    static const float amps[] = {1e-12f, 1.0f, 1e12f};
+    const wkernels *K[NSETS];
+    for (int s = 0; s < NSETS; s++) K[s] = wkernels_get(kernel_sets[s]);
+    double worst_s[NSETS] = {0}, worst_v[NSETS] = {0}, port_s[NSETS] = {0}, port_v[NSETS] = {0};
+    int stray[NSETS] = {0}, cases = 0;
+    for (int bf16 = 0; bf16 < 2; bf16++)
+        for (size_t di = 0; di < sizeof dims / sizeof *dims; di++)
+            for (size_t ki = 0; ki < sizeof keys / sizeof *keys; ki++)
+                for (int nq = 1; nq <= 5; nq++, cases++) {
+                    const int D = dims[di], n = keys[ki];
+                    const int64_t ldq = D + 5, lds = n + 3, ldo = D + 7, ldp = n + 2;
+                    const float qa = amps[cases % 3], ka = amps[(cases / 3) % 3], scale = 1.0f / sqrtf((float)D);
+                    /* off alignment: q one float in, K and V one value in */
+                    const size_t esize = bf16 ? 2 : 4;
+                    float *qbuf = malloc(sizeof(float) * (size_t)(nq * ldq + 1)), *q = qbuf + 1;
+                    char *kbuf = malloc(esize * (size_t)(n * D + 1)), *vbuf = malloc(esize * (size_t)(n * D + 1));
+                    char *Kc = kbuf + esize, *Vc = vbuf + esize;
+                    float *P = malloc(sizeof(float) * (size_t)(nq * ldp));
+                    double *Kd = malloc(sizeof(double) * (size_t)(n * D));
+                    double *Vd = malloc(sizeof(double) * (size_t)(n * D));
+                    for (int64_t i = 0; i < nq * ldq; i++) q[i] = qa * frand();
+                    for (int64_t i = 0; i < (int64_t)n * D; i++)
+                        for (int v = 0; v < 2; v++) {
+                            const float f = (v ? 1.0f : ka) * frand();
+                            char *to = (v ? Vc : Kc) + (size_t)i * esize;
+                            const uint16_t b = jm_f32_to_bf16(f);
+                            if (bf16) memcpy(to, &b, 2);
+                            else memcpy(to, &f, 4);
+                            (v ? Vd : Kd)[i] = bf16 ? jm_bf16_to_f32(b) : f; /* what the cache holds */
+                        }
+                    for (int64_t i = 0; i < nq * ldp; i++) P[i] = frand();
+                    float *S[NSETS], *O[NSETS];
+                    for (int s = 0; s < NSETS; s++) {
+                        S[s] = O[s] = NULL;
+                        if (!K[s]) continue;
+                        S[s] = malloc(sizeof(float) * (size_t)(nq * lds));
+                        O[s] = malloc(sizeof(float) * (size_t)(nq * ldo));
+                        for (int64_t i = 0; i < nq * lds; i++) memcpy(&S[s][i], &UNWRITTEN, 4);
+                        for (int64_t i = 0; i < nq * ldo; i++) memcpy(&O[s][i], &UNWRITTEN, 4);
+                        K[s]->att_scores(S[s], lds, q, ldq, nq, Kc, bf16, n, D, scale);
+                        K[s]->att_values(O[s], ldo, P, ldp, nq, Vc, bf16, n, D);
+                        for (int sl = 0; sl < nq; sl++) {
+                            for (int64_t i = n; i < lds; i++)
+                                stray[s] += memcmp(&S[s][sl * lds + i], &UNWRITTEN, 4) != 0;
+                            for (int64_t c = D; c < ldo; c++)
+                                stray[s] += memcmp(&O[s][sl * ldo + c], &UNWRITTEN, 4) != 0;
+                        }
+                    }
+                    for (int sl = 0; sl < nq; sl++) {
+                        for (int i = 0; i < n; i++) {
+                            double want = 0, mag = 0;
+                            for (int c = 0; c < D; c++) {
+                                double p = (double)q[sl * ldq + c] * Kd[(int64_t)i * D + c] * scale;
+                                want += p, mag += fabs(p);
+                            }
+                            for (int s = 0; s < NSETS; s++) {
+                                if (!K[s]) continue;
+                                worst_s[s] = fmax(worst_s[s], att_error(S[s][sl * lds + i], want, mag));
+                                port_s[s] = fmax(port_s[s], att_error(S[s][sl * lds + i], S[0][sl * lds + i], mag));
+                            }
+                        }
+                        for (int c = 0; c < D; c++) {
+                            double want = 0, mag = 0;
+                            for (int i = 0; i < n; i++) {
+                                double p = (double)P[sl * ldp + i] * Vd[(int64_t)i * D + c];
+                                want += p, mag += fabs(p);
+                            }
+                            for (int s = 0; s < NSETS; s++) {
+                                if (!K[s]) continue;
+                                worst_v[s] = fmax(worst_v[s], att_error(O[s][sl * ldo + c], want, mag));
+                                port_v[s] = fmax(port_v[s], att_error(O[s][sl * ldo + c], O[0][sl * ldo + c], mag));
+                            }
+                        }
+                    }
+                    for (int s = 0; s < NSETS; s++) free(S[s]), free(O[s]);
+                    free(qbuf), free(kbuf), free(vbuf), free(P), free(Kd), free(Vd);
+                }
+    for (int s = 0; s < NSETS; s++) {
+        if (!K[s]) continue; /* test_kernels printed the sets skipped */
+        char name[64];
+        snprintf(name, sizeof name, "att_kernels_%s_vs_float64", kernel_sets[s]);
+        check_detail(worst_s[s] <= 1 && worst_v[s] <= 1 && !stray[s], name,
+                     "%d cases: worst error, scores %.3f, values %.3f of 2e-6 sum |products|; %d writes outside "
+                     "the scores or values",
+                     cases, worst_s[s], worst_v[s], stray[s]);
+        if (s == 0) continue;
+        snprintf(name, sizeof name, "att_kernels_%s_vs_portable", kernel_sets[s]);
+        check_detail(port_s[s] <= 1 && port_v[s] <= 1, name,
+                     "%d cases: worst difference, scores %.3f, values %.3f of 2e-6 sum |products|", cases,
+                     port_s[s], port_v[s]);
+    }
+}
+
 /* ---- products ---- */
 
 /* Reference: out = x @ dequant(W)^T in float64. */
@@ -841,6 +951,7 @@ int main(void)
     test_f16();
     test_quantize_rows();
     test_kernels();
+    test_att_kernels();
     test_products();
     test_models(tmp);
     test_quant_metadata(tmp);

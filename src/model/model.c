@@ -892,7 +892,7 @@ static void moa_forward(const jm_config *c, const fwd_scratch *S, const layer_pa
         /* a run attends the same way whatever else is in the call, so a
          * sequence's logits do not depend on its batch-mates */
         attention_decode(a->att, a->q, kv_new, step->cache, step->runs, step->nsmall, S->att_scratch, step->ctx, k,
-                         c->num_kv_heads, c->head_dim, step->pool);
+                         c->num_kv_heads, c->head_dim, S->K, step->pool);
         if (step->nruns > step->nsmall)
             attention_cached(a->att, a->att_lse, a->q, kv_new, step->cache, step->runs + step->nsmall,
                              step->nruns - step->nsmall, S->att_scratch, step->ctx, k, c->num_kv_heads, c->head_dim);

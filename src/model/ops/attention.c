@@ -13,6 +13,7 @@
  * sequence start on, and each row masks the keys before its own start. */
 #include "ops.h"
 #include "base/base.h"
+#include "simd.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -182,117 +183,50 @@ typedef struct {
     const att_run *runs;
     float *scratch;
     int ctx, k, Hkv, D;
+    const wkernels *kern;
 } decode_job;
 
-/* out[0..3] = scale * (q . key i), keys i = 0..3 of the (4, D) block K: one
- * pass with four independent sums. One key at a time the sum is a chain of
- * dependent vector FMAs (D / 16 of them, each waiting for the last), and
- * attention at 512 cached positions took 13.5 ms of an 8B token. */
-static inline void dot4(float *out, const float *q, const float *K, int D, float scale)
-{
-    float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
-    for (int c = 0; c < D; c++) {
-        d0 += q[c] * K[c];
-        d1 += q[c] * K[D + c];
-        d2 += q[c] * K[2 * D + c];
-        d3 += q[c] * K[3 * D + c];
-    }
-    out[0] = d0 * scale, out[1] = d1 * scale, out[2] = d2 * scale, out[3] = d3 * scale;
-}
-
 /* Rows of one run against KV head h, all k query slots (j, h) at once, so
- * each cached K/V row is read once for the k experts: scores
- * S[j][i] = scale q_j . K_i over the visible keys, softmax per slot,
- * o_j = sum_i p_ji V_i. Hand-written (GEMV-sized, and BLAS must not be
- * called from the pool's threads); the inner loops over D vectorise. */
+ * each cached K/V row is read once for the k experts, through the set's
+ * kernels (akernels.c): scores S[j][i] = scale q_j . K_i over the visible
+ * keys, softmax per slot, o_j = sum_i p_ji V_i. The first lines of K and V,
+ * and one line of each of their first pages, are asked for up front: the
+ * kernels' prefetches run ahead of what they read, so without, each head's
+ * keys and values start cold. */
 static void attend_chunk(void *ctx, int64_t chunk, int thread)
 {
     const decode_job *j = ctx;
-    const int k = j->k, D = j->D, Hkv = j->Hkv, h = (int)(chunk % Hkv);
+    const int k = j->k, D = j->D, Hkv = j->Hkv, h = (int)(chunk % Hkv), bf16 = j->cache.bf16;
     const att_run *run = &j->runs[chunk / Hkv];
     const int64_t A = (int64_t)Hkv * D, qs = k * A;
     const float scale = 1.0f / sqrtf((float)D);
     float *S = j->scratch + (size_t)thread * attention_cache_scratch_floats(j->ctx, k, D);
-    float *buf = S + attention_scratch_floats(j->ctx, k); /* a bf16 block widened, (KEYS, D) */
-    /* keys widened at a time, 2 KB of fp32 at D = 128: the k slots read them
-     * from L1. 64 at a time (32 KB, all of L1) took 8.9 ms a step over
-     * JetMoE-8B's bf16 cache at 512 positions, 4 at a time 6.0-6.4
-     * (bench/attention, one thread, AMD EPYC family 26 model 2); whole 8B
-     * q4 decode steps did not change beyond the noise (52-55 ms) */
-    enum { KEYS = 4 };
-    /* blocks are prefetched 4 KB on (16 keys in bf16 at D = 128): one block
-     * on, 6.1-6.7 ms a step; 4 KB on, 5.5-5.7; 8 KB, 5.4 (bench/attention) */
-    const int64_t row_bytes = (int64_t)D * (j->cache.bf16 ? 2 : 4);
-    const int ahead = 4096 / row_bytes > KEYS ? (int)(4096 / row_bytes) / KEYS * KEYS : KEYS;
+    const int64_t k_at = cache_at(run, 0, h, 0, Hkv, j->ctx, D), v_at = cache_at(run, 1, h, 0, Hkv, j->ctx, D);
+    const char *Kc = (const char *)j->cache.data + k_at * (bf16 ? 2 : 4);
+    const char *Vc = (const char *)j->cache.data + v_at * (bf16 ? 2 : 4);
     for (int r = 0; r < run->n; r++) {
         const int visible = run->p0 + r + 1;
-        const float *qr = j->q + (run->row0 + r) * qs + (int64_t)h * D;
-        float *o = j->out + (run->row0 + r) * qs + (int64_t)h * D, inv[JM_MAX_EXPERTS];
-        /* the first blocks too: otherwise each head's keys start cold (5.6-5.9
-         * -> 5.4-5.6 ms a step, bench/attention) */
-        prefetch_span(j->cache, cache_at(run, 0, h, 0, Hkv, j->ctx, D), (int64_t)(visible < ahead ? visible : ahead) * D);
-        for (int i0 = 0; i0 < visible; i0 += KEYS) {
-            const int nk = visible - i0 < KEYS ? visible - i0 : KEYS;
-            const float *K = cache_span(j->cache, cache_at(run, 0, h, i0, Hkv, j->ctx, D), (int64_t)nk * D, buf);
-            /* the block `ahead` keys on, into the values past the last key */
-            const int p = i0 + ahead, pv = p - visible;
-            if (p < visible)
-                prefetch_span(j->cache, cache_at(run, 0, h, p, Hkv, j->ctx, D), (int64_t)(visible - p < KEYS ? visible - p : KEYS) * D);
-            else if (pv < visible)
-                prefetch_span(j->cache, cache_at(run, 1, h, pv, Hkv, j->ctx, D), (int64_t)(visible - pv < KEYS ? visible - pv : KEYS) * D);
-            for (int s = 0; s < k; s++) {
-                const float *qv = qr + s * A;
-                float *sc = S + (int64_t)s * visible + i0;
-                int i = 0;
-                for (; i + 4 <= nk; i += 4) /* four keys a pass: four independent sums */
-                    dot4(sc + i, qv, K + (int64_t)i * D, D, scale);
-                for (; i < nk; i++) {
-                    const float *key = K + (int64_t)i * D;
-                    float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-                    for (int c = 0; c < D; c++) d += qv[c] * key[c];
-                    sc[i] = d * scale;
-                }
-            }
-        }
+        const int64_t bytes = (int64_t)visible * D * (bf16 ? 2 : 4), first = bytes < PAGE_AHEAD ? bytes : PAGE_AHEAD;
+        prefetch_pages((const uint8_t *)Kc, first, 0);
+        prefetch_pages((const uint8_t *)Vc, first, 0);
+        prefetch_span(j->cache, k_at, (visible < 16 ? visible : 16) * (int64_t)D);
+        j->kern->att_scores(S, visible, j->q + (run->row0 + r) * qs + (int64_t)h * D, A, k, Kc, bf16, visible, D,
+                            scale);
         for (int s = 0; s < k; s++) {
             float *row = S + (int64_t)s * visible;
-            inv[s] = 1.0f / exp_shift_sum(row, row, visible, row_max(row, visible));
-            memset(o + s * A, 0, (size_t)D * sizeof *o);
+            const float inv = 1.0f / exp_shift_sum(row, row, visible, row_max(row, visible));
+            for (int i = 0; i < visible; i++) row[i] *= inv;
         }
-        for (int i0 = 0; i0 < visible; i0 += KEYS) {
-            const int nk = visible - i0 < KEYS ? visible - i0 : KEYS;
-            const float *V = cache_span(j->cache, cache_at(run, 1, h, i0, Hkv, j->ctx, D), (int64_t)nk * D, buf);
-            if (i0 + ahead < visible)
-                prefetch_span(j->cache, cache_at(run, 1, h, i0 + ahead, Hkv, j->ctx, D),
-                              (int64_t)(visible - i0 - ahead < KEYS ? visible - i0 - ahead : KEYS) * D);
-            for (int s = 0; s < k; s++) {
-                float *os = o + s * A;
-                const float *p = S + (int64_t)s * visible + i0;
-                int i = 0;
-                for (; i + 4 <= nk; i += 4) { /* four values a pass: the output row loaded and stored once */
-                    const float w0 = p[i] * inv[s], w1 = p[i + 1] * inv[s], w2 = p[i + 2] * inv[s],
-                                w3 = p[i + 3] * inv[s];
-                    const float *v = V + (int64_t)i * D;
-#pragma omp simd
-                    for (int c = 0; c < D; c++) os[c] += w0 * v[c] + w1 * v[D + c] + w2 * v[2 * D + c] + w3 * v[3 * D + c];
-                }
-                for (; i < nk; i++) {
-                    const float w = p[i] * inv[s], *v = V + (int64_t)i * D;
-#pragma omp simd
-                    for (int c = 0; c < D; c++) os[c] += w * v[c];
-                }
-            }
-        }
+        prefetch_span(j->cache, v_at, (visible < 16 ? visible : 16) * (int64_t)D);
+        j->kern->att_values(j->out + (run->row0 + r) * qs + (int64_t)h * D, A, S, visible, k, Vc, bf16, visible, D);
     }
 }
 
 void attention_decode(float *out, const float *q, const float *kv_new, kv_cache cache, const att_run *runs, int nruns,
-                      float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool)
+                      float *scratch, int ctx, int k, int Hkv, int D, const wkernels *kern, jm_pool *pool)
 {
     cache_store(cache, kv_new, runs, nruns, ctx, Hkv, D);
-    decode_job j = {out, q, cache, runs, scratch, ctx, k, Hkv, D};
+    decode_job j = {out, q, cache, runs, scratch, ctx, k, Hkv, D, kern};
     jm_pool_run(pool, (int64_t)nruns * Hkv, attend_chunk, &j);
 }
 

@@ -142,8 +142,9 @@ void attention_cached(float *out, float *lse, const float *q, const float *kv_ne
 /* attention_cached for decoding (a few rows per run), on the decode pool: one
  * chunk per (run, KV head) with all k query slots of it, so each cached K/V
  * row is read once for the k experts; no lse. */
+typedef struct wkernels wkernels;
 void attention_decode(float *out, const float *q, const float *kv_new, kv_cache cache, const att_run *runs, int nruns,
-                      float *scratch, int ctx, int k, int Hkv, int D, jm_pool *pool);
+                      float *scratch, int ctx, int k, int Hkv, int D, const wkernels *kern, jm_pool *pool);
 
 /* router.c: z (N,E) = inp @ Wr^T; idx/gate (N,k): top-k experts (descending,
  * ties to the lower index) and the softmax over the k selected logits. */
@@ -256,10 +257,21 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
  * Q8/Q4. A table per instruction set, chosen at run time. */
 typedef void (*wtile_fn)(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                          const float *xs, int64_t n, int64_t C);
-typedef struct {
+/* Decode attention over the KV cache (akernels.c), for the nq query slots
+ * of one KV head (q_s = q + s * ldq, D values) against its n cached rows
+ * (K_i, V_i = K, V + i * D values, fp32 or bf16; D even):
+ *   att_scores: S[s * lds + i] = scale * <q_s, K_i>
+ *   att_values: o[s * ldo + c] = sum_i P[s * ldp + i] * V_i[c] (o overwritten) */
+typedef void (*att_scores_fn)(float *S, int64_t lds, const float *q, int64_t ldq, int nq, const void *K, int bf16,
+                              int64_t n, int D, float scale);
+typedef void (*att_values_fn)(float *o, int64_t ldo, const float *P, int64_t ldp, int nq, const void *V, int bf16,
+                              int64_t n, int D);
+struct wkernels {
     const char *name;
     wtile_fn f32, bf16, q8, q4;
-} wkernels;
+    att_scores_fn att_scores;
+    att_values_fn att_values;
+};
 static inline wtile_fn wkernel_for(const wkernels *K, wtype t)
 {
     return t == WT_F32 ? K->f32 : t == WT_BF16 ? K->bf16 : t == WT_Q8 ? K->q8 : K->q4;

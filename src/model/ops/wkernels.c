@@ -15,13 +15,10 @@
 #include "ops.h"
 #include "base/base.h"
 
+#include "simd.h"
+
 #include <stdio.h>
 #include <string.h>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define JM_X86 1
-#endif
 
 /* ---- portable kernels: the reference for the SIMD ones ----
  * Each adds the products of n inputs from x to acc, in order, so that a row
@@ -102,7 +99,7 @@ static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float 
     }
 }
 
-static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, tile_c};
+static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, tile_c, att_scores_c, att_values_c};
 
 #ifdef JM_X86
 /* ---- the x86 sets' tiles ----
@@ -113,12 +110,6 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
  * and inputs NI as constants, so their loops unroll and the accumulators
  * acc[r][j] live in registers; a set instantiates them for R = its row
  * count and R = 1 (a tile's last rows), NI = 1 .. its input count. */
-#define INLINE inline __attribute__((always_inline))
-/* On the loops over rows and inputs: unrolled before gcc's scalar
- * replacement of aggregates runs, which then keeps acc[r][j] in registers;
- * unrolled later (as gcc would by itself), the arrays stay in memory and
- * every FMA's result is stored to the stack. */
-#define UNROLL _Pragma("GCC unroll 8")
 
 /* How far on a pass prefetches its rows: d bytes on in the same row, and
  * past a row's end `wrap` bytes on (d + (R - 1) rows: as far into the row R
@@ -181,29 +172,6 @@ typedef struct {
 #define PREFETCH_BYTES 2048
 #endif
 
-/* Far ahead of the stream, one line of each 4 KB page a pass will read
- * (weights and scales), PAGE_AHEAD bytes before it gets there. What this
- * buys is the address translation, not the line: in a virtual machine whose
- * host maps guest memory with 4 KB pages, every page of a large matrix is a
- * nested TLB miss whatever page size the guest uses, the hardware
- * prefetchers stop at each page's end, and the walk stalls the stream. One
- * thread streaming Q4 experts from a 3 GB arena went from 21-23 to 35-38
- * GB/s (16, 64 and 256 KB ahead did alike), where reading the first 260 MB
- * over and over ran at 41 with or without it (AMD EPYC family 26 model 2). */
-#ifndef PAGE_AHEAD
-#define PAGE_AHEAD 65536
-#endif
-
-/* A prefetch of each 4 KB page of [p + dist, p + n + dist) once over a
- * stream read in consecutive pieces [p, p + n): a page is prefetched by the
- * piece whose shifted range holds its start. */
-static void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist)
-{
-    const uintptr_t end = (uintptr_t)p + (uintptr_t)(n + dist);
-    for (uintptr_t a = ((uintptr_t)p + (uintptr_t)dist + 4095) & ~(uintptr_t)4095; a < end; a += 4096)
-        __builtin_prefetch((const void *)a, 0, 3);
-}
-
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
                            const int8_t *xq, const float *xs, int64_t n, int64_t C)
 {
@@ -245,7 +213,6 @@ static INLINE int64_t stream_ahead(int64_t at, ahead pf, int64_t row)
 }
 
 /* ---- AVX2 + FMA + F16C: 4 rows x up to 2 inputs per pass (16 registers) ---- */
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX2_ROWS 4
 #define AVX2_INPUTS 2
 _Static_assert(AVX2_ROWS == WILV, "a pass over interleaved rows takes one group");
@@ -451,13 +418,12 @@ static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const flo
     tile_by_passes(&passes_avx2, out, ldo, w, nrows, x, xq, xs, n, C);
 }
 
-static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, tile_avx2};
+static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, tile_avx2, att_scores_avx2, att_values_avx2};
 
 /* ---- AVX-512 (F, BW, VL) with VNNI: 4 rows x up to 4 inputs per pass ----
  * Tails (C not a multiple of the vector, or of 16 blocks) go through the
  * same loops with masked loads: the lanes masked off read nothing and hold
  * zeros, which add nothing. */
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define AVX512_ROWS 4
 #define AVX512_INPUTS 4
 _Static_assert(AVX512_ROWS == WILV, "a pass over interleaved rows takes one group");
@@ -705,7 +671,8 @@ static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const f
     tile_by_passes(&passes_avx512, out, ldo, w, nrows, x, xq, xs, n, C);
 }
 
-static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512};
+static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512,
+                                          att_scores_avx512, att_values_avx512};
 #endif
 
 /* ---- choosing a set ---- */
