@@ -17,13 +17,12 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-/* Greedy choice: the lowest id among equal maxima, as the reference's. */
+/* Greedy choice, the library's (the lowest id among equal maxima, as the
+ * reference's). */
 static int32_t argmax(const float *x, int n)
 {
-    int32_t best = 0;
-    for (int i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
+    const jm_sample_opts greedy = {.greedy = 1};
+    return jm_sample(x, n, &greedy, NULL, NULL);
 }
 
 /* Linux's "5" to clear_refs resets the peak RSS (VmHWM, what getrusage's

@@ -92,6 +92,31 @@ static void temperature_zero(void)
           "argmax %d; rng %llu", best, (unsigned long long)rng);
 }
 
+/* Greedy's edges, against the plain scan it replaced: equal maxima go to the
+ * lowest id, a NaN never wins, a row of NaNs gives 0, -0 and +0 tie; at
+ * lengths around the vector widths, the maximum at every position. */
+static void greedy_edges(void)
+{
+    const jm_sample_opts g = {.greedy = 1};
+    int bad = 0, cases = 0;
+    float x[70];
+    for (int n = 1; n <= 70; n++)
+        for (int at = 0; at < n; at++, cases++) {
+            for (int i = 0; i < n; i++) x[i] = (float)((i * 37) % 11) - 20.0f;
+            x[at] = 5.0f;
+            if (at + 3 < n) x[at + 3] = 5.0f;          /* a tie after it */
+            if (at > 0) x[at - 1] = NAN;               /* a NaN beside it */
+            bad += jm_sample(x, n, &g, NULL, NULL) != at;
+        }
+    for (int i = 0; i < 20; i++) x[i] = NAN;
+    bad += jm_sample(x, 20, &g, NULL, NULL) != 0;
+    x[0] = NAN, x[1] = -0.0f, x[2] = 0.0f, x[3] = -1.0f;
+    bad += jm_sample(x, 4, &g, NULL, NULL) != 1;
+    x[0] = -INFINITY, x[1] = -INFINITY, x[2] = NAN;
+    bad += jm_sample(x, 3, &g, NULL, NULL) != 0;
+    check(bad == 0, "greedy_ties_nans_and_lengths", "%d of %d cases wrong", bad, cases + 3);
+}
+
 static void validation(void)
 {
     jm_error err;
@@ -115,6 +140,7 @@ int main(void)
     penalty_by_hand();
     penalty_in_sampling();
     temperature_zero();
+    greedy_edges();
     validation();
     return exit_status();
 }
