@@ -11,7 +11,8 @@ cause present), and that every file under the case's directory is byte-identical
                                        with that error instead of sending the model nothing
   input_tensor_name_nul_*              "model.embed_tokens.weight\\u0000junk" (and a name ending in \\u0000):
                                        refused by info, generate and forward, never loaded as the embedding
-  input_quant_meta_*                   a q8 checkpoint with jetmoe.quant "q3" or jetmoe.quant_block "abc":
+  input_quant_meta_*                   a q8 checkpoint with jetmoe.quant "q3", jetmoe.quant_block "abc" or
+                                       jetmoe.quant_interleave "8", or the last without the first two:
                                        refused, naming the file and the key
   input_model_type_*                   config.json model_type "llama" (or a number): refused by info, generate
                                        and init (which then writes nothing); absent is accepted
@@ -35,7 +36,8 @@ from testlib import sanitizer_report
 
 CASES = ["input_chat_template_empty_string", "input_chat_template_empty_list", "input_chat_template_renders_nothing",
          "input_tensor_name_nul_junk", "input_tensor_name_nul_end", "input_quant_meta_q3",
-         "input_quant_meta_block_abc", "input_model_type_llama", "input_model_type_number",
+         "input_quant_meta_block_abc", "input_quant_meta_interleave_8", "input_quant_meta_interleave_alone",
+         "input_model_type_llama", "input_model_type_number",
          "input_model_type_init_writes_nothing", "input_model_type_absent_ok", "input_tokenizer_empty_model",
          "input_tokenizer_empty_json", "input_tokenizer_json_bom", "input_long_path_keeps_cause",
          "input_control_chars_escaped_path", "input_control_chars_escaped_arguments",
@@ -153,7 +155,8 @@ def run(suite, jetmoe, tmp):
     if p.returncode != 0:
         suite.check("input_quant_meta_setup", False, p.err[-300:])
     else:
-        for case, key, value in (("q3", "jetmoe.quant", "q3"), ("block_abc", "jetmoe.quant_block", "abc")):
+        for case, key, value in (("q3", "jetmoe.quant", "q3"), ("block_abc", "jetmoe.quant_block", "abc"),
+                                 ("interleave_8", "jetmoe.quant_interleave", "8")):
             def edit(d, key=key, value=value):
                 path = os.path.join(d, "model.safetensors")
                 h, data = read_st(path)
@@ -162,6 +165,15 @@ def run(suite, jetmoe, tmp):
             d = variant("quant_" + case, edit, source=q8)
             refused("input_quant_meta_" + case, d, [info(d), gen(d)],
                     ["model.safetensors", f'metadata {key} is "{value}"'])
+
+        def interleave_alone(d):
+            path = os.path.join(d, "model.safetensors")
+            h, data = read_st(path)
+            del h["__metadata__"]["jetmoe.quant"], h["__metadata__"]["jetmoe.quant_block"]
+            write_st(path, h, data)
+        d = variant("quant_interleave_alone", interleave_alone, source=q8)
+        refused("input_quant_meta_interleave_alone", d, [info(d), gen(d)],
+                ["model.safetensors", "metadata has jetmoe.quant_interleave but not jetmoe.quant"])
 
     def model_type(value):
         def edit(d):

@@ -794,6 +794,98 @@ static void test_models(const char *tmp)
     free(dec), free(dec2), free(fwd);
 }
 
+/* Copies the one-file quantized checkpoint src to dst without its
+ * jetmoe.quant_interleave, the tensors quantize interleaved put back
+ * row-major (rowmajor 1: the layout of files from before the key) or left
+ * as stored (0: interleaved bytes a reader must then take as row-major).
+ * *changed: how many tensors' bytes the copy changed. */
+static jm_status copy_layout(const char *src, const char *dst, int rowmajor, int *changed, const char **ilv,
+                             jm_error *err)
+{
+    char path[600], to[600];
+    snprintf(path, sizeof path, "%s/model.safetensors", src);
+    st_file f;
+    jm_status s = st_open(path, &f, err);
+    if (s) return s;
+    st_out *o = calloc((size_t)f.n, sizeof *o);
+    uint8_t **own = calloc((size_t)f.n, sizeof *own);
+    *changed = 0;
+    for (int i = 0; i < f.n; i++) {
+        const st_tensor *t = &f.t[i];
+        o[i] = (st_out){t->name, t->dtype, t->ndim, {0}, t->data};
+        memcpy(o[i].shape, t->shape, sizeof o[i].shape);
+        const wtype wt = t->dtype == ST_I8 ? WT_Q8 : WT_Q4;
+        const int64_t C = t->shape[t->ndim - 1] * (t->dtype == ST_U8 ? 2 : 1);
+        if (!rowmajor || (t->dtype != ST_I8 && t->dtype != ST_U8) || t->ndim < 2 ||
+            !wrows_interleave(wt, t->shape[t->ndim - 2], C))
+            continue;
+        const int64_t row = wtype_row_bytes(wt, C), rows = t->numel * (int64_t)st_dtype_size(t->dtype) / row;
+        const wview w = {wt, t->data, NULL, 1};
+        own[i] = malloc((size_t)(rows * row));
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t at = 0; at < row; at += 64) memcpy(own[i] + r * row + at, wrow_byte(w, r, at, row), 64);
+        *changed += memcmp(own[i], t->data, (size_t)(rows * row)) != 0;
+        o[i].data = own[i];
+    }
+    *ilv = st_meta(&f, "jetmoe.quant_interleave") && strcmp(st_meta(&f, "jetmoe.quant_interleave"), "4") == 0
+               ? "4" : "(missing)";
+    static const char *const keys[] = {"format", "jetmoe.quant", "jetmoe.quant_block"};
+    const char *vals[] = {"pt", st_meta(&f, "jetmoe.quant"), st_meta(&f, "jetmoe.quant_block")};
+    snprintf(path, sizeof path, "%s/config.json", src);
+    snprintf(to, sizeof to, "%s/config.json", dst);
+    s = jm_mkdir_p(dst, err);
+    if (!s) s = jm_copy_file(path, to, err);
+    snprintf(to, sizeof to, "%s/model.safetensors", dst);
+    if (!s) s = st_write(to, o, f.n, keys, vals, 3, err);
+    for (int i = 0; i < f.n; i++) free(own[i]);
+    free(own);
+    free(o);
+    st_close(&f);
+    return s;
+}
+
+/* `jetmoe quantize` stores the rows of the matrices that allow it
+ * interleaved (quantize.c) and says so in jetmoe.quant_interleave: the model
+ * it gives is the one the same values row-major give, as files from before
+ * the key hold them, whether mapped or copied into RAM; and the key is what
+ * tells the reader (the interleaved bytes without it are another model). */
+static void test_quant_layouts(const char *tmp)
+{
+    enum { T = 12 };
+    const int32_t tok[T] = {1, 17, 250, 3, 99, 42, 7, 7, 180, 64, 2, 111};
+    const int V = quant_config().vocab_size;
+    static const char *const types[] = {"q8", "q4"};
+    for (int i = 0; i < 2; i++) {
+        char src[512], rm[512], mis[512], name[64];
+        snprintf(src, sizeof src, "%s/%s", tmp, types[i]);
+        snprintf(rm, sizeof rm, "%s/%s_rowmajor", tmp, types[i]);
+        snprintf(mis, sizeof mis, "%s/%s_misread", tmp, types[i]);
+        jm_error err = {{0}};
+        int changed = 0, unchanged = 0;
+        const char *key = "";
+        jm_status s = copy_layout(src, rm, 1, &changed, &key, &err);
+        if (!s) s = copy_layout(src, mis, 0, &unchanged, &key, &err);
+        float *lg[4];
+        for (int k = 0; k < 4; k++) lg[k] = calloc((size_t)V, sizeof(float));
+        const char *dirs[4] = {src, rm, mis, src};
+        for (int k = 0; k < 4 && !s; k++) {
+            jm_model *m = NULL;
+            s = jm_model_open(dirs[k], &m, &err);
+            if (!s && k == 3) s = jm_weights_to_ram(m, &err);
+            if (!s) s = decode_logits(m, tok, T, lg[k], &err);
+            jm_model_free(m);
+        }
+        const size_t bytes = (size_t)V * sizeof(float);
+        snprintf(name, sizeof name, "quantize_%s_interleaved_rows_same_model", types[i]);
+        check(s == JM_OK && changed > 0 && strcmp(key, "4") == 0 && memcmp(lg[0], lg[1], bytes) == 0 &&
+                  memcmp(lg[0], lg[3], bytes) == 0 && memcmp(lg[0], lg[2], bytes) != 0,
+              name, "status %d %s; %d tensors interleaved, jetmoe.quant_interleave %s; logits as stored = row-major "
+              "copy: %d, = in RAM: %d, != interleaved bytes read row-major: %d", s, err.msg, changed, key,
+              !memcmp(lg[0], lg[1], bytes), !memcmp(lg[0], lg[3], bytes), memcmp(lg[0], lg[2], bytes) != 0);
+        for (int k = 0; k < 4; k++) free(lg[k]);
+    }
+}
+
 /* A BF16 checkpoint of quant_config with one weight of moe_in replaced by v. */
 static jm_status bf16_with(const char *dir, float v, jm_error *err)
 {
@@ -885,6 +977,8 @@ static void test_quant_metadata(const char *tmp)
          "is I8, but metadata jetmoe.quant is \"q4\""},
         {"quant_meta_no_block", ",\"jetmoe.quant_block\":\"32\"", "", "metadata has jetmoe.quant but not jetmoe.quant_block"},
         {"quant_meta_no_quant", "\"jetmoe.quant\":\"q8\",", "", "metadata has jetmoe.quant_block but not jetmoe.quant"},
+        {"quant_meta_interleave_3", "\"jetmoe.quant_interleave\":\"4\"", "\"jetmoe.quant_interleave\":\"3\"",
+         "metadata jetmoe.quant_interleave is \"3\""},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         snprintf(dst, sizeof dst, "%s/%s", tmp, cases[i].name);
@@ -954,6 +1048,7 @@ int main(void)
     test_att_kernels();
     test_products();
     test_models(tmp);
+    test_quant_layouts(tmp);
     test_quant_metadata(tmp);
     test_quantize_refuses(tmp);
     test_context_regrow();

@@ -5,7 +5,15 @@
  * as dtype I8 with its own shape (Q8) or U8 with the last dimension halved
  * (Q4: two values per byte, see qmatmul.c), and "<name>_scale" holds the F16
  * scales, last dimension C/32. Every file's __metadata__ says
- * jetmoe.quant = q8|q4 and jetmoe.quant_block = 32. Routers, norms and
+ * jetmoe.quant = q8|q4, jetmoe.quant_block = 32 and jetmoe.quant_interleave
+ * = 4: the rows of every tensor wrows_interleave allows (ops.h: rows of
+ * whole 64-byte lines, matrices of whole groups of 4 rows) are stored
+ * interleaved in groups of 4, line l of row i at the group's start + (l * 4
+ * + i % 4) * 64, as decoding reads them best (one stream a pass, where 4
+ * row-major rows are 4 streams: bench/kernels, one thread, a Q4 matrix of 2
+ * GB streamed at 87% of a plain read row-major, 98% interleaved; Q8 73%
+ * against 94%, AMD EPYC family 26 model 2). Files without the key (written
+ * before it) hold every matrix row-major. Routers, norms and
  * biases are copied as stored: they are a sliver of the bytes, and a router
  * that flips its choice changes everything after it.
  *
@@ -76,6 +84,14 @@ static jm_status quantize_tensor(const plan_entry *e, int bits, void **q, uint8_
             }
     }
     free(buf);
+    if (bad_value < 0 && bad_scale < 0 && wrows_interleave(bits == 8 ? WT_Q8 : WT_Q4, p->shape[p->ndim - 2], C)) {
+        uint8_t *ilv = malloc((size_t)(rows * row_bytes));
+        if (!ilv) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB to quantize %s", rows * row_bytes / 1e9,
+                                 p->name);
+        interleave_rows(ilv, *q, rows, row_bytes);
+        free(*q);
+        *q = ilv;
+    }
     if (bad_value >= 0)
         return jm_fail(err, JM_ERR_FORMAT, "%s: row %lld holds a non-finite value; nothing to quantize it to",
                        p->name, (long long)bad_value);
@@ -130,9 +146,10 @@ static jm_status write_shard(const char *path, const plan_entry *plan, int n, in
         k += 2;
     }
     if (!s) {
-        static const char *const keys[] = {"format", "jetmoe.quant", "jetmoe.quant_block"};
-        const char *vals[] = {"pt", bits == 8 ? "q8" : "q4", "32"};
-        s = st_write(path, out, k, keys, vals, 3, err);
+        static const char *const keys[] = {"format", "jetmoe.quant", "jetmoe.quant_block", "jetmoe.quant_interleave"};
+        const char *vals[] = {"pt", bits == 8 ? "q8" : "q4", "32", "4"};
+        _Static_assert(WILV == 4, "the metadata says groups of 4");
+        s = st_write(path, out, k, keys, vals, 4, err);
     }
     for (int i = 0; i < cap; i++) free(owned ? owned[i] : NULL);
     free(owned);

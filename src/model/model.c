@@ -390,6 +390,7 @@ typedef struct {
     stored_kind kind;
     const st_tensor *t, *scale;
     const char *file;
+    int ilv; /* Q8/Q4 rows interleaved (quantize.c: jetmoe.quant_interleave) */
 } stored;
 
 static int same_shape(const st_tensor *t, int ndim, const int64_t *shape)
@@ -453,6 +454,9 @@ static jm_status find_stored(const st_set *set, const char *dir, const jm_param 
             return jm_fail(err, JM_ERR_FORMAT, "%s: tensor %s holds a non-finite scale at element %lld", sfile, sname,
                            (long long)i);
     st->scale = sc;
+    for (int f = 0; f < set->nfiles; f++)
+        if (set->files[f].path == st->file && st_meta(&set->files[f], "jetmoe.quant_interleave"))
+            st->ilv = wrows_interleave(st->kind == STORED_Q8 ? WT_Q8 : WT_Q4, p->shape[p->ndim - 2], C);
     return JM_OK;
 }
 
@@ -466,8 +470,8 @@ static int view_in_place(const stored *st, wview *w)
         *w = (wview){WT_F32, st->t->data, NULL, 0};
         return 1;
     case STORED_BF16: *w = (wview){WT_BF16, st->t->data, NULL, 0}; return 1;
-    case STORED_Q8: *w = (wview){WT_Q8, st->t->data, st->scale->data, 0}; return 1;
-    case STORED_Q4: *w = (wview){WT_Q4, st->t->data, st->scale->data, 0}; return 1;
+    case STORED_Q8: *w = (wview){WT_Q8, st->t->data, st->scale->data, st->ilv}; return 1;
+    case STORED_Q4: *w = (wview){WT_Q4, st->t->data, st->scale->data, st->ilv}; return 1;
     default: return 0;
     }
 }
@@ -496,12 +500,16 @@ static jm_status convert_param(const jm_param *p, const stored *st, jm_error *er
 
 /* jm_quantize's metadata, jetmoe.quant = q8|q4 and jetmoe.quant_block = 32:
  * a file that has it must say both, with values we know, and hold no
- * quantized tensor of the other kind. (A file without it is read by dtype.) */
+ * quantized tensor of the other kind. (A file without it is read by dtype.)
+ * jetmoe.quant_interleave = 4, where present, goes with them: its matrices'
+ * rows are interleaved (quantize.c); files from before it have none. */
 static jm_status check_quant_meta(const st_file *f, jm_error *err)
 {
     const char *q = st_meta(f, "jetmoe.quant"), *b = st_meta(f, "jetmoe.quant_block");
-    char block[16];
+    const char *ilv = st_meta(f, "jetmoe.quant_interleave");
+    char block[16], group[16];
     snprintf(block, sizeof block, "%d", QBLOCK);
+    snprintf(group, sizeof group, "%d", WILV);
     if (q && strcmp(q, "q8") != 0 && strcmp(q, "q4") != 0)
         return jm_fail(err, JM_ERR_FORMAT, "%s: metadata jetmoe.quant is \"%.40s\"; expected \"q8\" or \"q4\"",
                        f->path, q);
@@ -511,6 +519,11 @@ static jm_status check_quant_meta(const st_file *f, jm_error *err)
     if (!q != !b)
         return jm_fail(err, JM_ERR_FORMAT, "%s: metadata has %s but not %s", f->path,
                        q ? "jetmoe.quant" : "jetmoe.quant_block", q ? "jetmoe.quant_block" : "jetmoe.quant");
+    if (ilv && strcmp(ilv, group) != 0)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: metadata jetmoe.quant_interleave is \"%.40s\"; expected \"%s\"",
+                       f->path, ilv, group);
+    if (ilv && !q)
+        return jm_fail(err, JM_ERR_FORMAT, "%s: metadata has jetmoe.quant_interleave but not jetmoe.quant", f->path);
     st_dtype other = q && strcmp(q, "q8") == 0 ? ST_U8 : ST_I8;
     for (int i = 0; q && i < f->n; i++)
         if (f->t[i].dtype == other)
@@ -1659,7 +1672,8 @@ const char *jm_kernels(const jm_model *m) { return m->kern->name; }
  * page-ahead prefetch, whole 8B decodes in RAM still said so (one thread:
  * 53-58% of the roofline interleaved, 62-65% row-major). So do F32
  * matrices, which prefill multiplies in place with SGEMM, and the embedding
- * table, read by rows. */
+ * table, read by rows. A view already interleaved (as `jetmoe quantize`
+ * stores them) is copied as it is. */
 static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, char *base, size_t *off)
 {
     const int64_t row = wtype_row_bytes(w->type, C);
@@ -1668,7 +1682,7 @@ static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, 
     void *s = carve(base, off, sc);
     if (!base) return;
     if (sc) w->scales = memcpy(s, w->scales, sc);
-    if (!(ilv && (w->type == WT_Q8 || w->type == WT_Q4) && row % 64 == 0 && each % WILV == 0 && rows % WILV == 0)) {
+    if (w->ilv || !(ilv && wrows_interleave(w->type, each, C) && rows % WILV == 0)) { /* as stored */
         w->data = memcpy(d, w->data, data);
         return;
     }

@@ -237,6 +237,15 @@ int64_t wtype_row_bytes(wtype t, int64_t C);
 wview wview_rows(wview w, int64_t rows, int64_t C);
 /* out (nrows, C) fp32 = rows row0 .. row0+nrows-1 of W. */
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
+/* Whether a Q8/Q4 stack of matrices of `rows` rows of C inputs can hold
+ * them interleaved: every row whole lines, every matrix whole groups (so a
+ * view at any expert starts at a group). `jetmoe quantize` stores every
+ * such tensor so, the layout jm_weights_to_ram gives its copy. */
+static inline int wrows_interleave(wtype t, int64_t rows, int64_t C)
+{
+    const int64_t row = t == WT_Q8 ? C : t == WT_Q4 ? C / 2 : 1;
+    return (t == WT_Q8 || t == WT_Q4) && C % QBLOCK == 0 && row % 64 == 0 && rows % WILV == 0;
+}
 /* rows row-major rows of row_bytes (whole lines) from `from` into `to`,
  * interleaved as wrow_byte reads them (rows a whole number of groups, or
  * `to` padded to one: the padding is not written). */
