@@ -26,6 +26,7 @@ import argparse
 import ctypes
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -145,6 +146,18 @@ def checkpoint_complete(d):
     return all(os.path.exists(os.path.join(d, fn)) for fn in files)
 
 
+def stored_interleaved(d):
+    """Whether a quantized checkpoint says jetmoe.quant_interleave (its rows
+    as decoding reads them best; copies this bench wrote before the key hold
+    them row-major, and are re-quantized)."""
+    for fn in sorted(os.listdir(d)):
+        if fn.endswith(".safetensors"):
+            with open(os.path.join(d, fn), "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                return "jetmoe.quant_interleave" in json.loads(f.read(n)).get("__metadata__", {})
+    return False
+
+
 def drop_cached(d):
     """Asks the kernel to drop what the page cache holds of a checkpoint's
     files (the bench's own: their data is untouched), so that the variant
@@ -212,9 +225,10 @@ def big(a):
     for name in ("bf16", "q8", "q4"):
         d = os.path.join(a.synthetic, name)
         try:
-            if name != "bf16" and not checkpoint_complete(d):
-                print(f"$ jetmoe quantize {bf16} --to {name} --out {d}", file=sys.stderr, flush=True)
-                subprocess.run([jetmoe, "quantize", bf16, "--to", name, "--out", d], check=True)
+            if name != "bf16" and not (checkpoint_complete(d) and stored_interleaved(d)):
+                # the directory is this bench's own (or absent): --overwrite replaces only what it wrote
+                print(f"$ jetmoe quantize {bf16} --to {name} --out {d} --overwrite", file=sys.stderr, flush=True)
+                subprocess.run([jetmoe, "quantize", bf16, "--to", name, "--out", d, "--overwrite"], check=True)
             for other in ("bf16", "q8", "q4"):
                 if other != name:
                     drop_cached(os.path.join(a.synthetic, other))
