@@ -47,15 +47,18 @@ static double peak_rss_mb(void)
  * checkpoint's mapping, FilePmdMapped) and anonymous ones (weights copied to
  * memory, AnonHugePages). Behind 4 KB pages a virtual machine's address
  * translation can bound decoding well below the memory's bandwidth. */
-static double huge_mapped_mb(void)
+static double huge_mapped_mb(double *anon_mb)
 {
     FILE *f = fopen("/proc/self/smaps_rollup", "r");
     char line[256];
-    double kb = 0, v;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "FilePmdMapped: %lf", &v) == 1 || sscanf(line, "AnonHugePages: %lf", &v) == 1) kb += v;
+    double file = 0, anon = 0, v;
+    while (f && fgets(line, sizeof line, f)) {
+        if (sscanf(line, "FilePmdMapped: %lf", &v) == 1) file += v;
+        if (sscanf(line, "AnonHugePages: %lf", &v) == 1) anon += v;
+    }
     if (f) fclose(f);
-    return kb / 1024;
+    *anon_mb = anon / 1024;
+    return (file + anon) / 1024;
 }
 
 /* One line per step on a TTY (rewritten in place); plain lines, only for
@@ -170,7 +173,8 @@ int main(int argc, char **argv)
     /* the first step pays one-off costs (a smaller arena plan, cold caches) */
     const double steady_s = n_new > 1 ? decode_s - step_s[0] : decode_s;
     const double decode_tps = (n_new > 1 ? n_new - 1 : 1) / steady_s, decode_all_tps = n_new / decode_s;
-    const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(); /* before the bandwidth buffer adds its 1 GB */
+    double anon_huge_mb; /* of which anonymous: weights copied to RAM, the KV cache, the activations */
+    const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(&anon_huge_mb); /* before the bandwidth buffer adds its 1 GB */
 
     const double bw_after = read_bandwidth((size_t)1 << 30, 10), bw = bw_before > bw_after ? bw_before : bw_after;
     const double gemm = gemm_peak_gflops(2048, 3);
@@ -187,12 +191,13 @@ int main(int argc, char **argv)
 
     fprintf(stderr,
             "%s: %s weights, %s kernels, %s KV cache, %d threads, %s\n"
-            "  open     %.2f s, peak RSS %.0f MB, %.0f MB of it on 2 MB pages\n"
+            "  open     %.2f s, peak RSS %.0f MB, %.0f MB of it on 2 MB pages (%.0f MB anonymous)\n"
             "  prefill  %d tokens in %.2f s = %.1f tokens/s (%.1f GFLOP/s, SGEMM peak %.1f)\n"
             "  decode   %d tokens: %.2f tokens/s (%.2f with the first step), %.1f ms/token\n"
             "  roofline %.1f GB/s read (%.1f before the run, %.1f after) / %.1f MB per token = %.2f tokens/s -> "
             "decode at %.0f%% (with the %.1f MB of KV cache a step reads: %.0f%%)\n",
-            dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, huge_mb, n_prompt, prefill_s,
+            dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, huge_mb, anon_huge_mb,
+            n_prompt, prefill_s,
             n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, n_new, decode_tps, decode_all_tps,
             1e3 / decode_tps, bw, bw_before, bw_after, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
