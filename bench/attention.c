@@ -1,8 +1,8 @@
 /* bench/attention — decode attention over the KV cache alone: one token's
  * step through every layer of JetMoE-8B's attention shape (24 layers, 16 KV
  * heads of 128, top-2 query slots per head), at P cached positions, on the
- * decode pool, with each kernel set (a bf16 cache goes through the set's
- * attention kernels), beside the read bandwidth measured in the same run.
+ * decode pool, through each kernel set's attention kernels, beside the read
+ * bandwidth measured in the same run.
  *
  *   build/bench/attention [--positions 512] [--threads 1,2] [--kv-cache bf16|f32] [--steps 20]
  *                         [--sets avx512,avx2,portable] [--between 55]
@@ -118,8 +118,7 @@ int main(int argc, char **argv)
             printf("%-9s (this CPU or build cannot run it)\n", name);
             continue;
         }
-        if (!bf16 && kern != wkernels_get("auto")) continue; /* an fp32 cache takes no set's kernels */
-    char list[64];
+        char list[64];
         snprintf(list, sizeof list, "%s", threads_arg);
         for (char *save = NULL, *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
             const int threads = atoi(t);
@@ -148,7 +147,7 @@ int main(int argc, char **argv)
                 if (s) sum += dt;
             }
             const double bw = read_bandwidth((size_t)1 << 30, 5), gbs = step_bytes / best / 1e9;
-            printf("%-9s %8d %10.2f %8.2f %8.1f %8.1f %5.0f%%\n", bf16 ? name : "-", threads, 1e3 * best,
+            printf("%-9s %8d %10.2f %8.2f %8.1f %8.1f %5.0f%%\n", name, threads, 1e3 * best,
                    1e3 * sum / steps, gbs, bw, 100 * gbs / bw);
             fflush(stdout);
             jm_pool_free(pool);

@@ -827,8 +827,8 @@ static jm_status copy_layout(const char *src, const char *dst, int rowmajor, int
         *changed += memcmp(own[i], t->data, (size_t)(rows * row)) != 0;
         o[i].data = own[i];
     }
-    *ilv = st_meta(&f, "jetmoe.quant_interleave") && strcmp(st_meta(&f, "jetmoe.quant_interleave"), "4") == 0
-               ? "4" : "(missing)";
+    const char *key = st_meta(&f, "jetmoe.quant_interleave");
+    *ilv = key && strcmp(key, "4") == 0 ? "4" : "(missing)";
     static const char *const keys[] = {"format", "jetmoe.quant", "jetmoe.quant_block"};
     const char *vals[] = {"pt", st_meta(&f, "jetmoe.quant"), st_meta(&f, "jetmoe.quant_block")};
     snprintf(path, sizeof path, "%s/config.json", src);

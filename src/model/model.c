@@ -1682,7 +1682,7 @@ static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, 
     void *s = carve(base, off, sc);
     if (!base) return;
     if (sc) w->scales = memcpy(s, w->scales, sc);
-    if (w->ilv || !(ilv && wrows_interleave(w->type, each, C) && rows % WILV == 0)) { /* as stored */
+    if (w->ilv || !(ilv && wrows_interleave(w->type, each, C))) { /* as stored (rows: whole matrices of each) */
         w->data = memcpy(d, w->data, data);
         return;
     }

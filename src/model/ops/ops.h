@@ -243,8 +243,7 @@ void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
  * such tensor so, the layout jm_weights_to_ram gives its copy. */
 static inline int wrows_interleave(wtype t, int64_t rows, int64_t C)
 {
-    const int64_t row = t == WT_Q8 ? C : t == WT_Q4 ? C / 2 : 1;
-    return (t == WT_Q8 || t == WT_Q4) && C % QBLOCK == 0 && row % 64 == 0 && rows % WILV == 0;
+    return (t == WT_Q8 || t == WT_Q4) && C % QBLOCK == 0 && wtype_row_bytes(t, C) % 64 == 0 && rows % WILV == 0;
 }
 /* rows row-major rows of row_bytes (whole lines) from `from` into `to`,
  * interleaved as wrow_byte reads them (rows a whole number of groups, or
