@@ -226,7 +226,7 @@ int main(int argc, char **argv)
     printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
            "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
            "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of %d "
-           "(ilv: the layout of weights in RAM)\n\n",
+           "(ilv: the layout of Q8/Q4 files and of their copies in RAM)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
     printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s\n", "set", "type", "n", "GHz", "big GB/s",
            "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc");
@@ -261,10 +261,11 @@ int main(int argc, char **argv)
                  * same moments of a shared machine */
                 matrix big_ilv = big;
                 big_ilv.w.ilv = 1;
+                const int ilv = wrows_interleave(types[ti], big.rows, C); /* F32 and BF16 never are */
                 double tb = 1e30, tv = 1e30;
                 for (int r = 0; r < reps; r++) {
                     const double a = time_passes(f, &big, out, x, xq, xs, n, C, 1);
-                    const double b = time_passes(f, &big_ilv, out, x, xq, xs, n, C, 1);
+                    const double b = ilv ? time_passes(f, &big_ilv, out, x, xq, xs, n, C, 1) : 1e30;
                     tb = a < tb ? a : tb, tv = b < tv ? b : tv;
                 }
                 const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
@@ -272,9 +273,11 @@ int main(int argc, char **argv)
                 const double gb = big.bytes / tb / 1e9, gi = big.bytes / tv / 1e9, gl = l2.bytes / tl / 1e9;
                 const double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
                 const double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
-                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %8.1f %5.0f%% | %8.1f %6.1f %5.0f%% %6.1f\n",
-                       K->name, tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, gi, 100 * gi / bw_big,
-                       gl, bw_l2, 100 * gl / bw_l2, cl);
+                char ilv_cols[32] = "       -      -";
+                if (ilv) snprintf(ilv_cols, sizeof ilv_cols, "%8.1f %5.0f%%", gi, 100 * gi / bw_big);
+                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %s | %8.1f %6.1f %5.0f%% %6.1f\n", K->name,
+                       tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, ilv_cols, gl, bw_l2,
+                       100 * gl / bw_l2, cl);
                 fflush(stdout);
             }
         }

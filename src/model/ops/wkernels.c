@@ -426,6 +426,21 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
  * zeros, which add nothing. */
 #define AVX512_ROWS 4
 #define AVX512_INPUTS 4
+/* F32 and BF16 decode (one input) one row a pass: consecutive rows are then
+ * one stream, where 4 rows a pass are 4 streams a row apart; batches take 4
+ * rows x 2 inputs a pass, each weight and input load serving several
+ * products. A row's vectors go round FP_CHAINS accumulators, so that two FMA
+ * chains run at once (one chain, four cycles an FMA, reads BF16 at most at
+ * ~30 GB/s). Whatever the pass's rows and inputs, a row's sum is the same
+ * operations, so its products do not depend on what is decoded beside it.
+ * Against 4 rows x 4 inputs, one accumulator each (AMD EPYC family 26 model
+ * 2, one thread): bench/kernels n = 1, BF16 80% -> 87-90% of a plain read,
+ * F32 95% either way; n = 4, BF16 39% -> 50-54%, F32 74% -> 57%; the 8B
+ * layout in BF16 decoded at 4.04-4.38 tokens/s against 3.75-4.22 in
+ * alternating runs. Inside a step the BF16 products still read at 18-21
+ * GB/s where plain reads of the same bytes reach 28-32: not explained yet. */
+#define FP_CHAINS 2
+#define AVX512_FP_INPUTS 2
 _Static_assert(AVX512_ROWS == WILV, "a pass over interleaved rows takes one group");
 
 /* The first k lanes (none when k <= 0). */
@@ -453,64 +468,54 @@ AVX512 static INLINE __m256i load_f16x16(const void *p, int64_t k)
     return k >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(mask16(k), p);
 }
 
-/* F32: one FMA per 16 weights and input. */
-AVX512 static INLINE void f32_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R, const int NI,
-                                   int64_t C, ahead pf, stride st)
+/* 16 weights as fp32: F32 as they are, BF16 widened exactly (a bf16 is the
+ * top half of an fp32). vdpbf16ps (AVX-512 BF16) multiplies bf16 by bf16,
+ * so fp32 inputs would have to be split into three bf16 terms to keep fp32
+ * accuracy (two leave 2^-16 |x|), three of its products per weight: measured
+ * at half the speed of widening in L2 (41 against 80 GB/s at n = 1, 13
+ * against 34 at n = 4, against a kernel widening 32 weights a load). */
+AVX512 static INLINE __m512 load_w16(wtype t, const uint8_t *p, int64_t k)
 {
-    __m512 acc[AVX512_ROWS][4];
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < C; i += 16) {
-        __m512 xv[4];
-        UNROLL for (int j = 0; j < NI; j++) xv[j] = load_f32(x + j * C + i, C - i);
-        UNROLL for (int r = 0; r < R; r++) {
-            const float *wr = (const float *)(wline(w, 4 * i, st) + r * st.rs);
-            prefetch_ahead(wr, stream_ahead(4 * i, pf, 4 * C));
-            __m512 wv = load_f32(wr, C - i);
-            UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_fmadd_ps(wv, xv[j], acc[r][j]);
-        }
-    }
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    if (t == WT_F32) return load_f32((const float *)p, k);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_f16x16(p, k)), 16));
 }
 
-/* BF16 widened exactly: a bf16 is the top half of an fp32, so of 32 weights
- * (one load) the even ones are the 32-bit lanes shifted left by 16 and the odd
- * ones the lanes with the low half cleared. The inputs are split into their
- * even and odd elements to match (two permutes per input, shared by the rows).
- * vdpbf16ps (AVX-512 BF16) multiplies bf16 by bf16, so fp32 inputs would
- * have to be split into three bf16 terms to keep fp32 accuracy (two leave
- * 2^-16 |x|), three of its products per weight: measured at half the speed
- * of this in L2 (41 against 80 GB/s at n = 1, 13 against 34 at n = 4). */
-AVX512 static INLINE void bf16_pass(float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                    const int NI, int64_t C, ahead pf, stride st)
+/* F32 and BF16, R rows a pass (see FP_CHAINS): one FMA per 16 weights and
+ * input, vector v of a row into accumulator v % FP_CHAINS. */
+AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
+                                  const int NI, int64_t C, ahead pf, stride st)
 {
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc[AVX512_ROWS][4];
+    const int64_t es = t == WT_F32 ? 4 : 2, row = es * C, step = 16 * FP_CHAINS;
+    __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS];
     UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < C; i += 32) {
-        __m512 xe[4], xo[4];
-        UNROLL for (int j = 0; j < NI; j++) {
-            __m512 x0 = load_f32(x + j * C + i, C - i);
-            __m512 x1 = load_f32(x + j * C + i + 16, C - i - 16);
-            xe[j] = _mm512_permutex2var_ps(x0, even, x1);
-            xo[j] = _mm512_permutex2var_ps(x0, odd, x1);
+        UNROLL for (int v = 0; v < FP_CHAINS; v++)
+            UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + step <= C; i += step) { /* whole vectors, unmasked */
+        const uint8_t *wi = wline(w, es * i, st);
+        UNROLL for (int v = 0; v < FP_CHAINS; v++) {
+            const int64_t at = es * 16 * v; /* from wi */
+            __m512 xv[AVX512_FP_INPUTS];
+            UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm512_loadu_ps(x + j * C + i + 16 * v);
+            UNROLL for (int r = 0; r < R; r++) {
+                const uint8_t *wv = wi + at / 64 * st.ls + at % 64 + r * st.rs;
+                if (at % 64 == 0) prefetch_ahead(wv, stream_ahead(es * i + at, pf, row));
+                const __m512 wf = load_w16(t, wv, 16);
+                UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_fmadd_ps(wf, xv[j], acc[r][v][j]);
+            }
         }
+    }
+    UNROLL for (int v = 0; v < FP_CHAINS; v++) { /* the rest, masked */
+        const int64_t e = i + 16 * v;
+        if (e >= C) break;
         UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wr = wline(w, 2 * i, st) + r * st.rs;
-            prefetch_ahead(wr, stream_ahead(2 * i, pf, 2 * C));
-            __m512i v = load_i16(wr, C - i);
-            __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-            __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi16));
+            const __m512 wf = load_w16(t, wline(w, es * e, st) + r * st.rs, C - e);
             UNROLL for (int j = 0; j < NI; j++)
-                acc[r][j] = _mm512_fmadd_ps(wo, xo[j], _mm512_fmadd_ps(we, xe[j], acc[r][j]));
+                acc[r][v][j] = _mm512_fmadd_ps(wf, load_f32(x + j * C + e, C - e), acc[r][v][j]);
         }
     }
     UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0][j], acc[r][1][j]));
 }
 
 /* Q8 and Q4 go through vpdpbusd: u8 x s8 products, four at a time summed
@@ -614,12 +619,7 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 AVX512 static INLINE void pass_avx512_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R,
                                          const int NI)
 {
-    switch (t) {
-    case WT_F32: f32_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st); break;
-    case WT_BF16: bf16_pass(out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st); break;
-    case WT_Q8:
-    case WT_Q4: int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st); break;
-    }
+    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st);
 }
 
 AVX512 static INLINE void pass_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
@@ -636,13 +636,24 @@ AVX512 static INLINE void pass_avx512(wtype t, float *out, int64_t ldo, const pa
     }
 }
 
+AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    switch ((R == AVX512_ROWS) * 8 + NI) {
+    case 8 + 1: fp_pass(t, out, ldo, a->w, a->x, AVX512_ROWS, 1, a->C, a->pf, a->st); break;
+    case 8 + 2: fp_pass(t, out, ldo, a->w, a->x, AVX512_ROWS, 2, a->C, a->pf, a->st); break;
+    case 1: fp_pass(t, out, ldo, a->w, a->x, 1, 1, a->C, a->pf, a->st); break;
+    case 2: fp_pass(t, out, ldo, a->w, a->x, 1, 2, a->C, a->pf, a->st); break;
+    }
+}
 AVX512 static void f32_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    pass_avx512(WT_F32, out, ldo, a, R, NI);
+    (void)R;
+    fp_avx512(WT_F32, out, ldo, a, R, NI);
 }
 AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    pass_avx512(WT_BF16, out, ldo, a, R, NI);
+    (void)R;
+    fp_avx512(WT_BF16, out, ldo, a, R, NI);
 }
 AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
@@ -652,16 +663,12 @@ AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R,
 {
     pass_avx512(WT_Q4, out, ldo, a, R, NI);
 }
-/* F32 with one input: a row a pass, so the tile is read as one stream.
- * Several rows a pass are as many streams, which one thread read at 70% of
- * a plain read against 80% (bench/kernels, AMD EPYC family 26 model 2); the
- * other types' passes do more work per byte, and one row a pass left them
- * slower. A row's sum is the same chain of operations whatever R and NI
- * are, so its products do not depend on what is decoded beside it. */
 static void shape_avx512(wtype t, int ilv, int64_t n, int *rows, int *inputs)
 {
-    *rows = t == WT_F32 && n == 1 && !ilv ? 1 : AVX512_ROWS;
-    *inputs = AVX512_INPUTS;
+    (void)ilv;
+    const int fp = t == WT_F32 || t == WT_BF16;
+    *rows = fp && n == 1 ? 1 : AVX512_ROWS;
+    *inputs = fp ? AVX512_FP_INPUTS : AVX512_INPUTS;
 }
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512};
 
