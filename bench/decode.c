@@ -10,7 +10,12 @@
  * reads every active weight once, so its speed limit is the memory bandwidth
  * over jm_active_weight_bytes: "ratio" is decode tokens/s over that roofline.
  * Prints a summary on stderr and one JSON line on stdout (bench/decode.py
- * compares it with the PyTorch peer, bench/decode_ref.py). Not a test. */
+ * compares it with the PyTorch peer, bench/decode_ref.py). Not a test.
+ *
+ * --kernels read: the products only read their bytes (jm_set_read_only_products)
+ * and the tokens are garbage: the step's own memory ceiling, for what share
+ * of a step's gap to the roofline is the memory system's and what the
+ * kernels'. */
 
 #include "common.h"
 
@@ -74,7 +79,7 @@ static void progress(int i, int n, double step_s, double elapsed)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable] "
+    fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable|read] "
                     "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
@@ -122,8 +127,10 @@ int main(int argc, char **argv)
     double t0 = now();
     jm_status s = jm_model_open(dir, &m, &err);
     const double open_s = now() - t0;
-    if (s || (in_ram && jm_weights_to_ram(m, &err)) || jm_set_kernels(m, kernels, &err) || jm_set_kv_cache(m, kv_cache, &err) ||
-        jm_set_context(m, n_prompt + n_new, &err)) {
+    const int read_only = !strcmp(kernels, "read");
+    if (!s && read_only) jm_set_read_only_products(m);
+    if (s || (in_ram && jm_weights_to_ram(m, &err)) || (!read_only && jm_set_kernels(m, kernels, &err)) ||
+        jm_set_kv_cache(m, kv_cache, &err) || jm_set_context(m, n_prompt + n_new, &err)) {
         fprintf(stderr, "bench/decode: %s\n", err.msg);
         jm_model_free(m);
         return 1;

@@ -324,6 +324,11 @@ const char *jm_model_weight_type(const jm_model *m);
  * (F/BW/VL + VNNI), "avx2" (+FMA+F16C), or "portable" (plain C, any CPU). A
  * set this CPU cannot run is an error naming the features it lacks. */
 jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err);
+/* For benchmarks only: decode products replaced by plain reads of the bytes
+ * they would read (jm_kernels then says "read"). A step then costs what its
+ * memory traffic costs; the logits are no longer the model's. Undone by
+ * jm_set_kernels. */
+void jm_set_read_only_products(jm_model *m);
 /* Copies a model opened in place (jm_model_open) into anonymous memory in
  * 2 MB pages (transparent huge pages, where the system allows them), and uses
  * that copy: decoding streams the weights up to 2x faster on machines where

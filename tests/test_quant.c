@@ -344,6 +344,31 @@ static void test_kernels(void)
         }
     }
 
+    /* the read-only tiles (bench/decode --kernels read): every type, their
+     * columns only and finite values; never given by name or "auto", and with
+     * the attention kernels of the best set */
+    {
+        const wkernels *R = wkernels_read();
+        int stray_r = 0, nonfinite = 0, cases = 0;
+        for (int ti = 0; ti < 4; ti++)
+            for (int64_t nrows = 1; nrows <= 9; nrows += 4)
+                for (int64_t n = 1; n <= 8; n += 3, cases++) {
+                    const int q = types[ti] == WT_Q8 || types[ti] == WT_Q4;
+                    tile_case k = make_tile_case(types[ti], nrows, n, q ? 96 : 33, 1.0f, 1.0f, cases);
+                    float *out = malloc((size_t)(n * k.ldo) * sizeof *out); /* exact: overruns are the sanitizer's */
+                    stray_r += !run_tile(R, &k, out);
+                    for (int64_t r = 0; r < n; r++)
+                        for (int64_t o = 0; o < nrows; o++) nonfinite += !isfinite(out[r * k.ldo + o]);
+                    free(out);
+                    free_tile_case(&k);
+                }
+        check_detail(!stray_r && !nonfinite && !strcmp(R->name, "read") && !wkernels_get("read") &&
+                         R->att_scores == best->att_scores && R->att_values == best->att_values,
+                     "kernels_read_only_tiles", "%d tiles: %d wrote outside their columns, %d non-finite outputs; "
+                     "named %s; by name: %s; the best set's attention: %d", cases, stray_r, nonfinite, R->name,
+                     wkernels_get("read") ? "given" : "refused", R->att_scores == best->att_scores);
+    }
+
     /* the extremes of the int8 formats, which no product may saturate on:
      * a file may hold Q8 -128 (our quantizer never writes it), and Q4 nibbles
      * all 0 (-8) or all 15 (7), against activations of +-127 */
@@ -764,6 +789,23 @@ static void test_models(const char *tmp)
             snprintf(name, sizeof name, "model_%s_portable_vs_%s_kernels", types[i], kernel_sets[ki]);
             r = s2 ? 1 : max_rel(dec, dec2, V);
             check_detail(r < 1e-5, name, "status %d; decode logits: %.2e of max |logit|", s2, r);
+        }
+        /* bench/decode's read-only products: a step that runs (finite logits,
+         * not the model's), and jm_set_kernels gives the model back bit for bit */
+        {
+            jm_set_read_only_products(mo);
+            const int said_read = !strcmp(jm_kernels(mo), "read");
+            jm_status s2 = s ? s : decode_logits(mo, tok, T, dec, &err);
+            int finite = 1;
+            for (int v = 0; v < V; v++) finite &= isfinite(dec[v]);
+            const double off = s2 ? 0 : max_rel(dec, dec2, V);
+            if (!s2) s2 = jm_set_kernels(mo, "portable", &err);
+            if (!s2) s2 = decode_logits(mo, tok, T, dec, &err);
+            const int back = !s2 && memcmp(dec, dec2, (size_t)V * sizeof *dec) == 0;
+            snprintf(name, sizeof name, "model_%s_read_only_products", types[i]);
+            check_detail(said_read && finite && off > 1e-3 && back, name,
+                         "status %d; kernels said read: %d; finite logits: %d, %.2e of max |logit| from the model's; "
+                         "model back after jm_set_kernels: %d", s2, said_read, finite, off, back);
         }
         /* inference-only: training refuses it clearly */
         s = jm_zero_grad(mo, &err);

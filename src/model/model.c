@@ -1659,6 +1659,8 @@ jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
     return JM_OK;
 }
 
+void jm_set_read_only_products(jm_model *m) { m->kern = wkernels_read(); }
+
 const char *jm_kernels(const jm_model *m) { return m->kern->name; }
 
 /* View w (rows x C, a stack of matrices of `each` rows) moves into base

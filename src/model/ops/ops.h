@@ -296,6 +296,10 @@ const wkernels *wkernels_get(const char *name);
  * "AVX-512 VNNI, AVX-512 BF16" ("" when it has them all); -1 for a name no
  * build knows. */
 int wkernels_missing(const char *name, char *buf, size_t cap);
+/* "read": tiles that only read what their products would and write no
+ * products, with the attention kernels of the best set this CPU runs
+ * (bench/decode's ceiling; see wkernels.c). */
+const wkernels *wkernels_read(void);
 
 /* Products with stored weights. Up to WSMALL_N input rows take the dot
  * kernels above (decode: reading the weights once is the whole cost; Q8/Q4

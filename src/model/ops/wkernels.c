@@ -682,6 +682,59 @@ static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile
                                           att_scores_avx512, att_values_avx512};
 #endif
 
+/* ---- "read": the products' reads without their math ----
+ * For bench/decode --kernels read (jm_set_read_only_products): a tile reads
+ * every byte its products would (weights and scales) as plain loads, with
+ * the kernels' prefetches, and writes a hash of the positions. A decode step
+ * then runs at the memory system's pace for the step's own access pattern
+ * (which experts, in what pieces, from the model's mapping): the ceiling the
+ * real kernels are measured against, beside the roofline's plain read of
+ * one buffer. Never chosen by name or "auto": its outputs are no products. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+static uint64_t read_bytes(const uint8_t *p, int64_t bytes)
+{
+    uint64_t h[8] = {0};
+    int64_t at = 0;
+    for (; at + 64 <= bytes; at += 64) {
+        if (at % 4096 == 0) prefetch_pages(p + at, 4096, PAGE_AHEAD);
+        __builtin_prefetch(p + at + PREFETCH_BYTES, 0, 3);
+        for (int k = 0; k < 8; k++) {
+            uint64_t v;
+            memcpy(&v, p + at + 8 * k, 8);
+            h[k] ^= v;
+        }
+    }
+    for (; at < bytes; at++) h[0] ^= p[at];
+    return h[0] ^ h[1] ^ h[2] ^ h[3] ^ h[4] ^ h[5] ^ h[6] ^ h[7];
+}
+
+static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+                      const float *xs, int64_t n, int64_t C)
+{
+    (void)x, (void)xq, (void)xs;
+    const int64_t row = wtype_row_bytes(w.type, C);
+    /* the tile's rows are consecutive bytes in either layout (interleaved
+     * tiles are whole groups) */
+    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), nrows * row);
+    if (w.scales) h ^= read_bytes(w.scales, nrows * 2 * (C / QBLOCK));
+    uint32_t v = (uint32_t)(h ^ h >> 32);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t o = 0; o < nrows; o++) {
+            v = v * 2654435761u + (uint32_t)o; /* finite, in [-0.5, 0.5): the step's softmaxes stay defined */
+            out[r * ldo + o] = (float)(v >> 8) / 16777216.0f - 0.5f;
+        }
+}
+
+/* The read set of each set, with that set's attention kernels. */
+static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_c, att_values_c};
+#ifdef JM_X86
+static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2, att_values_avx2};
+static const wkernels read_avx512 = {"read",          tile_read,         tile_read, tile_read, tile_read,
+                                     att_scores_avx512, att_values_avx512};
+#endif
+
 /* ---- choosing a set ---- */
 
 /* The CPU features the sets need, as bits, and their names by bit
@@ -743,4 +796,14 @@ int wkernels_missing(const char *name, char *buf, size_t cap)
         return 0;
     }
     return -1;
+}
+
+const wkernels *wkernels_read(void)
+{
+#ifdef JM_X86
+    const wkernels *best = wkernels_get("auto");
+    if (best == &kernels_avx512) return &read_avx512;
+    if (best == &kernels_avx2) return &read_avx2;
+#endif
+    return &read_portable;
 }
