@@ -101,6 +101,17 @@ static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float 
 
 static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, tile_c, att_scores_c, att_values_c};
 
+/* Rows read together are as many short streams (a row of 2048 Q8 weights is
+ * 32 cache lines), which the hardware prefetchers follow badly: with 4 rows a
+ * pass and no software prefetch one thread streamed Q8 from memory at 16 GB/s
+ * against 26 with one row (Zen 5). So each row's stream is prefetched
+ * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
+ * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
+ * (64 KB on: more than L1 holds). */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+
 #ifdef JM_X86
 /* ---- the x86 sets' tiles ----
  * Real tiles rather than dots: a pass takes several weight rows at once
@@ -160,17 +171,6 @@ typedef struct {
     void (*shape)(wtype t, int ilv, int64_t n, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
 } pass_set;
-
-/* Rows read together are as many short streams (a row of 2048 Q8 weights is
- * 32 cache lines), which the hardware prefetchers follow badly: with 4 rows a
- * pass and no software prefetch one thread streamed Q8 from memory at 16 GB/s
- * against 26 with one row (Zen 5). So each row's stream is prefetched
- * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
- * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
- * (64 KB on: more than L1 holds). */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 2048
-#endif
 
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
                            const int8_t *xq, const float *xs, int64_t n, int64_t C)
@@ -647,12 +647,10 @@ AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass
 }
 AVX512 static void f32_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    (void)R;
     fp_avx512(WT_F32, out, ldo, a, R, NI);
 }
 AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    (void)R;
     fp_avx512(WT_BF16, out, ldo, a, R, NI);
 }
 AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
@@ -690,9 +688,6 @@ static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile
  * (which experts, in what pieces, from the model's mapping): the ceiling the
  * real kernels are measured against, beside the roofline's plain read of
  * one buffer. Never chosen by name or "auto": its outputs are no products. */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 2048
-#endif
 /* Lines prefetched as far on as an interleaved Q8/Q4 pass's (PREFETCH_BYTES
  * a row, WILV rows a stream): inside a BF16 step of the 8B layout, one
  * thread, reads 2 KB on ran at 71-77% of the roofline, 8 and 16 KB on at
@@ -736,8 +731,8 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
 static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_c, att_values_c};
 #ifdef JM_X86
 static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2, att_values_avx2};
-static const wkernels read_avx512 = {"read",          tile_read,         tile_read, tile_read, tile_read,
-                                     att_scores_avx512, att_values_avx512};
+static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read, tile_read, att_scores_avx512,
+                                     att_values_avx512};
 #endif
 
 /* ---- choosing a set ---- */
