@@ -18,11 +18,10 @@ greedy decodes agree.
 8B layout: DIR (default build/synthetic-8b) gets bf16/ from bench/make_synthetic
 and q8/, q4/ from `jetmoe quantize` when they are absent (about 17 + 9 + 5 GB;
 the first run takes some minutes), then build/bench/decode runs on each with a
-512-token prompt and 16 new tokens, and once more at the first thread count
-with --kernels read (products that only read their bytes): what the same
-steps cost at the memory system's pace, and the kernels' share of the gap.
-A token reads ~4.7 GB of active BF16
-weights (2.3B parameters: k of E experts), so there decode is bound by memory
+512-token prompt and 16 new tokens, and once more at each thread count with
+--kernels read (products that only read their bytes): what the same steps
+cost at the memory system's pace, and the kernels' share of the gap. A token
+reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so there decode is bound by memory
 bandwidth to a few tokens/s, and a 512-token prefill takes about a minute.
 """
 import argparse
@@ -242,9 +241,9 @@ def big(a):
                             "--weights", a.weights, "--kernels", kernels], thread_env(t))
             r = {t: decode(t) for t in a.thread_list}
             # the same steps with products that only read their bytes: the
-            # ceiling of this access pattern on this machine, beside the
-            # roofline's plain read of one buffer
-            r["read"] = decode(a.thread_list[0], "read")
+            # ceiling of this access pattern (and of the step's threading) on
+            # this machine, beside the roofline's plain read of one buffer
+            r["read"] = {t: decode(t, "read") for t in a.thread_list}
             rows.append((name, r))
         except subprocess.CalledProcessError as e:
             print(f"{name}: {' '.join(e.cmd[:2])} failed (exit {e.returncode}); skipping it", file=sys.stderr)
@@ -257,16 +256,16 @@ def big(a):
           f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
         f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
-        + f" {f'read-only {t1} thr':>18} {'kernels/it':>10}")
+        + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
     for name, r in rows:
         print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
             f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%}" for t in a.thread_list)
             + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"
-            + f" {r['read']['decode_tok_s']:10.3f} ({r['read']['ratio']:4.0%})"
-            + f" {r[t1]['decode_tok_s'] / r['read']['decode_tok_s']:10.0%}"
+            + "".join(f" {r['read'][t]['decode_tok_s']:10.3f} ({r['read'][t]['ratio']:4.0%})"
+                      f" {r[t]['decode_tok_s'] / r['read'][t]['decode_tok_s']:10.0%}" for t in a.thread_list)
             + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
     print(f"  (read-only: the same steps with products that only read their bytes (bench/decode --kernels read), "
-          f"of roof in brackets; kernels/it: the {t1}-thread decode over it)")
+          f"of roof in brackets; kernels/it: the decode at that thread count over it)")
     print("  (of roof: decode tok/s over read bandwidth / active weight bytes, measured in the same run; "
           "prefill tok/s " + ", ".join(f"{name} {r[tn]['prefill_tok_s']:.1f}" for name, r in rows) + f" at {tn} threads)")
     return failed

@@ -170,6 +170,7 @@ typedef struct {
      * 1: its last rows) and at most how many inputs a pass takes */
     void (*shape)(wtype t, int ilv, int64_t n, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
+    int64_t fp_ahead; /* how far on an F32/BF16 pass prefetches each row (its speed decides) */
 } pass_set;
 
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
@@ -184,8 +185,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         const int R = nrows - i >= rows ? rows : 1;
         /* interleaved, the group is one stream: each row's prefetch runs WILV
          * times as far on in it, past the group into the next */
-        const ahead pf = w.ilv ? (ahead){PREFETCH_BYTES * WILV, PREFETCH_BYTES * WILV}
-                               : (ahead){PREFETCH_BYTES, PREFETCH_BYTES + (R - 1) * row};
+        const int64_t d = w.type == WT_F32 || w.type == WT_BF16 ? ps->fp_ahead : PREFETCH_BYTES;
+        const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : (ahead){d, d + (R - 1) * row};
         prefetch_pages(wrow_byte(w, i, 0, row), R * row, PAGE_AHEAD);
         if (w.scales) prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD * srow / row); /* as many passes on */
         for (int64_t r = 0; r < n; r += inputs) {
@@ -410,7 +411,7 @@ static void shape_avx2(wtype t, int ilv, int64_t n, int *rows, int *inputs)
     (void)t, (void)ilv, (void)n; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
-static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2};
+static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -427,19 +428,21 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
 #define AVX512_ROWS 4
 #define AVX512_INPUTS 4
 /* F32 and BF16 decode (one input) one row a pass: consecutive rows are then
- * one stream, where 4 rows a pass are 4 streams a row apart; batches take 4
- * rows x 2 inputs a pass, each weight and input load serving several
- * products. A row's vectors go round FP_CHAINS accumulators, so that two FMA
- * chains run at once (one chain, four cycles an FMA, reads BF16 at most at
- * ~30 GB/s). Whatever the pass's rows and inputs, a row's sum is the same
+ * one stream, where 4 rows a pass are 4 streams a row apart; batches take 2
+ * rows x 2 inputs a pass, each weight and input load serving two products.
+ * A row's vectors go round FP_CHAINS accumulators, so that four FMA chains
+ * run at once. Whatever the pass's rows and inputs, a row's sum is the same
  * operations, so its products do not depend on what is decoded beside it.
- * Against 4 rows x 4 inputs, one accumulator each (AMD EPYC family 26 model
- * 2, one thread): bench/kernels n = 1, BF16 80% -> 87-90% of a plain read,
- * F32 95% either way; n = 4, BF16 39% -> 50-54%, F32 74% -> 57%; the 8B
- * layout in BF16 decoded at 4.04-4.38 tokens/s against 3.75-4.22 in
- * alternating runs. Inside a step the BF16 products still read at 18-21
- * GB/s where plain reads of the same bytes reach 28-32: not explained yet. */
-#define FP_CHAINS 2
+ * A faster pass needs its prefetch farther on (fp_ahead, passes_avx512): a
+ * pass that catches up with its prefetches waits on memory at the latency's
+ * pace. One thread, BF16 (AMD EPYC family 26 model 2): with two chains and
+ * the interleaved layout's line arithmetic in every step, 51-58 GB/s from
+ * L2 and 87-94% of a plain read of a 1 GB matrix (bench/kernels); with four
+ * chains and plain offsets 75-100 GB/s from L2 but 74-84% from memory at
+ * 2 KB ahead, 96-100% at 4-8 KB ahead (8 KB: slower from L2). Batches:
+ * BF16 n = 4 58-61% -> 61-68% of a plain read, F32 56-62% -> 58-63%. */
+#define FP_CHAINS 4
+#define AVX512_FP_ROWS 2
 #define AVX512_FP_INPUTS 2
 _Static_assert(AVX512_ROWS == WILV, "a pass over interleaved rows takes one group");
 
@@ -480,42 +483,69 @@ AVX512 static INLINE __m512 load_w16(wtype t, const uint8_t *p, int64_t k)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_f16x16(p, k)), 16));
 }
 
+/* Byte `off` of row r of an F32/BF16 pass: row-major, `row` bytes a row, or
+ * interleaved (st; only tests and callers of their own store F32/BF16 so:
+ * wrows_interleave never does). ilv is a constant in every instantiation, so
+ * the row-major loops keep plain offsets: with the line arithmetic of the
+ * interleaved layout in every step they ran a third slower from L2. */
+static INLINE const uint8_t *fp_at(const uint8_t *w, int r, int64_t off, int64_t row, stride st, const int ilv)
+{
+    return ilv ? wline(w, off, st) + r * st.rs : w + r * row + off;
+}
+
+/* One step of an F32/BF16 pass: FP_CHAINS vectors of 16 weights from
+ * column i of each of R rows, vector v of a row into accumulator v, each
+ * row's stream prefetched pf bytes on once a line. */
+AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_FP_ROWS][FP_CHAINS][AVX512_FP_INPUTS], const uint8_t *w,
+                                  const float *x, const int R, const int NI, int64_t C, int64_t row, stride st,
+                                  const int ilv, int64_t i, int64_t pf)
+{
+    const int64_t es = t == WT_F32 ? 4 : 2;
+    UNROLL for (int v = 0; v < FP_CHAINS; v++) {
+        const int64_t at = es * (i + 16 * v);
+        __m512 xv[AVX512_FP_INPUTS];
+        UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm512_loadu_ps(x + j * C + i + 16 * v);
+        UNROLL for (int r = 0; r < R; r++) {
+            const uint8_t *wv = fp_at(w, r, at, row, st, ilv);
+            if (es * 16 * v % 64 == 0) prefetch_ahead(wv, pf);
+            const __m512 wf = load_w16(t, wv, 16);
+            UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_fmadd_ps(wf, xv[j], acc[r][v][j]);
+        }
+    }
+}
+
 /* F32 and BF16, R rows a pass (see FP_CHAINS): one FMA per 16 weights and
- * input, vector v of a row into accumulator v % FP_CHAINS. */
+ * input. The steps whose prefetches stay in their row run first, then those
+ * that wrap (stream_ahead), so that no step tests which it is. */
 AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                  const int NI, int64_t C, ahead pf, stride st)
+                                  const int NI, int64_t C, ahead pf, stride st, const int ilv)
 {
     const int64_t es = t == WT_F32 ? 4 : 2, row = es * C, step = 16 * FP_CHAINS;
-    __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS];
+    __m512 acc[AVX512_FP_ROWS][FP_CHAINS][AVX512_FP_INPUTS];
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int v = 0; v < FP_CHAINS; v++)
             UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_setzero_ps();
+    const int64_t whole = C / step * step; /* whole vectors, unmasked */
+    int64_t in_row = (row - pf.d) / es / step * step; /* steps prefetching inside their row */
+    in_row = in_row < 0 ? 0 : in_row > whole ? whole : in_row;
     int64_t i = 0;
-    for (; i + step <= C; i += step) { /* whole vectors, unmasked */
-        const uint8_t *wi = wline(w, es * i, st);
-        UNROLL for (int v = 0; v < FP_CHAINS; v++) {
-            const int64_t at = es * 16 * v; /* from wi */
-            __m512 xv[AVX512_FP_INPUTS];
-            UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm512_loadu_ps(x + j * C + i + 16 * v);
-            UNROLL for (int r = 0; r < R; r++) {
-                const uint8_t *wv = wi + at / 64 * st.ls + at % 64 + r * st.rs;
-                if (at % 64 == 0) prefetch_ahead(wv, stream_ahead(es * i + at, pf, row));
-                const __m512 wf = load_w16(t, wv, 16);
-                UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_fmadd_ps(wf, xv[j], acc[r][v][j]);
-            }
-        }
-    }
+    for (; i < in_row; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.d);
+    for (; i < whole; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.wrap);
     UNROLL for (int v = 0; v < FP_CHAINS; v++) { /* the rest, masked */
         const int64_t e = i + 16 * v;
         if (e >= C) break;
         UNROLL for (int r = 0; r < R; r++) {
-            const __m512 wf = load_w16(t, wline(w, es * e, st) + r * st.rs, C - e);
+            const __m512 wf = load_w16(t, fp_at(w, r, es * e, row, st, ilv), C - e);
             UNROLL for (int j = 0; j < NI; j++)
                 acc[r][v][j] = _mm512_fmadd_ps(wf, load_f32(x + j * C + e, C - e), acc[r][v][j]);
         }
     }
     UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0][j], acc[r][1][j]));
+        UNROLL for (int j = 0; j < NI; j++) {
+            __m512 sum = acc[r][0][j];
+            UNROLL for (int v = 1; v < FP_CHAINS; v++) sum = _mm512_add_ps(sum, acc[r][v][j]);
+            out[j * ldo + r] = _mm512_reduce_add_ps(sum);
+        }
 }
 
 /* Q8 and Q4 go through vpdpbusd: u8 x s8 products, four at a time summed
@@ -638,12 +668,19 @@ AVX512 static INLINE void pass_avx512(wtype t, float *out, int64_t ldo, const pa
 
 AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    switch ((R == AVX512_ROWS) * 8 + NI) {
-    case 8 + 1: fp_pass(t, out, ldo, a->w, a->x, AVX512_ROWS, 1, a->C, a->pf, a->st); break;
-    case 8 + 2: fp_pass(t, out, ldo, a->w, a->x, AVX512_ROWS, 2, a->C, a->pf, a->st); break;
-    case 1: fp_pass(t, out, ldo, a->w, a->x, 1, 1, a->C, a->pf, a->st); break;
-    case 2: fp_pass(t, out, ldo, a->w, a->x, 1, 2, a->C, a->pf, a->st); break;
+    const int ilv = a->st.ls != 64;
+#define FP_PASS(R, NI, ILV) fp_pass(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st, ILV)
+    switch (ilv * 16 + (R == AVX512_FP_ROWS) * 8 + NI) {
+    case 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 0); break;
+    case 8 + 2: FP_PASS(AVX512_FP_ROWS, 2, 0); break;
+    case 1: FP_PASS(1, 1, 0); break;
+    case 2: FP_PASS(1, 2, 0); break;
+    case 16 + 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 1); break;
+    case 16 + 8 + 2: FP_PASS(AVX512_FP_ROWS, 2, 1); break;
+    case 16 + 1: FP_PASS(1, 1, 1); break;
+    case 16 + 2: FP_PASS(1, 2, 1); break;
     }
+#undef FP_PASS
 }
 AVX512 static void f32_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
@@ -665,10 +702,14 @@ static void shape_avx512(wtype t, int ilv, int64_t n, int *rows, int *inputs)
 {
     (void)ilv;
     const int fp = t == WT_F32 || t == WT_BF16;
-    *rows = fp && n == 1 ? 1 : AVX512_ROWS;
+    *rows = !fp ? AVX512_ROWS : n == 1 ? 1 : AVX512_FP_ROWS;
     *inputs = fp ? AVX512_FP_INPUTS : AVX512_INPUTS;
 }
-static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512};
+#ifndef FP_AHEAD_AVX512
+#define FP_AHEAD_AVX512 4096
+#endif
+static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
+                                       FP_AHEAD_AVX512};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                         const float *xs, int64_t n, int64_t C)
