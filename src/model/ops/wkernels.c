@@ -166,9 +166,9 @@ typedef struct {
  * function holding every type's passes (Q8 in L2: 52 GB/s against 89). */
 typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int NI);
 typedef struct {
-    /* a tile of type t against n inputs (its rows interleaved or not): R (or
-     * 1: its last rows) and at most how many inputs a pass takes */
-    void (*shape)(wtype t, int ilv, int64_t n, int *rows, int *inputs);
+    /* a tile of type t against n inputs of C (its rows interleaved or not):
+     * R (or 1: its last rows) and at most how many inputs a pass takes */
+    void (*shape)(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
     int64_t fp_ahead; /* how far on an F32/BF16 pass prefetches each row (its speed decides) */
 } pass_set;
@@ -179,7 +179,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
-    ps->shape(w.type, w.ilv, n, &rows, &inputs);
+    ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
@@ -406,9 +406,9 @@ AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int
 {
     pass_avx2(WT_Q4, out, ldo, a, R, NI);
 }
-static void shape_avx2(wtype t, int ilv, int64_t n, int *rows, int *inputs)
+static void shape_avx2(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
-    (void)t, (void)ilv, (void)n; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
+    (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES};
@@ -444,6 +444,9 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
 #define FP_CHAINS 4
 #define AVX512_FP_ROWS 2
 #define AVX512_FP_INPUTS 2
+#ifndef FP_SHORT_ROW
+#define FP_SHORT_ROW 2048
+#endif
 _Static_assert(AVX512_ROWS == WILV, "a pass over interleaved rows takes one group");
 
 /* The first k lanes (none when k <= 0). */
@@ -496,7 +499,7 @@ static INLINE const uint8_t *fp_at(const uint8_t *w, int r, int64_t off, int64_t
 /* One step of an F32/BF16 pass: FP_CHAINS vectors of 16 weights from
  * column i of each of R rows, vector v of a row into accumulator v, each
  * row's stream prefetched pf bytes on once a line. */
-AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_FP_ROWS][FP_CHAINS][AVX512_FP_INPUTS], const uint8_t *w,
+AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS], const uint8_t *w,
                                   const float *x, const int R, const int NI, int64_t C, int64_t row, stride st,
                                   const int ilv, int64_t i, int64_t pf)
 {
@@ -521,7 +524,7 @@ AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_
                                   const int NI, int64_t C, ahead pf, stride st, const int ilv)
 {
     const int64_t es = t == WT_F32 ? 4 : 2, row = es * C, step = 16 * FP_CHAINS;
-    __m512 acc[AVX512_FP_ROWS][FP_CHAINS][AVX512_FP_INPUTS];
+    __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS]; /* R x NI of them used: at most 16 */
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int v = 0; v < FP_CHAINS; v++)
             UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_setzero_ps();
@@ -670,15 +673,17 @@ AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass
 {
     const int ilv = a->st.ls != 64;
 #define FP_PASS(R, NI, ILV) fp_pass(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st, ILV)
-    switch (ilv * 16 + (R == AVX512_FP_ROWS) * 8 + NI) {
+    switch (ilv * 32 + (R == AVX512_ROWS) * 16 + (R == AVX512_FP_ROWS) * 8 + NI) {
+    case 16 + 1: FP_PASS(AVX512_ROWS, 1, 0); break;
     case 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 0); break;
     case 8 + 2: FP_PASS(AVX512_FP_ROWS, 2, 0); break;
     case 1: FP_PASS(1, 1, 0); break;
     case 2: FP_PASS(1, 2, 0); break;
-    case 16 + 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 1); break;
-    case 16 + 8 + 2: FP_PASS(AVX512_FP_ROWS, 2, 1); break;
-    case 16 + 1: FP_PASS(1, 1, 1); break;
-    case 16 + 2: FP_PASS(1, 2, 1); break;
+    case 32 + 16 + 1: FP_PASS(AVX512_ROWS, 1, 1); break;
+    case 32 + 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 1); break;
+    case 32 + 8 + 2: FP_PASS(AVX512_FP_ROWS, 2, 1); break;
+    case 32 + 1: FP_PASS(1, 1, 1); break;
+    case 32 + 2: FP_PASS(1, 2, 1); break;
     }
 #undef FP_PASS
 }
@@ -698,11 +703,15 @@ AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R,
 {
     pass_avx512(WT_Q4, out, ldo, a, R, NI);
 }
-static void shape_avx512(wtype t, int ilv, int64_t n, int *rows, int *inputs)
+static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
     (void)ilv;
     const int fp = t == WT_F32 || t == WT_BF16;
-    *rows = !fp ? AVX512_ROWS : n == 1 ? 1 : AVX512_FP_ROWS;
+    /* one input: one row a pass, or four where rows are short (the four are
+     * then a few lines of one stream, and a pass's fixed cost, its call and
+     * its rows' final sums, is shared) */
+    const int one = wtype_row_bytes(t, C) <= FP_SHORT_ROW ? AVX512_ROWS : 1;
+    *rows = !fp ? AVX512_ROWS : n == 1 ? one : AVX512_FP_ROWS;
     *inputs = fp ? AVX512_FP_INPUTS : AVX512_INPUTS;
 }
 #ifndef FP_AHEAD_AVX512
