@@ -21,8 +21,9 @@ the first run takes some minutes), then build/bench/decode runs on each with a
 512-token prompt and 16 new tokens, and once more at each thread count with
 --kernels read (products that only read their bytes): what the same steps
 cost at the memory system's pace, and the kernels' share of the gap. A token
-reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so there decode is bound by memory
-bandwidth to a few tokens/s, and a 512-token prefill takes about a minute.
+reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so
+there decode is bound by memory bandwidth to a few tokens/s, and a 512-token
+prefill takes about a minute.
 """
 import argparse
 import ctypes

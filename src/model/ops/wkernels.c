@@ -428,7 +428,8 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
 #define AVX512_ROWS 4
 #define AVX512_INPUTS 4
 /* F32 and BF16 decode (one input) one row a pass: consecutive rows are then
- * one stream, where 4 rows a pass are 4 streams a row apart; batches take 2
+ * one stream, where 4 rows a pass are 4 streams a row apart (rows of at most
+ * FP_SHORT_ROW bytes go 4 a pass: see shape_avx512); batches take 2
  * rows x 2 inputs a pass, each weight and input load serving two products.
  * A row's vectors go round FP_CHAINS accumulators, so that four FMA chains
  * run at once. Whatever the pass's rows and inputs, a row's sum is the same
@@ -649,26 +650,24 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
         UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-AVX512 static INLINE void pass_avx512_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R,
-                                         const int NI)
+/* The passes of each (R, NI) a Q8/Q4 tile takes, R and NI constants in each. */
+AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st);
-}
-
-AVX512 static INLINE void pass_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
+#define INT8_PASS(R, NI) int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st)
     switch ((R == AVX512_ROWS) * 8 + NI) {
-    case 8 + 1: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 1); break;
-    case 8 + 2: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 2); break;
-    case 8 + 3: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 3); break;
-    case 8 + 4: pass_avx512_rn(t, out, ldo, a, AVX512_ROWS, 4); break;
-    case 1: pass_avx512_rn(t, out, ldo, a, 1, 1); break;
-    case 2: pass_avx512_rn(t, out, ldo, a, 1, 2); break;
-    case 3: pass_avx512_rn(t, out, ldo, a, 1, 3); break;
-    case 4: pass_avx512_rn(t, out, ldo, a, 1, 4); break;
+    case 8 + 1: INT8_PASS(AVX512_ROWS, 1); break;
+    case 8 + 2: INT8_PASS(AVX512_ROWS, 2); break;
+    case 8 + 3: INT8_PASS(AVX512_ROWS, 3); break;
+    case 8 + 4: INT8_PASS(AVX512_ROWS, 4); break;
+    case 1: INT8_PASS(1, 1); break;
+    case 2: INT8_PASS(1, 2); break;
+    case 3: INT8_PASS(1, 3); break;
+    case 4: INT8_PASS(1, 4); break;
     }
+#undef INT8_PASS
 }
 
+/* The same for F32/BF16 tiles, row-major or interleaved (fp_at). */
 AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
     const int ilv = a->st.ls != 64;
@@ -697,11 +696,11 @@ AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int 
 }
 AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    pass_avx512(WT_Q8, out, ldo, a, R, NI);
+    int8_avx512(WT_Q8, out, ldo, a, R, NI);
 }
 AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    pass_avx512(WT_Q4, out, ldo, a, R, NI);
+    int8_avx512(WT_Q4, out, ldo, a, R, NI);
 }
 static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
