@@ -68,6 +68,29 @@ static double huge_mapped_mb(double *anon_mb)
 
 /* One line per step on a TTY (rewritten in place); plain lines, only for
  * slow steps, otherwise: an 8B BF16 decode takes seconds per token. */
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median and the fastest of the steady steps (after the first): on a
+ * shared machine a few steps the host slowed move the mean, not these. */
+static void step_spread(const double *step_s, int n, double *median, double *fastest)
+{
+    const int first = n > 1, m = n - first;
+    double *v = malloc(sizeof(double) * (size_t)m);
+    if (!v) {
+        *median = *fastest = 0;
+        return;
+    }
+    memcpy(v, step_s + first, sizeof(double) * (size_t)m);
+    qsort(v, (size_t)m, sizeof *v, cmp_double);
+    *median = m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
+    *fastest = v[0];
+    free(v);
+}
+
 static void progress(int i, int n, double step_s, double elapsed)
 {
     double eta = elapsed / (i + 1) * (n - i - 1);
@@ -180,6 +203,8 @@ int main(int argc, char **argv)
     /* the first step pays one-off costs (a smaller arena plan, cold caches) */
     const double steady_s = n_new > 1 ? decode_s - step_s[0] : decode_s;
     const double decode_tps = (n_new > 1 ? n_new - 1 : 1) / steady_s, decode_all_tps = n_new / decode_s;
+    double median_s, fastest_s;
+    step_spread(step_s, n_new, &median_s, &fastest_s);
     double anon_huge_mb; /* of which anonymous: weights copied to RAM, the KV cache, the activations */
     const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(&anon_huge_mb); /* before the bandwidth buffer adds its 1 GB */
 
@@ -200,23 +225,23 @@ int main(int argc, char **argv)
             "%s: %s weights, %s kernels, %s KV cache, %d threads, %s\n"
             "  open     %.2f s, peak RSS %.0f MB, %.0f MB of it on 2 MB pages (%.0f MB anonymous)\n"
             "  prefill  %d tokens in %.2f s = %.1f tokens/s (%.1f GFLOP/s, SGEMM peak %.1f)\n"
-            "  decode   %d tokens: %.2f tokens/s (%.2f with the first step), %.1f ms/token\n"
+            "  decode   %d tokens: %.2f tokens/s (%.2f with the first step), %.1f ms/token (median %.1f, fastest %.1f)\n"
             "  roofline %.1f GB/s read (%.1f before the run, %.1f after) / %.1f MB per token = %.2f tokens/s -> "
             "decode at %.0f%% (with the %.1f MB of KV cache a step reads: %.0f%%)\n",
             dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, huge_mb, anon_huge_mb,
             n_prompt, prefill_s,
             n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, n_new, decode_tps, decode_all_tps,
-            1e3 / decode_tps, bw, bw_before, bw_after, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
+            1e3 / decode_tps, 1e3 * median_s, 1e3 * fastest_s, bw, bw_before, bw_after, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
     printf("{\"impl\":\"c\",\"what\":\"decode\",\"cpu\":\"%s\",\"kv_cache\":\"%s\",\"kv_bytes\":%.0f,"
            "\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"
            "\"prompt\":%d,\"new\":%d,\"open_s\":%.3f,\"prefill_s\":%.4f,\"prefill_tok_s\":%.2f,"
            "\"prefill_gflops\":%.2f,\"gemm_peak_gflops\":%.2f,\"decode_tok_s\":%.4f,\"decode_tok_s_all\":%.4f,"
-           "\"first_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
+           "\"first_step_s\":%.4f,\"median_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
            "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"huge_page_mb\":%.1f,\"ids\":[",
            cpu, jm_kv_cache(m), kv_bytes, jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s,
            prefill_s,
-           n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0],
+           n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0], median_s,
            (long long)bytes, bw, roofline, decode_tps / roofline, rss, huge_mb);
     for (int i = 0; i <= n_new; i++) printf(i ? ",%d" : "%d", ids[i]);
     printf("]}\n");

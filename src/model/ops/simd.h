@@ -43,6 +43,14 @@ static inline void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist)
         __builtin_prefetch((const void *)a, 0, 3);
 }
 
+/* The same for each 64-byte line: a short stream read in pieces. */
+static inline void prefetch_lines(const uint8_t *p, int64_t n, int64_t dist)
+{
+    const uintptr_t end = (uintptr_t)p + (uintptr_t)(n + dist);
+    for (uintptr_t a = ((uintptr_t)p + (uintptr_t)dist + 63) & ~(uintptr_t)63; a < end; a += 64)
+        __builtin_prefetch((const void *)a, 0, 3);
+}
+
 /* akernels.c, per set (see wkernels in ops.h) */
 #define ATT_SCORES_ARGS float *S, int64_t lds, const float *q, int64_t ldq, int nq, const void *K, int bf16, int64_t n, int D, float scale
 #define ATT_VALUES_ARGS float *o, int64_t ldo, const float *P, int64_t ldp, int nq, const void *V, int bf16, int64_t n, int D
