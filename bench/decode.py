@@ -284,9 +284,10 @@ def main():
     ap.add_argument("--new-8b", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="runs per small-config figure; the best is shown")
     ap.add_argument("--kv-cache", default="bf16", choices=("f32", "bf16"), help="the 8B runs' KV cache")
-    ap.add_argument("--weights", default="map", choices=("map", "ram"),
-                    help="the 8B runs' weights: read in place from the mapped checkpoint, or copied into RAM "
-                         "(--weights-in-ram; Q8/Q4 rows interleaved)")
+    ap.add_argument("--weights", default="ram", choices=("map", "ram"),
+                    help="the 8B runs' weights: copied into 2 MB-page memory as the roofline's buffer is (the "
+                         "default; jetmoe's --weights ram, Q8/Q4 rows interleaved), or read in place from the "
+                         "mapped checkpoint")
     a = ap.parse_args()
     a.thread_list = sorted({int(t) for t in a.threads.split(",")})
     load_note()

@@ -14,21 +14,19 @@
 /* The flags of generate and chat: generate's prompt or chat's system message,
  * and the sampling flags both take. */
 typedef struct {
-    const char *prompt, *tokens, *tokenizer, *system, *kernels, *kv_cache;
-    int ids, quiet, in_ram;
+    const char *prompt, *tokens, *tokenizer, *system, *kernels, *kv_cache, *weights;
+    int ids, quiet;
     int64_t threads;
     cli_sampling smp;
     cli_list stop;
 } infer_opts;
 
 /* The flags both tables end with; the defaults that differ are the arguments. */
-#define SAMPLING_FLAGS(MAX_NEW, TEMPERATURE, TOP_P)                                                              \
+#define SAMPLING_FLAGS(MAX_NEW, TEMPERATURE, TOP_P, WEIGHTS)                                                       \
     CLI_SAMPLING_FLAGS(infer_opts, smp, MAX_NEW, TEMPERATURE, TOP_P),                                             \
     {"--stop", {NULL}, FLAG_LIST, offsetof(infer_opts, stop), .meta = "STR",                                      \
      .help = "end the text before this string (not printed)"},                     \
-    CLI_MODEL_FLAGS(infer_opts),                                                                                  \
-    {"--weights-in-ram", {NULL}, FLAG_BOOL, offsetof(infer_opts, in_ram),                                          \
-     .help = "copy the weights into huge-page memory (faster decoding, the model's size in RAM)"},                 \
+    CLI_MODEL_FLAGS(infer_opts, WEIGHTS),                                                                         \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(infer_opts, quiet), .help = "no timing line on stderr"}
 
 /* What generate's and chat's token callback writes to: the text stream, or
@@ -97,8 +95,8 @@ static void print_timing(const jm_model *m, const stream_ctx *c, int n_prompt, d
     fprintf(stderr, " | generation: %d tokens, ", c->ntok);
     if (c->ntok > 1 && decode > 0) fprintf(stderr, "%.1f tok/s", (c->ntok - 1) / decode);
     else fputs("- tok/s", stderr);
-    fprintf(stderr, " | %s weights, %s kernels%s\n", jm_model_weight_type(m), jm_kernels(m),
-            c->stopped ? " | ended at a stop string" : "");
+    fprintf(stderr, " | %s weights %s, %s kernels%s\n", jm_model_weight_type(m),
+            jm_weights_in_ram(m) ? "in RAM" : "mapped", jm_kernels(m), c->stopped ? " | ended at a stop string" : "");
 }
 
 /* generate's and chat's arguments: parsed, the model directory resolved, the
@@ -118,11 +116,17 @@ static int infer_args(const cli_command *self, int argc, char **argv, infer_opts
     return CLI_RUN;
 }
 
-jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err)
+jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, const char *weights,
+                         jm_model **m, jm_error *err)
 {
     jm_status s = jm_model_open(dir, m, err);
     if (!s) s = jm_set_kernels(*m, kernels, err);
     if (!s) s = jm_set_kv_cache(*m, kv_cache, err);
+    if (!s && (s = jm_weights_place(*m, weights, err))) {
+        char msg[sizeof err->msg];
+        snprintf(msg, sizeof msg, "%s", err->msg);
+        jm_fail(err, s, "--weights: %s", msg);
+    }
     if (s) {
         jm_model_free(*m);
         *m = NULL;
@@ -140,7 +144,7 @@ static const cli_flag generate_flags[] = {
     {"--tokenizer", {NULL}, FLAG_STR, offsetof(infer_opts, tokenizer), .meta = "PATH",
      .help = "the tokenizer, when it is not in DIR"},
     {"--ids", {NULL}, FLAG_BOOL, offsetof(infer_opts, ids), .help = "print the new token ids, not the text"},
-    SAMPLING_FLAGS("64", "0.8", "0.95"),
+    SAMPLING_FLAGS("64", "0.8", "0.95", "map"),
 };
 
 static int run_generate(const cli_command *self, int argc, char **argv);
@@ -198,8 +202,7 @@ static int run_generate(const cli_command *self, int argc, char **argv)
         jm_tokenizer_free(tok);
         return cli_error(self, "--tokens wants comma-separated integers, got '%s'", o.tokens);
     }
-    if ((s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err))) goto out;
-    if (o.in_ram && (s = jm_weights_to_ram(m, &err))) goto out;
+    if ((s = cli_open_model(dir, o.kernels, o.kv_cache, o.weights, &m, &err))) goto out;
     if (tok && jm_tokenizer_vocab_size(tok) != jm_model_config(m)->vocab_size) {
         s = JM_ERR_ARG;
         snprintf(err.msg, sizeof err.msg, "tokenizer has %d pieces but the model's vocab_size is %d",
@@ -260,7 +263,7 @@ out:
 static const cli_flag chat_flags[] = {
     {"--system", {NULL}, FLAG_STR, offsetof(infer_opts, system), .meta = "TEXT",
      .help = "the system message the conversation starts with (kept when old turns are dropped)"},
-    SAMPLING_FLAGS("256", "0.7", "0.9"),
+    SAMPLING_FLAGS("256", "0.7", "0.9", "auto"),
 };
 
 static int run_chat(const cli_command *self, int argc, char **argv);
@@ -376,8 +379,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
     jm_tokenizer *tok = NULL;
     jm_model *m = NULL;
     jm_status s = jm_tokenizer_load(dir, &tok, &err);
-    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
-    if (!s && o.in_ram) s = jm_weights_to_ram(m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, o.weights, &m, &err);
     if (s) {
         jm_model_free(m);
         jm_tokenizer_free(tok);
@@ -502,7 +504,7 @@ static int run_chat(const cli_command *self, int argc, char **argv)
 
 typedef struct {
     cli_list task;
-    const char *data, *kernels, *kv_cache, *out, *dump, *shots_from, *tokenizer;
+    const char *data, *kernels, *kv_cache, *weights, *out, *dump, *shots_from, *tokenizer;
     int64_t seq_len, max_tokens, threads, shots, limit, seed, max_gen;
     int decode, overwrite, quiet;
 } eval_opts;
@@ -536,7 +538,7 @@ static const cli_flag eval_flags[] = {
     {"--decode", {NULL}, FLAG_BOOL, offsetof(eval_opts, decode),
      .help = "perplexity: a token at a time through the KV cache, as generation runs (the same tokens)"},
     {"--quiet", {"-q"}, FLAG_BOOL, offsetof(eval_opts, quiet), .help = "no progress line"},
-    CLI_MODEL_FLAGS(eval_opts),
+    CLI_MODEL_FLAGS(eval_opts, "auto"),
 };
 
 static int run_eval(const cli_command *self, int argc, char **argv);
@@ -638,7 +640,7 @@ static int run_eval(const cli_command *self, int argc, char **argv)
     /* where the outputs go is checked before any work (README: What writes where) */
     jm_status s = o.out ? jm_output_file(o.out, inputs, ninputs, o.overwrite, out_target, sizeof out_target, &err) : JM_OK;
     if (!s && o.dump) s = jm_output_file(o.dump, inputs, ninputs, o.overwrite, dump_target, sizeof dump_target, &err);
-    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, o.weights, &m, &err);
     if (s) goto out;
     const jm_config *c = jm_model_config(m);
     int windows = !!o.data; /* does --seq-len matter: shards or a text file */

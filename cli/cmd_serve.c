@@ -12,7 +12,7 @@ extern const unsigned char cli_web_page[];
 extern const unsigned long cli_web_page_len;
 
 typedef struct {
-    const char *host, *api_key, *kernels, *kv_cache, *tokenizer;
+    const char *host, *api_key, *kernels, *kv_cache, *weights, *tokenizer;
     int64_t port, parallel, ctx, threads, queue, max_body;
 } serve_opts;
 
@@ -33,7 +33,7 @@ static const cli_flag serve_flags[] = {
      .meta = "BYTES", .help = "request body size at most; more gets 413"},
     {"--tokenizer", {NULL}, FLAG_STR, offsetof(serve_opts, tokenizer), .meta = "PATH",
      .help = "the tokenizer, when it is not in DIR"},
-    CLI_MODEL_FLAGS(serve_opts),
+    CLI_MODEL_FLAGS(serve_opts, "auto"),
 };
 
 static int run_serve(const cli_command *self, int argc, char **argv);
@@ -85,7 +85,7 @@ static int run_serve(const cli_command *self, int argc, char **argv)
     jm_generation_config gen; /* requests' sampling defaults */
     jm_status s = jm_generation_config_load(dir, &gen, &err);
     if (!s) s = jm_tokenizer_load(o.tokenizer ? o.tokenizer : dir, &tok, &err);
-    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, &m, &err);
+    if (!s) s = cli_open_model(dir, o.kernels, o.kv_cache, o.weights, &m, &err);
     if (!s) {
         /* the model's name: the checkpoint directory's */
         char name[4096];

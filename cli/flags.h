@@ -60,17 +60,26 @@ struct cli_command {
 /* The flags of the commands that run a model for inference (generate, chat,
  * eval, serve), in an options struct T with int64_t threads and const char
  * *kernels, *kv_cache. */
-#define CLI_MODEL_FLAGS(T)                                                                                          \
+/* WEIGHTS: --weights' default. A copy in RAM costs up to ~2.5 s per GB at
+ * start on a virtual machine whose fresh memory the host backs on first touch
+ * (the zeroing of new pages is most of it): the long runs (chat, serve, eval)
+ * default to auto, a one-off generate to map. */
+#define CLI_MODEL_FLAGS(T, WEIGHTS)                                                                                 \
     {"--threads", {NULL}, FLAG_INT, offsetof(T, threads), "0", 0, 4096, .meta = "N",                                \
      .help = "threads, 0 = all cores"},                                                                               \
     {"--kernels", {NULL}, FLAG_STR, offsetof(T, kernels), "auto", .meta = "auto|avx512|avx2|portable",               \
      .help = "the decode product kernels"},                                                                           \
     {"--kv-cache", {NULL}, FLAG_STR, offsetof(T, kv_cache), "f32", .meta = "f32|bf16",                               \
-     .help = "the KV cache's element type (bf16: half the bytes)"}
+     .help = "the KV cache's element type (bf16: half the bytes)"},                                                  \
+    {"--weights", {NULL}, FLAG_STR, offsetof(T, weights), WEIGHTS, .meta = "auto|map|ram",                            \
+     .help = "read the weights in place (map) or from a copy in 2 MB-page memory (ram: faster decoding, the "      \
+             "model's size in RAM); auto: the copy when it fits in 3/4 of the available memory"}
 
-/* jm_model_open (weights in place from the mapping) with the chosen kernels
- * (--kernels) and KV cache type (--kv-cache); NULL *m on failure. */
-jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, jm_model **m, jm_error *err);
+/* jm_model_open with the chosen kernels (--kernels), KV cache type
+ * (--kv-cache) and weights' place (--weights, jm_weights_place); NULL *m on
+ * failure. */
+jm_status cli_open_model(const char *dir, const char *kernels, const char *kv_cache, const char *weights,
+                         jm_model **m, jm_error *err);
 
 /* Parses argv[1..argc) (argv[0] is the command's last word) into opts and
  * *positional: applies the defaults, then the arguments. -h/--help anywhere

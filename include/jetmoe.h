@@ -334,6 +334,12 @@ void jm_set_read_only_products(jm_model *m);
  * that copy: decoding streams the weights up to 2x faster on machines where
  * page walks are costly, at the price of the copy's memory and time. */
 jm_status jm_weights_to_ram(jm_model *m, jm_error *err);
+/* Where decoding reads the weights: "map" (in place), "ram" (jm_weights_to_ram)
+ * or "auto" (the copy when it takes at most 3/4 of the memory available now;
+ * in place otherwise). Bad names are an error; a model not opened in place
+ * stays as it is. jm_weights_in_ram: whether the model reads a copy. */
+jm_status jm_weights_place(jm_model *m, const char *where, jm_error *err);
+int jm_weights_in_ram(const jm_model *m);
 const char *jm_kernels(const jm_model *m);
 
 /* Writes a quantized copy of checkpoint dir as out_dir (jm_output_dir_open's

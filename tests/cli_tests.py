@@ -46,12 +46,12 @@ EXPECTED_FLAGS = {
                 "--part"],
     "pretrain": ["--recipe", "--out", "--resume", "--overwrite", "--threads", "--stop-after", "--quiet"],
     "generate": ["--prompt", "-p", "--tokens", "--tokenizer", "--max-new", "-n", "--temperature", "--temp",
-                 "--top-k", "--top-p", "--seed", "--greedy", "--ids", "--stop", "--threads", "--kernels",
+                 "--top-k", "--top-p", "--seed", "--greedy", "--ids", "--stop", "--threads", "--kernels", "--weights",
                  "--repeat-penalty", "--repetition-penalty", "--repeat-last-n"],
     "chat": ["--system", "--max-new", "-n", "--temperature", "--temp", "--top-k", "--top-p", "--seed",
-             "--greedy", "--stop", "--threads", "--kernels", "--repeat-penalty", "--repetition-penalty",
-             "--repeat-last-n", "--quiet"],
-    "eval": ["--data", "--seq-len", "--max-tokens", "--decode", "--threads", "--kernels"],
+             "--greedy", "--stop", "--threads", "--kernels", "--weights", "--repeat-penalty",
+             "--repetition-penalty", "--repeat-last-n", "--quiet"],
+    "eval": ["--data", "--seq-len", "--max-tokens", "--decode", "--threads", "--kernels", "--weights"],
     "distill sft": ["--teacher", "--prompts", "--out", "--max-new", "--temperature", "--top-k", "--top-p", "--seed",
                     "--parallel", "--on-bad-line", "--overwrite", "--threads", "--kernels"],
     "distill pairs": ["--model", "--teacher", "--prompts", "--out", "--samples", "--max-new", "--temperature",
@@ -59,7 +59,7 @@ EXPECTED_FLAGS = {
                       "--kernels"],
     "quantize": ["--to", "--out", "--threads", "--overwrite"],
     "serve": ["--host", "--port", "--parallel", "--ctx", "--api-key", "--queue", "--max-body", "--tokenizer",
-              "--threads", "--kernels", "--kv-cache"],
+              "--threads", "--kernels", "--kv-cache", "--weights"],
     "help": ["--flags"],
     "version": [],
 }
@@ -68,9 +68,9 @@ MODEL_CHECKS = ["cli_aliases_match_long_forms", "cli_temperature_zero_is_greedy"
                 "cli_random_seed_printed_and_reproducible", "cli_timing_line_on_its_own_line",
                 "cli_chat_top_k_stop_and_timing", "cli_chat_turn_after_a_cut_reply",
                 "cli_repetition_penalty_matches_numpy", "cli_repetition_penalty_breaks_greedy_loop",
-                "cli_info_weight_format"]
+                "cli_info_weight_format", "cli_weights_place"]
 TIMING = re.compile(r"prompt: (\d+) tokens, ([\d.]+|-) tok/s \| generation: (\d+) tokens, ([\d.]+|-) tok/s \| "
-                    r"(\w+) weights, (\w+) kernels")
+                    r"(\w+) weights (mapped|in RAM), (\w+) kernels")
 
 
 def run(suite, jetmoe, tmp):
@@ -338,6 +338,24 @@ def with_model(suite, jm, crashed, model, tmp):
         p = jm("chat", model, "--threads", "1", "-n", "12", "--greedy", stdin="hello there\nwhat is it\n")
         suite.check("cli_chat_turn_after_a_cut_reply", p.returncode == 0 and p.stderr.count("reply cut") == 2 and
                     len(TIMING.findall(p.stderr)) == 2 and not crashed(p), f"exit {p.returncode}: {p.stderr[-300:]!r}")
+
+    if suite.wanted("cli_weights_place"):
+        # the copy in RAM (Q8/Q4 rows interleaved there) decodes the same tokens as the mapping; auto
+        # copies a model this small; generate maps by default, chat copies; a bad place is refused by name
+        args = ["-p", "the license", "-n", "24", "--temp", "1.5", "--seed", "3"]
+        runs = {w: jm(*gen, *args, *(["--weights", w] if w else [])) for w in ("map", "ram", "auto", "")}
+        runs["chat"] = jm("chat", model, "--threads", "1", "-n", "4", "--greedy", stdin="hello\n")
+        places = {w: (TIMING.search(p.stderr) or [None] * 7)[6] for w, p in runs.items()}
+        bad = jm(*gen, *args, "--weights", "disk")
+        problems = [f"{w}: exit {p.returncode}: {p.stderr[-200:]!r}" for w, p in runs.items()
+                    if p.returncode != 0 or crashed(p)]
+        if not problems and len({p.stdout for w, p in runs.items() if w != "chat"}) != 1:
+            problems.append(f"outputs differ: {[p.stdout[-60:] for p in runs.values()]}")
+        if places != {"map": "mapped", "ram": "in RAM", "auto": "in RAM", "": "mapped", "chat": "in RAM"}:
+            problems.append(f"timing lines say {places}")
+        if bad.returncode == 0 or crashed(bad) or "--weights" not in bad.stderr or "disk" not in bad.stderr:
+            problems.append(f"--weights disk: exit {bad.returncode}: {bad.stderr[-200:]!r}")
+        suite.check("cli_weights_place", not problems, "; ".join(problems), "map, ram and auto alike; defaults map (generate), auto (chat); disk refused")
 
     if any(suite.wanted(n) for n in MODEL_CHECKS if n.startswith("cli_repetition_penalty")):
         repetition_penalty(suite, jm, crashed, model, tmp)

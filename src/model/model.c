@@ -9,6 +9,7 @@
 #include "model/ops/ops.h"
 
 #include <cblas.h>
+#include <stdio.h>
 #include <math.h>
 #include <omp.h>
 #include <string.h>
@@ -1725,6 +1726,49 @@ jm_status jm_weights_to_ram(jm_model *m, jm_error *err)
     m->ram = ram;
     return JM_OK;
 }
+
+/* MemAvailable of /proc/meminfo in bytes (free memory and what the kernel
+ * can reclaim without swapping, clean page cache among it); -1 where there
+ * is no such file. */
+static double mem_available_bytes(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    double kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1) break;
+    fclose(f);
+    return kb < 0 ? -1 : kb * 1024;
+}
+
+/* "auto" copies when the copy leaves a quarter of the available memory for
+ * the KV cache, the activations and everyone else. The page cache the copy
+ * reads through counts as available: it is clean, and the kernel reclaims it
+ * as the copy grows. Why copy at all: the copy is on 2 MB pages, where a
+ * mapped checkpoint is on 2 MB pages only as far as the page cache happens
+ * to hold it in 2 MB folios (about half of it, often), and the rest costs a
+ * page-table entry per 4 KB. On a virtual machine whose kernel samples page
+ * accesses (DAMON, clearing each sampled folio's accessed bits: here every
+ * 0.5 s, on up to 8192 regions) each cleared 4 KB entry is a trap to the host
+ * when it is next read. One thread, the 8B layout's q4 (AMD EPYC family 26
+ * model 2): mapped, 82-86% of the roofline just after DAMON started, 33-50%
+ * two minutes later; the copy in RAM 60-80% throughout (q8: mapped 15-49%,
+ * in RAM 76-80%). */
+jm_status jm_weights_place(jm_model *m, const char *where, jm_error *err)
+{
+    if (!where || (strcmp(where, "auto") && strcmp(where, "map") && strcmp(where, "ram")))
+        return jm_fail(err, JM_ERR_ARG, "'%s' is no place for the weights: use auto, map or ram",
+                       where ? where : "(null)");
+    if (!strcmp(where, "map") || !m->mapped || m->ram || m->owner) return JM_OK;
+    if (!strcmp(where, "auto")) {
+        const double avail = mem_available_bytes();
+        if (avail < 0 || (double)move_views(m, NULL) > 0.75 * avail) return JM_OK;
+    }
+    return jm_weights_to_ram(m, err);
+}
+
+int jm_weights_in_ram(const jm_model *m) { return m->ram != NULL; }
 
 /* Bytes of `rows` rows of C inputs as held (Q8/Q4 with their F16 scales). */
 static int64_t view_bytes(wview w, int64_t rows, int64_t C)
