@@ -66,31 +66,26 @@ static double huge_mapped_mb(double *anon_mb)
     return (file + anon) / 1024;
 }
 
-/* One line per step on a TTY (rewritten in place); plain lines, only for
- * slow steps, otherwise: an 8B BF16 decode takes seconds per token. */
 static int cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
 
-/* The median and the fastest of the steady steps (after the first): on a
- * shared machine a few steps the host slowed move the mean, not these. */
-static void step_spread(const double *step_s, int n, double *median, double *fastest)
+/* The median and the fastest of the steady steps (after the first), which
+ * it sorts: on a shared machine a few steps the host slowed move the mean,
+ * not these. */
+static void step_spread(double *step_s, int n, double *median, double *fastest)
 {
     const int first = n > 1, m = n - first;
-    double *v = malloc(sizeof(double) * (size_t)m);
-    if (!v) {
-        *median = *fastest = 0;
-        return;
-    }
-    memcpy(v, step_s + first, sizeof(double) * (size_t)m);
+    double *v = step_s + first;
     qsort(v, (size_t)m, sizeof *v, cmp_double);
     *median = m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
     *fastest = v[0];
-    free(v);
 }
 
+/* One line per step on a TTY (rewritten in place); plain lines, only for
+ * slow steps, otherwise: an 8B BF16 decode takes seconds per token. */
 static void progress(int i, int n, double step_s, double elapsed)
 {
     double eta = elapsed / (i + 1) * (n - i - 1);
@@ -103,7 +98,7 @@ static void progress(int i, int n, double step_s, double elapsed)
 static int usage(void)
 {
     fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable|read] "
-                    "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram]\n       bench/decode --bench-config OUT.json\n");
+                    "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram|auto]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
 
@@ -121,8 +116,8 @@ static int write_bench_config(const char *path)
 
 int main(int argc, char **argv)
 {
-    const char *dir = NULL, *kernels = "auto", *kv_cache = "f32";
-    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32, in_ram = 0;
+    const char *dir = NULL, *kernels = "auto", *kv_cache = "f32", *weights = "map";
+    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (a[0] != '-') {
@@ -138,7 +133,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--new")) n_new = atoi(v);
         else if (!strcmp(a, "--kernels")) kernels = v;
         else if (!strcmp(a, "--kv-cache")) kv_cache = v;
-        else if (!strcmp(a, "--weights")) in_ram = !strcmp(v, "ram");
+        else if (!strcmp(a, "--weights")) weights = v;
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
         else return usage();
     }
@@ -152,7 +147,7 @@ int main(int argc, char **argv)
     const double open_s = now() - t0;
     const int read_only = !strcmp(kernels, "read");
     if (!s && read_only) jm_set_read_only_products(m);
-    if (s || (in_ram && jm_weights_to_ram(m, &err)) || (!read_only && jm_set_kernels(m, kernels, &err)) ||
+    if (s || jm_weights_place(m, weights, &err) || (!read_only && jm_set_kernels(m, kernels, &err)) ||
         jm_set_kv_cache(m, kv_cache, &err) || jm_set_context(m, n_prompt + n_new, &err)) {
         fprintf(stderr, "bench/decode: %s\n", err.msg);
         jm_model_free(m);
@@ -203,7 +198,7 @@ int main(int argc, char **argv)
     /* the first step pays one-off costs (a smaller arena plan, cold caches) */
     const double steady_s = n_new > 1 ? decode_s - step_s[0] : decode_s;
     const double decode_tps = (n_new > 1 ? n_new - 1 : 1) / steady_s, decode_all_tps = n_new / decode_s;
-    double median_s, fastest_s;
+    double median_s, fastest_s; /* step_s[1..] sorted from here on */
     step_spread(step_s, n_new, &median_s, &fastest_s);
     double anon_huge_mb; /* of which anonymous: weights copied to RAM, the KV cache, the activations */
     const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(&anon_huge_mb); /* before the bandwidth buffer adds its 1 GB */
@@ -231,7 +226,8 @@ int main(int argc, char **argv)
             dir, jm_model_weight_type(m), jm_kernels(m), jm_kv_cache(m), threads, cpu, open_s, rss, huge_mb, anon_huge_mb,
             n_prompt, prefill_s,
             n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, n_new, decode_tps, decode_all_tps,
-            1e3 / decode_tps, 1e3 * median_s, 1e3 * fastest_s, bw, bw_before, bw_after, bytes / 1e6, roofline, 100 * decode_tps / roofline, kv_bytes / 1e6,
+            1e3 / decode_tps, 1e3 * median_s, 1e3 * fastest_s, bw, bw_before, bw_after, bytes / 1e6, roofline,
+            100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
     printf("{\"impl\":\"c\",\"what\":\"decode\",\"cpu\":\"%s\",\"kv_cache\":\"%s\",\"kv_bytes\":%.0f,"
            "\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"

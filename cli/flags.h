@@ -59,8 +59,7 @@ struct cli_command {
 
 /* The flags of the commands that run a model for inference (generate, chat,
  * eval, serve), in an options struct T with int64_t threads and const char
- * *kernels, *kv_cache. */
-/* WEIGHTS: --weights' default. A copy in RAM costs up to ~2.5 s per GB at
+ * *kernels, *kv_cache, *weights. WEIGHTS: --weights' default. A copy in RAM costs up to ~2.5 s per GB at
  * start on a virtual machine whose fresh memory the host backs on first touch
  * (the zeroing of new pages is most of it): the long runs (chat, serve, eval)
  * default to auto, a one-off generate to map. */

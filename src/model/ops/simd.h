@@ -33,23 +33,18 @@
 #define PAGE_AHEAD 65536
 #endif
 
-/* A prefetch of each 4 KB page of [p + dist, p + n + dist) once over a
- * stream read in consecutive pieces [p, p + n): a page is prefetched by the
- * piece whose shifted range holds its start. */
-static inline void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist)
+/* A prefetch of each `unit`-byte piece (a power of two) of [p + dist, p + n +
+ * dist) once over a stream read in consecutive pieces [p, p + n): a unit is
+ * prefetched by the piece whose shifted range holds its start. */
+static inline void prefetch_each(const uint8_t *p, int64_t n, int64_t dist, uintptr_t unit)
 {
     const uintptr_t end = (uintptr_t)p + (uintptr_t)(n + dist);
-    for (uintptr_t a = ((uintptr_t)p + (uintptr_t)dist + 4095) & ~(uintptr_t)4095; a < end; a += 4096)
+    for (uintptr_t a = ((uintptr_t)p + (uintptr_t)dist + unit - 1) & ~(unit - 1); a < end; a += unit)
         __builtin_prefetch((const void *)a, 0, 3);
 }
 
-/* The same for each 64-byte line: a short stream read in pieces. */
-static inline void prefetch_lines(const uint8_t *p, int64_t n, int64_t dist)
-{
-    const uintptr_t end = (uintptr_t)p + (uintptr_t)(n + dist);
-    for (uintptr_t a = ((uintptr_t)p + (uintptr_t)dist + 63) & ~(uintptr_t)63; a < end; a += 64)
-        __builtin_prefetch((const void *)a, 0, 3);
-}
+/* Each 4 KB page (PAGE_AHEAD, above). */
+static inline void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist) { prefetch_each(p, n, dist, 4096); }
 
 /* akernels.c, per set (see wkernels in ops.h) */
 #define ATT_SCORES_ARGS float *S, int64_t lds, const float *q, int64_t ldq, int nq, const void *K, int bf16, int64_t n, int D, float scale

@@ -200,7 +200,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         prefetch_pages(wrow_byte(w, i, 0, row), R * row, PAGE_AHEAD);
         if (w.scales) {
             prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD * srow / row); /* as many passes on */
-            prefetch_lines(w.scales + i * srow, R * srow, SCALE_PASSES_AHEAD * R * srow);
+            prefetch_each(w.scales + i * srow, R * srow, SCALE_PASSES_AHEAD * R * srow, 64);
         }
         for (int64_t r = 0; r < n; r += inputs) {
             pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
