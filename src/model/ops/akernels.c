@@ -118,9 +118,17 @@ static void join_slots(float *o, int64_t ldo, const float *acc, int Dp, int ns, 
  * takes head_dim up to 1024). */
 enum { SLOTS = 2, DMAX = 1024 };
 
-/* One line of each row 2 KB on, and one of each page 64 KB on: the cache of
- * one head is a stream of rows like a weight matrix (see PAGE_AHEAD). */
-#define ROW_AHEAD 2048
+/* One line of each row 4 KB on, and one of each page 64 KB on: the cache of
+ * one head is a stream of rows like a weight matrix (see PAGE_AHEAD). A
+ * head's keys are short streams (128-270 KB at 512 positions), so how many
+ * lines are in flight decides their pace: bench/attention (8B shape, 512
+ * positions, 55 MB read between layers), best step, one thread, 2 KB -> 4
+ * KB on: bf16 cache 58-63% -> 65-71% of a plain read, f32 77-85% -> 91-92%;
+ * two threads bf16 50% -> 51-61%; 8 KB on did no better (AMD EPYC family 26
+ * model 2). The small bench config decoded 445-488 -> 506-540 tokens/s. */
+#ifndef ROW_AHEAD
+#define ROW_AHEAD 4096
+#endif
 
 /* Row i of a cache of rows of D values, element c, as bytes. */
 static inline const char *row_at(const void *rows, int bf16, int64_t i, int D, int c)
