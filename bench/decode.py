@@ -5,6 +5,7 @@ weights) in BF16, Q8 and Q4 against the memory-bandwidth roofline. Prints
 figures; never passes or fails.
 
   bench/decode.py [--threads 1,2] [--synthetic DIR] [--skip-8b] [--skip-small] [--kv-cache bf16] [--build build]
+                  [--reps 3] [--reps-8b 2]
 
 Every figure is given at each thread count side by side (default 1 and 2),
 and a row where more threads decode slower is marked.
@@ -20,7 +21,8 @@ and q8/, q4/ from `jetmoe quantize` when they are absent (about 17 + 9 + 5 GB;
 the first run takes some minutes), then build/bench/decode runs on each with a
 512-token prompt and 16 new tokens, and once more at each thread count with
 --kernels read (products that only read their bytes): what the same steps
-cost at the memory system's pace, and the kernels' share of the gap. A token
+cost at the memory system's pace, and the kernels' share of the gap; each
+figure is the best of --reps-8b rounds (2), as the small config's of --reps. A token
 reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so
 there decode is bound by memory bandwidth to a few tokens/s, and a 512-token
 prefill takes about a minute.
@@ -240,11 +242,23 @@ def big(a):
                 return run([os.path.join(ROOT, a.build, "bench", "decode"), d, "--threads", str(t),
                             "--prompt", str(a.prompt_8b), "--new", str(a.new_8b), "--kv-cache", a.kv_cache,
                             "--weights", a.weights, "--kernels", kernels], thread_env(t))
-            r = {t: decode(t) for t in a.thread_list}
-            # the same steps with products that only read their bytes: the
-            # ceiling of this access pattern (and of the step's threading) on
-            # this machine, beside the roofline's plain read of one buffer
-            r["read"] = {t: decode(t, "read") for t in a.thread_list}
+            # best of a.reps_8b rounds, each running every figure once: the
+            # round right after read_through often streams far slower than the
+            # next (bf16 at one thread 57% of the roofline, its fastest step
+            # 154 ms against a median of 196; the read-only run that followed
+            # 80%): the memory the page cache just gave up goes back to the
+            # host (this VM's free page reporting), and a fresh copy into it
+            # is backed anew; the best round is the one that measured the code
+            r = {"read": {}}
+            for _ in range(a.reps_8b):
+                for t in a.thread_list:
+                    # the same steps with products that only read their bytes:
+                    # the ceiling of this access pattern (and of the step's
+                    # threading) on this machine, beside the roofline's plain read
+                    for kernels, into in (("auto", r), ("read", r["read"])):
+                        x = decode(t, kernels)
+                        if t not in into or x["decode_tok_s"] > into[t]["decode_tok_s"]:
+                            into[t] = x
             rows.append((name, r))
         except subprocess.CalledProcessError as e:
             print(f"{name}: {' '.join(e.cmd[:2])} failed (exit {e.returncode}); skipping it", file=sys.stderr)
@@ -254,7 +268,8 @@ def big(a):
     t1, tn = a.thread_list[0], a.thread_list[-1]
     first = rows[0][1][t1]
     print(f"JetMoE-8B layout (random weights, {a.synthetic}): prompt {a.prompt_8b}, {a.new_8b} new, "
-          f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}; {first['cpu']}")
+          f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}, "
+          f"best of {a.reps_8b} run{'s' if a.reps_8b > 1 else ''}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
         f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
         + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
@@ -283,6 +298,7 @@ def main():
     ap.add_argument("--prompt-8b", type=int, default=512)
     ap.add_argument("--new-8b", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3, help="runs per small-config figure; the best is shown")
+    ap.add_argument("--reps-8b", type=int, default=2, help="runs per 8B-layout figure; the best is shown")
     ap.add_argument("--kv-cache", default="bf16", choices=("f32", "bf16"), help="the 8B runs' KV cache")
     ap.add_argument("--weights", default="ram", choices=("map", "ram"),
                     help="the 8B runs' weights: copied into 2 MB-page memory as the roofline's buffer is (the "
@@ -290,6 +306,8 @@ def main():
                          "mapped checkpoint")
     a = ap.parse_args()
     a.thread_list = sorted({int(t) for t in a.threads.split(",")})
+    if a.reps < 1 or a.reps_8b < 1:
+        ap.error("--reps and --reps-8b must be at least 1")
     load_note()
     if not a.skip_small:
         small(a)
