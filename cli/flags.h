@@ -59,10 +59,10 @@ struct cli_command {
 
 /* The flags of the commands that run a model for inference (generate, chat,
  * eval, serve), in an options struct T with int64_t threads and const char
- * *kernels, *kv_cache, *weights. WEIGHTS: --weights' default. A copy in RAM costs up to ~2.5 s per GB at
- * start on a virtual machine whose fresh memory the host backs on first touch
- * (the zeroing of new pages is most of it): the long runs (chat, serve, eval)
- * default to auto, a one-off generate to map. */
+ * *kernels, *kv_cache, *weights. WEIGHTS: --weights' default. A copy in RAM
+ * costs up to ~2.5 s per GB at start on a virtual machine whose fresh memory
+ * the host backs on first touch (the zeroing of new pages is most of it): the
+ * long runs (chat, serve, eval) default to auto, a one-off generate to map. */
 #define CLI_MODEL_FLAGS(T, WEIGHTS)                                                                                 \
     {"--threads", {NULL}, FLAG_INT, offsetof(T, threads), "0", 0, 4096, .meta = "N",                                \
      .help = "threads, 0 = all cores"},                                                                               \

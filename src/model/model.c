@@ -9,9 +9,9 @@
 #include "model/ops/ops.h"
 
 #include <cblas.h>
-#include <stdio.h>
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 
