@@ -35,9 +35,8 @@ static inline void cpu_model(char *out, size_t cap)
     snprintf(out, cap, "%.80s (family %.8s model %.8s)", name, fam, mod); /* fits the callers' 128 bytes */
 }
 
-/* Best-of-reps rate (GB/s) of streaming reads of n bytes of memory on the
- * library's threads (read_memory), or of a fresh `bytes` buffer
- * (read_bandwidth): what one decode step, which reads each active weight
+/* Best-of-reps rate (GB/s) of streaming reads of a `bytes` buffer on the
+ * library's threads: what one decode step, which reads each active weight
  * once, can hope for. The buffer is laid out as the model's weights in
  * memory (2 MB pages asked for), and read the fastest way we know: integer
  * sums the compiler may reorder and vectorise, 16 independent ones to keep
@@ -48,11 +47,15 @@ static inline void cpu_model(char *out, size_t cap)
  * (AMD EPYC family 26 model 2; the kernels gained far more, 21-23 -> 35-38
  * GB/s, as their passes do more work per line). */
 #define READ_AHEAD 65536
-static inline double read_memory(const uint8_t *buf, size_t n, int reps)
+static inline double read_bandwidth(size_t bytes, int reps)
 {
+    const size_t page = 4096, n = (bytes + page - 1) / page * page;
+    uint8_t *buf = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) return 0;
+    madvise(buf, n, MADV_HUGEPAGE);
+#pragma omp parallel for schedule(static)
+    for (size_t p = 0; p < n; p += page) memset(buf + p, (int)(p >> 12), page); /* first touch by its reader */
     static volatile uint64_t sink; /* keeps the sums (and so the reads) alive */
-    const size_t page = 4096;
-    n = n / page * page;
     double best = 1e30;
     for (int r = 0; r < reps; r++) {
         uint64_t sum = 0;
@@ -73,21 +76,8 @@ static inline double read_memory(const uint8_t *buf, size_t n, int reps)
         sink += sum;
         if (t < best) best = t;
     }
-    return n ? (double)n / best / 1e9 : 0;
-}
-
-/* read_memory over a fresh buffer of `bytes`, first touched by its readers. */
-static inline double read_bandwidth(size_t bytes, int reps)
-{
-    const size_t page = 4096, n = (bytes + page - 1) / page * page;
-    uint8_t *buf = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (buf == MAP_FAILED) return 0;
-    madvise(buf, n, MADV_HUGEPAGE);
-#pragma omp parallel for schedule(static)
-    for (size_t p = 0; p < n; p += page) memset(buf + p, (int)(p >> 12), page); /* first touch by its reader */
-    const double gbs = read_memory(buf, n, reps);
     munmap(buf, n);
-    return gbs;
+    return (double)n / best / 1e9;
 }
 
 /* Best-of-reps SGEMM rate at a size large enough to reach the kernel's peak. */

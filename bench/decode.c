@@ -168,17 +168,6 @@ int main(int argc, char **argv)
      * the memory comes and goes (two threads measured 44 and 83 GB/s minutes
      * apart), and the roofline is what the machine can do. */
     const double bw_before = read_bandwidth((size_t)1 << 30, 10);
-    /* The memory the weights are in, read by the same loop (whole: the tokens
-     * choose different experts): the limit for this model's bytes. In this
-     * VM a plain read of a fresh 16 GB buffer ran 10-20% slower than
-     * re-reading its first GB, and one of the 8B BF16 copy's 17 GB at one
-     * thread 79% as fast as the 1 GB buffer's, interleaved (AMD EPYC family
-     * 26 model 2): a 1 GB buffer, read ten times over, is a roofline no
-     * decode of a larger model reaches. The first passes over a fresh copy
-     * are slow (3-30 GB/s): best of three. */
-    size_t ram_bytes;
-    const uint8_t *ram = jm_weights_ram(m, &ram_bytes);
-    const double wbw_before = ram ? read_memory(ram, ram_bytes, 3) : 0;
     reset_peak_rss(); /* the peak RSS reported is the model's, not this buffer's */
 
     /* A short prefill first faults the mapped weights in (nearly every expert
@@ -215,10 +204,9 @@ int main(int argc, char **argv)
     const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(&anon_huge_mb); /* before the bandwidth buffer adds its 1 GB */
 
     const double bw_after = read_bandwidth((size_t)1 << 30, 10), bw = bw_before > bw_after ? bw_before : bw_after;
-    const double wbw_after = ram ? read_memory(ram, ram_bytes, 2) : 0, wbw = wbw_before > wbw_after ? wbw_before : wbw_after;
     const double gemm = gemm_peak_gflops(2048, 3);
     const int64_t bytes = jm_active_weight_bytes(m);
-    const double roofline = bw * 1e9 / (double)bytes, wroofline = wbw * 1e9 / (double)bytes;
+    const double roofline = bw * 1e9 / (double)bytes;
     /* and what the steps read of the cache, on average: K and V of every earlier position */
     const double kv_bytes = (double)c->num_layers * 2 * c->num_kv_heads * c->head_dim *
                             (strcmp(kv_cache, "bf16") ? 4 : 2) * (n_prompt + n_new / 2.0);
@@ -241,23 +229,16 @@ int main(int argc, char **argv)
             1e3 / decode_tps, 1e3 * median_s, 1e3 * fastest_s, bw, bw_before, bw_after, bytes / 1e6, roofline,
             100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
-    if (ram)
-        fprintf(stderr,
-                "  the weights' own %.2f GB read at %.1f GB/s (%.1f before the run, %.1f after) = %.2f tokens/s -> "
-                "decode at %.0f%% (%.0f%% with the KV cache)\n",
-                ram_bytes / 1e9, wbw, wbw_before, wbw_after, wroofline, 100 * decode_tps / wroofline,
-                100 * decode_tps * (bytes + kv_bytes) / (wbw * 1e9));
     printf("{\"impl\":\"c\",\"what\":\"decode\",\"cpu\":\"%s\",\"kv_cache\":\"%s\",\"kv_bytes\":%.0f,"
            "\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"
            "\"prompt\":%d,\"new\":%d,\"open_s\":%.3f,\"prefill_s\":%.4f,\"prefill_tok_s\":%.2f,"
            "\"prefill_gflops\":%.2f,\"gemm_peak_gflops\":%.2f,\"decode_tok_s\":%.4f,\"decode_tok_s_all\":%.4f,"
            "\"first_step_s\":%.4f,\"median_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
-           "\"ratio\":%.4f,\"weights_bandwidth_gbs\":%.2f,\"weights_ratio\":%.4f,\"peak_rss_mb\":%.1f,"
-           "\"huge_page_mb\":%.1f,\"ids\":[",
+           "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"huge_page_mb\":%.1f,\"ids\":[",
            cpu, jm_kv_cache(m), kv_bytes, jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s,
            prefill_s,
            n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0], median_s,
-           (long long)bytes, bw, roofline, decode_tps / roofline, wbw, ram ? decode_tps / wroofline : 0.0, rss, huge_mb);
+           (long long)bytes, bw, roofline, decode_tps / roofline, rss, huge_mb);
     for (int i = 0; i <= n_new; i++) printf(i ? ",%d" : "%d", ids[i]);
     printf("]}\n");
     free(prompt);

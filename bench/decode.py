@@ -22,12 +22,7 @@ the first run takes some minutes), then build/bench/decode runs on each with a
 512-token prompt and 16 new tokens, and once more at each thread count with
 --kernels read (products that only read their bytes): what the same steps
 cost at the memory system's pace, and the kernels' share of the gap; each
-figure is the best of --reps-8b rounds (2), as the small config's of --reps.
-Each 8B figure is given against two reads by the same loop: of a fresh 1 GB
-buffer ("of roof"), and of the memory the weights were copied into ("of own",
-all of it): on this kind of virtual machine a read of many gigabytes runs
-10-20% slower than one of a gigabyte read over and over, and no decode can
-stream its weights faster than a plain read of them. A token
+figure is the best of --reps-8b rounds (2), as the small config's of --reps. A token
 reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so
 there decode is bound by memory bandwidth to a few tokens/s, and a 512-token
 prefill takes about a minute.
@@ -64,11 +59,6 @@ def leading_agreement(a, b):
 def thread_env(t):
     """t threads, and OpenMP's passive waiting, as the jetmoe CLI starts itself (cli/main.c), for both sides."""
     return dict(os.environ, OMP_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
-
-
-def own(r):
-    """The decode over a plain read of the memory its weights are in (only when they were copied into RAM)."""
-    return f"{r['weights_ratio']:6.0%}" if r.get("weights_ratio") else f"{'-':>6}"
 
 
 def flag(r1, r2):
@@ -281,20 +271,17 @@ def big(a):
           f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}, "
           f"best of {a.reps_8b} run{'s' if a.reps_8b > 1 else ''}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
-        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7} {'of own':>6}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
+        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
         + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
     for name, r in rows:
         print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
-            f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%} {own(r[t])}"
-            for t in a.thread_list)
+            f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%}" for t in a.thread_list)
             + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"
             + "".join(f" {r['read'][t]['decode_tok_s']:10.3f} ({r['read'][t]['ratio']:4.0%})"
                       f" {r[t]['decode_tok_s'] / r['read'][t]['decode_tok_s']:10.0%}" for t in a.thread_list)
             + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
     print(f"  (read-only: the same steps with products that only read their bytes (bench/decode --kernels read), "
           f"of roof in brackets; kernels/it: the decode at that thread count over it)")
-    print("  (of own: over the same read of the weights' own memory (all of it, best of its passes before and after"
-          " the run): a 1 GB buffer read ten times over outruns any read of a model's gigabytes on this machine)")
     print("  (of roof: decode tok/s over read bandwidth / active weight bytes, measured in the same run; "
           "prefill tok/s " + ", ".join(f"{name} {r[tn]['prefill_tok_s']:.1f}" for name, r in rows) + f" at {tn} threads)")
     return failed

@@ -340,9 +340,6 @@ jm_status jm_weights_to_ram(jm_model *m, jm_error *err);
  * stays as it is. jm_weights_in_ram: whether the model reads a copy. */
 jm_status jm_weights_place(jm_model *m, const char *where, jm_error *err);
 int jm_weights_in_ram(const jm_model *m);
-/* The copy's memory (NULL, *bytes 0: no copy), for benchmarks that measure
- * what reading it costs (bench/decode). */
-const void *jm_weights_ram(const jm_model *m, size_t *bytes);
 const char *jm_kernels(const jm_model *m);
 
 /* Writes a quantized copy of checkpoint dir as out_dir (jm_output_dir_open's

@@ -99,7 +99,6 @@ struct jm_model {
     layer_params *lp;
     wview embed, lm_head;
     void *ram;            /* jm_weights_to_ram: the matrices' copy in huge pages */
-    size_t ram_bytes;
     float *norm;
     param_slot *slot;     /* where each table entry's pointer goes (build_params) */
     st_set map;           /* jm_model_open: the mapped files the views point into */
@@ -1725,7 +1724,6 @@ jm_status jm_weights_to_ram(jm_model *m, jm_error *err)
     if (!ram) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for the weights in memory", bytes / 1e9);
     move_views(m, ram);
     m->ram = ram;
-    m->ram_bytes = bytes;
     return JM_OK;
 }
 
@@ -1771,12 +1769,6 @@ jm_status jm_weights_place(jm_model *m, const char *where, jm_error *err)
 }
 
 int jm_weights_in_ram(const jm_model *m) { return m->ram != NULL; }
-
-const void *jm_weights_ram(const jm_model *m, size_t *bytes)
-{
-    *bytes = m->ram ? m->ram_bytes : 0;
-    return m->ram;
-}
 
 /* Bytes of `rows` rows of C inputs as held (Q8/Q4 with their F16 scales). */
 static int64_t view_bytes(wview w, int64_t rows, int64_t C)
