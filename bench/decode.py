@@ -106,6 +106,11 @@ def small(a):
     print(f"  {'C / roofline':14}" + "".join(f" {c[t]['ratio']:10.0%}" for t in a.thread_list)
           + f"   ({c[t1]['active_weight_bytes'] / 1e6:.1f} MB per token; read bandwidth "
           + ", ".join(f"{c[t]['bandwidth_gbs']:.1f}" for t in a.thread_list) + " GB/s)")
+    # the peer against the same roofline: C can be 2x the peer only where the
+    # peer streams at under half of it
+    print(f"  {'PyTorch / roof':14}" + "".join(f" {py[t]['decode_tok_s'] / c[t]['roofline_tok_s']:10.0%}"
+                                            for t in a.thread_list)
+          + "   (C's roofline: 2x PyTorch is within reach only below 50%)")
     for t in a.thread_list:
         n, total = leading_agreement(c[t]["ids"], py[t]["ids"]), len(c[t]["ids"])
         print(f"  greedy ids at {t} thread{'s' if t > 1 else ''}: C and PyTorch agree on "
