@@ -61,6 +61,12 @@ def thread_env(t):
     return dict(os.environ, OMP_NUM_THREADS=str(t), OMP_WAIT_POLICY="passive")
 
 
+def keep_best(best, t, r):
+    """best[t] becomes run r if it decoded faster than the one kept (or none is)."""
+    if t not in best or r["decode_tok_s"] > best[t]["decode_tok_s"]:
+        best[t] = r
+
+
 def flag(r1, r2):
     """The 2-thread column's mark: more threads must never be slower."""
     return "" if r2 >= r1 else "  <- more threads slower"
@@ -82,11 +88,9 @@ def small(a):
         for rep in range(a.reps):
             for t in a.thread_list:
                 common = ["--threads", str(t), "--prompt", "128", "--new", "64"]
-                r = run([decode, model] + common, thread_env(t))
-                c[t] = r if t not in c or r["decode_tok_s"] > c[t]["decode_tok_s"] else c[t]
-                r = run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model, "--check"] + common,
-                        thread_env(t))
-                py[t] = r if t not in py or r["decode_tok_s"] > py[t]["decode_tok_s"] else py[t]
+                keep_best(c, t, run([decode, model] + common, thread_env(t)))
+                keep_best(py, t, run(["/usr/bin/python3", os.path.join(ROOT, "bench", "decode_ref.py"), model,
+                                      "--check"] + common, thread_env(t)))
         busy_rows = busy(decode, model, a.thread_list)
 
     t1, tn = a.thread_list[0], a.thread_list[-1]
@@ -261,9 +265,7 @@ def big(a):
                     # the ceiling of this access pattern (and of the step's
                     # threading) on this machine, beside the roofline's plain read
                     for kernels, into in (("auto", r), ("read", r["read"])):
-                        x = decode(t, kernels)
-                        if t not in into or x["decode_tok_s"] > into[t]["decode_tok_s"]:
-                            into[t] = x
+                        keep_best(into, t, decode(t, kernels))
             rows.append((name, r))
         except subprocess.CalledProcessError as e:
             print(f"{name}: {' '.join(e.cmd[:2])} failed (exit {e.returncode}); skipping it", file=sys.stderr)
