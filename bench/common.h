@@ -35,8 +35,8 @@ static inline void cpu_model(char *out, size_t cap)
     snprintf(out, cap, "%.80s (family %.8s model %.8s)", name, fam, mod); /* fits the callers' 128 bytes */
 }
 
-/* Best-of-reps rate (GB/s) of streaming reads of a `bytes` buffer on the
- * library's threads: what one decode step, which reads each active weight
+/* Streaming reads of a buffer on the library's threads, the decode
+ * roofline's bandwidth: what one decode step, which reads each active weight
  * once, can hope for. The buffer is laid out as the model's weights in
  * memory (2 MB pages asked for), and read the fastest way we know: integer
  * sums the compiler may reorder and vectorise, 16 independent ones to keep
@@ -47,7 +47,14 @@ static inline void cpu_model(char *out, size_t cap)
  * (AMD EPYC family 26 model 2; the kernels gained far more, 21-23 -> 35-38
  * GB/s, as their passes do more work per line). */
 #define READ_AHEAD 65536
-static inline double read_bandwidth(size_t bytes, int reps)
+typedef struct {
+    uint8_t *buf;
+    size_t n;
+} read_buf;
+
+/* A buffer of `bytes` (whole pages) for read passes, first touched by the
+ * threads that will read it; 0 when out of memory. */
+static inline int read_buf_new(read_buf *rb, size_t bytes)
 {
     const size_t page = 4096, n = (bytes + page - 1) / page * page;
     uint8_t *buf = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -55,29 +62,58 @@ static inline double read_bandwidth(size_t bytes, int reps)
     madvise(buf, n, MADV_HUGEPAGE);
 #pragma omp parallel for schedule(static)
     for (size_t p = 0; p < n; p += page) memset(buf + p, (int)(p >> 12), page); /* first touch by its reader */
+    *rb = (read_buf){buf, n};
+    return 1;
+}
+
+static inline void read_buf_free(read_buf *rb)
+{
+    if (rb->buf) munmap(rb->buf, rb->n);
+    *rb = (read_buf){0};
+}
+
+/* One pass over the buffer on the library's threads -> GB/s. The clock runs
+ * from a barrier after the threads are up to the end of the reads, so a
+ * sleeping thread's wake-up is not counted against the memory. */
+static inline double read_pass(const read_buf *rb)
+{
     static volatile uint64_t sink; /* keeps the sums (and so the reads) alive */
-    double best = 1e30;
-    for (int r = 0; r < reps; r++) {
-        uint64_t sum = 0;
-        double t0 = now();
+    const size_t page = 4096;
+    uint64_t sum = 0;
+    double t0 = 0, t1 = 0;
 #pragma omp parallel reduction(+ : sum)
-        {
-            uint64_t acc[16] = {0};
+    {
+        uint64_t acc[16] = {0};
+#pragma omp barrier
+#pragma omp master
+        t0 = now();
 #pragma omp for schedule(static)
-            for (size_t p = 0; p < n; p += page) {
-                __builtin_prefetch(buf + p + READ_AHEAD, 0, 3); /* never faults, even past the end */
-                const uint64_t *w = (const uint64_t *)(buf + p);
-                for (size_t i = 0; i < page / 8; i += 16)
-                    for (int j = 0; j < 16; j++) acc[j] += w[i + j];
-            }
-            for (int j = 0; j < 16; j++) sum += acc[j];
+        for (size_t p = 0; p < rb->n; p += page) {
+            __builtin_prefetch(rb->buf + p + READ_AHEAD, 0, 3); /* never faults, even past the end */
+            const uint64_t *w = (const uint64_t *)(rb->buf + p);
+            for (size_t i = 0; i < page / 8; i += 16)
+                for (int j = 0; j < 16; j++) acc[j] += w[i + j];
         }
-        double t = now() - t0;
-        sink += sum;
-        if (t < best) best = t;
+#pragma omp master
+        t1 = now();
+        for (int j = 0; j < 16; j++) sum += acc[j];
     }
-    munmap(buf, n);
-    return (double)n / best / 1e9;
+    sink += sum;
+    return (double)rb->n / (t1 - t0) / 1e9;
+}
+
+/* The best rate of `reps` passes over a fresh buffer of `bytes`. */
+static inline double read_bandwidth(size_t bytes, int reps)
+{
+    read_buf rb;
+    if (!read_buf_new(&rb, bytes)) return 0;
+    double best = 0;
+    for (int r = 0; r < reps; r++) {
+        const double g = read_pass(&rb);
+        if (g > best) best = g;
+    }
+    read_buf_free(&rb);
+    return best;
 }
 
 /* Best-of-reps SGEMM rate at a size large enough to reach the kernel's peak. */

@@ -12,6 +12,15 @@
  * Prints a summary on stderr and one JSON line on stdout (bench/decode.py
  * compares it with the PyTorch peer, bench/decode_ref.py). Not a test.
  *
+ * The roofline's bandwidth is the best of 20 reads of 1 GB, but on shared
+ * virtual CPUs what the memory gives comes and goes within seconds (two
+ * threads read 38-78 GB/s within one process). With --paired MB each step
+ * is also paired with one read of MB right after it: "paired_ratio" is the
+ * median over the steps of the step's own bytes/s over that read's rate,
+ * decode against the machine as it was at the time: the same steps, the
+ * same bytes, a local yardstick. (Off by default: the read empties the
+ * caches between steps, which a model whose weights fit in them would feel.)
+ *
  * --kernels read: the products only read their bytes (jm_set_read_only_products)
  * and the tokens are garbage: the step's own memory ceiling, for what share
  * of a step's gap to the roofline is the memory system's and what the
@@ -21,6 +30,7 @@
 
 #include <sys/resource.h>
 #include <unistd.h>
+
 
 /* Greedy choice, the library's (the lowest id among equal maxima, as the
  * reference's). */
@@ -66,22 +76,44 @@ static double huge_mapped_mb(double *anon_mb)
     return (file + anon) / 1024;
 }
 
+/* The median and the fastest of the steady steps (after the first), which
+ * it sorts: on a shared machine a few steps the host slowed move the mean,
+ * not these. */
 static int cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
 
-/* The median and the fastest of the steady steps (after the first), which
- * it sorts: on a shared machine a few steps the host slowed move the mean,
- * not these. */
+/* The median of v[0..m), which it sorts. */
+static double median_of(double *v, int m)
+{
+    qsort(v, (size_t)m, sizeof *v, cmp_double);
+    return m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
+}
+
 static void step_spread(double *step_s, int n, double *median, double *fastest)
 {
     const int first = n > 1, m = n - first;
     double *v = step_s + first;
-    qsort(v, (size_t)m, sizeof *v, cmp_double);
-    *median = m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
+    *median = median_of(v, m);
     *fastest = v[0];
+}
+
+/* Over the steady steps, each step's weight bytes/s over the rate of the
+ * read paired with it (gbs, GB/s): -> their median, *bw_median the reads'.
+ * Sorts gbs. */
+static double paired_ratio(const double *step_s, double *gbs, int n, double bytes, double *bw_median)
+{
+    const int first = n > 1, m = n - first;
+    double *r = malloc(sizeof(double) * (size_t)m);
+    *bw_median = 0;
+    if (!r) return 0;
+    for (int i = 0; i < m; i++) r[i] = bytes / step_s[first + i] / 1e9 / gbs[first + i];
+    const double ratio = median_of(r, m);
+    free(r);
+    *bw_median = median_of(gbs + first, m);
+    return ratio;
 }
 
 /* One line per step on a TTY (rewritten in place); plain lines, only for
@@ -98,7 +130,7 @@ static void progress(int i, int n, double step_s, double elapsed)
 static int usage(void)
 {
     fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] [--kernels auto|avx512|avx2|portable|read] "
-                    "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram|auto]\n       bench/decode --bench-config OUT.json\n");
+                    "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram|auto] [--paired MB]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }
 
@@ -117,7 +149,7 @@ static int write_bench_config(const char *path)
 int main(int argc, char **argv)
 {
     const char *dir = NULL, *kernels = "auto", *kv_cache = "f32", *weights = "map";
-    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32;
+    int threads = 2, n_prompt = 512, n_new = 32, warmup = 32, paired_mb = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (a[0] != '-') {
@@ -135,9 +167,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--kv-cache")) kv_cache = v;
         else if (!strcmp(a, "--weights")) weights = v;
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
+        else if (!strcmp(a, "--paired")) paired_mb = atoi(v);
         else return usage();
     }
-    if (!dir || threads < 1 || n_prompt < 1 || n_new < 1 || warmup < 0) return usage();
+    if (!dir || threads < 1 || n_prompt < 1 || n_new < 1 || warmup < 0 || paired_mb < 0) return usage();
     jm_set_threads(threads);
 
     jm_error err;
@@ -168,7 +201,13 @@ int main(int argc, char **argv)
      * the memory comes and goes (two threads measured 44 and 83 GB/s minutes
      * apart), and the roofline is what the machine can do. */
     const double bw_before = read_bandwidth((size_t)1 << 30, 10);
-    reset_peak_rss(); /* the peak RSS reported is the model's, not this buffer's */
+    read_buf pair_buf = {0};
+    double *paired_gbs = calloc((size_t)n_new, sizeof(double));
+    if ((paired_mb && !read_buf_new(&pair_buf, (size_t)paired_mb << 20)) || !paired_gbs) {
+        fprintf(stderr, "bench/decode: out of memory\n");
+        return 1;
+    }
+    reset_peak_rss(); /* the peak RSS reported is the model's (less the paired buffer), not the 1 GB one's */
 
     /* A short prefill first faults the mapped weights in (nearly every expert
      * is chosen by some token); the timed prefill at position 0 rewinds it. */
@@ -189,6 +228,7 @@ int main(int argc, char **argv)
         step_s[i] = now() - t0;
         decode_s += step_s[i];
         progress(i, n_new, step_s[i], decode_s);
+        if (paired_mb) paired_gbs[i] = read_pass(&pair_buf);
     }
     if (isatty(2)) fputc('\n', stderr);
     if (s) {
@@ -198,14 +238,18 @@ int main(int argc, char **argv)
     /* the first step pays one-off costs (a smaller arena plan, cold caches) */
     const double steady_s = n_new > 1 ? decode_s - step_s[0] : decode_s;
     const double decode_tps = (n_new > 1 ? n_new - 1 : 1) / steady_s, decode_all_tps = n_new / decode_s;
+    const int64_t bytes = jm_active_weight_bytes(m);
+    double paired_bw = 0;
+    const double paired = paired_mb ? paired_ratio(step_s, paired_gbs, n_new, (double)bytes, &paired_bw) : 0;
     double median_s, fastest_s; /* step_s[1..] sorted from here on */
     step_spread(step_s, n_new, &median_s, &fastest_s);
     double anon_huge_mb; /* of which anonymous: weights copied to RAM, the KV cache, the activations */
-    const double rss = peak_rss_mb(), huge_mb = huge_mapped_mb(&anon_huge_mb); /* before the bandwidth buffer adds its 1 GB */
+    const double rss = peak_rss_mb() - pair_buf.n / 1048576.0; /* before the bandwidth buffer adds its 1 GB */
+    const double huge_mb = huge_mapped_mb(&anon_huge_mb);
+    read_buf_free(&pair_buf);
 
     const double bw_after = read_bandwidth((size_t)1 << 30, 10), bw = bw_before > bw_after ? bw_before : bw_after;
     const double gemm = gemm_peak_gflops(2048, 3);
-    const int64_t bytes = jm_active_weight_bytes(m);
     const double roofline = bw * 1e9 / (double)bytes;
     /* and what the steps read of the cache, on average: K and V of every earlier position */
     const double kv_bytes = (double)c->num_layers * 2 * c->num_kv_heads * c->head_dim *
@@ -229,21 +273,27 @@ int main(int argc, char **argv)
             1e3 / decode_tps, 1e3 * median_s, 1e3 * fastest_s, bw, bw_before, bw_after, bytes / 1e6, roofline,
             100 * decode_tps / roofline, kv_bytes / 1e6,
             100 * decode_tps * (bytes + kv_bytes) / (bw * 1e9));
+    if (paired_mb)
+        fprintf(stderr, "  paired   each step against a %d MB read right after it: median %.0f%% (those reads: median %.1f GB/s)\n",
+                paired_mb, 100 * paired, paired_bw);
     printf("{\"impl\":\"c\",\"what\":\"decode\",\"cpu\":\"%s\",\"kv_cache\":\"%s\",\"kv_bytes\":%.0f,"
            "\"weight_type\":\"%s\",\"kernels\":\"%s\",\"threads\":%d,"
            "\"prompt\":%d,\"new\":%d,\"open_s\":%.3f,\"prefill_s\":%.4f,\"prefill_tok_s\":%.2f,"
            "\"prefill_gflops\":%.2f,\"gemm_peak_gflops\":%.2f,\"decode_tok_s\":%.4f,\"decode_tok_s_all\":%.4f,"
            "\"first_step_s\":%.4f,\"median_step_s\":%.4f,\"active_weight_bytes\":%lld,\"bandwidth_gbs\":%.2f,\"roofline_tok_s\":%.4f,"
-           "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"huge_page_mb\":%.1f,\"ids\":[",
+           "\"ratio\":%.4f,\"peak_rss_mb\":%.1f,\"huge_page_mb\":%.1f,",
            cpu, jm_kv_cache(m), kv_bytes, jm_model_weight_type(m), jm_kernels(m), threads, n_prompt, n_new, open_s,
            prefill_s,
            n_prompt / prefill_s, prefill_gflop / prefill_s, gemm, decode_tps, decode_all_tps, step_s[0], median_s,
            (long long)bytes, bw, roofline, decode_tps / roofline, rss, huge_mb);
+    if (paired_mb) printf("\"paired_ratio\":%.4f,\"paired_bandwidth_gbs\":%.2f,", paired, paired_bw);
+    printf("\"ids\":[");
     for (int i = 0; i <= n_new; i++) printf(i ? ",%d" : "%d", ids[i]);
     printf("]}\n");
     free(prompt);
     free(ids);
     free(step_s);
+    free(paired_gbs);
     jm_model_free(m);
     return 0;
 }

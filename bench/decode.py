@@ -21,7 +21,10 @@ and q8/, q4/ from `jetmoe quantize` when they are absent (about 17 + 9 + 5 GB;
 the first run takes some minutes), then build/bench/decode runs on each with a
 512-token prompt and 16 new tokens, and once more at each thread count with
 --kernels read (products that only read their bytes): what the same steps
-cost at the memory system's pace, and the kernels' share of the gap; each
+cost at the memory system's pace, and the kernels' share of the gap. Each
+step there is also paired with a 256 MB read right after it (bench/decode
+--paired): the median step against the machine as it was then, beside the
+roofline's best of 20 reads. Each
 figure is the best of --reps-8b rounds (2), as the small config's of --reps. A token
 reads ~4.7 GB of active BF16 weights (2.3B parameters: k of E experts), so
 there decode is bound by memory bandwidth to a few tokens/s, and a 512-token
@@ -250,7 +253,7 @@ def big(a):
             def decode(t, kernels="auto"):
                 return run([os.path.join(ROOT, a.build, "bench", "decode"), d, "--threads", str(t),
                             "--prompt", str(a.prompt_8b), "--new", str(a.new_8b), "--kv-cache", a.kv_cache,
-                            "--weights", a.weights, "--kernels", kernels], thread_env(t))
+                            "--weights", a.weights, "--kernels", kernels, "--paired", "256"], thread_env(t))
             # best of a.reps_8b rounds, each running every figure once: the
             # round right after read_through often streams far slower than the
             # next (bf16 at one thread 57% of the roofline, its fastest step
@@ -278,17 +281,20 @@ def big(a):
           f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}, "
           f"best of {a.reps_8b} run{'s' if a.reps_8b > 1 else ''}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
-        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
+        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7} {'paired':>6}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
         + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
     for name, r in rows:
         print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
-            f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%}" for t in a.thread_list)
+            f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%} {r[t]['paired_ratio']:6.0%}"
+            for t in a.thread_list)
             + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"
             + "".join(f" {r['read'][t]['decode_tok_s']:10.3f} ({r['read'][t]['ratio']:4.0%})"
                       f" {r[t]['decode_tok_s'] / r['read'][t]['decode_tok_s']:10.0%}" for t in a.thread_list)
             + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
     print(f"  (read-only: the same steps with products that only read their bytes (bench/decode --kernels read), "
           f"of roof in brackets; kernels/it: the decode at that thread count over it)")
+    print("  (paired: the median step's bytes/s over a 256 MB read right after it, bench/decode --paired: "
+          "the machine as it was at that step, where the roofline is its best of 20 reads)")
     print("  (of roof: decode tok/s over read bandwidth / active weight bytes, measured in the same run; "
           "prefill tok/s " + ", ".join(f"{name} {r[tn]['prefill_tok_s']:.1f}" for name, r in rows) + f" at {tn} threads)")
     return failed
