@@ -159,12 +159,16 @@ static inline const uint8_t *wline(const uint8_t *w, int64_t off, stride st)
 }
 
 /* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
- * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs. */
+ * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs;
+ * and xg, what the set's prep made of xq for the tile (NULL: none), xgs
+ * bytes an input. */
 typedef struct {
     const uint8_t *w, *ws;
     const float *x;
     const int8_t *xq;
     const float *xs;
+    const uint8_t *xg;
+    int64_t xgs;
     int64_t C;
     ahead pf;
     stride st;
@@ -181,7 +185,15 @@ typedef struct {
     void (*shape)(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
     int64_t fp_ahead; /* how far on an F32/BF16 pass prefetches each row (its speed decides) */
+    /* the n Q8/Q4 inputs of a tile as its passes read them, into xg (cap
+     * bytes) -> bytes an input, 0 when they do not fit (the passes then
+     * work from xq); NULL: the set's passes read xq as it is */
+    int64_t (*prep)(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C);
 } pass_set;
+
+/* Room for a tile's prepared inputs, on the stack: JetMoE-8B's widest rows
+ * (5632 inputs) four at a time as Q4. */
+#define XPREP_BYTES 36864
 
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
                            const int8_t *xq, const float *xs, int64_t n, int64_t C)
@@ -190,6 +202,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
     ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
+    uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
+    const int64_t xgs = ps->prep && xq ? ps->prep(xg, sizeof xg, w.type, xq, n, C) : 0;
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
@@ -205,7 +219,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         for (int64_t r = 0; r < n; r += inputs) {
             pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
                            x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
-                           C, pf, st};
+                           xgs ? xg + r * xgs : NULL, xgs, C, pf, st};
             pass(out + r * ldo + i, ldo, &a, R, n - r < inputs ? (int)(n - r) : inputs);
         }
         i += R;
@@ -424,7 +438,7 @@ static void shape_avx2(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *i
     (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
-static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES};
+static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES, NULL};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -576,7 +590,9 @@ AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_
  * weights as unsigned bytes, w + 128 (w ^ 0x80), against the signed
  * activations; the 128 * sum(x) this adds is taken off in int32 by starting
  * each sum at -128 * sum(x) (one vpdpbusd per input, shared by the rows).
- * Exact for every int8 w and x: no intermediate saturates. k: bytes left. */
+ * Exact for every int8 w and x: no intermediate saturates. k: bytes left.
+ * (Its starts made once a tile, as Q4's, ran slower: 66-74 against 77-80
+ * GB/s in L2.) */
 AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_ROWS][4], __m512i idx, const int8_t *w,
                                    int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
                                    int64_t pf)
@@ -602,19 +618,31 @@ AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * the high ones 16-31, unsigned as they are. The activations of the four
  * blocks are regrouped to match (a lane shuffle of two loads picks the
  * blocks' first halves, another their second halves), and each sum starts at
- * -8 * sum(x), so that it is sum((nibble - 8) x), exact. k: blocks left. */
-AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_ROWS][4], __m512i idx, const uint8_t *w,
-                                   int64_t row, const int8_t *xq, int64_t C, int64_t k, const int R, const int NI,
-                                   int64_t pf)
+ * -8 * sum(x), so that it is sum((nibble - 8) x), exact. k: blocks left.
+ * PREP: they come from q4_prep's xg, xgs bytes an input (a constant: tested
+ * in the loop, the test alone cost what the preparing saves). */
+AVX512 static INLINE void q4_inputs(const int8_t *xq, int64_t k, __m512i *xlo, __m512i *xhi, __m512i *c)
 {
-    const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+    const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+    __m512i x0 = load_i8(xq, 32 * k), x1 = load_i8(xq + 64, 32 * (k - 2));
+    *xlo = _mm512_shuffle_i64x2(x0, x1, 0x88); /* lanes 0, 2 of each: the blocks' first halves */
+    *xhi = _mm512_shuffle_i64x2(x0, x1, 0xdd);
+    *c = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, *xlo), eight, *xhi));
+}
+AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_ROWS][4], __m512i idx, const uint8_t *w,
+                                   int64_t row, const int8_t *xq, int64_t C, int64_t k, const uint8_t *xg,
+                                   int64_t xgs, const int R, const int NI, const int PREP, int64_t pf)
+{
+    const __m512i low4 = _mm512_set1_epi8(15);
     __m512i xlo[4], xhi[4], c[4];
     UNROLL for (int j = 0; j < NI; j++) {
-        __m512i x0 = load_i8(xq + j * C, 32 * k), x1 = load_i8(xq + j * C + 64, 32 * (k - 2));
-        xlo[j] = _mm512_shuffle_i64x2(x0, x1, 0x88); /* lanes 0, 2 of each: the blocks' first halves */
-        xhi[j] = _mm512_shuffle_i64x2(x0, x1, 0xdd);
-        __m512i sum8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, eight, xlo[j]), eight, xhi[j]);
-        c[j] = _mm512_sub_epi32(zero, sum8);
+        if (PREP) {
+            const uint8_t *p = xg + j * xgs;
+            xlo[j] = _mm512_load_si512(p);
+            xhi[j] = _mm512_load_si512(p + 64);
+            c[j] = _mm512_load_si512(p + 128);
+        }
+        else q4_inputs(xq + j * C, k, &xlo[j], &xhi[j], &c[j]);
     }
     UNROLL for (int r = 0; r < R; r++) {
         prefetch_ahead(w + r * row, pf);
@@ -627,11 +655,31 @@ AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
     }
 }
 
+/* What every pass over a Q4 tile would make of its inputs again (q4_inputs),
+ * made once a tile: Q4_PREP bytes a group of 4 blocks. In L2, one thread,
+ * Q4 at one input went from 47-50 to 53-57 GB/s (AMD EPYC family 26 model 2). */
+#define Q4_PREP 192
+AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C)
+{
+    const int64_t nb = C / QBLOCK, groups = (nb + 3) / 4, each = groups * Q4_PREP;
+    if (t != WT_Q4 || n * each > (int64_t)cap) return 0;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t g = 0; g < groups; g++) {
+            uint8_t *p = xg + j * each + g * Q4_PREP;
+            __m512i lo, hi, c;
+            q4_inputs(xq + j * C + g * 4 * QBLOCK, nb - g * 4, &lo, &hi, &c);
+            _mm512_store_si512(p, lo);
+            _mm512_store_si512(p + 64, hi);
+            _mm512_store_si512(p + 128, c);
+        }
+    return each;
+}
+
 /* Q8 or Q4 rows, in steps of 16 blocks: the steps' 16 scale products per
  * (row, input), then the groups of blocks one vector of weights holds. */
 AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
-                                    const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
-                                    ahead pf, stride st)
+                                    const int8_t *xq, const float *xs, const uint8_t *xg, int64_t xgs, const int R,
+                                    const int NI, const int PREP, int64_t C, ahead pf, stride st)
 {
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
     const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
@@ -656,7 +704,8 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
             if (t == WT_Q8)
                 q8_group(acc, s, idx, (const int8_t *)wline(w, at, st), st.rs, xq + e, C, 32 * (nblk - g), R, NI,
                          stream_ahead(at, pf, row));
-            else q4_group(acc, s, idx, wline(w, at, st), st.rs, xq + e, C, nblk - g, R, NI, stream_ahead(at, pf, row));
+            else q4_group(acc, s, idx, wline(w, at, st), st.rs, xq + e, C, nblk - g,
+                          PREP ? xg + (b + g) / 4 * Q4_PREP : NULL, xgs, R, NI, PREP, stream_ahead(at, pf, row));
         }
     }
     UNROLL for (int r = 0; r < R; r++)
@@ -666,16 +715,25 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 /* The passes of each (R, NI) a Q8/Q4 tile takes, R and NI constants in each. */
 AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-#define INT8_PASS(R, NI) int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st)
-    switch ((R == AVX512_ROWS) * 8 + NI) {
-    case 8 + 1: INT8_PASS(AVX512_ROWS, 1); break;
-    case 8 + 2: INT8_PASS(AVX512_ROWS, 2); break;
-    case 8 + 3: INT8_PASS(AVX512_ROWS, 3); break;
-    case 8 + 4: INT8_PASS(AVX512_ROWS, 4); break;
-    case 1: INT8_PASS(1, 1); break;
-    case 2: INT8_PASS(1, 2); break;
-    case 3: INT8_PASS(1, 3); break;
-    case 4: INT8_PASS(1, 4); break;
+#define INT8_PASS(R, NI, P) \
+    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, P, a->C, a->pf, a->st)
+    switch ((t == WT_Q4 && a->xg) * 16 + (R == AVX512_ROWS) * 8 + NI) {
+    case 8 + 1: INT8_PASS(AVX512_ROWS, 1, 0); break;
+    case 8 + 2: INT8_PASS(AVX512_ROWS, 2, 0); break;
+    case 8 + 3: INT8_PASS(AVX512_ROWS, 3, 0); break;
+    case 8 + 4: INT8_PASS(AVX512_ROWS, 4, 0); break;
+    case 1: INT8_PASS(1, 1, 0); break;
+    case 2: INT8_PASS(1, 2, 0); break;
+    case 3: INT8_PASS(1, 3, 0); break;
+    case 4: INT8_PASS(1, 4, 0); break;
+    case 16 + 8 + 1: INT8_PASS(AVX512_ROWS, 1, 1); break;
+    case 16 + 8 + 2: INT8_PASS(AVX512_ROWS, 2, 1); break;
+    case 16 + 8 + 3: INT8_PASS(AVX512_ROWS, 3, 1); break;
+    case 16 + 8 + 4: INT8_PASS(AVX512_ROWS, 4, 1); break;
+    case 16 + 1: INT8_PASS(1, 1, 1); break;
+    case 16 + 2: INT8_PASS(1, 2, 1); break;
+    case 16 + 3: INT8_PASS(1, 3, 1); break;
+    case 16 + 4: INT8_PASS(1, 4, 1); break;
     }
 #undef INT8_PASS
 }
@@ -730,7 +788,7 @@ static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int 
 #define FP_AHEAD_AVX512 4096
 #endif
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
-                                       FP_AHEAD_AVX512};
+                                       FP_AHEAD_AVX512, q4_prep};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                         const float *xs, int64_t n, int64_t C)
