@@ -185,10 +185,11 @@ typedef struct {
     void (*shape)(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
     int64_t fp_ahead; /* how far on an F32/BF16 pass prefetches each row (its speed decides) */
-    /* the n Q8/Q4 inputs of a tile as its passes read them, into xg (cap
-     * bytes) -> bytes an input, 0 when they do not fit (the passes then
-     * work from xq); NULL: the set's passes read xq as it is */
+    /* the n Q4 inputs of a tile as its passes read them, into xg (cap
+     * bytes) -> bytes an input, 0 when they do not fit: then the q4_raw
+     * passes run, which work from xq (NULL: q4 always does) */
     int64_t (*prep)(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C);
+    pass_fn q4_raw;
 } pass_set;
 
 /* Room for a tile's prepared inputs, on the stack: JetMoE-8B's widest rows
@@ -198,12 +199,14 @@ typedef struct {
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
                            const int8_t *xq, const float *xs, int64_t n, int64_t C)
 {
-    const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
     ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
     uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
-    const int64_t xgs = ps->prep && xq ? ps->prep(xg, sizeof xg, w.type, xq, n, C) : 0;
+    const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, w.type, xq, n, C) : 0;
+    const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8
+                         : xgs || !ps->prep                             ? ps->q4
+                                                                        : ps->q4_raw;
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
@@ -438,7 +441,7 @@ static void shape_avx2(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *i
     (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
-static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES, NULL};
+static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES, NULL, NULL};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -620,7 +623,9 @@ AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * blocks' first halves, another their second halves), and each sum starts at
  * -8 * sum(x), so that it is sum((nibble - 8) x), exact. k: blocks left.
  * PREP: they come from q4_prep's xg, xgs bytes an input (a constant: tested
- * in the loop, the test alone cost what the preparing saves). */
+ * in the loop, the test alone cost what the preparing saves; both kinds in
+ * one function, its passes streamed from memory at 76-85% of a plain read
+ * against 94-98%: they are two, q4_avx512 and q4_raw_avx512). */
 AVX512 static INLINE void q4_inputs(const int8_t *xq, int64_t k, __m512i *xlo, __m512i *xhi, __m512i *c)
 {
     const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
@@ -656,8 +661,10 @@ AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
 }
 
 /* What every pass over a Q4 tile would make of its inputs again (q4_inputs),
- * made once a tile: Q4_PREP bytes a group of 4 blocks. In L2, one thread,
- * Q4 at one input went from 47-50 to 53-57 GB/s (AMD EPYC family 26 model 2). */
+ * made once a tile: Q4_PREP bytes a group of 4 blocks. In L2, one thread
+ * (AMD EPYC family 26 model 2), Q4 at one input went from 45-53 to 52-58
+ * GB/s, at four from 16-18 to 18-21; from memory, a 1 GB matrix at one
+ * input 91-100% -> 100-106% of a plain read, at four 34-40% -> 39-46%. */
 #define Q4_PREP 192
 AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C)
 {
@@ -713,27 +720,20 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 }
 
 /* The passes of each (R, NI) a Q8/Q4 tile takes, R and NI constants in each. */
-AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
+AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI,
+                                      const int PREP)
 {
-#define INT8_PASS(R, NI, P) \
-    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, P, a->C, a->pf, a->st)
-    switch ((t == WT_Q4 && a->xg) * 16 + (R == AVX512_ROWS) * 8 + NI) {
-    case 8 + 1: INT8_PASS(AVX512_ROWS, 1, 0); break;
-    case 8 + 2: INT8_PASS(AVX512_ROWS, 2, 0); break;
-    case 8 + 3: INT8_PASS(AVX512_ROWS, 3, 0); break;
-    case 8 + 4: INT8_PASS(AVX512_ROWS, 4, 0); break;
-    case 1: INT8_PASS(1, 1, 0); break;
-    case 2: INT8_PASS(1, 2, 0); break;
-    case 3: INT8_PASS(1, 3, 0); break;
-    case 4: INT8_PASS(1, 4, 0); break;
-    case 16 + 8 + 1: INT8_PASS(AVX512_ROWS, 1, 1); break;
-    case 16 + 8 + 2: INT8_PASS(AVX512_ROWS, 2, 1); break;
-    case 16 + 8 + 3: INT8_PASS(AVX512_ROWS, 3, 1); break;
-    case 16 + 8 + 4: INT8_PASS(AVX512_ROWS, 4, 1); break;
-    case 16 + 1: INT8_PASS(1, 1, 1); break;
-    case 16 + 2: INT8_PASS(1, 2, 1); break;
-    case 16 + 3: INT8_PASS(1, 3, 1); break;
-    case 16 + 4: INT8_PASS(1, 4, 1); break;
+#define INT8_PASS(R, NI) \
+    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, a->C, a->pf, a->st)
+    switch ((R == AVX512_ROWS) * 8 + NI) {
+    case 8 + 1: INT8_PASS(AVX512_ROWS, 1); break;
+    case 8 + 2: INT8_PASS(AVX512_ROWS, 2); break;
+    case 8 + 3: INT8_PASS(AVX512_ROWS, 3); break;
+    case 8 + 4: INT8_PASS(AVX512_ROWS, 4); break;
+    case 1: INT8_PASS(1, 1); break;
+    case 2: INT8_PASS(1, 2); break;
+    case 3: INT8_PASS(1, 3); break;
+    case 4: INT8_PASS(1, 4); break;
     }
 #undef INT8_PASS
 }
@@ -767,11 +767,15 @@ AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int 
 }
 AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    int8_avx512(WT_Q8, out, ldo, a, R, NI);
+    int8_avx512(WT_Q8, out, ldo, a, R, NI, 0);
 }
 AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    int8_avx512(WT_Q4, out, ldo, a, R, NI);
+    int8_avx512(WT_Q4, out, ldo, a, R, NI, 1);
+}
+AVX512 static void q4_raw_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+{
+    int8_avx512(WT_Q4, out, ldo, a, R, NI, 0);
 }
 static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
@@ -788,7 +792,7 @@ static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int 
 #define FP_AHEAD_AVX512 4096
 #endif
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
-                                       FP_AHEAD_AVX512, q4_prep};
+                                       FP_AHEAD_AVX512, q4_prep, q4_raw_avx512};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
                         const float *xs, int64_t n, int64_t C)
