@@ -204,9 +204,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
     uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
     const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, w.type, xq, n, C) : 0;
-    const pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8
-                         : xgs || !ps->prep                             ? ps->q4
-                                                                        : ps->q4_raw;
+    pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
+    if (w.type == WT_Q4 && ps->prep && !xgs) pass = ps->q4_raw; /* the inputs did not fit xg */
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
