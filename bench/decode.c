@@ -245,8 +245,8 @@ int main(int argc, char **argv)
     step_spread(step_s, n_new, &median_s, &fastest_s);
     double anon_huge_mb; /* of which anonymous: weights copied to RAM, the KV cache, the activations */
     const double rss = peak_rss_mb() - pair_buf.n / 1048576.0; /* before the bandwidth buffer adds its 1 GB */
+    read_buf_free(&pair_buf); /* before its 2 MB pages are counted */
     const double huge_mb = huge_mapped_mb(&anon_huge_mb);
-    read_buf_free(&pair_buf);
 
     const double bw_after = read_bandwidth((size_t)1 << 30, 10), bw = bw_before > bw_after ? bw_before : bw_after;
     const double gemm = gemm_peak_gflops(2048, 3);
