@@ -31,7 +31,6 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-
 /* Greedy choice, the library's (the lowest id among equal maxima, as the
  * reference's). */
 static int32_t argmax(const float *x, int n)
@@ -76,9 +75,6 @@ static double huge_mapped_mb(double *anon_mb)
     return (file + anon) / 1024;
 }
 
-/* The median and the fastest of the steady steps (after the first), which
- * it sorts: on a shared machine a few steps the host slowed move the mean,
- * not these. */
 static int cmp_double(const void *a, const void *b)
 {
     const double x = *(const double *)a, y = *(const double *)b;
@@ -92,6 +88,9 @@ static double median_of(double *v, int m)
     return m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
 }
 
+/* The median and the fastest of the steady steps (after the first), which
+ * it sorts: on a shared machine a few steps the host slowed move the mean,
+ * not these. */
 static void step_spread(double *step_s, int n, double *median, double *fastest)
 {
     const int first = n > 1, m = n - first;

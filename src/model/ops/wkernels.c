@@ -188,7 +188,7 @@ typedef struct {
     /* the n Q4 inputs of a tile as its passes read them, into xg (cap
      * bytes) -> bytes an input, 0 when they do not fit: then the q4_raw
      * passes run, which work from xq (NULL: q4 always does) */
-    int64_t (*prep)(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C);
+    int64_t (*prep)(uint8_t *xg, size_t cap, const int8_t *xq, int64_t n, int64_t C);
     pass_fn q4_raw;
 } pass_set;
 
@@ -203,7 +203,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     int rows, inputs;
     ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
     uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
-    const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, w.type, xq, n, C) : 0;
+    const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, xq, n, C) : 0;
     pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     if (w.type == WT_Q4 && ps->prep && !xgs) pass = ps->q4_raw; /* the inputs did not fit xg */
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
@@ -665,10 +665,10 @@ AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * GB/s, at four from 16-18 to 18-21; from memory, a 1 GB matrix at one
  * input 91-100% -> 100-106% of a plain read, at four 34-40% -> 39-46%. */
 #define Q4_PREP 192
-AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, wtype t, const int8_t *xq, int64_t n, int64_t C)
+AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, const int8_t *xq, int64_t n, int64_t C)
 {
     const int64_t nb = C / QBLOCK, groups = (nb + 3) / 4, each = groups * Q4_PREP;
-    if (t != WT_Q4 || n * each > (int64_t)cap) return 0;
+    if (n * each > (int64_t)cap) return 0;
     for (int64_t j = 0; j < n; j++)
         for (int64_t g = 0; g < groups; g++) {
             uint8_t *p = xg + j * each + g * Q4_PREP;
