@@ -91,6 +91,7 @@ bench: setup all
 	@$(PY) bench/tokenizer.py
 	@$(BUILD)/bench/threads --threads 2
 	@$(BUILD)/bench/kernels
+	@$(BUILD)/bench/products --threads 2
 	@$(PY) bench/decode.py --skip-8b
 	@$(BUILD)/bench/decode_batch --threads 2
 	@$(PY) bench/align.py

@@ -72,6 +72,16 @@ static inline void read_buf_free(read_buf *rb)
     *rb = (read_buf){0};
 }
 
+/* The plain read of one 4 KB page into the 16 sums (the page READ_AHEAD
+ * bytes on prefetched: a prefetch never faults, even past the end). */
+static inline void read_page(const uint8_t *p, uint64_t acc[16])
+{
+    __builtin_prefetch(p + READ_AHEAD, 0, 3);
+    const uint64_t *w = (const uint64_t *)p;
+    for (size_t i = 0; i < 4096 / 8; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += w[i + j];
+}
+
 /* One pass over the buffer on the library's threads -> GB/s. The clock runs
  * from a barrier after the threads are up to the end of the reads, so a
  * sleeping thread's wake-up is not counted against the memory. */
@@ -88,12 +98,7 @@ static inline double read_pass(const read_buf *rb)
 #pragma omp master
         t0 = now();
 #pragma omp for schedule(static)
-        for (size_t p = 0; p < rb->n; p += page) {
-            __builtin_prefetch(rb->buf + p + READ_AHEAD, 0, 3); /* never faults, even past the end */
-            const uint64_t *w = (const uint64_t *)(rb->buf + p);
-            for (size_t i = 0; i < page / 8; i += 16)
-                for (int j = 0; j < 16; j++) acc[j] += w[i + j];
-        }
+        for (size_t p = 0; p < rb->n; p += page) read_page(rb->buf + p, acc);
 #pragma omp master
         t1 = now();
         for (int j = 0; j < 16; j++) sum += acc[j];
@@ -230,6 +235,28 @@ static inline uint32_t bench_rnd(uint64_t *s)
 }
 static inline float bench_frnd(uint64_t *s) { return (float)(bench_rnd(s) % 2000001) / 1e6f - 1.0f; }
 #define BENCH_SEED 88172645463325252ull
+
+static inline int bench_cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The median of v[0..n), which it sorts. */
+static inline double bench_median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, bench_cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* Whether the comma-separated list holds name. */
+static inline int bench_in_list(const char *list, const char *name)
+{
+    const size_t n = strlen(name);
+    for (const char *p = list; (p = strstr(p, name)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == 0)) return 1;
+    return 0;
+}
 
 /* Deterministic token ids spread over the vocabulary. */
 static inline int32_t *bench_tokens(int n, int vocab)

@@ -75,19 +75,6 @@ static double huge_mapped_mb(double *anon_mb)
     return (file + anon) / 1024;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* The median of v[0..m), which it sorts. */
-static double median_of(double *v, int m)
-{
-    qsort(v, (size_t)m, sizeof *v, cmp_double);
-    return m % 2 ? v[m / 2] : (v[m / 2 - 1] + v[m / 2]) / 2;
-}
-
 /* The median and the fastest of the steady steps (after the first), which
  * it sorts: on a shared machine a few steps the host slowed move the mean,
  * not these. */
@@ -95,7 +82,7 @@ static void step_spread(double *step_s, int n, double *median, double *fastest)
 {
     const int first = n > 1, m = n - first;
     double *v = step_s + first;
-    *median = median_of(v, m);
+    *median = bench_median(v, m);
     *fastest = v[0];
 }
 
@@ -109,9 +96,9 @@ static double paired_ratio(const double *step_s, double *gbs, int n, double byte
     *bw_median = 0;
     if (!r) return 0;
     for (int i = 0; i < m; i++) r[i] = bytes / step_s[first + i] / 1e9 / gbs[first + i];
-    const double ratio = median_of(r, m);
+    const double ratio = bench_median(r, m);
     free(r);
-    *bw_median = median_of(gbs + first, m);
+    *bw_median = bench_median(gbs + first, m);
     return ratio;
 }
 

@@ -50,12 +50,6 @@ static int step(void *p)
     return 0;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 int main(int argc, char **argv)
 {
     if (argc < 4) {
@@ -101,7 +95,7 @@ int main(int argc, char **argv)
         if ((rc = bench_times(step, &c, warmup, iters, times))) break;
         double sorted[100];
         memcpy(sorted, times, sizeof(double) * (size_t)iters);
-        qsort(sorted, (size_t)iters, sizeof(double), cmp_double);
+        qsort(sorted, (size_t)iters, sizeof(double), bench_cmp_double);
         const double med = sorted[iters / 2];
         printf("{\"impl\":\"c-%s\",\"examples\":%d,\"choices\":%d,\"slots\":%d,\"threads\":%d,\"median_s\":%.6f,"
                "\"examples_per_s\":%.3f,\"loglik_sum\":%.10g,\"times\":[",

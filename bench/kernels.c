@@ -92,15 +92,6 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes, uint64_t *rng
     return m;
 }
 
-/* Whether the comma-separated list holds name. */
-static int in_list(const char *list, const char *name)
-{
-    const size_t n = strlen(name);
-    for (const char *p = list; (p = strstr(p, name)); p += n)
-        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == 0)) return 1;
-    return 0;
-}
-
 /* One pass over the matrix: tiles of 64 rows against n inputs. */
 static void pass(const wtile_fn f, const matrix *m, float *out, const float *x, const int8_t *xq, const float *xs,
                  int64_t n, int64_t C)
@@ -244,7 +235,7 @@ int main(int argc, char **argv)
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *tnames[] = {"f32", "bf16", "q8", "q4"};
     for (int ti = 0; ti < 4; ti++) {
-        if (!in_list(types_arg, tnames[ti])) continue;
+        if (!bench_in_list(types_arg, tnames[ti])) continue;
         matrix big = make_matrix(types[ti], C, big_mb * 1e6, &rng), l2 = make_matrix(types[ti], C, l2_kb * 1e3, &rng);
         float *out = malloc((size_t)(nmax * big.rows) * sizeof *out);
         char list[256];

@@ -1,0 +1,189 @@
+/* bench/products — a decode step's products as decoding runs them (on the
+ * decode pool, in its chunks), against plain reads of as many bytes through
+ * the same pool, in one process.
+ *
+ *   build/bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]
+ *
+ * Per weight type, product shape of the JetMoE-8B layout and thread count
+ * 1..N, triplets of items run in turn: the product with the best kernel set
+ * this CPU runs (kern), the same chunks read by the "read" tiles (read: every
+ * byte the product reads, as plain loads, no math), and a plain read of as
+ * many bytes in 64 KB pieces (plain: bench/common.h's read loop); the
+ * ratios printed are the medians over the triplets.
+ * Each item takes the next of several copies of the weights, --mb in all, so
+ * none finds its bytes in a cache. The copies sit on 2 MB pages and Q8/Q4
+ * rows are interleaved, as jm_weights_to_ram lays out an 8B model; inputs
+ * and scratch are 64-byte aligned, as the model's arena is.
+ *
+ * Why beside bench/decode and bench/kernels: on a shared machine the memory
+ * and the cores come and go within seconds, so a whole 8B run tells a few
+ * percent of difference from noise only over many runs, and bench/kernels
+ * reads one long matrix with one thread. Here kern/plain and read/plain are
+ * ratios of items timed side by side, product by product: what the kernels
+ * lose against the memory (kern below read), and what the product's access
+ * pattern loses (read below plain). Prints figures; it is not a test.
+ *
+ * What it showed first (AMD EPYC family 26 model 2, avx512 set, 2026-12-02):
+ * BF16 and Q8 products at 94-105% of the plain read, except BF16 with 5632
+ * inputs (the MLP experts' output) at 78-86%, which neither prefetching 2-16
+ * KB ahead, NTA or T1 hints, 2 or 4 rows a pass, chunks of 64 KB-4 MB nor an
+ * input held to 8 KB changed; Q4 at 51-94% from one run to the next (within a
+ * run every shape alike) while its read tiles stayed at 80-93%: the loss is
+ * the Q4 kernels', and it comes and goes with the host. */
+#include "common.h"
+#include "base/base.h"
+#include "model/ops/ops.h"
+
+#include <stdint.h>
+
+typedef struct {
+    const char *name;
+    int64_t E, O, C; /* E stacked matrices of O rows x C inputs, two of them active (one when E = 1) */
+} shape;
+
+/* The 8B layout's decode products (config hidden 2048, 16 KV heads x 128,
+ * intermediate 5632, 8 experts top-2). */
+static const shape shapes[] = {
+    {"moe in", 8, 11264, 2048},
+    {"moe out", 8, 2048, 5632},
+    {"moa in/out", 8, 2048, 2048},
+    {"kv", 1, 4096, 2048},
+};
+
+typedef struct {
+    const uint8_t *p;
+} plain_job;
+
+static volatile uint64_t plain_sink;
+
+/* 64 KB of a plain read. */
+static void plain_chunk(void *ctx, int64_t chunk, int thread)
+{
+    (void)thread;
+    const uint8_t *p = ((const plain_job *)ctx)->p + chunk * 65536;
+    uint64_t acc[16] = {0}, sum = 0;
+    for (int64_t at = 0; at < 65536; at += 4096) read_page(p + at, acc);
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    plain_sink += sum;
+}
+
+static void *alloc_or_die(size_t align, size_t bytes)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, align, (bytes + align - 1) / align * align)) {
+        fprintf(stderr, "bench/products: out of memory (%.0f MB)\n", bytes / 1e6);
+        exit(1);
+    }
+    return p;
+}
+
+/* One row of the table: kern, read and plain GB/s of shape sh, type t. */
+static void run(wtype t, const char *tname, const shape *sh, int threads, int items, double mb, uint64_t *rng)
+{
+    const int q = t == WT_Q8 || t == WT_Q4;
+    const int64_t E = sh->E, O = sh->O, C = sh->C, nact = E > 1 ? 2 : 1;
+    const int64_t row = wtype_row_bytes(t, C), srow = q ? 2 * (C / QBLOCK) : 0;
+    const size_t huge = (size_t)2 << 20, wbytes = (size_t)(E * O * row), sbytes = (size_t)(E * O * srow);
+    const size_t per = (wbytes + sbytes + huge - 1) / huge * huge;
+    int copies = (int)(mb * 1e6 / (double)per);
+    copies = copies < 5 ? 5 : copies;
+    uint8_t *buf = alloc_or_die(huge, per * (size_t)copies);
+    madvise(buf, per * (size_t)copies, MADV_HUGEPAGE);
+    for (size_t i = 0; i < per * (size_t)copies; i += 4) {
+        uint32_t r = bench_rnd(rng);
+        if (t == WT_BF16) r = (r & 0x807f807fu) | 0x3c003c00u; /* two bf16 of magnitude ~0.01 */
+        memcpy(buf + i, &r, 4);
+    }
+    for (int c = 0; q && c < copies; c++) /* F16 scales in [0.008, 0.016) */
+        for (size_t i = 0; i < sbytes; i += 2) {
+            const uint16_t h = (uint16_t)(0x2000 + bench_rnd(rng) % 0x400);
+            buf[c * per + wbytes + i] = (uint8_t)h, buf[c * per + wbytes + i + 1] = (uint8_t)(h >> 8);
+        }
+
+    jm_pool *pool = jm_pool_create(threads);
+    if (!pool) {
+        fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
+        exit(1);
+    }
+    float *x = alloc_or_die(64, sizeof(float) * (size_t)(nact * C));
+    float *y = alloc_or_die(64, sizeof(float) * (size_t)(nact * O));
+    void *scratch = alloc_or_die(64, wmatmul_scratch_bytes(nact, C, threads));
+    for (int64_t i = 0; i < nact * C; i++) x[i] = bench_frnd(rng);
+    int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5); /* experts 2 and 5 */
+    const double bytes = (double)(nact * O * (row + srow));
+    const int64_t plain_chunks = (int64_t)(bytes / 65536);
+    const wkernels *K[2] = {wkernels_get("auto"), wkernels_read()};
+
+    /* triplets (kern, read, plain) until there are `items` and each kind
+     * has run for 0.3 s; the ratios are the medians of the triplets', which
+     * a moment the machine is elsewhere moves less than it moves the sums */
+    enum { MAX_TRIPLETS = 4096 };
+    static double kr[MAX_TRIPLETS], rr[MAX_TRIPLETS];
+    double secs[3] = {0}, moved[3] = {0}, dt[3];
+    int n = 0;
+    for (int it = -2; it < items || (secs[0] < 0.3 || secs[1] < 0.3 || secs[2] < 0.3); it++) {
+        if (n == MAX_TRIPLETS) break;
+        for (int v = 0; v < 3; v++) {
+            const int c = (int)(((int64_t)(it + 2) * 3 + v) * 7 % copies); /* the copies in turn, none twice running */
+            const uint8_t *base = buf + (size_t)c * per;
+            const double t0 = now();
+            if (v < 2)
+                wexperts_forward(y, x, (wview){t, base, q ? base + wbytes : NULL, q}, offsets, (int)E, C, O, K[v],
+                                 scratch, pool);
+            else jm_pool_run(pool, plain_chunks, plain_chunk, &(plain_job){base});
+            dt[v] = now() - t0;
+        }
+        if (it < 0) continue; /* two to warm clocks, threads and code */
+        const double pb = (double)plain_chunks * 65536;
+        for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += v < 2 ? bytes : pb;
+        kr[n] = (bytes / dt[0]) / (pb / dt[2]);
+        rr[n++] = (bytes / dt[1]) / (pb / dt[2]);
+    }
+    double gbs[3];
+    for (int v = 0; v < 3; v++) gbs[v] = moved[v] / secs[v] / 1e9;
+    printf("%-5s %-10s %6lld x %-5lld %2d | %6.1f %6.1f %6.1f | %5.0f%% %5.0f%% | %5d\n", tname, sh->name,
+           (long long)O, (long long)C, threads, gbs[0], gbs[1], gbs[2], 100 * bench_median(kr, n), 100 * bench_median(rr, n), n);
+    fflush(stdout);
+    jm_pool_free(pool);
+    free(buf), free(x), free(y), free(scratch);
+}
+
+int main(int argc, char **argv)
+{
+    int threads = 2, items = 40;
+    double mb = 1400;
+    const char *types_arg = "bf16,q8,q4";
+    int bad = argc % 2 == 0; /* a flag without its value */
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--items")) items = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--mb")) mb = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--types")) types_arg = argv[i + 1];
+        else bad = 1;
+    }
+    if (bad || threads < 1 || threads > 64 || items < 1 || mb < 1) {
+        fprintf(stderr, "usage: bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]\n");
+        return 2;
+    }
+    char cpu[256];
+    cpu_model(cpu, sizeof cpu);
+    const wkernels *K = wkernels_get("auto");
+    printf("CPU: %s; kernel set %s\n", cpu, K ? K->name : "?");
+    printf("A decode step's products (2 of 8 experts active; kv: one matrix), at least %d triplets each, over %.0f MB "
+           "of copies;\nGB/s of the kernels (kern), of the read tiles (read) and of a plain read of as many bytes "
+           "(plain), all on the decode pool;\nk/pl and r/pl: medians over the triplets of kern and read against the "
+           "plain read timed beside them\n\n",
+           items, mb);
+    printf("%-5s %-10s %14s %2s | %6s %6s %6s | %6s %6s | %5s\n", "type", "product", "rows x inputs", "T", "kern",
+           "read", "plain", "k/pl", "r/pl", "items");
+    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
+    static const char *tnames[] = {"bf16", "q8", "q4"};
+    uint64_t rng = BENCH_SEED;
+    for (int ti = 0; ti < 3; ti++) {
+        if (!bench_in_list(types_arg, tnames[ti])) continue;
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+            for (int th = 1; th <= threads; th++) run(types[ti], tnames[ti], &shapes[si], th, items, mb, &rng);
+    }
+    return 0;
+}
