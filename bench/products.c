@@ -4,16 +4,18 @@
  *
  *   build/bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]
  *
- * Per weight type, product shape of the JetMoE-8B layout and thread count
- * 1..N, triplets of items run in turn: the product with the best kernel set
+ * Per weight type, product shape of the JetMoE-8B layout (all but the LM
+ * head) and thread count 1..N, triplets of items run in turn: the product with the best kernel set
  * this CPU runs (kern), the same chunks read by the "read" tiles (read: every
  * byte the product reads, as plain loads, no math), and a plain read of as
- * many bytes in 64 KB pieces (plain: bench/common.h's read loop); the
- * ratios printed are the medians over the triplets.
- * Each item takes the next of several copies of the weights, --mb in all, so
- * none finds its bytes in a cache. The copies sit on 2 MB pages and Q8/Q4
- * rows are interleaved, as jm_weights_to_ram lays out an 8B model; inputs
- * and scratch are 64-byte aligned, as the model's arena is.
+ * many bytes in pieces of the largest decode chunk (plain: bench/common.h's
+ * read loop); the ratios printed are the medians over the triplets, the
+ * GB/s the totals over them. Each item takes the next of several copies of
+ * the weights (--mb in all, at least 5 copies), so none finds its bytes in
+ * a cache. The copies ask for 2 MB pages and Q8/Q4 rows are interleaved, as
+ * jm_weights_to_ram lays out an 8B model; inputs and scratch are 64-byte
+ * aligned, as the model's arena is (misaligned, Q4's figures moved by tens
+ * of points).
  *
  * Why beside bench/decode and bench/kernels: on a shared machine the memory
  * and the cores come and go within seconds, so a whole 8B run tells a few
@@ -21,19 +23,13 @@
  * reads one long matrix with one thread. Here kern/plain and read/plain are
  * ratios of items timed side by side, product by product: what the kernels
  * lose against the memory (kern below read), and what the product's access
- * pattern loses (read below plain). Prints figures; it is not a test.
- *
- * What it showed first (AMD EPYC family 26 model 2, avx512 set, 2026-12-02):
- * BF16 and Q8 products at 94-105% of the plain read, except BF16 with 5632
- * inputs (the MLP experts' output) at 78-86%, which neither prefetching 2-16
- * KB ahead, NTA or T1 hints, 2 or 4 rows a pass, chunks of 64 KB-4 MB nor an
- * input held to 8 KB changed; Q4 at 51-94% from one run to the next (within a
- * run every shape alike) while its read tiles stayed at 80-93%: the loss is
- * the Q4 kernels', and it comes and goes with the host. */
+ * pattern loses (read below plain). Prints figures; it is not a test. (What
+ * it has shown: README, "decode at the memory-bandwidth limit".) */
 #include "common.h"
 #include "base/base.h"
 #include "model/ops/ops.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 typedef struct {
@@ -50,21 +46,25 @@ static const shape shapes[] = {
     {"kv", 1, 4096, 2048},
 };
 
+/* A plain read's piece: as large as the decode products' largest chunks
+ * (DECODE_CHUNK_MAX, qmatmul.c), so that read_page's prefetch READ_AHEAD on
+ * mostly stays in the thread's own piece. */
+#define PLAIN_PIECE 262144
+
 typedef struct {
     const uint8_t *p;
 } plain_job;
 
-static volatile uint64_t plain_sink;
+static _Atomic uint64_t plain_sink; /* keeps the sums (and so the reads) alive */
 
-/* 64 KB of a plain read. */
 static void plain_chunk(void *ctx, int64_t chunk, int thread)
 {
     (void)thread;
-    const uint8_t *p = ((const plain_job *)ctx)->p + chunk * 65536;
+    const uint8_t *p = ((const plain_job *)ctx)->p + chunk * PLAIN_PIECE;
     uint64_t acc[16] = {0}, sum = 0;
-    for (int64_t at = 0; at < 65536; at += 4096) read_page(p + at, acc);
+    for (int64_t at = 0; at < PLAIN_PIECE; at += 4096) read_page(p + at, acc);
     for (int j = 0; j < 16; j++) sum += acc[j];
-    plain_sink += sum;
+    atomic_fetch_add_explicit(&plain_sink, sum, memory_order_relaxed);
 }
 
 static void *alloc_or_die(size_t align, size_t bytes)
@@ -76,6 +76,8 @@ static void *alloc_or_die(size_t align, size_t bytes)
     }
     return p;
 }
+
+enum { MAX_TRIPLETS = 4096 };
 
 /* One row of the table: kern, read and plain GB/s of shape sh, type t. */
 static void run(wtype t, const char *tname, const shape *sh, int threads, int items, double mb, uint64_t *rng)
@@ -112,38 +114,38 @@ static void run(wtype t, const char *tname, const shape *sh, int threads, int it
     int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
     for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5); /* experts 2 and 5 */
     const double bytes = (double)(nact * O * (row + srow));
-    const int64_t plain_chunks = (int64_t)(bytes / 65536);
+    const int64_t plain_chunks = (int64_t)(bytes / PLAIN_PIECE);
     const wkernels *K[2] = {wkernels_get("auto"), wkernels_read()};
 
     /* triplets (kern, read, plain) until there are `items` and each kind
      * has run for 0.3 s; the ratios are the medians of the triplets', which
      * a moment the machine is elsewhere moves less than it moves the sums */
-    enum { MAX_TRIPLETS = 4096 };
     static double kr[MAX_TRIPLETS], rr[MAX_TRIPLETS];
     double secs[3] = {0}, moved[3] = {0}, dt[3];
     int n = 0;
     for (int it = -2; it < items || (secs[0] < 0.3 || secs[1] < 0.3 || secs[2] < 0.3); it++) {
         if (n == MAX_TRIPLETS) break;
         for (int v = 0; v < 3; v++) {
-            const int c = (int)(((int64_t)(it + 2) * 3 + v) * 7 % copies); /* the copies in turn, none twice running */
+            const int c = (int)(((int64_t)(it + 2) * 3 + v) % copies); /* the copies in turn */
             const uint8_t *base = buf + (size_t)c * per;
             const double t0 = now();
             if (v < 2)
-                wexperts_forward(y, x, (wview){t, base, q ? base + wbytes : NULL, q}, offsets, (int)E, C, O, K[v],
-                                 scratch, pool);
+                wexperts_forward(y, x, (wview){t, base, q ? base + wbytes : NULL, wrows_interleave(t, E * O, C)},
+                                 offsets, (int)E, C, O, K[v], scratch, pool);
             else jm_pool_run(pool, plain_chunks, plain_chunk, &(plain_job){base});
             dt[v] = now() - t0;
         }
         if (it < 0) continue; /* two to warm clocks, threads and code */
-        const double pb = (double)plain_chunks * 65536;
+        const double pb = (double)plain_chunks * PLAIN_PIECE;
         for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += v < 2 ? bytes : pb;
         kr[n] = (bytes / dt[0]) / (pb / dt[2]);
         rr[n++] = (bytes / dt[1]) / (pb / dt[2]);
     }
     double gbs[3];
     for (int v = 0; v < 3; v++) gbs[v] = moved[v] / secs[v] / 1e9;
+    const double k_pl = bench_median(kr, n), r_pl = bench_median(rr, n);
     printf("%-5s %-10s %6lld x %-5lld %2d | %6.1f %6.1f %6.1f | %5.0f%% %5.0f%% | %5d\n", tname, sh->name,
-           (long long)O, (long long)C, threads, gbs[0], gbs[1], gbs[2], 100 * bench_median(kr, n), 100 * bench_median(rr, n), n);
+           (long long)O, (long long)C, threads, gbs[0], gbs[1], gbs[2], 100 * k_pl, 100 * r_pl, n);
     fflush(stdout);
     jm_pool_free(pool);
     free(buf), free(x), free(y), free(scratch);
@@ -151,39 +153,51 @@ static void run(wtype t, const char *tname, const shape *sh, int threads, int it
 
 int main(int argc, char **argv)
 {
-    int threads = 2, items = 40;
+    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
+    static const char *tnames[] = {"bf16", "q8", "q4"};
+    long threads = 2, items = 40;
     double mb = 1400;
     const char *types_arg = "bf16,q8,q4";
     int bad = argc % 2 == 0; /* a flag without its value */
     for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--items")) items = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--mb")) mb = atof(argv[i + 1]);
-        else if (!strcmp(argv[i], "--types")) types_arg = argv[i + 1];
-        else bad = 1;
+        const char *v = argv[i + 1];
+        char *end;
+        if (!strcmp(argv[i], "--threads")) threads = strtol(v, &end, 10);
+        else if (!strcmp(argv[i], "--items")) items = strtol(v, &end, 10);
+        else if (!strcmp(argv[i], "--mb")) mb = strtod(v, &end);
+        else if (!strcmp(argv[i], "--types")) types_arg = v, end = (char *)v + strlen(v);
+        else end = (char *)v;
+        bad |= end == v || *end; /* an unknown flag, or a value that is not a whole number */
     }
-    if (bad || threads < 1 || threads > 64 || items < 1 || mb < 1) {
-        fprintf(stderr, "usage: bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]\n");
+    int known = 0; /* every name in --types one we run */
+    for (int ti = 0; ti < 3; ti++) known += bench_in_list(types_arg, tnames[ti]);
+    for (const char *p = types_arg; *p; p++) known -= *p == ',';
+    const wkernels *K = wkernels_get("auto");
+    bad |= known != 1 || threads < 1 || threads > 64 || items < 1 || items > MAX_TRIPLETS;
+    if (bad || !(mb >= 1 && mb <= 1e6)) { /* written so that NaN fails too */
+        fprintf(stderr, "usage: bench/products [--threads 1-64 (2)] [--types bf16,q8,q4] [--items 1-%d (40)] "
+                        "[--mb 1-1000000 (1400)]\n", MAX_TRIPLETS);
         return 2;
+    }
+    if (!K) {
+        fprintf(stderr, "bench/products: no kernel set runs on this CPU\n");
+        return 1;
     }
     char cpu[256];
     cpu_model(cpu, sizeof cpu);
-    const wkernels *K = wkernels_get("auto");
-    printf("CPU: %s; kernel set %s\n", cpu, K ? K->name : "?");
-    printf("A decode step's products (2 of 8 experts active; kv: one matrix), at least %d triplets each, over %.0f MB "
-           "of copies;\nGB/s of the kernels (kern), of the read tiles (read) and of a plain read of as many bytes "
-           "(plain), all on the decode pool;\nk/pl and r/pl: medians over the triplets of kern and read against the "
-           "plain read timed beside them\n\n",
+    printf("CPU: %s; kernel set %s\n", cpu, K->name);
+    printf("A decode step's products (2 of 8 experts active; kv: one matrix), at least %ld triplets each, over %.0f "
+           "MB of copies (at least 5);\nGB/s of the kernels (kern), of the read tiles (read) and of a plain read of as "
+           "many bytes (plain), all on the decode pool, totals over the items;\nk/pl and r/pl: medians over the "
+           "triplets of kern and read against the plain read timed beside them\n\n",
            items, mb);
     printf("%-5s %-10s %14s %2s | %6s %6s %6s | %6s %6s | %5s\n", "type", "product", "rows x inputs", "T", "kern",
            "read", "plain", "k/pl", "r/pl", "items");
-    static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
-    static const char *tnames[] = {"bf16", "q8", "q4"};
     uint64_t rng = BENCH_SEED;
     for (int ti = 0; ti < 3; ti++) {
         if (!bench_in_list(types_arg, tnames[ti])) continue;
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
-            for (int th = 1; th <= threads; th++) run(types[ti], tnames[ti], &shapes[si], th, items, mb, &rng);
+            for (int th = 1; th <= threads; th++) run(types[ti], tnames[ti], &shapes[si], th, (int)items, mb, &rng);
     }
     return 0;
 }
