@@ -23,8 +23,8 @@
  * reads one long matrix with one thread. Here kern/plain and read/plain are
  * ratios of items timed side by side, product by product: what the kernels
  * lose against the memory (kern below read), and what the product's access
- * pattern loses (read below plain). Prints figures; it is not a test. (What
- * it has shown: README, "decode at the memory-bandwidth limit".) */
+ * pattern loses (read below plain). Prints figures; it is not a test (what
+ * it has shown: README, Benchmarks). */
 #include "common.h"
 #include "base/base.h"
 #include "model/ops/ops.h"
