@@ -5,12 +5,12 @@
  *   build/bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]
  *
  * Per weight type, product shape of the JetMoE-8B layout (all but the LM
- * head) and thread count 1..N, triplets of items run in turn: the product with the best kernel set
- * this CPU runs (kern), the same chunks read by the "read" tiles (read: every
- * byte the product reads, as plain loads, no math), and a plain read of as
- * many bytes in pieces of the largest decode chunk (plain: bench/common.h's
- * read loop); the ratios printed are the medians over the triplets, the
- * GB/s the totals over them. Each item takes the next of several copies of
+ * head) and thread count 1..N, triplets of items run in turn: the product
+ * with the best kernel set this CPU runs (kern), the same chunks read by the
+ * "read" tiles (read: every byte the product reads, as plain loads, no
+ * math), and a plain read of as many bytes in pieces of the largest decode
+ * chunk (plain: bench/common.h's read loop); the ratios printed are the
+ * medians over the triplets, the GB/s the totals over them. Each item takes the next of several copies of
  * the weights (--mb in all, at least 5 copies), so none finds its bytes in
  * a cache. The copies ask for 2 MB pages and Q8/Q4 rows are interleaved, as
  * jm_weights_to_ram lays out an 8B model; inputs and scratch are 64-byte
@@ -80,7 +80,8 @@ static void *alloc_or_die(size_t align, size_t bytes)
 enum { MAX_TRIPLETS = 4096 };
 
 /* One row of the table: kern, read and plain GB/s of shape sh, type t. */
-static void run(wtype t, const char *tname, const shape *sh, int threads, int items, double mb, uint64_t *rng)
+static void run(const wkernels *kern, wtype t, const char *tname, const shape *sh, int threads, int items, double mb,
+                uint64_t *rng)
 {
     const int q = t == WT_Q8 || t == WT_Q4;
     const int64_t E = sh->E, O = sh->O, C = sh->C, nact = E > 1 ? 2 : 1;
@@ -115,7 +116,8 @@ static void run(wtype t, const char *tname, const shape *sh, int threads, int it
     for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5); /* experts 2 and 5 */
     const double bytes = (double)(nact * O * (row + srow));
     const int64_t plain_chunks = (int64_t)(bytes / PLAIN_PIECE);
-    const wkernels *K[2] = {wkernels_get("auto"), wkernels_read()};
+    const double plain_bytes = (double)plain_chunks * PLAIN_PIECE;
+    const wkernels *K[2] = {kern, wkernels_read()};
 
     /* triplets (kern, read, plain) until there are `items` and each kind
      * has run for 0.3 s; the ratios are the medians of the triplets', which
@@ -136,10 +138,9 @@ static void run(wtype t, const char *tname, const shape *sh, int threads, int it
             dt[v] = now() - t0;
         }
         if (it < 0) continue; /* two to warm clocks, threads and code */
-        const double pb = (double)plain_chunks * PLAIN_PIECE;
-        for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += v < 2 ? bytes : pb;
-        kr[n] = (bytes / dt[0]) / (pb / dt[2]);
-        rr[n++] = (bytes / dt[1]) / (pb / dt[2]);
+        for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += v < 2 ? bytes : plain_bytes;
+        kr[n] = (bytes / dt[0]) / (plain_bytes / dt[2]);
+        rr[n++] = (bytes / dt[1]) / (plain_bytes / dt[2]);
     }
     double gbs[3];
     for (int v = 0; v < 3; v++) gbs[v] = moved[v] / secs[v] / 1e9;
@@ -197,7 +198,7 @@ int main(int argc, char **argv)
     for (int ti = 0; ti < 3; ti++) {
         if (!bench_in_list(types_arg, tnames[ti])) continue;
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
-            for (int th = 1; th <= threads; th++) run(types[ti], tnames[ti], &shapes[si], th, (int)items, mb, &rng);
+            for (int th = 1; th <= threads; th++) run(K, types[ti], tnames[ti], &shapes[si], th, (int)items, mb, &rng);
     }
     return 0;
 }
