@@ -216,8 +216,8 @@ int main(int argc, char **argv)
     printf("CPU: %s; one thread\n", cpu);
     printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
            "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
-           "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of %d "
-           "(ilv: the layout of Q8/Q4 files and of their copies in RAM)\n\n",
+           "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of %d, "
+           "their scales inline (ilv: the layout of Q8/Q4 copies in RAM)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
     printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s\n", "set", "type", "n", "GHz", "big GB/s",
            "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc");
@@ -238,6 +238,23 @@ int main(int argc, char **argv)
         if (!bench_in_list(types_arg, tnames[ti])) continue;
         matrix big = make_matrix(types[ti], C, big_mb * 1e6, &rng), l2 = make_matrix(types[ti], C, l2_kb * 1e3, &rng);
         float *out = malloc((size_t)(nmax * big.rows) * sizeof *out);
+        /* the same matrix as jm_weights_to_ram lays it out (ops.h,
+         * WILV_INLINE), timed in turn with row-major, so that both see the
+         * same moments of a shared machine */
+        const int ilv = wrows_interleave(types[ti], big.rows, C); /* F32 and BF16 never are */
+        matrix big_ilv = big;
+        if (ilv) {
+            big_ilv.w = (wview){types[ti], NULL, NULL, WILV_INLINE};
+            const size_t bytes = (size_t)wview_bytes(big_ilv.w, big.rows, C);
+            big_ilv.data = aligned_alloc(64, (bytes + 63) / 64 * 64);
+            if (!big_ilv.data) {
+                fprintf(stderr, "bench/kernels: out of memory\n");
+                exit(1);
+            }
+            memset(big_ilv.data, 0, bytes);
+            inline_rows(big_ilv.data, big.w, big.rows, C);
+            big_ilv.w.data = big_ilv.data;
+        }
         char list[256];
         snprintf(list, sizeof list, "%s", sets);
         for (char *save = NULL, *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
@@ -250,13 +267,6 @@ int main(int argc, char **argv)
             for (int64_t n = 1; n <= nmax; n += 3) {
                 const double ghz = clock_ghz();
                 const double bw_big = read_bandwidth((size_t)(big_mb * 1e6), reps + 2);
-                /* the same bytes read as interleaved rows too (ops.h; the
-                 * values do not matter to the time), jm_weights_to_ram's
-                 * layout: timed in turn with row-major, so that both see the
-                 * same moments of a shared machine */
-                matrix big_ilv = big;
-                big_ilv.w.ilv = 1;
-                const int ilv = wrows_interleave(types[ti], big.rows, C); /* F32 and BF16 never are */
                 double tb = 1e30, tv = 1e30;
                 for (int r = 0; r < reps; r++) {
                     const double a = time_passes(f, &big, out, x, xq, xs, n, C, 1);
@@ -278,6 +288,7 @@ int main(int argc, char **argv)
         }
         free(out);
         free(big.data), free(big.scales), free(l2.data), free(l2.scales);
+        if (ilv) free(big_ilv.data);
     }
     free(x), free(xs), free(xq);
     print_ceilings(big_mb, reps, &rng);

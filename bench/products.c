@@ -12,8 +12,8 @@
  * chunk (plain: bench/common.h's read loop); the ratios printed are the
  * medians over the triplets, the GB/s the totals over them. Each item takes the next of several copies of
  * the weights (--mb in all, at least 5 copies), so none finds its bytes in
- * a cache. The copies ask for 2 MB pages and Q8/Q4 rows are interleaved, as
- * jm_weights_to_ram lays out an 8B model; inputs and scratch are 64-byte
+ * a cache. The copies ask for 2 MB pages and Q8/Q4 rows are interleaved,
+ * their scales inline, as jm_weights_to_ram lays out an 8B model; inputs and scratch are 64-byte
  * aligned, as the model's arena is (misaligned, Q4's figures moved by tens
  * of points).
  *
@@ -85,9 +85,11 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
 {
     const int q = t == WT_Q8 || t == WT_Q4;
     const int64_t E = sh->E, O = sh->O, C = sh->C, nact = E > 1 ? 2 : 1;
-    const int64_t row = wtype_row_bytes(t, C), srow = q ? 2 * (C / QBLOCK) : 0;
-    const size_t huge = (size_t)2 << 20, wbytes = (size_t)(E * O * row), sbytes = (size_t)(E * O * srow);
-    const size_t per = (wbytes + sbytes + huge - 1) / huge * huge;
+    /* as jm_weights_to_ram lays them out: Q8/Q4 WILV_INLINE (every shape
+     * here allows it), BF16 row-major */
+    const wview layout = {t, NULL, NULL, q && wrows_interleave(t, E * O, C) ? WILV_INLINE : 0};
+    const size_t huge = (size_t)2 << 20, wbytes = (size_t)wview_bytes(layout, E * O, C);
+    const size_t per = (wbytes + huge - 1) / huge * huge;
     int copies = (int)(mb * 1e6 / (double)per);
     copies = copies < 5 ? 5 : copies;
     uint8_t *buf = alloc_or_die(huge, per * (size_t)copies);
@@ -97,12 +99,13 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
         if (t == WT_BF16) r = (r & 0x807f807fu) | 0x3c003c00u; /* two bf16 of magnitude ~0.01 */
         memcpy(buf + i, &r, 4);
     }
-    for (int c = 0; q && c < copies; c++) /* F16 scales in [0.008, 0.016) */
-        for (size_t i = 0; i < sbytes; i += 2) {
-            const uint16_t h = (uint16_t)(0x2000 + bench_rnd(rng) % 0x400);
-            buf[c * per + wbytes + i] = (uint8_t)h, buf[c * per + wbytes + i + 1] = (uint8_t)(h >> 8);
-        }
-
+    for (int c = 0; layout.ilv && c < copies; c++) /* F16 scales in [0.008, 0.016) */
+        for (int64_t i = 0; i < E * O; i++)
+            for (int64_t b = 0; b < C / QBLOCK; b++) {
+                uint8_t *p = (uint8_t *)wscale_ptr((wview){t, buf + c * per, NULL, WILV_INLINE}, i, b, C / QBLOCK);
+                const uint16_t h = (uint16_t)(0x2000 + bench_rnd(rng) % 0x400);
+                p[0] = (uint8_t)h, p[1] = (uint8_t)(h >> 8);
+            }
     jm_pool *pool = jm_pool_create(threads);
     if (!pool) {
         fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
@@ -114,7 +117,7 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
     for (int64_t i = 0; i < nact * C; i++) x[i] = bench_frnd(rng);
     int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
     for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5); /* experts 2 and 5 */
-    const double bytes = (double)(nact * O * (row + srow));
+    const double bytes = (double)(nact * wview_bytes(layout, O, C));
     const int64_t plain_chunks = (int64_t)(bytes / PLAIN_PIECE);
     const double plain_bytes = (double)plain_chunks * PLAIN_PIECE;
     const wkernels *K[2] = {kern, wkernels_read()};
@@ -132,8 +135,7 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
             const uint8_t *base = buf + (size_t)c * per;
             const double t0 = now();
             if (v < 2)
-                wexperts_forward(y, x, (wview){t, base, q ? base + wbytes : NULL, wrows_interleave(t, E * O, C)},
-                                 offsets, (int)E, C, O, K[v], scratch, pool);
+                wexperts_forward(y, x, (wview){t, base, NULL, layout.ilv}, offsets, (int)E, C, O, K[v], scratch, pool);
             else jm_pool_run(pool, plain_chunks, plain_chunk, &(plain_job){base});
             dt[v] = now() - t0;
         }

@@ -219,28 +219,40 @@ static bool run_tile(const wkernels *K, const tile_case *k, float *out)
 }
 
 /* The same tile with its rows interleaved (ops.h), in a buffer of whole
- * groups, when its rows are whole lines: true if set K computes it bit for
- * bit as it did the row-major tile (ref), the same operations on each row,
- * and dequant_rows gives the same rows; *ran counts the tiles it applied to. */
-static bool interleaved_same(const wkernels *K, const tile_case *k, const float *ref, float *out, int *ran)
+ * groups, when its rows are whole lines: as Q8/Q4 files hold them (ilv 1)
+ * and, Q8/Q4, with their scales inline as jm_weights_to_ram's copy
+ * (WILV_INLINE, its pad bytes NaN scales: never read). True if set K
+ * computes each bit for bit as it did the row-major tile (ref), the same
+ * operations on each row, and dequant_rows gives the same rows; *ran counts
+ * the tiles of each layout it applied to. */
+static bool interleaved_same(const wkernels *K, const tile_case *k, const float *ref, float *out, int ran[2])
 {
     const int64_t row = wtype_row_bytes(k->t, k->C), groups = (k->nrows + WILV - 1) / WILV;
     if (row % 64) return true;
-    uint8_t *d = aligned_alloc(64, (size_t)(groups * WILV * row));
-    wview w = k->w;
-    w.data = d, w.ilv = 1;
-    memset(d, 0, (size_t)(groups * WILV * row));
-    interleave_rows(d, k->w.data, k->nrows, row);
-    for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
-    wkernel_for(K, k->t)(out, k->ldo, w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
-    /* and prefill's dequantization reads it as it reads the row-major rows */
+    bool same = true;
     float *a = malloc(sizeof(float) * (size_t)(k->nrows * k->C)), *b = malloc(sizeof(float) * (size_t)(k->nrows * k->C));
     dequant_rows(a, k->w, 0, k->nrows, k->C);
-    dequant_rows(b, w, 0, k->nrows, k->C);
-    const bool same_rows = memcmp(a, b, sizeof(float) * (size_t)(k->nrows * k->C)) == 0;
-    free(a), free(b), free(d);
-    (*ran)++;
-    return same_rows && memcmp(out, ref, sizeof(float) * (size_t)(k->n * k->ldo)) == 0;
+    for (int layout = 1; layout <= (k->w.scales ? WILV_INLINE : 1); layout++) {
+        wview w = k->w;
+        if (layout == WILV_INLINE) w.scales = NULL;
+        w.ilv = layout;
+        const int64_t bytes = wview_bytes(w, groups * WILV, k->C);
+        uint8_t *d = aligned_alloc(64, (size_t)bytes);
+        memset(d, layout == WILV_INLINE ? 0xff : 0, (size_t)bytes);
+        w.data = d;
+        if (layout == 1) interleave_rows(d, k->w.data, k->nrows, row);
+        else inline_rows(d, k->w, k->nrows, k->C);
+        for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
+        wkernel_for(K, k->t)(out, k->ldo, w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
+        same &= memcmp(out, ref, sizeof(float) * (size_t)(k->n * k->ldo)) == 0;
+        /* and prefill's dequantization reads it as it reads the row-major rows */
+        dequant_rows(b, w, 0, k->nrows, k->C);
+        same &= memcmp(a, b, sizeof(float) * (size_t)(k->nrows * k->C)) == 0;
+        free(d);
+        ran[layout - 1]++;
+    }
+    free(a), free(b);
+    return same;
 }
 
 /* Worst |got - ref| over the tile in units of KERNEL_TOL * sum |w x|
@@ -293,8 +305,9 @@ static void test_kernels(void)
     static const char *names[] = {"f32", "bf16", "q8", "q4"};
     static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065};
     /* 5632 (JetMoE-8B's FFN): Q4 tiles of up to 4 inputs have them prepared
-     * once a tile (the avx512 set), of 5 and more made in every pass */
-    static const int64_t sizes_q[] = {32, 64, 96, 128, 160, 224, 480, 512, 544, 1056, 2048, 5632};
+     * once a tile (the avx512 set), of 5 and more made in every pass; 64,
+     * 128 and 640: a partial step of QSTEP blocks in the WILV_INLINE layout */
+    static const int64_t sizes_q[] = {32, 64, 96, 128, 160, 224, 480, 512, 544, 640, 1056, 2048, 5632};
     /* weight and input amplitudes: products near 1e-30, 1 and 1e30 (F32/BF16);
      * for Q8/Q4 F16 scales from subnormal (1e-3 / 127) to ~80 */
     static const float wamp_f[] = {1e-15f, 1.0f, 1e15f}, wamp_q[] = {1e-3f, 1.0f, 1e4f};
@@ -304,7 +317,7 @@ static void test_kernels(void)
         const int64_t *sizes = q ? sizes_q : sizes_f;
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
-        int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS] = {0}, ilv_differ[NSETS] = {0};
+        int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0};
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -316,13 +329,13 @@ static void test_kernels(void)
                     float *ilv = malloc((size_t)(n * k.ldo) * sizeof *ilv);
                     stray[0] += !run_tile(K[0], &k, port);
                     vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
-                    ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, &ilv_tiles[0]);
+                    ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, ilv_tiles[0]);
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
                         stray[s] += !run_tile(K[s], &k, out);
                         vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
-                        ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, &ilv_tiles[s]);
+                        ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, ilv_tiles[s]);
                     }
                     free(ilv);
                     free_tile_case(&k);
@@ -336,9 +349,10 @@ static void test_kernels(void)
                          "%d tiles: worst error %.3f of 2e-6 sum |w x|; %d wrote outside their columns", tiles,
                          vs_ref[s], stray[s]);
             snprintf(name, sizeof name, "kernels_%s_%s_interleaved_rows", kernel_sets[s], names[ti]);
-            check_detail(ilv_tiles[s] > 50 && !ilv_differ[s], name,
-                         "%d tiles of whole lines with their rows interleaved: %d differ from row-major by a bit",
-                         ilv_tiles[s], ilv_differ[s]);
+            check_detail(ilv_tiles[s][0] > 50 && (!q || ilv_tiles[s][1] == ilv_tiles[s][0]) && !ilv_differ[s], name,
+                         "%d tiles of whole lines with their rows interleaved, %d with their scales inline too: %d "
+                         "differ from row-major by a bit",
+                         ilv_tiles[s][0], ilv_tiles[s][1], ilv_differ[s]);
             if (s == 0) continue;
             snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_sets[s], names[ti]);
             check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,

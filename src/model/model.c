@@ -1665,9 +1665,10 @@ void jm_set_read_only_products(jm_model *m) { m->kern = wkernels_read(); }
 const char *jm_kernels(const jm_model *m) { return m->kern->name; }
 
 /* View w (rows x C, a stack of matrices of `each` rows) moves into base
- * (carve's two passes: base NULL only sizes), its rows interleaved (ops.h)
- * when `ilv`, it is Q8 or Q4, and its rows split into whole lines and
- * groups: decoding then reads each group as one stream. bench/kernels, one
+ * (carve's two passes: base NULL only sizes), its rows interleaved with
+ * their scales inline (ops.h: WILV_INLINE) when `ilv`, it is Q8 or Q4, and
+ * its rows split into whole lines and groups: decoding then reads each group
+ * as one stream. Interleaving alone, bench/kernels, one
  * thread, timed in turn (AMD EPYC family 26 model 2, AVX-512): Q4 56-60% ->
  * 70-77% of a plain read, Q8 62-74% -> 74-76%, but BF16 74-85% -> 61-66%
  * (its passes read faster than the int8 ones, and one stream seems to cap
@@ -1675,23 +1676,26 @@ const char *jm_kernels(const jm_model *m) { return m->kern->name; }
  * page-ahead prefetch, whole 8B decodes in RAM still said so (one thread:
  * 53-58% of the roofline interleaved, 62-65% row-major). So do F32
  * matrices, which prefill multiplies in place with SGEMM, and the embedding
- * table, read by rows. A view already interleaved (as `jetmoe quantize`
- * stores them) is copied as it is. */
+ * table, read by rows. Q8/Q4 files hold them interleaved with scales of
+ * their own (quantize.c), which the copy takes inline. */
 static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, char *base, size_t *off)
 {
-    const int64_t row = wtype_row_bytes(w->type, C);
-    const size_t data = (size_t)(rows * row), sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
+    if (ilv && wrows_interleave(w->type, each, C)) { /* rows: whole matrices of each, so whole groups */
+        const wview to = {w->type, NULL, NULL, WILV_INLINE};
+        const size_t bytes = (size_t)wview_bytes(to, rows, C);
+        uint8_t *d = carve(base, off, bytes);
+        if (!base) return;
+        memset(d, 0, bytes); /* the padding of partial steps */
+        inline_rows(d, *w, rows, C);
+        *w = (wview){w->type, d, NULL, WILV_INLINE};
+        return;
+    }
+    const size_t data = (size_t)(rows * wtype_row_bytes(w->type, C)), sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
     uint8_t *d = carve(base, off, data);
     void *s = carve(base, off, sc);
     if (!base) return;
     if (sc) w->scales = memcpy(s, w->scales, sc);
-    if (w->ilv || !(ilv && wrows_interleave(w->type, each, C))) { /* as stored (rows: whole matrices of each) */
-        w->data = memcpy(d, w->data, data);
-        return;
-    }
-    interleave_rows(d, w->data, rows, row);
-    w->data = d;
-    w->ilv = 1;
+    w->data = memcpy(d, w->data, data); /* as stored */
 }
 
 /* Every matrix view, in one order, for both passes of jm_weights_to_ram. */
@@ -1770,24 +1774,19 @@ jm_status jm_weights_place(jm_model *m, const char *where, jm_error *err)
 
 int jm_weights_in_ram(const jm_model *m) { return m->ram != NULL; }
 
-/* Bytes of `rows` rows of C inputs as held (Q8/Q4 with their F16 scales). */
-static int64_t view_bytes(wview w, int64_t rows, int64_t C)
-{
-    return rows * (wtype_row_bytes(w.type, C) + (w.scales ? 2 * (C / QBLOCK) : 0));
-}
 
 int64_t jm_active_weight_bytes(const jm_model *m)
 {
     const jm_config *c = &m->cfg;
     const int64_t H = c->hidden_size, E = c->num_experts, k = c->top_k, F = c->intermediate_size;
     const int64_t A = (int64_t)c->num_kv_heads * c->head_dim, f = sizeof(float);
-    int64_t bytes = view_bytes(m->embed, 1, H) + H * f + view_bytes(m->lm_head, c->vocab_size, H);
+    int64_t bytes = wview_bytes(m->embed, 1, H) + H * f + wview_bytes(m->lm_head, c->vocab_size, H);
     for (int l = 0; l < c->num_layers; l++) {
         const layer_params *p = &m->lp[l];
         bytes += 4 * H * f + 2 * E * H * f; /* norms, biases, routers */
-        bytes += view_bytes(p->kv_proj, 2 * A, H);
-        bytes += k * (view_bytes(p->moa_in, A, H) + view_bytes(p->moa_out, H, A));
-        bytes += k * (view_bytes(p->moe_in, 2 * F, H) + view_bytes(p->moe_out, H, F));
+        bytes += wview_bytes(p->kv_proj, 2 * A, H);
+        bytes += k * (wview_bytes(p->moa_in, A, H) + wview_bytes(p->moa_out, H, A));
+        bytes += k * (wview_bytes(p->moe_in, 2 * F, H) + wview_bytes(p->moe_out, H, F));
     }
     return bytes;
 }

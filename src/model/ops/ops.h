@@ -213,8 +213,8 @@ typedef enum { WT_F32, WT_BF16, WT_Q8, WT_Q4 } wtype;
 struct wview {
     wtype type;
     const void *data;
-    const uint8_t *scales; /* Q8/Q4: little-endian F16, C/32 per row */
-    int ilv;               /* rows interleaved in groups of WILV (below); 0: row-major */
+    const uint8_t *scales; /* Q8/Q4: little-endian F16, C/32 per row (NULL when WILV_INLINE) */
+    int ilv;               /* 1: rows interleaved in groups of WILV; WILV_INLINE: and scales inline (below); 0: row-major */
 };
 /* Interleaved rows (jm_weights_to_ram, where a row is whole 64-byte lines and
  * the matrix whole groups): each group of WILV consecutive rows holds their
@@ -223,18 +223,51 @@ struct wview {
  * and so reads one stream where row-major rows are WILV streams; scales stay
  * row-major. A view into such a matrix starts at a group. */
 #define WILV 4
+/* ilv == WILV_INLINE (jm_weights_to_ram's copy of a Q8/Q4 matrix): each
+ * group in steps of QSTEP blocks, a step its WILV rows' lines of those
+ * blocks interleaved as above, then their scales (row after row, 2 bytes a
+ * block), padded to a whole line; no separate scales. A decode pass then
+ * reads one stream, scales and all, where with scales of their own it reads
+ * two: bench/products' read tiles went from 78-90% to 89-99% of a plain
+ * read for Q4, and the kernels (...). */
+#define WILV_INLINE 2
+#define QSTEP 16
+static inline int64_t wblock_bytes(wtype t) { return t == WT_Q8 ? QBLOCK : QBLOCK / 2; }
+/* A step's scale bytes for nblk blocks a row, whole lines. */
+static inline int64_t wstep_scale_bytes(int64_t nblk) { return (WILV * 2 * nblk + 63) / 64 * 64; }
+/* Bytes of a group of WILV rows of row_bytes in the WILV_INLINE layout. */
+static inline int64_t wgroup_inline_bytes(wtype t, int64_t row_bytes)
+{
+    const int64_t nb = row_bytes / wblock_bytes(t), rest = nb % QSTEP;
+    return WILV * row_bytes + nb / QSTEP * wstep_scale_bytes(QSTEP) + (rest ? wstep_scale_bytes(rest) : 0);
+}
 static inline const uint8_t *wrow_byte(wview w, int64_t i, int64_t off, int64_t row_bytes)
 {
     const uint8_t *d = (const uint8_t *)w.data;
     if (!w.ilv) return d + i * row_bytes + off;
-    return d + i / WILV * WILV * row_bytes + (off / 64 * WILV + i % WILV) * 64 + off % 64;
+    if (w.ilv == 1) return d + i / WILV * WILV * row_bytes + (off / 64 * WILV + i % WILV) * 64 + off % 64;
+    const int64_t sb = QSTEP * wblock_bytes(w.type), s = off / sb, o = off % sb; /* step s, byte o in it */
+    return d + i / WILV * wgroup_inline_bytes(w.type, row_bytes) + s * (WILV * sb + wstep_scale_bytes(QSTEP)) +
+           (o / 64 * WILV + i % WILV) * 64 + off % 64;
+}
+/* The F16 scale of block b of row i (Q8/Q4; nb blocks a row). */
+static inline const uint8_t *wscale_ptr(wview w, int64_t i, int64_t b, int64_t nb)
+{
+    if (w.ilv != WILV_INLINE) return w.scales + (i * nb + b) * 2;
+    const int64_t bb = wblock_bytes(w.type), s = b / QSTEP, nblk = nb - s * QSTEP < QSTEP ? nb - s * QSTEP : QSTEP;
+    const uint8_t *step = (const uint8_t *)w.data + i / WILV * wgroup_inline_bytes(w.type, nb * bb) +
+                          s * (WILV * QSTEP * bb + wstep_scale_bytes(QSTEP));
+    return step + WILV * nblk * bb + (i % WILV * nblk + b % QSTEP) * 2;
 }
 
 static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL, 0}; }
 /* Bytes of one row of C inputs (data only; Q8/Q4 add 2*C/32 bytes of scales). */
 int64_t wtype_row_bytes(wtype t, int64_t C);
-/* The view `rows` rows further on (expert e of a stack: rows = e * O). */
+/* The view `rows` rows further on (expert e of a stack: rows = e * O;
+ * WILV_INLINE: whole groups). */
 wview wview_rows(wview w, int64_t rows, int64_t C);
+/* Bytes `rows` rows of C inputs hold, scales and padding included. */
+int64_t wview_bytes(wview w, int64_t rows, int64_t C);
 /* out (nrows, C) fp32 = rows row0 .. row0+nrows-1 of W. */
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
 /* Whether a Q8/Q4 stack of matrices of `rows` rows of C inputs can hold
@@ -249,6 +282,10 @@ static inline int wrows_interleave(wtype t, int64_t rows, int64_t C)
  * interleaved as wrow_byte reads them (rows a whole number of groups, or
  * `to` padded to one: the padding is not written). */
 void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row_bytes);
+/* Q8/Q4 rows of `from` (any layout; whole lines a row) into `to`, laid out
+ * WILV_INLINE (wview_bytes of such a view, zeroed: padding is not
+ * written). */
+void inline_rows(uint8_t *to, wview from, int64_t rows, int64_t C);
 /* Blockwise quantization of one row (C % 32 == 0); returns the largest
  * |w - dequantized| (for the quantizer's report and its tests). */
 float quantize_row_q8(int8_t *q, uint8_t *scales, const float *w, int64_t C);

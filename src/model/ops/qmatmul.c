@@ -27,14 +27,25 @@ int64_t wtype_row_bytes(wtype t, int64_t C)
 
 wview wview_rows(wview w, int64_t rows, int64_t C)
 {
+    if (w.ilv == WILV_INLINE) {
+        w.data = (const uint8_t *)w.data + rows / WILV * wgroup_inline_bytes(w.type, wtype_row_bytes(w.type, C));
+        return w;
+    }
     w.data = (const uint8_t *)w.data + rows * wtype_row_bytes(w.type, C);
     if (w.scales) w.scales += rows * (C / QBLOCK) * 2;
     return w;
 }
 
-/* n bytes of a row from byte `at` (a whole number of elements, and of
- * blocks for Q8/Q4) to fp32 at out; ws: the row's scales. */
-static void dequant_span(float *out, wtype t, const uint8_t *w, int64_t n, const uint8_t *ws, int64_t at)
+int64_t wview_bytes(wview w, int64_t rows, int64_t C)
+{
+    const int64_t row = wtype_row_bytes(w.type, C);
+    if (w.ilv == WILV_INLINE) return (rows + WILV - 1) / WILV * wgroup_inline_bytes(w.type, row);
+    return rows * (row + (w.scales ? 2 * (C / QBLOCK) : 0));
+}
+
+/* n bytes of a row (a whole number of elements, and of blocks for Q8/Q4) to
+ * fp32 at out; ws: the scale of their first block, the others after it. */
+static void dequant_span(float *out, wtype t, const uint8_t *w, int64_t n, const uint8_t *ws)
 {
     switch (t) {
     case WT_F32: memcpy(out, w, (size_t)n); break;
@@ -46,13 +57,13 @@ static void dequant_span(float *out, wtype t, const uint8_t *w, int64_t n, const
         break;
     case WT_Q8:
         for (int64_t b = 0; b < n / QBLOCK; b++) {
-            const float d = wscale_at(ws, at / QBLOCK + b);
+            const float d = wscale_at(ws, b);
             for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = d * (float)(int8_t)w[b * QBLOCK + i];
         }
         break;
     case WT_Q4:
         for (int64_t b = 0; b < n / (QBLOCK / 2); b++) {
-            const float d = wscale_at(ws, at / (QBLOCK / 2) + b);
+            const float d = wscale_at(ws, b);
             const uint8_t *qb = w + b * (QBLOCK / 2);
             for (int j = 0; j < QBLOCK / 2; j++) {
                 out[b * QBLOCK + j] = d * (float)((qb[j] & 15) - 8);
@@ -71,17 +82,29 @@ void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row
             memcpy((uint8_t *)wrow_byte(w, i, at, row_bytes), from + i * row_bytes + at, 64);
 }
 
+void inline_rows(uint8_t *to, wview from, int64_t rows, int64_t C)
+{
+    const int64_t row = wtype_row_bytes(from.type, C), nb = C / QBLOCK;
+    const wview w = {from.type, to, NULL, WILV_INLINE};
+    for (int64_t i = 0; i < rows; i++) {
+        for (int64_t at = 0; at < row; at += 64)
+            memcpy((uint8_t *)wrow_byte(w, i, at, row), wrow_byte(from, i, at, row), 64);
+        for (int64_t b = 0; b < nb; b++) memcpy((uint8_t *)wscale_ptr(w, i, b, nb), wscale_ptr(from, i, b, nb), 2);
+    }
+}
+
 void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C)
 {
     const int64_t row = wtype_row_bytes(W.type, C), nb = C / QBLOCK;
     const int64_t per_line = W.type == WT_F32 ? 16 : W.type == WT_BF16 ? 32 : W.type == WT_Q8 ? 64 : 128;
+    const int q = W.type == WT_Q8 || W.type == WT_Q4;
     for (int64_t r = row0; r < row0 + nrows; r++) {
         float *o = out + (r - row0) * C;
-        const uint8_t *ws = W.scales ? W.scales + r * 2 * nb : NULL;
-        if (!W.ilv) dequant_span(o, W.type, wrow_byte(W, r, 0, row), row, ws, 0);
-        else /* a line at a time: the row's lines are WILV apart */
+        if (!W.ilv) dequant_span(o, W.type, wrow_byte(W, r, 0, row), row, q ? wscale_ptr(W, r, 0, nb) : NULL);
+        else /* a line at a time (the row's lines are WILV apart), and its blocks' scales */
             for (int64_t l = 0; l < row / 64; l++)
-                dequant_span(o + l * per_line, W.type, wrow_byte(W, r, 64 * l, row), 64, ws, 64 * l);
+                dequant_span(o + l * per_line, W.type, wrow_byte(W, r, 64 * l, row), 64,
+                             q ? wscale_ptr(W, r, l * per_line / QBLOCK, nb) : NULL);
     }
 }
 
@@ -265,7 +288,7 @@ static void decode_products(float *ys, const float *xs, wview W, const int64_t *
     int active[JM_MAX_EXPERTS], nact = 0;
     for (int e = 0; e < E; e++)
         if (offsets[e + 1] > offsets[e]) active[nact++] = e;
-    const int64_t row_bytes = wtype_row_bytes(W.type, C) + (W.scales ? 2 * (C / QBLOCK) : 0);
+    const int64_t row_bytes = wview_bytes(W, WILV, C) / WILV;
     int64_t chunk = (int64_t)nact * O * row_bytes / (8 * (int64_t)(pool ? jm_pool_threads(pool) : 1));
     chunk = chunk < DECODE_CHUNK_MIN ? DECODE_CHUNK_MIN : chunk > DECODE_CHUNK_MAX ? DECODE_CHUNK_MAX : chunk;
     int64_t rows = (chunk / row_bytes + 7) & ~(int64_t)7; /* whole multi-row kernel passes */

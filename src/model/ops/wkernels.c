@@ -76,7 +76,6 @@ static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float 
     const int64_t row = wtype_row_bytes(w.type, C), nb = C / QBLOCK;
     const int64_t piece = w.ilv ? 64 : row, inputs = piece * C / row; /* bytes and inputs a piece */
     for (int64_t i = 0; i < nrows; i++) {
-        const uint8_t *ws = w.scales ? w.scales + i * 2 * nb : NULL;
         for (int64_t r = 0; r < n; r++) {
             float acc = 0.0f;
             for (int64_t at = 0, e = 0; at < row; at += piece, e += inputs) {
@@ -85,12 +84,12 @@ static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float 
                 case WT_F32: acc = dot_f32_c(acc, wp, x + r * C + e, inputs); break;
                 case WT_BF16: acc = dot_bf16_c(acc, wp, x + r * C + e, inputs); break;
                 case WT_Q8:
-                    acc = dot_q8_c(acc, (const int8_t *)wp, ws + 2 * (e / QBLOCK), xq + r * C + e,
+                    acc = dot_q8_c(acc, (const int8_t *)wp, wscale_ptr(w, i, e / QBLOCK, nb), xq + r * C + e,
                                    xs + r * 2 * nb + e / QBLOCK, inputs);
                     break;
                 case WT_Q4:
-                    acc = dot_q4_c(acc, wp, ws + 2 * (e / QBLOCK), xq + r * C + e, xs + r * 2 * nb + e / QBLOCK,
-                                   inputs);
+                    acc = dot_q4_c(acc, wp, wscale_ptr(w, i, e / QBLOCK, nb), xq + r * C + e,
+                                   xs + r * 2 * nb + e / QBLOCK, inputs);
                     break;
                 }
             }
@@ -158,6 +157,20 @@ static inline const uint8_t *wline(const uint8_t *w, int64_t off, stride st)
     return w + (off >> 6) * st.ls + (off & 63);
 }
 
+/* WILV_INLINE rows (ops.h), for a pass whose row 0 is row r0 of its group
+ * and starts at w: the step holding block b (where its lines are as wline
+ * finds them from byte b / QSTEP * QSTEP * its block bytes on), and in it
+ * the scale of block b of the pass's row r. */
+static inline const uint8_t *inline_step(wtype t, const uint8_t *w, int64_t b)
+{
+    return w + b / QSTEP * (WILV * QSTEP * wblock_bytes(t) + wstep_scale_bytes(QSTEP));
+}
+static inline const uint8_t *inline_scale(wtype t, const uint8_t *step, int r0, int r, int64_t b, int64_t nb)
+{
+    const int64_t first = b / QSTEP * QSTEP, nblk = nb - first < QSTEP ? nb - first : QSTEP;
+    return step - r0 * 64 + WILV * nblk * wblock_bytes(t) + ((r0 + r) * nblk + b - first) * 2;
+}
+
 /* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
  * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs;
  * and xg, what the set's prep made of xq for the tile (NULL: none), xgs
@@ -172,6 +185,7 @@ typedef struct {
     int64_t C;
     ahead pf;
     stride st;
+    int r0; /* the pass's first row's place in its group (WILV_INLINE: ws is NULL) */
 } pass_args;
 
 /* A set's passes for one weight type: runs the one for (R, NI). One
@@ -213,7 +227,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
          * times as far on in it, past the group into the next */
         const int64_t d = w.type == WT_F32 || w.type == WT_BF16 ? ps->fp_ahead : PREFETCH_BYTES;
         const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : (ahead){d, d + (R - 1) * row};
-        prefetch_pages(wrow_byte(w, i, 0, row), R * row, PAGE_AHEAD);
+        prefetch_pages(wrow_byte(w, i, 0, row), w.ilv == WILV_INLINE ? wgroup_inline_bytes(w.type, row) : R * row,
+                       PAGE_AHEAD);
         if (w.scales) {
             prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD * srow / row); /* as many passes on */
             prefetch_each(w.scales + i * srow, R * srow, SCALE_PASSES_AHEAD * R * srow, 64);
@@ -221,7 +236,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         for (int64_t r = 0; r < n; r += inputs) {
             pass_args a = {wrow_byte(w, i, 0, row), w.scales ? w.scales + i * srow : NULL,
                            x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
-                           xgs ? xg + r * xgs : NULL, xgs, C, pf, st};
+                           xgs ? xg + r * xgs : NULL, xgs, C, pf, st, (int)(i % WILV)};
             pass(out + r * ldo + i, ldo, &a, R, n - r < inputs ? (int)(n - r) : inputs);
         }
         i += R;
@@ -370,32 +385,42 @@ AVX2 static INLINE void q4_group_avx2(__m256 acc[AVX2_ROWS][4], __m256 s[AVX2_RO
     }
 }
 
+/* Q8 and Q4 rows in steps of 8 blocks; WILV_INLINE rows (ws NULL) in
+ * halves of their steps. */
 AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                        const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
-                                       ahead pf, stride st)
+                                       ahead pf, stride st, int r0)
 {
-    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
+    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C), bb = wblock_bytes(t);
     __m256 acc[AVX2_ROWS][4];
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b += 8) {
         const int64_t nblk = nb - b < 8 ? nb - b : 8;
         __m256 s[AVX2_ROWS][4], xd[4];
+        /* bytes from `skip` on in a row start at `step` */
+        const uint8_t *step = ws ? w : inline_step(t, w, b);
+        const int64_t skip = ws ? 0 : b / QSTEP * QSTEP * bb;
+        if (!ws && b % QSTEP == 0) {
+            const uint8_t *sc = inline_scale(t, step, r0, -r0, b, nb);
+            prefetch_ahead(sc, pf.d);
+            prefetch_ahead(sc + 64, pf.d);
+        }
         UNROLL for (int j = 0; j < NI; j++) xd[j] = load8_f32(xs + j * 2 * nb + b, nblk);
         UNROLL for (int r = 0; r < R; r++) {
-            __m256 wd = load8_f16(ws + r * 2 * nb + 2 * b, nblk);
+            __m256 wd = load8_f16(ws ? ws + r * 2 * nb + 2 * b : inline_scale(t, step, r0, r, b, nb), nblk);
             UNROLL for (int j = 0; j < NI; j++) s[r][j] = _mm256_mul_ps(wd, xd[j]);
         }
         const int8_t *x0 = xq + b * QBLOCK;
         if (t == WT_Q8) {
             for (int64_t q = 0; q < nblk; q++) /* one prefetch per 64 bytes: every other block */
-                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), (const int8_t *)wline(w, (b + q) * QBLOCK, st), st.rs,
+                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), (const int8_t *)wline(step, (b + q) * QBLOCK - skip, st), st.rs,
                               x0 + q * QBLOCK, C, R, NI, q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
         } else {
             const __m256i lanes = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0); /* lane -> block of the two */
             for (int64_t g = 0; g < nblk; g += 2)
                 q4_group_avx2(acc, s, _mm256_add_epi32(lanes, _mm256_set1_epi32((int)g)),
-                              wline(w, (b + g) * QBLOCK / 2, st), st.rs, x0 + g * QBLOCK, C, nblk - g, R, NI,
+                              wline(step, (b + g) * QBLOCK / 2 - skip, st), st.rs, x0 + g * QBLOCK, C, nblk - g, R, NI,
                               g % 4 ? 0 : stream_ahead((b + g) * QBLOCK / 2, pf, row));
         }
     }
@@ -406,7 +431,7 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
 AVX2 static INLINE void pass_avx2_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
 {
     if (t == WT_F32 || t == WT_BF16) fp_pass_avx2(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st);
-    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st);
+    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st, a->r0);
 }
 
 AVX2 static INLINE void pass_avx2(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
@@ -682,12 +707,15 @@ AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, const int8_t *xq, int64_t
 }
 
 /* Q8 or Q4 rows, in steps of 16 blocks: the steps' 16 scale products per
- * (row, input), then the groups of blocks one vector of weights holds. */
+ * (row, input), then the groups of blocks one vector of weights holds.
+ * INL: the rows are WILV_INLINE, whose steps are these (ws NULL). */
+_Static_assert(QSTEP == 16, "a pass's step is a step of the WILV_INLINE layout");
 AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                     const int8_t *xq, const float *xs, const uint8_t *xg, int64_t xgs, const int R,
-                                    const int NI, const int PREP, int64_t C, ahead pf, stride st)
+                                    const int NI, const int PREP, const int INL, int r0, int64_t C, ahead pf,
+                                    stride st)
 {
-    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
+    const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C), bb = wblock_bytes(t);
     const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
     /* lane -> block of the group */
     const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -698,19 +726,30 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
     for (int64_t b = 0; b < nb; b += 16) {
         const int64_t nblk = nb - b < 16 ? nb - b : 16;
         __m512 s[AVX512_ROWS][4], xd[4];
+        /* WILV_INLINE: the step's lines, then its scales, prefetched as far on
+         * as the lines (a step and its scales are as long as the 4-row pass's
+         * step: QSTEP blocks) */
+        const uint8_t *step = INL ? inline_step(t, w, b) : NULL;
+        if (INL) {
+            const uint8_t *sc = inline_scale(t, step, r0, -r0, b, nb);
+            prefetch_ahead(sc, pf.d);
+            prefetch_ahead(sc + 64, pf.d);
+        }
         UNROLL for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * 2 * nb + b, nblk);
         UNROLL for (int r = 0; r < R; r++) {
-            __m512 wd = _mm512_cvtph_ps(load_f16x16(ws + r * 2 * nb + 2 * b, nblk));
+            const uint8_t *sr = INL ? inline_scale(t, step, r0, r, b, nb) : ws + r * 2 * nb + 2 * b;
+            __m512 wd = _mm512_cvtph_ps(load_f16x16(sr, nblk));
             UNROLL for (int j = 0; j < NI; j++) s[r][j] = _mm512_mul_ps(wd, xd[j]);
         }
         __m512i idx = lanes;
         for (int64_t g = 0; g < nblk; g += per, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(per))) {
             const int64_t e = (b + g) * QBLOCK; /* the group's first input */
             const int64_t at = t == WT_Q8 ? e : e / 2; /* its first weight's byte in a row */
+            const uint8_t *wg = INL ? wline(step, at - b * bb, st) : wline(w, at, st);
             if (t == WT_Q8)
-                q8_group(acc, s, idx, (const int8_t *)wline(w, at, st), st.rs, xq + e, C, 32 * (nblk - g), R, NI,
+                q8_group(acc, s, idx, (const int8_t *)wg, st.rs, xq + e, C, 32 * (nblk - g), R, NI,
                          stream_ahead(at, pf, row));
-            else q4_group(acc, s, idx, wline(w, at, st), st.rs, xq + e, C, nblk - g,
+            else q4_group(acc, s, idx, wg, st.rs, xq + e, C, nblk - g,
                           PREP ? xg + (b + g) / 4 * Q4_PREP : NULL, xgs, R, NI, PREP, stream_ahead(at, pf, row));
         }
     }
@@ -722,17 +761,25 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI,
                                       const int PREP)
 {
-#define INT8_PASS(R, NI) \
-    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, a->C, a->pf, a->st)
-    switch ((R == AVX512_ROWS) * 8 + NI) {
-    case 8 + 1: INT8_PASS(AVX512_ROWS, 1); break;
-    case 8 + 2: INT8_PASS(AVX512_ROWS, 2); break;
-    case 8 + 3: INT8_PASS(AVX512_ROWS, 3); break;
-    case 8 + 4: INT8_PASS(AVX512_ROWS, 4); break;
-    case 1: INT8_PASS(1, 1); break;
-    case 2: INT8_PASS(1, 2); break;
-    case 3: INT8_PASS(1, 3); break;
-    case 4: INT8_PASS(1, 4); break;
+#define INT8_PASS(R, NI, INL) \
+    int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, INL, a->r0, a->C, a->pf, a->st)
+    switch (!a->ws * 16 + (R == AVX512_ROWS) * 8 + NI) {
+    case 8 + 1: INT8_PASS(AVX512_ROWS, 1, 0); break;
+    case 8 + 2: INT8_PASS(AVX512_ROWS, 2, 0); break;
+    case 8 + 3: INT8_PASS(AVX512_ROWS, 3, 0); break;
+    case 8 + 4: INT8_PASS(AVX512_ROWS, 4, 0); break;
+    case 1: INT8_PASS(1, 1, 0); break;
+    case 2: INT8_PASS(1, 2, 0); break;
+    case 3: INT8_PASS(1, 3, 0); break;
+    case 4: INT8_PASS(1, 4, 0); break;
+    case 16 + 8 + 1: INT8_PASS(AVX512_ROWS, 1, 1); break;
+    case 16 + 8 + 2: INT8_PASS(AVX512_ROWS, 2, 1); break;
+    case 16 + 8 + 3: INT8_PASS(AVX512_ROWS, 3, 1); break;
+    case 16 + 8 + 4: INT8_PASS(AVX512_ROWS, 4, 1); break;
+    case 16 + 1: INT8_PASS(1, 1, 1); break;
+    case 16 + 2: INT8_PASS(1, 2, 1); break;
+    case 16 + 3: INT8_PASS(1, 3, 1); break;
+    case 16 + 4: INT8_PASS(1, 4, 1); break;
     }
 #undef INT8_PASS
 }
@@ -840,7 +887,8 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
     const int64_t row = wtype_row_bytes(w.type, C);
     /* the tile's rows are consecutive bytes in either layout (interleaved
      * tiles are whole groups) */
-    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), nrows * row);
+    const int64_t bytes = w.ilv == WILV_INLINE ? (nrows + WILV - 1) / WILV * wgroup_inline_bytes(w.type, row) : nrows * row;
+    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), bytes);
     if (w.scales) h ^= read_bytes(w.scales, nrows * 2 * (C / QBLOCK));
     uint32_t v = (uint32_t)(h ^ h >> 32);
     for (int64_t r = 0; r < n; r++)
