@@ -221,7 +221,8 @@ static bool run_tile(const wkernels *K, const tile_case *k, float *out)
 /* The same tile with its rows interleaved (ops.h), in a buffer of whole
  * groups, when its rows are whole lines: as Q8/Q4 files hold them (ilv 1)
  * and, Q8/Q4, with their scales inline as jm_weights_to_ram's copy
- * (WILV_INLINE, its pad bytes NaN scales: never read). True if set K
+ * (WILV_INLINE, its pad bytes NaN scales: never read; made from either
+ * layout, the same bytes). True if set K
  * computes each bit for bit as it did the row-major tile (ref), the same
  * operations on each row, and dequant_rows gives the same rows; *ran counts
  * the tiles of each layout it applied to. */
@@ -232,26 +233,33 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
     bool same = true;
     float *a = malloc(sizeof(float) * (size_t)(k->nrows * k->C)), *b = malloc(sizeof(float) * (size_t)(k->nrows * k->C));
     dequant_rows(a, k->w, 0, k->nrows, k->C);
+    uint8_t *d[2] = {NULL, NULL};
     for (int layout = 1; layout <= (k->w.scales ? WILV_INLINE : 1); layout++) {
         wview w = k->w;
         if (layout == WILV_INLINE) w.scales = NULL;
         w.ilv = layout;
         const int64_t bytes = wview_bytes(w, groups * WILV, k->C);
-        uint8_t *d = aligned_alloc(64, (size_t)bytes);
-        memset(d, layout == WILV_INLINE ? 0xff : 0, (size_t)bytes);
-        w.data = d;
-        if (layout == 1) interleave_rows(d, k->w.data, k->nrows, row);
-        else inline_rows(d, k->w, k->nrows, k->C);
+        d[layout - 1] = aligned_alloc(64, (size_t)bytes);
+        memset(d[layout - 1], layout == WILV_INLINE ? 0xff : 0, (size_t)bytes);
+        w.data = d[layout - 1];
+        if (layout == 1) interleave_rows(d[0], k->w.data, k->nrows, row);
+        else { /* from the row-major rows, and the same bytes from the interleaved ones */
+            inline_rows(d[1], k->w, k->nrows, k->C);
+            uint8_t *again = aligned_alloc(64, (size_t)bytes);
+            memset(again, 0xff, (size_t)bytes);
+            inline_rows(again, (wview){k->t, d[0], k->w.scales, 1}, k->nrows, k->C);
+            same &= memcmp(again, d[1], (size_t)bytes) == 0;
+            free(again);
+        }
         for (int64_t i = 0; i < k->n * k->ldo; i++) memcpy(&out[i], &UNWRITTEN, 4);
         wkernel_for(K, k->t)(out, k->ldo, w, k->nrows, k->x, k->xq, k->xs, k->n, k->C);
         same &= memcmp(out, ref, sizeof(float) * (size_t)(k->n * k->ldo)) == 0;
         /* and prefill's dequantization reads it as it reads the row-major rows */
         dequant_rows(b, w, 0, k->nrows, k->C);
         same &= memcmp(a, b, sizeof(float) * (size_t)(k->nrows * k->C)) == 0;
-        free(d);
         ran[layout - 1]++;
     }
-    free(a), free(b);
+    free(a), free(b), free(d[0]), free(d[1]);
     return same;
 }
 

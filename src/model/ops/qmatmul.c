@@ -84,12 +84,20 @@ void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row
 
 void inline_rows(uint8_t *to, wview from, int64_t rows, int64_t C)
 {
-    const int64_t row = wtype_row_bytes(from.type, C), nb = C / QBLOCK;
+    const int64_t row = wtype_row_bytes(from.type, C), nb = C / QBLOCK, bb = wblock_bytes(from.type);
     const wview w = {from.type, to, NULL, WILV_INLINE};
     for (int64_t i = 0; i < rows; i++) {
-        for (int64_t at = 0; at < row; at += 64)
-            memcpy((uint8_t *)wrow_byte(w, i, at, row), wrow_byte(from, i, at, row), 64);
-        for (int64_t b = 0; b < nb; b++) memcpy((uint8_t *)wscale_ptr(w, i, b, nb), wscale_ptr(from, i, b, nb), 2);
+        /* interleaved already, a whole group's lines of a step are one run */
+        const int whole = from.ilv == 1 && i / WILV * WILV + WILV <= rows;
+        for (int64_t at = 0; at < row; at += QSTEP * bb) { /* a step: its lines, then its scales */
+            const int64_t b = at / bb, n = nb - b < QSTEP ? nb - b : QSTEP;
+            if (whole && i % WILV == 0)
+                memcpy((uint8_t *)wrow_byte(w, i, at, row), wrow_byte(from, i, at, row), (size_t)(WILV * n * bb));
+            else if (!whole)
+                for (int64_t l = at; l < at + n * bb; l += 64)
+                    memcpy((uint8_t *)wrow_byte(w, i, l, row), wrow_byte(from, i, l, row), 64);
+            memcpy((uint8_t *)wscale_ptr(w, i, b, nb), wscale_ptr(from, i, b, nb), (size_t)(2 * n));
+        }
     }
 }
 
