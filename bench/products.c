@@ -2,7 +2,7 @@
  * decode pool, in its chunks), against plain reads of as many bytes through
  * the same pool, in one process.
  *
- *   build/bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400]
+ *   build/bench/products [--threads 2] [--types bf16,q8,q4] [--items 40] [--mb 1400] [--layers 8]
  *
  * Per weight type, product shape of the JetMoE-8B layout (all but the LM
  * head) and thread count 1..N, triplets of items run in turn: the product
@@ -10,12 +10,15 @@
  * "read" tiles (read: every byte the product reads, as plain loads, no
  * math), and a plain read of as many bytes in pieces of the largest decode
  * chunk (plain: bench/common.h's read loop); the ratios printed are the
- * medians over the triplets, the GB/s the totals over them. Each item takes the next of several copies of
- * the weights (--mb in all, at least 5 copies), so none finds its bytes in
- * a cache. The copies ask for 2 MB pages and Q8/Q4 rows are interleaved,
- * their scales inline, as jm_weights_to_ram lays out an 8B model; inputs and scratch are 64-byte
- * aligned, as the model's arena is (misaligned, Q4's figures moved by tens
- * of points).
+ * medians over the triplets, the GB/s the totals over them. Each item takes
+ * the next of several copies of the weights (--mb in all, at least 5
+ * copies), so none finds its bytes in a cache. Then a "step" row: the
+ * products of --layers layers in sequence, as a decode step runs them, from
+ * an arena laid out as a model's, 2 experts of 8 drawn at random per matrix
+ * and token (its items are tokens). The weights ask for 2 MB pages, Q8/Q4
+ * rows are interleaved, their scales inline, as jm_weights_to_ram lays out
+ * an 8B model; inputs and scratch are 64-byte aligned, as the model's arena
+ * is (misaligned, Q4's figures moved by tens of points).
  *
  * Why beside bench/decode and bench/kernels: on a shared machine the memory
  * and the cores come and go within seconds, so a whole 8B run tells a few
@@ -79,86 +82,213 @@ static void *alloc_or_die(size_t align, size_t bytes)
 
 enum { MAX_TRIPLETS = 4096 };
 
-/* One row of the table: kern, read and plain GB/s of shape sh, type t. */
+/* Weights for timing, `bytes` on 2 MB pages: BF16 values of magnitude
+ * ~0.01; Q8/Q4 bytes whose every 16-bit half is a normal F16 in [2^-7, 2),
+ * so that any of them read as a scale is one (the values do not change the
+ * time, and no subnormal or NaN could). */
+static uint8_t *timing_weights(wtype t, size_t bytes, uint64_t *rng)
+{
+    const size_t huge = (size_t)2 << 20, all = (bytes + huge - 1) / huge * huge;
+    uint8_t *buf = alloc_or_die(huge, all);
+    madvise(buf, all, MADV_HUGEPAGE);
+    for (size_t i = 0; i < all; i += 4) {
+        uint32_t r = bench_rnd(rng);
+        r = t == WT_BF16 ? (r & 0x807f807fu) | 0x3c003c00u : (r & 0x9fff9fffu) | 0x20002000u;
+        memcpy(buf + i, &r, 4);
+    }
+    return buf;
+}
+
+/* What a row of the table times: item `it`'s products with set K, -> the
+ * bytes they read; and where item `it`'s plain read of as many bytes starts. */
+typedef struct {
+    double (*products)(void *ctx, int it, const wkernels *K, jm_pool *pool);
+    const uint8_t *(*plain_at)(void *ctx, int it, double bytes);
+    void *ctx;
+} timed;
+
+/* Triplets (kern, read, plain) until there are `items` and each kind has
+ * run for 0.3 s; prints the row: GB/s totals, and the medians of the
+ * triplets' ratios, which a moment the machine is elsewhere moves less than
+ * it moves the sums. */
+static void triplets(const timed *tm, const wkernels *kern, jm_pool *pool, int items, const char *label)
+{
+    static double kr[MAX_TRIPLETS], rr[MAX_TRIPLETS];
+    const wkernels *K[2] = {kern, wkernels_read()};
+    double secs[3] = {0}, moved[3] = {0};
+    int n = 0;
+    for (int it = -2; it < items || (secs[0] < 0.3 || secs[1] < 0.3 || secs[2] < 0.3); it++) {
+        if (n == MAX_TRIPLETS) break;
+        double dt[3], bytes[3];
+        for (int v = 0; v < 3; v++) {
+            const int item = (it + 2) * 3 + v; /* each kind its own item: its own copy or experts */
+            const double t0 = now();
+            if (v < 2) bytes[v] = tm->products(tm->ctx, item, K[v], pool);
+            else {
+                const int64_t chunks = (int64_t)(bytes[0] / PLAIN_PIECE);
+                jm_pool_run(pool, chunks, plain_chunk, &(plain_job){tm->plain_at(tm->ctx, item, bytes[0])});
+                bytes[2] = (double)chunks * PLAIN_PIECE;
+            }
+            dt[v] = now() - t0;
+        }
+        if (it < 0) continue; /* two to warm clocks, threads and code */
+        for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += bytes[v];
+        kr[n] = (bytes[0] / dt[0]) / (bytes[2] / dt[2]);
+        rr[n++] = (bytes[1] / dt[1]) / (bytes[2] / dt[2]);
+    }
+    printf("%s %2d | %6.1f %6.1f %6.1f | %5.0f%% %5.0f%% | %5d\n", label, jm_pool_threads(pool),
+           moved[0] / secs[0] / 1e9, moved[1] / secs[1] / 1e9, moved[2] / secs[2] / 1e9, 100 * bench_median(kr, n),
+           100 * bench_median(rr, n), n);
+    fflush(stdout);
+}
+
+/* Q8/Q4 as jm_weights_to_ram lays them out (WILV_INLINE: every shape here
+ * allows it), BF16 row-major. */
+static int ram_layout(wtype t) { return t == WT_Q8 || t == WT_Q4 ? WILV_INLINE : 0; }
+
+/* Inputs and scratch, 64-byte aligned as the model's arena is (misaligned,
+ * Q4's figures moved by tens of points): up to 2 rows of 11264. */
+typedef struct {
+    float *x, *y;
+    void *scratch;
+} io;
+
+static io io_new(int threads, uint64_t *rng)
+{
+    io b = {alloc_or_die(64, sizeof(float) * 2 * 11264), alloc_or_die(64, sizeof(float) * 2 * 11264),
+            alloc_or_die(64, wmatmul_scratch_bytes(2, 11264, threads))};
+    for (int64_t i = 0; i < 2 * 11264; i++) b.x[i] = bench_frnd(rng);
+    return b;
+}
+
+static void io_free(io *b) { free(b->x), free(b->y), free(b->scratch); }
+
+/* One product, 2 experts of E (experts 2 and 5; kv: its one matrix), from
+ * copies taken in turn. */
+typedef struct {
+    wtype t;
+    const shape *sh;
+    uint8_t *buf;
+    size_t per;
+    int copies;
+    io b;
+} one_product;
+
+static double product_item(void *ctx, int it, const wkernels *K, jm_pool *pool)
+{
+    const one_product *c = ctx;
+    const int64_t E = c->sh->E, O = c->sh->O, C = c->sh->C;
+    int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5);
+    const wview w = {c->t, c->buf + (size_t)(it % c->copies) * c->per, NULL, ram_layout(c->t)};
+    wexperts_forward(c->b.y, c->b.x, w, offsets, (int)E, C, O, K, c->b.scratch, pool);
+    return (double)(offsets[E] * wview_bytes(w, O, C));
+}
+
+static const uint8_t *product_plain(void *ctx, int it, double bytes)
+{
+    (void)bytes;
+    const one_product *c = ctx;
+    return c->buf + (size_t)(it % c->copies) * c->per;
+}
+
+/* A row per product: its copies fill --mb (at least 5), so that none finds
+ * its bytes in a cache. */
 static void run(const wkernels *kern, wtype t, const char *tname, const shape *sh, int threads, int items, double mb,
                 uint64_t *rng)
 {
-    const int q = t == WT_Q8 || t == WT_Q4;
-    const int64_t E = sh->E, O = sh->O, C = sh->C, nact = E > 1 ? 2 : 1;
-    /* as jm_weights_to_ram lays them out: Q8/Q4 WILV_INLINE (every shape
-     * here allows it), BF16 row-major */
-    const wview layout = {t, NULL, NULL, q && wrows_interleave(t, E * O, C) ? WILV_INLINE : 0};
-    const size_t huge = (size_t)2 << 20, wbytes = (size_t)wview_bytes(layout, E * O, C);
-    const size_t per = (wbytes + huge - 1) / huge * huge;
+    const size_t huge = (size_t)2 << 20;
+    const size_t per = ((size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C) + huge - 1) /
+                       huge * huge;
     int copies = (int)(mb * 1e6 / (double)per);
     copies = copies < 5 ? 5 : copies;
-    uint8_t *buf = alloc_or_die(huge, per * (size_t)copies);
-    madvise(buf, per * (size_t)copies, MADV_HUGEPAGE);
-    for (size_t i = 0; i < per * (size_t)copies; i += 4) {
-        uint32_t r = bench_rnd(rng);
-        if (t == WT_BF16) r = (r & 0x807f807fu) | 0x3c003c00u; /* two bf16 of magnitude ~0.01 */
-        memcpy(buf + i, &r, 4);
-    }
-    for (int c = 0; layout.ilv && c < copies; c++) /* F16 scales in [0.008, 0.016) */
-        for (int64_t i = 0; i < E * O; i++)
-            for (int64_t b = 0; b < C / QBLOCK; b++) {
-                uint8_t *p = (uint8_t *)wscale_ptr((wview){t, buf + c * per, NULL, WILV_INLINE}, i, b, C / QBLOCK);
-                const uint16_t h = (uint16_t)(0x2000 + bench_rnd(rng) % 0x400);
-                p[0] = (uint8_t)h, p[1] = (uint8_t)(h >> 8);
-            }
     jm_pool *pool = jm_pool_create(threads);
     if (!pool) {
         fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
         exit(1);
     }
-    float *x = alloc_or_die(64, sizeof(float) * (size_t)(nact * C));
-    float *y = alloc_or_die(64, sizeof(float) * (size_t)(nact * O));
-    void *scratch = alloc_or_die(64, wmatmul_scratch_bytes(nact, C, threads));
-    for (int64_t i = 0; i < nact * C; i++) x[i] = bench_frnd(rng);
-    int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
-    for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (E == 1 || e == 2 || e == 5); /* experts 2 and 5 */
-    const double bytes = (double)(nact * wview_bytes(layout, O, C));
-    const int64_t plain_chunks = (int64_t)(bytes / PLAIN_PIECE);
-    const double plain_bytes = (double)plain_chunks * PLAIN_PIECE;
-    const wkernels *K[2] = {kern, wkernels_read()};
-
-    /* triplets (kern, read, plain) until there are `items` and each kind
-     * has run for 0.3 s; the ratios are the medians of the triplets', which
-     * a moment the machine is elsewhere moves less than it moves the sums */
-    static double kr[MAX_TRIPLETS], rr[MAX_TRIPLETS];
-    double secs[3] = {0}, moved[3] = {0}, dt[3];
-    int n = 0;
-    for (int it = -2; it < items || (secs[0] < 0.3 || secs[1] < 0.3 || secs[2] < 0.3); it++) {
-        if (n == MAX_TRIPLETS) break;
-        for (int v = 0; v < 3; v++) {
-            const int c = (int)(((int64_t)(it + 2) * 3 + v) % copies); /* the copies in turn */
-            const uint8_t *base = buf + (size_t)c * per;
-            const double t0 = now();
-            if (v < 2)
-                wexperts_forward(y, x, (wview){t, base, NULL, layout.ilv}, offsets, (int)E, C, O, K[v], scratch, pool);
-            else jm_pool_run(pool, plain_chunks, plain_chunk, &(plain_job){base});
-            dt[v] = now() - t0;
-        }
-        if (it < 0) continue; /* two to warm clocks, threads and code */
-        for (int v = 0; v < 3; v++) secs[v] += dt[v], moved[v] += v < 2 ? bytes : plain_bytes;
-        kr[n] = (bytes / dt[0]) / (plain_bytes / dt[2]);
-        rr[n++] = (bytes / dt[1]) / (plain_bytes / dt[2]);
-    }
-    double gbs[3];
-    for (int v = 0; v < 3; v++) gbs[v] = moved[v] / secs[v] / 1e9;
-    const double k_pl = bench_median(kr, n), r_pl = bench_median(rr, n);
-    printf("%-5s %-10s %6lld x %-5lld %2d | %6.1f %6.1f %6.1f | %5.0f%% %5.0f%% | %5d\n", tname, sh->name,
-           (long long)O, (long long)C, threads, gbs[0], gbs[1], gbs[2], 100 * k_pl, 100 * r_pl, n);
-    fflush(stdout);
+    one_product c = {t, sh, timing_weights(t, per * (size_t)copies, rng), per, copies, io_new(threads, rng)};
+    char label[64];
+    snprintf(label, sizeof label, "%-5s %-10s %6lld x %-5lld", tname, sh->name, (long long)sh->O, (long long)sh->C);
+    triplets(&(timed){product_item, product_plain, &c}, kern, pool, items, label);
     jm_pool_free(pool);
-    free(buf), free(x), free(y), free(scratch);
+    free(c.buf);
+    io_free(&c.b);
+}
+
+/* A decode step's products in sequence, as decoding runs them: `layers`
+ * layers of the five matrices above, laid out one after another as
+ * jm_weights_to_ram lays out a model, each token 2 experts of 8 drawn at
+ * random per matrix (the same draws for kern and read). Its plain read
+ * reads as many bytes from a random place in the arena. */
+/* A layer's matrices in the model's order: kv, moa in, moa out, moe in,
+ * moe out (shapes[] indices). */
+static const int layer_order[5] = {3, 2, 2, 0, 1};
+
+typedef struct {
+    wtype t;
+    int layers;
+    size_t at[5], per_layer, bytes; /* each matrix's place in a layer */
+    uint8_t *buf;
+    io b;
+} step_case;
+
+static double step_item(void *ctx, int it, const wkernels *K, jm_pool *pool)
+{
+    const step_case *c = ctx;
+    uint64_t rng = BENCH_SEED + (uint64_t)(it / 3); /* kern and read of a triplet: the same experts */
+    double bytes = 0;
+    for (int l = 0; l < c->layers; l++)
+        for (int m = 0; m < 5; m++) {
+            const shape *sh = &shapes[layer_order[m]];
+            const int64_t E = sh->E, a = (int64_t)(bench_rnd(&rng) % E);
+            const int64_t b = E > 1 ? (a + 1 + (int64_t)(bench_rnd(&rng) % (E - 1))) % E : a; /* another */
+            int64_t offsets[JM_MAX_EXPERTS + 1] = {0};
+            for (int64_t e = 0; e < E; e++) offsets[e + 1] = offsets[e] + (e == a || e == b);
+            const wview w = {c->t, c->buf + (size_t)l * c->per_layer + c->at[m], NULL, ram_layout(c->t)};
+            wexperts_forward(c->b.y, c->b.x, w, offsets, (int)E, sh->C, sh->O, K, c->b.scratch, pool);
+            bytes += (double)(offsets[E] * wview_bytes(w, sh->O, sh->C));
+        }
+    return bytes;
+}
+
+static const uint8_t *step_plain(void *ctx, int it, double bytes)
+{
+    const step_case *c = ctx;
+    uint64_t rng = BENCH_SEED + (uint64_t)it;
+    const size_t pages = (c->bytes - (size_t)bytes) / 4096;
+    return c->buf + (size_t)(bench_rnd(&rng) % (uint32_t)pages) * 4096;
+}
+
+static void run_step(const wkernels *kern, wtype t, const char *tname, int threads, int layers, int items,
+                     uint64_t *rng)
+{
+    step_case c = {t, layers, {0}, 0, 0, NULL, io_new(threads, rng)};
+    for (int m = 0; m < 5; m++) {
+        const shape *sh = &shapes[layer_order[m]];
+        c.at[m] = c.per_layer;
+        c.per_layer += ((size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C) + 63) / 64 * 64;
+    }
+    c.bytes = c.per_layer * (size_t)layers;
+    c.buf = timing_weights(t, c.bytes, rng);
+    jm_pool *pool = jm_pool_create(threads);
+    if (!pool) {
+        fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
+        exit(1);
+    }
+    char label[64];
+    snprintf(label, sizeof label, "%-5s %-10s %7d layers", tname, "step", layers);
+    triplets(&(timed){step_item, step_plain, &c}, kern, pool, items, label);
+    jm_pool_free(pool);
+    free(c.buf);
+    io_free(&c.b);
 }
 
 int main(int argc, char **argv)
 {
     static const wtype types[] = {WT_BF16, WT_Q8, WT_Q4};
     static const char *tnames[] = {"bf16", "q8", "q4"};
-    long threads = 2, items = 40;
+    long threads = 2, items = 40, layers = 8;
     double mb = 1400;
     const char *types_arg = "bf16,q8,q4";
     int bad = argc % 2 == 0; /* a flag without its value */
@@ -168,6 +298,7 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "--threads")) threads = strtol(v, &end, 10);
         else if (!strcmp(argv[i], "--items")) items = strtol(v, &end, 10);
         else if (!strcmp(argv[i], "--mb")) mb = strtod(v, &end);
+        else if (!strcmp(argv[i], "--layers")) layers = strtol(v, &end, 10);
         else if (!strcmp(argv[i], "--types")) types_arg = v, end = (char *)v + strlen(v);
         else end = (char *)v;
         bad |= end == v || *end; /* an unknown flag, or a value that is not a whole number */
@@ -176,10 +307,10 @@ int main(int argc, char **argv)
     for (int ti = 0; ti < 3; ti++) known += bench_in_list(types_arg, tnames[ti]);
     for (const char *p = types_arg; *p; p++) known -= *p == ',';
     const wkernels *K = wkernels_get("auto");
-    bad |= known != 1 || threads < 1 || threads > 64 || items < 1 || items > MAX_TRIPLETS;
+    bad |= known != 1 || threads < 1 || threads > 64 || items < 1 || items > MAX_TRIPLETS || layers < 0 || layers > 64;
     if (bad || !(mb >= 1 && mb <= 1e6)) { /* written so that NaN fails too */
         fprintf(stderr, "usage: bench/products [--threads 1-64 (2)] [--types bf16,q8,q4] [--items 1-%d (40)] "
-                        "[--mb 1-1000000 (1400)]\n", MAX_TRIPLETS);
+                        "[--mb 1-1000000 (1400)] [--layers 0-64 (8)]\n", MAX_TRIPLETS);
         return 2;
     }
     if (!K) {
@@ -190,10 +321,11 @@ int main(int argc, char **argv)
     cpu_model(cpu, sizeof cpu);
     printf("CPU: %s; kernel set %s\n", cpu, K->name);
     printf("A decode step's products (2 of 8 experts active; kv: one matrix), at least %ld triplets each, over %.0f "
-           "MB of copies (at least 5);\nGB/s of the kernels (kern), of the read tiles (read) and of a plain read of as "
-           "many bytes (plain), all on the decode pool, totals over the items;\nk/pl and r/pl: medians over the "
-           "triplets of kern and read against the plain read timed beside them\n\n",
-           items, mb);
+           "MB of copies (at least 5),\nthen %ld layers of them in sequence from a model's arena (step: items are "
+           "tokens, 2 random experts a matrix);\nGB/s of the kernels (kern), of the read tiles (read) and of a plain "
+           "read of as many bytes (plain), all on the decode pool, totals over the items;\nk/pl and r/pl: medians "
+           "over the triplets of kern and read against the plain read timed beside them\n\n",
+           items, mb, layers);
     printf("%-5s %-10s %14s %2s | %6s %6s %6s | %6s %6s | %5s\n", "type", "product", "rows x inputs", "T", "kern",
            "read", "plain", "k/pl", "r/pl", "items");
     uint64_t rng = BENCH_SEED;
@@ -201,6 +333,8 @@ int main(int argc, char **argv)
         if (!bench_in_list(types_arg, tnames[ti])) continue;
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
             for (int th = 1; th <= threads; th++) run(K, types[ti], tnames[ti], &shapes[si], th, (int)items, mb, &rng);
+        for (int th = 1; layers && th <= threads; th++)
+            run_step(K, types[ti], tnames[ti], th, (int)layers, (int)items, &rng);
     }
     return 0;
 }
