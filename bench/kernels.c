@@ -216,8 +216,8 @@ int main(int argc, char **argv)
     printf("CPU: %s; one thread\n", cpu);
     printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
            "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
-           "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of %d, "
-           "their scales inline (ilv: the layout of Q8/Q4 copies in RAM)\n\n",
+           "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of "
+           "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
     printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s\n", "set", "type", "n", "GHz", "big GB/s",
            "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc");

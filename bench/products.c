@@ -15,7 +15,8 @@
  * copies), so none finds its bytes in a cache. Then a "step" row: the
  * products of --layers layers in sequence, as a decode step runs them, from
  * an arena laid out as a model's, 2 experts of 8 drawn at random per matrix
- * and token (its items are tokens). The weights ask for 2 MB pages, Q8/Q4
+ * and token (its items are tokens; the arena is --layers layers whatever
+ * --mb: a layer is about 700 MB in BF16, 370 in Q8, 200 in Q4). The weights ask for 2 MB pages, Q8/Q4
  * rows are interleaved, their scales inline, as jm_weights_to_ram lays out
  * an 8B model; inputs and scratch are 64-byte aligned, as the model's arena
  * is (misaligned, Q4's figures moved by tens of points).
@@ -221,6 +222,14 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
  * jm_weights_to_ram lays out a model, each token 2 experts of 8 drawn at
  * random per matrix (the same draws for kern and read). Its plain read
  * reads as many bytes from a random place in the arena. */
+/* A generator for item `it`'s draws, apart from every other item's. */
+static uint64_t item_rng(int it)
+{
+    uint64_t rng = BENCH_SEED ^ ((uint64_t)it + 1) * 0x9e3779b97f4a7c15u;
+    for (int k = 0; k < 8; k++) bench_rnd(&rng); /* states that differed in a few bits now differ in all */
+    return rng;
+}
+
 /* A layer's matrices in the model's order: kv, moa in, moa out, moe in,
  * moe out (shapes[] indices). */
 static const int layer_order[5] = {3, 2, 2, 0, 1};
@@ -236,7 +245,7 @@ typedef struct {
 static double step_item(void *ctx, int it, const wkernels *K, jm_pool *pool)
 {
     const step_case *c = ctx;
-    uint64_t rng = BENCH_SEED + (uint64_t)(it / 3); /* kern and read of a triplet: the same experts */
+    uint64_t rng = item_rng(it / 3); /* kern and read of a triplet: the same experts */
     double bytes = 0;
     for (int l = 0; l < c->layers; l++)
         for (int m = 0; m < 5; m++) {
@@ -255,7 +264,7 @@ static double step_item(void *ctx, int it, const wkernels *K, jm_pool *pool)
 static const uint8_t *step_plain(void *ctx, int it, double bytes)
 {
     const step_case *c = ctx;
-    uint64_t rng = BENCH_SEED + (uint64_t)it;
+    uint64_t rng = item_rng(it);
     const size_t pages = (c->bytes - (size_t)bytes) / 4096;
     return c->buf + (size_t)(bench_rnd(&rng) % (uint32_t)pages) * 4096;
 }
@@ -267,7 +276,8 @@ static void run_step(const wkernels *kern, wtype t, const char *tname, int threa
     for (int m = 0; m < 5; m++) {
         const shape *sh = &shapes[layer_order[m]];
         c.at[m] = c.per_layer;
-        c.per_layer += ((size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C) + 63) / 64 * 64;
+        const size_t whole = (size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C);
+        c.per_layer += (whole + 63) / 64 * 64;
     }
     c.bytes = c.per_layer * (size_t)layers;
     c.buf = timing_weights(t, c.bytes, rng);

@@ -239,13 +239,13 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
         if (layout == WILV_INLINE) w.scales = NULL;
         w.ilv = layout;
         const int64_t bytes = wview_bytes(w, groups * WILV, k->C);
-        d[layout - 1] = aligned_alloc(64, (size_t)bytes);
+        d[layout - 1] = aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
         memset(d[layout - 1], layout == WILV_INLINE ? 0xff : 0, (size_t)bytes);
         w.data = d[layout - 1];
         if (layout == 1) interleave_rows(d[0], k->w.data, k->nrows, row);
         else { /* from the row-major rows, and the same bytes from the interleaved ones */
             inline_rows(d[1], k->w, k->nrows, k->C);
-            uint8_t *again = aligned_alloc(64, (size_t)bytes);
+            uint8_t *again = aligned_alloc(64, (size_t)(bytes + 63) / 64 * 64);
             memset(again, 0xff, (size_t)bytes);
             inline_rows(again, (wview){k->t, d[0], k->w.scales, 1}, k->nrows, k->C);
             same &= memcmp(again, d[1], (size_t)bytes) == 0;
@@ -313,9 +313,10 @@ static void test_kernels(void)
     static const char *names[] = {"f32", "bf16", "q8", "q4"};
     static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065};
     /* 5632 (JetMoE-8B's FFN): Q4 tiles of up to 4 inputs have them prepared
-     * once a tile (the avx512 set), of 5 and more made in every pass; 64,
-     * 128 and 640: a partial step of QSTEP blocks in the WILV_INLINE layout */
-    static const int64_t sizes_q[] = {32, 64, 96, 128, 160, 224, 480, 512, 544, 640, 1056, 2048, 5632};
+     * once a tile (the avx512 set), of 5 and more made in every pass; 64
+     * (Q8), 128, 384, 640 and 896: partial steps of QSTEP blocks in the
+     * WILV_INLINE layout (2, 4, 12, 16 + 4, 16 + 12 blocks) */
+    static const int64_t sizes_q[] = {32, 64, 96, 128, 160, 224, 384, 480, 512, 544, 640, 896, 1056, 2048, 5632};
     /* weight and input amplitudes: products near 1e-30, 1 and 1e30 (F32/BF16);
      * for Q8/Q4 F16 scales from subnormal (1e-3 / 127) to ~80 */
     static const float wamp_f[] = {1e-15f, 1.0f, 1e15f}, wamp_q[] = {1e-3f, 1.0f, 1e4f};
@@ -425,6 +426,76 @@ static void test_kernels(void)
         }
     }
     check_detail(worst <= 1, "kernels_int8_extremes_no_saturation", "worst error %.3f of 2e-6 sum |w x|", worst);
+}
+
+/* The WILV_INLINE layout's bytes where ops.h puts them, worked out by hand:
+ * Q8, C = 640 (20 blocks: a step of 16 and one of 4): a group 4 * 640 data
+ * + 128 + 64 (the partial step's 32 scale bytes padded) = 2752 bytes, a
+ * full step 4 * 512 + 128 = 2176; Q4, C = 640: a group 4 * 320 + 128 + 64
+ * = 1472, a full step 4 * 256 + 128 = 1152. Then stacks of experts so laid
+ * out, rows of several steps and a partial one (C = 896: 16 + 12 blocks),
+ * multiply as their row-major stack does bit for bit, every expert, on the
+ * decode pool (dot kernels) and on OpenMP (tiles dequantized for SGEMM, one
+ * from row 64 on), and inline_rows writes the padding as zeros. */
+static void test_inline_layout(void)
+{
+    static uint8_t two_groups[2 * 2752]; /* only addresses are taken in it */
+    const wview q8 = {WT_Q8, two_groups, NULL, WILV_INLINE}, q4 = {WT_Q4, two_groups, NULL, WILV_INLINE};
+    const uint8_t *b8 = wrow_byte(q8, 0, 0, 640), *b4 = wrow_byte(q4, 0, 0, 320);
+    /* scale of row 5 block 17: group 1, step 1, after its 4 x 4 x 32 data
+     * bytes, row 1 of the group: 2752 + 2176 + 512 + (1 * 4 + 1) * 2 */
+    const bool by_hand = wview_bytes(q8, 8, 640) == 2 * 2752 && wview_bytes(q4, 8, 640) == 2 * 1472 &&
+                         wscale_ptr(q8, 5, 17, 20) - b8 == 2752 + 2176 + 512 + 10 &&
+                         wrow_byte(q8, 6, 520, 640) - b8 == 2752 + 2176 + 2 * 64 + 8 &&
+                         wrow_byte(q8, 3, 100, 640) - b8 == (1 * 4 + 3) * 64 + 36 &&
+                         wscale_ptr(q4, 2, 19, 20) - b4 == 1152 + 256 + (2 * 4 + 3) * 2 &&
+                         wscale_ptr(q4, 2, 3, 20) - b4 == 4 * 256 + (2 * 16 + 3) * 2 &&
+                         wview_rows(q8, 8, 640).data == (const void *)(b8 + 2 * 2752);
+    check(by_hand, "wilv_inline_offsets_by_hand", "an offset of the WILV_INLINE layout is not ops.h's");
+
+    const int threads = omp_get_max_threads();
+    jm_pool *pool = jm_pool_create(2);
+    const int E = 4;
+    const int64_t C = 896, O = 72;
+    static const wtype types[] = {WT_Q8, WT_Q4};
+    for (int ti = 0; ti < 2; ti++) {
+        void *data;
+        uint8_t *sc;
+        const wview W = random_matrix(types[ti], E * O, C, &data, &sc, 0.1f);
+        wview I = {types[ti], NULL, NULL, WILV_INLINE};
+        const size_t bytes = (size_t)wview_bytes(I, E * O, C);
+        uint8_t *d = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        memset(d, 0xff, bytes);
+        inline_rows(d, W, E * O, C);
+        I.data = d;
+        int pad_zero = 1; /* the partial step's scales: 4 rows x 12 blocks = 96 bytes, padded to 128 */
+        for (int64_t g = 0; g < E * O / WILV; g++) {
+            const uint8_t *end = wscale_ptr(I, g * WILV, 16, C / QBLOCK) + WILV * 2 * 12;
+            for (int k = 0; k < 32; k++) pad_zero &= end[k] == 0;
+        }
+        static const int64_t offs[2][5] = {{0, 3, 3, 30, 31}, {0, 3, 3, 8, 9}}; /* OpenMP (tiles), then the pool */
+        const int64_t Nk = 31;
+        float *xs = malloc((size_t)(Nk * C) * 4), *a = malloc((size_t)(Nk * O) * 4), *b = malloc((size_t)(Nk * O) * 4);
+        for (int64_t i = 0; i < Nk * C; i++) xs[i] = frand();
+        void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads));
+        int same = 1;
+        for (int pass = 0; pass < 2; pass++) {
+            memset(a, 0, (size_t)(Nk * O) * 4), memset(b, 0xff, (size_t)(Nk * O) * 4);
+            wexperts_forward(a, xs, W, offs[pass], E, C, O, wkernels_get("auto"), scratch, pool);
+            wexperts_forward(b, xs, I, offs[pass], E, C, O, wkernels_get("auto"), scratch, pool);
+            same &= memcmp(a, b, (size_t)(offs[pass][E] * O) * 4) == 0;
+        }
+        float *ra = malloc((size_t)(O * C) * 4), *rb = malloc((size_t)(O * C) * 4);
+        dequant_rows(ra, wview_rows(W, 2 * O, C), 8, O - 8, C);
+        dequant_rows(rb, wview_rows(I, 2 * O, C), 8, O - 8, C);
+        same &= memcmp(ra, rb, (size_t)((O - 8) * C) * 4) == 0;
+        char name[64];
+        snprintf(name, sizeof name, "wilv_inline_%s_experts_same_as_row_major", types[ti] == WT_Q8 ? "q8" : "q4");
+        check_detail(same && pad_zero, name, "products (rows 3/0/27/1 and 3/0/5/1) and expert 2's rows %s; "
+                     "padding %s", same ? "bit for bit" : "differ", pad_zero ? "zeros" : "not zeroed");
+        free(ra), free(rb), free(xs), free(a), free(b), free(scratch), free(d), free(data), free(sc);
+    }
+    jm_pool_free(pool);
 }
 
 /* The attention kernels (akernels.c) of every set this CPU runs, over a
@@ -1113,6 +1184,7 @@ int main(void)
     test_kernels();
     test_att_kernels();
     test_products();
+    test_inline_layout();
     test_models(tmp);
     test_quant_layouts(tmp);
     test_quant_metadata(tmp);

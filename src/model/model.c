@@ -1668,7 +1668,7 @@ const char *jm_kernels(const jm_model *m) { return m->kern->name; }
  * (carve's two passes: base NULL only sizes), its rows interleaved with
  * their scales inline (ops.h: WILV_INLINE) when `ilv`, it is Q8 or Q4, and
  * its rows split into whole lines and groups: decoding then reads each group
- * as one stream. Interleaving alone, bench/kernels, one
+ * as one stream. Interleaving alone (ilv 1), bench/kernels then, one
  * thread, timed in turn (AMD EPYC family 26 model 2, AVX-512): Q4 56-60% ->
  * 70-77% of a plain read, Q8 62-74% -> 74-76%, but BF16 74-85% -> 61-66%
  * (its passes read faster than the int8 ones, and one stream seems to cap
@@ -1685,12 +1685,12 @@ static void move_view(wview *w, int64_t rows, int64_t each, int64_t C, int ilv, 
         const size_t bytes = (size_t)wview_bytes(to, rows, C);
         uint8_t *d = carve(base, off, bytes);
         if (!base) return;
-        memset(d, 0, bytes); /* the padding of partial steps */
         inline_rows(d, *w, rows, C);
         *w = (wview){w->type, d, NULL, WILV_INLINE};
         return;
     }
-    const size_t data = (size_t)(rows * wtype_row_bytes(w->type, C)), sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
+    const size_t data = (size_t)(rows * wtype_row_bytes(w->type, C));
+    const size_t sc = w->scales ? (size_t)(rows * 2 * (C / QBLOCK)) : 0;
     uint8_t *d = carve(base, off, data);
     void *s = carve(base, off, sc);
     if (!base) return;

@@ -214,22 +214,26 @@ struct wview {
     wtype type;
     const void *data;
     const uint8_t *scales; /* Q8/Q4: little-endian F16, C/32 per row (NULL when WILV_INLINE) */
-    int ilv;               /* 1: rows interleaved in groups of WILV; WILV_INLINE: and scales inline (below); 0: row-major */
+    int ilv;               /* 0: row-major; 1: rows interleaved in groups of WILV; WILV_INLINE: scales inline too */
 };
-/* Interleaved rows (jm_weights_to_ram, where a row is whole 64-byte lines and
- * the matrix whole groups): each group of WILV consecutive rows holds their
- * lines in turn, line l of row i at the group's start + (l * WILV + i % WILV)
- * * 64. A decode pass takes the WILV rows of a group against the same inputs,
- * and so reads one stream where row-major rows are WILV streams; scales stay
- * row-major. A view into such a matrix starts at a group. */
+/* Interleaved rows (ilv 1: `jetmoe quantize`'s files, where a row is whole
+ * 64-byte lines and the matrix whole groups): each group of WILV
+ * consecutive rows holds their lines in turn, line l of row i at the
+ * group's start + (l * WILV + i % WILV) * 64. A decode pass takes the WILV
+ * rows of a group against the same inputs, and so reads one stream where
+ * row-major rows are WILV streams; scales stay row-major. A view into such a
+ * matrix starts at a group. */
 #define WILV 4
 /* ilv == WILV_INLINE (jm_weights_to_ram's copy of a Q8/Q4 matrix): each
  * group in steps of QSTEP blocks, a step its WILV rows' lines of those
  * blocks interleaved as above, then their scales (row after row, 2 bytes a
  * block), padded to a whole line; no separate scales. A decode pass then
  * reads one stream, scales and all, where with scales of their own it reads
- * two: bench/products' read tiles went from 78-90% to 89-99% of a plain
- * read for Q4, and the kernels (...). */
+ * two. bench/products (a build that read either layout, the two alternated;
+ * AMD EPYC family 26 model 2, avx512): the read tiles 84-91% -> 87-99% of
+ * a plain read, Q8's kernels 86-97% -> 92-99% (rows of 5632 inputs 86-91%
+ * -> 92-96%), Q4's alike within their swing from run to run (70-99% either
+ * way). */
 #define WILV_INLINE 2
 #define QSTEP 16
 static inline int64_t wblock_bytes(wtype t) { return t == WT_Q8 ? QBLOCK : QBLOCK / 2; }
@@ -264,7 +268,7 @@ static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL, 
 /* Bytes of one row of C inputs (data only; Q8/Q4 add 2*C/32 bytes of scales). */
 int64_t wtype_row_bytes(wtype t, int64_t C);
 /* The view `rows` rows further on (expert e of a stack: rows = e * O;
- * WILV_INLINE: whole groups). */
+ * interleaved: whole groups, which every caller's rows are). */
 wview wview_rows(wview w, int64_t rows, int64_t C);
 /* Bytes `rows` rows of C inputs hold, scales and padding included. */
 int64_t wview_bytes(wview w, int64_t rows, int64_t C);
@@ -273,7 +277,8 @@ void dequant_rows(float *out, wview W, int64_t row0, int64_t nrows, int64_t C);
 /* Whether a Q8/Q4 stack of matrices of `rows` rows of C inputs can hold
  * them interleaved: every row whole lines, every matrix whole groups (so a
  * view at any expert starts at a group). `jetmoe quantize` stores every
- * such tensor so, the layout jm_weights_to_ram gives its copy. */
+ * such tensor interleaved (ilv 1), and jm_weights_to_ram copies it
+ * WILV_INLINE. */
 static inline int wrows_interleave(wtype t, int64_t rows, int64_t C)
 {
     return (t == WT_Q8 || t == WT_Q4) && C % QBLOCK == 0 && wtype_row_bytes(t, C) % 64 == 0 && rows % WILV == 0;
@@ -282,9 +287,10 @@ static inline int wrows_interleave(wtype t, int64_t rows, int64_t C)
  * interleaved as wrow_byte reads them (rows a whole number of groups, or
  * `to` padded to one: the padding is not written). */
 void interleave_rows(uint8_t *to, const uint8_t *from, int64_t rows, int64_t row_bytes);
-/* Q8/Q4 rows of `from` (any layout; whole lines a row) into `to`, laid out
- * WILV_INLINE (wview_bytes of such a view, zeroed: padding is not
- * written). */
+/* Q8/Q4 rows of `from` (row-major, or interleaved with whole groups or a
+ * last group padded to one; whole lines a row) into `to`, laid out
+ * WILV_INLINE (wview_bytes of such a view; the padding of partial steps
+ * written as zeros). */
 void inline_rows(uint8_t *to, wview from, int64_t rows, int64_t C);
 /* Blockwise quantization of one row (C % 32 == 0); returns the largest
  * |w - dequantized| (for the quantizer's report and its tests). */

@@ -97,6 +97,10 @@ void inline_rows(uint8_t *to, wview from, int64_t rows, int64_t C)
                 for (int64_t l = at; l < at + n * bb; l += 64)
                     memcpy((uint8_t *)wrow_byte(w, i, l, row), wrow_byte(from, i, l, row), 64);
             memcpy((uint8_t *)wscale_ptr(w, i, b, nb), wscale_ptr(from, i, b, nb), (size_t)(2 * n));
+            if (i % WILV == 0) { /* the step's padding after its WILV rows' scales */
+                uint8_t *end = (uint8_t *)wscale_ptr(w, i, b, nb) + WILV * 2 * n;
+                memset(end, 0, (size_t)(wstep_scale_bytes(n) - WILV * 2 * n));
+            }
         }
     }
 }

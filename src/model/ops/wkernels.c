@@ -111,7 +111,8 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
 #define PREFETCH_BYTES 2048
 #endif
 
-/* Q8/Q4 scales are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
+/* Q8/Q4 scales apart from the rows (row-major or ilv 1: a mapped file; not
+ * WILV_INLINE) are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
  * beside the pass's rows), which the rows' prefetches do not cover: each
  * pass prefetches the scale lines of the pass SCALE_PASSES_AHEAD on. One
  * thread, rows interleaved as in the files, a 1 GB matrix (bench/kernels,
@@ -387,6 +388,7 @@ AVX2 static INLINE void q4_group_avx2(__m256 acc[AVX2_ROWS][4], __m256 s[AVX2_RO
 
 /* Q8 and Q4 rows in steps of 8 blocks; WILV_INLINE rows (ws NULL) in
  * halves of their steps. */
+_Static_assert(QSTEP % 8 == 0, "a step of 8 blocks lies in one WILV_INLINE step");
 AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const uint8_t *ws,
                                        const int8_t *xq, const float *xs, const int R, const int NI, int64_t C,
                                        ahead pf, stride st, int r0)
@@ -414,14 +416,15 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
         const int8_t *x0 = xq + b * QBLOCK;
         if (t == WT_Q8) {
             for (int64_t q = 0; q < nblk; q++) /* one prefetch per 64 bytes: every other block */
-                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q), (const int8_t *)wline(step, (b + q) * QBLOCK - skip, st), st.rs,
-                              x0 + q * QBLOCK, C, R, NI, q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
+                q8_block_avx2(acc, s, _mm256_set1_epi32((int)q),
+                              (const int8_t *)wline(step, (b + q) * QBLOCK - skip, st), st.rs, x0 + q * QBLOCK, C, R,
+                              NI, q % 2 ? 0 : stream_ahead((b + q) * QBLOCK, pf, row));
         } else {
             const __m256i lanes = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0); /* lane -> block of the two */
             for (int64_t g = 0; g < nblk; g += 2)
                 q4_group_avx2(acc, s, _mm256_add_epi32(lanes, _mm256_set1_epi32((int)g)),
-                              wline(step, (b + g) * QBLOCK / 2 - skip, st), st.rs, x0 + g * QBLOCK, C, nblk - g, R, NI,
-                              g % 4 ? 0 : stream_ahead((b + g) * QBLOCK / 2, pf, row));
+                              wline(step, (b + g) * QBLOCK / 2 - skip, st), st.rs, x0 + g * QBLOCK, C, nblk - g, R,
+                              NI, g % 4 ? 0 : stream_ahead((b + g) * QBLOCK / 2, pf, row));
         }
     }
     UNROLL for (int r = 0; r < R; r++)
@@ -885,10 +888,9 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
 {
     (void)x, (void)xq, (void)xs;
     const int64_t row = wtype_row_bytes(w.type, C);
-    /* the tile's rows are consecutive bytes in either layout (interleaved
-     * tiles are whole groups) */
-    const int64_t bytes = w.ilv == WILV_INLINE ? (nrows + WILV - 1) / WILV * wgroup_inline_bytes(w.type, row) : nrows * row;
-    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), bytes);
+    /* the tile's rows are consecutive bytes in every layout (interleaved
+     * tiles are whole groups; WILV_INLINE's hold their scales) */
+    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), w.ilv == WILV_INLINE ? wview_bytes(w, nrows, C) : nrows * row);
     if (w.scales) h ^= read_bytes(w.scales, nrows * 2 * (C / QBLOCK));
     uint32_t v = (uint32_t)(h ^ h >> 32);
     for (int64_t r = 0; r < n; r++)
