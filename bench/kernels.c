@@ -251,7 +251,6 @@ int main(int argc, char **argv)
                 fprintf(stderr, "bench/kernels: out of memory\n");
                 exit(1);
             }
-            memset(big_ilv.data, 0, bytes);
             inline_rows(big_ilv.data, big.w, big.rows, C);
             big_ilv.w.data = big_ilv.data;
         }

@@ -16,10 +16,11 @@
  * products of --layers layers in sequence, as a decode step runs them, from
  * an arena laid out as a model's, 2 experts of 8 drawn at random per matrix
  * and token (its items are tokens; the arena is --layers layers whatever
- * --mb: a layer is about 700 MB in BF16, 370 in Q8, 200 in Q4). The weights ask for 2 MB pages, Q8/Q4
- * rows are interleaved, their scales inline, as jm_weights_to_ram lays out
- * an 8B model; inputs and scratch are 64-byte aligned, as the model's arena
- * is (misaligned, Q4's figures moved by tens of points).
+ * --mb: a layer is about 700 MB in BF16, 370 in Q8, 200 in Q4). The
+ * weights ask for 2 MB pages, Q8/Q4 rows are interleaved, their scales
+ * inline, as jm_weights_to_ram lays out an 8B model; inputs and scratch are
+ * 64-byte aligned, as the model's arena is (misaligned, Q4's figures moved
+ * by tens of points).
  *
  * Why beside bench/decode and bench/kernels: on a shared machine the memory
  * and the cores come and go within seconds, so a whole 8B run tells a few
@@ -147,6 +148,22 @@ static void triplets(const timed *tm, const wkernels *kern, jm_pool *pool, int i
  * allows it), BF16 row-major. */
 static int ram_layout(wtype t) { return t == WT_Q8 || t == WT_Q4 ? WILV_INLINE : 0; }
 
+/* Bytes of the E matrices of shape sh, so laid out. */
+static size_t stack_bytes(wtype t, const shape *sh)
+{
+    return (size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C);
+}
+
+static jm_pool *pool_or_die(int threads)
+{
+    jm_pool *pool = jm_pool_create(threads);
+    if (!pool) {
+        fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
+        exit(1);
+    }
+    return pool;
+}
+
 /* Inputs and scratch, 64-byte aligned as the model's arena is (misaligned,
  * Q4's figures moved by tens of points): up to 2 rows of 11264. */
 typedef struct {
@@ -199,15 +216,10 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
                 uint64_t *rng)
 {
     const size_t huge = (size_t)2 << 20;
-    const size_t per = ((size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C) + huge - 1) /
-                       huge * huge;
+    const size_t per = (stack_bytes(t, sh) + huge - 1) / huge * huge;
     int copies = (int)(mb * 1e6 / (double)per);
     copies = copies < 5 ? 5 : copies;
-    jm_pool *pool = jm_pool_create(threads);
-    if (!pool) {
-        fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
-        exit(1);
-    }
+    jm_pool *pool = pool_or_die(threads);
     one_product c = {t, sh, timing_weights(t, per * (size_t)copies, rng), per, copies, io_new(threads, rng)};
     char label[64];
     snprintf(label, sizeof label, "%-5s %-10s %6lld x %-5lld", tname, sh->name, (long long)sh->O, (long long)sh->C);
@@ -217,11 +229,6 @@ static void run(const wkernels *kern, wtype t, const char *tname, const shape *s
     io_free(&c.b);
 }
 
-/* A decode step's products in sequence, as decoding runs them: `layers`
- * layers of the five matrices above, laid out one after another as
- * jm_weights_to_ram lays out a model, each token 2 experts of 8 drawn at
- * random per matrix (the same draws for kern and read). Its plain read
- * reads as many bytes from a random place in the arena. */
 /* A generator for item `it`'s draws, apart from every other item's. */
 static uint64_t item_rng(int it)
 {
@@ -234,6 +241,11 @@ static uint64_t item_rng(int it)
  * moe out (shapes[] indices). */
 static const int layer_order[5] = {3, 2, 2, 0, 1};
 
+/* A decode step's products in sequence, as decoding runs them: `layers`
+ * layers of the five matrices above, laid out one after another as
+ * jm_weights_to_ram lays out a model, each token 2 experts of 8 drawn at
+ * random per matrix (the same draws for kern and read). Its plain read
+ * reads as many bytes from a random place in the arena. */
 typedef struct {
     wtype t;
     int layers;
@@ -276,16 +288,11 @@ static void run_step(const wkernels *kern, wtype t, const char *tname, int threa
     for (int m = 0; m < 5; m++) {
         const shape *sh = &shapes[layer_order[m]];
         c.at[m] = c.per_layer;
-        const size_t whole = (size_t)wview_bytes((wview){t, NULL, NULL, ram_layout(t)}, sh->E * sh->O, sh->C);
-        c.per_layer += (whole + 63) / 64 * 64;
+        c.per_layer += (stack_bytes(t, sh) + 63) / 64 * 64;
     }
     c.bytes = c.per_layer * (size_t)layers;
     c.buf = timing_weights(t, c.bytes, rng);
-    jm_pool *pool = jm_pool_create(threads);
-    if (!pool) {
-        fprintf(stderr, "bench/products: cannot start %d threads\n", threads);
-        exit(1);
-    }
+    jm_pool *pool = pool_or_die(threads);
     char label[64];
     snprintf(label, sizeof label, "%-5s %-10s %7d layers", tname, "step", layers);
     triplets(&(timed){step_item, step_plain, &c}, kern, pool, items, label);

@@ -239,6 +239,18 @@ struct wview {
 static inline int64_t wblock_bytes(wtype t) { return t == WT_Q8 ? QBLOCK : QBLOCK / 2; }
 /* A step's scale bytes for nblk blocks a row, whole lines. */
 static inline int64_t wstep_scale_bytes(int64_t nblk) { return (WILV * 2 * nblk + 63) / 64 * 64; }
+/* Bytes of a whole step (QSTEP blocks) of a WILV_INLINE group. */
+static inline int64_t wstep_bytes(wtype t)
+{
+    return WILV * QSTEP * wblock_bytes(t) + wstep_scale_bytes(QSTEP);
+}
+/* In the step that starts at `step`, the scale of block b of the group's
+ * row rr (nb blocks a row: the last step may hold fewer). */
+static inline const uint8_t *wstep_scale(wtype t, const uint8_t *step, int64_t rr, int64_t b, int64_t nb)
+{
+    const int64_t first = b / QSTEP * QSTEP, nblk = nb - first < QSTEP ? nb - first : QSTEP;
+    return step + WILV * nblk * wblock_bytes(t) + (rr * nblk + b - first) * 2;
+}
 /* Bytes of a group of WILV rows of row_bytes in the WILV_INLINE layout. */
 static inline int64_t wgroup_inline_bytes(wtype t, int64_t row_bytes)
 {
@@ -251,17 +263,15 @@ static inline const uint8_t *wrow_byte(wview w, int64_t i, int64_t off, int64_t 
     if (!w.ilv) return d + i * row_bytes + off;
     if (w.ilv == 1) return d + i / WILV * WILV * row_bytes + (off / 64 * WILV + i % WILV) * 64 + off % 64;
     const int64_t sb = QSTEP * wblock_bytes(w.type), s = off / sb, o = off % sb; /* step s, byte o in it */
-    return d + i / WILV * wgroup_inline_bytes(w.type, row_bytes) + s * (WILV * sb + wstep_scale_bytes(QSTEP)) +
+    return d + i / WILV * wgroup_inline_bytes(w.type, row_bytes) + s * wstep_bytes(w.type) +
            (o / 64 * WILV + i % WILV) * 64 + off % 64;
 }
 /* The F16 scale of block b of row i (Q8/Q4; nb blocks a row). */
 static inline const uint8_t *wscale_ptr(wview w, int64_t i, int64_t b, int64_t nb)
 {
     if (w.ilv != WILV_INLINE) return w.scales + (i * nb + b) * 2;
-    const int64_t bb = wblock_bytes(w.type), s = b / QSTEP, nblk = nb - s * QSTEP < QSTEP ? nb - s * QSTEP : QSTEP;
-    const uint8_t *step = (const uint8_t *)w.data + i / WILV * wgroup_inline_bytes(w.type, nb * bb) +
-                          s * (WILV * QSTEP * bb + wstep_scale_bytes(QSTEP));
-    return step + WILV * nblk * bb + (i % WILV * nblk + b % QSTEP) * 2;
+    const uint8_t *group = (const uint8_t *)w.data + i / WILV * wgroup_inline_bytes(w.type, nb * wblock_bytes(w.type));
+    return wstep_scale(w.type, group + b / QSTEP * wstep_bytes(w.type), i % WILV, b, nb);
 }
 
 static inline wview wview_f32(const float *w) { return (wview){WT_F32, w, NULL, 0}; }

@@ -161,15 +161,15 @@ static inline const uint8_t *wline(const uint8_t *w, int64_t off, stride st)
 /* WILV_INLINE rows (ops.h), for a pass whose row 0 is row r0 of its group
  * and starts at w: the step holding block b (where its lines are as wline
  * finds them from byte b / QSTEP * QSTEP * its block bytes on), and in it
- * the scale of block b of the pass's row r. */
+ * the scale of block b of the pass's row r (the step's own start is r0
+ * lines before). */
 static inline const uint8_t *inline_step(wtype t, const uint8_t *w, int64_t b)
 {
-    return w + b / QSTEP * (WILV * QSTEP * wblock_bytes(t) + wstep_scale_bytes(QSTEP));
+    return w + b / QSTEP * wstep_bytes(t);
 }
 static inline const uint8_t *inline_scale(wtype t, const uint8_t *step, int r0, int r, int64_t b, int64_t nb)
 {
-    const int64_t first = b / QSTEP * QSTEP, nblk = nb - first < QSTEP ? nb - first : QSTEP;
-    return step - r0 * 64 + WILV * nblk * wblock_bytes(t) + ((r0 + r) * nblk + b - first) * 2;
+    return wstep_scale(t, step - r0 * 64, r0 + r, b, nb);
 }
 
 /* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
@@ -250,6 +250,15 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
 static INLINE void prefetch_ahead(const void *p, int64_t pf)
 {
     if (pf) _mm_prefetch((const char *)((uintptr_t)p + (uintptr_t)pf), _MM_HINT_T0);
+}
+
+/* A WILV_INLINE step's scale lines, prefetched as far on as its rows'
+ * lines. */
+static INLINE void prefetch_step_scales(wtype t, const uint8_t *step, int r0, int64_t b, int64_t nb, int64_t pf)
+{
+    const uint8_t *sc = inline_scale(t, step, r0, -r0, b, nb);
+    prefetch_ahead(sc, pf);
+    prefetch_ahead(sc + 64, pf);
 }
 
 /* The prefetch offset for byte `at` of a row of `row` bytes (0: none). */
@@ -403,11 +412,7 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
         /* bytes from `skip` on in a row start at `step` */
         const uint8_t *step = ws ? w : inline_step(t, w, b);
         const int64_t skip = ws ? 0 : b / QSTEP * QSTEP * bb;
-        if (!ws && b % QSTEP == 0) {
-            const uint8_t *sc = inline_scale(t, step, r0, -r0, b, nb);
-            prefetch_ahead(sc, pf.d);
-            prefetch_ahead(sc + 64, pf.d);
-        }
+        if (!ws && b % QSTEP == 0) prefetch_step_scales(t, step, r0, b, nb, pf.d);
         UNROLL for (int j = 0; j < NI; j++) xd[j] = load8_f32(xs + j * 2 * nb + b, nblk);
         UNROLL for (int r = 0; r < R; r++) {
             __m256 wd = load8_f16(ws ? ws + r * 2 * nb + 2 * b : inline_scale(t, step, r0, r, b, nb), nblk);
@@ -733,11 +738,7 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
          * as the lines (a step and its scales are as long as the 4-row pass's
          * step: QSTEP blocks) */
         const uint8_t *step = INL ? inline_step(t, w, b) : NULL;
-        if (INL) {
-            const uint8_t *sc = inline_scale(t, step, r0, -r0, b, nb);
-            prefetch_ahead(sc, pf.d);
-            prefetch_ahead(sc + 64, pf.d);
-        }
+        if (INL) prefetch_step_scales(t, step, r0, b, nb, pf.d);
         UNROLL for (int j = 0; j < NI; j++) xd[j] = load_f32(xs + j * 2 * nb + b, nblk);
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *sr = INL ? inline_scale(t, step, r0, r, b, nb) : ws + r * 2 * nb + 2 * b;
