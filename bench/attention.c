@@ -28,17 +28,17 @@
 
 enum { LAYERS = 24, HKV = 16, D = 128, K = 2 };
 
-/* Reads 256 KB chunk `chunk` of the memory at ctx, a line of each 64: a
- * job on the decode pool, whose threads then stay as busy between layers as
- * a step's weight products keep them. */
+/* Reads 256 KB chunks first .. first + count - 1 of the memory at ctx, a
+ * line of each 64: a job on the decode pool, whose threads then stay as busy
+ * between layers as a step's weight products keep them. */
 enum { CHUNK = 256 << 10 };
-static void read_chunk(void *ctx, int64_t chunk, int thread)
+static void read_chunks(void *ctx, int64_t first, int64_t count, int thread)
 {
     (void)thread;
     static volatile uint64_t sink;
-    const uint8_t *p = (const uint8_t *)ctx + chunk * CHUNK;
+    const uint8_t *p = (const uint8_t *)ctx + first * CHUNK;
     uint64_t acc[8] = {0};
-    for (size_t i = 0; i < CHUNK; i += 512) {
+    for (size_t i = 0; i < (size_t)count * CHUNK; i += 512) {
         __builtin_prefetch(p + i + READ_AHEAD, 0, 3);
         for (int j = 0; j < 8; j++) acc[j] += *(const uint64_t *)(p + i + 64 * j);
     }
@@ -136,7 +136,7 @@ int main(int argc, char **argv)
                 double dt = 0;
                 for (int l = 0; l < LAYERS; l++) {
                     if (other)
-                        jm_pool_run(pool, ((int64_t)between << 20) / CHUNK, read_chunk,
+                        jm_pool_run(pool, ((int64_t)between << 20) / CHUNK, read_chunks,
                                     other + ((size_t)l * between << 20));
                     const double t0 = now();
                     attention_decode(out, q, kv_new, (kv_cache){cache[l], bf16}, &run, 1, scratch, ctx, K, HKV, D, kern,

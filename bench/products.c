@@ -62,12 +62,12 @@ typedef struct {
 
 static _Atomic uint64_t plain_sink; /* keeps the sums (and so the reads) alive */
 
-static void plain_chunk(void *ctx, int64_t chunk, int thread)
+static void plain_run(void *ctx, int64_t first, int64_t count, int thread)
 {
     (void)thread;
-    const uint8_t *p = ((const plain_job *)ctx)->p + chunk * PLAIN_PIECE;
+    const uint8_t *p = ((const plain_job *)ctx)->p + first * PLAIN_PIECE;
     uint64_t acc[16] = {0}, sum = 0;
-    for (int64_t at = 0; at < PLAIN_PIECE; at += 4096) read_page(p + at, acc);
+    for (int64_t at = 0; at < count * PLAIN_PIECE; at += 4096) read_page(p + at, acc);
     for (int j = 0; j < 16; j++) sum += acc[j];
     atomic_fetch_add_explicit(&plain_sink, sum, memory_order_relaxed);
 }
@@ -128,7 +128,7 @@ static void triplets(const timed *tm, const wkernels *kern, jm_pool *pool, int i
             if (v < 2) bytes[v] = tm->products(tm->ctx, item, K[v], pool);
             else {
                 const int64_t chunks = (int64_t)(bytes[0] / PLAIN_PIECE);
-                jm_pool_run(pool, chunks, plain_chunk, &(plain_job){tm->plain_at(tm->ctx, item, bytes[0])});
+                jm_pool_run(pool, chunks, plain_run, &(plain_job){tm->plain_at(tm->ctx, item, bytes[0])});
                 bytes[2] = (double)chunks * PLAIN_PIECE;
             }
             dt[v] = now() - t0;

@@ -17,9 +17,9 @@
 #include <omp.h>
 #include <stdatomic.h>
 
-static void nothing(void *ctx, int64_t chunk, int thread)
+static void nothing(void *ctx, int64_t first, int64_t count, int thread)
 {
-    (void)chunk, (void)thread;
+    (void)first, (void)count, (void)thread;
     atomic_int *hits = ctx;
     atomic_fetch_add_explicit(hits, 1, memory_order_relaxed);
 }

@@ -14,32 +14,41 @@
 
 typedef struct {
     _Atomic uint8_t *hits; /* per chunk: how many times it ran */
+    int64_t n;
     int threads;
-    atomic_int bad_thread;
+    atomic_int bad_call;   /* a thread index or run outside the job */
     atomic_int seen[64];   /* chunks run per thread index */
+    atomic_int calls;
+    _Atomic int64_t longest; /* the longest run */
 } job;
 
-static void mark(void *ctx, int64_t chunk, int thread)
+static void mark(void *ctx, int64_t first, int64_t count, int thread)
 {
     job *j = ctx;
-    if (thread < 0 || thread >= j->threads) atomic_store(&j->bad_thread, 1);
-    else atomic_fetch_add(&j->seen[thread], 1);
-    atomic_fetch_add(&j->hits[chunk], 1);
+    atomic_fetch_add(&j->calls, 1);
+    if (thread < 0 || thread >= j->threads || first < 0 || count < 1 || first + count > j->n) {
+        atomic_store(&j->bad_call, 1);
+        return;
+    }
+    atomic_fetch_add(&j->seen[thread], (int)count);
+    for (int64_t c = first; c < first + count; c++) atomic_fetch_add(&j->hits[c], 1);
+    int64_t l = atomic_load(&j->longest);
+    while (count > l && !atomic_compare_exchange_weak(&j->longest, &l, count)) {}
 }
 
 /* A job whose chunks take some time, so that workers do get some. */
-static void mark_slowly(void *ctx, int64_t chunk, int thread)
+static void mark_slowly(void *ctx, int64_t first, int64_t count, int thread)
 {
     volatile double x = 1;
-    for (int i = 0; i < 2000; i++) x = x * 1.0000001 + 1e-9;
-    mark(ctx, chunk, thread);
+    for (int i = 0; i < 2000 * count; i++) x = x * 1.0000001 + 1e-9;
+    mark(ctx, first, count, thread);
 }
 
 static int run_job(jm_pool *p, int64_t n, jm_pool_fn fn, int threads, int *helpers)
 {
-    job j = {.hits = calloc((size_t)(n ? n : 1), 1), .threads = threads};
+    job j = {.hits = calloc((size_t)(n ? n : 1), 1), .n = n, .threads = threads};
     jm_pool_run(p, n, fn, &j);
-    int ok = !atomic_load(&j.bad_thread);
+    int ok = !atomic_load(&j.bad_call) && (n > 0 || atomic_load(&j.calls) == 0);
     for (int64_t i = 0; i < n; i++) ok &= atomic_load(&j.hits[i]) == 1;
     for (int t = 1; t < threads && helpers; t++) *helpers += atomic_load(&j.seen[t]) > 0;
     free((void *)j.hits);
@@ -77,12 +86,27 @@ int main(void)
         }
         jm_pool_free(p);
     }
-    /* NULL runs inline on the caller */
-    job j = {.hits = calloc(10, 1), .threads = 1};
+    /* a run is what a thread claimed at once: a 400-chunk job on 2 threads
+     * starts with a claim of a quarter of it (guided), handed over whole */
+    {
+        jm_pool *p = jm_pool_create(2);
+        job j = {.hits = calloc(400, 1), .n = 400, .threads = 2};
+        jm_pool_run(p, 400, mark, &j);
+        int ok = !atomic_load(&j.bad_call);
+        for (int i = 0; i < 400; i++) ok &= atomic_load(&j.hits[i]) == 1;
+        check(ok && atomic_load(&j.longest) >= 100 && atomic_load(&j.calls) < 400, "pool_hands_out_runs",
+              "%d calls for 400 chunks, the longest run %lld", atomic_load(&j.calls),
+              (long long)atomic_load(&j.longest));
+        free((void *)j.hits);
+        jm_pool_free(p);
+    }
+    /* NULL runs inline on the caller, the whole job as one run */
+    job j = {.hits = calloc(10, 1), .n = 10, .threads = 1};
     jm_pool_run(NULL, 10, mark, &j);
-    int ok = atomic_load(&j.seen[0]) == 10;
+    int ok = atomic_load(&j.seen[0]) == 10 && atomic_load(&j.calls) == 1 && !atomic_load(&j.bad_call);
     for (int i = 0; i < 10; i++) ok &= atomic_load(&j.hits[i]) == 1;
-    check(ok, "pool_null_runs_inline", "%d chunks on the caller", atomic_load(&j.seen[0]));
+    check(ok, "pool_null_runs_inline", "%d chunks on the caller in %d calls", atomic_load(&j.seen[0]),
+          atomic_load(&j.calls));
     free((void *)j.hits);
     jm_pool_free(NULL);
     check(jm_cpu_count() >= 1, "pool_cpu_count", "%d", jm_cpu_count());

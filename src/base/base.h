@@ -124,11 +124,14 @@ float jm_f16_to_f32(uint16_t h);
 uint16_t jm_f32_to_f16(float f); /* round to nearest even */
 
 /* ---- the decode step's threads (pool.c) ---- */
-/* A job is nchunks calls fn(ctx, chunk, thread) with thread in [0, threads):
- * 0 is the caller, which takes chunks too and returns when all are done.
- * Chunks run in any order, each once. NULL (or threads 1) runs them inline. */
+/* A job is nchunks chunks, run by calls fn(ctx, first, count, thread) of
+ * chunks first .. first + count - 1, which one thread claimed together
+ * (thread in [0, threads): 0 is the caller, which takes chunks too and
+ * returns when all are done). Runs come in any order, each chunk once; a
+ * run is consecutive chunks, so fn can treat it as one stream. NULL (or
+ * threads 1) runs the whole job inline as one run. */
 typedef struct jm_pool jm_pool;
-typedef void (*jm_pool_fn)(void *ctx, int64_t chunk, int thread);
+typedef void (*jm_pool_fn)(void *ctx, int64_t first, int64_t count, int thread);
 jm_pool *jm_pool_create(int threads); /* NULL when out of memory or threads */
 void jm_pool_free(jm_pool *p);
 int jm_pool_threads(const jm_pool *p);

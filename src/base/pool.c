@@ -9,7 +9,8 @@
  * decoding 30-100x slower on a busy machine, and 2 threads slower than 1 on
  * an idle one.
  *
- * Here a job is n chunks claimed one at a time from a shared counter. The
+ * Here a job is n chunks claimed in runs from a shared counter, each run
+ * handed to the job's function in one call (a product streams it as one). The
  * caller claims chunks too, so it alone can finish any job; workers that are
  * awake help, and the caller waits only for chunks a worker has started. An
  * idle worker spins for a bounded time (jobs within a step come microseconds
@@ -99,7 +100,7 @@ static int64_t work(jm_pool *p, int index)
 {
     int64_t n = 0, i, c;
     while ((i = claim(p, &c)) >= 0) {
-        for (int64_t k = 0; k < c; k++) p->fn(p->ctx, p->base + i + k, index);
+        p->fn(p->ctx, p->base + i, c, index);
         atomic_fetch_add_explicit(&p->done, c, memory_order_release);
         n += c;
     }
@@ -192,7 +193,7 @@ int jm_cpu_count(void)
 void jm_pool_run(jm_pool *p, int64_t nchunks, jm_pool_fn fn, void *ctx)
 {
     if (!p || p->threads == 1 || nchunks <= 1) {
-        for (int64_t i = 0; i < nchunks; i++) fn(ctx, i, 0);
+        if (nchunks > 0) fn(ctx, 0, nchunks, 0);
         return;
     }
     for (int64_t base = 0; base < nchunks; base += MAX_CHUNKS) {

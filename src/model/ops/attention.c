@@ -193,7 +193,7 @@ typedef struct {
  * and one line of each of their first pages, are asked for up front: the
  * kernels' prefetches run ahead of what they read, so without, each head's
  * keys and values start cold. */
-static void attend_chunk(void *ctx, int64_t chunk, int thread)
+static void attend_head(const void *ctx, int64_t chunk, int thread)
 {
     const decode_job *j = ctx;
     const int k = j->k, D = j->D, Hkv = j->Hkv, h = (int)(chunk % Hkv), bf16 = j->cache.bf16;
@@ -222,12 +222,17 @@ static void attend_chunk(void *ctx, int64_t chunk, int thread)
     }
 }
 
+static void attend_heads(void *ctx, int64_t first, int64_t count, int thread)
+{
+    for (int64_t c = first; c < first + count; c++) attend_head(ctx, c, thread);
+}
+
 void attention_decode(float *out, const float *q, const float *kv_new, kv_cache cache, const att_run *runs, int nruns,
                       float *scratch, int ctx, int k, int Hkv, int D, const wkernels *kern, jm_pool *pool)
 {
     cache_store(cache, kv_new, runs, nruns, ctx, Hkv, D);
     decode_job j = {out, q, cache, runs, scratch, ctx, k, Hkv, D, kern};
-    jm_pool_run(pool, (int64_t)nruns * Hkv, attend_chunk, &j);
+    jm_pool_run(pool, (int64_t)nruns * Hkv, attend_heads, &j);
 }
 
 /* Backward, recomputing each block's probabilities from the saved row
