@@ -12,6 +12,8 @@
  * argument checks. */
 #include "harness.h"
 
+#include <ctype.h>
+
 #include <math.h>
 #include <string.h>
 
@@ -419,6 +421,26 @@ static void test_score(jm_model *m)
           "status %d: %s", s, err.msg);
 }
 
+/* The resident kB of this process's mappings of files under dir
+ * (/proc/self/smaps); -1 where there is no such file. */
+static long mapped_kb(const char *dir)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f) return -1;
+    char line[1200];
+    long kb = 0, v;
+    int inside = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (isxdigit((unsigned char)line[0]) && !isupper((unsigned char)line[0])) { /* a mapping: "addr-addr perms ... path" */
+            const char *path = strchr(line, '/');
+            inside = path && strncmp(path, dir, strlen(dir)) == 0;
+        } else if (inside && sscanf(line, "Rss: %ld kB", &v) == 1)
+            kb += v;
+    }
+    fclose(f);
+    return kb;
+}
+
 int main(void)
 {
     char tmp[] = "/tmp/jm_test_decode_batch_XXXXXX";
@@ -432,6 +454,21 @@ int main(void)
     jm_status s = jm_model_create(&c, 21, &made, &err);
     if (!s) s = jm_model_save(made, f32dir, &err);
     if (!s) s = jm_quantize(f32dir, q8dir, 8, 0, &err);
+    /* the copy into RAM reads the whole file through the mapping, then lets
+     * its pages go (they stay in the page cache, out of our resident set);
+     * before any other model maps the file */
+    if (!s) {
+        jm_model *ram = NULL;
+        s = jm_model_open(q8dir, &ram, &err);
+        if (!s) s = jm_weights_to_ram(ram, &err);
+        const long after = mapped_kb(q8dir);
+        if (after >= 0)
+            check(s == JM_OK && jm_weights_in_ram(ram) && after == 0, "weights_in_ram_release_mapping",
+                  "status %d; %ld kB of the checkpoint's mapping resident after the copy", s, after);
+        else
+            printf("SKIP weights_in_ram_release_mapping: no /proc/self/smaps\n");
+        jm_model_free(ram);
+    }
     if (!s) s = jm_model_open(f32dir, &f32, &err);
     if (!s) s = jm_model_open(q8dir, &q8, &err);
     if (!check(s == JM_OK && strcmp(jm_model_weight_type(q8), "q8") == 0, "decode_batch_models", "%s", err.msg))

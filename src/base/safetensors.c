@@ -350,6 +350,14 @@ void st_set_close(st_set *s)
     memset(s, 0, sizeof *s);
 }
 
+void st_set_release_pages(st_set *s)
+{
+    /* MADV_DONTNEED on a private mapping nothing wrote to: only the page
+     * table entries go, the file's pages stay in the page cache */
+    for (int i = 0; s && i < s->nfiles; i++)
+        if (s->files[i].map) madvise(s->files[i].map, s->files[i].map_len, MADV_DONTNEED);
+}
+
 const st_tensor *st_set_find(const st_set *s, const char *name, const char **file)
 {
     /* st_set_open checked that each name lives in exactly one file. */

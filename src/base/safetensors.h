@@ -63,6 +63,9 @@ typedef struct {
 } st_set;
 jm_status st_set_open(const char *dir, st_set *s, jm_error *err);
 void st_set_close(st_set *s);
+/* Drops the files' mapped pages from this process's page tables (the
+ * mappings stay valid: a read faults its page back in from the page cache). */
+void st_set_release_pages(st_set *s);
 /* Finds a tensor across the set; *file (optional) gets its file's path. */
 const st_tensor *st_set_find(const st_set *s, const char *name, const char **file);
 

@@ -1728,6 +1728,16 @@ jm_status jm_weights_to_ram(jm_model *m, jm_error *err)
     if (!ram) return jm_fail(err, JM_ERR_NOMEM, "cannot allocate %.2f GB for the weights in memory", bytes / 1e9);
     move_views(m, ram);
     m->ram = ram;
+    /* The copy read every page of the checkpoint through our mapping; left
+     * mapped, they count in our resident set and the kernel reclaims them
+     * last (it must unmap each first). The 8B layout's BF16 copy (16.1 GB)
+     * on a 24 GB machine, 2 threads: 22.5 GB resident, the first decode
+     * step 0.19 s (later ones 0.08), kswapd reclaiming 5.5M pages during
+     * the run; released, 16.3 GB, 0.10 s and 2.6M (AMD EPYC family 26 model
+     * 2). Nothing of ours reads the mapping now (every view moved; norms,
+     * routers and biases were converted at load); whatever would, faults its
+     * page back in. */
+    st_set_release_pages(&m->map);
     return JM_OK;
 }
 
