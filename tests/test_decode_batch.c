@@ -13,7 +13,6 @@
 #include "harness.h"
 
 #include <ctype.h>
-
 #include <math.h>
 #include <string.h>
 
