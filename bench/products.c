@@ -9,7 +9,8 @@
  * with the best kernel set this CPU runs (kern), the same chunks read by the
  * "read" tiles (read: every byte the product reads, as plain loads, no
  * math), and a plain read of as many bytes in pieces of the largest decode
- * chunk (plain: bench/common.h's read loop); the ratios printed are the
+ * chunk, claimed in runs as the products' chunks are and each run read as
+ * one stream (plain: bench/common.h's read loop); the ratios printed are the
  * medians over the triplets, the GB/s the totals over them. Each item takes
  * the next of several copies of the weights (--mb in all, at least 5
  * copies), so none finds its bytes in a cache. Then a "step" row: the
@@ -52,8 +53,9 @@ static const shape shapes[] = {
 };
 
 /* A plain read's piece: as large as the decode products' largest chunks
- * (DECODE_CHUNK_MAX, qmatmul.c), so that read_page's prefetch READ_AHEAD on
- * mostly stays in the thread's own piece. */
+ * (DECODE_CHUNK_MAX, qmatmul.c), so that the plain read ends a job as
+ * coarsely as the products do; a thread reads each run of pieces it claims
+ * as one stream, as the products read theirs. */
 #define PLAIN_PIECE 262144
 
 typedef struct {

@@ -332,7 +332,9 @@ void jm_set_read_only_products(jm_model *m);
 /* Copies a model opened in place (jm_model_open) into anonymous memory in
  * 2 MB pages (transparent huge pages, where the system allows them), and uses
  * that copy: decoding streams the weights up to 2x faster on machines where
- * page walks are costly, at the price of the copy's memory and time. */
+ * page walks are costly, at the price of the copy's memory and time. The
+ * checkpoint's mapped pages are then let go (they stay in the page cache,
+ * out of the process's resident set). */
 jm_status jm_weights_to_ram(jm_model *m, jm_error *err);
 /* Where decoding reads the weights: "map" (in place), "ram" (jm_weights_to_ram)
  * or "auto" (the copy when it takes at most 3/4 of the memory available now;

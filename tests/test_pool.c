@@ -94,7 +94,7 @@ int main(void)
         jm_pool_run(p, 400, mark, &j);
         int ok = !atomic_load(&j.bad_call);
         for (int i = 0; i < 400; i++) ok &= atomic_load(&j.hits[i]) == 1;
-        check(ok && atomic_load(&j.longest) >= 100 && atomic_load(&j.calls) < 400, "pool_hands_out_runs",
+        check(p && ok && atomic_load(&j.longest) >= 100 && atomic_load(&j.calls) < 400, "pool_hands_out_runs",
               "%d calls for 400 chunks, the longest run %lld", atomic_load(&j.calls),
               (long long)atomic_load(&j.longest));
         free((void *)j.hits);

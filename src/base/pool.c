@@ -18,8 +18,8 @@
  * variable until the next job.
  *
  * The job word packs (generation, chunks, next chunk) so that one
- * compare-and-swap claims a chunk of the current job only: a worker that
- * slept through a job cannot take a chunk of the next one by mistake. */
+ * compare-and-swap claims a run of chunks of the current job only: a worker
+ * that slept through a job cannot take chunks of the next one by mistake. */
 #include "base.h"
 
 #include <pthread.h>

@@ -186,7 +186,7 @@ typedef struct {
     const wkernels *kern;
 } decode_job;
 
-/* Rows of one run against KV head h, all k query slots (j, h) at once, so
+/* One sequence's rows (an att_run) against KV head h, all k query slots (j, h) at once, so
  * each cached K/V row is read once for the k experts, through the set's
  * kernels (akernels.c): scores S[j][i] = scale q_j . K_i over the visible
  * keys, softmax per slot, o_j = sum_i p_ji V_i. The first lines of K and V,

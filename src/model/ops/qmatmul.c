@@ -313,6 +313,7 @@ static void decode_products(float *ys, const float *xs, wview W, const int64_t *
     int64_t chunk = (int64_t)nact * O * row_bytes / (8 * (int64_t)(pool ? jm_pool_threads(pool) : 1));
     chunk = chunk < DECODE_CHUNK_MIN ? DECODE_CHUNK_MIN : chunk > DECODE_CHUNK_MAX ? DECODE_CHUNK_MAX : chunk;
     int64_t rows = (chunk / row_bytes + 7) & ~(int64_t)7; /* whole multi-row kernel passes */
+    if (rows < 8) rows = 8; /* rows wider than a chunk (F32, C > 65536) */
     if (rows > O) rows = O;
     decode_job j = {ys, xs, W, offsets, C, O, rows, (O + rows - 1) / rows, active, s, K};
     jm_pool_run(pool, (int64_t)nact * j.per_expert, product_run, &j);
