@@ -186,13 +186,13 @@ typedef struct {
     const wkernels *kern;
 } decode_job;
 
-/* One sequence's rows (an att_run) against KV head h, all k query slots (j, h) at once, so
- * each cached K/V row is read once for the k experts, through the set's
- * kernels (akernels.c): scores S[j][i] = scale q_j . K_i over the visible
- * keys, softmax per slot, o_j = sum_i p_ji V_i. The first lines of K and V,
- * and one line of each of their first pages, are asked for up front: the
- * kernels' prefetches run ahead of what they read, so without, each head's
- * keys and values start cold. */
+/* One sequence's rows (an att_run) against KV head h, all k query slots
+ * (j, h) at once, so each cached K/V row is read once for the k experts,
+ * through the set's kernels (akernels.c): scores S[j][i] = scale q_j . K_i
+ * over the visible keys, softmax per slot, o_j = sum_i p_ji V_i. The first
+ * lines of K and V, and one line of each of their first pages, are asked for
+ * up front: the kernels' prefetches run ahead of what they read, so without,
+ * each head's keys and values start cold. */
 static void attend_head(const void *ctx, int64_t chunk, int thread)
 {
     const decode_job *j = ctx;

@@ -294,7 +294,7 @@ static void product_run(void *ctx, int64_t first, int64_t count, int thread)
     const int64_t C = j->C, O = j->O, nb = C / QBLOCK, pe = j->per_expert;
     for (int64_t c = first, end = first + count; c < end;) {
         const int e = j->active[c / pe];
-        const int64_t last = end < (c / pe + 1) * pe ? end : (c / pe + 1) * pe; /* this expert's part */
+        const int64_t expert_end = (c / pe + 1) * pe, last = end < expert_end ? end : expert_end;
         const int64_t m0 = j->offsets[e], n = j->offsets[e + 1] - m0;
         const int64_t o0 = c % pe * j->rows, o_end = ((last - 1) % pe + 1) * j->rows, o1 = o_end < O ? o_end : O;
         dot_rows(j->ys + m0 * O, O, j->xs + m0 * C, j->s.xq + m0 * C, j->s.xs + m0 * 2 * nb, n,
