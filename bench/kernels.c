@@ -11,8 +11,12 @@
  * streamed Q4 tiles at 41 GB/s from the first 260 MB of an arena read over
  * and over, and at 22 from 1 GB or more, before the kernels prefetched a
  * page ahead (PAGE_AHEAD, wkernels.c); hence 1 GB by default, not 256 MB.
+ * The matrices ask for 2 MB pages (huge_alloc), as a decode's weights in
+ * RAM and its KV cache do: the pages a decode reads, not whatever malloc
+ * gives (4 KB pages, under the machine's THP "madvise" setting).
  * A matrix resident in L2 shows the kernel's own speed: the headroom left for
- * when several threads share the memory bus. Tiles of 64 weight rows (WTILE,
+ * when several threads share the memory bus (L2 ilv: in the layout of a
+ * copy in RAM, which the decode reads). Tiles of 64 weight rows (WTILE,
  * as qmatmul.c hands them out) against n = 1 input row (one sequence
  * decoding) and n = 4 (batched decoding). GB/s count weight and scale bytes.
  * Last, the streaming ceilings: how near plain reads one thread gets with
@@ -64,8 +68,8 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes, uint64_t *rng
     m.rows = (int64_t)(target_bytes / (double)(row + srow));
     m.rows = m.rows < 64 ? 64 : m.rows / 64 * 64; /* whole tiles, and so whole groups of interleaved rows */
     m.bytes = (double)m.rows * (double)(row + srow);
-    m.data = aligned_alloc(64, (size_t)((m.rows * row + 63) / 64 * 64));
-    m.scales = srow ? malloc((size_t)(m.rows * srow)) : NULL;
+    m.data = huge_alloc((size_t)(m.rows * row));
+    m.scales = srow ? huge_alloc((size_t)(m.rows * srow)) : NULL;
     if (!m.data || (srow && !m.scales)) {
         fprintf(stderr, "bench/kernels: out of memory\n");
         exit(1);
@@ -90,6 +94,23 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes, uint64_t *rng
     }
     m.w = (wview){t, m.data, m.scales, 0};
     return m;
+}
+
+/* m's copy as jm_weights_to_ram lays it out (ops.h, WILV_INLINE). */
+static matrix inlined(const matrix *m, int64_t C)
+{
+    matrix v = *m;
+    v.w = (wview){m->w.type, NULL, NULL, WILV_INLINE};
+    const size_t bytes = (size_t)wview_bytes(v.w, m->rows, C);
+    v.data = huge_alloc(bytes);
+    v.scales = NULL;
+    if (!v.data) {
+        fprintf(stderr, "bench/kernels: out of memory\n");
+        exit(1);
+    }
+    inline_rows(v.data, m->w, m->rows, C);
+    v.w.data = v.data;
+    return v;
 }
 
 /* One pass over the matrix: tiles of 64 rows against n inputs. */
@@ -217,10 +238,10 @@ int main(int argc, char **argv)
     printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
            "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
            "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of "
-           "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM)\n\n",
+           "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM), and the L2 one so (L2 ilv GB/s)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
-    printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s\n", "set", "type", "n", "GHz", "big GB/s",
-           "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc");
+    printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s | %8s\n", "set", "type", "n", "GHz",
+           "big GB/s", "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc", "L2 ilv");
 
     const int64_t nmax = 4;
     /* x on whole lines, as the model's activations (64-byte aligned arenas):
@@ -242,18 +263,7 @@ int main(int argc, char **argv)
          * WILV_INLINE), timed in turn with row-major, so that both see the
          * same moments of a shared machine */
         const int ilv = wrows_interleave(types[ti], big.rows, C); /* F32 and BF16 never are */
-        matrix big_ilv = big;
-        if (ilv) {
-            big_ilv.w = (wview){types[ti], NULL, NULL, WILV_INLINE};
-            const size_t bytes = (size_t)wview_bytes(big_ilv.w, big.rows, C);
-            big_ilv.data = aligned_alloc(64, (bytes + 63) / 64 * 64);
-            if (!big_ilv.data) {
-                fprintf(stderr, "bench/kernels: out of memory\n");
-                exit(1);
-            }
-            inline_rows(big_ilv.data, big.w, big.rows, C);
-            big_ilv.w.data = big_ilv.data;
-        }
+        matrix big_ilv = ilv ? inlined(&big, C) : big, l2_ilv = ilv ? inlined(&l2, C) : l2;
         char list[256];
         snprintf(list, sizeof list, "%s", sets);
         for (char *save = NULL, *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
@@ -274,20 +284,24 @@ int main(int argc, char **argv)
                 }
                 const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
                 const double tl = time_passes(f, &l2, out, x, xq, xs, n, C, reps);
+                const double tli = ilv ? time_passes(f, &l2_ilv, out, x, xq, xs, n, C, reps) : 1e30;
                 const double gb = big.bytes / tb / 1e9, gi = big.bytes / tv / 1e9, gl = l2.bytes / tl / 1e9;
                 const double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
                 const double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
-                char ilv_cols[32] = "       -      -";
-                if (ilv) snprintf(ilv_cols, sizeof ilv_cols, "%8.1f %5.0f%%", gi, 100 * gi / bw_big);
-                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %s | %8.1f %6.1f %5.0f%% %6.1f\n", K->name,
-                       tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, ilv_cols, gl, bw_l2,
-                       100 * gl / bw_l2, cl);
+                char ilv_cols[32] = "       -      -", l2_ilv_cols[32] = "       -";
+                if (ilv) {
+                    snprintf(ilv_cols, sizeof ilv_cols, "%8.1f %5.0f%%", gi, 100 * gi / bw_big);
+                    snprintf(l2_ilv_cols, sizeof l2_ilv_cols, "%8.1f", l2.bytes / tli / 1e9);
+                }
+                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %s | %8.1f %6.1f %5.0f%% %6.1f | %s\n",
+                       K->name, tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, ilv_cols, gl, bw_l2,
+                       100 * gl / bw_l2, cl, l2_ilv_cols);
                 fflush(stdout);
             }
         }
         free(out);
         free(big.data), free(big.scales), free(l2.data), free(l2.scales);
-        if (ilv) free(big_ilv.data);
+        if (ilv) free(big_ilv.data), free(l2_ilv.data);
     }
     free(x), free(xs), free(xq);
     print_ceilings(big_mb, reps, &rng);

@@ -93,8 +93,7 @@ enum { MAX_TRIPLETS = 4096 };
 static uint8_t *timing_weights(wtype t, size_t bytes, uint64_t *rng)
 {
     const size_t huge = (size_t)2 << 20, all = (bytes + huge - 1) / huge * huge;
-    uint8_t *buf = alloc_or_die(huge, all);
-    madvise(buf, all, MADV_HUGEPAGE);
+    uint8_t *buf = huge_alloc(all);
     for (size_t i = 0; i < all; i += 4) {
         uint32_t r = bench_rnd(rng);
         r = t == WT_BF16 ? (r & 0x807f807fu) | 0x3c003c00u : (r & 0x9fff9fffu) | 0x20002000u;
