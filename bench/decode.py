@@ -281,16 +281,19 @@ def big(a):
           f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}, "
           f"best of {a.reps_8b} run{'s' if a.reps_8b > 1 else ''}; {first['cpu']}")
     print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
-        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7} {'paired':>6}" for t in a.thread_list) + f" {f'{tn}/{t1}':>6}"
+        f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7} {'paired':>6} {'+KV':>9}" for t in a.thread_list)
+        + f" {f'{tn}/{t1}':>6}"
         + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
     for name, r in rows:
         print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
             f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%} {r[t]['paired_ratio']:6.0%}"
-            for t in a.thread_list)
+            f" {r[t]['kv_ratio']:4.0%}/{r[t]['paired_kv_ratio']:4.0%}" for t in a.thread_list)
             + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"
             + "".join(f" {r['read'][t]['decode_tok_s']:10.3f} ({r['read'][t]['ratio']:4.0%})"
                       f" {r[t]['decode_tok_s'] / r['read'][t]['decode_tok_s']:10.0%}" for t in a.thread_list)
             + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
+    print(f"  (+KV: of roof / paired counting the KV cache a step reads too, {rows[0][1][t1]['kv_bytes'] / 1e6:.0f} MB "
+          f"on average at {t1} thread{'s' if t1 > 1 else ''})")
     print(f"  (read-only: the same steps with products that only read their bytes (bench/decode --kernels read), "
           f"of roof in brackets; kernels/it: the decode at that thread count over it)")
     print("  (paired: the median step's bytes/s over a 256 MB read right after it, bench/decode --paired: "
