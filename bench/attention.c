@@ -72,14 +72,7 @@ int main(int argc, char **argv)
     const size_t esize = bf16 ? 2 : 4, A = (size_t)HKV * D, layer_elems = 2 * A * (size_t)ctx;
     void *cache[LAYERS];
     for (int l = 0; l < LAYERS; l++) {
-        /* on 2 MB pages, as the model's cache (alloc_huge, src/model/model.c) */
-        const size_t huge = (size_t)2 << 20, nb = (layer_elems * esize + huge - 1) / huge * huge;
-        cache[l] = aligned_alloc(huge, nb);
-        if (cache[l]) madvise(cache[l], nb, MADV_HUGEPAGE);
-        if (!cache[l]) {
-            fprintf(stderr, "bench/attention: out of memory\n");
-            return 1;
-        }
+        cache[l] = huge_alloc(layer_elems * esize); /* on 2 MB pages, as the model's cache */
         for (size_t i = 0; i < layer_elems; i++) { /* values of an activation's size */
             float f = bench_frnd(&rng);
             if (bf16) ((uint16_t *)cache[l])[i] = jm_f32_to_bf16(f);

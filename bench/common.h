@@ -53,10 +53,10 @@ typedef struct {
 } read_buf;
 
 /* `bytes` of memory on 2 MB pages where the kernel gives them, as the
- * weights a decode reads (jm_weights_to_ram) and its KV cache: in this
- * virtual machine a stream over 4 KB pages runs at what its page walks
- * allow, which is another figure and a noisier one. Exits when out of
- * memory; free() it. */
+ * weights a decode reads (jm_weights_to_ram) and its KV cache (model.c's
+ * alloc_huge, which returns NULL where this exits): in this virtual machine
+ * a stream over 4 KB pages runs at what its page walks allow, which is
+ * another figure and a noisier one. Exits when out of memory; free() it. */
 static inline void *huge_alloc(size_t bytes)
 {
     const size_t huge = (size_t)2 << 20;

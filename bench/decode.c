@@ -10,8 +10,9 @@
  * reads every active weight once, so its speed limit is the memory bandwidth
  * over jm_active_weight_bytes: "ratio" is decode tokens/s over that roofline.
  * A step also reads K and V of every position it attends over (at a
- * 512-token prompt 8% more bytes than the 8B layout's q4 weights, 2% more
- * than its bf16): "kv_ratio" and "paired_kv_ratio" count those bytes too.
+ * 512-token prompt with a bf16 cache 8% more bytes than the 8B layout's q4
+ * weights, 2% more than its bf16): "kv_ratio" and "paired_kv_ratio" count
+ * those bytes too.
  * Prints a summary on stderr and one JSON line on stdout (bench/decode.py
  * compares it with the PyTorch peer, bench/decode_ref.py). Not a test.
  *
@@ -91,7 +92,7 @@ static void step_spread(double *step_s, int n, double *median, double *fastest)
 
 /* Over the steady steps, each step's weight bytes/s over the rate of the
  * read paired with it (gbs, GB/s): -> their median; *kv_ratio the same with
- * the KV cache bytes the step reads too (kv_pos a position, step i at
+ * the KV cache bytes the step reads too (kv_pos bytes a position, step i at
  * n_prompt + i + 1 positions), *bw_median the reads'. Sorts gbs. */
 static double paired_ratio(const double *step_s, double *gbs, int n, double bytes, double kv_pos, int n_prompt,
                            double *kv_ratio, double *bw_median)
@@ -238,7 +239,8 @@ int main(int argc, char **argv)
     /* what a step reads of the cache too: K and V of every position it
      * attends over (its own and each earlier one), on average over the
      * steady steps (1 .. n_new - 1, step i at n_prompt + i + 1 positions) */
-    const double kv_pos = (double)c->num_layers * 2 * c->num_kv_heads * c->head_dim * (strcmp(kv_cache, "bf16") ? 4 : 2);
+    const double kv_pos =
+        (double)c->num_layers * 2 * c->num_kv_heads * c->head_dim * (strcmp(jm_kv_cache(m), "bf16") ? 4 : 2);
     const double kv_bytes = kv_pos * (n_prompt + (n_new > 1 ? (n_new + 2) / 2.0 : 1));
     double paired_bw = 0, paired_kv = 0;
     const double paired =

@@ -292,8 +292,8 @@ def big(a):
             + "".join(f" {r['read'][t]['decode_tok_s']:10.3f} ({r['read'][t]['ratio']:4.0%})"
                       f" {r[t]['decode_tok_s'] / r['read'][t]['decode_tok_s']:10.0%}" for t in a.thread_list)
             + flag(r[t1]["decode_tok_s"], r[tn]["decode_tok_s"]))
-    print(f"  (+KV: of roof / paired counting the KV cache a step reads too, {rows[0][1][t1]['kv_bytes'] / 1e6:.0f} MB "
-          f"on average at {t1} thread{'s' if t1 > 1 else ''})")
+    print(f"  (+KV: of roof / paired counting the KV cache a step reads too, {first['kv_bytes'] / 1e6:.0f} MB "
+          f"a step on average)")
     print(f"  (read-only: the same steps with products that only read their bytes (bench/decode --kernels read), "
           f"of roof in brackets; kernels/it: the decode at that thread count over it)")
     print("  (paired: the median step's bytes/s over a 256 MB read right after it, bench/decode --paired: "

@@ -70,10 +70,6 @@ static matrix make_matrix(wtype t, int64_t C, double target_bytes, uint64_t *rng
     m.bytes = (double)m.rows * (double)(row + srow);
     m.data = huge_alloc((size_t)(m.rows * row));
     m.scales = srow ? huge_alloc((size_t)(m.rows * srow)) : NULL;
-    if (!m.data || (srow && !m.scales)) {
-        fprintf(stderr, "bench/kernels: out of memory\n");
-        exit(1);
-    }
     uint8_t *d = m.data;
     for (int64_t i = 0; i < m.rows * row; i += 4) {
         float f = 0.05f * bench_frnd(rng);
@@ -104,10 +100,6 @@ static matrix inlined(const matrix *m, int64_t C)
     const size_t bytes = (size_t)wview_bytes(v.w, m->rows, C);
     v.data = huge_alloc(bytes);
     v.scales = NULL;
-    if (!v.data) {
-        fprintf(stderr, "bench/kernels: out of memory\n");
-        exit(1);
-    }
     inline_rows(v.data, m->w, m->rows, C);
     v.w.data = v.data;
     return v;
@@ -238,7 +230,7 @@ int main(int argc, char **argv)
     printf("C = %lld, tiles of 64 rows; GB/s of weights and scales read from a %.0f MB matrix (big) and a %.0f KB "
            "one (L2),\nbeside the rate plain reads of that size reach (read, measured just before: the machine may be "
            "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of "
-           "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM), and the L2 one so (L2 ilv GB/s)\n\n",
+           "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM), and the L2 one so (L2 ilv, GB/s)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
     printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s | %8s\n", "set", "type", "n", "GHz",
            "big GB/s", "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc", "L2 ilv");
