@@ -773,15 +773,16 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
             /* A whole step of a group, one input (decoding): the step's
              * length and the layout's strides are constants here and the
              * prefetch distance one value for every group, so no load is
-             * masked and no offset or distance is worked out per group. bench/products' 8-layer Q4 step,
-             * alternated with the general loop (AMD EPYC family 26 model 2):
-             * kern/plain 65-85% -> 89-94% at 1 thread, 62-79% -> 79-87% at
-             * 2 (3 rounds each); Q8 unchanged (87-97%). Whole q4 decodes at 2
-             * threads, 3 pairs: 38.9 / 40.4, 19.6 / 20.7, 27.1 / 30.4
-             * tokens/s. Kept a loop: unrolled, its L2 speed rose as much
-             * again but it streamed from memory at 44-95% of the general loop's, and
-             * with several inputs this path streamed at 60% of the general
-             * loop's (same loads, same prefetches; not understood). */
+             * masked and no offset or distance is worked out per group.
+             * bench/products' 8-layer Q4 step, alternated with the general
+             * loop (AMD EPYC family 26 model 2): kern/plain 65-85% -> 89-94%
+             * at 1 thread, 62-79% -> 79-87% at 2 (3 rounds each); Q8
+             * unchanged (87-97%). Whole q4 decodes at 2 threads, 3 pairs:
+             * 38.9 / 40.4, 19.6 / 20.7, 27.1 / 30.4 tokens/s. Kept a loop:
+             * unrolled, its L2 speed rose as much again but it streamed
+             * from memory at 44-95% of the general loop's; and with several
+             * inputs this path streamed at 60% of the general loop's (same
+             * loads, same prefetches; not understood). */
             const stride sti = {64, 64 * WILV};
             const ahead pfi = {pf.d, pf.d};
 #pragma GCC unroll 1
