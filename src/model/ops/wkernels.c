@@ -222,19 +222,14 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     if (w.type == WT_Q4 && ps->prep && !xgs) pass = ps->q4_raw; /* the inputs did not fit xg */
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
-    /* a group's bytes, interleaved (wrow_byte's arithmetic, but its division
-     * by the block size once a tile, not once a pass: a tenth of this loop's
-     * samples in a q4 decode went to it) */
-    const int64_t group = w.ilv == WILV_INLINE ? wgroup_inline_bytes(w.type, row) : WILV * row;
-    const uint8_t *data = (const uint8_t *)w.data;
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
         /* interleaved, the group is one stream: each row's prefetch runs WILV
          * times as far on in it, past the group into the next */
         const int64_t d = w.type == WT_F32 || w.type == WT_BF16 ? ps->fp_ahead : PREFETCH_BYTES;
         const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : (ahead){d, d + (R - 1) * row};
-        const uint8_t *wi = w.ilv ? data + i / WILV * group + i % WILV * 64 : data + i * row; /* row i's start */
-        prefetch_pages(wi, w.ilv == WILV_INLINE ? group : R * row, PAGE_AHEAD);
+        const uint8_t *wi = wrow_byte(w, i, 0, row);
+        prefetch_pages(wi, w.ilv == WILV_INLINE ? wgroup_inline_bytes(w.type, row) : R * row, PAGE_AHEAD);
         if (w.scales) {
             prefetch_pages(w.scales + i * srow, R * srow, PAGE_AHEAD * srow / row); /* as many passes on */
             prefetch_each(w.scales + i * srow, R * srow, SCALE_PASSES_AHEAD * R * srow, 64);
