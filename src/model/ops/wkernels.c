@@ -110,6 +110,9 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
+/* Interleaved, a group of WILV rows is one stream: each row's prefetch runs
+ * WILV times as far on in it. */
+#define INL_AHEAD (PREFETCH_BYTES * WILV)
 
 /* Q8/Q4 scales apart from the rows (row-major or ilv 1: a mapped file; not
  * WILV_INLINE) are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
@@ -658,6 +661,7 @@ AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * in the loop, the test alone cost what the preparing saves; both kinds in
  * one function, its passes streamed from memory at 76-85% of a plain read
  * against 94-98%: they are two, q4_avx512 and q4_raw_avx512). */
+#define IN_REG(v) __asm__("" : "+v"(v))
 AVX512 static INLINE void q4_inputs(const int8_t *xq, int64_t k, __m512i *xlo, __m512i *xhi, __m512i *c)
 {
     const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
@@ -678,12 +682,15 @@ AVX512 static INLINE void q4_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
             xlo[j] = _mm512_load_si512(p);
             xhi[j] = _mm512_load_si512(p + 64);
             c[j] = _mm512_load_si512(p + 128);
+            IN_REG(xlo[j]);
+            IN_REG(xhi[j]);
         }
         else q4_inputs(xq + j * C, k, &xlo[j], &xhi[j], &c[j]);
     }
     UNROLL for (int r = 0; r < R; r++) {
         prefetch_ahead(w + r * row, pf);
         __m512i v = load_i8(w + r * row, 16 * k);
+        IN_REG(v);
         __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         UNROLL for (int j = 0; j < NI; j++) {
             __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c[j], lo, xlo[j]), hi, xhi[j]);
@@ -712,6 +719,24 @@ AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, const int8_t *xq, int64_t
             _mm512_store_si512(p + 128, c);
         }
     return each;
+}
+
+/* The sums of 4 rows' accumulators into out[0..3], each added in the order
+ * _mm512_reduce_add_ps adds one vector's lanes (halves of 256, of 128
+ * bits, then lanes 0+2 and 1+3, then those two), so that a pass of 4 rows
+ * and a pass of one give a row the same bits; 15 instructions for the 4
+ * rows where 4 reductions take 28. */
+AVX512 static INLINE void reduce4(float *out, __m512 a0, __m512 a1, __m512 a2, __m512 a3)
+{
+    /* 128-bit lanes: [a0 l0+l2, a0 l1+l3, a1 l0+l2, a1 l1+l3] and so for a2, a3 */
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0xee), _mm512_shuffle_f32x4(a0, a1, 0x44));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0xee), _mm512_shuffle_f32x4(a2, a3, 0x44));
+    /* lane k: row k's 4 sums of a quarter each */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0xdd), _mm512_shuffle_f32x4(u01, u23, 0x88));
+    const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e)); /* [0+2, 1+3, ...] in each lane */
+    const __m512 z = _mm512_add_ps(w, _mm512_permute_ps(w, 0xb1)); /* element 0 of lane k: row k's sum */
+    const __m512i firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, z)));
 }
 
 /* Group g of a step (blocks b + g onwards, nblk in the step) against its
@@ -764,32 +789,59 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
         }
         const __m512i next = _mm512_set1_epi32(per);
         __m512i idx = lanes;
-        if (INL && R == AVX512_ROWS && NI == 1 && nblk == QSTEP) {
-            /* A whole step of a group, one input (decoding): the step's
-             * length and the layout's strides are constants here and the
-             * prefetch distance one value for every group, so no load is
-             * masked and no offset or distance is worked out per group.
-             * bench/products' 8-layer Q4 step, alternated with the general
-             * loop (AMD EPYC family 26 model 2): kern/plain 65-85% -> 89-94%
-             * at 1 thread, 62-79% -> 79-87% at 2 (3 rounds each); Q8
-             * unchanged (87-97%). Whole q4 decodes at 2 threads, 3 pairs:
-             * 38.9 / 40.4, 19.6 / 20.7, 27.1 / 30.4 tokens/s. Kept a loop:
-             * unrolled, its L2 speed rose as much again but it streamed
-             * from memory at 44-95% of the general loop's; and with several
-             * inputs this path streamed at 60% of the general loop's (same
-             * loads, same prefetches; not understood). */
-            const stride sti = {64, 64 * WILV};
-            const ahead pfi = {pf.d, pf.d};
-#pragma GCC unroll 1
-            for (int64_t g = 0; g < QSTEP; g += per, idx = _mm512_add_epi32(idx, next))
-                int8_group(t, acc, s, idx, step, b, g, QSTEP, xq, xg, xgs, C, R, NI, PREP, 1, sti, pfi, row);
-        }
-        else
-            for (int64_t g = 0; g < nblk; g += per, idx = _mm512_add_epi32(idx, next))
-                int8_group(t, acc, s, idx, INL ? step : w, b, g, nblk, xq, xg, xgs, C, R, NI, PREP, INL, st, pf, row);
+        for (int64_t g = 0; g < nblk; g += per, idx = _mm512_add_epi32(idx, next))
+            int8_group(t, acc, s, idx, INL ? step : w, b, g, nblk, xq, xg, xgs, C, R, NI, PREP, INL, st, pf, row);
     }
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    UNROLL for (int j = 0; j < NI; j++) {
+        if (R == AVX512_ROWS) reduce4(out + j * ldo, acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+        else UNROLL for (int r = 0; r < R; r++) out[j * ldo + r] = _mm512_reduce_add_ps(acc[r][j]);
+    }
+}
+
+/* A pass of the common decoding case: one input against the 4 rows of a
+ * WILV_INLINE group (a copy in RAM) made of whole steps (C a multiple of
+ * QSTEP blocks, as in every JetMoE-8B product). Its own loop, so that every
+ * offset and the prefetch distance are constants, no load is masked and no
+ * test is made per group; each line of weights is loaded once into a
+ * register, and the prepared inputs once a group (IN_REG: gcc otherwise
+ * folds a load into every instruction that uses it, and Zen 5 takes two
+ * 512-bit loads a cycle: Q4 made four a row and group). The same operations
+ * in the same order as int8_pass, so the same bits. bench/kernels' L2 ilv
+ * (one thread, C = 2048, AMD EPYC family 26 model 2), against the general
+ * loop with a fast path inside it: Q4 52 -> 67-70 GB/s, Q8 76-77 -> 98
+ * (C = 5632: Q4 66 -> 83); from memory unchanged (Q4 91-96%, Q8 92-98% of
+ * a plain read). A 2-thread q4 decode did not change either: it runs at the
+ * pace of the read-only kernels (README). Kept a loop over the groups:
+ * unrolled (an earlier try, fast path of int8_pass), its L2 speed rose but
+ * it streamed from memory at 44-95% of the loop's. */
+AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, const int8_t *xq, const float *xs,
+                                        const uint8_t *xg, int64_t C, const int PREP)
+{
+    const int64_t nb = C / QBLOCK, lines = WILV * QSTEP * wblock_bytes(t); /* a step's weight bytes */
+    const int per = t == WT_Q8 ? 2 : 4;                                       /* blocks per vector */
+    const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                     : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i next = _mm512_set1_epi32(per);
+    __m512 acc[AVX512_ROWS][4];
+    UNROLL for (int r = 0; r < AVX512_ROWS; r++) acc[r][0] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += QSTEP, w += wstep_bytes(t)) {
+        prefetch_ahead(w + lines, INL_AHEAD); /* the step's scales: 128 bytes */
+        prefetch_ahead(w + lines + 64, INL_AHEAD);
+        const __m512 xd = _mm512_loadu_ps(xs + b);
+        __m512 s[AVX512_ROWS][4];
+        UNROLL for (int r = 0; r < AVX512_ROWS; r++)
+            s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(w + lines + r * 2 * QSTEP, QSTEP)), xd);
+        __m512i idx = lanes;
+#pragma GCC unroll 1
+        for (int64_t g = 0; g < QSTEP / per; g++, idx = _mm512_add_epi32(idx, next)) {
+            const uint8_t *line = w + g * 64 * WILV; /* group g's line of row 0; row r's r lines on */
+            const int8_t *xe = xq + (b + g * per) * QBLOCK;
+            if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)line, 64, xe, C, 64, AVX512_ROWS, 1, INL_AHEAD);
+            else q4_group(acc, s, idx, line, 64, xe, C, per, PREP ? xg + (b / per + g) * Q4_PREP : NULL, 0,
+                          AVX512_ROWS, 1, PREP, INL_AHEAD);
+        }
+    }
+    reduce4(out, acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
 }
 
 /* The passes of each (R, NI) a Q8/Q4 tile takes, R and NI constants in each. */
@@ -798,6 +850,10 @@ AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pa
 {
 #define INT8_PASS(R, NI, INL) \
     int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, INL, a->r0, a->C, a->pf, a->st)
+    if (!a->ws && R == AVX512_ROWS && NI == 1 && a->r0 == 0 && a->C % (QSTEP * QBLOCK) == 0) {
+        int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP);
+        return;
+    }
     switch (!a->ws * 16 + (R == AVX512_ROWS) * 8 + NI) {
     case 8 + 1: INT8_PASS(AVX512_ROWS, 1, 0); break;
     case 8 + 2: INT8_PASS(AVX512_ROWS, 2, 0); break;
