@@ -263,6 +263,22 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
     return same;
 }
 
+/* Whether set K gives each row of a tile (ref, from one call over them all)
+ * the same bits alone, as a tile of one row: a row's sum does not depend on
+ * which rows share its pass (4 a pass, the last ones 1; their sums reduced
+ * together or alone). */
+static bool rows_alone_same(const wkernels *K, const tile_case *k, const float *ref)
+{
+    bool same = true;
+    float *one = malloc(sizeof(float) * (size_t)k->n);
+    for (int64_t i = 0; i < k->nrows; i++) {
+        wkernel_for(K, k->t)(one, 1, wview_rows(k->w, i, k->C), 1, k->x, k->xq, k->xs, k->n, k->C);
+        for (int64_t r = 0; r < k->n; r++) same &= memcmp(&one[r], &ref[r * k->ldo + i], 4) == 0;
+    }
+    free(one);
+    return same;
+}
+
 /* Worst |got - ref| over the tile in units of KERNEL_TOL * sum |w x|
  * (<= 1 passes; a NaN, as an unwritten output, counts as infinite). */
 #define KERNEL_TOL 2e-6
@@ -326,7 +342,7 @@ static void test_kernels(void)
         const int64_t *sizes = q ? sizes_q : sizes_f;
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
-        int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0};
+        int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0}, alone[NSETS] = {0};
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -339,12 +355,14 @@ static void test_kernels(void)
                     stray[0] += !run_tile(K[0], &k, port);
                     vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
                     ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, ilv_tiles[0]);
+                    alone[0] += !rows_alone_same(K[0], &k, port);
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
                         stray[s] += !run_tile(K[s], &k, out);
                         vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
                         ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, ilv_tiles[s]);
+                        alone[s] += !rows_alone_same(K[s], &k, out);
                     }
                     free(ilv);
                     free_tile_case(&k);
@@ -362,6 +380,9 @@ static void test_kernels(void)
                          "%d tiles of whole lines with their rows interleaved, %d with their scales inline too: %d "
                          "differ from row-major by a bit",
                          ilv_tiles[s][0], ilv_tiles[s][1], ilv_differ[s]);
+            snprintf(name, sizeof name, "kernels_%s_%s_rows_alone_same", kernel_sets[s], names[ti]);
+            check_detail(!alone[s], name, "%d tiles: %d gave some row other bits than a tile of that row alone", tiles,
+                         alone[s]);
             if (s == 0) continue;
             snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_sets[s], names[ti]);
             check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,
