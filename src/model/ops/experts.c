@@ -28,17 +28,15 @@ void dispatch_build(int32_t *sorted, int32_t *pos, int64_t *offsets, const int32
 
 void dispatch_gather(float *xs, const float *x, const int32_t *sorted, int64_t Nk, int k, int64_t C, int per_slot)
 {
-#pragma omp parallel for schedule(static) if (Nk * C >= JM_OMP_GRAIN)
-    for (int64_t m = 0; m < Nk; m++) {
+    JM_LIGHT_FOR(Nk * C, m, Nk, {
         int64_t row = per_slot ? sorted[m] : sorted[m] / k;
         memcpy(xs + m * C, x + row * C, (size_t)C * sizeof(float));
-    }
+    });
 }
 
 void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t Nk, int64_t C)
 {
-#pragma omp parallel for schedule(static) if (Nk * C >= JM_OMP_GRAIN)
-    for (int64_t m = 0; m < Nk; m++) memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float));
+    JM_LIGHT_FOR(Nk * C, m, Nk, memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float)));
 }
 
 void experts_forward(float *ys, const float *xs, const float *W, const int64_t *offsets, int E, int64_t C,
@@ -56,21 +54,22 @@ void experts_forward(float *ys, const float *xs, const float *W, const int64_t *
     }
 }
 
+/* One token: o = r + bias + sum_j g[j] * ys row pos[j]. */
+static void combine_row(float *o, const float *r, const float *ys, const int32_t *pos, const float *g,
+                        const float *bias, int k, int64_t H)
+{
+    for (int64_t i = 0; i < H; i++) o[i] = r[i] + bias[i];
+    for (int j = 0; j < k; j++) {
+        const float *y = ys + (int64_t)pos[j] * H;
+        for (int64_t i = 0; i < H; i++) o[i] += g[j] * y[i];
+    }
+}
+
 void combine_forward(float *out, const float *resid, const float *ys, const int32_t *pos, const float *gate,
                      const float *bias, int64_t N, int k, int64_t H)
 {
     /* per token, in slot order: deterministic whatever the thread count */
-#pragma omp parallel for schedule(static) if (N * k * H >= JM_OMP_GRAIN)
-    for (int64_t t = 0; t < N; t++) {
-        float *o = out + t * H;
-        const float *r = resid + t * H;
-        for (int64_t i = 0; i < H; i++) o[i] = r[i] + bias[i];
-        for (int j = 0; j < k; j++) {
-            const float *y = ys + (int64_t)pos[t * k + j] * H;
-            float g = gate[t * k + j];
-            for (int64_t i = 0; i < H; i++) o[i] += g * y[i];
-        }
-    }
+    JM_LIGHT_FOR(N * k * H, t, N, combine_row(out + t * H, resid + t * H, ys, pos + t * k, gate + t * k, bias, k, H));
 }
 
 /* Backward of experts_forward: per expert, dxs = dys @ W[e];  dW[e] += dys^T @ xs. */

@@ -3,18 +3,22 @@
 
 #include <math.h>
 
+/* One row: -> its 1 / rms. */
+static float rmsnorm_row(float *o, const float *x, const float *w, int64_t H, float eps)
+{
+    float ss = 0.0f;
+    for (int64_t i = 0; i < H; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)H + eps);
+    for (int64_t i = 0; i < H; i++) o[i] = x[i] * r * w[i];
+    return r;
+}
+
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t H, float eps)
 {
-#pragma omp parallel for schedule(static) if (N * H >= JM_OMP_GRAIN)
-    for (int64_t t = 0; t < N; t++) {
-        const float *x = inp + t * H;
-        float *o = out + t * H;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < H; i++) ss += x[i] * x[i];
-        float r = 1.0f / sqrtf(ss / (float)H + eps);
-        for (int64_t i = 0; i < H; i++) o[i] = x[i] * r * w[i];
+    JM_LIGHT_FOR(N * H, t, N, {
+        float r = rmsnorm_row(out + t * H, inp + t * H, w, H, eps);
         if (rstd) rstd[t] = r;
-    }
+    });
 }
 
 /* out = x * r * w with r = (mean(x^2) + eps)^-1/2:

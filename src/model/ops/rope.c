@@ -15,23 +15,28 @@ void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta)
         }
 }
 
+/* One row's heads rotated by the angles of one position (c, s: D / 2 each). */
+static void rope_row(float *x, int heads, int D, const float *c, const float *s)
+{
+    int half = D / 2;
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (int64_t)h * D;
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * c[i] - b * s[i];
+            v[i + half] = b * c[i] + a * s[i];
+        }
+    }
+}
+
 void rope_forward(float *x, int64_t rows, int T, int pos0, const int32_t *pos, int heads, int D, int64_t stride,
                   const float *cos_t, const float *sin_t)
 {
     int half = D / 2;
-#pragma omp parallel for schedule(static) if (rows * heads * D >= JM_OMP_GRAIN)
-    for (int64_t r = 0; r < rows; r++) {
+    JM_LIGHT_FOR(rows * heads * D, r, rows, {
         int64_t p = pos ? pos[r] : pos0 + r % T;
-        const float *c = cos_t + p * half, *s = sin_t + p * half;
-        for (int h = 0; h < heads; h++) {
-            float *v = x + r * stride + (int64_t)h * D;
-            for (int i = 0; i < half; i++) {
-                float a = v[i], b = v[i + half];
-                v[i] = a * c[i] - b * s[i];
-                v[i + half] = b * c[i] + a * s[i];
-            }
-        }
-    }
+        rope_row(x + r * stride, heads, D, cos_t + p * half, sin_t + p * half);
+    });
 }
 
 /* The rotation is orthogonal: the gradient rotates back by -angle, in place. */

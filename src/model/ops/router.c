@@ -3,6 +3,26 @@
 
 #include <math.h>
 
+/* One token: the indices of its k largest logits zt, in descending order,
+ * into it; their softmax into gt. */
+static void router_topk(int32_t *it, float *gt, const float *zt, int E, int k)
+{
+    int n = 0;
+    /* insertion into a k-long sorted list; '>' keeps the lower index ahead
+     * on ties, and NaN never displaces a number */
+    for (int e = 0; e < E; e++) {
+        int p = n < k ? n : k;
+        while (p > 0 && (zt[e] > zt[it[p - 1]] || isnan(zt[it[p - 1]]))) p--;
+        if (p >= k) continue;
+        for (int q = (n < k ? n : k - 1); q > p; q--) it[q] = it[q - 1];
+        it[p] = e;
+        if (n < k) n++;
+    }
+    float mx = zt[it[0]], sum = 0.0f;
+    for (int j = 0; j < k; j++) sum += (gt[j] = expf(zt[it[j]] - mx));
+    for (int j = 0; j < k; j++) gt[j] /= sum;
+}
+
 /* z (N,E) = inp (N,H) @ Wr^T; per token the k largest logits in descending
  * order (ties: lower index first), gates = softmax over those k only. */
 void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const float *Wr, int64_t N, int H,
@@ -19,26 +39,7 @@ void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const
             }
     else
         matmul_forward(z, inp, Wr, N, H, E, 0);
-#pragma omp parallel for schedule(static) if (N * E >= JM_OMP_GRAIN)
-    for (int64_t t = 0; t < N; t++) {
-        const float *zt = z + t * E;
-        int32_t *it = idx + t * k;
-        float *gt = gate + t * k;
-        int n = 0;
-        /* insertion into a k-long sorted list; '>' keeps the lower index ahead
-         * on ties, and NaN never displaces a number */
-        for (int e = 0; e < E; e++) {
-            int p = n < k ? n : k;
-            while (p > 0 && (zt[e] > zt[it[p - 1]] || isnan(zt[it[p - 1]]))) p--;
-            if (p >= k) continue;
-            for (int q = (n < k ? n : k - 1); q > p; q--) it[q] = it[q - 1];
-            it[p] = e;
-            if (n < k) n++;
-        }
-        float mx = zt[it[0]], sum = 0.0f;
-        for (int j = 0; j < k; j++) sum += (gt[j] = expf(zt[it[j]] - mx));
-        for (int j = 0; j < k; j++) gt[j] /= sum;
-    }
+    JM_LIGHT_FOR(N * E, t, N, router_topk(idx + t * k, gate + t * k, z + t * E, E, k));
 }
 
 /* switch = E * sum_e (P_e / sum P) * (f_e / sum f), P_e = sum_t softmax(z_t)_e,

@@ -3,17 +3,17 @@
 
 #include <math.h>
 
+static void swiglu_row(float *o, const float *gate, const float *up, int64_t F)
+{
+    for (int64_t i = 0; i < F; i++) {
+        float g = gate[i];
+        o[i] = g / (1.0f + jm_expf(-g)) * up[i];
+    }
+}
+
 void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
 {
-#pragma omp parallel for schedule(static) if (M * F >= JM_OMP_GRAIN)
-    for (int64_t m = 0; m < M; m++) {
-        const float *gate = u + m * 2 * F, *up = gate + F;
-        float *o = h + m * F;
-        for (int64_t i = 0; i < F; i++) {
-            float g = gate[i];
-            o[i] = g / (1.0f + jm_expf(-g)) * up[i];
-        }
-    }
+    JM_LIGHT_FOR(M * F, m, M, swiglu_row(h + m * F, u + m * 2 * F, u + m * 2 * F + F, F));
 }
 
 /* h = silu(g) * up:  dup = dh * silu(g);  dg = dh * up * sig(g) * (1 + g * (1 - sig(g))). */
