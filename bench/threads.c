@@ -8,7 +8,9 @@
  * region (fork + join), of one empty job on the decode pool (jm_pool_run),
  * and the time per element of a light op (an RMSNorm row of 2048): the
  * break-even size is where the work split saves as much as the split costs.
- * Not a test: figures only. */
+ * And what a region whose if() is false costs: libgomp still builds a team
+ * of one (why JM_LIGHT_FOR, ops.h, enters no region at all below the
+ * grain). Not a test: figures only. */
 
 #include "common.h"
 #include "base/base.h"
@@ -32,6 +34,23 @@ static double omp_region_us(int threads, int reps)
         double t0 = now();
         for (int r = 0; r < reps; r++) {
 #pragma omp parallel num_threads(threads)
+            sink += omp_get_thread_num() == 0;
+        }
+        double t = (now() - t0) / reps * 1e6;
+        best = t < best ? t : best;
+    }
+    return best;
+}
+
+/* A region whose if() clause is false: run by the calling thread alone. */
+static double omp_if_false_us(int reps)
+{
+    static volatile int sink, split; /* split stays 0; volatile, so the if() is decided at run time */
+    double best = 1e30;
+    for (int round = 0; round < 5; round++) {
+        double t0 = now();
+        for (int r = 0; r < reps; r++) {
+#pragma omp parallel if (split)
             sink += omp_get_thread_num() == 0;
         }
         double t = (now() - t0) / reps * 1e6;
@@ -91,7 +110,8 @@ int main(int argc, char **argv)
     char cpu[128];
     cpu_model(cpu, sizeof cpu);
     double ns = light_ns_per_element();
-    printf("threads bench on %s: a light op costs %.2f ns per element on one thread\n", cpu, ns);
+    printf("threads bench on %s: a light op costs %.2f ns per element on one thread; a region whose if() is "
+           "false, %.2f us\n", cpu, ns, omp_if_false_us(20000));
     printf("  %7s %14s %14s %18s\n", "threads", "omp region us", "pool job us", "break-even (omp)");
     for (int t = 1; t <= threads; t++) {
         jm_pool *p = jm_pool_create(t);
