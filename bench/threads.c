@@ -9,8 +9,8 @@
  * and the time per element of a light op (an RMSNorm row of 2048): the
  * break-even size is where the work split saves as much as the split costs.
  * And what a region whose if() is false costs: libgomp still builds a team
- * of one (why JM_LIGHT_FOR, ops.h, enters no region at all below the
- * grain). Not a test: figures only. */
+ * of one (why the light ops enter no region at all below the grain: ops.h,
+ * JM_OMP_GRAIN). Not a test: figures only. */
 
 #include "common.h"
 #include "base/base.h"

@@ -266,7 +266,10 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
 /* Whether set K gives each row of a tile (ref, from one call over them all)
  * the same bits alone, as a tile of one row: a row's sum does not depend on
  * which rows share its pass (4 a pass, the last ones 1; their sums reduced
- * together or alone). */
+ * together or alone). Row-major tiles; it can fail where a set reduces rows
+ * together (avx512 Q8/Q4: reduce4), elsewhere it guards future changes.
+ * The interleaved passes (int8_pass_one among them) are held to the
+ * row-major ones bit for bit by interleaved_same. */
 static bool rows_alone_same(const wkernels *K, const tile_case *k, const float *ref)
 {
     bool same = true;

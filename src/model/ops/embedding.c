@@ -7,7 +7,12 @@
 /* The table as stored (fp32 when training; BF16/Q8/Q4 rows are dequantized). */
 void embedding_forward(float *out, const int32_t *tokens, wview table, int64_t N, int64_t H)
 {
-    JM_LIGHT_FOR(N * H, t, N, dequant_rows(out + t * H, table, tokens[t], 1, H));
+    if (N * H < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t t = 0; t < N; t++) dequant_rows(out + t * H, table, tokens[t], 1, H);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) dequant_rows(out + t * H, table, tokens[t], 1, H);
+    }
 }
 
 /* dtable[tokens[t]] += dout[t]. Threads own disjoint column ranges, so

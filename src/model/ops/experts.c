@@ -26,17 +26,29 @@ void dispatch_build(int32_t *sorted, int32_t *pos, int64_t *offsets, const int32
     }
 }
 
+static void gather_row(float *to, const float *x, int64_t row, int64_t C)
+{
+    memcpy(to, x + row * C, (size_t)C * sizeof(float));
+}
+
 void dispatch_gather(float *xs, const float *x, const int32_t *sorted, int64_t Nk, int k, int64_t C, int per_slot)
 {
-    JM_LIGHT_FOR(Nk * C, m, Nk, {
-        int64_t row = per_slot ? sorted[m] : sorted[m] / k;
-        memcpy(xs + m * C, x + row * C, (size_t)C * sizeof(float));
-    });
+    if (Nk * C < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t m = 0; m < Nk; m++) gather_row(xs + m * C, x, per_slot ? sorted[m] : sorted[m] / k, C);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < Nk; m++) gather_row(xs + m * C, x, per_slot ? sorted[m] : sorted[m] / k, C);
+    }
 }
 
 void dispatch_scatter(float *x, const float *xs, const int32_t *sorted, int64_t Nk, int64_t C)
 {
-    JM_LIGHT_FOR(Nk * C, m, Nk, memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float)));
+    if (Nk * C < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t m = 0; m < Nk; m++) memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float));
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < Nk; m++) memcpy(x + (int64_t)sorted[m] * C, xs + m * C, (size_t)C * sizeof(float));
+    }
 }
 
 void experts_forward(float *ys, const float *xs, const float *W, const int64_t *offsets, int E, int64_t C,
@@ -61,7 +73,8 @@ static void combine_row(float *o, const float *r, const float *ys, const int32_t
     for (int64_t i = 0; i < H; i++) o[i] = r[i] + bias[i];
     for (int j = 0; j < k; j++) {
         const float *y = ys + (int64_t)pos[j] * H;
-        for (int64_t i = 0; i < H; i++) o[i] += g[j] * y[i];
+        const float gj = g[j]; /* once: o may alias g, so g[j] in the loop is a load per element */
+        for (int64_t i = 0; i < H; i++) o[i] += gj * y[i];
     }
 }
 
@@ -69,7 +82,14 @@ void combine_forward(float *out, const float *resid, const float *ys, const int3
                      const float *bias, int64_t N, int k, int64_t H)
 {
     /* per token, in slot order: deterministic whatever the thread count */
-    JM_LIGHT_FOR(N * k * H, t, N, combine_row(out + t * H, resid + t * H, ys, pos + t * k, gate + t * k, bias, k, H));
+    if (N * k * H < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t t = 0; t < N; t++)
+            combine_row(out + t * H, resid + t * H, ys, pos + t * k, gate + t * k, bias, k, H);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++)
+            combine_row(out + t * H, resid + t * H, ys, pos + t * k, gate + t * k, bias, k, H);
+    }
 }
 
 /* Backward of experts_forward: per expert, dxs = dys @ W[e];  dW[e] += dys^T @ xs. */

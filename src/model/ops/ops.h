@@ -17,19 +17,13 @@
  * (bench/threads). Decoding a few tokens stays under it, with no region. */
 #define JM_OMP_GRAIN 32768
 
-/* for (int64_t i = 0; i < n; i++) body, split over OpenMP's threads where
- * `work` elements reach JM_OMP_GRAIN, else on the calling thread with no
- * region at all. A region's if() clause is not that: libgomp still builds a
- * team of one, 1.3-1.4 us a region (AMD EPYC family 26 model 2, passive or
- * not), and a decode step ran 314 of them on the 8B layout (13 a layer) and
- * 54 on the small config. */
-#define JM_LIGHT_FOR(work, i, n, ...)                                                                                \
-    do {                                                                                                             \
-        if ((work) >= JM_OMP_GRAIN) {                                                                                \
-            _Pragma("omp parallel for schedule(static)") for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }          \
-        } else                                                                                                       \
-            for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }                                                       \
-    } while (0)
+/* Below the grain a light op's loop runs with no OpenMP region at all, not
+ * in one whose if() clause is false: libgomp still builds a team of one for
+ * that, 1.3-1.4 us a region (AMD EPYC family 26 model 2, passive or not;
+ * bench/threads prints it), and a decode step ran 314 of them on the 8B
+ * layout (13 a layer) and 54 on the small config. So each light op reads
+ * "if (work < JM_OMP_GRAIN) loop; else parallel loop", the loop's body one
+ * call to the op's row function. */
 
 #include <string.h>
 

@@ -3,22 +3,24 @@
 
 #include <math.h>
 
-/* One row: -> its 1 / rms. */
-static float rmsnorm_row(float *o, const float *x, const float *w, int64_t H, float eps)
+/* One row, and its 1 / rms into *rstd (unless NULL). */
+static void rmsnorm_row(float *o, float *rstd, const float *x, const float *w, int64_t H, float eps)
 {
     float ss = 0.0f;
     for (int64_t i = 0; i < H; i++) ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / (float)H + eps);
     for (int64_t i = 0; i < H; i++) o[i] = x[i] * r * w[i];
-    return r;
+    if (rstd) *rstd = r;
 }
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int64_t N, int64_t H, float eps)
 {
-    JM_LIGHT_FOR(N * H, t, N, {
-        float r = rmsnorm_row(out + t * H, inp + t * H, w, H, eps);
-        if (rstd) rstd[t] = r;
-    });
+    if (N * H < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t t = 0; t < N; t++) rmsnorm_row(out + t * H, rstd ? rstd + t : NULL, inp + t * H, w, H, eps);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) rmsnorm_row(out + t * H, rstd ? rstd + t : NULL, inp + t * H, w, H, eps);
+    }
 }
 
 /* out = x * r * w with r = (mean(x^2) + eps)^-1/2:

@@ -15,10 +15,11 @@ void rope_tables(float *cos_t, float *sin_t, int T, int D, double theta)
         }
 }
 
-/* One row's heads rotated by the angles of one position (c, s: D / 2 each). */
-static void rope_row(float *x, int heads, int D, const float *c, const float *s)
+/* One row's heads rotated by the angles of position p. */
+static void rope_row(float *x, int heads, int D, int64_t p, const float *cos_t, const float *sin_t)
 {
     int half = D / 2;
+    const float *c = cos_t + p * half, *s = sin_t + p * half;
     for (int h = 0; h < heads; h++) {
         float *v = x + (int64_t)h * D;
         for (int i = 0; i < half; i++) {
@@ -32,11 +33,14 @@ static void rope_row(float *x, int heads, int D, const float *c, const float *s)
 void rope_forward(float *x, int64_t rows, int T, int pos0, const int32_t *pos, int heads, int D, int64_t stride,
                   const float *cos_t, const float *sin_t)
 {
-    int half = D / 2;
-    JM_LIGHT_FOR(rows * heads * D, r, rows, {
-        int64_t p = pos ? pos[r] : pos0 + r % T;
-        rope_row(x + r * stride, heads, D, cos_t + p * half, sin_t + p * half);
-    });
+    if (rows * heads * D < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t r = 0; r < rows; r++)
+            rope_row(x + r * stride, heads, D, pos ? pos[r] : pos0 + r % T, cos_t, sin_t);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            rope_row(x + r * stride, heads, D, pos ? pos[r] : pos0 + r % T, cos_t, sin_t);
+    }
 }
 
 /* The rotation is orthogonal: the gradient rotates back by -angle, in place. */

@@ -39,7 +39,12 @@ void router_forward(float *z, int32_t *idx, float *gate, const float *inp, const
             }
     else
         matmul_forward(z, inp, Wr, N, H, E, 0);
-    JM_LIGHT_FOR(N * E, t, N, router_topk(idx + t * k, gate + t * k, z + t * E, E, k));
+    if (N * E < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t t = 0; t < N; t++) router_topk(idx + t * k, gate + t * k, z + t * E, E, k);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t t = 0; t < N; t++) router_topk(idx + t * k, gate + t * k, z + t * E, E, k);
+    }
 }
 
 /* switch = E * sum_e (P_e / sum P) * (f_e / sum f), P_e = sum_t softmax(z_t)_e,

@@ -13,7 +13,12 @@ static void swiglu_row(float *o, const float *gate, const float *up, int64_t F)
 
 void swiglu_forward(float *h, const float *u, int64_t M, int64_t F)
 {
-    JM_LIGHT_FOR(M * F, m, M, swiglu_row(h + m * F, u + m * 2 * F, u + m * 2 * F + F, F));
+    if (M * F < JM_OMP_GRAIN) /* no OpenMP region (ops.h) */
+        for (int64_t m = 0; m < M; m++) swiglu_row(h + m * F, u + m * 2 * F, u + m * 2 * F + F, F);
+    else {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < M; m++) swiglu_row(h + m * F, u + m * 2 * F, u + m * 2 * F + F, F);
+    }
 }
 
 /* h = silu(g) * up:  dup = dh * silu(g);  dg = dh * up * sig(g) * (1 + g * (1 - sig(g))). */

@@ -661,6 +661,8 @@ AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * in the loop, the test alone cost what the preparing saves; both kinds in
  * one function, its passes streamed from memory at 76-85% of a plain read
  * against 94-98%: they are two, q4_avx512 and q4_raw_avx512). */
+/* v held in a register from here on: gcc would fold its load into every
+ * instruction that uses it, a load each (int8_pass_one). */
 #define IN_REG(v) __asm__("" : "+v"(v))
 AVX512 static INLINE void q4_inputs(const int8_t *xq, int64_t k, __m512i *xlo, __m512i *xhi, __m512i *c)
 {
@@ -725,7 +727,7 @@ AVX512 static int64_t q4_prep(uint8_t *xg, size_t cap, const int8_t *xq, int64_t
  * _mm512_reduce_add_ps adds one vector's lanes (halves of 256, of 128
  * bits, then lanes 0+2 and 1+3, then those two), so that a pass of 4 rows
  * and a pass of one give a row the same bits; 15 instructions for the 4
- * rows where 4 reductions take 28. */
+ * rows, about half what 4 reductions take. */
 AVX512 static INLINE void reduce4(float *out, __m512 a0, __m512 a1, __m512 a2, __m512 a3)
 {
     /* 128-bit lanes: [a0 l0+l2, a0 l1+l3, a1 l0+l2, a1 l1+l3] and so for a2, a3 */
@@ -737,6 +739,14 @@ AVX512 static INLINE void reduce4(float *out, __m512 a0, __m512 a1, __m512 a2, _
     const __m512 z = _mm512_add_ps(w, _mm512_permute_ps(w, 0xb1)); /* element 0 of lane k: row k's sum */
     const __m512i firsts = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
     _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, z)));
+}
+
+/* Each int32 lane of a vector of Q8 (2 blocks) or Q4 (4 blocks) weights ->
+ * the block of the vector it belongs to. */
+AVX512 static INLINE __m512i block_of_lane(wtype t)
+{
+    return t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                      : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
 }
 
 /* Group g of a step (blocks b + g onwards, nblk in the step) against its
@@ -767,9 +777,7 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 {
     const int64_t nb = C / QBLOCK, row = wtype_row_bytes(t, C);
     const int per = t == WT_Q8 ? 2 : 4; /* blocks per vector */
-    /* lane -> block of the group */
-    const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                     : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i lanes = block_of_lane(t);
     __m512 acc[AVX512_ROWS][4];
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm512_setzero_ps();
@@ -817,20 +825,19 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, const int8_t *xq, const float *xs,
                                         const uint8_t *xg, int64_t C, const int PREP)
 {
-    const int64_t nb = C / QBLOCK, lines = WILV * QSTEP * wblock_bytes(t); /* a step's weight bytes */
+    const int64_t nb = C / QBLOCK, wbytes = WILV * QSTEP * wblock_bytes(t); /* a step's weights; its scales follow */
     const int per = t == WT_Q8 ? 2 : 4;                                       /* blocks per vector */
-    const __m512i lanes = t == WT_Q8 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                     : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i lanes = block_of_lane(t);
     const __m512i next = _mm512_set1_epi32(per);
     __m512 acc[AVX512_ROWS][4];
     UNROLL for (int r = 0; r < AVX512_ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += QSTEP, w += wstep_bytes(t)) {
-        prefetch_ahead(w + lines, INL_AHEAD); /* the step's scales: 128 bytes */
-        prefetch_ahead(w + lines + 64, INL_AHEAD);
+        prefetch_ahead(w + wbytes, INL_AHEAD); /* the step's scales: 128 bytes */
+        prefetch_ahead(w + wbytes + 64, INL_AHEAD);
         const __m512 xd = _mm512_loadu_ps(xs + b);
         __m512 s[AVX512_ROWS][4];
         UNROLL for (int r = 0; r < AVX512_ROWS; r++)
-            s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(w + lines + r * 2 * QSTEP, QSTEP)), xd);
+            s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(w + wbytes + r * 2 * QSTEP, QSTEP)), xd);
         __m512i idx = lanes;
 #pragma GCC unroll 1
         for (int64_t g = 0; g < QSTEP / per; g++, idx = _mm512_add_epi32(idx, next)) {
