@@ -617,6 +617,10 @@ AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_
         }
 }
 
+/* v held in a register from here on: gcc would fold its load into every
+ * instruction that uses it, a load each (int8_pass_one). */
+#define IN_REG(v) __asm__("" : "+v"(v))
+
 /* Q8 and Q4 go through vpdpbusd: u8 x s8 products, four at a time summed
  * into each int32 lane, exactly. A vector of weights holds whole blocks (Q8
  * two, Q4 four), so each int32 lane belongs to one block; its sum is scaled
@@ -661,9 +665,6 @@ AVX512 static INLINE void q8_group(__m512 acc[AVX512_ROWS][4], __m512 s[AVX512_R
  * in the loop, the test alone cost what the preparing saves; both kinds in
  * one function, its passes streamed from memory at 76-85% of a plain read
  * against 94-98%: they are two, q4_avx512 and q4_raw_avx512). */
-/* v held in a register from here on: gcc would fold its load into every
- * instruction that uses it, a load each (int8_pass_one). */
-#define IN_REG(v) __asm__("" : "+v"(v))
 AVX512 static INLINE void q4_inputs(const int8_t *xq, int64_t k, __m512i *xlo, __m512i *xhi, __m512i *c)
 {
     const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
