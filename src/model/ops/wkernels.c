@@ -827,7 +827,7 @@ AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, c
                                         const uint8_t *xg, int64_t C, const int PREP)
 {
     const int64_t nb = C / QBLOCK, wbytes = WILV * QSTEP * wblock_bytes(t); /* a step's weights; its scales follow */
-    const int per = t == WT_Q8 ? 2 : 4;                                       /* blocks per vector */
+    const int per = t == WT_Q8 ? 2 : 4, groups = QSTEP / per; /* blocks a vector, vectors a row and step */
     const __m512i lanes = block_of_lane(t);
     const __m512i next = _mm512_set1_epi32(per);
     __m512 acc[AVX512_ROWS][4];
@@ -841,7 +841,7 @@ AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, c
             s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(w + wbytes + r * 2 * QSTEP, QSTEP)), xd);
         __m512i idx = lanes;
 #pragma GCC unroll 1
-        for (int64_t g = 0; g < QSTEP / per; g++, idx = _mm512_add_epi32(idx, next)) {
+        for (int64_t g = 0; g < groups; g++, idx = _mm512_add_epi32(idx, next)) {
             const uint8_t *line = w + g * 64 * WILV; /* group g's line of row 0; row r's r lines on */
             const int8_t *xe = xq + (b + g * per) * QBLOCK;
             if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)line, 64, xe, C, 64, AVX512_ROWS, 1, INL_AHEAD);
