@@ -26,31 +26,17 @@ static void nothing(void *ctx, int64_t first, int64_t count, int thread)
     atomic_fetch_add_explicit(hits, 1, memory_order_relaxed);
 }
 
-static double omp_region_us(int threads, int reps)
+/* One empty region of `threads` threads; with split 0, one whose if() is
+ * false (run by the calling thread alone: what a team of one costs). */
+static double omp_region_us(int threads, int split, int reps)
 {
     static volatile int sink;
+    volatile int on = split; /* read at run time: the if() is decided then, as a light op's */
     double best = 1e30;
     for (int round = 0; round < 5; round++) {
         double t0 = now();
         for (int r = 0; r < reps; r++) {
-#pragma omp parallel num_threads(threads)
-            sink += omp_get_thread_num() == 0;
-        }
-        double t = (now() - t0) / reps * 1e6;
-        best = t < best ? t : best;
-    }
-    return best;
-}
-
-/* A region whose if() clause is false: run by the calling thread alone. */
-static double omp_if_false_us(int reps)
-{
-    static volatile int sink, split; /* split stays 0; volatile, so the if() is decided at run time */
-    double best = 1e30;
-    for (int round = 0; round < 5; round++) {
-        double t0 = now();
-        for (int r = 0; r < reps; r++) {
-#pragma omp parallel if (split)
+#pragma omp parallel num_threads(threads) if (on)
             sink += omp_get_thread_num() == 0;
         }
         double t = (now() - t0) / reps * 1e6;
@@ -111,11 +97,11 @@ int main(int argc, char **argv)
     cpu_model(cpu, sizeof cpu);
     double ns = light_ns_per_element();
     printf("threads bench on %s: a light op costs %.2f ns per element on one thread; a region whose if() is "
-           "false, %.2f us\n", cpu, ns, omp_if_false_us(20000));
+           "false, %.2f us\n", cpu, ns, omp_region_us(1, 0, 20000));
     printf("  %7s %14s %14s %18s\n", "threads", "omp region us", "pool job us", "break-even (omp)");
     for (int t = 1; t <= threads; t++) {
         jm_pool *p = jm_pool_create(t);
-        double o = omp_region_us(t, 2000), q = pool_job_us(p, 20000);
+        double o = omp_region_us(t, 1, 2000), q = pool_job_us(p, 20000);
         /* split n elements over t threads: saves n*ns*(1 - 1/t); costs one region */
         double even = t > 1 ? o * 1e3 / (ns * (1.0 - 1.0 / t)) : 0;
         printf("  %7d %14.2f %14.2f %15.0f el\n", t, o, q, even);
