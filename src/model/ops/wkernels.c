@@ -826,19 +826,18 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, const int8_t *xq, const float *xs,
                                         const uint8_t *xg, int64_t C, const int PREP)
 {
-    const int64_t nb = C / QBLOCK, wbytes = WILV * QSTEP * wblock_bytes(t); /* a step's weights; its scales follow */
+    const int64_t nb = C / QBLOCK;
     const int per = t == WT_Q8 ? 2 : 4, groups = QSTEP / per; /* blocks a vector, vectors a row and step */
     const __m512i lanes = block_of_lane(t);
     const __m512i next = _mm512_set1_epi32(per);
     __m512 acc[AVX512_ROWS][4];
     UNROLL for (int r = 0; r < AVX512_ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += QSTEP, w += wstep_bytes(t)) {
-        prefetch_ahead(w + wbytes, INL_AHEAD); /* the step's scales: 128 bytes */
-        prefetch_ahead(w + wbytes + 64, INL_AHEAD);
+        prefetch_step_scales(t, w, 0, b, nb, INL_AHEAD);
         const __m512 xd = _mm512_loadu_ps(xs + b);
         __m512 s[AVX512_ROWS][4];
         UNROLL for (int r = 0; r < AVX512_ROWS; r++)
-            s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(w + wbytes + r * 2 * QSTEP, QSTEP)), xd);
+            s[r][0] = _mm512_mul_ps(_mm512_cvtph_ps(load_f16x16(inline_scale(t, w, 0, r, b, nb), QSTEP)), xd);
         __m512i idx = lanes;
 #pragma GCC unroll 1
         for (int64_t g = 0; g < groups; g++, idx = _mm512_add_epi32(idx, next)) {
