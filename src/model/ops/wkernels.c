@@ -585,12 +585,13 @@ AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_ROWS][FP_CHAINS][AV
 
 /* F32 and BF16, R rows a pass (see FP_CHAINS): one FMA per 16 weights and
  * input. The steps whose prefetches stay in their row run first, then those
- * that wrap (stream_ahead), so that no step tests which it is; where the two
- * distances are one (a row a pass, or interleaved rows), all in one loop.
- * Split there for nothing, a pass over a BF16 row of 5632 inputs (two loops
- * a row) streamed at 77-81% of a plain read, in one loop at 80-85%, four
- * rounds alternated (bench/kernels --C 5632, AMD EPYC family 26 model 2);
- * rows of 2048 ran one loop already. */
+ * that wrap (stream_ahead), so that no step tests which it is. Where the two
+ * distances are the same (a row a pass, or interleaved rows) every step runs
+ * in the one loop: the same operations, the same bits. When each row was
+ * split between the two loops anyway, a pass over a BF16 row of 5632 inputs
+ * streamed at 77-81% of a plain read, in one loop at 80-85%, four rounds
+ * alternated (bench/kernels --C 5632, AMD EPYC family 26 model 2); BF16 rows
+ * of 2048 inputs ran in one loop already. */
 AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
                                   const int NI, int64_t C, ahead pf, stride st, const int ilv)
 {
@@ -601,7 +602,8 @@ AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_
             UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_setzero_ps();
     const int64_t whole = C / step * step; /* whole vectors, unmasked */
     int64_t in_row = (row - pf.d) / es / step * step; /* steps prefetching inside their row */
-    in_row = in_row < 0 || pf.d == pf.wrap ? 0 : in_row > whole ? whole : in_row;
+    in_row = in_row < 0 ? 0 : in_row > whole ? whole : in_row;
+    if (pf.d == pf.wrap) in_row = 0; /* all alike: one loop */
     int64_t i = 0;
     for (; i < in_row; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.d);
     for (; i < whole; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.wrap);
