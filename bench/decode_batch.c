@@ -87,7 +87,10 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (threads < 1 || n_prompt < 1 || steps < 1 || reps < 1) return 2;
+    if (argc % 2 == 0 || threads < 1 || n_prompt < 1 || steps < 1 || reps < 1) {
+        fprintf(stderr, "bench/decode_batch: --threads, --prompt, --new and --reps >= 1, flags with values\n");
+        return 2;
+    }
     jm_set_threads(threads);
     char cpu[256], tmp[] = "/tmp/jm_bench_decode_batch_XXXXXX", f32dir[300], q8dir[300];
     cpu_model(cpu, sizeof cpu);

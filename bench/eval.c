@@ -70,8 +70,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (iters < 1 || iters > 100 || slots < 1) {
-        fprintf(stderr, "bench/eval: --iters in [1, 100], --slots >= 1\n");
+    if (argc % 2 || iters < 1 || iters > 100 || slots < 1) {
+        fprintf(stderr, "bench/eval: --iters in [1, 100], --slots >= 1, flags with values\n");
         return 2;
     }
     jm_set_threads(threads);

@@ -218,8 +218,8 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (C < QBLOCK || C % QBLOCK || reps < 1) {
-        fprintf(stderr, "bench/kernels: --C must be a multiple of %d, --reps >= 1\n", QBLOCK);
+    if (argc % 2 == 0 || C < QBLOCK || C % QBLOCK || reps < 1) {
+        fprintf(stderr, "bench/kernels: --C must be a multiple of %d, --reps >= 1, flags with values\n", QBLOCK);
         return 2;
     }
     omp_set_num_threads(1); /* read_bandwidth's loop, as the kernels: one thread */
