@@ -330,7 +330,7 @@ static void test_kernels(void)
 
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *names[] = {"f32", "bf16", "q8", "q4"};
-    static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065};
+    static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065, 4500};
     /* 5632 (JetMoE-8B's FFN): Q4 tiles of up to 4 inputs have them prepared
      * once a tile (the avx512 set), of 5 and more made in every pass; 64
      * (Q8), 128, 384, 640 and 896: partial steps of QSTEP blocks in the
