@@ -106,7 +106,7 @@ static matrix inlined(const matrix *m, int64_t C)
 }
 
 /* One pass over the matrix: tiles of 64 rows against n inputs. */
-static void pass(const wtile_fn f, const matrix *m, float *out, const float *x, const int8_t *xq, const float *xs,
+static void pass(const wtile_fn f, const matrix *m, float *out, const float *x, const void *xq, const float *xs,
                  int64_t n, int64_t C)
 {
     for (int64_t o = 0; o < m->rows; o += 64) {
@@ -118,7 +118,7 @@ static void pass(const wtile_fn f, const matrix *m, float *out, const float *x, 
 /* Best seconds of one pass: each timing runs passes for at least 5 ms (a
  * pass over an L2-sized matrix takes microseconds), best of reps: on a shared
  * machine, short timings and many of them find the quiet moments. */
-static double time_passes(const wtile_fn f, const matrix *m, float *out, const float *x, const int8_t *xq,
+static double time_passes(const wtile_fn f, const matrix *m, float *out, const float *x, const void *xq,
                           const float *xs, int64_t n, int64_t C, int reps)
 {
     pass(f, m, out, x, xq, xs, n, C); /* warm: pages, caches, clocks */
@@ -244,6 +244,8 @@ int main(int argc, char **argv)
     int8_t *xq = malloc((size_t)(nmax * C));
     for (int64_t i = 0; i < nmax * C; i++) x[i] = bench_frnd(&rng);
     for (int64_t r = 0; r < nmax; r++) quantize_act_q8(xq + r * C, xs + r * 2 * (C / QBLOCK), x + r * C, C);
+    uint16_t *xb = aligned_alloc(64, (size_t)(nmax * C * 2 + 63) / 64 * 64); /* BF16's inputs */
+    round_act_bf16(xb, x, nmax * C);
 
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *tnames[] = {"f32", "bf16", "q8", "q4"};
@@ -265,18 +267,19 @@ int main(int argc, char **argv)
                 continue;
             }
             const wtile_fn f = wkernel_for(K, types[ti]);
+            const void *xp = types[ti] == WT_BF16 ? (const void *)xb : xq;
             for (int64_t n = 1; n <= nmax; n += 3) {
                 const double ghz = clock_ghz();
                 const double bw_big = read_bandwidth((size_t)(big_mb * 1e6), reps + 2);
                 double tb = 1e30, tv = 1e30;
                 for (int r = 0; r < reps; r++) {
-                    const double a = time_passes(f, &big, out, x, xq, xs, n, C, 1);
-                    const double b = ilv ? time_passes(f, &big_ilv, out, x, xq, xs, n, C, 1) : 1e30;
+                    const double a = time_passes(f, &big, out, x, xp, xs, n, C, 1);
+                    const double b = ilv ? time_passes(f, &big_ilv, out, x, xp, xs, n, C, 1) : 1e30;
                     tb = a < tb ? a : tb, tv = b < tv ? b : tv;
                 }
                 const double bw_l2 = read_bandwidth((size_t)(l2_kb * 1e3), 200 * reps);
-                const double tl = time_passes(f, &l2, out, x, xq, xs, n, C, reps);
-                const double tli = ilv ? time_passes(f, &l2_ilv, out, x, xq, xs, n, C, reps) : 1e30;
+                const double tl = time_passes(f, &l2, out, x, xp, xs, n, C, reps);
+                const double tli = ilv ? time_passes(f, &l2_ilv, out, x, xp, xs, n, C, reps) : 1e30;
                 const double gb = big.bytes / tb / 1e9, gi = big.bytes / tv / 1e9, gl = l2.bytes / tl / 1e9;
                 const double cb = ghz > 0 ? (double)big.rows * C / tb / (ghz * 1e9) : 0;
                 const double cl = ghz > 0 ? (double)l2.rows * C / tl / (ghz * 1e9) : 0;
@@ -295,7 +298,7 @@ int main(int argc, char **argv)
         free(big.data), free(big.scales), free(l2.data), free(l2.scales);
         if (ilv) free(big_ilv.data), free(l2_ilv.data);
     }
-    free(x), free(xs), free(xq);
+    free(x), free(xs), free(xq), free(xb);
     print_ceilings(big_mb, reps, &rng);
     return 0;
 }

@@ -334,6 +334,31 @@ def read_raw_st(path):
             for k, t in header.items()}, meta
 
 
+def bf16_copy(src, dst):
+    """src's checkpoint with every F32 tensor rounded to BF16 (to nearest even), as a BF16 Hugging Face
+    checkpoint holds it; the other files copied."""
+    os.makedirs(dst)
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            if os.path.isfile(os.path.join(src, name)):
+                shutil.copy(os.path.join(src, name), dst)
+            continue
+        tensors, meta = read_raw_st(os.path.join(src, name))
+        header, off, blobs = {"__metadata__": meta} if meta else {}, 0, []
+        for k, (dt, shape, raw) in tensors.items():
+            if dt == "F32":
+                u = np.frombuffer(raw, dtype=np.uint32).astype(np.uint64)
+                raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+                dt = "BF16"
+            header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
+            off += len(raw)
+            blobs.append(raw)
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        with open(os.path.join(dst, name), "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
 def dequantize_numpy(dtype, shape, raw, scale_raw):
     """The documented block formats, decoded independently of the C reader:
     Q8 = int8 values, Q4 = two nibbles per byte (byte j of a 32-block holds
@@ -564,12 +589,14 @@ def training_runs(suite, build, tmp):
     # (tests/hf_names_tests.py)
     hf_names_tests.run(suite, jetmoe, a, os.path.join(d, "tok"), d)
 
-    # the trained model quantized: held-out perplexity, batched and through the decode path (there with an
-    # fp32 and a bf16 KV cache)
+    # the trained model as BF16 and quantized: held-out perplexity, batched and through the decode path
+    # (there with an fp32 and a bf16 KV cache)
     ppl, problems = {}, []
-    for bits in ("f32", "q8", "q4"):
+    for bits in ("f32", "bf16", "q8", "q4"):
         qd = ck if bits == "f32" else os.path.join(d, "ck_" + bits)
-        if bits != "f32":
+        if bits == "bf16":
+            bf16_copy(ck, qd)
+        elif bits != "f32":
             p, _ = run([jetmoe, "quantize", ck, "--to", bits, "--out", qd])
             if p.returncode != 0:
                 problems.append(f"quantize {bits}: {p.stderr.strip()[-200:]}")
@@ -584,18 +611,20 @@ def training_runs(suite, build, tmp):
                 ppl[bits, path] = json.loads(p.stdout)["perplexity"]
     rel = {(b, path): ppl[b, path] / ppl["f32", path] - 1 for b, path in ppl
            if b != "f32" and path != "decode_kv_bf16" and ("f32", path) in ppl}
-    ok = not problems and len(rel) == 4 and all(abs(r) <= (0.005 if b == "q8" else 0.05) for (b, _), r in rel.items())
+    # BF16 decodes with its activations rounded to bf16 too (round_act_bf16): held to q8's bound
+    ok = not problems and len(rel) == 6 and all(abs(r) <= (0.05 if b == "q4" else 0.005) for (b, _), r in rel.items())
     suite.check("quantized_perplexity_trained_model", ok, f"{problems} {ppl}",
-                "fp32 ppl %.3f; q8 %+.3f%%/%+.3f%%, q4 %+.3f%%/%+.3f%% (batched/decode)" % (
+                "fp32 ppl %.3f; bf16 %+.3f%%/%+.3f%%, q8 %+.3f%%/%+.3f%%, q4 %+.3f%%/%+.3f%% (batched/decode)" % (
                     ppl.get(("f32", "batched"), 0), *[100 * rel.get(k, 0) for k in (
-                        ("q8", "batched"), ("q8", "decode"), ("q4", "batched"), ("q4", "decode"))]))
+                        ("bf16", "batched"), ("bf16", "decode"), ("q8", "batched"), ("q8", "decode"),
+                        ("q4", "batched"), ("q4", "decode"))]))
     # a bf16 KV cache against an fp32 one, for each weight type: within 0.5% of the perplexity
-    kv = {b: ppl[b, "decode_kv_bf16"] / ppl[b, "decode"] - 1 for b in ("f32", "q8", "q4")
+    kv = {b: ppl[b, "decode_kv_bf16"] / ppl[b, "decode"] - 1 for b in ("f32", "bf16", "q8", "q4")
           if (b, "decode") in ppl and (b, "decode_kv_bf16") in ppl}
-    suite.check("kv_bf16_perplexity_trained_model", not problems and len(kv) == 3 and
+    suite.check("kv_bf16_perplexity_trained_model", not problems and len(kv) == 4 and
                 all(abs(r) <= 0.005 for r in kv.values()), f"{problems} {ppl}",
-                "decode with a bf16 KV cache: f32 %+.3f%%, q8 %+.3f%%, q4 %+.3f%% of the fp32-cache perplexity" % tuple(
-                    100 * kv.get(b, 0) for b in ("f32", "q8", "q4")))
+                "decode with a bf16 KV cache: f32 %+.3f%%, bf16 %+.3f%%, q8 %+.3f%%, q4 %+.3f%% of the fp32-cache "
+                "perplexity" % tuple(100 * kv.get(b, 0) for b in ("f32", "bf16", "q8", "q4")))
 
     # generate's inputs: clear errors, or defined behaviour, never a crash (the suite runs under ASan too)
     gen = [jetmoe, "generate", ck, "--greedy"]

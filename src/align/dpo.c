@@ -5,9 +5,11 @@
  *   loss = -(1 - eps) log sigmoid(D) - eps log sigmoid(-D)      (eps: label smoothing)
  * averaged over the pairs of the optimizer step, plus the router losses of
  * the policy over every token of both sequences. The reference's log-probs
- * are computed once, before training, with the reference opened in place
- * (its weights are not copied), and cached in the run directory
- * (ref_logps.safetensors): training then holds one model. A pair's chosen
+ * are computed once, before training, with the reference loaded as the
+ * policy is (fp32: the same function, so that a reference that is the
+ * policy's checkpoint gives D = 0 at the first step, where a BF16 checkpoint
+ * used in place would round its activations), freed, and cached in the run
+ * directory (ref_logps.safetensors): training then holds one model. A pair's chosen
  * and rejected sequences are packed together (pack.c); batch_size pairs
  * make a micro-batch. */
 #include "align/align.h"
@@ -239,8 +241,8 @@ static jm_status dpo_heldout(void *ctx, jm_model *m, int final, jm_task_step *st
 }
 
 /* The reference's log-probs of both sets: read from the run's cache when it
- * holds them for this data, else computed with the reference opened in place
- * and, for a run, cached. */
+ * holds them for this data, else computed with the reference loaded (fp32,
+ * as the policy; no more memory than the policy takes) and, for a run, cached. */
 static jm_status reference_logps(dpo_task *k, const jm_tune_opts *o, const jm_recipe *r, jm_error *err)
 {
     const int64_t n = 2 * (k->data.n + k->eval.n);
@@ -266,7 +268,7 @@ static jm_status reference_logps(dpo_task *k, const jm_tune_opts *o, const jm_re
     if (!ref) return jm_fail(err, JM_ERR_ARG, "%s: no reference log-probs cached: give --ref or --model", cache);
     double t0 = omp_get_wtime();
     jm_model *m;
-    jm_status s = jm_model_open(ref, &m, err);
+    jm_status s = jm_model_load(ref, &m, err);
     if (s) return s;
     s = score(m, k->seq, k->data.n, r->batch_size, r->seq_len, &k->pk, k->ref, err);
     if (!s) s = score(m, k->eval_seq, k->eval.n, r->batch_size, r->seq_len, &k->pk, k->eval_ref, err);

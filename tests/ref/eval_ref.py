@@ -26,7 +26,7 @@ Module API
   split_pair(context, choice) -> (context', choice')        the spaces moved
   pair_tokens(encode, context, choice) -> (ctx ids, cont ids)
   Tokenizer(jetmoe, model).encode(texts) -> [[ids], ...]     one CLI process for all texts
-  score(cfg, params, examples, encode, bos, dtype=float64, way="one") -> [per-example dict]
+  score(cfg, params, examples, encode, bos, dtype=float64, way="one", act=identity) -> [per-example dict]
       way "one": one forward per (context, choice) sequence (the reference);
       way "padded": an example's choices as one right-padded [nchoices, T] forward
       (equal up to rounding: causal attention and per-token routing never look right)
@@ -152,22 +152,22 @@ def _check_fits(cfg, n):
                          % (n, n - 1, cfg["max_position_embeddings"]))
 
 
-def choice_loglik(cfg, P, bos, ctx, cont, dtype=F64):
+def choice_loglik(cfg, P, bos, ctx, cont, dtype=F64, act=jr._same):
     seq = [bos] + list(ctx) + list(cont)
     _check_fits(cfg, len(seq))
-    lp = torch.log_softmax(jr.forward(cfg, P, torch.tensor([seq]), dtype=dtype)["logits"][0], dim=-1)
+    lp = torch.log_softmax(jr.forward(cfg, P, torch.tensor([seq]), dtype=dtype, act=act)["logits"][0], dim=-1)
     rows = torch.arange(len(ctx), len(ctx) + len(cont))  # row t predicts seq[t + 1]
     return float(lp[rows, torch.tensor(cont)].sum())
 
 
-def _padded_logliks(cfg, P, bos, row, dtype):
+def _padded_logliks(cfg, P, bos, row, dtype, act=jr._same):
     """One example's choices right-padded (with token 0) into one forward."""
     seqs = [[bos] + list(c) + list(x) for c, x in row]
     T = max(len(s) for s in seqs)
     for s in seqs:
         _check_fits(cfg, len(s))
     toks = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-    lp = torch.log_softmax(jr.forward(cfg, P, toks, dtype=dtype)["logits"], dim=-1)
+    lp = torch.log_softmax(jr.forward(cfg, P, toks, dtype=dtype, act=act)["logits"], dim=-1)
     out = []
     for b, (c, x) in enumerate(row):
         rows = torch.arange(len(c), len(c) + len(x))
@@ -189,16 +189,16 @@ def decide(e, loglik):
     return _argmax(loglik), _argmax(norm)
 
 
-def score(cfg, params, examples, encode, bos, dtype=F64, way="one"):
+def score(cfg, params, examples, encode, bos, dtype=F64, way="one", act=jr._same):
     P = {n: t.to(dtype) for n, t in params.items()}
     pairs = _all_pairs(examples, encode)
     res = []
     with torch.no_grad():
         for e, row in zip(examples, pairs):
             if way == "padded":
-                ll = _padded_logliks(cfg, P, bos, row, dtype)
+                ll = _padded_logliks(cfg, P, bos, row, dtype, act)
             else:
-                ll = [choice_loglik(cfg, P, bos, c, x, dtype) for c, x in row]
+                ll = [choice_loglik(cfg, P, bos, c, x, dtype, act) for c, x in row]
             pred, pred_norm = decide(e, ll)
             res.append({"loglik": ll, "pred": pred, "pred_norm": pred_norm, "gold": e["gold"], "line": e["line"],
                         "ctx_tokens": [len(c) for c, _ in row], "cont_tokens": [len(x) for _, x in row]})
@@ -315,7 +315,7 @@ def _cmd_score(args):
     bos = cfg["bos_token_id"] if args.bos is None else args.bos
     tok = Tokenizer(args.jetmoe, args.tokenizer)
     res = score(cfg, params, ex, tok.encode, bos, dtype=torch.float32 if args.float32 else F64,
-                way="padded" if args.padded else "one")
+                way="padded" if args.padded else "one", act=jr.bf16_inputs if args.bf16_inputs else jr._same)
     with open(args.out, "w") as f:
         for r in res:
             f.write(json.dumps(r) + "\n")
@@ -340,6 +340,8 @@ def main(argv=None):
     s.add_argument("--bos", type=int, default=None)
     s.add_argument("--float32", action="store_true")
     s.add_argument("--padded", action="store_true", help="an example's choices in one right-padded forward")
+    s.add_argument("--bf16-inputs", action="store_true",
+                   help="every weight matrix's inputs rounded to BF16, as jetmoe runs a BF16 checkpoint in place")
     b = sub.add_parser("batch", help="run several commands in one process (JSON lines in, JSON lines out)")
     b.add_argument("jobs")
     sub.add_parser("selftest", help="the reference checked against itself")

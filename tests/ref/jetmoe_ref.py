@@ -461,34 +461,43 @@ def _groups(idx, E):
         start += c
 
 
-def moe(a, idx, gates, w_in, w_out, bias):
-    """a (N,H); idx, gates (N,k); w_in (E,2F,H); w_out (E,H,F)."""
+def _same(t):
+    return t
+
+
+def bf16_inputs(t):
+    """t rounded to BF16 (to nearest even), kept in its dtype: the inputs of a BF16 matrix used in place."""
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def moe(a, idx, gates, w_in, w_out, bias, act=_same):
+    """a (N,H); idx, gates (N,k); w_in (E,2F,H); w_out (E,H,F); act: what each matrix's inputs become."""
     N, k = idx.shape
     E, twoF = w_in.shape[0], w_in.shape[1]
     Fw = twoF // 2
     gflat = gates.reshape(-1)
     out = torch.zeros(N, a.shape[1], dtype=a.dtype)
     for e, pos, tok in _groups(idx, E):
-        u = a.index_select(0, tok) @ w_in[e].t()
+        u = act(a.index_select(0, tok)) @ w_in[e].t()
         h = F.silu(u[:, :Fw]) * u[:, Fw:]
-        y = (h @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
+        y = (act(h) @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
         out.index_add_(0, tok, y)
     return out + bias
 
 
-def moa(a, B, T, idx, gates, kv_w, w_in, w_out, bias, Hkv, D, cos, sin):
+def moa(a, B, T, idx, gates, kv_w, w_in, w_out, bias, Hkv, D, cos, sin, act=_same):
     """a (N=B*T, H) rows ordered b*T+t; idx, gates (N,k); kv_w (2*Hkv*D, H);
-    w_in (E, Hkv*D, H); w_out (E, H, Hkv*D); cos/sin (T, D/2)."""
+    w_in (E, Hkv*D, H); w_out (E, H, Hkv*D); cos/sin (T, D/2); act: what each matrix's inputs become."""
     N, k = idx.shape
     E = w_in.shape[0]
     HD = Hkv * D
-    kv = a @ kv_w.t()
+    kv = act(a) @ kv_w.t()
     K = kv[:, :HD].reshape(B, T, Hkv, D)
     V = kv[:, HD:].reshape(B, T, Hkv, D)
     # queries, grouped per expert, then put back in (token, slot) order
     Q = torch.zeros(N * k, HD, dtype=a.dtype)          # (N*k, HD), row n*k+j
     for e, pos, tok in _groups(idx, E):
-        Q = Q.index_copy(0, pos, a.index_select(0, tok) @ w_in[e].t())
+        Q = Q.index_copy(0, pos, act(a.index_select(0, tok)) @ w_in[e].t())
     Q = Q.reshape(B, T, k, Hkv, D)
     Q = apply_rope(Q, cos[None, :, None, None, :], sin[None, :, None, None, :])
     K = apply_rope(K, cos[None, :, None, :], sin[None, :, None, :])
@@ -506,7 +515,7 @@ def moa(a, B, T, idx, gates, kv_w, w_in, w_out, bias, Hkv, D, cos, sin):
     out = torch.zeros(N, a.shape[1], dtype=a.dtype)
     gflat = gates.reshape(-1)
     for e, pos, tok in _groups(idx, E):
-        y = (O.index_select(0, pos) @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
+        y = (act(O.index_select(0, pos)) @ w_out[e].t()) * gflat.index_select(0, pos)[:, None]
         out.index_add_(0, tok, y)
     return out + bias
 
@@ -524,9 +533,11 @@ def lm_loss(logits, tokens, labels=None):
                            reduction="sum") / n
 
 
-def forward(cfg, params, tokens, labels=None, dtype=torch.float32):
+def forward(cfg, params, tokens, labels=None, dtype=torch.float32, act=_same):
     """tokens LongTensor (B,T) -> dict(logits, loss, aux_loss, z_loss, loss_total,
-    routing=[(moa_idx, moe_idx)] per layer (B*T,k), router_logits=[(z_moa, z_moe)])."""
+    routing=[(moa_idx, moe_idx)] per layer (B*T,k), router_logits=[(z_moa, z_moe)]).
+    act: what the inputs of every weight matrix (not the routers) become: bf16_inputs for a BF16
+    checkpoint that jetmoe uses in place (jm_model_open: its activations rounded to BF16 for them)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() == 1:
         tokens = tokens[None]
@@ -550,11 +561,11 @@ def forward(cfg, params, tokens, labels=None, dtype=torch.float32):
         x = x + moa(a, B, T, ia, ga, P[p + "self_attention.kv_proj.weight"],
                     P[p + "self_attention.experts.input_linear.weight"],
                     P[p + "self_attention.experts.output_linear.weight"],
-                    P[p + "self_attention.experts.bias"], Hkv, D, cos, sin)
+                    P[p + "self_attention.experts.bias"], Hkv, D, cos, sin, act)
         b = rmsnorm(x, P[p + "post_attention_layernorm.weight"], eps)
         zm, im, gm = route(b, P[p + "mlp.router.layer.weight"], k)
         x = x + moe(b, im, gm, P[p + "mlp.input_linear.weight"],
-                    P[p + "mlp.output_linear.weight"], P[p + "mlp.bias"])
+                    P[p + "mlp.output_linear.weight"], P[p + "mlp.bias"], act)
         for z, idx in ((za, ia), (zm, im)):
             sw, zl = router_losses(z, idx, E)
             aux = aux + sw
@@ -563,7 +574,7 @@ def forward(cfg, params, tokens, labels=None, dtype=torch.float32):
         rlogits.append((za, zm))
     h = rmsnorm(x, P["model.norm.weight"], eps)
     w = emb if cfg["tie_word_embeddings"] else P["lm_head.weight"]
-    logits = (h @ w.t()).reshape(B, T, V)
+    logits = (act(h) @ w.t()).reshape(B, T, V)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(B, T)
     loss = lm_loss(logits, tokens, labels)

@@ -321,13 +321,21 @@ float quantize_row_q4(uint8_t *q, uint8_t *scales, const float *w, int64_t C);
  * block scales, then each block's scale times its sum of values (the Q4
  * kernels take the -8 offset off through it). */
 void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
+/* n activations as bf16 for the BF16 weights' kernels: rounded to nearest
+ * even, as vcvtneps2bf16 rounds (subnormals to a signed zero, NaN kept a
+ * quiet NaN). A BF16 product is then bf16 x bf16, each product exact in
+ * fp32, summed in fp32: the same definition in every set, and one AVX-512
+ * BF16 instruction (vdpbf16ps) per 32 weights. */
+void round_act_bf16(uint16_t *xb, const float *x, int64_t n);
 
 /* wkernels.c: the kernels the products below are made of. A tile function
  * computes out[r * ldo + i] = <weight row i, input row r> for the nrows
- * consecutive rows of w and n input rows: fp32 x (row stride C) for F32 and
- * BF16 weights, int8 xq/xs from quantize_act_q8 (strides C and 2*C/32) for
- * Q8/Q4. A table per instruction set, chosen at run time. */
-typedef void (*wtile_fn)(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+ * consecutive rows of w and n input rows, as the weight type takes them:
+ * fp32 x (row stride C) for F32; xq the bf16 inputs of round_act_bf16
+ * (uint16_t, stride C) for BF16; xq the int8 blocks and xs the scales of
+ * quantize_act_q8 (strides C and 2*C/32) for Q8/Q4. A table per
+ * instruction set, chosen at run time. */
+typedef void (*wtile_fn)(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                          const float *xs, int64_t n, int64_t C);
 /* Decode attention over the KV cache (akernels.c), for the nq query slots
  * of one KV head (q_s = q + s * ldq, D values) against its n cached rows
@@ -369,6 +377,9 @@ const wkernels *wkernels_read(void);
  * kernels above (decode: reading the weights once is the whole cost; Q8/Q4
  * multiply int8 activations, as their inputs are quantized per block of 32);
  * more rows dequantize tiles of WTILE weight rows to fp32 for SGEMM (prefill).
+ * BF16 weights take their inputs rounded to bf16 on either path, so that a
+ * BF16 checkpoint used in place is one function of its tokens, however they
+ * are batched (tests/ref/jetmoe_ref.py's forward, act=bf16_inputs).
  * With a pool (decoding) and no expert over WSMALL_N rows, the products run
  * on it, F32 ones too, and never on OpenMP or OpenBLAS; otherwise on OpenMP.
  * scratch: wmatmul_scratch_bytes(rows, C). */

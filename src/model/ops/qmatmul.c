@@ -206,40 +206,81 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C)
     }
 }
 
+void round_act_bf16(uint16_t *xb, const float *x, int64_t n)
+{
+    /* branch-free, so that gcc vectorizes it */
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        const uint32_t even = (u + 0x7fffu + (u >> 16 & 1u)) >> 16, zero = u >> 16 & 0x8000u;
+        const uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u, tiny = (u & 0x7f800000u) == 0;
+        xb[i] = (uint16_t)(nan ? u >> 16 | 0x40u : tiny ? zero : even);
+    }
+}
+
 /* ---- products ---- */
 
-/* Scratch: int8 copies of up to `rows` input rows with their block scales,
- * then one WTILE x C fp32 tile per thread. */
+/* Scratch: up to `rows` input rows as the dot kernels take them (bf16 for
+ * BF16 weights, int8 with block scales for Q8/Q4), the same rows rounded to
+ * bf16 as fp32 (BF16's tiles), then one WTILE x C fp32 tile per thread. */
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static size_t act_bytes(int64_t rows, int64_t C)
+{
+    return round64((size_t)rows * C * 2) + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float)) +
+           round64((size_t)rows * C * sizeof(float));
+}
 
 size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads)
 {
-    size_t act = round64((size_t)rows * C) + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
-    return act + (size_t)threads * WTILE * C * sizeof(float);
+    return act_bytes(rows, C) + (size_t)threads * WTILE * C * sizeof(float);
 }
 
 typedef struct {
-    int8_t *xq;
+    void *xq; /* int8 (Q8/Q4) or bf16 (BF16) inputs, C a row */
     float *xs;
+    float *xr; /* BF16's inputs for SGEMM: rounded to bf16, held as fp32 */
     float *tiles;
 } wscratch;
 
 static wscratch carve_scratch(void *scratch, int64_t rows, int64_t C)
 {
     wscratch s;
-    size_t q = round64((size_t)rows * C), act = q + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
+    size_t q = round64((size_t)rows * C * 2), r = q + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
     s.xq = scratch;
     s.xs = (float *)((char *)scratch + q); /* 64-byte aligned, as every region */
-    s.tiles = (float *)((char *)scratch + act);
+    s.xr = (float *)((char *)scratch + r);
+    s.tiles = (float *)((char *)scratch + act_bytes(rows, C));
     return s;
 }
 
-/* Rows o0 .. o1-1 of W against n input rows (x row r at x + r*C, quantized at
- * xq + r*C): out[r*ldo + o]. */
-static void dot_rows(float *out, int64_t ldo, const float *x, const int8_t *xq, const float *xs, int64_t n, wview W,
-                     int64_t o0, int64_t o1, int64_t C, const wkernels *K)
+/* Row m of the prepared inputs of weights of type t. */
+static const void *prepared_row(wscratch s, wtype t, int64_t m, int64_t C)
 {
-    wkernel_for(K, W.type)(out + o0, ldo, wview_rows(W, o0, C), o1 - o0, x, xq, xs, n, C);
+    return s.xq ? (const char *)s.xq + m * C * (t == WT_BF16 ? 2 : 1) : NULL;
+}
+
+/* Input row m (x + m*C) as weights of type t take it: BF16 rounded to bf16
+ * (for SGEMM, `tiled`, widened back to fp32 into xr); Q8/Q4 quantized to
+ * int8 blocks for the dot kernels (prefill's tiles take x itself, as F32). */
+static void prepare_row(wscratch s, wtype t, const float *x, int64_t m, int64_t C, int tiled)
+{
+    if (t == WT_BF16) {
+        uint16_t *b = (uint16_t *)s.xq + m * C;
+        round_act_bf16(b, x + m * C, C);
+        for (int64_t i = 0; tiled && i < C; i++) s.xr[m * C + i] = jm_bf16_to_f32(b[i]);
+    } else if ((t == WT_Q8 || t == WT_Q4) && !tiled) {
+        quantize_act_q8((int8_t *)s.xq + m * C, s.xs + m * 2 * (C / QBLOCK), x + m * C, C);
+    }
+}
+
+/* Rows o0 .. o1-1 of W against input rows m0 .. m0+n-1 (x row m at x + m*C,
+ * prepared in s): out[r*ldo + o]. */
+static void dot_rows(float *out, int64_t ldo, const float *x, wscratch s, int64_t m0, int64_t n, wview W, int64_t o0,
+                     int64_t o1, int64_t C, const wkernels *K)
+{
+    wkernel_for(K, W.type)(out + o0, ldo, wview_rows(W, o0, C), o1 - o0, x + m0 * C, prepared_row(s, W.type, m0, C),
+                           s.xs ? s.xs + m0 * 2 * (C / QBLOCK) : NULL, n, C);
 }
 
 /* The tiled path: out (n, ldo) columns o0 .. o0+WTILE-1 = x (n, C) @ tile^T. */
@@ -251,8 +292,6 @@ static void gemm_tile(float *out, int64_t ldo, const float *x, int64_t n, wview 
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)rows, (int)C, 1.0f, x, (int)C, tile, (int)C,
                 0.0f, out + o0, (int)ldo);
 }
-
-static int is_int8(wtype t) { return t == WT_Q8 || t == WT_Q4; }
 
 /* A single matrix is a group of one expert owning every row. */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
@@ -291,14 +330,13 @@ static void product_run(void *ctx, int64_t first, int64_t count, int thread)
 {
     (void)thread;
     const decode_job *j = ctx;
-    const int64_t C = j->C, O = j->O, nb = C / QBLOCK, pe = j->per_expert;
+    const int64_t C = j->C, O = j->O, pe = j->per_expert;
     for (int64_t c = first, end = first + count; c < end;) {
         const int e = j->active[c / pe];
         const int64_t expert_end = (c / pe + 1) * pe, last = end < expert_end ? end : expert_end;
         const int64_t m0 = j->offsets[e], n = j->offsets[e + 1] - m0;
         const int64_t o0 = c % pe * j->rows, o_end = ((last - 1) % pe + 1) * j->rows, o1 = o_end < O ? o_end : O;
-        dot_rows(j->ys + m0 * O, O, j->xs + m0 * C, j->s.xq + m0 * C, j->s.xs + m0 * 2 * nb, n,
-                 wview_rows(j->W, (int64_t)e * O, C), o0, o1, C, j->K);
+        dot_rows(j->ys + m0 * O, O, j->xs, j->s, m0, n, wview_rows(j->W, (int64_t)e * O, C), o0, o1, C, j->K);
         c = last;
     }
 }
@@ -324,7 +362,7 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
 {
     int few = 1; /* every expert few enough rows for the dot kernels: decoding */
     for (int e = 0; e < E; e++) few &= offsets[e + 1] - offsets[e] <= WSMALL_N;
-    if (pool && few && !is_int8(W.type)) {
+    if (pool && few && W.type == WT_F32) {
         decode_products(ys, xs, W, offsets, E, C, O, K, (wscratch){0}, pool);
         return;
     }
@@ -332,14 +370,14 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
         experts_forward(ys, xs, W.data, offsets, E, C, O);
         return;
     }
-    const int64_t Nk = offsets[E], ntiles = (O + WTILE - 1) / WTILE, nb = C / QBLOCK;
+    const int64_t Nk = offsets[E], ntiles = (O + WTILE - 1) / WTILE;
     wscratch s = carve_scratch(scratch, Nk, C);
-    /* the rows of experts small enough for the dot kernels, quantized once */
-    if (is_int8(W.type))
-        for (int e = 0; e < E; e++)
-            if (offsets[e + 1] - offsets[e] <= WSMALL_N)
-                for (int64_t m = offsets[e]; m < offsets[e + 1]; m++)
-                    quantize_act_q8(s.xq + m * C, s.xs + m * 2 * nb, xs + m * C, C);
+    if (W.type == WT_BF16) s.xs = NULL;
+    /* each row prepared once: a BF16 matrix used in place multiplies bf16
+     * inputs, in the dot kernels and in prefill's tiles alike */
+    for (int e = 0; e < E; e++)
+        for (int64_t m = offsets[e]; m < offsets[e + 1]; m++)
+            prepare_row(s, W.type, xs, m, C, offsets[e + 1] - offsets[e] > WSMALL_N);
     if (pool && few) {
         decode_products(ys, xs, W, offsets, E, C, O, K, s, pool);
         return;
@@ -354,9 +392,9 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
         wview We = wview_rows(W, (int64_t)e * O, C);
         if (n <= WSMALL_N) {
             int64_t o1 = (t + 1) * WTILE < O ? (t + 1) * WTILE : O;
-            dot_rows(ys + m0 * O, O, xs + m0 * C, s.xq + m0 * C, s.xs + m0 * 2 * nb, n, We, t * WTILE, o1, C, K);
+            dot_rows(ys + m0 * O, O, xs, s, m0, n, We, t * WTILE, o1, C, K);
         } else {
-            gemm_tile(ys + m0 * O, O, xs + m0 * C, n, We, t * WTILE, O, C,
+            gemm_tile(ys + m0 * O, O, (W.type == WT_BF16 ? s.xr : xs) + m0 * C, n, We, t * WTILE, O, C,
                       s.tiles + (int64_t)omp_get_thread_num() * WTILE * C);
         }
     }

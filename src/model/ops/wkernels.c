@@ -34,14 +34,10 @@ static float dot_f32_c(float acc, const uint8_t *w, const float *x, int64_t n)
     return acc;
 }
 
-static float dot_bf16_c(float acc, const uint8_t *w, const float *x, int64_t n)
+/* BF16: bf16 inputs (round_act_bf16), each product exact in fp32. */
+static float dot_bf16_c(float acc, const uint8_t *w, const uint16_t *x, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = (uint32_t)(w[2 * i] | w[2 * i + 1] << 8) << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        acc += f * x[i];
-    }
+    for (int64_t i = 0; i < n; i++) acc += jm_bf16_to_f32((uint16_t)(w[2 * i] | w[2 * i + 1] << 8)) * jm_bf16_to_f32(x[i]);
     return acc;
 }
 
@@ -70,9 +66,11 @@ static float dot_q4_c(float acc, const uint8_t *w, const uint8_t *ws, const int8
 
 /* Each weight row against the n inputs in turn, in one piece, or a line at
  * a time when the rows are interleaved. */
-static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xp,
                    const float *xs, int64_t n, int64_t C)
 {
+    const int8_t *xq = xp;
+    const uint16_t *xb = xp;
     const int64_t row = wtype_row_bytes(w.type, C), nb = C / QBLOCK;
     const int64_t piece = w.ilv ? 64 : row, inputs = piece * C / row; /* bytes and inputs a piece */
     for (int64_t i = 0; i < nrows; i++) {
@@ -82,7 +80,7 @@ static void tile_c(float *out, int64_t ldo, wview w, int64_t nrows, const float 
                 const uint8_t *wp = wrow_byte(w, i, at, row);
                 switch (w.type) {
                 case WT_F32: acc = dot_f32_c(acc, wp, x + r * C + e, inputs); break;
-                case WT_BF16: acc = dot_bf16_c(acc, wp, x + r * C + e, inputs); break;
+                case WT_BF16: acc = dot_bf16_c(acc, wp, xb + r * C + e, inputs); break;
                 case WT_Q8:
                     acc = dot_q8_c(acc, (const int8_t *)wp, wscale_ptr(w, i, e / QBLOCK, nb), xq + r * C + e,
                                    xs + r * 2 * nb + e / QBLOCK, inputs);
@@ -176,12 +174,13 @@ static inline const uint8_t *inline_scale(wtype t, const uint8_t *step, int r0, 
 }
 
 /* What a pass reads: R weight rows from w (Q8/Q4 scales from ws) and NI
- * inputs from x (F32/BF16) or xq/xs (Q8/Q4), with the strides of C inputs;
+ * inputs from x (F32), xb (BF16) or xq/xs (Q8/Q4), with the strides of C inputs;
  * and xg, what the set's prep made of xq for the tile (NULL: none), xgs
  * bytes an input. */
 typedef struct {
     const uint8_t *w, *ws;
     const float *x;
+    const uint16_t *xb;
     const int8_t *xq;
     const float *xs;
     const uint8_t *xg;
@@ -215,8 +214,10 @@ typedef struct {
 #define XPREP_BYTES 36864
 
 static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w, int64_t nrows, const float *x,
-                           const int8_t *xq, const float *xs, int64_t n, int64_t C)
+                           const void *xp, const float *xs, int64_t n, int64_t C)
 {
+    const int8_t *xq = w.type == WT_BF16 ? NULL : xp;
+    const uint16_t *xb = w.type == WT_BF16 ? xp : NULL;
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
     ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
@@ -238,8 +239,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
             prefetch_each(w.scales + i * srow, R * srow, SCALE_PASSES_AHEAD * R * srow, 64);
         }
         for (int64_t r = 0; r < n; r += inputs) {
-            pass_args a = {wi, w.scales ? w.scales + i * srow : NULL,
-                           x ? x + r * C : NULL, xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
+            pass_args a = {wi, w.scales ? w.scales + i * srow : NULL, x ? x + r * C : NULL, xb ? xb + r * C : NULL,
+                           xq ? xq + r * C : NULL, xs ? xs + r * srow : NULL,
                            xgs ? xg + r * xgs : NULL, xgs, C, pf, st, (int)(i % WILV)};
             pass(out + r * ldo + i, ldo, &a, R, n - r < inputs ? (int)(n - r) : inputs);
         }
@@ -290,11 +291,13 @@ AVX2 static INLINE __m256 bf16x8(const uint8_t *p)
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* F32 and BF16: one FMA per 8 weights and input; the last C % 8 in scalar
- * code. */
-AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
+/* F32 (x: fp32 inputs) and BF16 (x: bf16 inputs, widened as the weights
+ * are): one FMA per 8 weights and input; the last C % 8 in scalar code. */
+AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const void *x, const int R,
                                      const int NI, int64_t C, ahead pf, stride st)
 {
+    const float *xf = x;
+    const uint16_t *xb = x;
     const int64_t row = wtype_row_bytes(t, C), esize = t == WT_F32 ? 4 : 2;
     __m256 acc[AVX2_ROWS][4];
     UNROLL for (int r = 0; r < R; r++)
@@ -302,7 +305,8 @@ AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uin
     int64_t i = 0;
     for (; i + 8 <= C; i += 8) {
         __m256 xv[4];
-        UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm256_loadu_ps(x + j * C + i);
+        UNROLL for (int j = 0; j < NI; j++)
+            xv[j] = t == WT_F32 ? _mm256_loadu_ps(xf + j * C + i) : bf16x8((const uint8_t *)(xb + j * C + i));
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
             prefetch_ahead(wr, i * esize % 64 ? 0 : stream_ahead(i * esize, pf, row));
@@ -313,9 +317,8 @@ AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uin
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int j = 0; j < NI; j++) {
             const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
-            const float *xr = x + j * C + i;
-            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c(0.0f, wr, xr, C - i)
-                                                               : dot_bf16_c(0.0f, wr, xr, C - i));
+            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c(0.0f, wr, xf + j * C + i, C - i)
+                                                               : dot_bf16_c(0.0f, wr, xb + j * C + i, C - i));
         }
 }
 
@@ -441,7 +444,8 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
 
 AVX2 static INLINE void pass_avx2_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
 {
-    if (t == WT_F32 || t == WT_BF16) fp_pass_avx2(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st);
+    if (t == WT_F32 || t == WT_BF16)
+        fp_pass_avx2(t, out, ldo, a->w, t == WT_F32 ? (const void *)a->x : a->xb, R, NI, a->C, a->pf, a->st);
     else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st, a->r0);
 }
 
@@ -478,7 +482,7 @@ static void shape_avx2(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *i
 }
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES, NULL, NULL};
 
-static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
 {
     tile_by_passes(&passes_avx2, out, ldo, w, nrows, x, xq, xs, n, C);
@@ -486,7 +490,7 @@ static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const flo
 
 static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, tile_avx2, att_scores_avx2, att_values_avx2};
 
-/* ---- AVX-512 (F, BW, VL) with VNNI: 4 rows x up to 4 inputs per pass ----
+/* ---- AVX-512 (F, BW, VL) with VNNI and BF16: 4 rows x up to 4 inputs per pass ----
  * Tails (C not a multiple of the vector, or of 16 blocks) go through the
  * same loops with masked loads: the lanes masked off read nothing and hold
  * zeros, which add nothing. */
@@ -506,7 +510,8 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
  * L2 and 87-94% of a plain read of a 1 GB matrix (bench/kernels); with four
  * chains and plain offsets 75-100 GB/s from L2 but 74-84% from memory at
  * 2 KB ahead, 96-100% at 4-8 KB ahead (8 KB: slower from L2). Batches:
- * BF16 n = 4 58-61% -> 61-68% of a plain read, F32 56-62% -> 58-63%. */
+ * BF16 n = 4 58-61% -> 61-68% of a plain read, F32 56-62% -> 58-63%. (All
+ * with BF16 widened to fp32 against fp32 inputs, before vdpbf16ps.) */
 #define FP_CHAINS 4
 #define AVX512_FP_ROWS 2
 #define AVX512_FP_INPUTS 2
@@ -540,18 +545,6 @@ AVX512 static INLINE __m256i load_f16x16(const void *p, int64_t k)
     return k >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(mask16(k), p);
 }
 
-/* 16 weights as fp32: F32 as they are, BF16 widened exactly (a bf16 is the
- * top half of an fp32). vdpbf16ps (AVX-512 BF16) multiplies bf16 by bf16,
- * so fp32 inputs would have to be split into three bf16 terms to keep fp32
- * accuracy (two leave 2^-16 |x|), three of its products per weight: measured
- * at half the speed of widening in L2 (41 against 80 GB/s at n = 1, 13
- * against 34 at n = 4, against a kernel widening 32 weights a load). */
-AVX512 static INLINE __m512 load_w16(wtype t, const uint8_t *p, int64_t k)
-{
-    if (t == WT_F32) return load_f32((const float *)p, k);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_f16x16(p, k)), 16));
-}
-
 /* Byte `off` of row r of an F32/BF16 pass: row-major, `row` bytes a row, or
  * interleaved (st; only tests and callers of their own store F32/BF16 so:
  * wrows_interleave never does). ilv is a constant in every instantiation, so
@@ -562,40 +555,56 @@ static INLINE const uint8_t *fp_at(const uint8_t *w, int r, int64_t off, int64_t
     return ilv ? wline(w, off, st) + r * st.rs : w + r * row + off;
 }
 
-/* One step of an F32/BF16 pass: FP_CHAINS vectors of 16 weights from
- * column i of each of R rows, vector v of a row into accumulator v, each
- * row's stream prefetched pf bytes on once a line. */
-AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS], const uint8_t *w,
-                                  const float *x, const int R, const int NI, int64_t C, int64_t row, stride st,
-                                  const int ilv, int64_t i, int64_t pf)
+/* acc + the products of a line of weights (up to k of its 16 F32 or 32
+ * BF16 values, zeros after) with as many inputs (x or xb from input e):
+ * F32 by FMA; BF16 by vdpbf16ps, which adds each lane's two products of
+ * bf16 by bf16 (inputs of round_act_bf16: subnormals are zeros to it too). */
+AVX512 static INLINE __m512 fp_line(wtype t, __m512 acc, const uint8_t *w, const float *x, const uint16_t *xb,
+                                    int64_t e, int64_t k)
 {
-    const int64_t es = t == WT_F32 ? 4 : 2;
+    if (t == WT_F32) return _mm512_fmadd_ps(load_f32((const float *)w, k), load_f32(x + e, k), acc);
+    return _mm512_dpbf16_ps(acc, (__m512bh)load_i16(w, k), (__m512bh)load_i16(xb + e, k));
+}
+
+/* One step of an F32/BF16 pass: FP_CHAINS lines of weights (16 F32 or 32
+ * BF16) from column i of each of R rows, line v of a row into accumulator
+ * v, each row's stream prefetched pf bytes on once a line. */
+AVX512 static INLINE void fp_step(wtype t, __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS], const uint8_t *w,
+                                  const float *x, const uint16_t *xb, const int R, const int NI, int64_t C,
+                                  int64_t row, stride st, const int ilv, int64_t i, int64_t pf)
+{
+    const int64_t es = t == WT_F32 ? 4 : 2, lanes = 64 / es;
     UNROLL for (int v = 0; v < FP_CHAINS; v++) {
-        const int64_t at = es * (i + 16 * v);
-        __m512 xv[AVX512_FP_INPUTS];
-        UNROLL for (int j = 0; j < NI; j++) xv[j] = _mm512_loadu_ps(x + j * C + i + 16 * v);
+        const int64_t e = i + lanes * v;
         UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wv = fp_at(w, r, at, row, st, ilv);
-            if (es * 16 * v % 64 == 0) prefetch_ahead(wv, pf);
-            const __m512 wf = load_w16(t, wv, 16);
-            UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = _mm512_fmadd_ps(wf, xv[j], acc[r][v][j]);
+            const uint8_t *wv = fp_at(w, r, es * e, row, st, ilv);
+            prefetch_ahead(wv, pf);
+            UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = fp_line(t, acc[r][v][j], wv, x, xb, j * C + e, lanes);
         }
     }
 }
 
-/* F32 and BF16, R rows a pass (see FP_CHAINS): one FMA per 16 weights and
- * input. The steps whose prefetches stay in their row run first, then those
- * that wrap (stream_ahead), so that no step tests which it is. Where the two
- * distances are the same (a row a pass, or interleaved rows) every step runs
- * in the one loop: the same operations, the same bits. When each row was
- * split between the two loops anyway, a pass over a BF16 row of 5632 inputs
+/* F32 and BF16, R rows a pass (see FP_CHAINS): one FMA per 16 F32 weights
+ * and input, one vdpbf16ps per 32 BF16 ones. The steps whose prefetches
+ * stay in their row run first, then those that wrap (stream_ahead), so that
+ * no step tests which it is. Where the two distances are the same (a row a
+ * pass, or interleaved rows) every step runs in the one loop: the same
+ * operations, the same bits. When each row was split between the two loops
+ * anyway, a pass over a BF16 row of 5632 inputs (widened, fp32 inputs)
  * streamed at 77-81% of a plain read, in one loop at 80-85%, four rounds
- * alternated (bench/kernels --C 5632, AMD EPYC family 26 model 2); BF16 rows
- * of 2048 inputs ran in one loop already. */
-AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x, const int R,
-                                  const int NI, int64_t C, ahead pf, stride st, const int ilv)
+ * alternated (bench/kernels --C 5632, AMD EPYC family 26 model 2).
+ *
+ * BF16 against bf16 inputs (round_act_bf16) instead of widened against fp32
+ * ones: half the input bytes a row (11 KB of L1 for 5632 inputs, where 22
+ * KB fell out of it under the weights' stream) and one instruction per 32
+ * weights for three. One thread, rows of 5632 from a 1 GB matrix: 38-48% ->
+ * 75-96% of a plain read, from L2 37-43 -> 60-79 GB/s; rows of 2048 42-46%
+ * -> 61-78% (bench/kernels, AMD EPYC family 25 model 17, Zen 4). */
+AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_t *w, const float *x,
+                                  const uint16_t *xb, const int R, const int NI, int64_t C, ahead pf, stride st,
+                                  const int ilv)
 {
-    const int64_t es = t == WT_F32 ? 4 : 2, row = es * C, step = 16 * FP_CHAINS;
+    const int64_t es = t == WT_F32 ? 4 : 2, row = es * C, lanes = 64 / es, step = lanes * FP_CHAINS;
     __m512 acc[AVX512_ROWS][FP_CHAINS][AVX512_FP_INPUTS]; /* R x NI of them used: at most 16 */
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int v = 0; v < FP_CHAINS; v++)
@@ -605,15 +614,14 @@ AVX512 static INLINE void fp_pass(wtype t, float *out, int64_t ldo, const uint8_
     in_row = in_row < 0 ? 0 : in_row > whole ? whole : in_row;
     if (pf.d == pf.wrap) in_row = 0; /* all alike: one loop */
     int64_t i = 0;
-    for (; i < in_row; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.d);
-    for (; i < whole; i += step) fp_step(t, acc, w, x, R, NI, C, row, st, ilv, i, pf.wrap);
+    for (; i < in_row; i += step) fp_step(t, acc, w, x, xb, R, NI, C, row, st, ilv, i, pf.d);
+    for (; i < whole; i += step) fp_step(t, acc, w, x, xb, R, NI, C, row, st, ilv, i, pf.wrap);
     UNROLL for (int v = 0; v < FP_CHAINS; v++) { /* the rest, masked */
-        const int64_t e = i + 16 * v;
+        const int64_t e = i + lanes * v;
         if (e >= C) break;
         UNROLL for (int r = 0; r < R; r++) {
-            const __m512 wf = load_w16(t, fp_at(w, r, es * e, row, st, ilv), C - e);
-            UNROLL for (int j = 0; j < NI; j++)
-                acc[r][v][j] = _mm512_fmadd_ps(wf, load_f32(x + j * C + e, C - e), acc[r][v][j]);
+            const uint8_t *wv = fp_at(w, r, es * e, row, st, ilv);
+            UNROLL for (int j = 0; j < NI; j++) acc[r][v][j] = fp_line(t, acc[r][v][j], wv, x, xb, j * C + e, C - e);
         }
     }
     UNROLL for (int r = 0; r < R; r++)
@@ -893,7 +901,7 @@ AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pa
 AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
     const int ilv = a->st.ls != 64;
-#define FP_PASS(R, NI, ILV) fp_pass(t, out, ldo, a->w, a->x, R, NI, a->C, a->pf, a->st, ILV)
+#define FP_PASS(R, NI, ILV) fp_pass(t, out, ldo, a->w, a->x, a->xb, R, NI, a->C, a->pf, a->st, ILV)
     switch (ilv * 32 + (R == AVX512_ROWS) * 16 + (R == AVX512_FP_ROWS) * 8 + NI) {
     case 16 + 1: FP_PASS(AVX512_ROWS, 1, 0); break;
     case 8 + 1: FP_PASS(AVX512_FP_ROWS, 1, 0); break;
@@ -945,7 +953,7 @@ static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int 
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
                                        FP_AHEAD_AVX512, q4_prep, q4_raw_avx512};
 
-static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                         const float *xs, int64_t n, int64_t C)
 {
     tile_by_passes(&passes_avx512, out, ldo, w, nrows, x, xq, xs, n, C);
@@ -985,7 +993,7 @@ static uint64_t read_bytes(const uint8_t *p, int64_t bytes)
     return h[0] ^ h[1] ^ h[2] ^ h[3] ^ h[4] ^ h[5] ^ h[6] ^ h[7];
 }
 
-static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const int8_t *xq,
+static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
 {
     (void)x, (void)xq, (void)xs;
@@ -1015,9 +1023,9 @@ static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read,
 /* The CPU features the sets need, as bits, and their names by bit
  * (F_X86: an x86 build, never set elsewhere). */
 enum { F_X86 = 1, F_AVX2 = 2, F_FMA = 4, F_F16C = 8, F_AVX512F = 16, F_AVX512BW = 32, F_AVX512VL = 64,
-       F_AVX512VNNI = 128 };
-static const char *const feature_names[] = {"x86-64",   "AVX2",      "FMA",       "F16C",
-                                            "AVX-512F", "AVX-512BW", "AVX-512VL", "AVX-512 VNNI"};
+       F_AVX512VNNI = 128, F_AVX512BF16 = 256 };
+static const char *const feature_names[] = {"x86-64",    "AVX2",      "FMA",          "F16C",       "AVX-512F",
+                                            "AVX-512BW", "AVX-512VL", "AVX-512 VNNI", "AVX-512 BF16"};
 
 static unsigned cpu_features(void)
 {
@@ -1027,7 +1035,8 @@ static unsigned cpu_features(void)
            (__builtin_cpu_supports("f16c") ? F_F16C : 0) | (__builtin_cpu_supports("avx512f") ? F_AVX512F : 0) |
            (__builtin_cpu_supports("avx512bw") ? F_AVX512BW : 0) |
            (__builtin_cpu_supports("avx512vl") ? F_AVX512VL : 0) |
-           (__builtin_cpu_supports("avx512vnni") ? F_AVX512VNNI : 0);
+           (__builtin_cpu_supports("avx512vnni") ? F_AVX512VNNI : 0) |
+           (__builtin_cpu_supports("avx512bf16") ? F_AVX512BF16 : 0);
 #else
     return 0;
 #endif
@@ -1040,7 +1049,7 @@ static const struct {
     const wkernels *set;
 } sets[] = {
 #ifdef JM_X86
-    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI, &kernels_avx512},
+    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX512BF16, &kernels_avx512},
     {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2},
 #else
     {"avx512", F_X86, NULL},
