@@ -175,7 +175,7 @@ typedef struct {
 static io io_new(int threads, uint64_t *rng)
 {
     io b = {alloc_or_die(64, sizeof(float) * 2 * 11264), alloc_or_die(64, sizeof(float) * 2 * 11264),
-            alloc_or_die(64, wmatmul_scratch_bytes(2, 11264, threads))};
+            alloc_or_die(64, wmatmul_scratch_bytes(2, 11264, threads, 1))};
     for (int64_t i = 0; i < 2 * 11264; i++) b.x[i] = bench_frnd(rng);
     return b;
 }

@@ -49,7 +49,9 @@ LL_TOL = 1e-4
 # a step function of the activations, which the reference (float64) and jetmoe (fp32) reach 1e-7 apart, so an input
 # near a rounding boundary can land on either side. On this random model, inputs moved by 1e-7 (relative, at
 # random) moved the reference's logliks by up to 1.2e-3; jetmoe's are within 7e-4 of it, and without the
-# reference's rounding 1e-2 off (a reference that skips any one of the rounded products: 2e-3 to 1e-2).
+# reference's rounding 1e-2 off (a reference that skips any one of the rounded products: 2e-3 to 1e-2, so this
+# checks that the rounding is there, not which products have it: test_quant's wmatmul_bf16_* and wexperts_bf16_*
+# hold every BF16 product to its rounded inputs at 1e-5).
 LL_TOL_BF16 = 5e-3
 
 MODELS = {

@@ -458,6 +458,27 @@ static void test_kernels(void)
                      wkernels_get("read") ? "given" : "refused", R->att_scores == best->att_scores);
     }
 
+    /* the avx512 set of a CPU without AVX-512 BF16 (Intel's Skylake-X to Ice
+     * Lake): BF16 through the AVX2 passes, the rest the avx512 set's kernels */
+    {
+        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512"), *V2 = wkernels_get("avx2");
+        if (!N || !A || !V2) {
+            printf("SKIP kernels_avx512_without_bf16_extension (this CPU cannot run it)\n");
+        } else {
+            tile_case k = make_tile_case(WT_BF16, 9, 3, 1000, 1.0f, 1.0f, 7);
+            float *a = malloc((size_t)(3 * k.ldo) * sizeof *a), *b = malloc((size_t)(3 * k.ldo) * sizeof *b);
+            const int ok_run = run_tile(N, &k, a) && run_tile(V2, &k, b);
+            const int same = ok_run && memcmp(a, b, (size_t)(3 * k.ldo) * sizeof *a) == 0;
+            free(a), free(b);
+            free_tile_case(&k);
+            check_detail(!strcmp(N->name, "avx512") && N->f32 == A->f32 && N->q8 == A->q8 && N->q4 == A->q4 &&
+                             N->att_scores == A->att_scores && N->att_values == A->att_values && same,
+                         "kernels_avx512_without_bf16_extension",
+                         "named %s; F32/Q8/Q4/attention the avx512 set's: %d; a BF16 tile bit for bit the avx2 "
+                         "set's: %d", N->name, N->f32 == A->f32 && N->q8 == A->q8 && N->q4 == A->q4, same);
+        }
+    }
+
     /* the extremes of the int8 formats, which no product may saturate on:
      * a file may hold Q8 -128 (our quantizer never writes it), and Q4 nibbles
      * all 0 (-8) or all 15 (7), against activations of +-127 */
@@ -541,7 +562,7 @@ static void test_inline_layout(void)
         const int64_t Nk = 31;
         float *xs = malloc((size_t)(Nk * C) * 4), *a = malloc((size_t)(Nk * O) * 4), *b = malloc((size_t)(Nk * O) * 4);
         for (int64_t i = 0; i < Nk * C; i++) xs[i] = frand();
-        void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads));
+        void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads, 0));
         int same = 1;
         for (int pass = 0; pass < 2; pass++) {
             memset(a, 0, (size_t)(Nk * O) * 4), memset(b, 0xff, (size_t)(Nk * O) * 4);
@@ -765,7 +786,7 @@ static void test_products(void)
                 float *x = malloc((size_t)(N * C) * 4), *got = malloc((size_t)(N * O) * 4),
                       *want = malloc((size_t)(N * O) * 4);
                 for (int64_t i = 0; i < N * C; i++) x[i] = frand();
-                void *scratch = malloc(wmatmul_scratch_bytes(N, C, threads));
+                void *scratch = malloc(wmatmul_scratch_bytes(N, C, threads, types[ti] == WT_BF16));
                 ref_matmul(want, x, W, N, C, O, act_of(types[ti], N));
                 wmatmul_forward(got, x, W, N, C, O, K, scratch, NULL);
                 worst = fmax(worst, max_rel(got, want, N * O));
@@ -795,7 +816,7 @@ static void test_products(void)
         float *xs = malloc((size_t)(Nk * C) * 4), *ys = malloc((size_t)(Nk * O) * 4),
               *want = malloc((size_t)(Nk * O) * 4);
         for (int64_t i = 0; i < Nk * C; i++) xs[i] = frand();
-        void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads));
+        void *scratch = malloc(wmatmul_scratch_bytes(Nk, C, threads, types[ti] == WT_BF16));
         for (int pass = 0; pass < 2; pass++) { /* OpenMP (a pool is ignored with 27 rows), then the pool */
             const int64_t *off = pass ? few : offsets, n_all = off[E];
             memset(ys, 0xff, (size_t)(Nk * O) * 4);

@@ -104,6 +104,7 @@ struct jm_model {
     st_set map;           /* jm_model_open: the mapped files the views point into */
     int mapped;           /* some weights live in the mapping: inference only */
     int stored;           /* some matrix is not fp32: products need wscratch */
+    int stored_bf16;      /* some matrix is BF16: wscratch holds rounded inputs as fp32 */
     const wkernels *kern; /* BF16/Q8/Q4 dot kernels */
     const jm_model *owner; /* jm_model_share: whose weights, gradients and tables these are (NULL: its own) */
 
@@ -588,6 +589,7 @@ static jm_status match_tensors(jm_model *m, const st_set *set, const char *dir, 
             view_in_place(&st[i], m->slot[i].w);
             m->mapped = 1;
             if (m->slot[i].w->type != WT_F32) m->stored = 1;
+            if (m->slot[i].w->type == WT_BF16) m->stored_bf16 = 1;
         }
     }
     if (!s && m->cfg.tie_word_embeddings) m->lm_head = m->embed;
@@ -822,7 +824,7 @@ static size_t plan_acts(jm_model *m, char *base, int B, int T, int l0, int l1)
     m->ys = carve(base, &off, Nk * wide * f);
     m->att_threads = omp_get_max_threads();
     m->att_scratch = carve(base, &off, (size_t)m->att_threads * attention_scratch_floats(T, c->top_k) * f);
-    m->wscratch = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)Nk, (int64_t)wide, m->att_threads)) : NULL;
+    m->wscratch = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)Nk, (int64_t)wide, m->att_threads, m->stored_bf16)) : NULL;
     m->rope_cos = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
     m->rope_sin = carve(base, &off, (size_t)T * (c->head_dim / 2) * f);
     return off;
@@ -1224,7 +1226,8 @@ static jm_status ensure_decoder(jm_model *m, int n, int r, jm_error *err)
         att_run *runs = carve(base, &off, N * sizeof *runs);
         int threads = omp_get_max_threads();
         float *att = carve(base, &off, (size_t)threads * attention_cache_scratch_floats(d->ctx, c->top_k, c->head_dim) * f);
-        void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads))
+        void *ws = m->stored ? carve(base, &off, wmatmul_scratch_bytes((int64_t)(N * k), (int64_t)wide_width(c), threads,
+                                                                  m->stored_bf16))
                              : NULL;
         if (!pass) {
             free(d->mem);

@@ -324,8 +324,9 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C);
 /* n activations as bf16 for the BF16 weights' kernels: rounded to nearest
  * even, as vcvtneps2bf16 rounds (subnormals to a signed zero, NaN kept a
  * quiet NaN). A BF16 product is then bf16 x bf16, each product exact in
- * fp32, summed in fp32: the same definition in every set, and one AVX-512
- * BF16 instruction (vdpbf16ps) per 32 weights. */
+ * fp32, summed in fp32: the same definition in every set (but for
+ * subnormal weights and sums, which vdpbf16ps, the AVX-512 set's one
+ * instruction per 32 weights, flushes to zero). */
 void round_act_bf16(uint16_t *xb, const float *x, int64_t n);
 
 /* wkernels.c: the kernels the products below are made of. A tile function
@@ -368,6 +369,9 @@ const wkernels *wkernels_get(const char *name);
  * "AVX-512 VNNI, AVX-512 BF16" ("" when it has them all); -1 for a name no
  * build knows. */
 int wkernels_missing(const char *name, char *buf, size_t cap);
+/* The "avx512" set as a CPU without AVX-512 BF16 gets it (NULL when this
+ * CPU cannot run it), for the tests of a CPU that has it. */
+const wkernels *wkernels_avx512_no_bf16(void);
 /* "read": tiles that only read what their products would and write no
  * products, with the attention kernels of the best set this CPU runs
  * (bench/decode's ceiling; see wkernels.c). */
@@ -378,14 +382,16 @@ const wkernels *wkernels_read(void);
  * multiply int8 activations, as their inputs are quantized per block of 32);
  * more rows dequantize tiles of WTILE weight rows to fp32 for SGEMM (prefill).
  * BF16 weights take their inputs rounded to bf16 on either path, so that a
- * BF16 checkpoint used in place is one function of its tokens, however they
- * are batched (tests/ref/jetmoe_ref.py's forward, act=bf16_inputs).
+ * BF16 checkpoint used in place is one function of its tokens however they
+ * are batched, up to the order of the sums (tests/ref/jetmoe_ref.py's
+ * forward, act=bf16_inputs).
  * With a pool (decoding) and no expert over WSMALL_N rows, the products run
  * on it, F32 ones too, and never on OpenMP or OpenBLAS; otherwise on OpenMP.
- * scratch: wmatmul_scratch_bytes(rows, C). */
+ * scratch: wmatmul_scratch_bytes(rows, C, threads, bf16), bf16 when some
+ * matrix it serves is BF16. */
 #define WSMALL_N 8
 #define WTILE 64
-size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads);
+size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads, int bf16);
 /* out (N,O) = inp (N,C) @ W^T (wexperts_forward with one expert) */
 void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C, int64_t O, const wkernels *K,
                      void *scratch, jm_pool *pool);

@@ -220,67 +220,83 @@ void round_act_bf16(uint16_t *xb, const float *x, int64_t n)
 
 /* ---- products ---- */
 
-/* Scratch: up to `rows` input rows as the dot kernels take them (bf16 for
- * BF16 weights, int8 with block scales for Q8/Q4), the same rows rounded to
- * bf16 as fp32 (BF16's tiles), then one WTILE x C fp32 tile per thread. */
+/* Scratch: up to `rows` input rows as the products take them, then one
+ * WTILE x C fp32 tile per thread. The rows: int8 with block scales for
+ * Q8/Q4's dot kernels (row m at byte m*C); for BF16, an expert's rows
+ * rounded to bf16, in its own 4*C bytes a row (rows m0.. at byte 4*m0*C):
+ * as bf16 for the dot kernels (C apart), as fp32 for SGEMM. */
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static size_t act_bytes(int64_t rows, int64_t C)
+static size_t act_bytes(int64_t rows, int64_t C, int bf16)
 {
-    return round64((size_t)rows * C * 2) + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float)) +
-           round64((size_t)rows * C * sizeof(float));
+    return round64((size_t)rows * C * (bf16 ? sizeof(float) : 1)) +
+           round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
 }
 
-size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads)
+size_t wmatmul_scratch_bytes(int64_t rows, int64_t C, int threads, int bf16)
 {
-    return act_bytes(rows, C) + (size_t)threads * WTILE * C * sizeof(float);
+    return act_bytes(rows, C, bf16) + (size_t)threads * WTILE * C * sizeof(float);
 }
 
 typedef struct {
-    void *xq; /* int8 (Q8/Q4) or bf16 (BF16) inputs, C a row */
-    float *xs;
-    float *xr; /* BF16's inputs for SGEMM: rounded to bf16, held as fp32 */
+    char *act; /* the input rows (see wmatmul_scratch_bytes) */
+    float *xs; /* Q8/Q4's block scales */
     float *tiles;
 } wscratch;
 
-static wscratch carve_scratch(void *scratch, int64_t rows, int64_t C)
+static wscratch carve_scratch(void *scratch, int64_t rows, int64_t C, int bf16)
 {
     wscratch s;
-    size_t q = round64((size_t)rows * C * 2), r = q + round64((size_t)rows * 2 * (C / QBLOCK) * sizeof(float));
-    s.xq = scratch;
-    s.xs = (float *)((char *)scratch + q); /* 64-byte aligned, as every region */
-    s.xr = (float *)((char *)scratch + r);
-    s.tiles = (float *)((char *)scratch + act_bytes(rows, C));
+    s.act = scratch;
+    s.xs = (float *)((char *)scratch + round64((size_t)rows * C * (bf16 ? sizeof(float) : 1))); /* 64-aligned */
+    s.tiles = (float *)((char *)scratch + act_bytes(rows, C, bf16));
     return s;
 }
 
-/* Row m of the prepared inputs of weights of type t. */
-static const void *prepared_row(wscratch s, wtype t, int64_t m, int64_t C)
+/* The inputs of the expert whose rows start at m0, as weights of type t
+ * take them (NULL: F32, x itself). */
+static const void *prepared_rows(wscratch s, wtype t, int64_t m0, int64_t C)
 {
-    return s.xq ? (const char *)s.xq + m * C * (t == WT_BF16 ? 2 : 1) : NULL;
+    if (!s.act || t == WT_F32) return NULL;
+    return s.act + m0 * C * (t == WT_BF16 ? (int64_t)sizeof(float) : 1);
 }
 
-/* Input row m (x + m*C) as weights of type t take it: BF16 rounded to bf16
- * (for SGEMM, `tiled`, widened back to fp32 into xr); Q8/Q4 quantized to
- * int8 blocks for the dot kernels (prefill's tiles take x itself, as F32). */
-static void prepare_row(wscratch s, wtype t, const float *x, int64_t m, int64_t C, int tiled)
+/* Row m of the expert whose rows start at m0 (x row m at x + m*C), as
+ * weights of type t take it: BF16 rounded to bf16 (widened back to fp32
+ * where the expert's rows go to SGEMM, `tiled`); Q8/Q4 quantized to int8
+ * blocks for the dot kernels (prefill's tiles take x itself, as F32). */
+static void prepare_row(wscratch s, wtype t, const float *x, int64_t m0, int64_t m, int64_t C, int tiled)
 {
     if (t == WT_BF16) {
-        uint16_t *b = (uint16_t *)s.xq + m * C;
-        round_act_bf16(b, x + m * C, C);
-        for (int64_t i = 0; tiled && i < C; i++) s.xr[m * C + i] = jm_bf16_to_f32(b[i]);
+        char *rows = (char *)prepared_rows(s, t, m0, C);
+        uint16_t *b = (uint16_t *)rows + (m - m0) * C;
+        float *f = (float *)rows + (m - m0) * C;
+        round_act_bf16(tiled ? (uint16_t *)f + C : b, x + m * C, C); /* tiled: into the row's upper half */
+        for (int64_t i = 0; tiled && i < C; i++) { /* then widened in place, left to right */
+            uint32_t u = (uint32_t)((uint16_t *)f)[C + i] << 16;
+            memcpy(&f[i], &u, 4);
+        }
     } else if ((t == WT_Q8 || t == WT_Q4) && !tiled) {
-        quantize_act_q8((int8_t *)s.xq + m * C, s.xs + m * 2 * (C / QBLOCK), x + m * C, C);
+        quantize_act_q8((int8_t *)s.act + m * C, s.xs + m * 2 * (C / QBLOCK), x + m * C, C);
     }
 }
 
-/* Rows o0 .. o1-1 of W against input rows m0 .. m0+n-1 (x row m at x + m*C,
- * prepared in s): out[r*ldo + o]. */
+/* Input row m of grouped experts (offsets), prepared as its expert's
+ * product takes it. */
+static void prepare_input(wscratch s, wtype t, const float *x, const int64_t *offsets, int64_t m, int64_t C)
+{
+    int e = 0;
+    while (offsets[e + 1] <= m) e++;
+    prepare_row(s, t, x, offsets[e], m, C, offsets[e + 1] - offsets[e] > WSMALL_N);
+}
+
+/* Rows o0 .. o1-1 of W against the n input rows of the expert whose rows
+ * start at m0 (x row m at x + m*C, prepared in s): out[r*ldo + o]. */
 static void dot_rows(float *out, int64_t ldo, const float *x, wscratch s, int64_t m0, int64_t n, wview W, int64_t o0,
                      int64_t o1, int64_t C, const wkernels *K)
 {
-    wkernel_for(K, W.type)(out + o0, ldo, wview_rows(W, o0, C), o1 - o0, x + m0 * C, prepared_row(s, W.type, m0, C),
-                           s.xs ? s.xs + m0 * 2 * (C / QBLOCK) : NULL, n, C);
+    wkernel_for(K, W.type)(out + o0, ldo, wview_rows(W, o0, C), o1 - o0, x + m0 * C, prepared_rows(s, W.type, m0, C),
+                           W.type == WT_BF16 || !s.xs ? NULL : s.xs + m0 * 2 * (C / QBLOCK), n, C);
 }
 
 /* The tiled path: out (n, ldo) columns o0 .. o0+WTILE-1 = x (n, C) @ tile^T. */
@@ -371,13 +387,15 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
         return;
     }
     const int64_t Nk = offsets[E], ntiles = (O + WTILE - 1) / WTILE;
-    wscratch s = carve_scratch(scratch, Nk, C);
-    if (W.type == WT_BF16) s.xs = NULL;
+    wscratch s = carve_scratch(scratch, Nk, C, W.type == WT_BF16);
     /* each row prepared once: a BF16 matrix used in place multiplies bf16
      * inputs, in the dot kernels and in prefill's tiles alike */
-    for (int e = 0; e < E; e++)
-        for (int64_t m = offsets[e]; m < offsets[e + 1]; m++)
-            prepare_row(s, W.type, xs, m, C, offsets[e + 1] - offsets[e] > WSMALL_N);
+    if (pool || Nk <= WSMALL_N) { /* decoding: no OpenMP region (even one that does not fork costs ~1 us) */
+        for (int64_t m = 0; m < Nk; m++) prepare_input(s, W.type, xs, offsets, m, C);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < Nk; m++) prepare_input(s, W.type, xs, offsets, m, C);
+    }
     if (pool && few) {
         decode_products(ys, xs, W, offsets, E, C, O, K, s, pool);
         return;
@@ -394,7 +412,8 @@ void wexperts_forward(float *ys, const float *xs, wview W, const int64_t *offset
             int64_t o1 = (t + 1) * WTILE < O ? (t + 1) * WTILE : O;
             dot_rows(ys + m0 * O, O, xs, s, m0, n, We, t * WTILE, o1, C, K);
         } else {
-            gemm_tile(ys + m0 * O, O, (W.type == WT_BF16 ? s.xr : xs) + m0 * C, n, We, t * WTILE, O, C,
+            gemm_tile(ys + m0 * O, O, W.type == WT_BF16 ? prepared_rows(s, W.type, m0, C) : xs + m0 * C, n, We,
+                      t * WTILE, O, C,
                       s.tiles + (int64_t)omp_get_thread_num() * WTILE * C);
         }
     }

@@ -34,10 +34,19 @@ static float dot_f32_c(float acc, const uint8_t *w, const float *x, int64_t n)
     return acc;
 }
 
+/* A bf16 as the fp32 it is the top half of. */
+static inline float bf16_value(uint32_t h)
+{
+    const uint32_t u = h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 /* BF16: bf16 inputs (round_act_bf16), each product exact in fp32. */
 static float dot_bf16_c(float acc, const uint8_t *w, const uint16_t *x, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) acc += jm_bf16_to_f32((uint16_t)(w[2 * i] | w[2 * i + 1] << 8)) * jm_bf16_to_f32(x[i]);
+    for (int64_t i = 0; i < n; i++) acc += bf16_value((uint32_t)(w[2 * i] | w[2 * i + 1] << 8)) * bf16_value(x[i]);
     return acc;
 }
 
@@ -558,7 +567,9 @@ static INLINE const uint8_t *fp_at(const uint8_t *w, int r, int64_t off, int64_t
 /* acc + the products of a line of weights (up to k of its 16 F32 or 32
  * BF16 values, zeros after) with as many inputs (x or xb from input e):
  * F32 by FMA; BF16 by vdpbf16ps, which adds each lane's two products of
- * bf16 by bf16 (inputs of round_act_bf16: subnormals are zeros to it too). */
+ * bf16 by bf16 (inputs of round_act_bf16: subnormals are zeros to it too;
+ * it also takes subnormal weights as zeros and flushes subnormal sums,
+ * where the other sets keep them: a difference below 1e-38). */
 AVX512 static INLINE __m512 fp_line(wtype t, __m512 acc, const uint8_t *w, const float *x, const uint16_t *xb,
                                     int64_t e, int64_t k)
 {
@@ -961,6 +972,13 @@ static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const f
 
 static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512,
                                           att_scores_avx512, att_values_avx512};
+/* The same set where the CPU has AVX-512 and VNNI but not AVX-512 BF16
+ * (Intel's Skylake-X to Ice Lake): BF16 through the AVX2 passes, which
+ * widen the same bf16 inputs (the same products, summed in another order),
+ * every other kernel the AVX-512 one. Nothing of the AVX-512 code it runs
+ * uses a BF16 instruction (only the BF16 pass's vdpbf16ps does). */
+static const wkernels kernels_avx512_no_bf16 = {"avx512",          tile_avx512,       tile_avx2, tile_avx512,
+                                                tile_avx512,       att_scores_avx512, att_values_avx512};
 #endif
 
 /* ---- "read": the products' reads without their math ----
@@ -1050,6 +1068,8 @@ static const struct {
 } sets[] = {
 #ifdef JM_X86
     {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX512BF16, &kernels_avx512},
+    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX2 | F_FMA | F_F16C,
+     &kernels_avx512_no_bf16},
     {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2},
 #else
     {"avx512", F_X86, NULL},
@@ -1082,11 +1102,21 @@ int wkernels_missing(const char *name, char *buf, size_t cap)
     return -1;
 }
 
+const wkernels *wkernels_avx512_no_bf16(void)
+{
+#ifdef JM_X86
+    const unsigned have = cpu_features();
+    for (size_t i = 0; i < sizeof sets / sizeof *sets; i++)
+        if (sets[i].set == &kernels_avx512_no_bf16) return (sets[i].needs & ~have) == 0 ? sets[i].set : NULL;
+#endif
+    return NULL;
+}
+
 const wkernels *wkernels_read(void)
 {
 #ifdef JM_X86
     const wkernels *best = wkernels_get("auto");
-    if (best == &kernels_avx512) return &read_avx512;
+    if (best == &kernels_avx512 || best == &kernels_avx512_no_bf16) return &read_avx512;
     if (best == &kernels_avx2) return &read_avx2;
 #endif
     return &read_portable;
