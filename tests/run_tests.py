@@ -335,8 +335,10 @@ def read_raw_st(path):
 
 
 def bf16_copy(src, dst):
-    """src's checkpoint with every F32 tensor rounded to BF16 (to nearest even), as a BF16 Hugging Face
-    checkpoint holds it; the other files copied."""
+    """src's checkpoint with every F32 tensor rounded to BF16 (to nearest even, the reference's
+    f32_to_bf16_bits), as a BF16 Hugging Face checkpoint holds it; the other files copied."""
+    sys.path.insert(0, os.path.join(ROOT, "tests", "ref"))
+    import jetmoe_ref  # noqa: E402  (imports torch: only here, where it is needed)
     os.makedirs(dst)
     for name in os.listdir(src):
         if not name.endswith(".safetensors"):
@@ -347,8 +349,7 @@ def bf16_copy(src, dst):
         header, off, blobs = {"__metadata__": meta} if meta else {}, 0, []
         for k, (dt, shape, raw) in tensors.items():
             if dt == "F32":
-                u = np.frombuffer(raw, dtype=np.uint32).astype(np.uint64)
-                raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+                raw = jetmoe_ref.f32_to_bf16_bits(np.frombuffer(raw, dtype=np.float32)).tobytes()
                 dt = "BF16"
             header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
             off += len(raw)

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* ---- errors (error.c) ---- */
 /* jm_fail is in jetmoe.h. The length (1-4) of the well-formed UTF-8 character
@@ -118,7 +119,15 @@ int jm_closest_name(const char *word, const char *const *names, int n);
 const char *const *jm_config_keys(int *n);
 
 /* ---- bf16/f16 <-> f32 (half.c) ---- */
-float jm_bf16_to_f32(uint16_t h);
+/* A bf16 is the top half of an fp32: inline, as the kernels' scalar code and
+ * prefill's inputs widen one per element. */
+static inline float jm_bf16_to_f32(uint16_t h)
+{
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 uint16_t jm_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float jm_f16_to_f32(uint16_t h);
 uint16_t jm_f32_to_f16(float f); /* round to nearest even */

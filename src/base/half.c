@@ -3,14 +3,6 @@
 
 #include <string.h>
 
-float jm_bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 uint16_t jm_f32_to_bf16(float f)
 {
     uint32_t u;

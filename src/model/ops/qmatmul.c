@@ -272,10 +272,7 @@ static void prepare_row(wscratch s, wtype t, const float *x, int64_t m0, int64_t
         uint16_t *b = (uint16_t *)rows + (m - m0) * C;
         float *f = (float *)rows + (m - m0) * C;
         round_act_bf16(tiled ? (uint16_t *)f + C : b, x + m * C, C); /* tiled: into the row's upper half */
-        for (int64_t i = 0; tiled && i < C; i++) { /* then widened in place, left to right */
-            uint32_t u = (uint32_t)((uint16_t *)f)[C + i] << 16;
-            memcpy(&f[i], &u, 4);
-        }
+        for (int64_t i = 0; tiled && i < C; i++) f[i] = jm_bf16_to_f32(((uint16_t *)f)[C + i]); /* widened in place */
     } else if ((t == WT_Q8 || t == WT_Q4) && !tiled) {
         quantize_act_q8((int8_t *)s.act + m * C, s.xs + m * 2 * (C / QBLOCK), x + m * C, C);
     }

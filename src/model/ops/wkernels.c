@@ -34,19 +34,10 @@ static float dot_f32_c(float acc, const uint8_t *w, const float *x, int64_t n)
     return acc;
 }
 
-/* A bf16 as the fp32 it is the top half of. */
-static inline float bf16_value(uint32_t h)
-{
-    const uint32_t u = h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* BF16: bf16 inputs (round_act_bf16), each product exact in fp32. */
 static float dot_bf16_c(float acc, const uint8_t *w, const uint16_t *x, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) acc += bf16_value((uint32_t)(w[2 * i] | w[2 * i + 1] << 8)) * bf16_value(x[i]);
+    for (int64_t i = 0; i < n; i++) acc += jm_bf16_to_f32((uint16_t)(w[2 * i] | w[2 * i + 1] << 8)) * jm_bf16_to_f32(x[i]);
     return acc;
 }
 
