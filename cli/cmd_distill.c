@@ -28,7 +28,7 @@ typedef struct {
     {"--threads", {NULL}, FLAG_INT, offsetof(distill_cli, threads), "0", 0, 4096, .meta = "N",                    \
      .help = "threads, 0 = all cores"},                                                                            \
     {"--kernels", {NULL}, FLAG_STR, offsetof(distill_cli, kernels), "auto", .meta = "auto|avx512|avx2|portable", \
-     .help = "the BF16/Q8/Q4 product kernels"},                                                                    \
+     .help = "the BF16/Q8/Q4 product kernels (avx512:stream|avx512:prefetch: a tuning of avx512)"},                                                                    \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(distill_cli, quiet), .help = "no progress and summary on stderr"}
 
 static int run_distill(const cli_command *self, int argc, char **argv);

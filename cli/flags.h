@@ -67,7 +67,8 @@ struct cli_command {
     {"--threads", {NULL}, FLAG_INT, offsetof(T, threads), "0", 0, 4096, .meta = "N",                                \
      .help = "threads, 0 = all cores"},                                                                               \
     {"--kernels", {NULL}, FLAG_STR, offsetof(T, kernels), "auto", .meta = "auto|avx512|avx2|portable",               \
-     .help = "the decode product kernels"},                                                                           \
+     .help = "the decode product kernels (avx512:stream, avx512:prefetch: the avx512 set tuned for Zen 4 or "     \
+             "others; avx512 picks this CPU's)"},                                                                     \
     {"--kv-cache", {NULL}, FLAG_STR, offsetof(T, kv_cache), "f32", .meta = "f32|bf16",                               \
      .help = "the KV cache's element type (bf16: half the bytes)"},                                                  \
     {"--weights", {NULL}, FLAG_STR, offsetof(T, weights), WEIGHTS, .meta = "auto|map|ram",                            \

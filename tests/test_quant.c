@@ -148,7 +148,11 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
 
 /* ---- dot kernels ---- */
 
-static const char *const kernel_sets[] = {"portable", "avx2", "avx512"};
+/* Every kernel set by name, the avx512 set in each of its tunings (the same
+ * passes, prefetched into L1 or left to the hardware: see wkernels.c), and
+ * as test names say them. */
+static const char *const kernel_sets[] = {"portable", "avx2", "avx512:prefetch", "avx512:stream"};
+static const char *const kernel_labels[] = {"portable", "avx2", "avx512_prefetch", "avx512_stream"};
 enum { NSETS = sizeof kernel_sets / sizeof *kernel_sets };
 
 /* The value weight (row i, input c) holds as stored, exactly (F16 scales and
@@ -354,16 +358,24 @@ static void test_kernels(void)
         K[s] = wkernels_get(kernel_sets[s]);
         char why[160];
         if (!K[s] && wkernels_missing(kernel_sets[s], why, sizeof why) == 0)
-            printf("SKIP kernels_%s (this CPU lacks %s)\n", kernel_sets[s], why);
+            printf("SKIP kernels_%s (this CPU lacks %s)\n", kernel_labels[s], why);
     }
     printf("kernel sets this CPU runs, tested below:");
     for (int s = 0; s < NSETS; s++)
         if (K[s]) printf(" %s", kernel_sets[s]);
-    printf(" (skipped: the SKIP lines above, if any)\n");
-    const wkernels *best = K[2] ? K[2] : K[1] ? K[1] : K[0];
+    printf(" (skipped: the SKIP lines above, if any); avx512 here is %s\n",
+           wkernels_get("avx512") ? wkernels_get("avx512")->name : "none");
+    const wkernels *best = wkernels_get("avx512") ? wkernels_get("avx512") : K[1] ? K[1] : K[0];
     char none[8] = "x";
-    check(K[0] && wkernels_get("auto") == best && !wkernels_get("avx512-nonsense") &&
+    /* the bare name is one of the set's tunings, and each tuning is its own name */
+    const int tunings_named = (!wkernels_get("avx512") || wkernels_get("avx512") == K[2] ||
+                               wkernels_get("avx512") == K[3]) &&
+                              (!K[2] || !strcmp(K[2]->name, "avx512:prefetch")) &&
+                              (!K[3] || !strcmp(K[3]->name, "avx512:stream"));
+    check(K[0] && wkernels_get("auto") == best && tunings_named && !wkernels_get("avx512-nonsense") &&
+              !wkernels_get("avx512:") && !wkernels_get("avx512:nonsense") && !wkernels_get(":stream") &&
               wkernels_missing("avx512-nonsense", none, sizeof none) < 0 &&
+              wkernels_missing("avx512:nonsense", none, sizeof none) < 0 &&
               wkernels_missing("portable", none, sizeof none) == 0 && none[0] == 0,
           "kernels_table_lookup", "auto is %s, not the best this CPU runs (%s); or an unknown name accepted",
           wkernels_get("auto") ? wkernels_get("auto")->name : "NULL", best ? best->name : "none");
@@ -386,6 +398,7 @@ static void test_kernels(void)
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
         int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0}, alone[NSETS] = {0};
+        int tunings_differ = 0; /* tiles where avx512's two tunings disagree by a bit */
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -399,35 +412,44 @@ static void test_kernels(void)
                     vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
                     ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, ilv_tiles[0]);
                     alone[0] += !rows_alone_same(K[0], &k, port);
+                    float *tuned = malloc((size_t)(n * k.ldo) * sizeof *tuned);
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
                         stray[s] += !run_tile(K[s], &k, out);
+                        if (s == 2) memcpy(tuned, out, (size_t)(n * k.ldo) * sizeof *out);
+                        if (s == 3 && K[2]) tunings_differ += memcmp(tuned, out, (size_t)(n * k.ldo) * sizeof *out) != 0;
                         vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
                         ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, ilv_tiles[s]);
                         alone[s] += !rows_alone_same(K[s], &k, out);
                     }
-                    free(ilv);
+                    free(ilv), free(tuned);
                     free_tile_case(&k);
                     free(out), free(port);
                 }
+        if (K[2] && K[3]) {
+            char name[64];
+            snprintf(name, sizeof name, "kernels_avx512_tunings_same_bits_%s", names[ti]);
+            check_detail(!tunings_differ, name, "%d tiles: %d differ between avx512:prefetch and avx512:stream", tiles,
+                         tunings_differ);
+        }
         for (int s = 0; s < NSETS; s++) {
             if (!K[s]) continue;
             char name[64];
-            snprintf(name, sizeof name, "kernels_%s_%s_vs_float64", kernel_sets[s], names[ti]);
+            snprintf(name, sizeof name, "kernels_%s_%s_vs_float64", kernel_labels[s], names[ti]);
             check_detail(vs_ref[s] <= 1 && !stray[s], name,
                          "%d tiles: worst error %.3f of 2e-6 sum |w x|; %d wrote outside their columns", tiles,
                          vs_ref[s], stray[s]);
-            snprintf(name, sizeof name, "kernels_%s_%s_interleaved_rows", kernel_sets[s], names[ti]);
+            snprintf(name, sizeof name, "kernels_%s_%s_interleaved_rows", kernel_labels[s], names[ti]);
             check_detail(ilv_tiles[s][0] > 50 && (!q || ilv_tiles[s][1] == ilv_tiles[s][0]) && !ilv_differ[s], name,
                          "%d tiles of whole lines with their rows interleaved, %d with their scales inline too: %d "
                          "differ from row-major by a bit",
                          ilv_tiles[s][0], ilv_tiles[s][1], ilv_differ[s]);
-            snprintf(name, sizeof name, "kernels_%s_%s_rows_alone_same", kernel_sets[s], names[ti]);
+            snprintf(name, sizeof name, "kernels_%s_%s_rows_alone_same", kernel_labels[s], names[ti]);
             check_detail(!alone[s], name, "%d tiles: %d gave some row other bits than a tile of that row alone", tiles,
                          alone[s]);
             if (s == 0) continue;
-            snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_sets[s], names[ti]);
+            snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_labels[s], names[ti]);
             check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,
                          vs_port[s]);
         }
@@ -461,7 +483,7 @@ static void test_kernels(void)
     /* the avx512 set of a CPU without AVX-512 BF16 (Intel's Skylake-X to Ice
      * Lake): BF16 through the AVX2 passes, the rest the avx512 set's kernels */
     {
-        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512"), *V2 = wkernels_get("avx2");
+        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512:prefetch"), *V2 = wkernels_get("avx2");
         if (!N || !A || !V2) {
             printf("SKIP kernels_avx512_without_bf16_extension (this CPU cannot run it)\n");
         } else {
@@ -471,7 +493,7 @@ static void test_kernels(void)
             const int same = ok_run && memcmp(a, b, (size_t)(3 * k.ldo) * sizeof *a) == 0;
             free(a), free(b);
             free_tile_case(&k);
-            check_detail(!strcmp(N->name, "avx512") && N->f32 == A->f32 && N->q8 == A->q8 && N->q4 == A->q4 &&
+            check_detail(!strcmp(N->name, "avx512:prefetch") && N->f32 == A->f32 && N->q8 == A->q8 && N->q4 == A->q4 &&
                              N->att_scores == A->att_scores && N->att_values == A->att_values && same,
                          "kernels_avx512_without_bf16_extension",
                          "named %s; F32/Q8/Q4/attention the avx512 set's: %d; a BF16 tile bit for bit the avx2 "
@@ -680,13 +702,13 @@ static void test_att_kernels(void)
     for (int s = 0; s < NSETS; s++) {
         if (!K[s]) continue; /* test_kernels printed the sets skipped */
         char name[64];
-        snprintf(name, sizeof name, "att_kernels_%s_vs_float64", kernel_sets[s]);
+        snprintf(name, sizeof name, "att_kernels_%s_vs_float64", kernel_labels[s]);
         check_detail(worst_s[s] <= 1 && worst_v[s] <= 1 && !stray[s], name,
                      "%d cases: worst error, scores %.3f, values %.3f of 2e-6 sum |products|; %d writes outside "
                      "the scores or values",
                      cases, worst_s[s], worst_v[s], stray[s]);
         if (s == 0) continue;
-        snprintf(name, sizeof name, "att_kernels_%s_vs_portable", kernel_sets[s]);
+        snprintf(name, sizeof name, "att_kernels_%s_vs_portable", kernel_labels[s]);
         check_detail(port_s[s] <= 1 && port_v[s] <= 1, name,
                      "%d cases: worst difference, scores %.3f, values %.3f of 2e-6 sum |products|", cases,
                      port_s[s], port_v[s]);
@@ -772,7 +794,7 @@ static void test_products(void)
         const char *kern = kernel_sets[ki];
         const wkernels *K = wkernels_get(kern);
         if (!K) {
-            printf("SKIP wmatmul_%s (this CPU cannot run it)\n", kern);
+            printf("SKIP wmatmul_%s (this CPU cannot run it)\n", kernel_labels[ki]);
             continue;
         }
         for (int ti = 0; ti < 4; ti++) {
@@ -796,9 +818,9 @@ static void test_products(void)
                 free(x), free(got), free(want), free(scratch);
             }
             char name[64];
-            snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kern);
+            snprintf(name, sizeof name, "wmatmul_%s_%s", names[ti], kernel_labels[ki]);
             check_detail(worst < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst);
-            snprintf(name, sizeof name, "wmatmul_%s_%s_on_decode_pool", names[ti], kern);
+            snprintf(name, sizeof name, "wmatmul_%s_%s_on_decode_pool", names[ti], kernel_labels[ki]);
             check_detail(worst_pool < 1e-5, name, "N = 1, 3, 8, 9, 19: worst %.2e of max |out|", worst_pool);
             free(data), free(sc);
         }
@@ -981,7 +1003,7 @@ static void test_models(const char *tmp)
             if (!wkernels_get(kernel_sets[ki])) continue;
             jm_status s2 = s ? s : jm_set_kernels(mo, kernel_sets[ki], &err);
             if (!s2) s2 = decode_logits(mo, tok, T, dec, &err);
-            snprintf(name, sizeof name, "model_%s_portable_vs_%s_kernels", types[i], kernel_sets[ki]);
+            snprintf(name, sizeof name, "model_%s_portable_vs_%s_kernels", types[i], kernel_labels[ki]);
             r = s2 ? 1 : max_rel(dec, dec2, V);
             check_detail(r < 1e-5, name, "status %d; decode logits: %.2e of max |logit|", s2, r);
         }

@@ -19,6 +19,9 @@
 
 #include <stdio.h>
 #include <string.h>
+#ifdef JM_X86
+#include <cpuid.h>
+#endif
 
 /* ---- portable kernels: the reference for the SIMD ones ----
  * Each adds the products of n inputs from x to acc, in order, so that a row
@@ -108,10 +111,6 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
-/* Interleaved, a group of WILV rows is one stream: each row's prefetch runs
- * WILV times as far on in it. */
-#define INL_AHEAD (PREFETCH_BYTES * WILV)
-
 /* Q8/Q4 scales apart from the rows (row-major or ilv 1: a mapped file; not
  * WILV_INLINE) are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
  * beside the pass's rows), which the rows' prefetches do not cover: each
@@ -196,12 +195,23 @@ typedef struct {
  * only in functions of at most 100 loops, and spilled the accumulators of a
  * function holding every type's passes (Q8 in L2: 52 GB/s against 89). */
 typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int NI);
+
+/* How a set's passes keep the weights' stream in flight, which is the CPU
+ * generation's business (see the avx512 set's two): how far on each row's
+ * lines are prefetched into L1 by software (0: not at all, the hardware
+ * prefetchers alone), and which rows of one input go 4 a pass. */
+typedef struct {
+    int64_t fp_ahead;   /* F32/BF16 passes (their speed decides the distance) */
+    int64_t ilv_ahead;  /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream) */
+    int64_t short_row;  /* F32/BF16 rows of at most this many bytes go 4 a pass at one input (0: none) */
+} stream_tuning;
+
 typedef struct {
     /* a tile of type t against n inputs of C (its rows interleaved or not):
      * R (or 1: its last rows) and at most how many inputs a pass takes */
-    void (*shape)(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs);
+    void (*shape)(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs);
     pass_fn f32, bf16, q8, q4;
-    int64_t fp_ahead; /* how far on an F32/BF16 pass prefetches each row (its speed decides) */
+    stream_tuning tuning;
     /* the n Q4 inputs of a tile as its passes read them, into xg (cap
      * bytes) -> bytes an input, 0 when they do not fit: then the q4_raw
      * passes run, which work from xq (NULL: q4 always does) */
@@ -220,7 +230,7 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     const uint16_t *xb = w.type == WT_BF16 ? xp : NULL;
     const int64_t row = wtype_row_bytes(w.type, C), srow = 2 * (C / QBLOCK);
     int rows, inputs;
-    ps->shape(w.type, w.ilv, n, C, &rows, &inputs);
+    ps->shape(&ps->tuning, w.type, w.ilv, n, C, &rows, &inputs);
     uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
     const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, xq, n, C) : 0;
     pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
@@ -229,9 +239,12 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
         /* interleaved, the group is one stream: each row's prefetch runs WILV
-         * times as far on in it, past the group into the next */
-        const int64_t d = w.type == WT_F32 || w.type == WT_BF16 ? ps->fp_ahead : PREFETCH_BYTES;
-        const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : (ahead){d, d + (R - 1) * row};
+         * times as far on in it, past the group into the next. Row-major Q8/Q4
+         * rows are R streams a pass (the mapped checkpoint's layout): always
+         * prefetched. No distance, no prefetch (not even past a row's end). */
+        const int fp = w.type == WT_F32 || w.type == WT_BF16;
+        const int64_t d = fp ? ps->tuning.fp_ahead : w.ilv ? ps->tuning.ilv_ahead : PREFETCH_BYTES;
+        const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : d ? (ahead){d, d + (R - 1) * row} : (ahead){0, 0};
         const uint8_t *wi = wrow_byte(w, i, 0, row);
         prefetch_pages(wi, w.ilv == WILV_INLINE ? wgroup_inline_bytes(w.type, row) : R * row, PAGE_AHEAD);
         if (w.scales) {
@@ -475,12 +488,17 @@ AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int
 {
     pass_avx2(WT_Q4, out, ldo, a, R, NI);
 }
-static void shape_avx2(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
+static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
-    (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
+    (void)tu, (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
-static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2, PREFETCH_BYTES, NULL, NULL};
+/* Prefetched 2 KB on whatever the CPU: on Zen 4 without the prefetches the
+ * passes (4 rows each, compute-bound nearer than the avx512 ones) streamed
+ * slower, Q8 rows of 2048 over the RAM layout 48-52% of a plain read against
+ * 61-65%, Q4 43-49% against 55% (bench/kernels, AMD EPYC family 25 model 17). */
+static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2,
+                                     {PREFETCH_BYTES, PREFETCH_BYTES, 0}, NULL, NULL};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -827,8 +845,8 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 /* A pass of the common decoding case: one input against the 4 rows of a
  * WILV_INLINE group (a copy in RAM) made of whole steps (C a multiple of
  * QSTEP blocks, as in every JetMoE-8B product). Its own loop, so that every
- * offset and the prefetch distance are constants, no load is masked and no
- * test is made per group; each line of weights is loaded once into a
+ * offset is a constant, no load is masked and no test is made per group but
+ * whether to prefetch (pf: the tuning's distance, 0 for none); each line of weights is loaded once into a
  * register, and the prepared inputs once a group (IN_REG: gcc otherwise
  * folds a load into every instruction that uses it, and Zen 5 takes two
  * 512-bit loads a cycle: Q4 made four a row and group). The same operations
@@ -841,7 +859,7 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
  * unrolled (an earlier try, fast path of int8_pass), its L2 speed rose but
  * it streamed from memory at 44-95% of the loop's. */
 AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, const int8_t *xq, const float *xs,
-                                        const uint8_t *xg, int64_t C, const int PREP)
+                                        const uint8_t *xg, int64_t C, const int PREP, int64_t pf)
 {
     const int64_t nb = C / QBLOCK;
     const int per = t == WT_Q8 ? 2 : 4, groups = QSTEP / per; /* blocks a vector, vectors a row and step */
@@ -850,7 +868,7 @@ AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, c
     __m512 acc[AVX512_ROWS][4];
     UNROLL for (int r = 0; r < AVX512_ROWS; r++) acc[r][0] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += QSTEP, w += wstep_bytes(t)) {
-        prefetch_step_scales(t, w, 0, b, nb, INL_AHEAD);
+        prefetch_step_scales(t, w, 0, b, nb, pf);
         const __m512 xd = _mm512_loadu_ps(xs + b);
         __m512 s[AVX512_ROWS][4];
         UNROLL for (int r = 0; r < AVX512_ROWS; r++)
@@ -860,9 +878,9 @@ AVX512 static INLINE void int8_pass_one(wtype t, float *out, const uint8_t *w, c
         for (int64_t g = 0; g < groups; g++, idx = _mm512_add_epi32(idx, next)) {
             const uint8_t *line = w + g * 64 * WILV; /* group g's line of row 0; row r's r lines on */
             const int8_t *xe = xq + (b + g * per) * QBLOCK;
-            if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)line, 64, xe, C, 64, AVX512_ROWS, 1, INL_AHEAD);
+            if (t == WT_Q8) q8_group(acc, s, idx, (const int8_t *)line, 64, xe, C, 64, AVX512_ROWS, 1, pf);
             else q4_group(acc, s, idx, line, 64, xe, C, per, PREP ? xg + (b / per + g) * Q4_PREP : NULL, 0,
-                          AVX512_ROWS, 1, PREP, INL_AHEAD);
+                          AVX512_ROWS, 1, PREP, pf);
         }
     }
     reduce4(out, acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
@@ -875,7 +893,7 @@ AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pa
 #define INT8_PASS(R, NI, INL) \
     int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, INL, a->r0, a->C, a->pf, a->st)
     if (!a->ws && R == AVX512_ROWS && NI == 1 && a->r0 == 0 && a->C % (QSTEP * QBLOCK) == 0) {
-        int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP);
+        int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP, a->pf.d);
         return;
     }
     switch (!a->ws * 16 + (R == AVX512_ROWS) * 8 + NI) {
@@ -938,37 +956,72 @@ AVX512 static void q4_raw_avx512(float *out, int64_t ldo, const pass_args *a, in
 {
     int8_avx512(WT_Q4, out, ldo, a, R, NI, 0);
 }
-static void shape_avx512(wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
+static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
     (void)ilv;
     const int fp = t == WT_F32 || t == WT_BF16;
     /* one input: one row a pass, or four where rows are short (the four are
      * then a few lines of one stream, and a pass's fixed cost, its call and
      * its rows' final sums, is shared) */
-    const int one = wtype_row_bytes(t, C) <= FP_SHORT_ROW ? AVX512_ROWS : 1;
+    const int one = wtype_row_bytes(t, C) <= tu->short_row ? AVX512_ROWS : 1;
     *rows = !fp ? AVX512_ROWS : n == 1 ? one : AVX512_FP_ROWS;
     *inputs = fp ? AVX512_FP_INPUTS : AVX512_INPUTS;
 }
 #ifndef FP_AHEAD_AVX512
 #define FP_AHEAD_AVX512 4096
 #endif
+/* The set's two tunings, the same passes (the same operations, the same
+ * bits) reading their stream two ways.
+ *
+ * "prefetch", tuned on Zen 5 (and the choice where nothing was measured):
+ * each row's lines prefetched into L1 ahead of the pass, short rows 4 a pass
+ * (the figures at FP_CHAINS, PREFETCH_BYTES, SCALE_PASSES_AHEAD).
+ *
+ * "stream", for Zen 4: the same passes leave each stream to the hardware
+ * prefetchers, and every F32/BF16 row at one input is a pass of its own, so
+ * that a pass reads one stream (rows 4 a pass are 4 streams a row apart,
+ * which Zen 4's prefetchers follow badly when rows are short). One thread,
+ * rows from a 1 GB matrix, % of a plain read measured just before (bench/kernels,
+ * AMD EPYC family 25 model 17, two rounds alternated), prefetch -> stream:
+ * F32 rows of 256 33% -> 63-78%, of 704 45-50% -> 93-99%, of 2048 46-68% ->
+ * 92-94%; BF16 of 2048 46-49% -> 86-96%, of 5632 66-76% -> 75-97%; Q8 over
+ * the RAM layout, rows of 2048 63-79% -> 99-100%, of 5632 43-61% -> 86-87%;
+ * Q4 59-68% -> 65-92%, 54-76% -> 69-110%. Prefetching into L2 (T1) instead
+ * gave 62-90% over the RAM layout. In a microbenchmark of plain dot products
+ * over rows of 1 KB, one row a pass with no prefetch kept up with a plain
+ * read (95-103%), software prefetches 1-4 KB on made it 80-87%, and 4 rows a
+ * pass 34% (2 KB on into L2: 36%; 8 KB: 53%). Whole decodes, one thread: the
+ * small config 165 -> 320-428 tokens/s, the 8B layout (prompt 64) bf16
+ * 2.7-3.4 -> 3.8-5.0, q8 5.7-7.0 -> 6.6-8.6, q4 14.7 -> 16.4-17.6.
+ * Row-major Q8/Q4 rows (a mapped checkpoint) are R streams a pass whatever
+ * the tuning, and stay prefetched (tile_by_passes). */
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
-                                       FP_AHEAD_AVX512, q4_prep, q4_raw_avx512};
+                                       {FP_AHEAD_AVX512, PREFETCH_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512};
+static const pass_set passes_avx512_stream = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
+                                              {0, 0, 0}, q4_prep, q4_raw_avx512};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                         const float *xs, int64_t n, int64_t C)
 {
     tile_by_passes(&passes_avx512, out, ldo, w, nrows, x, xq, xs, n, C);
 }
+static void tile_avx512_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                               const float *xs, int64_t n, int64_t C)
+{
+    tile_by_passes(&passes_avx512_stream, out, ldo, w, nrows, x, xq, xs, n, C);
+}
 
-static const wkernels kernels_avx512 = {"avx512", tile_avx512, tile_avx512, tile_avx512, tile_avx512,
+static const wkernels kernels_avx512 = {"avx512:prefetch", tile_avx512, tile_avx512, tile_avx512, tile_avx512,
                                           att_scores_avx512, att_values_avx512};
+static const wkernels kernels_avx512_stream = {"avx512:stream",    tile_avx512_stream, tile_avx512_stream,
+                                               tile_avx512_stream, tile_avx512_stream, att_scores_avx512,
+                                               att_values_avx512};
 /* The same set where the CPU has AVX-512 and VNNI but not AVX-512 BF16
  * (Intel's Skylake-X to Ice Lake): BF16 through the AVX2 passes, which
  * widen the same bf16 inputs (the same products, summed in another order),
  * every other kernel the AVX-512 one. Nothing of the AVX-512 code it runs
  * uses a BF16 instruction (only the BF16 pass's vdpbf16ps does). */
-static const wkernels kernels_avx512_no_bf16 = {"avx512",          tile_avx512,       tile_avx2, tile_avx512,
+static const wkernels kernels_avx512_no_bf16 = {"avx512:prefetch", tile_avx512,       tile_avx2, tile_avx512,
                                                 tile_avx512,       att_scores_avx512, att_values_avx512};
 #endif
 
@@ -985,13 +1038,13 @@ static const wkernels kernels_avx512_no_bf16 = {"avx512",          tile_avx512, 
  * thread, reads 2 KB on ran at 71-77% of the roofline, 8 and 16 KB on at
  * 81-86%, 32 KB at 72-83% (AMD EPYC family 26 model 2). */
 #define READ_AHEAD (PREFETCH_BYTES * WILV)
-static uint64_t read_bytes(const uint8_t *p, int64_t bytes)
+static uint64_t read_bytes(const uint8_t *p, int64_t bytes, int64_t dist)
 {
     uint64_t h[8] = {0};
     int64_t at = 0;
     for (; at + 64 <= bytes; at += 64) {
         if (at % 4096 == 0) prefetch_pages(p + at, 4096, PAGE_AHEAD);
-        __builtin_prefetch(p + at + READ_AHEAD, 0, 3);
+        if (dist) __builtin_prefetch(p + at + dist, 0, 3);
         for (int k = 0; k < 8; k++) {
             uint64_t v;
             memcpy(&v, p + at + 8 * k, 8);
@@ -1002,21 +1055,34 @@ static uint64_t read_bytes(const uint8_t *p, int64_t bytes)
     return h[0] ^ h[1] ^ h[2] ^ h[3] ^ h[4] ^ h[5] ^ h[6] ^ h[7];
 }
 
-static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
-                      const float *xs, int64_t n, int64_t C)
+/* dist: READ_AHEAD, or 0 for a set tuned to leave its streams to the
+ * hardware prefetchers (the avx512 set's "stream") */
+static void read_tile(float *out, int64_t ldo, wview w, int64_t nrows, int64_t n, int64_t C, int64_t dist)
 {
-    (void)x, (void)xq, (void)xs;
     const int64_t row = wtype_row_bytes(w.type, C);
     /* the tile's rows are consecutive bytes in every layout (interleaved
      * tiles are whole groups; WILV_INLINE's hold their scales) */
-    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), w.ilv == WILV_INLINE ? wview_bytes(w, nrows, C) : nrows * row);
-    if (w.scales) h ^= read_bytes(w.scales, nrows * 2 * (C / QBLOCK));
+    uint64_t h = read_bytes(wrow_byte(w, 0, 0, row), w.ilv == WILV_INLINE ? wview_bytes(w, nrows, C) : nrows * row,
+                            dist);
+    if (w.scales) h ^= read_bytes(w.scales, nrows * 2 * (C / QBLOCK), dist);
     uint32_t v = (uint32_t)(h ^ h >> 32);
     for (int64_t r = 0; r < n; r++)
         for (int64_t o = 0; o < nrows; o++) {
             v = v * 2654435761u + (uint32_t)o; /* finite, in [-0.5, 0.5): the step's softmaxes stay defined */
             out[r * ldo + o] = (float)(v >> 8) / 16777216.0f - 0.5f;
         }
+}
+static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                      const float *xs, int64_t n, int64_t C)
+{
+    (void)x, (void)xq, (void)xs;
+    read_tile(out, ldo, w, nrows, n, C, READ_AHEAD);
+}
+static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                             const float *xs, int64_t n, int64_t C)
+{
+    (void)x, (void)xq, (void)xs;
+    read_tile(out, ldo, w, nrows, n, C, 0);
 }
 
 /* The read set of each set, with that set's attention kernels. */
@@ -1025,6 +1091,8 @@ static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, 
 static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2, att_values_avx2};
 static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read, tile_read, att_scores_avx512,
                                      att_values_avx512};
+static const wkernels read_avx512_stream = {"read",           tile_read_stream,  tile_read_stream, tile_read_stream,
+                                            tile_read_stream, att_scores_avx512, att_values_avx512};
 #endif
 
 /* ---- choosing a set ---- */
@@ -1051,30 +1119,64 @@ static unsigned cpu_features(void)
 #endif
 }
 
-/* Every set by name, best first (the order "auto" tries them in). */
+/* Zen 4 (AMD family 0x19 with AVX-512; Zen 3, the family's other members,
+ * has none), whose prefetchers the avx512 set's "stream" tuning suits. */
+static int cpu_zen4(void)
+{
+#ifdef JM_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
+        return 0; /* not "AuthenticAMD" */
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const unsigned family = (a >> 8 & 15) == 15 ? 15 + (a >> 20 & 255) : a >> 8 & 15;
+    return family == 0x19;
+#else
+    return 0;
+#endif
+}
+
+/* Every set by name, best first (the order "auto" tries them in); a set
+ * with tunings for CPU generations is listed once per tuning, as
+ * "set:tuning", the one for this CPU first (cpu: whether it is; NULL: any).
+ * A set's bare name is the first of its tunings this CPU is, or runs. */
 static const struct {
     const char *name;
     unsigned needs;
     const wkernels *set;
+    int (*cpu)(void);
 } sets[] = {
 #ifdef JM_X86
-    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX512BF16, &kernels_avx512},
-    {"avx512", F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI | F_AVX2 | F_FMA | F_F16C,
-     &kernels_avx512_no_bf16},
-    {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2},
+#define AVX512_NEEDS (F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI)
+    {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, cpu_zen4},
+    {"avx512:prefetch", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512, NULL},
+    {"avx512:prefetch", AVX512_NEEDS | F_AVX2 | F_FMA | F_F16C, &kernels_avx512_no_bf16, NULL},
+    {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, NULL}, /* by its name, on any CPU */
+    {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2, NULL},
+#undef AVX512_NEEDS
 #else
-    {"avx512", F_X86, NULL},
-    {"avx2", F_X86, NULL},
+    {"avx512:stream", F_X86, NULL, NULL},
+    {"avx512:prefetch", F_X86, NULL, NULL},
+    {"avx2", F_X86, NULL, NULL},
 #endif
-    {"portable", 0, &kernels_portable},
+    {"portable", 0, &kernels_portable, NULL},
 };
+
+/* Whether `name` names entry i: its full name, or the set's (the part
+ * before ':'), or "auto". */
+static int names_set(const char *name, size_t i)
+{
+    const char *full = sets[i].name, *colon = strchr(full, ':');
+    if (!strcmp(name, "auto") || !strcmp(name, full)) return 1;
+    return colon && strlen(name) == (size_t)(colon - full) && !strncmp(name, full, (size_t)(colon - full));
+}
 
 const wkernels *wkernels_get(const char *name)
 {
     const unsigned have = cpu_features();
-    const int any = strcmp(name, "auto") == 0;
+    const int exact = strchr(name, ':') != NULL;
     for (size_t i = 0; i < sizeof sets / sizeof *sets; i++)
-        if ((any || strcmp(name, sets[i].name) == 0) && (sets[i].needs & ~have) == 0) return sets[i].set;
+        if (names_set(name, i) && (sets[i].needs & ~have) == 0 && (exact || !sets[i].cpu || sets[i].cpu()))
+            return sets[i].set;
     return NULL;
 }
 
@@ -1082,7 +1184,7 @@ int wkernels_missing(const char *name, char *buf, size_t cap)
 {
     const unsigned have = cpu_features();
     for (size_t i = 0; i < sizeof sets / sizeof *sets; i++) {
-        if (strcmp(name, sets[i].name) != 0) continue;
+        if (!strcmp(name, "auto") || !names_set(name, i)) continue;
         size_t len = 0;
         if (cap) buf[0] = 0;
         for (size_t f = 0; f < sizeof feature_names / sizeof *feature_names; f++)
@@ -1107,6 +1209,7 @@ const wkernels *wkernels_read(void)
 {
 #ifdef JM_X86
     const wkernels *best = wkernels_get("auto");
+    if (best == &kernels_avx512_stream) return &read_avx512_stream;
     if (best == &kernels_avx512 || best == &kernels_avx512_no_bf16) return &read_avx512;
     if (best == &kernels_avx2) return &read_avx2;
 #endif
