@@ -280,12 +280,12 @@ def big(a):
     print(f"JetMoE-8B layout (random weights, {a.synthetic}): prompt {a.prompt_8b}, {a.new_8b} new, "
           f"{a.kv_cache} KV cache, weights {'copied into RAM' if a.weights == 'ram' else 'mapped'}, "
           f"best of {a.reps_8b} run{'s' if a.reps_8b > 1 else ''}; {first['cpu']}")
-    print(f"  {'weights':8} {'kernels':8} {'MB/token':>8}" + "".join(
+    print(f"  {'weights':8} {'kernels':15} {'MB/token':>8}" + "".join(
         f" {f'{t} thr tok/s':>12} {'GB/s':>5} {'of roof':>7} {'paired':>6} {'+KV':>9}" for t in a.thread_list)
         + f" {f'{tn}/{t1}':>6}"
         + "".join(f" {f'read-only {t} thr':>18} {'kernels/it':>10}" for t in a.thread_list))
     for name, r in rows:
-        print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:8} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
+        print(f"  {r[t1]['weight_type']:8} {r[t1]['kernels']:15} {r[t1]['active_weight_bytes'] / 1e6:8.0f}" + "".join(
             f" {r[t]['decode_tok_s']:12.3f} {r[t]['bandwidth_gbs']:5.1f} {r[t]['ratio']:7.0%} {r[t]['paired_ratio']:6.0%}"
             f" {r[t]['kv_ratio']:4.0%}/{r[t]['paired_kv_ratio']:4.0%}" for t in a.thread_list)
             + f" {r[tn]['decode_tok_s'] / r[t1]['decode_tok_s']:5.2f}x"

@@ -70,7 +70,7 @@ MODEL_CHECKS = ["cli_aliases_match_long_forms", "cli_temperature_zero_is_greedy"
                 "cli_repetition_penalty_matches_numpy", "cli_repetition_penalty_breaks_greedy_loop",
                 "cli_info_weight_format", "cli_weights_place"]
 TIMING = re.compile(r"prompt: (\d+) tokens, ([\d.]+|-) tok/s \| generation: (\d+) tokens, ([\d.]+|-) tok/s \| "
-                    r"(\w+) weights (mapped|in RAM), (\w+) kernels")
+                    r"(\w+) weights (mapped|in RAM), (\w+(?::\w+)?) kernels")
 
 
 def run(suite, jetmoe, tmp):
