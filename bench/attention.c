@@ -102,13 +102,13 @@ int main(int argc, char **argv)
     printf("decode attention: %d layers x %d KV heads x %d, %d query slots a head, %d cached positions, %s cache "
            "(%.1f MB a step); %s\n",
            LAYERS, HKV, D, K, P, kv, step_bytes / 1e6, cpu);
-    printf("%-9s %8s %10s %8s %8s %8s %6s\n", "kernels", "threads", "ms/step", "mean", "GB/s", "read", "%read");
+    printf("%-15s %8s %10s %8s %8s %8s %6s\n", "kernels", "threads", "ms/step", "mean", "GB/s", "read", "%read");
     char setlist[128];
     snprintf(setlist, sizeof setlist, "%s", sets);
     for (char *ssave = NULL, *name = strtok_r(setlist, ",", &ssave); name; name = strtok_r(NULL, ",", &ssave)) {
         const wkernels *kern = wkernels_get(name);
         if (!kern) {
-            printf("%-9s (this CPU or build cannot run it)\n", name);
+            printf("%-15s (this CPU or build cannot run it)\n", name);
             continue;
         }
         char list[64];
@@ -140,7 +140,7 @@ int main(int argc, char **argv)
                 if (s) sum += dt;
             }
             const double bw = read_bandwidth((size_t)1 << 30, 5), gbs = step_bytes / best / 1e9;
-            printf("%-9s %8d %10.2f %8.2f %8.1f %8.1f %5.0f%%\n", name, threads, 1e3 * best,
+            printf("%-15s %8d %10.2f %8.2f %8.1f %8.1f %5.0f%%\n", name, threads, 1e3 * best,
                    1e3 * sum / steps, gbs, bw, 100 * gbs / bw);
             fflush(stdout);
             jm_pool_free(pool);

@@ -5,6 +5,9 @@
  *   build/bench/kernels [--C 2048] [--big-mb 1024] [--l2-kb 512] [--reps 10] [--sets avx512,avx2,portable]
  *                       [--types f32,bf16,q8,q4]
  *
+ * (avx512: this CPU's tuning of the set; avx512:stream and avx512:prefetch
+ * name one, to compare them.)
+ *
  * Decoding reads every active weight once, so a kernel keeps up when it
  * streams a matrix far larger than the caches at the rate plain reads reach.
  * Far larger than the TLBs reach too: in a virtual machine, one thread
@@ -214,7 +217,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--types")) types_arg = argv[i + 1];
         else {
             fprintf(stderr, "usage: bench/kernels [--C 2048] [--big-mb 1024] [--l2-kb 512] [--reps 10] "
-                            "[--sets avx512,avx2,portable] [--types f32,bf16,q8,q4]\n");
+                            "[--sets avx512,avx512:stream,avx512:prefetch,avx2,portable] [--types f32,bf16,q8,q4]\n");
             return 2;
         }
     }
@@ -232,7 +235,7 @@ int main(int argc, char **argv)
            "shared), weights per cycle at the clock then,\nand the big matrix with its rows interleaved in groups of "
            "%d, their scales inline (ilv: the layout of Q8/Q4 copies in RAM), and the L2 one so (L2 ilv, GB/s)\n\n",
            (long long)C, big_mb, l2_kb, WILV);
-    printf("%-9s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s | %8s\n", "set", "type", "n", "GHz",
+    printf("%-15s %-5s %2s %5s | %8s %6s %6s %6s | %8s %6s | %8s %6s %6s %6s | %8s\n", "set", "type", "n", "GHz",
            "big GB/s", "read", "%read", "w/cyc", "ilv GB/s", "%read", "L2 GB/s", "read", "%read", "w/cyc", "L2 ilv");
 
     const int64_t nmax = 4;
@@ -263,7 +266,7 @@ int main(int argc, char **argv)
         for (char *save = NULL, *name = strtok_r(list, ",", &save); name; name = strtok_r(NULL, ",", &save)) {
             const wkernels *K = wkernels_get(name);
             if (!K) {
-                printf("%-9s %-5s (this CPU or build cannot run it)\n", name, tnames[ti]);
+                printf("%-15s %-5s (this CPU or build cannot run it)\n", name, tnames[ti]);
                 continue;
             }
             const wtile_fn f = wkernel_for(K, types[ti]);
@@ -288,7 +291,7 @@ int main(int argc, char **argv)
                     snprintf(ilv_cols, sizeof ilv_cols, "%8.1f %5.0f%%", gi, 100 * gi / bw_big);
                     snprintf(l2_ilv_cols, sizeof l2_ilv_cols, "%8.1f", l2.bytes / tli / 1e9);
                 }
-                printf("%-9s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %s | %8.1f %6.1f %5.0f%% %6.1f | %s\n",
+                printf("%-15s %-5s %2lld %5.2f | %8.1f %6.1f %5.0f%% %6.1f | %s | %8.1f %6.1f %5.0f%% %6.1f | %s\n",
                        K->name, tnames[ti], (long long)n, ghz, gb, bw_big, 100 * gb / bw_big, cb, ilv_cols, gl, bw_l2,
                        100 * gl / bw_l2, cl, l2_ilv_cols);
                 fflush(stdout);

@@ -1657,7 +1657,9 @@ jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
     const wkernels *k = wkernels_get(name);
     char missing[128];
     if (!k && wkernels_missing(name, missing, sizeof missing) < 0)
-        return jm_fail(err, JM_ERR_ARG, "kernels '%s': unknown (use auto, avx512, avx512:stream, avx512:prefetch, avx2 or portable)", name);
+        return jm_fail(err, JM_ERR_ARG,
+                       "kernels '%s': unknown (use auto, avx512, avx512:stream, avx512:prefetch, avx2 or portable)",
+                       name);
     if (!k) return jm_fail(err, JM_ERR_ARG, "kernels '%s': this CPU lacks %s", name, missing);
     m->kern = k;
     return JM_OK;

@@ -107,10 +107,14 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
  * against 26 with one row (Zen 5). So each row's stream is prefetched
  * PREFETCH_BYTES on, into L1: measured, 1 to 4 KB did alike, none or 8 KB
  * worse; into L2 (T1) no better; 8 rows on, as much for Q8 but worse for F32
- * (64 KB on: more than L1 holds). */
+ * (64 KB on: more than L1 holds). That is Zen 5, and the avx512 set's
+ * "prefetch" tuning; Zen 4 follows one stream best alone (its "stream"). */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
+/* Interleaved, a group of WILV rows is one stream: each row's prefetch runs
+ * WILV times as far on in it. */
+#define INL_AHEAD (PREFETCH_BYTES * WILV)
 /* Q8/Q4 scales apart from the rows (row-major or ilv 1: a mapped file; not
  * WILV_INLINE) are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
  * beside the pass's rows), which the rows' prefetches do not cover: each
@@ -201,9 +205,11 @@ typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int 
  * lines are prefetched into L1 by software (0: not at all, the hardware
  * prefetchers alone), and which rows of one input go 4 a pass. */
 typedef struct {
-    int64_t fp_ahead;   /* F32/BF16 passes (their speed decides the distance) */
-    int64_t ilv_ahead;  /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream) */
-    int64_t short_row;  /* F32/BF16 rows of at most this many bytes go 4 a pass at one input (0: none) */
+    int64_t fp_ahead;  /* F32/BF16 passes (their speed decides the distance) */
+    int64_t ilv_ahead; /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream):
+                        * 0 or PREFETCH_BYTES, which int8_avx512's fast path takes as constants */
+    int64_t short_row; /* F32/BF16 rows of at most this many bytes go 4 a pass at one input (the
+                        * avx512 set; the avx2 one takes 4 a pass always) */
 } stream_tuning;
 
 typedef struct {
@@ -240,8 +246,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         const int R = nrows - i >= rows ? rows : 1;
         /* interleaved, the group is one stream: each row's prefetch runs WILV
          * times as far on in it, past the group into the next. Row-major Q8/Q4
-         * rows are R streams a pass (files from before interleaving): always
-         * prefetched. No distance, no prefetch (not even past a row's end). */
+         * rows are R streams a pass (files from before interleaving, matrices
+         * not of whole groups or lines): always prefetched. No distance, no prefetch (not even past a row's end). */
         const int fp = w.type == WT_F32 || w.type == WT_BF16;
         const int64_t d = fp ? ps->tuning.fp_ahead : w.ilv ? ps->tuning.ilv_ahead : PREFETCH_BYTES;
         const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : d ? (ahead){d, d + (R - 1) * row} : (ahead){0, 0};
@@ -496,7 +502,8 @@ AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int
 }
 static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
-    (void)tu, (void)t, (void)ilv, (void)n, (void)C; /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
+    /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
+    (void)tu, (void)t, (void)ilv, (void)n, (void)C;
     *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
 }
 /* Prefetched 2 KB on whatever the CPU: on Zen 4 without the prefetches the
@@ -522,7 +529,7 @@ static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, t
 #define AVX512_INPUTS 4
 /* F32 and BF16 decode (one input) one row a pass: consecutive rows are then
  * one stream, where 4 rows a pass are 4 streams a row apart (rows of at most
- * FP_SHORT_ROW bytes go 4 a pass: see shape_avx512); batches take 2
+ * the tuning's short_row bytes go 4 a pass: see shape_avx512); batches take 2
  * rows x 2 inputs a pass, each weight and input load serving two products.
  * A row's vectors go round FP_CHAINS accumulators, so that four FMA chains
  * run at once. Whatever the pass's rows and inputs, a row's sum is the same
@@ -851,9 +858,10 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
 /* A pass of the common decoding case: one input against the 4 rows of a
  * WILV_INLINE group (a copy in RAM) made of whole steps (C a multiple of
  * QSTEP blocks, as in every JetMoE-8B product). Its own loop, so that every
- * offset is a constant, no load is masked and no test is made per group but
- * whether to prefetch (pf: the tuning's distance, 0 for none); each line of weights is loaded once into a
- * register, and the prepared inputs once a group (IN_REG: gcc otherwise
+ * offset and the prefetch distance (pf: the tuning's, 0 for none) are
+ * constants, no load is masked and no test is made per group; each line of
+ * weights is loaded once into a register, and the prepared inputs once a
+ * group (IN_REG: gcc otherwise
  * folds a load into every instruction that uses it, and Zen 5 takes two
  * 512-bit loads a cycle: Q4 made four a row and group). The same operations
  * in the same order as int8_pass, so the same bits. bench/kernels' L2 ilv
@@ -900,7 +908,9 @@ AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pa
 #define INT8_PASS(R, NI, INL) \
     int8_pass(t, out, ldo, a->w, a->ws, a->xq, a->xs, a->xg, a->xgs, R, NI, PREP, INL, a->r0, a->C, a->pf, a->st, L2)
     if (!a->ws && R == AVX512_ROWS && NI == 1 && a->r0 == 0 && a->C % (QSTEP * QBLOCK) == 0) {
-        int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP, a->pf.d);
+        /* the tunings' two distances as constants (else a test per group) */
+        if (a->pf.d) int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP, INL_AHEAD);
+        else int8_pass_one(t, out, a->w, a->xq, a->xs, a->xg, a->C, PREP, 0);
         return;
     }
     switch (!a->ws * 16 + (R == AVX512_ROWS) * 8 + NI) {
@@ -926,16 +936,17 @@ AVX512 static INLINE void int8_avx512(wtype t, float *out, int64_t ldo, const pa
 
 /* The same for F32/BF16 tiles, row-major or interleaved (fp_at). SEQ: a
  * pass of 4 rows at one input reads them one after another, each as a pass
- * of its own would (one stream, not 4: the "stream" tuning's), in one call. */
+ * of its own would, in one call (the "stream" tuning's: row-major, the 4 are
+ * then one stream, not 4 a row apart; it prefetches nothing, so a row's
+ * prefetch distance past its end is never used). */
 AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI,
                                     const int SEQ)
 {
     const int ilv = a->st.ls != 64;
 #define FP_PASS(R, NI, ILV) fp_pass(t, out, ldo, a->w, a->x, a->xb, R, NI, a->C, a->pf, a->st, ILV)
     if (SEQ && R == AVX512_ROWS && NI == 1) {
-        const int64_t rs = ilv ? a->st.rs : wtype_row_bytes(t, a->C); /* from a row to the next */
-        UNROLL for (int r = 0; r < AVX512_ROWS; r++)
-            fp_pass(t, out + r, ldo, a->w + r * rs, a->x, a->xb, 1, 1, a->C, a->pf, a->st, ilv);
+        UNROLL for (int r = 0; r < AVX512_ROWS; r++) /* st.rs: from a row to the next */
+            fp_pass(t, out + r, ldo, a->w + r * a->st.rs, a->x, a->xb, 1, 1, a->C, a->pf, a->st, ilv);
         return;
     }
     switch (ilv * 32 + (R == AVX512_ROWS) * 16 + (R == AVX512_FP_ROWS) * 8 + NI) {
@@ -1006,9 +1017,6 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
 #ifndef FP_AHEAD_AVX512
 #define FP_AHEAD_AVX512 4096
 #endif
-#ifndef SEQ_SHORT_ROW
-#define SEQ_SHORT_ROW 2048
-#endif
 /* The set's two tunings, the same passes (the same operations, the same
  * bits) reading their stream two ways.
  *
@@ -1017,9 +1025,10 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * (the figures at FP_CHAINS, PREFETCH_BYTES, SCALE_PASSES_AHEAD).
  *
  * "stream", for Zen 4: the same passes leave each stream to the hardware
- * prefetchers, and every F32/BF16 row at one input is a pass of its own, so
- * that a pass reads one stream (rows 4 a pass are 4 streams a row apart,
- * which Zen 4's prefetchers follow badly when rows are short). One thread,
+ * prefetchers (F32/BF16 rows, interleaved Q8/Q4 rows), and F32/BF16 rows at
+ * one input are read one at a time, so that a pass reads one stream (rows 4
+ * a pass are 4 streams a row apart, which Zen 4's prefetchers follow badly
+ * when rows are short). First measured with every row a pass: one thread,
  * rows from a 1 GB matrix, % of a plain read measured just before (bench/kernels,
  * AMD EPYC family 25 model 17, two rounds alternated), prefetch -> stream:
  * F32 rows of 256 33% -> 63-78%, of 704 45-50% -> 93-99%, of 2048 46-68% ->
@@ -1032,23 +1041,24 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * pass 34% (2 KB on into L2: 36%; 8 KB: 53%). Whole decodes, one thread: the
  * small config 165 -> 320-428 tokens/s, the 8B layout (prompt 64) bf16
  * 2.7-3.4 -> 3.8-5.0, q8 5.7-7.0 -> 6.6-8.6, q4 14.7 -> 16.4-17.6.
- * Short F32/BF16 rows (at most SEQ_SHORT_ROW bytes) still go 4 a pass, read
- * one after another (fp_avx512's SEQ): a pass's fixed cost (the tile's loop,
+ * Then short F32/BF16 rows (at most FP_SHORT_ROW bytes) went 4 a pass again,
+ * read one after another (fp_avx512's SEQ): a pass's fixed cost (the tile's loop,
  * its call) was most of a row's at one row a pass: F32 rows of 256 from L2
  * 27-29 -> 61-70 GB/s, from memory alike (82-99% of a plain read against
  * 85-89%); the small config 407-419 -> 539-559 tokens/s at one thread,
  * 575-671 -> 694-813 at two (three rounds alternated).
- * Row-major Q8/Q4 rows (quantized files from before interleaving, rows not
- * of whole lines) are R streams a pass whatever the tuning, and stay
- * prefetched (tile_by_passes), here into L2 (T1): rows of 2048 and 5632
- * from 1 GB, two rounds, 40-48% of a plain read into L1, 66-76% into L2.
- * A mapped checkpoint of ours (rows interleaved, scales apart) decoded
- * alike with either tuning: q4 at one thread 13.4 and 12.1 tokens/s
- * against 14.3 and 12.4. */
+ * Row-major Q8/Q4 rows (quantized files from before interleaving, matrices
+ * not of whole groups or lines) are R streams a pass whatever the tuning,
+ * and stay prefetched (tile_by_passes), here into L2 (T1): rows of 2048 and
+ * 5632 from 1 GB, two rounds, 40-48% of a plain read into L1, 66-76% into
+ * L2. A mapped checkpoint of ours (rows interleaved, scales apart: no line
+ * prefetch here) decoded q4 at one thread at 13.4 and 12.1 tokens/s with
+ * "stream", 14.3 and 12.4 with "prefetch" (alternated; within the swing).
+ * Batches (n > 1) were not measured apart: 2 rows a pass, no prefetch. */
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
                                        {FP_AHEAD_AVX512, PREFETCH_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512};
 static const pass_set passes_avx512_stream = {shape_avx512,    f32_avx512_seq, bf16_avx512_seq, q8_avx512_l2,
-                                              q4_avx512_l2,    {0, 0, SEQ_SHORT_ROW}, q4_prep,
+                                              q4_avx512_l2,    {0, 0, FP_SHORT_ROW}, q4_prep,
                                               q4_raw_avx512_l2};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
@@ -1079,7 +1089,8 @@ static const wkernels kernels_avx512_no_bf16 = {"avx512:prefetch", tile_avx512, 
 /* ---- "read": the products' reads without their math ----
  * For bench/decode --kernels read (jm_set_read_only_products): a tile reads
  * every byte its products would (weights and scales) as plain loads, with
- * the kernels' prefetches, and writes a hash of the positions. A decode step
+ * the kernels' prefetches (none for the "stream" tuning's), and writes a
+ * hash of the positions. A decode step
  * then runs at the memory system's pace for the step's own access pattern
  * (which experts, in what pieces, from the model's mapping): the ceiling the
  * real kernels are measured against, beside the roofline's plain read of
@@ -1095,7 +1106,7 @@ static uint64_t read_bytes(const uint8_t *p, int64_t bytes, int64_t dist)
     int64_t at = 0;
     for (; at + 64 <= bytes; at += 64) {
         if (at % 4096 == 0) prefetch_pages(p + at, 4096, PAGE_AHEAD);
-        if (dist) __builtin_prefetch(p + at + dist, 0, 3);
+        if (dist) __builtin_prefetch((const void *)((uintptr_t)p + (uintptr_t)(at + dist)), 0, 3);
         for (int k = 0; k < 8; k++) {
             uint64_t v;
             memcpy(&v, p + at + 8 * k, 8);
@@ -1129,12 +1140,6 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
     (void)x, (void)xq, (void)xs;
     read_tile(out, ldo, w, nrows, n, C, READ_AHEAD);
 }
-static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
-                             const float *xs, int64_t n, int64_t C)
-{
-    (void)x, (void)xq, (void)xs;
-    read_tile(out, ldo, w, nrows, n, C, 0);
-}
 
 /* The read set of each set, with that set's attention kernels. */
 static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_c, att_values_c};
@@ -1142,6 +1147,12 @@ static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, 
 static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2, att_values_avx2};
 static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read, tile_read, att_scores_avx512,
                                      att_values_avx512};
+static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                             const float *xs, int64_t n, int64_t C)
+{
+    (void)x, (void)xq, (void)xs;
+    read_tile(out, ldo, w, nrows, n, C, 0);
+}
 static const wkernels read_avx512_stream = {"read",           tile_read_stream,  tile_read_stream, tile_read_stream,
                                             tile_read_stream, att_scores_avx512, att_values_avx512};
 #endif
@@ -1170,26 +1181,26 @@ static unsigned cpu_features(void)
 #endif
 }
 
+#ifdef JM_X86
 /* Zen 4 (AMD family 0x19 with AVX-512; Zen 3, the family's other members,
  * has none), whose prefetchers the avx512 set's "stream" tuning suits. */
 static int cpu_zen4(void)
 {
-#ifdef JM_X86
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
         return 0; /* not "AuthenticAMD" */
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
     const unsigned family = (a >> 8 & 15) == 15 ? 15 + (a >> 20 & 255) : a >> 8 & 15;
     return family == 0x19;
-#else
-    return 0;
-#endif
 }
+#endif
 
 /* Every set by name, best first (the order "auto" tries them in); a set
  * with tunings for CPU generations is listed once per tuning, as
- * "set:tuning", the one for this CPU first (cpu: whether it is; NULL: any).
- * A set's bare name is the first of its tunings this CPU is, or runs. */
+ * "set:tuning", each tuning for a CPU generation before the general one
+ * (cpu: whether this CPU is of it; NULL: any). A set's bare name is the
+ * first of its tunings this CPU is of and runs; "set:tuning" that tuning on
+ * any CPU that runs it. */
 static const struct {
     const char *name;
     unsigned needs;
@@ -1201,7 +1212,6 @@ static const struct {
     {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, cpu_zen4},
     {"avx512:prefetch", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512, NULL},
     {"avx512:prefetch", AVX512_NEEDS | F_AVX2 | F_FMA | F_F16C, &kernels_avx512_no_bf16, NULL},
-    {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, NULL}, /* by its name, on any CPU */
     {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2, NULL},
 #undef AVX512_NEEDS
 #else
