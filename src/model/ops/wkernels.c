@@ -979,30 +979,20 @@ AVX512 static void bf16_avx512_seq(float *out, int64_t ldo, const pass_args *a, 
 {
     fp_avx512(WT_BF16, out, ldo, a, R, NI, 1);
 }
-AVX512 static void q8_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q8, out, ldo, a, R, NI, 0, 0);
-}
-AVX512 static void q4_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q4, out, ldo, a, R, NI, 1, 0);
-}
-AVX512 static void q4_raw_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q4, out, ldo, a, R, NI, 0, 0);
-}
-AVX512 static void q8_avx512_l2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q8, out, ldo, a, R, NI, 0, 1);
-}
-AVX512 static void q4_avx512_l2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q4, out, ldo, a, R, NI, 1, 1);
-}
-AVX512 static void q4_raw_avx512_l2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    int8_avx512(WT_Q4, out, ldo, a, R, NI, 0, 1);
-}
+/* The Q8/Q4 entry points, one per (type, prepared inputs, prefetch into L2):
+ * each instantiates int8_avx512 with its constants. */
+#define INT8_ENTRY(name, t, PREP, L2)                                                \
+    AVX512 static void name(float *out, int64_t ldo, const pass_args *a, int R, int NI) \
+    {                                                                                 \
+        int8_avx512(t, out, ldo, a, R, NI, PREP, L2);                                 \
+    }
+INT8_ENTRY(q8_avx512, WT_Q8, 0, 0)
+INT8_ENTRY(q4_avx512, WT_Q4, 1, 0)
+INT8_ENTRY(q4_raw_avx512, WT_Q4, 0, 0)
+INT8_ENTRY(q8_avx512_l2, WT_Q8, 0, 1)
+INT8_ENTRY(q4_avx512_l2, WT_Q4, 1, 1)
+INT8_ENTRY(q4_raw_avx512_l2, WT_Q4, 0, 1)
+#undef INT8_ENTRY
 static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
     (void)ilv;
