@@ -341,16 +341,6 @@ static double tile_error(const tile_case *k, const float *got, const float *ref_
     return worst;
 }
 
-/* Every set this CPU runs, every type, over tiles of nrows 1..9 weight rows
- * and n 1..8 inputs, with C tails, tiny and large magnitudes, ldo > nrows and
- * no alignment, against the float64 sums and against the portable set.
- * The tolerance, 2e-6 of sum |w x| (34 units of fp32 rounding, 2^-24): Q8/Q4
- * sum each block exactly in int32, so their error is fp32 rounding alone,
- * like F32's and BF16's: one rounding per scale product and per addition to
- * an accumulator of at most C terms. Bounded only by C units in the worst
- * case, those errors take random signs and the partial sums grow like
- * sqrt(terms), so they stay at a few units whatever C (the worst is printed:
- * ~6 for the portable set's single running sum). */
 /* AMD family 25 (0x19: Zen 3 and Zen 4; only Zen 4 has AVX-512), from
  * /proc/cpuinfo (0 where there is none). */
 static int cpuinfo_zen4(void)
@@ -367,6 +357,16 @@ static int cpuinfo_zen4(void)
     return amd && family == 25;
 }
 
+/* Every set this CPU runs, every type, over tiles of nrows 1..9 weight rows
+ * and n 1..8 inputs, with C tails, tiny and large magnitudes, ldo > nrows and
+ * no alignment, against the float64 sums and against the portable set.
+ * The tolerance, 2e-6 of sum |w x| (34 units of fp32 rounding, 2^-24): Q8/Q4
+ * sum each block exactly in int32, so their error is fp32 rounding alone,
+ * like F32's and BF16's: one rounding per scale product and per addition to
+ * an accumulator of at most C terms. Bounded only by C units in the worst
+ * case, those errors take random signs and the partial sums grow like
+ * sqrt(terms), so they stay at a few units whatever C (the worst is printed:
+ * ~6 for the portable set's single running sum). */
 static void test_kernels(void)
 {
     const wkernels *K[NSETS];

@@ -203,7 +203,9 @@ typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int 
 /* How a set's passes keep the weights' stream in flight, which is the CPU
  * generation's business (see the avx512 set's two): how far on each row's
  * lines are prefetched into L1 by software (0: not at all, the hardware
- * prefetchers alone), and which rows of one input go 4 a pass. */
+ * prefetchers alone), and which rows of one input go 4 a pass. What must be
+ * a constant in a pass's loops (4 rows read one after another, prefetches
+ * into L2) is in the set's pass functions instead (SEQ, L2). */
 typedef struct {
     int64_t fp_ahead;  /* F32/BF16 passes (their speed decides the distance) */
     int64_t ilv_ahead; /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream):
@@ -247,7 +249,8 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
         /* interleaved, the group is one stream: each row's prefetch runs WILV
          * times as far on in it, past the group into the next. Row-major Q8/Q4
          * rows are R streams a pass (files from before interleaving, matrices
-         * not of whole groups or lines): always prefetched. No distance, no prefetch (not even past a row's end). */
+         * not of whole groups or lines): always prefetched. No distance, no
+         * prefetch (not even past a row's end). */
         const int fp = w.type == WT_F32 || w.type == WT_BF16;
         const int64_t d = fp ? ps->tuning.fp_ahead : w.ilv ? ps->tuning.ilv_ahead : PREFETCH_BYTES;
         const ahead pf = w.ilv ? (ahead){d * WILV, d * WILV} : d ? (ahead){d, d + (R - 1) * row} : (ahead){0, 0};
@@ -861,9 +864,9 @@ AVX512 static INLINE void int8_pass(wtype t, float *out, int64_t ldo, const uint
  * offset and the prefetch distance (pf: the tuning's, 0 for none) are
  * constants, no load is masked and no test is made per group; each line of
  * weights is loaded once into a register, and the prepared inputs once a
- * group (IN_REG: gcc otherwise
- * folds a load into every instruction that uses it, and Zen 5 takes two
- * 512-bit loads a cycle: Q4 made four a row and group). The same operations
+ * group (IN_REG: gcc otherwise folds a load into every instruction that
+ * uses it, and Zen 5 takes two 512-bit loads a cycle: Q4 made four a row
+ * and group). The same operations
  * in the same order as int8_pass, so the same bits. bench/kernels' L2 ilv
  * (one thread, C = 2048, AMD EPYC family 26 model 2), against the general
  * loop with a fast path inside it: Q4 52 -> 67-70 GB/s, Q8 76-77 -> 98
@@ -963,36 +966,25 @@ AVX512 static INLINE void fp_avx512(wtype t, float *out, int64_t ldo, const pass
     }
 #undef FP_PASS
 }
-AVX512 static void f32_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    fp_avx512(WT_F32, out, ldo, a, R, NI, 0);
-}
-AVX512 static void bf16_avx512(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    fp_avx512(WT_BF16, out, ldo, a, R, NI, 0);
-}
-AVX512 static void f32_avx512_seq(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    fp_avx512(WT_F32, out, ldo, a, R, NI, 1);
-}
-AVX512 static void bf16_avx512_seq(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    fp_avx512(WT_BF16, out, ldo, a, R, NI, 1);
-}
-/* The Q8/Q4 entry points, one per (type, prepared inputs, prefetch into L2):
- * each instantiates int8_avx512 with its constants. */
-#define INT8_ENTRY(name, t, PREP, L2)                                                \
+/* The set's pass functions (pass_fn), each an instantiation of fp_avx512 or
+ * int8_avx512 with its constants: F32/BF16 with or without SEQ; Q8/Q4 with
+ * or without prepared inputs (PREP) and prefetches into L2. */
+#define PASS_ENTRY(name, call)                                                          \
     AVX512 static void name(float *out, int64_t ldo, const pass_args *a, int R, int NI) \
-    {                                                                                 \
-        int8_avx512(t, out, ldo, a, R, NI, PREP, L2);                                 \
+    {                                                                                   \
+        call;                                                                           \
     }
-INT8_ENTRY(q8_avx512, WT_Q8, 0, 0)
-INT8_ENTRY(q4_avx512, WT_Q4, 1, 0)
-INT8_ENTRY(q4_raw_avx512, WT_Q4, 0, 0)
-INT8_ENTRY(q8_avx512_l2, WT_Q8, 0, 1)
-INT8_ENTRY(q4_avx512_l2, WT_Q4, 1, 1)
-INT8_ENTRY(q4_raw_avx512_l2, WT_Q4, 0, 1)
-#undef INT8_ENTRY
+PASS_ENTRY(f32_avx512, fp_avx512(WT_F32, out, ldo, a, R, NI, 0))
+PASS_ENTRY(bf16_avx512, fp_avx512(WT_BF16, out, ldo, a, R, NI, 0))
+PASS_ENTRY(f32_avx512_seq, fp_avx512(WT_F32, out, ldo, a, R, NI, 1))
+PASS_ENTRY(bf16_avx512_seq, fp_avx512(WT_BF16, out, ldo, a, R, NI, 1))
+PASS_ENTRY(q8_avx512, int8_avx512(WT_Q8, out, ldo, a, R, NI, 0, 0))
+PASS_ENTRY(q4_avx512, int8_avx512(WT_Q4, out, ldo, a, R, NI, 1, 0))
+PASS_ENTRY(q4_raw_avx512, int8_avx512(WT_Q4, out, ldo, a, R, NI, 0, 0))
+PASS_ENTRY(q8_avx512_l2, int8_avx512(WT_Q8, out, ldo, a, R, NI, 0, 1))
+PASS_ENTRY(q4_avx512_l2, int8_avx512(WT_Q4, out, ldo, a, R, NI, 1, 1))
+PASS_ENTRY(q4_raw_avx512_l2, int8_avx512(WT_Q4, out, ldo, a, R, NI, 0, 1))
+#undef PASS_ENTRY
 static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
     (void)ilv;
@@ -1019,8 +1011,9 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * one input are read one at a time, so that a pass reads one stream (rows 4
  * a pass are 4 streams a row apart, which Zen 4's prefetchers follow badly
  * when rows are short). First measured with every row a pass: one thread,
- * rows from a 1 GB matrix, % of a plain read measured just before (bench/kernels,
- * AMD EPYC family 25 model 17, two rounds alternated), prefetch -> stream:
+ * rows from a 1 GB matrix, % of a plain read measured just before
+ * (bench/kernels, AMD EPYC family 25 model 17, two rounds alternated),
+ * prefetch -> stream:
  * F32 rows of 256 33% -> 63-78%, of 704 45-50% -> 93-99%, of 2048 46-68% ->
  * 92-94%; BF16 of 2048 46-49% -> 86-96%, of 5632 66-76% -> 75-97%; Q8 over
  * the RAM layout, rows of 2048 63-79% -> 99-100%, of 5632 43-61% -> 86-87%;
@@ -1031,9 +1024,9 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * pass 34% (2 KB on into L2: 36%; 8 KB: 53%). Whole decodes, one thread: the
  * small config 165 -> 320-428 tokens/s, the 8B layout (prompt 64) bf16
  * 2.7-3.4 -> 3.8-5.0, q8 5.7-7.0 -> 6.6-8.6, q4 14.7 -> 16.4-17.6.
- * Then short F32/BF16 rows (at most FP_SHORT_ROW bytes) went 4 a pass again,
- * read one after another (fp_avx512's SEQ): a pass's fixed cost (the tile's loop,
- * its call) was most of a row's at one row a pass: F32 rows of 256 from L2
+ * Then short F32/BF16 rows (at most FP_SHORT_ROW bytes) went 4 a pass
+ * again, read one after another (fp_avx512's SEQ): a pass's fixed cost (the
+ * tile's loop, its call) was most of a row's at one row a pass: F32 rows of 256 from L2
  * 27-29 -> 61-70 GB/s, from memory alike (82-99% of a plain read against
  * 85-89%); the small config 407-419 -> 539-559 tokens/s at one thread,
  * 575-671 -> 694-813 at two (three rounds alternated).
@@ -1213,20 +1206,20 @@ static const struct {
 };
 
 /* Whether `name` names entry i: its full name, or the set's (the part
- * before ':'), or "auto". */
+ * before ':'). */
 static int names_set(const char *name, size_t i)
 {
     const char *full = sets[i].name, *colon = strchr(full, ':');
-    if (!strcmp(name, "auto") || !strcmp(name, full)) return 1;
+    if (!strcmp(name, full)) return 1;
     return colon && strlen(name) == (size_t)(colon - full) && !strncmp(name, full, (size_t)(colon - full));
 }
 
 const wkernels *wkernels_get(const char *name)
 {
     const unsigned have = cpu_features();
-    const int exact = strchr(name, ':') != NULL;
+    const int any = strcmp(name, "auto") == 0, exact = strchr(name, ':') != NULL;
     for (size_t i = 0; i < sizeof sets / sizeof *sets; i++)
-        if (names_set(name, i) && (sets[i].needs & ~have) == 0 && (exact || !sets[i].cpu || sets[i].cpu()))
+        if ((any || names_set(name, i)) && (sets[i].needs & ~have) == 0 && (exact || !sets[i].cpu || sets[i].cpu()))
             return sets[i].set;
     return NULL;
 }
@@ -1235,7 +1228,7 @@ int wkernels_missing(const char *name, char *buf, size_t cap)
 {
     const unsigned have = cpu_features();
     for (size_t i = 0; i < sizeof sets / sizeof *sets; i++) {
-        if (!strcmp(name, "auto") || !names_set(name, i)) continue;
+        if (!names_set(name, i)) continue;
         size_t len = 0;
         if (cap) buf[0] = 0;
         for (size_t f = 0; f < sizeof feature_names / sizeof *feature_names; f++)
