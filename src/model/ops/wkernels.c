@@ -225,6 +225,9 @@ typedef struct {
      * passes run, which work from xq (NULL: q4 always does) */
     int64_t (*prep)(uint8_t *xg, size_t cap, const int8_t *xq, int64_t n, int64_t C);
     pass_fn q4_raw;
+    /* the same for BF16 inputs (NULL: the bf16 passes take them as they are) */
+    int64_t (*prep_bf16)(uint8_t *xg, size_t cap, const uint16_t *xb, int64_t n, int64_t C);
+    pass_fn bf16_raw;
 } pass_set;
 
 /* Room for a tile's prepared inputs, on the stack: JetMoE-8B's widest rows
@@ -240,9 +243,12 @@ static void tile_by_passes(const pass_set *ps, float *out, int64_t ldo, wview w,
     int rows, inputs;
     ps->shape(&ps->tuning, w.type, w.ilv, n, C, &rows, &inputs);
     uint8_t xg[XPREP_BYTES] __attribute__((aligned(64)));
-    const int64_t xgs = ps->prep && w.type == WT_Q4 ? ps->prep(xg, sizeof xg, xq, n, C) : 0;
+    const int64_t xgs = ps->prep && w.type == WT_Q4           ? ps->prep(xg, sizeof xg, xq, n, C)
+                        : ps->prep_bf16 && w.type == WT_BF16 ? ps->prep_bf16(xg, sizeof xg, xb, n, C)
+                                                             : 0;
     pass_fn pass = w.type == WT_F32 ? ps->f32 : w.type == WT_BF16 ? ps->bf16 : w.type == WT_Q8 ? ps->q8 : ps->q4;
     if (w.type == WT_Q4 && ps->prep && !xgs) pass = ps->q4_raw; /* the inputs did not fit xg */
+    if (w.type == WT_BF16 && ps->prep_bf16 && !xgs) pass = ps->bf16_raw;
     const stride st = w.ilv ? (stride){64, 64 * WILV} : (stride){row, 64};
     for (int64_t i = 0; i < nrows;) {
         const int R = nrows - i >= rows ? rows : 1;
@@ -312,42 +318,124 @@ AVX2 static INLINE float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* 8 bf16 widened exactly to fp32: a bf16 is the top half of an fp32. */
-AVX2 static INLINE __m256 bf16x8(const uint8_t *p)
+/* F32 and BF16, a row a pass against up to AVX2_INPUTS inputs, in steps of
+ * 32 weights (two lines of F32, one of BF16): four vectors of 8, each into an
+ * accumulator of its own (four FMA chains: one could not keep up with the
+ * memory, at 4 cycles an FMA), a row's sum the same operations whatever
+ * the inputs beside it. BF16 weights are widened by halves: a 32-byte load
+ * of 16 is 8 even ones (shifted up into fp32) and 8 odd ones (masked), two
+ * instructions for 16 weights where widening them in order took four; the
+ * inputs come in that order too, made once a tile (bf16_prep_avx2) or, where
+ * they do not fit, split the same way in the pass (RAW). The old passes (4
+ * rows, one FMA chain each, the interleaved layout's line arithmetic and a
+ * prefetch test every 8 weights) streamed BF16 rows of 2048 from a 1 GB
+ * matrix at 53% of a plain read and 17 GB/s from L2 (AMD EPYC family 25
+ * model 17, without AVX-512). C % 32 weights at the end: a step of their own,
+ * zero-padded. */
+#define AVX2_STEP 64
+#define AVX2_CHAINS 8
+
+/* 16 bf16 (32 bytes) as fp32: even ones, odd ones. */
+AVX2 static INLINE void bf16_halves(__m256i v, __m256 *even, __m256 *odd)
 {
-    __m128i h = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* F32 (x: fp32 inputs) and BF16 (x: bf16 inputs, widened as the weights
- * are): one FMA per 8 weights and input; the last C % 8 in scalar code. */
-AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, int64_t ldo, const uint8_t *w, const void *x, const int R,
-                                     const int NI, int64_t C, ahead pf, stride st)
+/* The 4 weight vectors of a step of row w (byte `off` on; the line
+ * arithmetic of interleaved rows when ilv, a constant) */
+AVX2 static INLINE void fp_weights(wtype t, __m256 wv[AVX2_CHAINS], const uint8_t *w, int64_t off, stride st,
+                                   const int ilv)
 {
-    const float *xf = x;
-    const uint16_t *xb = x;
-    const int64_t row = wtype_row_bytes(t, C), esize = t == WT_F32 ? 4 : 2;
-    __m256 acc[AVX2_ROWS][4];
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= C; i += 8) {
-        __m256 xv[4];
-        UNROLL for (int j = 0; j < NI; j++)
-            xv[j] = t == WT_F32 ? _mm256_loadu_ps(xf + j * C + i) : bf16x8((const uint8_t *)(xb + j * C + i));
-        UNROLL for (int r = 0; r < R; r++) {
-            const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
-            prefetch_ahead(wr, i * esize % 64 ? 0 : stream_ahead(i * esize, pf, row));
-            __m256 wv = t == WT_F32 ? _mm256_loadu_ps((const float *)wr) : bf16x8(wr);
-            UNROLL for (int j = 0; j < NI; j++) acc[r][j] = _mm256_fmadd_ps(wv, xv[j], acc[r][j]);
+    if (t == WT_F32) {
+        UNROLL for (int v = 0; v < AVX2_CHAINS; v++) {
+            const int64_t o = off + 32 * v;
+            wv[v] = _mm256_loadu_ps((const float *)(ilv ? wline(w, o, st) : w + o));
+        }
+    } else {
+        UNROLL for (int h = 0; h < AVX2_CHAINS / 2; h++) {
+            const int64_t o = off + 32 * h;
+            bf16_halves(_mm256_loadu_si256((const __m256i *)(ilv ? wline(w, o, st) : w + o)), &wv[2 * h],
+                        &wv[2 * h + 1]);
         }
     }
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int j = 0; j < NI; j++) {
-            const uint8_t *wr = wline(w, i * esize, st) + r * st.rs;
-            out[j * ldo + r] = hsum8(acc[r][j]) + (t == WT_F32 ? dot_f32_c(0.0f, wr, xf + j * C + i, C - i)
-                                                               : dot_bf16_c(0.0f, wr, xb + j * C + i, C - i));
+}
+
+/* The 4 input vectors of a step, inputs e on from x: fp32 (F32's inputs;
+ * BF16's prepared ones, in the weights' order) or, BF16 and RAW, bf16 split
+ * as the weights are. */
+AVX2 static INLINE void fp_inputs(wtype t, __m256 xv[AVX2_CHAINS], const void *x, int64_t e, const int RAW)
+{
+    if (t == WT_F32 || !RAW) {
+        UNROLL for (int v = 0; v < AVX2_CHAINS; v++) xv[v] = _mm256_loadu_ps((const float *)x + e + 8 * v);
+    } else {
+        UNROLL for (int h = 0; h < AVX2_CHAINS / 2; h++)
+            bf16_halves(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + e + 16 * h)), &xv[2 * h],
+                        &xv[2 * h + 1]);
+    }
+}
+
+/* Input j of a pass, as fp_inputs takes it. */
+AVX2 static INLINE const void *fp_input(wtype t, const pass_args *a, int j, const int RAW)
+{
+    return t == WT_F32 ? (const void *)(a->x + j * a->C)
+           : RAW       ? (const void *)(a->xb + j * a->C)
+                       : (const void *)(a->xg + j * a->xgs);
+}
+
+/* The n BF16 inputs of a tile in the order the passes take them (fp32,
+ * C rounded up to a step, zero-padded) -> bytes an input; 0 when they do
+ * not fit cap bytes (the passes then split them themselves). */
+AVX2 static int64_t bf16_prep_avx2(uint8_t *xg, size_t cap, const uint16_t *xb, int64_t n, int64_t C)
+{
+    const int64_t each = (C + AVX2_STEP - 1) / AVX2_STEP * AVX2_STEP;
+    if (n * each * (int64_t)sizeof(float) > (int64_t)cap) return 0;
+    float *out = (float *)xg;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t e = 0; e < each; e += AVX2_STEP) {
+            uint16_t pad[AVX2_STEP] = {0};
+            const uint16_t *src = xb + j * C + e;
+            if (C - e < AVX2_STEP) src = memcpy(pad, src, (size_t)(C - e) * 2);
+            __m256 xv[AVX2_CHAINS];
+            fp_inputs(WT_BF16, xv, src, 0, 1);
+            UNROLL for (int v = 0; v < AVX2_CHAINS; v++) _mm256_storeu_ps(out + j * each + e + 8 * v, xv[v]);
         }
+    return each * (int64_t)sizeof(float);
+}
+
+AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, const pass_args *a, const int ilv, const int RAW)
+{
+    const int64_t es = t == WT_F32 ? 4 : 2, C = a->C, row = es * C, whole = C / AVX2_STEP * AVX2_STEP;
+    const void *x = fp_input(t, a, 0, RAW);
+    __m256 acc[AVX2_CHAINS];
+    UNROLL for (int v = 0; v < AVX2_CHAINS; v++) acc[v] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += AVX2_STEP) {
+        const int64_t off = es * i;
+        UNROLL for (int l = 0; l < AVX2_STEP * es / 64; l++) /* each line once */
+            prefetch_ahead(ilv ? wline(a->w, off + 64 * l, a->st) : a->w + off + 64 * l,
+                           stream_ahead(off + 64 * l, a->pf, row));
+        __m256 wv[AVX2_CHAINS], xv[AVX2_CHAINS];
+        fp_weights(t, wv, a->w, off, a->st, ilv);
+        fp_inputs(t, xv, x, i, RAW);
+        UNROLL for (int v = 0; v < AVX2_CHAINS; v++) acc[v] = _mm256_fmadd_ps(wv[v], xv[v], acc[v]);
+    }
+    if (whole < C) { /* the last C % AVX2_STEP, zero-padded: a step as the others */
+        uint8_t wpad[AVX2_STEP * 4] = {0};
+        float xpad[AVX2_STEP] = {0};
+        uint16_t bpad[AVX2_STEP] = {0};
+        for (int64_t e = whole; e < C; e += 64 / es) /* line by line: interleaved rows are lines apart */
+            memcpy(wpad + es * (e - whole), ilv ? wline(a->w, es * e, a->st) : a->w + es * e,
+                   (size_t)(es * ((C - e) < 64 / es ? C - e : 64 / es)));
+        if (t == WT_F32) memcpy(xpad, (const float *)x + whole, (size_t)(C - whole) * 4);
+        else if (RAW) memcpy(bpad, (const uint16_t *)x + whole, (size_t)(C - whole) * 2);
+        __m256 wv[AVX2_CHAINS], xv[AVX2_CHAINS];
+        fp_weights(t, wv, wpad, 0, (stride){0, 64}, 0);
+        fp_inputs(t, xv, t == WT_F32 ? (const void *)xpad : RAW ? (const void *)bpad : x, t == WT_BF16 && !RAW ? whole : 0,
+                  RAW);
+        UNROLL for (int v = 0; v < AVX2_CHAINS; v++) acc[v] = _mm256_fmadd_ps(wv[v], xv[v], acc[v]);
+    }
+    UNROLL for (int v = 0; v < AVX2_CHAINS / 2; v++) acc[v] = _mm256_add_ps(acc[v], acc[v + AVX2_CHAINS / 2]);
+    *out = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3])));
 }
 
 /* Q8 and Q4 in steps of 8 blocks, whose 8 F16 scales convert in one
@@ -470,51 +558,57 @@ AVX2 static INLINE void int8_pass_avx2(wtype t, float *out, int64_t ldo, const u
         UNROLL for (int j = 0; j < NI; j++) out[j * ldo + r] = hsum8(acc[r][j]);
 }
 
-AVX2 static INLINE void pass_avx2_rn(wtype t, float *out, int64_t ldo, const pass_args *a, const int R, const int NI)
+AVX2 static INLINE void int8_avx2(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
 {
-    if (t == WT_F32 || t == WT_BF16)
-        fp_pass_avx2(t, out, ldo, a->w, t == WT_F32 ? (const void *)a->x : a->xb, R, NI, a->C, a->pf, a->st);
-    else int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st, a->r0);
-}
-
-AVX2 static INLINE void pass_avx2(wtype t, float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
+#define INT8_PASS(R, NI) int8_pass_avx2(t, out, ldo, a->w, a->ws, a->xq, a->xs, R, NI, a->C, a->pf, a->st, a->r0)
     switch ((R == AVX2_ROWS) * 8 + NI) {
-    case 8 + 1: pass_avx2_rn(t, out, ldo, a, AVX2_ROWS, 1); break;
-    case 8 + 2: pass_avx2_rn(t, out, ldo, a, AVX2_ROWS, 2); break;
-    case 1: pass_avx2_rn(t, out, ldo, a, 1, 1); break;
-    case 2: pass_avx2_rn(t, out, ldo, a, 1, 2); break;
+    case 8 + 1: INT8_PASS(AVX2_ROWS, 1); break;
+    case 8 + 2: INT8_PASS(AVX2_ROWS, 2); break;
+    case 1: INT8_PASS(1, 1); break;
+    case 2: INT8_PASS(1, 2); break;
     }
+#undef INT8_PASS
 }
 
-AVX2 static void f32_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
+/* F32/BF16 passes are of one row and one input (R and NI are 1); RAW:
+ * BF16 inputs not prepared. */
+AVX2 static INLINE void fp_avx2(wtype t, float *out, const pass_args *a, const int RAW)
 {
-    pass_avx2(WT_F32, out, ldo, a, R, NI);
+    if (a->st.ls != 64) fp_pass_avx2(t, out, a, 1, RAW);
+    else fp_pass_avx2(t, out, a, 0, RAW);
 }
-AVX2 static void bf16_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    pass_avx2(WT_BF16, out, ldo, a, R, NI);
-}
-AVX2 static void q8_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    pass_avx2(WT_Q8, out, ldo, a, R, NI);
-}
-AVX2 static void q4_avx2(float *out, int64_t ldo, const pass_args *a, int R, int NI)
-{
-    pass_avx2(WT_Q4, out, ldo, a, R, NI);
-}
+
+#define PASS_ENTRY_AVX2(name, call)                                                   \
+    AVX2 static void name(float *out, int64_t ldo, const pass_args *a, int R, int NI) \
+    {                                                                                 \
+        (void)ldo, (void)R, (void)NI;                                                 \
+        call;                                                                         \
+    }
+PASS_ENTRY_AVX2(f32_avx2, fp_avx2(WT_F32, out, a, 0))
+PASS_ENTRY_AVX2(bf16_avx2, fp_avx2(WT_BF16, out, a, 0))
+PASS_ENTRY_AVX2(bf16_raw_avx2, fp_avx2(WT_BF16, out, a, 1))
+PASS_ENTRY_AVX2(q8_avx2, int8_avx2(WT_Q8, out, ldo, a, R, NI))
+PASS_ENTRY_AVX2(q4_avx2, int8_avx2(WT_Q4, out, ldo, a, R, NI))
+#undef PASS_ENTRY_AVX2
 static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int64_t C, int *rows, int *inputs)
 {
-    /* one row a pass at one input: no faster here (one chain of 8-lane FMAs) */
-    (void)tu, (void)t, (void)ilv, (void)n, (void)C;
-    *rows = AVX2_ROWS, *inputs = AVX2_INPUTS;
+    (void)tu, (void)ilv, (void)n, (void)C;
+    const int fp = t == WT_F32 || t == WT_BF16;
+    *rows = fp ? 1 : AVX2_ROWS;
+    *inputs = fp ? 1 : AVX2_INPUTS;
 }
 /* Prefetched 2 KB on whatever the CPU: on Zen 4 without the prefetches the
  * passes (4 rows each, compute-bound nearer than the avx512 ones) streamed
  * slower, Q8 rows of 2048 over the RAM layout 48-52% of a plain read against
  * 61-65%, Q4 43-49% against 55% (bench/kernels, AMD EPYC family 25 model 17). */
+#ifndef AVX2_FP_AHEAD
+#define AVX2_FP_AHEAD 2048
+#endif
+#ifndef AVX2_ILV_AHEAD
+#define AVX2_ILV_AHEAD PREFETCH_BYTES
+#endif
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2,
-                                     {PREFETCH_BYTES, PREFETCH_BYTES, 0}, NULL, NULL};
+                                     {AVX2_FP_AHEAD, AVX2_ILV_AHEAD, 0}, NULL, NULL, bf16_prep_avx2, bf16_raw_avx2};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -1039,10 +1133,11 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * "stream", 14.3 and 12.4 with "prefetch" (alternated; within the swing).
  * Batches (n > 1) were not measured apart: 2 rows a pass, no prefetch. */
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
-                                       {FP_AHEAD_AVX512, PREFETCH_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512};
+                                       {FP_AHEAD_AVX512, PREFETCH_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512,
+                                       NULL, NULL};
 static const pass_set passes_avx512_stream = {shape_avx512,    f32_avx512_seq, bf16_avx512_seq, q8_avx512_l2,
                                               q4_avx512_l2,    {0, 0, FP_SHORT_ROW}, q4_prep,
-                                              q4_raw_avx512_l2};
+                                              q4_raw_avx512_l2, NULL,          NULL};
 
 static void tile_avx512(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                         const float *xs, int64_t n, int64_t C)
