@@ -127,7 +127,7 @@ static void progress(int i, int n, double step_s, double elapsed)
 static int usage(void)
 {
     fprintf(stderr, "usage: bench/decode DIR [--threads N] [--prompt N] [--new N] "
-                    "[--kernels auto|avx512[:stream|:prefetch]|avx2|portable|read] "
+                    "[--kernels auto|avx512[:stream|:prefetch]|avx2[:stream|:prefetch]|portable|read] "
                     "[--kv-cache f32|bf16] [--warmup N] [--weights map|ram|auto] [--paired MB]\n       bench/decode --bench-config OUT.json\n");
     return 2;
 }

@@ -5,8 +5,8 @@
  *   build/bench/kernels [--C 2048] [--big-mb 1024] [--l2-kb 512] [--reps 10] [--sets avx512,avx2,portable]
  *                       [--types f32,bf16,q8,q4]
  *
- * (avx512: this CPU's tuning of the set; avx512:stream and avx512:prefetch
- * name one, to compare them.)
+ * (avx512, avx2: this CPU's tuning of the set; avx512:stream, avx2:prefetch
+ * and so on name one, to compare them.)
  *
  * Decoding reads every active weight once, so a kernel keeps up when it
  * streams a matrix far larger than the caches at the rate plain reads reach.
@@ -217,7 +217,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--types")) types_arg = argv[i + 1];
         else {
             fprintf(stderr, "usage: bench/kernels [--C 2048] [--big-mb 1024] [--l2-kb 512] [--reps 10] "
-                            "[--sets avx512,avx512:stream,avx512:prefetch,avx2,portable] [--types f32,bf16,q8,q4]\n");
+                            "[--sets avx512,avx512:stream,avx512:prefetch,avx2,avx2:stream,avx2:prefetch,portable] "
+                            "[--types f32,bf16,q8,q4]\n");
             return 2;
         }
     }

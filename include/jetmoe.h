@@ -321,8 +321,9 @@ int64_t jm_active_weight_bytes(const jm_model *m);
 /* The dtype of the expert matrices: "f32", "bf16", "q8", "q4" (or "mixed"). */
 const char *jm_model_weight_type(const jm_model *m);
 /* Kernels of the decode products: "auto" (the best this CPU runs), "avx512"
- * (F/BW/VL + VNNI, in this CPU's tuning: "avx512:stream" on Zen 4,
- * "avx512:prefetch" elsewhere; either can be named), "avx2" (+FMA+F16C), or
+ * (F/BW/VL + VNNI), "avx2" (+FMA+F16C), each in this CPU's tuning
+ * (":stream" on AMD family 0x19, Zen 3 and 4; ":prefetch" elsewhere; either
+ * can be named, as "avx2:stream"), or
  * "portable" (plain C, any CPU). A set this CPU cannot run is an error naming
  * the features it lacks. jm_kernels names the set in use, tuning and all. */
 jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err);

@@ -151,9 +151,13 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
 /* Every kernel set by name, the avx512 set in each of its tunings (the same
  * passes, prefetched into L1 or left to the hardware: see wkernels.c), and
  * as test names say them. */
-static const char *const kernel_sets[] = {"portable", "avx2", "avx512:prefetch", "avx512:stream"};
-static const char *const kernel_labels[] = {"portable", "avx2", "avx512_prefetch", "avx512_stream"};
+/* each set's tunings side by side, "prefetch" first (TUNED pairs them) */
+static const char *const kernel_sets[] = {"portable", "avx2:prefetch", "avx2:stream", "avx512:prefetch", "avx512:stream"};
+static const char *const kernel_labels[] = {"portable", "avx2_prefetch", "avx2_stream", "avx512_prefetch",
+                                            "avx512_stream"};
 enum { NSETS = sizeof kernel_sets / sizeof *kernel_sets };
+/* whether set s is a "stream" tuning, of the same set as s - 1 */
+#define TUNED(s) (strstr(kernel_sets[s], ":stream") != NULL)
 
 /* The value weight (row i, input c) holds as stored, exactly (F16 scales and
  * bf16 widen to float exactly; the products below are float64). */
@@ -343,7 +347,7 @@ static double tile_error(const tile_case *k, const float *got, const float *ref_
 
 /* AMD family 25 (0x19: Zen 3 and Zen 4; only Zen 4 has AVX-512), from
  * /proc/cpuinfo (0 where there is none). */
-static int cpuinfo_zen4(void)
+static int cpuinfo_amd_19h(void)
 {
     FILE *f = fopen("/proc/cpuinfo", "r");
     if (!f) return 0;
@@ -381,24 +385,27 @@ static void test_kernels(void)
         if (K[s]) printf(" %s", kernel_sets[s]);
     printf(" (skipped: the SKIP lines above, if any); avx512 here is %s\n",
            wkernels_get("avx512") ? wkernels_get("avx512")->name : "none");
-    const wkernels *best = wkernels_get("avx512") ? wkernels_get("avx512") : K[1] ? K[1] : K[0];
+    const wkernels *best = wkernels_get("avx512") ? wkernels_get("avx512") : wkernels_get("avx2") ? wkernels_get("avx2") : K[0];
     char none[8] = "x";
-    /* the bare name is this CPU's tuning (stream on Zen 4, as /proc/cpuinfo
-     * tells it apart from wkernels.c's cpuid), and each tuning is its own name */
-    const int zen4 = cpuinfo_zen4();
-    const int tunings_named = wkernels_get("avx512") == (K[2] && zen4 ? K[3] : K[2]) &&
-                              (!K[2] || !strcmp(K[2]->name, "avx512:prefetch")) &&
-                              (!K[3] || !strcmp(K[3]->name, "avx512:stream"));
-    printf("this CPU is %sa Zen 4 (/proc/cpuinfo)\n", zen4 ? "" : "not ");
+    /* the bare name is this CPU's tuning ("stream" on AMD family 0x19, as
+     * /proc/cpuinfo tells it apart from wkernels.c's cpuid), and each tuning
+     * is its own name */
+    const int amd19 = cpuinfo_amd_19h();
+    int tunings_named = wkernels_get("avx2") == (K[1] && amd19 ? K[2] : K[1]) &&
+                        wkernels_get("avx512") == (K[3] && amd19 ? K[4] : K[3]);
+    for (int s = 1; s < NSETS; s++) tunings_named &= !K[s] || !strcmp(K[s]->name, kernel_sets[s]);
+    printf("this CPU is %sof AMD family 0x19 (/proc/cpuinfo)\n", amd19 ? "" : "not ");
     check(K[0] && wkernels_get("auto") == best && tunings_named && !wkernels_get("avx512-nonsense") &&
               !wkernels_get("avx512:") && !wkernels_get("avx512:nonsense") && !wkernels_get(":stream") &&
               wkernels_missing("avx512-nonsense", none, sizeof none) < 0 &&
               wkernels_missing("avx512:nonsense", none, sizeof none) < 0 &&
               wkernels_missing("portable", none, sizeof none) == 0 && none[0] == 0,
           "kernels_table_lookup",
-          "auto is %s (best this CPU runs: %s), avx512 is %s (Zen 4: %d); or a name unknown or mismatched taken",
+          "auto is %s (best this CPU runs: %s), avx2 is %s, avx512 is %s (AMD family 0x19: %d); or a name unknown "
+          "or mismatched taken",
           wkernels_get("auto") ? wkernels_get("auto")->name : "NULL", best ? best->name : "none",
-          wkernels_get("avx512") ? wkernels_get("avx512")->name : "NULL", zen4);
+          wkernels_get("avx2") ? wkernels_get("avx2")->name : "NULL",
+          wkernels_get("avx512") ? wkernels_get("avx512")->name : "NULL", amd19);
 
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *names[] = {"f32", "bf16", "q8", "q4"};
@@ -418,7 +425,7 @@ static void test_kernels(void)
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
         int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0}, alone[NSETS] = {0};
-        int tunings_differ = 0; /* tiles where avx512's two tunings disagree by a bit */
+        int tunings_differ[NSETS] = {0}; /* tiles where a set's "stream" tuning disagrees with its "prefetch" by a bit */
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -436,9 +443,9 @@ static void test_kernels(void)
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
                         stray[s] += !run_tile(K[s], &k, out);
-                        if (s == 2) memcpy(tuned, out, (size_t)(n * k.ldo) * sizeof *out);
-                        if (s == 3 && K[2])
-                            tunings_differ += memcmp(tuned, out, (size_t)(n * k.ldo) * sizeof *out) != 0;
+                        if (TUNED(s) && K[s - 1])
+                            tunings_differ[s] += memcmp(tuned, out, (size_t)(n * k.ldo) * sizeof *out) != 0;
+                        memcpy(tuned, out, (size_t)(n * k.ldo) * sizeof *out);
                         vs_ref[s] = fmax(vs_ref[s], tile_error(&k, out, NULL, k.want));
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
                         ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, ilv_tiles[s]);
@@ -448,11 +455,13 @@ static void test_kernels(void)
                     free_tile_case(&k);
                     free(out), free(port);
                 }
-        if (K[2] && K[3]) {
+        for (int s = 1; s < NSETS; s++) {
+            if (!TUNED(s) || !K[s] || !K[s - 1]) continue;
             char name[64];
-            snprintf(name, sizeof name, "kernels_avx512_tunings_same_bits_%s", names[ti]);
-            check_detail(!tunings_differ, name, "%d tiles: %d differ between avx512:prefetch and avx512:stream", tiles,
-                         tunings_differ);
+            snprintf(name, sizeof name, "kernels_%.*s_tunings_same_bits_%s", (int)strcspn(kernel_sets[s], ":"),
+                     kernel_sets[s], names[ti]);
+            check_detail(!tunings_differ[s], name, "%d tiles: %d differ between %s and %s", tiles, tunings_differ[s],
+                         kernel_sets[s - 1], kernel_sets[s]);
         }
         for (int s = 0; s < NSETS; s++) {
             if (!K[s]) continue;
@@ -504,7 +513,7 @@ static void test_kernels(void)
     /* the avx512 set of a CPU without AVX-512 BF16 (Intel's Skylake-X to Ice
      * Lake): BF16 through the AVX2 passes, the rest the avx512 set's kernels */
     {
-        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512:prefetch"), *V2 = wkernels_get("avx2");
+        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512:prefetch"), *V2 = wkernels_get("avx2:prefetch");
         if (!N || !A || !V2) {
             printf("SKIP kernels_avx512_without_bf16_extension (this CPU cannot run it)\n");
         } else {

@@ -1658,7 +1658,8 @@ jm_status jm_set_kernels(jm_model *m, const char *name, jm_error *err)
     char missing[128];
     if (!k && wkernels_missing(name, missing, sizeof missing) < 0)
         return jm_fail(err, JM_ERR_ARG,
-                       "kernels '%s': unknown (use auto, avx512, avx512:stream, avx512:prefetch, avx2 or portable)",
+                       "kernels '%s': unknown (use auto, avx512, avx512:stream, avx512:prefetch, avx2, avx2:stream, "
+                       "avx2:prefetch or portable)",
                        name);
     if (!k) return jm_fail(err, JM_ERR_ARG, "kernels '%s': this CPU lacks %s", name, missing);
     m->kern = k;

@@ -362,8 +362,9 @@ static inline float wscale_at(const uint8_t *s, int64_t b)
 {
     return jm_f16_to_f32((uint16_t)(s[2 * b] | s[2 * b + 1] << 8));
 }
-/* "auto" (the best this CPU runs), "avx512" (this CPU's tuning of it),
- * "avx512:stream", "avx512:prefetch", "avx2" or "portable"; NULL when this
+/* "auto" (the best this CPU runs), "avx512" or "avx2" (this CPU's tuning of
+ * the set), a tuning by name ("avx512:stream", "avx2:prefetch", ...) or
+ * "portable"; NULL when this
  * CPU (or this build) cannot run the named set. */
 const wkernels *wkernels_get(const char *name);
 /* The CPU features set `name` needs that this CPU lacks, into buf as

@@ -597,10 +597,22 @@ static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int
     *rows = fp ? 1 : AVX2_ROWS;
     *inputs = fp ? 1 : AVX2_INPUTS;
 }
-/* Prefetched 2 KB on whatever the CPU: on Zen 4 without the prefetches the
- * passes (4 rows each, compute-bound nearer than the avx512 ones) streamed
- * slower, Q8 rows of 2048 over the RAM layout 48-52% of a plain read against
- * 61-65%, Q4 43-49% against 55% (bench/kernels, AMD EPYC family 25 model 17). */
+/* The set's two tunings, the same passes (the same bits) reading their
+ * stream two ways, as the avx512 set's.
+ *
+ * "prefetch" (Zen 1 and Zen 5, and wherever nothing was measured): F32/BF16
+ * rows prefetched AVX2_FP_AHEAD on, interleaved Q8/Q4 rows AVX2_ILV_AHEAD.
+ * One thread, rows of 2048 from 1 GB, % of a plain read measured just
+ * before (bench/kernels), with the prefetch -> without: AMD EPYC family 26
+ * model 2, F32 94-95% -> 82-92%, BF16 83-86% -> 79-80%.
+ *
+ * "stream", for AMD family 0x19 (there a Zen 4 whose hypervisor hid
+ * AVX-512, AMD EPYC family 25 model 17): F32/BF16 rows left to the hardware
+ * prefetchers, prefetch -> without: F32 55-69% -> 88-91%, BF16 61-76% ->
+ * 82-87%. The Q8/Q4 passes (4 rows each, compute-bound nearer than the
+ * avx512 ones) streamed slower there without their prefetches, rows of
+ * 2048 over the RAM layout 48-52% of a plain read against 61-65%, Q4 43-49%
+ * against 55%: both tunings keep them. */
 #ifndef AVX2_FP_AHEAD
 #define AVX2_FP_AHEAD 2048
 #endif
@@ -609,14 +621,25 @@ static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int
 #endif
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2,
                                      {AVX2_FP_AHEAD, AVX2_ILV_AHEAD, 0}, NULL, NULL, bf16_prep_avx2, bf16_raw_avx2};
+static const pass_set passes_avx2_stream = {shape_avx2, f32_avx2,         bf16_avx2,      q8_avx2,
+                                            q4_avx2,    {0, AVX2_ILV_AHEAD, 0}, NULL, NULL,
+                                            bf16_prep_avx2, bf16_raw_avx2};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
 {
     tile_by_passes(&passes_avx2, out, ldo, w, nrows, x, xq, xs, n, C);
 }
+static void tile_avx2_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                             const float *xs, int64_t n, int64_t C)
+{
+    tile_by_passes(&passes_avx2_stream, out, ldo, w, nrows, x, xq, xs, n, C);
+}
 
-static const wkernels kernels_avx2 = {"avx2", tile_avx2, tile_avx2, tile_avx2, tile_avx2, att_scores_avx2, att_values_avx2};
+static const wkernels kernels_avx2 = {"avx2:prefetch", tile_avx2, tile_avx2, tile_avx2, tile_avx2,
+                                      att_scores_avx2, att_values_avx2};
+static const wkernels kernels_avx2_stream = {"avx2:stream",     tile_avx2_stream, tile_avx2_stream, tile_avx2_stream,
+                                             tile_avx2_stream,  att_scores_avx2,  att_values_avx2};
 
 /* ---- AVX-512 (F, BW, VL) with VNNI and BF16: 4 rows x up to 4 inputs per pass ----
  * Tails (C not a multiple of the vector, or of 16 blocks) go through the
@@ -1233,6 +1256,16 @@ static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, co
 }
 static const wkernels read_avx512_stream = {"read",           tile_read_stream,  tile_read_stream, tile_read_stream,
                                             tile_read_stream, att_scores_avx512, att_values_avx512};
+/* the avx2 set's "stream": F32/BF16 rows left to the hardware, Q8/Q4 rows
+ * prefetched */
+static void tile_read_fp_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
+                                const float *xs, int64_t n, int64_t C)
+{
+    (void)x, (void)xq, (void)xs;
+    read_tile(out, ldo, w, nrows, n, C, w.type == WT_F32 || w.type == WT_BF16 ? 0 : READ_AHEAD);
+}
+static const wkernels read_avx2_stream = {"read",           tile_read_fp_stream, tile_read_fp_stream, tile_read_fp_stream,
+                                          tile_read_fp_stream, att_scores_avx2,  att_values_avx2};
 #endif
 
 /* ---- choosing a set ---- */
@@ -1260,9 +1293,11 @@ static unsigned cpu_features(void)
 }
 
 #ifdef JM_X86
-/* Zen 4 (AMD family 0x19 with AVX-512; Zen 3, the family's other members,
- * has none), whose prefetchers the avx512 set's "stream" tuning suits. */
-static int cpu_zen4(void)
+/* AMD family 0x19 (Zen 3 and Zen 4), whose tuning is "stream": measured on
+ * Zen 4, with AVX-512 and with it hidden by the hypervisor (the avx2 set);
+ * Zen 3 (no AVX-512) takes the avx2 set's unmeasured; Zen 5 (family 0x1a)
+ * and Zen 1 (0x17) measured best with "prefetch". */
+static int cpu_amd_19h(void)
 {
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u || c != 0x444d4163u)
@@ -1287,15 +1322,19 @@ static const struct {
 } sets[] = {
 #ifdef JM_X86
 #define AVX512_NEEDS (F_X86 | F_AVX512F | F_AVX512BW | F_AVX512VL | F_AVX512VNNI)
-    {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, cpu_zen4},
+#define AVX2_NEEDS (F_X86 | F_AVX2 | F_FMA | F_F16C)
+    {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, cpu_amd_19h},
     {"avx512:prefetch", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512, NULL},
     {"avx512:prefetch", AVX512_NEEDS | F_AVX2 | F_FMA | F_F16C, &kernels_avx512_no_bf16, NULL},
-    {"avx2", F_X86 | F_AVX2 | F_FMA | F_F16C, &kernels_avx2, NULL},
+    {"avx2:stream", AVX2_NEEDS, &kernels_avx2_stream, cpu_amd_19h},
+    {"avx2:prefetch", AVX2_NEEDS, &kernels_avx2, NULL},
 #undef AVX512_NEEDS
+#undef AVX2_NEEDS
 #else
     {"avx512:stream", F_X86, NULL, NULL},
     {"avx512:prefetch", F_X86, NULL, NULL},
-    {"avx2", F_X86, NULL, NULL},
+    {"avx2:stream", F_X86, NULL, NULL},
+    {"avx2:prefetch", F_X86, NULL, NULL},
 #endif
     {"portable", 0, &kernels_portable, NULL},
 };
@@ -1351,6 +1390,7 @@ const wkernels *wkernels_read(void)
     if (best == &kernels_avx512_stream) return &read_avx512_stream;
     if (best == &kernels_avx512 || best == &kernels_avx512_no_bf16) return &read_avx512;
     if (best == &kernels_avx2) return &read_avx2;
+    if (best == &kernels_avx2_stream) return &read_avx2_stream;
 #endif
     return &read_portable;
 }
