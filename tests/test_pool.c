@@ -20,6 +20,10 @@ typedef struct {
     atomic_int seen[64];   /* chunks run per thread index */
     atomic_int calls;
     _Atomic int64_t longest; /* the longest run */
+    atomic_int marked;       /* chunks run so far */
+    int64_t next0;           /* where the caller's next run of its own share must start */
+    atomic_int out_of_order; /* the caller's run inside its share, not where its last one ended */
+    atomic_int timed_out;    /* a worker waited in vain for the caller to run the rest */
 } job;
 
 static void mark(void *ctx, int64_t first, int64_t count, int thread)
@@ -32,6 +36,7 @@ static void mark(void *ctx, int64_t first, int64_t count, int thread)
     }
     atomic_fetch_add(&j->seen[thread], (int)count);
     for (int64_t c = first; c < first + count; c++) atomic_fetch_add(&j->hits[c], 1);
+    atomic_fetch_add(&j->marked, (int)count);
     int64_t l = atomic_load(&j->longest);
     while (count > l && !atomic_compare_exchange_weak(&j->longest, &l, count)) {}
 }
@@ -42,6 +47,37 @@ static void mark_slowly(void *ctx, int64_t first, int64_t count, int thread)
     volatile double x = 1;
     for (int i = 0; i < 2000 * count; i++) x = x * 1.0000001 + 1e-9;
     mark(ctx, first, count, thread);
+}
+
+/* The caller (thread 0) reads its share, the first n / threads chunks, as
+ * one stream: each of its runs there starts where its last one ended. */
+static void mark_in_order(void *ctx, int64_t first, int64_t count, int thread)
+{
+    job *j = ctx;
+    if (thread == 0 && first < j->n / j->threads) {
+        if (first != j->next0) atomic_store(&j->out_of_order, 1);
+        j->next0 = first + count;
+    }
+    mark_slowly(ctx, first, count, thread);
+}
+
+/* A worker's run that does not end until every other chunk has run: the
+ * caller must take all the chunks no worker has started, from their shares
+ * too (waits at most 10 s). */
+static void wait_for_the_rest(void *ctx, int64_t first, int64_t count, int thread)
+{
+    job *j = ctx;
+    mark(ctx, first, count, thread);
+    if (thread == 0) return;
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (atomic_load(&j->marked) < j->n) {
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec > 10) {
+            atomic_store(&j->timed_out, 1);
+            return;
+        }
+    }
 }
 
 static int run_job(jm_pool *p, int64_t n, jm_pool_fn fn, int threads, int *helpers)
@@ -87,7 +123,7 @@ int main(void)
         jm_pool_free(p);
     }
     /* a run is what a thread claimed at once: a 400-chunk job on 2 threads
-     * starts with a claim of a quarter of it (guided), handed over whole */
+     * starts with a claim of half the caller's share, handed over whole */
     {
         jm_pool *p = jm_pool_create(2);
         job j = {.hits = calloc(400, 1), .n = 400, .threads = 2};
@@ -98,6 +134,31 @@ int main(void)
               "%d calls for 400 chunks, the longest run %lld", atomic_load(&j.calls),
               (long long)atomic_load(&j.longest));
         free((void *)j.hits);
+        jm_pool_free(p);
+    }
+    /* each thread's share is one stream (the caller's, checked); a worker
+     * that stalls does not stall the job beyond its own run */
+    {
+        jm_pool *p = jm_pool_create(2);
+        int ordered = 1, stalls = 0, timeouts = 0, ok = 1;
+        for (int r = 0; r < 50; r++) {
+            job j = {.hits = calloc(400, 1), .n = 400, .threads = 2};
+            jm_pool_run(p, 400, mark_in_order, &j);
+            ordered &= !atomic_load(&j.out_of_order);
+            for (int i = 0; i < 400; i++) ok &= atomic_load(&j.hits[i]) == 1;
+            free((void *)j.hits);
+        }
+        for (int r = 0; r < 200 && stalls < 5; r++) {
+            job j = {.hits = calloc(400, 1), .n = 400, .threads = 2};
+            jm_pool_run(p, 400, wait_for_the_rest, &j);
+            stalls += atomic_load(&j.seen[1]) > 0;
+            timeouts += atomic_load(&j.timed_out);
+            for (int i = 0; i < 400; i++) ok &= atomic_load(&j.hits[i]) == 1;
+            free((void *)j.hits);
+        }
+        check(p && ok && ordered, "pool_caller_share_in_order", "50 jobs of 400 chunks on 2 threads");
+        check(p && ok && stalls > 0 && !timeouts, "pool_caller_takes_the_rest",
+              "%d jobs where the worker stalled in its run, %d where it waited in vain for the caller", stalls, timeouts);
         jm_pool_free(p);
     }
     /* NULL runs inline on the caller, the whole job as one run */

@@ -137,8 +137,10 @@ uint16_t jm_f32_to_f16(float f); /* round to nearest even */
  * chunks first .. first + count - 1, which one thread claimed together
  * (thread in [0, threads): 0 is the caller, which takes chunks too and
  * returns when all are done). Runs come in any order, each chunk once; a
- * run is consecutive chunks, so fn can treat it as one stream. NULL (or
- * threads 1) runs the whole job inline as one run. */
+ * run is consecutive chunks, so fn can treat it as one stream, and a
+ * thread's runs mostly follow each other (each starts on a contiguous share
+ * of the job, the caller's first). NULL (or threads 1) runs the whole job
+ * inline as one run. */
 typedef struct jm_pool jm_pool;
 typedef void (*jm_pool_fn)(void *ctx, int64_t first, int64_t count, int thread);
 jm_pool *jm_pool_create(int threads); /* NULL when out of memory or threads */
