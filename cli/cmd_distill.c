@@ -28,8 +28,8 @@ typedef struct {
     {"--threads", {NULL}, FLAG_INT, offsetof(distill_cli, threads), "0", 0, 4096, .meta = "N",                    \
      .help = "threads, 0 = all cores"},                                                                            \
     {"--kernels", {NULL}, FLAG_STR, offsetof(distill_cli, kernels), "auto", .meta = "auto|avx512|avx2|portable", \
-     .help = "the BF16/Q8/Q4 product kernels (avx512 is this CPU's tuning of the set; avx512:stream and "        \
-             "avx512:prefetch name one)"},                                                                         \
+     .help = "the BF16/Q8/Q4 product kernels (avx512 or avx2 is this CPU's tuning of the set; set:stream "       \
+             "and set:prefetch name one)"},                                                                        \
     {"--quiet", {NULL}, FLAG_BOOL, offsetof(distill_cli, quiet), .help = "no progress and summary on stderr"}
 
 static int run_distill(const cli_command *self, int argc, char **argv);

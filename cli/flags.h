@@ -67,8 +67,8 @@ struct cli_command {
     {"--threads", {NULL}, FLAG_INT, offsetof(T, threads), "0", 0, 4096, .meta = "N",                                \
      .help = "threads, 0 = all cores"},                                                                               \
     {"--kernels", {NULL}, FLAG_STR, offsetof(T, kernels), "auto", .meta = "auto|avx512|avx2|portable",               \
-     .help = "the decode product kernels (avx512 is this CPU's tuning of the set; avx512:stream, for Zen 4, "      \
-             "and avx512:prefetch name one)"},                                                                        \
+     .help = "the decode product kernels (avx512 or avx2 is this CPU's tuning of the set; set:stream, for "         \
+             "AMD family 0x19, and set:prefetch name one)"},                                                          \
     {"--kv-cache", {NULL}, FLAG_STR, offsetof(T, kv_cache), "f32", .meta = "f32|bf16",                               \
      .help = "the KV cache's element type (bf16: half the bytes)"},                                                  \
     {"--weights", {NULL}, FLAG_STR, offsetof(T, weights), WEIGHTS, .meta = "auto|map|ram",                            \

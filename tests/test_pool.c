@@ -67,8 +67,11 @@ static void mark_in_order(void *ctx, int64_t first, int64_t count, int thread)
 static void wait_for_the_rest(void *ctx, int64_t first, int64_t count, int thread)
 {
     job *j = ctx;
+    if (thread == 0) { /* slowly, so that the worker gets a run before the caller has taken them all */
+        mark_slowly(ctx, first, count, thread);
+        return;
+    }
     mark(ctx, first, count, thread);
-    if (thread == 0) return;
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     while (atomic_load(&j->marked) < j->n) {
@@ -148,7 +151,7 @@ int main(void)
             for (int i = 0; i < 400; i++) ok &= atomic_load(&j.hits[i]) == 1;
             free((void *)j.hits);
         }
-        for (int r = 0; r < 200 && stalls < 5; r++) {
+        for (int r = 0; r < 1000 && stalls < 3; r++) { /* until the worker has had a run in 3 */
             job j = {.hits = calloc(400, 1), .n = 400, .threads = 2};
             jm_pool_run(p, 400, wait_for_the_rest, &j);
             stalls += atomic_load(&j.seen[1]) > 0;
@@ -158,7 +161,8 @@ int main(void)
         }
         check(p && ok && ordered, "pool_caller_share_in_order", "50 jobs of 400 chunks on 2 threads");
         check(p && ok && stalls > 0 && !timeouts, "pool_caller_takes_the_rest",
-              "%d jobs where the worker stalled in its run, %d where it waited in vain for the caller", stalls, timeouts);
+              "%d jobs where the worker stalled in its run, %d where it waited in vain for the caller", stalls,
+              timeouts);
         jm_pool_free(p);
     }
     /* NULL runs inline on the caller, the whole job as one run */

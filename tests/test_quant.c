@@ -148,11 +148,12 @@ static wview random_matrix(wtype t, int64_t rows, int64_t C, void **data, uint8_
 
 /* ---- dot kernels ---- */
 
-/* Every kernel set by name, the avx512 set in each of its tunings (the same
- * passes, prefetched into L1 or left to the hardware: see wkernels.c), and
+/* Every kernel set by name, the avx2 and avx512 sets in each of their
+ * tunings (the same operations, prefetched into L1 or left to the hardware:
+ * see wkernels.c), side by side, "prefetch" first (TUNED pairs them); and
  * as test names say them. */
-/* each set's tunings side by side, "prefetch" first (TUNED pairs them) */
-static const char *const kernel_sets[] = {"portable", "avx2:prefetch", "avx2:stream", "avx512:prefetch", "avx512:stream"};
+static const char *const kernel_sets[] = {"portable", "avx2:prefetch", "avx2:stream", "avx512:prefetch",
+                                          "avx512:stream"};
 static const char *const kernel_labels[] = {"portable", "avx2_prefetch", "avx2_stream", "avx512_prefetch",
                                             "avx512_stream"};
 enum { NSETS = sizeof kernel_sets / sizeof *kernel_sets };
@@ -279,7 +280,8 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
     const int64_t row = wtype_row_bytes(k->t, k->C), groups = (k->nrows + WILV - 1) / WILV;
     if (row % 64) return true;
     bool same = true;
-    float *a = malloc(sizeof(float) * (size_t)(k->nrows * k->C)), *b = malloc(sizeof(float) * (size_t)(k->nrows * k->C));
+    const size_t rows_bytes = sizeof(float) * (size_t)(k->nrows * k->C);
+    float *a = malloc(rows_bytes), *b = malloc(rows_bytes);
     dequant_rows(a, k->w, 0, k->nrows, k->C);
     uint8_t *d[2] = {NULL, NULL};
     for (int layout = 1; layout <= (k->w.scales ? WILV_INLINE : 1); layout++) {
@@ -304,7 +306,7 @@ static bool interleaved_same(const wkernels *K, const tile_case *k, const float 
         same &= memcmp(out, ref, sizeof(float) * (size_t)(k->n * k->ldo)) == 0;
         /* and prefill's dequantization reads it as it reads the row-major rows */
         dequant_rows(b, w, 0, k->nrows, k->C);
-        same &= memcmp(a, b, sizeof(float) * (size_t)(k->nrows * k->C)) == 0;
+        same &= memcmp(a, b, rows_bytes) == 0;
         ran[layout - 1]++;
     }
     free(a), free(b), free(d[0]), free(d[1]);
@@ -325,6 +327,29 @@ static bool rows_alone_same(const wkernels *K, const tile_case *k, const float *
     for (int64_t i = 0; i < k->nrows; i++) {
         wkernel_for(K, k->t)(one, 1, wview_rows(k->w, i, k->C), 1, k->x, k->xq, k->xs, k->n, k->C);
         for (int64_t r = 0; r < k->n; r++) same &= memcmp(&one[r], &ref[r * k->ldo + i], 4) == 0;
+    }
+    free(one);
+    return same;
+}
+
+/* Whether set K gives each input of a tile (ref, from one call over them
+ * all) the same bits alone, as a tile of one input: an input's sums do not
+ * depend on the inputs beside it in a pass, nor on how many the tile has
+ * (BF16 and Q4 inputs are prepared once a tile where they fit its buffer,
+ * and taken as they are where they do not: at C = 4500 a BF16 tile of one
+ * input is prepared, one of 8 is not). */
+static bool inputs_alone_same(const wkernels *K, const tile_case *k, const float *ref)
+{
+    const int q = k->t == WT_Q8 || k->t == WT_Q4;
+    bool same = true;
+    float *one = malloc(sizeof(float) * (size_t)k->nrows);
+    for (int64_t r = 0; r < k->n; r++) {
+        const void *xq = k->t == WT_BF16 ? (const void *)((const uint16_t *)k->xq + r * k->C)
+                         : q             ? (const void *)((const int8_t *)k->xq + r * k->C)
+                                         : k->xq;
+        wkernel_for(K, k->t)(one, k->nrows, k->w, k->nrows, k->x + r * k->C, xq,
+                             q ? k->xs + r * 2 * (k->C / QBLOCK) : k->xs, 1, k->C);
+        same &= memcmp(one, ref + r * k->ldo, sizeof(float) * (size_t)k->nrows) == 0;
     }
     free(one);
     return same;
@@ -385,7 +410,9 @@ static void test_kernels(void)
         if (K[s]) printf(" %s", kernel_sets[s]);
     printf(" (skipped: the SKIP lines above, if any); avx512 here is %s\n",
            wkernels_get("avx512") ? wkernels_get("avx512")->name : "none");
-    const wkernels *best = wkernels_get("avx512") ? wkernels_get("avx512") : wkernels_get("avx2") ? wkernels_get("avx2") : K[0];
+    const wkernels *best = wkernels_get("avx512")  ? wkernels_get("avx512")
+                           : wkernels_get("avx2") ? wkernels_get("avx2")
+                                                  : K[0];
     char none[8] = "x";
     /* the bare name is this CPU's tuning ("stream" on AMD family 0x19, as
      * /proc/cpuinfo tells it apart from wkernels.c's cpuid), and each tuning
@@ -409,7 +436,8 @@ static void test_kernels(void)
 
     static const wtype types[] = {WT_F32, WT_BF16, WT_Q8, WT_Q4};
     static const char *names[] = {"f32", "bf16", "q8", "q4"};
-    static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 2065, 4500};
+    /* 1024 and 2048: whole lines, several steps of the interleaved passes */
+    static const int64_t sizes_f[] = {1, 5, 16, 17, 31, 32, 33, 47, 64, 100, 257, 1000, 1024, 2048, 2065, 4500};
     /* 5632 (JetMoE-8B's FFN): Q4 tiles of up to 4 inputs have them prepared
      * once a tile (the avx512 set), of 5 and more made in every pass; 64
      * (Q8), 128, 384, 640 and 896: partial steps of QSTEP blocks in the
@@ -425,7 +453,9 @@ static void test_kernels(void)
         const size_t nsizes = q ? sizeof sizes_q / sizeof *sizes_q : sizeof sizes_f / sizeof *sizes_f;
         double vs_ref[NSETS] = {0}, vs_port[NSETS] = {0};
         int tiles = 0, stray[NSETS] = {0}, ilv_tiles[NSETS][2] = {{0}}, ilv_differ[NSETS] = {0}, alone[NSETS] = {0};
-        int tunings_differ[NSETS] = {0}; /* tiles where a set's "stream" tuning disagrees with its "prefetch" by a bit */
+        int inputs_alone[NSETS] = {0};
+        /* tiles where a set's "stream" tuning disagrees with its "prefetch" by a bit */
+        int tunings_differ[NSETS] = {0};
         for (size_t si = 0; si < nsizes; si++)
             for (int64_t nrows = 1; nrows <= 9; nrows++)
                 for (int64_t n = 1; n <= 8; n++, tiles++) {
@@ -439,6 +469,7 @@ static void test_kernels(void)
                     vs_ref[0] = fmax(vs_ref[0], tile_error(&k, port, NULL, k.want));
                     ilv_differ[0] += !interleaved_same(K[0], &k, port, ilv, ilv_tiles[0]);
                     alone[0] += !rows_alone_same(K[0], &k, port);
+                    inputs_alone[0] += !inputs_alone_same(K[0], &k, port);
                     float *tuned = malloc((size_t)(n * k.ldo) * sizeof *tuned);
                     for (int s = 1; s < NSETS; s++) {
                         if (!K[s]) continue;
@@ -450,11 +481,15 @@ static void test_kernels(void)
                         vs_port[s] = fmax(vs_port[s], tile_error(&k, out, port, NULL));
                         ilv_differ[s] += !interleaved_same(K[s], &k, out, ilv, ilv_tiles[s]);
                         alone[s] += !rows_alone_same(K[s], &k, out);
+                        inputs_alone[s] += !inputs_alone_same(K[s], &k, out);
                     }
                     free(ilv), free(tuned);
                     free_tile_case(&k);
                     free(out), free(port);
                 }
+        /* avx512:stream has passes of its own; avx2:stream runs avx2:prefetch's
+         * with other prefetch distances, and this holds a pass of its own to
+         * the same bits should it get one */
         for (int s = 1; s < NSETS; s++) {
             if (!TUNED(s) || !K[s] || !K[s - 1]) continue;
             char name[64];
@@ -478,6 +513,9 @@ static void test_kernels(void)
             snprintf(name, sizeof name, "kernels_%s_%s_rows_alone_same", kernel_labels[s], names[ti]);
             check_detail(!alone[s], name, "%d tiles: %d gave some row other bits than a tile of that row alone", tiles,
                          alone[s]);
+            snprintf(name, sizeof name, "kernels_%s_%s_inputs_alone_same", kernel_labels[s], names[ti]);
+            check_detail(!inputs_alone[s], name, "%d tiles: %d gave some input other bits than a tile of that input "
+                         "alone", tiles, inputs_alone[s]);
             if (s == 0) continue;
             snprintf(name, sizeof name, "kernels_%s_%s_vs_portable", kernel_labels[s], names[ti]);
             check_detail(vs_port[s] <= 1, name, "%d tiles: worst difference %.3f of 2e-6 sum |w x|", tiles,
@@ -513,7 +551,8 @@ static void test_kernels(void)
     /* the avx512 set of a CPU without AVX-512 BF16 (Intel's Skylake-X to Ice
      * Lake): BF16 through the AVX2 passes, the rest the avx512 set's kernels */
     {
-        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512:prefetch"), *V2 = wkernels_get("avx2:prefetch");
+        const wkernels *N = wkernels_avx512_no_bf16(), *A = wkernels_get("avx512:prefetch");
+        const wkernels *V2 = wkernels_get("avx2:prefetch");
         if (!N || !A || !V2) {
             printf("SKIP kernels_avx512_without_bf16_extension (this CPU cannot run it)\n");
         } else {

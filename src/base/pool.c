@@ -65,6 +65,7 @@ typedef struct {
 
 struct jm_pool {
     int threads; /* the caller and threads - 1 workers */
+    int started; /* workers started (jm_pool_free joins them) */
     pthread_t *tid;
     worker_arg *args;
     share *shares;         /* one a thread */
@@ -165,26 +166,24 @@ jm_pool *jm_pool_create(int threads)
 {
     jm_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
-    const int want = threads > 1 ? threads : 1;
-    p->threads = 1; /* no workers to join until they are started */
+    p->threads = threads > 1 ? threads : 1;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    p->shares = aligned_alloc(_Alignof(share), (size_t)want * sizeof *p->shares);
-    p->tid = calloc((size_t)want, sizeof *p->tid);
-    p->args = calloc((size_t)want, sizeof *p->args);
+    p->shares = aligned_alloc(_Alignof(share), (size_t)p->threads * sizeof *p->shares);
+    p->tid = calloc((size_t)p->threads, sizeof *p->tid);
+    p->args = calloc((size_t)p->threads, sizeof *p->args);
     if (!p->shares || !p->tid || !p->args) {
         jm_pool_free(p);
         return NULL;
     }
-    for (int i = 0; i < want; i++) atomic_init(&p->shares[i].word, 0);
-    p->threads = want;
+    for (int i = 0; i < p->threads; i++) atomic_init(&p->shares[i].word, 0);
     for (int i = 1; i < p->threads; i++) {
         p->args[i] = (worker_arg){p, i};
         if (pthread_create(&p->tid[i], NULL, worker_main, &p->args[i])) {
-            p->threads = i; /* the ones started are joined by jm_pool_free */
-            jm_pool_free(p);
+            jm_pool_free(p); /* joins the ones started */
             return NULL;
         }
+        p->started = i;
     }
     return p;
 }
@@ -196,7 +195,7 @@ void jm_pool_free(jm_pool *p)
     pthread_mutex_lock(&p->mu);
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
-    for (int i = 1; i < p->threads; i++) pthread_join(p->tid[i], NULL);
+    for (int i = 1; i <= p->started; i++) pthread_join(p->tid[i], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p->tid);
@@ -229,10 +228,10 @@ void jm_pool_run(jm_pool *p, int64_t nchunks, jm_pool_fn fn, void *ctx)
         p->gen = (p->gen + 1) & ((UINT64_C(1) << 24) - 1);
         atomic_store_explicit(&p->done, 0, memory_order_relaxed);
         for (int t = 0; t < p->threads; t++) /* contiguous shares, as even as whole chunks make them */
-            atomic_store_explicit(&p->shares[t].word,
+            atomic_store_explicit(&p->shares[t].word, /* release: a claim of it sees the job's fields */
                                   p->gen << GEN_SHIFT | (uint64_t)(n * t / p->threads) << IDX_BITS |
                                       (uint64_t)(n * (t + 1) / p->threads),
-                                  memory_order_relaxed);
+                                  memory_order_release);
         atomic_store(&p->job, p->gen << GEN_SHIFT); /* publish (seq_cst: the shares before it) */
         if (atomic_load(&p->sleepers)) {
             pthread_mutex_lock(&p->mu);

@@ -211,7 +211,7 @@ typedef struct {
     int64_t ilv_ahead; /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream):
                         * 0 or PREFETCH_BYTES, which int8_avx512's fast path takes as constants */
     int64_t short_row; /* F32/BF16 rows of at most this many bytes go 4 a pass at one input (the
-                        * avx512 set; the avx2 one takes 4 a pass always) */
+                        * avx512 set; the avx2 one takes them a row a pass always) */
 } stream_tuning;
 
 typedef struct {
@@ -305,7 +305,8 @@ static INLINE int64_t stream_ahead(int64_t at, ahead pf, int64_t row)
     return at + pf.d < row ? pf.d : pf.wrap;
 }
 
-/* ---- AVX2 + FMA + F16C: 4 rows x up to 2 inputs per pass (16 registers) ---- */
+/* ---- AVX2 + FMA + F16C: Q8/Q4 4 rows x up to 2 inputs a pass (16 registers), F32/BF16 a row and an
+ * input a pass ---- */
 #define AVX2_ROWS 4
 #define AVX2_INPUTS 2
 _Static_assert(AVX2_ROWS == WILV, "a pass over interleaved rows takes one group");
@@ -318,9 +319,9 @@ AVX2 static INLINE float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-/* F32 and BF16, a row a pass against up to AVX2_INPUTS inputs, in steps of
- * 32 weights (two lines of F32, one of BF16): four vectors of 8, each into an
- * accumulator of its own (four FMA chains: one could not keep up with the
+/* F32 and BF16, a row against one input a pass, in steps of 64 weights
+ * (four lines of F32, two of BF16): eight vectors of 8, each into an
+ * accumulator of its own (eight FMA chains: one could not keep up with the
  * memory, at 4 cycles an FMA), a row's sum the same operations whatever
  * the inputs beside it. BF16 weights are widened by halves: a 32-byte load
  * of 16 is 8 even ones (shifted up into fp32) and 8 odd ones (masked), two
@@ -330,10 +331,11 @@ AVX2 static INLINE float hsum8(__m256 v)
  * rows, one FMA chain each, the interleaved layout's line arithmetic and a
  * prefetch test every 8 weights) streamed BF16 rows of 2048 from a 1 GB
  * matrix at 53% of a plain read and 17 GB/s from L2 (AMD EPYC family 25
- * model 17, without AVX-512). C % 32 weights at the end: a step of their own,
+ * model 17, without AVX-512). C % 64 weights at the end: a step of their own,
  * zero-padded. */
-#define AVX2_STEP 64
 #define AVX2_CHAINS 8
+#define AVX2_STEP (8 * AVX2_CHAINS) /* a vector of 8 a chain; fp_pass_avx2's final sum is for 8 chains */
+_Static_assert(AVX2_CHAINS == 8, "fp_pass_avx2 sums eight chains");
 
 /* 16 bf16 (32 bytes) as fp32: even ones, odd ones. */
 AVX2 static INLINE void bf16_halves(__m256i v, __m256 *even, __m256 *odd)
@@ -342,7 +344,7 @@ AVX2 static INLINE void bf16_halves(__m256i v, __m256 *even, __m256 *odd)
     *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* The 4 weight vectors of a step of row w (byte `off` on; the line
+/* The AVX2_CHAINS weight vectors of a step of row w (byte `off` on; the line
  * arithmetic of interleaved rows when ilv, a constant) */
 AVX2 static INLINE void fp_weights(wtype t, __m256 wv[AVX2_CHAINS], const uint8_t *w, int64_t off, stride st,
                                    const int ilv)
@@ -361,7 +363,7 @@ AVX2 static INLINE void fp_weights(wtype t, __m256 wv[AVX2_CHAINS], const uint8_
     }
 }
 
-/* The 4 input vectors of a step, inputs e on from x: fp32 (F32's inputs;
+/* The AVX2_CHAINS input vectors of a step, inputs e on from x: fp32 (F32's inputs;
  * BF16's prepared ones, in the weights' order) or, BF16 and RAW, bf16 split
  * as the weights are. */
 AVX2 static INLINE void fp_inputs(wtype t, __m256 xv[AVX2_CHAINS], const void *x, int64_t e, const int RAW)
@@ -375,12 +377,10 @@ AVX2 static INLINE void fp_inputs(wtype t, __m256 xv[AVX2_CHAINS], const void *x
     }
 }
 
-/* Input j of a pass, as fp_inputs takes it. */
-AVX2 static INLINE const void *fp_input(wtype t, const pass_args *a, int j, const int RAW)
+/* A pass's input (it takes one), as fp_inputs takes it. */
+AVX2 static INLINE const void *fp_input(wtype t, const pass_args *a, const int RAW)
 {
-    return t == WT_F32 ? (const void *)(a->x + j * a->C)
-           : RAW       ? (const void *)(a->xb + j * a->C)
-                       : (const void *)(a->xg + j * a->xgs);
+    return t == WT_F32 ? (const void *)a->x : RAW ? (const void *)a->xb : (const void *)a->xg;
 }
 
 /* The n BF16 inputs of a tile in the order the passes take them (fp32,
@@ -405,15 +405,15 @@ AVX2 static int64_t bf16_prep_avx2(uint8_t *xg, size_t cap, const uint16_t *xb, 
 
 AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, const pass_args *a, const int ilv, const int RAW)
 {
-    const int64_t es = t == WT_F32 ? 4 : 2, C = a->C, row = es * C, whole = C / AVX2_STEP * AVX2_STEP;
-    const void *x = fp_input(t, a, 0, RAW);
+    const int64_t es = t == WT_F32 ? 4 : 2, C = a->C, whole = C / AVX2_STEP * AVX2_STEP;
+    const void *x = fp_input(t, a, RAW);
     __m256 acc[AVX2_CHAINS];
     UNROLL for (int v = 0; v < AVX2_CHAINS; v++) acc[v] = _mm256_setzero_ps();
     for (int64_t i = 0; i < whole; i += AVX2_STEP) {
         const int64_t off = es * i;
-        UNROLL for (int l = 0; l < AVX2_STEP * es / 64; l++) /* each line once */
-            prefetch_ahead(ilv ? wline(a->w, off + 64 * l, a->st) : a->w + off + 64 * l,
-                           stream_ahead(off + 64 * l, a->pf, row));
+        /* each line once; a row a pass, so past its end as far on (pf.wrap is pf.d) */
+        UNROLL for (int l = 0; l < AVX2_STEP * es / 64; l++)
+            prefetch_ahead(ilv ? wline(a->w, off + 64 * l, a->st) : a->w + off + 64 * l, a->pf.d);
         __m256 wv[AVX2_CHAINS], xv[AVX2_CHAINS];
         fp_weights(t, wv, a->w, off, a->st, ilv);
         fp_inputs(t, xv, x, i, RAW);
@@ -430,8 +430,9 @@ AVX2 static INLINE void fp_pass_avx2(wtype t, float *out, const pass_args *a, co
         else if (RAW) memcpy(bpad, (const uint16_t *)x + whole, (size_t)(C - whole) * 2);
         __m256 wv[AVX2_CHAINS], xv[AVX2_CHAINS];
         fp_weights(t, wv, wpad, 0, (stride){0, 64}, 0);
-        fp_inputs(t, xv, t == WT_F32 ? (const void *)xpad : RAW ? (const void *)bpad : x, t == WT_BF16 && !RAW ? whole : 0,
-                  RAW);
+        /* F32 and RAW from their padded copies; prepared BF16 inputs are padded already */
+        const void *xt = t == WT_F32 ? (const void *)xpad : RAW ? (const void *)bpad : x;
+        fp_inputs(t, xv, xt, t == WT_BF16 && !RAW ? whole : 0, RAW);
         UNROLL for (int v = 0; v < AVX2_CHAINS; v++) acc[v] = _mm256_fmadd_ps(wv[v], xv[v], acc[v]);
     }
     UNROLL for (int v = 0; v < AVX2_CHAINS / 2; v++) acc[v] = _mm256_add_ps(acc[v], acc[v + AVX2_CHAINS / 2]);
@@ -600,7 +601,7 @@ static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int
 /* The set's two tunings, the same passes (the same bits) reading their
  * stream two ways, as the avx512 set's.
  *
- * "prefetch" (Zen 1 and Zen 5, and wherever nothing was measured): F32/BF16
+ * "prefetch" (Zen 5, and every CPU but AMD family 0x19: Zen 1 unmeasured): F32/BF16
  * rows prefetched AVX2_FP_AHEAD on, interleaved Q8/Q4 rows AVX2_ILV_AHEAD.
  * One thread, rows of 2048 from 1 GB, % of a plain read measured just
  * before (bench/kernels), with the prefetch -> without: AMD EPYC family 26
@@ -1219,7 +1220,8 @@ static uint64_t read_bytes(const uint8_t *p, int64_t bytes, int64_t dist)
 }
 
 /* dist: READ_AHEAD, or 0 for a set tuned to leave its streams to the
- * hardware prefetchers (the avx512 set's "stream") */
+ * hardware prefetchers (the "stream" tunings: the avx512 set's, and the
+ * avx2 set's for F32/BF16) */
 static void read_tile(float *out, int64_t ldo, wview w, int64_t nrows, int64_t n, int64_t C, int64_t dist)
 {
     const int64_t row = wtype_row_bytes(w.type, C);
@@ -1245,7 +1247,8 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
 /* The read set of each set, with that set's attention kernels. */
 static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_c, att_values_c};
 #ifdef JM_X86
-static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2, att_values_avx2};
+static const wkernels read_avx2 = {"read",          tile_read,      tile_read, tile_read, tile_read,
+                                   att_scores_avx2, att_values_avx2};
 static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read, tile_read, att_scores_avx512,
                                      att_values_avx512};
 static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
@@ -1264,8 +1267,9 @@ static void tile_read_fp_stream(float *out, int64_t ldo, wview w, int64_t nrows,
     (void)x, (void)xq, (void)xs;
     read_tile(out, ldo, w, nrows, n, C, w.type == WT_F32 || w.type == WT_BF16 ? 0 : READ_AHEAD);
 }
-static const wkernels read_avx2_stream = {"read",           tile_read_fp_stream, tile_read_fp_stream, tile_read_fp_stream,
-                                          tile_read_fp_stream, att_scores_avx2,  att_values_avx2};
+static const wkernels read_avx2_stream = {"read",          tile_read_fp_stream, tile_read_fp_stream,
+                                          tile_read_fp_stream, tile_read_fp_stream, att_scores_avx2,
+                                          att_values_avx2};
 #endif
 
 /* ---- choosing a set ---- */
@@ -1295,8 +1299,8 @@ static unsigned cpu_features(void)
 #ifdef JM_X86
 /* AMD family 0x19 (Zen 3 and Zen 4), whose tuning is "stream": measured on
  * Zen 4, with AVX-512 and with it hidden by the hypervisor (the avx2 set);
- * Zen 3 (no AVX-512) takes the avx2 set's unmeasured; Zen 5 (family 0x1a)
- * and Zen 1 (0x17) measured best with "prefetch". */
+ * Zen 3 (no AVX-512) takes the avx2 set's unmeasured. Zen 5 (family 0x1a)
+ * measured best with "prefetch"; Zen 1 (0x17) gets it unmeasured. */
 static int cpu_amd_19h(void)
 {
     unsigned a, b, c, d;
@@ -1325,7 +1329,7 @@ static const struct {
 #define AVX2_NEEDS (F_X86 | F_AVX2 | F_FMA | F_F16C)
     {"avx512:stream", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512_stream, cpu_amd_19h},
     {"avx512:prefetch", AVX512_NEEDS | F_AVX512BF16, &kernels_avx512, NULL},
-    {"avx512:prefetch", AVX512_NEEDS | F_AVX2 | F_FMA | F_F16C, &kernels_avx512_no_bf16, NULL},
+    {"avx512:prefetch", AVX512_NEEDS | AVX2_NEEDS, &kernels_avx512_no_bf16, NULL},
     {"avx2:stream", AVX2_NEEDS, &kernels_avx2_stream, cpu_amd_19h},
     {"avx2:prefetch", AVX2_NEEDS, &kernels_avx2, NULL},
 #undef AVX512_NEEDS
