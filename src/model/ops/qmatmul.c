@@ -322,9 +322,12 @@ void wmatmul_forward(float *out, const float *inp, wview W, int64_t N, int64_t C
  * stream, its Q4 inputs prepared once. Against a call per chunk, bench/
  * products' 8-layer step at 2 threads went from 41.7-53.9 to 50.2-60.5 GB/s
  * (Q4) and 54.5-57.2 to 55.5-67.1 (Q8), alternated (AMD EPYC family 26
- * model 2); chunks of 8-64 KB (a finer end of the job) did no better. */
+ * model 2); chunks of 8-64 KB (a finer end of the job) did no better, nor
+ * 64 or 128 KB with the pool's shares (three rounds alternated). */
 #define DECODE_CHUNK_MIN 16384
+#ifndef DECODE_CHUNK_MAX
 #define DECODE_CHUNK_MAX 262144
+#endif
 
 typedef struct {
     float *ys;
