@@ -99,9 +99,9 @@ static int64_t claim(share *s, uint64_t g, int own, int64_t *count)
 {
     uint64_t v = atomic_load_explicit(&s->word, memory_order_acquire);
     for (;;) {
-        const uint64_t next = (v >> IDX_BITS) & IDX_MASK, end = v & IDX_MASK;
+        const uint64_t next = (v >> IDX_BITS) & IDX_MASK, end = v & IDX_MASK, left = end - next;
         if (gen_of(v) != g || next >= end) return -1;
-        const uint64_t c = own ? (end - next + 1) / 2 : (end - next) / 2 ? (end - next) / 2 : 1;
+        const uint64_t c = own ? (left + 1) / 2 : left > 1 ? left / 2 : 1;
         const uint64_t to = own ? v + (c << IDX_BITS) : v - c;
         if (atomic_compare_exchange_weak_explicit(&s->word, &v, to, memory_order_acquire, memory_order_acquire)) {
             *count = (int64_t)c;

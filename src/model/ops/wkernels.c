@@ -622,9 +622,8 @@ static void shape_avx2(const stream_tuning *tu, wtype t, int ilv, int64_t n, int
 #endif
 static const pass_set passes_avx2 = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2,
                                      {AVX2_FP_AHEAD, AVX2_ILV_AHEAD, 0}, NULL, NULL, bf16_prep_avx2, bf16_raw_avx2};
-static const pass_set passes_avx2_stream = {shape_avx2, f32_avx2,         bf16_avx2,      q8_avx2,
-                                            q4_avx2,    {0, AVX2_ILV_AHEAD, 0}, NULL, NULL,
-                                            bf16_prep_avx2, bf16_raw_avx2};
+static const pass_set passes_avx2_stream = {shape_avx2, f32_avx2, bf16_avx2, q8_avx2, q4_avx2,
+                                            {0, AVX2_ILV_AHEAD, 0}, NULL, NULL, bf16_prep_avx2, bf16_raw_avx2};
 
 static void tile_avx2(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
                       const float *xs, int64_t n, int64_t C)
@@ -639,8 +638,8 @@ static void tile_avx2_stream(float *out, int64_t ldo, wview w, int64_t nrows, co
 
 static const wkernels kernels_avx2 = {"avx2:prefetch", tile_avx2, tile_avx2, tile_avx2, tile_avx2,
                                       att_scores_avx2, att_values_avx2};
-static const wkernels kernels_avx2_stream = {"avx2:stream",     tile_avx2_stream, tile_avx2_stream, tile_avx2_stream,
-                                             tile_avx2_stream,  att_scores_avx2,  att_values_avx2};
+static const wkernels kernels_avx2_stream = {"avx2:stream",   tile_avx2_stream, tile_avx2_stream, tile_avx2_stream,
+                                             tile_avx2_stream, att_scores_avx2,  att_values_avx2};
 
 /* ---- AVX-512 (F, BW, VL) with VNNI and BF16: 4 rows x up to 4 inputs per pass ----
  * Tails (C not a multiple of the vector, or of 16 blocks) go through the
@@ -1247,8 +1246,8 @@ static void tile_read(float *out, int64_t ldo, wview w, int64_t nrows, const flo
 /* The read set of each set, with that set's attention kernels. */
 static const wkernels read_portable = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_c, att_values_c};
 #ifdef JM_X86
-static const wkernels read_avx2 = {"read",          tile_read,      tile_read, tile_read, tile_read,
-                                   att_scores_avx2, att_values_avx2};
+static const wkernels read_avx2 = {"read", tile_read, tile_read, tile_read, tile_read, att_scores_avx2,
+                                   att_values_avx2};
 static const wkernels read_avx512 = {"read",    tile_read, tile_read, tile_read, tile_read, att_scores_avx512,
                                      att_values_avx512};
 static void tile_read_stream(float *out, int64_t ldo, wview w, int64_t nrows, const float *x, const void *xq,
@@ -1267,9 +1266,8 @@ static void tile_read_fp_stream(float *out, int64_t ldo, wview w, int64_t nrows,
     (void)x, (void)xq, (void)xs;
     read_tile(out, ldo, w, nrows, n, C, w.type == WT_F32 || w.type == WT_BF16 ? 0 : READ_AHEAD);
 }
-static const wkernels read_avx2_stream = {"read",          tile_read_fp_stream, tile_read_fp_stream,
-                                          tile_read_fp_stream, tile_read_fp_stream, att_scores_avx2,
-                                          att_values_avx2};
+static const wkernels read_avx2_stream = {"read", tile_read_fp_stream, tile_read_fp_stream, tile_read_fp_stream,
+                                          tile_read_fp_stream, att_scores_avx2, att_values_avx2};
 #endif
 
 /* ---- choosing a set ---- */
