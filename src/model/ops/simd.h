@@ -46,6 +46,17 @@ static inline void prefetch_each(const uint8_t *p, int64_t n, int64_t dist, uint
 /* Each 4 KB page (PAGE_AHEAD, above). */
 static inline void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist) { prefetch_each(p, n, dist, 4096); }
 
+/* The same for a stream of len bytes at s read in pieces, in order (the
+ * piece [off, off + n) now): the pages PAGE_AHEAD on from the piece, none
+ * past the stream's end (what lies there is another stream's or unused).
+ * For the short streams of decode attention, where a burst of them all up
+ * front and past the end cost more than it saved (attention.c). */
+static inline void prefetch_stream_pages(const void *s, int64_t len, int64_t off, int64_t n)
+{
+    const int64_t from = off + PAGE_AHEAD, to = off + n + PAGE_AHEAD < len ? off + n + PAGE_AHEAD : len;
+    if (from < to) prefetch_each((const uint8_t *)s + from, to - from, 0, 4096);
+}
+
 /* akernels.c, per set (see wkernels in ops.h) */
 #define ATT_SCORES_ARGS float *S, int64_t lds, const float *q, int64_t ldq, int nq, const void *K, int bf16, int64_t n, int D, float scale
 #define ATT_VALUES_ARGS float *o, int64_t ldo, const float *P, int64_t ldp, int nq, const void *V, int bf16, int64_t n, int D
