@@ -127,9 +127,10 @@ enum { SLOTS = 2, DMAX = 1024 };
  * two threads bf16 50% -> 51-61%; 8 KB on did no better (AMD EPYC family 26
  * model 2). The small bench config decoded 445-488 -> 506-540 tokens/s.
  * The pages are asked for piece by piece as the rows are read, up to the
- * stream's end (prefetch_stream_pages): all at once when a head started,
- * and on to 64 KB past its end, two threads ran at 52-58% of a plain read,
- * piece by piece at 61-65% (three rounds alternated, same machine). */
+ * stream's end (prefetch_stream_pages). Asked for all at once when a head
+ * started, and on to 64 KB past its end, they held two threads to 52-58%
+ * of a plain read (bf16, bench/attention as above); piece by piece, 61-65%
+ * (three rounds alternated, same machine). */
 #ifndef ROW_AHEAD
 #define ROW_AHEAD 4096
 #endif

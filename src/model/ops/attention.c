@@ -117,6 +117,7 @@ static void store_head(kv_cache c, const float *kv_new, const att_run *run, int 
         }
 }
 
+/* Every run's rows, all heads (attention_cached: before its tasks). */
 static void cache_store(kv_cache c, const float *kv_new, const att_run *runs, int nruns, int ctx, int Hkv, int D)
 {
     for (int r = 0; r < nruns; r++)
@@ -198,11 +199,11 @@ typedef struct {
  * up front: the kernels' prefetches run ahead of what they read, so without,
  * each head's keys and values start cold.
  * The run's new keys and values of head h are stored here too, by whichever
- * thread attends the head, not by the caller beforehand: each head's new
- * row is a line on a page of its own (2 x 16 of them a layer at
- * JetMoE-8B's shape), and the caller storing them all, a TLB miss and a
- * line from memory each, took 18 us a layer (0.4 ms of a 22 ms q4 step at
- * 2 threads, AMD EPYC family 26 model 2) while the workers waited. */
+ * thread attends the head, not by the caller beforehand: each head's new K
+ * and V rows (256 B each in bf16 at JetMoE-8B's shape) sit on pages of
+ * their own, 2 x 16 a sequence and layer, and the caller storing them all,
+ * a TLB miss each, took 18 us a layer (0.4 ms of a 22 ms q4 step at 2
+ * threads, AMD EPYC family 26 model 2) while the workers waited. */
 static void attend_head(const void *ctx, int64_t chunk, int thread)
 {
     const decode_job *j = ctx;

@@ -130,8 +130,10 @@ void attention_backward(float *dq, float *dkv, const float *dout, const float *o
  * starts off elements into cache: (2, Hkv, ctx, D), K after RoPE then V,
  * each head's positions contiguous. kv_new (N, 2A) holds the rows' own keys
  * and values (K heads, then V heads):
- * they are stored at their positions first, then each row attends to its
- * sequence's keys 0 .. its position. lse as attention_forward; scratch:
+ * they are stored at their positions first (attention_decode: each head's
+ * by the chunk that attends it, so a call's runs must be distinct
+ * sequences), then each row attends to its sequence's keys 0 .. its
+ * position. lse as attention_forward; scratch:
  * attention_cache_scratch_floats(ctx, k, D) per thread, ctx >= every p0 + n.
  * The cache holds fp32, or bf16 (half the bytes a step reads; each value
  * rounded once, when stored). */

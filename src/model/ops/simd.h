@@ -49,8 +49,9 @@ static inline void prefetch_pages(const uint8_t *p, int64_t n, int64_t dist) { p
 /* The same for a stream of len bytes at s read in pieces, in order (the
  * piece [off, off + n) now): the pages PAGE_AHEAD on from the piece, none
  * past the stream's end (what lies there is another stream's or unused).
- * For the short streams of decode attention, where a burst of them all up
- * front and past the end cost more than it saved (attention.c). */
+ * The first PAGE_AHEAD bytes' pages are the caller's to ask for (attend_head
+ * does). For the short streams of decode attention, where a burst of them
+ * all up front and past the end cost more than it saved (akernels.c). */
 static inline void prefetch_stream_pages(const void *s, int64_t len, int64_t off, int64_t n)
 {
     const int64_t from = off + PAGE_AHEAD, to = off + n + PAGE_AHEAD < len ? off + n + PAGE_AHEAD : len;
