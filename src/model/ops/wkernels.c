@@ -113,8 +113,17 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
 #define PREFETCH_BYTES 2048
 #endif
 /* Interleaved, a group of WILV rows is one stream: each row's prefetch runs
- * WILV times as far on in it. */
-#define INL_AHEAD (PREFETCH_BYTES * WILV)
+ * WILV times as far on in it, ILV_AHEAD_BYTES a row (the avx512 set's
+ * "prefetch" tuning): 6 KB on in the stream. bench/products at 2 threads,
+ * six rounds alternated, kernels over a plain read, 8 KB on -> 6 KB on: the
+ * 8-layer step Q8 87-91% -> 91-94%, Q4 86-90% -> 87-92%; the MLP experts'
+ * output (rows of 5632) Q8 87-90% -> 87-92%, Q4 82-91% -> 84-94%; one
+ * thread alike (AMD EPYC family 26 model 2). 4 KB on did about as well as
+ * 6 (three rounds). The avx2 set keeps PREFETCH_BYTES (unmeasured). */
+#ifndef ILV_AHEAD_BYTES
+#define ILV_AHEAD_BYTES 1536
+#endif
+#define INL_AHEAD (ILV_AHEAD_BYTES * WILV)
 /* Q8/Q4 scales apart from the rows (row-major or ilv 1: a mapped file; not
  * WILV_INLINE) are a stream of their own (R * 2 * C / QBLOCK bytes a pass,
  * beside the pass's rows), which the rows' prefetches do not cover: each
@@ -209,7 +218,7 @@ typedef void (*pass_fn)(float *out, int64_t ldo, const pass_args *a, int R, int 
 typedef struct {
     int64_t fp_ahead;  /* F32/BF16 passes (their speed decides the distance) */
     int64_t ilv_ahead; /* Q8/Q4 passes over interleaved rows, per row (x WILV: a group is one stream):
-                        * 0 or PREFETCH_BYTES, which int8_avx512's fast path takes as constants */
+                        * 0 or ILV_AHEAD_BYTES, which int8_avx512's fast path takes as constants */
     int64_t short_row; /* F32/BF16 rows of at most this many bytes go 4 a pass at one input (the
                         * avx512 set; the avx2 one takes them a row a pass always) */
 } stream_tuning;
@@ -1156,7 +1165,7 @@ static void shape_avx512(const stream_tuning *tu, wtype t, int ilv, int64_t n, i
  * "stream", 14.3 and 12.4 with "prefetch" (alternated; within the swing).
  * Batches (n > 1) were not measured apart: 2 rows a pass, no prefetch. */
 static const pass_set passes_avx512 = {shape_avx512, f32_avx512, bf16_avx512, q8_avx512, q4_avx512,
-                                       {FP_AHEAD_AVX512, PREFETCH_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512,
+                                       {FP_AHEAD_AVX512, ILV_AHEAD_BYTES, FP_SHORT_ROW}, q4_prep, q4_raw_avx512,
                                        NULL, NULL};
 static const pass_set passes_avx512_stream = {shape_avx512,    f32_avx512_seq, bf16_avx512_seq, q8_avx512_l2,
                                               q4_avx512_l2,    {0, 0, FP_SHORT_ROW}, q4_prep,
@@ -1196,11 +1205,12 @@ static const wkernels kernels_avx512_no_bf16 = {"avx512:prefetch", tile_avx512, 
  * (which experts, in what pieces, from the model's mapping): the ceiling the
  * real kernels are measured against, beside the roofline's plain read of
  * one buffer. Never chosen by name or "auto": its outputs are no products. */
-/* Lines prefetched as far on as an interleaved Q8/Q4 pass's (PREFETCH_BYTES
- * a row, WILV rows a stream): inside a BF16 step of the 8B layout, one
+/* Lines prefetched 8 KB on (as interleaved Q8/Q4 passes did before they
+ * went to ILV_AHEAD_BYTES): inside a BF16 step of the 8B layout, one
  * thread, reads 2 KB on ran at 71-77% of the roofline, 8 and 16 KB on at
- * 81-86%, 32 KB at 72-83% (AMD EPYC family 26 model 2). */
-#define READ_AHEAD (PREFETCH_BYTES * WILV)
+ * 81-86%, 32 KB at 72-83% (AMD EPYC family 26 model 2); with 4 KB on, the
+ * read tiles in bench/products fell from 86-93% of a plain read to 84-89%. */
+#define READ_AHEAD (2048 * WILV)
 static uint64_t read_bytes(const uint8_t *p, int64_t bytes, int64_t dist)
 {
     uint64_t h[8] = {0};
