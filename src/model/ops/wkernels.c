@@ -116,7 +116,7 @@ static const wkernels kernels_portable = {"portable", tile_c, tile_c, tile_c, ti
  * WILV times as far on in it, ILV_AHEAD_BYTES a row (the avx512 set's
  * "prefetch" tuning): 6 KB on in the stream. bench/products at 2 threads,
  * six rounds alternated, kernels over a plain read, 8 KB on -> 6 KB on: the
- * 8-layer step Q8 87-91% -> 91-94%, Q4 86-90% -> 87-92%; the MLP experts'
+ * 8-layer step Q8 87-91% -> 91-93%, Q4 86-90% -> 87-92%; the MLP experts'
  * output (rows of 5632) Q8 87-90% -> 87-92%, Q4 82-91% -> 84-94%; one
  * thread alike (AMD EPYC family 26 model 2). 4 KB on did about as well as
  * 6 (three rounds). The avx2 set keeps PREFETCH_BYTES (unmeasured). */
@@ -1210,7 +1210,7 @@ static const wkernels kernels_avx512_no_bf16 = {"avx512:prefetch", tile_avx512, 
  * thread, reads 2 KB on ran at 71-77% of the roofline, 8 and 16 KB on at
  * 81-86%, 32 KB at 72-83% (AMD EPYC family 26 model 2); with 4 KB on, the
  * read tiles in bench/products fell from 86-93% of a plain read to 84-89%. */
-#define READ_AHEAD (2048 * WILV)
+#define READ_AHEAD 8192
 static uint64_t read_bytes(const uint8_t *p, int64_t bytes, int64_t dist)
 {
     uint64_t h[8] = {0};
