@@ -208,13 +208,13 @@ void quantize_act_q8(int8_t *xq, float *xs, const float *x, int64_t C)
 
 void round_act_bf16(uint16_t *xb, const float *x, int64_t n)
 {
-    /* branch-free, so that gcc vectorizes it */
+    /* jm_f32_to_bf16 with denormals flushed to signed zero; branch-free, so
+     * that gcc vectorizes it */
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, &x[i], 4);
-        const uint32_t even = (u + 0x7fffu + (u >> 16 & 1u)) >> 16, zero = u >> 16 & 0x8000u;
-        const uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u, tiny = (u & 0x7f800000u) == 0;
-        xb[i] = (uint16_t)(nan ? u >> 16 | 0x40u : tiny ? zero : even);
+        const uint16_t zero = (uint16_t)(u >> 16 & 0x8000u), tiny = (u & 0x7f800000u) == 0;
+        xb[i] = tiny ? zero : jm_f32_to_bf16(x[i]);
     }
 }
 
