@@ -32,10 +32,10 @@
 
 /* The core clock in GHz, from a chain of dependent register-register adds
  * (one cycle each on every x86 core of this century); 0 where it cannot be
- * measured. Not adds of an immediate: Intel's Golden Cove and later fold
- * those in the renamer, several a cycle (this read 22 GHz on a Xeon with
- * AMX). On a shared machine it also shows how much of a core this thread
- * gets. */
+ * measured. Not adds of an immediate: a core that folds those in its
+ * renamer runs several a cycle (a chain of them read 22 GHz on an Intel Xeon
+ * with AMX, 4.0-4.2 as register adds). On a shared machine it also shows how
+ * much of a core this thread gets. */
 static double clock_ghz(void)
 {
 #if defined(__x86_64__)
